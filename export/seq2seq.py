@@ -1,0 +1,198 @@
+"""Hugging Face seq2seq checkpoint -> validated lmcor corrector bundle.
+
+optimum's ONNX exporter writes the encoder and the merged decoder (first step + cached steps in
+one graph, cached steps taking any number of new tokens). This module adds what a bundle needs
+on top: the manifest, the tokenizer, and validation against PyTorch before anything is written
+to the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+
+from lmcor.runtime.bundle import DecoderShape, Manifest, SpecialTokens, Template, write_manifest
+from lmcor.runtime.errors import ExportError
+
+from .validate import validate_corrector
+
+log = logging.getLogger("lmcor")
+
+ENCODER_FILE = "encoder_model.onnx"
+DECODER_FILE = "decoder_model_merged.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+# Generation settings whose logits processors lmcor does not apply; a checkpoint that sets them
+# is still exported (and validated on plain search), with a warning.
+_UNSUPPORTED_GENERATION = ("no_repeat_ngram_size", "repetition_penalty", "min_length", "min_new_tokens",
+                           "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+_NEUTRAL = {"repetition_penalty": 1.0}
+
+
+def _decoder_shape(config) -> DecoderShape:
+    if config.model_type in ("t5", "mt5"):
+        layers = config.num_decoder_layers if config.num_decoder_layers is not None else config.num_layers
+        return DecoderShape(layers, config.num_heads, config.d_kv, config.vocab_size)
+    if config.model_type in ("bart", "mbart"):
+        heads = config.decoder_attention_heads
+        return DecoderShape(config.decoder_layers, heads, config.d_model // heads, config.vocab_size)
+    raise ExportError(f"model type {config.model_type!r} is not supported (supported: t5, mt5, bart, mbart)")
+
+
+def _special_tokens(model) -> SpecialTokens:
+    config, generation = model.config, model.generation_config
+    eos = generation.eos_token_id if generation.eos_token_id is not None else config.eos_token_id
+    if isinstance(eos, list):
+        if len(eos) != 1:
+            raise ExportError(f"several EOS tokens {eos} are not supported")
+        eos = eos[0]
+    start = generation.decoder_start_token_id
+    if start is None:
+        start = config.decoder_start_token_id
+    for name, value in (("eos_token_id", eos), ("pad_token_id", config.pad_token_id), ("decoder_start_token_id", start)):
+        if value is None:
+            raise ExportError(f"the checkpoint's config has no {name}")
+    for name in _UNSUPPORTED_GENERATION:
+        value = getattr(generation, name, None)
+        if value not in (None, 0, [], _NEUTRAL.get(name)):
+            log.warning("generation_config.%s=%r is not applied by lmcor: decoding is plain greedy/beam search", name, value)
+    return SpecialTokens(
+        pad=int(config.pad_token_id),
+        eos=int(eos),
+        decoder_start=int(start),
+        forced_bos=generation.forced_bos_token_id,
+        forced_eos=generation.forced_eos_token_id,
+    )
+
+
+def _max_input_tokens(config, tokenizer) -> int:
+    declared = getattr(tokenizer, "model_max_length", None)
+    if declared and declared < 1_000_000:
+        return int(declared)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return 512
+
+
+def _opset(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("lmcor", "torch", "transformers", "optimum-onnx", "onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's tracer warnings and info logs say nothing actionable to lmcor users."""
+    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_corrector(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    template: Template = Template(),
+    max_input_tokens: int | None = None,
+    max_output_tokens: int = 256,
+    opset: int | None = None,
+    atol: float = 1e-3,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export a Hugging Face seq2seq checkpoint folder (T5, T5 v1.1/Flan-T5, mT5, BART, mBART) to a
+    validated bundle in `out_dir`. Nothing is written to `out_dir` unless validation passes."""
+    try:
+        import torch
+        from optimum.exporters.onnx import main_export
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    except ImportError as e:
+        raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
+    _check_template(template)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    shape = _decoder_shape(model.config)
+    special = _special_tokens(model)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
+        with _quiet_exporter():
+            main_export(
+                str(model_dir),
+                output=raw,
+                task="text2text-generation-with-past",
+                opset=opset,
+                device="cpu",
+                do_validation=False,
+                local_files_only=True,
+            )
+        staged.mkdir()
+        for name in (ENCODER_FILE, DECODER_FILE):
+            for file in raw.glob(f"{name}*"):  # the graph and any external-data file beside it
+                shutil.move(str(file), staged / file.name)
+        tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
+        manifest = Manifest(
+            kind="corrector",
+            architecture=model.config.model_type,
+            template=template,
+            special_tokens=special,
+            decoder=shape,
+            max_input_tokens=max_input_tokens or _max_input_tokens(model.config, tokenizer),
+            max_output_tokens=max_output_tokens,
+            precision="fp32",
+            opset=_opset(staged / ENCODER_FILE),
+            files={"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "tokenizer": TOKENIZER_FILE},
+            exporter=_versions(),
+        )
+        write_manifest(staged, manifest)
+        report = validate_corrector(model, staged, atol=atol)
+        manifest = dataclasses.replace(manifest, validation=report.as_dict())
+        write_manifest(staged, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.move(str(staged), out_dir)
+    return manifest
+
+
+def _check_template(template: Template) -> None:
+    try:
+        template.text.format(source="", candidates="")
+        template.candidate.format(candidate="", i=0, n=1)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ExportError(f"bad input template ({e!r}): use only {{source}}, {{candidates}}, {{candidate}}, {{i}}, {{n}}") from None
+    for field, needed in (("text", "{source}"), ("text", "{candidates}"), ("candidate", "{candidate}")):
+        if needed not in getattr(template, field):
+            raise ExportError(f"the input template's {field} must contain {needed}")

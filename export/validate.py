@@ -1,0 +1,123 @@
+"""Validation of an exported corrector against its PyTorch checkpoint.
+
+Two checks on sample requests: the largest |logit difference| between PyTorch and the ONNX
+encoder + decoder (first step, then all later tokens in one cached multi-token call, the path
+drafted decoding relies on), and greedy tokens identical to `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.decode import Decoder
+from lmcor.runtime.encode import encode
+from lmcor.runtime.errors import ExportError, InputError
+from lmcor.runtime.request import Request
+from lmcor.runtime.tokens import encode_requests
+
+# Varied, ordinary-English requests in LMCor's shape; any checkpoint can be validated on them.
+SAMPLE_REQUESTS = (
+    Request("she go to school every days", ("She goes to school every day.", "She go to school every day.", "She goes to the school every days.")),
+    Request("The results was suprising , and nobody expected them", ("The results were surprising, and nobody expected them.", "The result was surprising and nobody expected it.")),
+    Request("Can you tell me where is the station?", ("Can you tell me where the station is?", "Could you tell me where is the station?", "Can you tell me where the station is?", "Can you tell me, where is the station?", "Can you tell me where is station?")),
+    Request("In 2019 we has moved to Paris for 3 years.", ("In 2019 we moved to Paris for 3 years.", "In 2019, we have moved to Paris for three years.")),
+    Request("he don't like \"spicy\" food!", ("He doesn't like \"spicy\" food!", "He don't like spicy food!", "He does not like \"spicy\" food.")),
+    Request("a", ("a",)),
+)
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    samples: int
+    max_abs_logit_diff: float
+    tolerance: float
+    greedy_tokens_identical: bool
+
+    def as_dict(self) -> dict:
+        return {
+            "samples": self.samples,
+            "max_abs_logit_diff": self.max_abs_logit_diff,
+            "tolerance": self.tolerance,
+            "greedy_tokens_identical": self.greedy_tokens_identical,
+        }
+
+
+def validate_corrector(
+    model,
+    bundle: Path,
+    *,
+    requests: Sequence[Request] = SAMPLE_REQUESTS,
+    max_new_tokens: int = 24,
+    atol: float = 1e-3,
+    rtol: float = 1e-4,
+) -> ValidationReport:
+    """Compare the bundle in `bundle` with the PyTorch `model`; raise `ExportError` if they differ."""
+    import torch
+
+    corrector = Corrector.load(bundle, providers=["CPUExecutionProvider"])
+    manifest = corrector.manifest
+    special = manifest.special_tokens
+    inputs = encode_requests(corrector.tokenizer, manifest.template, requests, manifest.max_input_tokens)
+    usable = [(r, x) for r, x in zip(requests, inputs) if not isinstance(x, InputError)]
+    if not usable:
+        raise ExportError(f"validation failed: no sample request fits {manifest.max_input_tokens} input tokens")
+    ours = corrector.correct_batch([r for r, _ in usable], max_new_tokens=max_new_tokens, batch_size=1)
+    worst, worst_ref = 0.0, 0.0
+    for n, ((_, model_input), correction) in enumerate(zip(usable, ours)):
+        ids = model_input.ids
+        input_ids = torch.from_numpy(ids)[None, :]
+        with torch.no_grad():
+            reference = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=_plain_generation_config(model, special, max_new_tokens),
+            )[0, 1:].tolist()
+        reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
+        if reference != correction.token_ids:
+            raise ExportError(
+                f"validation failed: greedy tokens differ from PyTorch on sample {n} "
+                f"(PyTorch {reference[:12]}..., ONNX {correction.token_ids[:12]}...)"
+            )
+        decoder_ids = np.array([[special.decoder_start] + reference], dtype=np.int64)
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, decoder_input_ids=torch.from_numpy(decoder_ids)).logits[0].numpy()
+        got = _onnx_logits(corrector, ids[None, :], decoder_ids)
+        worst = max(worst, float(np.abs(expected - got).max()))
+        worst_ref = max(worst_ref, float(np.abs(expected).max()))
+    tolerance = atol + rtol * worst_ref
+    if worst > tolerance:
+        raise ExportError(f"validation failed: max |logit diff| {worst:.3g} exceeds the tolerance {tolerance:.3g}")
+    return ValidationReport(len(usable), worst, tolerance, True)
+
+
+def _onnx_logits(corrector: Corrector, input_ids: np.ndarray, decoder_ids: np.ndarray) -> np.ndarray:
+    """Logits of every decoder position: the first step alone, the rest in one cached call."""
+    mask = np.ones_like(input_ids)
+    hidden = encode(corrector.sessions, input_ids, mask)
+    decoder = Decoder(corrector.sessions.decoder, corrector.manifest.decoder, corrector.sessions.device)
+    first = decoder.start(hidden, mask, decoder_ids[:, :1])
+    if decoder_ids.shape[1] == 1:
+        return first[0]
+    rest = decoder.step(decoder_ids[:, 1:])
+    return np.concatenate([first[0], rest[0]], axis=0)
+
+
+def _plain_generation_config(model, special, max_new_tokens: int):
+    """Exactly the search lmcor runs: greedy, with the checkpoint's forced BOS/EOS and nothing else."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        do_sample=False,
+        decoder_start_token_id=special.decoder_start,
+        eos_token_id=special.eos,
+        pad_token_id=special.pad,
+        forced_bos_token_id=special.forced_bos,
+        forced_eos_token_id=special.forced_eos,
+    )

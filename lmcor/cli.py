@@ -1,0 +1,183 @@
+"""The `lmcor` command line: `lmcor export` and `lmcor correct`.
+
+Errors of lmcor's own (bad bundle, failed export) print one line and exit with code 2. Bad input
+lines of `lmcor correct` become error records in the output, every other line is still
+corrected, and the command exits with code 1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from lmcor import __version__
+from lmcor.runtime.bundle import Template
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.request import Correction, Request, as_request
+
+EXIT_BAD_LINES = 1
+EXIT_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmcor", description="Serve small models that improve big ones.")
+    parser.add_argument("--version", action="version", version=f"lmcor {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what lmcor does")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="export a Hugging Face seq2seq checkpoint to a validated bundle")
+    export.add_argument("model_dir", help="Hugging Face checkpoint folder (T5, T5 v1.1/Flan-T5, mT5, BART, mBART)")
+    export.add_argument("out_dir", help="bundle folder to write")
+    defaults = Template()
+    export.add_argument("--template", default=defaults.text, help="input text with {source} and {candidates}")
+    export.add_argument("--candidate", default=defaults.candidate, help="one candidate: {candidate}, {i} from 0, {n} from 1")
+    export.add_argument("--separator", default=defaults.separator, help="text between rendered candidates")
+    export.add_argument("--max-input-tokens", type=_positive_int, help="default: the tokenizer's or model's limit")
+    export.add_argument("--max-output-tokens", type=_positive_int, default=256)
+    export.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--atol", type=float, default=1e-3, help="absolute logit tolerance of the validation")
+    export.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+
+    correct = commands.add_parser("correct", help="correct JSONL requests with a corrector bundle")
+    correct.add_argument("input", help='JSONL file of {"id"?, "source", "candidates"} lines; - for stdin')
+    correct.add_argument("-o", "--output", help="JSONL file to write (default: stdout)")
+    correct.add_argument("--model", help="bundle folder (default: the corrector shipped with lmcor)")
+    correct.add_argument("--batch-size", type=_positive_int, default=16)
+    correct.add_argument("--num-beams", type=_positive_int, default=1)
+    correct.add_argument("--length-penalty", type=float, default=1.0)
+    correct.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
+    correct.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
+    correct.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
+    correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lmcor: %(message)s")
+    try:
+        if args.command == "export":
+            return _export(args)
+        return _correct(args)
+    except LmcorError as e:
+        print(f"lmcor: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"lmcor: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lmcor.export import export_corrector
+
+    manifest = export_corrector(
+        args.model_dir,
+        args.out_dir,
+        template=Template(text=args.template, candidate=args.candidate, separator=args.separator),
+        max_input_tokens=args.max_input_tokens,
+        max_output_tokens=args.max_output_tokens,
+        opset=args.opset,
+        atol=args.atol,
+        overwrite=args.force,
+    )
+    v = manifest.validation
+    print(
+        f"wrote {args.out_dir}: {manifest.architecture}, opset {manifest.opset}; validated on {v['samples']} samples: "
+        f"max |logit diff| {v['max_abs_logit_diff']:.2g} (tolerance {v['tolerance']:.2g}), greedy tokens identical",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
+    for number, line in enumerate(stream, start=1):
+        if line.strip():
+            yield number, line
+
+
+def _parse(line: str) -> tuple[Any, Request | InputError]:
+    """(id, request) of one input line, or (id, the InputError that says what is wrong with it)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, InputError(f"not valid JSON ({e.msg} at column {e.colno})")
+    ident = obj.get("id") if isinstance(obj, dict) else None
+    try:
+        return ident, as_request(obj)
+    except InputError as e:
+        return ident, e
+
+
+def _record(number: int, ident: Any, result: Correction | InputError) -> dict:
+    if isinstance(result, InputError):
+        return {"id": ident, "line": number, "error": str(result)}
+    return {
+        "id": ident,
+        "line": number,
+        "output": result.text,
+        "truncated": result.truncated,
+        "input_tokens": result.stats.input_tokens,
+        "output_tokens": result.stats.output_tokens,
+    }
+
+
+def _correct(args: argparse.Namespace) -> int:
+    providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    corrector = Corrector.load(args.model, providers=providers, threads=args.threads)
+    failed = 0
+    with ExitStack() as stack:
+        source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
+        sink = sys.stdout if not args.output else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        total = None if args.input == "-" else sum(1 for _ in _lines(open(args.input, encoding="utf-8")))
+        bar = stack.enter_context(tqdm(total=total, unit="line", file=sys.stderr, disable=args.quiet, desc="correcting"))
+        lines = _lines(source)
+        # Chunks keep memory flat on long files while giving the batcher enough requests to sort.
+        while chunk := list(itertools.islice(lines, args.batch_size * 8)):
+            parsed = [(number, *_parse(line)) for number, line in chunk]
+            good = [(number, ident, request) for number, ident, request in parsed if not isinstance(request, InputError)]
+            results = corrector.correct_batch(
+                [request for _, _, request in good],
+                max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams,
+                length_penalty=args.length_penalty,
+                batch_size=args.batch_size,
+                errors="return",
+                progress=bar.update,
+            )
+            by_line = {number: result for (number, _, _), result in zip(good, results)}
+            for number, ident, request in parsed:
+                result = by_line.get(number, request)
+                record = _record(number, ident, result)
+                if "error" in record:
+                    failed += 1
+                    if isinstance(request, InputError):
+                        bar.update(1)
+                    tqdm.write(f"lmcor: line {number}: {record['error']}", file=sys.stderr)
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+    if failed:
+        print(f"lmcor: {failed} line(s) could not be corrected; see their error records", file=sys.stderr)
+        return EXIT_BAD_LINES
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The self-describing model bundle: `lmcor.json` manifest + ONNX files + `tokenizer.json`.
+
+`load_manifest(path)` is the one entry point for reading a bundle; `write_manifest` is used by
+the exporter. Every file of the bundle is listed with its sha256 in the manifest, and loading
+checks them, so a truncated copy or a swapped file is caught before any session opens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+MANIFEST_NAME = "lmcor.json"
+FORMAT_VERSION = 1
+KINDS = ("corrector",)
+
+
+@dataclass(frozen=True)
+class Template:
+    """How a request becomes the model's input text.
+
+    `text` holds `{source}` and `{candidates}`; each candidate is rendered with `candidate`
+    (which may use `{candidate}`, `{i}` from 0 and `{n}` from 1) and the rendered candidates are
+    joined with `separator`. LMCor's format is the default; GenFuser-style numbered markers are
+    `candidate="<extra_id_{i}> {candidate}"` with `separator=" "`.
+    """
+
+    text: str = "source: {source}\ncandidates: {candidates}"
+    candidate: str = "{candidate}"
+    separator: str = " <extra_id_0> "
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    pad: int
+    eos: int
+    decoder_start: int
+    forced_bos: int | None = None
+    forced_eos: int | None = None
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the runtime needs to build the decoder's past key values."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    architecture: str
+    template: Template
+    special_tokens: SpecialTokens
+    decoder: DecoderShape
+    max_input_tokens: int
+    max_output_tokens: int
+    precision: str
+    opset: int
+    files: dict[str, str]  # role -> file name: encoder, decoder, tokenizer
+    sha256: dict[str, str] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    exporter: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "Manifest":
+        try:
+            return cls(
+                kind=data["kind"],
+                architecture=data["architecture"],
+                template=Template(**data["template"]),
+                special_tokens=SpecialTokens(**data["special_tokens"]),
+                decoder=DecoderShape(**data["decoder"]),
+                max_input_tokens=int(data["max_input_tokens"]),
+                max_output_tokens=int(data["max_output_tokens"]),
+                precision=data["precision"],
+                opset=int(data["opset"]),
+                files=dict(data["files"]),
+                sha256=dict(data.get("sha256", {})),
+                validation=dict(data.get("validation", {})),
+                exporter=dict(data.get("exporter", {})),
+                format_version=int(data["format_version"]),
+            )
+        except KeyError as e:
+            raise BundleError(f"{where}: manifest lacks the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{where}: malformed manifest ({e})") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
+    """Read and check a bundle's manifest; with `verify`, check every file's sha256."""
+    root = Path(path)
+    manifest_path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory")
+    if not manifest_path.is_file():
+        raise BundleError(f"{root}: not an lmcor bundle ({MANIFEST_NAME} is missing; run `lmcor export` first)")
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{manifest_path}: corrupt manifest ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{manifest_path}: corrupt manifest (not a JSON object)")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path}: unknown bundle format version {version!r} "
+            f"(this lmcor reads version {FORMAT_VERSION}; re-export the model or upgrade lmcor)"
+        )
+    manifest = Manifest.from_json(data, str(manifest_path))
+    if manifest.kind not in KINDS:
+        raise BundleError(f"{manifest_path}: unknown bundle kind {manifest.kind!r} (expected one of {KINDS})")
+    for role, name in manifest.files.items():
+        if not (root / name).is_file():
+            raise BundleError(f"{root}: the {role} file {name!r} is missing")
+    if verify:
+        for name, expected in manifest.sha256.items():
+            file = root / name
+            if not file.is_file():
+                raise BundleError(f"{root}: {name!r} is listed in the manifest but missing")
+            if sha256_of(file) != expected:
+                raise BundleError(f"{file}: checksum mismatch (the file is corrupt or was changed after export)")
+    return manifest
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Write `lmcor.json`, recording the sha256 of every other file in `root`."""
+    sums = {p.name: sha256_of(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    manifest = dataclasses.replace(manifest, sha256=sums)
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,170 @@
+"""`Corrector`: a loaded corrector bundle and the one path every request takes through it."""
+
+from __future__ import annotations
+
+import importlib.resources
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .batching import pad_batch, plan_batches
+from .bundle import Manifest, load_manifest
+from .decode import Decoder, Search, beam_search, greedy
+from .encode import encode
+from .errors import BundleError, InputError
+from .request import Correction, DecodeStats, Request, as_request
+from .sessions import Sessions, open_session
+from .tokens import ModelInput, encode_requests
+
+
+def default_bundle() -> Path:
+    """The corrector bundle shipped inside the package, used when no path is given."""
+    path = Path(str(importlib.resources.files("lmcor") / "models" / "default"))
+    if not path.is_dir():
+        raise BundleError("no default corrector is installed with this lmcor; pass the path of an exported bundle")
+    return path
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+        raise BundleError(f"{path}: cannot read the tokenizer ({e})") from None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+class Corrector:
+    """A seq2seq corrector: reads a source and K candidates, writes one corrected output."""
+
+    def __init__(self, root: Path, manifest: Manifest, tokenizer: Tokenizer, sessions: Sessions):
+        self.root = root
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.sessions = sessions
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+    ) -> "Corrector":
+        """Load a bundle written by `lmcor export` (the shipped default corrector when `path` is None).
+
+        `providers` are ONNX Runtime execution providers (default: CUDA when usable, else CPU);
+        `threads` the intra-op threads (default: ONNX Runtime's, one per physical core);
+        `verify` checks every file against the manifest's sha256.
+        """
+        root = Path(path) if path is not None else default_bundle()
+        manifest = load_manifest(root, verify=verify)
+        if manifest.kind != "corrector":
+            raise BundleError(f"{root}: a {manifest.kind!r} bundle, not a corrector")
+        tokenizer = load_tokenizer(root / manifest.files["tokenizer"])
+        sessions = Sessions(
+            encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
+            decoder=open_session(root / manifest.files["decoder"], providers=providers, threads=threads),
+        )
+        return cls(root, manifest, tokenizer, sessions)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.sessions.decoder.get_providers()
+
+    def correct(self, source: str, candidates: Sequence[str], **options: Any) -> str:
+        """Correct one request; options as for `correct_batch`."""
+        return self.correct_batch([Request(source, tuple(candidates))], **options)[0].text
+
+    def correct_batch(
+        self,
+        items: Iterable[Request | dict | tuple],
+        *,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        batch_size: int = 16,
+        errors: Literal["raise", "return"] = "raise",
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Correction | InputError]:
+        """Correct many requests, in order.
+
+        Items are `Request`s, dicts with `source`, `candidates` (and `id`), or (source, candidates)
+        pairs. Requests are grouped into length-bucketed batches of at most `batch_size`.
+        `num_beams` > 1 runs beam search with `length_penalty`. With `errors="return"`, a bad
+        request yields its `InputError` in its place and every other request is still corrected;
+        `progress` is called with the number of requests finished by each batch.
+        """
+        search = self._search(max_new_tokens, num_beams, length_penalty, batch_size)
+        items = list(items)
+        results: list[Correction | InputError | None] = [None] * len(items)
+        valid: list[tuple[int, Request]] = []
+        for n, item in enumerate(items):
+            try:
+                valid.append((n, as_request(item)))
+            except InputError as e:
+                if errors == "raise":
+                    raise InputError(f"item {n}: {e}") from None
+                results[n] = e
+        inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid], self.manifest.max_input_tokens)
+        ready: list[tuple[int, Request, ModelInput]] = []
+        for (n, request), model_input in zip(valid, inputs):
+            if isinstance(model_input, InputError):
+                if errors == "raise":
+                    raise InputError(f"item {n}: {model_input}")
+                results[n] = model_input
+            else:
+                ready.append((n, request, model_input))
+        for batch in plan_batches([len(x.ids) for _, _, x in ready], batch_size):
+            chosen = [ready[i] for i in batch]
+            for (n, _, _), correction in zip(chosen, self._run_batch(chosen, search)):
+                results[n] = correction
+            if progress is not None:
+                progress(len(chosen))
+        return results  # type: ignore[return-value]
+
+    def _search(self, max_new_tokens: int | None, num_beams: int, length_penalty: float, batch_size: int) -> Search:
+        limit = self.manifest.max_output_tokens if max_new_tokens is None else max_new_tokens
+        for name, value in (("max_new_tokens", limit), ("num_beams", num_beams), ("batch_size", batch_size)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        return Search(max_new_tokens=int(limit), num_beams=int(num_beams), length_penalty=float(length_penalty))
+
+    def _run_batch(self, batch: list[tuple[int, Request, ModelInput]], search: Search) -> list[Correction]:
+        special = self.manifest.special_tokens
+        requests = [request for _, request, _ in batch]
+        inputs = [model_input for _, _, model_input in batch]
+        ids, mask = pad_batch([x.ids for x in inputs], special.pad)
+        started = time.perf_counter()
+        hidden = encode(self.sessions, ids, mask, repeat=search.num_beams)
+        encoded = time.perf_counter()
+        decoder = Decoder(self.sessions.decoder, self.manifest.decoder, self.sessions.device)
+        if search.num_beams == 1:
+            tokens = greedy(decoder, hidden, mask, special, search)
+        else:
+            tokens = beam_search(decoder, hidden, np.repeat(mask, search.num_beams, axis=0), special, search)
+        decoded = time.perf_counter()
+        texts = self.tokenizer.decode_batch(tokens, skip_special_tokens=True)
+        return [
+            Correction(
+                text=text,
+                token_ids=row,
+                truncated=model_input.truncated,
+                id=request.id,
+                stats=DecodeStats(
+                    batch_size=len(requests),
+                    input_tokens=len(model_input.ids),
+                    output_tokens=len(row),
+                    encoder_s=encoded - started,
+                    decoder_s=decoded - encoded,
+                    decoder_calls=decoder.calls,
+                ),
+            )
+            for request, model_input, row, text in zip(requests, inputs, tokens, texts)
+        ]

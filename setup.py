@@ -1,0 +1,79 @@
+"""Build script for lmcor.
+
+The top-level folders install as sub-packages of one namespaced package:
+runtime/ -> lmcor.runtime, export/ -> lmcor.export, kernels/ -> lmcor.kernels,
+bench/ -> lmcor.bench, and lmcor/ holds the public API and the CLI.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+PACKAGES = {
+    "lmcor": "lmcor",
+    "lmcor.runtime": "runtime",
+    "lmcor.export": "export",
+    "lmcor.kernels": "kernels",
+    "lmcor.bench": "bench",
+}
+
+# Every ONNX Runtime build installs the same `onnxruntime` module folder, so exactly one may be
+# required: the one already installed, else the GPU build on CUDA machines, else the CPU build.
+ORT_DISTRIBUTIONS = ("onnxruntime-gpu", "onnxruntime", "onnxruntime-directml", "onnxruntime-openvino")
+
+
+def _installed_onnxruntime():
+    # pip builds in an isolated environment; ask the interpreter without the isolation paths.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = (
+        "import importlib.metadata as m\n"
+        f"for d in {ORT_DISTRIBUTIONS!r}:\n"
+        "    try:\n        m.version(d); print(d); break\n"
+        "    except m.PackageNotFoundError:\n        pass\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-I", "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _onnxruntime_requirement():
+    forced = os.environ.get("LMCOR_ONNXRUNTIME")
+    if forced:
+        return forced
+    installed = _installed_onnxruntime()
+    if installed:
+        return installed
+    has_cuda = shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
+    return "onnxruntime-gpu>=1.18" if has_cuda else "onnxruntime>=1.18"
+
+
+EXPORT = [
+    "torch>=2.1,<3",
+    "transformers>=4.45,<4.58",
+    "optimum-onnx>=0.1.0,<0.2",
+    "accelerate>=0.26",
+    "onnx>=1.15",
+]
+
+setup(
+    name="lmcor",
+    version="0.1.0",
+    description="Compiled inference runtime for small models that improve big ones (LMCor correctors, students)",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=["numpy>=1.24", "tokenizers>=0.15", "tqdm>=4.60", _onnxruntime_requirement()],
+    extras_require={
+        "export": EXPORT,
+        "test": EXPORT + ["pytest>=7"],
+        "bench": ["matplotlib>=3.7", "ctranslate2>=4.0", "psutil>=5.9"],
+    },
+    entry_points={"console_scripts": ["lmcor=lmcor.cli:main"]},
+)
