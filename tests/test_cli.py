@@ -1,0 +1,87 @@
+"""`lmcor export` and `lmcor correct` end to end, as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_requests
+
+from lmcor import Corrector, ExportError
+from lmcor.cli import main
+from lmcor.export import export_corrector
+
+GOOD = make_requests(5, seed=3)
+BAD_LINES = {
+    2: ("this is not json", "not valid JSON"),
+    4: ('{"id": "no-source", "candidates": ["a"]}', "missing field 'source'"),
+    5: ('{"id": 9, "source": "", "candidates": ["a"]}', "'source' is empty"),
+    7: ('{"source": "x", "candidates": []}', "empty list"),
+    8: ('{"source": "x", "candidates": ["ok", 3]}', "candidates[1] must be a string"),
+}
+
+
+def _input_lines() -> list[str]:
+    good = iter(GOOD)
+    return [BAD_LINES[n][0] if n in BAD_LINES else json.dumps(next(good)) for n in range(1, 11)]
+
+
+def test_correct_round_trip_keeps_order_and_reports_bad_lines(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(_input_lines()) + "\n")
+    out = tmp_path / "out.jsonl"
+    code = main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--batch-size", "2",
+                 "--max-new-tokens", "6"])
+    assert code == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == list(range(1, 11))
+    expected = Corrector.load(bundles["t5"]).correct_batch(GOOD, max_new_tokens=6)
+    good = [r for r in records if "error" not in r]
+    assert [r["output"] for r in good] == [c.text for c in expected]
+    assert [r["id"] for r in good] == [g["id"] for g in GOOD]
+    assert all(r["truncated"] is False and r["output_tokens"] <= 6 for r in good)
+    for number, (_, message) in BAD_LINES.items():
+        assert message in records[number - 1]["error"]
+    assert records[3]["id"] == "no-source" and records[4]["id"] == 9
+    err = capsys.readouterr().err
+    assert "line 4: missing field 'source'" in err and "5 line(s) could not be corrected" in err
+
+
+def test_correct_reads_stdin_and_writes_stdout(bundles):
+    lines = "\n".join(json.dumps(r) for r in GOOD[:3]) + "\n"
+    run = subprocess.run([sys.executable, "-m", "lmcor.cli", "correct", "--model", str(bundles["bart"]), "-",
+                          "--num-beams", "2", "--max-new-tokens", "5", "-q"],
+                         input=lines, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    expected = Corrector.load(bundles["bart"]).correct_batch(GOOD[:3], num_beams=2, max_new_tokens=5)
+    assert [r["output"] for r in records] == [c.text for c in expected]
+    assert run.stderr == ""
+
+
+def test_export_cli_and_truncation(checkpoints, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["export", str(checkpoints["t5v11"]), str(out), "--max-input-tokens", "48"]) == 0
+    assert "greedy tokens identical" in capsys.readouterr().err
+    assert main(["export", str(checkpoints["t5v11"]), str(out)]) == 2  # refuses to overwrite
+    assert "exists and is not empty" in capsys.readouterr().err
+    long = {"source": "she go to school", "candidates": ["My brother went to the station every day. " * 6] * 3}
+    source = tmp_path / "long.jsonl"
+    source.write_text(json.dumps(long) + "\n")
+    assert main(["correct", "--model", str(out), str(source), "-o", str(tmp_path / "o.jsonl"), "-q"]) == 0
+    record = json.loads((tmp_path / "o.jsonl").read_text())
+    assert record["truncated"] is True and record["input_tokens"] <= 48
+
+
+def test_export_refuses_a_bundle_that_fails_validation(checkpoints, tmp_path):
+    out = tmp_path / "refused"
+    with pytest.raises(ExportError, match=r"max \|logit diff\| .* exceeds the tolerance"):
+        export_corrector(checkpoints["t5"], out, atol=-1.0)  # no export can meet a negative tolerance
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".refused")]  # no staging left behind
+
+
+def test_export_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config.json" in err[0]

@@ -1,0 +1,81 @@
+"""Templates and truncation: candidates shrink evenly, the source is never cut silently."""
+
+import pytest
+from tokenizers import Tokenizer
+
+from lmcor.runtime.bundle import Template
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.request import Request, as_request
+from lmcor.runtime.template import render
+from lmcor.runtime.tokens import encode_requests
+
+
+def test_lmcor_template_is_the_default():
+    text, spans = render(Template(), "she go", ["She goes.", "she goes"])
+    assert text == "source: she go\ncandidates: She goes. <extra_id_0> she goes"
+    assert [text[a:b] for a, b in spans] == ["She goes.", "she goes"]
+
+
+def test_genfuser_style_template_and_braces_in_user_text():
+    template = Template(text="{source}{candidates}", candidate=" <extra_id_{i}> {candidate}", separator="")
+    text, spans = render(template, "x {candidates} y", ["a {i}", "b"])
+    assert text == "x {candidates} y <extra_id_0> a {i} <extra_id_1> b"
+    assert [text[a:b] for a, b in spans] == ["a {i}", "b"]
+
+
+@pytest.fixture
+def tokenizer(bundles) -> Tokenizer:
+    return Tokenizer.from_file(str(bundles["t5v11"] / "tokenizer.json"))
+
+
+def test_short_input_is_tokenized_whole(tokenizer):
+    request = Request("the cat", ("The cat.", "the cats"))
+    [got] = encode_requests(tokenizer, Template(), [request], 512)
+    assert not got.truncated
+    assert got.ids.tolist() == tokenizer.encode(render(Template(), request.source, request.candidates)[0]).ids
+
+
+def test_long_candidates_are_shortened_evenly(tokenizer):
+    long = "My brother went to the station and the city center every day, quietly. " * 4
+    request = Request("She go to school every days.", (long, "She goes to school.", long[::-1], long + long))
+    full = len(tokenizer.encode(render(Template(), request.source, request.candidates)[0]).ids)
+    limit = full // 2
+    [got] = encode_requests(tokenizer, Template(), [request], limit)
+    assert got.truncated and len(got.ids) <= limit
+    ids = got.ids.tolist()
+    assert _contains(ids, tokenizer.encode(request.source, add_special_tokens=False).ids)  # the source is intact
+    separator = tokenizer.token_to_id("<extra_id_0>")
+    cuts = [i for i, t in enumerate(ids) if t == separator]
+    pieces = [ids[cuts[0] + 1 : cuts[1]], ids[cuts[1] + 1 : cuts[2]], ids[cuts[2] + 1 : -1]]
+    short = tokenizer.encode("She goes to school.", add_special_tokens=False).ids
+    assert pieces[0][: len(short)] == short  # the short one is kept whole (a separator space may follow)
+    assert abs(len(pieces[1]) - len(pieces[2])) <= 2  # long ones cut to one length, each keeping its head
+    kept = tokenizer.decode(pieces[2]).strip()
+    assert len(kept) > 20 and (long + long).startswith(kept)
+
+
+def _contains(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+def test_source_too_long_is_an_error_not_a_cut(tokenizer):
+    request = Request("word " * 200, ("a", "b"))
+    [got] = encode_requests(tokenizer, Template(), [request], 64)
+    assert isinstance(got, InputError) and "never cut" in str(got)
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ({"candidates": ["a"]}, "missing field 'source'"),
+        ({"source": "  ", "candidates": ["a"]}, "'source' is empty"),
+        ({"source": "a", "candidates": []}, "empty list"),
+        ({"source": "a", "candidates": "b"}, "must be a list of strings"),
+        ({"source": "a", "candidates": ["b", 3]}, r"candidates\[1\] must be a string"),
+        ({"source": 5, "candidates": ["b"]}, "'source' must be a string"),
+        (42, "expected an object"),
+    ],
+)
+def test_bad_requests_name_the_field(item, message):
+    with pytest.raises(InputError, match=message):
+        as_request(item)
