@@ -2,7 +2,7 @@
 
 The top-level folders install as sub-packages of one namespaced package:
 runtime/ -> lmcor.runtime, export/ -> lmcor.export, kernels/ -> lmcor.kernels,
-bench/ -> lmcor.bench, and lmcor/ holds the public API and the CLI.
+bench/ -> lmcor.bench, recipes/ -> lmcor.recipes, and lmcor/ holds the public API and the CLI.
 """
 
 import os
@@ -18,6 +18,7 @@ PACKAGES = {
     "lmcor.export": "export",
     "lmcor.kernels": "kernels",
     "lmcor.bench": "bench",
+    "lmcor.recipes": "recipes",
 }
 
 # Every ONNX Runtime build installs the same `onnxruntime` module folder, so exactly one may be
@@ -72,7 +73,8 @@ setup(
     install_requires=["numpy>=1.24", "tokenizers>=0.15", "tqdm>=4.60", _onnxruntime_requirement()],
     extras_require={
         "export": EXPORT,
-        "test": EXPORT + ["pytest>=7"],
+        "eval": ["sacrebleu>=2.3"],
+        "test": EXPORT + ["pytest>=7", "sacrebleu>=2.3"],
         "bench": ["matplotlib>=3.7", "ctranslate2>=4.0", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["lmcor=lmcor.cli:main"]},

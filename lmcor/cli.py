@@ -1,4 +1,4 @@
-"""The `lmcor` command line: `lmcor export` and `lmcor correct`.
+"""The `lmcor` command line: `lmcor export`, `lmcor correct` and `lmcor eval`.
 
 Errors of lmcor's own (bad bundle, failed export) print one line and exit with code 2. Bad input
 lines of `lmcor correct` become error records in the output, every other line is still
@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
@@ -65,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     correct.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
     correct.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
     correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("eval", help="score a corrector against its candidates on labelled data")
+    evaluate.add_argument("data", help='JSONL file of {"source", "candidates", "target"} lines')
+    evaluate.add_argument("--model", help="bundle folder (default: the corrector shipped with lmcor)")
+    evaluate.add_argument("--json", default="lmcor-eval.json", help="where to write the scores (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=16)
+    evaluate.add_argument("--num-beams", type=_positive_int, default=1)
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
+    evaluate.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
     return parser
 
 
@@ -72,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lmcor: %(message)s")
     try:
-        if args.command == "export":
-            return _export(args)
-        return _correct(args)
+        return {"export": _export, "correct": _correct, "eval": _eval}[args.command](args)
     except LmcorError as e:
         print(f"lmcor: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -177,6 +185,23 @@ def _correct(args: argparse.Namespace) -> int:
         print(f"lmcor: {failed} line(s) could not be corrected; see their error records", file=sys.stderr)
         return EXIT_BAD_LINES
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lmcor.bench import quality
+
+    corrector = Corrector.load(args.model, threads=args.threads)
+    items, errors = quality.read_items(Path(args.data))
+    for error in errors:
+        print(f"lmcor: {args.data}: line {error['line']}: {error['error']}", file=sys.stderr)
+    if not items:
+        raise InputError(f"{args.data}: no usable lines")
+    report = quality.evaluate(corrector, items, batch_size=args.batch_size, num_beams=args.num_beams,
+                              max_new_tokens=args.max_new_tokens)
+    report.update(data=str(args.data), model=str(corrector.root), errors=errors)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(quality.table(report))
+    return EXIT_BAD_LINES if errors else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Output quality of a corrector against the baselines it must beat (`lmcor eval`).
+
+For each line `{"source", "candidates", "target"}` of a data file, four systems are scored with
+exact match and chrF (sacrebleu, corpus level): (a) the first candidate (the LLM's greedy
+output), (b) the consensus candidate (highest mean sentence chrF to the other candidates), (c)
+the oracle best candidate (highest sentence chrF to the target: an upper bound for any
+selector), and (d) the corrector.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.request import as_request
+
+SYSTEMS = ("first candidate", "consensus candidate", "oracle candidate", "corrector")
+
+
+@dataclass(frozen=True)
+class Item:
+    line: int
+    source: str
+    candidates: tuple[str, ...]
+    target: str
+
+
+def _chrf():
+    try:
+        from sacrebleu.metrics import CHRF
+    except ImportError:
+        raise LmcorError("`lmcor eval` needs sacrebleu: pip install 'lmcor[eval]'") from None
+    return CHRF()
+
+
+def read_items(path: Path) -> tuple[list[Item], list[dict]]:
+    """Good items and error records ({"line", "error"}) of a JSONL data file."""
+    items, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                request = as_request(obj)
+                target = obj.get("target")
+                if not isinstance(target, str):
+                    raise InputError("field 'target' must be a string" if "target" in obj else "missing field 'target'")
+            except json.JSONDecodeError as e:
+                errors.append({"line": number, "error": f"not valid JSON ({e.msg} at column {e.colno})"})
+                continue
+            except InputError as e:
+                errors.append({"line": number, "error": str(e)})
+                continue
+            items.append(Item(number, request.source, request.candidates, target))
+    return items, errors
+
+
+def consensus(candidates: Sequence[str], chrf=None) -> str:
+    """The candidate with the highest mean sentence chrF to the others (the first on ties)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    chrf = chrf or _chrf()
+    scores = [sum(chrf.sentence_score(c, [o]).score for j, o in enumerate(candidates) if j != i)
+              for i, c in enumerate(candidates)]
+    return candidates[scores.index(max(scores))]
+
+
+def score(outputs: Sequence[str], targets: Sequence[str], chrf=None) -> dict[str, float]:
+    chrf = chrf or _chrf()
+    return {
+        "exact_match": 100.0 * sum(o == t for o, t in zip(outputs, targets)) / max(1, len(targets)),
+        "chrf": chrf.corpus_score(list(outputs), [list(targets)]).score,
+    }
+
+
+def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
+    """Scores of the four systems on `items`; `options` go to `Corrector.correct_batch`."""
+    chrf = _chrf()
+    targets = [i.target for i in items]
+    corrected = corrector.correct_batch([(i.source, i.candidates) for i in items], **options)
+    outputs = {
+        "first candidate": [i.candidates[0] for i in items],
+        "consensus candidate": [consensus(i.candidates, chrf) for i in items],
+        "oracle candidate": [max(i.candidates, key=lambda c: chrf.sentence_score(c, [i.target]).score) for i in items],
+        "corrector": [c.text for c in corrected],
+    }
+    return {"items": len(items), "systems": {name: score(outputs[name], targets, chrf) for name in SYSTEMS}}
+
+
+def table(report: dict) -> str:
+    rows = [f"{'system':<22} {'exact match':>11} {'chrF':>7}"]
+    for name in SYSTEMS:
+        s = report["systems"][name]
+        rows.append(f"{name:<22} {s['exact_match']:>11.2f} {s['chrf']:>7.2f}")
+    return "\n".join(rows)

@@ -1,0 +1,88 @@
+"""Clean English sentences from corpora that install offline from Debian's packages.
+
+- WordNet's example sentences (`wordnet-base`): the quoted parts of the glosses, stored
+  lower-case and without a final period; both are restored.
+- Sayings and prose from `fortunes` (the non-offensive collections): ordinary English with
+  capitals, digits, commas, apostrophes, quotes, question and exclamation marks, and longer
+  sentences than WordNet's.
+
+The split into train/dev/test is a pure function of the sentence (a hash), so it never changes
+when the corpus grows or is read in another order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+WORDNET = Path("/usr/share/wordnet")
+FORTUNES = Path("/usr/share/games/fortunes")
+# Collections of ordinary prose; art, riddles, code and verse-heavy ones are left out.
+FORTUNE_FILES = ("fortunes", "wisdom", "literature", "people", "work", "education", "science", "food",
+                 "pets", "love", "humorists", "men-women", "politics", "songs-poems", "miscellaneous",
+                 "platitudes", "law", "medicine", "sports", "kids", "goedel", "magic", "news", "paradoxum",
+                 "definitions", "computers", "cookie", "linux", "zippy")
+
+_QUOTED = re.compile(r'"([^"]{8,})"')
+_SENTENCE_END = re.compile(r'(?<=[.!?])["\')]?\s+(?=["\'(]?[A-Z0-9])')
+_ALLOWED = re.compile(r"^[A-Za-z0-9 ,.;:!?'\"()\-$%&/]+$")
+
+
+def restore(sentence: str) -> str:
+    """Capitalize the first letter and end with a period unless it already ends a sentence."""
+    sentence = " ".join(sentence.split())
+    if not sentence:
+        return sentence
+    sentence = sentence[0].upper() + sentence[1:]
+    return sentence if sentence[-1] in ".!?" or sentence.endswith(('."', '!"', '?"')) else sentence + "."
+
+
+def wordnet_sentences(root: Path = WORDNET) -> Iterator[str]:
+    for part in ("noun", "verb", "adj", "adv"):
+        with open(root / f"data.{part}", encoding="latin-1") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:  # the license header
+                    continue
+                for quoted in _QUOTED.findall(line.split("|", 1)[1]):
+                    yield restore(quoted)
+
+
+def fortune_sentences(root: Path = FORTUNES, names: Iterable[str] = FORTUNE_FILES) -> Iterator[str]:
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            continue
+        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = [l for l in entry.splitlines() if not l.strip().startswith("--") and not l.startswith(("\t", "    "))]
+            text = " ".join(" ".join(lines).split())
+            for sentence in _SENTENCE_END.split(text):
+                yield sentence.strip()
+
+
+def usable(sentence: str) -> bool:
+    words = sentence.split()
+    return (
+        4 <= len(words) <= 40
+        and bool(_ALLOWED.match(sentence))
+        and sentence[0].isupper()
+        and sentence[-1] in ".!?\""
+        and sentence.count('"') % 2 == 0
+        and sentence.count("(") == sentence.count(")")
+        and not any(w.isupper() and len(w) > 3 for w in words)  # headings and shouting
+    )
+
+
+def sentences() -> list[str]:
+    """Every usable sentence of both corpora, deduplicated, in a fixed order."""
+    seen: dict[str, None] = {}
+    for sentence in (*wordnet_sentences(), *fortune_sentences()):
+        if usable(sentence):
+            seen.setdefault(sentence, None)
+    return list(seen)
+
+
+def split_of(sentence: str, dev: float = 0.02, test: float = 0.02) -> str:
+    bucket = int.from_bytes(hashlib.sha256(sentence.encode()).digest()[:8], "big") / 2**64
+    return "test" if bucket < test else "dev" if bucket < test + dev else "train"

@@ -1,0 +1,358 @@
+"""Train lmcor's default corrector from scratch: tokenizer, small T5 v1.1-style model, export.
+
+    python -m lmcor.recipes.train --out build/default-corrector --minutes 110
+
+writes `dev.jsonl`/`test.jsonl`, the tokenizer, checkpoints (resumable with --resume), the
+Hugging Face folder `hf/`, and the exported bundle `bundle/`. Seeds are fixed.
+
+A from-scratch seq2seq sits on a long plateau before it learns to copy, and a corrector is
+mostly copying. Three choices shorten the plateau on a CPU: the output layer is tied to the
+input embeddings (copying an attended token's embedding through the residual stream then reads
+out as that token), training starts with a copy warm-up (one candidate, which is the target,
+so inputs are short and the only thing to learn is where to copy from), and the learning rate
+stays constant after warm-up until the last fifth of the time budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmcor.runtime.bundle import Template
+from lmcor.runtime.template import render
+
+from . import data
+from .noise import Example
+
+log = logging.getLogger("lmcor.recipes")
+
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(8)]
+TEMPLATE = Template()
+
+
+@dataclass(frozen=True)
+class Settings:
+    vocab_size: int = 4000
+    d_model: int = 256
+    d_kv: int = 64
+    num_heads: int = 4
+    d_ff: int = 640
+    encoder_layers: int = 3
+    decoder_layers: int = 2
+    lr: float = 1e-3
+    warmup_steps: int = 300
+    tokens_per_batch: int = 3600
+    copy_until_loss: float = 0.35  # per-token loss at which the copy warm-up ends
+    copy_share_after: float = 0.1
+    max_target_tokens: int = 96
+    seed: int = 0
+
+
+def train_tokenizer(sentences: list[str], vocab_size: int):
+    """A Unigram tokenizer in T5's conventions, covering ordinary English and the template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([
+        normalizers.NFKC(),
+        normalizers.Replace(Regex("[\u2018\u2019]"), "'"),
+        normalizers.Replace(Regex("[\u201c\u201d]"), '"'),
+        normalizers.Replace(Regex(r"\s+"), " "),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-$%&/*+=@#[]_")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>",
+                                      initial_alphabet=alphabet, max_piece_length=12)
+    tok.train_from_iterator(sentences + ["source: candidates:"] * 1000, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=512,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def build_model(settings: Settings, vocab_size: int):
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=settings.d_model, d_kv=settings.d_kv, num_heads=settings.num_heads,
+        d_ff=settings.d_ff, num_layers=settings.encoder_layers, num_decoder_layers=settings.decoder_layers,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    torch.manual_seed(settings.seed)
+    return T5ForConditionalGeneration(config)
+
+
+def copy_init(model, seed: int = 0) -> None:
+    """Start from a model that already copies by content ("induction"), instead of waiting for
+    training to discover it.
+
+    The residual stream is split in two halves: A holds the current token, B the previous one.
+    Token embeddings live in A. In the encoder, heads 0 and 1 attend to the previous position
+    (through T5's relative bias) and write its A into B. In the decoder, every cross-attention
+    head matches the decoder's last token (A) against each encoder position's previous token (B)
+    and reads that position's own token (A) back: the next token of every place in the input
+    where the last output token occurs, averaged over all of them, which is a vote among the
+    candidates. All other output projections start at zero, so the rest of the network starts
+    as the identity and training refines from a working copier.
+    """
+    import torch
+
+    config = model.config
+    d, half, d_kv, heads = config.d_model, config.d_model // 2, config.d_kv, config.num_heads
+    if heads * d_kv != d or d_kv * 2 != half or heads != 4:
+        raise ValueError("copy_init expects 4 heads with d_kv = d_model / 4")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.shared.weight.zero_()
+        model.shared.weight[:, :half] = torch.randn(config.vocab_size, half, generator=g)
+        for stack in (model.encoder, model.decoder):
+            for block in stack.block:
+                for layer in block.layer:
+                    for name in ("SelfAttention", "EncDecAttention"):
+                        if hasattr(layer, name):
+                            getattr(layer, name).o.weight.zero_()
+                    if hasattr(layer, "DenseReluDense"):
+                        layer.DenseReluDense.wo.weight.zero_()
+        # Encoder: heads 0 and 1 look one position back and copy A into B.
+        attention = model.encoder.block[0].layer[0].SelfAttention
+        bias = attention.relative_attention_bias.weight  # (buckets, heads)
+        previous = attention._relative_position_bucket(torch.tensor(-1), bidirectional=True,
+                                                       num_buckets=config.relative_attention_num_buckets,
+                                                       max_distance=config.relative_attention_max_distance)
+        bias[:, :2] = -20.0
+        bias[previous, :2] = 20.0
+        attention.q.weight[: 2 * d_kv].zero_()
+        for h in range(2):
+            rows = slice(h * d_kv, (h + 1) * d_kv)
+            attention.v.weight[rows].zero_()
+            attention.v.weight[rows, h * d_kv : (h + 1) * d_kv] = torch.eye(d_kv)
+            attention.o.weight[half + h * d_kv : half + (h + 1) * d_kv, rows] = torch.eye(d_kv) / math.sqrt(2)
+        # Decoder: cross-attention matches A (last token) with B (previous input token), reads A.
+        cross = model.decoder.block[0].layer[1].EncDecAttention
+        for q, k, v, o in ((cross.q, cross.k, cross.v, cross.o),):
+            q.weight.zero_(), k.weight.zero_(), v.weight.zero_()
+            for pair in range(2):
+                basis = torch.linalg.qr(torch.randn(half, half, generator=g))[0].T  # orthonormal rows
+                for part in range(2):
+                    h = 2 * pair + part
+                    rows = slice(h * d_kv, (h + 1) * d_kv)
+                    projection = basis[part * d_kv : (part + 1) * d_kv]  # (d_kv, half)
+                    q.weight[rows, :half] = 0.3 * projection
+                    k.weight[rows, half:] = projection
+                    v.weight[rows, :half] = projection
+                    o.weight[:half, rows] = 2.0 * projection.T
+
+
+def _pad(rows: list[list[int]], width: int, fill: int):
+    import torch
+
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row[:width])
+    return out
+
+
+def _tensors(pairs: list[tuple[list[int], list[int]]], settings: Settings):
+    """(input_ids, attention_mask, labels) from (input ids, target ids) pairs."""
+    inputs = _pad([x for x, _ in pairs], max(len(x) for x, _ in pairs), 0)
+    labels = _pad([y for _, y in pairs], min(settings.max_target_tokens, max(len(y) for _, y in pairs)), -100)
+    return inputs, (inputs != 0).long(), labels
+
+
+def _random_copies(tokenizer, rng: random.Random, count: int) -> list[tuple[list[int], list[int]]]:
+    """Copy tasks over random token ids: no language model helps, only finding the next token in the
+    input does, which is the skill the corrector rests on."""
+    prefix = tokenizer.backend_tokenizer.encode("source:", add_special_tokens=False).ids
+    middle = tokenizer.backend_tokenizer.encode("candidates:", add_special_tokens=False).ids
+    # Frequent pieces only (Unigram vocabularies list pieces by score): every id is seen often
+    # enough that the copying skill, not each id's embedding, is what limits the loss.
+    low, high = len(SPECIAL_TOKENS), min(len(tokenizer), len(SPECIAL_TOKENS) + 400)
+    pairs = []
+    for _ in range(count):
+        span = [rng.randrange(low, high) for _ in range(rng.randint(3, 24))]
+        pairs.append((prefix + span + middle + span + [1], span + [1]))
+    return pairs
+
+
+def _text_pairs(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]]]:
+    texts = [render(TEMPLATE, e.source, [e.target] if copy else e.candidates)[0] for e in items]
+    enc = tokenizer.backend_tokenizer.encode_batch(texts)
+    dec = tokenizer.backend_tokenizer.encode_batch([e.target for e in items])
+    return [(x.ids, y.ids) for x, y in zip(enc, dec)]
+
+
+def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random):
+    """Length-bucketed batches of at most `tokens_per_batch` padded input tokens.
+
+    During the copy warm-up, half the pools are copies of random ids, half copies of sentences.
+    """
+    while True:
+        warm = copying()
+        if warm and rng.random() < 0.5:
+            kind, pairs = "random-copy", _random_copies(tokenizer, rng, 512)
+        else:
+            copy = warm or rng.random() < settings.copy_share_after
+            kind, pairs = ("copy" if copy else "correct"), _text_pairs(tokenizer, [next(stream) for _ in range(512)], copy)
+        pairs.sort(key=lambda p: len(p[0]))
+        chunks, start = [], 0
+        while start < len(pairs):
+            size = 1
+            while start + size < len(pairs) and (size + 1) * len(pairs[start + size][0]) <= settings.tokens_per_batch:
+                size += 1
+            chunks.append(pairs[start : start + size])
+            start += size
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield kind, _tensors(chunk, settings)
+
+
+def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50) -> dict[str, float]:
+    import torch
+    from sacrebleu.metrics import CHRF
+
+    outputs = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            enc = tokenizer([render(TEMPLATE, e.source, e.candidates)[0] for e in chunk], return_tensors="pt",
+                            return_token_type_ids=False,
+                            padding=True)
+            out = model.generate(**enc, max_new_tokens=96, num_beams=1, do_sample=False)
+            outputs += tokenizer.batch_decode(out, skip_special_tokens=True)
+    model.train()
+    targets = [e.target for e in examples]
+    return {
+        "chrf": CHRF().corpus_score(outputs, [targets]).score,
+        "exact": 100.0 * sum(o == t for o, t in zip(outputs, targets)) / len(targets),
+        "sample": outputs[0],
+    }
+
+
+def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,
+          eval_minutes: float = 15.0, device: str = "cpu") -> Path:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    splits = data.build(out, seed=settings.seed)
+    tokenizer_dir = out / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        train_tokenizer(splits["train"], settings.vocab_size).save_pretrained(tokenizer_dir)
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    model = build_model(settings, len(tokenizer))
+    copy_init(model, settings.seed)
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    state = {"step": 0, "elapsed": 0.0, "copying": True, "ema": {}}
+    checkpoint = out / "checkpoint.pt"
+    if resume and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        log.info("resumed at step %d (%.1f min)", state["step"], state["elapsed"] / 60)
+    rng = random.Random(settings.seed + state["step"])
+    stream = data.endless(splits["train"], settings.seed + state["step"])
+    dev = data.examples(splits["dev"][:300], settings.seed + 1)
+    batches = _batches(tokenizer, stream, lambda: state["copying"], settings, rng)
+    budget = minutes * 60
+    started = time.time() - state["elapsed"]
+    last_save, last_eval = time.time(), time.time()
+    history = out / "train_log.jsonl"
+    model.train()
+    while (elapsed := time.time() - started) < budget:
+        progress = elapsed / budget
+        scale = min(1.0, (state["step"] + 1) / settings.warmup_steps)
+        if progress > 0.8:
+            scale *= 1.0 - 0.9 * (progress - 0.8) / 0.2
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * scale
+        kind, (ids, mask, labels) = next(batches)
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        value = loss.item()
+        ema = state["ema"]
+        ema[kind] = value if kind not in ema else 0.95 * ema[kind] + 0.05 * value
+        if state["copying"] and state["step"] > 100 and ema.get("copy", math.inf) < settings.copy_until_loss:
+            state["copying"] = False
+            log.info("copy warm-up done at step %d (sentence copy loss %.3f)", state["step"], ema["copy"])
+        if state["step"] % 50 == 0:
+            _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "loss": round(value, 4),
+                              "ema": {k: round(v, 3) for k, v in ema.items()}, "lr": settings.lr * scale})
+        if time.time() - last_eval > eval_minutes * 60:
+            scores = evaluate(model, tokenizer, dev[:100])
+            _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "dev": scores})
+            log.info("step %d: dev chrF %.2f exact %.1f", state["step"], scores["chrf"], scores["exact"])
+            last_eval = time.time()
+        if time.time() - last_save > 300:
+            state["elapsed"] = time.time() - started
+            _save(checkpoint, model, optimizer, state)
+            last_save = time.time()
+    state["elapsed"] = time.time() - started
+    _save(checkpoint, model, optimizer, state)
+    hf_dir = out / "hf"
+    model.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    scores = evaluate(model, tokenizer, dev)
+    _append(history, {"step": state["step"], "minutes": round(state["elapsed"] / 60, 2), "final_dev": scores})
+    log.info("done: %d steps in %.1f min, dev chrF %.2f exact %.1f", state["step"], state["elapsed"] / 60,
+             scores["chrf"], scores["exact"])
+    return hf_dir
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _save(path: Path, model, optimizer, state: dict) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, tmp)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("build/default-corrector"))
+    parser.add_argument("--minutes", type=float, default=110.0, help="training time budget")
+    parser.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    np.random.seed(0)
+    hf_dir = train(args.out, args.minutes, resume=args.resume, device=args.device)
+    from lmcor.export import export_corrector
+
+    export_corrector(hf_dir, args.out / "bundle", max_output_tokens=96, overwrite=True)
+    log.info("exported %s", args.out / "bundle")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""`lmcor eval`: the four systems' table and JSON, and bad data lines named by number."""
+
+import json
+
+from conftest import make_requests
+
+from lmcor.bench import quality
+from lmcor.cli import main
+
+
+def test_consensus_picks_the_candidate_closest_to_the_others():
+    assert quality.consensus(["the cat sat.", "the cat sat!", "a dog ran", "the cat sat."]) == "the cat sat."
+    assert quality.consensus(["only"]) == "only"
+
+
+def test_eval_table_json_and_bad_lines(bundles, tmp_path, capsys):
+    rows = [dict(r, target=r["candidates"][0]) for r in make_requests(6, seed=5)]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(2, '{"source": "x", "candidates": ["y"]}')  # no target
+    lines.insert(4, "{broken")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "scores.json"
+    code = main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(out), "--max-new-tokens", "8"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "line 3: missing field 'target'" in captured.err and "line 5: not valid JSON" in captured.err
+    table = captured.out.strip().splitlines()
+    assert table[0].split() == ["system", "exact", "match", "chrF"]
+    assert [row.rsplit(None, 2)[0] for row in table[1:]] == list(quality.SYSTEMS)
+    report = json.loads(out.read_text())
+    assert report["items"] == 6 and [e["line"] for e in report["errors"]] == [3, 5]
+    first = report["systems"]["first candidate"]
+    assert first["exact_match"] == 100.0 and first["chrf"] == 100.0  # the targets are the first candidates
+    assert report["systems"]["oracle candidate"]["chrf"] == 100.0
+    for scores in report["systems"].values():
+        assert 0.0 <= scores["exact_match"] <= 100.0 and 0.0 <= scores["chrf"] <= 100.0

@@ -1,0 +1,63 @@
+"""The default corrector's data: corpus parsing, deterministic splits, a seeded noise model."""
+
+import random
+
+from lmcor.recipes import corpus, noise
+
+SENTENCES = [
+    "She has already seen the new film at the cinema.",
+    "The results were surprising, and nobody expected them!",
+    "Can you tell me where the station is?",
+    "In 2019 we moved to Paris for 3 years.",
+    "He doesn't like \"spicy\" food.",
+    "My brother is waiting for the bus in the rain.",
+]
+
+
+def test_wordnet_examples_are_restored(tmp_path):
+    header = "  1 This software and database is being provided to you\n"
+    entry = ('00002724 29 v 01 choke 0 002 @ 00001740 v 0000 01 + 02 00 | breathe with great difficulty; '
+             '"she choked with emotion when she spoke"; "the baby choked"  \n')
+    for part in ("noun", "verb", "adj", "adv"):
+        (tmp_path / f"data.{part}").write_text(header + (entry if part == "verb" else ""))
+    assert list(corpus.wordnet_sentences(tmp_path)) == ["She choked with emotion when she spoke.", "The baby choked."]
+
+
+def test_fortunes_are_split_into_usable_sentences(tmp_path):
+    (tmp_path / "wisdom").write_text(
+        "A clash of doctrine is not a disaster -- it is an opportunity.  Is it not?\n\t\t-- Someone\n%\n"
+        "ALL CAPS HEADING HERE NOW.\n%\nNo.\n"
+    )
+    found = [s for s in corpus.fortune_sentences(tmp_path, ["wisdom"]) if corpus.usable(s)]
+    assert found == ["A clash of doctrine is not a disaster -- it is an opportunity."]
+
+
+def test_split_is_a_pure_function_of_the_sentence():
+    splits = [corpus.split_of(s) for s in SENTENCES]
+    assert splits == [corpus.split_of(s) for s in SENTENCES]
+    assert set(splits) <= {"train", "dev", "test"}
+
+
+def test_noise_model_is_deterministic_for_a_seed():
+    first = [noise.make_example(s, random.Random(3)) for s in SENTENCES]
+    again = [noise.make_example(s, random.Random(3)) for s in SENTENCES]
+    other = [noise.make_example(s, random.Random(4)) for s in SENTENCES]
+    assert first == again and first != other
+
+
+def test_examples_look_like_lmcor_data():
+    rng = random.Random(0)
+    examples = [noise.make_example(s, rng) for s in SENTENCES * 30]
+    assert all(len(e.candidates) == 5 and e.target in SENTENCES for e in examples)
+    assert sum(e.source != e.target for e in examples) > 0.9 * len(examples)
+    fixed = sum(c == e.target for e in examples for c in e.candidates) / (5 * len(examples))
+    assert 0.3 < fixed < 0.95  # candidates fix some errors, miss others, add their own
+    assert any(c != e.target and c != e.source for e in examples for c in e.candidates)
+
+
+def test_every_error_kind_applies():
+    words = "The man has gone to the shop , and he is buying an apple today.".split()
+    rng = random.Random(0)
+    for name, (make, _) in noise.ERRORS.items():
+        edits = [make(words, i, rng) for i in range(len(words))]
+        assert any(e is not None for e in edits), name
