@@ -29,6 +29,9 @@ log = logging.getLogger("lmcor")
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+FIRST_STEP_FILE = "decoder_model.onnx"  # optimum's two decoders, merged into DECODER_FILE
+CACHED_STEP_FILE = "decoder_with_past_model.onnx"
+PRECISIONS = ("fp32", "int8")
 # Generation settings whose logits processors lmcor does not apply; a checkpoint that sets them
 # is still exported (and validated on plain search), with a warning.
 _UNSUPPORTED_GENERATION = ("no_repeat_ngram_size", "repetition_penalty", "min_length", "min_new_tokens",
@@ -98,8 +101,9 @@ def _versions() -> dict[str, str]:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter's tracer warnings and info logs say nothing actionable to lmcor users."""
-    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
+    """The exporter's and quantizer's tracer warnings and advice say nothing actionable to lmcor users
+    (the quantizer logs through the root logger)."""
+    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx", "")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -121,10 +125,19 @@ def export_corrector(
     max_output_tokens: int = 256,
     opset: int | None = None,
     atol: float = 1e-3,
+    precision: str = "fp32",
     overwrite: bool = False,
 ) -> Manifest:
     """Export a Hugging Face seq2seq checkpoint folder (T5, T5 v1.1/Flan-T5, mT5, BART, mBART) to a
-    validated bundle in `out_dir`. Nothing is written to `out_dir` unless validation passes."""
+    validated bundle in `out_dir`. Nothing is written to `out_dir` unless validation passes.
+
+    `precision="int8"` quantizes the weights of every MatMul to int8 (dynamic quantization:
+    activations stay fp32), after the fp32 graphs have passed validation. An int8 bundle cannot
+    match PyTorch token for token; its validation records how far it is (logit difference, share
+    of samples with identical greedy tokens), and its quality is measured with `lmcor eval`.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     try:
         import torch
         from optimum.exporters.onnx import main_export
@@ -162,7 +175,7 @@ def export_corrector(
         staged.mkdir()
         for name in (ENCODER_FILE, DECODER_FILE):
             for file in raw.glob(f"{name}*"):  # the graph and any external-data file beside it
-                shutil.move(str(file), staged / file.name)
+                shutil.copy(file, staged / file.name)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="corrector",
@@ -179,12 +192,31 @@ def export_corrector(
         )
         write_manifest(staged, manifest)
         report = validate_corrector(model, staged, atol=atol)
+        if precision == "int8":
+            _quantize(raw, staged)
+            manifest = dataclasses.replace(manifest, precision="int8")
+            write_manifest(staged, manifest)
+            report = validate_corrector(model, staged, exact=False)
         manifest = dataclasses.replace(manifest, validation=report.as_dict())
         write_manifest(staged, manifest)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         shutil.move(str(staged), out_dir)
     return manifest
+
+
+def _quantize(raw: Path, staged: Path) -> None:
+    """int8 weights for the encoder and both decoder graphs, merged after quantization so that the
+    two branches share one copy of each quantized weight."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from optimum.onnx import merge_decoders
+
+    with _quiet_exporter():
+        quantize_dynamic(raw / ENCODER_FILE, staged / ENCODER_FILE, weight_type=QuantType.QInt8)
+        for name in (FIRST_STEP_FILE, CACHED_STEP_FILE):
+            quantize_dynamic(raw / name, raw / f"int8_{name}", weight_type=QuantType.QInt8)
+        merge_decoders(decoder=raw / f"int8_{FIRST_STEP_FILE}", decoder_with_past=raw / f"int8_{CACHED_STEP_FILE}",
+                       save_path=staged / DECODER_FILE, strict=False)
 
 
 def _check_template(template: Template) -> None:

@@ -35,15 +35,16 @@ SAMPLE_REQUESTS = (
 class ValidationReport:
     samples: int
     max_abs_logit_diff: float
-    tolerance: float
-    greedy_tokens_identical: bool
+    tolerance: float | None  # None where the bundle is not expected to match exactly (int8)
+    greedy_token_agreement: float  # share of samples whose greedy tokens equal PyTorch's
 
     def as_dict(self) -> dict:
         return {
             "samples": self.samples,
             "max_abs_logit_diff": self.max_abs_logit_diff,
             "tolerance": self.tolerance,
-            "greedy_tokens_identical": self.greedy_tokens_identical,
+            "greedy_tokens_identical": self.greedy_token_agreement == 1.0,
+            "greedy_token_agreement": self.greedy_token_agreement,
         }
 
 
@@ -55,8 +56,10 @@ def validate_corrector(
     max_new_tokens: int = 24,
     atol: float = 1e-3,
     rtol: float = 1e-4,
+    exact: bool = True,
 ) -> ValidationReport:
-    """Compare the bundle in `bundle` with the PyTorch `model`; raise `ExportError` if they differ."""
+    """Compare the bundle in `bundle` with the PyTorch `model`. With `exact`, raise `ExportError`
+    unless logits agree within `atol + rtol * max|logit|` and greedy tokens are identical."""
     import torch
 
     corrector = Corrector.load(bundle, providers=["CPUExecutionProvider"])
@@ -67,7 +70,7 @@ def validate_corrector(
     if not usable:
         raise ExportError(f"validation failed: no sample request fits {manifest.max_input_tokens} input tokens")
     ours = corrector.correct_batch([r for r, _ in usable], max_new_tokens=max_new_tokens, batch_size=1)
-    worst, worst_ref = 0.0, 0.0
+    worst, worst_ref, agreeing = 0.0, 0.0, 0
     for n, ((_, model_input), correction) in enumerate(zip(usable, ours)):
         ids = model_input.ids
         input_ids = torch.from_numpy(ids)[None, :]
@@ -78,7 +81,8 @@ def validate_corrector(
                 generation_config=_plain_generation_config(model, special, max_new_tokens),
             )[0, 1:].tolist()
         reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
-        if reference != correction.token_ids:
+        agreeing += reference == correction.token_ids
+        if exact and reference != correction.token_ids:
             raise ExportError(
                 f"validation failed: greedy tokens differ from PyTorch on sample {n} "
                 f"(PyTorch {reference[:12]}..., ONNX {correction.token_ids[:12]}...)"
@@ -89,10 +93,12 @@ def validate_corrector(
         got = _onnx_logits(corrector, ids[None, :], decoder_ids)
         worst = max(worst, float(np.abs(expected - got).max()))
         worst_ref = max(worst_ref, float(np.abs(expected).max()))
+    if not exact:
+        return ValidationReport(len(usable), worst, None, agreeing / len(usable))
     tolerance = atol + rtol * worst_ref
     if worst > tolerance:
         raise ExportError(f"validation failed: max |logit diff| {worst:.3g} exceeds the tolerance {tolerance:.3g}")
-    return ValidationReport(len(usable), worst, tolerance, True)
+    return ValidationReport(len(usable), worst, tolerance, 1.0)
 
 
 def _onnx_logits(corrector: Corrector, input_ids: np.ndarray, decoder_ids: np.ndarray) -> np.ndarray:

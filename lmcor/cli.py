@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--max-output-tokens", type=_positive_int, default=256)
     export.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--atol", type=float, default=1e-3, help="absolute logit tolerance of the validation")
+    export.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="int8: dynamic int8 weights, validated and reported rather than exact")
     export.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     correct = commands.add_parser("correct", help="correct JSONL requests with a corrector bundle")
@@ -104,12 +106,17 @@ def _export(args: argparse.Namespace) -> int:
         max_output_tokens=args.max_output_tokens,
         opset=args.opset,
         atol=args.atol,
+        precision=args.precision,
         overwrite=args.force,
     )
     v = manifest.validation
+    if v["tolerance"] is None:
+        agreement = f"greedy tokens identical on {v['greedy_token_agreement']:.0%} of them"
+    else:
+        agreement = f"tolerance {v['tolerance']:.2g}; greedy tokens identical"
     print(
-        f"wrote {args.out_dir}: {manifest.architecture}, opset {manifest.opset}; validated on {v['samples']} samples: "
-        f"max |logit diff| {v['max_abs_logit_diff']:.2g} (tolerance {v['tolerance']:.2g}), greedy tokens identical",
+        f"wrote {args.out_dir}: {manifest.architecture} {manifest.precision}, opset {manifest.opset}; validated on "
+        f"{v['samples']} samples: max |logit diff| {v['max_abs_logit_diff']:.2g} ({agreement})",
         file=sys.stderr,
     )
     return 0

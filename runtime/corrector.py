@@ -87,6 +87,7 @@ class Corrector:
         items: Iterable[Request | dict | tuple],
         *,
         max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
         batch_size: int = 16,
@@ -96,12 +97,14 @@ class Corrector:
         """Correct many requests, in order.
 
         Items are `Request`s, dicts with `source`, `candidates` (and `id`), or (source, candidates)
-        pairs. Requests are grouped into length-bucketed batches of at most `batch_size`.
+        pairs. Requests are grouped into length-bucketed batches of at most `batch_size`. Outputs
+        have at most `max_new_tokens` tokens and no EOS before `min_new_tokens` (benchmarks use it to
+        force a length).
         `num_beams` > 1 runs beam search with `length_penalty`. With `errors="return"`, a bad
         request yields its `InputError` in its place and every other request is still corrected;
         `progress` is called with the number of requests finished by each batch.
         """
-        search = self._search(max_new_tokens, num_beams, length_penalty, batch_size)
+        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, batch_size)
         items = list(items)
         results: list[Correction | InputError | None] = [None] * len(items)
         valid: list[tuple[int, Request]] = []
@@ -129,12 +132,15 @@ class Corrector:
                 progress(len(chosen))
         return results  # type: ignore[return-value]
 
-    def _search(self, max_new_tokens: int | None, num_beams: int, length_penalty: float, batch_size: int) -> Search:
+    def _search(self, max_new_tokens: int | None, min_new_tokens: int, num_beams: int, length_penalty: float,
+                batch_size: int) -> Search:
         limit = self.manifest.max_output_tokens if max_new_tokens is None else max_new_tokens
-        for name, value in (("max_new_tokens", limit), ("num_beams", num_beams), ("batch_size", batch_size)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        return Search(max_new_tokens=int(limit), num_beams=int(num_beams), length_penalty=float(length_penalty))
+        for name, value, least in (("max_new_tokens", limit, 1), ("num_beams", num_beams, 1),
+                                   ("batch_size", batch_size, 1), ("min_new_tokens", min_new_tokens, 0)):
+            if not isinstance(value, (int, np.integer)) or value < least:
+                raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+        return Search(max_new_tokens=int(limit), min_new_tokens=int(min_new_tokens), num_beams=int(num_beams),
+                      length_penalty=float(length_penalty))
 
     def _run_batch(self, batch: list[tuple[int, Request, ModelInput]], search: Search) -> list[Correction]:
         special = self.manifest.special_tokens

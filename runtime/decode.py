@@ -110,13 +110,19 @@ class Search:
     """Decoding options shared by greedy and beam search."""
 
     max_new_tokens: int
+    min_new_tokens: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
 
 
-def _force(scores: np.ndarray, special: SpecialTokens, cur_len: int, max_length: int) -> np.ndarray:
-    """Forced BOS after the start token and forced EOS at the last position, as `generate` does."""
+def _constrain(scores: np.ndarray, special: SpecialTokens, search: Search, cur_len: int) -> np.ndarray:
+    """`generate`'s logits processors: no EOS before `min_new_tokens`, forced BOS after the start
+    token, forced EOS at the last position. `cur_len` counts the start token."""
+    max_length = 1 + search.max_new_tokens
+    if cur_len - 1 < search.min_new_tokens:
+        scores = scores.copy()
+        scores[:, special.eos] = -np.inf
     forced = None
     if special.forced_bos is not None and cur_len == 1:
         forced = special.forced_bos
@@ -135,13 +141,12 @@ def _cut(tokens: np.ndarray, eos: int) -> list[int]:
 
 def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: SpecialTokens, search: Search) -> list[list[int]]:
     batch = mask.shape[0]
-    max_length = 1 + search.max_new_tokens
     out = np.full((batch, search.max_new_tokens), special.pad, dtype=np.int64)
     running = np.ones(batch, dtype=bool)
     ids = np.full((batch, 1), special.decoder_start, dtype=np.int64)
     logits = decoder.start(hidden, mask, ids)
     for t in range(search.max_new_tokens):
-        scores = _force(logits[:, -1, :], special, t + 1, max_length)
+        scores = _constrain(logits[:, -1, :], special, search, t + 1)
         tokens = np.where(running, scores.argmax(axis=-1), special.pad)
         out[:, t] = tokens
         running &= tokens != special.eos
@@ -192,7 +197,7 @@ def beam_search(
     logits = decoder.start(hidden, mask, running_seq[:, :, :1].reshape(-1, 1))
     while True:
         vocab = logits.shape[-1]
-        log_probs = _force(_log_softmax(logits[:, -1, :]), special, cur_len, max_length)
+        log_probs = _constrain(_log_softmax(logits[:, -1, :]), special, search, cur_len)
         log_probs = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
         top = _topk(log_probs, keep)
         top_scores = np.take_along_axis(log_probs, top, axis=1)

@@ -30,7 +30,7 @@ def test_manifest_describes_the_bundle(bundles):
     assert manifest.decoder.head_dim == 12 and manifest.decoder.num_heads == 4  # d_kv != d_model / num_heads
     assert manifest.template.separator == " <extra_id_0> "
     assert set(manifest.sha256) == {p.name for p in bundles["t5v11"].iterdir()} - {MANIFEST_NAME}
-    assert manifest.validation["greedy_tokens_identical"] is True
+    assert manifest.validation["greedy_tokens_identical"] is True and manifest.validation["greedy_token_agreement"] == 1.0
     assert 0 <= manifest.validation["max_abs_logit_diff"] <= manifest.validation["tolerance"]
     assert load_manifest(bundles["bart"]).special_tokens.forced_eos == 2
 

@@ -85,3 +85,19 @@ def test_export_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config.json" in err[0]
+
+
+def test_int8_export_is_smaller_and_reports_its_agreement(checkpoints, tmp_path, capsys):
+    out = tmp_path / "int8"
+    assert main(["export", str(checkpoints["t5v11"]), str(out), "--precision", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "t5 int8" in err and "greedy tokens identical on" in err and "pre-processing" not in err
+    corrector = Corrector.load(out)
+    assert corrector.manifest.precision == "int8"
+    validation = corrector.manifest.validation
+    assert validation["tolerance"] is None and 0.0 <= validation["greedy_token_agreement"] <= 1.0
+    fp32 = tmp_path / "fp32"
+    export_corrector(checkpoints["t5v11"], fp32)
+    size = lambda root: sum(p.stat().st_size for p in root.glob("*.onnx"))  # noqa: E731
+    assert size(out) < size(fp32)
+    assert corrector.correct_batch(GOOD[:2], max_new_tokens=4)[0].stats.output_tokens <= 4

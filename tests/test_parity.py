@@ -46,6 +46,16 @@ def test_beam_search_matches_generate(arch, checkpoints, bundles, length_penalty
     assert [c.token_ids for c in got] == expected
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_min_new_tokens_matches_generate(checkpoints, bundles, num_beams):
+    corrector = Corrector.load(bundles["t5"])
+    options = dict(max_new_tokens=14, min_new_tokens=9, num_beams=num_beams)
+    expected = _reference(checkpoints["t5"], corrector, INPUTS[:10], **options)
+    got = corrector.correct_batch(INPUTS[:10], batch_size=4, **options)
+    assert [c.token_ids for c in got] == expected
+    assert all(len(c.token_ids) >= 9 for c in got)
+
+
 def test_correction_carries_text_and_stats(bundles):
     corrector = Corrector.load(bundles["t5v11"])
     request = INPUTS[3]
