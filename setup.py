@@ -61,6 +61,8 @@ EXPORT = [
     "onnx>=1.15",
 ]
 
+BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
+
 setup(
     name="lmcor",
     version="0.1.0",
@@ -74,8 +76,8 @@ setup(
     extras_require={
         "export": EXPORT,
         "eval": ["sacrebleu>=2.3"],
-        "test": EXPORT + ["pytest>=7", "sacrebleu>=2.3"],
-        "bench": ["matplotlib>=3.7", "ctranslate2>=4.0", "psutil>=5.9"],
+        "bench": EXPORT + BENCH + ["ctranslate2>=4.0"],
+        "test": EXPORT + BENCH + ["pytest>=7", "sacrebleu>=2.3"],
     },
     entry_points={"console_scripts": ["lmcor=lmcor.cli:main"]},
 )

@@ -100,7 +100,7 @@ def _versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """The exporter's and quantizer's tracer warnings and advice say nothing actionable to lmcor users
     (the quantizer logs through the root logger)."""
     loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx", "")]
@@ -162,7 +162,7 @@ def export_corrector(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
-        with _quiet_exporter():
+        with quiet_exporter():
             main_export(
                 str(model_dir),
                 output=raw,
@@ -211,7 +211,7 @@ def _quantize(raw: Path, staged: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from optimum.onnx import merge_decoders
 
-    with _quiet_exporter():
+    with quiet_exporter():
         quantize_dynamic(raw / ENCODER_FILE, staged / ENCODER_FILE, weight_type=QuantType.QInt8)
         for name in (FIRST_STEP_FILE, CACHED_STEP_FILE):
             quantize_dynamic(raw / name, raw / f"int8_{name}", weight_type=QuantType.QInt8)

@@ -77,6 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-beams", type=_positive_int, default=1)
     evaluate.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
     evaluate.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
+
+    from lmcor.bench.backends import BACKENDS
+    from lmcor.bench.harness import BenchConfig
+    from lmcor.bench.workloads import SHAPES
+
+    d = BenchConfig()
+    bench = commands.add_parser("bench", help="latency and throughput of lmcor and its peers, side by side")
+    bench.add_argument("--shape", choices=sorted(SHAPES), default=d.shape, help="random-init T5 of this shape")
+    bench.add_argument("--model", help="Hugging Face checkpoint folder to benchmark instead of --shape")
+    bench.add_argument("--data", help="JSONL correction requests (default: random ids shaped by --source/--k/--candidate)")
+    bench.add_argument("--backends", default=",".join(d.backends), help="comma-separated, from: " + ", ".join(BACKENDS))
+    bench.add_argument("--threads", type=_positive_int, default=d.threads, help="for every backend (default: cores)")
+    bench.add_argument("--requests", type=_positive_int, default=d.requests)
+    bench.add_argument("--rounds", type=_positive_int, default=d.rounds)
+    bench.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="for the throughput run")
+    bench.add_argument("--source", type=_positive_int, default=d.source, help="source tokens S")
+    bench.add_argument("--k", type=_positive_int, default=d.k, help="candidates K")
+    bench.add_argument("--candidate", type=_positive_int, default=d.candidate, help="tokens per candidate C")
+    bench.add_argument("--new-tokens", type=_positive_int, default=d.new_tokens, help="output tokens N")
+    bench.add_argument("--natural", action="store_true", help="stop at EOS instead of forcing N tokens")
+    bench.add_argument("--ragged", action="store_true", help="draw every length from [0.5x, 1.5x]")
+    bench.add_argument("--no-sweeps", action="store_true", help="skip latency-vs-K and throughput-vs-batch")
+    bench.add_argument("--out", default=str(d.out), help="folder for bench.json and the plots")
+    bench.add_argument("--cache", default=str(d.cache), help="converted models are kept here")
     return parser
 
 
@@ -84,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lmcor: %(message)s")
     try:
-        return {"export": _export, "correct": _correct, "eval": _eval}[args.command](args)
+        return {"export": _export, "correct": _correct, "eval": _eval, "bench": _bench}[args.command](args)
     except LmcorError as e:
         print(f"lmcor: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -209,6 +233,27 @@ def _eval(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(quality.table(report))
     return EXIT_BAD_LINES if errors else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lmcor.bench import harness
+
+    config = harness.BenchConfig(
+        shape=args.shape, model=Path(args.model) if args.model else None, data=Path(args.data) if args.data else None,
+        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()), threads=args.threads,
+        requests=args.requests, rounds=args.rounds, batch_size=args.batch_size, source=args.source, k=args.k,
+        candidate=args.candidate, new_tokens=args.new_tokens, natural=args.natural, ragged=args.ragged,
+        sweeps=not args.no_sweeps, out=Path(args.out), cache=Path(args.cache),
+    )
+    unknown = [b for b in config.backends if b not in harness.BACKENDS]
+    if unknown:
+        raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(harness.BACKENDS)}")
+    report = harness.run(config)
+    path = harness.write(report, config.out)
+    images = harness.plots(report, config.out)
+    print(harness.table(report))
+    print(f"wrote {path} and {', '.join(str(p) for p in images)}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

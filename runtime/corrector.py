@@ -116,21 +116,47 @@ class Corrector:
                     raise InputError(f"item {n}: {e}") from None
                 results[n] = e
         inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid], self.manifest.max_input_tokens)
-        ready: list[tuple[int, Request, ModelInput]] = []
+        ready: list[tuple[int, Any, ModelInput]] = []
         for (n, request), model_input in zip(valid, inputs):
             if isinstance(model_input, InputError):
                 if errors == "raise":
                     raise InputError(f"item {n}: {model_input}")
                 results[n] = model_input
             else:
-                ready.append((n, request, model_input))
+                ready.append((n, request.id, model_input))
+        self._decode_all(ready, search, batch_size, results, progress)
+        return results  # type: ignore[return-value]
+
+    def generate(
+        self,
+        input_ids: Iterable[Sequence[int]],
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        batch_size: int = 16,
+    ) -> list[Correction]:
+        """Decode inputs that are already token ids (template rendered, special tokens included),
+        exactly as given; options as for `correct_batch`."""
+        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, batch_size)
+        ready = [(n, None, ModelInput(np.asarray(ids, dtype=np.int64), False)) for n, ids in enumerate(input_ids)]
+        for n, _, model_input in ready:
+            if not 0 < len(model_input.ids) <= self.manifest.max_input_tokens:
+                raise InputError(f"item {n}: {len(model_input.ids)} input tokens; the model takes 1 to "
+                                 f"{self.manifest.max_input_tokens}")
+        results: list[Correction | None] = [None] * len(ready)
+        self._decode_all(ready, search, batch_size, results, None)
+        return results  # type: ignore[return-value]
+
+    def _decode_all(self, ready: list[tuple[int, Any, ModelInput]], search: Search, batch_size: int,
+                    results: list, progress: Callable[[int], None] | None) -> None:
         for batch in plan_batches([len(x.ids) for _, _, x in ready], batch_size):
             chosen = [ready[i] for i in batch]
             for (n, _, _), correction in zip(chosen, self._run_batch(chosen, search)):
                 results[n] = correction
             if progress is not None:
                 progress(len(chosen))
-        return results  # type: ignore[return-value]
 
     def _search(self, max_new_tokens: int | None, min_new_tokens: int, num_beams: int, length_penalty: float,
                 batch_size: int) -> Search:
@@ -142,9 +168,9 @@ class Corrector:
         return Search(max_new_tokens=int(limit), min_new_tokens=int(min_new_tokens), num_beams=int(num_beams),
                       length_penalty=float(length_penalty))
 
-    def _run_batch(self, batch: list[tuple[int, Request, ModelInput]], search: Search) -> list[Correction]:
+    def _run_batch(self, batch: list[tuple[int, Any, ModelInput]], search: Search) -> list[Correction]:
         special = self.manifest.special_tokens
-        requests = [request for _, request, _ in batch]
+        idents = [ident for _, ident, _ in batch]
         inputs = [model_input for _, _, model_input in batch]
         ids, mask = pad_batch([x.ids for x in inputs], special.pad)
         started = time.perf_counter()
@@ -162,9 +188,9 @@ class Corrector:
                 text=text,
                 token_ids=row,
                 truncated=model_input.truncated,
-                id=request.id,
+                id=ident,
                 stats=DecodeStats(
-                    batch_size=len(requests),
+                    batch_size=len(batch),
                     input_tokens=len(model_input.ids),
                     output_tokens=len(row),
                     encoder_s=encoded - started,
@@ -172,5 +198,5 @@ class Corrector:
                     decoder_calls=decoder.calls,
                 ),
             )
-            for request, model_input, row, text in zip(requests, inputs, tokens, texts)
+            for ident, model_input, row, text in zip(idents, inputs, tokens, texts)
         ]

@@ -1,0 +1,34 @@
+"""`lmcor bench` smoke run: lmcor and one peer on a tiny shape; no timing is asserted."""
+
+import json
+
+from lmcor.cli import main
+
+FIELDS = {"load_s", "rss_mb", "latency_ms", "ms_per_output_token", "throughput", "agreement_with_transformers"}
+LMCOR_FIELDS = {"encoder_ms", "decoder_step_ms", "decoder_calls_per_token", "encoder_gflops", "encoder_vs_peak",
+                "decode_gflops", "decode_vs_peak", "decode_weight_gbps", "decode_vs_copy_bandwidth"}
+
+
+def test_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["bench", "--shape", "tiny", "--backends", "lmcor,transformers", "--requests", "2", "--rounds", "1",
+                 "--new-tokens", "4", "--source", "8", "--candidate", "8", "--batch-size", "2",
+                 "--out", str(out), "--cache", str(tmp_path / "cache"), "--threads", "1"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "lmcor" in table and "transformers" in table and "p50 ms" in table
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report) >= {"machine", "workload", "model", "backends", "skipped", "sweeps", "ratios", "peak_rss_mb"}
+    assert report["machine"]["gemm_gflops"] > 0 and report["machine"]["copy_gbps"] > 0
+    assert report["workload"]["new_tokens"] == 4 and report["workload"]["forced"] is True
+    for name in ("lmcor", "transformers"):
+        entry = report["backends"][name]
+        assert FIELDS <= set(entry)
+        assert set(entry["latency_ms"]) == {"p50", "p90", "p99", "mean"}
+    assert LMCOR_FIELDS <= set(report["backends"]["lmcor"])
+    assert report["backends"]["lmcor"]["decoder_calls_per_token"] == 1.0  # forced length, no drafts
+    assert report["backends"]["lmcor"]["agreement_with_transformers"] == 1.0  # same tokens as generate
+    assert set(report["sweeps"]["latency_vs_k_ms"]["lmcor"]) == {"1", "3", "5", "8"}
+    assert report["ratios"]["lmcor"]["best_peer_latency"] == "transformers"
+    for image in ("latency.png", "latency_vs_k.png", "throughput_vs_batch.png"):
+        assert (out / image).stat().st_size > 1000
