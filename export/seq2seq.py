@@ -32,6 +32,7 @@ TOKENIZER_FILE = "tokenizer.json"
 FIRST_STEP_FILE = "decoder_model.onnx"  # optimum's two decoders, merged into DECODER_FILE
 CACHED_STEP_FILE = "decoder_with_past_model.onnx"
 PRECISIONS = ("fp32", "int8")
+DEFAULT_TEMPLATE = Template()
 # Generation settings whose logits processors lmcor does not apply; a checkpoint that sets them
 # is still exported (and validated on plain search), with a warning.
 _UNSUPPORTED_GENERATION = ("no_repeat_ngram_size", "repetition_penalty", "min_length", "min_new_tokens",
@@ -120,7 +121,7 @@ def export_corrector(
     model_dir: str | Path,
     out_dir: str | Path,
     *,
-    template: Template = Template(),
+    template: Template = DEFAULT_TEMPLATE,
     max_input_tokens: int | None = None,
     max_output_tokens: int = 256,
     opset: int | None = None,

@@ -76,6 +76,10 @@ def usable(sentence: str) -> bool:
 
 def sentences() -> list[str]:
     """Every usable sentence of both corpora, deduplicated, in a fixed order."""
+    from lmcor.runtime.errors import LmcorError
+
+    if not (WORDNET / "data.noun").is_file() or not (FORTUNES / "fortunes").is_file():
+        raise LmcorError(f"the corpora are missing ({WORDNET}, {FORTUNES}): apt-get install wordnet-base fortunes")
     seen: dict[str, None] = {}
     for sentence in (*wordnet_sentences(), *fortune_sentences()):
         if usable(sentence):

@@ -96,28 +96,52 @@ def build_model(settings: Settings, vocab_size: int):
 
 
 def copy_init(model, seed: int = 0) -> None:
-    """Start from a model that already copies by content ("induction"), instead of waiting for
-    training to discover it.
+    """Start from a model that already copies by content, instead of waiting for training to
+    discover it.
 
-    The residual stream is split in two halves: A holds the current token, B the previous one.
-    Token embeddings live in A. In the encoder, heads 0 and 1 attend to the previous position
-    (through T5's relative bias) and write its A into B. In the decoder, every cross-attention
-    head matches the decoder's last token (A) against each encoder position's previous token (B)
-    and reads that position's own token (A) back: the next token of every place in the input
-    where the last output token occurs, averaged over all of them, which is a vote among the
-    candidates. All other output projections start at zero, so the rest of the network starts
-    as the identity and training refines from a working copier.
+    The residual stream is split in three: A (96 dims) holds the current token, B (96) the
+    previous one, C (64) the one before that. Token embeddings live in A. In the encoder, heads
+    0-1 attend one position back and head 2 two positions back (through T5's relative bias) and
+    write those tokens into B and C; in the decoder, self-attention head 0 writes the previous
+    output token into C. Every decoder cross-attention head then matches the last two output
+    tokens (A, C) against each input position's two preceding tokens (B, C) and reads that
+    position's own token (A): the next token after every place in the source and the candidates
+    where the last two output tokens occur, averaged over all of them, which is a vote among the
+    candidates. All other output projections start at zero, so the rest of the network starts as
+    the identity and training refines a working copier.
     """
     import torch
 
     config = model.config
-    d, half, d_kv, heads = config.d_model, config.d_model // 2, config.d_kv, config.num_heads
-    if heads * d_kv != d or d_kv * 2 != half or heads != 4:
-        raise ValueError("copy_init expects 4 heads with d_kv = d_model / 4")
+    d, d_kv = config.d_model, config.d_kv
+    if (d, d_kv, config.num_heads) != (256, 64, 4):
+        raise ValueError("copy_init is laid out for d_model 256 with 4 heads of 64")
+    a, b, c = slice(0, 96), slice(96, 192), slice(192, 256)
     g = torch.Generator().manual_seed(seed)
+
+    def bucket(attention, distance: int, bidirectional: bool) -> int:
+        return int(attention._relative_position_bucket(torch.tensor(distance), bidirectional=bidirectional,
+                                                       num_buckets=config.relative_attention_num_buckets,
+                                                       max_distance=config.relative_attention_max_distance))
+
+    def orthonormal(rows: int, cols: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(cols, cols, generator=g))[0].T[:rows]
+
+    def look_back(attention, head: int, distance: int, bidirectional: bool, src: slice, dst: slice) -> None:
+        """Make `head` attend `distance` positions back and copy residual dims `src` into `dst`."""
+        bias = attention.relative_attention_bias.weight  # (buckets, heads)
+        bias[:, head] = -20.0
+        bias[bucket(attention, -distance, bidirectional), head] = 20.0
+        rows = slice(head * d_kv, head * d_kv + (src.stop - src.start))
+        attention.q.weight[head * d_kv : (head + 1) * d_kv].zero_()
+        attention.v.weight[head * d_kv : (head + 1) * d_kv].zero_()
+        attention.v.weight[rows, src] = torch.eye(src.stop - src.start)
+        # RMSNorm scales an embedding-only stream (A is 96 of 256 dims) up by sqrt(256/96).
+        attention.o.weight[dst, rows] = torch.eye(dst.stop - dst.start) * math.sqrt(96 / 256)
+
     with torch.no_grad():
         model.shared.weight.zero_()
-        model.shared.weight[:, :half] = torch.randn(config.vocab_size, half, generator=g)
+        model.shared.weight[:, a] = torch.randn(config.vocab_size, 96, generator=g)
         for stack in (model.encoder, model.decoder):
             for block in stack.block:
                 for layer in block.layer:
@@ -126,34 +150,23 @@ def copy_init(model, seed: int = 0) -> None:
                             getattr(layer, name).o.weight.zero_()
                     if hasattr(layer, "DenseReluDense"):
                         layer.DenseReluDense.wo.weight.zero_()
-        # Encoder: heads 0 and 1 look one position back and copy A into B.
-        attention = model.encoder.block[0].layer[0].SelfAttention
-        bias = attention.relative_attention_bias.weight  # (buckets, heads)
-        previous = attention._relative_position_bucket(torch.tensor(-1), bidirectional=True,
-                                                       num_buckets=config.relative_attention_num_buckets,
-                                                       max_distance=config.relative_attention_max_distance)
-        bias[:, :2] = -20.0
-        bias[previous, :2] = 20.0
-        attention.q.weight[: 2 * d_kv].zero_()
-        for h in range(2):
-            rows = slice(h * d_kv, (h + 1) * d_kv)
-            attention.v.weight[rows].zero_()
-            attention.v.weight[rows, h * d_kv : (h + 1) * d_kv] = torch.eye(d_kv)
-            attention.o.weight[half + h * d_kv : half + (h + 1) * d_kv, rows] = torch.eye(d_kv) / math.sqrt(2)
-        # Decoder: cross-attention matches A (last token) with B (previous input token), reads A.
+        encoder = model.encoder.block[0].layer[0].SelfAttention
+        look_back(encoder, 0, 1, True, slice(0, 48), slice(96, 144))
+        look_back(encoder, 1, 1, True, slice(48, 96), slice(144, 192))
+        look_back(encoder, 2, 2, True, slice(0, 64), c)
+        look_back(model.decoder.block[0].layer[0].SelfAttention, 0, 1, False, slice(0, 64), c)
         cross = model.decoder.block[0].layer[1].EncDecAttention
-        for q, k, v, o in ((cross.q, cross.k, cross.v, cross.o),):
-            q.weight.zero_(), k.weight.zero_(), v.weight.zero_()
-            for pair in range(2):
-                basis = torch.linalg.qr(torch.randn(half, half, generator=g))[0].T  # orthonormal rows
-                for part in range(2):
-                    h = 2 * pair + part
-                    rows = slice(h * d_kv, (h + 1) * d_kv)
-                    projection = basis[part * d_kv : (part + 1) * d_kv]  # (d_kv, half)
-                    q.weight[rows, :half] = 0.3 * projection
-                    k.weight[rows, half:] = projection
-                    v.weight[rows, :half] = projection
-                    o.weight[:half, rows] = 2.0 * projection.T
+        for weight in (cross.q, cross.k, cross.v):
+            weight.weight.zero_()
+        values = [orthonormal(96, 96) for _ in range(2)]
+        for h in range(4):
+            first, second = slice(h * d_kv, h * d_kv + 32), slice(h * d_kv + 32, (h + 1) * d_kv)
+            r, s = orthonormal(32, 96), orthonormal(32, 64)
+            cross.q.weight[first, a], cross.k.weight[first, b] = 0.25 * r, r  # last token vs previous input token
+            cross.q.weight[second, c], cross.k.weight[second, c] = 0.25 * s, s  # the token before, likewise
+            value = values[h // 2][(h % 2) * 48 : (h % 2 + 1) * 48]  # two heads cover A once
+            cross.v.weight[h * d_kv : h * d_kv + 48, a] = value
+            cross.o.weight[a, h * d_kv : h * d_kv + 48] = 2.0 * value.T
 
 
 def _pad(rows: list[list[int]], width: int, fill: int):

@@ -56,11 +56,11 @@ def as_request(item: Any) -> Request:
     if not isinstance(source, str):
         raise InputError(f"field 'source' must be a string, got {type(source).__name__}")
     if not source.strip():
-        raise InputError(f"field 'source' is empty")
+        raise InputError("field 'source' is empty")
     if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)):
         raise InputError(f"field 'candidates' must be a list of strings, got {type(candidates).__name__}")
     if not candidates:
-        raise InputError(f"field 'candidates' is an empty list")
+        raise InputError("field 'candidates' is an empty list")
     for i, candidate in enumerate(candidates):
         if not isinstance(candidate, str):
             raise InputError(f"candidates[{i}] must be a string, got {type(candidate).__name__}")

@@ -32,7 +32,7 @@ def encode_requests(
     rendered = [render(template, r.source, r.candidates) for r in requests]
     encodings = tokenizer.encode_batch([text for text, _ in rendered])
     out: list[ModelInput | InputError] = []
-    for request, (text, spans), encoding in zip(requests, rendered, encodings):
+    for request, (_, spans), encoding in zip(requests, rendered, encodings):
         if len(encoding.ids) <= max_tokens:
             out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), False))
             continue

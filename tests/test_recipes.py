@@ -61,3 +61,21 @@ def test_every_error_kind_applies():
     for name, (make, _) in noise.ERRORS.items():
         edits = [make(words, i, rng) for i in range(len(words))]
         assert any(e is not None for e in edits), name
+
+
+def test_copy_init_starts_from_a_working_copier():
+    import torch
+
+    from lmcor.recipes.train import Settings, build_model, copy_init
+
+    model = build_model(Settings(), vocab_size=500)
+    copy_init(model, seed=0)
+    rng = torch.Generator().manual_seed(1)
+    span = torch.randint(11, 500, (30,), generator=rng)
+    candidates = torch.cat([span, torch.tensor([3]), span, torch.tensor([1])])  # two copies, a separator, EOS
+    decoder = torch.cat([torch.tensor([0]), span])
+    with torch.no_grad():
+        logits = model(input_ids=candidates[None], decoder_input_ids=decoder[None]).logits[0]
+    # From the third token on, the last two outputs locate the next token in the input.
+    predicted = logits.argmax(-1)[2:-1]
+    assert (predicted == span[2:]).float().mean() > 0.9
