@@ -61,6 +61,24 @@ def fortune_sentences(root: Path = FORTUNES, names: Iterable[str] = FORTUNE_FILE
                 yield sentence.strip()
 
 
+def docstring_sentences(root: Path) -> Iterator[str]:
+    """Sentences of the docstrings of the Python standard library under `root`: technical English
+    from outside the training corpora, for checking how the model transfers."""
+    import ast
+
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    for paragraph in doc.split("\n\n"):
+                        yield from (s.strip() for s in _SENTENCE_END.split(" ".join(paragraph.split())))
+
+
 def usable(sentence: str) -> bool:
     words = sentence.split()
     return (

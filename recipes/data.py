@@ -41,6 +41,21 @@ def write_jsonl(path: Path, items: list[Example]) -> None:
                                ensure_ascii=False) + "\n")
 
 
+def build_outside(out_dir: Path, count: int = 500, seed: int = 3) -> Path:
+    """`outside.jsonl`: correction examples from sentences the model never saw in any form."""
+    import sysconfig
+
+    known = set(corpus.sentences())
+    found: dict[str, None] = {}
+    for sentence in corpus.docstring_sentences(Path(sysconfig.get_paths()["stdlib"])):
+        if corpus.usable(sentence) and sentence not in known:
+            found.setdefault(sentence, None)
+    chosen = random.Random(seed).sample(sorted(found), min(count, len(found)))
+    path = out_dir / "outside.jsonl"
+    write_jsonl(path, examples(chosen, seed))
+    return path
+
+
 def build(out_dir: Path, seed: int = 0) -> dict[str, list[str]]:
     """Write dev.jsonl and test.jsonl (seeded, fixed) and return every split's sentences."""
     splits = split_sentences()
