@@ -64,6 +64,8 @@ class Lmcor(Backend):
 
 
 class Transformers(Backend):
+    """Hugging Face eager `generate` on PyTorch."""
+
     name = "transformers"
 
     def __init__(self, hf_dir: Path, cache: Path, threads: int):
@@ -87,7 +89,9 @@ class Transformers(Backend):
         return Output(out)
 
 
-class Optimum(Backend):
+class Optimum(Transformers):
+    """optimum's ORTModelForSeq2SeqLM: ONNX Runtime sessions behind transformers' `generate`."""
+
     name = "optimum"
 
     def __init__(self, hf_dir: Path, cache: Path, threads: int):
@@ -113,16 +117,6 @@ class Optimum(Backend):
             self.model.decoder.embed_size_per_head = head
         self.torch = torch
         self.pad, self.eos = self.model.config.pad_token_id, self.model.config.eos_token_id
-
-    def generate(self, inputs, new_tokens, forced, batch_size):
-        out: list[list[int]] = []
-        for start in range(0, len(inputs), batch_size):
-            ids, mask = pad_batch(inputs[start : start + batch_size], self.pad)
-            result = self.model.generate(input_ids=self.torch.from_numpy(ids), attention_mask=self.torch.from_numpy(mask),
-                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens if forced else 0,
-                                         do_sample=False, num_beams=1)
-            out += [_cut(row[1:], self.eos) for row in result.tolist()]
-        return Output(out)
 
 
 class CTranslate2(Backend):
