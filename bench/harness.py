@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmcor.runtime.errors import InputError
+
 from .backends import BACKENDS, Backend, bundle_for
 from .workloads import Workload, random_workload, shape_checkpoint, text_workload
 
@@ -46,6 +48,11 @@ class BenchConfig:
     sweeps: bool = True
     out: Path = Path("bench-out")
     cache: Path = Path(os.environ.get("LMCOR_CACHE", Path.home() / ".cache" / "lmcor")) / "bench"
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
 
 
 def machine_peak(threads: int) -> dict:
@@ -104,8 +111,6 @@ def _rss_mb() -> float:
 def load_backends(config: BenchConfig, hf_dir: Path, cache: Path) -> tuple[dict[str, Backend], dict, dict]:
     loaded, info, skipped = {}, {}, {}
     for name in config.backends:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
         make, options, package = BACKENDS[name]
         if importlib.util.find_spec(package.split(".")[0]) is None or (
                 "." in package and importlib.util.find_spec(package) is None):
@@ -125,10 +130,8 @@ def _workload(config: BenchConfig, hf_dir: Path, cache: Path, vocab: int, k: int
               count: int | None = None) -> Workload:
     count = count or config.requests
     if config.data is not None:
-        from lmcor.runtime.corrector import Corrector
-
-        corrector = Corrector.load(bundle_for(hf_dir, cache))  # its tokenizer and template
-        return text_workload(config.data, corrector, count, new_tokens=None if config.natural else config.new_tokens)
+        return text_workload(config.data, bundle_for(hf_dir, cache), count,
+                             new_tokens=None if config.natural else config.new_tokens)
     workload = random_workload(vocab, count, source=config.source, k=config.k if k is None else k,
                                candidate=config.candidate, new_tokens=config.new_tokens, ragged=config.ragged)
     return Workload(workload.name, workload.inputs, workload.new_tokens, not config.natural)

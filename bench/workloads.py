@@ -73,15 +73,18 @@ def random_workload(vocab_size: int, count: int, *, source: int = 64, k: int = 5
     return Workload(f"random S={source} K={k} C={candidate}{' ragged' if ragged else ''}", inputs, lengths, True)
 
 
-def text_workload(data: Path, corrector, count: int, *, new_tokens: int | None = None) -> Workload:
-    """Real correction requests from a JSONL file, tokenized as the corrector does. Output lengths
-    are natural (capped at `new_tokens` or the bundle's maximum) unless `new_tokens` forces them."""
+def text_workload(data: Path, bundle: Path, count: int, *, new_tokens: int | None = None) -> Workload:
+    """Real correction requests from a JSONL file, tokenized as the bundle's corrector does. Output
+    lengths are natural (capped at the bundle's maximum) unless `new_tokens` forces them."""
+    from lmcor.runtime.bundle import load_manifest
+    from lmcor.runtime.corrector import load_tokenizer
     from lmcor.runtime.request import as_request
     from lmcor.runtime.tokens import encode_requests
 
+    manifest = load_manifest(bundle)
+    tokenizer = load_tokenizer(bundle / manifest.files["tokenizer"])
     with open(data, encoding="utf-8") as f:
         requests = [as_request(json.loads(line)) for line, _ in zip(f, range(count))]
-    inputs = encode_requests(corrector.tokenizer, corrector.manifest.template, requests,
-                             corrector.manifest.max_input_tokens)
-    cap = new_tokens or corrector.manifest.max_output_tokens
+    inputs = encode_requests(tokenizer, manifest.template, requests, manifest.max_input_tokens)
+    cap = new_tokens or manifest.max_output_tokens
     return Workload(f"text {Path(data).name}", [x.ids for x in inputs], [cap] * len(inputs), new_tokens is not None)

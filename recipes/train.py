@@ -234,7 +234,8 @@ def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random)
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50) -> dict[str, float]:
     import torch
-    from sacrebleu.metrics import CHRF
+
+    from lmcor.bench.quality import score
 
     outputs = []
     model.eval()
@@ -247,12 +248,7 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50) ->
             out = model.generate(**enc, max_new_tokens=96, num_beams=1, do_sample=False)
             outputs += tokenizer.batch_decode(out, skip_special_tokens=True)
     model.train()
-    targets = [e.target for e in examples]
-    return {
-        "chrf": CHRF().corpus_score(outputs, [targets]).score,
-        "exact": 100.0 * sum(o == t for o, t in zip(outputs, targets)) / len(targets),
-        "sample": outputs[0],
-    }
+    return {**score(outputs, [e.target for e in examples]), "sample": outputs[0]}
 
 
 def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,
@@ -314,7 +310,7 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
         if time.time() - last_eval > eval_minutes * 60:
             scores = evaluate(model, tokenizer, dev)
             _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "dev": scores})
-            log.info("step %d: dev chrF %.2f exact %.1f", state["step"], scores["chrf"], scores["exact"])
+            log.info("step %d: dev chrF %.2f exact %.1f", state["step"], scores["chrf"], scores["exact_match"])
             # Free-running quality can fall while the teacher-forced loss still improves: keep the best.
             if scores["chrf"] > state.get("best_chrf", -1.0):
                 state["best_chrf"] = scores["chrf"]
@@ -335,7 +331,7 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
     tokenizer.save_pretrained(hf_dir)
     _append(history, {"step": state["step"], "minutes": round(state["elapsed"] / 60, 2), "final_dev": scores})
     log.info("done: %d steps in %.1f min, dev chrF %.2f exact %.1f", state["step"], state["elapsed"] / 60,
-             scores["chrf"], scores["exact"])
+             scores["chrf"], scores["exact_match"])
     return hf_dir
 
 

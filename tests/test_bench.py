@@ -32,3 +32,25 @@ def test_bench_smoke(tmp_path, capsys):
     assert report["ratios"]["lmcor"]["best_peer_latency"] == "transformers"
     for image in ("latency.png", "latency_vs_k.png", "throughput_vs_batch.png"):
         assert (out / image).stat().st_size > 1000
+
+
+def test_bench_on_real_requests(checkpoints, tmp_path, capsys):
+    from conftest import make_requests
+
+    data = tmp_path / "requests.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in make_requests(3, seed=2)) + "\n")
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(checkpoints["t5"]), "--data", str(data), "--backends", "lmcor,transformers",
+                 "--requests", "3", "--rounds", "1", "--natural", "--no-sweeps", "--batch-size", "2",
+                 "--out", str(out), "--cache", str(tmp_path / "cache"), "--threads", "1"])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["workload"]["name"] == "text requests.jsonl" and report["workload"]["forced"] is False
+    assert report["workload"]["requests"] == 3
+    assert report["backends"]["lmcor"]["agreement_with_transformers"] == 1.0
+
+
+def test_unknown_backend_is_one_line(tmp_path, capsys):
+    assert main(["bench", "--backends", "lmcor,teapot", "--cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown backend(s) teapot" in err[0]
