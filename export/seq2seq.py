@@ -1,9 +1,10 @@
 """Hugging Face seq2seq checkpoint -> validated lmcor corrector bundle.
 
 optimum's ONNX exporter writes the encoder and the merged decoder (first step + cached steps in
-one graph, cached steps taking any number of new tokens). This module adds what a bundle needs
-on top: the manifest, the tokenizer, and validation against PyTorch before anything is written
-to the destination.
+one graph, cached steps taking any number of new tokens). For T5-family models the decoder is
+lmcor's ragged step graph instead (`decoder.py`: per-row lengths, which drafted decoding needs).
+This module adds what a bundle needs on top: the manifest, the tokenizer, and validation against
+PyTorch before anything is written to the destination.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import onnx
 from lmcor.runtime.bundle import DecoderShape, Manifest, SpecialTokens, Template, write_manifest
 from lmcor.runtime.errors import ExportError
 
+from . import decoder as ragged
 from .validate import validate_corrector
 
 log = logging.getLogger("lmcor")
@@ -174,7 +176,17 @@ def export_corrector(
                 local_files_only=True,
             )
         staged.mkdir()
-        for name in (ENCODER_FILE, DECODER_FILE):
+        opset = _opset(raw / ENCODER_FILE)
+        if model.config.model_type in ragged.ARCHITECTURES:
+            with quiet_exporter():
+                ragged.export_step_decoder(model, raw, opset)
+                if precision == "int8":
+                    (raw / "folded").mkdir()
+                    ragged.export_step_decoder(model, raw / "folded", opset, fold=True)
+            graph, files = "ragged", {"decoder": ragged.STEP_FILE, "cross": ragged.CROSS_FILE}
+        else:
+            graph, files = "merged", {"decoder": DECODER_FILE}
+        for name in (ENCODER_FILE, *files.values()):
             for file in raw.glob(f"{name}*"):  # the graph and any external-data file beside it
                 shutil.copy(file, staged / file.name)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
@@ -187,14 +199,15 @@ def export_corrector(
             max_input_tokens=max_input_tokens or _max_input_tokens(model.config, tokenizer),
             max_output_tokens=max_output_tokens,
             precision="fp32",
-            opset=_opset(staged / ENCODER_FILE),
-            files={"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "tokenizer": TOKENIZER_FILE},
+            opset=opset,
+            files={"encoder": ENCODER_FILE, **files, "tokenizer": TOKENIZER_FILE},
+            decoder_graph=graph,
             exporter=_versions(),
         )
         write_manifest(staged, manifest)
         report = validate_corrector(model, staged, atol=atol)
         if precision == "int8":
-            _quantize(raw, staged)
+            _quantize(raw, staged, graph)
             manifest = dataclasses.replace(manifest, precision="int8")
             write_manifest(staged, manifest)
             report = validate_corrector(model, staged, exact=False)
@@ -206,14 +219,18 @@ def export_corrector(
     return manifest
 
 
-def _quantize(raw: Path, staged: Path) -> None:
-    """int8 weights for the encoder and both decoder graphs, merged after quantization so that the
-    two branches share one copy of each quantized weight."""
+def _quantize(raw: Path, staged: Path, graph: str) -> None:
+    """int8 weights for the encoder and decoder graphs. optimum's two decoders are merged after
+    quantization so that the two branches share one copy of each quantized weight."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from optimum.onnx import merge_decoders
 
     with quiet_exporter():
         quantize_dynamic(raw / ENCODER_FILE, staged / ENCODER_FILE, weight_type=QuantType.QInt8)
+        if graph == "ragged":
+            for name in (ragged.STEP_FILE, ragged.CROSS_FILE):
+                quantize_dynamic(raw / "folded" / name, staged / name, weight_type=QuantType.QInt8)
+            return
         for name in (FIRST_STEP_FILE, CACHED_STEP_FILE):
             quantize_dynamic(raw / name, raw / f"int8_{name}", weight_type=QuantType.QInt8)
         merge_decoders(decoder=raw / f"int8_{FIRST_STEP_FILE}", decoder_with_past=raw / f"int8_{CACHED_STEP_FILE}",

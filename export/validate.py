@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lmcor.runtime.corrector import Corrector
-from lmcor.runtime.decode import Decoder
+from lmcor.runtime.decode import open_decoder
 from lmcor.runtime.encode import encode
 from lmcor.runtime.errors import ExportError, InputError
 from lmcor.runtime.request import Request
@@ -69,7 +69,7 @@ def validate_corrector(
     usable = [(r, x) for r, x in zip(requests, inputs) if not isinstance(x, InputError)]
     if not usable:
         raise ExportError(f"validation failed: no sample request fits {manifest.max_input_tokens} input tokens")
-    ours = corrector.correct_batch([r for r, _ in usable], max_new_tokens=max_new_tokens, batch_size=1)
+    ours = corrector.correct_batch([r for r, _ in usable], max_new_tokens=max_new_tokens, batch_size=1, drafts=False)
     worst, worst_ref, agreeing = 0.0, 0.0, 0
     for n, ((_, model_input), correction) in enumerate(zip(usable, ours)):
         ids = model_input.ids
@@ -105,7 +105,7 @@ def _onnx_logits(corrector: Corrector, input_ids: np.ndarray, decoder_ids: np.nd
     """Logits of every decoder position: the first step alone, the rest in one cached call."""
     mask = np.ones_like(input_ids)
     hidden = encode(corrector.sessions, input_ids, mask)
-    decoder = Decoder(corrector.sessions.decoder, corrector.manifest.decoder, corrector.sessions.device)
+    decoder = open_decoder(corrector.sessions, corrector.manifest)
     first = decoder.start(hidden, mask, decoder_ids[:, :1])
     if decoder_ids.shape[1] == 1:
         return first[0]

@@ -10,7 +10,9 @@ mostly copying. Three choices shorten the plateau on a CPU: the output layer is 
 input embeddings (copying an attended token's embedding through the residual stream then reads
 out as that token), training starts with a copy warm-up (one candidate, which is the target,
 so inputs are short and the only thing to learn is where to copy from), and the learning rate
-stays constant after warm-up until the last fifth of the time budget.
+stays constant after warm-up until half of the time budget, then decays. After the warm-up some
+teacher-forced decoder inputs slip by one token, so that the model learns to recover from its own
+slips instead of looping.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class Settings:
     tokens_per_batch: int = 3600
     copy_until_loss: float = 0.35  # per-token loss at which the copy warm-up ends
     copy_share_after: float = 0.1
+    decoder_noise: float = 0.1  # share of teacher-forced decoder inputs replaced by a slip, after warm-up
+    decay_from: float = 0.5  # share of the time budget after which the learning rate decays (cosine)
     max_target_tokens: int = 96
     seed: int = 0
 
@@ -185,6 +189,26 @@ def _tensors(pairs: list[tuple[list[int], list[int]]], settings: Settings):
     return inputs, (inputs != 0).long(), labels
 
 
+def _slipped(decoder_ids, share: float):
+    """Teacher-forced decoder inputs with a `share` of positions replaced by the token before or after.
+
+    Under teacher forcing the decoder never sees its own slips; at inference one repeated or skipped
+    token then matches a wrong place in the candidates and the copy runs in a loop. Training on
+    inputs that repeat or skip a token (labels unchanged) teaches it to get back on track.
+    """
+    import torch
+
+    if share <= 0:
+        return decoder_ids
+    real = decoder_ids != 0
+    real[:, 0] = False  # the start token stays
+    slip = real & (torch.rand(decoder_ids.shape) < share)
+    before, after = torch.roll(decoder_ids, 1, dims=1), torch.roll(decoder_ids, -1, dims=1)
+    replacement = torch.where(torch.rand(decoder_ids.shape) < 0.5, before, after)
+    slip &= replacement > 1  # neither padding nor end of sequence
+    return torch.where(slip, replacement, decoder_ids)
+
+
 def _random_copies(tokenizer, rng: random.Random, count: int) -> list[tuple[list[int], list[int]]]:
     """Copy tasks over random token ids: no language model helps, only finding the next token in the
     input does, which is the skill the corrector rests on."""
@@ -287,12 +311,16 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
     while (elapsed := time.time() - started) < budget:
         progress = elapsed / budget
         scale = min(1.0, (state["step"] + 1) / settings.warmup_steps)
-        if progress > 0.8:
-            scale *= 1.0 - 0.9 * (progress - 0.8) / 0.2
+        if progress > settings.decay_from:
+            tail = (progress - settings.decay_from) / (1.0 - settings.decay_from)
+            scale *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * tail))
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * scale
         kind, (ids, mask, labels) = next(batches)
-        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        noise = 0.0 if state["copying"] else settings.decoder_noise
+        decoder_ids = _slipped(model._shift_right(labels), noise)
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), decoder_input_ids=decoder_ids.to(device),
+                     labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

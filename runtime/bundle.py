@@ -17,8 +17,12 @@ from typing import Any
 from .errors import BundleError
 
 MANIFEST_NAME = "lmcor.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 bundles predate `decoder_graph` and always hold "merged"
 KINDS = ("corrector",)
+# "merged": optimum's merged decoder (every row advances by the same number of tokens);
+# "ragged": lmcor's step graph + cross-attention graph (per-row lengths; drafted decoding).
+DECODER_GRAPHS = ("merged", "ragged")
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ class Manifest:
     max_output_tokens: int
     precision: str
     opset: int
-    files: dict[str, str]  # role -> file name: encoder, decoder, tokenizer
+    files: dict[str, str]  # role -> file name: encoder, decoder, (cross,) tokenizer
+    decoder_graph: str = "merged"
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -89,6 +94,7 @@ class Manifest:
                 precision=data["precision"],
                 opset=int(data["opset"]),
                 files=dict(data["files"]),
+                decoder_graph=data.get("decoder_graph", "merged"),
                 sha256=dict(data.get("sha256", {})),
                 validation=dict(data.get("validation", {})),
                 exporter=dict(data.get("exporter", {})),
@@ -123,14 +129,18 @@ def load_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
     if not isinstance(data, dict):
         raise BundleError(f"{manifest_path}: corrupt manifest (not a JSON object)")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
             f"{manifest_path}: unknown bundle format version {version!r} "
-            f"(this lmcor reads version {FORMAT_VERSION}; re-export the model or upgrade lmcor)"
+            f"(this lmcor reads versions {READABLE_VERSIONS}; re-export the model or upgrade lmcor)"
         )
     manifest = Manifest.from_json(data, str(manifest_path))
     if manifest.kind not in KINDS:
         raise BundleError(f"{manifest_path}: unknown bundle kind {manifest.kind!r} (expected one of {KINDS})")
+    if manifest.decoder_graph not in DECODER_GRAPHS:
+        raise BundleError(f"{manifest_path}: unknown decoder_graph {manifest.decoder_graph!r} (expected one of {DECODER_GRAPHS})")
+    if manifest.decoder_graph == "ragged" and "cross" not in manifest.files:
+        raise BundleError(f"{manifest_path}: a ragged decoder needs a 'cross' file")
     for role, name in manifest.files.items():
         if not (root / name).is_file():
             raise BundleError(f"{root}: the {role} file {name!r} is missing")

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, load_manifest
-from .decode import Decoder, Search, beam_search, greedy
+from .decode import Search, beam_search, greedy, open_decoder
+from .drafts import Drafter
 from .encode import encode
 from .errors import BundleError, InputError
 from .request import Correction, DecodeStats, Request, as_request
@@ -71,8 +72,15 @@ class Corrector:
         sessions = Sessions(
             encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
             decoder=open_session(root / manifest.files["decoder"], providers=providers, threads=threads),
+            cross=(open_session(root / manifest.files["cross"], providers=providers, threads=threads)
+                   if "cross" in manifest.files else None),
         )
         return cls(root, manifest, tokenizer, sessions)
+
+    @property
+    def drafts_supported(self) -> bool:
+        """Whether this bundle's decoder can verify drafts (lmcor's ragged T5-family decoder)."""
+        return self.manifest.decoder_graph == "ragged"
 
     @property
     def providers(self) -> list[str]:
@@ -90,6 +98,7 @@ class Corrector:
         min_new_tokens: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        drafts: bool = True,
         batch_size: int = 16,
         errors: Literal["raise", "return"] = "raise",
         progress: Callable[[int], None] | None = None,
@@ -100,11 +109,14 @@ class Corrector:
         pairs. Requests are grouped into length-bucketed batches of at most `batch_size`. Outputs
         have at most `max_new_tokens` tokens and no EOS before `min_new_tokens` (benchmarks use it to
         force a length).
-        `num_beams` > 1 runs beam search with `length_penalty`. With `errors="return"`, a bad
+        `num_beams` > 1 runs beam search with `length_penalty`. `drafts` verifies drafts copied from
+        the request's input in greedy search (output identical, fewer decoder calls); it applies to
+        bundles whose decoder supports it (`drafts_supported`) and never to beam search.
+        With `errors="return"`, a bad
         request yields its `InputError` in its place and every other request is still corrected;
         `progress` is called with the number of requests finished by each batch.
         """
-        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, batch_size)
+        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, drafts, batch_size)
         items = list(items)
         results: list[Correction | InputError | None] = [None] * len(items)
         valid: list[tuple[int, Request]] = []
@@ -135,11 +147,12 @@ class Corrector:
         min_new_tokens: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        drafts: bool = True,
         batch_size: int = 16,
     ) -> list[Correction]:
         """Decode inputs that are already token ids (template rendered, special tokens included),
         exactly as given; options as for `correct_batch`."""
-        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, batch_size)
+        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, drafts, batch_size)
         ready = [(n, None, ModelInput(np.asarray(ids, dtype=np.int64), False)) for n, ids in enumerate(input_ids)]
         for n, _, model_input in ready:
             if not 0 < len(model_input.ids) <= self.manifest.max_input_tokens:
@@ -159,14 +172,14 @@ class Corrector:
                 progress(len(chosen))
 
     def _search(self, max_new_tokens: int | None, min_new_tokens: int, num_beams: int, length_penalty: float,
-                batch_size: int) -> Search:
+                drafts: bool, batch_size: int) -> Search:
         limit = self.manifest.max_output_tokens if max_new_tokens is None else max_new_tokens
         for name, value, least in (("max_new_tokens", limit, 1), ("num_beams", num_beams, 1),
                                    ("batch_size", batch_size, 1), ("min_new_tokens", min_new_tokens, 0)):
             if not isinstance(value, (int, np.integer)) or value < least:
                 raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
         return Search(max_new_tokens=int(limit), min_new_tokens=int(min_new_tokens), num_beams=int(num_beams),
-                      length_penalty=float(length_penalty))
+                      length_penalty=float(length_penalty), drafts=bool(drafts) and num_beams == 1 and self.drafts_supported)
 
     def _run_batch(self, batch: list[tuple[int, Any, ModelInput]], search: Search) -> list[Correction]:
         special = self.manifest.special_tokens
@@ -176,9 +189,11 @@ class Corrector:
         started = time.perf_counter()
         hidden = encode(self.sessions, ids, mask, repeat=search.num_beams)
         encoded = time.perf_counter()
-        decoder = Decoder(self.sessions.decoder, self.manifest.decoder, self.sessions.device)
+        decoder = open_decoder(self.sessions, self.manifest)
+        drafted = accepted = np.zeros(len(batch), dtype=np.int64)
         if search.num_beams == 1:
-            tokens = greedy(decoder, hidden, mask, special, search)
+            drafter = Drafter([x.references or (x.ids,) for x in inputs], special.eos) if search.drafts else None
+            tokens, drafted, accepted = greedy(decoder, hidden, mask, special, search, drafter)
         else:
             tokens = beam_search(decoder, hidden, np.repeat(mask, search.num_beams, axis=0), special, search)
         decoded = time.perf_counter()
@@ -196,7 +211,10 @@ class Corrector:
                     encoder_s=encoded - started,
                     decoder_s=decoded - encoded,
                     decoder_calls=decoder.calls,
+                    drafted_tokens=int(drafted_row),
+                    accepted_tokens=int(accepted_row),
                 ),
             )
-            for ident, model_input, row, text in zip(idents, inputs, tokens, texts)
+            for ident, model_input, row, text, drafted_row, accepted_row in zip(idents, inputs, tokens, texts, drafted,
+                                                                                accepted)
         ]

@@ -1,14 +1,21 @@
-"""encoder states -> output token ids: greedy and beam search over the exported decoder.
+"""encoder states -> output token ids: greedy (with drafts) and beam search over the exported decoder.
 
-The decoder is optimum's merged decoder: one graph whose `use_cache_branch` input selects the
-first step (computes the cross-attention keys/values from the encoder states) or a cached step
-(takes any number of new tokens together with the past keys/values). The past stays in ONNX
-Runtime as OrtValues bound through IOBinding: cross-attention keys/values are bound once,
-self-attention keys/values are re-bound from the previous step's outputs, and the logits land in a
-reused buffer. Python sees only the logits it must choose from.
+Two decoder graphs are driven through one interface (`start`, `step`, `accept`, `reorder`):
 
-Both searches reproduce Hugging Face `generate` token for token (greedy, and beam search with
-length penalty and its early-stopping heuristic), including forced BOS/EOS tokens.
+- `MergedDecoder`: optimum's merged decoder, one graph whose `use_cache_branch` input selects the
+  first step or a cached step. The past stays in ONNX Runtime as OrtValues bound through
+  IOBinding. Every row advances by the same number of tokens.
+- `RaggedDecoder`: lmcor's step graph for T5-family decoders (`export/decoder.py`), which takes a
+  length per row. Its self-attention cache lives in host arrays with spare room; each call
+  writes the new tokens' keys/values at each row's length, and `accept` forgets a row's rejected
+  draft tokens by not counting them. This is what lets a batch verify drafts of different lengths.
+
+Greedy decoding verifies drafts (`drafts.Drafter`) when the decoder is ragged: it feeds each row's
+last token plus its draft, keeps the longest drafted prefix the model itself would have chosen,
+and appends the model's next token, so the output is token-identical to plain greedy. Both
+searches reproduce Hugging Face `generate` token for token (greedy, and beam search with length
+penalty and its early-stopping heuristic), including forced BOS/EOS tokens. Beam search runs
+without drafts.
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import DecoderShape, SpecialTokens
+from .bundle import DecoderShape, Manifest, SpecialTokens
+from .drafts import Drafter
+from .sessions import Sessions
 
 _NEG = np.float32(-1.0e9)  # Hugging Face's "never pick this" score, kept for identical arithmetic
 
 
-class Decoder:
-    """One decoding job over the merged decoder session, with its KV cache on the device."""
+class MergedDecoder:
+    """One decoding job over optimum's merged decoder, with its KV cache on the device."""
+
+    ragged = False
 
     def __init__(self, session: ort.InferenceSession, shape: DecoderShape, device: str):
         self.session = session
@@ -63,6 +74,10 @@ class Decoder:
         logits, presents = self._run(ids)
         self._bind_self(presents)
         return logits
+
+    def accept(self, counts: np.ndarray) -> None:
+        """Keep the first `counts` of the last step's tokens per row: all of them, for this graph."""
+        raise NotImplementedError("the merged decoder advances every row by the same number of tokens")
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep self-attention caches of `rows` (beam search). Cross-attention caches are equal for
@@ -105,6 +120,76 @@ class Decoder:
         return (host if host is not None else buffer.numpy()), presents
 
 
+class RaggedDecoder:
+    """One decoding job over lmcor's ragged step graph; the self-attention cache is host memory."""
+
+    ragged = True
+    _ROOM = 32  # cache slots are added in blocks, so the cache is re-allocated rarely
+
+    def __init__(self, step: ort.InferenceSession, cross: ort.InferenceSession, shape: DecoderShape):
+        self.session, self.cross_session, self.shape = step, cross, shape
+        self.calls = 0
+        inputs = [i.name for i in step.get_inputs()]
+        self._own = [n for n in inputs if n.startswith("past.")]
+        self._cross = [n for n in inputs if n.startswith("cross.")]
+        self._feed: dict[str, np.ndarray] = {}
+        self._cache: list[np.ndarray] = []
+        self.lengths = np.zeros(0, dtype=np.int64)
+        self._last = 0
+
+    def start(self, hidden: ort.OrtValue, mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        states = hidden.numpy()
+        cross = self.cross_session.run(self._cross, {"encoder_hidden_states": states})
+        self._feed = {"encoder_attention_mask": mask, **dict(zip(self._cross, cross))}
+        batch = ids.shape[0]
+        self._cache = [np.zeros((batch, self.shape.num_heads, 0, self.shape.head_dim), dtype=np.float32)
+                       for _ in self._own]
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        return self.step(ids)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Append `ids` (batch, n) after each row's cached tokens; logits (batch, n, vocab)."""
+        batch, new = ids.shape
+        needed = int(self.lengths.max()) + new
+        if needed > self._cache[0].shape[2]:
+            room = -(-needed // self._ROOM) * self._ROOM
+            grown = []
+            for cache in self._cache:
+                bigger = np.zeros((*cache.shape[:2], room, cache.shape[3]), dtype=np.float32)
+                bigger[:, :, : cache.shape[2]] = cache
+                grown.append(bigger)
+            self._cache = grown
+        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "lengths": self.lengths, **self._feed,
+                **dict(zip(self._own, self._cache))}
+        logits, *presents = self.session.run(None, feed)
+        self.calls += 1
+        slots = self.lengths[:, None] + np.arange(new)  # (batch, n): where each row's new tokens go
+        rows = np.arange(batch)[:, None]
+        for cache, present in zip(self._cache, presents):
+            cache[rows, :, slots] = present.transpose(0, 2, 1, 3)
+        self.lengths = self.lengths + new
+        self._last = new
+        return logits
+
+    def accept(self, counts: np.ndarray) -> None:
+        """Keep the first `counts[r]` of the last step's tokens of row r; the rest are forgotten."""
+        self.lengths = self.lengths - self._last + counts
+
+    def reorder(self, rows: np.ndarray) -> None:
+        self._cache = [cache[rows] for cache in self._cache]
+        self.lengths = self.lengths[rows]
+
+
+Decoder = MergedDecoder | RaggedDecoder
+
+
+def open_decoder(sessions: Sessions, manifest: Manifest) -> Decoder:
+    """A fresh decoding job over the bundle's decoder graph."""
+    if manifest.decoder_graph == "ragged":
+        return RaggedDecoder(sessions.decoder, sessions.cross, manifest.decoder)
+    return MergedDecoder(sessions.decoder, manifest.decoder, sessions.device)
+
+
 @dataclass(frozen=True)
 class Search:
     """Decoding options shared by greedy and beam search."""
@@ -114,46 +199,91 @@ class Search:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    drafts: bool = False
 
 
-def _constrain(scores: np.ndarray, special: SpecialTokens, search: Search, cur_len: int) -> np.ndarray:
+def _constrain(scores: np.ndarray, special: SpecialTokens, search: Search, cur_len) -> np.ndarray:
     """`generate`'s logits processors: no EOS before `min_new_tokens`, forced BOS after the start
-    token, forced EOS at the last position. `cur_len` counts the start token."""
-    max_length = 1 + search.max_new_tokens
-    if cur_len - 1 < search.min_new_tokens:
-        scores = scores.copy()
-        scores[:, special.eos] = -np.inf
-    forced = None
-    if special.forced_bos is not None and cur_len == 1:
-        forced = special.forced_bos
-    if special.forced_eos is not None and cur_len == max_length - 1:
-        forced = special.forced_eos
-    if forced is not None:
-        scores = np.full_like(scores, -np.inf)
-        scores[:, forced] = 0.0
+    token, forced EOS at the last position. `cur_len` counts the start token: one number, or one per
+    score vector (`scores.shape[:-1]`) where rows or draft positions are at different lengths."""
+    cur_len = np.broadcast_to(np.asarray(cur_len), scores.shape[:-1])
+    no_eos = cur_len - 1 < search.min_new_tokens
+    forced = np.full(scores.shape[:-1], -1, dtype=np.int64)
+    if special.forced_bos is not None:
+        forced = np.where(cur_len == 1, special.forced_bos, forced)
+    if special.forced_eos is not None:
+        forced = np.where(cur_len == search.max_new_tokens, special.forced_eos, forced)
+    hit = forced >= 0
+    if not no_eos.any() and not hit.any():
+        return scores
+    scores = scores.copy()
+    scores[..., special.eos] = np.where(no_eos, -np.inf, scores[..., special.eos])
+    if hit.any():
+        scores[hit] = -np.inf
+        scores[hit, forced[hit]] = 0.0
     return scores
 
 
-def _cut(tokens: np.ndarray, eos: int) -> list[int]:
-    hits = np.flatnonzero(tokens == eos)
-    return tokens[: hits[0]].tolist() if hits.size else tokens.tolist()
+def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: SpecialTokens, search: Search,
+           drafter: Drafter | None = None) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """Greedy search, verifying `drafter`'s drafts when given (a ragged decoder is needed).
 
-
-def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: SpecialTokens, search: Search) -> list[list[int]]:
+    Returns the tokens of each row (EOS cut off) and, per row, the drafted and accepted tokens.
+    """
+    if drafter is not None and not decoder.ragged:
+        raise ValueError("drafted decoding needs a ragged decoder graph")
     batch = mask.shape[0]
-    out = np.full((batch, search.max_new_tokens), special.pad, dtype=np.int64)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    drafts: list[list[int]] = [[] for _ in range(batch)]
     running = np.ones(batch, dtype=bool)
-    ids = np.full((batch, 1), special.decoder_start, dtype=np.int64)
-    logits = decoder.start(hidden, mask, ids)
-    for t in range(search.max_new_tokens):
-        scores = _constrain(logits[:, -1, :], special, search, t + 1)
-        tokens = np.where(running, scores.argmax(axis=-1), special.pad)
-        out[:, t] = tokens
-        running &= tokens != special.eos
-        if not running.any() or t + 1 == search.max_new_tokens:
+    drafted = np.zeros(batch, dtype=np.int64)
+    accepted = np.zeros(batch, dtype=np.int64)
+    last = [special.decoder_start] * batch
+    kept: np.ndarray | None = None  # per row, the fed tokens of the last call whose keys/values stay
+    while True:
+        for r in np.flatnonzero(running):
+            limit = search.max_new_tokens - len(out[r]) - 1  # the model adds one token after a draft
+            drafts[r] = drafter.propose(r, out[r], limit) if drafter is not None else []
+        ids = np.full((batch, 1 + max(map(len, drafts))), special.pad, dtype=np.int64)
+        for r in np.flatnonzero(running):
+            ids[r, 0] = last[r]
+            ids[r, 1 : 1 + len(drafts[r])] = drafts[r]
+        if kept is None:
+            logits = decoder.start(hidden, mask, ids)
+        else:
+            if decoder.ragged:
+                decoder.accept(kept)
+            logits = decoder.step(ids)
+        written = np.array([len(o) for o in out])
+        cur_len = written[:, None] + 1 + np.arange(logits.shape[1])
+        choice = _constrain(logits, special, search, cur_len).argmax(axis=-1)
+        kept = np.zeros(batch, dtype=np.int64)
+        for r in np.flatnonzero(running):
+            draft = drafts[r]
+            k = 0
+            while k < len(draft) and choice[r, k] == draft[k]:
+                k += 1
+            # The model's choice after each accepted draft token is that token; after the last
+            # accepted one it is the model's own next token.
+            new = choice[r, : k + 1].tolist()[: search.max_new_tokens - len(out[r])]
+            if special.eos in new:
+                new = new[: new.index(special.eos) + 1]
+                running[r] = False
+            out[r] += new
+            kept[r] = k + 1
+            drafted[r] += len(draft)
+            accepted[r] += k
+            if drafter is not None:
+                drafter.update(r, len(draft), k)
+            if len(out[r]) >= search.max_new_tokens:
+                running[r] = False
+            last[r] = out[r][-1]
+            if not running[r]:
+                drafts[r] = []
+        if not running.any():
             break
-        logits = decoder.step(tokens[:, None])
-    return [_cut(row, special.eos) for row in out]
+    tokens = [row[: row.index(special.eos)] if special.eos in row else row for row in out]
+    return tokens, drafted, accepted
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -237,4 +367,5 @@ def beam_search(
             break
         decoder.reorder(rows)
         logits = decoder.step(running_seq[:, :, cur_len - 1].reshape(-1, 1))
-    return [_cut(sequences[b, 0, 1:], special.eos) for b in range(batch)]
+    best = [sequences[b, 0, 1:].tolist() for b in range(batch)]
+    return [row[: row.index(special.eos)] if special.eos in row else row for row in best]

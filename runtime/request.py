@@ -25,7 +25,9 @@ class DecodeStats:
     output_tokens: int = 0
     encoder_s: float = 0.0
     decoder_s: float = 0.0
-    decoder_calls: int = 0
+    decoder_calls: int = 0  # calls of the decoder for the whole batch
+    drafted_tokens: int = 0  # this item's draft tokens sent to the decoder for verification
+    accepted_tokens: int = 0  # of which the decoder accepted
 
 
 @dataclass(frozen=True)

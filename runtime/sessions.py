@@ -61,6 +61,7 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
 class Sessions:
     encoder: ort.InferenceSession
     decoder: ort.InferenceSession
+    cross: ort.InferenceSession | None = None  # ragged decoders: encoder states -> cross-attention keys/values
 
     @property
     def device(self) -> str:

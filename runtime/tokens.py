@@ -18,6 +18,9 @@ from .template import render
 class ModelInput:
     ids: np.ndarray  # int64, special tokens included
     truncated: bool
+    # What drafted decoding copies from: each candidate's and the source's own token ids, as an
+    # output would hold them (no template, no special tokens). Empty: draft from `ids`.
+    references: tuple[np.ndarray, ...] = ()
 
 
 def encode_requests(
@@ -31,15 +34,27 @@ def encode_requests(
     """
     rendered = [render(template, r.source, r.candidates) for r in requests]
     encodings = tokenizer.encode_batch([text for text, _ in rendered])
+    references = _references(tokenizer, requests)
     out: list[ModelInput | InputError] = []
-    for request, (_, spans), encoding in zip(requests, rendered, encodings):
+    for request, (_, spans), encoding, refs in zip(requests, rendered, encodings, references):
         if len(encoding.ids) <= max_tokens:
-            out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), False))
+            out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), False, refs))
             continue
         try:
-            out.append(_truncate(tokenizer, template, request, spans, encoding, max_tokens))
+            out.append(_truncate(tokenizer, template, request, spans, encoding, max_tokens, refs))
         except InputError as e:
             out.append(e)
+    return out
+
+
+def _references(tokenizer: Tokenizer, requests: Sequence[Request]) -> list[tuple[np.ndarray, ...]]:
+    texts = [text for r in requests for text in (*r.candidates, r.source)]
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+    out, at = [], 0
+    for r in requests:
+        n = len(r.candidates) + 1
+        out.append(tuple(np.asarray(e.ids, dtype=np.int64) for e in encoded[at : at + n]))
+        at += n
     return out
 
 
@@ -71,6 +86,7 @@ def _truncate(
     spans: list[tuple[int, int]],
     encoding: Encoding,
     max_tokens: int,
+    references: tuple[np.ndarray, ...],
 ) -> ModelInput:
     candidates = list(request.candidates)
     total = len(encoding.ids)
@@ -92,5 +108,5 @@ def _truncate(
         encoding = tokenizer.encode(text)
         total = len(encoding.ids)
         if total <= max_tokens:
-            return ModelInput(np.asarray(encoding.ids, dtype=np.int64), True)
+            return ModelInput(np.asarray(encoding.ids, dtype=np.int64), True, references)
     raise InputError(f"could not shorten the candidates to fit {max_tokens} input tokens")

@@ -60,6 +60,6 @@ def test_broken_bundles_fail_clearly(bundle_copy, tmp_path, capsys, damage, mess
 
 
 def test_corrupt_onnx_file_is_a_bundle_error(bundle_copy):
-    (bundle_copy / "decoder_model_merged.onnx").write_bytes(b"garbage")
+    (bundle_copy / load_manifest(bundle_copy).files["decoder"]).write_bytes(b"garbage")
     with pytest.raises(BundleError, match="ONNX Runtime cannot load"):
         Corrector.load(bundle_copy, verify=False)

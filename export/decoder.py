@@ -1,0 +1,157 @@
+"""T5-family decoder -> lmcor's ragged step graphs (`decoder.onnx` + `decoder_cross.onnx`).
+
+optimum's merged decoder advances every row of a batch by the same number of tokens: its only
+notion of position is the length of the past. Drafted decoding verifies a different number of
+tokens per row, so lmcor exports its own step graph for T5 (and mT5) decoders, computing exactly
+what Hugging Face's decoder computes, with two more inputs:
+
+- `lengths` (batch,): how many cached self-attention slots of each row are real. Slots past a
+  row's length are masked; a row's rejected draft tokens are simply forgotten by not counting
+  them.
+- the new tokens' positions follow from `lengths`, and T5's relative attention bias is computed
+  per row from them, so rows at different lengths share one call exactly.
+
+The graph returns only the new tokens' keys/values; the runtime writes them into its cache at
+each row's length. Cross-attention keys/values are computed once per request by
+`decoder_cross.onnx` from the encoder states, so their weights live only there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+STEP_FILE = "decoder.onnx"
+CROSS_FILE = "decoder_cross.onnx"
+ARCHITECTURES = ("t5", "mt5")
+
+
+def _heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    return x.view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
+
+
+def _attend(attention, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """T5 attention of `hidden`'s queries over given keys/values: no 1/sqrt(d) scaling, bias added
+    (masks included), softmax in fp32."""
+    heads, head_dim = attention.n_heads, attention.key_value_proj_dim
+    query = _heads(attention.q(hidden), heads, head_dim)
+    scores = torch.matmul(query, keys.transpose(3, 2)) + bias
+    weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+    out = torch.matmul(weights, values).transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], heads * head_dim)
+    return attention.o(out)
+
+
+class StepDecoder(torch.nn.Module):
+    """(input_ids, lengths, encoder_attention_mask, self past k/v..., cross k/v...) ->
+    (logits, new self k/v...)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layers = len(model.decoder.block)
+
+    def forward(self, input_ids, lengths, encoder_attention_mask, *past):
+        decoder, config = self.model.decoder, self.model.config
+        self_past, cross = past[: 2 * self.layers], past[2 * self.layers :]
+        new, cached = input_ids.shape[1], self_past[0].shape[2]
+        hidden = decoder.embed_tokens(input_ids)
+        lowest = torch.finfo(hidden.dtype).min  # Hugging Face's mask value
+
+        # Slot j < cached holds position j; new token i sits in slot cached + i at position
+        # lengths + i. A cached slot is real below the row's length; new tokens are causal.
+        slot = torch.arange(cached + new, device=input_ids.device)
+        step = torch.arange(new, device=input_ids.device)
+        key_pos = torch.where(slot[None, :] < cached, slot[None, :], lengths[:, None] + slot[None, :] - cached)
+        query_pos = lengths[:, None] + step[None, :]
+        in_cache = slot[None, None, :] < cached
+        visible = (in_cache & (slot[None, None, :] < lengths[:, None, None])) | (
+            ~in_cache & ((slot[None, None, :] - cached) <= step[None, :, None]))
+        first = decoder.block[0].layer[0].SelfAttention
+        buckets = first._relative_position_bucket(
+            key_pos[:, None, :] - query_pos[:, :, None], bidirectional=False,
+            num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance)
+        self_bias = first.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+        self_bias = self_bias.masked_fill(~visible[:, None, :, :], lowest)
+        cross_bias = torch.zeros(encoder_attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
+        cross_bias = cross_bias.masked_fill(encoder_attention_mask == 0, lowest)[:, None, None, :]
+
+        presents = []
+        for i, block in enumerate(decoder.block):
+            attention = block.layer[0].SelfAttention
+            normed = block.layer[0].layer_norm(hidden)
+            key = _heads(attention.k(normed), attention.n_heads, attention.key_value_proj_dim)
+            value = _heads(attention.v(normed), attention.n_heads, attention.key_value_proj_dim)
+            presents += [key, value]
+            keys = torch.cat([self_past[2 * i], key], dim=2)
+            values = torch.cat([self_past[2 * i + 1], value], dim=2)
+            hidden = hidden + _attend(attention, normed, keys, values, self_bias)
+            normed = block.layer[1].layer_norm(hidden)
+            hidden = hidden + _attend(block.layer[1].EncDecAttention, normed, cross[2 * i], cross[2 * i + 1], cross_bias)
+            feed_forward = block.layer[2]
+            hidden = hidden + feed_forward.DenseReluDense(feed_forward.layer_norm(hidden))
+        hidden = decoder.final_layer_norm(hidden)
+        if config.tie_word_embeddings:
+            hidden = hidden * (config.d_model**-0.5)
+        return (self.model.lm_head(hidden), *presents)
+
+
+class CrossKeysValues(torch.nn.Module):
+    """encoder_hidden_states -> every decoder layer's cross-attention keys and values."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_hidden_states):
+        out = []
+        for block in self.model.decoder.block:
+            attention = block.layer[1].EncDecAttention
+            heads, head_dim = attention.n_heads, attention.key_value_proj_dim
+            out += [_heads(attention.k(encoder_hidden_states), heads, head_dim),
+                    _heads(attention.v(encoder_hidden_states), heads, head_dim)]
+        return tuple(out)
+
+
+def past_names(layers: int) -> tuple[list[str], list[str]]:
+    """Input names of the self-attention cache and of the cross-attention keys/values."""
+    own = [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    cross = [f"cross.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return own, cross
+
+
+def export_step_decoder(model, out_dir: Path, opset: int, *, fold: bool = False) -> None:
+    """Write STEP_FILE and CROSS_FILE for a T5-family `model` (in eval mode) into `out_dir`.
+
+    Without `fold`, constants are not folded: with tied embeddings, folding would store the output
+    layer as a second, transposed copy of the embedding matrix (ONNX Runtime folds it in memory at
+    load instead). The int8 quantizer needs folded weights, since it quantizes initializers only.
+
+    The wrappers are put in eval mode too: the exporter restores a module's mode after tracing,
+    and a wrapper left in training mode would switch the model's dropout back on."""
+    config = model.config
+    layers, heads, head_dim = len(model.decoder.block), config.num_heads, config.d_kv
+    own, cross = past_names(layers)
+    batch, new, cached, source = 2, 3, 4, 5
+    ids = torch.ones((batch, new), dtype=torch.long)
+    lengths = torch.tensor([cached, cached - 1], dtype=torch.long)
+    mask = torch.ones((batch, source), dtype=torch.long)
+    self_past = [torch.zeros(batch, heads, cached, head_dim) for _ in own]
+    cross_kv = [torch.zeros(batch, heads, source, head_dim) for _ in cross]
+    presents = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    axes = {"input_ids": {0: "batch", 1: "new"}, "lengths": {0: "batch"},
+            "encoder_attention_mask": {0: "batch", 1: "source"}, "logits": {0: "batch", 1: "new"}}
+    axes.update({n: {0: "batch", 2: "cached"} for n in own})
+    axes.update({n: {0: "batch", 2: "source"} for n in cross})
+    axes.update({n: {0: "batch", 2: "new"} for n in presents})
+    with torch.no_grad():
+        torch.onnx.export(StepDecoder(model).eval(), (ids, lengths, mask, *self_past, *cross_kv), str(out_dir / STEP_FILE),
+                          input_names=["input_ids", "lengths", "encoder_attention_mask", *own, *cross],
+                          output_names=["logits", *presents], dynamic_axes=axes, opset_version=opset, dynamo=False,
+                          do_constant_folding=fold)
+        hidden = torch.zeros(batch, source, config.d_model)
+        torch.onnx.export(CrossKeysValues(model).eval(), (hidden,), str(out_dir / CROSS_FILE),
+                          input_names=["encoder_hidden_states"], output_names=cross,
+                          dynamic_axes={"encoder_hidden_states": {0: "batch", 1: "source"},
+                                        **{n: {0: "batch", 2: "source"} for n in cross}},
+                          opset_version=opset, dynamo=False)

@@ -1,0 +1,76 @@
+"""Draft proposals for drafted decoding: the next tokens, copied from the request's own input.
+
+A corrector's output mostly copies spans of its candidates and source. Each row drafts from its
+reference sequences (the candidates' and the source's token ids, each ending with EOS): the last
+tokens written so far are looked up in them (longest n-gram first, then shorter; before the
+first token, the sequences' starts), and the tokens that follow the matches are proposed. Where
+matches disagree (the candidates differ), each drafted token is the one most matches continue
+with, and the draft follows the matches that agree with it. The decoder verifies the draft in one
+call (see `decode.greedy`), so a draft only ever costs compute, never correctness.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+MAX_NGRAM = 4
+MIN_DRAFT, MAX_DRAFT, FIRST_DRAFT = 2, 16, 8
+
+Position = tuple[int, int]  # (reference sequence, index of the token that follows the match)
+
+
+class Drafter:
+    """Draft proposals for a batch of rows, each row drafting from its own reference sequences."""
+
+    def __init__(self, references: Sequence[Sequence[np.ndarray]], end: int, *, max_ngram: int = MAX_NGRAM):
+        self.max_ngram = max_ngram
+        self._refs = [[[*map(int, seq), end] for seq in row] for row in references]
+        self._tables = [self._index(row) for row in self._refs]
+        self.sizes = [FIRST_DRAFT] * len(references)  # per-row draft length, adapted to acceptance
+
+    def _index(self, row: list[list[int]]) -> dict[tuple[int, ...], list[Position]]:
+        """n-gram -> the positions right after each of its occurrences; () -> every sequence's start."""
+        table: dict[tuple[int, ...], list[Position]] = {(): [(s, 0) for s in range(len(row))]}
+        for s, seq in enumerate(row):
+            for n in range(1, self.max_ngram + 1):
+                for end in range(n, len(seq)):
+                    table.setdefault(tuple(seq[end - n : end]), []).append((s, end))
+        return table
+
+    def propose(self, row: int, history: Sequence[int], limit: int) -> list[int]:
+        """Up to min(limit, the row's draft size) tokens likely to follow `history`."""
+        size = min(limit, self.sizes[row])
+        if size <= 0:
+            return []
+        table = self._tables[row]
+        for n in range(min(self.max_ngram, len(history)), -1, -1):
+            starts = table.get(tuple(history[len(history) - n :]))
+            if starts and (n > 0 or not history):
+                return _vote(self._refs[row], starts, size)
+        return []
+
+    def update(self, row: int, drafted: int, accepted: int) -> None:
+        """Grow the row's drafts while they are accepted whole; shrink them to what was accepted."""
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.sizes[row] = min(MAX_DRAFT, self.sizes[row] + 4)
+        else:
+            self.sizes[row] = max(MIN_DRAFT, accepted + 1)
+
+
+def _vote(refs: list[list[int]], starts: list[Position], size: int) -> list[int]:
+    """Follow the majority continuation of `starts` for up to `size` tokens (earliest match on ties)."""
+    draft: list[int] = []
+    alive = starts
+    for k in range(size):
+        votes = Counter(refs[s][p + k] for s, p in alive if p + k < len(refs[s]))
+        if not votes:
+            break
+        token = votes.most_common(1)[0][0]
+        draft.append(token)
+        alive = [(s, p) for s, p in alive if p + k < len(refs[s]) and refs[s][p + k] == token]
+    return draft
