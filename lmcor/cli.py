@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     correct.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
     correct.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
     correct.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
+    correct.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
+                         "(outputs are identical either way; drafts need fewer decoder calls)")
+    correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
     correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="score a corrector against its candidates on labelled data")
@@ -77,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-beams", type=_positive_int, default=1)
     evaluate.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
     evaluate.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
+    evaluate.add_argument("--no-drafts", action="store_true", help="plain greedy (identical outputs, more decoder calls)")
 
     from lmcor.bench.backends import BACKENDS
     from lmcor.bench.harness import BenchConfig
@@ -101,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-sweeps", action="store_true", help="skip latency-vs-K and throughput-vs-batch")
     bench.add_argument("--out", default=str(d.out), help="folder for bench.json and the plots")
     bench.add_argument("--cache", default=str(d.cache), help="converted models are kept here")
+    bench.add_argument("--drafts", action="store_true",
+                       help="instead: drafts on vs off on --bundle over --data (--requests, --rounds, --batch-size)")
+    bench.add_argument("--bundle", help="with --drafts: bundle folder (default: the corrector shipped with lmcor)")
     return parser
 
 
@@ -178,10 +185,36 @@ def _record(number: int, ident: Any, result: Correction | InputError) -> dict:
     }
 
 
+class _Totals:
+    """Decoder use summed over a run; batch-level numbers count once per batch."""
+
+    def __init__(self) -> None:
+        self.requests = self.generated = self.calls = self.drafted = self.accepted = 0
+        self.seconds = 0.0
+
+    def add(self, results: list) -> None:
+        for r in results:
+            if isinstance(r, Correction):
+                s = r.stats
+                self.requests += 1
+                self.generated += s.output_tokens + 1  # + the EOS step
+                self.calls += s.decoder_calls / s.batch_size
+                self.seconds += (s.encoder_s + s.decoder_s) / s.batch_size
+                self.drafted += s.drafted_tokens
+                self.accepted += s.accepted_tokens
+
+    def summary(self) -> str:
+        share = f" ({100 * self.accepted / self.drafted:.0f}%)" if self.drafted else ""
+        return (f"lmcor: {self.requests} requests, {self.generated} generated tokens (EOS included), "
+                f"{round(self.calls)} decoder calls ({self.calls / max(1, self.generated):.3f} per token), "
+                f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, {self.seconds:.2f} s in the model")
+
+
 def _correct(args: argparse.Namespace) -> int:
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     corrector = Corrector.load(args.model, providers=providers, threads=args.threads)
     failed = 0
+    totals = _Totals()
     with ExitStack() as stack:
         source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
         sink = sys.stdout if not args.output else stack.enter_context(open(args.output, "w", encoding="utf-8"))
@@ -197,10 +230,12 @@ def _correct(args: argparse.Namespace) -> int:
                 max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams,
                 length_penalty=args.length_penalty,
+                drafts=not args.no_drafts,
                 batch_size=args.batch_size,
                 errors="return",
                 progress=bar.update,
             )
+            totals.add(results)
             by_line = {number: result for (number, _, _), result in zip(good, results)}
             for number, ident, request in parsed:
                 result = by_line.get(number, request)
@@ -212,6 +247,8 @@ def _correct(args: argparse.Namespace) -> int:
                     tqdm.write(f"lmcor: line {number}: {record['error']}", file=sys.stderr)
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
+    if args.stats:
+        print(totals.summary(), file=sys.stderr)
     if failed:
         print(f"lmcor: {failed} line(s) could not be corrected; see their error records", file=sys.stderr)
         return EXIT_BAD_LINES
@@ -228,7 +265,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not items:
         raise InputError(f"{args.data}: no usable lines")
     report = quality.evaluate(corrector, items, batch_size=args.batch_size, num_beams=args.num_beams,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, drafts=not args.no_drafts)
     report.update(data=str(args.data), model=str(corrector.root), errors=errors)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(quality.table(report))
@@ -236,6 +273,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.drafts:
+        return _bench_drafts(args)
     from lmcor.bench import harness
 
     config = harness.BenchConfig(
@@ -251,6 +290,23 @@ def _bench(args: argparse.Namespace) -> int:
     print(harness.table(report))
     print(f"wrote {path} and {', '.join(str(p) for p in images)}", file=sys.stderr)
     return 0
+
+
+def _bench_drafts(args: argparse.Namespace) -> int:
+    from lmcor.bench import drafts
+
+    if not args.data:
+        raise InputError("--drafts needs --data: a JSONL file of correction requests")
+    config = drafts.DraftsConfig(data=Path(args.data), bundle=Path(args.bundle) if args.bundle else None,
+                                 requests=args.requests, rounds=args.rounds, batch_size=args.batch_size,
+                                 threads=args.threads)
+    report = drafts.run(config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "drafts.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(drafts.table(report))
+    print(f"wrote {out / 'drafts.json'}", file=sys.stderr)
+    return 0 if report["identical_outputs"] == report["requests"] else 1
 
 
 if __name__ == "__main__":

@@ -176,8 +176,15 @@ class RaggedDecoder:
         self.lengths = self.lengths - self._last + counts
 
     def reorder(self, rows: np.ndarray) -> None:
+        """Keep self-attention caches of `rows` (beam search: beams stay within their item, whose
+        cross-attention keys/values and mask they share)."""
         self._cache = [cache[rows] for cache in self._cache]
         self.lengths = self.lengths[rows]
+
+    def select(self, rows: np.ndarray) -> None:
+        """Continue with `rows` of the batch only (finished rows leave it)."""
+        self.reorder(rows)
+        self._feed = {name: value[rows] for name, value in self._feed.items()}
 
 
 Decoder = MergedDecoder | RaggedDecoder
@@ -229,6 +236,7 @@ def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: Sp
     """Greedy search, verifying `drafter`'s drafts when given (a ragged decoder is needed).
 
     Returns the tokens of each row (EOS cut off) and, per row, the drafted and accepted tokens.
+    A ragged decoder drops finished rows from the batch; the merged one feeds them padding.
     """
     if drafter is not None and not decoder.ragged:
         raise ValueError("drafted decoding needs a ragged decoder graph")
@@ -239,49 +247,50 @@ def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: Sp
     drafted = np.zeros(batch, dtype=np.int64)
     accepted = np.zeros(batch, dtype=np.int64)
     last = [special.decoder_start] * batch
-    kept: np.ndarray | None = None  # per row, the fed tokens of the last call whose keys/values stay
+    active = np.arange(batch)  # the rows in the decoder's batch, in its order
     while True:
-        for r in np.flatnonzero(running):
+        for r in active[running[active]]:
             limit = search.max_new_tokens - len(out[r]) - 1  # the model adds one token after a draft
             drafts[r] = drafter.propose(r, out[r], limit) if drafter is not None else []
-        ids = np.full((batch, 1 + max(map(len, drafts))), special.pad, dtype=np.int64)
-        for r in np.flatnonzero(running):
-            ids[r, 0] = last[r]
-            ids[r, 1 : 1 + len(drafts[r])] = drafts[r]
-        if kept is None:
-            logits = decoder.start(hidden, mask, ids)
-        else:
-            if decoder.ragged:
-                decoder.accept(kept)
-            logits = decoder.step(ids)
-        written = np.array([len(o) for o in out])
+        ids = np.full((len(active), 1 + max(len(drafts[r]) for r in active)), special.pad, dtype=np.int64)
+        for i, r in enumerate(active):
+            if running[r]:
+                ids[i, 0] = last[r]
+                ids[i, 1 : 1 + len(drafts[r])] = drafts[r]
+        logits = decoder.start(hidden, mask, ids) if decoder.calls == 0 else decoder.step(ids)
+        written = np.array([len(out[r]) for r in active])
         cur_len = written[:, None] + 1 + np.arange(logits.shape[1])
         choice = _constrain(logits, special, search, cur_len).argmax(axis=-1)
-        kept = np.zeros(batch, dtype=np.int64)
-        for r in np.flatnonzero(running):
+        kept = np.zeros(len(active), dtype=np.int64)  # fed tokens whose keys/values stay cached
+        for i, r in enumerate(active):
+            if not running[r]:
+                continue
             draft = drafts[r]
             k = 0
-            while k < len(draft) and choice[r, k] == draft[k]:
+            while k < len(draft) and choice[i, k] == draft[k]:
                 k += 1
             # The model's choice after each accepted draft token is that token; after the last
             # accepted one it is the model's own next token.
-            new = choice[r, : k + 1].tolist()[: search.max_new_tokens - len(out[r])]
+            new = choice[i, : k + 1].tolist()[: search.max_new_tokens - len(out[r])]
             if special.eos in new:
                 new = new[: new.index(special.eos) + 1]
                 running[r] = False
             out[r] += new
-            kept[r] = k + 1
+            last[r] = new[-1]
+            kept[i] = k + 1
             drafted[r] += len(draft)
             accepted[r] += k
             if drafter is not None:
                 drafter.update(r, len(draft), k)
             if len(out[r]) >= search.max_new_tokens:
                 running[r] = False
-            last[r] = out[r][-1]
-            if not running[r]:
-                drafts[r] = []
         if not running.any():
             break
+        if decoder.ragged:
+            decoder.accept(kept)
+            if not running[active].all():
+                decoder.select(np.flatnonzero(running[active]))
+                active = active[running[active]]
     tokens = [row[: row.index(special.eos)] if special.eos in row else row for row in out]
     return tokens, drafted, accepted
 

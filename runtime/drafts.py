@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 MAX_NGRAM = 4
-MIN_DRAFT, MAX_DRAFT, FIRST_DRAFT = 2, 16, 8
+MAX_DRAFT, FIRST_DRAFT = 16, 8
 
 Position = tuple[int, int]  # (reference sequence, index of the token that follows the match)
 
@@ -53,13 +53,16 @@ class Drafter:
         return []
 
     def update(self, row: int, drafted: int, accepted: int) -> None:
-        """Grow the row's drafts while they are accepted whole; shrink them to what was accepted."""
+        """Grow the row's drafts while they are accepted whole, shrink them to a little more than was
+        accepted, and halve them while nothing is (down to one token, which costs next to nothing)."""
         if drafted == 0:
             return
         if accepted == drafted:
             self.sizes[row] = min(MAX_DRAFT, self.sizes[row] + 4)
+        elif accepted:
+            self.sizes[row] = accepted + 2
         else:
-            self.sizes[row] = max(MIN_DRAFT, accepted + 1)
+            self.sizes[row] = max(1, self.sizes[row] // 2)
 
 
 def _vote(refs: list[list[int]], starts: list[Position], size: int) -> list[int]:

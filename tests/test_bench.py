@@ -54,3 +54,26 @@ def test_unknown_backend_is_one_line(tmp_path, capsys):
     assert main(["bench", "--backends", "lmcor,teapot", "--cache", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown backend(s) teapot" in err[0]
+
+
+def test_bench_drafts_on_vs_off(bundles, tmp_path, capsys):
+    from conftest import make_requests
+
+    data = tmp_path / "requests.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in make_requests(4, seed=2)) + "\n")
+    out = tmp_path / "out"
+    code = main(["bench", "--drafts", "--bundle", str(bundles["t5v11"]), "--data", str(data), "--requests", "4",
+                 "--rounds", "1", "--batch-size", "2", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "drafts.json").read_text())
+    assert report["identical_outputs"] == report["requests"] == 4
+    assert report["modes"]["drafts off"]["decoder_calls_per_token"] == 1.0
+    assert set(report["ratios"]) == {"fewer_decoder_calls", "batch1_latency", "batch1_decoder_latency", "throughput"}
+    assert "identical outputs: 4 of 4" in capsys.readouterr().out
+
+
+def test_bench_drafts_needs_a_ragged_bundle(bundles, tmp_path, capsys):
+    data = tmp_path / "requests.jsonl"
+    data.write_text('{"source": "a b", "candidates": ["a b"]}\n')
+    assert main(["bench", "--drafts", "--bundle", str(bundles["bart"]), "--data", str(data)]) == 2
+    assert "cannot verify drafts" in capsys.readouterr().err

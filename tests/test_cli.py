@@ -101,3 +101,19 @@ def test_int8_export_is_smaller_and_reports_its_agreement(checkpoints, tmp_path,
     size = lambda root: sum(p.stat().st_size for p in root.glob("*.onnx"))  # noqa: E731
     assert size(out) < size(fp32)
     assert corrector.correct_batch(GOOD[:2], max_new_tokens=4)[0].stats.output_tokens <= 4
+
+
+def test_correct_stats_and_no_drafts(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in GOOD) + "\n")
+    outputs = {}
+    for flag in ([], ["--no-drafts"]):
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        args = ["correct", "--model", str(bundles["t5v11"]), str(source), "-o", str(out), "-q", "--stats",
+                "--max-new-tokens", "8", *flag]
+        assert main(args) == 0
+        outputs[bool(flag)] = [json.loads(line)["output"] for line in out.read_text().splitlines()]
+        err = capsys.readouterr().err
+        assert "5 requests" in err and "decoder calls" in err and "drafted tokens" in err
+        assert ("0 drafted tokens" in err) == bool(flag)
+    assert outputs[True] == outputs[False]

@@ -8,7 +8,9 @@ from pathlib import Path
 from lmcor import Corrector
 from lmcor.runtime.corrector import default_bundle
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "requests.jsonl"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "requests.jsonl"
+SPLITS = ROOT / "recipes" / "splits"
 
 
 def test_default_bundle_is_package_data_and_small():
@@ -32,3 +34,18 @@ def test_main_command_corrects_the_shipped_examples():
     requests = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
     assert [r["id"] for r in records] == [r["id"] for r in requests]
     assert all(r["output"].strip() and not r["truncated"] for r in records)
+
+
+def test_drafts_on_the_default_corrector_change_nothing_and_save_calls():
+    from lmcor.bench.drafts import read_requests
+
+    corrector = Corrector.load()
+    assert corrector.drafts_supported
+    requests = read_requests(SPLITS / "test.jsonl", 48)
+    plain = corrector.correct_batch(requests, batch_size=8, drafts=False)
+    drafted = corrector.correct_batch(requests, batch_size=8)
+    assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
+    single = corrector.correct_batch(requests[:16], batch_size=1)
+    assert [c.token_ids for c in single] == [c.token_ids for c in plain[:16]]
+    generated = sum(len(c.token_ids) + 1 for c in single)
+    assert sum(c.stats.decoder_calls for c in single) < generated / 3  # most calls accept several tokens

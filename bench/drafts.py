@@ -1,0 +1,118 @@
+"""Drafted decoding on vs off, side by side on one bundle and one data file (`lmcor bench --drafts`).
+
+Both modes run on the same loaded corrector, interleaved request by request (batch-1 latency) and
+pass by pass (batch throughput), so machine noise hits both alike. Reported: decoder calls per
+generated token (EOS counted, so plain greedy makes 1.00), batch-1 median latency end to end and
+of the decoder alone, throughput at `batch_size`, the share of drafted tokens accepted, and
+whether the outputs are token-identical (they must be).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.request import Correction, Request, as_request
+
+MODES = {"drafts off": False, "drafts on": True}
+
+
+@dataclass(frozen=True)
+class DraftsConfig:
+    data: Path
+    bundle: Path | None = None  # None: the shipped default corrector
+    requests: int = 200
+    rounds: int = 3
+    batch_size: int = 8
+    threads: int | None = None
+
+
+def read_requests(path: Path, count: int) -> list[Request]:
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                requests.append(as_request(json.loads(line)))
+            except (json.JSONDecodeError, InputError) as e:
+                raise InputError(f"{path}: line {number}: {e}") from None
+            if len(requests) == count:
+                break
+    if not requests:
+        raise InputError(f"{path}: no requests")
+    return requests
+
+
+def run(config: DraftsConfig) -> dict:
+    corrector = Corrector.load(config.bundle, threads=config.threads)
+    if not corrector.drafts_supported:
+        raise InputError(f"{corrector.root}: this bundle's decoder cannot verify drafts (re-export a T5-family model)")
+    requests = read_requests(config.data, config.requests)
+    corrector.correct_batch(requests[:4], batch_size=1)  # warm-up: first-run allocations
+    latency = {name: [] for name in MODES}
+    decoder = {name: [] for name in MODES}
+    outputs: dict[str, list[Correction]] = {name: [] for name in MODES}
+    for n, request in enumerate(requests):
+        order = list(MODES) if n % 2 == 0 else list(MODES)[::-1]
+        for name in order:
+            started = time.perf_counter()
+            (result,) = corrector.correct_batch([request], batch_size=1, drafts=MODES[name])
+            latency[name].append(time.perf_counter() - started)
+            decoder[name].append(result.stats.decoder_s)
+            outputs[name].append(result)
+    throughput = {name: [] for name in MODES}
+    for r in range(config.rounds):
+        for name in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
+            started = time.perf_counter()
+            corrector.correct_batch(requests, batch_size=config.batch_size, drafts=MODES[name])
+            throughput[name].append(len(requests) / (time.perf_counter() - started))
+    modes = {}
+    for name in MODES:
+        results = outputs[name]
+        generated = sum(len(r.token_ids) + 1 for r in results)  # + the EOS step
+        drafted = sum(r.stats.drafted_tokens for r in results)
+        modes[name] = {
+            "decoder_calls_per_token": sum(r.stats.decoder_calls for r in results) / generated,
+            "batch1_p50_ms": 1000 * statistics.median(latency[name]),
+            "batch1_decoder_p50_ms": 1000 * statistics.median(decoder[name]),
+            "throughput_rps": statistics.median(throughput[name]),
+            "acceptance": sum(r.stats.accepted_tokens for r in results) / drafted if drafted else None,
+        }
+    off, on = modes["drafts off"], modes["drafts on"]
+    identical = sum(a.token_ids == b.token_ids for a, b in zip(outputs["drafts off"], outputs["drafts on"]))
+    return {
+        "bundle": str(corrector.root),
+        "data": str(config.data),
+        "requests": len(requests),
+        "rounds": config.rounds,
+        "batch_size": config.batch_size,
+        "threads": config.threads,
+        "modes": modes,
+        "identical_outputs": identical,
+        "ratios": {
+            "fewer_decoder_calls": off["decoder_calls_per_token"] / on["decoder_calls_per_token"],
+            "batch1_latency": off["batch1_p50_ms"] / on["batch1_p50_ms"],
+            "batch1_decoder_latency": off["batch1_decoder_p50_ms"] / on["batch1_decoder_p50_ms"],
+            "throughput": on["throughput_rps"] / off["throughput_rps"],
+        },
+    }
+
+
+def table(report: dict) -> str:
+    b = report["batch_size"]
+    rows = [f"{'':<11} {'calls/token':>11} {'batch-1 p50':>12} {'decoder p50':>12} {f'req/s @{b}':>10} {'accepted':>9}"]
+    for name, m in report["modes"].items():
+        accepted = "-" if m["acceptance"] is None else f"{100 * m['acceptance']:.0f}%"
+        rows.append(f"{name:<11} {m['decoder_calls_per_token']:>11.3f} {m['batch1_p50_ms']:>9.1f} ms "
+                    f"{m['batch1_decoder_p50_ms']:>9.1f} ms {m['throughput_rps']:>10.1f} {accepted:>9}")
+    r = report["ratios"]
+    rows.append(f"{'ratio':<11} {r['fewer_decoder_calls']:>10.2f}x {r['batch1_latency']:>11.2f}x "
+                f"{r['batch1_decoder_latency']:>11.2f}x {r['throughput']:>9.2f}x")
+    rows.append(f"identical outputs: {report['identical_outputs']} of {report['requests']}")
+    return "\n".join(rows)
