@@ -37,7 +37,7 @@ PRECISIONS = ("fp32", "int8")
 DEFAULT_TEMPLATE = Template()
 # Generation settings whose logits processors lmcor does not apply; a checkpoint that sets them
 # is still exported (and validated on plain search), with a warning.
-_UNSUPPORTED_GENERATION = ("no_repeat_ngram_size", "repetition_penalty", "min_length", "min_new_tokens",
+_UNSUPPORTED_GENERATION = ("repetition_penalty", "min_length", "min_new_tokens",
                            "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 _NEUTRAL = {"repetition_penalty": 1.0}
 
@@ -202,6 +202,7 @@ def export_corrector(
             opset=opset,
             files={"encoder": ENCODER_FILE, **files, "tokenizer": TOKENIZER_FILE},
             decoder_graph=graph,
+            no_repeat_ngram_size=int(getattr(model.generation_config, "no_repeat_ngram_size", 0) or 0),
             exporter=_versions(),
         )
         write_manifest(staged, manifest)

@@ -78,7 +78,7 @@ def validate_corrector(
             reference = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                generation_config=_plain_generation_config(model, special, max_new_tokens),
+                generation_config=_plain_generation_config(special, max_new_tokens, manifest.no_repeat_ngram_size),
             )[0, 1:].tolist()
         reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
         agreeing += reference == correction.token_ids
@@ -113,8 +113,8 @@ def _onnx_logits(corrector: Corrector, input_ids: np.ndarray, decoder_ids: np.nd
     return np.concatenate([first[0], rest[0]], axis=0)
 
 
-def _plain_generation_config(model, special, max_new_tokens: int):
-    """Exactly the search lmcor runs: greedy, with the checkpoint's forced BOS/EOS and nothing else."""
+def _plain_generation_config(special, max_new_tokens: int, no_repeat_ngram_size: int):
+    """Exactly the search lmcor runs: greedy, with the checkpoint's forced BOS/EOS and n-gram ban."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -126,4 +126,5 @@ def _plain_generation_config(model, special, max_new_tokens: int):
         pad_token_id=special.pad,
         forced_bos_token_id=special.forced_bos,
         forced_eos_token_id=special.forced_eos,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     correct.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
     correct.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
     correct.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
+    correct.add_argument("--no-repeat-ngram-size", type=int, help="ban repeated n-grams of this size (default: "
+                         "the bundle's, from the checkpoint's generation config; 0: off)")
     correct.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
                          "(outputs are identical either way; drafts need fewer decoder calls)")
     correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
@@ -80,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-beams", type=_positive_int, default=1)
     evaluate.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
     evaluate.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
+    evaluate.add_argument("--no-repeat-ngram-size", type=int, help="default: the bundle's; 0: off")
     evaluate.add_argument("--no-drafts", action="store_true", help="plain greedy (identical outputs, more decoder calls)")
 
     from lmcor.bench.backends import BACKENDS
@@ -230,6 +233,7 @@ def _correct(args: argparse.Namespace) -> int:
                 max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams,
                 length_penalty=args.length_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size,
                 drafts=not args.no_drafts,
                 batch_size=args.batch_size,
                 errors="return",
@@ -265,7 +269,8 @@ def _eval(args: argparse.Namespace) -> int:
     if not items:
         raise InputError(f"{args.data}: no usable lines")
     report = quality.evaluate(corrector, items, batch_size=args.batch_size, num_beams=args.num_beams,
-                              max_new_tokens=args.max_new_tokens, drafts=not args.no_drafts)
+                              max_new_tokens=args.max_new_tokens, drafts=not args.no_drafts,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size)
     report.update(data=str(args.data), model=str(corrector.root), errors=errors)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(quality.table(report))

@@ -72,6 +72,7 @@ class Manifest:
     opset: int
     files: dict[str, str]  # role -> file name: encoder, decoder, (cross,) tokenizer
     decoder_graph: str = "merged"
+    no_repeat_ngram_size: int = 0  # the checkpoint's generation default; 0: off
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -95,6 +96,7 @@ class Manifest:
                 opset=int(data["opset"]),
                 files=dict(data["files"]),
                 decoder_graph=data.get("decoder_graph", "merged"),
+                no_repeat_ngram_size=int(data.get("no_repeat_ngram_size", 0)),
                 sha256=dict(data.get("sha256", {})),
                 validation=dict(data.get("validation", {})),
                 exporter=dict(data.get("exporter", {})),

@@ -98,6 +98,7 @@ class Corrector:
         min_new_tokens: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        no_repeat_ngram_size: int | None = None,
         drafts: bool = True,
         batch_size: int = 16,
         errors: Literal["raise", "return"] = "raise",
@@ -109,14 +110,17 @@ class Corrector:
         pairs. Requests are grouped into length-bucketed batches of at most `batch_size`. Outputs
         have at most `max_new_tokens` tokens and no EOS before `min_new_tokens` (benchmarks use it to
         force a length).
-        `num_beams` > 1 runs beam search with `length_penalty`. `drafts` verifies drafts copied from
+        `num_beams` > 1 runs beam search with `length_penalty`. `no_repeat_ngram_size` > 0 bans
+        repeating any n-gram of the output, as in transformers (None: the bundle's default, from the
+        checkpoint's generation config; 0: off). `drafts` verifies drafts copied from
         the request's input in greedy search (output identical, fewer decoder calls); it applies to
         bundles whose decoder supports it (`drafts_supported`) and never to beam search.
         With `errors="return"`, a bad
         request yields its `InputError` in its place and every other request is still corrected;
         `progress` is called with the number of requests finished by each batch.
         """
-        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, drafts, batch_size)
+        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, drafts,
+                              batch_size)
         items = list(items)
         results: list[Correction | InputError | None] = [None] * len(items)
         valid: list[tuple[int, Request]] = []
@@ -147,12 +151,14 @@ class Corrector:
         min_new_tokens: int = 0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        no_repeat_ngram_size: int | None = None,
         drafts: bool = True,
         batch_size: int = 16,
     ) -> list[Correction]:
         """Decode inputs that are already token ids (template rendered, special tokens included),
         exactly as given; options as for `correct_batch`."""
-        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, drafts, batch_size)
+        search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, drafts,
+                              batch_size)
         ready = [(n, None, ModelInput(np.asarray(ids, dtype=np.int64), False)) for n, ids in enumerate(input_ids)]
         for n, _, model_input in ready:
             if not 0 < len(model_input.ids) <= self.manifest.max_input_tokens:
@@ -172,14 +178,16 @@ class Corrector:
                 progress(len(chosen))
 
     def _search(self, max_new_tokens: int | None, min_new_tokens: int, num_beams: int, length_penalty: float,
-                drafts: bool, batch_size: int) -> Search:
+                no_repeat_ngram_size: int | None, drafts: bool, batch_size: int) -> Search:
         limit = self.manifest.max_output_tokens if max_new_tokens is None else max_new_tokens
+        ngram = self.manifest.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         for name, value, least in (("max_new_tokens", limit, 1), ("num_beams", num_beams, 1),
-                                   ("batch_size", batch_size, 1), ("min_new_tokens", min_new_tokens, 0)):
+                                   ("batch_size", batch_size, 1), ("min_new_tokens", min_new_tokens, 0),
+                                   ("no_repeat_ngram_size", ngram, 0)):
             if not isinstance(value, (int, np.integer)) or value < least:
                 raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
         return Search(max_new_tokens=int(limit), min_new_tokens=int(min_new_tokens), num_beams=int(num_beams),
-                      length_penalty=float(length_penalty), drafts=bool(drafts) and num_beams == 1 and self.drafts_supported)
+                      length_penalty=float(length_penalty), no_repeat_ngram_size=int(ngram), drafts=bool(drafts) and num_beams == 1 and self.drafts_supported)
 
     def _run_batch(self, batch: list[tuple[int, Any, ModelInput]], search: Search) -> list[Correction]:
         special = self.manifest.special_tokens

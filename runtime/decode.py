@@ -20,6 +20,7 @@ without drafts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,6 +208,38 @@ class Search:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     drafts: bool = False
+    no_repeat_ngram_size: int = 0
+
+
+class RepeatBan:
+    """`no_repeat_ngram_size`: the tokens that would repeat an n-gram of one sequence (transformers'
+    NoRepeatNGramLogitsProcessor; the sequence starts with the decoder start token). The n-grams
+    written so far are kept in a table, so that checking a draft position costs a lookup."""
+
+    def __init__(self, size: int, start: int):
+        self.size = size
+        self.seq: list[int] = [start]
+        self._next: dict[tuple[int, ...], list[int]] = {}
+
+    def banned(self, extra: Sequence[int] = ()) -> list[int]:
+        """Banned next tokens after the sequence followed by `extra` (not yet written)."""
+        n = self.size
+        seq = self.seq + list(extra) if extra else self.seq
+        if len(seq) + 1 < n:
+            return []
+        tail = tuple(seq[len(seq) - n + 1 :])
+        out = list(self._next.get(tail, ()))
+        for i in range(max(0, len(self.seq) - n + 1), len(seq) - n + 1):  # n-grams that reach into `extra`
+            if tuple(seq[i : i + n - 1]) == tail:
+                out.append(seq[i + n - 1])
+        return out
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        n = self.size
+        for token in tokens:
+            self.seq.append(token)
+            if len(self.seq) >= n:
+                self._next.setdefault(tuple(self.seq[len(self.seq) - n : -1]), []).append(token)
 
 
 def _constrain(scores: np.ndarray, special: SpecialTokens, search: Search, cur_len) -> np.ndarray:
@@ -248,6 +281,7 @@ def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: Sp
     accepted = np.zeros(batch, dtype=np.int64)
     last = [special.decoder_start] * batch
     active = np.arange(batch)  # the rows in the decoder's batch, in its order
+    bans = [RepeatBan(search.no_repeat_ngram_size, special.decoder_start) for _ in range(batch)]
     while True:
         for r in active[running[active]]:
             limit = search.max_new_tokens - len(out[r]) - 1  # the model adds one token after a draft
@@ -260,7 +294,13 @@ def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: Sp
         logits = decoder.start(hidden, mask, ids) if decoder.calls == 0 else decoder.step(ids)
         written = np.array([len(out[r]) for r in active])
         cur_len = written[:, None] + 1 + np.arange(logits.shape[1])
-        choice = _constrain(logits, special, search, cur_len).argmax(axis=-1)
+        scores = logits
+        if search.no_repeat_ngram_size:  # before the other processors, as in `generate`
+            scores = logits.copy()
+            for i, r in enumerate(active):
+                for k in range(len(drafts[r]) + 1 if running[r] else 0):
+                    scores[i, k, bans[r].banned(drafts[r][:k])] = -np.inf
+        choice = _constrain(scores, special, search, cur_len).argmax(axis=-1)
         kept = np.zeros(len(active), dtype=np.int64)  # fed tokens whose keys/values stay cached
         for i, r in enumerate(active):
             if not running[r]:
@@ -276,6 +316,7 @@ def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: Sp
                 new = new[: new.index(special.eos) + 1]
                 running[r] = False
             out[r] += new
+            bans[r].extend(new)
             last[r] = new[-1]
             kept[i] = k + 1
             drafted[r] += len(draft)
@@ -336,7 +377,13 @@ def beam_search(
     logits = decoder.start(hidden, mask, running_seq[:, :, :1].reshape(-1, 1))
     while True:
         vocab = logits.shape[-1]
-        log_probs = _constrain(_log_softmax(logits[:, -1, :]), special, search, cur_len)
+        log_probs = _log_softmax(logits[:, -1, :])
+        if search.no_repeat_ngram_size:
+            for row, seq in enumerate(running_seq.reshape(batch * beams, max_length)[:, :cur_len].tolist()):
+                ban = RepeatBan(search.no_repeat_ngram_size, seq[0])
+                ban.extend(seq[1:])
+                log_probs[row, ban.banned()] = -np.inf
+        log_probs = _constrain(log_probs, special, search, cur_len)
         log_probs = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
         top = _topk(log_probs, keep)
         top_scores = np.take_along_axis(log_probs, top, axis=1)

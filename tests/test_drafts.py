@@ -93,10 +93,11 @@ def test_drafted_greedy_is_token_identical_to_plain_greedy(arch, bundles, max_ne
     assert calls <= 4 < plain_calls  # drafts of 8, then 12, 16 tokens: a batch advances many tokens per call
 
 
-def test_drafted_greedy_respects_min_new_tokens(bundles):
+@pytest.mark.parametrize("options", [dict(max_new_tokens=14, min_new_tokens=9),
+                                     dict(max_new_tokens=14, no_repeat_ngram_size=2)])
+def test_drafted_greedy_applies_the_same_logits_processors(bundles, options):
     corrector = Corrector.load(bundles["t5"])
     requests = make_requests(10, seed=5)
-    options = dict(max_new_tokens=14, min_new_tokens=9)
     plain, *_ = _decode(corrector, requests, **options)
     got, _, accepted, _ = _decode(corrector, requests, _oracle(plain, np.random.default_rng(1)), **options)
     assert got == plain and accepted > 0

@@ -66,3 +66,15 @@ def test_correction_carries_text_and_stats(bundles):
     assert correction.stats.output_tokens == len(correction.token_ids)
     assert 1 <= correction.stats.decoder_calls <= 8
     assert correction.stats.input_tokens > 0 and correction.stats.encoder_s > 0
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_no_repeat_ngram_size_matches_generate(checkpoints, bundles, num_beams):
+    corrector = Corrector.load(bundles["t5"])
+    options = dict(max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=2)
+    expected = _reference(checkpoints["t5"], corrector, INPUTS[:12], **options)
+    unbanned = _reference(checkpoints["t5"], corrector, INPUTS[:12], max_new_tokens=16, num_beams=num_beams)
+    assert expected != unbanned, "the fixture should repeat itself, so that bans matter"
+    for batch_size in (1, 5):
+        got = corrector.correct_batch(INPUTS[:12], batch_size=batch_size, **options)
+        assert [c.token_ids for c in got] == expected
