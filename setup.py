@@ -62,6 +62,8 @@ EXPORT = [
 ]
 
 BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
+# The Triton kernels (GPU; on CPU through Triton's interpreter, for their tests).
+KERNELS = ["torch>=2.1,<3", "triton>=3.2; platform_system == 'Linux'"]
 
 setup(
     name="lmcor",
@@ -78,7 +80,8 @@ setup(
         "export": EXPORT,
         "eval": ["sacrebleu>=2.3"],
         "bench": EXPORT + BENCH + ["ctranslate2>=4.0"],
-        "test": EXPORT + BENCH + ["pytest>=7", "sacrebleu>=2.3"],
+        "kernels": KERNELS,
+        "test": EXPORT + BENCH + KERNELS + ["pytest>=7", "sacrebleu>=2.3"],
     },
     entry_points={"console_scripts": ["lmcor=lmcor.cli:main"]},
 )
