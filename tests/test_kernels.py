@@ -132,3 +132,24 @@ def test_add_rmsnorm_matches_reference_and_t5(device, dtype, tol):
     assert torch.equal(total, ref_total)
     torch.testing.assert_close(normed.float(), ref_normed.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(ref_normed.float(), t5.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
+def test_packed_encoder_equals_the_t5_encoder(feed_forward):
+    from transformers import T5Config, T5EncoderModel
+
+    from lmcor.kernels.encoder import EncoderWeights, encode_packed, unpack
+
+    config = T5Config(vocab_size=300, d_model=32, d_kv=12, num_heads=4, d_ff=48, num_layers=2,
+                      feed_forward_proj=feed_forward, dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = T5EncoderModel(config).eval()
+    lengths = [29, 6, 17]
+    ids, segments, lengths_t = _ragged(lengths, "cpu", seed=6)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths_t[:, None]).long()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        packed, cu = encode_packed(EncoderWeights.from_t5(model), ids, segments, lengths_t)
+    got = unpack(packed, cu, ids.shape[1])
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(got[b, :n], expected[b, :n], atol=1e-4, rtol=1e-4)
