@@ -31,6 +31,7 @@ log = logging.getLogger("lmcor")
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+PACKED_ENCODER_FILE = "encoder_packed.safetensors"
 FIRST_STEP_FILE = "decoder_model.onnx"  # optimum's two decoders, merged into DECODER_FILE
 CACHED_STEP_FILE = "decoder_with_past_model.onnx"
 PRECISIONS = ("fp32", "int8")
@@ -129,6 +130,7 @@ def export_corrector(
     opset: int | None = None,
     atol: float = 1e-3,
     precision: str = "fp32",
+    packed_encoder: bool = False,
     overwrite: bool = False,
 ) -> Manifest:
     """Export a Hugging Face seq2seq checkpoint folder (T5, T5 v1.1/Flan-T5, mT5, BART, mBART) to a
@@ -138,6 +140,10 @@ def export_corrector(
     activations stay fp32), after the fp32 graphs have passed validation. An int8 bundle cannot
     match PyTorch token for token; its validation records how far it is (logit difference, share
     of samples with identical greedy tokens), and its quality is measured with `lmcor eval`.
+
+    `packed_encoder=True` (T5 family) also writes the encoder's weights for the Triton packed
+    encoder (`kernels/encoder.py`), which a CUDA machine with PyTorch and Triton runs instead of
+    the ONNX encoder.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -190,6 +196,13 @@ def export_corrector(
             for file in raw.glob(f"{name}*"):  # the graph and any external-data file beside it
                 shutil.copy(file, staged / file.name)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
+        if packed_encoder:
+            if graph != "ragged":
+                raise ExportError(f"the packed encoder needs a T5-family model, not {model.config.model_type!r}")
+            from lmcor.kernels.encoder import EncoderWeights
+
+            EncoderWeights.from_t5(model).save(staged / PACKED_ENCODER_FILE)
+            files["packed_encoder"] = PACKED_ENCODER_FILE
         manifest = Manifest(
             kind="corrector",
             architecture=model.config.model_type,

@@ -9,7 +9,9 @@ every real token (`unpack` restores the padded layout the decoder reads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -71,6 +73,40 @@ class EncoderWeights:
                    layers=tuple(layers), final_norm=cast(model.encoder.final_layer_norm.weight), heads=config.num_heads,
                    d_kv=config.d_kv, eps=config.layer_norm_epsilon, max_distance=config.relative_attention_max_distance,
                    activation=config.dense_act_fn)
+
+
+    _SCALARS = ("heads", "d_kv", "eps", "max_distance", "activation")
+
+    def save(self, path: Path) -> None:
+        """One safetensors file: the tensors, and the scalars in its metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"embed": self.embed, "bias": self.bias, "final_norm": self.final_norm}
+        for i, layer in enumerate(self.layers):
+            for f in fields(Layer):
+                value = getattr(layer, f.name)
+                for j, t in enumerate(value if isinstance(value, tuple) else (value,)):
+                    tensors[f"layers.{i}.{f.name}.{j}"] = t
+        meta = {name: getattr(self, name) for name in self._SCALARS}
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"lmcor": json.dumps(meta), "layers": str(len(self.layers))})
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "EncoderWeights":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta, count = json.loads(f.metadata()["lmcor"]), int(f.metadata()["layers"])
+            get = lambda name: f.get_tensor(name).to(dtype or torch.float32)  # noqa: E731
+            layers = []
+            for i in range(count):
+                parts = {}
+                for field in fields(Layer):
+                    names = sorted(n for n in f.keys() if n.startswith(f"layers.{i}.{field.name}."))
+                    values = tuple(get(n) for n in names)
+                    parts[field.name] = values if field.name == "wi" else values[0]
+                layers.append(Layer(**parts))
+            return cls(embed=get("embed"), bias=get("bias"), layers=tuple(layers), final_norm=get("final_norm"), **meta)
 
 
 def encode_packed(weights: EncoderWeights, ids: torch.Tensor, segments: torch.Tensor, lengths: torch.Tensor, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from .batching import pad_batch, plan_batches
 from .bundle import Manifest, load_manifest
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
-from .encode import encode
+from .encode import PackedEncoder, encode
 from .errors import BundleError, InputError
 from .request import Correction, DecodeStats, Request, as_request
 from .sessions import Sessions, open_session
@@ -40,14 +41,34 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
+def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) -> PackedEncoder | None:
+    if choice not in ("auto", "onnx", "packed"):
+        raise BundleError(f"encoder must be 'auto', 'onnx' or 'packed', got {choice!r}")
+    name = manifest.files.get("packed_encoder")
+    if choice == "onnx" or (choice == "auto" and (name is None or device != "cuda")):
+        return None
+    if name is None:
+        raise BundleError(f"{root}: no packed encoder weights (export with --packed-encoder)")
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BundleError("the packed encoder runs on CUDA (on CPU only through Triton's interpreter, TRITON_INTERPRET=1)")
+    try:
+        return PackedEncoder(root / name, device)
+    except BundleError:
+        if choice == "auto":
+            return None  # no PyTorch/Triton here: the ONNX encoder gives the same states
+        raise
+
+
 class Corrector:
     """A seq2seq corrector: reads a source and K candidates, writes one corrected output."""
 
-    def __init__(self, root: Path, manifest: Manifest, tokenizer: Tokenizer, sessions: Sessions):
+    def __init__(self, root: Path, manifest: Manifest, tokenizer: Tokenizer, sessions: Sessions,
+                 packed: PackedEncoder | None = None):
         self.root = root
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.sessions = sessions
+        self.packed = packed
 
     @classmethod
     def load(
@@ -57,12 +78,16 @@ class Corrector:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         verify: bool = True,
+        encoder: Literal["auto", "onnx", "packed"] = "auto",
     ) -> "Corrector":
         """Load a bundle written by `lmcor export` (the shipped default corrector when `path` is None).
 
         `providers` are ONNX Runtime execution providers (default: CUDA when usable, else CPU);
         `threads` the intra-op threads (default: ONNX Runtime's, one per physical core);
         `verify` checks every file against the manifest's sha256.
+        `encoder`: "auto" runs the Triton packed encoder when the bundle holds its weights, the
+        decoder runs on CUDA and PyTorch with Triton are installed, else the ONNX encoder; "onnx"
+        and "packed" choose (on CPU, "packed" needs Triton's interpreter, TRITON_INTERPRET=1).
         """
         root = Path(path) if path is not None else default_bundle()
         manifest = load_manifest(root, verify=verify)
@@ -75,7 +100,7 @@ class Corrector:
             cross=(open_session(root / manifest.files["cross"], providers=providers, threads=threads)
                    if "cross" in manifest.files else None),
         )
-        return cls(root, manifest, tokenizer, sessions)
+        return cls(root, manifest, tokenizer, sessions, _packed_encoder(root, manifest, sessions.device, encoder))
 
     @property
     def drafts_supported(self) -> bool:
@@ -195,7 +220,10 @@ class Corrector:
         inputs = [model_input for _, _, model_input in batch]
         ids, mask = pad_batch([x.ids for x in inputs], special.pad)
         started = time.perf_counter()
-        hidden = encode(self.sessions, ids, mask, repeat=search.num_beams)
+        if self.packed is not None:
+            hidden = self.packed(ids, mask, repeat=search.num_beams)
+        else:
+            hidden = encode(self.sessions, ids, mask, repeat=search.num_beams)
         encoded = time.perf_counter()
         decoder = open_decoder(self.sessions, self.manifest)
         drafted = accepted = np.zeros(len(batch), dtype=np.int64)

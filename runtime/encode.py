@@ -1,10 +1,19 @@
-"""packed batch -> encoder states, left on the session's device for the decoder."""
+"""packed batch -> encoder states, left on the session's device for the decoder.
+
+Two encoders give the same states: the bundle's ONNX encoder (always there), and, where the bundle
+holds its weights and PyTorch with Triton can run, the packed encoder of `kernels/encoder.py`,
+which skips the padding of ragged batches. Its states reach ONNX Runtime through DLPack (no copy
+on a GPU).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .errors import BundleError
 from .sessions import Sessions
 
 
@@ -15,7 +24,37 @@ def encode(sessions: Sessions, input_ids: np.ndarray, attention_mask: np.ndarray
     io.bind_cpu_input("attention_mask", attention_mask)
     io.bind_output("last_hidden_state", sessions.device)
     sessions.encoder.run_with_iobinding(io)
-    hidden = io.get_outputs()[0]
+    return _repeat(io.get_outputs()[0], repeat, sessions.device)
+
+
+def _repeat(hidden: ort.OrtValue, repeat: int, device: str) -> ort.OrtValue:
     if repeat == 1:
         return hidden
-    return ort.OrtValue.ortvalue_from_numpy(np.repeat(hidden.numpy(), repeat, axis=0), sessions.device, 0)
+    return ort.OrtValue.ortvalue_from_numpy(np.repeat(hidden.numpy(), repeat, axis=0), device, 0)
+
+
+class PackedEncoder:
+    """The Triton packed encoder over the bundle's `packed_encoder` weights."""
+
+    def __init__(self, path: Path, device: str):
+        try:
+            import torch
+
+            from lmcor.kernels.encoder import EncoderWeights, encode_packed, unpack
+        except ImportError as e:
+            raise BundleError(f"the packed encoder needs PyTorch and Triton: pip install 'lmcor[kernels]' ({e})") from None
+        self._torch, self._encode, self._unpack = torch, encode_packed, unpack
+        self.device = device
+        self.weights = EncoderWeights.load(path, device="cuda" if device == "cuda" else "cpu")
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, repeat: int = 1) -> ort.OrtValue:
+        torch = self._torch
+        where = self.weights.embed.device
+        ids = torch.from_numpy(input_ids).to(where)
+        lengths = torch.from_numpy(attention_mask.sum(axis=1)).to(where)
+        with torch.no_grad():
+            packed, cu = self._encode(self.weights, ids, torch.zeros_like(ids), lengths)
+            hidden = self._unpack(packed, cu, input_ids.shape[1]).contiguous()
+        if self.device == "cuda":
+            return _repeat(ort.OrtValue.from_dlpack(hidden.__dlpack__(), False), repeat, self.device)
+        return _repeat(ort.OrtValue.ortvalue_from_numpy(hidden.numpy()), repeat, self.device)

@@ -153,3 +153,20 @@ def test_packed_encoder_equals_the_t5_encoder(feed_forward):
     got = unpack(packed, cu, ids.shape[1])
     for b, n in enumerate(lengths):
         torch.testing.assert_close(got[b, :n], expected[b, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_corrector_with_the_packed_encoder_gives_the_onnx_tokens(checkpoints, tmp_path):
+    from conftest import make_requests
+
+    from lmcor import Corrector
+    from lmcor.export import export_corrector
+
+    bundle = tmp_path / "bundle"
+    export_corrector(checkpoints["t5v11"], bundle, packed_encoder=True)
+    requests = make_requests(6, seed=8)
+    onnx = Corrector.load(bundle, encoder="onnx").correct_batch(requests, max_new_tokens=12, batch_size=3)
+    packed = Corrector.load(bundle, encoder="packed")
+    assert packed.packed is not None
+    got = packed.correct_batch(requests, max_new_tokens=12, batch_size=3)
+    assert [c.token_ids for c in got] == [c.token_ids for c in onnx]
+    assert Corrector.load(bundle).packed is None  # auto: the ONNX encoder without CUDA
