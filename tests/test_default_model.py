@@ -41,7 +41,7 @@ def test_drafts_on_the_default_corrector_change_nothing_and_save_calls():
 
     corrector = Corrector.load()
     assert corrector.drafts_supported
-    requests = read_requests(SPLITS / "test.jsonl", 48)
+    requests = read_requests(SPLITS / "test.jsonl", 160)
     plain = corrector.correct_batch(requests, batch_size=8, drafts=False)
     drafted = corrector.correct_batch(requests, batch_size=8)
     assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
