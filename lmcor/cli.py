@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +23,8 @@ from lmcor import __version__
 from lmcor.runtime.bundle import Template
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.request import Correction, Request, as_request
+from lmcor.runtime.classifier import Classification
+from lmcor.runtime.request import Correction, as_request
 
 EXIT_BAD_LINES = 1
 EXIT_ERROR = 2
@@ -42,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what lmcor does")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    export = commands.add_parser("export", help="export a Hugging Face seq2seq checkpoint to a validated bundle")
-    export.add_argument("model_dir", help="Hugging Face checkpoint folder (T5, T5 v1.1/Flan-T5, mT5, BART, mBART)")
+    export = commands.add_parser("export", help="export a Hugging Face checkpoint to a validated bundle")
+    export.add_argument("model_dir", help="Hugging Face checkpoint folder (correctors: T5, T5 v1.1/Flan-T5, mT5, BART, "
+                        "mBART; classifiers: BERT, RoBERTa, MiniLM, ...)")
     export.add_argument("out_dir", help="bundle folder to write")
+    export.add_argument("--kind", choices=("corrector", "classifier"), default="corrector")
     defaults = Template()
     export.add_argument("--template", default=defaults.text, help="input text with {source} and {candidates}")
     export.add_argument("--candidate", default=defaults.candidate, help="one candidate: {candidate}, {i} from 0, {n} from 1")
@@ -75,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
                          "(outputs are identical either way; drafts need fewer decoder calls)")
     correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
     correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    classify = commands.add_parser("classify", help="classify JSONL texts or text pairs with a classifier bundle")
+    classify.add_argument("input", help='JSONL file of {"id"?, "text", "pair"?} lines; - for stdin')
+    classify.add_argument("-o", "--output", help="JSONL file to write (default: stdout)")
+    classify.add_argument("--model", required=True, help="classifier bundle folder")
+    classify.add_argument("--batch-size", type=_positive_int, default=32)
+    classify.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
+    classify.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
+    classify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="score a corrector against its candidates on labelled data")
     evaluate.add_argument("data", help='JSONL file of {"source", "candidates", "target"} lines')
@@ -120,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lmcor: %(message)s")
     try:
-        return {"export": _export, "correct": _correct, "eval": _eval, "bench": _bench}[args.command](args)
+        commands = {"export": _export, "correct": _correct, "classify": _classify, "eval": _eval, "bench": _bench}
+        return commands[args.command](args)
     except LmcorError as e:
         print(f"lmcor: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -132,6 +145,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.kind == "classifier":
+        from lmcor.export.classifier import export_classifier
+
+        manifest = export_classifier(args.model_dir, args.out_dir, max_input_tokens=args.max_input_tokens, opset=args.opset,
+                                     atol=args.atol, precision=args.precision, overwrite=args.force)
+        v = manifest.validation
+        int8 = (f"; int8 labels agree with fp32 on {v['int8_label_agreement']:.0%}, probabilities within "
+                f"{v['int8_max_abs_prob_diff']:.2g}" if "int8_label_agreement" in v else "")
+        print(f"wrote {args.out_dir}: {manifest.architecture} classifier ({', '.join(manifest.labels)}) "
+              f"{manifest.precision}, fused {v['fused']}; validated on {v['samples']} samples: max |log-prob diff| "
+              f"{v['max_abs_logprob_diff']:.2g}{int8}", file=sys.stderr)
+        return 0
     from lmcor.export import export_corrector
 
     manifest = export_corrector(
@@ -165,22 +190,25 @@ def _lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _parse(line: str) -> tuple[Any, Request | InputError]:
-    """(id, request) of one input line, or (id, the InputError that says what is wrong with it)."""
+def _parse(line: str, convert: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """(id, item) of one input line, or (id, the InputError that says what is wrong with it)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         return None, InputError(f"not valid JSON ({e.msg} at column {e.colno})")
     ident = obj.get("id") if isinstance(obj, dict) else None
     try:
-        return ident, as_request(obj)
+        return ident, convert(obj)
     except InputError as e:
         return ident, e
 
 
-def _record(number: int, ident: Any, result: Correction | InputError) -> dict:
+def _record(number: int, ident: Any, result: Any) -> dict:
     if isinstance(result, InputError):
         return {"id": ident, "line": number, "error": str(result)}
+    if isinstance(result, Classification):
+        return {"id": ident, "line": number, "label": result.label, "probabilities": result.probabilities.tolist(),
+                "truncated": result.truncated}
     return {
         "id": ident,
         "line": number,
@@ -189,6 +217,41 @@ def _record(number: int, ident: Any, result: Correction | InputError) -> dict:
         "input_tokens": result.stats.input_tokens,
         "output_tokens": result.stats.output_tokens,
     }
+
+
+def _serve(args: argparse.Namespace, convert: Callable[[Any], Any], run: Callable[..., list], verb: str, done: str) -> int:
+    """JSONL in, one record per line out in input order; a bad line gets an error record, the rest
+    are still served, and the exit code is 1 at the end."""
+    failed = 0
+    with ExitStack() as stack:
+        source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
+        sink = sys.stdout if not args.output else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        total = None if args.input == "-" else sum(1 for _ in _lines(open(args.input, encoding="utf-8")))
+        bar = stack.enter_context(tqdm(total=total, unit="line", file=sys.stderr, disable=args.quiet, desc=verb))
+        lines = _lines(source)
+        # Chunks keep memory flat on long files while giving the batcher enough items to sort.
+        while chunk := list(itertools.islice(lines, args.batch_size * 8)):
+            parsed = [(number, *_parse(line, convert)) for number, line in chunk]
+            good = [(number, item) for number, _, item in parsed if not isinstance(item, InputError)]
+            results = run([item for _, item in good], progress=bar.update)
+            by_line = {number: result for (number, _), result in zip(good, results)}
+            for number, ident, item in parsed:
+                record = _record(number, ident, by_line.get(number, item))
+                if "error" in record:
+                    failed += 1
+                    if isinstance(item, InputError):
+                        bar.update(1)
+                    tqdm.write(f"lmcor: line {number}: {record['error']}", file=sys.stderr)
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+    if failed:
+        print(f"lmcor: {failed} line(s) could not be {done}; see their error records", file=sys.stderr)
+        return EXIT_BAD_LINES
+    return 0
+
+
+def _providers(args: argparse.Namespace) -> list[str] | None:
+    return [p.strip() for p in args.providers.split(",")] if args.providers else None
 
 
 class _Totals:
@@ -217,49 +280,36 @@ class _Totals:
 
 
 def _correct(args: argparse.Namespace) -> int:
-    providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-    corrector = Corrector.load(args.model, providers=providers, threads=args.threads)
-    failed = 0
+    corrector = Corrector.load(args.model, providers=_providers(args), threads=args.threads)
     totals = _Totals()
-    with ExitStack() as stack:
-        source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
-        sink = sys.stdout if not args.output else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        total = None if args.input == "-" else sum(1 for _ in _lines(open(args.input, encoding="utf-8")))
-        bar = stack.enter_context(tqdm(total=total, unit="line", file=sys.stderr, disable=args.quiet, desc="correcting"))
-        lines = _lines(source)
-        # Chunks keep memory flat on long files while giving the batcher enough requests to sort.
-        while chunk := list(itertools.islice(lines, args.batch_size * 8)):
-            parsed = [(number, *_parse(line)) for number, line in chunk]
-            good = [(number, ident, request) for number, ident, request in parsed if not isinstance(request, InputError)]
-            results = corrector.correct_batch(
-                [request for _, _, request in good],
-                max_new_tokens=args.max_new_tokens,
-                num_beams=args.num_beams,
-                length_penalty=args.length_penalty,
-                no_repeat_ngram_size=args.no_repeat_ngram_size,
-                drafts=not args.no_drafts,
-                batch_size=args.batch_size,
-                errors="return",
-                progress=bar.update,
-            )
-            totals.add(results)
-            by_line = {number: result for (number, _, _), result in zip(good, results)}
-            for number, ident, request in parsed:
-                result = by_line.get(number, request)
-                record = _record(number, ident, result)
-                if "error" in record:
-                    failed += 1
-                    if isinstance(request, InputError):
-                        bar.update(1)
-                    tqdm.write(f"lmcor: line {number}: {record['error']}", file=sys.stderr)
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+
+    def run(requests: list, progress: Callable[[int], None]) -> list:
+        results = corrector.correct_batch(
+            requests, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size, drafts=not args.no_drafts, batch_size=args.batch_size,
+            errors="return", progress=progress)
+        totals.add(results)
+        return results
+
+    code = _serve(args, as_request, run, "correcting", "corrected")
     if args.stats:
         print(totals.summary(), file=sys.stderr)
-    if failed:
-        print(f"lmcor: {failed} line(s) could not be corrected; see their error records", file=sys.stderr)
-        return EXIT_BAD_LINES
-    return 0
+    return code
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from lmcor.runtime.classifier import Classifier, as_texts
+
+    classifier = Classifier.load(args.model, providers=_providers(args), threads=args.threads)
+
+    def run(items: list, progress: Callable[[int], None]) -> list:
+        return classifier.classify_batch(items, batch_size=args.batch_size, errors="return", progress=progress)
+
+    def checked(obj: Any) -> Any:
+        as_texts(obj)
+        return obj
+
+    return _serve(args, checked, run, "classifying", "classified")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from .errors import BundleError
 MANIFEST_NAME = "lmcor.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 bundles predate `decoder_graph` and always hold "merged"
-KINDS = ("corrector",)
+KINDS = ("corrector", "classifier")
 # "merged": optimum's merged decoder (every row advances by the same number of tokens);
 # "ragged": lmcor's step graph + cross-attention graph (per-row lengths; drafted decoding).
 DECODER_GRAPHS = ("merged", "ragged")
@@ -63,16 +63,19 @@ class DecoderShape:
 class Manifest:
     kind: str
     architecture: str
-    template: Template
-    special_tokens: SpecialTokens
-    decoder: DecoderShape
     max_input_tokens: int
-    max_output_tokens: int
     precision: str
     opset: int
-    files: dict[str, str]  # role -> file name: encoder, decoder, (cross,) tokenizer
+    files: dict[str, str]  # role -> file name: encoder, decoder, (cross,) tokenizer; model, tokenizer
+    # correctors
+    template: Template | None = None
+    special_tokens: SpecialTokens | None = None
+    decoder: DecoderShape | None = None
+    max_output_tokens: int = 0
     decoder_graph: str = "merged"
     no_repeat_ngram_size: int = 0  # the checkpoint's generation default; 0: off
+    # classifiers: the label of each output, in order
+    labels: tuple[str, ...] = ()
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -84,14 +87,16 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "Manifest":
         try:
+            corrector = data["kind"] == "corrector"
             return cls(
                 kind=data["kind"],
                 architecture=data["architecture"],
-                template=Template(**data["template"]),
-                special_tokens=SpecialTokens(**data["special_tokens"]),
-                decoder=DecoderShape(**data["decoder"]),
+                template=Template(**data["template"]) if corrector else None,
+                special_tokens=SpecialTokens(**data["special_tokens"]) if corrector else None,
+                decoder=DecoderShape(**data["decoder"]) if corrector else None,
                 max_input_tokens=int(data["max_input_tokens"]),
-                max_output_tokens=int(data["max_output_tokens"]),
+                max_output_tokens=int(data["max_output_tokens"]) if corrector else 0,
+                labels=tuple(data["labels"]) if data["kind"] == "classifier" else (),
                 precision=data["precision"],
                 opset=int(data["opset"]),
                 files=dict(data["files"]),

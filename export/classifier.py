@@ -1,0 +1,135 @@
+"""Hugging Face sequence classifier (BERT, RoBERTa, MiniLM, ...) -> validated lmcor classifier bundle.
+
+optimum's exporter writes the graph; for BERT-family encoders, ONNX Runtime's transformer
+optimizer then fuses attention, layer norms and GELU for the CPU (the fused graph is what gets
+validated and shipped). Validation compares logits with PyTorch on single texts and text pairs.
+`precision="int8"` quantizes the weights dynamically and records how often its labels agree
+with fp32 and by how much its probabilities move, on the same samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lmcor.runtime.bundle import Manifest, write_manifest
+from lmcor.runtime.errors import ExportError
+
+from .seq2seq import PRECISIONS, TOKENIZER_FILE, _max_input_tokens, _opset, _versions, quiet_exporter
+
+log = logging.getLogger("lmcor")
+
+MODEL_FILE = "model.onnx"
+# ONNX Runtime's fusion patterns per model type (its optimizer's names).
+_FUSIONS = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert"}
+SAMPLES = (
+    ("def add(a, b):\n    return a - b", None),
+    ("She goes to school every day.", None),
+    ("The results was suprising.", "The results were surprising."),
+    ("for i in range(10): print(i)", "for (int i = 0; i < 10; i++) printf(\"%d\", i);"),
+    ("a", None),
+)
+
+
+def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_tokens: int | None = None,
+                      opset: int | None = None, atol: float = 1e-3, precision: str = "fp32", fuse: bool = True,
+                      overwrite: bool = False) -> Manifest:
+    """Export a Hugging Face `AutoModelForSequenceClassification` checkpoint folder to `out_dir`."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    try:
+        import torch
+        from optimum.exporters.onnx import main_export
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    except ImportError as e:
+        raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = model.config
+    labels = tuple(config.id2label[i] for i in range(config.num_labels))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
+        with quiet_exporter():
+            main_export(str(model_dir), output=raw, task="text-classification", opset=opset, device="cpu",
+                        do_validation=False, local_files_only=True)
+        staged.mkdir()
+        fused = fuse and config.model_type in _FUSIONS
+        if fused:
+            _fuse(raw / MODEL_FILE, staged / MODEL_FILE, config)
+        else:
+            shutil.copy(raw / MODEL_FILE, staged / MODEL_FILE)
+        tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
+        manifest = Manifest(
+            kind="classifier", architecture=config.model_type,
+            max_input_tokens=max_input_tokens or _max_input_tokens(config, tokenizer), precision="fp32",
+            opset=_opset(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
+            exporter=_versions(),
+        )
+        write_manifest(staged, manifest)
+        reference = _torch_probabilities(model, tokenizer)
+        fp32 = _bundle_probabilities(staged)
+        diff = float(np.abs(np.log(fp32) - np.log(reference)).max())
+        if diff > atol:
+            raise ExportError(f"validation failed: max |log-probability diff| {diff:.3g} exceeds {atol:.3g}")
+        validation = {"samples": len(SAMPLES), "max_abs_logprob_diff": diff, "tolerance": atol, "fused": fused}
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            with quiet_exporter():
+                # Fused ops (ONNX Runtime's contrib domain) defeat the quantizer's shape inference.
+                quantize_dynamic(staged / MODEL_FILE, Path(tmp) / MODEL_FILE, weight_type=QuantType.QInt8,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            shutil.move(str(Path(tmp) / MODEL_FILE), staged / MODEL_FILE)
+            manifest = dataclasses.replace(manifest, precision="int8")
+            write_manifest(staged, manifest)
+            int8 = _bundle_probabilities(staged)
+            validation.update(int8_label_agreement=float((int8.argmax(1) == fp32.argmax(1)).mean()),
+                              int8_max_abs_prob_diff=float(np.abs(int8 - fp32).max()))
+        manifest = dataclasses.replace(manifest, validation=validation)
+        write_manifest(staged, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.move(str(staged), out_dir)
+    return manifest
+
+
+def _fuse(source: Path, target: Path, config) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with quiet_exporter():
+        optimized = optimize_model(str(source), model_type=_FUSIONS[config.model_type], num_heads=config.num_attention_heads,
+                                   hidden_size=config.hidden_size, opt_level=1, use_gpu=False)
+        optimized.save_model_to_file(str(target))
+
+
+def _torch_probabilities(model, tokenizer) -> np.ndarray:
+    import torch
+
+    rows = []
+    for text, pair in SAMPLES:
+        encoded = tokenizer(text, pair, return_tensors="pt", truncation=True)
+        with torch.no_grad():
+            rows.append(torch.softmax(model(**encoded).logits[0], -1).numpy())
+    return np.stack(rows)
+
+
+def _bundle_probabilities(path: Path) -> np.ndarray:
+    from lmcor.runtime.classifier import Classifier
+
+    classifier = Classifier.load(path, providers=["CPUExecutionProvider"])
+    return np.stack([r.probabilities for r in classifier.classify_batch(list(SAMPLES), batch_size=1)])

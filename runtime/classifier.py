@@ -1,0 +1,103 @@
+"""`Classifier`: a loaded classifier bundle (an encoder with a classification head).
+
+texts (or text pairs) -> tokens (truncated longest-first to the bundle's max input tokens) ->
+length-bucketed batches -> ONNX Runtime -> softmax -> the label with the highest probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .batching import pad_batch, plan_batches
+from .bundle import Manifest, load_manifest
+from .corrector import load_tokenizer
+from .errors import BundleError, InputError
+from .sessions import open_session
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    probabilities: np.ndarray  # one per label, in the manifest's label order
+    id: Any = None
+    truncated: bool = False
+
+
+def as_texts(item: Any) -> tuple[str, str | None, Any]:
+    """A text, a (text, pair) tuple, or a mapping with `text` (and `pair`, `id`) -> (text, pair, id)."""
+    if isinstance(item, str):
+        text, pair, ident = item, None, None
+    elif isinstance(item, Mapping):
+        if "text" not in item:
+            raise InputError("missing field 'text'")
+        text, pair, ident = item["text"], item.get("pair"), item.get("id")
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        (text, pair), ident = item, None
+    else:
+        raise InputError(f"expected a text, a (text, pair) pair or an object with 'text', got {type(item).__name__}")
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("field 'text' must be a non-empty string")
+    if pair is not None and not isinstance(pair, str):
+        raise InputError(f"field 'pair' must be a string, got {type(pair).__name__}")
+    return text, pair, ident
+
+
+class Classifier:
+    def __init__(self, root: Path, manifest: Manifest, tokenizer, session):
+        self.root, self.manifest, self.tokenizer, self.session = root, manifest, tokenizer, session
+        self._inputs = {i.name for i in session.get_inputs()}
+        tokenizer.enable_truncation(manifest.max_input_tokens, strategy="longest_first")
+
+    @classmethod
+    def load(cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+             verify: bool = True) -> "Classifier":
+        root = Path(path)
+        manifest = load_manifest(root, verify=verify)
+        if manifest.kind != "classifier":
+            raise BundleError(f"{root}: a {manifest.kind!r} bundle, not a classifier")
+        session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
+        return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"]), session)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    def classify(self, text: str, pair: str | None = None) -> Classification:
+        return self.classify_batch([(text, pair)])[0]  # type: ignore[return-value]
+
+    def classify_batch(self, items: Iterable[Any], *, batch_size: int = 32, errors: Literal["raise", "return"] = "raise",
+                       progress: Callable[[int], None] | None = None) -> list[Classification | InputError]:
+        """Classify texts or text pairs, in order; a bad item raises, or with `errors="return"` yields
+        its `InputError` in its place."""
+        items = list(items)
+        results: list[Classification | InputError | None] = [None] * len(items)
+        good: list[tuple[int, str, str | None, Any]] = []
+        for n, item in enumerate(items):
+            try:
+                good.append((n, *as_texts(item)))
+            except InputError as e:
+                if errors == "raise":
+                    raise InputError(f"item {n}: {e}") from None
+                results[n] = e
+        encodings = [self.tokenizer.encode(text, pair) for _, text, pair, _ in good]
+        for batch in plan_batches([len(e.ids) for e in encodings], batch_size):
+            chosen = [encodings[i] for i in batch]
+            ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], 0)  # pads are masked
+            feed = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self._inputs:
+                feed["token_type_ids"], _ = pad_batch([np.asarray(e.type_ids, dtype=np.int64) for e in chosen], 0)
+            logits = self.session.run(None, feed)[0].astype(np.float64)
+            probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
+            for i, row in zip(batch, probabilities):
+                n, _, _, ident = good[i]
+                results[n] = Classification(self.labels[int(row.argmax())], row.astype(np.float32), ident,
+                                            bool(encodings[i].overflowing))
+            if progress is not None:
+                progress(len(batch))
+        return results  # type: ignore[return-value]

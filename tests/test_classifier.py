@@ -1,0 +1,97 @@
+"""Classifier bundles: probabilities equal PyTorch's, for single texts and pairs, batched or not."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+from lmcor.cli import main
+from lmcor.export.classifier import export_classifier
+from lmcor.runtime.classifier import Classifier
+from lmcor.runtime.errors import InputError
+
+TEXTS = ["def add(a, b):\n    return a - b", "She goes to school every day.", "for i in range(10): print(i)",
+         "x", "The results was suprising, and nobody expected them at all, not even the people who ran it. " * 3]
+PAIRS = [(t, TEXTS[(i + 1) % len(TEXTS)]) for i, t in enumerate(TEXTS)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(TEXTS * 20, trainers.WordPieceTrainer(vocab_size=300, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=24)
+    config = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64, num_labels=3,
+                        id2label={0: "ok", 1: "fix", 2: "other"}, label2id={"ok": 0, "fix": 1, "other": 2})
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "bert"
+    export_classifier(checkpoint, out)
+    return out
+
+
+def _torch(checkpoint, items):
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    out = []
+    for text, pair in items:
+        encoded = tokenizer(text, pair, return_tensors="pt", truncation=True, max_length=24)
+        with torch.no_grad():
+            out.append(torch.softmax(model(**encoded).logits[0], -1).numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_probabilities_match_pytorch(checkpoint, bundle, batch_size):
+    classifier = Classifier.load(bundle)
+    assert classifier.labels == ("ok", "fix", "other") and classifier.manifest.validation["fused"]
+    items = [(t, None) for t in TEXTS] + PAIRS
+    expected = _torch(checkpoint, items)
+    got = classifier.classify_batch(items, batch_size=batch_size)
+    np.testing.assert_allclose(np.stack([r.probabilities for r in got]), expected, atol=1e-5)
+    assert [r.label for r in got] == [classifier.labels[i] for i in expected.argmax(1)]
+    assert got[4].truncated and not got[1].truncated  # the long text exceeds 24 tokens
+
+
+def test_bad_items_are_named_and_the_rest_classified(bundle):
+    classifier = Classifier.load(bundle)
+    got = classifier.classify_batch([{"text": "a"}, {"pair": "b"}, 3, {"text": "a", "pair": 5}], errors="return")
+    assert got[0].label in classifier.labels
+    assert [str(e) for e in got[1:]] == ["missing field 'text'", "expected a text, a (text, pair) pair or an object "
+                                          "with 'text', got int", "field 'pair' must be a string, got int"]
+    with pytest.raises(InputError, match="item 1: missing field 'text'"):
+        classifier.classify_batch(["a", {"pair": "b"}])
+
+
+def test_int8_export_records_its_agreement(checkpoint, tmp_path):
+    manifest = export_classifier(checkpoint, tmp_path / "int8", precision="int8")
+    assert manifest.precision == "int8" and 0.0 <= manifest.validation["int8_label_agreement"] <= 1.0
+    assert Classifier.load(tmp_path / "int8").classify("hello").label in manifest.labels
+
+
+def test_cli_export_and_classify_round_trip(checkpoint, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(["export", "--kind", "classifier", str(checkpoint), str(out)]) == 0
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "text": "hello"}\nnot json\n{"text": "a b", "pair": "c"}\n')
+    assert main(["classify", "--model", str(out), str(source), "-o", str(tmp_path / "o.jsonl"), "-q"]) == 1
+    records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3] and "not valid JSON" in records[1]["error"]
+    assert records[0]["id"] == 1 and len(records[2]["probabilities"]) == 3
+    assert "1 line(s) could not be classified" in capsys.readouterr().err
