@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from lmcor.runtime.batching import pad_batch
 
 
@@ -97,10 +96,9 @@ class Optimum(Transformers):
     def __init__(self, hf_dir: Path, cache: Path, threads: int):
         import onnxruntime as ort
         import torch
+        from lmcor.export.seq2seq import quiet_exporter
         from optimum.exporters.onnx import main_export
         from optimum.onnxruntime import ORTModelForSeq2SeqLM
-
-        from lmcor.export.seq2seq import quiet_exporter
 
         folder = cache / "optimum"
         if not (folder / "decoder_model_merged.onnx").is_file():

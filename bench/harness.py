@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from lmcor.runtime.errors import InputError
 
 from .backends import BACKENDS, Backend, bundle_for

@@ -41,7 +41,11 @@ def shape_checkpoint(shape: str, out: Path) -> Path:
     """A random-init T5 of a named shape, with a word-level tokenizer over its vocabulary."""
     import torch
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        PreTrainedTokenizerFast,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     if (out / "config.json").is_file():
         return out

@@ -17,11 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from lmcor.runtime.bundle import Manifest, write_manifest
 from lmcor.runtime.errors import ExportError
 
-from .seq2seq import PRECISIONS, TOKENIZER_FILE, _max_input_tokens, _opset, _versions, quiet_exporter
+from .seq2seq import (
+    PRECISIONS,
+    TOKENIZER_FILE,
+    _max_input_tokens,
+    _opset,
+    _versions,
+    quiet_exporter,
+)
 
 log = logging.getLogger("lmcor")
 

@@ -19,8 +19,13 @@ import warnings
 from pathlib import Path
 
 import onnx
-
-from lmcor.runtime.bundle import DecoderShape, Manifest, SpecialTokens, Template, write_manifest
+from lmcor.runtime.bundle import (
+    DecoderShape,
+    Manifest,
+    SpecialTokens,
+    Template,
+    write_manifest,
+)
 from lmcor.runtime.errors import ExportError
 
 from . import decoder as ragged

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.decode import open_decoder
 from lmcor.runtime.encode import encode

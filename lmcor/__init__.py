@@ -6,18 +6,24 @@
 """
 
 from lmcor.runtime.bundle import Template
+from lmcor.runtime.classifier import Classification, Classifier
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import BundleError, ExportError, InputError, LmcorError
+from lmcor.runtime.generator import Generation, Generator
 from lmcor.runtime.request import Correction, DecodeStats, Request
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BundleError",
+    "Classification",
+    "Classifier",
     "Correction",
     "Corrector",
     "DecodeStats",
     "ExportError",
+    "Generation",
+    "Generator",
     "InputError",
     "LmcorError",
     "Request",

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,13 +22,29 @@ from tqdm import tqdm
 
 from lmcor import __version__
 from lmcor.runtime.bundle import Template
+from lmcor.runtime.classifier import Classification
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.classifier import Classification
+from lmcor.runtime.generator import Generation
 from lmcor.runtime.request import Correction, as_request
 
 EXIT_BAD_LINES = 1
 EXIT_ERROR = 2
+
+
+# LMCor's setting: an LLM few-shot prompted to correct a sentence. The part before {source} is shared.
+DEFAULT_PROMPT = (
+    "Correct the grammar and spelling of each sentence.\n"
+    "Sentence: she go to school every days\nCorrected: She goes to school every day.\n"
+    "Sentence: The results was suprising.\nCorrected: The results were surprising.\n"
+    "Sentence: {source}\nCorrected:"
+)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    source: str
+    candidates: list[str]
 
 
 def _positive_int(text: str) -> int:
@@ -47,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("model_dir", help="Hugging Face checkpoint folder (correctors: T5, T5 v1.1/Flan-T5, mT5, BART, "
                         "mBART; classifiers: BERT, RoBERTa, MiniLM, ...)")
     export.add_argument("out_dir", help="bundle folder to write")
-    export.add_argument("--kind", choices=("corrector", "classifier"), default="corrector")
+    export.add_argument("--kind", choices=("corrector", "classifier", "causal-lm"), default="corrector")
     defaults = Template()
     export.add_argument("--template", default=defaults.text, help="input text with {source} and {candidates}")
     export.add_argument("--candidate", default=defaults.candidate, help="one candidate: {candidate}, {i} from 0, {n} from 1")
@@ -87,6 +104,28 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
     classify.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
     classify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    generate = commands.add_parser("generate", help="continue JSONL prompts with a causal-LM bundle")
+    generate.add_argument("input", help='JSONL file of {"id"?, "prompt"} lines; - for stdin')
+    candidates = commands.add_parser("candidates", help="write K candidates per source with a causal-LM bundle, "
+                                     "in the corrector's input format (pipe into `lmcor correct -`)")
+    candidates.add_argument("input", help='JSONL file of {"id"?, "source"} lines; - for stdin')
+    candidates.add_argument("-k", type=_positive_int, default=5, help="candidates per source: 1 greedy + K-1 samples")
+    candidates.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt with {source}; the part before it is "
+                            "run once and shared by every request (default: a few-shot correction prompt)")
+    for command in (generate, candidates):
+        command.add_argument("-o", "--output", help="JSONL file to write (default: stdout)")
+        command.add_argument("--model", required=True, help="causal-LM bundle folder")
+        command.add_argument("--max-new-tokens", type=_positive_int, help="default: the bundle's max output tokens")
+        command.add_argument("--temperature", type=float, default=0.0 if command is generate else 0.6,
+                             help="0: greedy" if command is generate else "of the K-1 samples")
+        command.add_argument("--top-p", type=float, default=1.0)
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--batch-size", type=_positive_int, default=8)
+        command.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
+        command.add_argument("--providers", help="comma-separated ONNX Runtime providers")
+        command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("--prefix", help="text put before every prompt, run once and shared")
 
     evaluate = commands.add_parser("eval", help="score a corrector against its candidates on labelled data")
     evaluate.add_argument("data", help='JSONL file of {"source", "candidates", "target"} lines')
@@ -132,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lmcor: %(message)s")
     try:
-        commands = {"export": _export, "correct": _correct, "classify": _classify, "eval": _eval, "bench": _bench}
+        commands = {"export": _export, "correct": _correct, "classify": _classify, "generate": _generate,
+                    "candidates": _candidates, "eval": _eval, "bench": _bench}
         return commands[args.command](args)
     except LmcorError as e:
         print(f"lmcor: error: {e}", file=sys.stderr)
@@ -145,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.kind == "causal-lm":
+        from lmcor.export.causal_lm import export_causal_lm
+
+        manifest = export_causal_lm(args.model_dir, args.out_dir, max_input_tokens=args.max_input_tokens,
+                                    max_output_tokens=args.max_output_tokens, opset=args.opset, overwrite=args.force)
+        print(f"wrote {args.out_dir}: {manifest.architecture} causal LM, opset {manifest.opset}; greedy tokens identical "
+              f"to transformers on {manifest.validation['samples']} prompts, alone and batched", file=sys.stderr)
+        return 0
     if args.kind == "classifier":
         from lmcor.export.classifier import export_classifier
 
@@ -206,6 +254,10 @@ def _parse(line: str, convert: Callable[[Any], Any]) -> tuple[Any, Any]:
 def _record(number: int, ident: Any, result: Any) -> dict:
     if isinstance(result, InputError):
         return {"id": ident, "line": number, "error": str(result)}
+    if isinstance(result, Candidates):
+        return {"id": ident, "source": result.source, "candidates": result.candidates}
+    if isinstance(result, Generation):
+        return {"id": ident, "line": number, "output": result.text, "output_tokens": len(result.token_ids)}
     if isinstance(result, Classification):
         return {"id": ident, "line": number, "label": result.label, "probabilities": result.probabilities.tolist(),
                 "truncated": result.truncated}
@@ -310,6 +362,49 @@ def _classify(args: argparse.Namespace) -> int:
         return obj
 
     return _serve(args, checked, run, "classifying", "classified")
+
+
+def _field(obj: Any, name: str) -> str:
+    if not isinstance(obj, dict) or name not in obj:
+        raise InputError(f"missing field {name!r}")
+    if not isinstance(obj[name], str) or not obj[name].strip():
+        raise InputError(f"field {name!r} must be a non-empty string")
+    return obj[name]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lmcor.runtime.generator import Generator
+
+    generator = Generator.load(args.model, providers=_providers(args), threads=args.threads)
+    prefix = generator.prefix(args.prefix) if args.prefix else None
+
+    def run(prompts: list, progress: Callable[[int], None]) -> list:
+        return generator.generate_batch(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        top_p=args.top_p, seed=args.seed, prefix=prefix, batch_size=args.batch_size,
+                                        progress=progress)
+
+    return _serve(args, lambda obj: _field(obj, "prompt"), run, "generating", "generated")
+
+
+def _candidates(args: argparse.Namespace) -> int:
+    from lmcor.runtime.generator import Generator
+
+    if "{source}" not in args.prompt:
+        raise InputError("--prompt must contain {source}")
+    generator = Generator.load(args.model, providers=_providers(args), threads=args.threads)
+    head, tail = args.prompt.split("{source}", 1)
+    prefix = generator.prefix(head) if head else None
+
+    def run(sources: list, progress: Callable[[int], None]) -> list:
+        prompts = [source + tail for source in sources]
+        options = dict(max_new_tokens=args.max_new_tokens, prefix=prefix, batch_size=args.batch_size, top_p=args.top_p)
+        rounds = [generator.generate_batch(prompts, **options)]  # LMCor: one greedy output ...
+        for k in range(1, args.k):  # ... and K-1 samples
+            rounds.append(generator.generate_batch(prompts, temperature=args.temperature, seed=args.seed + k, **options))
+        progress(len(sources))
+        return [Candidates(source, [r[i].text.strip().split("\n")[0] for r in rounds]) for i, source in enumerate(sources)]
+
+    return _serve(args, lambda obj: _field(obj, "source"), run, "generating", "given candidates")
 
 
 def _eval(args: argparse.Namespace) -> int:

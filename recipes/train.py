@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from lmcor.runtime.bundle import Template
 from lmcor.runtime.template import render
 
@@ -62,7 +61,16 @@ class Settings:
 
 def train_tokenizer(sentences: list[str], vocab_size: int):
     """A Unigram tokenizer in T5's conventions, covering ordinary English and the template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.Unigram())
@@ -258,7 +266,6 @@ def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random)
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no_repeat_ngram_size: int = 0) -> dict:
     import torch
-
     from lmcor.bench.quality import score
 
     outputs = []

@@ -19,7 +19,7 @@ from .errors import BundleError
 MANIFEST_NAME = "lmcor.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 bundles predate `decoder_graph` and always hold "merged"
-KINDS = ("corrector", "classifier")
+KINDS = ("corrector", "classifier", "causal-lm")
 # "merged": optimum's merged decoder (every row advances by the same number of tokens);
 # "ragged": lmcor's step graph + cross-attention graph (per-row lengths; drafted decoding).
 DECODER_GRAPHS = ("merged", "ragged")
@@ -67,7 +67,7 @@ class Manifest:
     precision: str
     opset: int
     files: dict[str, str]  # role -> file name: encoder, decoder, (cross,) tokenizer; model, tokenizer
-    # correctors
+    # correctors (and, for the decoder fields, causal LMs)
     template: Template | None = None
     special_tokens: SpecialTokens | None = None
     decoder: DecoderShape | None = None
@@ -88,14 +88,15 @@ class Manifest:
     def from_json(cls, data: dict[str, Any], where: str) -> "Manifest":
         try:
             corrector = data["kind"] == "corrector"
+            decodes = data["kind"] in ("corrector", "causal-lm")
             return cls(
                 kind=data["kind"],
                 architecture=data["architecture"],
                 template=Template(**data["template"]) if corrector else None,
-                special_tokens=SpecialTokens(**data["special_tokens"]) if corrector else None,
-                decoder=DecoderShape(**data["decoder"]) if corrector else None,
+                special_tokens=SpecialTokens(**data["special_tokens"]) if decodes else None,
+                decoder=DecoderShape(**data["decoder"]) if decodes else None,
                 max_input_tokens=int(data["max_input_tokens"]),
-                max_output_tokens=int(data["max_output_tokens"]) if corrector else 0,
+                max_output_tokens=int(data["max_output_tokens"]) if decodes else 0,
                 labels=tuple(data["labels"]) if data["kind"] == "classifier" else (),
                 precision=data["precision"],
                 opset=int(data["opset"]),

@@ -39,7 +39,6 @@ class PackedEncoder:
     def __init__(self, path: Path, device: str):
         try:
             import torch
-
             from lmcor.kernels.encoder import EncoderWeights, encode_packed, unpack
         except ImportError as e:
             raise BundleError(f"the packed encoder needs PyTorch and Triton: pip install 'lmcor[kernels]' ({e})") from None

@@ -52,7 +52,15 @@ def make_requests(count: int, seed: int) -> list[dict]:
 
 
 def _train_tokenizer(arch: str):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     corpus = english_sentences(400, seed=1) + ["source: candidates:"] * 20
@@ -79,7 +87,12 @@ def _train_tokenizer(arch: str):
 
 def build_checkpoint(arch: str, path: Path) -> Path:
     import torch
-    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     tokenizer = _train_tokenizer(arch)
     vocab = len(tokenizer)

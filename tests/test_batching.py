@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from lmcor.runtime.batching import pad_batch, plan_batches
 
 

@@ -4,10 +4,10 @@ import json
 import shutil
 
 import pytest
+from lmcor.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, load_manifest
 
 from lmcor import BundleError, Corrector
 from lmcor.cli import main
-from lmcor.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, load_manifest
 
 
 @pytest.fixture

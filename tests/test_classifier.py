@@ -5,13 +5,25 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-from lmcor.cli import main
 from lmcor.export.classifier import export_classifier
 from lmcor.runtime.classifier import Classifier
 from lmcor.runtime.errors import InputError
+from tokenizers import (
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from lmcor.cli import main
 
 TEXTS = ["def add(a, b):\n    return a - b", "She goes to school every day.", "for i in range(10): print(i)",
          "x", "The results was suprising, and nobody expected them at all, not even the people who ran it. " * 3]

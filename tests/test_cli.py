@@ -6,10 +6,10 @@ import sys
 
 import pytest
 from conftest import make_requests
+from lmcor.export import export_corrector
 
 from lmcor import Corrector, ExportError
 from lmcor.cli import main
-from lmcor.export import export_corrector
 
 GOOD = make_requests(5, seed=3)
 BAD_LINES = {

@@ -5,8 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lmcor import Corrector
 from lmcor.runtime.corrector import default_bundle
+
+from lmcor import Corrector
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "requests.jsonl"

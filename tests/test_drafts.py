@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 from conftest import make_requests
-from test_parity import _reference
-
-from lmcor import Corrector
 from lmcor.runtime.batching import pad_batch
 from lmcor.runtime.decode import Search, greedy, open_decoder
 from lmcor.runtime.drafts import FIRST_DRAFT, Drafter
 from lmcor.runtime.encode import encode
 from lmcor.runtime.request import as_request
 from lmcor.runtime.tokens import encode_requests
+from test_parity import _reference
+
+from lmcor import Corrector
 
 EOS = 1
 

@@ -3,8 +3,8 @@
 import json
 
 from conftest import make_requests
-
 from lmcor.bench import quality
+
 from lmcor.cli import main
 
 

@@ -136,9 +136,8 @@ def test_add_rmsnorm_matches_reference_and_t5(device, dtype, tol):
 
 @pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
 def test_packed_encoder_equals_the_t5_encoder(feed_forward):
-    from transformers import T5Config, T5EncoderModel
-
     from lmcor.kernels.encoder import EncoderWeights, encode_packed, unpack
+    from transformers import T5Config, T5EncoderModel
 
     config = T5Config(vocab_size=300, d_model=32, d_kv=12, num_heads=4, d_ff=48, num_layers=2,
                       feed_forward_proj=feed_forward, dropout_rate=0.0)
@@ -157,9 +156,9 @@ def test_packed_encoder_equals_the_t5_encoder(feed_forward):
 
 def test_corrector_with_the_packed_encoder_gives_the_onnx_tokens(checkpoints, tmp_path):
     from conftest import make_requests
+    from lmcor.export import export_corrector
 
     from lmcor import Corrector
-    from lmcor.export import export_corrector
 
     bundle = tmp_path / "bundle"
     export_corrector(checkpoints["t5v11"], bundle, packed_encoder=True)

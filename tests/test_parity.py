@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import make_requests
+from lmcor.runtime.template import render
 from transformers import AutoModelForSeq2SeqLM
 
 from lmcor import Corrector
-from lmcor.runtime.template import render
 
 INPUTS = make_requests(24, seed=7)
 

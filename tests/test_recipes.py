@@ -65,7 +65,6 @@ def test_every_error_kind_applies():
 
 def test_copy_init_starts_from_a_working_copier():
     import torch
-
     from lmcor.recipes.train import Settings, build_model, copy_init
 
     model = build_model(Settings(), vocab_size=500)

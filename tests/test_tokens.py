@@ -1,13 +1,12 @@
 """Templates and truncation: candidates shrink evenly, the source is never cut silently."""
 
 import pytest
-from tokenizers import Tokenizer
-
 from lmcor.runtime.bundle import Template
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Request, as_request
 from lmcor.runtime.template import render
 from lmcor.runtime.tokens import encode_requests
+from tokenizers import Tokenizer
 
 
 def test_lmcor_template_is_the_default():

@@ -1,0 +1,117 @@
+"""Causal-LM bundles: greedy tokens equal `generate`'s, batched prompts, a shared prefix, sampling."""
+
+import json
+
+import pytest
+import torch
+from lmcor.export.causal_lm import export_causal_lm
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.generator import Generator
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from lmcor.cli import main
+
+PROMPTS = ["Correct: she go to school", "def add(a, b):", "The capital of France is", "a", "x y z " * 6]
+
+
+def _tokenizer():
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(PROMPTS * 20 + ["She goes to school every day."] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    if request.param == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                            bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "lm"
+    manifest = export_causal_lm(checkpoint, out, max_output_tokens=16)
+    assert manifest.validation["greedy_tokens_identical"]
+    return out
+
+
+def _reference(checkpoint, generator, prompts, max_new_tokens):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    eos = generator.manifest.special_tokens.eos
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([generator.encode(prompt)])
+        with torch.no_grad():
+            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+        out.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_greedy_matches_generate(checkpoint, bundle, batch_size):
+    generator = Generator.load(bundle)
+    got = generator.generate_batch(PROMPTS, max_new_tokens=10, batch_size=batch_size)
+    assert [g.token_ids for g in got] == _reference(checkpoint, generator, PROMPTS, 10)
+
+
+def test_shared_prefix_gives_the_tokens_of_the_whole_prompt(bundle):
+    generator = Generator.load(bundle)
+    head = "Correct the grammar of each sentence.\nSentence:"
+    tails = [" she go to school", " a", " x y z x y z"]
+    prefix = generator.prefix(head)
+    shared = generator.generate_batch(tails, max_new_tokens=8, prefix=prefix)
+    whole = generator.generate_batch([head + t for t in tails], max_new_tokens=8)
+    # The same tokens where the tokenizer splits head + tail at the boundary, which it does here.
+    assert [generator.encode(head) + generator.tokenizer.encode(t, add_special_tokens=False).ids for t in tails] == [
+        generator.encode(head + t) for t in tails]
+    assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
+
+
+def test_sampling_is_seeded(bundle):
+    generator = Generator.load(bundle)
+    options = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    a = generator.generate_batch(PROMPTS, seed=1, **options)
+    b = generator.generate_batch(PROMPTS, seed=1, **options)
+    c = generator.generate_batch(PROMPTS, seed=2, **options)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b] != [g.token_ids for g in c]
+    with pytest.raises(InputError, match="item 1"):
+        generator.generate_batch(["ok", ""])
+
+
+def test_candidates_pipe_into_correct(bundle, bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "source": "she go to school"}\n{"source": 3}\n{"id": 3, "source": "a b"}\n')
+    out = tmp_path / "candidates.jsonl"
+    assert main(["candidates", "--model", str(bundle), str(source), "-o", str(out), "-k", "3", "--max-new-tokens",
+                 "6", "-q"]) == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(r.get("candidates", [])) for r in records] == [3, 0, 3] and "must be a non-empty string" in records[1]["error"]
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in records if "candidates" in r) + "\n")
+    assert main(["correct", "--model", str(bundles["t5"]), str(good), "-q", "--max-new-tokens", "4"]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [1, 3]
