@@ -163,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache", default=str(d.cache), help="converted models are kept here")
     bench.add_argument("--drafts", action="store_true",
                        help="instead: drafts on vs off on --bundle over --data (--requests, --rounds, --batch-size)")
-    bench.add_argument("--bundle", help="with --drafts: bundle folder (default: the corrector shipped with lmcor)")
+    bench.add_argument("--shared-prefix", action="store_true",
+                       help="instead: a causal-LM --bundle with a rules prefix run once vs in every prompt")
+    bench.add_argument("--prefix-tokens", type=_positive_int, default=500, help="with --shared-prefix")
+    bench.add_argument("--bundle", help="with --drafts: bundle folder (default: the corrector shipped with lmcor); "
+                       "with --shared-prefix: a causal-LM bundle")
     return parser
 
 
@@ -428,6 +432,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.drafts:
         return _bench_drafts(args)
+    if args.shared_prefix:
+        return _bench_prefix(args)
     from lmcor.bench import harness
 
     config = harness.BenchConfig(
@@ -443,6 +449,21 @@ def _bench(args: argparse.Namespace) -> int:
     print(harness.table(report))
     print(f"wrote {path} and {', '.join(str(p) for p in images)}", file=sys.stderr)
     return 0
+
+
+def _bench_prefix(args: argparse.Namespace) -> int:
+    from lmcor.bench import prefix
+
+    if not args.bundle:
+        raise InputError("--shared-prefix needs --bundle: a causal-LM bundle")
+    config = prefix.PrefixConfig(bundle=Path(args.bundle), prefix_tokens=args.prefix_tokens, requests=args.requests,
+                                 rounds=args.rounds, batch_size=args.batch_size, threads=args.threads)
+    report = prefix.run(config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prefix.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(prefix.table(report))
+    return 0 if report["identical_outputs"] == report["requests"] else 1
 
 
 def _bench_drafts(args: argparse.Namespace) -> int:

@@ -115,3 +115,12 @@ def test_candidates_pipe_into_correct(bundle, bundles, tmp_path, capsys):
     good.write_text("\n".join(json.dumps(r) for r in records if "candidates" in r) + "\n")
     assert main(["correct", "--model", str(bundles["t5"]), str(good), "-q", "--max-new-tokens", "4"]) == 0
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [1, 3]
+
+
+def test_bench_shared_prefix(bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "--shared-prefix", "--bundle", str(bundle), "--prefix-tokens", "40", "--requests", "3",
+                 "--rounds", "1", "--batch-size", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "prefix.json").read_text())
+    assert report["identical_outputs"] == 3 and report["prefix_tokens"] >= 40
+    assert "speedup" in capsys.readouterr().out
