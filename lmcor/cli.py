@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                          "the bundle's, from the checkpoint's generation config; 0: off)")
     correct.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
                          "(outputs are identical either way; drafts need fewer decoder calls)")
+    correct.add_argument("--gate", nargs="?", const="default", help="skip the corrector where a gate classifier "
+                         "finds the first candidate right (bundle folder; no value: the gate shipped with lmcor)")
+    correct.add_argument("--gate-threshold", type=float, default=0.5, help="probability of 'right' needed to skip")
     correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
     correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -272,6 +275,7 @@ def _record(number: int, ident: Any, result: Any) -> dict:
         "truncated": result.truncated,
         "input_tokens": result.stats.input_tokens,
         "output_tokens": result.stats.output_tokens,
+        **({"gated": True} if result.gated else {}),
     }
 
 
@@ -314,12 +318,14 @@ class _Totals:
     """Decoder use summed over a run; batch-level numbers count once per batch."""
 
     def __init__(self) -> None:
-        self.requests = self.generated = self.calls = self.drafted = self.accepted = 0
+        self.requests = self.gated = self.generated = self.calls = self.drafted = self.accepted = 0
         self.seconds = 0.0
 
     def add(self, results: list) -> None:
         for r in results:
-            if isinstance(r, Correction):
+            if isinstance(r, Correction) and r.gated:
+                self.gated += 1
+            elif isinstance(r, Correction):
                 s = r.stats
                 self.requests += 1
                 self.generated += s.output_tokens + 1  # + the EOS step
@@ -330,20 +336,27 @@ class _Totals:
 
     def summary(self) -> str:
         share = f" ({100 * self.accepted / self.drafted:.0f}%)" if self.drafted else ""
-        return (f"lmcor: {self.requests} requests, {self.generated} generated tokens (EOS included), "
+        gated = f" ({self.gated} more passed by the gate)" if self.gated else ""
+        return (f"lmcor: {self.requests} requests corrected{gated}, {self.generated} generated tokens (EOS included), "
                 f"{round(self.calls)} decoder calls ({self.calls / max(1, self.generated):.3f} per token), "
                 f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, {self.seconds:.2f} s in the model")
 
 
 def _correct(args: argparse.Namespace) -> int:
     corrector = Corrector.load(args.model, providers=_providers(args), threads=args.threads)
+    gate = None
+    if args.gate:
+        from lmcor.runtime.classifier import Classifier, default_gate
+
+        gate = Classifier.load(default_gate() if args.gate == "default" else args.gate, providers=_providers(args),
+                               threads=args.threads)
     totals = _Totals()
 
     def run(requests: list, progress: Callable[[int], None]) -> list:
         results = corrector.correct_batch(
             requests, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size, drafts=not args.no_drafts, batch_size=args.batch_size,
-            errors="return", progress=progress)
+            no_repeat_ngram_size=args.no_repeat_ngram_size, drafts=not args.no_drafts, gate=gate,
+            gate_threshold=args.gate_threshold, batch_size=args.batch_size, errors="return", progress=progress)
         totals.add(results)
         return results
 

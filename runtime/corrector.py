@@ -125,6 +125,8 @@ class Corrector:
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int | None = None,
         drafts: bool = True,
+        gate: Any = None,
+        gate_threshold: float = 0.5,
         batch_size: int = 16,
         errors: Literal["raise", "return"] = "raise",
         progress: Callable[[int], None] | None = None,
@@ -140,6 +142,10 @@ class Corrector:
         checkpoint's generation config; 0: off). `drafts` verifies drafts copied from
         the request's input in greedy search (output identical, fewer decoder calls); it applies to
         bundles whose decoder supports it (`drafts_supported`) and never to beam search.
+        `gate`, a `Classifier` with a "right" label (`lmcor.recipes.gate`), reads each request's source
+        and first candidate (the LLM's greedy output); where it gives "right" a probability of at
+        least `gate_threshold`, that candidate is returned as it is (`gated=True`) and the corrector
+        does not run for it.
         With `errors="return"`, a bad
         request yields its `InputError` in its place and every other request is still corrected;
         `progress` is called with the number of requests finished by each batch.
@@ -156,6 +162,8 @@ class Corrector:
                 if errors == "raise":
                     raise InputError(f"item {n}: {e}") from None
                 results[n] = e
+        if gate is not None and valid:
+            valid = self._gate(gate, gate_threshold, valid, results, progress)
         inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid], self.manifest.max_input_tokens)
         ready: list[tuple[int, Any, ModelInput]] = []
         for (n, request), model_input in zip(valid, inputs):
@@ -192,6 +200,24 @@ class Corrector:
         results: list[Correction | None] = [None] * len(ready)
         self._decode_all(ready, search, batch_size, results, None)
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _gate(gate: Any, threshold: float, valid: list[tuple[int, Request]], results: list,
+              progress: Callable[[int], None] | None) -> list[tuple[int, Request]]:
+        """Answer the requests whose first candidate the gate finds right; return the others."""
+        if "right" not in gate.labels:
+            raise BundleError(f"{gate.root}: the gate must have a 'right' label (it has {', '.join(gate.labels)})")
+        right = gate.labels.index("right")
+        verdicts = gate.classify_batch([(r.source, r.candidates[0]) for _, r in valid])
+        rest = []
+        for (n, request), verdict in zip(valid, verdicts):
+            if verdict.probabilities[right] >= threshold:
+                results[n] = Correction(text=request.candidates[0], token_ids=[], id=request.id, gated=True)
+            else:
+                rest.append((n, request))
+        if progress is not None and len(rest) < len(valid):
+            progress(len(valid) - len(rest))
+        return rest
 
     def _decode_all(self, ready: list[tuple[int, Any, ModelInput]], search: Search, batch_size: int,
                     results: list, progress: Callable[[int], None] | None) -> None:

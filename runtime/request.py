@@ -37,6 +37,7 @@ class Correction:
     truncated: bool = False
     id: Any = None
     stats: DecodeStats = field(default_factory=DecodeStats)
+    gated: bool = False  # the gate found the first candidate right: returned as it is, not decoded
 
 
 def as_request(item: Any) -> Request:

@@ -107,3 +107,36 @@ def test_cli_export_and_classify_round_trip(checkpoint, tmp_path, capsys):
     assert [r["line"] for r in records] == [1, 2, 3] and "not valid JSON" in records[1]["error"]
     assert records[0]["id"] == 1 and len(records[2]["probabilities"]) == 3
     assert "1 line(s) could not be classified" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verdict", ["right", "needs correction"])
+def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tmp_path, verdict):
+    from conftest import make_requests
+
+    from lmcor import Corrector
+
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True,
+                                                               id2label={0: "needs correction", 1: "right"},
+                                                               label2id={"needs correction": 0, "right": 1})
+    with torch.no_grad():  # a gate that always says `verdict`
+        model.classifier.bias.copy_(torch.tensor([10.0, -10.0] if verdict == "needs correction" else [-10.0, 10.0]))
+    model.save_pretrained(tmp_path / "hf")
+    PreTrainedTokenizerFast.from_pretrained(checkpoint).save_pretrained(tmp_path / "hf")
+    export_classifier(tmp_path / "hf", tmp_path / "gate")
+    gate = Classifier.load(tmp_path / "gate")
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(4, seed=1)
+    got = corrector.correct_batch(requests, gate=gate, max_new_tokens=5)
+    plain = corrector.correct_batch(requests, max_new_tokens=5)
+    if verdict == "right":
+        assert all(c.gated for c in got) and [c.text for c in got] == [r["candidates"][0] for r in requests]
+    else:
+        assert not any(c.gated for c in got) and [c.text for c in got] == [c.text for c in plain]
+
+def test_a_gate_needs_a_right_label(bundle, bundles):
+    from conftest import make_requests
+
+    from lmcor import BundleError, Corrector
+
+    with pytest.raises(BundleError, match="must have a 'right' label"):
+        Corrector.load(bundles["t5"]).correct_batch(make_requests(2, seed=1), gate=Classifier.load(bundle))
