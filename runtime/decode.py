@@ -76,10 +76,6 @@ class MergedDecoder:
         self._bind_self(presents)
         return logits
 
-    def accept(self, counts: np.ndarray) -> None:
-        """Keep the first `counts` of the last step's tokens per row: all of them, for this graph."""
-        raise NotImplementedError("the merged decoder advances every row by the same number of tokens")
-
     def reorder(self, rows: np.ndarray) -> None:
         """Keep self-attention caches of `rows` (beam search). Cross-attention caches are equal for
         all beams of an item and beams never move between items, so those stay as they are."""
