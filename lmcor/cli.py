@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                          "the bundle's, from the checkpoint's generation config; 0: off)")
     correct.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
                          "(outputs are identical either way; drafts need fewer decoder calls)")
-    correct.add_argument("--gate", nargs="?", const="default", help="skip the corrector where a gate classifier "
-                         "finds the first candidate right (bundle folder; no value: the gate shipped with lmcor)")
+    correct.add_argument("--gate", help="classifier bundle with a 'right' label: where it finds the first candidate "
+                         "right, that candidate is returned and the corrector skipped (see lmcor.recipes.gate)")
     correct.add_argument("--gate-threshold", type=float, default=0.5, help="probability of 'right' needed to skip")
     correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
     correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -346,10 +346,9 @@ def _correct(args: argparse.Namespace) -> int:
     corrector = Corrector.load(args.model, providers=_providers(args), threads=args.threads)
     gate = None
     if args.gate:
-        from lmcor.runtime.classifier import Classifier, default_gate
+        from lmcor.runtime.classifier import Classifier
 
-        gate = Classifier.load(default_gate() if args.gate == "default" else args.gate, providers=_providers(args),
-                               threads=args.threads)
+        gate = Classifier.load(args.gate, providers=_providers(args), threads=args.threads)
     totals = _Totals()
 
     def run(requests: list, progress: Callable[[int], None]) -> list:

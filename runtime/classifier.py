@@ -47,16 +47,6 @@ def as_texts(item: Any) -> tuple[str, str | None, Any]:
     return text, pair, ident
 
 
-def default_gate() -> Path:
-    """The gate shipped inside the package (`lmcor.recipes.gate`): is the LLM's output already right?"""
-    import importlib.resources
-
-    path = Path(str(importlib.resources.files("lmcor") / "models" / "gate"))
-    if not path.is_dir():
-        raise BundleError("no gate is installed with this lmcor; pass the path of a classifier bundle")
-    return path
-
-
 class Classifier:
     def __init__(self, root: Path, manifest: Manifest, tokenizer, session):
         self.root, self.manifest, self.tokenizer, self.session = root, manifest, tokenizer, session

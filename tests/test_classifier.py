@@ -140,3 +140,10 @@ def test_a_gate_needs_a_right_label(bundle, bundles):
 
     with pytest.raises(BundleError, match="must have a 'right' label"):
         Corrector.load(bundles["t5"]).correct_batch(make_requests(2, seed=1), gate=Classifier.load(bundle))
+
+
+def test_cli_correct_with_a_gate(bundle, bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"source": "a b", "candidates": ["a b"]}\n')
+    assert main(["correct", "--model", str(bundles["t5"]), "--gate", str(bundle), str(source), "-q"]) == 2
+    assert "must have a 'right' label" in capsys.readouterr().err

@@ -50,3 +50,4 @@ def test_drafts_on_the_default_corrector_change_nothing_and_save_calls():
     assert [c.token_ids for c in single] == [c.token_ids for c in plain[:16]]
     generated = sum(len(c.token_ids) + 1 for c in single)
     assert sum(c.stats.decoder_calls for c in single) < generated / 3  # most calls accept several tokens
+
