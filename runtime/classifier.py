@@ -15,7 +15,7 @@ import numpy as np
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, load_manifest
-from .corrector import load_tokenizer
+from .tokens import load_tokenizer
 from .errors import BundleError, InputError
 from .sessions import open_session
 
@@ -45,6 +45,12 @@ def as_texts(item: Any) -> tuple[str, str | None, Any]:
     if pair is not None and not isinstance(pair, str):
         raise InputError(f"field 'pair' must be a string, got {type(pair).__name__}")
     return text, pair, ident
+
+
+def gate_input(source: str, candidates: Sequence[str]) -> tuple[str, str]:
+    """What a gate reads to judge the first candidate: that candidate, and the source with the
+    other candidates (whether they agree with it is the strongest sign that it is right)."""
+    return candidates[0], " | ".join([source, *candidates[1:]])
 
 
 class Classifier:

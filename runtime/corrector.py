@@ -13,6 +13,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
+from .classifier import gate_input
 from .bundle import Manifest, load_manifest
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
@@ -20,7 +21,7 @@ from .encode import PackedEncoder, encode
 from .errors import BundleError, InputError
 from .request import Correction, DecodeStats, Request, as_request
 from .sessions import Sessions, open_session
-from .tokens import ModelInput, encode_requests
+from .tokens import ModelInput, encode_requests, load_tokenizer
 
 
 def default_bundle() -> Path:
@@ -29,16 +30,6 @@ def default_bundle() -> Path:
     if not path.is_dir():
         raise BundleError("no default corrector is installed with this lmcor; pass the path of an exported bundle")
     return path
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
-        raise BundleError(f"{path}: cannot read the tokenizer ({e})") from None
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
 
 
 def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) -> PackedEncoder | None:
@@ -142,8 +133,8 @@ class Corrector:
         checkpoint's generation config; 0: off). `drafts` verifies drafts copied from
         the request's input in greedy search (output identical, fewer decoder calls); it applies to
         bundles whose decoder supports it (`drafts_supported`) and never to beam search.
-        `gate`, a `Classifier` with a "right" label (`lmcor.recipes.gate`), reads each request's source
-        and first candidate (the LLM's greedy output); where it gives "right" a probability of at
+        `gate`, a `Classifier` with a "right" label (`lmcor.recipes.gate`), reads each request's first
+        candidate (the LLM's greedy output) with the source and the other candidates; where it gives "right" a probability of at
         least `gate_threshold`, that candidate is returned as it is (`gated=True`) and the corrector
         does not run for it.
         With `errors="return"`, a bad
@@ -208,7 +199,7 @@ class Corrector:
         if "right" not in gate.labels:
             raise BundleError(f"{gate.root}: the gate must have a 'right' label (it has {', '.join(gate.labels)})")
         right = gate.labels.index("right")
-        verdicts = gate.classify_batch([(r.source, r.candidates[0]) for _, r in valid])
+        verdicts = gate.classify_batch([gate_input(r.source, r.candidates) for _, r in valid])
         rest = []
         for (n, request), verdict in zip(valid, verdicts):
             if verdict.probabilities[right] >= threshold:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Manifest, load_manifest
-from .corrector import load_tokenizer
+from .tokens import load_tokenizer
 from .errors import BundleError, InputError
 from .sessions import open_session
 

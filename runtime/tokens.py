@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from .bundle import Template
-from .errors import InputError
+from .errors import BundleError, InputError
 from .request import Request
 from .template import render
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+        raise BundleError(f"{path}: cannot read the tokenizer ({e})") from None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 @dataclass(frozen=True)
