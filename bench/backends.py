@@ -7,6 +7,8 @@ A backend whose package is missing is skipped by the harness, with a note.
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +41,12 @@ def bundle_for(hf_dir: Path, cache: Path, precision: str = "fp32") -> Path:
     """The lmcor bundle of a checkpoint, exported on first use."""
     from lmcor.export import export_corrector
 
+    from lmcor.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME
+
     bundle = cache / f"bundle-{precision}"
-    if not (bundle / "lmcor.json").is_file():
+    manifest = bundle / MANIFEST_NAME
+    # A bundle cached by an older lmcor is exported again rather than benchmarked as it was.
+    if not manifest.is_file() or json.loads(manifest.read_text(encoding="utf-8")).get("format_version") != FORMAT_VERSION:
         export_corrector(hf_dir, bundle, precision=precision, overwrite=True)
     return bundle
 

@@ -1,6 +1,6 @@
 """Train lmcor's default corrector from scratch: tokenizer, small T5 v1.1-style model, export.
 
-    python -m lmcor.recipes.train --out build/default-corrector --minutes 110
+    python -m lmcor.recipes.train --out build/default-corrector --minutes 170
 
 writes `dev.jsonl`/`test.jsonl`, the tokenizer, checkpoints (resumable with --resume), the
 Hugging Face folder `hf/`, and the exported bundle `bundle/`. Seeds are fixed.
@@ -398,7 +398,7 @@ def _save(path: Path, model, optimizer, state: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/default-corrector"))
-    parser.add_argument("--minutes", type=float, default=110.0, help="training time budget")
+    parser.add_argument("--minutes", type=float, default=170.0, help="training time budget")
     parser.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
