@@ -102,7 +102,7 @@ class Optimum(Transformers):
     def __init__(self, hf_dir: Path, cache: Path, threads: int):
         import onnxruntime as ort
         import torch
-        from lmcor.export.seq2seq import quiet_exporter
+        from lmcor.export.checkpoint import quiet_exporter
         from optimum.exporters.onnx import main_export
         from optimum.onnxruntime import ORTModelForSeq2SeqLM
 

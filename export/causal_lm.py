@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 from pathlib import Path
 
 from lmcor.runtime.bundle import DecoderShape, Manifest, SpecialTokens, write_manifest
 from lmcor.runtime.errors import ExportError
 
-from .seq2seq import (
-    TOKENIZER_FILE,
-    _max_input_tokens,
-    _opset,
-    _versions,
-    quiet_exporter,
-)
+from .checkpoint import TOKENIZER_FILE, default_max_input_tokens, load_checkpoint, opset_of, staged_export, versions
 
 MODEL_FILE = "model.onnx"
 SAMPLE_PROMPTS = ("Correct the sentence: she go to school", "def add(a, b):", "The capital of France is", "a")
@@ -40,19 +33,8 @@ def _shape(config) -> DecoderShape:
 def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_tokens: int | None = None,
                      max_output_tokens: int = 256, opset: int | None = None, overwrite: bool = False) -> Manifest:
     """Export a Hugging Face `AutoModelForCausalLM` checkpoint folder to `out_dir`."""
-    try:
-        import torch
-        from optimum.exporters.onnx import main_export
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:
-        raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForCausalLM", overwrite=overwrite)
     config = model.config
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
@@ -60,29 +42,20 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
         raise ExportError(f"{model_dir}: the config has no eos_token_id")
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
-        with quiet_exporter():
-            main_export(str(model_dir), output=raw, task="text-generation-with-past", opset=opset, device="cpu",
-                        do_validation=False, local_files_only=True)
-        staged.mkdir()
+    with staged_export(model_dir, out_dir, "text-generation-with-past", opset) as (raw, staged):
         for file in raw.glob(f"{MODEL_FILE}*"):
             shutil.copy(file, staged / file.name)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="causal-lm", architecture=config.model_type,
-            max_input_tokens=max_input_tokens or _max_input_tokens(config, tokenizer), precision="fp32",
-            opset=_opset(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
+            max_input_tokens=max_input_tokens or default_max_input_tokens(config, tokenizer), precision="fp32",
+            opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
             special_tokens=SpecialTokens(pad=int(pad), eos=int(eos), decoder_start=int(bos)), decoder=_shape(config),
-            max_output_tokens=max_output_tokens, exporter=_versions(),
+            max_output_tokens=max_output_tokens, exporter=versions(),
         )
         write_manifest(staged, manifest)
         manifest = dataclasses.replace(manifest, validation=_validate(model, staged))
         write_manifest(staged, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.move(str(staged), out_dir)
     return manifest
 
 

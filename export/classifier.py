@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,15 @@ import onnx
 from lmcor.runtime.bundle import Manifest, write_manifest
 from lmcor.runtime.errors import ExportError
 
-from .seq2seq import (
+from .checkpoint import (
     PRECISIONS,
     TOKENIZER_FILE,
-    _max_input_tokens,
-    _opset,
-    _versions,
+    default_max_input_tokens,
+    load_checkpoint,
+    opset_of,
     quiet_exporter,
+    staged_export,
+    versions,
 )
 
 log = logging.getLogger("lmcor")
@@ -49,31 +50,12 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     """Export a Hugging Face `AutoModelForSequenceClassification` checkpoint folder to `out_dir`."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    try:
-        import torch
-        from optimum.exporters.onnx import main_export
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    except ImportError as e:
-        raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSequenceClassification", overwrite=overwrite)
     config = model.config
     labels = tuple(config.id2label[i] for i in range(config.num_labels))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
-        with quiet_exporter():
-            main_export(str(model_dir), output=raw, task="text-classification", opset=opset, device="cpu",
-                        do_validation=False, local_files_only=True)
-        staged.mkdir()
+    with staged_export(model_dir, out_dir, "text-classification", opset) as (raw, staged):
         fused = fuse and config.model_type in _FUSIONS
         if fused:
             _fuse(raw / MODEL_FILE, staged / MODEL_FILE, config)
@@ -82,9 +64,9 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="classifier", architecture=config.model_type,
-            max_input_tokens=max_input_tokens or _max_input_tokens(config, tokenizer), precision="fp32",
-            opset=_opset(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
-            exporter=_versions(),
+            max_input_tokens=max_input_tokens or default_max_input_tokens(config, tokenizer), precision="fp32",
+            opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
+            exporter=versions(),
         )
         write_manifest(staged, manifest)
         reference = _torch_probabilities(model, tokenizer)
@@ -98,9 +80,9 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
 
             with quiet_exporter():
                 # Fused ops (ONNX Runtime's contrib domain) defeat the quantizer's shape inference.
-                quantize_dynamic(staged / MODEL_FILE, Path(tmp) / MODEL_FILE, weight_type=QuantType.QInt8,
+                quantize_dynamic(staged / MODEL_FILE, raw / f"int8_{MODEL_FILE}", weight_type=QuantType.QInt8,
                                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            shutil.move(str(Path(tmp) / MODEL_FILE), staged / MODEL_FILE)
+            shutil.move(str(raw / f"int8_{MODEL_FILE}"), staged / MODEL_FILE)
             manifest = dataclasses.replace(manifest, precision="int8")
             write_manifest(staged, manifest)
             int8 = _bundle_probabilities(staged)
@@ -108,9 +90,6 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
                               int8_max_abs_prob_diff=float(np.abs(int8 - fp32).max()))
         manifest = dataclasses.replace(manifest, validation=validation)
         write_manifest(staged, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.move(str(staged), out_dir)
     return manifest
 
 

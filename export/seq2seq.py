@@ -9,16 +9,11 @@ PyTorch before anything is written to the destination.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.metadata
 import logging
 import shutil
-import tempfile
-import warnings
 from pathlib import Path
 
-import onnx
 from lmcor.runtime.bundle import (
     DecoderShape,
     Manifest,
@@ -29,17 +24,25 @@ from lmcor.runtime.bundle import (
 from lmcor.runtime.errors import ExportError
 
 from . import decoder as ragged
+from .checkpoint import (
+    PRECISIONS,
+    TOKENIZER_FILE,
+    default_max_input_tokens,
+    load_checkpoint,
+    opset_of,
+    quiet_exporter,
+    staged_export,
+    versions,
+)
 from .validate import validate_corrector
 
 log = logging.getLogger("lmcor")
 
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
-TOKENIZER_FILE = "tokenizer.json"
 PACKED_ENCODER_FILE = "encoder_packed.safetensors"
 FIRST_STEP_FILE = "decoder_model.onnx"  # optimum's two decoders, merged into DECODER_FILE
 CACHED_STEP_FILE = "decoder_with_past_model.onnx"
-PRECISIONS = ("fp32", "int8")
 DEFAULT_TEMPLATE = Template()
 # Generation settings whose logits processors lmcor does not apply; a checkpoint that sets them
 # is still exported (and validated on plain search), with a warning.
@@ -84,47 +87,6 @@ def _special_tokens(model) -> SpecialTokens:
     )
 
 
-def _max_input_tokens(config, tokenizer) -> int:
-    declared = getattr(tokenizer, "model_max_length", None)
-    if declared and declared < 1_000_000:
-        return int(declared)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if value:
-            return int(value)
-    return 512
-
-
-def _opset(path: Path) -> int:
-    model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("lmcor", "torch", "transformers", "optimum-onnx", "onnxruntime", "onnxruntime-gpu"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
-
-
-@contextlib.contextmanager
-def quiet_exporter():
-    """The exporter's and quantizer's tracer warnings and advice say nothing actionable to lmcor users
-    (the quantizer logs through the root logger)."""
-    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx", "")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def export_corrector(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -152,42 +114,14 @@ def export_corrector(
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    try:
-        import torch
-        from optimum.exporters.onnx import main_export
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-    except ImportError as e:
-        raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
     _check_template(template)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSeq2SeqLM", overwrite=overwrite)
     shape = _decoder_shape(model.config)
     special = _special_tokens(model)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
-        with quiet_exporter():
-            main_export(
-                str(model_dir),
-                output=raw,
-                task="text2text-generation-with-past",
-                opset=opset,
-                device="cpu",
-                do_validation=False,
-                local_files_only=True,
-            )
-        staged.mkdir()
-        opset = _opset(raw / ENCODER_FILE)
+    with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset) as (raw, staged):
+        opset = opset_of(raw / ENCODER_FILE)
         if model.config.model_type in ragged.ARCHITECTURES:
             with quiet_exporter():
                 ragged.export_step_decoder(model, raw, opset)
@@ -214,14 +148,14 @@ def export_corrector(
             template=template,
             special_tokens=special,
             decoder=shape,
-            max_input_tokens=max_input_tokens or _max_input_tokens(model.config, tokenizer),
+            max_input_tokens=max_input_tokens or default_max_input_tokens(model.config, tokenizer),
             max_output_tokens=max_output_tokens,
             precision="fp32",
             opset=opset,
             files={"encoder": ENCODER_FILE, **files, "tokenizer": TOKENIZER_FILE},
             decoder_graph=graph,
             no_repeat_ngram_size=int(getattr(model.generation_config, "no_repeat_ngram_size", 0) or 0),
-            exporter=_versions(),
+            exporter=versions(),
         )
         write_manifest(staged, manifest)
         report = validate_corrector(model, staged, atol=atol)
@@ -232,9 +166,6 @@ def export_corrector(
             report = validate_corrector(model, staged, exact=False)
         manifest = dataclasses.replace(manifest, validation=report.as_dict())
         write_manifest(staged, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.move(str(staged), out_dir)
     return manifest
 
 

@@ -122,8 +122,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
-    """Read and check a bundle's manifest; with `verify`, check every file's sha256."""
+def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = None) -> Manifest:
+    """Read and check a bundle's manifest; with `verify`, check every file's sha256; with `kind`,
+    check that the bundle is of that kind."""
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
@@ -145,6 +146,8 @@ def load_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
     manifest = Manifest.from_json(data, str(manifest_path))
     if manifest.kind not in KINDS:
         raise BundleError(f"{manifest_path}: unknown bundle kind {manifest.kind!r} (expected one of {KINDS})")
+    if kind is not None and manifest.kind != kind:
+        raise BundleError(f"{root}: a {manifest.kind!r} bundle, not a {kind}")
     if manifest.decoder_graph not in DECODER_GRAPHS:
         raise BundleError(f"{manifest_path}: unknown decoder_graph {manifest.decoder_graph!r} (expected one of {DECODER_GRAPHS})")
     if manifest.decoder_graph == "ragged" and "cross" not in manifest.files:

@@ -16,7 +16,7 @@ import numpy as np
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, load_manifest
 from .tokens import load_tokenizer
-from .errors import BundleError, InputError
+from .errors import InputError
 from .sessions import open_session
 
 
@@ -63,9 +63,7 @@ class Classifier:
     def load(cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
              verify: bool = True) -> "Classifier":
         root = Path(path)
-        manifest = load_manifest(root, verify=verify)
-        if manifest.kind != "classifier":
-            raise BundleError(f"{root}: a {manifest.kind!r} bundle, not a classifier")
+        manifest = load_manifest(root, verify=verify, kind="classifier")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
         return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"]), session)
 

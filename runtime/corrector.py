@@ -81,9 +81,7 @@ class Corrector:
         and "packed" choose (on CPU, "packed" needs Triton's interpreter, TRITON_INTERPRET=1).
         """
         root = Path(path) if path is not None else default_bundle()
-        manifest = load_manifest(root, verify=verify)
-        if manifest.kind != "corrector":
-            raise BundleError(f"{root}: a {manifest.kind!r} bundle, not a corrector")
+        manifest = load_manifest(root, verify=verify, kind="corrector")
         tokenizer = load_tokenizer(root / manifest.files["tokenizer"])
         sessions = Sessions(
             encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
@@ -155,7 +153,8 @@ class Corrector:
                 results[n] = e
         if gate is not None and valid:
             valid = self._gate(gate, gate_threshold, valid, results, progress)
-        inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid], self.manifest.max_input_tokens)
+        inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid], self.manifest.max_input_tokens,
+                                 references=search.drafts)
         ready: list[tuple[int, Any, ModelInput]] = []
         for (n, request), model_input in zip(valid, inputs):
             if isinstance(model_input, InputError):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .bundle import Manifest, load_manifest
 from .tokens import load_tokenizer
-from .errors import BundleError, InputError
+from .errors import InputError
 from .sessions import open_session
 
 
@@ -55,9 +55,7 @@ class Generator:
     def load(cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
              verify: bool = True) -> "Generator":
         root = Path(path)
-        manifest = load_manifest(root, verify=verify)
-        if manifest.kind != "causal-lm":
-            raise BundleError(f"{root}: a {manifest.kind!r} bundle, not a causal LM")
+        manifest = load_manifest(root, verify=verify, kind="causal-lm")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
         return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"]), session)
 

@@ -35,19 +35,20 @@ class ModelInput:
 
 
 def encode_requests(
-    tokenizer: Tokenizer, template: Template, requests: Sequence[Request], max_tokens: int
+    tokenizer: Tokenizer, template: Template, requests: Sequence[Request], max_tokens: int, *, references: bool = False
 ) -> list[ModelInput | InputError]:
     """Tokenize requests exactly as the checkpoint's own tokenizer would tokenize the rendered text.
 
     An input longer than `max_tokens` has its candidates shortened evenly (each keeps its head);
     the source is never cut: a source that leaves no room for the candidates is an `InputError`,
-    returned in that request's place so that the other requests are still served.
+    returned in that request's place so that the other requests are still served. With
+    `references`, each input also carries what drafted decoding copies from.
     """
     rendered = [render(template, r.source, r.candidates) for r in requests]
     encodings = tokenizer.encode_batch([text for text, _ in rendered])
-    references = _references(tokenizer, requests)
+    drafts_from = _references(tokenizer, requests) if references else [()] * len(requests)
     out: list[ModelInput | InputError] = []
-    for request, (_, spans), encoding, refs in zip(requests, rendered, encodings, references):
+    for request, (_, spans), encoding, refs in zip(requests, rendered, encodings, drafts_from):
         if len(encoding.ids) <= max_tokens:
             out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), False, refs))
             continue

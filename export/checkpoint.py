@@ -1,0 +1,107 @@
+"""What every exporter shares: reading a Hugging Face checkpoint folder, running optimum's
+exporter into a staging folder, and putting the validated bundle in place.
+
+A bundle is built in a temporary folder beside `out_dir` and moved there only when the exporter's
+body finishes (after validation), so a failing export never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from lmcor.runtime.errors import ExportError
+
+TOKENIZER_FILE = "tokenizer.json"
+PRECISIONS = ("fp32", "int8")
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporter's and quantizer's tracer warnings and advice say nothing actionable to lmcor users
+    (the quantizer logs through the root logger)."""
+    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrite: bool):
+    """(model in eval mode, fast tokenizer) of a checkpoint folder, after checking both folders.
+
+    `auto_class` names the transformers auto class (e.g. "AutoModelForSeq2SeqLM")."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
+    model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) -> Iterator[tuple[Path, Path]]:
+    """Run optimum's exporter for `task` into `raw` and yield (raw, staged); when the body finishes,
+    `staged` replaces `out_dir`."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
+        with quiet_exporter():
+            main_export(str(model_dir), output=raw, task=task, opset=opset, device="cpu", do_validation=False,
+                        local_files_only=True)
+        staged.mkdir()
+        yield raw, staged
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.move(str(staged), out_dir)
+
+
+def default_max_input_tokens(config, tokenizer) -> int:
+    """The tokenizer's declared limit, else the model's position limit, else 512."""
+    declared = getattr(tokenizer, "model_max_length", None)
+    if declared and declared < 1_000_000:
+        return int(declared)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return 512
+
+
+def opset_of(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("lmcor", "torch", "transformers", "optimum-onnx", "onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
