@@ -1,4 +1,5 @@
-"""Classifier bundles: probabilities equal PyTorch's, for single texts and pairs, batched or not."""
+"""Classifier bundles (BERT and RoBERTa families): probabilities equal PyTorch's, for single texts and pairs,
+batched or not."""
 
 import json
 
@@ -10,6 +11,7 @@ from lmcor.runtime.classifier import Classifier
 from lmcor.runtime.errors import InputError
 from tokenizers import (
     Tokenizer,
+    decoders,
     models,
     normalizers,
     pre_tokenizers,
@@ -21,6 +23,8 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 from lmcor.cli import main
@@ -30,9 +34,7 @@ TEXTS = ["def add(a, b):\n    return a - b", "She goes to school every day.", "f
 PAIRS = [(t, TEXTS[(i + 1) % len(TEXTS)]) for i, t in enumerate(TEXTS)]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bert")
+def _bert():
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -43,11 +45,38 @@ def checkpoint(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=24)
     config = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, num_labels=3,
-                        id2label={0: "ok", 1: "fix", 2: "other"}, label2id={"ok": 0, "fix": 1, "other": 2})
+                        intermediate_size=48, max_position_embeddings=64, **LABELS)
+    return fast, BertForSequenceClassification(config)
+
+
+def _roberta():
+    """CodeBERT's family: byte-level BPE, `<s> A </s></s> B </s>`, no token types, positions offset by the pad id."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   sep_token="</s>", cls_token="<s>", pad_token="<pad>", mask_token="<mask>",
+                                   model_max_length=24)
+    config = RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=64, type_vocab_size=1, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, **LABELS)
+    return fast, RobertaForSequenceClassification(config)
+
+
+LABELS = {"num_labels": 3, "id2label": {0: "ok", 1: "fix", 2: "other"}, "label2id": {"ok": 0, "fix": 1, "other": 2}}
+
+
+@pytest.fixture(scope="module", params=["bert", "roberta"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(path)
-    fast.save_pretrained(path)
+    tokenizer, model = {"bert": _bert, "roberta": _roberta}[request.param]()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -118,8 +147,9 @@ def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tm
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True,
                                                                id2label={0: "needs correction", 1: "right"},
                                                                label2id={"needs correction": 0, "right": 1})
+    head = getattr(model.classifier, "out_proj", model.classifier)  # RoBERTa's head ends in out_proj
     with torch.no_grad():  # a gate that always says `verdict`
-        model.classifier.bias.copy_(torch.tensor([10.0, -10.0] if verdict == "needs correction" else [-10.0, 10.0]))
+        head.bias.copy_(torch.tensor([10.0, -10.0] if verdict == "needs correction" else [-10.0, 10.0]))
     model.save_pretrained(tmp_path / "hf")
     PreTrainedTokenizerFast.from_pretrained(checkpoint).save_pretrained(tmp_path / "hf")
     export_classifier(tmp_path / "hf", tmp_path / "gate")
