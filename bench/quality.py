@@ -89,7 +89,10 @@ def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
         "oracle candidate": [max(i.candidates, key=lambda c: chrf.sentence_score(c, [i.target]).score) for i in items],
         "corrector": [c.text for c in corrected],
     }
-    return {"items": len(items), "systems": {name: score(outputs[name], targets, chrf) for name in SYSTEMS}}
+    report = {"items": len(items), "systems": {name: score(outputs[name], targets, chrf) for name in SYSTEMS}}
+    if options.get("gate") is not None:
+        report["gated"] = sum(c.gated for c in corrected)
+    return report
 
 
 def table(report: dict) -> str:
@@ -97,4 +100,6 @@ def table(report: dict) -> str:
     for name in SYSTEMS:
         s = report["systems"][name]
         rows.append(f"{name:<22} {s['exact_match']:>11.2f} {s['chrf']:>7.2f}")
+    if "gated" in report:
+        rows.append(f"(the gate passed {report['gated']} of {report['items']} first candidates without correction)")
     return "\n".join(rows)

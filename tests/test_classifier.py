@@ -138,22 +138,28 @@ def test_cli_export_and_classify_round_trip(checkpoint, tmp_path, capsys):
     assert "1 line(s) could not be classified" in capsys.readouterr().err
 
 
+def _gate(checkpoint, path, right_logit: float) -> Classifier:
+    """A gate whose probability of "right" is sigmoid(right_logit) for every input."""
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True,
+                                                               id2label={0: "needs correction", 1: "right"},
+                                                               label2id={"needs correction": 0, "right": 1})
+    head = getattr(model.classifier, "out_proj", model.classifier)  # RoBERTa's head ends in out_proj
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, right_logit]))
+    model.save_pretrained(path / "hf")
+    PreTrainedTokenizerFast.from_pretrained(checkpoint).save_pretrained(path / "hf")
+    export_classifier(path / "hf", path / "gate")
+    return Classifier.load(path / "gate")
+
+
 @pytest.mark.parametrize("verdict", ["right", "needs correction"])
 def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tmp_path, verdict):
     from conftest import make_requests
 
     from lmcor import Corrector
 
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True,
-                                                               id2label={0: "needs correction", 1: "right"},
-                                                               label2id={"needs correction": 0, "right": 1})
-    head = getattr(model.classifier, "out_proj", model.classifier)  # RoBERTa's head ends in out_proj
-    with torch.no_grad():  # a gate that always says `verdict`
-        head.bias.copy_(torch.tensor([10.0, -10.0] if verdict == "needs correction" else [-10.0, 10.0]))
-    model.save_pretrained(tmp_path / "hf")
-    PreTrainedTokenizerFast.from_pretrained(checkpoint).save_pretrained(tmp_path / "hf")
-    export_classifier(tmp_path / "hf", tmp_path / "gate")
-    gate = Classifier.load(tmp_path / "gate")
+    gate = _gate(checkpoint, tmp_path, 20.0 if verdict == "right" else -20.0)
     corrector = Corrector.load(bundles["t5"])
     requests = make_requests(4, seed=1)
     got = corrector.correct_batch(requests, gate=gate, max_new_tokens=5)
@@ -162,6 +168,53 @@ def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tm
         assert all(c.gated for c in got) and [c.text for c in got] == [r["candidates"][0] for r in requests]
     else:
         assert not any(c.gated for c in got) and [c.text for c in got] == [c.text for c in plain]
+
+
+def test_the_gate_threshold_comes_from_the_bundle_unless_given(checkpoint, bundles, tmp_path):
+    import dataclasses
+
+    from conftest import make_requests
+
+    from lmcor import Corrector
+    from lmcor.runtime.bundle import load_manifest, write_manifest
+
+    gate = _gate(checkpoint, tmp_path, 1.0)  # P(right) = 0.73
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(3, seed=2)
+    assert all(c.gated for c in corrector.correct_batch(requests, gate=gate, max_new_tokens=3))  # 0.5 by default
+    write_manifest(tmp_path / "gate", dataclasses.replace(gate.manifest, gate_threshold=0.8))
+    calibrated = Classifier.load(tmp_path / "gate")
+    assert load_manifest(tmp_path / "gate").gate_threshold == 0.8
+    assert not any(c.gated for c in corrector.correct_batch(requests, gate=calibrated, max_new_tokens=3))
+    assert all(c.gated for c in corrector.correct_batch(requests, gate=calibrated, gate_threshold=0.7, max_new_tokens=3))
+
+
+def test_the_gate_recipe_calibrates_the_lowest_threshold_that_keeps_exact_match(checkpoint, bundles, tmp_path):
+    from lmcor.bench.quality import Item
+    from lmcor.recipes.gate import THRESHOLDS, calibrate
+
+    from lmcor import Corrector
+
+    corrector = Corrector.load(bundles["t5"])  # random weights: never exactly right
+    items = [Item(n, f"a {n} b", (f"a {n} c", f"a {n} d"), f"a {n} c") for n in range(4)]  # first candidates are right
+    threshold, tried = calibrate(_gate(checkpoint, tmp_path, 1.0), corrector, items, tolerance=0.5)
+    assert threshold == 0.5 and [t["threshold"] for t in tried] == list(THRESHOLDS)
+    assert tried[0]["exact_match"] == 100.0 and tried[0]["passed"] == 1.0 and tried[-1]["passed"] == 0.0
+
+
+def test_cli_eval_behind_a_gate(checkpoint, bundles, tmp_path, capsys):
+    from conftest import make_requests
+
+    _gate(checkpoint, tmp_path, 20.0)  # always "right"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(dict(r, target=r["candidates"][0])) + "\n" for r in make_requests(3, seed=4)))
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--model", str(bundles["t5"]), "--gate", str(tmp_path / "gate"), str(data), "--json", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    assert "the gate passed 3 of 3 first candidates" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["gated"] == 3 and report["systems"]["corrector"]["exact_match"] == 100.0
+
 
 def test_a_gate_needs_a_right_label(bundle, bundles):
     from conftest import make_requests
