@@ -107,7 +107,7 @@ def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dic
     probabilities = _verdicts(gate, items)
     tried = []
     for threshold in THRESHOLDS:
-        passed = [p >= threshold for p in probabilities]
+        passed = [bool(p >= threshold) for p in probabilities]
         outputs = [i.candidates[0] if p else c for i, p, c in zip(items, passed, corrected)]
         tried.append({"threshold": threshold, "passed": sum(passed) / len(items), **score(outputs, targets)})
     good = [t for t in tried if t["exact_match"] >= alone - tolerance]
@@ -127,7 +127,7 @@ def measure(gate, corrector, items, threshold: float, rounds: int = 2) -> dict:
     probabilities = _verdicts(gate, items)
     gate_seconds = time.perf_counter() - started
     truth = [i.candidates[0] == i.target for i in items]
-    passed = [p >= threshold for p in probabilities]
+    passed = [bool(p >= threshold) for p in probabilities]
     hits = sum(p and t for p, t in zip(passed, truth))
     pairs_ = [(i.source, i.candidates) for i in items]
     targets = [i.target for i in items]
