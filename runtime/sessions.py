@@ -47,6 +47,10 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
+    # A corrector runs its sessions one after another (encoder, cross-attention, decoder steps; a
+    # gate before them). A pool left spinning after its run takes the cores from the next session's
+    # threads: stopping it at the end of each run made batch-8 throughput 1.8x on 2 cores.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     wanted = list(providers) if providers else default_providers()
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
