@@ -63,3 +63,12 @@ def test_corrupt_onnx_file_is_a_bundle_error(bundle_copy):
     (bundle_copy / load_manifest(bundle_copy).files["decoder"]).write_bytes(b"garbage")
     with pytest.raises(BundleError, match="ONNX Runtime cannot load"):
         Corrector.load(bundle_copy, verify=False)
+
+
+def test_sessions_stop_spinning_after_each_run(bundles):
+    """The corrector's sessions run one after another: a pool left spinning would take the next one's cores."""
+    sessions = Corrector.load(bundles["t5"], threads=2).sessions
+    for session in (sessions.encoder, sessions.decoder, sessions.cross):
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.intra_op_num_threads == 2
