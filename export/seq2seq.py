@@ -34,6 +34,7 @@ from .checkpoint import (
     staged_export,
     versions,
 )
+from .shared_weights import share_weights
 from .validate import validate_corrector
 
 log = logging.getLogger("lmcor")
@@ -157,10 +158,13 @@ def export_corrector(
             no_repeat_ngram_size=int(getattr(model.generation_config, "no_repeat_ngram_size", 0) or 0),
             exporter=versions(),
         )
+        graphs = [ENCODER_FILE, *(files[role] for role in ("decoder", "cross") if role in files)]
+        share_weights(staged, graphs)
         write_manifest(staged, manifest)
         report = validate_corrector(model, staged, atol=atol)
         if precision == "int8":
             _quantize(raw, staged, graph)
+            share_weights(staged, graphs)
             manifest = dataclasses.replace(manifest, precision="int8")
             write_manifest(staged, manifest)
             report = validate_corrector(model, staged, exact=False)

@@ -72,3 +72,18 @@ def test_sessions_stop_spinning_after_each_run(bundles):
         options = session.get_session_options()
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
         assert options.intra_op_num_threads == 2
+
+
+def test_the_shared_embedding_is_stored_once(bundles):
+    """Encoder and decoder point at one copy of T5's shared embedding (parity tests check the numbers)."""
+    import onnx
+
+    from lmcor.export.shared_weights import WEIGHTS_FILE
+
+    root = bundles["t5"]
+    manifest = load_manifest(root)
+    assert WEIGHTS_FILE in manifest.sha256
+    for role in ("encoder", "decoder"):
+        graph = onnx.load(str(root / manifest.files[role]), load_external_data=False).graph
+        locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {WEIGHTS_FILE}

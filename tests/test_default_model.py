@@ -17,7 +17,7 @@ SPLITS = ROOT / "recipes" / "splits"
 def test_default_bundle_is_package_data_and_small():
     bundle = default_bundle()
     assert (bundle / "lmcor.json").is_file()
-    assert sum(p.stat().st_size for p in bundle.iterdir()) <= 25 * 2**20
+    assert sum(p.stat().st_size for p in bundle.iterdir()) <= 25_000_000
 
 
 def test_default_corrector_fixes_an_easy_case():
