@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lmcor.runtime.errors import ExportError
 
-from lmcor.runtime.classifier import gate_input
+from lmcor.runtime.classifier import gate_input, right_probabilities
 
 from . import data
 
@@ -90,21 +90,16 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 5e-5, seed: i
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99)
 
 
-def _verdicts(gate, items) -> list[float]:
-    """The gate's probability that each item's first candidate is right."""
-    right = gate.labels.index("right")
-    return [r.probabilities[right] for r in gate.classify_batch([gate_input(i.source, i.candidates) for i in items])]
-
-
 def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dict]]:
     """The lowest threshold at which the corrector behind the gate keeps its exact match on `items`
     (within `tolerance` points), with the score of every threshold tried."""
     from lmcor.bench.quality import score
 
+    requests = [(i.source, i.candidates) for i in items]
     targets = [i.target for i in items]
-    corrected = [c.text for c in corrector.correct_batch([(i.source, i.candidates) for i in items])]
+    corrected = [c.text for c in corrector.correct_batch(requests)]
     alone = score(corrected, targets)["exact_match"]
-    probabilities = _verdicts(gate, items)
+    probabilities = right_probabilities(gate, requests)
     tried = []
     for threshold in THRESHOLDS:
         passed = [bool(p >= threshold) for p in probabilities]
@@ -123,13 +118,13 @@ def measure(gate, corrector, items, threshold: float, rounds: int = 2) -> dict:
     with and without the gate side by side: exact match, chrF and wall time (rounds interleaved)."""
     from lmcor.bench.quality import score
 
+    requests = [(i.source, i.candidates) for i in items]
     started = time.perf_counter()
-    probabilities = _verdicts(gate, items)
+    probabilities = right_probabilities(gate, requests)
     gate_seconds = time.perf_counter() - started
     truth = [i.candidates[0] == i.target for i in items]
     passed = [bool(p >= threshold) for p in probabilities]
     hits = sum(p and t for p, t in zip(passed, truth))
-    pairs_ = [(i.source, i.candidates) for i in items]
     targets = [i.target for i in items]
     systems = {"corrector": {}, "gate + corrector": {"gate": gate, "gate_threshold": threshold}}
     seconds: dict[str, list[float]] = {name: [] for name in systems}
@@ -137,7 +132,7 @@ def measure(gate, corrector, items, threshold: float, rounds: int = 2) -> dict:
     for r in range(rounds):
         for name in (list(systems) if r % 2 == 0 else list(systems)[::-1]):
             started = time.perf_counter()
-            outputs[name] = [c.text for c in corrector.correct_batch(pairs_, **systems[name])]
+            outputs[name] = [c.text for c in corrector.correct_batch(requests, **systems[name])]
             seconds[name].append(time.perf_counter() - started)
     report = {
         "items": len(items),

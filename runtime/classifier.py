@@ -16,7 +16,7 @@ import numpy as np
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, load_manifest
 from .tokens import load_tokenizer
-from .errors import InputError
+from .errors import BundleError, InputError
 from .sessions import open_session
 
 
@@ -51,6 +51,14 @@ def gate_input(source: str, candidates: Sequence[str]) -> tuple[str, str]:
     """What a gate reads to judge the first candidate: that candidate, and the source with the
     other candidates (whether they agree with it is the strongest sign that it is right)."""
     return candidates[0], " | ".join([source, *candidates[1:]])
+
+
+def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequence[str]]]) -> list[float]:
+    """For (source, candidates) pairs, the gate's probability that the first candidate is right."""
+    if "right" not in gate.labels:
+        raise BundleError(f"{gate.root}: the gate must have a 'right' label (it has {', '.join(gate.labels)})")
+    right = gate.labels.index("right")
+    return [v.probabilities[right] for v in gate.classify_batch([gate_input(s, c) for s, c in requests])]
 
 
 class Classifier:

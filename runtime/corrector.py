@@ -13,7 +13,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
-from .classifier import gate_input
+from .classifier import right_probabilities
 from .bundle import Manifest, load_manifest
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
@@ -196,15 +196,12 @@ class Corrector:
     def _gate(gate: Any, threshold: float | None, valid: list[tuple[int, Request]], results: list,
               progress: Callable[[int], None] | None) -> list[tuple[int, Request]]:
         """Answer the requests whose first candidate the gate finds right; return the others."""
-        if "right" not in gate.labels:
-            raise BundleError(f"{gate.root}: the gate must have a 'right' label (it has {', '.join(gate.labels)})")
-        right = gate.labels.index("right")
         if threshold is None:
             threshold = 0.5 if gate.manifest.gate_threshold is None else gate.manifest.gate_threshold
-        verdicts = gate.classify_batch([gate_input(r.source, r.candidates) for _, r in valid])
+        probabilities = right_probabilities(gate, [(r.source, r.candidates) for _, r in valid])
         rest = []
-        for (n, request), verdict in zip(valid, verdicts):
-            if verdict.probabilities[right] >= threshold:
+        for (n, request), probability in zip(valid, probabilities):
+            if probability >= threshold:
                 results[n] = Correction(text=request.candidates[0], token_ids=[], id=request.id, gated=True)
             else:
                 rest.append((n, request))
