@@ -159,7 +159,8 @@ def export_corrector(
             exporter=versions(),
         )
         graphs = [ENCODER_FILE, *(files[role] for role in ("decoder", "cross") if role in files)]
-        share_weights(staged, graphs)
+        if precision == "fp32":  # an int8 bundle shares its quantized graphs, below
+            share_weights(staged, graphs)
         write_manifest(staged, manifest)
         report = validate_corrector(model, staged, atol=atol)
         if precision == "int8":

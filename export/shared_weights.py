@@ -24,24 +24,22 @@ _ALIGN = 4096  # offsets on page boundaries let ONNX Runtime map the file instea
 def share_weights(folder: Path, names: Sequence[str]) -> int:
     """Store each large initializer that more than one of the graphs `names` (in `folder`) holds
     with the same bytes once, in `WEIGHTS_FILE`; rewrite those graphs to point at it. Returns the
-    bytes saved (0, and no file written, when the graphs share nothing or already keep their
+    bytes saved (0, and nothing written, when the graphs share nothing or already keep their
     weights outside: graphs over protobuf's 2 GB limit stay as the exporter wrote them)."""
-    for name in names:
-        for tensor in onnx.load(str(folder / name), load_external_data=False).graph.initializer:
-            if uses_external_data(tensor) and _location(tensor) != WEIGHTS_FILE:
-                return 0
-    graphs = {name: onnx.load(str(folder / name)) for name in names}  # reads a previous WEIGHTS_FILE in
-    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    graphs = {name: onnx.load(str(folder / name), load_external_data=False) for name in names}
+    if any(uses_external_data(t) for model in graphs.values() for t in model.graph.initializer):
+        return 0
     holders: dict[str, list[TensorProto]] = {}
     for model in graphs.values():
         for tensor in model.graph.initializer:
             if tensor.HasField("raw_data") and len(tensor.raw_data) >= _SMALLEST:
                 holders.setdefault(hashlib.sha256(tensor.raw_data).hexdigest(), []).append(tensor)
     shared = [tensors for tensors in holders.values() if len(tensors) > 1]
+    if not shared:
+        return 0
     saved = sum(len(tensors[0].raw_data) * (len(tensors) - 1) for tensors in shared)
-    if shared:
-        _store(folder / WEIGHTS_FILE, shared)
-    for name, model in graphs.items():  # rewritten even when nothing is shared: a previous file is gone
+    _store(folder / WEIGHTS_FILE, shared)
+    for name, model in graphs.items():
         (folder / name).write_bytes(model.SerializeToString())
     return saved
 
@@ -62,6 +60,3 @@ def _store(path: Path, shared: list[list[TensorProto]]) -> None:
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, value
 
-
-def _location(tensor: TensorProto) -> str:
-    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
