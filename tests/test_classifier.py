@@ -230,3 +230,21 @@ def test_cli_correct_with_a_gate(bundle, bundles, tmp_path, capsys):
     source.write_text('{"source": "a b", "candidates": ["a b"]}\n')
     assert main(["correct", "--model", str(bundles["t5"]), "--gate", str(bundle), str(source), "-q"]) == 2
     assert "must have a 'right' label" in capsys.readouterr().err
+
+
+def test_vocabulary_pruning_keeps_what_the_data_uses(tmp_path):
+    from lmcor.recipes.gate import prune_vocabulary
+    from transformers import BertTokenizerFast
+
+    fast, model = _bert()
+    model.eval()
+    (tmp_path / "vocab.txt").write_text("".join(p + "\n" for p in sorted(fast.get_vocab(), key=fast.get_vocab().get)))
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    texts = TEXTS[1:3]
+    before = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    pruned = prune_vocabulary(model, tokenizer, texts, tmp_path / "pruned", min_count=1)
+    assert len(pruned) < len(tokenizer) and model.get_input_embeddings().num_embeddings == len(pruned)
+    assert [pruned.tokenize(t) for t in texts] == [tokenizer.tokenize(t) for t in texts]
+    torch.testing.assert_close(model(**pruned(texts, padding=True, return_tensors="pt")).logits, before)
+    # A word made of pieces the data never used still splits, into single characters, not [UNK].
+    assert pruned.tokenize("def") == ["d", "##e", "##f"] and tokenizer.tokenize("def") == ["def"]
