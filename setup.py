@@ -74,7 +74,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"lmcor": ["models/*/*"]},  # the shipped default corrector bundle(s)
+    package_data={"lmcor": ["models/*/*"]},  # the shipped bundles: default corrector (fp32, int8), gate
     install_requires=["numpy>=1.24", "tokenizers>=0.15", "tqdm>=4.60", _onnxruntime_requirement()],
     extras_require={
         "export": EXPORT,

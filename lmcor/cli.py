@@ -21,7 +21,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from lmcor import __version__
-from lmcor.runtime.bundle import Template
+from lmcor.runtime.bundle import Template, shipped_bundle
 from lmcor.runtime.classifier import Classification
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                          "the bundle's, from the checkpoint's generation config; 0: off)")
     correct.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
                          "(outputs are identical either way; drafts need fewer decoder calls)")
-    correct.add_argument("--gate", help="classifier bundle with a 'right' label: where it finds the first candidate "
-                         "right, that candidate is returned and the corrector skipped (see lmcor.recipes.gate)")
+    correct.add_argument("--gate", nargs="?", const="", help="skip the corrector where this classifier bundle (with "
+                         "a 'right' label; alone: the gate shipped with lmcor) finds the first candidate right, and "
+                         "return that candidate (see lmcor.recipes.gate)")
     correct.add_argument("--gate-threshold", type=float, help="probability of 'right' needed to skip (default: the "
                          "threshold calibrated into the gate's bundle, else 0.5)")
     correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
@@ -141,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=_positive_int, help="intra-op threads (default: one per core)")
     evaluate.add_argument("--no-repeat-ngram-size", type=int, help="default: the bundle's; 0: off")
     evaluate.add_argument("--no-drafts", action="store_true", help="plain greedy (identical outputs, more decoder calls)")
-    evaluate.add_argument("--gate", help="score the corrector behind this gate (classifier bundle, as for correct)")
+    evaluate.add_argument("--gate", nargs="?", const="", help="score the corrector behind this gate (as for correct)")
     evaluate.add_argument("--gate-threshold", type=float, help="as for correct")
 
     from lmcor.bench.backends import BACKENDS
@@ -347,11 +348,11 @@ class _Totals:
 
 
 def _gate(args: argparse.Namespace):
-    if not args.gate:
+    if args.gate is None:
         return None
     from lmcor.runtime.classifier import Classifier
 
-    return Classifier.load(args.gate, providers=_providers(args), threads=args.threads)
+    return Classifier.load(args.gate or shipped_bundle("gate"), providers=_providers(args), threads=args.threads)
 
 
 def _correct(args: argparse.Namespace) -> int:

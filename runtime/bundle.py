@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,3 +174,12 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     sums = {p.name: sha256_of(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
     manifest = dataclasses.replace(manifest, sha256=sums)
     (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def shipped_bundle(name: str) -> Path:
+    """A bundle shipped inside the package: "default" (the corrector used when no path is given),
+    "default-int8", or "gate" (the gate of `lmcor correct --gate`)."""
+    path = Path(str(importlib.resources.files("lmcor") / "models" / name))
+    if not (path / MANIFEST_NAME).is_file():
+        raise BundleError(f"no bundle {name!r} is installed with this lmcor; pass the path of an exported bundle")
+    return path

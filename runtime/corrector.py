@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -14,7 +13,7 @@ from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
 from .classifier import right_probabilities
-from .bundle import Manifest, load_manifest
+from .bundle import Manifest, load_manifest, shipped_bundle
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
 from .encode import PackedEncoder, encode
@@ -22,14 +21,6 @@ from .errors import BundleError, InputError
 from .request import Correction, DecodeStats, Request, as_request
 from .sessions import Sessions, open_session
 from .tokens import ModelInput, encode_requests, load_tokenizer
-
-
-def default_bundle() -> Path:
-    """The corrector bundle shipped inside the package, used when no path is given."""
-    path = Path(str(importlib.resources.files("lmcor") / "models" / "default"))
-    if not path.is_dir():
-        raise BundleError("no default corrector is installed with this lmcor; pass the path of an exported bundle")
-    return path
 
 
 def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) -> PackedEncoder | None:
@@ -80,7 +71,7 @@ class Corrector:
         decoder runs on CUDA and PyTorch with Triton are installed, else the ONNX encoder; "onnx"
         and "packed" choose (on CPU, "packed" needs Triton's interpreter, TRITON_INTERPRET=1).
         """
-        root = Path(path) if path is not None else default_bundle()
+        root = Path(path) if path is not None else shipped_bundle("default")
         manifest = load_manifest(root, verify=verify, kind="corrector")
         tokenizer = load_tokenizer(root / manifest.files["tokenizer"])
         sessions = Sessions(

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lmcor.runtime.corrector import default_bundle
+from lmcor.runtime.bundle import shipped_bundle
 
 from lmcor import Corrector
 
@@ -15,7 +15,7 @@ SPLITS = ROOT / "recipes" / "splits"
 
 
 def test_default_bundle_is_package_data_and_small():
-    bundle = default_bundle()
+    bundle = shipped_bundle("default")
     assert (bundle / "lmcor.json").is_file()
     assert sum(p.stat().st_size for p in bundle.iterdir()) <= 25_000_000
 
@@ -51,3 +51,31 @@ def test_drafts_on_the_default_corrector_change_nothing_and_save_calls():
     generated = sum(len(c.token_ids) + 1 for c in single)
     assert sum(c.stats.decoder_calls for c in single) < generated / 3  # most calls accept several tokens
 
+
+
+def test_the_shipped_gate_is_small_and_passes_mostly_right_candidates():
+    from lmcor.bench.quality import read_items
+    from lmcor.runtime.classifier import Classifier, right_probabilities
+
+    bundle = shipped_bundle("gate")
+    assert sum(p.stat().st_size for p in bundle.iterdir()) <= 12_000_000
+    gate = Classifier.load(bundle)
+    threshold = gate.manifest.gate_threshold
+    assert "right" in gate.labels and threshold is not None
+    items = read_items(SPLITS / "test.jsonl")[0][:300]
+    passed = [i for i, p in zip(items, right_probabilities(gate, [(i.source, i.candidates) for i in items]))
+              if p >= threshold]
+    # Measured when shipped (first 300 test requests): 59% passed, 80% of them right.
+    assert len(passed) >= 0.5 * len(items)
+    assert sum(i.candidates[0] == i.target for i in passed) >= 0.72 * len(passed)
+
+
+def test_cli_correct_behind_the_shipped_gate(tmp_path):
+    out = tmp_path / "out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "lmcor.cli", "correct", str(EXAMPLES), "--gate", "-o", str(out),
+                          "--stats", "-q"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(EXAMPLES.read_text().splitlines()) and all(r["output"].strip() for r in records)
+    gated = sum(bool(r.get("gated")) for r in records)
+    assert gated and f"({gated} more passed by the gate)" in run.stderr
