@@ -172,9 +172,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="instead: drafts on vs off on --bundle over --data (--requests, --rounds, --batch-size)")
     bench.add_argument("--shared-prefix", action="store_true",
                        help="instead: a causal-LM --bundle with a rules prefix run once vs in every prompt")
+    bench.add_argument("--gate", nargs="?", const="",
+                       help="instead: the corrector (--bundle) alone vs behind this gate (alone: the gate shipped with "
+                       "lmcor) over --data lines with targets (--requests, --rounds, --batch-size, --gate-threshold)")
+    bench.add_argument("--gate-threshold", type=float, help="with --gate (default: the gate's calibrated threshold)")
     bench.add_argument("--prefix-tokens", type=_positive_int, default=500, help="with --shared-prefix")
-    bench.add_argument("--bundle", help="with --drafts: bundle folder (default: the corrector shipped with lmcor); "
-                       "with --shared-prefix: a causal-LM bundle")
+    bench.add_argument("--bundle", help="with --drafts and --gate: corrector bundle folder (default: the corrector "
+                       "shipped with lmcor); with --shared-prefix: a causal-LM bundle")
     return parser
 
 
@@ -457,6 +461,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.drafts:
         return _bench_drafts(args)
+    if args.gate is not None:
+        return _bench_gate(args)
     if args.shared_prefix:
         return _bench_prefix(args)
     from lmcor.bench import harness
@@ -489,6 +495,23 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     (out / "prefix.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(prefix.table(report))
     return 0 if report["identical_outputs"] == report["requests"] else 1
+
+
+def _bench_gate(args: argparse.Namespace) -> int:
+    from lmcor.bench import gate
+
+    if not args.data:
+        raise InputError("--gate needs --data: a JSONL file of correction requests with targets")
+    config = gate.GateConfig(data=Path(args.data), gate=Path(args.gate) if args.gate else None,
+                             bundle=Path(args.bundle) if args.bundle else None, threshold=args.gate_threshold,
+                             requests=args.requests, rounds=args.rounds, batch_size=args.batch_size, threads=args.threads)
+    report = gate.run(config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gate.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(gate.table(report))
+    print(f"wrote {out / 'gate.json'}", file=sys.stderr)
+    return 0
 
 
 def _bench_drafts(args: argparse.Namespace) -> int:

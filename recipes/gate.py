@@ -148,43 +148,6 @@ def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dic
     return good[0]["threshold"], tried
 
 
-def measure(gate, corrector, items, threshold: float, rounds: int = 2) -> dict:
-    """On `items` (the test split): the gate's verdicts on the first candidates, and the corrector
-    with and without the gate side by side: exact match, chrF and wall time (rounds interleaved)."""
-    from lmcor.bench.quality import score
-
-    requests = [(i.source, i.candidates) for i in items]
-    started = time.perf_counter()
-    probabilities = right_probabilities(gate, requests)
-    gate_seconds = time.perf_counter() - started
-    truth = [i.candidates[0] == i.target for i in items]
-    passed = [bool(p >= threshold) for p in probabilities]
-    hits = sum(p and t for p, t in zip(passed, truth))
-    targets = [i.target for i in items]
-    systems = {"corrector": {}, "gate + corrector": {"gate": gate, "gate_threshold": threshold}}
-    seconds: dict[str, list[float]] = {name: [] for name in systems}
-    outputs: dict[str, list[str]] = {}
-    for r in range(rounds):
-        for name in (list(systems) if r % 2 == 0 else list(systems)[::-1]):
-            started = time.perf_counter()
-            outputs[name] = [c.text for c in corrector.correct_batch(requests, **systems[name])]
-            seconds[name].append(time.perf_counter() - started)
-    report = {
-        "items": len(items),
-        "threshold": threshold,
-        "gate": {
-            "accuracy": sum(p == t for p, t in zip(passed, truth)) / len(items),
-            "passed": sum(passed) / len(items),
-            "passed_right": hits / max(1, sum(passed)),  # precision: share of passed candidates that were right
-            "right_passed": hits / max(1, sum(truth)),  # recall
-            "ms_per_request": 1000 * gate_seconds / len(items),
-        },
-        "systems": {name: {**score(outputs[name], targets), "seconds": min(seconds[name])} for name in systems},
-    }
-    report["time_saved"] = 1 - report["systems"]["gate + corrector"]["seconds"] / report["systems"]["corrector"]["seconds"]
-    return report
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/gate"))
@@ -199,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=Path, default=SPLITS / "test.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from lmcor.bench.gate import compare, table
     from lmcor.bench.quality import read_items
     from lmcor.export.classifier import export_classifier
     from lmcor.runtime.bundle import load_manifest, write_manifest
@@ -211,13 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     corrector = Corrector.load(args.corrector)
     threshold, tried = calibrate(Classifier.load(bundle), corrector, read_items(args.dev)[0], args.tolerance)
     write_manifest(bundle, dataclasses.replace(load_manifest(bundle), gate_threshold=threshold))
-    report = measure(Classifier.load(bundle), corrector, read_items(args.test)[0], threshold)
+    report = compare(Classifier.load(bundle), corrector, read_items(args.test)[0], threshold)
     report["dev_thresholds"] = tried
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    log.info("gate threshold %.2f (dev); on the test split: %s", threshold, json.dumps(report["gate"]))
-    for name, system in report["systems"].items():
-        log.info("%-16s exact match %.2f  chrF %.2f  %.2f s", name, system["exact_match"], system["chrf"], system["seconds"])
-    log.info("time saved by the gate: %.0f%%", 100 * report["time_saved"])
+    log.info("gate threshold %.2f (dev); on the test split:\n%s", threshold, table(report))
     return 0
 
 

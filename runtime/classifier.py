@@ -63,6 +63,14 @@ def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequen
     return [v.probabilities[right] for v in gate.classify_batch([gate_input(s, c) for s, c in requests])]
 
 
+def passing_threshold(gate: "Classifier", threshold: float | None = None) -> float:
+    """The P(right) a gate needs to pass a candidate: `threshold` if given, else the one calibrated
+    into the gate's bundle, else 0.5."""
+    if threshold is not None:
+        return threshold
+    return 0.5 if gate.manifest.gate_threshold is None else gate.manifest.gate_threshold
+
+
 class Classifier:
     def __init__(self, root: Path, manifest: Manifest, tokenizer, session):
         self.root, self.manifest, self.tokenizer, self.session = root, manifest, tokenizer, session

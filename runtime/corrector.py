@@ -12,7 +12,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
-from .classifier import right_probabilities
+from .classifier import passing_threshold, right_probabilities
 from .bundle import Manifest, load_manifest, shipped_bundle
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
@@ -187,8 +187,7 @@ class Corrector:
     def _gate(gate: Any, threshold: float | None, valid: list[tuple[int, Request]], results: list,
               progress: Callable[[int], None] | None) -> list[tuple[int, Request]]:
         """Answer the requests whose first candidate the gate finds right; return the others."""
-        if threshold is None:
-            threshold = 0.5 if gate.manifest.gate_threshold is None else gate.manifest.gate_threshold
+        threshold = passing_threshold(gate, threshold)
         probabilities = right_probabilities(gate, [(r.source, r.candidates) for _, r in valid])
         rest = []
         for (n, request), probability in zip(valid, probabilities):

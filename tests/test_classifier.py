@@ -216,6 +216,23 @@ def test_cli_eval_behind_a_gate(checkpoint, bundles, tmp_path, capsys):
     assert report["gated"] == 3 and report["systems"]["corrector"]["exact_match"] == 100.0
 
 
+def test_cli_bench_behind_a_gate(checkpoint, bundles, tmp_path, capsys):
+    from conftest import make_requests
+
+    _gate(checkpoint, tmp_path, 20.0)  # always "right"
+    requests = make_requests(4, seed=5)
+    data = tmp_path / "data.jsonl"  # the first candidate is the target in every other line
+    data.write_text("".join(json.dumps(dict(r, target=r["candidates"][0] if n % 2 else "-")) + "\n"
+                            for n, r in enumerate(requests)))
+    assert main(["bench", "--gate", str(tmp_path / "gate"), "--bundle", str(bundles["t5"]), "--data", str(data),
+                 "--rounds", "1", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "gate.json").read_text())
+    assert report["items"] == 4 and report["threshold"] == 0.5
+    assert report["gate"]["passed"] == 1.0 and report["gate"]["accuracy"] == report["gate"]["passed_right"] == 0.5
+    assert report["systems"]["gate + corrector"]["exact_match"] == 50.0
+    assert "time saved by the gate" in capsys.readouterr().out
+
+
 def test_a_gate_needs_a_right_label(bundle, bundles):
     from conftest import make_requests
 
