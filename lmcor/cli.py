@@ -482,6 +482,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_report(path: Path, report: dict, table: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def _bench_prefix(args: argparse.Namespace) -> int:
     from lmcor.bench import prefix
 
@@ -490,10 +497,7 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     config = prefix.PrefixConfig(bundle=Path(args.bundle), prefix_tokens=args.prefix_tokens, requests=args.requests,
                                  rounds=args.rounds, batch_size=args.batch_size, threads=args.threads)
     report = prefix.run(config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(prefix.table(report))
+    _write_report(Path(args.out) / "prefix.json", report, prefix.table(report))
     return 0 if report["identical_outputs"] == report["requests"] else 1
 
 
@@ -506,11 +510,7 @@ def _bench_gate(args: argparse.Namespace) -> int:
                              bundle=Path(args.bundle) if args.bundle else None, threshold=args.gate_threshold,
                              requests=args.requests, rounds=args.rounds, batch_size=args.batch_size, threads=args.threads)
     report = gate.run(config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gate.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(gate.table(report))
-    print(f"wrote {out / 'gate.json'}", file=sys.stderr)
+    _write_report(Path(args.out) / "gate.json", report, gate.table(report))
     return 0
 
 
@@ -523,11 +523,7 @@ def _bench_drafts(args: argparse.Namespace) -> int:
                                  requests=args.requests, rounds=args.rounds, batch_size=args.batch_size,
                                  threads=args.threads)
     report = drafts.run(config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "drafts.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(drafts.table(report))
-    print(f"wrote {out / 'drafts.json'}", file=sys.stderr)
+    _write_report(Path(args.out) / "drafts.json", report, drafts.table(report))
     return 0 if report["identical_outputs"] == report["requests"] else 1
 
 
