@@ -122,8 +122,9 @@ class Corrector:
         checkpoint's generation config; 0: off). `drafts` verifies drafts copied from
         the request's input in greedy search (output identical, fewer decoder calls); it applies to
         bundles whose decoder supports it (`drafts_supported`) and never to beam search.
-        `gate`, a `Classifier` with a "right" label (`lmcor.recipes.gate`), reads each request's first
-        candidate (the LLM's greedy output) with the source and the other candidates; where it gives
+        `gate`, a `Classifier` with a "right" label (the shipped one:
+        `Classifier.load(shipped_bundle("gate"))`), reads each request's first candidate (the LLM's
+        greedy output) with the source and how many other candidates agree (`gate_input`); where it gives
         "right" a probability of at least `gate_threshold` (None: the threshold calibrated into the
         gate's bundle, else 0.5), that candidate is returned as it is (`gated=True`) and the
         corrector does not run for it.
