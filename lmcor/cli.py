@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     correct = commands.add_parser("correct", help="correct JSONL requests with a corrector bundle")
-    correct.add_argument("input", help='JSONL file of {"id"?, "source", "candidates"} lines; - for stdin')
+    correct.add_argument("input", nargs="?", help='JSONL file of {"id"?, "source", "candidates"} lines; - for stdin')
     correct.add_argument("-o", "--output", help="JSONL file to write (default: stdout)")
     correct.add_argument("--model", help="bundle folder (default: the corrector shipped with lmcor)")
     correct.add_argument("--batch-size", type=_positive_int, default=16)
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--prefix", help="text put before every prompt, run once and shared")
 
     evaluate = commands.add_parser("eval", help="score a corrector against its candidates on labelled data")
-    evaluate.add_argument("data", help='JSONL file of {"source", "candidates", "target"} lines')
+    evaluate.add_argument("data", nargs="?", help='JSONL file of {"source", "candidates", "target"} lines')
     evaluate.add_argument("--model", help="bundle folder (default: the corrector shipped with lmcor)")
     evaluate.add_argument("--json", default="lmcor-eval.json", help="where to write the scores (default: %(default)s)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=16)
@@ -351,7 +351,12 @@ class _Totals:
                 f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, {self.seconds:.2f} s in the model")
 
 
-def _gate(args: argparse.Namespace):
+def _gate(args: argparse.Namespace, given: str | None):
+    """The --gate classifier, if asked for. `given` is the command's input file argument: a bare
+    --gate written before it takes the file as its bundle, which deserves a clear error."""
+    if given is None:
+        hint = f" (--gate took {args.gate!r} as its bundle: put --gate after the input file)" if args.gate else ""
+        raise InputError(f"no input file given{hint}")
     if args.gate is None:
         return None
     from lmcor.runtime.classifier import Classifier
@@ -360,8 +365,8 @@ def _gate(args: argparse.Namespace):
 
 
 def _correct(args: argparse.Namespace) -> int:
+    gate = _gate(args, args.input)
     corrector = Corrector.load(args.model, providers=_providers(args), threads=args.threads)
-    gate = _gate(args)
     totals = _Totals()
 
     def run(requests: list, progress: Callable[[int], None]) -> list:
@@ -439,8 +444,8 @@ def _candidates(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from lmcor.bench import quality
 
+    gate = _gate(args, args.data)
     corrector = Corrector.load(args.model, threads=args.threads)
-    gate = _gate(args)
     items, errors = quality.read_items(Path(args.data))
     for error in errors:
         print(f"lmcor: {args.data}: line {error['line']}: {error['error']}", file=sys.stderr)

@@ -265,3 +265,11 @@ def test_vocabulary_pruning_keeps_what_the_data_uses(tmp_path):
     torch.testing.assert_close(model(**pruned(texts, padding=True, return_tensors="pt")).logits, before)
     # A word made of pieces the data never used still splits, into single characters, not [UNK].
     assert pruned.tokenize("def") == ["d", "##e", "##f"] and tokenizer.tokenize("def") == ["def"]
+
+
+def test_cli_a_bare_gate_before_the_input_is_a_clear_error(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"source": "a b", "candidates": ["a b"]}\n')
+    assert main(["correct", "--gate", str(source)]) == 2
+    assert f"--gate took '{source}' as its bundle: put --gate after the input file" in capsys.readouterr().err
+    assert main(["eval"]) == 2 and "no input file given" in capsys.readouterr().err
