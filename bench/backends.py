@@ -7,8 +7,6 @@ A backend whose package is missing is skipped by the harness, with a note.
 
 from __future__ import annotations
 
-import json
-
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +38,16 @@ def _cut(tokens: list[int], eos: int) -> list[int]:
 def bundle_for(hf_dir: Path, cache: Path, precision: str = "fp32") -> Path:
     """The lmcor bundle of a checkpoint, exported on first use."""
     from lmcor.export import export_corrector
-
-    from lmcor.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME
+    from lmcor.runtime.bundle import FORMAT_VERSION, load_manifest
+    from lmcor.runtime.errors import BundleError
 
     bundle = cache / f"bundle-{precision}"
-    manifest = bundle / MANIFEST_NAME
-    # A bundle cached by an older lmcor is exported again rather than benchmarked as it was.
-    if not manifest.is_file() or json.loads(manifest.read_text(encoding="utf-8")).get("format_version") != FORMAT_VERSION:
+    # A bundle cached by an older lmcor (or not at all) is exported again rather than benchmarked as it was.
+    try:
+        current = load_manifest(bundle, verify=False).format_version == FORMAT_VERSION
+    except BundleError:
+        current = False
+    if not current:
         export_corrector(hf_dir, bundle, precision=precision, overwrite=True)
     return bundle
 
