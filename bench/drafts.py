@@ -3,8 +3,9 @@
 Both modes run on the same loaded corrector, interleaved request by request (batch-1 latency) and
 pass by pass (batch throughput), so machine noise hits both alike. Reported: decoder calls per
 generated token (EOS counted, so plain greedy makes 1.00), batch-1 median latency end to end, of
-the encoder (the same work in both modes: the floor drafts cannot lower) and of the decoder, throughput at `batch_size`, the share of drafted tokens accepted, and
-whether the outputs are token-identical (they must be).
+the encoder (the same work in both modes: the floor drafts cannot lower) and of the decoder,
+throughput at `batch_size`, the share of drafted tokens accepted, and whether the outputs are
+token-identical (they must be).
 """
 
 from __future__ import annotations

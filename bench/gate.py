@@ -72,13 +72,14 @@ def compare(gate: Classifier, corrector: Corrector, items: Sequence[Item], thres
         "gate": {
             "accuracy": sum(p == t for p, t in zip(passed, truth)) / len(items),
             "passed": sum(passed) / len(items),
-            "passed_right": hits / max(1, sum(passed)),  # precision: share of passed candidates that were right
+            "passed_right": hits / max(1, sum(passed)),  # precision: share of passed ones that were right
             "right_passed": hits / max(1, sum(truth)),  # recall
             "ms_per_request": 1000 * gate_seconds / len(items),
         },
         "systems": {name: {**score(outputs[name], targets), "seconds": min(seconds[name])} for name in systems},
     }
-    report["time_saved"] = 1 - report["systems"]["gate + corrector"]["seconds"] / report["systems"]["corrector"]["seconds"]
+    seconds_of = {name: system["seconds"] for name, system in report["systems"].items()}
+    report["time_saved"] = 1 - seconds_of["gate + corrector"] / seconds_of["corrector"]
     return report
 
 

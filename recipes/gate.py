@@ -15,6 +15,7 @@ gate keeps its exact match (within `--tolerance`); it is saved in the bundle's m
 `--gate` uses by default. The test split measures the gate's verdicts and the corrector with and
 without it. Writes `hf/`, `bundle/` (int8) and `report.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lmcor.runtime.errors import ExportError
-
 from lmcor.runtime.classifier import gate_input, right_probabilities
+from lmcor.runtime.errors import ExportError
 
 from . import data
 

@@ -146,8 +146,8 @@ class Corrector:
                 results[n] = e
         if gate is not None and valid:
             valid = self._gate(gate, gate_threshold, valid, results, progress)
-        inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid], self.manifest.max_input_tokens,
-                                 references=search.drafts)
+        inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid],
+                                 self.manifest.max_input_tokens, references=search.drafts)
         ready: list[tuple[int, Any, ModelInput]] = []
         for (n, request), model_input in zip(valid, inputs):
             if isinstance(model_input, InputError):
