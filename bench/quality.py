@@ -4,7 +4,8 @@ For each line `{"source", "candidates", "target"}` of a data file, four systems 
 exact match and chrF (sacrebleu, corpus level): (a) the first candidate (the LLM's greedy
 output), (b) the consensus candidate (highest mean sentence chrF to the other candidates), (c)
 the oracle best candidate (highest sentence chrF to the target: an upper bound for any
-selector), and (d) the corrector.
+selector), and (d) the corrector. Sentence chrF is `runtime.fallback.chrf`, sacrebleu's own
+sentence score computed once per text.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.fallback import char_ngrams, chrf
 from lmcor.runtime.request import as_request
 
 SYSTEMS = ("first candidate", "consensus candidate", "oracle candidate", "corrector")
@@ -60,38 +62,44 @@ def read_items(path: Path) -> tuple[list[Item], list[dict]]:
     return items, errors
 
 
-def consensus(candidates: Sequence[str], chrf=None) -> str:
+def consensus(candidates: Sequence[str]) -> str:
     """The candidate with the highest mean sentence chrF to the others (the first on ties)."""
-    if len(candidates) == 1:
-        return candidates[0]
-    chrf = chrf or _chrf()
-    scores = [sum(chrf.sentence_score(c, [o]).score for j, o in enumerate(candidates) if j != i)
-              for i, c in enumerate(candidates)]
+    grams = [char_ngrams(c) for c in candidates]
+    scores = [sum(chrf(g, o) for j, o in enumerate(grams) if j != i) for i, g in enumerate(grams)]
     return candidates[scores.index(max(scores))]
 
 
-def score(outputs: Sequence[str], targets: Sequence[str], chrf=None) -> dict[str, float]:
-    chrf = chrf or _chrf()
+def oracle(candidates: Sequence[str], target: str) -> str:
+    """The candidate with the highest sentence chrF to the target (the first on ties)."""
+    reference = char_ngrams(target)
+    scores = [chrf(char_ngrams(c), reference) for c in candidates]
+    return candidates[scores.index(max(scores))]
+
+
+def score(outputs: Sequence[str], targets: Sequence[str], corpus_chrf=None) -> dict[str, float]:
+    """Exact match and corpus chrF (sacrebleu) of `outputs`, in percent."""
+    corpus_chrf = corpus_chrf or _chrf()
     return {
         "exact_match": 100.0 * sum(o == t for o, t in zip(outputs, targets)) / max(1, len(targets)),
-        "chrf": chrf.corpus_score(list(outputs), [list(targets)]).score,
+        "chrf": corpus_chrf.corpus_score(list(outputs), [list(targets)]).score,
     }
 
 
 def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
     """Scores of the four systems on `items`; `options` go to `Corrector.correct_batch`."""
-    chrf = _chrf()
+    corpus_chrf = _chrf()
     targets = [i.target for i in items]
     corrected = corrector.correct_batch([(i.source, i.candidates) for i in items], **options)
     outputs = {
         "first candidate": [i.candidates[0] for i in items],
-        "consensus candidate": [consensus(i.candidates, chrf) for i in items],
-        "oracle candidate": [max(i.candidates, key=lambda c: chrf.sentence_score(c, [i.target]).score) for i in items],
+        "consensus candidate": [consensus(i.candidates) for i in items],
+        "oracle candidate": [oracle(i.candidates, i.target) for i in items],
         "corrector": [c.text for c in corrected],
     }
-    report = {"items": len(items), "systems": {name: score(outputs[name], targets, chrf) for name in SYSTEMS}}
+    report = {"items": len(items), "systems": {name: score(outputs[name], targets, corpus_chrf) for name in SYSTEMS}}
     if options.get("gate") is not None:
         report["gated"] = sum(c.gated for c in corrected)
+    report["fallbacks"] = sum(c.fallback for c in corrected)
     return report
 
 
@@ -102,4 +110,6 @@ def table(report: dict) -> str:
         rows.append(f"{name:<22} {s['exact_match']:>11.2f} {s['chrf']:>7.2f}")
     if "gated" in report:
         rows.append(f"(the gate passed {report['gated']} of {report['items']} first candidates without correction)")
+    if report.get("fallbacks"):
+        rows.append(f"({report['fallbacks']} of {report['items']} outputs fell back to their nearest candidate)")
     return "\n".join(rows)

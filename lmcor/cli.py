@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                          "return that candidate (see lmcor.recipes.gate)")
     correct.add_argument("--gate-threshold", type=float, help="probability of 'right' needed to skip (default: the "
                          "threshold calibrated into the gate's bundle, else 0.5)")
+    correct.add_argument("--fallback-below", type=float, help="return the nearest candidate instead of an output less "
+                         "similar than this to every candidate (chrF 0-100; default: the bundle's calibrated value; 0: off)")
     correct.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
     correct.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -144,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-drafts", action="store_true", help="plain greedy (identical outputs, more decoder calls)")
     evaluate.add_argument("--gate", nargs="?", const="", help="score the corrector behind this gate (as for correct)")
     evaluate.add_argument("--gate-threshold", type=float, help="as for correct")
+    evaluate.add_argument("--fallback-below", type=float, help="as for correct (0: score the corrector's own outputs)")
 
     from lmcor.bench.backends import BACKENDS
     from lmcor.bench.harness import BenchConfig
@@ -284,6 +287,7 @@ def _record(number: int, ident: Any, result: Any) -> dict:
         "input_tokens": result.stats.input_tokens,
         "output_tokens": result.stats.output_tokens,
         **({"gated": True} if result.gated else {}),
+        **({"fallback": True} if result.fallback else {}),
     }
 
 
@@ -327,7 +331,7 @@ class _Totals:
     """Decoder use summed over a run; batch-level numbers count once per batch."""
 
     def __init__(self) -> None:
-        self.requests = self.gated = self.generated = self.calls = self.drafted = self.accepted = 0
+        self.requests = self.gated = self.fallbacks = self.generated = self.calls = self.drafted = self.accepted = 0
         self.seconds = 0.0
 
     def add(self, results: list) -> None:
@@ -337,6 +341,7 @@ class _Totals:
             elif isinstance(r, Correction):
                 s = r.stats
                 self.requests += 1
+                self.fallbacks += r.fallback
                 self.generated += s.output_tokens + 1  # + the EOS step
                 self.calls += s.decoder_calls / s.batch_size
                 self.seconds += (s.encoder_s + s.decoder_s) / s.batch_size
@@ -346,7 +351,8 @@ class _Totals:
     def summary(self) -> str:
         share = f" ({100 * self.accepted / self.drafted:.0f}%)" if self.drafted else ""
         gated = f" ({self.gated} more passed by the gate)" if self.gated else ""
-        return (f"lmcor: {self.requests} requests corrected{gated}, {self.generated} generated tokens (EOS included), "
+        fallbacks = f", {self.fallbacks} fell back to their nearest candidate" if self.fallbacks else ""
+        return (f"lmcor: {self.requests} requests corrected{gated}{fallbacks}, {self.generated} generated tokens (EOS included), "
                 f"{round(self.calls)} decoder calls ({self.calls / max(1, self.generated):.3f} per token), "
                 f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, {self.seconds:.2f} s in the model")
 
@@ -373,7 +379,8 @@ def _correct(args: argparse.Namespace) -> int:
         results = corrector.correct_batch(
             requests, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size, drafts=not args.no_drafts, gate=gate,
-            gate_threshold=args.gate_threshold, batch_size=args.batch_size, errors="return", progress=progress)
+            gate_threshold=args.gate_threshold, fallback_below=args.fallback_below, batch_size=args.batch_size,
+            errors="return", progress=progress)
         totals.add(results)
         return results
 
@@ -454,7 +461,7 @@ def _eval(args: argparse.Namespace) -> int:
     report = quality.evaluate(corrector, items, batch_size=args.batch_size, num_beams=args.num_beams,
                               max_new_tokens=args.max_new_tokens, drafts=not args.no_drafts,
                               no_repeat_ngram_size=args.no_repeat_ngram_size, gate=gate,
-                              gate_threshold=args.gate_threshold)
+                              gate_threshold=args.gate_threshold, fallback_below=args.fallback_below)
     report.update(data=str(args.data), model=str(corrector.root), errors=errors)
     if gate is not None:
         report["gate"] = str(gate.root)

@@ -3,7 +3,8 @@
     python -m lmcor.recipes.train --out build/default-corrector --minutes 170
 
 writes `dev.jsonl`/`test.jsonl`, the tokenizer, checkpoints (resumable with --resume), the
-Hugging Face folder `hf/`, and the exported bundle `bundle/`. Seeds are fixed.
+Hugging Face folder `hf/`, and the exported bundle `bundle/` with its fallback threshold calibrated
+on dev (`recipes/fallback.py`). Seeds are fixed.
 
 A from-scratch seq2seq sits on a long plateau before it learns to copy, and a corrector is
 mostly copying. Three choices shorten the plateau on a CPU: the output layer is tied to the
@@ -30,7 +31,7 @@ import numpy as np
 from lmcor.runtime.bundle import Template
 from lmcor.runtime.template import render
 
-from . import data
+from . import data, fallback
 from .noise import Example
 
 log = logging.getLogger("lmcor.recipes")
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
 
     export_corrector(hf_dir, args.out / "bundle", max_output_tokens=96, overwrite=True)
     log.info("exported %s", args.out / "bundle")
+    fallback.calibrate_bundle(args.out / "bundle", args.out / "dev.jsonl")
     return 0
 
 

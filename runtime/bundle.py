@@ -75,6 +75,9 @@ class Manifest:
     max_output_tokens: int = 0
     decoder_graph: str = "merged"
     no_repeat_ngram_size: int = 0  # the checkpoint's generation default; 0: off
+    # an output less similar than this (chrF, 0-100) to every candidate is replaced by the nearest
+    # one (`runtime.fallback`; calibrated by `lmcor.recipes.fallback`); None: never
+    fallback_below: float | None = None
     # classifiers: the label of each output, in order; for a gate, the probability of "right" at or
     # above which a candidate is passed (calibrated by `lmcor.recipes.gate`; None: 0.5)
     labels: tuple[str, ...] = ()
@@ -107,6 +110,7 @@ class Manifest:
                 files=dict(data["files"]),
                 decoder_graph=data.get("decoder_graph", "merged"),
                 no_repeat_ngram_size=int(data.get("no_repeat_ngram_size", 0)),
+                fallback_below=None if data.get("fallback_below") is None else float(data["fallback_below"]),
                 sha256=dict(data.get("sha256", {})),
                 validation=dict(data.get("validation", {})),
                 exporter=dict(data.get("exporter", {})),

@@ -18,6 +18,7 @@ from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
 from .encode import PackedEncoder, encode
 from .errors import BundleError, InputError
+from .fallback import guard
 from .request import Correction, DecodeStats, Request, as_request
 from .sessions import Sessions, open_session
 from .tokens import ModelInput, encode_requests, load_tokenizer
@@ -107,6 +108,7 @@ class Corrector:
         drafts: bool = True,
         gate: Any = None,
         gate_threshold: float | None = None,
+        fallback_below: float | None = None,
         batch_size: int = 16,
         errors: Literal["raise", "return"] = "raise",
         progress: Callable[[int], None] | None = None,
@@ -128,12 +130,18 @@ class Corrector:
         "right" a probability of at least `gate_threshold` (None: the threshold calibrated into the
         gate's bundle, else 0.5), that candidate is returned as it is (`gated=True`) and the
         corrector does not run for it.
+        An output whose sentence chrF to its nearest candidate is below `fallback_below` (0-100; None:
+        the bundle's calibrated value, else never; 0: never) lost its place while copying and is
+        replaced by that candidate (`fallback=True`, see `runtime.fallback`).
         With `errors="return"`, a bad
         request yields its `InputError` in its place and every other request is still corrected;
         `progress` is called with the number of requests finished by each batch.
         """
         search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, drafts,
                               batch_size)
+        below = self.manifest.fallback_below if fallback_below is None else fallback_below
+        if below is not None and not (isinstance(below, (int, float)) and 0 <= below <= 100):
+            raise InputError(f"fallback_below must be a chrF between 0 and 100, got {below!r}")
         items = list(items)
         results: list[Correction | InputError | None] = [None] * len(items)
         valid: list[tuple[int, Request]] = []
@@ -157,6 +165,10 @@ class Corrector:
             else:
                 ready.append((n, request.id, model_input))
         self._decode_all(ready, search, batch_size, results, progress)
+        if below:
+            for n, request in valid:
+                if isinstance(results[n], Correction):
+                    results[n] = guard(results[n], request.candidates, below)
         return results  # type: ignore[return-value]
 
     def generate(

@@ -33,11 +33,12 @@ class DecodeStats:
 @dataclass(frozen=True)
 class Correction:
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # the decoded tokens of `text`; empty when `text` is a candidate (gated, fallback)
     truncated: bool = False
     id: Any = None
     stats: DecodeStats = field(default_factory=DecodeStats)
     gated: bool = False  # the gate found the first candidate right: returned as it is, not decoded
+    fallback: bool = False  # the output strayed from every candidate: the nearest candidate instead
 
 
 def as_request(item: Any) -> Request:

@@ -43,15 +43,27 @@ def test_drafts_on_the_default_corrector_change_nothing_and_save_calls():
     corrector = Corrector.load()
     assert corrector.drafts_supported
     requests = read_requests(SPLITS / "test.jsonl", 160)
-    plain = corrector.correct_batch(requests, batch_size=8, drafts=False)
-    drafted = corrector.correct_batch(requests, batch_size=8)
+    plain = corrector.correct_batch(requests, batch_size=8, drafts=False, fallback_below=0)
+    drafted = corrector.correct_batch(requests, batch_size=8, fallback_below=0)
     assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
-    single = corrector.correct_batch(requests[:16], batch_size=1)
+    single = corrector.correct_batch(requests[:16], batch_size=1, fallback_below=0)
     assert [c.token_ids for c in single] == [c.token_ids for c in plain[:16]]
     generated = sum(len(c.token_ids) + 1 for c in single)
     assert sum(c.stats.decoder_calls for c in single) < generated / 3  # most calls accept several tokens
 
 
+def test_the_default_corrector_beats_first_and_consensus_candidates():
+    from lmcor.bench.quality import evaluate, read_items
+
+    items = read_items(SPLITS / "test.jsonl")[0][:300]
+    report = evaluate(Corrector.load(), items)
+    systems = report["systems"]
+    # Measured when shipped (first 300 test requests): 71.67 / 96.88 against the consensus
+    # candidate's 59.33 / 96.07 and the first's 52.00 / 95.01 (exact match / chrF); 19 fallbacks.
+    for baseline in ("first candidate", "consensus candidate"):
+        for metric in ("exact_match", "chrf"):
+            assert systems["corrector"][metric] > systems[baseline][metric], (baseline, metric)
+    assert 0 < report["fallbacks"] < 0.2 * len(items)
 
 def test_the_shipped_gate_is_small_and_passes_mostly_right_candidates():
     from lmcor.bench.quality import read_items
@@ -65,15 +77,16 @@ def test_the_shipped_gate_is_small_and_passes_mostly_right_candidates():
     items = read_items(SPLITS / "test.jsonl")[0][:300]
     passed = [i for i, p in zip(items, right_probabilities(gate, [(i.source, i.candidates) for i in items]))
               if p >= threshold]
-    # Measured when shipped (first 300 test requests): 59% passed, 80% of them right.
-    assert len(passed) >= 0.5 * len(items)
-    assert sum(i.candidates[0] == i.target for i in passed) >= 0.72 * len(passed)
+    # Measured at the calibrated threshold 0.7 (first 300 test requests): 45% passed, 87% of them right.
+    assert len(passed) >= 0.38 * len(items)
+    assert sum(i.candidates[0] == i.target for i in passed) >= 0.8 * len(passed)
 
 
 def test_cli_correct_behind_the_shipped_gate(tmp_path):
     out = tmp_path / "out.jsonl"
-    run = subprocess.run([sys.executable, "-m", "lmcor.cli", "correct", str(EXAMPLES), "--gate", "-o", str(out),
-                          "--stats", "-q"], capture_output=True, text=True, timeout=300)
+    # The examples' first candidates get P(right) 0.18-0.70, under the calibrated 0.7: ask for 0.5.
+    run = subprocess.run([sys.executable, "-m", "lmcor.cli", "correct", str(EXAMPLES), "--gate", "--gate-threshold",
+                          "0.5", "-o", str(out), "--stats", "-q"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == len(EXAMPLES.read_text().splitlines()) and all(r["output"].strip() for r in records)

@@ -1,0 +1,107 @@
+"""The fallback: sacrebleu's sentence chrF, the nearest candidate, outputs that stray from every
+candidate replaced by it (by option, by the bundle's calibrated threshold, from the CLI), and the
+recipe that calibrates the threshold."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from conftest import english_sentences, make_requests
+from lmcor.recipes import fallback as recipe
+from lmcor.runtime.bundle import load_manifest, shipped_bundle, write_manifest
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.fallback import char_ngrams, chrf, guard, nearest
+from lmcor.runtime.request import Correction
+
+from lmcor import Corrector
+from lmcor.cli import main
+
+
+def test_chrf_is_sacrebleus_sentence_chrf():
+    from sacrebleu.metrics import CHRF
+
+    sacrebleu = CHRF()
+    texts = english_sentences(12, seed=11) + ["", " ", "a", "ab", "Ünïcödé, naïve café!", "x y  z", "xyz", "...?!"]
+    for hypothesis in texts:
+        for reference in texts:
+            expected = sacrebleu.sentence_score(hypothesis, [reference]).score
+            assert chrf(char_ngrams(hypothesis), char_ngrams(reference)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_nearest_candidate_and_guard():
+    candidates = ["The cat sat on the mat.", "A dog ran in the park.", "The cat sat on a mat."]
+    assert nearest("The cat sat on a mat.", candidates) == (2, 100.0)
+    index, similarity = nearest("The cat sat on the mat", candidates)
+    assert index == 0 and 80 < similarity < 100
+    lost = Correction("The cat mat.", [5, 6, 7])  # nearest: the third, the shortest (chrF weighs recall)
+    replaced = guard(lost, candidates, 90)
+    assert replaced.text == candidates[2] and replaced.fallback and replaced.token_ids == []
+    assert guard(lost, candidates, 0) is lost
+    close = Correction("The cat sat on the mat!", [5])
+    assert guard(close, candidates, 80) is close
+
+
+def test_corrector_falls_back_by_option_and_by_manifest(bundles, tmp_path):
+    requests = make_requests(8, seed=7)
+    corrector = Corrector.load(bundles["t5"])
+    assert corrector.manifest.fallback_below is None
+    plain = corrector.correct_batch(requests, max_new_tokens=8)
+    assert not any(c.fallback for c in plain)
+    strict = corrector.correct_batch(requests, max_new_tokens=8, fallback_below=100)
+    # A random model writes text unlike its candidates: every such output is replaced.
+    assert sum(c.fallback for c in strict) >= 6
+    for s, p, r in zip(strict, plain, requests):
+        assert (s.text == p.text) if not s.fallback else (s.text in r["candidates"] and s.text != p.text)
+        assert s.stats.output_tokens == p.stats.output_tokens
+    calibrated = tmp_path / "bundle"
+    shutil.copytree(bundles["t5"], calibrated)
+    write_manifest(calibrated, dataclasses.replace(load_manifest(calibrated), fallback_below=100.0))
+    corrector = Corrector.load(calibrated)
+    assert [c.text for c in corrector.correct_batch(requests, max_new_tokens=8)] == [c.text for c in strict]
+    assert [c.text for c in corrector.correct_batch(requests, max_new_tokens=8, fallback_below=0)] == [
+        c.text for c in plain]
+    for wrong in (-1, 100.5, "90"):
+        with pytest.raises(InputError, match="fallback_below must be a chrF between 0 and 100"):
+            corrector.correct_batch(requests, fallback_below=wrong)
+
+
+def test_cli_correct_and_eval_count_fallbacks(bundles, tmp_path, capsys):
+    requests = make_requests(5, seed=3)
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in requests) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "-q", "--stats",
+            "--max-new-tokens", "8", "--fallback-below", "100"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    fallbacks = sum(bool(r.get("fallback")) for r in records)
+    assert fallbacks and f", {fallbacks} fell back to their nearest candidate" in capsys.readouterr().err
+    for record, request in zip(records, requests):
+        assert not record.get("fallback") or record["output"] in request["candidates"]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in requests) + "\n")
+    assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(tmp_path / "e.json"),
+                 "--max-new-tokens", "8", "--fallback-below", "100"]) == 0
+    assert f"({fallbacks} of 5 outputs fell back to their nearest candidate)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["fallbacks"] == fallbacks
+
+
+def test_calibration_writes_the_lowest_threshold_as_good_as_the_best(bundles, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundles["t5"], bundle)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in make_requests(8, seed=9)) + "\n")
+    tried = recipe.calibrate_bundle(bundle, dev)
+    chosen = tried[0]
+    assert load_manifest(bundle).fallback_below == chosen["threshold"]
+    assert sorted(t["threshold"] for t in tried) == sorted(recipe.THRESHOLDS)
+    best = max(t["chrf"] for t in tried)
+    assert chosen["chrf"] >= best - 0.05
+    assert all(t["chrf"] < best - 0.05 for t in tried if t["threshold"] < chosen["threshold"])
+    assert chosen["threshold"] > 0 and chosen["fell_back"] > 0  # a random model's outputs are worth replacing
+
+
+def test_the_shipped_correctors_carry_a_calibrated_threshold():
+    for name in ("default", "default-int8"):
+        assert 50 <= load_manifest(shipped_bundle(name)).fallback_below < 100
