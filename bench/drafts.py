@@ -5,7 +5,8 @@ pass by pass (batch throughput), so machine noise hits both alike. Reported: dec
 generated token (EOS counted, so plain greedy makes 1.00), batch-1 median latency end to end, of
 the encoder (the same work in both modes: the floor drafts cannot lower) and of the decoder,
 throughput at `batch_size`, the share of drafted tokens accepted, and whether the outputs are
-token-identical (they must be).
+token-identical (they must be). Both modes run without the fallback (`fallback_below=0`): it
+acts after decoding, alike in both, and would hide the decoded tokens it replaces.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Correction, Request, as_request
 
 MODES = {"drafts off": False, "drafts on": True}
+DECODE_ONLY = {"fallback_below": 0}
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def run(config: DraftsConfig) -> dict:
     if not corrector.drafts_supported:
         raise InputError(f"{corrector.root}: this bundle's decoder cannot verify drafts (re-export a T5-family model)")
     requests = read_requests(config.data, config.requests)
-    corrector.correct_batch(requests[:4], batch_size=1)  # warm-up: first-run allocations
+    corrector.correct_batch(requests[:4], batch_size=1, **DECODE_ONLY)  # warm-up: first-run allocations
     latency = {name: [] for name in MODES}
     encoder = {name: [] for name in MODES}
     decoder = {name: [] for name in MODES}
@@ -64,7 +66,7 @@ def run(config: DraftsConfig) -> dict:
         order = list(MODES) if n % 2 == 0 else list(MODES)[::-1]
         for name in order:
             started = time.perf_counter()
-            (result,) = corrector.correct_batch([request], batch_size=1, drafts=MODES[name])
+            (result,) = corrector.correct_batch([request], batch_size=1, drafts=MODES[name], **DECODE_ONLY)
             latency[name].append(time.perf_counter() - started)
             encoder[name].append(result.stats.encoder_s)
             decoder[name].append(result.stats.decoder_s)
@@ -73,7 +75,7 @@ def run(config: DraftsConfig) -> dict:
     for r in range(config.rounds):
         for name in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
             started = time.perf_counter()
-            corrector.correct_batch(requests, batch_size=config.batch_size, drafts=MODES[name])
+            corrector.correct_batch(requests, batch_size=config.batch_size, drafts=MODES[name], **DECODE_ONLY)
             throughput[name].append(len(requests) / (time.perf_counter() - started))
     modes = {}
     for name in MODES:
