@@ -30,17 +30,18 @@ class Drafter:
 
     def __init__(self, references: Sequence[Sequence[np.ndarray]], end: int, *, max_ngram: int = MAX_NGRAM):
         self.max_ngram = max_ngram
-        self._refs = [[[*map(int, seq), end] for seq in row] for row in references]
+        self._refs = [[[*np.asarray(seq).tolist(), end] for seq in row] for row in references]
         self._tables = [self._index(row) for row in self._refs]
         self.sizes = [FIRST_DRAFT] * len(references)  # per-row draft length, adapted to acceptance
 
-    def _index(self, row: list[list[int]]) -> dict[tuple[int, ...], list[Position]]:
-        """n-gram -> the positions right after each of its occurrences; () -> every sequence's start."""
-        table: dict[tuple[int, ...], list[Position]] = {(): [(s, 0) for s in range(len(row))]}
+    def _index(self, row: list[list[int]]) -> dict[int, list[Position]]:
+        """token -> the positions right after each of its occurrences, in sequence order. Longer
+        matches are found by checking the tokens before these positions: cheaper than indexing every
+        n-gram of every request, since a request proposes only a few times."""
+        table: dict[int, list[Position]] = {}
         for s, seq in enumerate(row):
-            for n in range(1, self.max_ngram + 1):
-                for end in range(n, len(seq)):
-                    table.setdefault(tuple(seq[end - n : end]), []).append((s, end))
+            for end in range(1, len(seq)):
+                table.setdefault(seq[end - 1], []).append((s, end))
         return table
 
     def propose(self, row: int, history: Sequence[int], limit: int) -> list[int]:
@@ -48,11 +49,15 @@ class Drafter:
         size = min(limit, self.sizes[row])
         if size <= 0:
             return []
-        table = self._tables[row]
-        for n in range(min(self.max_ngram, len(history)), -1, -1):
-            starts = table.get(tuple(history[len(history) - n :]))
-            if starts and (n > 0 or not history):
-                return _vote(self._refs[row], starts, size)
+        refs = self._refs[row]
+        if not history:
+            return _vote(refs, [(s, 0) for s in range(len(refs))], size)
+        after_last = self._tables[row].get(history[-1], [])
+        for n in range(min(self.max_ngram, len(history)), 0, -1):
+            tail = list(history[len(history) - n :])
+            starts = [(s, p) for s, p in after_last if p >= n and refs[s][p - n : p] == tail]
+            if starts:
+                return _vote(refs, starts, size)
         return []
 
     def update(self, row: int, drafted: int, accepted: int) -> None:
