@@ -160,10 +160,11 @@ class RaggedDecoder:
                 **dict(zip(self._own, self._cache))}
         logits, *presents = self.session.run(None, feed)
         self.calls += 1
-        slots = self.lengths[:, None] + np.arange(new)  # (batch, n): where each row's new tokens go
-        rows = np.arange(batch)[:, None]
-        for cache, present in zip(self._cache, presents):
-            cache[rows, :, slots] = present.transpose(0, 2, 1, 3)
+        # Each row's new tokens go after its own cached ones. Slices per row: much cheaper than one
+        # fancy-indexed write at the batch sizes decoding uses.
+        for row, start in enumerate(self.lengths.tolist()):
+            for cache, present in zip(self._cache, presents):
+                cache[row, :, start : start + new] = present[row]
         self.lengths = self.lengths + new
         self._last = new
         return logits
@@ -242,7 +243,13 @@ def _constrain(scores: np.ndarray, special: SpecialTokens, search: Search, cur_l
     """`generate`'s logits processors: no EOS before `min_new_tokens`, forced BOS after the start
     token, forced EOS at the last position. `cur_len` counts the start token: one number, or one per
     score vector (`scores.shape[:-1]`) where rows or draft positions are at different lengths."""
-    cur_len = np.broadcast_to(np.asarray(cur_len), scores.shape[:-1])
+    cur_len = np.asarray(cur_len)
+    lo, hi = int(cur_len.min()), int(cur_len.max())
+    # Most steps constrain nothing; this check costs a few microseconds instead of the masks' tens.
+    if (lo - 1 >= search.min_new_tokens and (special.forced_bos is None or lo > 1)
+            and (special.forced_eos is None or not lo <= search.max_new_tokens <= hi)):
+        return scores
+    cur_len = np.broadcast_to(cur_len, scores.shape[:-1])
     no_eos = cur_len - 1 < search.min_new_tokens
     forced = np.full(scores.shape[:-1], -1, dtype=np.int64)
     if special.forced_bos is not None:
@@ -296,18 +303,18 @@ def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: Sp
             for i, r in enumerate(active):
                 for k in range(len(drafts[r]) + 1 if running[r] else 0):
                     scores[i, k, bans[r].banned(drafts[r][:k])] = -np.inf
-        choice = _constrain(scores, special, search, cur_len).argmax(axis=-1)
+        choice = _constrain(scores, special, search, cur_len).argmax(axis=-1).tolist()
         kept = np.zeros(len(active), dtype=np.int64)  # fed tokens whose keys/values stay cached
         for i, r in enumerate(active):
             if not running[r]:
                 continue
             draft = drafts[r]
             k = 0
-            while k < len(draft) and choice[i, k] == draft[k]:
+            while k < len(draft) and choice[i][k] == draft[k]:
                 k += 1
             # The model's choice after each accepted draft token is that token; after the last
             # accepted one it is the model's own next token.
-            new = choice[i, : k + 1].tolist()[: search.max_new_tokens - len(out[r])]
+            new = choice[i][: k + 1][: search.max_new_tokens - len(out[r])]
             if special.eos in new:
                 new = new[: new.index(special.eos) + 1]
                 running[r] = False
