@@ -34,6 +34,7 @@ from .checkpoint import (
     staged_export,
     versions,
 )
+from .quantize import quantize
 from .shared_weights import share_weights
 from .validate import validate_corrector
 
@@ -104,8 +105,10 @@ def export_corrector(
     """Export a Hugging Face seq2seq checkpoint folder (T5, T5 v1.1/Flan-T5, mT5, BART, mBART) to a
     validated bundle in `out_dir`. Nothing is written to `out_dir` unless validation passes.
 
-    `precision="int8"` quantizes the weights of every MatMul to int8 (dynamic quantization:
-    activations stay fp32), after the fp32 graphs have passed validation. An int8 bundle cannot
+    `precision="int8"` quantizes the weights of every MatMul to int8 and their inputs row by row at
+    run time (`quantize.py`: each token's result independent of the rest of its call, so batched
+    and drafted decoding still reproduce plain greedy decoding), after the fp32 graphs have passed
+    validation. An int8 bundle cannot
     match PyTorch token for token; its validation records how far it is (logit difference, share
     of samples with identical greedy tokens), and its quality is measured with `lmcor eval`.
 
@@ -175,19 +178,19 @@ def export_corrector(
 
 
 def _quantize(raw: Path, staged: Path, graph: str) -> None:
-    """int8 weights for the encoder and decoder graphs. optimum's two decoders are merged after
-    quantization so that the two branches share one copy of each quantized weight."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """int8 weights for the encoder and decoder graphs (`quantize.py`: per-row activations). optimum's
+    two decoders are merged after quantization so that the two branches share one copy of each
+    quantized weight."""
     from optimum.onnx import merge_decoders
 
     with quiet_exporter():
-        quantize_dynamic(raw / ENCODER_FILE, staged / ENCODER_FILE, weight_type=QuantType.QInt8)
+        quantize(raw / ENCODER_FILE, staged / ENCODER_FILE)
         if graph == "ragged":
             for name in (ragged.STEP_FILE, ragged.CROSS_FILE):
-                quantize_dynamic(raw / "folded" / name, staged / name, weight_type=QuantType.QInt8)
+                quantize(raw / "folded" / name, staged / name)
             return
         for name in (FIRST_STEP_FILE, CACHED_STEP_FILE):
-            quantize_dynamic(raw / name, raw / f"int8_{name}", weight_type=QuantType.QInt8)
+            quantize(raw / name, raw / f"int8_{name}")
         merge_decoders(decoder=raw / f"int8_{FIRST_STEP_FILE}", decoder_with_past=raw / f"int8_{CACHED_STEP_FILE}",
                        save_path=staged / DECODER_FILE, strict=False)
 

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's)")
     export.add_argument("--atol", type=float, default=1e-3, help="absolute logit tolerance of the validation")
     export.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                        help="int8: dynamic int8 weights, validated and reported rather than exact")
+                        help="int8: int8 weights (correctors: activations quantized per row), validated and reported rather than exact")
     export.add_argument("--packed-encoder", action="store_true",
                         help="also write the encoder's weights for the Triton packed encoder (T5 family; used on CUDA)")
     export.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")

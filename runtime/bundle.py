@@ -18,8 +18,12 @@ from typing import Any
 from .errors import BundleError
 
 MANIFEST_NAME = "lmcor.json"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 bundles predate `decoder_graph` and always hold "merged"
+FORMAT_VERSION = 3
+# Version 1 bundles predate `decoder_graph` and always hold "merged". Before version 3, int8
+# correctors quantized each MatMul's input with one scale per tensor, so a row's output depended
+# on the rest of its batch (and drafted decoding was not exact); since, each row on its own.
+READABLE_VERSIONS = (1, 2, 3)
+PER_ROW_INT8_SINCE = 3
 KINDS = ("corrector", "classifier", "causal-lm")
 # "merged": optimum's merged decoder (every row advances by the same number of tokens);
 # "ragged": lmcor's step graph + cross-attention graph (per-row lengths; drafted decoding).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -13,7 +14,7 @@ from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
 from .classifier import passing_threshold, right_probabilities
-from .bundle import Manifest, load_manifest, shipped_bundle
+from .bundle import PER_ROW_INT8_SINCE, Manifest, load_manifest, shipped_bundle
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
 from .encode import PackedEncoder, encode
@@ -22,6 +23,8 @@ from .fallback import guard
 from .request import Correction, DecodeStats, Request, as_request
 from .sessions import Sessions, open_session
 from .tokens import ModelInput, encode_requests, load_tokenizer
+
+log = logging.getLogger("lmcor")
 
 
 def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) -> PackedEncoder | None:
@@ -40,6 +43,10 @@ def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) ->
         if choice == "auto":
             return None  # no PyTorch/Triton here: the ONNX encoder gives the same states
         raise
+
+
+def _per_tensor_int8(manifest: Manifest) -> bool:
+    return manifest.precision == "int8" and manifest.format_version < PER_ROW_INT8_SINCE
 
 
 class Corrector:
@@ -81,12 +88,17 @@ class Corrector:
             cross=(open_session(root / manifest.files["cross"], providers=providers, threads=threads)
                    if "cross" in manifest.files else None),
         )
+        if _per_tensor_int8(manifest):
+            log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so its outputs depend on "
+                        "the rest of their batch and drafted decoding is off; re-export it with this lmcor "
+                        "(`lmcor export --precision int8`)", root, manifest.format_version)
         return cls(root, manifest, tokenizer, sessions, _packed_encoder(root, manifest, sessions.device, encoder))
 
     @property
     def drafts_supported(self) -> bool:
-        """Whether this bundle's decoder can verify drafts (lmcor's ragged T5-family decoder)."""
-        return self.manifest.decoder_graph == "ragged"
+        """Whether this bundle's decoder can verify drafts exactly: lmcor's ragged T5-family decoder,
+        and for int8, activations quantized per row (bundles exported since format 3)."""
+        return self.manifest.decoder_graph == "ragged" and not _per_tensor_int8(self.manifest)
 
     @property
     def providers(self) -> list[str]:
