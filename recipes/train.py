@@ -234,7 +234,7 @@ def _random_copies(tokenizer, rng: random.Random, count: int) -> list[tuple[list
 
 
 def _text_pairs(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]]]:
-    texts = [render(TEMPLATE, e.source, [e.target] if copy else e.candidates)[0] for e in items]
+    texts = [render(TEMPLATE, e.source, [e.target] if copy else e.candidates).text for e in items]
     enc = tokenizer.backend_tokenizer.encode_batch(texts)
     dec = tokenizer.backend_tokenizer.encode_batch([e.target for e in items])
     return [(x.ids, y.ids) for x, y in zip(enc, dec)]
@@ -274,7 +274,7 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            enc = tokenizer([render(TEMPLATE, e.source, e.candidates)[0] for e in chunk], return_tensors="pt",
+            enc = tokenizer([render(TEMPLATE, e.source, e.candidates).text for e in chunk], return_tensors="pt",
                             return_token_type_ids=False,
                             padding=True)
             out = model.generate(**enc, max_new_tokens=96, num_beams=1, do_sample=False,

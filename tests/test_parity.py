@@ -17,7 +17,7 @@ def _reference(checkpoint, corrector: Corrector, requests, **generate_options) -
     eos = corrector.manifest.special_tokens.eos
     out = []
     for request in requests:
-        text, _ = render(corrector.manifest.template, request["source"], request["candidates"])
+        text = render(corrector.manifest.template, request["source"], request["candidates"]).text
         ids = torch.tensor([corrector.tokenizer.encode(text).ids])
         with torch.no_grad():
             tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,

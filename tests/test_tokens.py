@@ -10,16 +10,16 @@ from tokenizers import Tokenizer
 
 
 def test_lmcor_template_is_the_default():
-    text, spans = render(Template(), "she go", ["She goes.", "she goes"])
+    text, spans, source = render(Template(), "she go", ["She goes.", "she goes"])
     assert text == "source: she go\ncandidates: She goes. <extra_id_0> she goes"
-    assert [text[a:b] for a, b in spans] == ["She goes.", "she goes"]
+    assert [text[a:b] for a, b in spans] == ["She goes.", "she goes"] and text[slice(*source)] == "she go"
 
 
 def test_genfuser_style_template_and_braces_in_user_text():
     template = Template(text="{source}{candidates}", candidate=" <extra_id_{i}> {candidate}", separator="")
-    text, spans = render(template, "x {candidates} y", ["a {i}", "b"])
+    text, spans, source = render(template, "x {candidates} y", ["a {i}", "b"])
     assert text == "x {candidates} y <extra_id_0> a {i} <extra_id_1> b"
-    assert [text[a:b] for a, b in spans] == ["a {i}", "b"]
+    assert [text[a:b] for a, b in spans] == ["a {i}", "b"] and text[slice(*source)] == "x {candidates} y"
 
 
 @pytest.fixture
@@ -32,6 +32,17 @@ def test_short_input_is_tokenized_whole(tokenizer):
     [got] = encode_requests(tokenizer, Template(), [request], 512)
     assert not got.truncated
     assert got.ids.tolist() == tokenizer.encode(render(Template(), request.source, request.candidates)[0]).ids
+
+
+def test_references_are_the_prompts_own_tokens_of_each_candidate_and_the_source(tokenizer):
+    request = Request("she go to school every days", ("She goes to school every day.", "she go to school every day",
+                                                      "She goes to the school every days."))
+    [got] = encode_requests(tokenizer, Template(), [request], 512, references=True)
+    texts = [*request.candidates, request.source]
+    assert [r.tolist() for r in got.references] == [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    assert all(set(r.tolist()) <= set(got.ids.tolist()) for r in got.references)
+    [plain] = encode_requests(tokenizer, Template(), [request], 512)
+    assert plain.references == () and plain.ids.tolist() == got.ids.tolist()
 
 
 def test_long_candidates_are_shortened_evenly(tokenizer):
