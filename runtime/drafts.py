@@ -30,7 +30,11 @@ class Drafter:
 
     def __init__(self, references: Sequence[Sequence[np.ndarray]], end: int, *, max_ngram: int = MAX_NGRAM):
         self.max_ngram = max_ngram
-        self._refs = [[[*np.asarray(seq).tolist(), end] for seq in row] for row in references]
+        # Sampled candidates often repeat one another: each distinct sequence is indexed once and
+        # votes with the number of times it occurs.
+        counted = [Counter(tuple([*np.asarray(seq).tolist(), end]) for seq in row) for row in references]
+        self._refs = [[list(seq) for seq in row] for row in counted]
+        self._weights = [list(row.values()) for row in counted]
         self._tables = [self._index(row) for row in self._refs]
         self.sizes = [FIRST_DRAFT] * len(references)  # per-row draft length, adapted to acceptance
 
@@ -49,15 +53,15 @@ class Drafter:
         size = min(limit, self.sizes[row])
         if size <= 0:
             return []
-        refs = self._refs[row]
+        refs, weights = self._refs[row], self._weights[row]
         if not history:
-            return _vote(refs, [(s, 0) for s in range(len(refs))], size)
+            return _vote(refs, weights, [(s, 0) for s in range(len(refs))], size)
         after_last = self._tables[row].get(history[-1], [])
         for n in range(min(self.max_ngram, len(history)), 0, -1):
             tail = list(history[len(history) - n :])
             starts = [(s, p) for s, p in after_last if p >= n and refs[s][p - n : p] == tail]
             if starts:
-                return _vote(refs, starts, size)
+                return _vote(refs, weights, starts, size)
         return []
 
     def update(self, row: int, drafted: int, accepted: int) -> None:
@@ -73,15 +77,22 @@ class Drafter:
             self.sizes[row] = max(1, self.sizes[row] // 2)
 
 
-def _vote(refs: list[list[int]], starts: list[Position], size: int) -> list[int]:
+def _vote(refs: list[list[int]], weights: list[int], starts: list[Position], size: int) -> list[int]:
     """Follow the majority continuation of `starts` for up to `size` tokens (earliest match on ties)."""
     draft: list[int] = []
     alive = starts
     for k in range(size):
-        votes = Counter(refs[s][p + k] for s, p in alive if p + k < len(refs[s]))
+        if len(alive) == 1:  # one match left: its continuation is the draft
+            s, p = alive[0]
+            return draft + refs[s][p + k : p + size]
+        votes: dict[int, int] = {}
+        for s, p in alive:
+            if p + k < len(refs[s]):
+                token = refs[s][p + k]
+                votes[token] = votes.get(token, 0) + weights[s]
         if not votes:
             break
-        token = votes.most_common(1)[0][0]
+        token = max(votes, key=votes.__getitem__)  # the first of equals: the earliest match's
         draft.append(token)
         alive = [(s, p) for s, p in alive if p + k < len(refs[s]) and refs[s][p + k] == token]
     return draft
