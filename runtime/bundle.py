@@ -20,8 +20,8 @@ from .errors import BundleError
 MANIFEST_NAME = "lmcor.json"
 FORMAT_VERSION = 3
 # Version 1 bundles predate `decoder_graph` and always hold "merged". Before version 3, int8
-# correctors quantized each MatMul's input with one scale per tensor, so a row's output depended
-# on the rest of its batch (and drafted decoding was not exact); since, each row on its own.
+# bundles quantized each MatMul's input with one scale per tensor, so a row's output depended on
+# the rest of its batch (and drafted decoding was not exact); since, each row on its own.
 READABLE_VERSIONS = (1, 2, 3)
 PER_ROW_INT8_SINCE = 3
 KINDS = ("corrector", "classifier", "causal-lm")
@@ -90,6 +90,12 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def int8_per_tensor(self) -> bool:
+        """An int8 bundle whose activations are quantized per tensor (exported before format 3): a
+        row's result depends on the rest of its batch."""
+        return self.precision == "int8" and self.format_version < PER_ROW_INT8_SINCE
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

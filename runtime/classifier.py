@@ -6,6 +6,7 @@ length-bucketed batches -> ONNX Runtime -> softmax -> the label with the highest
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from .bundle import Manifest, load_manifest
 from .tokens import load_tokenizer
 from .errors import BundleError, InputError
 from .sessions import open_session
+
+log = logging.getLogger("lmcor")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class Classifier:
         root = Path(path)
         manifest = load_manifest(root, verify=verify, kind="classifier")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
+        if manifest.int8_per_tensor:
+            log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so a text's "
+                        "probabilities depend on the rest of its batch; re-export it with this lmcor "
+                        "(`lmcor export --kind classifier --precision int8`)", root, manifest.format_version)
         return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"]), session)
 
     @property

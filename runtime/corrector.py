@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
 from .classifier import passing_threshold, right_probabilities
-from .bundle import PER_ROW_INT8_SINCE, Manifest, load_manifest, shipped_bundle
+from .bundle import Manifest, load_manifest, shipped_bundle
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
 from .encode import PackedEncoder, encode
@@ -43,10 +43,6 @@ def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) ->
         if choice == "auto":
             return None  # no PyTorch/Triton here: the ONNX encoder gives the same states
         raise
-
-
-def _per_tensor_int8(manifest: Manifest) -> bool:
-    return manifest.precision == "int8" and manifest.format_version < PER_ROW_INT8_SINCE
 
 
 class Corrector:
@@ -88,7 +84,7 @@ class Corrector:
             cross=(open_session(root / manifest.files["cross"], providers=providers, threads=threads)
                    if "cross" in manifest.files else None),
         )
-        if _per_tensor_int8(manifest):
+        if manifest.int8_per_tensor:
             log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so its outputs depend on "
                         "the rest of their batch and drafted decoding is off; re-export it with this lmcor "
                         "(`lmcor export --precision int8`)", root, manifest.format_version)
@@ -98,7 +94,7 @@ class Corrector:
     def drafts_supported(self) -> bool:
         """Whether this bundle's decoder can verify drafts exactly: lmcor's ragged T5-family decoder,
         and for int8, activations quantized per row (bundles exported since format 3)."""
-        return self.manifest.decoder_graph == "ragged" and not _per_tensor_int8(self.manifest)
+        return self.manifest.decoder_graph == "ragged" and not self.manifest.int8_per_tensor
 
     @property
     def providers(self) -> list[str]:

@@ -120,10 +120,16 @@ def test_bad_items_are_named_and_the_rest_classified(bundle):
         classifier.classify_batch(["a", {"pair": "b"}])
 
 
-def test_int8_export_records_its_agreement(checkpoint, tmp_path):
+def test_int8_export_records_its_agreement_and_scores_each_text_alike_in_any_batch(checkpoint, tmp_path):
     manifest = export_classifier(checkpoint, tmp_path / "int8", precision="int8")
     assert manifest.precision == "int8" and 0.0 <= manifest.validation["int8_label_agreement"] <= 1.0
-    assert Classifier.load(tmp_path / "int8").classify("hello").label in manifest.labels
+    classifier = Classifier.load(tmp_path / "int8")
+    assert classifier.classify("hello").label in manifest.labels
+    # A short text beside a long one: per-tensor quantization would let the long one set its scale.
+    items = ["hello", ("def f(x):\n    return [y * 1000 for y in range(x)]" * 4, "for i in range(10): print(i)"), "a b"]
+    together = classifier.classify_batch(items, batch_size=len(items))
+    for item, got in zip(items, together):
+        assert np.array_equal(classifier.classify_batch([item])[0].probabilities, got.probabilities)
 
 
 def test_cli_export_and_classify_round_trip(checkpoint, tmp_path, capsys):
