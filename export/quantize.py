@@ -30,7 +30,9 @@ def quantize(source: Path, target: Path, **options) -> int:
     `options` go to `quantize_dynamic`. Returns how many activations are quantized per row."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8, **options)
+    # Only MatMul takes a quantized input per row; Gather (embeddings) has no activation to quantize.
+    # Fused ops the quantizer knows (Attention, LSTM, ...) would quantize their input per tensor.
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"], **options)
     model = onnx.load(str(target))
     count = per_row(model)
     onnx.save(model, str(target))
@@ -38,7 +40,9 @@ def quantize(source: Path, target: Path, **options) -> int:
 
 
 def per_row(model: onnx.ModelProto) -> int:
-    """Replace each per-tensor DynamicQuantizeLinear of `model`'s graph (its outputs keep their names)."""
+    """Replace each per-tensor DynamicQuantizeLinear of `model`'s graph (its outputs keep their names:
+    the MatMulInteger it feeds is unchanged, and the Mul that scales the result back broadcasts the
+    per-row scale)."""
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     constants = {
@@ -49,17 +53,9 @@ def per_row(model: onnx.ModelProto) -> int:
         "zero_point": np.array(128, dtype=np.uint8),
     }
     name = {key: f"{_PREFIX}_{key}" for key in constants}
-    consumers: dict[str, set[str]] = {}
-    for node in graph.node:
-        for tensor in node.input:
-            consumers.setdefault(tensor, set()).add(node.op_type)
     nodes, count = [], 0
     for node in graph.node:
-        # Fused quantized ops (QAttention, ...) take one scale per tensor; only inputs that feed
-        # MatMulInteger, scaled back by Mul, can have one per row.
-        if node.op_type != "DynamicQuantizeLinear" or not (
-                consumers.get(node.output[0], set()) <= {"MatMulInteger"}
-                and consumers.get(node.output[1], set()) <= {"Mul"}):
+        if node.op_type != "DynamicQuantizeLinear":
             nodes.append(node)
             continue
         count += 1
