@@ -14,8 +14,8 @@ _MARKERS = re.compile("\x00(s|[0-9]+)\x00")
 
 class Rendered(NamedTuple):
     text: str
-    spans: list[tuple[int, int]]  # each candidate's characters in `text`
-    source: tuple[int, int]  # the source's (its first place, should the template hold it twice)
+    spans: list[tuple[int, int]]  # each candidate's characters in `text` (its first place)
+    source: tuple[int, int]  # the source's
 
 
 def render(template: Template, source: str, candidates: Sequence[str]) -> Rendered:
@@ -28,20 +28,16 @@ def render(template: Template, source: str, candidates: Sequence[str]) -> Render
     pieces = [template.candidate.format(candidate=_MARKER.format(i), i=i, n=i + 1) for i in range(len(candidates))]
     skeleton = template.text.format(source=_MARKER.format("s"), candidates=template.separator.join(pieces))
     text: list[str] = []
-    spans: list[tuple[int, int]] = [(0, 0)] * len(candidates)
-    source_span: tuple[int, int] | None = None
+    first: dict[str, tuple[int, int]] = {}  # marker -> the span of its first place in the text
     length = pos = 0
     for marker in _MARKERS.finditer(skeleton):
-        text.append(skeleton[pos : marker.start()])
-        length += marker.start() - pos
         key = marker.group(1)
         value = source if key == "s" else candidates[int(key)]
-        if key != "s":
-            spans[int(key)] = (length, length + len(value))
-        elif source_span is None:
-            source_span = (length, length + len(value))
+        text.append(skeleton[pos : marker.start()])
+        length += marker.start() - pos
+        first.setdefault(key, (length, length + len(value)))
         text.append(value)
         length += len(value)
         pos = marker.end()
     text.append(skeleton[pos:])
-    return Rendered("".join(text), spans, source_span or (0, 0))
+    return Rendered("".join(text), [first.get(str(i), (0, 0)) for i in range(len(candidates))], first.get("s", (0, 0)))

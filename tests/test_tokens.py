@@ -22,6 +22,13 @@ def test_genfuser_style_template_and_braces_in_user_text():
     assert [text[a:b] for a, b in spans] == ["a {i}", "b"] and text[slice(*source)] == "x {candidates} y"
 
 
+def test_a_placeholder_used_twice_is_filled_twice_and_spans_its_first_place():
+    template = Template(text="{source} | {source}: {candidates}", candidate="{candidate}={candidate}", separator=", ")
+    text, spans, source = render(template, "s", ["a", "bc"])
+    assert text == "s | s: a=a, bc=bc"
+    assert [text[a:b] for a, b in spans] == ["a", "bc"] and spans[1] == (12, 14) and source == (0, 1)
+
+
 @pytest.fixture
 def tokenizer(bundles) -> Tokenizer:
     return Tokenizer.from_file(str(bundles["t5v11"] / "tokenizer.json"))
