@@ -108,9 +108,9 @@ def export_corrector(
     `precision="int8"` quantizes the weights of every MatMul to int8 and their inputs row by row at
     run time (`quantize.py`: each token's result independent of the rest of its call, so batched
     and drafted decoding still reproduce plain greedy decoding), after the fp32 graphs have passed
-    validation. An int8 bundle cannot
-    match PyTorch token for token; its validation records how far it is (logit difference, share
-    of samples with identical greedy tokens), and its quality is measured with `lmcor eval`.
+    validation. An int8 bundle cannot match PyTorch token for token; its validation records how
+    far it is (logit difference, share of samples with identical greedy tokens), and its quality
+    is measured with `lmcor eval`.
 
     `packed_encoder=True` (T5 family) also writes the encoder's weights for the Triton packed
     encoder (`kernels/encoder.py`), which a CUDA machine with PyTorch and Triton runs instead of
