@@ -15,7 +15,15 @@ from pathlib import Path
 from lmcor.runtime.bundle import DecoderShape, Manifest, SpecialTokens, write_manifest
 from lmcor.runtime.errors import ExportError
 
-from .checkpoint import TOKENIZER_FILE, default_max_input_tokens, load_checkpoint, opset_of, staged_export, versions
+from .checkpoint import (
+    TOKENIZER_FILE,
+    default_max_input_tokens,
+    load_checkpoint,
+    opset_of,
+    stage,
+    staged_export,
+    versions,
+)
 
 MODEL_FILE = "model.onnx"
 SAMPLE_PROMPTS = ("Correct the sentence: she go to school", "def add(a, b):", "The capital of France is", "a")
@@ -54,7 +62,9 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
             max_output_tokens=max_output_tokens, exporter=versions(),
         )
         write_manifest(staged, manifest)
-        manifest = dataclasses.replace(manifest, validation=_validate(model, staged))
+        with stage(model_dir, "validation"):
+            validation = _validate(model, staged)
+        manifest = dataclasses.replace(manifest, validation=validation)
         write_manifest(staged, manifest)
     return manifest
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import onnx
 
-from lmcor.runtime.errors import ExportError
+from lmcor.runtime.errors import ExportError, LmcorError
+
+log = logging.getLogger("lmcor")
 
 TOKENIZER_FILE = "tokenizer.json"
 PRECISIONS = ("fp32", "int8")
@@ -41,6 +43,31 @@ def quiet_exporter():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def stage(model_dir: Path, name: str) -> Iterator[None]:
+    """One stage of an export that runs torch, transformers, optimum, onnx or ONNX Runtime: their
+    exceptions become one `ExportError` line naming the checkpoint and the stage (the traceback goes
+    to the debug log and stays chained). lmcor's own errors, and its bugs, pass unchanged."""
+    try:
+        yield
+    except LmcorError:
+        raise
+    except Exception as e:
+        if _raised_by_lmcor(e):
+            raise  # a bug of lmcor's own: its traceback is the report
+        log.debug("%s: %s failed", model_dir, name, exc_info=True)
+        lines = str(e).strip().splitlines()
+        raise ExportError(f"{model_dir}: {name} failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")) from e
+
+
+def _raised_by_lmcor(error: BaseException) -> bool:
+    """Whether `error` comes from lmcor's own code rather than from a library it called."""
+    trace = error.__traceback__
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace.tb_frame.f_globals.get("__name__", "").split(".")[0] == "lmcor"
+
+
 def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrite: bool):
     """(model in eval mode, fast tokenizer) of a checkpoint folder, after checking both folders.
 
@@ -54,10 +81,11 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
         raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
-    model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32).eval()
+    with stage(model_dir, "loading the checkpoint"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
+        model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
 
 
@@ -72,7 +100,7 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
-        with quiet_exporter():
+        with stage(model_dir, "ONNX export"), quiet_exporter():
             main_export(str(model_dir), output=raw, task=task, opset=opset, device="cpu", do_validation=False,
                         local_files_only=True)
         staged.mkdir()

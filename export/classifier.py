@@ -26,6 +26,7 @@ from .checkpoint import (
     load_checkpoint,
     opset_of,
     quiet_exporter,
+    stage,
     staged_export,
     versions,
 )
@@ -59,7 +60,8 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     with staged_export(model_dir, out_dir, "text-classification", opset) as (raw, staged):
         fused = fuse and config.model_type in _FUSIONS
         if fused:
-            _fuse(raw / MODEL_FILE, staged / MODEL_FILE, config)
+            with stage(model_dir, "graph optimization"):
+                _fuse(raw / MODEL_FILE, staged / MODEL_FILE, config)
         else:
             shutil.copy(raw / MODEL_FILE, staged / MODEL_FILE)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
@@ -70,8 +72,9 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
             exporter=versions(),
         )
         write_manifest(staged, manifest)
-        reference = _torch_probabilities(model, tokenizer)
-        fp32 = _bundle_probabilities(staged)
+        with stage(model_dir, "validation"):
+            reference = _torch_probabilities(model, tokenizer)
+            fp32 = _bundle_probabilities(staged)
         diff = float(np.abs(np.log(fp32) - np.log(reference)).max())
         if diff > atol:
             raise ExportError(f"validation failed: max |log-probability diff| {diff:.3g} exceeds {atol:.3g}")
@@ -80,12 +83,13 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
             # From the unfused graph: the fused attention op takes one activation scale for the whole
             # batch, where `quantize` gives each token its own, so that a text's probabilities do not
             # depend on the other texts of its batch.
-            with quiet_exporter():
+            with stage(model_dir, "quantization"), quiet_exporter():
                 quantize(raw / MODEL_FILE, raw / f"int8_{MODEL_FILE}")
             shutil.move(str(raw / f"int8_{MODEL_FILE}"), staged / MODEL_FILE)
             manifest = dataclasses.replace(manifest, precision="int8")
             write_manifest(staged, manifest)
-            int8 = _bundle_probabilities(staged)
+            with stage(model_dir, "validation of the int8 graph"):
+                int8 = _bundle_probabilities(staged)
             validation.update(fused=False, int8_label_agreement=float((int8.argmax(1) == fp32.argmax(1)).mean()),
                               int8_max_abs_prob_diff=float(np.abs(int8 - fp32).max()))
         manifest = dataclasses.replace(manifest, validation=validation)

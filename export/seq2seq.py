@@ -31,6 +31,7 @@ from .checkpoint import (
     load_checkpoint,
     opset_of,
     quiet_exporter,
+    stage,
     staged_export,
     versions,
 )
@@ -127,7 +128,7 @@ def export_corrector(
     with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset) as (raw, staged):
         opset = opset_of(raw / ENCODER_FILE)
         if model.config.model_type in ragged.ARCHITECTURES:
-            with quiet_exporter():
+            with stage(model_dir, "building the step graph"), quiet_exporter():
                 ragged.export_step_decoder(model, raw, opset)
                 if precision == "int8":
                     (raw / "folded").mkdir()
@@ -165,13 +166,16 @@ def export_corrector(
         if precision == "fp32":  # an int8 bundle shares its quantized graphs, below
             share_weights(staged, graphs)
         write_manifest(staged, manifest)
-        report = validate_corrector(model, staged, atol=atol)
+        with stage(model_dir, "validation"):
+            report = validate_corrector(model, staged, atol=atol)
         if precision == "int8":
-            _quantize(raw, staged, graph)
+            with stage(model_dir, "quantization"):
+                _quantize(raw, staged, graph)
             share_weights(staged, graphs)
             manifest = dataclasses.replace(manifest, precision="int8")
             write_manifest(staged, manifest)
-            report = validate_corrector(model, staged, exact=False)
+            with stage(model_dir, "validation of the int8 graphs"):
+                report = validate_corrector(model, staged, exact=False)
         manifest = dataclasses.replace(manifest, validation=report.as_dict())
         write_manifest(staged, manifest)
     return manifest

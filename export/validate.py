@@ -68,6 +68,7 @@ def validate_corrector(
     usable = [(r, x) for r, x in zip(requests, inputs) if not isinstance(x, InputError)]
     if not usable:
         raise ExportError(f"validation failed: no sample request fits {manifest.max_input_tokens} input tokens")
+    use_cache = _generate_cache_fits(model.config, manifest.decoder.num_layers)
     ours = corrector.correct_batch([r for r, _ in usable], max_new_tokens=max_new_tokens, batch_size=1, drafts=False)
     worst, worst_ref, agreeing = 0.0, 0.0, 0
     for n, ((_, model_input), correction) in enumerate(zip(usable, ours)):
@@ -78,6 +79,7 @@ def validate_corrector(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=_plain_generation_config(special, max_new_tokens, manifest.no_repeat_ngram_size),
+                use_cache=use_cache,
             )[0, 1:].tolist()
         reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
         agreeing += reference == correction.token_ids
@@ -110,6 +112,14 @@ def _onnx_logits(corrector: Corrector, input_ids: np.ndarray, decoder_ids: np.nd
         return first[0]
     rest = decoder.step(decoder_ids[:, 1:])
     return np.concatenate([first[0], rest[0]], axis=0)
+
+
+def _generate_cache_fits(config, decoder_layers: int) -> bool:
+    """Whether `generate`'s cache has one layer per decoder layer. transformers sizes it by the decoder
+    config's `num_hidden_layers`, which T5 maps to the *encoder's* depth: where the depths differ
+    (T5-efficient), cached `generate` fails, and the reference is computed without a cache (same
+    tokens, slower)."""
+    return getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) == decoder_layers
 
 
 def _plain_generation_config(special, max_new_tokens: int, no_repeat_ngram_size: int):
