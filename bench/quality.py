@@ -10,14 +10,15 @@ sentence score computed once per text.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.fallback import char_ngrams, chrf
+from lmcor.runtime.jsonl import parse_line
 from lmcor.runtime.request import as_request
 
 SYSTEMS = ("first candidate", "consensus candidate", "oracle candidate", "corrector")
@@ -39,26 +40,28 @@ def _chrf():
     return CHRF()
 
 
+def item(value: Any, line: int) -> Item:
+    """The Item of one data line's JSON value; `InputError` names what is wrong with it."""
+    if not isinstance(value, dict):
+        raise InputError(f"expected a JSON object with 'source', 'candidates' and 'target', got {type(value).__name__}")
+    request = as_request(value)
+    target = value.get("target")
+    if not isinstance(target, str):
+        raise InputError("field 'target' must be a string" if "target" in value else "missing field 'target'")
+    return Item(line, request.source, request.candidates, target)
+
+
 def read_items(path: Path) -> tuple[list[Item], list[dict]]:
     """Good items and error records ({"line", "error"}) of a JSONL data file."""
     items, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
-                request = as_request(obj)
-                target = obj.get("target")
-                if not isinstance(target, str):
-                    raise InputError("field 'target' must be a string" if "target" in obj else "missing field 'target'")
-            except json.JSONDecodeError as e:
-                errors.append({"line": number, "error": f"not valid JSON ({e.msg} at column {e.colno})"})
-                continue
+                items.append(item(parse_line(raw, first=number == 1), number))
             except InputError as e:
                 errors.append({"line": number, "error": str(e)})
-                continue
-            items.append(Item(number, request.source, request.candidates, target))
     return items, errors
 
 

@@ -141,7 +141,7 @@ def test_cli_export_and_classify_round_trip(checkpoint, tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 2, 3] and "not valid JSON" in records[1]["error"]
     assert records[0]["id"] == 1 and len(records[2]["probabilities"]) == 3
-    assert "1 line(s) could not be classified" in capsys.readouterr().err
+    assert "1 line(s) could not be answered" in capsys.readouterr().err
 
 
 def _gate(checkpoint, path, right_logit: float) -> Classifier:

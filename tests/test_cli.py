@@ -44,7 +44,7 @@ def test_correct_round_trip_keeps_order_and_reports_bad_lines(bundles, tmp_path,
         assert message in records[number - 1]["error"]
     assert records[3]["id"] == "no-source" and records[4]["id"] == 9
     err = capsys.readouterr().err
-    assert "line 4: missing field 'source'" in err and "5 line(s) could not be corrected" in err
+    assert "line 4: missing field 'source'" in err and "5 line(s) could not be answered" in err
 
 
 def test_correct_reads_stdin_and_writes_stdout(bundles):

@@ -1,0 +1,73 @@
+"""The `lmcor` command line: one module per command, each imported only when it runs.
+
+Exit codes: 0 every line answered; 1 some lines got error records (every other line was still
+answered); 2 nothing could run (bad arguments, bundle or input file; one `lmcor: error:` line);
+130/143 stopped by SIGINT/SIGTERM after keeping everything finished (see `lines`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from lmcor import __version__
+
+EXIT_ERROR = 2
+
+# name -> (module, one-line help). A command's module is imported only to run it (or to show
+# its own --help), so `lmcor correct` loads neither the exporter nor the benchmarks.
+COMMANDS = {
+    "correct": ("correct", "correct JSONL requests with a corrector bundle"),
+    "classify": ("classify", "classify JSONL texts or text pairs with a classifier bundle"),
+    "generate": ("generate", "continue JSONL prompts with a causal-LM bundle"),
+    "candidates": ("candidates", "write K candidates per source with a causal-LM bundle, in the corrector's input "
+                   "format (pipe into `lmcor correct -`)"),
+    "eval": ("evaluate", "score a corrector against its candidates on labelled data"),
+    "export": ("export", "export a Hugging Face checkpoint to a validated bundle"),
+    "bench": ("bench", "latency and throughput of lmcor and its peers, side by side"),
+}
+
+
+def _chosen(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if arg in COMMANDS), None)
+
+
+def _parser(chosen: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmcor", description="Serve small models that improve big ones.",
+                                     epilog="exit codes: 0 all answered; 1 some lines failed (error records); "
+                                     "2 nothing could run; 130/143 interrupted (use --resume)")
+    parser.add_argument("--version", action="version", version=f"lmcor {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what lmcor does")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, text) in COMMANDS.items():
+        command = commands.add_parser(name, help=text, description=text)
+        if name == chosen:
+            importlib.import_module(f"lmcor.cli.{module}").add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = _chosen(argv)
+    args = _parser(chosen).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="lmcor: %(message)s", stream=sys.stderr)
+    # -v: everything lmcor logs, down to the tracebacks behind one-line export errors.
+    logging.getLogger("lmcor").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from lmcor.runtime.errors import LmcorError
+
+    try:
+        return importlib.import_module(f"lmcor.cli.{COMMANDS[args.command][0]}").run(args)
+    except LmcorError as e:
+        print(f"lmcor: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        print(f"lmcor: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

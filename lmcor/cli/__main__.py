@@ -1,0 +1,5 @@
+import sys
+
+from lmcor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""`lmcor bench`: lmcor and its peers side by side, and the side runs (drafts, gate, shared prefix)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmcor.runtime.errors import InputError
+
+from . import options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmcor.bench.backends import BACKENDS
+    from lmcor.bench.harness import BenchConfig
+    from lmcor.bench.workloads import SHAPES
+
+    d = BenchConfig()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=d.shape, help="random-init T5 of this shape")
+    parser.add_argument("--model", help="Hugging Face checkpoint folder to benchmark instead of --shape")
+    parser.add_argument("--data", help="JSONL correction requests (default: random ids shaped by --source/--k/--candidate)")
+    parser.add_argument("--backends", default=",".join(d.backends), help="comma-separated, from: " + ", ".join(BACKENDS))
+    parser.add_argument("--threads", type=options.positive_int, default=d.threads, help="for every backend (default: cores)")
+    parser.add_argument("--requests", type=options.positive_int, default=d.requests)
+    parser.add_argument("--rounds", type=options.positive_int, default=d.rounds)
+    parser.add_argument("--batch-size", type=options.positive_int, default=d.batch_size, help="for the throughput run")
+    parser.add_argument("--source", type=options.positive_int, default=d.source, help="source tokens S")
+    parser.add_argument("--k", type=options.positive_int, default=d.k, help="candidates K")
+    parser.add_argument("--candidate", type=options.positive_int, default=d.candidate, help="tokens per candidate C")
+    parser.add_argument("--new-tokens", type=options.positive_int, default=d.new_tokens, help="output tokens N")
+    parser.add_argument("--natural", action="store_true", help="stop at EOS instead of forcing N tokens")
+    parser.add_argument("--ragged", action="store_true", help="draw every length from [0.5x, 1.5x]")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip latency-vs-K and throughput-vs-batch")
+    parser.add_argument("--out", default=str(d.out), help="folder for bench.json and the plots")
+    parser.add_argument("--cache", default=str(d.cache), help="converted models are kept here")
+    parser.add_argument("--drafts", action="store_true",
+                        help="instead: drafts on vs off on --bundle over --data (--requests, --rounds, --batch-size)")
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="instead: a causal-LM --bundle with a rules prefix run once vs in every prompt")
+    parser.add_argument("--gate", nargs="?", const="",
+                        help="instead: the corrector (--bundle) alone vs behind this gate (alone: the gate shipped with "
+                       "lmcor) over --data lines with targets (--requests, --rounds, --batch-size, --gate-threshold)")
+    parser.add_argument("--gate-threshold", type=float, help="with --gate (default: the gate's calibrated threshold)")
+    parser.add_argument("--prefix-tokens", type=options.positive_int, default=500, help="with --shared-prefix")
+    parser.add_argument("--bundle", help="with --drafts and --gate: corrector bundle folder (default: the corrector "
+                       "shipped with lmcor); with --shared-prefix: a causal-LM bundle")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.drafts:
+        return _bench_drafts(args)
+    if args.gate is not None:
+        return _bench_gate(args)
+    if args.shared_prefix:
+        return _bench_prefix(args)
+    from lmcor.bench import harness
+
+    config = harness.BenchConfig(
+        shape=args.shape, model=Path(args.model) if args.model else None, data=Path(args.data) if args.data else None,
+        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()), threads=args.threads,
+        requests=args.requests, rounds=args.rounds, batch_size=args.batch_size, source=args.source, k=args.k,
+        candidate=args.candidate, new_tokens=args.new_tokens, natural=args.natural, ragged=args.ragged,
+        sweeps=not args.no_sweeps, out=Path(args.out), cache=Path(args.cache),
+    )
+    report = harness.run(config)
+    path = harness.write(report, config.out)
+    images = harness.plots(report, config.out)
+    print(harness.table(report))
+    print(f"wrote {path} and {', '.join(str(p) for p in images)}", file=sys.stderr)
+    return 0
+
+
+def _write_report(path: Path, report: dict, table: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _bench_prefix(args: argparse.Namespace) -> int:
+    from lmcor.bench import prefix
+
+    if not args.bundle:
+        raise InputError("--shared-prefix needs --bundle: a causal-LM bundle")
+    config = prefix.PrefixConfig(bundle=Path(args.bundle), prefix_tokens=args.prefix_tokens, requests=args.requests,
+                                 rounds=args.rounds, batch_size=args.batch_size, threads=args.threads)
+    report = prefix.run(config)
+    _write_report(Path(args.out) / "prefix.json", report, prefix.table(report))
+    return 0 if report["identical_outputs"] == report["requests"] else 1
+
+
+def _bench_gate(args: argparse.Namespace) -> int:
+    from lmcor.bench import gate
+
+    if not args.data:
+        raise InputError("--gate needs --data: a JSONL file of correction requests with targets")
+    config = gate.GateConfig(data=Path(args.data), gate=Path(args.gate) if args.gate else None,
+                             bundle=Path(args.bundle) if args.bundle else None, threshold=args.gate_threshold,
+                             requests=args.requests, rounds=args.rounds, batch_size=args.batch_size, threads=args.threads)
+    report = gate.run(config)
+    _write_report(Path(args.out) / "gate.json", report, gate.table(report))
+    return 0
+
+
+def _bench_drafts(args: argparse.Namespace) -> int:
+    from lmcor.bench import drafts
+
+    if not args.data:
+        raise InputError("--drafts needs --data: a JSONL file of correction requests")
+    config = drafts.DraftsConfig(data=Path(args.data), bundle=Path(args.bundle) if args.bundle else None,
+                                 requests=args.requests, rounds=args.rounds, batch_size=args.batch_size,
+                                 threads=args.threads)
+    report = drafts.run(config)
+    _write_report(Path(args.out) / "drafts.json", report, drafts.table(report))
+    return 0 if report["identical_outputs"] == report["requests"] else 1

@@ -1,0 +1,79 @@
+"""`lmcor correct`: JSONL requests in, one corrected record per line out, in input order."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.request import Correction, as_request
+
+from . import options
+from .lines import answer_lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add_lines(parser, '{"id"?, "source", "candidates"}')
+    options.add_correction(parser)
+    parser.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
+
+
+def record(number: int, ident: Any, result: Correction) -> dict:
+    return {
+        "id": ident,
+        "line": number,
+        "output": result.text,
+        "truncated": result.truncated,
+        "input_tokens": result.stats.input_tokens,
+        "output_tokens": result.stats.output_tokens,
+        **({"gated": True} if result.gated else {}),
+        **({"fallback": True} if result.fallback else {}),
+    }
+
+
+class _Totals:
+    """Decoder use summed over a run; batch-level numbers count once per batch."""
+
+    def __init__(self) -> None:
+        self.requests = self.gated = self.fallbacks = self.generated = self.calls = self.drafted = self.accepted = 0
+        self.seconds = 0.0
+
+    def add(self, results: list) -> None:
+        for r in results:
+            if isinstance(r, Correction) and r.gated:
+                self.gated += 1
+            elif isinstance(r, Correction):
+                s = r.stats
+                self.requests += 1
+                self.fallbacks += r.fallback
+                self.generated += s.output_tokens + 1  # + the EOS step
+                self.calls += s.decoder_calls / s.batch_size
+                self.seconds += (s.encoder_s + s.decoder_s) / s.batch_size
+                self.drafted += s.drafted_tokens
+                self.accepted += s.accepted_tokens
+
+    def summary(self) -> str:
+        share = f" ({100 * self.accepted / self.drafted:.0f}%)" if self.drafted else ""
+        gated = f" ({self.gated} more passed by the gate)" if self.gated else ""
+        fallbacks = f", {self.fallbacks} fell back to their nearest candidate" if self.fallbacks else ""
+        return (f"lmcor: {self.requests} requests corrected{gated}{fallbacks}, {self.generated} generated tokens (EOS included), "
+                f"{round(self.calls)} decoder calls ({self.calls / max(1, self.generated):.3f} per token), "
+                f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, {self.seconds:.2f} s in the model")
+
+
+def run(args: argparse.Namespace) -> int:
+    gate = options.load_gate(args, args.input)
+    corrector = Corrector.load(args.model, providers=options.providers(args), threads=args.threads)
+    decode = options.correction_options(args, gate)
+    totals = _Totals()
+
+    def answer(requests: list) -> list:
+        results = corrector.correct_batch(requests, errors="return", **decode)
+        totals.add(results)
+        return results
+
+    code = answer_lines(args, as_request, answer, record, "correcting")
+    if args.stats:
+        print(totals.summary(), file=sys.stderr)
+    return code

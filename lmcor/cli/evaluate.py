@@ -1,0 +1,53 @@
+"""`lmcor eval`: a corrector scored against its candidates on labelled data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.errors import InputError
+
+from . import options
+from .lines import open_input, read_lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="?", help='JSONL file of {"source", "candidates", "target"} lines; - for stdin')
+    parser.add_argument("--json", default="lmcor-eval.json", help="where to write the scores (default: %(default)s)")
+    parser.add_argument("--max-line-bytes", type=options.positive_int, default=options.DEFAULT_MAX_LINE_BYTES,
+                        help="a longer line is reported and skipped (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    options.add_correction(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmcor.bench import quality
+
+    gate = options.load_gate(args, args.data)
+    corrector = Corrector.load(args.model, providers=options.providers(args), threads=args.threads)
+    items, errors = [], []
+    fd, owned = open_input(args.data)
+    with open(fd, "rb", closefd=owned) as stream:
+        for line in read_lines(stream.read, args.max_line_bytes):
+            try:
+                if isinstance(line.value, InputError):
+                    raise line.value
+                items.append(quality.item(line.value, line.number))
+            except InputError as e:
+                errors.append({"line": line.number, "error": str(e)})
+                print(f"lmcor: {args.data}: line {line.number}: {e}", file=sys.stderr)
+    if not items:
+        raise InputError(f"{args.data}: no usable lines")
+    with tqdm(total=len(items), unit=" requests", file=sys.stderr, disable=args.quiet, desc="evaluating") as bar:
+        report = quality.evaluate(corrector, items, progress=bar.update, **options.correction_options(args, gate))
+    report.update(data=str(args.data), model=str(corrector.root), errors=errors)
+    if gate is not None:
+        report["gate"] = str(gate.root)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(quality.table(report))
+    return 1 if errors else 0

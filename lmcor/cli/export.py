@@ -1,0 +1,78 @@
+"""`lmcor export`: a Hugging Face checkpoint -> a validated, self-describing bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmcor.runtime.bundle import Template
+
+from . import options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="Hugging Face checkpoint folder (correctors: T5, T5 v1.1/Flan-T5, mT5, BART, "
+                        "mBART; classifiers: BERT, RoBERTa, MiniLM, ...)")
+    parser.add_argument("out_dir", help="bundle folder to write")
+    parser.add_argument("--kind", choices=("corrector", "classifier", "causal-lm"), default="corrector")
+    defaults = Template()
+    parser.add_argument("--template", default=defaults.text, help="input text with {source} and {candidates}")
+    parser.add_argument("--candidate", default=defaults.candidate, help="one candidate: {candidate}, {i} from 0, {n} from 1")
+    parser.add_argument("--separator", default=defaults.separator, help="text between rendered candidates")
+    parser.add_argument("--max-input-tokens", type=options.positive_int, help="default: the tokenizer's or model's limit")
+    parser.add_argument("--max-output-tokens", type=options.positive_int, default=256)
+    parser.add_argument("--opset", type=options.positive_int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--atol", type=options.finite_float, default=1e-3, help="absolute logit tolerance of the validation (default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="int8: int8 weights (correctors: activations quantized per row), validated and reported rather than exact")
+    parser.add_argument("--packed-encoder", action="store_true",
+                        help="also write the encoder's weights for the Triton packed encoder (T5 family; used on CUDA)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.kind == "causal-lm":
+        from lmcor.export.causal_lm import export_causal_lm
+
+        manifest = export_causal_lm(args.model_dir, args.out_dir, max_input_tokens=args.max_input_tokens,
+                                    max_output_tokens=args.max_output_tokens, opset=args.opset, overwrite=args.force)
+        print(f"wrote {args.out_dir}: {manifest.architecture} causal LM, opset {manifest.opset}; greedy tokens identical "
+              f"to transformers on {manifest.validation['samples']} prompts, alone and batched", file=sys.stderr)
+        return 0
+    if args.kind == "classifier":
+        from lmcor.export.classifier import export_classifier
+
+        manifest = export_classifier(args.model_dir, args.out_dir, max_input_tokens=args.max_input_tokens, opset=args.opset,
+                                     atol=args.atol, precision=args.precision, overwrite=args.force)
+        v = manifest.validation
+        int8 = (f"; int8 labels agree with fp32 on {v['int8_label_agreement']:.0%}, probabilities within "
+                f"{v['int8_max_abs_prob_diff']:.2g}" if "int8_label_agreement" in v else "")
+        print(f"wrote {args.out_dir}: {manifest.architecture} classifier ({', '.join(manifest.labels)}) "
+              f"{manifest.precision}, fused {v['fused']}; validated on {v['samples']} samples: max |log-prob diff| "
+              f"{v['max_abs_logprob_diff']:.2g}{int8}", file=sys.stderr)
+        return 0
+    from lmcor.export import export_corrector
+
+    manifest = export_corrector(
+        args.model_dir,
+        args.out_dir,
+        template=Template(text=args.template, candidate=args.candidate, separator=args.separator),
+        max_input_tokens=args.max_input_tokens,
+        max_output_tokens=args.max_output_tokens,
+        opset=args.opset,
+        atol=args.atol,
+        precision=args.precision,
+        packed_encoder=args.packed_encoder,
+        overwrite=args.force,
+    )
+    v = manifest.validation
+    if v["tolerance"] is None:
+        agreement = f"greedy tokens identical on {v['greedy_token_agreement']:.0%} of them"
+    else:
+        agreement = f"tolerance {v['tolerance']:.2g}; greedy tokens identical"
+    print(
+        f"wrote {args.out_dir}: {manifest.architecture} {manifest.precision}, opset {manifest.opset}; validated on "
+        f"{v['samples']} samples: max |logit diff| {v['max_abs_logit_diff']:.2g} ({agreement})",
+        file=sys.stderr,
+    )
+    return 0

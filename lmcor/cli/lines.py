@@ -1,0 +1,351 @@
+"""The JSONL pipeline of every command that answers lines: read, answer in batches, write in order.
+
+- Input is read once, as a stream: a file, `-`, a pipe or a FIFO alike. A reader thread hands
+  lines over as they arrive; a batch goes out when it is full or `--max-wait-ms` after its first
+  line arrived, so a caller feeding one line at a time gets each answer at once.
+- Every line is its own failure domain: a line that cannot be read or used gets an error record
+  naming its number (`runtime.jsonl`), and every other line is still answered, in order.
+- Output is never lost: records go to a temporary file beside `-o`, flushed after every batch
+  and renamed over `-o` at the end. On SIGINT/SIGTERM the batch in flight is finished (a second
+  signal drops it), everything finished is kept in `-o`, and `--resume` answers the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import queue
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.jsonl import dump_record, parse_line
+
+EXIT_BAD_LINES = 1
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_BLOCK = 1 << 16
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+@dataclass(frozen=True)
+class Line:
+    number: int  # 1-based, counting every line of the input, blank ones too
+    size: int  # bytes, newline included
+    value: Any  # the parsed JSON value, or the InputError that says why there is none
+
+
+def split_lines(read: Callable[[int], bytes], max_bytes: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, size in bytes) of each line that `read` gives; the line is None when it holds more than
+    `max_bytes` (its bytes past the limit are counted, never kept)."""
+    pending = bytearray()
+    size = 0
+    while block := read(_BLOCK):
+        start = 0
+        while (end := block.find(b"\n", start)) != -1:
+            size += end + 1 - start
+            if len(pending) <= max_bytes:
+                pending += block[start : end + 1]
+            yield (bytes(pending) if size - 1 <= max_bytes else None), size
+            pending.clear()
+            size = 0
+            start = end + 1
+        size += len(block) - start
+        if len(pending) <= max_bytes:
+            pending += block[start:]
+    if size:
+        yield (bytes(pending) if size <= max_bytes else None), size
+
+
+def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0) -> Iterator[Line]:
+    """The non-blank lines after line `after` of what `read` gives, each parsed or with its error."""
+    for number, (raw, size) in enumerate(split_lines(read, max_bytes), start=1):
+        if number <= after:
+            continue
+        if raw is None:
+            yield Line(number, size, InputError(f"the line has {size} bytes, over the limit of {max_bytes} "
+                                                "(--max-line-bytes)"))
+        elif raw.strip():
+            try:
+                yield Line(number, size, parse_line(raw, first=number == 1))
+            except InputError as e:
+                yield Line(number, size, e)
+
+
+def open_input(name: str) -> tuple[int, bool]:
+    """The input's file descriptor, and whether it is ours to close (stdin is not).
+
+    The reader thread reads the descriptor with `os.read`: a buffered file object would hold a
+    lock while it waits on a pipe, and closing it from another thread (or at exit) would hang."""
+    if name == "-":
+        return sys.stdin.fileno(), False
+    if os.path.isdir(name):
+        raise InputError(f"{name}: is a directory, not a JSONL file")
+    return os.open(name, os.O_RDONLY), True
+
+
+def regular_file_size(name: str) -> int | None:
+    """The size of a regular input file; None for stdin, pipes, FIFOs and devices."""
+    if name == "-":
+        return None
+    info = os.stat(name)
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+class _Reader:
+    """Reads lines on a thread, so a batch can leave while the input is still open."""
+
+    _END = object()
+
+    def __init__(self, name: str, max_bytes: int, after: int, capacity: int):
+        self.name = name
+        self._queue: queue.Queue = queue.Queue(maxsize=capacity)  # bounded: memory stays flat on long inputs
+        self.failure: OSError | None = None
+        self.ended = False
+        fd, owned = open_input(name)
+        threading.Thread(target=self._read, args=(fd, owned, max_bytes, after), daemon=True).start()
+
+    def _read(self, fd: int, owned: bool, max_bytes: int, after: int) -> None:
+        try:
+            for line in read_lines(functools.partial(os.read, fd), max_bytes, after=after):
+                self._queue.put(line)
+        except OSError as e:
+            self.failure = e
+        finally:
+            if owned:
+                os.close(fd)
+            self._queue.put(self._END)
+
+    def chunk(self, size: int, wait_s: float, stopping: Callable[[], bool]) -> list[Line]:
+        """Up to `size` lines: waits for the first, then at most `wait_s` more for the rest."""
+        lines: list[Line] = []
+        deadline = None
+        while len(lines) < size and not self.ended:
+            if deadline is None:
+                if stopping():
+                    break
+                timeout = 0.1  # wake up now and then to notice a signal
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                self.ended = True
+                break
+            lines.append(item)
+            if deadline is None:
+                deadline = time.monotonic() + wait_s
+        return lines
+
+
+class Output:
+    """Where records go: stdout, or a temporary file beside `-o` that replaces it at the end."""
+
+    def __init__(self, path: str | None, input_name: str, resume: bool):
+        self.path = Path(path) if path else None
+        self.records = 0  # written by this run and kept from an earlier one
+        self.through = 0  # the last input line answered
+        self._temp: Path | None = None
+        self._file: IO[bytes] | None = None
+        if self.path is None:
+            if resume:
+                raise InputError("--resume needs -o: the file an interrupted run wrote")
+            return
+        if input_name != "-" and self.path.exists() and os.path.samefile(input_name, self.path):
+            raise InputError(f"-o {self.path} is the input file; write to another file")
+        if self.path.is_dir():
+            raise InputError(f"-o {self.path} is a directory")
+        fd, temp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+        self._temp = Path(temp)
+        self._file = os.fdopen(fd, "wb")
+        if resume:
+            self._keep_finished()
+
+    def _keep_finished(self) -> None:
+        """Copy the complete records of an interrupted `-o` and note the last line they answer."""
+        assert self.path is not None and self._file is not None
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            for raw in f:
+                try:
+                    record = json.loads(raw) if raw.endswith(b"\n") else None
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through:
+                    break  # a torn last line, or not one of lmcor's records: answer again from here
+                self._file.write(raw)
+                self.records += 1
+                self.through = record["line"]
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            sys.stdout.write(text)
+        else:
+            self._file.write(text.encode("utf-8"))
+
+    def flush(self) -> None:
+        (self._file or sys.stdout).flush()
+
+    def close(self, *, keep: bool) -> None:
+        """Put the records in place (`keep`), or leave any earlier `-o` as it was."""
+        if self._file is None or self._temp is None:
+            self.flush()
+            return
+        self._file.close()
+        if keep:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._temp, 0o666 & ~umask)  # mkstemp's file is private; -o gets ordinary permissions
+            os.replace(self._temp, self.path)
+        else:
+            self._temp.unlink(missing_ok=True)
+
+
+class _Signals:
+    """SIGINT/SIGTERM: the first asks to stop after the batch in flight, a second drops it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            for number in EXIT_SIGNAL:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = number
+        tqdm.write("lmcor: stopping after the batch in flight (signal again to drop it)", file=sys.stderr)
+
+
+class _Progress:
+    """Counts bytes of a regular file against its size, else lines."""
+
+    def __init__(self, total_bytes: int | None, desc: str, quiet: bool):
+        self.by_bytes = total_bytes is not None
+        self.bar = tqdm(total=total_bytes, unit="B" if self.by_bytes else " lines", unit_scale=self.by_bytes,
+                        file=sys.stderr, disable=quiet, desc=desc)
+
+    def done(self, lines: list[Line]) -> None:
+        self.bar.update(sum(line.size for line in lines) if self.by_bytes else len(lines))
+
+
+def answer_lines(
+    args: argparse.Namespace,
+    convert: Callable[[Any], Any],
+    run: Callable[[list[Any]], list[Any]],
+    record: Callable[[int, Any, Any], dict],
+    verb: str,
+) -> int:
+    """Answer every line of `args.input` into `args.output`.
+
+    `convert` turns a line's JSON object into an item (raising `InputError`), `run` answers a list
+    of items (an `InputError` in an item's place fails that item alone), `record` makes the output
+    record of (line number, id, result). Returns 0, or 1 when some lines failed; 130/143 after a
+    signal. An error that stops the run keeps the records written so far, as a signal does.
+    """
+    output = Output(args.output, args.input, args.resume)
+    failed = 0
+    finished = False
+    try:
+        size = regular_file_size(args.input)
+        with _Signals() as signals:
+            reader = _Reader(args.input, args.max_line_bytes, output.through, capacity=args.batch_size * 16)
+            progress = _Progress(size, verb, args.quiet)
+            try:
+                while lines := reader.chunk(args.batch_size * 8, args.max_wait_ms / 1000, lambda: signals.received is not None):
+                    failed += _answer(lines, convert, run, record, output)
+                    progress.done(lines)
+            except KeyboardInterrupt:
+                pass  # a second signal: the batch in flight is dropped
+            finally:
+                progress.bar.close()
+            if reader.failure is not None:
+                raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
+            finished = reader.ended and signals.received is None
+            if not finished:
+                return _interrupted(output, signals.received or signal.SIGINT)
+    except KeyboardInterrupt:  # a signal before the handlers were installed, or outside main()'s thread
+        return _interrupted(output, signal.SIGINT)
+    except LmcorError:
+        if output.records and output.path:
+            print(f"lmcor: {output.records} record(s) kept in {output.path} (input lines up to {output.through}); "
+                  "after fixing the error below, --resume answers the rest", file=sys.stderr)
+        raise
+    finally:
+        output.close(keep=finished or output.records > 0)
+    if failed:
+        print(f"lmcor: {failed} line(s) could not be answered; see their error records", file=sys.stderr)
+        return EXIT_BAD_LINES
+    return 0
+
+
+def _answer(lines: list[Line], convert: Callable, run: Callable, record: Callable, output: Output) -> int:
+    """Answer one chunk of lines and write their records in order; the number of failed lines."""
+    items: list[tuple[Line, Any, Any]] = []  # (line, id, item or InputError)
+    for line in lines:
+        value = line.value
+        ident = value.get("id") if isinstance(value, dict) else None
+        if not isinstance(value, (dict, InputError)):
+            value = InputError(f"expected a JSON object, got a JSON {_JSON_TYPES.get(type(value), 'value')}")
+        if isinstance(value, dict):
+            try:
+                value = convert(value)
+            except InputError as e:
+                value = e
+        items.append((line, ident, value))
+    good = [n for n, (_, _, value) in enumerate(items) if not isinstance(value, InputError)]
+    answers = dict(zip(good, run([items[n][2] for n in good]))) if good else {}
+    failed = 0
+    for n, (line, ident, value) in enumerate(items):
+        result = answers.get(n, value)
+        try:
+            text = dump_record(error_record(line.number, ident, result) if isinstance(result, InputError)
+                               else record(line.number, ident, result))
+        except InputError as e:
+            result = e
+            text = dump_record(error_record(line.number, None, e))
+        if isinstance(result, InputError):
+            failed += 1
+            tqdm.write(f"lmcor: line {line.number}: {result}", file=sys.stderr)
+        output.write(text)
+        output.records += 1
+        output.through = line.number
+    output.flush()
+    return failed
+
+
+def _interrupted(output: Output, number: int) -> int:
+    where = f"to {output.path}" if output.path else "above"
+    hint = ("; run the same command with --resume to answer the rest" if output.path
+            else "; write to a file with -o to be able to --resume")
+    lines = f" (input lines up to {output.through})" if output.records else ""
+    print(f"lmcor: interrupted: {output.records} record(s) written {where}{lines}{hint}", file=sys.stderr)
+    return EXIT_SIGNAL[number]
+
+
+def error_record(number: int, ident: Any, error: InputError) -> dict:
+    return {"id": ident, "line": number, "error": str(error)}

@@ -1,0 +1,120 @@
+"""Option groups that several commands share, each defined once."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+# A JSONL line longer than this is an error record, not a request (a corrector reads a few
+# hundred tokens; a line this long is a mistake, and would cost time and memory to tokenize).
+DEFAULT_MAX_LINE_BYTES = 4 << 20
+DEFAULT_MAX_WAIT_MS = 20.0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def add_lines(parser: argparse.ArgumentParser, fields: str) -> None:
+    """Input, output and the line pipeline's limits (`lines.answer_lines`)."""
+    parser.add_argument("input", nargs="?", help=f"JSONL file of {fields} lines; - for stdin (a pipe or FIFO works too)")
+    parser.add_argument("-o", "--output", help="JSONL file to write, replaced only when the run ends (default: stdout)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted -o file: keep its complete records, answer only the lines after them")
+    parser.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES,
+                        help="a longer line gets an error record (default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=finite_float, default=DEFAULT_MAX_WAIT_MS,
+                        help="a batch starts at most this long after its first line arrived, so lines fed one at a "
+                        "time are answered at once (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: one per core)")
+    parser.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
+
+
+def providers(args: argparse.Namespace) -> list[str] | None:
+    return [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+
+
+def add_correction(parser: argparse.ArgumentParser) -> None:
+    """How a corrector decodes, with its gate and fallback (`lmcor correct`, `lmcor eval`)."""
+    parser.add_argument("--model", help="corrector bundle folder (default: the corrector shipped with lmcor)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="requests per decoder batch (default: %(default)s)")
+    parser.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (default: greedy)")
+    parser.add_argument("--length-penalty", type=finite_float, default=1.0, help="beam search's (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="default and maximum: the bundle's max output tokens")
+    parser.add_argument("--no-repeat-ngram-size", type=non_negative_int, help="ban repeated n-grams of this size "
+                        "(default: the bundle's, from the checkpoint's generation config; 0: off)")
+    parser.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
+                        "(outputs are identical either way; drafts need fewer decoder calls)")
+    parser.add_argument("--gate", nargs="?", const="", help="skip the corrector where this classifier bundle (with a "
+                        "'right' label; alone: the gate shipped with lmcor) finds the first candidate right, and return "
+                        "that candidate; put it after the input file")
+    parser.add_argument("--gate-threshold", type=finite_float, help="probability of 'right' needed to skip (default: "
+                        "the threshold calibrated into the gate's bundle, else 0.5)")
+    parser.add_argument("--fallback-below", type=finite_float, help="return the nearest candidate instead of an output "
+                        "less similar than this to every candidate (chrF 0-100; default: the bundle's calibrated value; 0: off)")
+    add_runtime(parser)
+
+
+def correction_options(args: argparse.Namespace, gate: Any) -> dict[str, Any]:
+    """`Corrector.correct_batch`'s keywords from the `add_correction` options."""
+    return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, drafts=not args.no_drafts, gate=gate,
+                gate_threshold=args.gate_threshold, fallback_below=args.fallback_below, batch_size=args.batch_size)
+
+
+def load_gate(args: argparse.Namespace, given: str | None):
+    """The --gate classifier, if asked for. `given` is the command's input argument: a bare --gate
+    written before it takes the input file as its bundle, which deserves a clear error."""
+    from lmcor.runtime.errors import InputError
+
+    if given is None:
+        hint = f" (--gate took {args.gate!r} as its bundle: put --gate after the input file)" if args.gate else ""
+        raise InputError(f"no input file given{hint}")
+    if args.gate is None:
+        return None
+    from lmcor.runtime.bundle import shipped_bundle
+    from lmcor.runtime.classifier import Classifier
+
+    return Classifier.load(args.gate or shipped_bundle("gate"), providers=providers(args), threads=args.threads)
+
+
+def add_sampling(parser: argparse.ArgumentParser, *, temperature: float, temperature_help: str) -> None:
+    """A causal LM's decoding (`lmcor generate`, `lmcor candidates`)."""
+    parser.add_argument("--model", required=True, help="causal-LM bundle folder")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="default and maximum: the bundle's max output tokens")
+    parser.add_argument("--temperature", type=finite_float, default=temperature, help=f"{temperature_help} (default: %(default)s)")
+    parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling's mass (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="of the sampler (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default: %(default)s)")
+    add_runtime(parser)

@@ -1,0 +1,80 @@
+"""JSON Lines, strictly: one input line is one JSON value, one output record is one line.
+
+Reading fails line by line, never as a whole: a line that is not UTF-8, not JSON, nested too
+deeply, holds an integer too long to convert, a number out of range or a lone surrogate gives an
+`InputError` for that line alone. Writing is strict JSON: no NaN or Infinity, and U+2028/U+2029
+escaped (JavaScript and some JSON Lines readers take them for line ends).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .errors import InputError
+
+# Requests are flat objects; anything nested deeper is not one of lmcor's records.
+MAX_DEPTH = 32
+_BOM = "\ufeff"
+
+
+def parse_line(raw: bytes, *, first: bool = False) -> Any:
+    """The JSON value of one input line (`first`: the input's first line, which may carry a BOM)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
+    if first and text.startswith(_BOM):
+        text = text[1:]
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # e.g. an integer over Python's digit limit
+        raise InputError(f"not usable JSON ({str(e).splitlines()[0]})") from None
+    _check(value)
+    return value
+
+
+def _check(value: Any) -> None:
+    """Refuse what cannot be text or cannot be written back as strict JSON."""
+    stack = [(value, "", 1)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, str):
+            _check_text(item, where)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InputError(f"{_name(where)} is a number out of range (not finite)")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key, where)
+                stack.append((child, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{_name(where)} holds a lone surrogate (U+{ord(text[e.start]):04X}), "
+                         "which is not Unicode text") from None
+
+
+def _name(where: str) -> str:
+    return f"field {where!r}" if where else "the line"
+
+
+def dump_record(record: dict[str, Any]) -> str:
+    """One record as one line of strict JSON, newline included."""
+    try:
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise InputError("a number in the record is out of range (not finite)") from None
+    # Both can only occur inside JSON strings, where an escape means the same character.
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"

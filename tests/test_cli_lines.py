@@ -1,0 +1,248 @@
+"""The line pipeline of `lmcor correct` at its edges: bad lines, pipes, FIFOs, signals, resume, strict output.
+
+Every good line must be answered exactly as it is alone, whatever surrounds it.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import make_requests
+
+from lmcor import Corrector
+from lmcor.cli import main
+
+GOOD = make_requests(6, seed=11)
+DECODE = ["--max-new-tokens", "6", "-q"]
+
+
+def _strict(line: str) -> dict:
+    def refuse(constant: str):
+        raise AssertionError(f"non-strict JSON constant {constant}")
+
+    assert "\u2028" not in line and "\u2029" not in line
+    return json.loads(line, parse_constant=refuse)
+
+
+def _records(path) -> list[dict]:
+    return [_strict(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def expected(bundles) -> dict[int, str]:
+    """Each good request's output, corrected alone."""
+    corrector = Corrector.load(bundles["t5"])
+    return {r["id"]: corrector.correct_batch([r], max_new_tokens=6)[0].text for r in GOOD}
+
+
+def _lmcor(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmcor.cli", *args], capture_output=True, timeout=300, **kwargs)
+
+
+BAD = {
+    "invalid UTF-8": (b'{"source": "caf\xe9", "candidates": ["a"]}', "not valid UTF-8"),
+    "surrogate in source": (b'{"source": "x\\ud800", "candidates": ["a"]}', "lone surrogate"),
+    "surrogate in candidates": (b'{"source": "x", "candidates": ["\\udfff"]}', "lone surrogate"),
+    "surrogate in id": (b'{"id": "\\ud800", "source": "x", "candidates": ["a"]}', "lone surrogate"),
+    "deep nesting": (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),
+    "huge integer": (b'{"id": ' + b"9" * 5000 + b', "source": "x", "candidates": ["a"]}', "not usable JSON"),
+    "infinite id": (b'{"id": 1e999, "source": "x", "candidates": ["a"]}', "not finite"),
+    "array line": (b'["x", ["a"]]', "expected a JSON object"),
+    "string candidates": (b'{"source": "x", "candidates": "abc"}', "must be a list of strings"),
+    "null candidates": (b'{"source": "x", "candidates": null}', "must be a list of strings"),
+    "too long": (b'{"source": "' + b"a" * 300_000 + b'", "candidates": ["a"]}', "over the limit of 250000"),
+}
+
+
+def test_every_bad_line_is_its_own_error_and_the_rest_are_answered(bundles, expected, tmp_path):
+    lines = [json.dumps(GOOD[0]).encode()]
+    for bad, _ in BAD.values():
+        lines += [bad, json.dumps(GOOD[len(lines) % len(GOOD)]).encode()]
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM must not cost the first line
+    out = tmp_path / "out.jsonl"
+    code = main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--max-line-bytes", "250000",
+                 "--batch-size", "3", *DECODE])
+    assert code == 1
+    records = _records(out)
+    assert [r["line"] for r in records] == list(range(1, len(lines) + 1))
+    good = [r for r in records if "error" not in r]
+    assert len(good) == len(BAD) + 1
+    assert all(r["output"] == expected[r["id"]] for r in good)
+    for record, (name, (_, message)) in zip(records[1::2], BAD.items()):
+        assert message in record["error"], name
+
+
+def test_output_text_is_strict_json_lines(bundles, tmp_path):
+    request = {"id": "a\u2028b", "source": "line\u2029end", "candidates": ["one\u2028two"]}
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(request, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.count("\n") == 1 and "\\u2028" in text
+    assert _records(out)[0]["id"] == "a\u2028b"
+
+
+def test_output_equal_to_input_is_refused_and_input_kept(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    content = "".join(json.dumps(r) + "\n" for r in GOOD)
+    source.write_text(content)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(source)
+    for output in (source, link):
+        assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(output), *DECODE]) == 2
+        assert "is the input file" in capsys.readouterr().err
+        assert source.read_text() == content
+
+
+def test_a_failed_run_leaves_an_existing_output_as_it_was(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--fallback-below", "200",
+                 *DECODE]) == 2
+    assert out.read_text() == "earlier results\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert capsys.readouterr().err.count("lmcor: error:") == 1
+
+
+def test_pipes_and_fifos_are_read_once(bundles, expected, tmp_path):
+    content = "".join(json.dumps(r) + "\n" for r in GOOD)
+    piped = subprocess.run(f"cat | {sys.executable} -m lmcor.cli correct --model {bundles['t5']} /dev/stdin "
+                           + " ".join(DECODE), shell=True, input=content.encode(), capture_output=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert [_strict(line)["output"] for line in piped.stdout.decode().splitlines()] == [expected[r["id"]] for r in GOOD]
+
+    fifo = tmp_path / "requests.fifo"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "w") as f:
+            f.write(content)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    run = _lmcor("correct", "--model", str(bundles["t5"]), str(fifo), *DECODE)
+    writer.join()
+    assert run.returncode == 0, run.stderr
+    assert [_strict(line)["output"] for line in run.stdout.decode().splitlines()] == [expected[r["id"]] for r in GOOD]
+
+
+def test_stdin_lines_are_answered_as_they_arrive(bundles, expected):
+    process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "correct", "--model", str(bundles["t5"]), "-",
+                                *DECODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for request in GOOD[:2]:
+            process.stdin.write((json.dumps(request) + "\n").encode())
+            process.stdin.flush()
+            answer = _strict(process.stdout.readline().decode())  # stdin is still open
+            assert answer["output"] == expected[request["id"]]
+    finally:
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_keeps_everything_finished_and_resume_answers_the_rest(bundles, expected, tmp_path, signum, code):
+    fifo = tmp_path / "requests.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "correct", "--model", str(bundles["t5"]), str(fifo),
+                                "-o", str(out), *DECODE], stderr=subprocess.PIPE)
+    with open(fifo, "w") as feed:
+        for request in GOOD[:3]:
+            feed.write(json.dumps(request) + "\n")
+        feed.flush()
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.jsonl.*.partial")) or not next(tmp_path.glob(".out.jsonl.*.partial")).stat().st_size:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == code
+    err = process.stderr.read().decode()
+    assert "--resume" in err and "Traceback" not in err
+    kept = _records(out)
+    assert kept and [r["output"] for r in kept] == [expected[r["id"]] for r in GOOD[: len(kept)]]
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    with open(out, "a") as f:
+        f.write('{"id": 99, "line": 9')  # a torn last line is answered again
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 0
+    assert [(r["line"], r["output"]) for r in _records(out)] == [(n + 1, expected[r["id"]]) for n, r in enumerate(GOOD)]
+
+
+def test_eval_reports_a_line_that_is_not_an_object(bundles, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    good = {**GOOD[0], "target": GOOD[0]["source"]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps([GOOD[1]["source"], GOOD[1]["candidates"]]) + "\n")
+    assert main(["eval", str(data), "--model", str(bundles["t5"]), "--json", str(tmp_path / "e.json"), "-q",
+                 "--max-new-tokens", "6"]) == 1
+    assert "line 2: expected a JSON object" in capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["items"] == 1
+
+
+def _mutations(rng: random.Random) -> list[bytes]:
+    request = json.dumps(rng.choice(GOOD)).encode()
+    return [
+        request[: rng.randrange(1, len(request))],  # cut short
+        request.replace(b'"', b"'", 1),
+        request[:5] + bytes([rng.randrange(0x80, 0x100)]) + request[5:],  # not UTF-8 (mostly)
+        b'{"source": "x", "candidates": ["\\ud8' + rng.choice([b"00", b"3f", b"ff"]) + b'"]}',
+        b"[" * rng.randrange(40, 5000) + b"]" * rng.randrange(40, 5000),
+        b'{"id": ' + b"7" * rng.randrange(4400, 6000) + b', "source": "x", "candidates": ["a"]}',
+        rng.choice([b"null", b"42", b'"text"', b"true", b"[]", b"{}", b"NaN", b"-Infinity"]),
+        json.dumps({"source": rng.choice([None, 1, [], {}, ""]), "candidates": ["a"]}).encode(),
+        json.dumps({"source": "x", "candidates": rng.choice([None, "abc", [], [1], [None], {}, [["a"]]])}).encode(),
+        b'{"id": 1e' + str(rng.randrange(309, 999)).encode() + b', "source": "x", "candidates": ["a"]}',
+        b'{"source": "' + b"b" * rng.randrange(3000, 9000) + b'", "candidates": ["a"]}',
+        bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60))).replace(b"\n", b" "),
+    ]
+
+
+def test_fuzzed_bad_lines_never_change_a_good_answer(bundles, expected, tmp_path):
+    rng = random.Random(5)
+    lines, good_at = [], {}
+    for _ in range(300):
+        if rng.random() < 0.15:
+            request = rng.choice(GOOD)
+            good_at[len(lines) + 1] = request["id"]
+            lines.append(json.dumps(request).encode())
+        else:
+            line = rng.choice(_mutations(rng))
+            lines.append(line if line.strip() else b"-")
+    source = tmp_path / "fuzz.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    run = _lmcor("correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--max-line-bytes", "2048",
+                 *DECODE)
+    assert run.returncode == 1, run.stderr
+    assert b"Traceback" not in run.stderr
+    records = _records(out)
+    assert [r["line"] for r in records] == list(range(1, len(lines) + 1))
+    for record in records:
+        if record["line"] in good_at:
+            assert record.get("output") == expected[good_at[record["line"]]], record
+        else:
+            assert "error" in record or record["output"] is not None
+
+
+def test_split_lines_matches_splitlines_at_any_read_size():
+    from lmcor.cli.lines import split_lines
+
+    rng = random.Random(3)
+    for _ in range(300):
+        data = bytes(rng.choice(b"ab\n") for _ in range(rng.randrange(0, 60)))
+        limit = rng.randrange(0, 8)
+        pieces = iter([data[i : i + 3] for i in range(0, len(data), 3)] if rng.random() < 0.5 else [data])
+        got = list(split_lines(lambda n: next(pieces, b""), limit))
+        want = [(line if len(line.rstrip(b"\n")) <= limit else None, len(line)) for line in data.splitlines(keepends=True)]
+        assert got == want, (data, limit)
