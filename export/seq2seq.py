@@ -19,6 +19,7 @@ from lmcor.runtime.bundle import (
     Manifest,
     SpecialTokens,
     Template,
+    template_problem,
     write_manifest,
 )
 from lmcor.runtime.errors import ExportError
@@ -200,11 +201,7 @@ def _quantize(raw: Path, staged: Path, graph: str) -> None:
 
 
 def _check_template(template: Template) -> None:
-    try:
-        template.text.format(source="", candidates="")
-        template.candidate.format(candidate="", i=0, n=1)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ExportError(f"bad input template ({e!r}): use only {{source}}, {{candidates}}, {{candidate}}, {{i}}, {{n}}") from None
-    for field, needed in (("text", "{source}"), ("text", "{candidates}"), ("candidate", "{candidate}")):
-        if needed not in getattr(template, field):
-            raise ExportError(f"the input template's {field} must contain {needed}")
+    problem = template_problem(template)
+    if problem is not None:
+        part, what = problem
+        raise ExportError(f"the input template's {part}: {what}")

@@ -11,9 +11,12 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import math
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import BundleError
 
@@ -101,35 +104,208 @@ class Manifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> "Manifest":
+    def from_json(cls, data: Any, where: str) -> "Manifest":
+        """Read a manifest's JSON object, checking every field's type and range, so that a bundle
+        that loads does not fail later on a wrong value. Errors read `<where>: <field>: <what>`."""
+        top = _Fields(where, data)
+        version = top.get("format_version")
+        if type(version) is not int or version not in READABLE_VERSIONS:  # not bool: True == 1
+            top.fail("format_version", f"unknown bundle format version {_show(version)} (this lmcor reads "
+                     f"versions {READABLE_VERSIONS}; re-export the model or upgrade lmcor)")
+        kind = top.get("kind")
+        if kind not in KINDS:
+            top.fail("kind", f"unknown bundle kind {_show(kind)} (expected one of {', '.join(KINDS)})")
+        decodes = kind in ("corrector", "causal-lm")
+        decoder = _decoder_shape(top.section("decoder")) if decodes else None
+        graph = top.string("decoder_graph", "merged")
+        if graph not in DECODER_GRAPHS:
+            top.fail("decoder_graph", f"unknown decoder graph {_show(graph)} (expected one of {', '.join(DECODER_GRAPHS)})")
+        return cls(
+            kind=kind,
+            architecture=top.string("architecture", nonempty=True),
+            template=_template(top.section("template")) if kind == "corrector" else None,
+            special_tokens=_special_tokens(top.section("special_tokens"), decoder.vocab_size) if decoder else None,
+            decoder=decoder,
+            max_input_tokens=top.integer("max_input_tokens", 1),
+            max_output_tokens=top.integer("max_output_tokens", 1) if decodes else 0,
+            labels=_labels(top) if kind == "classifier" else (),
+            gate_threshold=top.number("gate_threshold", 0, 1),
+            precision=top.string("precision", nonempty=True),
+            opset=top.integer("opset", 1),
+            files=_files(top, kind, graph),
+            decoder_graph=graph,
+            no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, default=0),
+            fallback_below=top.number("fallback_below", 0, 100),
+            sha256=_sha256(top),
+            validation=top.section("validation", default={}).data,
+            exporter=top.section("exporter", default={}).data,
+            format_version=version,
+        )
+
+
+_REQUIRED: Any = object()  # a field without a default
+# What each kind of bundle opens (`files` roles); a ragged corrector also its "cross" graph.
+ROLES = {"corrector": ("encoder", "decoder", "tokenizer"), "classifier": ("model", "tokenizer"),
+         "causal-lm": ("model", "tokenizer")}
+# The placeholders of each template string, and those it must hold; `runtime.template.render` fills them.
+_PLACEHOLDERS = {"text": ("source", "candidates"), "candidate": ("candidate", "i", "n")}
+_NEEDED = {"text": ("source", "candidates"), "candidate": ("candidate",)}
+_SHA256 = re.compile("[0-9a-f]{64}")
+
+
+def _show(value: Any) -> str:
+    """A value as the manifest spells it (true, "3", NaN), shortened."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """One JSON object of a manifest, read field by field: a wrong field is a BundleError naming it."""
+
+    def __init__(self, where: str, data: Any, name: str = ""):
+        if not isinstance(data, dict):
+            raise BundleError(f"{where}: {name or 'manifest'}: expected a JSON object, got {_show(data)}")
+        self.where, self.name, self.data = where, name, data
+
+    def fail(self, field: str, what: str) -> NoReturn:
+        raise BundleError(f"{self.where}: {self.name}{'.' if self.name else ''}{field}: {what}")
+
+    def get(self, field: str, default: Any = _REQUIRED) -> Any:
+        if field in self.data:
+            return self.data[field]
+        if default is _REQUIRED:
+            self.fail(field, "missing (re-export the bundle with this lmcor)")
+        return default
+
+    def only(self, *fields: str) -> None:
+        for key in self.data:
+            if key not in fields:
+                self.fail(key, f"unknown field (expected {', '.join(fields)})")
+
+    def section(self, field: str, default: Any = _REQUIRED) -> "_Fields":
+        name = f"{self.name}.{field}" if self.name else field
+        return _Fields(self.where, self.get(field, default), name)
+
+    def string(self, field: str, default: Any = _REQUIRED, *, nonempty: bool = False) -> str:
+        value = self.get(field, default)
+        if not isinstance(value, str) or (nonempty and not value):
+            self.fail(field, f"expected a {'non-empty ' if nonempty else ''}string, got {_show(value)}")
+        return value
+
+    def integer(self, field: str, minimum: int, *, default: Any = _REQUIRED) -> int:
+        value = self.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(field, f"expected an integer, got {_show(value)}")
+        if value < minimum:
+            self.fail(field, f"must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, field: str, low: float, high: float) -> float | None:
+        """An optional number in [low, high]; absent or null: None."""
+        value = self.get(field, None)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            self.fail(field, f"expected null or a number from {low} to {high}, got {_show(value)}")
+        return float(value)
+
+
+def _decoder_shape(fields: _Fields) -> DecoderShape:
+    names = [f.name for f in dataclasses.fields(DecoderShape)]
+    fields.only(*names)
+    return DecoderShape(**{name: fields.integer(name, 1) for name in names})
+
+
+def _special_tokens(fields: _Fields, vocab_size: int) -> SpecialTokens:
+    names = [f.name for f in dataclasses.fields(SpecialTokens)]
+    fields.only(*names)
+    ids: dict[str, int | None] = {}
+    for name in names:
+        if name.startswith("forced_") and fields.get(name, None) is None:
+            ids[name] = None
+            continue
+        ids[name] = token = fields.integer(name, 0)
+        if token >= vocab_size:
+            fields.fail(name, f"{token} is not a token id (decoder.vocab_size is {vocab_size})")
+    return SpecialTokens(**ids)
+
+
+def template_problem(template: Template) -> tuple[str, str] | None:
+    """(field, what is wrong) for a template `render` cannot fill, else None: the one rule for the
+    exporter and the loader."""
+    for part, allowed in _PLACEHOLDERS.items():
+        value = getattr(template, part)
+        use = f"use only {', '.join(f'{{{name}}}' for name in allowed)}"
         try:
-            corrector = data["kind"] == "corrector"
-            decodes = data["kind"] in ("corrector", "causal-lm")
-            return cls(
-                kind=data["kind"],
-                architecture=data["architecture"],
-                template=Template(**data["template"]) if corrector else None,
-                special_tokens=SpecialTokens(**data["special_tokens"]) if decodes else None,
-                decoder=DecoderShape(**data["decoder"]) if decodes else None,
-                max_input_tokens=int(data["max_input_tokens"]),
-                max_output_tokens=int(data["max_output_tokens"]) if decodes else 0,
-                labels=tuple(data["labels"]) if data["kind"] == "classifier" else (),
-                gate_threshold=None if data.get("gate_threshold") is None else float(data["gate_threshold"]),
-                precision=data["precision"],
-                opset=int(data["opset"]),
-                files=dict(data["files"]),
-                decoder_graph=data.get("decoder_graph", "merged"),
-                no_repeat_ngram_size=int(data.get("no_repeat_ngram_size", 0)),
-                fallback_below=None if data.get("fallback_below") is None else float(data["fallback_below"]),
-                sha256=dict(data.get("sha256", {})),
-                validation=dict(data.get("validation", {})),
-                exporter=dict(data.get("exporter", {})),
-                format_version=int(data["format_version"]),
-            )
-        except KeyError as e:
-            raise BundleError(f"{where}: manifest lacks the field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise BundleError(f"{where}: malformed manifest ({e})") from None
+            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as e:
+            return part, f"{e} ({use}; write a literal brace twice)"
+        for name in names:
+            if name not in allowed:
+                return part, f"unknown placeholder {{{name}}} ({use})"
+        for name in _NEEDED[part]:
+            if name not in names:
+                return part, f"must contain {{{name}}}"
+        try:  # a format spec can hold placeholders of its own, or not fit its value
+            value.format(**{name: 0 if name in ("i", "n") else "" for name in allowed})
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            return part, f"cannot be filled ({e!r}; {use})"
+    return None
+
+
+def _template(fields: _Fields) -> Template:
+    defaults = Template()
+    names = [f.name for f in dataclasses.fields(Template)]
+    fields.only(*names)
+    template = Template(**{name: fields.string(name, getattr(defaults, name)) for name in names})
+    problem = template_problem(template)
+    if problem is not None:
+        fields.fail(*problem)
+    return template
+
+
+def _labels(top: _Fields) -> tuple[str, ...]:
+    labels = top.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        top.fail("labels", f"expected a non-empty list of non-empty strings, got {_show(labels)}")
+    if len(set(labels)) != len(labels):
+        top.fail("labels", f"the labels must be distinct, got {', '.join(map(repr, labels))}")
+    return tuple(labels)
+
+
+def _path_problem(name: Any) -> str | None:
+    """What keeps a manifest's file name from being a plain relative path inside the bundle, or None.
+    (Symbolic links are followed by `load_manifest`, which has the bundle's folder.)"""
+    if not isinstance(name, str) or not name:
+        return f"expected a file name, got {_show(name)}"
+    if name.startswith("/") or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in name.split("/")):
+        return f"{_show(name)} is not a path inside the bundle (write it relative, without '..', '.', '\\' or '//')"
+    return None
+
+
+def _files(top: _Fields, kind: str, graph: str) -> dict[str, str]:
+    fields = top.section("files")
+    for role, name in fields.data.items():
+        problem = _path_problem(name)
+        if problem is not None:
+            fields.fail(role, problem)
+    for role in (*ROLES[kind], *(("cross",) if graph == "ragged" else ())):
+        if role not in fields.data:
+            what = "a ragged decoder" if role == "cross" else f"a {kind}"
+            fields.fail(role, f"missing: {what} needs its {role} file")
+    return dict(fields.data)
+
+
+def _sha256(top: _Fields) -> dict[str, str]:
+    fields = top.section("sha256", default={})
+    for name, digest in fields.data.items():
+        problem = _path_problem(name)
+        if problem is not None:
+            top.fail("sha256", f"key {problem}")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            fields.fail(name, f"expected 64 lowercase hex digits, got {_show(digest)}")
+    return dict(fields.data)
 
 
 def sha256_of(path: Path) -> str:
@@ -142,7 +318,10 @@ def sha256_of(path: Path) -> str:
 
 def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = None) -> Manifest:
     """Read and check a bundle's manifest; with `verify`, check every file's sha256; with `kind`,
-    check that the bundle is of that kind."""
+    check that the bundle is of that kind. Every file the manifest names must lie inside the bundle's
+    folder, symbolic links followed: a manifest cannot make lmcor open any other file. (The external
+    data files a graph names are ONNX Runtime's to confine: it refuses '..', absolute paths and links
+    that lead out of the graph's folder.)"""
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
@@ -153,34 +332,39 @@ def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = N
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{manifest_path}: corrupt manifest ({e})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{manifest_path}: corrupt manifest (not a JSON object)")
-    version = data.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise BundleError(
-            f"{manifest_path}: unknown bundle format version {version!r} "
-            f"(this lmcor reads versions {READABLE_VERSIONS}; re-export the model or upgrade lmcor)"
-        )
     manifest = Manifest.from_json(data, str(manifest_path))
-    if manifest.kind not in KINDS:
-        raise BundleError(f"{manifest_path}: unknown bundle kind {manifest.kind!r} (expected one of {KINDS})")
     if kind is not None and manifest.kind != kind:
         raise BundleError(f"{root}: a {manifest.kind!r} bundle, not a {kind}")
-    if manifest.decoder_graph not in DECODER_GRAPHS:
-        raise BundleError(f"{manifest_path}: unknown decoder_graph {manifest.decoder_graph!r} (expected one of {DECODER_GRAPHS})")
-    if manifest.decoder_graph == "ragged" and "cross" not in manifest.files:
-        raise BundleError(f"{manifest_path}: a ragged decoder needs a 'cross' file")
+    inside = root.resolve()
+    named = [(f"files.{role}", name) for role, name in manifest.files.items()]
+    named += [(f"sha256[{_show(name)}]", name) for name in manifest.sha256]
+    for where, name in named:
+        if not (root / name).resolve().is_relative_to(inside):
+            raise BundleError(f"{manifest_path}: {where}: {name!r} leads outside the bundle through a symbolic "
+                              "link (copy the file into the bundle)")
     for role, name in manifest.files.items():
         if not (root / name).is_file():
-            raise BundleError(f"{root}: the {role} file {name!r} is missing")
+            raise BundleError(f"{manifest_path}: files.{role}: the {role} file {name!r} is missing")
     if verify:
-        for name, expected in manifest.sha256.items():
-            file = root / name
-            if not file.is_file():
-                raise BundleError(f"{root}: {name!r} is listed in the manifest but missing")
-            if sha256_of(file) != expected:
-                raise BundleError(f"{file}: checksum mismatch (the file is corrupt or was changed after export)")
+        _verify(root, manifest_path, manifest, has_table="sha256" in data)
     return manifest
+
+
+def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: bool) -> None:
+    # Without a checksum, a swapped file would load unnoticed: every file the runtime opens needs one.
+    if not has_table:
+        raise BundleError(f"{manifest_path}: sha256: missing, so the files cannot be verified "
+                          "(re-export the bundle, or load it with verify=False)")
+    for role, name in manifest.files.items():
+        if name not in manifest.sha256:
+            raise BundleError(f"{manifest_path}: sha256: no checksum for the {role} file {name!r} "
+                              "(re-export the bundle, or load it with verify=False)")
+    for name, expected in manifest.sha256.items():
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"{manifest_path}: sha256: {name!r} is listed in the manifest but missing")
+        if sha256_of(file) != expected:
+            raise BundleError(f"{file}: checksum mismatch (the file is corrupt or was changed after export)")
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

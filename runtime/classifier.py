@@ -16,9 +16,10 @@ import numpy as np
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, load_manifest
-from .tokens import load_tokenizer
+from .tokens import MAX_CHARS_PER_TOKEN, load_tokenizer
 from .errors import BundleError, InputError
-from .sessions import open_session
+from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
+from .sessions import check_graphs, open_session
 
 log = logging.getLogger("lmcor")
 
@@ -45,8 +46,13 @@ def as_texts(item: Any) -> tuple[str, str | None, Any]:
         raise InputError(f"expected a text, a (text, pair) pair or an object with 'text', got {type(item).__name__}")
     if not isinstance(text, str) or not text.strip():
         raise InputError("field 'text' must be a non-empty string")
-    if pair is not None and not isinstance(pair, str):
-        raise InputError(f"field 'pair' must be a string, got {type(pair).__name__}")
+    check_text("field 'text'", text)
+    if pair is not None:
+        if not isinstance(pair, str):
+            raise InputError(f"field 'pair' must be a string, got {type(pair).__name__}")
+        check_text("field 'pair'", pair)
+    if isinstance(ident, str):
+        check_text("field 'id'", ident)
     return text, pair, ident
 
 
@@ -86,6 +92,7 @@ class Classifier:
         root = Path(path)
         manifest = load_manifest(root, verify=verify, kind="classifier")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
+        check_graphs(root, manifest, {"model": session})
         if manifest.int8_per_tensor:
             log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so a text's "
                         "probabilities depend on the rest of its batch; re-export it with this lmcor "
@@ -102,8 +109,11 @@ class Classifier:
     def classify_batch(self, items: Iterable[Any], *, batch_size: int = 32, errors: Literal["raise", "return"] = "raise",
                        progress: Callable[[int], None] | None = None) -> list[Classification | InputError]:
         """Classify texts or text pairs, in order; a bad item raises, or with `errors="return"` yields
-        its `InputError` in its place."""
-        items = list(items)
+        its `InputError` in its place. `batch_size` is at most `options.MAX_BATCH_SIZE`."""
+        check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        check_choice("errors", errors, ERRORS)
+        check_progress(progress)
+        items = check_items("items", items, "texts or (text, pair) pairs")
         results: list[Classification | InputError | None] = [None] * len(items)
         good: list[tuple[int, str, str | None, Any]] = []
         for n, item in enumerate(items):
@@ -113,7 +123,12 @@ class Classifier:
                 if errors == "raise":
                     raise InputError(f"item {n}: {e}") from None
                 results[n] = e
-        encodings = [self.tokenizer.encode(text, pair) for _, text, pair, _ in good]
+        # Texts are cut to what the model can read before they are tokenized, as a corrector's
+        # candidates are (`tokens.MAX_CHARS_PER_TOKEN`): a text's cost is bounded whatever its length.
+        most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
+        cut = [len(text) > most or (pair is not None and len(pair) > most) for _, text, pair, _ in good]
+        encodings = [self.tokenizer.encode(text[:most], pair if pair is None else pair[:most])
+                     for _, text, pair, _ in good]
         for batch in plan_batches([len(e.ids) for e in encodings], batch_size):
             chosen = [encodings[i] for i in batch]
             ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], 0)  # pads are masked
@@ -126,7 +141,7 @@ class Classifier:
             for i, row in zip(batch, probabilities):
                 n, _, _, ident = good[i]
                 results[n] = Classification(self.labels[int(row.argmax())], row.astype(np.float32), ident,
-                                            bool(encodings[i].overflowing))
+                                            cut[i] or bool(encodings[i].overflowing))
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]

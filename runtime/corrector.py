@@ -13,15 +13,17 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .batching import pad_batch, plan_batches
-from .classifier import passing_threshold, right_probabilities
+from .classifier import Classifier, passing_threshold, right_probabilities
 from .bundle import Manifest, load_manifest, shipped_bundle
 from .decode import Search, beam_search, greedy, open_decoder
 from .drafts import Drafter
 from .encode import PackedEncoder, encode
 from .errors import BundleError, InputError
 from .fallback import guard
+from .options import (ERRORS, MAX_BATCH_SIZE, MAX_BEAMS, MAX_LENGTH_PENALTY, check_choice, check_flag, check_int,
+                      check_items, check_max_new_tokens, check_number, check_optional, check_progress, shown)
 from .request import Correction, DecodeStats, Request, as_request
-from .sessions import Sessions, open_session
+from .sessions import Sessions, check_graphs, open_session
 from .tokens import ModelInput, encode_requests, load_tokenizer
 
 log = logging.getLogger("lmcor")
@@ -29,7 +31,7 @@ log = logging.getLogger("lmcor")
 
 def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) -> PackedEncoder | None:
     if choice not in ("auto", "onnx", "packed"):
-        raise BundleError(f"encoder must be 'auto', 'onnx' or 'packed', got {choice!r}")
+        raise InputError(f"encoder must be 'auto', 'onnx' or 'packed', got {choice!r}")
     name = manifest.files.get("packed_encoder")
     if choice == "onnx" or (choice == "auto" and (name is None or device != "cuda")):
         return None
@@ -77,13 +79,14 @@ class Corrector:
         """
         root = Path(path) if path is not None else shipped_bundle("default")
         manifest = load_manifest(root, verify=verify, kind="corrector")
-        tokenizer = load_tokenizer(root / manifest.files["tokenizer"])
+        tokenizer = load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens)
         sessions = Sessions(
             encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
             decoder=open_session(root / manifest.files["decoder"], providers=providers, threads=threads),
             cross=(open_session(root / manifest.files["cross"], providers=providers, threads=threads)
                    if "cross" in manifest.files else None),
         )
+        check_graphs(root, manifest, {"decoder": sessions.decoder, "cross": sessions.cross})
         if manifest.int8_per_tensor:
             log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so its outputs depend on "
                         "the rest of their batch and drafted decoding is off; re-export it with this lmcor "
@@ -101,8 +104,12 @@ class Corrector:
         return self.sessions.decoder.get_providers()
 
     def correct(self, source: str, candidates: Sequence[str], **options: Any) -> str:
-        """Correct one request; options as for `correct_batch`."""
-        return self.correct_batch([Request(source, tuple(candidates))], **options)[0].text
+        """Correct one request; options as for `correct_batch`, whose checks the request goes through
+        (a bad one raises its `InputError`)."""
+        [result] = self.correct_batch([(source, candidates)], **options)
+        if isinstance(result, InputError):  # errors="return"
+            raise result
+        return result.text
 
     def correct_batch(
         self,
@@ -114,7 +121,7 @@ class Corrector:
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int | None = None,
         drafts: bool = True,
-        gate: Any = None,
+        gate: Classifier | None = None,
         gate_threshold: float | None = None,
         fallback_below: float | None = None,
         batch_size: int = 16,
@@ -140,17 +147,26 @@ class Corrector:
         corrector does not run for it.
         An output whose sentence chrF to its nearest candidate is below `fallback_below` (0-100; None:
         the bundle's calibrated value, else never; 0: never) lost its place while copying and is
-        replaced by that candidate (`fallback=True`, see `runtime.fallback`).
+        replaced by that candidate (`fallback=True`, see `runtime.fallback`). A request longer than the
+        model reads has its candidates cut (`truncated=True`); its drafts and its fallback compare only
+        what the model read, and a fallback returns the candidate whole.
         With `errors="return"`, a bad
         request yields its `InputError` in its place and every other request is still corrected;
         `progress` is called with the number of requests finished by each batch.
+        Every option is checked before any request is read (`InputError` naming it): `max_new_tokens`
+        is at most the bundle's `max_output_tokens`, `num_beams` at most `options.MAX_BEAMS` (16),
+        `batch_size` at most `options.MAX_BATCH_SIZE` (1024), `length_penalty` within +-10.
         """
         search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, drafts,
                               batch_size)
-        below = self.manifest.fallback_below if fallback_below is None else fallback_below
-        if below is not None and not (isinstance(below, (int, float)) and 0 <= below <= 100):
-            raise InputError(f"fallback_below must be a chrF between 0 and 100, got {below!r}")
-        items = list(items)
+        below = self.manifest.fallback_below if fallback_below is None else check_number(
+            "fallback_below", fallback_below, 0, 100, what="a chrF")
+        check_optional("gate", gate, Classifier, "a Classifier")
+        if gate_threshold is not None:
+            gate_threshold = check_number("gate_threshold", gate_threshold, 0, 1, what="a probability")
+        check_choice("errors", errors, ERRORS)
+        check_progress(progress)
+        items = check_items("items", items, "requests")
         results: list[Correction | InputError | None] = [None] * len(items)
         valid: list[tuple[int, Request]] = []
         for n, item in enumerate(items):
@@ -174,9 +190,9 @@ class Corrector:
                 ready.append((n, request.id, model_input))
         self._decode_all(ready, search, batch_size, results, progress)
         if below:
-            for n, request in valid:
-                if isinstance(results[n], Correction):
-                    results[n] = guard(results[n], request.candidates, below)
+            requests = dict(valid)
+            for n, _, model_input in ready:
+                results[n] = guard(results[n], requests[n].candidates, below, seen=model_input.candidates)
         return results  # type: ignore[return-value]
 
     def generate(
@@ -195,24 +211,41 @@ class Corrector:
         exactly as given; options as for `correct_batch`."""
         search = self._search(max_new_tokens, min_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, drafts,
                               batch_size)
-        ready = [(n, None, ModelInput(np.asarray(ids, dtype=np.int64), False)) for n, ids in enumerate(input_ids)]
-        for n, _, model_input in ready:
-            if not 0 < len(model_input.ids) <= self.manifest.max_input_tokens:
-                raise InputError(f"item {n}: {len(model_input.ids)} input tokens; the model takes 1 to "
-                                 f"{self.manifest.max_input_tokens}")
+        rows = check_items("input_ids", input_ids, "token id sequences")
+        ready = [(n, None, ModelInput(self._token_ids(n, ids), False)) for n, ids in enumerate(rows)]
         results: list[Correction | None] = [None] * len(ready)
         self._decode_all(ready, search, batch_size, results, None)
         return results  # type: ignore[return-value]
 
+    def _token_ids(self, n: int, ids: Any) -> np.ndarray:
+        """Row `n` of `generate`'s input_ids: 1 to max_input_tokens ids of the model's vocabulary."""
+        try:
+            row = np.asarray(ids)
+        except (TypeError, ValueError):  # ragged nesting
+            row = np.asarray(None)
+        if row.ndim != 1 or (row.size and row.dtype.kind not in "iu"):
+            raise InputError(f"item {n}: input_ids must hold sequences of token ids (integers), got {shown(ids)}")
+        if not 0 < len(row) <= self.manifest.max_input_tokens:
+            raise InputError(f"item {n}: {len(row)} input tokens; the model takes 1 to "
+                             f"{self.manifest.max_input_tokens}")
+        vocab = self.manifest.decoder.vocab_size
+        outside = row[(row < 0) | (row >= vocab)]
+        if outside.size:
+            raise InputError(f"item {n}: token id {outside[0]} is outside the model's vocabulary (0 to {vocab - 1})")
+        return row.astype(np.int64)
+
     @staticmethod
-    def _gate(gate: Any, threshold: float | None, valid: list[tuple[int, Request]], results: list,
+    def _gate(gate: Classifier, threshold: float | None, valid: list[tuple[int, Request]], results: list,
               progress: Callable[[int], None] | None) -> list[tuple[int, Request]]:
-        """Answer the requests whose first candidate the gate finds right; return the others."""
+        """Answer the requests whose first candidate the gate finds right; return the others. A blank
+        first candidate is not asked about: it answers nothing, and a classifier reads no empty text."""
         threshold = passing_threshold(gate, threshold)
-        probabilities = right_probabilities(gate, [(r.source, r.candidates) for _, r in valid])
+        asked = [(n, r) for n, r in valid if r.candidates[0].strip()]
+        answers = right_probabilities(gate, [(r.source, r.candidates) for _, r in asked])
+        probabilities = {n: p for (n, _), p in zip(asked, answers)}
         rest = []
-        for (n, request), probability in zip(valid, probabilities):
-            if probability >= threshold:
+        for n, request in valid:
+            if n in probabilities and probabilities[n] >= threshold:
                 results[n] = Correction(text=request.candidates[0], token_ids=[], id=request.id, gated=True)
             else:
                 rest.append((n, request))
@@ -231,15 +264,19 @@ class Corrector:
 
     def _search(self, max_new_tokens: int | None, min_new_tokens: int, num_beams: int, length_penalty: float,
                 no_repeat_ngram_size: int | None, drafts: bool, batch_size: int) -> Search:
-        limit = self.manifest.max_output_tokens if max_new_tokens is None else max_new_tokens
-        ngram = self.manifest.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
-        for name, value, least in (("max_new_tokens", limit, 1), ("num_beams", num_beams, 1),
-                                   ("batch_size", batch_size, 1), ("min_new_tokens", min_new_tokens, 0),
-                                   ("no_repeat_ngram_size", ngram, 0)):
-            if not isinstance(value, (int, np.integer)) or value < least:
-                raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
-        return Search(max_new_tokens=int(limit), min_new_tokens=int(min_new_tokens), num_beams=int(num_beams),
-                      length_penalty=float(length_penalty), no_repeat_ngram_size=int(ngram), drafts=bool(drafts) and num_beams == 1 and self.drafts_supported)
+        """The decoding options, checked (`batch_size` too, though a `Search` does not hold it)."""
+        limit = check_max_new_tokens(max_new_tokens, self.manifest.max_output_tokens)
+        beams = check_int("num_beams", num_beams, 1, MAX_BEAMS)
+        check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        ngram = (self.manifest.no_repeat_ngram_size if no_repeat_ngram_size is None
+                 else check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0))
+        return Search(max_new_tokens=limit,
+                      min_new_tokens=check_int("min_new_tokens", min_new_tokens, 0, limit, most_is=" (max_new_tokens)"),
+                      num_beams=beams,
+                      length_penalty=check_number("length_penalty", length_penalty, -MAX_LENGTH_PENALTY,
+                                                  MAX_LENGTH_PENALTY),
+                      no_repeat_ngram_size=ngram,
+                      drafts=check_flag("drafts", drafts) and beams == 1 and self.drafts_supported)
 
     def _run_batch(self, batch: list[tuple[int, Any, ModelInput]], search: Search) -> list[Correction]:
         special = self.manifest.special_tokens

@@ -54,10 +54,17 @@ def nearest(text: str, candidates: Sequence[str]) -> tuple[int, float]:
     return best, scores[best]
 
 
-def guard(correction: Correction, candidates: Sequence[str], below: float) -> Correction:
+def guard(correction: Correction, candidates: Sequence[str], below: float, *,
+          seen: Sequence[str] | None = None) -> Correction:
     """`correction`, or its nearest candidate (`fallback=True`) when the two are less similar than
-    `below` (chrF, 0-100; 0 never falls back)."""
-    index, similarity = nearest(correction.text, candidates)
+    `below` (chrF, 0-100; 0 never falls back).
+
+    `seen`: the candidates as the model saw them, cut where its input was truncated. The output is
+    compared with those: the model wrote from them, and text it never read would only lower every
+    similarity and cost time in proportion to its length. The candidate returned is whole: it is the
+    LLM's own answer to the request, which a cut would only shorten.
+    """
+    index, similarity = nearest(correction.text, candidates if seen is None else seen)
     if similarity >= below:
         return correction
     return dataclasses.replace(correction, text=candidates[index], token_ids=[], fallback=True)

@@ -19,7 +19,9 @@ import numpy as np
 from .bundle import Manifest, load_manifest
 from .tokens import load_tokenizer
 from .errors import InputError
-from .sessions import open_session
+from .options import (MAX_BATCH_SIZE, check_int, check_items, check_max_new_tokens, check_number, check_optional,
+                      check_progress, check_temperature, check_text)
+from .sessions import check_graphs, open_session
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class Generator:
         root = Path(path)
         manifest = load_manifest(root, verify=verify, kind="causal-lm")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
-        return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"]), session)
+        check_graphs(root, manifest, {"model": session})
+        return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens), session)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, as the checkpoint's tokenizer writes them (its BOS included)."""
@@ -65,7 +68,12 @@ class Generator:
 
     def prefix(self, text: str) -> Prefix:
         """Run a shared prefix once; pass the result as `prefix=` to reuse it."""
+        _check_prompt("text (the prefix)", text)
         ids = self.encode(text)
+        positions = self.manifest.max_input_tokens
+        if not 0 < len(ids) < positions:  # prompts and outputs need room after it
+            raise InputError(f"text (the prefix): {len(ids)} tokens; a prefix takes 1 to {positions - 1} of the "
+                             f"model's {positions} positions")
         _, past = self._run(np.array([ids]), np.ones((1, len(ids)), dtype=np.int64),
                             np.arange(len(ids))[None, :], self._empty(1))
         return Prefix(ids, past)
@@ -76,15 +84,34 @@ class Generator:
     def generate_batch(self, prompts: Iterable[str], *, max_new_tokens: int | None = None, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int | None = None, prefix: Prefix | None = None, batch_size: int = 8,
                        progress: Callable[[int], None] | None = None) -> list[Generation]:
-        """Continue each prompt (after `prefix`, when given); greedy by default."""
-        prompts = list(prompts)
+        """Continue each prompt (after `prefix`, when given); greedy by default.
+
+        Options are checked first (`InputError` naming the bad one): `max_new_tokens` is at most the
+        bundle's `max_output_tokens`, `batch_size` at most `options.MAX_BATCH_SIZE`, `temperature` 0
+        or from 0.001 to 100, `top_p` above 0 and at most 1, `seed` None or an integer >= 0. Each
+        prompt, after the prefix, with its new tokens must fit the model's `max_input_tokens` positions.
+        """
+        limit = check_max_new_tokens(max_new_tokens, self.manifest.max_output_tokens)
+        sampling = Sampling(check_temperature(temperature), check_number("top_p", top_p, 0, 1, above_low=True),
+                            None if seed is None else check_int("seed", seed, 0))
+        check_optional("prefix", prefix, Prefix, "a Prefix (from Generator.prefix)")
+        batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        check_progress(progress)
+        prompts = check_items("prompts", prompts, "strings")
         for n, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt:
-                raise InputError(f"item {n}: a prompt must be a non-empty string")
-        limit = self.manifest.max_output_tokens if max_new_tokens is None else max_new_tokens
-        sampling = Sampling(temperature, top_p, seed)
-        rng = np.random.default_rng(seed)
+            _check_prompt(f"item {n}: a prompt", prompt)
+        rng = np.random.default_rng(sampling.seed)
         encoded = [self.tokenizer.encode(p, add_special_tokens=prefix is None).ids for p in prompts]
+        offset = len(prefix.ids) if prefix is not None else 0
+        positions = self.manifest.max_input_tokens
+        for n, ids in enumerate(encoded):
+            needed = offset + len(ids) + limit - 1  # the last new token is never fed back
+            if not ids:
+                raise InputError(f"item {n}: the prompt has no tokens (this tokenizer drops all of it)")
+            if needed > positions:
+                after = f" after a prefix of {offset}" if offset else ""
+                raise InputError(f"item {n}: the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
+                                 f"{needed} of the model's {positions} positions; shorten it or lower max_new_tokens")
         out: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))
@@ -136,6 +163,12 @@ class Generator:
             next_position = next_position + 1
         rows = [row.tolist() for row in out]
         return [row[: row.index(special.eos)] if special.eos in row else row for row in rows]
+
+
+def _check_prompt(where: str, prompt: Any) -> None:
+    if not isinstance(prompt, str) or not prompt:
+        raise InputError(f"{where} must be a non-empty string")
+    check_text(where, prompt)
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:

@@ -7,13 +7,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .options import check_text
 
 
 @dataclass(frozen=True)
 class Request:
+    """One request, checked when it is made (an `InputError` naming the bad field), so that it is
+    checked once however many stages it passes."""
+
     source: str
     candidates: tuple[str, ...]
     id: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str):
+            raise InputError(f"field 'source' must be a string, got {type(self.source).__name__}")
+        if not self.source.strip():
+            raise InputError("field 'source' is empty")
+        check_text("field 'source'", self.source)
+        if isinstance(self.candidates, str) or not isinstance(self.candidates, (list, tuple)):
+            raise InputError(f"field 'candidates' must be a list of strings, got {type(self.candidates).__name__}")
+        if not self.candidates:
+            raise InputError("field 'candidates' is an empty list")
+        for i, candidate in enumerate(self.candidates):
+            if not isinstance(candidate, str):
+                raise InputError(f"candidates[{i}] must be a string, got {type(candidate).__name__}")
+            check_text(f"candidates[{i}]", candidate)
+        if isinstance(self.id, str):
+            check_text("field 'id'", self.id)
+        object.__setattr__(self, "candidates", tuple(self.candidates))
 
 
 @dataclass(frozen=True)
@@ -47,25 +69,12 @@ def as_request(item: Any) -> Request:
     Raises `InputError` naming the bad field; callers add where the item came from.
     """
     if isinstance(item, Request):
-        source, candidates, ident = item.source, item.candidates, item.id
-    elif isinstance(item, Mapping):
+        return item
+    if isinstance(item, Mapping):
         for key in ("source", "candidates"):
             if key not in item:
                 raise InputError(f"missing field {key!r}")
-        source, candidates, ident = item["source"], item["candidates"], item.get("id")
-    elif isinstance(item, (tuple, list)) and len(item) == 2:
-        (source, candidates), ident = item, None
-    else:
-        raise InputError(f"expected an object with 'source' and 'candidates', got {type(item).__name__}")
-    if not isinstance(source, str):
-        raise InputError(f"field 'source' must be a string, got {type(source).__name__}")
-    if not source.strip():
-        raise InputError("field 'source' is empty")
-    if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)):
-        raise InputError(f"field 'candidates' must be a list of strings, got {type(candidates).__name__}")
-    if not candidates:
-        raise InputError("field 'candidates' is an empty list")
-    for i, candidate in enumerate(candidates):
-        if not isinstance(candidate, str):
-            raise InputError(f"candidates[{i}] must be a string, got {type(candidate).__name__}")
-    return Request(source=source, candidates=tuple(candidates), id=ident)
+        return Request(item["source"], item["candidates"], item.get("id"))
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return Request(*item)
+    raise InputError(f"expected an object with 'source' and 'candidates', got {type(item).__name__}")

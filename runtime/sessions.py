@@ -1,17 +1,23 @@
-"""ONNX Runtime sessions: provider choice and session options, shared by every model kind."""
+"""ONNX Runtime sessions: provider choice and session options, shared by every model kind, and the
+check of a bundle's graphs against its manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import io
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
-from .errors import BundleError
+from .bundle import MANIFEST_NAME, Manifest
+from .errors import BundleError, InputError
+from .options import check_threads
 
 log = logging.getLogger("lmcor")
 
@@ -39,26 +45,97 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _check_providers(providers: Sequence[str]) -> list[str]:
+    """The providers of a preference list that this ONNX Runtime build has.
+
+    ONNX Runtime itself takes a str as a list of one-letter names, and answers an unknown name by
+    printing a banner to stdout and falling back to the CPU: both are caught here, before it runs."""
+    if not isinstance(providers, (list, tuple)) or not all(isinstance(p, str) for p in providers):
+        raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got {providers!r}")
+    available = ort.get_available_providers()
+    for name in providers:
+        if name not in ort.get_all_providers():
+            raise InputError(f"{name!r} is not an ONNX Runtime execution provider (available: {', '.join(available)})")
+    usable = [name for name in providers if name in available]
+    if not usable:
+        raise InputError(f"none of {', '.join(providers)} is available in this ONNX Runtime build "
+                         f"(available: {', '.join(available)})")
+    if len(usable) < len(providers):
+        log.warning("not in this ONNX Runtime build, skipped: %s", ", ".join(p for p in providers if p not in usable))
+    return usable
+
+
 def open_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = _ORT_LOG_ERRORS_ONLY
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
+    threads = check_threads(threads)
     if threads:
         options.intra_op_num_threads = threads
     # A corrector runs its sessions one after another (encoder, cross-attention, decoder steps; a
     # gate before them). A pool left spinning after its run takes the cores from the next session's
     # threads: stopping it at the end of each run made batch-8 throughput 1.8x on 2 cores.
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    wanted = list(providers) if providers else default_providers()
+    wanted = _check_providers(providers) if providers else default_providers()
+    # ONNX Runtime's Python layer prints a provider that fails to start (a CUDA build without a
+    # driver) to stdout, where the CLI writes its results: it goes to the log instead.
+    printed = io.StringIO()
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+        with contextlib.redirect_stdout(printed):
+            session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     except Exception as e:  # ONNX Runtime raises its own untyped errors for unreadable models
         raise BundleError(f"{path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0]})") from None
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip() and not line.startswith("*"):  # not the banner's frame
+                log.warning("%s: onnxruntime: %s", path.name, line)
     if providers and session.get_providers()[0] != wanted[0]:
         log.warning("%s: asked for %s, running on %s", path.name, wanted[0], session.get_providers()[0])
     return session
+
+
+# The names of the decoder graphs' cached keys and values: lmcor's ragged graphs ("past.0.key",
+# "cross.0.key", "present.0.key") and optimum's ("past_key_values.0.key", "past_key_values.0.decoder.key").
+_CACHE = re.compile(r"(?:past|past_key_values|present|cross)\.(\d+)\.")
+
+
+def check_graphs(root: Path, manifest: Manifest, sessions: Mapping[str, ort.InferenceSession | None]) -> None:
+    """Check the manifest against the inputs and outputs its graphs declare (by `files` role), so that
+    a wrong shape is a BundleError at load and not an ONNX Runtime error in the middle of a batch.
+    Dimensions a graph leaves symbolic are not checked."""
+    where = root / MANIFEST_NAME
+    for role, session in sessions.items():
+        if session is None:
+            continue
+        graph = manifest.files[role]
+        logits = session.get_outputs()[0] if role != "cross" else None  # what the runtime reads
+        if manifest.kind == "classifier":
+            if logits is not None and isinstance(logits.shape[-1], int) and logits.shape[-1] != len(manifest.labels):
+                raise BundleError(f"{where}: labels: {len(manifest.labels)} labels, but {graph} outputs "
+                                  f"{logits.shape[-1]} logits")
+            continue
+        shape = manifest.decoder
+        if logits is not None and isinstance(logits.shape[-1], int) and logits.shape[-1] != shape.vocab_size:
+            raise BundleError(f"{where}: decoder.vocab_size: {shape.vocab_size}, but {graph} outputs "
+                              f"{logits.shape[-1]} logits")
+        layers = set()
+        for value in (*session.get_inputs(), *session.get_outputs()):
+            match = _CACHE.match(value.name)
+            if match is None:
+                continue
+            layers.add(int(match.group(1)))
+            if len(value.shape) != 4:  # (batch, heads, length, head_dim)
+                continue
+            for field, axis in (("num_heads", 1), ("head_dim", 3)):
+                declared = value.shape[axis]
+                if isinstance(declared, int) and declared != getattr(shape, field):
+                    raise BundleError(f"{where}: decoder.{field}: {getattr(shape, field)}, but {graph}'s "
+                                      f"{value.name} has {declared}")
+        if layers != set(range(shape.num_layers)):
+            raise BundleError(f"{where}: decoder.num_layers: {shape.num_layers}, but {graph} holds the keys and "
+                              f"values of {len(layers)} layers")
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .bundle import Template
+from .bundle import SpecialTokens, Template
 from .errors import BundleError, InputError
 from .request import Request
-from .template import render
+from .template import Rendered, render
 
 
 # Below this many texts, encoding them one by one beats `encode_batch`, whose thread pool costs
@@ -26,11 +26,20 @@ def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[Encoding]:
     return tokenizer.encode_batch(texts)
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
+def load_tokenizer(path: Path, special: SpecialTokens | None = None) -> Tokenizer:
+    """Read a bundle's tokenizer; with `special`, check that each special token id is one of its
+    tokens (a manifest and tokenizer that disagree would fail only on the first request)."""
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
         raise BundleError(f"{path}: cannot read the tokenizer ({e})") from None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size == 0:
+        raise BundleError(f"{path}: the tokenizer's vocabulary is empty (re-export the bundle)")
+    for name, token in vars(special).items() if special is not None else ():
+        if token is not None and token >= size:
+            raise BundleError(f"{path}: special_tokens.{name}: {token} is not a token of this tokenizer "
+                              f"(its vocabulary has {size})")
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
@@ -43,6 +52,15 @@ class ModelInput:
     # What drafted decoding copies from: each candidate's and the source's own token ids, as an
     # output would hold them (no template, no special tokens). Empty: draft from `ids`.
     references: tuple[np.ndarray, ...] = ()
+    # The candidates as the model saw them: cut where truncation cut them (the fallback compares the
+    # output with these). Empty: the input came as token ids.
+    candidates: tuple[str, ...] = ()
+
+
+# A token spans far fewer characters than this (SentencePiece pieces 16 at most, BPE merges of
+# ordinary text fewer): a candidate cut to `max_tokens` times this many characters still holds more
+# tokens than the model can take, so the even cut below is the one its whole text would get.
+MAX_CHARS_PER_TOKEN = 64
 
 
 def encode_requests(
@@ -52,24 +70,30 @@ def encode_requests(
 
     An input longer than `max_tokens` has its candidates shortened evenly (each keeps its head);
     the source is never cut: a source that leaves no room for the candidates is an `InputError`,
-    returned in that request's place so that the other requests are still served. With
-    `references`, each input also carries what drafted decoding copies from: the tokens of each
-    candidate and of the source, as the rendered text's own encoding holds them (no second
-    tokenization: a word at a span's edge may rarely split differently from the text alone, which
-    changes a draft, never an output).
+    returned in that request's place so that the other requests are still served. A candidate is
+    first cut to `max_tokens * MAX_CHARS_PER_TOKEN` characters, so that the cost of a request is bounded
+    by what the model can read, whatever its length. With `references`, each input also carries
+    what drafted decoding copies from: the tokens of each candidate and of the source, as the
+    encoding of the text the model reads holds them (no second tokenization: a word at a span's edge
+    may rarely split differently from the text alone, which changes a draft, never an output).
     """
-    rendered = [render(template, r.source, r.candidates) for r in requests]
+    most = max_tokens * MAX_CHARS_PER_TOKEN
+    shown = [tuple(c[:most] for c in r.candidates) for r in requests]
+    rendered = [render(template, r.source, candidates) for r, candidates in zip(requests, shown)]
     encodings = _encode(tokenizer, [r.text for r in rendered])
     out: list[ModelInput | InputError] = []
-    for request, (text, spans, source), encoding in zip(requests, rendered, encodings):
-        refs = _references(encoding, text, [*spans, source]) if references else ()
-        if len(encoding.ids) <= max_tokens:
-            out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), False, refs))
-            continue
-        try:
-            out.append(_truncate(tokenizer, template, request, spans, encoding, max_tokens, refs))
-        except InputError as e:
-            out.append(e)
+    for request, candidates, rendering, encoding in zip(requests, shown, rendered, encodings):
+        truncated = any(len(c) > most for c in request.candidates)
+        if len(encoding.ids) > max_tokens:
+            try:
+                candidates, rendering, encoding = _truncate(tokenizer, template, request.source, candidates,
+                                                            rendering, encoding, max_tokens)
+            except InputError as e:
+                out.append(e)
+                continue
+            truncated = True
+        refs = _references(encoding, rendering.text, [*rendering.spans, rendering.source]) if references else ()
+        out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), truncated, refs, candidates))
     return out
 
 
@@ -104,7 +128,7 @@ def _candidate_token_ends(encoding: Encoding, spans: list[tuple[int, int]]) -> l
 
 def _even_cap(lengths: list[int], budget: int) -> int:
     """The largest per-candidate length L with sum(min(n, L)) <= budget."""
-    cap = max(lengths)
+    cap = min(max(lengths), budget)  # a larger L overshoots: one candidate alone, or all whole, exceed it
     while cap > 0 and sum(min(n, cap) for n in lengths) > budget:
         cap -= 1
     return cap
@@ -113,20 +137,19 @@ def _even_cap(lengths: list[int], budget: int) -> int:
 def _truncate(
     tokenizer: Tokenizer,
     template: Template,
-    request: Request,
-    spans: list[tuple[int, int]],
+    source: str,
+    candidates: tuple[str, ...],
+    rendered: Rendered,
     encoding: Encoding,
     max_tokens: int,
-    references: tuple[np.ndarray, ...],
-) -> ModelInput:
-    candidates = list(request.candidates)
-    total = len(encoding.ids)
+) -> tuple[tuple[str, ...], Rendered, Encoding]:
+    """The candidates shortened evenly until the input fits, with their rendering and its encoding."""
     # Re-tokenizing a shortened text can merge pieces differently and overshoot by a token or two;
     # every round measures again and strictly lowers the cap, so a few rounds always suffice.
     for _ in range(8):
-        ends = _candidate_token_ends(encoding, spans)
+        ends = _candidate_token_ends(encoding, rendered.spans)
         lengths = [len(e) for e in ends]
-        fixed = total - sum(lengths)
+        fixed = len(encoding.ids) - sum(lengths)
         budget = max_tokens - fixed
         if budget < len(candidates):
             raise InputError(
@@ -134,10 +157,9 @@ def _truncate(
                 f"leaving no room for {len(candidates)} candidates (the source is never cut; shorten it)"
             )
         cap = _even_cap(lengths, budget)
-        candidates = [c[: e[cap - 1]] if len(e) > cap else c for c, e in zip(candidates, ends)]
-        text, spans, _ = render(template, request.source, candidates)
-        encoding = tokenizer.encode(text)
-        total = len(encoding.ids)
-        if total <= max_tokens:
-            return ModelInput(np.asarray(encoding.ids, dtype=np.int64), True, references)
+        candidates = tuple(c[: e[cap - 1]] if len(e) > cap else c for c, e in zip(candidates, ends))
+        rendered = render(template, source, candidates)
+        encoding = tokenizer.encode(rendered.text)
+        if len(encoding.ids) <= max_tokens:
+            return candidates, rendered, encoding
     raise InputError(f"could not shorten the candidates to fit {max_tokens} input tokens")

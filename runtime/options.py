@@ -1,0 +1,131 @@
+"""Checks of the public API's arguments, shared by `Corrector`, `Generator` and `Classifier`.
+
+Each check raises an `InputError` that names the argument and says what it takes, so that a bad
+option fails at the call that passed it, never later inside NumPy or ONNX Runtime, and never
+silently. Each returns the value in the type the runtime uses.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .errors import InputError
+
+# Beam search past 16 beams is rare even for large models, and each beam multiplies the decoder's
+# batch and its cache.
+MAX_BEAMS = 16
+# Requests (prompts, texts) per batch: far past where a batch fills a GPU; beyond it only padding
+# and memory grow.
+MAX_BATCH_SIZE = 1024
+# ONNX Runtime's intra-op threads; more than this is a mistake, not a machine.
+MAX_THREADS = 1024
+# Beam search divides scores by length ** length_penalty: past +-10 that power overflows float32
+# for long outputs.
+MAX_LENGTH_PENALTY = 10.0
+# Sampling below 0.001 is the argmax in all but name (and far below, logits / temperature overflows
+# to NaN probabilities); above 100 it is close to uniform noise.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+ERRORS = ("raise", "return")
+
+T = TypeVar("T")
+
+shown = reprlib.repr  # repr, bounded: a message must not quote (or first build) a megabyte of user text
+
+
+def check_int(name: str, value: Any, least: int, most: int | None = None, *, most_is: str = "") -> int:
+    """An integer from `least` to `most` (`most_is` says where `most` comes from)."""
+    integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not integer or value < least or (most is not None and value > most):
+        span = f">= {least}" if most is None else f"from {least} to {most}{most_is}"
+        raise InputError(f"{name} must be an integer {span}, got {shown(value)}")
+    return int(value)
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, what: str = "a number",
+                 above_low: bool = False) -> float:
+    """A finite real number from `low` (excluded with `above_low`) to `high`."""
+    number = math.nan
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+    if not math.isfinite(number) or number < low or (above_low and number == low) or number > high:
+        span = f"above {low:g} and at most {high:g}" if above_low else f"between {low:g} and {high:g}"
+        raise InputError(f"{name} must be {what} {span}, got {shown(value)}")
+    return number
+
+
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {shown(value)}")
+    return bool(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
+    return value
+
+
+def check_optional(name: str, value: T | None, kind: type[T], what: str) -> T | None:
+    """None, or an instance of `kind` (`what` names it for the message)."""
+    if value is not None and not isinstance(value, kind):
+        raise InputError(f"{name} must be {what} or None, got {type(value).__name__}")
+    return value
+
+
+def check_progress(progress: Any) -> Callable[[int], None] | None:
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a function of the number of items finished, or None, got "
+                         f"{type(progress).__name__}")
+    return progress
+
+
+def check_items(name: str, items: Any, what: str) -> list:
+    """The items of a batch call, as a list. A string or a mapping is iterable but is one item, not
+    many: it is refused rather than read character by character or key by key."""
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+        raise InputError(f"{name} must be a list (or other iterable) of {what}, got {type(items).__name__}; "
+                         "pass one item as a list of one")
+    return list(items)
+
+
+def check_text(where: str, text: str) -> None:
+    """Refuse a string that is not Unicode text: the tokenizer cannot take a lone surrogate (and
+    `encode_batch` would fail for the whole batch)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where} holds a lone surrogate (U+{ord(text[e.start]):04X}), "
+                         "which is not valid Unicode text") from None
+
+
+def check_threads(threads: Any) -> int | None:
+    """`load`'s `threads`: None (ONNX Runtime's default) or 1 to MAX_THREADS."""
+    return None if threads is None else check_int("threads", threads, 1, MAX_THREADS)
+
+
+def check_max_new_tokens(value: Any, cap: int) -> int:
+    """`max_new_tokens`: None is the bundle's `max_output_tokens`, which also caps it (an output that
+    loops stops there)."""
+    if value is None:
+        return cap
+    return check_int("max_new_tokens", value, 1, cap, most_is=" (the bundle's max_output_tokens)")
+
+
+def check_temperature(value: Any) -> float:
+    """0 (greedy) or from MIN_TEMPERATURE to MAX_TEMPERATURE."""
+    try:
+        number = check_number("temperature", value, 0, MAX_TEMPERATURE)
+    except InputError:
+        number = math.nan
+    if number != 0 and not MIN_TEMPERATURE <= number <= MAX_TEMPERATURE:
+        raise InputError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
+                         f"got {shown(value)}")
+    return number

@@ -1,0 +1,193 @@
+"""The public API's edges: every argument is checked at the call (an `InputError` naming it), and a
+request that is not Unicode text fails alone, in its place."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_requests
+from lmcor.export.causal_lm import export_causal_lm
+from lmcor.runtime.bundle import shipped_bundle
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lmcor import Classifier, Corrector, Generator, InputError
+
+SURROGATE = "\ud800"
+REQUESTS = make_requests(6, seed=21)
+DECODE = {"max_new_tokens": 4}
+
+# (argument, bad value) for the options `correct_batch` and `generate` share.
+BAD_DECODING = [
+    ("max_new_tokens", 0), ("max_new_tokens", -3), ("max_new_tokens", 2.0), ("max_new_tokens", "8"),
+    ("max_new_tokens", True),
+    ("min_new_tokens", -1), ("min_new_tokens", "0"), ("min_new_tokens", 1.5), ("min_new_tokens", 5),  # > max_new_tokens
+    ("num_beams", 0), ("num_beams", "2"), ("num_beams", 2.0), ("num_beams", None),
+    ("length_penalty", "x"), ("length_penalty", math.nan), ("length_penalty", math.inf), ("length_penalty", None),
+    ("length_penalty", 11.0), ("length_penalty", 10**400),
+    ("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 1.5), ("no_repeat_ngram_size", "2"),
+    ("drafts", "no"), ("drafts", 1), ("drafts", None),
+    ("batch_size", 0), ("batch_size", "16"), ("batch_size", 2.0), ("batch_size", None),
+]
+BAD_CORRECTION = BAD_DECODING + [
+    ("gate", "gate"), ("gate", 3),
+    ("gate_threshold", math.nan), ("gate_threshold", 1.5), ("gate_threshold", -0.1), ("gate_threshold", "0.5"),
+    ("fallback_below", math.nan), ("fallback_below", math.inf), ("fallback_below", -1), ("fallback_below", 101),
+    ("fallback_below", "90"), ("fallback_below", True),
+    ("errors", "bogus"), ("errors", None), ("errors", "RAISE"),
+    ("progress", 3), ("progress", "print"),
+]
+
+
+@pytest.fixture(scope="module")
+def corrector(bundles) -> Corrector:
+    return Corrector.load(bundles["t5"])
+
+
+@pytest.fixture(scope="module")
+def gate() -> Classifier:
+    return Classifier.load(shipped_bundle("gate"))
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory) -> Generator:
+    from test_generator import _tokenizer
+
+    checkpoint = tmp_path_factory.mktemp("gpt2")
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    bundle = tmp_path_factory.mktemp("bundles") / "gpt2"
+    export_causal_lm(checkpoint, bundle, max_output_tokens=16)
+    return Generator.load(bundle)
+
+
+def _names(argument: str, call) -> None:
+    with pytest.raises(InputError, match=argument):
+        call()
+
+
+@pytest.mark.parametrize("argument, value", BAD_CORRECTION)
+def test_correct_batch_checks_each_option(corrector, argument, value):
+    _names(argument, lambda: corrector.correct_batch(REQUESTS, **{**DECODE, argument: value}))
+
+
+@pytest.mark.parametrize("argument, value", BAD_DECODING)
+def test_generate_checks_each_option(corrector, argument, value):
+    ids = [[5, 6, 7, 1]]
+    _names(argument, lambda: corrector.generate(ids, **{**DECODE, argument: value}))
+
+
+@pytest.mark.parametrize("input_ids, message", [
+    ("abc", "input_ids must be a list"), (None, "input_ids must be a list"), ([["a", "b"]], "item 0: input_ids"),
+    ([[[1, 2]]], "item 0: input_ids"), ([[1.5, 2.0]], "item 0: input_ids"), ([[5], []], "item 1: 0 input tokens"),
+    ([[5, -1]], "item 0: token id -1"), ([[5, 10**6]], "item 0: token id 1000000"),
+])
+def test_generate_checks_the_token_ids(corrector, input_ids, message):
+    with pytest.raises(InputError, match=message):
+        corrector.generate(input_ids, **DECODE)
+
+
+@pytest.mark.parametrize("items", ["she go", None, 3, {"source": "a", "candidates": ["b"]}])
+def test_items_must_be_a_list_of_requests(corrector, items):
+    _names("items", lambda: corrector.correct_batch(items, **DECODE))
+
+
+@pytest.mark.parametrize("candidates, message", [
+    ("She goes.", "field 'candidates' must be a list of strings, got str"),
+    (None, "field 'candidates' must be a list of strings, got NoneType"),
+    ([], "'candidates' is an empty list"),
+    (["ok", None], r"candidates\[1\] must be a string"),
+])
+def test_correct_checks_its_request_as_correct_batch_does(corrector, candidates, message):
+    with pytest.raises(InputError, match=message):
+        corrector.correct("she go", candidates, **DECODE)
+    with pytest.raises(InputError, match=message):
+        corrector.correct("she go", candidates, errors="return", **DECODE)
+    with pytest.raises(InputError, match="field 'source'"):
+        corrector.correct(None, ["She goes."], **DECODE)
+
+
+def _with_bad(requests: list, bad: dict[int, dict]) -> list:
+    out = list(requests)
+    for n, request in sorted(bad.items()):
+        out.insert(n, request)
+    return out
+
+
+@pytest.mark.parametrize("many", [False, True])  # many: more texts than `encode_batch` is used from
+def test_a_request_that_is_not_unicode_fails_alone(corrector, many):
+    good = make_requests(70, seed=3) if many else REQUESTS
+    bad = {1: {"source": "she go" + SURROGATE, "candidates": ["She goes."]},
+           3: {"source": "she go", "candidates": ["She goes.", SURROGATE + "x"]},
+           4: {"id": "a" + SURROGATE, "source": "she go", "candidates": ["She goes."]}}
+    got = corrector.correct_batch(_with_bad(good, bad), errors="return", **DECODE)
+    assert [str(got[n]) for n in bad] == [
+        "field 'source' holds a lone surrogate (U+D800), which is not valid Unicode text",
+        "candidates[1] holds a lone surrogate (U+D800), which is not valid Unicode text",
+        "field 'id' holds a lone surrogate (U+D800), which is not valid Unicode text"]
+    answered = [c for c in got if not isinstance(c, InputError)]
+    assert [c.token_ids for c in answered] == [c.token_ids for c in corrector.correct_batch(good, **DECODE)]
+    assert [c.id for c in answered] == [r["id"] for r in good]
+    alone = [corrector.correct_batch([r], **DECODE)[0] for r in good[:3]]
+    assert [c.token_ids for c in answered[:3]] == [c.token_ids for c in alone]
+    with pytest.raises(InputError, match=r"item 3: candidates\[1\] holds a lone surrogate"):
+        corrector.correct_batch(_with_bad(good, {3: bad[3]}), **DECODE)
+
+
+def test_the_gate_checks_and_passes_over_blank_first_candidates(corrector, gate):
+    requests = [{"source": "she go", "candidates": ["  ", "She goes."]}, *REQUESTS[:2]]
+    got = corrector.correct_batch(requests, gate=gate, gate_threshold=0.0, **DECODE)
+    assert not got[0].gated and got[1].gated and got[2].gated  # threshold 0 passes every candidate asked about
+    _names("gate", lambda: corrector.correct_batch(requests, gate=corrector, **DECODE))
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("max_new_tokens", 0), ("max_new_tokens", "4"),
+    ("temperature", "x"), ("temperature", math.nan), ("temperature", -1.0), ("temperature", 1e-9),
+    ("temperature", 1000.0), ("temperature", None),
+    ("top_p", 0), ("top_p", 1.5), ("top_p", math.nan), ("top_p", "1"),
+    ("seed", -1), ("seed", 1.5), ("seed", "1"),
+    ("prefix", "text"), ("prefix", 3),
+    ("batch_size", 0), ("batch_size", "8"),
+    ("progress", 3),
+])
+def test_generate_batch_checks_each_option(generator, argument, value):
+    _names(argument, lambda: generator.generate_batch(["a b"], **{"max_new_tokens": 4, argument: value}))
+
+
+def test_generator_checks_prompts_and_prefixes(generator):
+    _names("prompts", lambda: generator.generate_batch("a b", max_new_tokens=4))
+    _names("prompts", lambda: generator.generate_batch(None, max_new_tokens=4))
+    with pytest.raises(InputError, match="item 1: a prompt must be a non-empty string"):
+        generator.generate_batch(["a", ""], max_new_tokens=4)
+    with pytest.raises(InputError, match=r"item 1: a prompt holds a lone surrogate \(U\+D800\)"):
+        generator.generate_batch(["a", "b" + SURROGATE], max_new_tokens=4)
+    with pytest.raises(InputError, match="item 0: the prompt's .* need .* of the model's 64 positions"):
+        generator.generate_batch(["x y z " * 40], max_new_tokens=4)
+    for text, message in [("", "must be a non-empty string"), (None, "must be a non-empty string"),
+                          ("a" + SURROGATE, "lone surrogate"), ("x y z " * 40, "a prefix takes 1 to 63")]:
+        with pytest.raises(InputError, match=r"text \(the prefix\).*" + message):
+            generator.prefix(text)
+    assert generator.generate("a b", max_new_tokens=4) == generator.generate_batch(["a b"], max_new_tokens=4)[0].text
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("batch_size", 0), ("batch_size", "32"), ("errors", "bogus"), ("progress", "x"),
+])
+def test_classify_batch_checks_each_option(gate, argument, value):
+    _names(argument, lambda: gate.classify_batch(["a b"], **{argument: value}))
+
+
+def test_a_text_that_is_not_unicode_fails_alone(gate):
+    items = ["She goes to school.", ("a" + SURROGATE, "b"), {"text": "x", "pair": SURROGATE}, ("She goes.", "she go"),
+             {"id": SURROGATE, "text": "x"}]
+    got = gate.classify_batch(items, errors="return")
+    assert [str(got[n]).split(" holds")[0] for n in (1, 2, 4)] == ["field 'text'", "field 'pair'", "field 'id'"]
+    for n in (0, 3):
+        np.testing.assert_array_equal(got[n].probabilities, gate.classify_batch([items[n]])[0].probabilities)
+    _names("items", lambda: gate.classify_batch("a b"))
+    with pytest.raises(InputError, match="item 0: field 'text' holds a lone surrogate"):
+        gate.classify(SURROGATE)

@@ -1,0 +1,300 @@
+"""A tampered bundle is refused at load with one BundleError naming the bundle and the field: its
+files stay inside its folder, every file it opens has a checksum, and every manifest field is
+checked against its type, its range, the tokenizer and the graphs, so nothing fails later."""
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+
+import pytest
+from lmcor.runtime import sessions
+from lmcor.runtime.bundle import MANIFEST_NAME, load_manifest, sha256_of, shipped_bundle
+
+from lmcor import BundleError, Classifier, Corrector, Generator
+from lmcor.cli import main
+
+Change = Callable[[dict, object], None]  # (manifest, bundle path) -> None, edits in place
+
+
+def _edit(path, change: Change) -> None:
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    change(manifest, path)
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _reseal(path) -> None:
+    """Record the files' current checksums: the defect under test is the only one left."""
+    _edit(path, lambda m, p: m["sha256"].update({name: sha256_of(p / name) for name in m["sha256"]}))
+
+
+def _set(section: str | None, **values) -> Change:
+    return lambda m, p: (m[section] if section else m).update(values)
+
+
+def _drop(section: str | None, key: str) -> Change:
+    return lambda m, p: (m[section] if section else m).pop(key)
+
+
+def _add(section: str, field: str, delta: int) -> Change:
+    return lambda m, p: m[section].update({field: m[section][field] + delta})
+
+
+def _outside_file(m: dict, p, role: str, name: str) -> None:
+    """Point `role` at a copy of its file outside the bundle, through `name`, without a checksum."""
+    outside = p.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(p / m["files"][role], outside / m["files"][role])
+    if name == "link":
+        (p / "link").symlink_to(outside / m["files"][role])
+    m["sha256"].pop(m["files"][role])
+    m["files"][role] = name if name != "absolute" else str(outside / m["files"][role])
+
+
+def _empty_vocabulary(m: dict, p) -> None:
+    tokenizer = json.loads((p / "tokenizer.json").read_text())
+    tokenizer["model"].update(vocab=[], unk_id=None)
+    tokenizer["added_tokens"] = []
+    (p / "tokenizer.json").write_text(json.dumps(tokenizer))
+    m["sha256"]["tokenizer.json"] = sha256_of(p / "tokenizer.json")
+
+
+def _beyond_tokenizer(m: dict, p) -> None:
+    """An eos the decoder could write but the tokenizer cannot read."""
+    m["decoder"]["vocab_size"] += 10
+    m["special_tokens"]["eos"] = m["decoder"]["vocab_size"] - 1
+
+
+CORRECTOR_DEFECTS = {
+    # paths
+    "absolute-path": (lambda m, p: _outside_file(m, p, "encoder", "absolute"), "files.encoder"),
+    "parent-path": (lambda m, p: _outside_file(m, p, "encoder", "../outside/encoder_model.onnx"), "files.encoder"),
+    "symlink-outside": (lambda m, p: _outside_file(m, p, "tokenizer", "link"), "files.tokenizer"),
+    "etc-passwd": (lambda m, p: m["files"].update(tokenizer="/etc/passwd"), "files.tokenizer"),
+    "backslash-path": (_set("files", encoder="..\\encoder_model.onnx"), "files.encoder"),
+    "dot-path": (_set("files", encoder="./encoder_model.onnx"), "files.encoder"),
+    "empty-path": (_set("files", encoder=""), "files.encoder"),
+    "path-not-string": (_set("files", encoder=7), "files.encoder"),
+    "files-not-dict": (_set(None, files=["encoder_model.onnx"]), "files"),
+    "sha256-key-outside": (lambda m, p: m["sha256"].update({"../lmcor.json": "0" * 64}), "sha256"),
+    "sha256-not-hex": (lambda m, p: m["sha256"].update({"tokenizer.json": "abc"}), "sha256.tokenizer.json"),
+    "sha256-entry-removed": (lambda m, p: m["sha256"].pop("encoder_model.onnx"), "sha256"),
+    "sha256-table-removed": (_drop(None, "sha256"), "sha256"),
+    # roles
+    "missing-decoder": (_drop("files", "decoder"), "files.decoder"),
+    "missing-tokenizer": (_drop("files", "tokenizer"), "files.tokenizer"),
+    "missing-cross": (_drop("files", "cross"), "files.cross"),
+    # scalar fields
+    "kind-missing": (_drop(None, "kind"), "kind"),
+    "format-version-true": (_set(None, format_version=True), "format_version"),
+    "format-version-string": (_set(None, format_version="3"), "format_version"),
+    "format-version-99": (_set(None, format_version=99), "format_version"),
+    "max-input-negative": (_set(None, max_input_tokens=-1), "max_input_tokens"),
+    "max-input-string": (_set(None, max_input_tokens="x"), "max_input_tokens"),
+    "max-input-bool": (_set(None, max_input_tokens=True), "max_input_tokens"),
+    "max-output-zero": (_set(None, max_output_tokens=0), "max_output_tokens"),
+    "opset-zero": (_set(None, opset=0), "opset"),
+    "opset-float": (_set(None, opset=18.0), "opset"),
+    "architecture-empty": (_set(None, architecture=""), "architecture"),
+    "precision-null": (_set(None, precision=None), "precision"),
+    "decoder-graph-unknown": (_set(None, decoder_graph="teapot"), "decoder_graph"),
+    "no-repeat-negative": (_set(None, no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+    "fallback-nan": (_set(None, fallback_below=float("nan")), "fallback_below"),
+    "fallback-200": (_set(None, fallback_below=200), "fallback_below"),
+    "fallback-string": (_set(None, fallback_below="90"), "fallback_below"),
+    "gate-threshold-2": (_set(None, gate_threshold=2), "gate_threshold"),
+    "validation-not-dict": (_set(None, validation=[]), "validation"),
+    # special tokens
+    "eos-beyond-vocab": (lambda m, p: m["special_tokens"].update(eos=m["decoder"]["vocab_size"]), "special_tokens.eos"),
+    "pad-negative": (_set("special_tokens", pad=-1), "special_tokens.pad"),
+    "pad-bool": (_set("special_tokens", pad=False), "special_tokens.pad"),
+    "forced-bos-string": (_set("special_tokens", forced_bos="0"), "special_tokens.forced_bos"),
+    "special-unknown-field": (_set("special_tokens", bos=0), "special_tokens.bos"),
+    "eos-beyond-tokenizer": (_beyond_tokenizer, "special_tokens.eos"),
+    # template
+    "template-bogus": (_set("template", text="{bogus} {source} {candidates}"), "template.text"),
+    "template-no-source": (_set("template", text="candidates: {candidates}"), "template.text"),
+    "template-positional": (_set("template", candidate="{} {candidate}"), "template.candidate"),
+    "template-no-candidate": (_set("template", candidate="<extra_id_{i}>"), "template.candidate"),
+    "template-lone-brace": (_set("template", text="{source} {candidates} {"), "template.text"),
+    "template-not-string": (_set("template", separator=1), "template.separator"),
+    "template-not-dict": (_set(None, template="source: {source}"), "template"),
+    # decoder shape, checked against the graphs
+    "decoder-missing": (_drop(None, "decoder"), "decoder"),
+    "num-layers-plus-one": (_add("decoder", "num_layers", 1), "decoder.num_layers"),
+    "num-layers-minus-one": (_add("decoder", "num_layers", -1), "decoder.num_layers"),
+    "num-heads-wrong": (_add("decoder", "num_heads", 1), "decoder.num_heads"),
+    "head-dim-wrong": (_add("decoder", "head_dim", 1), "decoder.head_dim"),
+    "vocab-size-wrong": (_add("decoder", "vocab_size", 1), "decoder.vocab_size"),
+    "num-layers-zero": (_set("decoder", num_layers=0), "decoder.num_layers"),
+    # tokenizer
+    "empty-vocabulary": (_empty_vocabulary, "vocabulary"),
+}
+
+
+@pytest.fixture
+def bundle(bundles, tmp_path):
+    path = tmp_path / "bundle"
+    shutil.copytree(bundles["t5"], path)
+    return path
+
+
+@pytest.mark.parametrize("defect", CORRECTOR_DEFECTS, ids=list(CORRECTOR_DEFECTS))
+def test_tampered_corrector_is_refused(bundle, defect):
+    change, field = CORRECTOR_DEFECTS[defect]
+    _edit(bundle, change)
+    with pytest.raises(BundleError) as error:
+        Corrector.load(bundle)
+    message = str(error.value)
+    assert str(bundle) in message and field in message, message
+
+
+@pytest.mark.parametrize("defect", ["absolute-path", "parent-path", "symlink-outside", "etc-passwd"])
+def test_paths_are_confined_without_verify(bundle, defect):
+    """verify=False skips the checksums, never the confinement."""
+    change, field = CORRECTOR_DEFECTS[defect]
+    _edit(bundle, change)
+    _edit(bundle, _drop(None, "sha256"))
+    with pytest.raises(BundleError, match=f"{field}: .* (is not a path inside|leads outside) the bundle"):
+        load_manifest(bundle, verify=False)
+
+
+def test_a_symlinked_checksum_entry_is_confined(bundle, tmp_path):
+    (tmp_path / "secret").write_text("x")
+    (bundle / "secret").symlink_to(tmp_path / "secret")
+    _edit(bundle, lambda m, p: m["sha256"].update(secret=sha256_of(tmp_path / "secret")))
+    with pytest.raises(BundleError, match=r'sha256\["secret"\]: .* leads outside the bundle'):
+        load_manifest(bundle)
+
+
+def test_external_data_cannot_leave_the_bundle(bundle, tmp_path):
+    """The graphs' external-data locations are not in the manifest: ONNX Runtime refuses '..' there."""
+    import onnx
+
+    from lmcor.export.shared_weights import WEIGHTS_FILE
+
+    encoder = bundle / "encoder_model.onnx"
+    model = onnx.load(str(encoder), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = f"../{WEIGHTS_FILE}"
+    onnx.save(model, str(encoder))
+    shutil.copy(bundle / WEIGHTS_FILE, tmp_path / WEIGHTS_FILE)
+    _reseal(bundle)
+    with pytest.raises(BundleError, match="encoder_model.onnx: ONNX Runtime cannot load this model"):
+        Corrector.load(bundle)
+
+
+def test_without_checksums_verify_false_still_loads(bundle):
+    _edit(bundle, _drop(None, "sha256"))
+    assert isinstance(Corrector.load(bundle, verify=False).correct("she go home", ["She goes home."]), str)
+
+
+def test_untouched_bundle_loads(bundle, bundles):
+    _reseal(bundle)  # resealing changes nothing: the battery above fails on its defect alone
+    assert load_manifest(bundle) == load_manifest(bundles["t5"])
+    assert isinstance(Corrector.load(bundle).correct("she go home", ["She goes home."]), str)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5v11"])
+@pytest.mark.parametrize("field, delta", [("num_layers", 1), ("num_heads", 1), ("head_dim", 2), ("vocab_size", 1)])
+def test_decoder_shape_is_checked_against_every_graph(bundles, tmp_path, arch, field, delta):
+    """optimum's merged decoder (BART) and lmcor's ragged one (T5 v1.1, d_kv != d_model / heads)."""
+    path = tmp_path / arch
+    shutil.copytree(bundles[arch], path)
+    Corrector.load(path)
+    _edit(path, _add("decoder", field, delta))
+    with pytest.raises(BundleError, match=f"{MANIFEST_NAME}: decoder.{field}: "):
+        Corrector.load(path)
+
+
+@pytest.fixture
+def gate(tmp_path):
+    path = tmp_path / "gate"
+    shutil.copytree(shipped_bundle("gate"), path)
+    return path
+
+
+CLASSIFIER_DEFECTS = {
+    "labels-empty": (_set(None, labels=[]), "labels"),
+    "labels-duplicate": (_set(None, labels=["right", "right"]), "labels"),
+    "labels-not-strings": (_set(None, labels=[0, 1]), "labels"),
+    "labels-vs-logits": (_set(None, labels=["a", "b", "right"]), "labels"),
+    "gate-threshold-2": (_set(None, gate_threshold=2), "gate_threshold"),
+    "gate-threshold-inf": (_set(None, gate_threshold=float("inf")), "gate_threshold"),
+    "missing-model": (_drop("files", "model"), "files.model"),
+    "kind-corrector": (_set(None, kind="corrector"), "decoder"),  # a corrector's fields are null
+}
+
+
+@pytest.mark.parametrize("defect", CLASSIFIER_DEFECTS, ids=list(CLASSIFIER_DEFECTS))
+def test_tampered_classifier_is_refused(gate, defect):
+    change, field = CLASSIFIER_DEFECTS[defect]
+    Classifier.load(gate)
+    _edit(gate, change)
+    with pytest.raises(BundleError) as error:
+        Classifier.load(gate)
+    assert str(gate) in str(error.value) and field in str(error.value), str(error.value)
+
+
+def _as_causal_lm(m: dict, p) -> None:
+    """A causal-LM manifest over the T5 step decoder: its cache and logits are all the check reads."""
+    for field in ("template", "decoder_graph"):
+        m.pop(field)
+    m.update(kind="causal-lm", files={"model": m["files"]["decoder"], "tokenizer": m["files"]["tokenizer"]})
+
+
+@pytest.mark.parametrize("change, field", [
+    (_add("decoder", "num_layers", 1), "decoder.num_layers"),
+    (_add("decoder", "head_dim", 1), "decoder.head_dim"),
+    (_drop("files", "model"), "files.model"),
+    (_drop(None, "special_tokens"), "special_tokens"),
+], ids=["num-layers", "head-dim", "missing-model", "no-special-tokens"])
+def test_tampered_causal_lm_is_refused(bundle, change, field):
+    _edit(bundle, _as_causal_lm)
+    _edit(bundle, change)
+    with pytest.raises(BundleError, match=f"{MANIFEST_NAME}: {field}: "):
+        Generator.load(bundle)
+
+
+def test_the_cli_prints_one_error_line(bundle, tmp_path, capsys):
+    _edit(bundle, _set(None, format_version=True))
+    requests = tmp_path / "in.jsonl"
+    requests.write_text('{"source": "a", "candidates": ["b"]}\n')
+    assert main(["correct", "--model", str(bundle), str(requests)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and "Traceback" not in captured.err
+    assert err[0].startswith(f"lmcor: error: {bundle}") and "format_version: unknown bundle format version true" in err[0]
+
+
+@pytest.mark.parametrize("providers", ["FooProvider", "CUDAExecutionProvider"])
+def test_unusable_providers_are_one_error_line_and_nothing_on_stdout(bundles, tmp_path, capsys, providers):
+    """ONNX Runtime would print a banner to stdout and fall back to the CPU; the CUDA build is absent here."""
+    if providers in sessions.ort.get_available_providers():
+        pytest.skip(f"{providers} is available here")
+    requests = tmp_path / "in.jsonl"
+    requests.write_text('{"source": "a", "candidates": ["b"]}\n')
+    assert main(["correct", "--model", str(bundles["t5"]), "--providers", providers, str(requests)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and err[0].startswith("lmcor: error: ")
+    assert providers in err[0] and "CPUExecutionProvider" in err[0]
+
+
+def test_providers_must_be_a_list_of_names(bundles):
+    from lmcor import InputError
+
+    for wrong in ("CPUExecutionProvider", [1]):
+        with pytest.raises(InputError, match="providers must be a list of names"):
+            Corrector.load(bundles["t5"], providers=wrong)
+
+
+def test_a_preference_list_skips_providers_this_build_lacks(bundles, caplog):
+    if "CUDAExecutionProvider" in sessions.ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        corrector = Corrector.load(bundles["t5"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert corrector.providers == ["CPUExecutionProvider"]
+    assert any("skipped: CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
