@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .bundle import Manifest, load_manifest
 from .tokens import load_tokenizer
 from .errors import InputError
-from .options import (MAX_BATCH_SIZE, check_int, check_items, check_max_new_tokens, check_number, check_optional,
+from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens, check_number, check_optional,
                       check_progress, check_temperature, check_text)
 from .sessions import check_graphs, open_session
 
@@ -33,11 +33,10 @@ class Generation:
 @dataclass(frozen=True)
 class Sampling:
     """temperature 0: greedy (the argmax); otherwise softmax(logits / temperature), cut to the
-    smallest set of tokens whose probability reaches `top_p`, drawn with a generator seeded by `seed`."""
+    smallest set of tokens whose probability reaches `top_p`, drawn with each row's own generator."""
 
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None
 
 
 class Prefix:
@@ -82,45 +81,67 @@ class Generator:
         return self.generate_batch([prompt], **options)[0].text
 
     def generate_batch(self, prompts: Iterable[str], *, max_new_tokens: int | None = None, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, prefix: Prefix | None = None, batch_size: int = 8,
-                       progress: Callable[[int], None] | None = None) -> list[Generation]:
+                       top_p: float = 1.0, seed: int | Sequence[int] | None = None, prefix: Prefix | None = None,
+                       stop: Sequence[str] = (), batch_size: int = 8, errors: Literal["raise", "return"] = "raise",
+                       progress: Callable[[int], None] | None = None) -> list[Generation | InputError]:
         """Continue each prompt (after `prefix`, when given); greedy by default.
+
+        A row samples with its own generator, seeded by `seed` and the row's index (or by `seed[n]`
+        when `seed` is a sequence, one per prompt), so a prompt's sample does not depend on the
+        batch it ran in. A row ends at EOS, after `max_new_tokens`, or once its text contains one of
+        the `stop` strings (the text is cut before it; `token_ids` keep the token that completed
+        it). Finished rows leave the batch, so a long answer costs only its own steps.
 
         Options are checked first (`InputError` naming the bad one): `max_new_tokens` is at most the
         bundle's `max_output_tokens`, `batch_size` at most `options.MAX_BATCH_SIZE`, `temperature` 0
-        or from 0.001 to 100, `top_p` above 0 and at most 1, `seed` None or an integer >= 0. Each
-        prompt, after the prefix, with its new tokens must fit the model's `max_input_tokens` positions.
+        or from 0.001 to 100, `top_p` above 0 and at most 1, seeds integers >= 0. Each prompt,
+        after the prefix, with its new tokens must fit the model's `max_input_tokens` positions; a
+        prompt that does not raises, or with `errors="return"` yields its `InputError` in its place.
         """
         limit = check_max_new_tokens(max_new_tokens, self.manifest.max_output_tokens)
-        sampling = Sampling(check_temperature(temperature), check_number("top_p", top_p, 0, 1, above_low=True),
-                            None if seed is None else check_int("seed", seed, 0))
+        sampling = Sampling(check_temperature(temperature), check_number("top_p", top_p, 0, 1, above_low=True))
         check_optional("prefix", prefix, Prefix, "a Prefix (from Generator.prefix)")
         batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        check_choice("errors", errors, ERRORS)
         check_progress(progress)
+        stops = tuple(check_items("stop", stop, "strings"))
+        for n, text in enumerate(stops):
+            _check_prompt(f"stop[{n}]", text)
         prompts = check_items("prompts", prompts, "strings")
+        seeds = _row_seeds(seed, len(prompts))
+        out: list[Generation | InputError | None] = [None] * len(prompts)
+        encoded: dict[int, list[int]] = {}
         for n, prompt in enumerate(prompts):
-            _check_prompt(f"item {n}: a prompt", prompt)
-        rng = np.random.default_rng(sampling.seed)
-        encoded = [self.tokenizer.encode(p, add_special_tokens=prefix is None).ids for p in prompts]
-        offset = len(prefix.ids) if prefix is not None else 0
-        positions = self.manifest.max_input_tokens
-        for n, ids in enumerate(encoded):
-            needed = offset + len(ids) + limit - 1  # the last new token is never fed back
-            if not ids:
-                raise InputError(f"item {n}: the prompt has no tokens (this tokenizer drops all of it)")
-            if needed > positions:
-                after = f" after a prefix of {offset}" if offset else ""
-                raise InputError(f"item {n}: the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
-                                 f"{needed} of the model's {positions} positions; shorten it or lower max_new_tokens")
-        out: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(prompts), batch_size):
-            rows = list(range(start, min(start + batch_size, len(prompts))))
-            tokens = self._generate([encoded[i] for i in rows], limit, sampling, rng, prefix)
-            for i, row in zip(rows, tokens):
-                out[i] = Generation(self.tokenizer.decode(row, skip_special_tokens=True), row)
+            try:
+                encoded[n] = self._encode_prompt(n, prompt, prefix, limit)
+            except InputError as e:
+                if errors == "raise":
+                    raise
+                out[n] = e
+        good = list(encoded)
+        for start in range(0, len(good), batch_size):
+            rows = good[start : start + batch_size]
+            generated = self._generate([encoded[n] for n in rows], limit, sampling, [seeds[n] for n in rows], prefix,
+                                       stops)
+            for n, (text, ids) in zip(rows, generated):
+                out[n] = Generation(text, ids)
             if progress is not None:
                 progress(len(rows))
         return out  # type: ignore[return-value]
+
+    def _encode_prompt(self, n: int, prompt: Any, prefix: Prefix | None, limit: int) -> list[int]:
+        _check_prompt(f"item {n}: a prompt", prompt)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=prefix is None).ids
+        if not ids:
+            raise InputError(f"item {n}: the prompt has no tokens (this tokenizer drops all of it)")
+        offset = len(prefix.ids) if prefix is not None else 0
+        needed = offset + len(ids) + limit - 1  # the last new token is never fed back
+        positions = self.manifest.max_input_tokens
+        if needed > positions:
+            after = f" after a prefix of {offset}" if offset else ""
+            raise InputError(f"item {n}: the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
+                             f"{needed} of the model's {positions} positions; shorten it or lower max_new_tokens")
+        return ids
 
     def _empty(self, batch: int) -> list[np.ndarray]:
         shape = self.manifest.decoder
@@ -133,7 +154,9 @@ class Generator:
         logits, *presents = self.session.run(None, feed)
         return logits, presents
 
-    def _generate(self, prompts: list[list[int]], limit: int, sampling: Sampling, rng, prefix: Prefix | None):
+    def _generate(self, prompts: list[list[int]], limit: int, sampling: Sampling, seeds: list[int | None],
+                  prefix: Prefix | None, stops: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt's continuation."""
         special = self.manifest.special_tokens
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.full((batch, width), special.pad, dtype=np.int64)
@@ -149,20 +172,48 @@ class Generator:
         else:
             past = self._empty(batch)
         logits, past = self._run(ids, mask, positions, past)
-        out = np.zeros((batch, 0), dtype=np.int64)
-        running = np.ones(batch, dtype=bool)
+        rngs = [np.random.default_rng(seed) for seed in seeds]
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        stopped: dict[int, str] = {}  # row -> its text, cut before the stop string
+        active = np.arange(batch)  # the rows still in the batch, in batch order
         next_position = positions[:, -1] + 1
-        for _ in range(limit):
-            token = np.where(running, _choose(logits[:, -1, :], sampling, rng), special.pad)
-            out = np.concatenate([out, token[:, None]], axis=1)
-            running &= token != special.eos
-            if not running.any() or out.shape[1] == limit:
+        for step in range(limit):
+            chosen = _choose(logits[:, -1, :], sampling, [rngs[r] for r in active])
+            keep = np.ones(len(active), dtype=bool)
+            for i, (r, token) in enumerate(zip(active, chosen.tolist())):
+                if token == special.eos:
+                    keep[i] = False
+                    continue
+                tokens[r].append(token)
+                if stops:
+                    text = self.tokenizer.decode(tokens[r], skip_special_tokens=True)
+                    cut = min((text.find(s) for s in stops if s in text), default=-1)
+                    if cut >= 0:
+                        stopped[r] = text[:cut]
+                        keep[i] = False
+            if step + 1 == limit or not keep.any():
                 break
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            logits, past = self._run(token[:, None], mask, next_position[:, None], past)
+            if not keep.all():  # finished rows leave the batch: their steps would be wasted work
+                active, chosen, next_position, mask = active[keep], chosen[keep], next_position[keep], mask[keep]
+                past = [p[keep] for p in past]
+            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
+            logits, past = self._run(chosen[:, None], mask, next_position[:, None], past)
             next_position = next_position + 1
-        rows = [row.tolist() for row in out]
-        return [row[: row.index(special.eos)] if special.eos in row else row for row in rows]
+        decoded = self.tokenizer.decode_batch(tokens, skip_special_tokens=True)
+        return [(stopped.get(r, decoded[r]), tokens[r]) for r in range(batch)]
+
+
+def _row_seeds(seed: Any, count: int) -> list[int | None]:
+    """One seed per prompt: `seed` and the prompt's index, or `seed[n]`."""
+    if seed is None:
+        return [None] * count
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        base = check_int("seed", seed, 0)
+        return [base * 1_000_003 + n for n in range(count)]
+    seeds = check_items("seed", seed, "integers")
+    if len(seeds) != count:
+        raise InputError(f"seed: {len(seeds)} seeds for {count} prompts (give one per prompt, or one integer)")
+    return [check_int(f"seed[{n}]", value, 0) for n, value in enumerate(seeds)]
 
 
 def _check_prompt(where: str, prompt: Any) -> None:
@@ -171,7 +222,7 @@ def _check_prompt(where: str, prompt: Any) -> None:
     check_text(where, prompt)
 
 
-def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+def _choose(logits: np.ndarray, sampling: Sampling, rngs: list[np.random.Generator]) -> np.ndarray:
     if sampling.temperature <= 0:
         return logits.argmax(axis=-1)
     scaled = logits.astype(np.float64) / sampling.temperature
@@ -184,4 +235,4 @@ def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) ->
         cut = np.zeros_like(probs)
         np.put_along_axis(cut, order, np.where(keep, sorted_probs, 0.0), axis=-1)
         probs = cut / cut.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs])
+    return np.array([rng.choice(len(p), p=p) for rng, p in zip(rngs, probs)])

@@ -108,7 +108,7 @@ def test_candidates_pipe_into_correct(bundle, bundles, tmp_path, capsys):
     source.write_text('{"id": 1, "source": "she go to school"}\n{"source": 3}\n{"id": 3, "source": "a b"}\n')
     out = tmp_path / "candidates.jsonl"
     assert main(["candidates", "--model", str(bundle), str(source), "-o", str(out), "-k", "3", "--max-new-tokens",
-                 "6", "-q"]) == 1
+                 "6", "-q", "--prompt", "Correct: {source}\n"]) == 1
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [len(r.get("candidates", [])) for r in records] == [3, 0, 3] and "must be a non-empty string" in records[1]["error"]
     good = tmp_path / "good.jsonl"
@@ -124,3 +124,72 @@ def test_bench_shared_prefix(bundle, tmp_path, capsys):
     report = json.loads((out / "prefix.json").read_text())
     assert report["identical_outputs"] == 3 and report["prefix_tokens"] >= 40
     assert "speedup" in capsys.readouterr().out
+
+
+def test_stop_strings_end_a_row_at_the_first_token_that_completes_one(bundle):
+    """Stop strings are looked for in the output's text only (transformers' `stop_strings` also
+    match text that begins in the prompt)."""
+    generator = Generator.load(bundle)
+    full = generator.generate_batch(PROMPTS, max_new_tokens=16)
+    stops = [g.text[3:5] for g in full if len(g.text) >= 5][:2]
+    assert stops
+    stopped = generator.generate_batch(PROMPTS, max_new_tokens=16, stop=stops, batch_size=3)
+    for whole, cut in zip(full, stopped):
+        hits = [whole.text.find(s) for s in stops if s in whole.text]
+        assert cut.text == (whole.text[: min(hits)] if hits else whole.text)
+        ends = [n for n in range(1, len(whole.token_ids) + 1)
+                if any(s in generator.tokenizer.decode(whole.token_ids[:n]) for s in stops)]
+        assert cut.token_ids == whole.token_ids[: ends[0] if ends else len(whole.token_ids)]
+
+
+def test_a_sample_does_not_depend_on_its_batch(bundle):
+    generator = Generator.load(bundle)
+    options = dict(max_new_tokens=8, temperature=1.0, seed=[5, 6, 7, 8, 9])
+    together = generator.generate_batch(PROMPTS, batch_size=5, **options)
+    alone = generator.generate_batch(PROMPTS, batch_size=1, **options)
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    with pytest.raises(InputError, match="seed: 2 seeds for 5 prompts"):
+        generator.generate_batch(PROMPTS, seed=[1, 2], temperature=1.0)
+
+
+def test_a_bad_prompt_fails_alone(bundle):
+    generator = Generator.load(bundle)
+    results = generator.generate_batch(["ok", "", "x " * 300, "a"], max_new_tokens=4, errors="return")
+    assert isinstance(results[1], InputError) and isinstance(results[2], InputError)
+    assert [r.token_ids for r in (results[0], results[3])] == [g.token_ids for g in
+                                                               generator.generate_batch(["ok", "a"], max_new_tokens=4)]
+
+
+def test_the_default_prompt_rotates_examples_no_variant_shares():
+    from lmcor.runtime.candidates import EXAMPLES, default_few_shot
+
+    few_shot = default_few_shot()
+    shown = [{wrong for wrong, _ in EXAMPLES if wrong in head} for head in few_shot.heads]
+    assert len(shown) > 1 and all(shown) and sum(map(len, shown)) == len(set().union(*shown)) == len(EXAMPLES)
+    sources = [f"sentence number {n}" for n in range(60)]
+    assert {few_shot.variant(s) for s in sources} == set(range(len(few_shot.heads)))
+    assert all(few_shot.variant(s) == few_shot.variant(s) for s in sources)
+
+
+def test_candidates_are_the_same_in_any_batch_and_after_resume(bundle, tmp_path):
+    from lmcor.runtime.candidates import CandidateWriter, FewShot
+
+    sources = ["she go to school", "a b", "x y z", "The capital of France is", "def add(a, b):", "two beekeeper"]
+    generator = Generator.load(bundle)
+    few_shot = FewShot(("Correct: ", "Fix: "), "\n=")  # the tiny model's 256 positions hold no real prompt
+    writer = CandidateWriter(generator, few_shot, k=3, max_new_tokens=6, batch_size=4)
+    together = writer(sources)
+    alone = [CandidateWriter(generator, few_shot, k=3, max_new_tokens=6, batch_size=1)([s])[0] for s in sources]
+    assert together == alone and all(len(c.texts) == 3 for c in together)
+    assert writer.stats.tokens > 0 and "tokens/s" in writer.stats.summary()
+
+    source = tmp_path / "sources.jsonl"
+    source.write_text("".join(json.dumps({"id": n, "source": s}) + "\n" for n, s in enumerate(sources)))
+    out = tmp_path / "candidates.jsonl"
+    command = ["candidates", "--model", str(bundle), str(source), "-o", str(out), "-k", "3", "--max-new-tokens", "6",
+               "-q", "--prompt", "Correct: {source}\n="]
+    assert main(command) == 0
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))  # as an interrupted run leaves it
+    assert main([*command, "--resume"]) == 0
+    assert out.read_text() == whole

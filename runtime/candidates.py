@@ -1,0 +1,152 @@
+"""K candidates per source from a causal LM, as LMCor samples them: 1 greedy + K-1 samples.
+
+A corrector is trained on, and then corrects, the candidates of one LLM; this module is how lmcor
+asks that LLM. The few-shot prompt comes in variants: each source sees one variant's examples
+(chosen by a hash of the source, so a source always gets the same prompt), so no example sentence
+is in every prompt, and a small LLM that echoes an example does so rarely, with different
+sentences, none of them a plausible answer. Each variant's text before `{source}` is run once
+(a `Prefix`) and shared by every source that uses it. Generation stops at the end of the answer
+(the first newline): the tokens after it would be wasted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import InputError
+from .generator import Generator, Prefix
+from .options import check_int, check_temperature
+
+INSTRUCTION = "Correct the grammar and spelling of each sentence. Change only what is wrong.\n"
+# (wrong, right) pairs about things no ordinary sentence is about, so that an echo never passes for
+# an answer; one of them is already right and stays as it is.
+EXAMPLES = (
+    ("the lighthouse keeper have wrote three letter to his sister", "The lighthouse keeper has written three letters to his sister."),
+    ("Our canoe were painted yelow before the regatta.", "Our canoe was painted yellow before the regatta."),
+    ("A walrus cannot climb a ladder.", "A walrus cannot climb a ladder."),
+    ("she dont remember where the telescope are kept", "She doesn't remember where the telescope is kept."),
+    ("The glacier melt more faster every summers.", "The glacier melts faster every summer."),
+    ("two beekeeper was arguing about the honey", "Two beekeepers were arguing about the honey."),
+    ("The tuba player has practised since dawn.", "The tuba player has practised since dawn."),
+    ("my grandmother knit a scarf for the scarecrow yesterday", "My grandmother knitted a scarf for the scarecrow yesterday."),
+    ("Neither of the astronauts have seen a penguin.", "Neither of the astronauts has seen a penguin."),
+)
+SHOTS = 3  # examples per variant
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """A prompt in variants: `heads[v]` is variant v's text before the source, `tail` the text after."""
+
+    heads: tuple[str, ...]
+    tail: str
+    examples: tuple[str, ...] = ()  # the example texts, to count the answers that echo one
+
+    @classmethod
+    def from_template(cls, template: str) -> "FewShot":
+        """One variant from a prompt with `{source}` (its text before `{source}` is shared)."""
+        if template.count("{source}") != 1:
+            raise InputError("the prompt must contain {source} exactly once")
+        head, tail = template.split("{source}")
+        return cls((head,), tail)
+
+    def variant(self, source: str) -> int:
+        digest = hashlib.sha256(source.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "little") % len(self.heads)
+
+
+def default_few_shot() -> FewShot:
+    """The shipped prompt: the instruction and SHOTS examples, in len(EXAMPLES) / SHOTS variants
+    with no example in common (few variants keep the batches of one variant full)."""
+    heads = []
+    for v in range(len(EXAMPLES) // SHOTS):
+        shots = EXAMPLES[v * SHOTS : (v + 1) * SHOTS]
+        heads.append(INSTRUCTION + "".join(f"Sentence: {wrong}\nCorrected: {right}\n" for wrong, right in shots)
+                     + "Sentence: ")
+    return FewShot(tuple(heads), "\nCorrected:", tuple(text for pair in EXAMPLES for text in pair))
+
+
+@dataclass(frozen=True)
+class Candidates:
+    source: str
+    texts: list[str]  # the greedy answer first, then the samples
+
+
+@dataclass
+class CandidateStats:
+    sources: int = 0
+    tokens: int = 0  # generated, over all K
+    seconds: float = 0.0
+    echoes: int = 0  # candidates equal to one of the prompt's example texts
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        echoes = f"; {self.echoes} candidate(s) echo a prompt example" if self.echoes else ""
+        return (f"{self.sources} sources, {self.tokens} generated tokens in {self.seconds:.1f} s "
+                f"({rate:.1f} tokens/s){echoes}")
+
+
+@dataclass
+class CandidateWriter:
+    """Writes K candidates per source: the greedy answer, then K-1 samples at `temperature`.
+
+    A sample's seed depends on `seed`, the source and its index only, so the candidates of a source
+    are the same in any batch and after any resume."""
+
+    generator: Generator
+    few_shot: FewShot = field(default_factory=default_few_shot)
+    k: int = 5
+    temperature: float = 0.6
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int | None = None
+    batch_size: int = 8
+    stop: Sequence[str] = ("\n",)
+    stats: CandidateStats = field(default_factory=CandidateStats)
+
+    def __post_init__(self) -> None:
+        self.k = check_int("k", self.k, 1)
+        self.temperature = check_temperature(self.temperature)
+        self.seed = check_int("seed", self.seed, 0)
+        self._prefixes: list[Prefix | None] = [self.generator.prefix(h) if h else None for h in self.few_shot.heads]
+
+    def __call__(self, sources: Sequence[str]) -> list[Candidates | InputError]:
+        started = time.perf_counter()
+        out: list[Candidates | InputError | None] = [None] * len(sources)
+        groups: dict[int, list[int]] = {}
+        for n, source in enumerate(sources):
+            groups.setdefault(self.few_shot.variant(source), []).append(n)
+        for variant, rows in groups.items():
+            for n, candidates in zip(rows, self._variant([sources[n] for n in rows], variant)):
+                out[n] = candidates
+        self.stats.sources += len(sources)
+        self.stats.seconds += time.perf_counter() - started
+        return out  # type: ignore[return-value]
+
+    def _variant(self, sources: list[str], variant: int) -> list[Candidates | InputError]:
+        prompts = [source + self.few_shot.tail for source in sources]
+        options = dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, prefix=self._prefixes[variant],
+                       stop=self.stop, batch_size=self.batch_size, errors="return")
+        rounds = [self.generator.generate_batch(prompts, **options)]
+        for k in range(1, self.k):
+            seeds = [_seed(self.seed, k, source) for source in sources]
+            rounds.append(self.generator.generate_batch(prompts, temperature=self.temperature, seed=seeds, **options))
+        out: list[Candidates | InputError] = []
+        for n in range(len(sources)):
+            failed = next((r[n] for r in rounds if isinstance(r[n], InputError)), None)
+            if failed is not None:
+                out.append(failed)
+                continue
+            texts = [r[n].text.strip() for r in rounds]
+            self.stats.tokens += sum(len(r[n].token_ids) for r in rounds)
+            self.stats.echoes += sum(text in self.few_shot.examples for text in texts)
+            out.append(Candidates(sources[n], texts))
+        return out
+
+
+def _seed(seed: int, k: int, source: str) -> int:
+    digest = hashlib.sha256(f"{seed}\0{k}\0{source}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little")
