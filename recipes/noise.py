@@ -1,4 +1,4 @@
-"""The noise model: a learner's errors (the source) and a few-shot LLM's imperfect fixes (candidates).
+"""The noise model: a learner's errors (the source) and LLMs' imperfect fixes (candidates).
 
 A sentence is split on white space; punctuation stays attached to its word. An *edit* replaces
 the words [start, end) with new words; edits of one example never overlap, so any subset of
@@ -7,13 +7,17 @@ them can be applied to the clean sentence.
 - **source** = the clean sentence with 1-4 learner errors (more for longer sentences), drawn
   from: subject-verb agreement, articles, prepositions, verb forms, spelling, word order,
   missing words, doubled words, and capitalization/final punctuation.
-- **candidates** (K=5) = outputs of a simulated few-shot LLM: one "greedy" output and four
-  "samples" at temperature 0.6. The greedy output misses each source error with probability
-  `miss` and adds a new error of its own with probability `new`. A sample misses the errors the
-  greedy output missed with probability `shared_miss` (errors are partly shared, as an LLM's
-  blind spots are) and the others with probability `miss / 2`; it repeats the greedy output's
-  new error with probability `shared_new` and adds an independent one with probability `new`.
-- **target** = the clean sentence.
+- **candidates** (K=5, the greedy output first, then samples at temperature 0.6) = the outputs
+  of one simulated few-shot LLM, drawn by a *candidate model* from `CANDIDATE_MODELS`:
+  - `shared`: misses some errors and adds its own; the samples share the greedy output's blind spots.
+  - `independent`: each candidate misses each error and adds new ones independently of the others.
+  - `weak`: fixes little: misses most errors and often returns the source unchanged, sometimes all K.
+  - `rewriting`: fixes errors but often paraphrases: truncates, drops a clause, swaps synonyms, moves a phrase.
+  - `echo`: some candidates echo an unrelated sentence (a few-shot example or one of `pool`).
+  A corrector trained on one model learns that model's quirks; `mixture` draws the model per
+  example (`DEFAULT_WEIGHTS`), so that it learns to vote among candidates and to fall back on
+  the source when they are bad.
+- **target** = the clean sentence (equal to the source when no error could be placed).
 
 Everything is drawn from one `random.Random(seed)`, so a dataset is a function of its seed.
 """
@@ -21,7 +25,12 @@ Everything is drawn from one `random.Random(seed)`, so a dataset is a function o
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from lmcor.runtime.candidates import default_few_shot
+from lmcor.runtime.errors import InputError
 
 AGREEMENT = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has",
              "does": "do", "do": "does", "doesn't": "don't", "don't": "doesn't", "this": "these",
@@ -209,18 +218,25 @@ def _span(edit: Edit) -> set[int]:
     return set(range(edit.start, max(edit.end, edit.start + 1)))
 
 
-def make_example(
-    sentence: str,
-    rng: random.Random,
-    *,
-    k: int = 5,
-    miss: float = 0.3,
-    new: float = 0.15,
-    shared_miss: float = 0.6,
-    shared_new: float = 0.3,
-) -> Example:
-    words = sentence.split()
-    errors = draw_edits(words, min(4, 1 + rng.randrange(1 + len(words) // 6)), rng)
+def _fix(words: list[str], errors: list[Edit], rng: random.Random, miss: float, new: float) -> str:
+    """One candidate that misses each error with probability `miss` and adds one of its own with
+    probability `new`, independently of any other candidate."""
+    missed = [e for e in errors if rng.random() < miss]
+    taken = set().union(*map(_span, errors)) if errors else set()
+    added = draw_edits(words, 1, rng, taken) if rng.random() < new else []
+    return apply(words, missed + added)
+
+
+class CandidateModel(Protocol):
+    def __call__(self, words: list[str], errors: list[Edit], rng: random.Random, *, k: int,
+                 pool: Sequence[str]) -> list[str]: ...
+
+
+def shared(words: list[str], errors: list[Edit], rng: random.Random, *, k: int, pool: Sequence[str],
+           miss: float = 0.3, new: float = 0.15, shared_miss: float = 0.6, shared_new: float = 0.3) -> list[str]:
+    """The greedy output misses each error with probability `miss` and adds one with probability
+    `new`; a sample misses the greedy output's misses with probability `shared_miss` (an LLM's blind
+    spots) and the others with `miss / 2`, and repeats its new error with probability `shared_new`."""
     taken = set().union(*map(_span, errors)) if errors else set()
 
     def own_error(extra_taken: set[int]) -> list[Edit]:
@@ -234,4 +250,203 @@ def make_example(
         added = list(greedy_new) if greedy_new and rng.random() < shared_new else []
         used = set().union(*map(_span, added)) if added else set()
         candidates.append(apply(words, missed + added + own_error(used)))
-    return Example(source=apply(words, errors), candidates=candidates, target=sentence)
+    return candidates
+
+
+def independent(words: list[str], errors: list[Edit], rng: random.Random, *, k: int, pool: Sequence[str],
+                miss: float = 0.3, new: float = 0.2) -> list[str]:
+    """Every candidate misses and adds errors on its own: agreement between them is evidence."""
+    return [_fix(words, errors, rng, miss, new) for _ in range(k)]
+
+
+def weak(words: list[str], errors: list[Edit], rng: random.Random, *, k: int, pool: Sequence[str],
+         miss: float = 0.65, new: float = 0.1, unchanged: float = 0.4, all_unchanged: float = 0.25) -> list[str]:
+    """A small LLM that mostly copies: with probability `all_unchanged` every candidate is the
+    source, otherwise each one is with probability `unchanged` and the rest fix little."""
+    source = apply(words, errors)
+    if rng.random() < all_unchanged:
+        return [source] * k
+    return [source if rng.random() < unchanged else _fix(words, errors, rng, miss, new) for _ in range(k)]
+
+
+# Near-synonyms a paraphrasing LLM swaps in; both directions are used.
+SYNONYMS = (("big", "large"), ("small", "little"), ("begin", "start"), ("buy", "purchase"), ("quick", "fast"),
+            ("quickly", "rapidly"), ("happy", "glad"), ("help", "assist"), ("show", "display"),
+            ("answer", "reply"), ("often", "frequently"), ("maybe", "perhaps"), ("very", "really"),
+            ("film", "movie"), ("shop", "store"), ("end", "finish"), ("close", "shut"), ("choose", "pick"),
+            ("house", "home"), ("child", "kid"), ("children", "kids"), ("difficult", "hard"),
+            ("easy", "simple"), ("wrong", "incorrect"), ("get", "obtain"), ("want", "wish"),
+            ("almost", "nearly"), ("although", "though"), ("road", "street"), ("job", "work"),
+            ("idea", "notion"), ("tired", "exhausted"), ("angry", "furious"), ("rich", "wealthy"),
+            ("strange", "odd"), ("smart", "clever"), ("talk", "speak"), ("said", "stated"),
+            ("went", "travelled"), ("many", "numerous"), ("also", "too"), ("important", "significant"))
+_SYNONYM = {a: b for pair in SYNONYMS for a, b in (pair, pair[::-1])}
+# Words that open a clause a truncating LLM stops before.
+CLAUSE_OPENERS = {"and", "but", "because", "which", "when", "while", "so", "or", "who", "if", "although",
+                  "since", "until", "where", "whereas", "though"}
+# Sentence-initial words that stay lower case when a fronted phrase comes before them.
+_LOWERABLE = FUNCTION_WORDS | {"my", "your", "his", "her", "our", "their", "its", "this", "these", "those",
+                               "he", "she", "we", "they", "you", "there", "some", "many", "most", "every"}
+_NOT_LAST = _LOWERABLE | set(PREPOSITIONS) | set(AGREEMENT)  # words a truncated sentence rarely ends on
+# Prepositions whose phrase reads well in front ("In the rain, ..."); "of" and "to" phrases do not.
+FRONTABLE = ("in", "on", "at", "for", "with", "from", "by", "after", "before", "during")
+_END = ".!?"
+
+
+def _truncate(words: list[str], rng: random.Random) -> list[str] | None:
+    """Stop at a clause boundary in the second half, or mid-sentence, sometimes with a full stop."""
+    if len(words) < 4:
+        return None
+    later = range(max(2, len(words) // 2), len(words) - 1)
+    cuts = [i for i in later if words[i][-1:] in ",;:" or _split(words[i + 1])[1].lower() in CLAUSE_OPENERS]
+    # Mid-sentence, an LLM stops after a content word ("... at the cinema"), rarely after "the".
+    cuts = cuts or [i for i in later if _split(words[i])[1].lower() not in _NOT_LAST]
+    if not cuts:
+        return None
+    cut = rng.choice(cuts)
+    kept = words[: cut + 1]
+    kept[-1] = kept[-1].rstrip(",;:") + ("." if rng.random() < 0.6 else "")
+    return kept
+
+
+def _drop_clause(words: list[str], rng: random.Random) -> list[str] | None:
+    """Drop a clause between two commas: "The man, who was tired, left." -> "The man left."."""
+    commas = [i for i, w in enumerate(words[:-1]) if w.endswith(",")]
+    spans = [(i, j) for i in commas for j in commas if i < j]
+    if not spans:
+        return None
+    i, j = rng.choice(spans)
+    return words[:i] + [words[i][:-1]] + words[j + 1 :]
+
+
+def _synonyms(words: list[str], rng: random.Random) -> list[str] | None:
+    spots = [i for i, w in enumerate(words) if _split(w)[1].lower() in _SYNONYM]
+    if not spots:
+        return None
+    out = list(words)
+    for i in rng.sample(spots, min(len(spots), rng.choice((1, 1, 2)))):
+        out[i:i + 1] = _replace_core(words, i, _SYNONYM.get).words
+    return out
+
+
+def _front_phrase(words: list[str], rng: random.Random) -> list[str] | None:
+    """Move the final prepositional phrase to the front: "He waited in the rain." -> "In the rain, he waited."."""
+    if len(words) < 4:
+        return None
+    end = words[-1][-1:] if words[-1][-1:] in _END else ""
+    body = words[:-1] + [words[-1][: len(words[-1]) - len(end)]]
+    starts = [p for p in range(2, len(body) - 1) if _split(body[p])[1] in FRONTABLE
+              and not any(_split(w)[0] or _split(w)[2] for w in body[p - 1 :])]
+    if not starts:
+        return None
+    p = rng.choice(starts)
+    first = body[0].lower() if body[0].lower() in _LOWERABLE else body[0]
+    phrase = [body[p][:1].upper() + body[p][1:], *body[p + 1 : -1], body[-1] + ","]
+    return phrase + [first, *body[1 : p - 1], body[p - 1] + end]
+
+
+REWRITES = (_truncate, _drop_clause, _synonyms, _front_phrase)
+
+
+def _paraphrase(text: str, rng: random.Random) -> str:
+    """`text` changed by one, sometimes two, different `REWRITES` (none fits a very short text)."""
+    out, left = text.split(), list(REWRITES)
+    for _ in range(1 + (rng.random() < 0.3)):  # each rewrite at most once: no truncated truncations
+        for change in rng.sample(left, len(left)):
+            changed = change(out, rng)
+            if changed:
+                out = changed
+                left.remove(change)
+                break
+    return " ".join(out)
+
+
+def rewriting(words: list[str], errors: list[Edit], rng: random.Random, *, k: int, pool: Sequence[str],
+              miss: float = 0.2, new: float = 0.1, rewrite: float = 0.6) -> list[str]:
+    """Each candidate fixes most errors, then with probability `rewrite` is paraphrased (at least
+    one sample is): a paraphrase is never the target."""
+    candidates, rewritten = [], False
+    for _ in range(k):
+        text = _fix(words, errors, rng, miss, new)
+        if rng.random() < rewrite:
+            text, rewritten = _paraphrase(text, rng), True
+        candidates.append(text)
+    if k > 1 and not rewritten:  # drawn last, so that the greedy output does not depend on K
+        n = rng.randrange(1, k)
+        candidates[n] = _paraphrase(candidates[n], rng)
+    return candidates
+
+
+FEW_SHOT_TEXTS = default_few_shot().examples  # what a small LLM echoes from lmcor's own prompt
+
+
+def _echo(clean: str, pool: Sequence[str], rng: random.Random) -> str:
+    """A few-shot example text, or with `pool`, half the time one of its sentences (never `clean`:
+    the sentence itself, in a pool of corpus sentences, is no echo)."""
+    text = rng.choice(pool if pool and rng.random() < 0.5 else FEW_SHOT_TEXTS)
+    return rng.choice(FEW_SHOT_TEXTS) if text == clean else text
+
+
+def echo(words: list[str], errors: list[Edit], rng: random.Random, *, k: int, pool: Sequence[str],
+         miss: float = 0.3, new: float = 0.15, rate: float = 0.3) -> list[str]:
+    """Each candidate echoes another sentence with probability `rate` (at least one sample does);
+    the others are `independent` ones."""
+    clean = " ".join(words)
+    candidates, echoed = [], False
+    for _ in range(k):
+        if rng.random() < rate:
+            candidates.append(_echo(clean, pool, rng))
+            echoed = True
+        else:
+            candidates.append(_fix(words, errors, rng, miss, new))
+    if k > 1 and not echoed:  # drawn last, so that the greedy output does not depend on K
+        candidates[rng.randrange(1, k)] = _echo(clean, pool, rng)
+    return candidates
+
+
+CANDIDATE_MODELS: dict[str, CandidateModel] = {
+    "shared": shared, "independent": independent, "weak": weak, "rewriting": rewriting, "echo": echo,
+}
+# A small few-shot LLM mostly fixes little, rewrites, or echoes; clean voting cases keep the rest.
+DEFAULT_WEIGHTS: dict[str, float] = {"shared": 0.2, "independent": 0.2, "weak": 0.25, "rewriting": 0.25, "echo": 0.1}
+
+
+def _checked(weights: Mapping[str, float]) -> tuple[list[str], list[float]]:
+    unknown = sorted(set(weights) - set(CANDIDATE_MODELS))
+    if unknown:
+        raise InputError(f"unknown candidate model(s) {unknown}; choose from {sorted(CANDIDATE_MODELS)}")
+    if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        raise InputError(f"candidate model weights must be >= 0 with a positive sum, not {dict(weights)}")
+    return list(weights), list(weights.values())
+
+
+def draw_model(rng: random.Random, weights: Mapping[str, float] = DEFAULT_WEIGHTS) -> str:
+    """The name of a candidate model drawn by `weights` (relative, need not sum to 1)."""
+    names, values = _checked(weights)
+    return rng.choices(names, values)[0]
+
+
+def mixture(weights: Mapping[str, float] = DEFAULT_WEIGHTS) -> CandidateModel:
+    """A candidate model that draws one of `CANDIDATE_MODELS` per example by `weights`."""
+    _checked(weights)  # fail when the mixture is built, not at its first example
+
+    def drawn(words: list[str], errors: list[Edit], rng: random.Random, *, k: int, pool: Sequence[str]) -> list[str]:
+        return CANDIDATE_MODELS[draw_model(rng, weights)](words, errors, rng, k=k, pool=pool)
+
+    return drawn
+
+
+def make_example(sentence: str, rng: random.Random, model: str | CandidateModel = "shared",
+                 pool: Sequence[str] | None = None, *, k: int = 5) -> Example:
+    """A source with learner errors, K candidates from `model` (a name in `CANDIDATE_MODELS`, or a
+    candidate model such as `mixture()`), and the clean sentence as target. `pool`: sentences
+    the `echo` model may echo."""
+    if isinstance(model, str) and model not in CANDIDATE_MODELS:
+        raise InputError(f"unknown candidate model {model!r}; choose from {sorted(CANDIDATE_MODELS)}")
+    if k < 1:
+        raise InputError(f"k must be at least 1, not {k}")
+    candidates_of = CANDIDATE_MODELS[model] if isinstance(model, str) else model
+    words = sentence.split()
+    errors = draw_edits(words, min(4, 1 + rng.randrange(1 + len(words) // 6)), rng)
+    candidates = candidates_of(words, errors, rng, k=k, pool=pool or ())
+    return Example(source=apply(words, errors), candidates=candidates, target=" ".join(words))

@@ -1,8 +1,6 @@
-"""The default corrector's data: corpus parsing, deterministic splits, a seeded noise model."""
+"""The default corrector's data: corpus parsing, deterministic splits (the noise model: test_noise.py)."""
 
-import random
-
-from lmcor.recipes import corpus, noise
+from lmcor.recipes import corpus
 
 SENTENCES = [
     "She has already seen the new film at the cinema.",
@@ -36,31 +34,6 @@ def test_split_is_a_pure_function_of_the_sentence():
     splits = [corpus.split_of(s) for s in SENTENCES]
     assert splits == [corpus.split_of(s) for s in SENTENCES]
     assert set(splits) <= {"train", "dev", "test"}
-
-
-def test_noise_model_is_deterministic_for_a_seed():
-    first = [noise.make_example(s, random.Random(3)) for s in SENTENCES]
-    again = [noise.make_example(s, random.Random(3)) for s in SENTENCES]
-    other = [noise.make_example(s, random.Random(4)) for s in SENTENCES]
-    assert first == again and first != other
-
-
-def test_examples_look_like_lmcor_data():
-    rng = random.Random(0)
-    examples = [noise.make_example(s, rng) for s in SENTENCES * 30]
-    assert all(len(e.candidates) == 5 and e.target in SENTENCES for e in examples)
-    assert sum(e.source != e.target for e in examples) > 0.9 * len(examples)
-    fixed = sum(c == e.target for e in examples for c in e.candidates) / (5 * len(examples))
-    assert 0.3 < fixed < 0.95  # candidates fix some errors, miss others, add their own
-    assert any(c != e.target and c != e.source for e in examples for c in e.candidates)
-
-
-def test_every_error_kind_applies():
-    words = "The man has gone to the shop , and he is buying an apple today.".split()
-    rng = random.Random(0)
-    for name, (make, _) in noise.ERRORS.items():
-        edits = [make(words, i, rng) for i in range(len(words))]
-        assert any(e is not None for e in edits), name
 
 
 def test_copy_init_starts_from_a_working_copier():
