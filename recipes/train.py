@@ -191,14 +191,15 @@ def _pad(rows: list[list[int]], width: int, fill: int):
     return out
 
 
-def _tensors(pairs: list[tuple[list[int], list[int]]], settings: Settings):
+def _tensors(pairs: list[tuple[list[int], list[int]]], settings: Settings, pad: int):
     """(input_ids, attention_mask, labels) from (input ids, target ids) pairs."""
-    inputs = _pad([x for x, _ in pairs], max(len(x) for x, _ in pairs), 0)
+    inputs = _pad([x for x, _ in pairs], max(len(x) for x, _ in pairs), pad)
+    mask = _pad([[1] * len(x) for x, _ in pairs], inputs.shape[1], 0)
     labels = _pad([y for _, y in pairs], min(settings.max_target_tokens, max(len(y) for _, y in pairs)), -100)
-    return inputs, (inputs != 0).long(), labels
+    return inputs, mask, labels
 
 
-def _slipped(decoder_ids, share: float):
+def _slipped(decoder_ids, share: float, pad: int, eos: int):
     """Teacher-forced decoder inputs with a `share` of positions replaced by the token before or after.
 
     Under teacher forcing the decoder never sees its own slips; at inference one repeated or skipped
@@ -209,12 +210,12 @@ def _slipped(decoder_ids, share: float):
 
     if share <= 0:
         return decoder_ids
-    real = decoder_ids != 0
+    real = decoder_ids != pad
     real[:, 0] = False  # the start token stays
     slip = real & (torch.rand(decoder_ids.shape) < share)
     before, after = torch.roll(decoder_ids, 1, dims=1), torch.roll(decoder_ids, -1, dims=1)
     replacement = torch.where(torch.rand(decoder_ids.shape) < 0.5, before, after)
-    slip &= replacement > 1  # neither padding nor end of sequence
+    slip &= (replacement != pad) & (replacement != eos)
     return torch.where(slip, replacement, decoder_ids)
 
 
@@ -262,7 +263,7 @@ def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random)
             start += size
         rng.shuffle(chunks)
         for chunk in chunks:
-            yield kind, _tensors(chunk, settings)
+            yield kind, _tensors(chunk, settings, tokenizer.pad_token_id)
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no_repeat_ngram_size: int = 0) -> dict:
@@ -277,6 +278,7 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
             enc = tokenizer([render(TEMPLATE, e.source, e.candidates).text for e in chunk], return_tensors="pt",
                             return_token_type_ids=False,
                             padding=True)
+            enc = {name: value.to(model.device) for name, value in enc.items()}
             out = model.generate(**enc, max_new_tokens=96, num_beams=1, do_sample=False,
                                  no_repeat_ngram_size=no_repeat_ngram_size)
             outputs += tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -286,8 +288,7 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
 
 def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,
           eval_minutes: float = 10.0, device: str = "cpu") -> Path:
-    import torch
-
+    """The default corrector: corpus sentences with the noise model's candidates, from scratch."""
     out.mkdir(parents=True, exist_ok=True)
     splits = data.build(out, seed=settings.seed)
     tokenizer_dir = out / "tokenizer"
@@ -298,9 +299,26 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     model = build_model(settings, len(tokenizer))
     copy_init(model, settings.seed)
+    return fit(out, minutes, settings, model=model, tokenizer=tokenizer,
+               examples=lambda step: data.endless(splits["train"], settings.seed + step),
+               dev=data.examples(splits["dev"], settings.seed + 1), copy_warmup=True, resume=resume,
+               eval_minutes=eval_minutes, device=device)
+
+
+def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, examples, dev: list[Example],
+        copy_warmup: bool, resume: bool = False, eval_minutes: float = 10.0, device: str = "cpu") -> Path:
+    """Train `model` on `examples(step)` (an endless stream of Examples, started at a step) for
+    `minutes`, keeping the checkpoint with the best dev chrF; returns the Hugging Face folder.
+
+    `copy_warmup` starts with the copy tasks (a model from scratch, with `copy_init`); a
+    pretrained model goes straight to correcting. Checkpoints every 5 minutes; `resume`
+    continues from `out/checkpoint.pt`."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    state = {"step": 0, "elapsed": 0.0, "copying": True, "ema": {}}
+    state = {"step": 0, "elapsed": 0.0, "copying": copy_warmup, "ema": {}}
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -309,9 +327,8 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
         state = saved["state"]
         log.info("resumed at step %d (%.1f min)", state["step"], state["elapsed"] / 60)
     rng = random.Random(settings.seed + state["step"])
-    stream = data.endless(splits["train"], settings.seed + state["step"])
-    dev = data.examples(splits["dev"][:200], settings.seed + 1)
-    batches = _batches(tokenizer, stream, lambda: state["copying"], settings, rng)
+    batches = _batches(tokenizer, examples(state["step"]), lambda: state["copying"], settings, rng)
+    watch = dev[:200]  # scored every eval_minutes: enough to see progress, cheap enough to repeat
     budget = minutes * 60
     started = time.time() - state["elapsed"]
     last_save, last_eval = time.time(), time.time()
@@ -327,7 +344,7 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
             group["lr"] = settings.lr * scale
         kind, (ids, mask, labels) = next(batches)
         noise = 0.0 if state["copying"] else settings.decoder_noise
-        decoder_ids = _slipped(model._shift_right(labels), noise)
+        decoder_ids = _slipped(model._shift_right(labels), noise, tokenizer.pad_token_id, tokenizer.eos_token_id)
         loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), decoder_input_ids=decoder_ids.to(device),
                      labels=labels.to(device)).loss
         loss.backward()
@@ -345,7 +362,7 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
             _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "loss": round(value, 4),
                               "ema": {k: round(v, 3) for k, v in ema.items()}, "lr": settings.lr * scale})
         if time.time() - last_eval > eval_minutes * 60:
-            scores = evaluate(model, tokenizer, dev)
+            scores = evaluate(model, tokenizer, watch)
             _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "dev": scores})
             log.info("step %d: dev chrF %.2f exact %.1f", state["step"], scores["chrf"], scores["exact_match"])
             # Free-running quality can fall while the teacher-forced loss still improves: keep the best.
@@ -359,11 +376,11 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
             last_save = time.time()
     state["elapsed"] = time.time() - started
     _save(checkpoint, model, optimizer, state)
-    scores = evaluate(model, tokenizer, dev)
+    scores = evaluate(model, tokenizer, watch)
     if (out / "best.pt").is_file() and state.get("best_chrf", -1.0) > scores["chrf"]:
         model.load_state_dict(torch.load(out / "best.pt", map_location=device))
-        scores = evaluate(model, tokenizer, dev)
-    model.generation_config.no_repeat_ngram_size = choose_no_repeat(model, tokenizer, splits["dev"], settings.seed)
+        scores = evaluate(model, tokenizer, watch)
+    model.generation_config.no_repeat_ngram_size = choose_no_repeat(model, tokenizer, dev)
     hf_dir = out / "hf"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
@@ -373,10 +390,9 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
     return hf_dir
 
 
-def choose_no_repeat(model, tokenizer, dev_sentences: list[str], seed: int) -> int:
+def choose_no_repeat(model, tokenizer, dev: list[Example]) -> int:
     """The n-gram ban (transformers' no_repeat_ngram_size; 0: none) that scores best on the whole dev
     split. A copying model that loses its place can loop; banning repeated n-grams ends the loop."""
-    dev = data.examples(dev_sentences, seed + 1)
     scores = {n: evaluate(model, tokenizer, dev, no_repeat_ngram_size=n)["chrf"] for n in (0, 3, 4)}
     best = max(scores, key=lambda n: (scores[n], -n))
     log.info("dev chrF by no_repeat_ngram_size: %s -> %d", {n: round(v, 2) for n, v in scores.items()}, best)

@@ -1,0 +1,54 @@
+"""`lmcor train-corrector`: pairs and an LLM -> a corrector trained on that LLM's candidates (see
+`lmcor.recipes.corrector`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pairs", help='JSONL file of {"source", "target"} lines (with "candidates" when there is no --llm)')
+    parser.add_argument("--out", required=True, help="folder for every stage's work, resumed when run again")
+    parser.add_argument("--llm", help="causal-LM bundle whose candidates the corrector learns to correct "
+                        "(default: the candidates in the pairs file)")
+    parser.add_argument("-k", type=options.positive_int, default=5, help="candidates per source: 1 greedy + K-1 "
+                        "samples (default: %(default)s)")
+    parser.add_argument("--temperature", type=options.finite_float, default=0.6, help="of the samples (default: %(default)s)")
+    parser.add_argument("--prompt", help="the LLM's prompt, with {source} (default: lmcor candidates' few-shot prompt)")
+    parser.add_argument("--llm-batch-size", type=options.positive_int, default=16, help="(default: %(default)s)")
+    parser.add_argument("--size", default="small", help="from-scratch model: tiny, small or base (default: %(default)s)")
+    parser.add_argument("--init", help="fine-tune this T5/BART checkpoint folder instead of training from scratch")
+    parser.add_argument("--synthetic", type=options.finite_float, default=0.0, help="share of training examples with "
+                        "synthetic candidates over the pairs' targets (default: %(default)s)")
+    parser.add_argument("--held-out", type=options.finite_float, default=0.1, help="share of pairs kept for dev and "
+                        "test (default: %(default)s)")
+    parser.add_argument("--minutes", type=options.finite_float, default=60.0, help="training time (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for training (default: %(default)s)")
+    parser.add_argument("--restart", action="store_true", help="train from the start instead of resuming OUT's checkpoint")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmcor.recipes import corrector
+    from lmcor.runtime.errors import InputError
+
+    if not 0 <= args.synthetic <= 1:
+        raise InputError(f"--synthetic must be a share from 0 to 1, got {args.synthetic}")
+    if not 0 < args.held_out < 1:
+        raise InputError(f"--held-out must be a share above 0 and below 1, got {args.held_out}")
+    if args.minutes <= 0:
+        raise InputError(f"--minutes must be positive, got {args.minutes}")
+    if not args.quiet:
+        logging.getLogger("lmcor").setLevel(min(logging.INFO, logging.getLogger("lmcor").level))
+    job = corrector.Job(pairs=Path(args.pairs), out=Path(args.out), llm=Path(args.llm) if args.llm else None, k=args.k,
+                        temperature=args.temperature, prompt=args.prompt, size=args.size,
+                        init=Path(args.init) if args.init else None, synthetic=args.synthetic, held_out=args.held_out,
+                        minutes=args.minutes, device=args.device, resume=not args.restart,
+                        batch_size=args.llm_batch_size, quiet=args.quiet)
+    result = corrector.run(job)
+    print(corrector.table(result))
+    return 0

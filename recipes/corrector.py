@@ -1,0 +1,277 @@
+"""Train a corrector for your LLM, the LMCor way: (source, target) pairs -> the LLM's own candidates
+-> a trained corrector -> a validated bundle with its fallback calibrated -> a report.
+
+    lmcor train-corrector pairs.jsonl --llm my-llm-bundle/ --out build/my-corrector --minutes 60
+
+A corrector improves the LLM whose candidates it was trained on, so the candidates come from that
+LLM (`--llm`, `runtime.candidates`: 1 greedy + K-1 samples), or from the pairs themselves when
+their lines carry `candidates`. Every stage keeps its work in OUT, so running the same command
+again continues where it stopped:
+
+1. read: `{"source", "target"}` lines (with `"candidates"` when there is no `--llm`); a bad line
+   is reported with its number and skipped.
+2. split: a held-out share, chosen by a hash of the source (stable when the file grows), halved
+   into dev (checkpoint choice, fallback calibration) and test (the report).
+3. candidates: `OUT/candidates.jsonl`, one line per input line, appended as they are written.
+4. train (`recipes/train.fit`): from scratch, a T5 v1.1-style model of `--size` with the copy
+   initialization and warm-up, or fine-tuning `--init` (a T5/BART checkpoint); `--synthetic`
+   mixes in candidates from the synthetic candidate models over the training targets.
+5. export and calibrate: `OUT/bundle`, validated against PyTorch, fallback calibrated on dev.
+6. report: source, first, consensus, oracle candidate and the corrector (alone and with its
+   fallback), exact match and chrF on test: `OUT/report.json` and a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.jsonl import dump_record, parse_line
+
+from . import noise
+from .noise import Example
+
+log = logging.getLogger("lmcor.recipes")
+
+SIZES = {  # from-scratch shapes; copy_init needs d_model 256 with 4 heads of 64
+    "tiny": dict(encoder_layers=1, decoder_layers=1, d_ff=256, vocab_size=600),
+    "small": dict(encoder_layers=3, decoder_layers=2, d_ff=640, vocab_size=4000),
+    "base": dict(encoder_layers=6, decoder_layers=4, d_ff=1024, vocab_size=8000),
+}
+
+
+@dataclass(frozen=True)
+class Pair:
+    line: int
+    source: str
+    target: str
+    candidates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Job:
+    pairs: Path
+    out: Path
+    llm: Path | None = None
+    k: int = 5
+    temperature: float = 0.6
+    prompt: str | None = None
+    size: str = "small"
+    init: Path | None = None
+    synthetic: float = 0.0  # share of training examples with synthetic candidates
+    held_out: float = 0.1
+    minutes: float = 60.0
+    device: str = "cpu"
+    resume: bool = True
+    batch_size: int = 16  # the LLM's, for candidates
+    quiet: bool = False
+
+
+def read_pairs(path: Path, need_candidates: bool) -> list[Pair]:
+    """The usable pairs of a JSONL file; each bad line is reported on stderr and skipped."""
+    pairs = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                pairs.append(_pair(parse_line(raw, first=number == 1), number, need_candidates))
+            except InputError as e:
+                print(f"lmcor: {path}: line {number}: {e}", file=sys.stderr)
+    if not pairs:
+        raise InputError(f"{path}: no usable pairs")
+    return pairs
+
+
+def _pair(value: object, line: int, need_candidates: bool) -> Pair:
+    if not isinstance(value, dict):
+        raise InputError("expected a JSON object with 'source' and 'target'")
+    for name in ("source", "target"):
+        if not isinstance(value.get(name), str) or not value[name].strip():
+            raise InputError(f"field {name!r} must be a non-empty string")
+    candidates = value.get("candidates", [])
+    if need_candidates:
+        if not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) for c in candidates):
+            raise InputError("field 'candidates' must be a non-empty list of strings (or pass --llm)")
+    return Pair(line, value["source"], value["target"], tuple(candidates) if need_candidates else ())
+
+
+def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
+    """train / dev / test by a hash of the source: the same source is always in the same part."""
+    parts: dict[str, list[Pair]] = {"train": [], "dev": [], "test": []}
+    for pair in pairs:
+        share = int.from_bytes(hashlib.sha256(pair.source.encode("utf-8")).digest()[:8], "little") / 2**64
+        parts["train" if share >= held_out else "dev" if share < held_out / 2 else "test"].append(pair)
+    if not parts["train"] or not parts["dev"] or not parts["test"]:
+        raise InputError(f"{len(pairs)} pairs are too few to hold out dev and test parts ({held_out:.0%}); "
+                         "give more pairs or a larger --held-out")
+    return parts
+
+
+def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
+    """The pairs with the LLM's candidates, from `OUT/candidates.jsonl`, written there first for the
+    pairs it lacks (appended line by line, so an interrupted run loses at most one batch)."""
+    from lmcor.runtime.candidates import CandidateWriter, FewShot, default_few_shot
+    from lmcor.runtime.generator import Generator
+
+    path = job.out / "candidates.jsonl"
+    done = _cached_candidates(path)
+    todo = [p for p in pairs if p.line not in done]
+    if todo:
+        few_shot = FewShot.from_template(job.prompt) if job.prompt else default_few_shot()
+        writer = CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
+                                 batch_size=job.batch_size)
+        chunk = job.batch_size * 4
+        with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit=" sources", desc="candidates",
+                                                          file=sys.stderr, disable=job.quiet) as bar:
+            for start in range(0, len(todo), chunk):
+                part = todo[start : start + chunk]
+                for pair, result in zip(part, writer([p.source for p in part])):
+                    if isinstance(result, InputError):
+                        print(f"lmcor: {job.pairs}: line {pair.line}: {result}", file=sys.stderr)
+                        continue
+                    f.write(dump_record({"line": pair.line, "source": pair.source, "candidates": result.texts}))
+                    done[pair.line] = tuple(result.texts)
+                f.flush()
+                bar.update(len(part))
+        log.info("candidates: %s", writer.stats.summary())
+    return [replace(p, candidates=done[p.line]) for p in pairs if p.line in done]
+
+
+def _cached_candidates(path: Path) -> dict[int, tuple[str, ...]]:
+    """The candidates already written, by input line; a torn last line is cut off the file."""
+    done: dict[int, tuple[str, ...]] = {}
+    if not path.is_file():
+        return done
+    kept = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw) if raw.endswith(b"\n") else None
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("line"), int):
+                break
+            done[record["line"]] = tuple(record["candidates"])
+            kept += len(raw)
+    with open(path, "r+b") as f:
+        f.truncate(kept)
+    return done
+
+
+def examples(pairs: list[Pair], synthetic: float, seed: int) -> Iterator[Example]:
+    """Endless training examples: the pairs with their candidates, in a new order each epoch; a
+    `synthetic` share instead carries candidates from the synthetic candidate models, drawn over the
+    pair's target, so that the corrector also meets candidates unlike its LLM's."""
+    rng = random.Random(seed)
+    order = list(pairs)
+    pool = [p.target for p in pairs]  # what an echoing candidate repeats
+    while True:
+        rng.shuffle(order)
+        for pair in order:
+            if rng.random() < synthetic:
+                yield noise.make_example(pair.target, rng, noise.draw_model(rng), pool=pool)
+            else:
+                yield Example(pair.source, list(pair.candidates), pair.target)
+
+
+def _model(job: Job, train: list[Pair]):
+    """(model, tokenizer, copy warm-up) for the job: from scratch, or the --init checkpoint."""
+    from . import train as recipe
+
+    if job.init is not None:
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(job.init, use_fast=True)
+            model = AutoModelForSeq2SeqLM.from_pretrained(job.init)
+        except (OSError, ValueError) as e:
+            raise LmcorError(f"{job.init}: cannot load the --init checkpoint ({str(e).splitlines()[0]})") from None
+        return model, tokenizer, False
+    settings = recipe.Settings(**SIZES[job.size])
+    tokenizer_dir = job.out / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        texts = [t for p in train for t in (p.source, p.target, *p.candidates)]
+        recipe.train_tokenizer(texts, settings.vocab_size).save_pretrained(tokenizer_dir)
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    model = recipe.build_model(settings, len(tokenizer))
+    recipe.copy_init(model, settings.seed)
+    return model, tokenizer, True
+
+
+def _write_items(path: Path, pairs: list[Pair]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for p in pairs:
+            f.write(dump_record({"id": p.line, "source": p.source, "candidates": list(p.candidates), "target": p.target}))
+
+
+def report(bundle: Path, test: Path) -> dict:
+    """Every baseline and the corrector on `test`, exact match and chrF."""
+    from lmcor.bench.quality import consensus, oracle, read_items, score
+    from lmcor.runtime.corrector import Corrector
+
+    items = read_items(test)[0]
+    corrector = Corrector.load(bundle)
+    targets = [i.target for i in items]
+    requests = [(i.source, i.candidates) for i in items]
+    with_fallback = corrector.correct_batch(requests)
+    outputs = {
+        "source": [i.source for i in items],
+        "first candidate": [i.candidates[0] for i in items],
+        "consensus candidate": [consensus(i.candidates) for i in items],
+        "oracle candidate": [oracle(i.candidates, i.target) for i in items],
+        "corrector alone": [c.text for c in corrector.correct_batch(requests, fallback_below=0)],
+        "corrector": [c.text for c in with_fallback],
+    }
+    return {"items": len(items), "fallbacks": sum(c.fallback for c in with_fallback),
+            "systems": {name: score(texts, targets) for name, texts in outputs.items()}}
+
+
+def table(result: dict) -> str:
+    rows = [f"{'system':<22} {'exact match':>11} {'chrF':>7}"]
+    rows += [f"{name:<22} {s['exact_match']:>11.2f} {s['chrf']:>7.2f}" for name, s in result["systems"].items()]
+    rows.append(f"({result['items']} held-out test lines; {result['fallbacks']} outputs fell back)")
+    return "\n".join(rows)
+
+
+def run(job: Job) -> dict:
+    """Every stage of the job; returns the report."""
+    from lmcor.export import export_corrector
+
+    from . import fallback
+    from . import train as recipe
+
+    if job.size not in SIZES:
+        raise InputError(f"--size must be one of {', '.join(SIZES)}, got {job.size!r}")
+    job.out.mkdir(parents=True, exist_ok=True)
+    pairs = read_pairs(job.pairs, need_candidates=job.llm is None)
+    if job.llm is not None:
+        pairs = llm_candidates(job, pairs)
+    parts = split(pairs, job.held_out)
+    _write_items(job.out / "dev.jsonl", parts["dev"])
+    _write_items(job.out / "test.jsonl", parts["test"])
+    log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
+    model, tokenizer, warmup = _model(job, parts["train"])
+    settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
+    dev = [Example(p.source, list(p.candidates), p.target) for p in parts["dev"]]
+    hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
+                    examples=lambda step: examples(parts["train"], job.synthetic, settings.seed + step), dev=dev,
+                    copy_warmup=warmup, resume=job.resume, device=job.device,
+                    eval_minutes=max(1.0, job.minutes / 10))
+    bundle = job.out / "bundle"
+    export_corrector(hf, bundle, max_output_tokens=settings.max_target_tokens, overwrite=True)
+    fallback.calibrate_bundle(bundle, job.out / "dev.jsonl")
+    result = report(bundle, job.out / "test.jsonl")
+    (job.out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result

@@ -1,0 +1,88 @@
+"""`lmcor train-corrector` end to end on a tiny LLM and a tiny corrector: candidates cached and
+resumed, training, export, calibration and the report, in seconds."""
+
+import json
+
+import pytest
+import torch
+from conftest import english_sentences
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lmcor import Corrector
+from lmcor.cli import main
+
+PROMPT = "Fix: {source}\n="  # the tiny LLM's 128 positions hold no few-shot prompt
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from lmcor.export.causal_lm import export_causal_lm
+
+    texts = english_sentences(200, seed=8)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
+    checkpoint = tmp_path_factory.mktemp("llm")
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    bundle = tmp_path_factory.mktemp("llm-bundle") / "bundle"
+    export_causal_lm(checkpoint, bundle, max_output_tokens=12)
+    return bundle
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps({"source": s.lower().replace(" the ", " teh "), "target": s})
+             for s in english_sentences(80, seed=9)]
+    path.write_text("\n".join(lines[:40] + ["not json", '{"source": "x"}'] + lines[40:]) + "\n")
+    return path
+
+
+def _train(pairs, out, llm, *extra):
+    return main(["train-corrector", str(pairs), "--out", str(out), "--llm", str(llm), "--prompt", PROMPT, "-k", "2",
+                 "--size", "tiny", "--minutes", "0.05", "--held-out", "0.3", "-q", *extra])
+
+
+def test_trains_a_corrector_on_the_llms_candidates_and_resumes(llm, pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(pairs, out, llm) == 0
+    table = capsys.readouterr()
+    assert "line 41: not valid JSON" in table.err and "line 42: field 'target'" in table.err
+    for system in ("source", "first candidate", "consensus candidate", "oracle candidate", "corrector alone", "corrector"):
+        assert system in table.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["items"] == len((out / "test.jsonl").read_text().splitlines())
+    cached = (out / "candidates.jsonl").read_text().splitlines()
+    assert len(cached) == 80 and all(len(json.loads(line)["candidates"]) == 2 for line in cached)
+    corrector = Corrector.load(out / "bundle")
+    assert corrector.manifest.fallback_below is not None
+    assert isinstance(corrector.correct("teh cat went to school.", ["The cat went to school."]), str)
+
+    # An interrupted candidates stage (half written, a torn last line) continues with the same candidates.
+    whole = (out / "candidates.jsonl").read_text()
+    (out / "candidates.jsonl").write_text("\n".join(cached[:30]) + '\n{"line": 3')
+    assert _train(pairs, out, llm) == 0
+    again = (out / "candidates.jsonl").read_text().splitlines()
+    assert sorted(again) == sorted(whole.splitlines())
+
+
+def test_pairs_with_their_own_candidates_need_no_llm(pairs, tmp_path, capsys):
+    with_candidates = tmp_path / "with.jsonl"
+    rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.startswith("{\"source\": \"") and
+            "target" in line]
+    with_candidates.write_text("".join(json.dumps({**r, "candidates": [r["target"], r["source"]]}) + "\n" for r in rows))
+    out = tmp_path / "own"
+    assert main(["train-corrector", str(with_candidates), "--out", str(out), "--size", "tiny", "--minutes", "0.05",
+                 "--held-out", "0.3", "--synthetic", "0.5", "-q"]) == 0
+    assert (out / "bundle" / "lmcor.json").is_file() and not (out / "candidates.jsonl").exists()
+    assert main(["train-corrector", str(pairs), "--out", str(tmp_path / "none"), "--size", "tiny", "-q"]) == 2
+    assert "field 'candidates' must be a non-empty list" in capsys.readouterr().err
