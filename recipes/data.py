@@ -18,19 +18,20 @@ def split_sentences() -> dict[str, list[str]]:
     return out
 
 
-def examples(sentences: list[str], seed: int) -> list[Example]:
+def examples(sentences: list[str], seed: int, model="shared") -> list[Example]:
     rng = random.Random(seed)
-    return [make_example(s, rng) for s in sentences]
+    return [make_example(s, rng, model) for s in sentences]
 
 
-def endless(sentences: list[str], seed: int) -> Iterator[Example]:
-    """Training examples: the sentences in a new order each epoch, with fresh noise every time."""
+def endless(sentences: list[str], seed: int, model="shared", pool: list[str] | None = None) -> Iterator[Example]:
+    """Training examples: the sentences in a new order each epoch, with fresh noise every time
+    (`model`: a candidate model of `noise`, or a mixture of them)."""
     rng = random.Random(seed)
     order = list(sentences)
     while True:
         rng.shuffle(order)
         for sentence in order:
-            yield make_example(sentence, rng)
+            yield make_example(sentence, rng, model, pool=pool)
 
 
 def write_jsonl(path: Path, items: list[Example]) -> None:
@@ -41,8 +42,9 @@ def write_jsonl(path: Path, items: list[Example]) -> None:
                                ensure_ascii=False) + "\n")
 
 
-def build_outside(out_dir: Path, count: int = 500, seed: int = 3) -> Path:
-    """`outside.jsonl`: correction examples from sentences the model never saw in any form."""
+def build_outside(out_dir: Path, count: int = 500, seed: int = 3, model: str = "shared") -> Path:
+    """`outside.jsonl` (`outside-{model}.jsonl` for another candidate model): correction examples
+    from sentences the model never saw in any form."""
     import sysconfig
 
     known = set(corpus.sentences())
@@ -51,8 +53,8 @@ def build_outside(out_dir: Path, count: int = 500, seed: int = 3) -> Path:
         if corpus.usable(sentence) and sentence not in known:
             found.setdefault(sentence, None)
     chosen = random.Random(seed).sample(sorted(found), min(count, len(found)))
-    path = out_dir / "outside.jsonl"
-    write_jsonl(path, examples(chosen, seed))
+    path = out_dir / ("outside.jsonl" if model == "shared" else f"outside-{model}.jsonl")
+    write_jsonl(path, examples(chosen, seed, model))
     return path
 
 

@@ -6,6 +6,13 @@ writes `dev.jsonl`/`test.jsonl`, the tokenizer, checkpoints (resumable with --re
 Hugging Face folder `hf/`, and the exported bundle `bundle/` with its fallback threshold calibrated
 on dev (`recipes/fallback.py`). Seeds are fixed.
 
+The training data mixes two kinds of candidates, LMCor's way and beyond it: a real LLM's own
+(`recipes/splits/llm-train.jsonl`, SmolLM2's candidates, written by `recipes.llm_splits`; a
+`--llm-share` of the examples), and, for the rest, candidates from the synthetic candidate
+models (`recipes.noise`: shared and independent errors, weak, rewriting and echoing LLMs) over
+every corpus training sentence, so that the corrector learns to vote among candidates and to
+keep the source when the candidates are bad. Checkpoints are chosen on both kinds of dev data.
+
 A from-scratch seq2seq sits on a long plateau before it learns to copy, and a corrector is
 mostly copying. Three choices shorten the plateau on a CPU: the output layer is tied to the
 input embeddings (copying an attended token's embedding through the residual stream then reads
@@ -31,7 +38,7 @@ import numpy as np
 from lmcor.runtime.bundle import Template
 from lmcor.runtime.template import render
 
-from . import data, fallback
+from . import data, fallback, noise
 from .noise import Example
 
 log = logging.getLogger("lmcor.recipes")
@@ -287,10 +294,14 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
 
 
 def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,
-          eval_minutes: float = 10.0, device: str = "cpu") -> Path:
-    """The default corrector: corpus sentences with the noise model's candidates, from scratch."""
+          eval_minutes: float = 10.0, device: str = "cpu", llm_share: float = 0.4) -> Path:
+    """The default corrector: corpus sentences with synthetic candidates, mixed with a real LLM's."""
     out.mkdir(parents=True, exist_ok=True)
     splits = data.build(out, seed=settings.seed)
+    llm = {name: _llm_examples(name) for name in ("train", "dev")}
+    if not llm["train"]:
+        llm_share = 0.0
+        log.warning("no %s: training on synthetic candidates only (see recipes.llm_splits)", LLM_SPLITS / "llm-train.jsonl")
     tokenizer_dir = out / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         train_tokenizer(splits["train"], settings.vocab_size).save_pretrained(tokenizer_dir)
@@ -299,10 +310,42 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     model = build_model(settings, len(tokenizer))
     copy_init(model, settings.seed)
+    synthetic_dev = data.examples(splits["dev"], settings.seed + 1)
+    dev = [e for pair in zip(synthetic_dev, llm["dev"]) for e in pair] + synthetic_dev[len(llm["dev"]) :]
     return fit(out, minutes, settings, model=model, tokenizer=tokenizer,
-               examples=lambda step: data.endless(splits["train"], settings.seed + step),
-               dev=data.examples(splits["dev"], settings.seed + 1), copy_warmup=True, resume=resume,
-               eval_minutes=eval_minutes, device=device)
+               examples=lambda step: _mixture(splits["train"], llm["train"], llm_share, settings.seed + step),
+               dev=dev, copy_warmup=True, resume=resume, eval_minutes=eval_minutes, device=device)
+
+
+LLM_SPLITS = Path(__file__).parent / "splits"
+
+
+def _llm_examples(name: str) -> list[Example]:
+    path = LLM_SPLITS / f"llm-{name}.jsonl"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [Example(r["source"], r["candidates"], r["target"]) for r in rows]
+
+
+def _mixture(sentences: list[str], llm: list[Example], llm_share: float, seed: int):
+    """Endless examples: a `llm_share` of the LLM's (cycled), the rest synthetic over `sentences`
+    with a candidate model drawn per example."""
+    rng = random.Random(seed)
+    own = iter(())
+    synthetic = data.endless(sentences, seed, model=noise.mixture(), pool=sentences)
+    order = list(llm)
+    while True:
+        if order and rng.random() < llm_share:
+            example = next(own, None)
+            if example is None:
+                rng.shuffle(order)
+                own = iter(order)
+                example = next(own)
+            yield example
+        else:
+            yield next(synthetic)
 
 
 def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, examples, dev: list[Example],
@@ -418,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=170.0, help="training time budget")
     parser.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--llm-share", type=float, default=0.4, help="share of examples with the real LLM's candidates")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -426,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     np.random.seed(0)
-    hf_dir = train(args.out, args.minutes, resume=args.resume, device=args.device)
+    hf_dir = train(args.out, args.minutes, resume=args.resume, device=args.device, llm_share=args.llm_share)
     from lmcor.export import export_corrector
 
     export_corrector(hf_dir, args.out / "bundle", max_output_tokens=96, overwrite=True)

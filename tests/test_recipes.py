@@ -51,3 +51,17 @@ def test_copy_init_starts_from_a_working_copier():
     # From the third token on, the last two outputs locate the next token in the input.
     predicted = logits.argmax(-1)[2:-1]
     assert (predicted == span[2:]).float().mean() > 0.9
+
+
+def test_the_default_mixture_draws_the_llm_share_and_every_candidate_model():
+    from lmcor.recipes.noise import Example
+    from lmcor.recipes.train import _mixture
+
+    sentences = ["The cat sat on the mat.", "We went to the station at noon.", "She reads a book every evening."]
+    llm = [Example(f"llm source {n}", ["a", "b"], f"LLM target {n}.") for n in range(7)]
+    drawn = [e for e, _ in zip(_mixture(sentences, llm, 0.4, seed=3), range(2000))]
+    from_llm = [e for e in drawn if e.source.startswith("llm source")]
+    assert 0.35 < len(from_llm) / len(drawn) < 0.45
+    assert {e.source for e in from_llm} == {e.source for e in llm}  # cycled through, every one used
+    synthetic = [e for e in drawn if e not in from_llm]
+    assert {e.target for e in synthetic} <= set(sentences) and len({tuple(e.candidates) for e in synthetic}) > 50

@@ -1,0 +1,75 @@
+"""The default corrector's real-LLM data: SmolLM2-135M-Instruct's own candidates (the shipped LLM
+path, `lmcor candidates`' prompt and sampling) for training, dev and outside sources.
+
+    python -m lmcor.recipes.llm_splits --llm ~/.cache/lmcor/smollm2/bundle --cache build/llm-splits
+
+writes `llm-train.jsonl` (the first `--train` corpus training sentences in a fixed shuffled order,
+with sources from the noise model), `llm-dev.jsonl` and `llm-outside.jsonl` (the sources of
+`dev.jsonl` and `outside.jsonl`) into `recipes/splits/`, each line `{"id", "source", "candidates",
+"target"}`. Candidates are generated into `--cache` first and resumed from there; a sample's seed
+depends only on its source, so a rerun writes the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from pathlib import Path
+
+from lmcor.runtime.jsonl import dump_record
+
+from . import corrector, data
+from .noise import make_example
+
+log = logging.getLogger("lmcor.recipes")
+
+SPLITS = Path(__file__).parent / "splits"
+SEED = 16
+
+
+def train_pairs(count: int) -> list[corrector.Pair]:
+    """(noisy source, clean target) pairs of the first `count` training sentences, shuffled once."""
+    rng = random.Random(SEED)
+    sentences = data.split_sentences()["train"]
+    rng.shuffle(sentences)
+    pairs = []
+    for n, sentence in enumerate(sentences[:count], start=1):
+        example = make_example(sentence, rng)
+        pairs.append(corrector.Pair(n, example.source, example.target))
+    return pairs
+
+
+def split_pairs(name: str) -> list[corrector.Pair]:
+    """The (source, target) pairs of a shipped split, in its order."""
+    with open(SPLITS / f"{name}.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [corrector.Pair(n, row["source"], row["target"]) for n, row in enumerate(rows, start=1)]
+
+
+def write(path: Path, pairs: list[corrector.Pair]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for n, p in enumerate(pairs):
+            f.write(dump_record({"id": n, "source": p.source, "candidates": list(p.candidates), "target": p.target}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.llm_splits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llm", type=Path, required=True, help="the causal-LM bundle (recipes.smollm2)")
+    parser.add_argument("--cache", type=Path, default=Path("build/llm-splits"), help="candidates kept here (resumable)")
+    parser.add_argument("--train", type=int, default=4000, help="training sentences (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name, pairs in (("outside", split_pairs("outside")), ("dev", split_pairs("dev")), ("train", train_pairs(args.train))):
+        job = corrector.Job(pairs=SPLITS / f"{name}.jsonl", out=args.cache / name, llm=args.llm,
+                            batch_size=args.batch_size)
+        job.out.mkdir(parents=True, exist_ok=True)
+        write(SPLITS / f"llm-{name}.jsonl", corrector.llm_candidates(job, pairs))
+        log.info("wrote %s", SPLITS / f"llm-{name}.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
