@@ -24,6 +24,7 @@ PACKAGES = {
 # Every ONNX Runtime build installs the same `onnxruntime` module folder, so exactly one may be
 # required: the one already installed, else the GPU build on CUDA machines, else the CPU build.
 ORT_DISTRIBUTIONS = ("onnxruntime-gpu", "onnxruntime", "onnxruntime-directml", "onnxruntime-openvino")
+ORT_FLOOR = "1.18"
 
 
 def _installed_onnxruntime():
@@ -45,12 +46,12 @@ def _installed_onnxruntime():
 def _onnxruntime_requirement():
     forced = os.environ.get("LMCOR_ONNXRUNTIME")
     if forced:
-        return forced
+        return forced if any(c in forced for c in "<>=!~") else f"{forced}>={ORT_FLOOR}"
     installed = _installed_onnxruntime()
     if installed:
-        return installed
+        return f"{installed}>={ORT_FLOOR}"
     has_cuda = shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
-    return "onnxruntime-gpu>=1.18" if has_cuda else "onnxruntime>=1.18"
+    return f"onnxruntime-gpu>={ORT_FLOOR}" if has_cuda else f"onnxruntime>={ORT_FLOOR}"
 
 
 EXPORT = [
@@ -72,9 +73,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"lmcor": ["models/*/*"]},  # the shipped bundles: default corrector (fp32, int8), gate
+    package_data={"lmcor": ["models/*/*", "py.typed"]},  # the shipped bundles: default corrector (fp32, int8), gate
     install_requires=["numpy>=1.24", "tokenizers>=0.15", "tqdm>=4.60", _onnxruntime_requirement()],
     extras_require={
         "export": EXPORT,
