@@ -7,7 +7,7 @@ writes `llm-train.jsonl` (the first `--train` corpus training sentences in a fix
 with sources from the noise model), `llm-dev.jsonl` and `llm-outside.jsonl` (the sources of
 `dev.jsonl` and `outside.jsonl`) into `recipes/splits/`, each line `{"id", "source", "candidates",
 "target"}`. Candidates are generated into `--cache` first and resumed from there; a sample's seed
-depends only on its source, so a rerun writes the same files.
+depends only on its source, so an interrupted run resumes with the candidates it would have written.
 """
 
 from __future__ import annotations
