@@ -5,8 +5,8 @@ asks that LLM. The few-shot prompt comes in variants: each source sees one varia
 (chosen by a hash of the source, so a source always gets the same prompt), so no example sentence
 is in every prompt, and a small LLM that echoes an example does so rarely, with different
 sentences, none of them a plausible answer. Each variant's text before `{source}` is run once
-(a `Prefix`) and shared by every source that uses it. Generation stops at the end of the answer
-(the first newline): the tokens after it would be wasted.
+(a `Prefix`), and sources of every variant share a batch, each after its own prefix. Generation
+stops at the end of the answer (the first newline): the tokens after it would be wasted.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ class FewShot:
     tail: str
     examples: tuple[str, ...] = ()  # the example texts, to count the answers that echo one
 
+    def split(self, variant: int) -> tuple[str, str]:
+        """(shared prefix, text put before each source) of a variant. A head's trailing white space
+        goes with the source: run apart, "Sentence: " + "The" would be tokenized as "Sentence:",
+        " ", "The", where the whole text has "Sentence:", " The"."""
+        head = self.heads[variant]
+        shared = head.rstrip()
+        return shared, head[len(shared) :]
+
     @classmethod
     def from_template(cls, template: str) -> "FewShot":
         """One variant from a prompt with `{source}` (its text before `{source}` is shared)."""
@@ -60,7 +68,7 @@ class FewShot:
 
 def default_few_shot() -> FewShot:
     """The shipped prompt: the instruction and SHOTS examples, in len(EXAMPLES) / SHOTS variants
-    with no example in common (few variants keep the batches of one variant full)."""
+    with no example in common."""
     heads = []
     for v in range(len(EXAMPLES) // SHOTS):
         shots = EXAMPLES[v * SHOTS : (v + 1) * SHOTS]
@@ -111,31 +119,24 @@ class CandidateWriter:
         self.k = check_int("k", self.k, 1)
         self.temperature = check_temperature(self.temperature)
         self.seed = check_int("seed", self.seed, 0)
-        self._prefixes: list[Prefix | None] = [self.generator.prefix(h) if h else None for h in self.few_shot.heads]
+        parts = [self.few_shot.split(v) for v in range(len(self.few_shot.heads))]
+        self._gaps = [gap for _, gap in parts]
+        self._prefixes: list[Prefix | None] = [self.generator.prefix(shared) if shared else None for shared, _ in parts]
 
     def __call__(self, sources: Sequence[str]) -> list[Candidates | InputError]:
         started = time.perf_counter()
-        out: list[Candidates | InputError | None] = [None] * len(sources)
-        groups: dict[int, list[int]] = {}
-        for n, source in enumerate(sources):
-            groups.setdefault(self.few_shot.variant(source), []).append(n)
-        for variant, rows in groups.items():
-            for n, candidates in zip(rows, self._variant([sources[n] for n in rows], variant)):
-                out[n] = candidates
-        self.stats.sources += len(sources)
-        self.stats.seconds += time.perf_counter() - started
-        return out  # type: ignore[return-value]
-
-    def _variant(self, sources: list[str], variant: int) -> list[Candidates | InputError]:
-        prompts = [source + self.few_shot.tail for source in sources]
-        options = dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, prefix=self._prefixes[variant],
-                       stop=self.stop, batch_size=self.batch_size, errors="return")
+        variants = [self.few_shot.variant(source) for source in sources]
+        # Each prompt after its own variant's prefix, all in one batch.
+        prompts = [self._gaps[v] + source + self.few_shot.tail for v, source in zip(variants, sources)]
+        options = dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, stop=self.stop,
+                       prefix=[self._prefixes[v] for v in variants] if self._prefixes[0] is not None else None,
+                       batch_size=self.batch_size, errors="return")
         rounds = [self.generator.generate_batch(prompts, **options)]
         for k in range(1, self.k):
             seeds = [_seed(self.seed, k, source) for source in sources]
             rounds.append(self.generator.generate_batch(prompts, temperature=self.temperature, seed=seeds, **options))
         out: list[Candidates | InputError] = []
-        for n in range(len(sources)):
+        for n, source in enumerate(sources):
             failed = next((r[n] for r in rounds if isinstance(r[n], InputError)), None)
             if failed is not None:
                 out.append(failed)
@@ -143,7 +144,9 @@ class CandidateWriter:
             texts = [r[n].text.strip() for r in rounds]
             self.stats.tokens += sum(len(r[n].token_ids) for r in rounds)
             self.stats.echoes += sum(text in self.few_shot.examples for text in texts)
-            out.append(Candidates(sources[n], texts))
+            out.append(Candidates(source, texts))
+        self.stats.sources += len(sources)
+        self.stats.seconds += time.perf_counter() - started
         return out
 
 

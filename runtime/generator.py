@@ -19,7 +19,7 @@ import numpy as np
 from .bundle import Manifest, load_manifest
 from .tokens import load_tokenizer
 from .errors import InputError
-from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens, check_number, check_optional,
+from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens, check_number,
                       check_progress, check_temperature, check_text)
 from .sessions import check_graphs, open_session
 
@@ -81,10 +81,12 @@ class Generator:
         return self.generate_batch([prompt], **options)[0].text
 
     def generate_batch(self, prompts: Iterable[str], *, max_new_tokens: int | None = None, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | Sequence[int] | None = None, prefix: Prefix | None = None,
+                       top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+                       prefix: Prefix | Sequence[Prefix] | None = None,
                        stop: Sequence[str] = (), batch_size: int = 8, errors: Literal["raise", "return"] = "raise",
                        progress: Callable[[int], None] | None = None) -> list[Generation | InputError]:
-        """Continue each prompt (after `prefix`, when given); greedy by default.
+        """Continue each prompt (after `prefix`, when given: one for all, or one per prompt, so that
+        prompts after different prefixes still share a batch); greedy by default.
 
         A row samples with its own generator, seeded by `seed` and the row's index (or by `seed[n]`
         when `seed` is a sequence, one per prompt), so a prompt's sample does not depend on the
@@ -100,20 +102,20 @@ class Generator:
         """
         limit = check_max_new_tokens(max_new_tokens, self.manifest.max_output_tokens)
         sampling = Sampling(check_temperature(temperature), check_number("top_p", top_p, 0, 1, above_low=True))
-        check_optional("prefix", prefix, Prefix, "a Prefix (from Generator.prefix)")
+        prompts = check_items("prompts", prompts, "strings")
+        prefixes = _row_prefixes(prefix, len(prompts))
         batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         check_choice("errors", errors, ERRORS)
         check_progress(progress)
         stops = tuple(check_items("stop", stop, "strings"))
         for n, text in enumerate(stops):
             _check_prompt(f"stop[{n}]", text)
-        prompts = check_items("prompts", prompts, "strings")
         seeds = _row_seeds(seed, len(prompts))
         out: list[Generation | InputError | None] = [None] * len(prompts)
         encoded: dict[int, list[int]] = {}
         for n, prompt in enumerate(prompts):
             try:
-                encoded[n] = self._encode_prompt(n, prompt, prefix, limit)
+                encoded[n] = self._encode_prompt(n, prompt, prefixes[n], limit)
             except InputError as e:
                 if errors == "raise":
                     raise
@@ -121,8 +123,8 @@ class Generator:
         good = list(encoded)
         for start in range(0, len(good), batch_size):
             rows = good[start : start + batch_size]
-            generated = self._generate([encoded[n] for n in rows], limit, sampling, [seeds[n] for n in rows], prefix,
-                                       stops)
+            generated = self._generate([encoded[n] for n in rows], limit, sampling, [seeds[n] for n in rows],
+                                       [prefixes[n] for n in rows], stops)
             for n, (text, ids) in zip(rows, generated):
                 out[n] = Generation(text, ids)
             if progress is not None:
@@ -143,6 +145,23 @@ class Generator:
                              f"{needed} of the model's {positions} positions; shorten it or lower max_new_tokens")
         return ids
 
+    def _prefix_past(self, prefixes: list[Prefix]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Every layer's prefix keys/values for the batch, each row's right-aligned (left padding),
+        and the attention mask over them."""
+        longest = max(len(p.ids) for p in prefixes)
+        mask = np.zeros((len(prefixes), longest), dtype=np.int64)
+        if all(p is prefixes[0] for p in prefixes):
+            mask[:] = 1
+            return [np.repeat(layer, len(prefixes), axis=0) for layer in prefixes[0].past], mask
+        past = [np.zeros((len(prefixes), *layer.shape[1:2], longest, *layer.shape[3:]), dtype=layer.dtype)
+                for layer in prefixes[0].past]
+        for r, prefix in enumerate(prefixes):
+            start = longest - len(prefix.ids)
+            mask[r, start:] = 1
+            for layer, own in zip(past, prefix.past):
+                layer[r, :, start:] = own[0]
+        return past, mask
+
     def _empty(self, batch: int) -> list[np.ndarray]:
         shape = self.manifest.decoder
         return [np.zeros((batch, shape.num_heads, 0, shape.head_dim), dtype=np.float32) for _ in self._past]
@@ -155,8 +174,8 @@ class Generator:
         return logits, presents
 
     def _generate(self, prompts: list[list[int]], limit: int, sampling: Sampling, seeds: list[int | None],
-                  prefix: Prefix | None, stops: tuple[str, ...]) -> list[tuple[str, list[int]]]:
-        """(text, token ids) of each prompt's continuation."""
+                  prefixes: list[Prefix | None], stops: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt's continuation after its prefix."""
         special = self.manifest.special_tokens
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.full((batch, width), special.pad, dtype=np.int64)
@@ -164,11 +183,11 @@ class Generator:
         for r, p in enumerate(prompts):  # left padding: every prompt ends at the last column
             ids[r, width - len(p) :] = p
             mask[r, width - len(p) :] = 1
-        offset = len(prefix.ids) if prefix is not None else 0
-        positions = offset + np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        if prefix is not None:
-            past = [np.repeat(p, batch, axis=0) for p in prefix.past]
-            mask = np.concatenate([np.ones((batch, offset), dtype=np.int64), mask], axis=1)
+        offsets = np.array([len(p.ids) if p is not None else 0 for p in prefixes])
+        positions = offsets[:, None] + np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        if prefixes[0] is not None:
+            past, before = self._prefix_past(prefixes)
+            mask = np.concatenate([before, mask], axis=1)
         else:
             past = self._empty(batch)
         logits, past = self._run(ids, mask, positions, past)
@@ -201,6 +220,17 @@ class Generator:
             next_position = next_position + 1
         decoded = self.tokenizer.decode_batch(tokens, skip_special_tokens=True)
         return [(stopped.get(r, decoded[r]), tokens[r]) for r in range(batch)]
+
+
+def _row_prefixes(prefix: Any, count: int) -> list[Prefix | None]:
+    """One prefix per prompt (all or none: a prompt after a prefix is tokenized without BOS)."""
+    if prefix is None or isinstance(prefix, Prefix):
+        return [prefix] * count
+    prefixes = check_items("prefix", prefix, "Prefix objects (from Generator.prefix)")
+    if len(prefixes) != count or not all(isinstance(p, Prefix) for p in prefixes):
+        raise InputError(f"prefix: give one Prefix (from Generator.prefix) for all prompts, or one per prompt "
+                         f"({count}); got {len(prefixes)} items")
+    return prefixes
 
 
 def _row_seeds(seed: Any, count: int) -> list[int | None]:

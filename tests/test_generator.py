@@ -193,3 +193,40 @@ def test_candidates_are_the_same_in_any_batch_and_after_resume(bundle, tmp_path)
     out.write_text("".join(whole.splitlines(keepends=True)[:2]))  # as an interrupted run leaves it
     assert main([*command, "--resume"]) == 0
     assert out.read_text() == whole
+
+
+def test_prompts_after_different_prefixes_share_a_batch(bundle):
+    generator = Generator.load(bundle)
+    heads = [generator.prefix("Correct: she go"), generator.prefix("x y z x y z x y z")]
+    prefixes = [heads[n % 2] for n in range(len(PROMPTS))]
+    together = generator.generate_batch(PROMPTS, prefix=prefixes, max_new_tokens=8, batch_size=5)
+    alone = [generator.generate_batch([p], prefix=h, max_new_tokens=8)[0] for p, h in zip(PROMPTS, prefixes)]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    with pytest.raises(InputError, match="one per prompt"):
+        generator.generate_batch(PROMPTS, prefix=heads)
+
+
+def test_candidates_greedy_is_the_whole_prompt_run_at_once(bundle):
+    """The shared prefix ends before the white space that leads into the source, so the prompt's
+    tokens are those of the whole text."""
+    from lmcor.runtime.candidates import CandidateWriter, FewShot
+
+    few_shot = FewShot(("Correct: a b\n= ", "Fix this: "), "\n=")
+    sources = ["she go to school", "The capital of France is", "def add(a, b):"]
+    generator = Generator.load(bundle)
+    got = CandidateWriter(generator, few_shot, k=1, max_new_tokens=8, stop=())(sources)
+    whole = generator.generate_batch([few_shot.heads[few_shot.variant(s)] + s + few_shot.tail for s in sources],
+                                     max_new_tokens=8)
+    assert [c.texts[0] for c in got] == [g.text.strip() for g in whole]
+
+
+def test_bench_candidates_against_transformers(bundle, checkpoint, tmp_path, capsys):
+    data = tmp_path / "sources.jsonl"
+    data.write_text("".join(json.dumps({"source": p}) + "\n" for p in PROMPTS[:3]))
+    out = tmp_path / "out"
+    assert main(["bench", "--candidates", "--bundle", str(bundle), "--model", str(checkpoint), "--data", str(data),
+                 "--prompt", "Fix: {source}\n=", "--requests", "3", "--rounds", "1", "--batch-size", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "candidates.json").read_text())
+    assert report["identical_outputs"] == 3 and report["speedup"] > 0
+    assert "tokens/s" in capsys.readouterr().out

@@ -41,11 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: a causal-LM --bundle with a rules prefix run once vs in every prompt")
     parser.add_argument("--gate", nargs="?", const="",
                         help="instead: the corrector (--bundle) alone vs behind this gate (alone: the gate shipped with "
-                       "lmcor) over --data lines with targets (--requests, --rounds, --batch-size, --gate-threshold)")
+                        "lmcor) over --data lines with targets (--requests, --rounds, --batch-size, --gate-threshold)")
     parser.add_argument("--gate-threshold", type=float, help="with --gate (default: the gate's calibrated threshold)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="instead: LMCor's candidate generation with a causal-LM --bundle vs transformers generate "
+                        "on the same model's --model checkpoint, over --data sources (--requests, --rounds, --batch-size)")
+    parser.add_argument("--prompt", help="with --candidates: the LLM's prompt with {source} (default: lmcor "
+                        "candidates' few-shot prompt)")
     parser.add_argument("--prefix-tokens", type=options.positive_int, default=500, help="with --shared-prefix")
     parser.add_argument("--bundle", help="with --drafts and --gate: corrector bundle folder (default: the corrector "
-                       "shipped with lmcor); with --shared-prefix: a causal-LM bundle")
+                        "shipped with lmcor); with --shared-prefix and --candidates: a causal-LM bundle")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         return _bench_gate(args)
     if args.shared_prefix:
         return _bench_prefix(args)
+    if args.candidates:
+        return _bench_candidates(args)
     from lmcor.bench import harness
 
     config = harness.BenchConfig(
@@ -88,6 +95,20 @@ def _bench_prefix(args: argparse.Namespace) -> int:
                                  rounds=args.rounds, batch_size=args.batch_size, threads=args.threads)
     report = prefix.run(config)
     _write_report(Path(args.out) / "prefix.json", report, prefix.table(report))
+    return 0 if report["identical_outputs"] == report["requests"] else 1
+
+
+def _bench_candidates(args: argparse.Namespace) -> int:
+    from lmcor.bench import candidates
+
+    if not (args.bundle and args.model and args.data):
+        raise InputError("--candidates needs --bundle (a causal-LM bundle), --model (the same model's Hugging Face "
+                         "folder) and --data (JSONL lines with a source)")
+    config = candidates.CandidatesConfig(bundle=Path(args.bundle), checkpoint=Path(args.model), data=Path(args.data),
+                                         requests=args.requests, rounds=args.rounds, batch_size=args.batch_size,
+                                         threads=args.threads, prompt=args.prompt)
+    report = candidates.run(config)
+    _write_report(Path(args.out) / "candidates.json", report, candidates.table(report))
     return 0 if report["identical_outputs"] == report["requests"] else 1
 
 

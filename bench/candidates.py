@@ -1,0 +1,127 @@
+"""Candidate generation: lmcor's `CandidateWriter` vs transformers `generate` on the same prompts
+(`lmcor bench --candidates`).
+
+Both write the greedy answer to LMCor's few-shot prompt for each source, at the same batch size,
+ending at the first newline (transformers through `stop_strings`). lmcor runs the prompt's shared
+part once per variant and retires finished rows; `generate` runs every prompt whole and pads
+finished rows until the batch ends. Rounds alternate which one goes first; the medians are
+reported as the answers' tokens per second (lmcor's count for both: the answers must be
+identical), with the tokens each one generated.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmcor.runtime.candidates import CandidateWriter, FewShot, default_few_shot
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.generator import Generator
+
+
+
+@dataclass(frozen=True)
+class CandidatesConfig:
+    bundle: Path  # the causal-LM bundle
+    checkpoint: Path  # the same model as a Hugging Face folder
+    data: Path  # JSONL lines with "source" (and "candidates"; only the source is read)
+    requests: int = 48
+    rounds: int = 2
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # default: the bundle's max output tokens
+    threads: int | None = None
+    prompt: str | None = None  # with {source}; default: lmcor candidates' few-shot prompt
+
+
+def _sources(path: Path, count: int) -> list[str]:
+    import json
+
+    sources = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                value = json.loads(line)
+                if isinstance(value, dict) and isinstance(value.get("source"), str):
+                    sources.append(value["source"])
+            if len(sources) == count:
+                break
+    if not sources:
+        raise InputError(f"{path}: no lines with a 'source'")
+    return sources
+
+
+def _transformers(model, tokenizer, prompts: list[str], batch_size: int, limit: int) -> tuple[list[str], int]:
+    import torch
+
+    texts, tokens = [], 0
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                          return_token_type_ids=False)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=limit, do_sample=False, stop_strings=["\n"],
+                                 tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, batch.input_ids.shape[1] :].tolist():
+            row = [t for t in row if t != tokenizer.pad_token_id]
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            tokens += len(row)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+    return texts, tokens
+
+
+def run(config: CandidatesConfig) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    sources = _sources(config.data, config.requests)
+    few_shot = FewShot.from_template(config.prompt) if config.prompt else default_few_shot()
+    prompts = [few_shot.heads[few_shot.variant(s)] + s + few_shot.tail for s in sources]
+    generator = Generator.load(config.bundle, threads=config.threads)
+    limit = config.max_new_tokens or generator.manifest.max_output_tokens
+    model = AutoModelForCausalLM.from_pretrained(config.checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    seconds: dict[str, list[float]] = {"lmcor": [], "transformers": []}
+    tokens: dict[str, int] = {}
+    texts: dict[str, list[str]] = {}
+    for r in range(config.rounds):
+        for name in (list(seconds) if r % 2 == 0 else list(seconds)[::-1]):
+            started = time.perf_counter()
+            if name == "lmcor":
+                writer = CandidateWriter(generator, few_shot, k=1, max_new_tokens=limit,
+                                         batch_size=config.batch_size)
+                texts[name] = [c.texts[0] for c in writer(sources)]
+                tokens[name] = writer.stats.tokens
+            else:
+                texts[name], tokens[name] = _transformers(model, tokenizer, prompts, config.batch_size, limit)
+            seconds[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    # The same answers are the same useful tokens (transformers may count a few past the stop).
+    rates = {name: tokens["lmcor"] / medians[name] for name in medians}
+    return {
+        "bundle": str(config.bundle),
+        "checkpoint": str(config.checkpoint),
+        "requests": len(sources),
+        "batch_size": config.batch_size,
+        "seconds": medians,
+        "tokens": tokens,
+        "tokens_per_second": rates,
+        "speedup": rates["lmcor"] / rates["transformers"],
+        "identical_outputs": sum(a == b for a, b in zip(texts["lmcor"], texts["transformers"])),
+    }
+
+
+def table(report: dict) -> str:
+    rows = [f"{report['requests']} greedy answers to the few-shot prompt, batch {report['batch_size']}, "
+            "stopping at the first newline:"]
+    for name in ("lmcor", "transformers"):
+        rows.append(f"  {name:<13} {report['seconds'][name]:7.2f} s  {report['tokens'][name]:6d} tokens  "
+                    f"{report['tokens_per_second'][name]:7.1f} tokens/s")
+    rows.append(f"  lmcor {report['speedup']:.2f}x the tokens/s; identical outputs: {report['identical_outputs']} of "
+                f"{report['requests']}")
+    return "\n".join(rows)
