@@ -60,13 +60,11 @@ class Lmcor(Backend):
         self.corrector = Corrector.load(bundle_for(hf_dir, cache, precision), threads=threads)
 
     def generate(self, inputs, new_tokens, forced, batch_size):
+        before = self.corrector.engine.stats
         results = self.corrector.generate(inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens if forced else 0,
                                           batch_size=batch_size)
-        # Every row carries its batch's totals: a 1/batch_size share of each adds up to the batch once.
-        share = [r.stats for r in results]
-        return Output([r.token_ids for r in results], sum(s.encoder_s / s.batch_size for s in share),
-                      sum(s.decoder_s / s.batch_size for s in share),
-                      round(sum(s.decoder_calls / s.batch_size for s in share)))
+        used = self.corrector.engine.stats - before
+        return Output([r.token_ids for r in results], used.encoder_s, used.decoder_s, used.decoder_calls)
 
 
 class Transformers(Backend):

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+MAX_PADDING = 0.25  # of a batch's tokens
 
-def plan_batches(lengths: Sequence[int], batch_size: int, max_padding: float = 0.25) -> list[list[int]]:
+
+def group_size(lengths: Iterable[int], limit: int, max_padding: float = MAX_PADDING) -> int:
+    """How many of `lengths`, taken in order, make one batch of at most `limit` items whose padding is
+    at most `max_padding` of its tokens (the first always does)."""
+    count = real = longest = 0
+    for length in lengths:
+        top = max(longest, length)
+        if count == limit or (count and 1 - (real + length) / (top * (count + 1)) > max_padding):
+            break
+        count, real, longest = count + 1, real + length, top
+    return count
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_padding: float = MAX_PADDING) -> list[list[int]]:
     """Group item indices into batches of at most `batch_size` items of similar length.
 
     Items are taken longest first; a batch is closed early when adding the next item would make
@@ -18,19 +32,10 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_padding: float = 0
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        if current:
-            longest = lengths[current[0]]
-            padded = longest * (len(current) + 1)
-            if len(current) == batch_size or 1 - (real + lengths[i]) / padded > max_padding:
-                batches.append(current)
-                current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    if current:
-        batches.append(current)
+    while order:
+        size = group_size((lengths[i] for i in order), batch_size, max_padding)
+        batches.append(order[:size])
+        order = order[size:]
     return batches
 
 

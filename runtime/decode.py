@@ -4,23 +4,26 @@ Two decoder graphs are driven through one interface (`start`, `step`, `accept`, 
 
 - `MergedDecoder`: optimum's merged decoder, one graph whose `use_cache_branch` input selects the
   first step or a cached step. The past stays in ONNX Runtime as OrtValues bound through
-  IOBinding. Every row advances by the same number of tokens.
+  IOBinding. Every row advances by the same number of tokens, and rows stay from start to end.
 - `RaggedDecoder`: lmcor's step graph for T5-family decoders (`export/decoder.py`), which takes a
   length per row. Its self-attention cache lives in host arrays with spare room; each call
   writes the new tokens' keys/values at each row's length, and `accept` forgets a row's rejected
-  draft tokens by not counting them. This is what lets a batch verify drafts of different lengths.
+  draft tokens by not counting them. This is what lets a batch verify drafts of different lengths,
+  and take new rows (`join`) and let finished ones go (`drop`) between calls.
 
-Greedy decoding verifies drafts (`drafts.Drafter`) when the decoder is ragged: it feeds each row's
-last token plus its draft, keeps the longest drafted prefix the model itself would have chosen,
-and appends the model's next token, so the output is token-identical to plain greedy. Both
-searches reproduce Hugging Face `generate` token for token (greedy, and beam search with length
-penalty and its early-stopping heuristic), including forced BOS/EOS tokens. Beam search runs
-without drafts.
+Greedy search runs a `Batch` of `sequence.Sequence`s through named stages, one decoder call per
+`decode_step`: `propose` (each row's draft, copied from its input by `drafts.Drafts`), `verify` (one
+call on each row's last token and draft), `accept` (the longest drafted prefix the model itself
+would have chosen, then the model's own next token) and `retire` (finished rows leave). Rows that
+have just joined make their first call on their own (`prefill`). The output is token-identical to
+plain greedy, whatever else is in the batch. Both searches reproduce Hugging Face `generate` token for token
+(greedy, and beam search with length penalty and its early-stopping heuristic), including forced
+BOS/EOS tokens and n-gram bans. Beam search runs without drafts, on one static batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +31,7 @@ import onnxruntime as ort
 
 from .bundle import DecoderShape, Manifest, SpecialTokens
 from .drafts import Drafter
+from .sequence import RepeatBan, Sequence
 from .sessions import Sessions
 
 _NEG = np.float32(-1.0e9)  # Hugging Face's "never pick this" score, kept for identical arithmetic
@@ -118,7 +122,15 @@ class MergedDecoder:
 
 
 class RaggedDecoder:
-    """One decoding job over lmcor's ragged step graph; the self-attention cache is host memory."""
+    """lmcor's ragged step graph over a batch whose rows come and go; the caches are host memory.
+
+    Each row has a slot in buffers with room for more rows: its cross-attention keys/values and
+    encoder mask (padded to the longest source of the batch, the padding masked), and its
+    self-attention cache (padded to the longest output, slots past its length masked). Rows join
+    after the last one and leave by moving the last row into their slot, so that both cost a copy
+    of the rows that move, not of the batch. Masked slots hold zeros or a former row's finite
+    values, which the graph's masks give exactly zero weight.
+    """
 
     ragged = True
     _ROOM = 32  # cache slots are added in blocks, so the cache is re-allocated rarely
@@ -129,60 +141,123 @@ class RaggedDecoder:
         inputs = [i.name for i in step.get_inputs()]
         self._own = [n for n in inputs if n.startswith("past.")]
         self._cross = [n for n in inputs if n.startswith("cross.")]
-        self._feed: dict[str, np.ndarray] = {}
-        self._cache: list[np.ndarray] = []
-        self.lengths = np.zeros(0, dtype=np.int64)
+        self.rows = 0
+        self.lengths = np.zeros(0, dtype=np.int64)  # per row: its cached tokens
+        self._mask = np.zeros((0, 0), dtype=np.int64)  # (slots, source)
+        self._keys_values: list[np.ndarray] = []  # cross-attention, (slots, heads, source, head_dim)
+        self._cache: list[np.ndarray] = []  # self-attention, (slots, heads, room, head_dim)
         self._last = 0
 
+    @property
+    def width(self) -> int:
+        """The source length every row's cross-attention spans (the batch's longest)."""
+        return self._mask.shape[1]
+
+    def cross_states(self, hidden: ort.OrtValue) -> list[np.ndarray]:
+        """Every layer's cross-attention keys and values of encoder states."""
+        return self.cross_session.run(self._cross, {"encoder_hidden_states": hidden.numpy()})
+
+    def join(self, cross: list[np.ndarray], mask: np.ndarray) -> None:
+        """Add rows after the running ones: their cross-attention keys/values and encoder mask, and
+        an empty cache each."""
+        n, (added, source) = self.rows, mask.shape
+        if not n:  # the rows' own arrays become the buffers: an empty batch keeps no former rows' padding
+            self._mask, self._keys_values = mask.copy(), list(cross)
+            self._cache = [np.zeros((added, self.shape.num_heads, 0, self.shape.head_dim), dtype=np.float32)
+                           for _ in self._own]
+            self.lengths = np.zeros(added, dtype=np.int64)
+            self.rows = added
+            return
+        if n + added > self._mask.shape[0] or source > self._mask.shape[1]:
+            slots = max(n + added, 2 * self._mask.shape[0] if n + added > self._mask.shape[0] else 0)
+            width = max(source, self._mask.shape[1])
+            self._mask = _regrown(self._mask[:n], (slots, width))
+            self._keys_values = [_regrown(kv[:n], (slots, kv.shape[1], width, kv.shape[3])) for kv in self._keys_values]
+            self._cache = [_regrown(cache[:n], (slots, *cache.shape[1:])) for cache in self._cache]
+        rows = slice(n, n + added)
+        self._mask[rows] = 0
+        self._mask[rows, :source] = mask
+        for buffer, kv in zip(self._keys_values, cross):  # past `source`: masked, zeros or a former row's
+            buffer[rows, :, :source] = kv
+        self.lengths = np.concatenate([self.lengths[:n], np.zeros(added, dtype=np.int64)])
+        self.rows = n + added
+
+    def drop(self, finished: list[int]) -> list[int]:
+        """Let the `finished` rows (ascending) go; returns the rows that remain, in their new order
+        (each finished row's slot is taken by the last remaining row)."""
+        order = list(range(self.rows))
+        buffers = [self._mask, *self._keys_values, *self._cache, self.lengths]
+        for row in reversed(finished):  # the rows after `row` are all remaining ones by now
+            last = len(order) - 1
+            if row != last:
+                for buffer in buffers:
+                    buffer[row] = buffer[last]
+                order[row] = order[last]
+            order.pop()
+        self.rows = n = len(order)
+        self.lengths = self.lengths[:n]
+        # Every row attends over the whole source width: once the longest sources have left and a
+        # quarter of it is padding for every row, it shrinks to what the remaining rows need.
+        width = int(np.flatnonzero(self._mask[:n].any(axis=0))[-1]) + 1 if n else 0
+        if n and width <= 3 * self._mask.shape[1] // 4:
+            slots = self._mask.shape[0]
+            self._mask = _regrown(self._mask[:n, :width], (slots, width))
+            self._keys_values = [_regrown(kv[:n, :, :width], (slots, kv.shape[1], width, kv.shape[3]))
+                                 for kv in self._keys_values]
+        return order
+
     def start(self, hidden: ort.OrtValue, mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        states = hidden.numpy()
-        cross = self.cross_session.run(self._cross, {"encoder_hidden_states": states})
-        self._feed = {"encoder_attention_mask": mask, **dict(zip(self._cross, cross))}
-        batch = ids.shape[0]
-        self._cache = [np.zeros((batch, self.shape.num_heads, 0, self.shape.head_dim), dtype=np.float32)
-                       for _ in self._own]
-        self.lengths = np.zeros(batch, dtype=np.int64)
+        """First step of a fresh batch: the encoder states in, the logits of `ids` (batch, n) out."""
+        self.join(self.cross_states(hidden), mask)
         return self.step(ids)
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """Append `ids` (batch, n) after each row's cached tokens; logits (batch, n, vocab)."""
-        batch, new = ids.shape
-        needed = int(self.lengths.max()) + new
-        if needed > self._cache[0].shape[2]:
-            room = -(-needed // self._ROOM) * self._ROOM
-            grown = []
-            for cache in self._cache:
-                bigger = np.zeros((*cache.shape[:2], room, cache.shape[3]), dtype=np.float32)
-                bigger[:, :, : cache.shape[2]] = cache
-                grown.append(bigger)
-            self._cache = grown
-        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "lengths": self.lengths, **self._feed,
-                **dict(zip(self._own, self._cache))}
+    def step(self, ids: np.ndarray, first: int = 0) -> np.ndarray:
+        """Append `ids` (rows, n) after the cached tokens of rows `first`, `first + 1`... (all rows, or
+        the last ones); logits (rows, n, vocab)."""
+        n, new = ids.shape
+        rows = slice(first, first + n)
+        lengths = self.lengths[rows]
+        room = self._cache[0].shape[2]
+        needed = -(-(int(lengths.max()) + new) // self._ROOM) * self._ROOM
+        # Grown for the longest row, and shrunk once it has left: every row attends over the whole room.
+        if needed > room or (n == self.rows and needed + self._ROOM < room):
+            self._cache = [_regrown(cache[: self.rows, :, :needed], (*cache.shape[:2], needed, cache.shape[3]))
+                           for cache in self._cache]
+        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "lengths": lengths,
+                "encoder_attention_mask": self._mask[rows]}
+        for name, value in zip(self._cross, self._keys_values):
+            feed[name] = value[rows]
+        for name, cache in zip(self._own, self._cache):
+            # Rows that have cached nothing yet (they just joined) attend over no cache at all.
+            feed[name] = cache[rows] if lengths.any() else cache[rows, :, :0]
         logits, *presents = self.session.run(None, feed)
         self.calls += 1
         # Each row's new tokens go after its own cached ones. Slices per row: much cheaper than one
         # fancy-indexed write at the batch sizes decoding uses.
-        for row, start in enumerate(self.lengths.tolist()):
+        for row, start in enumerate(lengths.tolist(), start=first):
             for cache, present in zip(self._cache, presents):
-                cache[row, :, start : start + new] = present[row]
-        self.lengths = self.lengths + new
+                cache[row, :, start : start + new] = present[row - first]
+        self.lengths[rows] += new
         self._last = new
         return logits
 
-    def accept(self, counts: np.ndarray) -> None:
-        """Keep the first `counts[r]` of the last step's tokens of row r; the rest are forgotten."""
-        self.lengths = self.lengths - self._last + counts
+    def accept(self, counts: np.ndarray, first: int = 0) -> None:
+        """Keep the first `counts[r]` of the last step's tokens of its row r (counted from `first`);
+        the rest are forgotten."""
+        self.lengths[first : first + len(counts)] += counts - self._last
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep self-attention caches of `rows` (beam search: beams stay within their item, whose
         cross-attention keys/values and mask they share)."""
-        self._cache = [cache[rows] for cache in self._cache]
+        self._cache = [cache[: self.rows][rows] for cache in self._cache]
         self.lengths = self.lengths[rows]
 
-    def select(self, rows: np.ndarray) -> None:
-        """Continue with `rows` of the batch only (finished rows leave it)."""
-        self.reorder(rows)
-        self._feed = {name: value[rows] for name, value in self._feed.items()}
+
+def _regrown(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros of `shape` with `values` in their leading corner."""
+    out = np.zeros(shape, dtype=values.dtype)
+    out[tuple(slice(0, d) for d in values.shape)] = values
+    return out
 
 
 Decoder = MergedDecoder | RaggedDecoder
@@ -208,54 +283,27 @@ class Search:
     no_repeat_ngram_size: int = 0
 
 
-class RepeatBan:
-    """`no_repeat_ngram_size`: the tokens that would repeat an n-gram of one sequence (transformers'
-    NoRepeatNGramLogitsProcessor; the sequence starts with the decoder start token). The n-grams
-    written so far are kept in a table, so that checking a draft position costs a lookup."""
-
-    def __init__(self, size: int, start: int):
-        self.size = size
-        self.seq: list[int] = [start]
-        self._next: dict[tuple[int, ...], list[int]] = {}
-
-    def banned(self, extra: Sequence[int] = ()) -> list[int]:
-        """Banned next tokens after the sequence followed by `extra` (not yet written)."""
-        n = self.size
-        seq = self.seq + list(extra) if extra else self.seq
-        if len(seq) + 1 < n:
-            return []
-        tail = tuple(seq[len(seq) - n + 1 :])
-        out = list(self._next.get(tail, ()))
-        for i in range(max(0, len(self.seq) - n + 1), len(seq) - n + 1):  # n-grams that reach into `extra`
-            if tuple(seq[i : i + n - 1]) == tail:
-                out.append(seq[i + n - 1])
-        return out
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        n = self.size
-        for token in tokens:
-            self.seq.append(token)
-            if len(self.seq) >= n:
-                self._next.setdefault(tuple(self.seq[len(self.seq) - n : -1]), []).append(token)
-
-
-def _constrain(scores: np.ndarray, special: SpecialTokens, search: Search, cur_len) -> np.ndarray:
-    """`generate`'s logits processors: no EOS before `min_new_tokens`, forced BOS after the start
-    token, forced EOS at the last position. `cur_len` counts the start token: one number, or one per
-    score vector (`scores.shape[:-1]`) where rows or draft positions are at different lengths."""
+def _constrain(scores: np.ndarray, special: SpecialTokens, cur_len, least: int | np.ndarray,
+               most: int | np.ndarray) -> np.ndarray:
+    """`generate`'s logits processors: no EOS before `least` (min_new_tokens) new tokens, forced BOS
+    after the start token, forced EOS at position `most` (max_new_tokens). `cur_len` counts the start
+    token: one number, or one per score vector (`scores.shape[:-1]`) where rows or draft positions are
+    at different lengths; `least` and `most` are numbers, or one per row (a column) where rows differ."""
     cur_len = np.asarray(cur_len)
     lo, hi = int(cur_len.min()), int(cur_len.max())
+    least_top = least if isinstance(least, int) else int(least.max())
+    most_lo, most_hi = (most, most) if isinstance(most, int) else (int(most.min()), int(most.max()))
     # Most steps constrain nothing; this check costs a few microseconds instead of the masks' tens.
-    if (lo - 1 >= search.min_new_tokens and (special.forced_bos is None or lo > 1)
-            and (special.forced_eos is None or not lo <= search.max_new_tokens <= hi)):
+    if (lo - 1 >= least_top and (special.forced_bos is None or lo > 1)
+            and (special.forced_eos is None or most_hi < lo or most_lo > hi)):
         return scores
     cur_len = np.broadcast_to(cur_len, scores.shape[:-1])
-    no_eos = cur_len - 1 < search.min_new_tokens
+    no_eos = cur_len - 1 < least
     forced = np.full(scores.shape[:-1], -1, dtype=np.int64)
     if special.forced_bos is not None:
         forced = np.where(cur_len == 1, special.forced_bos, forced)
     if special.forced_eos is not None:
-        forced = np.where(cur_len == search.max_new_tokens, special.forced_eos, forced)
+        forced = np.where(cur_len == most, special.forced_eos, forced)
     hit = forced >= 0
     if not no_eos.any() and not hit.any():
         return scores
@@ -267,76 +315,159 @@ def _constrain(scores: np.ndarray, special: SpecialTokens, search: Search, cur_l
     return scores
 
 
+class Batch:
+    """The sequences one decoder runs in greedy search, in its row order.
+
+    A ragged decoder takes sequences between calls (`join`) and lets each go once it is done
+    (`retire`); the merged decoder runs the sequences it started with until all are done, feeding
+    the finished ones padding.
+    """
+
+    def __init__(self, decoder: Decoder, special: SpecialTokens):
+        self.decoder = decoder
+        self.special = special
+        self.rows: list[Sequence] = []
+        self._start: tuple[ort.OrtValue, np.ndarray] | None = None  # the merged decoder's, until its first call
+        self.banning = False  # whether any row bans repeated n-grams
+        self.least: int | np.ndarray = 0  # min_new_tokens: one number, or a column of one per row
+        self.most: int | np.ndarray = 0  # max_new_tokens, alike
+
+    def join(self, rows: list[Sequence], hidden: ort.OrtValue, mask: np.ndarray) -> None:
+        """Add `rows`, whose encoder states and mask are `hidden` and `mask`."""
+        if self.decoder.ragged:
+            self.decoder.join(self.decoder.cross_states(hidden), mask)
+        elif self.rows or self.decoder.calls:
+            raise ValueError("the merged decoder takes its rows once, before its first call")
+        else:
+            self._start = (hidden, mask)
+        self.rows += rows
+        self._limits()
+
+    def _limits(self) -> None:
+        rows = self.rows
+        self.banning = any(s.ban is not None for s in rows)
+        self.least = _per_row([s.search.min_new_tokens for s in rows])
+        self.most = _per_row([s.search.max_new_tokens for s in rows])
+
+
+def _per_row(values: list[int]) -> int | np.ndarray:
+    """One number where all rows agree (the common case, and the cheap one), else a column."""
+    if not values or values.count(values[0]) == len(values):
+        return values[0] if values else 0
+    return np.array(values, dtype=np.int64)[:, None]
+
+
+def propose(rows: list[Sequence]) -> None:
+    """Each drafting row's draft: up to what its max_new_tokens leaves after the model's next token."""
+    for s in rows:
+        if s.drafts is not None:
+            s.draft = s.drafts.propose(s.tokens, s.search.max_new_tokens - len(s.tokens) - 1)
+
+
+def verify(batch: Batch, first: int = 0) -> np.ndarray:
+    """One decoder call on the last token and draft of rows `first`... (padded to the longest draft);
+    logits (rows, 1 + longest draft, vocab). Finished rows of the merged decoder are fed padding."""
+    rows = batch.rows[first:]
+    ids = np.full((len(rows), 1 + max(len(s.draft) for s in rows)), batch.special.pad, dtype=np.int64)
+    for i, s in enumerate(rows):
+        if not s.done:
+            ids[i, 0] = s.last
+            if s.draft:
+                ids[i, 1 : 1 + len(s.draft)] = s.draft
+    if batch._start is not None:
+        hidden, mask = batch._start
+        batch._start = None
+        return batch.decoder.start(hidden, mask, ids)
+    return batch.decoder.step(ids, first) if first else batch.decoder.step(ids)
+
+
+def accept(batch: Batch, logits: np.ndarray, first: int = 0) -> None:
+    """Rows `first`... take the longest drafted prefix equal to the model's own choices, then the
+    model's next token, its logits processors applied (n-gram bans, min length, forced BOS/EOS).
+    `logits` are the call's own, and are changed in place."""
+    rows, special = batch.rows[first:], batch.special
+    written = np.array([len(s.tokens) for s in rows])
+    cur_len = written[:, None] + np.arange(1, logits.shape[1] + 1)
+    if batch.banning:  # before the other processors, as in `generate`
+        for i, s in enumerate(rows):
+            if s.ban is not None and not s.done:
+                for k in range(len(s.draft) + 1):
+                    logits[i, k, s.ban.banned(s.draft[:k])] = -np.inf
+    least, most = batch.least, batch.most
+    if first:
+        least, most = (x if isinstance(x, int) else x[first:] for x in (least, most))
+    choice = _constrain(logits, special, cur_len, least, most).argmax(axis=-1).tolist()
+    kept = np.zeros(len(rows), dtype=np.int64)  # fed tokens whose keys/values stay cached
+    now = time.perf_counter()
+    for i, s in enumerate(rows):
+        if s.done:
+            continue
+        draft, chosen = s.draft, choice[i]
+        k = 0
+        while k < len(draft) and chosen[k] == draft[k]:
+            k += 1
+        # The model's choice after each accepted draft token is that token; after the last
+        # accepted one it is the model's own next token.
+        s.take(chosen[: k + 1], len(draft), k, special.eos, now)
+        kept[i] = k + 1
+    if batch.decoder.ragged:
+        batch.decoder.accept(kept, first)
+
+
+def retire(batch: Batch) -> list[Sequence]:
+    """The rows that are done, out of the batch (the merged decoder's only once all of them are)."""
+    rows = batch.rows
+    if batch.decoder.ragged:
+        finished = [i for i, s in enumerate(rows) if s.done]
+        if not finished:
+            return []
+        out = [rows[i] for i in finished]
+        batch.rows = [rows[i] for i in batch.decoder.drop(finished)]
+    elif all(s.done for s in rows):
+        out, batch.rows = rows, []
+    else:
+        return []
+    now = time.perf_counter()
+    for s in out:
+        s.finished = now
+    batch._limits()
+    return out
+
+
+def prefill(batch: Batch, count: int) -> list[Sequence]:
+    """The first decoder call of the `count` rows that joined last (a ragged decoder's), on their own:
+    first drafts are long (they copy whole candidates), and rows further along would pay for their
+    width. Returns the sequences it finished."""
+    first = len(batch.rows) - count
+    propose(batch.rows[first:])
+    accept(batch, verify(batch, first), first)
+    return retire(batch)
+
+
+def decode_step(batch: Batch) -> list[Sequence]:
+    """One decoder call for every row: propose, verify, accept, retire. Returns the sequences it
+    finished."""
+    propose(batch.rows)
+    accept(batch, verify(batch))
+    return retire(batch)
+
+
 def greedy(decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: SpecialTokens, search: Search,
            drafter: Drafter | None = None) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
-    """Greedy search, verifying `drafter`'s drafts when given (a ragged decoder is needed).
-
-    Returns the tokens of each row (EOS cut off) and, per row, the drafted and accepted tokens.
-    A ragged decoder drops finished rows from the batch; the merged one feeds them padding.
-    """
+    """Greedy search over one batch from start to end, verifying `drafter`'s drafts when given (a
+    ragged decoder is needed). Returns the tokens of each row (EOS cut off) and, per row, the drafted
+    and accepted tokens."""
     if drafter is not None and not decoder.ragged:
         raise ValueError("drafted decoding needs a ragged decoder graph")
-    batch = mask.shape[0]
-    out: list[list[int]] = [[] for _ in range(batch)]
-    drafts: list[list[int]] = [[] for _ in range(batch)]
-    running = np.ones(batch, dtype=bool)
-    drafted = np.zeros(batch, dtype=np.int64)
-    accepted = np.zeros(batch, dtype=np.int64)
-    last = [special.decoder_start] * batch
-    active = np.arange(batch)  # the rows in the decoder's batch, in its order
-    bans = [RepeatBan(search.no_repeat_ngram_size, special.decoder_start) for _ in range(batch)]
-    while True:
-        for r in active[running[active]]:
-            limit = search.max_new_tokens - len(out[r]) - 1  # the model adds one token after a draft
-            drafts[r] = drafter.propose(r, out[r], limit) if drafter is not None else []
-        ids = np.full((len(active), 1 + max(len(drafts[r]) for r in active)), special.pad, dtype=np.int64)
-        for i, r in enumerate(active):
-            if running[r]:
-                ids[i, 0] = last[r]
-                ids[i, 1 : 1 + len(drafts[r])] = drafts[r]
-        logits = decoder.start(hidden, mask, ids) if decoder.calls == 0 else decoder.step(ids)
-        written = np.array([len(out[r]) for r in active])
-        cur_len = written[:, None] + 1 + np.arange(logits.shape[1])
-        scores = logits
-        if search.no_repeat_ngram_size:  # before the other processors, as in `generate`
-            scores = logits.copy()
-            for i, r in enumerate(active):
-                for k in range(len(drafts[r]) + 1 if running[r] else 0):
-                    scores[i, k, bans[r].banned(drafts[r][:k])] = -np.inf
-        choice = _constrain(scores, special, search, cur_len).argmax(axis=-1).tolist()
-        kept = np.zeros(len(active), dtype=np.int64)  # fed tokens whose keys/values stay cached
-        for i, r in enumerate(active):
-            if not running[r]:
-                continue
-            draft = drafts[r]
-            k = 0
-            while k < len(draft) and choice[i][k] == draft[k]:
-                k += 1
-            # The model's choice after each accepted draft token is that token; after the last
-            # accepted one it is the model's own next token.
-            new = choice[i][: k + 1][: search.max_new_tokens - len(out[r])]
-            if special.eos in new:
-                new = new[: new.index(special.eos) + 1]
-                running[r] = False
-            out[r] += new
-            bans[r].extend(new)
-            last[r] = new[-1]
-            kept[i] = k + 1
-            drafted[r] += len(draft)
-            accepted[r] += k
-            if drafter is not None:
-                drafter.update(r, len(draft), k)
-            if len(out[r]) >= search.max_new_tokens:
-                running[r] = False
-        if not running.any():
-            break
-        if decoder.ragged:
-            decoder.accept(kept)
-            if not running[active].all():
-                decoder.select(np.flatnonzero(running[active]))
-                active = active[running[active]]
-    tokens = [row[: row.index(special.eos)] if special.eos in row else row for row in out]
-    return tokens, drafted, accepted
+    rows = [Sequence(search, special.decoder_start, drafts=None if drafter is None else drafter.rows[r])
+            for r in range(mask.shape[0])]
+    batch = Batch(decoder, special)
+    batch.join(rows, hidden, mask)
+    while batch.rows:
+        decode_step(batch)
+    drafted = np.array([s.drafted for s in rows], dtype=np.int64)
+    accepted = np.array([s.accepted for s in rows], dtype=np.int64)
+    return [s.output(special.eos) for s in rows], drafted, accepted
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -386,7 +517,7 @@ def beam_search(
                 ban = RepeatBan(search.no_repeat_ngram_size, seq[0])
                 ban.extend(seq[1:])
                 log_probs[row, ban.banned()] = -np.inf
-        log_probs = _constrain(log_probs, special, search, cur_len)
+        log_probs = _constrain(log_probs, special, cur_len, search.min_new_tokens, search.max_new_tokens)
         log_probs = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
         top = _topk(log_probs, keep)
         top_scores = np.take_along_axis(log_probs, top, axis=1)

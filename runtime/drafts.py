@@ -6,7 +6,7 @@ tokens written so far are looked up in them (longest n-gram first, then shorter;
 first token, the sequences' starts), and the tokens that follow the matches are proposed. Where
 matches disagree (the candidates differ), each drafted token is the one most matches continue
 with, and the draft follows the matches that agree with it. The decoder verifies the draft in one
-call (see `decode.greedy`), so a draft only ever costs compute, never correctness.
+call (see `decode.verify`), so a draft only ever costs compute, never correctness.
 """
 
 from __future__ import annotations
@@ -25,38 +25,40 @@ MAX_DRAFT, FIRST_DRAFT = 32, 24
 Position = tuple[int, int]  # (reference sequence, index of the token that follows the match)
 
 
-class Drafter:
-    """Draft proposals for a batch of rows, each row drafting from its own reference sequences."""
+class Drafts:
+    """One row's draft proposals: its reference sequences, indexed, and its draft size (adapted to how
+    much of its drafts the decoder accepts)."""
 
-    def __init__(self, references: Sequence[Sequence[np.ndarray]], end: int, *, max_ngram: int = MAX_NGRAM):
+    def __init__(self, references: Sequence[np.ndarray], end: int, *, max_ngram: int = MAX_NGRAM):
         self.max_ngram = max_ngram
         # Sampled candidates often repeat one another: each distinct sequence is indexed once and
         # votes with the number of times it occurs.
-        counted = [Counter(tuple([*np.asarray(seq).tolist(), end]) for seq in row) for row in references]
-        self._refs = [[list(seq) for seq in row] for row in counted]
-        self._weights = [list(row.values()) for row in counted]
-        self._tables = [self._index(row) for row in self._refs]
-        self.sizes = [FIRST_DRAFT] * len(references)  # per-row draft length, adapted to acceptance
+        counted = Counter(tuple([*np.asarray(seq).tolist(), end]) for seq in references)
+        self._refs = [list(seq) for seq in counted]
+        self._weights = list(counted.values())
+        self._table = self._index(self._refs)
+        self.size = FIRST_DRAFT
 
-    def _index(self, row: list[list[int]]) -> dict[int, list[Position]]:
+    @staticmethod
+    def _index(refs: list[list[int]]) -> dict[int, list[Position]]:
         """token -> the positions right after each of its occurrences, in sequence order. Longer
         matches are found by checking the tokens before these positions: cheaper than indexing every
         n-gram of every request, since a request proposes only a few times."""
         table: dict[int, list[Position]] = {}
-        for s, seq in enumerate(row):
+        for s, seq in enumerate(refs):
             for end in range(1, len(seq)):
                 table.setdefault(seq[end - 1], []).append((s, end))
         return table
 
-    def propose(self, row: int, history: Sequence[int], limit: int) -> list[int]:
-        """Up to min(limit, the row's draft size) tokens likely to follow `history`."""
-        size = min(limit, self.sizes[row])
+    def propose(self, history: Sequence[int], limit: int) -> list[int]:
+        """Up to min(limit, the draft size) tokens likely to follow `history`."""
+        size = min(limit, self.size)
         if size <= 0:
             return []
-        refs, weights = self._refs[row], self._weights[row]
+        refs, weights = self._refs, self._weights
         if not history:
             return _vote(refs, weights, [(s, 0) for s in range(len(refs))], size)
-        after_last = self._tables[row].get(history[-1], [])
+        after_last = self._table.get(history[-1], [])
         for n in range(min(self.max_ngram, len(history)), 0, -1):
             tail = list(history[len(history) - n :])
             starts = [(s, p) for s, p in after_last if p >= n and refs[s][p - n : p] == tail]
@@ -64,17 +66,34 @@ class Drafter:
                 return _vote(refs, weights, starts, size)
         return []
 
-    def update(self, row: int, drafted: int, accepted: int) -> None:
-        """Grow the row's drafts while they are accepted whole, shrink them to a little more than was
+    def update(self, drafted: int, accepted: int) -> None:
+        """Grow the drafts while they are accepted whole, shrink them to a little more than was
         accepted, and halve them while nothing is (down to one token, which costs next to nothing)."""
         if drafted == 0:
             return
         if accepted == drafted:
-            self.sizes[row] = min(MAX_DRAFT, self.sizes[row] + 4)
+            self.size = min(MAX_DRAFT, self.size + 4)
         elif accepted:
-            self.sizes[row] = accepted + 2
+            self.size = accepted + 2
         else:
-            self.sizes[row] = max(1, self.sizes[row] // 2)
+            self.size = max(1, self.size // 2)
+
+
+class Drafter:
+    """Draft proposals for a batch of rows, each row drafting from its own reference sequences."""
+
+    def __init__(self, references: Sequence[Sequence[np.ndarray]], end: int, *, max_ngram: int = MAX_NGRAM):
+        self.rows = [Drafts(row, end, max_ngram=max_ngram) for row in references]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [row.size for row in self.rows]
+
+    def propose(self, row: int, history: Sequence[int], limit: int) -> list[int]:
+        return self.rows[row].propose(history, limit)
+
+    def update(self, row: int, drafted: int, accepted: int) -> None:
+        self.rows[row].update(drafted, accepted)
 
 
 def _vote(refs: list[list[int]], weights: list[int], starts: list[Position], size: int) -> list[int]:

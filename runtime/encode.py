@@ -8,13 +8,25 @@ on a GPU).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .batching import pad_batch
 from .errors import BundleError
 from .sessions import Sessions
+
+
+def encode_batch(sessions: Sessions, packed: PackedEncoder | None, inputs: Sequence[np.ndarray], pad_id: int, *,
+                 repeat: int = 1) -> tuple[ort.OrtValue, np.ndarray]:
+    """The encoder states of token id sequences, right-padded into one batch, and its attention mask;
+    the packed encoder's where there is one."""
+    ids, mask = pad_batch(inputs, pad_id)
+    if packed is not None:
+        return packed(ids, mask, repeat=repeat), mask
+    return encode(sessions, ids, mask, repeat=repeat), mask
 
 
 def encode(sessions: Sessions, input_ids: np.ndarray, attention_mask: np.ndarray, *, repeat: int = 1) -> ort.OrtValue:

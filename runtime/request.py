@@ -1,4 +1,4 @@
-"""What goes in (`Request`) and what comes out (`Correction`) of a corrector."""
+"""What goes in (`Request`, `CorrectionOptions`) and what comes out (`Correction`) of a corrector."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
-from .options import check_text
+from .options import MAX_BEAMS, MAX_LENGTH_PENALTY, check_flag, check_int, check_number, check_text
 
 
 @dataclass(frozen=True)
@@ -39,17 +39,65 @@ class Request:
 
 
 @dataclass(frozen=True)
-class DecodeStats:
-    """Where the time of the batch this item ran in went, and how the decoder was used."""
+class CorrectionOptions:
+    """How requests are corrected: one object for the API, the CLI and the server, checked when it is
+    made (an `InputError` naming the bad field).
 
-    batch_size: int = 1
+    Outputs have at most `max_new_tokens` tokens (None: the bundle's `max_output_tokens`, which also
+    caps it) and no EOS before `min_new_tokens`. `num_beams` > 1 runs beam search with
+    `length_penalty`. `no_repeat_ngram_size` > 0 bans repeating any n-gram of the output (None: the
+    bundle's default; 0: off). `drafts` verifies drafts copied from the request's input in greedy search
+    (same output, fewer decoder calls) where the bundle's decoder supports it. A gate passes a first
+    candidate whose P(right) is at least `gate_threshold` (None: the gate's calibrated threshold, else
+    0.5). An output whose chrF to its nearest candidate is below `fallback_below` (None: the bundle's
+    calibrated value; 0: never) is replaced by that candidate.
+    """
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int | None = None
+    drafts: bool = True
+    gate_threshold: float | None = None
+    fallback_below: float | None = None
+
+    def __post_init__(self) -> None:
+        most = None if self.max_new_tokens is None else check_int("max_new_tokens", self.max_new_tokens, 1)
+        checked = {
+            "max_new_tokens": most,
+            "min_new_tokens": check_int("min_new_tokens", self.min_new_tokens, 0, most,
+                                        most_is=" (max_new_tokens)" if most is not None else ""),
+            "num_beams": check_int("num_beams", self.num_beams, 1, MAX_BEAMS),
+            "length_penalty": check_number("length_penalty", self.length_penalty, -MAX_LENGTH_PENALTY,
+                                           MAX_LENGTH_PENALTY),
+            "no_repeat_ngram_size": (None if self.no_repeat_ngram_size is None
+                                     else check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)),
+            "drafts": check_flag("drafts", self.drafts),
+            "gate_threshold": (None if self.gate_threshold is None
+                               else check_number("gate_threshold", self.gate_threshold, 0, 1, what="a probability")),
+            "fallback_below": (None if self.fallback_below is None
+                               else check_number("fallback_below", self.fallback_below, 0, 100, what="a chrF")),
+        }
+        for name, value in checked.items():  # in the types the runtime uses (an np.int64 becomes an int)
+            object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One request's own numbers: its tokens, the decoder calls it took part in, its drafts, and
+    where its time went (seconds, from when it was submitted)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
-    encoder_s: float = 0.0
-    decoder_s: float = 0.0
-    decoder_calls: int = 0  # calls of the decoder for the whole batch
-    drafted_tokens: int = 0  # this item's draft tokens sent to the decoder for verification
+    decoder_calls: int = 0  # calls of the decoder that advanced this request
+    drafted_tokens: int = 0  # draft tokens sent to the decoder for verification
     accepted_tokens: int = 0  # of which the decoder accepted
+    queued_s: float = 0.0  # waiting for a place in the decoder's batch
+    encoder_s: float = 0.0  # its encoder pass (with the rows encoded with it)
+    decoder_s: float = 0.0  # from its encoder pass to its last token
+    first_token_s: float = 0.0  # from submission to its first output token
+    latency_s: float = 0.0  # from submission to its last token
 
 
 @dataclass(frozen=True)
@@ -58,7 +106,7 @@ class Correction:
     token_ids: list[int]  # the decoded tokens of `text`; empty when `text` is a candidate (gated, fallback)
     truncated: bool = False
     id: Any = None
-    stats: DecodeStats = field(default_factory=DecodeStats)
+    stats: RequestStats = field(default_factory=RequestStats)
     gated: bool = False  # the gate found the first candidate right: returned as it is, not decoded
     fallback: bool = False  # the output strayed from every candidate: the nearest candidate instead
 

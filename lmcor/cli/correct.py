@@ -8,6 +8,7 @@ from typing import Any
 
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.request import Correction, as_request
+from lmcor.runtime.scheduler import EngineStats
 
 from . import options
 from .lines import answer_lines
@@ -33,11 +34,10 @@ def record(number: int, ident: Any, result: Correction) -> dict:
 
 
 class _Totals:
-    """Decoder use summed over a run; batch-level numbers count once per batch."""
+    """A run's requests, summed from their own stats; the models' calls and time come from the engine's."""
 
     def __init__(self) -> None:
-        self.requests = self.gated = self.fallbacks = self.generated = self.calls = self.drafted = self.accepted = 0
-        self.seconds = 0.0
+        self.requests = self.gated = self.fallbacks = self.generated = self.drafted = self.accepted = 0
 
     def add(self, results: list) -> None:
         for r in results:
@@ -48,18 +48,18 @@ class _Totals:
                 self.requests += 1
                 self.fallbacks += r.fallback
                 self.generated += s.output_tokens + 1  # + the EOS step
-                self.calls += s.decoder_calls / s.batch_size
-                self.seconds += (s.encoder_s + s.decoder_s) / s.batch_size
                 self.drafted += s.drafted_tokens
                 self.accepted += s.accepted_tokens
 
-    def summary(self) -> str:
+    def summary(self, engine: EngineStats) -> str:
         share = f" ({100 * self.accepted / self.drafted:.0f}%)" if self.drafted else ""
         gated = f" ({self.gated} more passed by the gate)" if self.gated else ""
         fallbacks = f", {self.fallbacks} fell back to their nearest candidate" if self.fallbacks else ""
+        calls = engine.decoder_calls
         return (f"lmcor: {self.requests} requests corrected{gated}{fallbacks}, {self.generated} generated tokens (EOS included), "
-                f"{round(self.calls)} decoder calls ({self.calls / max(1, self.generated):.3f} per token), "
-                f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, {self.seconds:.2f} s in the model")
+                f"{calls} decoder calls ({calls / max(1, self.generated):.3f} per token), "
+                f"{self.drafted} drafted tokens, {self.accepted} accepted{share}, "
+                f"{engine.encoder_s + engine.decoder_s:.2f} s in the model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
 
     code = answer_lines(args, as_request, answer, record, "correcting")
     if args.stats:
-        print(totals.summary(), file=sys.stderr)
+        print(totals.summary(corrector.engine.stats), file=sys.stderr)
     return code

@@ -87,10 +87,15 @@ def add_correction(parser: argparse.ArgumentParser) -> None:
 
 
 def correction_options(args: argparse.Namespace, gate: Any) -> dict[str, Any]:
-    """`Corrector.correct_batch`'s keywords from the `add_correction` options."""
-    return dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                no_repeat_ngram_size=args.no_repeat_ngram_size, drafts=not args.no_drafts, gate=gate,
-                gate_threshold=args.gate_threshold, fallback_below=args.fallback_below, batch_size=args.batch_size)
+    """`Corrector.correct_batch`'s keywords from the `add_correction` options: one `CorrectionOptions`,
+    the gate and the batch size."""
+    from lmcor.runtime.request import CorrectionOptions
+
+    options = CorrectionOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                drafts=not args.no_drafts, gate_threshold=args.gate_threshold,
+                                fallback_below=args.fallback_below)
+    return dict(options=options, gate=gate, batch_size=args.batch_size)
 
 
 def load_gate(args: argparse.Namespace, given: str | None):

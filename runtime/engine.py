@@ -1,0 +1,358 @@
+"""`Engine`: a corrector's models serving many requests at once, offline or online.
+
+Every request takes the same stages: parsed (`request.as_request`), gated (a classifier may find
+its first candidate right, which is then its answer), tokenized (`tokens.encode_requests`), decoded
+by a `scheduler.Scheduler` (encode, propose, verify, accept, retire: rows join and leave the
+decoder's batch between calls), turned into text, and guarded (`fallback.guard`). Offline calls
+(`correct`, `generate`) admit all their requests at once, longest first, and run the scheduler in
+the calling thread. Online requests (`submit`) go to one background thread, which runs while
+requests wait or run and answers each through its future. A request's new tokens become known in
+`Sequence.take`, one decoder call at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .bundle import Manifest
+from .classifier import Classifier, passing_threshold, right_probabilities
+from .decode import Search
+from .drafts import Drafts
+from .encode import PackedEncoder
+from .errors import InputError
+from .fallback import guard
+from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens,
+                      check_optional, check_progress, shown)
+from .request import Correction, CorrectionOptions, Request, as_request
+from .scheduler import EngineStats, Scheduler, Tally
+from .sequence import Sequence
+from .sessions import Sessions
+from .tokens import ModelInput, encode_requests
+
+DEFAULTS = CorrectionOptions()
+
+
+@dataclass(frozen=True)
+class _Submission:
+    item: Any
+    options: CorrectionOptions
+    gate: Classifier | None
+    future: Future
+    queued: float
+
+
+class Engine:
+    """A corrector bundle's sessions and the schedulers that drive them.
+
+    `batch_size` bounds the rows decoding at once for online requests (offline calls give their own).
+    """
+
+    def __init__(self, sessions: Sessions, manifest: Manifest, tokenizer: Tokenizer,
+                 packed: PackedEncoder | None = None, *, batch_size: int = 16):
+        self.sessions, self.manifest, self.tokenizer, self.packed = sessions, manifest, tokenizer, packed
+        self.batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        self._tally = Tally()
+        self._cond = threading.Condition()
+        self._inbox: list[_Submission] = []
+        self._thread: threading.Thread | None = None
+        self._closed = self._cancel = False
+
+    @property
+    def drafts_supported(self) -> bool:
+        """Whether this bundle's decoder can verify drafts exactly: lmcor's ragged T5-family decoder,
+        and for int8, activations quantized per row (bundles exported since format 3)."""
+        return self.manifest.decoder_graph == "ragged" and not self.manifest.int8_per_tensor
+
+    @property
+    def stats(self) -> EngineStats:
+        """What this engine has done so far, offline and online."""
+        return self._tally.read()
+
+    def search(self, options: CorrectionOptions) -> Search:
+        """The decoding `options` ask for, checked against this bundle (max_new_tokens at most its
+        max_output_tokens; None options: its defaults)."""
+        limit = check_max_new_tokens(options.max_new_tokens, self.manifest.max_output_tokens)
+        return Search(max_new_tokens=limit,
+                      min_new_tokens=check_int("min_new_tokens", options.min_new_tokens, 0, limit,
+                                               most_is=" (max_new_tokens)"),
+                      num_beams=options.num_beams,
+                      length_penalty=options.length_penalty,
+                      no_repeat_ngram_size=(self.manifest.no_repeat_ngram_size if options.no_repeat_ngram_size is None
+                                            else options.no_repeat_ngram_size),
+                      drafts=options.drafts and options.num_beams == 1 and self.drafts_supported)
+
+    # Offline: all requests admitted at once, the scheduler run in the calling thread.
+
+    def correct(self, items: Iterable[Request | dict | tuple], options: CorrectionOptions | None = None, *,
+                gate: Classifier | None = None, batch_size: int = 16, errors: Literal["raise", "return"] = "raise",
+                progress: Callable[[int], None] | None = None) -> list[Correction | InputError]:
+        """`Corrector.correct_batch`: see there."""
+        options = _options(options)
+        search = self.search(options)
+        check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        check_optional("gate", gate, Classifier, "a Classifier")
+        check_choice("errors", errors, ERRORS)
+        check_progress(progress)
+        items = check_items("items", items, "requests")
+        results: list[Correction | InputError | None] = [None] * len(items)
+        valid: list[tuple[int, Request]] = []
+        for n, item in enumerate(items):
+            try:
+                valid.append((n, as_request(item)))
+            except InputError as e:
+                if errors == "raise":
+                    raise InputError(f"item {n}: {e}") from None
+                results[n] = e
+        if gate is not None and valid:
+            passed = _gate(gate, options.gate_threshold, [r for _, r in valid])
+            for (n, request), answer in zip(valid, passed):
+                results[n] = answer
+            if progress is not None and any(passed):
+                progress(sum(answer is not None for answer in passed))
+            valid = [(n, request) for (n, request), answer in zip(valid, passed) if answer is None]
+        inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid],
+                                 self.manifest.max_input_tokens, references=search.drafts)
+        sequences = []
+        for (n, request), model_input in zip(valid, inputs):
+            if isinstance(model_input, InputError):
+                if errors == "raise":
+                    raise InputError(f"item {n}: {model_input}")
+                results[n] = model_input
+            else:
+                sequences.append(self._sequence(search, model_input, self._below(options), request=request, index=n))
+        for finished in self._run(sequences, batch_size):
+            for s, correction in zip(finished, self._finish(finished)):
+                results[s.index] = correction
+            if progress is not None:
+                progress(len(finished))
+        return results  # type: ignore[return-value]
+
+    def generate(self, input_ids: Iterable[Iterable[int]], options: CorrectionOptions | None = None, *,
+                 batch_size: int = 16) -> list[Correction]:
+        """`Corrector.generate`: see there."""
+        search = self.search(_options(options))
+        check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        rows = check_items("input_ids", input_ids, "token id sequences")
+        sequences = [self._sequence(search, ModelInput(self._token_ids(n, ids), False), 0.0, index=n)
+                     for n, ids in enumerate(rows)]
+        results: list[Correction | None] = [None] * len(sequences)
+        for finished in self._run(sequences, batch_size):
+            for s, correction in zip(finished, self._finish(finished)):
+                results[s.index] = correction
+        return results  # type: ignore[return-value]
+
+    def _run(self, sequences: list[Sequence], batch_size: int) -> Iterator[list[Sequence]]:
+        """Decode `sequences`, longest input first, `batch_size` rows at most at once; yields them as
+        they finish."""
+        scheduler = Scheduler(self.sessions, self.manifest, self.packed, batch_size, self._tally, patient=True)
+        scheduler.add(sorted(sequences, key=lambda s: -len(s.input.ids)))
+        while scheduler.busy:
+            finished = scheduler.step()
+            if finished:
+                yield finished
+
+    # Online: one background thread answers submissions through futures.
+
+    def submit(self, request: Request | dict | tuple, options: CorrectionOptions | None = None, *,
+               gate: Classifier | None = None) -> Future[Correction]:
+        """Correct one request in the engine's background thread, which the first submission starts.
+        Thread-safe. Requests join the running batch between decoder calls (at most `batch_size` rows),
+        so a short one never waits for a long one to finish.
+
+        The future holds the `Correction`, or the `InputError` of a bad request or options, as
+        `correct_batch` would raise it; where the models fail on a batch, the error of each request in
+        it. Cancelling the future before its request is admitted skips the request.
+        """
+        future: Future[Correction] = Future()
+        queued = time.perf_counter()
+        try:
+            options = _options(options)
+            check_optional("gate", gate, Classifier, "a Classifier")
+        except InputError as e:
+            future.set_exception(e)
+            return future
+        with self._cond:
+            if self._closed:
+                raise InputError("this engine is closed (Engine.close): it takes no more requests")
+            self._inbox.append(_Submission(request, options, gate, future, queued))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Take no more submissions, and return once every one taken is answered: corrected, or with
+        `cancel`, cancelled unless it is already decoding."""
+        with self._cond:
+            self._closed = True
+            self._cancel = self._cancel or cancel
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        """The background loop: runs while submissions wait or decode, sleeps otherwise."""
+        scheduler = Scheduler(self.sessions, self.manifest, self.packed, self.batch_size, self._tally)
+        try:
+            while True:
+                with self._cond:
+                    while not (self._inbox or scheduler.busy or self._closed):
+                        self._cond.wait()
+                    arrivals, self._inbox = self._inbox, []
+                    cancel = self._cancel
+                if cancel:
+                    for future in [*(s.future for s in scheduler.waiting), *(a.future for a in arrivals)]:
+                        if future.cancel():
+                            future.set_running_or_notify_cancel()  # wakes `wait` and `as_completed` too
+                    scheduler.waiting.clear()
+                    arrivals = []
+                if not arrivals and not scheduler.busy:
+                    return  # closed, and every submission answered
+                if arrivals:
+                    try:
+                        scheduler.add(self._prepare(arrivals))
+                    except Exception as e:  # the tokenizer or a gate failed: these requests fail, not the engine
+                        for submission in arrivals:
+                            _settle(submission.future, error=e)
+                try:
+                    finished = scheduler.step()
+                except Exception as e:  # the models failed on this batch: its requests fail, the waiting ones run
+                    for s in scheduler.abandon():
+                        _settle(s.future, error=e)
+                    continue
+                try:
+                    for s, correction in zip(finished, self._finish(finished)):
+                        _settle(s.future, correction)
+                except Exception as e:
+                    for s in finished:
+                        _settle(s.future, error=e)
+        except BaseException as e:  # a bug of the loop itself: no future may wait forever
+            with self._cond:
+                self._closed = True
+                arrivals, self._inbox = self._inbox, []
+            for s in [*scheduler.abandon(), *scheduler.waiting]:
+                _settle(s.future, error=e)
+            for submission in arrivals:
+                _settle(submission.future, error=e)
+            raise
+
+    def _prepare(self, arrivals: list[_Submission]) -> list[Sequence]:
+        """Submissions -> sequences to decode, in arrival order; a bad request or options, or a gate
+        that passes the first candidate, answers its future here."""
+        ready: list[tuple[_Submission, Request, Search]] = []
+        for submission in arrivals:
+            try:
+                ready.append((submission, as_request(submission.item), self.search(submission.options)))
+            except InputError as e:
+                _settle(submission.future, error=e)
+        gated: dict[tuple[Classifier, float | None], list[tuple[_Submission, Request, Search]]] = {}
+        for entry in ready:
+            if entry[0].gate is not None:
+                gated.setdefault((entry[0].gate, entry[0].options.gate_threshold), []).append(entry)
+        passed: set[int] = set()
+        for (gate, threshold), group in gated.items():
+            for (submission, _, _), answer in zip(group, _gate(gate, threshold, [r for _, r, _ in group])):
+                if answer is not None:
+                    _settle(submission.future, answer)
+                    passed.add(id(submission))
+        ready = [entry for entry in ready if id(entry[0]) not in passed]
+        sequences = []
+        for drafts in (False, True):
+            subset = [entry for entry in ready if entry[2].drafts == drafts]
+            inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r, _ in subset],
+                                     self.manifest.max_input_tokens, references=drafts)
+            for (submission, request, search), model_input in zip(subset, inputs):
+                if isinstance(model_input, InputError):
+                    _settle(submission.future, error=model_input)
+                else:
+                    sequences.append(self._sequence(search, model_input, self._below(submission.options),
+                                                    request=request, future=submission.future,
+                                                    queued=submission.queued))
+        return sorted(sequences, key=lambda s: s.queued)
+
+    # Stages shared by both modes.
+
+    def _sequence(self, search: Search, model_input: ModelInput, below: float, **where: Any) -> Sequence:
+        special = self.manifest.special_tokens
+        drafts = Drafts(model_input.references or (model_input.ids,), special.eos) if search.drafts else None
+        return Sequence(search, special.decoder_start, model_input=model_input, drafts=drafts, below=below, **where)
+
+    def _below(self, options: CorrectionOptions) -> float:
+        """The fallback threshold: the options', else the bundle's calibrated one, else none (0)."""
+        below = self.manifest.fallback_below if options.fallback_below is None else options.fallback_below
+        return below or 0.0
+
+    def _finish(self, finished: list[Sequence]) -> list[Correction]:
+        """Retired sequences -> their corrections: text, own stats, and the fallback where it applies."""
+        if not finished:
+            return []
+        eos = self.manifest.special_tokens.eos
+        tokens = [s.output(eos) for s in finished]
+        out = []
+        for s, row, text in zip(finished, tokens, self.tokenizer.decode_batch(tokens, skip_special_tokens=True)):
+            correction = s.correction(text, row)
+            if s.below and s.request is not None:
+                correction = guard(correction, s.request.candidates, s.below, seen=s.input.candidates)
+            out.append(correction)
+        return out
+
+    def _token_ids(self, n: int, ids: Any) -> np.ndarray:
+        """Row `n` of `generate`'s input_ids: 1 to max_input_tokens ids of the model's vocabulary."""
+        try:
+            row = np.asarray(ids)
+        except (TypeError, ValueError):  # ragged nesting
+            row = np.asarray(None)
+        if row.ndim != 1 or (row.size and row.dtype.kind not in "iu"):
+            raise InputError(f"item {n}: input_ids must hold sequences of token ids (integers), got {shown(ids)}")
+        if not 0 < len(row) <= self.manifest.max_input_tokens:
+            raise InputError(f"item {n}: {len(row)} input tokens; the model takes 1 to "
+                             f"{self.manifest.max_input_tokens}")
+        vocab = self.manifest.decoder.vocab_size
+        outside = row[(row < 0) | (row >= vocab)]
+        if outside.size:
+            raise InputError(f"item {n}: token id {outside[0]} is outside the model's vocabulary (0 to {vocab - 1})")
+        return row.astype(np.int64)
+
+
+def _options(options: CorrectionOptions | None) -> CorrectionOptions:
+    return DEFAULTS if options is None else check_optional("options", options, CorrectionOptions, "a CorrectionOptions")
+
+
+def _gate(gate: Classifier, threshold: float | None, requests: list[Request]) -> list[Correction | None]:
+    """The answer of each request whose first candidate the gate finds right (that candidate, as it
+    is), else None. A blank first candidate is not asked about: it answers nothing, and a classifier
+    reads no empty text."""
+    threshold = passing_threshold(gate, threshold)
+    asked = [i for i, r in enumerate(requests) if r.candidates[0].strip()]
+    answers: list[Correction | None] = [None] * len(requests)
+    for i, p in zip(asked, right_probabilities(gate, [(requests[i].source, requests[i].candidates) for i in asked])):
+        if p >= threshold:
+            answers[i] = Correction(text=requests[i].candidates[0], token_ids=[], id=requests[i].id, gated=True)
+    return answers
+
+
+def _settle(future: Future, result: Correction | None = None, error: BaseException | None = None) -> None:
+    """Give a future its outcome, unless its caller has cancelled it."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass  # cancelled while it waited

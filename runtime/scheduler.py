@@ -1,0 +1,199 @@
+"""Waiting sequences -> the decoder batch: admission between decoder calls, and the engine's counts.
+
+A `Scheduler` holds the sequences waiting for the decoder and the batch running them. Before each
+decoder call, waiting sequences join the batch while it has room for them (at most `batch_size`
+rows), their encoder pass batched in groups of similar input length; after it, finished rows
+leave. A short request never waits for a long one to finish. Where rows cannot join mid-flight
+(the merged decoder, beam search), a group runs as a static batch to its end before the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batching import MAX_PADDING, group_size
+from .bundle import Manifest
+from .decode import Batch, beam_search, decode_step, open_decoder, prefill
+from .encode import PackedEncoder, encode_batch
+from .sequence import Sequence
+from .sessions import Sessions
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """How an engine used its models, summed over its batches (each counted once). Subtract two
+    readings to get what happened between them."""
+
+    requests: int = 0  # sequences decoded to their end
+    output_tokens: int = 0  # their tokens, EOS not counted
+    encoder_calls: int = 0
+    encoder_s: float = 0.0  # encoder passes, cross-attention keys/values included
+    decoder_calls: int = 0
+    decoder_s: float = 0.0  # decode steps, the Python around each call included
+    rows: int = 0  # rows advanced, summed over decoder calls: rows / decoder_calls is the mean batch
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    def __sub__(self, other: EngineStats) -> EngineStats:
+        return EngineStats(*(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)))
+
+
+class Tally:
+    """`EngineStats` being counted, by the threads that run schedulers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dataclasses.asdict(EngineStats())
+
+    def add(self, **counts: float) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                self._counts[name] += value
+
+    def read(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(**self._counts)
+
+
+class Scheduler:
+    """The sequences waiting for one decoder, in the order they are to be admitted, and its batch."""
+
+    def __init__(self, sessions: Sessions, manifest: Manifest, packed: PackedEncoder | None, batch_size: int,
+                 tally: Tally, *, patient: bool = False):
+        self.sessions, self.manifest, self.packed = sessions, manifest, packed
+        self.batch_size = batch_size
+        self.patient = patient
+        self.tally = tally
+        self.waiting: deque[Sequence] = deque()
+        self.continuous = manifest.decoder_graph == "ragged"  # rows join and leave between calls
+        self.batch = Batch(open_decoder(sessions, manifest), manifest.special_tokens)
+        self._admitting: list[Sequence] = []  # out of the queue, not yet in the batch
+        self._finished: list[Sequence] = []  # out of the batch, not yet returned
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.batch.rows)
+
+    def add(self, sequences: Iterable[Sequence]) -> None:
+        self.waiting.extend(sequences)
+
+    def step(self) -> list[Sequence]:
+        """Admit what the batch can take, then one decoder call for every row (a static batch of beam
+        search: its whole search). Returns the sequences finished, their `finished` time set."""
+        batch = self.batch
+        if not batch.rows:
+            if not self.waiting:
+                return []
+            if self.waiting[0].search.num_beams > 1:
+                return self._beams()
+            if not self.continuous and batch.decoder.calls:  # the merged decoder serves one batch
+                batch = self.batch = Batch(open_decoder(self.sessions, self.manifest), self.manifest.special_tokens)
+        if self.continuous or not batch.rows:
+            self._admit(batch)
+        if batch.rows:
+            live = len(batch.rows) if self.continuous else sum(not s.done for s in batch.rows)
+            started = time.perf_counter()
+            done = decode_step(batch)
+            self.tally.add(decoder_calls=1, decoder_s=time.perf_counter() - started, rows=live)
+            self._retire(done)
+        finished, self._finished = self._finished, []
+        return finished
+
+    def abandon(self) -> list[Sequence]:
+        """Every sequence the current step holds (running, being admitted, or finished but not yet
+        returned), out of the scheduler after a failure of the models; the waiting ones stay."""
+        out = [*self._finished, *self.batch.rows, *(s for s in self._admitting if s not in self.batch.rows)]
+        self._finished, self._admitting = [], []
+        self.batch = Batch(open_decoder(self.sessions, self.manifest), self.manifest.special_tokens)
+        return out
+
+    def _admit(self, batch: Batch) -> None:
+        """Encode and join groups of waiting greedy sequences while the batch has room; a beam search
+        at the head of the queue lets the batch drain first. A drafting group's first decoder call is
+        its own (`prefill`).
+
+        A `patient` scheduler (offline calls: throughput) lets a group join a running batch once half
+        of the batch is free (fewer, larger encoder passes and prefills) and only where its inputs are
+        within `MAX_PADDING` of the batch's longest source, which every row's cross-attention spans
+        (the queue is longest first: later rows wait for the longest to leave). An impatient one
+        (online requests: latency) lets every request join as soon as there is room.
+        """
+        while self.waiting and self.waiting[0].search.num_beams == 1:
+            room = self.batch_size - len(batch.rows)
+            if room <= 0 or (self.patient and batch.rows and (
+                    room < min(self.batch_size // 2, len(self.waiting))
+                    or len(self.waiting[0].input.ids) < (1 - MAX_PADDING) * batch.decoder.width)):
+                break
+            group = self._admitting = [s for s in self._take(room) if s.claim()]
+            if group:
+                started = time.perf_counter()
+                hidden, mask = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
+                                            self.manifest.special_tokens.pad)
+                batch.join(group, hidden, mask)
+                self._encoded(group, started)
+                if self.continuous and any(s.drafts is not None for s in group):
+                    started = time.perf_counter()
+                    done = prefill(batch, len(group))
+                    self.tally.add(decoder_calls=1, decoder_s=time.perf_counter() - started, rows=len(group))
+                    self._retire(done)
+            self._admitting = []
+            if not self.continuous:
+                break
+
+    def _take(self, limit: int) -> list[Sequence]:
+        """The next waiting sequences that search alike (greedy ones share a batch whatever their
+        options; beam searches need the same options) and make one encoder batch with bounded padding."""
+        kind = _kind(self.waiting[0])
+        alike = itertools.takewhile(lambda s: _kind(s) == kind, self.waiting)
+        return [self.waiting.popleft() for _ in range(group_size((len(s.input.ids) for s in alike), limit))]
+
+    def _beams(self) -> list[Sequence]:
+        """A static batch of beam search, from its encoder pass to its end."""
+        group = self._admitting = [s for s in self._take(self.batch_size) if s.claim()]
+        if not group:
+            return []
+        search = group[0].search
+        started = time.perf_counter()
+        hidden, mask = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
+                                    self.manifest.special_tokens.pad, repeat=search.num_beams)
+        self._encoded(group, started)
+        decoder = open_decoder(self.sessions, self.manifest)
+        tokens = beam_search(decoder, hidden, np.repeat(mask, search.num_beams, axis=0), self.manifest.special_tokens,
+                             search)
+        ended = time.perf_counter()
+        for s, row in zip(group, tokens):
+            s.tokens, s.calls = row, decoder.calls
+            s.first_token = s.finished = ended
+        self.tally.add(decoder_calls=decoder.calls, decoder_s=ended - group[0].encoded, rows=decoder.calls * len(group))
+        self._admitting = []
+        self._retire(group)
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _encoded(self, group: list[Sequence], started: float) -> None:
+        encoded = time.perf_counter()
+        for s in group:
+            s.admitted, s.encoded = started, encoded
+        self.tally.add(encoder_calls=1, encoder_s=encoded - started)
+
+    def _retire(self, finished: list[Sequence]) -> None:
+        """Count finished sequences, and keep them until the step returns them."""
+        self._finished += finished
+        if finished:
+            eos = self.manifest.special_tokens.eos
+            self.tally.add(requests=len(finished), output_tokens=sum(len(s.output(eos)) for s in finished),
+                           drafted_tokens=sum(s.drafted for s in finished),
+                           accepted_tokens=sum(s.accepted for s in finished))
+
+
+def _kind(s: Sequence) -> object:
+    """What a sequence's batch must share with it: nothing in greedy search, the options in beam search."""
+    return s.search if s.search.num_beams > 1 else None

@@ -1,0 +1,234 @@
+"""The engine: online requests from any thread decode as offline ones do, join a running batch between
+decoder calls (a short one never waits for a long one), keep drafts exact, count their own stats,
+and every future is answered: by a result, its own error, or a cancellation."""
+
+import time
+from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import pytest
+from conftest import make_requests
+from lmcor.bench.drafts import read_requests
+from lmcor.runtime.bundle import shipped_bundle
+
+from lmcor import Classifier, CorrectionOptions, Corrector, Engine, InputError
+
+SPLIT = Path(__file__).resolve().parent.parent / "recipes" / "splits" / "test.jsonl"
+RESULT_TIMEOUT = 120  # seconds: a test fails instead of hanging
+
+
+def _engine(corrector: Corrector, batch_size: int = 16) -> Engine:
+    return Engine(corrector.sessions, corrector.manifest, corrector.tokenizer, corrector.packed, batch_size=batch_size)
+
+
+def _varied(count: int, seed: int) -> list[dict]:
+    """Requests of very different lengths: one candidate of a few words up to five candidates, some
+    of them several sentences long."""
+    requests = make_requests(count, seed)
+    for n, request in enumerate(requests):
+        if n % 3 == 0:
+            request["candidates"] = [" ".join([c] * 4) for c in request["candidates"]]
+        elif n % 3 == 1:
+            request["candidates"] = request["candidates"][:1]
+    return requests
+
+
+def _long(corrector: Corrector) -> tuple[dict, CorrectionOptions]:
+    """A request forced to decode the bundle's whole max_output_tokens, one token per call."""
+    cap = corrector.manifest.max_output_tokens
+    return {"id": "long", "source": "she go home", "candidates": ["She goes home."]}, CorrectionOptions(
+        max_new_tokens=cap, min_new_tokens=cap, drafts=False, no_repeat_ngram_size=0, fallback_below=0)
+
+
+def _wait_until_decoding(engine: Engine, before: int) -> None:
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while engine.stats.decoder_calls == before:
+        assert time.monotonic() < deadline, "the engine never started decoding"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("arch", ["t5v11", "bart"])
+def test_online_submissions_from_threads_match_offline(bundles, arch):
+    corrector = Corrector.load(bundles[arch])
+    requests = _varied(30, seed=4)
+    options = CorrectionOptions(max_new_tokens=24)
+    offline = corrector.correct_batch(requests, options=options, batch_size=4)
+    with _engine(corrector, batch_size=4) as engine, ThreadPoolExecutor(4) as pool:
+        futures = list(pool.map(lambda r: engine.submit(r, options), requests))
+        online = [f.result(timeout=RESULT_TIMEOUT) for f in futures]
+    assert [c.token_ids for c in online] == [c.token_ids for c in offline]
+    assert [c.id for c in online] == [r["id"] for r in requests]
+    if arch != "bart":  # the tiny random BART ignores its input: all its outputs run to the forced EOS
+        assert len({len(c.token_ids) for c in online}) > 3, "the fixture should give outputs of many lengths"
+
+
+def test_beam_search_runs_online_as_static_batches(bundles):
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(10, seed=8)
+    beams = CorrectionOptions(max_new_tokens=12, num_beams=3)
+    greedy = CorrectionOptions(max_new_tokens=12)
+    with _engine(corrector, batch_size=4) as engine:
+        futures = [engine.submit(r, beams if n % 2 else greedy) for n, r in enumerate(requests)]
+        online = [f.result(timeout=RESULT_TIMEOUT) for f in futures]
+    for n, (request, got) in enumerate(zip(requests, online)):
+        [alone] = corrector.correct_batch([request], options=beams if n % 2 else greedy)
+        assert got.token_ids == alone.token_ids
+
+
+def test_a_short_request_submitted_while_a_long_one_decodes_finishes_first(bundles):
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    short = make_requests(1, seed=2)[0]
+    finished = []
+    with _engine(corrector) as engine:
+        first = engine.submit(long, forced)
+        first.add_done_callback(lambda _: finished.append("long"))
+        _wait_until_decoding(engine, 0)
+        second = engine.submit(short, CorrectionOptions(max_new_tokens=4))
+        second.add_done_callback(lambda _: finished.append("short"))
+        slow, quick = first.result(timeout=RESULT_TIMEOUT), second.result(timeout=RESULT_TIMEOUT)
+        shared = engine.stats.rows - engine.stats.decoder_calls  # calls that ran more than one row
+    assert finished == ["short", "long"]
+    assert len(slow.token_ids) == corrector.manifest.max_output_tokens
+    assert slow.stats.decoder_calls == len(slow.token_ids)
+    assert quick.stats.decoder_calls <= 4 and quick.stats.latency_s < slow.stats.latency_s
+    assert shared >= quick.stats.decoder_calls - 1  # the short one decoded beside the long one
+    assert quick.token_ids == corrector.correct_batch([short], max_new_tokens=4)[0].token_ids
+
+
+def test_rows_admitted_mid_flight_keep_drafts_exact():
+    corrector = Corrector.load()
+    requests = read_requests(SPLIT, 24)
+    plain = corrector.correct_batch(requests, batch_size=1, drafts=False, fallback_below=0)
+    long, forced = _long(corrector)
+    options = CorrectionOptions(fallback_below=0)
+    with _engine(corrector, batch_size=8) as engine:
+        first = engine.submit(long, forced)
+        _wait_until_decoding(engine, 0)
+        with ThreadPoolExecutor(3) as pool:  # in waves, while the long request and one another decode
+            futures = list(pool.map(lambda r: engine.submit(r, options), requests))
+        drafted = [f.result(timeout=RESULT_TIMEOUT) for f in futures]
+        assert not first.done(), "every request should have joined while the long one decoded"
+        first.result(timeout=RESULT_TIMEOUT)
+    assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
+    accepted = sum(c.stats.accepted_tokens for c in drafted)
+    assert 0 < accepted < sum(c.stats.drafted_tokens for c in drafted)
+    assert sum(c.stats.decoder_calls for c in drafted) < sum(c.stats.decoder_calls for c in plain) / 2
+
+
+@pytest.mark.parametrize("options", [CorrectionOptions(max_new_tokens=16),
+                                     CorrectionOptions(max_new_tokens=16, drafts=False),
+                                     CorrectionOptions(max_new_tokens=10, num_beams=2)])
+def test_per_request_stats_add_up_to_the_engines(bundles, options):
+    corrector = Corrector.load(bundles["t5v11"])
+    before = corrector.engine.stats
+    got = corrector.correct_batch(_varied(20, seed=6), options=options, batch_size=6)
+    used = corrector.engine.stats - before
+    assert used.requests == len(got)
+    assert used.output_tokens == sum(c.stats.output_tokens for c in got) == sum(len(c.token_ids) for c in got)
+    assert used.drafted_tokens == sum(c.stats.drafted_tokens for c in got)
+    assert used.accepted_tokens == sum(c.stats.accepted_tokens for c in got)
+    assert used.rows == sum(c.stats.decoder_calls for c in got)  # each call counts once per row it advanced
+    assert used.decoder_calls < used.rows and used.encoder_calls < len(got)  # rows shared calls and passes
+    for c in got:
+        s = c.stats
+        assert s.latency_s == pytest.approx(s.queued_s + s.encoder_s + s.decoder_s)
+        assert 0 < s.encoder_s and s.first_token_s <= s.latency_s
+
+
+def test_close_answers_every_future(bundles):
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(24, seed=9)
+    engine = _engine(corrector, batch_size=4)
+    futures = [engine.submit(r, CorrectionOptions(max_new_tokens=16)) for r in requests]
+    engine.close()
+    assert all(f.done() for f in futures)
+    assert [f.result().token_ids for f in futures] == [
+        c.token_ids for c in corrector.correct_batch(requests, max_new_tokens=16)]
+    with pytest.raises(InputError, match="closed"):
+        engine.submit(requests[0])
+
+    engine = _engine(corrector, batch_size=2)
+    long, forced = _long(corrector)
+    futures = [engine.submit(long, forced), *(engine.submit(r) for r in requests)]
+    _wait_until_decoding(engine, 0)
+    engine.close(cancel=True)
+    assert not wait(futures, timeout=0).not_done
+    assert futures[0].result().id == "long"  # decoding already: finished
+    cancelled = [f for f in futures if f.cancelled()]
+    assert cancelled, "requests still waiting should have been cancelled"
+    for f in futures:
+        if not f.cancelled():
+            assert f.result().token_ids is not None
+    with pytest.raises(CancelledError):
+        cancelled[0].result()
+
+
+def test_a_bad_request_fails_only_its_future(bundles):
+    corrector = Corrector.load(bundles["t5"])
+    good = make_requests(4, seed=12)
+    bad = {
+        1: ({"source": "", "candidates": ["x"]}, None, "field 'source' is empty"),
+        2: ({"source": "she go\ud800", "candidates": ["x"]}, None, "lone surrogate"),
+        3: ({"source": "word " * 2000, "candidates": ["x"]}, None, "the source is never cut"),
+        5: (good[0], CorrectionOptions(max_new_tokens=10**6), "max_new_tokens must be an integer from 1 to 256"),
+        6: ("not a request", None, "expected an object"),
+    }
+    with _engine(corrector) as engine:
+        futures = {n: engine.submit(request, options) for n, (request, options, _) in bad.items()}
+        answers = [engine.submit(r, CorrectionOptions(max_new_tokens=8)) for r in good]
+        for n, (_, _, message) in bad.items():
+            with pytest.raises(InputError, match=message):
+                futures[n].result(timeout=RESULT_TIMEOUT)
+        got = [f.result(timeout=RESULT_TIMEOUT) for f in answers]
+    assert [c.token_ids for c in got] == [c.token_ids for c in corrector.correct_batch(good, max_new_tokens=8)]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_serves_on(bundles, monkeypatch):
+    from lmcor.runtime import scheduler
+
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(3, seed=14)
+    broken = {"left": 1}
+    real = scheduler.decode_step
+
+    def flaky(batch):
+        if broken["left"]:
+            broken["left"] -= 1
+            raise RuntimeError("the decoder failed")
+        return real(batch)
+
+    monkeypatch.setattr(scheduler, "decode_step", flaky)
+    with _engine(corrector) as engine:
+        failed = engine.submit(requests[0], CorrectionOptions(max_new_tokens=8, drafts=False))
+        with pytest.raises(RuntimeError, match="the decoder failed"):
+            failed.result(timeout=RESULT_TIMEOUT)
+        later = [engine.submit(r, CorrectionOptions(max_new_tokens=8)) for r in requests]
+        assert [f.result(timeout=RESULT_TIMEOUT).token_ids for f in later] == [
+            c.token_ids for c in corrector.correct_batch(requests, max_new_tokens=8)]
+
+
+def test_the_gate_answers_online_before_admission(bundles):
+    corrector = Corrector.load(bundles["t5"])
+    gate = Classifier.load(shipped_bundle("gate"))
+    requests = [{"source": "she go", "candidates": ["  ", "She goes."]}, *make_requests(2, seed=5)]
+    with _engine(corrector) as engine:
+        got = [engine.submit(r, CorrectionOptions(max_new_tokens=4, gate_threshold=0.0), gate=gate).result(
+            timeout=RESULT_TIMEOUT) for r in requests]
+    assert not got[0].gated and got[1].gated and got[2].gated  # threshold 0 passes every candidate asked about
+    assert got[1].text == requests[1]["candidates"][0] and got[1].stats.decoder_calls == 0
+
+
+def test_options_come_as_keywords_or_as_one_object(bundles):
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(5, seed=1)
+    options = CorrectionOptions(max_new_tokens=6, no_repeat_ngram_size=2, fallback_below=0)
+    assert [c.token_ids for c in corrector.correct_batch(requests, options=options)] == [
+        c.token_ids for c in corrector.correct_batch(requests, max_new_tokens=6, no_repeat_ngram_size=2,
+                                                     fallback_below=0)]
+    with pytest.raises(InputError, match="max_new_tokens: give the options either as keywords or as options="):
+        corrector.correct_batch(requests, options=options, max_new_tokens=8)
+    with pytest.raises(InputError, match="options must be a CorrectionOptions"):
+        corrector.correct_batch(requests, options={"max_new_tokens": 6})
+    with pytest.raises(InputError, match="min_new_tokens must be an integer from 0 to 4"):
+        CorrectionOptions(max_new_tokens=4, min_new_tokens=5)
