@@ -2,7 +2,8 @@
 
 The top-level folders install as sub-packages of one namespaced package:
 runtime/ -> lmcor.runtime, export/ -> lmcor.export, kernels/ -> lmcor.kernels,
-bench/ -> lmcor.bench, recipes/ -> lmcor.recipes, and lmcor/ holds the public API and the CLI.
+bench/ -> lmcor.bench, recipes/ -> lmcor.recipes, and lmcor/ holds the public API, the CLI
+(lmcor/cli) and the HTTP server (lmcor/server).
 """
 
 import os
@@ -14,6 +15,8 @@ from setuptools import setup
 
 PACKAGES = {
     "lmcor": "lmcor",
+    "lmcor.cli": "lmcor/cli",
+    "lmcor.server": "lmcor/server",
     "lmcor.runtime": "runtime",
     "lmcor.export": "export",
     "lmcor.kernels": "kernels",
@@ -63,6 +66,8 @@ EXPORT = [
 ]
 
 BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
+# `lmcor serve`; uvicorn's shutdown is extended (`server.runner`), so its minor version is capped.
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29,<0.60", "prometheus_client>=0.20"]
 # The Triton kernels (GPU; on CPU through Triton's interpreter, for their tests).
 KERNELS = ["torch>=2.1,<3", "triton>=3.2; platform_system == 'Linux'"]
 
@@ -82,9 +87,10 @@ setup(
     extras_require={
         "export": EXPORT,
         "eval": ["sacrebleu>=2.3"],
-        "bench": EXPORT + BENCH + ["ctranslate2>=4.0"],
+        "bench": EXPORT + BENCH + SERVE + ["ctranslate2>=4.0", "httpx>=0.27"],
         "kernels": KERNELS,
-        "test": EXPORT + BENCH + KERNELS + ["pytest>=7", "sacrebleu>=2.3"],
+        "serve": SERVE,
+        "test": EXPORT + BENCH + KERNELS + SERVE + ["pytest>=7", "sacrebleu>=2.3", "httpx>=0.27", "schemathesis>=4.0"],
     },
     entry_points={"console_scripts": ["lmcor=lmcor.cli:main"]},
 )

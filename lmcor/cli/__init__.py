@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": ("evaluate", "score a corrector against its candidates on labelled data"),
     "export": ("export", "export a Hugging Face checkpoint to a validated bundle"),
     "train-corrector": ("train_corrector", "train a corrector on your LLM's own candidates, export and evaluate it"),
+    "serve": ("serve", "serve a corrector (and gate, classifiers, generators) over HTTP"),
     "bench": ("bench", "latency and throughput of lmcor and its peers, side by side"),
 }
 

@@ -48,12 +48,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "on the same model's --model checkpoint, over --data sources (--requests, --rounds, --batch-size)")
     parser.add_argument("--prompt", help="with --candidates: the LLM's prompt with {source} (default: lmcor "
                         "candidates' few-shot prompt)")
+    parser.add_argument("--serve", action="store_true",
+                        help="instead: lmcor serve (--bundle) under 1-64 concurrent clients vs the same server one request "
+                        "at a time vs offline correct_batch at --batch-size, over --data (default: recipes/splits/"
+                        "test.jsonl; --requests distinct ones cycled, default 256; --seconds, --clients, --threads)")
+    parser.add_argument("--seconds", type=options.finite_float, default=15.0,
+                        help="with --serve: seconds of load at each concurrency (default: %(default)s)")
+    parser.add_argument("--clients", default="1,4,16,64", help="with --serve: concurrencies (default: %(default)s)")
     parser.add_argument("--prefix-tokens", type=options.positive_int, default=500, help="with --shared-prefix")
     parser.add_argument("--bundle", help="with --drafts and --gate: corrector bundle folder (default: the corrector "
                         "shipped with lmcor); with --shared-prefix and --candidates: a causal-LM bundle")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.serve:
+        return _bench_serve(args)
     if args.drafts:
         return _bench_drafts(args)
     if args.gate is not None:
@@ -84,6 +93,31 @@ def _write_report(path: Path, report: dict, table: str) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table)
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from lmcor.bench import serve
+    from lmcor.bench.harness import BenchConfig
+
+    data = Path(args.data) if args.data else Path(__file__).resolve().parents[2] / "recipes" / "splits" / "test.jsonl"
+    if not data.is_file():
+        raise InputError(f"--serve needs --data: a JSONL file of correction requests ({data} is not there)")
+    try:
+        clients = tuple(options.positive_int(c) for c in args.clients.split(","))
+    except argparse.ArgumentTypeError as e:
+        raise InputError(f"--clients: {e}") from None
+    # --requests and --batch-size default to the harness's (12, 8); --serve's own are 256 and 16 (the server's).
+    own = serve.ServeBenchConfig
+    config = own(data=data, bundle=Path(args.bundle) if args.bundle else None, seconds=args.seconds, clients=clients,
+                 requests=own.requests if args.requests == BenchConfig.requests else args.requests,
+                 batch_size=own.batch_size if args.batch_size == BenchConfig.batch_size else args.batch_size,
+                 threads=args.threads, out=Path(args.out))
+    report = serve.run(config)
+    _write_report(Path(args.out) / "serve.json", report, serve.table(report))
+    print(f"wrote {serve.plot(report, Path(args.out))}", file=sys.stderr)
+    servers = report["servers"].values()
+    drained = all(s["exit_code"] == 0 and not any(r["lost"] for r in s["clients"].values()) for s in servers)
+    return 0 if drained else 1
 
 
 def _bench_prefix(args: argparse.Namespace) -> int:

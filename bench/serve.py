@@ -1,0 +1,289 @@
+"""`lmcor serve` under load, side by side with what it is built on (`lmcor bench --serve`).
+
+On one data file, cycled: the server (a subprocess on loopback, its engine decoding up to
+`batch_size` rows) driven by 1, 4, 16 and 64 concurrent clients (threads with persistent
+connections, each sending its next request once answered) for `seconds` each; the same server
+deciding one request at a time (`--max-batch 1`); and in this process, the offline
+`Corrector.correct_batch` at `batch_size` (the throughput ceiling) and `Corrector.correct` one request
+at a time (the latency floor). Reported per concurrency: throughput of answered requests, latency
+p50/p90/p99, error answers, lost requests (no answer at all), and whether the server's outputs equal
+the offline ones; the ratios the server is held to; each server's exit code after SIGTERM (0: it
+drained); and a plot of throughput and p99 against concurrency.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.errors import LmcorError
+
+from .drafts import read_requests
+
+REQUEST_TIMEOUT_S = 300.0  # a client's wait for one answer; past it the request counts as lost
+START_TIMEOUT_S = 180.0
+# What the server is held to at 16 clients (the issue's targets), and at one client.
+TARGETS = {"throughput_vs_offline": 0.8, "throughput_vs_one_at_a_time": 2.0, "p99_over_p50": 4.0,
+           "single_client_latency_vs_in_process": 1.3}
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    data: Path
+    bundle: Path | None = None  # None: the shipped default corrector
+    seconds: float = 15.0  # of load at each concurrency
+    clients: tuple[int, ...] = (1, 4, 16, 64)
+    requests: int = 256  # distinct requests, cycled
+    batch_size: int = 16
+    threads: int | None = None
+    out: Path = Path("bench-out")
+
+
+def run(config: ServeBenchConfig) -> dict:
+    requests = read_requests(config.data, config.requests)
+    bodies = [json.dumps({"id": n, "source": r.source, "candidates": list(r.candidates)}).encode()
+              for n, r in enumerate(requests)]
+    corrector = Corrector.load(config.bundle, threads=config.threads)
+    offline, expected = _offline(corrector, requests, config)
+    single = _in_process(corrector, requests, config.seconds)
+    config.out.mkdir(parents=True, exist_ok=True)
+    servers = {}
+    for name, max_batch in (("server", config.batch_size), ("server, one at a time", 1)):
+        log = config.out / f"serve-batch{max_batch}.stderr.jsonl"
+        process, url = _start(config, max_batch, log)
+        try:
+            _drive(url, bodies[:4], expected, 1, 0.0, min_requests=4)  # warm-up: first-run allocations
+            runs = {str(c): _drive(url, bodies, expected, c, config.seconds) for c in config.clients}
+        finally:
+            code = _stop(process)
+        servers[name] = {"max_batch": max_batch, "clients": runs, "exit_code": code, "log": str(log)}
+    return {
+        "data": str(config.data), "bundle": str(corrector.root), "requests": len(requests),
+        "seconds": config.seconds, "batch_size": config.batch_size, "threads": config.threads,
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count()},
+        "offline": offline, "in_process_single": single, "servers": servers,
+        "ratios": _ratios(offline, single, servers, config),
+    }
+
+
+def _offline(corrector: Corrector, requests: list, config: ServeBenchConfig) -> tuple[dict, dict[int, str]]:
+    """`correct_batch` over every request, in passes until `seconds` have gone by."""
+    corrector.correct_batch(requests[:4], batch_size=config.batch_size)  # warm-up
+    done, started = 0, time.perf_counter()
+    while True:
+        results = corrector.correct_batch(requests, batch_size=config.batch_size)
+        done += len(results)
+        if time.perf_counter() - started >= config.seconds:
+            break
+    elapsed = time.perf_counter() - started
+    return {"batch_size": config.batch_size, "requests_per_s": done / elapsed}, {n: r.text for n, r in
+                                                                                 enumerate(results)}
+
+
+def _in_process(corrector: Corrector, requests: list, seconds: float) -> dict:
+    """`Corrector.correct` one request at a time, for `seconds`."""
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    for r in itertools.cycle(requests):
+        started = time.perf_counter()
+        corrector.correct(r.source, r.candidates)
+        latencies.append(time.perf_counter() - started)
+        if time.perf_counter() >= deadline:
+            break
+    return _percentiles(latencies)
+
+
+def _start(config: ServeBenchConfig, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "lmcor.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
+               "--timeout-s", str(REQUEST_TIMEOUT_S)]
+    if config.bundle is not None:
+        command += ["--model", str(config.bundle)]
+    if config.threads is not None:
+        command += ["--threads", str(config.threads)]
+    env = {k: v for k, v in os.environ.items() if k != "LMCOR_API_KEY"}
+    with open(log, "w", encoding="utf-8") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    line = process.stdout.readline()
+    if "listening on" not in line:
+        _stop(process)
+        raise LmcorError(f"the server did not start: see {log}")
+    url = line.split()[-1]
+    import httpx
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            _stop(process)
+            raise LmcorError(f"the server did not become ready: see {log}")
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen) -> int:
+    """SIGTERM, then its exit code (0: it drained); killed if it does not stop."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients: int, seconds: float, *,
+           min_requests: int = 0) -> dict:
+    """`clients` threads, each sending its next request once the last is answered, until `seconds`
+    have gone by (and `min_requests` were sent); answers are compared with `expected` (id -> text)."""
+    import httpx
+
+    sent = itertools.count()  # next() on it is atomic under the GIL
+    latencies: list[float] = []
+    errors: Counter[int] = Counter()
+    counts = {"lost": 0, "identical": 0}
+    lock = threading.Lock()
+    started = time.perf_counter()
+    stop_at = started + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Content-Type": "application/json"}) as c:
+            while True:
+                n = next(sent)
+                if time.perf_counter() >= stop_at and n >= min_requests:
+                    return
+                body = bodies[n % len(bodies)]
+                began = time.perf_counter()
+                try:
+                    response = c.post("/v1/correct", content=body)
+                except httpx.HTTPError:
+                    with lock:
+                        counts["lost"] += 1
+                    continue
+                took = time.perf_counter() - began
+                with lock:
+                    if response.status_code == 200:
+                        latencies.append(took)
+                        answer = response.json()
+                        counts["identical"] += answer["output"] == expected[answer["id"]]
+                    else:
+                        errors[response.status_code] += 1
+
+    cpu = time.process_time()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    return {"answered": len(latencies), "requests_per_s": len(latencies) / elapsed, **_percentiles(latencies),
+            "errors": {str(k): v for k, v in errors.items()}, "lost": counts["lost"],
+            "identical_outputs": counts["identical"], "client_cpu_share": (time.process_time() - cpu) / elapsed}
+
+
+def _percentiles(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
+    ms = np.asarray(seconds) * 1e3
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
+
+
+def _ratios(offline: dict, single: dict, servers: dict, config: ServeBenchConfig) -> dict:
+    batched, one = servers["server"]["clients"], servers["server, one at a time"]["clients"]
+    out = {}
+    if "16" in batched:
+        at16 = batched["16"]
+        out["throughput_vs_offline"] = at16["requests_per_s"] / offline["requests_per_s"]
+        out["throughput_vs_one_at_a_time"] = at16["requests_per_s"] / max(one["16"]["requests_per_s"], 1e-9)
+        out["p99_over_p50"] = at16["p99_ms"] / at16["p50_ms"] if at16["p50_ms"] else None
+    if "1" in batched and batched["1"]["p50_ms"]:
+        out["single_client_latency_vs_in_process"] = batched["1"]["p50_ms"] / single["p50_ms"]
+    return out
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(report: dict) -> str:
+    machine = report["machine"]
+    rows = [(f"{report['data']}: {report['requests']} requests cycled, {report['seconds']:g} s per point; "
+             f"{machine['cpu']}, {machine['cores']} cores, threads {report['threads'] or 'default'}"),
+            (f"{'':<22} {'clients':>7} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6} "
+             f"{'lost':>5} {'same as offline':>15} {'client CPU':>10}")]
+    for name, server in report["servers"].items():
+        for clients, r in server["clients"].items():
+            p = [f"{r[k]:>8.1f}" if r[k] is not None else f"{'-':>8}" for k in ("p50_ms", "p90_ms", "p99_ms")]
+            rows.append(f"{name:<22} {clients:>7} {r['requests_per_s']:>7.1f} {' '.join(p)} "
+                        f"{sum(r['errors'].values()):>6} {r['lost']:>5} {r['identical_outputs']:>7} of {r['answered']:<5} "
+                        f"{r['client_cpu_share']:>9.0%}")
+        rows.append(f"{name:<22} exit code after SIGTERM: {server['exit_code']} (0: drained)")
+    o, s = report["offline"], report["in_process_single"]
+    rows.append(f"offline correct_batch at {o['batch_size']}: {o['requests_per_s']:.1f} req/s; in-process correct one "
+                f"at a time: p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms")
+    for name, value in report["ratios"].items():
+        target = TARGETS[name]
+        sense = "<=" if name in ("p99_over_p50", "single_client_latency_vs_in_process") else ">="
+        met = value is not None and (value <= target if sense == "<=" else value >= target)
+        shown = "-" if value is None else f"{value:.2f}"
+        rows.append(f"{name}: {shown} (target {sense} {target:g}: {'met' if met else 'NOT met'})")
+    return "\n".join(rows)
+
+
+def plot(report: dict, out: Path) -> Path:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, server in report["servers"].items():
+        points = server["clients"]
+        xs = [int(c) for c in points]
+        left.plot(xs, [points[c]["requests_per_s"] for c in points], marker="o", label=name)
+        right.plot(xs, [points[c]["p99_ms"] or np.nan for c in points], marker="o", label=name)
+    left.axhline(report["offline"]["requests_per_s"], color="gray", linestyle="--",
+                 label=f"offline correct_batch at {report['offline']['batch_size']}")
+    right.axhline(report["in_process_single"]["p50_ms"], color="gray", linestyle="--",
+                  label="in-process correct, p50")
+    right.set_yscale("log")
+    clients = [int(c) for c in next(iter(report["servers"].values()))["clients"]]
+    for ax, ylabel in ((left, "throughput (requests / s)"), (right, "p99 latency (ms, log)")):
+        ax.set_xscale("log")
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrent clients (log)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    right.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    machine = report["machine"]
+    fig.suptitle(f"lmcor serve: {Path(report['data']).name} ({report['requests']} requests), {machine['cpu']}, "
+                 f"{machine['cores']} cores, ONNX Runtime threads {report['threads'] or 'default'}", fontsize=9)
+    fig.tight_layout()
+    path = out / "serve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

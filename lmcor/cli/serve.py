@@ -1,0 +1,78 @@
+"""`lmcor serve`: the corrector (and any gate, classifiers, generators) over HTTP, until SIGTERM/SIGINT
+drains it. See `lmcor.server` for the routes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lmcor.runtime.errors import InputError
+
+from . import options
+
+API_KEY_ENV = "LMCOR_API_KEY"
+
+
+def _named(text: str) -> tuple[str, str]:
+    name, sep, bundle = text.partition("=")
+    if not (sep and name and bundle):
+        raise argparse.ArgumentTypeError(f"must be NAME=BUNDLE, got {text!r}")
+    return name, bundle
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmcor.server.config import DEFAULT_MAX_BODY_BYTES, ServeConfig
+
+    d = ServeConfig()
+    parser.add_argument("--config", help="JSON file of these settings (keys: model, gate, classifiers, generators, "
+                        "host, port, api_key, insecure, max_queue, max_batch, timeout_s, max_body_bytes, threads, "
+                        "providers; bundle paths relative to the file); flags given override it")
+    parser.add_argument("--model", help="corrector bundle folder (default: the corrector shipped with lmcor)")
+    parser.add_argument("--gate", nargs="?", const="", help="answer a request with its first candidate where this "
+                        "classifier bundle (alone: the gate shipped with lmcor) finds it right")
+    parser.add_argument("--classifier", action="append", type=_named, metavar="NAME=BUNDLE",
+                        help="a classifier bundle for /v1/classify (repeatable)")
+    parser.add_argument("--generator", action="append", type=_named, metavar="NAME=BUNDLE",
+                        help="a causal-LM bundle for /v1/generate (repeatable)")
+    parser.add_argument("--host", help=f"address to bind (default: {d.host}; another needs an API key or --insecure)")
+    parser.add_argument("--port", type=options.non_negative_int, help=f"(default: {d.port}; 0: a free port, printed)")
+    parser.add_argument("--api-key", help=f"bearer token required on every route but /health (default: ${API_KEY_ENV})")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="serve a non-loopback host without an API key")
+    parser.add_argument("--max-queue", type=options.positive_int,
+                        help=f"requests accepted and not yet answered; more get 429 (default: {d.max_queue})")
+    parser.add_argument("--max-batch", type=options.positive_int,
+                        help=f"rows the corrector decodes at once; 1: one request at a time (default: {d.max_batch})")
+    parser.add_argument("--timeout-s", type=options.finite_float,
+                        help=f"deadline of a request, which may ask for less; past it, 504 (default: {d.timeout_s:g})")
+    parser.add_argument("--max-body-bytes", type=options.positive_int,
+                        help=f"larger bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    options.add_runtime(parser)
+
+
+def config(args: argparse.Namespace):
+    """The `ServeConfig` of the flags given, over `--config`'s file, over the defaults."""
+    from lmcor.server.config import ServeConfig
+
+    given = {
+        "model": args.model, "gate": args.gate, "host": args.host, "port": args.port,
+        "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None, "insecure": args.insecure,
+        "max_queue": args.max_queue, "max_batch": args.max_batch, "timeout_s": args.timeout_s,
+        "max_body_bytes": args.max_body_bytes, "threads": args.threads, "providers": options.providers(args),
+        "classifiers": dict(args.classifier) if args.classifier else None,
+        "generators": dict(args.generator) if args.generator else None,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    return ServeConfig.read(args.config, **given) if args.config else ServeConfig(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from lmcor.server import runner
+    except ImportError as e:
+        raise InputError(f"lmcor serve needs the serve extra: pip install 'lmcor[serve]' ({e})") from None
+    settings = config(args)
+    runner.log_to_stderr()
+    return runner.serve(settings, announce=lambda url: print(f"lmcor serve: listening on {url}", flush=True,
+                                                             file=sys.stdout))

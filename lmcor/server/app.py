@@ -1,0 +1,544 @@
+"""`create_app`: lmcor's HTTP API (FastAPI), over the models of a `ServeConfig`.
+
+Routes: POST /v1/correct, /v1/classify, /v1/generate (a body is one request object or a list of
+them, answered in order); GET /health, /metrics (Prometheus), /openapi.json. Every answer that is not
+a result is `{"error": {"kind", "message"}}` with its status: 400 bad JSON, 401 no or wrong API key,
+404 no such route or model, 413 body too large, 422 a bad field (the runtime's message, which names
+it; "item N: " in a list), 429 queue full (Retry-After), 503 loading or draining, 504 past the
+deadline. A request's fields are checked once, by the runtime's own types (`Request`,
+`CorrectionOptions`, `as_texts`, the options checks); the OpenAPI schemas only document them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import threading
+import time
+import typing
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import TypeAdapter
+from starlette.exceptions import HTTPException
+
+from lmcor.runtime.classifier import Classification, as_texts
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.generator import Generation
+from lmcor.runtime.options import (
+    check_flag,
+    check_int,
+    check_items,
+    check_max_new_tokens,
+    check_number,
+    check_temperature,
+    check_text,
+    shown,
+)
+from lmcor.runtime.request import Correction, CorrectionOptions, as_request
+
+from .config import ServeConfig
+from .metrics import ENDPOINTS, Metrics
+from .models import Batcher, Models, Prompt
+
+log = logging.getLogger("lmcor.server")
+
+OPTIONS = tuple(f.name for f in dataclasses.fields(CorrectionOptions))
+CORRECT_FIELDS = ("id", "source", "candidates", *OPTIONS, "timeout_s", "stream")
+CLASSIFY_FIELDS = ("model", "id", "text", "pair", "timeout_s")
+GENERATE_FIELDS = ("model", "id", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "timeout_s")
+ROUTES = ("/v1/correct", "/v1/classify", "/v1/generate", "/health", "/metrics", "/openapi.json", "/docs", "/redoc")
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+class _JSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: a lone surrogate that a client sent in an `id`
+    (valid JSON, not valid UTF-8) comes back as it came, instead of failing the answer."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class Refused(Exception):
+    """An answer that is not a result: its status, its kind (the errors metric's label), its message;
+    `index` is the item of a list it concerns."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+                 index: int | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers, self.index = status, kind, message, headers, index
+
+
+class ServerState:
+    """What the routes share: the config, the models once loaded, the requests pending per endpoint,
+    and whether the server is loading, ready, draining or failed to load."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.models: Models | None = None
+        self.failure: BaseException | None = None
+        self.draining = False
+        self.in_flight = 0  # HTTP requests being answered; changed on the event loop only
+        self._lock = threading.Lock()
+        self._pending = dict.fromkeys(ENDPOINTS, 0)
+        self._loader: threading.Thread | None = None
+        self.metrics = Metrics(self.pending, self._running, lambda: self.in_flight)
+
+    @property
+    def status(self) -> str:
+        if self.failure is not None:
+            return "failed"
+        if self.models is None:
+            return "loading"
+        return "draining" if self.draining else "ready"
+
+    def start_loading(self) -> None:
+        """Load the bundles in a thread: the server answers /health ("loading") meanwhile."""
+        self._loader = threading.Thread(target=self._load, name="lmcor-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            models = Models.load(self.config)
+        except Exception as e:
+            self.failure = e
+            log.error("loading failed", extra={"fields": {"error": str(e)}})
+            return
+        self.models = models
+        log.info("ready", extra={"fields": {"load_s": round(time.perf_counter() - started, 3), **models.describe()}})
+
+    def drain(self) -> None:
+        """Refuse new requests (503); the server stops once those in flight are answered."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining", extra={"fields": {"in_flight": self.in_flight}})
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
+        if self.models is not None:
+            self.models.close()
+
+    def pending(self, endpoint: str) -> int:
+        with self._lock:
+            return self._pending[endpoint]
+
+    def _running(self) -> int:
+        models = self.models
+        return 0 if models is None else min(self.pending("correct"), models.engine.batch_size)
+
+    def submit(self, endpoint: str, calls: list[Callable[[], Future]]) -> list[Future]:
+        """Start every call, or none: 413 when they could never fit the queue, 429 when it is full now."""
+        count, limit = len(calls), self.config.max_queue
+        if count > limit:
+            raise Refused(413, "too_large", f"{count} requests in one body; the server queues at most {limit} "
+                          "(--max-queue)")
+        with self._lock:
+            waiting = sum(self._pending.values())
+            if waiting + count > limit:
+                raise Refused(429, "queue_full", f"{waiting} requests are waiting and the server queues at most "
+                              f"{limit}; retry later", {"Retry-After": "1"})
+            self._pending[endpoint] += count
+        futures: list[Future] = []
+        try:
+            for call in calls:
+                futures.append(call())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            self._release(endpoint, count)
+            raise
+        for future in futures:
+            future.add_done_callback(lambda _: self._release(endpoint, 1))
+        return futures
+
+    def _release(self, endpoint: str, count: int) -> None:
+        with self._lock:
+            self._pending[endpoint] -= count
+
+
+# Parsing: one object or a list of them; each field checked by the runtime's own types.
+
+async def _json_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Refused(413, "too_large", f"the body has {declared} bytes, over the limit of {limit} (--max-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, "too_large", f"the body is over the limit of {limit} bytes (--max-body-bytes)")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
+        raise Refused(400, "bad_json", f"the body is not valid JSON: {e}") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _each(body: Any, parse: Callable[[Any], Any]) -> tuple[list, bool]:
+    """The parsed items of a body (one object or a list of them), and whether it was a list."""
+    many = isinstance(body, list)
+    if many and not body:
+        raise Refused(422, "invalid", "the body is an empty list: send one request or a list of them")
+    parsed = []
+    for n, item in enumerate(body if many else [body]):
+        try:
+            parsed.append(parse(item))
+        except InputError as e:
+            raise Refused(422, "invalid", f"item {n}: {e}" if many else str(e), index=n if many else None) from None
+    return parsed, many
+
+
+def _fields(item: Any, known: tuple[str, ...], what: str) -> dict:
+    if not isinstance(item, dict):
+        raise InputError(f"expected {what}, got {_JSON_TYPES.get(type(item), type(item).__name__)}")
+    for key in item:
+        if key not in known:
+            raise InputError(f"unknown field {shown(key)} (fields: {', '.join(known)})")
+    return item
+
+
+def _timeout(item: dict, most: float) -> float:
+    value = item.get("timeout_s")
+    return most if value is None else check_number("timeout_s", value, 0, most, what="a number of seconds",
+                                                   above_low=True)
+
+
+def _named(batchers: dict[str, Batcher], name: Any, kind: str, flag: str) -> str:
+    if not batchers:
+        raise Refused(404, "not_loaded", f"this server has no {kind} (start it with {flag})")
+    if name is None and len(batchers) == 1:
+        return next(iter(batchers))
+    if not isinstance(name, str) or name not in batchers:
+        raise InputError(f"field 'model' must name one of this server's {kind}s: {', '.join(batchers)}"
+                         f"{'' if name is None else f', got {shown(name)}'}")
+    return name
+
+
+# Answering: every submitted call is awaited with its deadline; a failure cancels the rest.
+
+async def _answer(future: Future, timeout: float, index: int, many: bool) -> Any:
+    where = f"item {index}: " if many else ""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+    except asyncio.TimeoutError:
+        raise Refused(504, "timeout", f"{where}no answer within {timeout:g} s (timeout_s)", index=index) from None
+    except InputError as e:
+        raise Refused(422, "invalid", f"{where}{e}", index=index) from None
+
+
+async def _all(futures: list[Future], timeouts: list[float], many: bool) -> list:
+    tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        await _cancel(tasks)  # after a failure the others' answers are not wanted
+
+
+async def _cancel(tasks: list[asyncio.Future]) -> None:
+    """Cancel what is still waiting (an engine skips a cancelled request it has not admitted), and
+    collect every outcome, so that no failure is left unretrieved."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _stream(state: ServerState, futures: list[Future], timeouts: list[float], many: bool,
+                  record: Callable[[Any], dict]) -> AsyncIterator[str]:
+    """Server-sent events: one `result` (or `error`) per request as it finishes, then `done`."""
+    tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
+    index = {task: n for n, task in enumerate(tasks)}
+    waiting = set(tasks)
+    try:
+        while waiting:
+            finished, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(finished, key=index.__getitem__):
+                try:
+                    result = task.result()
+                except Refused as e:
+                    state.metrics.errors.labels(e.kind).inc()
+                    yield _event("error", {"index": e.index, "kind": e.kind, "message": e.message})
+                else:
+                    yield _event("result", {"index": index[task], **record(result)})
+        yield _event("done", {})
+    finally:
+        await _cancel(tasks)  # the client went away: what is not decoded yet is skipped
+
+
+def correction_record(result: Correction) -> dict:
+    """`lmcor correct`'s record, less its line number."""
+    return {
+        "id": result.id,
+        "output": result.text,
+        "truncated": result.truncated,
+        "input_tokens": result.stats.input_tokens,
+        "output_tokens": result.stats.output_tokens,
+        **({"gated": True} if result.gated else {}),
+        **({"fallback": True} if result.fallback else {}),
+    }
+
+
+# OpenAPI: the bodies the routes read, documented from the runtime's own option types.
+
+def _option_schemas() -> dict[str, dict]:
+    hints = typing.get_type_hints(CorrectionOptions)
+    defaults = CorrectionOptions()
+    return {name: {**TypeAdapter(hints[name]).json_schema(), "default": getattr(defaults, name)} for name in OPTIONS}
+
+
+def _one_or_many(item: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}}}}}
+
+
+def _item(required: list[str], properties: dict) -> dict:
+    return {"type": "object", "required": required, "additionalProperties": False,
+            "properties": {**properties, "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                                                       "description": "deadline in seconds (at most the server's)"}}}
+
+
+_TEXTS = {"type": "array", "items": {"type": "string"}}
+CORRECT_BODY = _one_or_many(_item(["source", "candidates"], {
+    "id": {"description": "any JSON value, returned as given"}, "source": {"type": "string"},
+    "candidates": {**_TEXTS, "minItems": 1}, **_option_schemas(),
+    "stream": {"type": "boolean", "default": False, "description": "server-sent events (the same in every item)"}}))
+CLASSIFY_BODY = _one_or_many(_item(["text"], {
+    "model": {"type": "string"}, "id": {}, "text": {"type": "string"}, "pair": {"type": "string"}}))
+GENERATE_BODY = _one_or_many(_item(["prompt"], {
+    "model": {"type": "string"}, "id": {}, "prompt": {"type": "string"},
+    "max_new_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "default": 0.0},
+    "top_p": {"type": "number", "default": 1.0}, "seed": {"type": "integer", "minimum": 0}, "stop": _TEXTS}))
+ERRORS = {status: {"description": text} for status, text in (
+    (400, "the body is not JSON"), (401, "no or wrong API key"), (404, "no such model on this server"),
+    (413, "the body is too large, or holds more requests than the queue"),
+    (422, "a bad field: the message names it"), (429, "the queue is full: retry after Retry-After seconds"),
+    (503, "loading, or draining before it stops"), (504, "no answer within the deadline"))}
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The app; its lifespan loads the config's bundles (in a thread: /health says "loading"
+    meanwhile) and closes them once every request taken is answered. `app.state.lmcor` is its
+    `ServerState`."""
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        yield
+        await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="lmcor", summary="Small models that improve big ones, over HTTP", lifespan=lifespan)
+    app.state.lmcor = state
+    app.add_middleware(_Guard, state=state)
+
+    @app.exception_handler(Refused)
+    async def refused(_: Request, e: Refused) -> Response:
+        return _error(state, e.status, e.kind, e.message, e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> Response:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http")
+        return _error(state, e.status_code, kind, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> Response:  # uvicorn logs its traceback
+        return _error(state, 500, "internal", f"{type(e).__name__}: {e}")
+
+    @app.post("/v1/correct", openapi_extra=CORRECT_BODY, responses=ERRORS)
+    async def correct(request: Request) -> Response:
+        """Correct one request `{"id"?, "source", "candidates", ...options}` or a list of them: one
+        record each, in order. Options are `CorrectionOptions`' fields, per request; a gate, if the
+        server has one, answers requests whose first candidate it finds right. `"stream": true`
+        answers with server-sent events, one `result` per request as it finishes (`index` says
+        which), then `done`: the engine offers no per-token hook, so a result comes whole."""
+        models = _models(state)
+
+        def parse(item: Any) -> tuple:
+            item = _fields(item, CORRECT_FIELDS, "an object with 'source' and 'candidates'")
+            options = CorrectionOptions(**{name: item[name] for name in OPTIONS if name in item})
+            models.engine.search(options)  # against this bundle (max_new_tokens at most its max_output_tokens)
+            return (as_request(item), options, _timeout(item, config.timeout_s),
+                    check_flag("stream", item.get("stream", False)))
+
+        parsed, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        if len({stream for *_, stream in parsed}) > 1:
+            raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
+        futures = state.submit("correct", [lambda r=r, o=o: models.engine.submit(r, o, gate=models.gate)
+                                           for r, o, _, _ in parsed])
+        timeouts = [timeout for _, _, timeout, _ in parsed]
+
+        def record(result: Correction) -> dict:
+            state.metrics.corrected(result)
+            return correction_record(result)
+
+        if parsed[0][3]:
+            return StreamingResponse(_stream(state, futures, timeouts, many, record), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        records = [record(r) for r in await _all(futures, timeouts, many)]
+        return _JSON(records if many else records[0])
+
+    @app.post("/v1/classify", openapi_extra=CLASSIFY_BODY, responses=ERRORS)
+    async def classify(request: Request) -> Response:
+        """Classify one text (or text pair) `{"model"?, "id"?, "text", "pair"?}` or a list of them.
+        `model` names a classifier of the server (not needed when it has one). Concurrent requests
+        share the model's batches."""
+        models = _models(state)
+
+        def parse(item: Any) -> tuple:
+            item = _fields(item, CLASSIFY_FIELDS, "an object with 'text'")
+            name = _named(models.classify, item.get("model"), "classifier", "--classifier NAME=BUNDLE")
+            as_texts(item)
+            return name, item, _timeout(item, config.timeout_s)
+
+        parsed, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        futures = state.submit("classify", [lambda n=n, i=i: models.classify[n].submit(i) for n, i, _ in parsed])
+        results: list[Classification] = await _all(futures, [t for *_, t in parsed], many)
+        records = []
+        for (name, _, _), result in zip(parsed, results):
+            state.metrics.requests.labels("classify", "classified").inc()
+            records.append({"id": result.id, "label": result.label, "labels": list(models.classifiers[name].labels),
+                            "probabilities": result.probabilities.tolist(), "truncated": result.truncated})
+        return _JSON(records if many else records[0])
+
+    @app.post("/v1/generate", openapi_extra=GENERATE_BODY, responses=ERRORS)
+    async def generate(request: Request) -> Response:
+        """Continue one prompt `{"model"?, "id"?, "prompt", "max_new_tokens"?, "temperature"?,
+        "top_p"?, "seed"?, "stop"?}` or a list of them (`Generator.generate_batch`'s options, per
+        prompt; greedy by default). Concurrent prompts with the same options share batches; each
+        samples with its own seed."""
+        models = _models(state)
+
+        def parse(item: Any) -> tuple:
+            item = _fields(item, GENERATE_FIELDS, "an object with 'prompt'")
+            name = _named(models.generate, item.get("model"), "generator", "--generator NAME=BUNDLE")
+            prompt = item.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise InputError(f"field 'prompt' must be a non-empty string, got {shown(prompt)}")
+            check_text("field 'prompt'", prompt)
+            stop = check_items("stop", item.get("stop", []), "strings")
+            for n, text in enumerate(stop):
+                if not isinstance(text, str):
+                    raise InputError(f"stop[{n}] must be a string, got {shown(text)}")
+            seed = item.get("seed")
+            most = item.get("max_new_tokens")
+            return name, item.get("id"), Prompt(
+                text=prompt,
+                max_new_tokens=check_max_new_tokens(most, models.generators[name].manifest.max_output_tokens),
+                temperature=check_temperature(item.get("temperature", 0.0)),
+                top_p=check_number("top_p", item.get("top_p", 1.0), 0, 1, above_low=True),
+                seed=None if seed is None else check_int("seed", seed, 0), stop=tuple(stop),
+            ), _timeout(item, config.timeout_s)
+
+        parsed, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        futures = state.submit("generate", [lambda n=n, p=p: models.generate[n].submit(p) for n, _, p, _ in parsed])
+        results: list[Generation] = await _all(futures, [t for *_, t in parsed], many)
+        state.metrics.requests.labels("generate", "generated").inc(len(results))
+        records = [{"id": ident, "output": r.text, "output_tokens": len(r.token_ids)}
+                   for (_, ident, _, _), r in zip(parsed, results)]
+        return _JSON(records if many else records[0])
+
+    @app.get("/health", responses={503: {"description": "loading, draining, or failed to load"}})
+    async def health() -> Response:
+        """Live whenever it answers; ready (200) once its bundles are loaded and until it drains."""
+        status = state.status
+        models = state.models
+        return _JSON({"status": status, "live": True, "ready": status == "ready",
+                             "models": None if models is None else models.describe()},
+                            status_code=200 if status == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format: queue depth, batch size, requests, tokens, latencies, errors."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _models(state: ServerState) -> Models:
+    models = state.models
+    if models is None:  # the guard refuses /v1 while loading; this is for the type checker and races
+        raise Refused(503, "loading", "the server is loading its models", {"Retry-After": "1"})
+    return models
+
+
+def _error(state: ServerState, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    state.metrics.errors.labels(kind).inc()
+    return _JSON({"error": {"kind": kind, "message": message}}, status_code=status, headers=headers)
+
+
+class _Guard:
+    """Before the routes: the API key (every route but /health), 503 for /v1 while loading or
+    draining; around them: the in-flight count that draining waits on, the HTTP metrics and the JSON
+    access log. Plain ASGI, so that a streamed answer counts until its last byte."""
+
+    def __init__(self, app: Any, state: ServerState):
+        self.app, self.state = app, state
+        key = state.config.api_key
+        self.key = None if key is None else key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, path = self.state, scope["path"]
+        route = path if path in ROUTES else "other"
+        started = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def sent(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        state.in_flight += 1
+        try:
+            await (self._refusal(path, scope) or self.app)(scope, receive, sent)
+        finally:
+            state.in_flight -= 1
+            seconds = time.perf_counter() - started
+            state.metrics.http.labels(route, str(status)).inc()
+            state.metrics.http_seconds.labels(route).observe(seconds)
+            log.info("request", extra={"fields": {"method": scope["method"], "path": path[:200], "status": status,
+                                                  "ms": round(1000 * seconds, 2)}})
+
+    def _refusal(self, path: str, scope: dict) -> Response | None:
+        state = self.state
+        if path == "/health":
+            return None
+        if self.key is not None and not self._authorized(scope):
+            return _error(state, 401, "unauthorized", "this server needs its API key: Authorization: Bearer KEY",
+                          {"WWW-Authenticate": "Bearer"})
+        if not path.startswith("/v1/"):
+            return None
+        if state.draining:
+            return _error(state, 503, "draining", "the server is stopping: it takes no new requests",
+                          {"Connection": "close"})
+        if state.models is None:
+            return _error(state, 503, "loading", "the server is loading its models", {"Retry-After": "1"})
+        return None
+
+    def _authorized(self, scope: dict) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        return False

@@ -1,0 +1,106 @@
+"""`ServeConfig`: what `lmcor serve` loads and how it guards itself, from flags or a JSON file."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_threads
+
+# A correction request is a source and a few candidates: a megabyte is already far past one, and
+# bounds what one client can make the server read and parse.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# The bundle folders a config file names are relative to the file, not to where the server starts.
+_PATHS = ("model", "gate")
+_PATH_MAPS = ("classifiers", "generators")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`model`: the corrector bundle (None: the shipped one); `gate`: a classifier bundle that may pass
+    a request's first candidate ("": the shipped gate; None: no gate); `classifiers` and `generators`:
+    name -> bundle. `max_queue` bounds the requests accepted and not yet answered (more: 429),
+    `timeout_s` the time one may take (more: 504; a request may ask for less), `max_body_bytes` a
+    request body (more: 413), `max_batch` the rows the corrector decodes at once (1: one request at a
+    time). `api_key`, when set, is required as a bearer token on every route but /health; binding a
+    host other than loopback needs one, or `insecure`."""
+
+    model: str | None = None
+    gate: str | None = None
+    classifiers: dict[str, str] = field(default_factory=dict)
+    generators: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    insecure: bool = False
+    max_queue: int = 256
+    max_batch: int = 16
+    timeout_s: float = 60.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    threads: int | None = None
+    providers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("model", "gate", "host", "api_key"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{name} must be a string, got {type(value).__name__}")
+        for name in _PATH_MAPS:
+            bundles = getattr(self, name)
+            if not isinstance(bundles, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                        for k, v in bundles.items()):
+                raise InputError(f"{name} must map names to bundle folders, got {bundles!r}")
+        check_int("port", self.port, 0, 65535)
+        check_int("max_queue", self.max_queue, 1)
+        check_int("max_batch", self.max_batch, 1, MAX_BATCH_SIZE)
+        check_int("max_body_bytes", self.max_body_bytes, 1)
+        check_threads(self.threads)
+        check_flag("insecure", self.insecure)
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
+                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            raise InputError(f"timeout_s must be a number of seconds above 0, got {self.timeout_s!r}")
+        if self.api_key == "":
+            raise InputError("api_key is empty: give a secret, or no key")
+        if not (self.api_key or self.insecure or _loopback(self.host)):
+            raise InputError(f"host {self.host!r} is reachable from other machines: give an API key (--api-key or "
+                             "LMCOR_API_KEY), or --insecure to serve it without one")
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+
+    @classmethod
+    def read(cls, path: str | Path, **overrides: Any) -> ServeConfig:
+        """The config in a JSON file (keys: this class's fields), then `overrides` (the flags given)."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: cannot read the config: {e}") from None
+        if not isinstance(values, dict):
+            raise InputError(f"{path}: the config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown key {unknown[0]!r} (keys: {', '.join(sorted(known))})")
+        here = path.resolve().parent
+        for name in _PATHS:
+            if isinstance(values.get(name), str) and values[name]:
+                values[name] = str(here / values[name])
+        for name in _PATH_MAPS:
+            if isinstance(values.get(name), dict):
+                values[name] = {k: str(here / v) if isinstance(v, str) else v for k, v in values[name].items()}
+        return cls(**{**values, **overrides})
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

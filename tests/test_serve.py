@@ -1,0 +1,326 @@
+"""`lmcor serve`: real servers on free loopback ports. Concurrent clients get what `correct_batch`
+gives; every error path answers its status (never a 5xx from user input, fuzzed from /openapi.json);
+a full queue, a deadline, a missing key and a drain each answer as documented; SIGTERM finishes
+what is in flight and exits 0; /metrics parses and counts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from conftest import make_requests
+from lmcor.export.causal_lm import export_causal_lm
+from lmcor.runtime.bundle import shipped_bundle
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lmcor import Classifier, Corrector, Generator, InputError
+from lmcor.server.config import ServeConfig
+from lmcor.server.runner import running
+
+TIMEOUT = 60  # seconds: a client fails instead of hanging
+DECODE = {"max_new_tokens": 32}
+KEY = "s3cret-key"
+ARCH = "t5v11"  # its tiny random model writes outputs of many lengths
+
+
+@pytest.fixture(scope="module")
+def generator_bundle(tmp_path_factory):
+    from test_generator import _tokenizer
+
+    checkpoint = tmp_path_factory.mktemp("gpt2")
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    bundle = tmp_path_factory.mktemp("bundles") / "gpt2"
+    export_causal_lm(checkpoint, bundle, max_output_tokens=16)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def server(bundles, generator_bundle):
+    config = ServeConfig(model=str(bundles[ARCH]), port=0, classifiers={"gate": str(shipped_bundle("gate"))},
+                         generators={"tiny": str(generator_bundle)}, timeout_s=30)
+    with running(config) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        yield c
+
+
+def _slow(corrector_bundle, n: int = 0) -> dict:
+    """A request forced to decode the bundle's whole max_output_tokens, one token per decoder call."""
+    cap = Corrector.load(corrector_bundle).manifest.max_output_tokens
+    return {"id": f"slow-{n}", "source": "she go home", "candidates": ["She goes home."], "max_new_tokens": cap,
+            "min_new_tokens": cap, "drafts": False, "no_repeat_ngram_size": 0, "fallback_below": 0}
+
+
+def _metrics(client: httpx.Client, **headers) -> dict[tuple[str, tuple], float]:
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_concurrent_clients_get_the_outputs_of_correct_batch(client, bundles):
+    requests = make_requests(24, seed=11)
+    expected = Corrector.load(bundles[ARCH]).correct_batch(requests, **DECODE)  # drafts on, as on the server
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda r: client.post("/v1/correct", json={**r, **DECODE}), requests))
+    assert [a.status_code for a in answers] == [200] * len(requests)
+    records = [a.json() for a in answers]
+    assert [r["output"] for r in records] == [c.text for c in expected]
+    assert [r["output_tokens"] for r in records] == [c.stats.output_tokens for c in expected]
+    assert [r["id"] for r in records] == [r["id"] for r in requests]
+    assert len({r["output_tokens"] for r in records}) > 2, "the fixture should give outputs of several lengths"
+
+
+def test_a_list_is_answered_in_order_and_streams_as_results_finish(client, bundles):
+    requests = make_requests(5, seed=12)
+    expected = [c.text for c in Corrector.load(bundles[ARCH]).correct_batch(requests, **DECODE)]
+    listed = client.post("/v1/correct", json=[{**r, **DECODE} for r in requests])
+    assert listed.status_code == 200 and [r["output"] for r in listed.json()] == expected
+    streamed = client.post("/v1/correct", json=[{**r, **DECODE, "stream": True} for r in requests])
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+              for block in streamed.text.strip().split("\n\n")]
+    assert [name for name, _ in events] == ["result"] * 5 + ["done"]
+    assert sorted((data["index"], data["output"]) for _, data in events[:-1]) == list(enumerate(expected))
+
+
+BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"source": NaN, "candidates": ["a"]}', 400, "NaN is not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested past Python's recursion limit
+    (b" " * (ServeConfig().max_body_bytes + 1), 413, "over the limit"),
+    (iter([b" " * 65536] * 17), 413, "over the limit"),  # chunked: no Content-Length to refuse it by
+    (b"[]", 422, "empty list"),
+    (b'"just a string"', 422, "got string"),
+    (b'{"candidates": ["a"]}', 422, "missing field 'source'"),
+    (b'{"source": " ", "candidates": ["a"]}', 422, "field 'source' is empty"),
+    (b'{"source": "x", "candidates": []}', 422, "field 'candidates' is an empty list"),
+    (b'{"source": "x", "candidates": ["a"], "max_new_tokens": 100000}', 422, "max_new_tokens must be an integer"),
+    (b'{"source": "x", "candidates": ["a"], "num_beams": "3"}', 422, "num_beams must be an integer"),
+    (b'{"source": "x", "candidates": ["a"], "gate_threshold": 2}', 422, "gate_threshold must be a probability"),
+    (b'{"source": "x", "candidates": ["a"], "timeout_s": 0}', 422, "timeout_s must be a number of seconds"),
+    (b'{"source": "x", "candidates": ["a"], "beams": 2}', 422, "unknown field 'beams'"),
+    (b'[{"source": "x", "candidates": ["a"]}, {"source": "x", "candidates": "a"}]', 422,
+     "item 1: field 'candidates' must be a list"),
+    (b'[{"source": "x", "candidates": ["a"], "stream": true}, {"source": "x", "candidates": ["a"]}]', 422,
+     "field 'stream' must be the same"),
+]
+
+
+@pytest.mark.parametrize("body, status, says", BAD, ids=[f"{n}-{s}" for n, (_, s, _) in enumerate(BAD)])
+def test_a_bad_request_gets_its_status_and_a_message_naming_the_cause(server, body, status, says):
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:  # a refused body may close its connection
+        answer = c.post("/v1/correct", content=body)
+    assert answer.status_code == status
+    assert says in answer.json()["error"]["message"]
+
+
+def test_other_routes_errors(client):
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/v1/correct").status_code == 405
+    wrong = client.post("/v1/classify", json={"model": "nope", "text": "a"})
+    assert wrong.status_code == 422 and "field 'model'" in wrong.json()["error"]["message"]
+    bad = client.post("/v1/generate", json={"prompt": "The", "temperature": -1})
+    assert bad.status_code == 422 and "temperature" in bad.json()["error"]["message"]
+
+
+def test_classify_and_generate_answer_as_their_runtimes(client, generator_bundle):
+    items = [{"id": n, "text": t, "pair": "she go home | 2 of 4 agree"} for n, t in enumerate(["She goes home.", "x"])]
+    expected = Classifier.load(shipped_bundle("gate")).classify_batch(items)
+    got = client.post("/v1/classify", json=items)
+    assert got.status_code == 200
+    assert [r["label"] for r in got.json()] == [c.label for c in expected]
+    assert got.json()[0]["probabilities"] == pytest.approx(expected[0].probabilities.tolist(), abs=1e-6)
+    prompts = ["The cat", "She goes to school"]
+    greedy = Generator.load(generator_bundle).generate_batch(prompts, max_new_tokens=8)
+    with ThreadPoolExecutor(2) as pool:  # concurrent calls share the generator's batches
+        answers = list(pool.map(lambda p: client.post("/v1/generate", json={"prompt": p, "max_new_tokens": 8}),
+                                prompts))
+    assert [a.json()["output"] for a in answers] == [g.text for g in greedy]
+
+
+def test_a_full_queue_answers_429_with_retry_after(bundles):
+    slow = _slow(bundles[ARCH])
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, max_queue=2, max_batch=1)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: c.post("/v1/correct", json={**slow, "id": n}), range(8)))
+        too_many = c.post("/v1/correct", json=[slow] * 3)
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {200, 429}, statuses
+    assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 429)
+    assert too_many.status_code == 413 and "--max-queue" in too_many.json()["error"]["message"]
+
+
+def test_past_its_deadline_a_request_gets_504(client, bundles):
+    late = client.post("/v1/correct", json={**_slow(bundles[ARCH]), "timeout_s": 0.001})
+    assert late.status_code == 504 and late.json()["error"]["kind"] == "timeout"
+    assert client.get("/health").status_code == 200  # and the server goes on
+    beyond = client.post("/v1/correct", json={**_slow(bundles[ARCH]), "timeout_s": 31})
+    assert beyond.status_code == 422 and "at most 30" in beyond.json()["error"]["message"]
+
+
+def test_an_api_key_guards_every_route_but_health(bundles):
+    request = make_requests(1, seed=2)[0]
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, api_key=KEY)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+        assert c.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            for method, path in (("POST", "/v1/correct"), ("GET", "/metrics"), ("GET", "/openapi.json")):
+                answer = c.request(method, path, json=request, headers=headers)
+                assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+        assert c.post("/v1/correct", json=request, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    with pytest.raises(InputError, match="API key"):
+        ServeConfig(host="0.0.0.0")
+    assert ServeConfig(host="0.0.0.0", insecure=True).insecure
+
+
+def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bundles):
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, max_batch=1)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c, ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(c.post, "/v1/correct", json=_slow(bundles[ARCH], n)) for n in range(2)]
+        deadline = time.monotonic() + TIMEOUT
+        while s.state.pending("correct") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        s.state.drain()
+        refused = c.post("/v1/correct", json=make_requests(1, seed=2)[0])
+        health = c.get("/health")
+        assert [f.result().status_code for f in in_flight] == [200, 200]
+    assert refused.status_code == 503 and refused.json()["error"]["kind"] == "draining"
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+
+
+def test_sigterm_answers_every_request_in_flight_and_exits_0(bundles, tmp_path):
+    log = tmp_path / "stderr.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "serve", "--model", str(bundles[ARCH]), "--port",
+                                "0", "--max-batch", "1"], stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                               env={**os.environ, "LMCOR_API_KEY": ""})
+    try:
+        url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
+        assert url.startswith("http://127.0.0.1:"), url
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(4) as pool:
+            deadline = time.monotonic() + TIMEOUT
+            while c.get("/health").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            in_flight = [pool.submit(c.post, "/v1/correct", json=_slow(bundles[ARCH], n)) for n in range(4)]
+            while True:  # every request accepted: pending or answered
+                m = _metrics(c)
+                if m[("lmcor_queue_depth", (("endpoint", "correct"),))] + sum(
+                        v for (name, labels), v in m.items() if name == "lmcor_requests_total") >= 4:
+                    break
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.1)  # the signal is handled between two of the server's steps
+            late = c.post("/v1/correct", json=make_requests(1, seed=2)[0])
+            answers = [f.result() for f in in_flight]
+        code = process.wait(timeout=TIMEOUT)
+    finally:
+        process.kill()
+    assert [a.status_code for a in answers] == [200] * 4
+    assert [a.json()["id"] for a in answers] == [f"slow-{n}" for n in range(4)]
+    assert late.status_code == 503
+    assert code == 0
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {"listening", "ready", "draining", "stopped"} <= {entry["message"] for entry in logged}
+
+
+def test_metrics_parse_and_count_requests(client):
+    before = _metrics(client)
+    for request in make_requests(3, seed=13):
+        assert client.post("/v1/correct", json={**request, **DECODE}).status_code == 200
+    client.post("/v1/correct", content=b"{")
+    after = _metrics(client)
+
+    def grew(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("lmcor_requests_total", endpoint="correct", outcome="decoded") == 3
+    assert grew("lmcor_http_requests_total", route="/v1/correct", code="200") == 3
+    assert grew("lmcor_errors_total", kind="bad_json") == 1
+    assert grew("lmcor_correction_seconds_count", stage="total") == 3
+    assert grew("lmcor_tokens_total", kind="output") > 0 and grew("lmcor_tokens_total", kind="drafted") > 0
+    assert after[("lmcor_queue_depth", (("endpoint", "correct"),))] == 0
+    assert ("lmcor_running_batch_size", ()) in after
+
+
+def test_health_says_ready_with_the_models(client, bundles):
+    health = client.get("/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["ready"] and body["models"]["corrector"] == str(bundles[ARCH])
+    assert set(body["models"]["classifiers"]) == {"gate"} and set(body["models"]["generators"]) == {"tiny"}
+
+
+def test_config_file_paths_are_relative_to_it_and_flags_override_it(tmp_path):
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"model": "models/c", "classifiers": {"g": "g"}, "port": 9000, "max_queue": 4}))
+    config = ServeConfig.read(path, port=0)
+    assert config.model == str(tmp_path / "models" / "c") and config.classifiers == {"g": str(tmp_path / "g")}
+    assert (config.port, config.max_queue) == (0, 4)
+    path.write_text(json.dumps({"max_qeueu": 4}))
+    with pytest.raises(InputError, match="unknown key 'max_qeueu'"):
+        ServeConfig.read(path)
+
+
+def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    cases = schema.as_strategy(GenerationMode.POSITIVE) | schema.as_strategy(GenerationMode.NEGATIVE)
+    started = time.monotonic()
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def no_server_error(case):
+        if time.monotonic() - started > 45:  # bounded: what has run so far stands
+            return
+        response = case.call(base_url=server.url, timeout=TIMEOUT)
+        # A deadline the request itself set, too short for its answer, is a 504 by design.
+        own_deadline = response.status_code == 504 and "timeout_s" in json.dumps(case.body, default=str)
+        assert response.status_code < 500 or own_deadline, (case.as_curl_command(), response.status_code,
+                                                            response.text[:500])
+
+    no_server_error()
+
+
+def test_bench_serve_smoke(bundles, tmp_path, capsys):
+    from lmcor.cli import main
+
+    data = tmp_path / "requests.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_requests(8, seed=14)))
+    out = tmp_path / "out"
+    # t5's outputs stop at 32 tokens: t5v11's longest loop for hundreds, where near-tied logits of the random
+    # weights can fall either way between batch shapes (the exactness tests above bound their lengths).
+    code = main(["bench", "--serve", "--bundle", str(bundles["t5"]), "--data", str(data), "--seconds", "0.3",
+                 "--clients", "1,4", "--requests", "8", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "serve.json").read_text())
+    for server in report["servers"].values():
+        assert server["exit_code"] == 0
+        for run in server["clients"].values():
+            assert run["answered"] > 0 and run["lost"] == 0 and not run["errors"]
+            assert run["identical_outputs"] == run["answered"]
+    assert {"single_client_latency_vs_in_process"} <= set(report["ratios"])
+    assert (out / "serve.png").stat().st_size > 1000
+    assert "same as offline" in capsys.readouterr().out
