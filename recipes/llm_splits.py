@@ -54,6 +54,17 @@ def write(path: Path, pairs: list[corrector.Pair]) -> None:
             f.write(dump_record({"id": n, "source": p.source, "candidates": list(p.candidates), "target": p.target}))
 
 
+def _seed_cache(cache: Path, split: Path) -> None:
+    """Start an empty cache from the split written earlier (possibly a part of it), so that a run on
+    a fresh machine answers only the sources the split lacks."""
+    if cache.exists() or not split.is_file():
+        return
+    with open(split, encoding="utf-8") as f, open(cache, "w", encoding="utf-8") as out:
+        for line in f:
+            row = json.loads(line)
+            out.write(dump_record({"line": row["id"] + 1, "source": row["source"], "candidates": row["candidates"]}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.llm_splits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", type=Path, required=True, help="the causal-LM bundle (recipes.smollm2)")
@@ -66,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         job = corrector.Job(pairs=SPLITS / f"{name}.jsonl", out=args.cache / name, llm=args.llm,
                             batch_size=args.batch_size)
         job.out.mkdir(parents=True, exist_ok=True)
+        _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl")
         write(SPLITS / f"llm-{name}.jsonl", corrector.llm_candidates(job, pairs))
         log.info("wrote %s", SPLITS / f"llm-{name}.jsonl")
     return 0
