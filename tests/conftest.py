@@ -138,3 +138,22 @@ def bundles(checkpoints, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def gpt2_bundle(tmp_path_factory) -> Path:
+    """A tiny GPT-2 causal-LM bundle (64 positions, 16 output tokens)."""
+    import torch
+    from lmcor.export.causal_lm import export_causal_lm
+    from test_generator import _tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    checkpoint = tmp_path_factory.mktemp("gpt2")
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    bundle = tmp_path_factory.mktemp("bundles") / "gpt2"
+    export_causal_lm(checkpoint, bundle, max_output_tokens=16)
+    return bundle

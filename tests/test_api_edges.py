@@ -5,11 +5,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from conftest import make_requests
-from lmcor.export.causal_lm import export_causal_lm
 from lmcor.runtime.bundle import shipped_bundle
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmcor import Classifier, Corrector, Generator, InputError
 
@@ -50,18 +47,8 @@ def gate() -> Classifier:
 
 
 @pytest.fixture(scope="module")
-def generator(tmp_path_factory) -> Generator:
-    from test_generator import _tokenizer
-
-    checkpoint = tmp_path_factory.mktemp("gpt2")
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                               bos_token_id=1, eos_token_id=2)).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
-    bundle = tmp_path_factory.mktemp("bundles") / "gpt2"
-    export_causal_lm(checkpoint, bundle, max_output_tokens=16)
-    return Generator.load(bundle)
+def generator(gpt2_bundle) -> Generator:
+    return Generator.load(gpt2_bundle)
 
 
 def _names(argument: str, call) -> None:

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 from conftest import _train_tokenizer, make_requests
+from test_parity import _reference
 from lmcor.export import decoder as ragged
 from lmcor.export import export_corrector
 from lmcor.runtime.errors import ExportError
-from lmcor.runtime.template import render
 from transformers import T5Config, T5ForConditionalGeneration
 
 from lmcor import Corrector
@@ -40,21 +40,6 @@ def t5_checkpoints(tmp_path_factory) -> dict:
     return out
 
 
-def _uncached_reference(checkpoint, corrector: Corrector, requests, max_new_tokens: int) -> list[list[int]]:
-    """`generate` without a cache (its cached search fails on these configs), one request at a time."""
-    model = T5ForConditionalGeneration.from_pretrained(checkpoint).eval()
-    eos = corrector.manifest.special_tokens.eos
-    out = []
-    for request in requests:
-        text = render(corrector.manifest.template, request["source"], request["candidates"]).text
-        ids = torch.tensor([corrector.tokenizer.encode(text).ids])
-        with torch.no_grad():
-            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                                    max_new_tokens=max_new_tokens, use_cache=False)[0, 1:].tolist()
-        out.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
-    return out
-
-
 @pytest.mark.parametrize("depths", DEPTHS, ids=lambda d: f"encoder{d[0]}-decoder{d[1]}")
 def test_decoder_depth_differs_from_encoder(t5_checkpoints, tmp_path, depths):
     out = tmp_path / "bundle"
@@ -63,7 +48,8 @@ def test_decoder_depth_differs_from_encoder(t5_checkpoints, tmp_path, depths):
     assert manifest.validation["greedy_tokens_identical"]
     corrector = Corrector.load(out)
     got = corrector.correct_batch(INPUTS, max_new_tokens=20, batch_size=8)  # ragged rows, drafts on
-    assert [c.token_ids for c in got] == _uncached_reference(t5_checkpoints[depths], corrector, INPUTS, 20)
+    assert [c.token_ids for c in got] == _reference(t5_checkpoints[depths], corrector, INPUTS, num_beams=1, max_new_tokens=20,
+                                                                     use_cache=False)
 
 
 def test_int8_export_of_deeper_decoder(t5_checkpoints, tmp_path):

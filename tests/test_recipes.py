@@ -1,15 +1,8 @@
 """The default corrector's data: corpus parsing, deterministic splits (the noise model: test_noise.py)."""
 
 from lmcor.recipes import corpus
+from test_noise import SENTENCES
 
-SENTENCES = [
-    "She has already seen the new film at the cinema.",
-    "The results were surprising, and nobody expected them!",
-    "Can you tell me where the station is?",
-    "In 2019 we moved to Paris for 3 years.",
-    "He doesn't like \"spicy\" food.",
-    "My brother is waiting for the bus in the rain.",
-]
 
 
 def test_wordnet_examples_are_restored(tmp_path):

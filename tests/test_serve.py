@@ -13,12 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from conftest import make_requests
-from lmcor.export.causal_lm import export_causal_lm
 from lmcor.runtime.bundle import shipped_bundle
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmcor import Classifier, Corrector, Generator, InputError
 from lmcor.server.config import ServeConfig
@@ -31,24 +28,9 @@ ARCH = "t5v11"  # its tiny random model writes outputs of many lengths
 
 
 @pytest.fixture(scope="module")
-def generator_bundle(tmp_path_factory):
-    from test_generator import _tokenizer
-
-    checkpoint = tmp_path_factory.mktemp("gpt2")
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                               bos_token_id=1, eos_token_id=2)).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
-    bundle = tmp_path_factory.mktemp("bundles") / "gpt2"
-    export_causal_lm(checkpoint, bundle, max_output_tokens=16)
-    return bundle
-
-
-@pytest.fixture(scope="module")
-def server(bundles, generator_bundle):
+def server(bundles, gpt2_bundle):
     config = ServeConfig(model=str(bundles[ARCH]), port=0, classifiers={"gate": str(shipped_bundle("gate"))},
-                         generators={"tiny": str(generator_bundle)}, timeout_s=30)
+                         generators={"tiny": str(gpt2_bundle)}, timeout_s=30)
     with running(config) as s:
         yield s
 
@@ -139,7 +121,7 @@ def test_other_routes_errors(client):
     assert bad.status_code == 422 and "temperature" in bad.json()["error"]["message"]
 
 
-def test_classify_and_generate_answer_as_their_runtimes(client, generator_bundle):
+def test_classify_and_generate_answer_as_their_runtimes(client, gpt2_bundle):
     items = [{"id": n, "text": t, "pair": "she go home | 2 of 4 agree"} for n, t in enumerate(["She goes home.", "x"])]
     expected = Classifier.load(shipped_bundle("gate")).classify_batch(items)
     got = client.post("/v1/classify", json=items)
@@ -147,7 +129,7 @@ def test_classify_and_generate_answer_as_their_runtimes(client, generator_bundle
     assert [r["label"] for r in got.json()] == [c.label for c in expected]
     assert got.json()[0]["probabilities"] == pytest.approx(expected[0].probabilities.tolist(), abs=1e-6)
     prompts = ["The cat", "She goes to school"]
-    greedy = Generator.load(generator_bundle).generate_batch(prompts, max_new_tokens=8)
+    greedy = Generator.load(gpt2_bundle).generate_batch(prompts, max_new_tokens=8)
     with ThreadPoolExecutor(2) as pool:  # concurrent calls share the generator's batches
         answers = list(pool.map(lambda p: client.post("/v1/generate", json={"prompt": p, "max_new_tokens": 8}),
                                 prompts))
