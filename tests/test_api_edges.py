@@ -178,3 +178,9 @@ def test_a_text_that_is_not_unicode_fails_alone(gate):
     _names("items", lambda: gate.classify_batch("a b"))
     with pytest.raises(InputError, match="item 0: field 'text' holds a lone surrogate"):
         gate.classify(SURROGATE)
+
+
+@pytest.mark.parametrize("threads", ["2", 0, -1, 2.5, True])
+def test_load_checks_threads(bundles, threads):
+    with pytest.raises(InputError, match="threads must be an integer"):
+        Corrector.load(bundles["t5"], threads=threads)
