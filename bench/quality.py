@@ -1,10 +1,10 @@
 """Output quality of a corrector against the baselines it must beat (`lmcor eval`).
 
-For each line `{"source", "candidates", "target"}` of a data file, four systems are scored with
-exact match and chrF (sacrebleu, corpus level): (a) the first candidate (the LLM's greedy
-output), (b) the consensus candidate (highest mean sentence chrF to the other candidates), (c)
-the oracle best candidate (highest sentence chrF to the target: an upper bound for any
-selector), and (d) the corrector. Sentence chrF is `runtime.fallback.chrf`, sacrebleu's own
+For each line `{"source", "candidates", "target"}` of a data file, five systems are scored with
+exact match and chrF (sacrebleu, corpus level): (a) the source left as it is, (b) the first
+candidate (the LLM's greedy output), (c) the consensus candidate (highest mean sentence chrF to
+the other candidates), (d) the oracle best candidate (highest sentence chrF to the target: an
+upper bound for any selector), and (e) the corrector. Sentence chrF is `runtime.fallback.chrf`, sacrebleu's own
 sentence score computed once per text.
 """
 
@@ -21,7 +21,7 @@ from lmcor.runtime.fallback import char_ngrams, chrf
 from lmcor.runtime.jsonl import parse_line
 from lmcor.runtime.request import as_request
 
-SYSTEMS = ("first candidate", "consensus candidate", "oracle candidate", "corrector")
+SYSTEMS = ("source", "first candidate", "consensus candidate", "oracle candidate", "corrector")
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,12 @@ def score(outputs: Sequence[str], targets: Sequence[str], corpus_chrf=None) -> d
 
 
 def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
-    """Scores of the four systems on `items`; `options` go to `Corrector.correct_batch`."""
+    """Scores of the five systems on `items`; `options` go to `Corrector.correct_batch`."""
     corpus_chrf = _chrf()
     targets = [i.target for i in items]
     corrected = corrector.correct_batch([(i.source, i.candidates) for i in items], **options)
     outputs = {
+        "source": [i.source for i in items],
         "first candidate": [i.candidates[0] for i in items],
         "consensus candidate": [consensus(i.candidates) for i in items],
         "oracle candidate": [oracle(i.candidates, i.target) for i in items],
