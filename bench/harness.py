@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class BenchConfig:
     new_tokens: int = 64
     natural: bool = False  # stop at EOS instead of forcing `new_tokens`
     ragged: bool = False
-    sweeps: bool = True
+    sweeps: bool = False  # latency against K and throughput against batch size: minutes more
     out: Path = Path("bench-out")
     cache: Path = Path(os.environ.get("LMCOR_CACHE", Path.home() / ".cache" / "lmcor")) / "bench"
 
@@ -158,9 +159,12 @@ def run(config: BenchConfig) -> dict:
     latencies = {name: [] for name in backends}
     outputs: dict[str, list] = {name: [None] * len(workload.inputs) for name in backends}
     phases = {name: {"encoder_s": 0.0, "decoder_s": 0.0, "calls": 0, "tokens": 0, "input_tokens": 0} for name in backends}
+    bar = _progress(config.rounds * len(workload.inputs) * len(backends), "batch-1 latency", "requests")
     for _ in range(config.rounds):
         for i, ids in enumerate(workload.inputs):
             for name, backend in backends.items():
+                bar.set_postfix_str(name)
+                bar.update(1)
                 start = time.perf_counter()
                 out = backend.generate([ids], workload.new_tokens[i], workload.forced, 1)
                 latencies[name].append(time.perf_counter() - start)
@@ -173,15 +177,20 @@ def run(config: BenchConfig) -> dict:
                     p["tokens"] += len(out.tokens[0])
                     p["input_tokens"] += len(ids)
 
+    bar.close()
     throughput = {name: [] for name in backends}
     cap = max(workload.new_tokens)
+    bar = _progress(config.rounds * len(backends), f"batch-{config.batch_size} throughput", "runs")
     for _ in range(config.rounds):
         for name, backend in backends.items():
+            bar.set_postfix_str(name)
+            bar.update(1)
             start = time.perf_counter()
             out = backend.generate(workload.inputs, cap, workload.forced, config.batch_size)
             elapsed = time.perf_counter() - start
             throughput[name].append((len(workload.inputs) / elapsed, sum(map(len, out.tokens)) / elapsed))
 
+    bar.close()
     reference = "transformers" if "transformers" in backends else next(iter(backends))
     report_backends = {}
     for name in backends:
@@ -238,6 +247,13 @@ def _physical(p: dict, costs: dict, machine: dict, rounds: int, requests: int, i
         "decode_weight_gbps": gbps,
         "decode_vs_copy_bandwidth": gbps / machine["copy_gbps"],
     }
+
+
+def _progress(total: int, stage: str, unit: str):
+    """A progress bar on stderr for one stage, naming the backend it is timing (its postfix)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=stage, unit=f" {unit}", file=sys.stderr, leave=False)
 
 
 def _sweeps(config: BenchConfig, hf_dir: Path, cache: Path, vocab: int, backends: dict[str, Backend]) -> dict:

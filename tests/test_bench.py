@@ -13,7 +13,7 @@ def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["bench", "--shape", "tiny", "--backends", "lmcor,transformers", "--requests", "2", "--rounds", "1",
                  "--new-tokens", "4", "--source", "8", "--candidate", "8", "--batch-size", "2",
-                 "--out", str(out), "--cache", str(tmp_path / "cache"), "--threads", "1"])
+                 "--out", str(out), "--cache", str(tmp_path / "cache"), "--threads", "1", "--sweeps"])
     assert code == 0
     table = capsys.readouterr().out
     assert "lmcor" in table and "transformers" in table and "p50 ms" in table
@@ -41,12 +41,12 @@ def test_bench_on_real_requests(checkpoints, tmp_path, capsys):
     data.write_text("\n".join(json.dumps(r) for r in make_requests(3, seed=2)) + "\n")
     out = tmp_path / "out"
     code = main(["bench", "--model", str(checkpoints["t5"]), "--data", str(data), "--backends", "lmcor,transformers",
-                 "--requests", "3", "--rounds", "1", "--natural", "--no-sweeps", "--batch-size", "2",
+                 "--requests", "3", "--rounds", "1", "--natural", "--batch-size", "2",
                  "--out", str(out), "--cache", str(tmp_path / "cache"), "--threads", "1"])
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["workload"]["name"] == "text requests.jsonl" and report["workload"]["forced"] is False
-    assert report["workload"]["requests"] == 3
+    assert report["workload"]["requests"] == 3 and "sweeps" not in report  # opt-in
     assert report["backends"]["lmcor"]["agreement_with_transformers"] == 1.0
 
 

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=options.positive_int, default=d.new_tokens, help="output tokens N")
     parser.add_argument("--natural", action="store_true", help="stop at EOS instead of forcing N tokens")
     parser.add_argument("--ragged", action="store_true", help="draw every length from [0.5x, 1.5x]")
-    parser.add_argument("--no-sweeps", action="store_true", help="skip latency-vs-K and throughput-vs-batch")
+    parser.add_argument("--sweeps", action="store_true", help="also latency against K and throughput against batch "
+                        "size (minutes more)")
     parser.add_argument("--out", default=str(d.out), help="folder for bench.json and the plots")
     parser.add_argument("--cache", default=str(d.cache), help="converted models are kept here")
     parser.add_argument("--drafts", action="store_true",
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()), threads=args.threads,
         requests=args.requests, rounds=args.rounds, batch_size=args.batch_size, source=args.source, k=args.k,
         candidate=args.candidate, new_tokens=args.new_tokens, natural=args.natural, ragged=args.ragged,
-        sweeps=not args.no_sweeps, out=Path(args.out), cache=Path(args.cache),
+        sweeps=args.sweeps, out=Path(args.out), cache=Path(args.cache),
     )
     report = harness.run(config)
     path = harness.write(report, config.out)
