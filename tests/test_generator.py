@@ -230,3 +230,19 @@ def test_bench_candidates_against_transformers(bundle, checkpoint, tmp_path, cap
     report = json.loads((out / "candidates.json").read_text())
     assert report["identical_outputs"] == 3 and report["speedup"] > 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_generate_with_a_prefix_answers_as_the_whole_text(bundle, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    assert main(["generate", "--model", str(bundle), str(prompts), "--prefix", "Correct: a b ", "--max-new-tokens", "6",
+                 "-q"]) == 0
+    got = [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
+    generator = Generator.load(bundle)
+    whole = generator.generate_batch(["Correct: a b " + p for p in PROMPTS[:3]], max_new_tokens=6)
+    assert got == [g.text for g in whole]
+    # The prefix's trailing space goes with the prompt, so the tokens are the whole text's (with a real
+    # BPE, "b " + "Correct" and "b" + " Correct" differ; this tiny vocabulary keeps spaces apart anyway).
+    tokens = generator.tokenizer.encode
+    assert tokens("Correct: a b").ids + tokens(" " + PROMPTS[0], add_special_tokens=False).ids == tokens(
+        "Correct: a b " + PROMPTS[0]).ids
