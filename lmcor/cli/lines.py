@@ -68,10 +68,14 @@ def split_lines(read: Callable[[int], bytes], max_bytes: int) -> Iterator[tuple[
         yield (bytes(pending) if size <= max_bytes else None), size
 
 
-def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0) -> Iterator[Line]:
-    """The non-blank lines after line `after` of what `read` gives, each parsed or with its error."""
+def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0,
+               skipped: Callable[[int], None] | None = None) -> Iterator[Line]:
+    """The non-blank lines after line `after` of what `read` gives, each parsed or with its error
+    (`skipped` is told the size of each line up to `after`)."""
     for number, (raw, size) in enumerate(split_lines(read, max_bytes), start=1):
         if number <= after:
+            if skipped is not None:
+                skipped(size)
             continue
         if raw is None:
             yield Line(number, size, InputError(f"the line has {size} bytes, over the limit of {max_bytes} "
@@ -113,12 +117,13 @@ class _Reader:
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)  # bounded: memory stays flat on long inputs
         self.failure: OSError | None = None
         self.ended = False
+        self.skipped_bytes = 0  # of the lines an earlier run answered (--resume)
         fd, owned = open_input(name)
         threading.Thread(target=self._read, args=(fd, owned, max_bytes, after), daemon=True).start()
 
     def _read(self, fd: int, owned: bool, max_bytes: int, after: int) -> None:
         try:
-            for line in read_lines(functools.partial(os.read, fd), max_bytes, after=after):
+            for line in read_lines(functools.partial(os.read, fd), max_bytes, after=after, skipped=self._skip):
                 self._queue.put(line)
         except OSError as e:
             self.failure = e
@@ -126,6 +131,9 @@ class _Reader:
             if owned:
                 os.close(fd)
             self._queue.put(self._END)
+
+    def _skip(self, size: int) -> None:
+        self.skipped_bytes += size
 
     def chunk(self, size: int, wait_s: float, stopping: Callable[[], bool]) -> list[Line]:
         """Up to `size` lines: waits for the first, then at most `wait_s` more for the rest."""
@@ -248,8 +256,13 @@ class _Progress:
         self.by_bytes = total_bytes is not None
         self.bar = tqdm(total=total_bytes, unit="B" if self.by_bytes else " lines", unit_scale=self.by_bytes,
                         file=sys.stderr, disable=quiet, desc=desc)
+        self._skipped = False
 
-    def done(self, lines: list[Line]) -> None:
+    def done(self, lines: list[Line], skipped_bytes: int) -> None:
+        """Count `lines`, and once the bytes of the lines a resumed run skipped (the ETA is for the rest)."""
+        if self.by_bytes and skipped_bytes and not self._skipped:
+            self.bar.update(skipped_bytes)
+            self._skipped = True
         self.bar.update(sum(line.size for line in lines) if self.by_bytes else len(lines))
 
 
@@ -278,7 +291,7 @@ def answer_lines(
             try:
                 while lines := reader.chunk(args.batch_size * 8, args.max_wait_ms / 1000, lambda: signals.received is not None):
                     failed += _answer(lines, convert, run, record, output)
-                    progress.done(lines)
+                    progress.done(lines, reader.skipped_bytes)
             except KeyboardInterrupt:
                 pass  # a second signal: the batch in flight is dropped
             finally:
