@@ -45,14 +45,6 @@ class FewShot:
     tail: str
     examples: tuple[str, ...] = ()  # the example texts, to count the answers that echo one
 
-    def split(self, variant: int) -> tuple[str, str]:
-        """(shared prefix, text put before each source) of a variant. A head's trailing white space
-        goes with the source: run apart, "Sentence: " + "The" would be tokenized as "Sentence:",
-        " ", "The", where the whole text has "Sentence:", " The"."""
-        head = self.heads[variant]
-        shared = head.rstrip()
-        return shared, head[len(shared) :]
-
     @classmethod
     def from_template(cls, template: str) -> "FewShot":
         """One variant from a prompt with `{source}` (its text before `{source}` is shared)."""
@@ -119,15 +111,14 @@ class CandidateWriter:
         self.k = check_int("k", self.k, 1)
         self.temperature = check_temperature(self.temperature)
         self.seed = check_int("seed", self.seed, 0)
-        parts = [self.few_shot.split(v) for v in range(len(self.few_shot.heads))]
-        self._gaps = [gap for _, gap in parts]
-        self._prefixes: list[Prefix | None] = [self.generator.prefix(shared) if shared else None for shared, _ in parts]
+        self._prefixes: list[Prefix | None] = [self.generator.prefix(head) if head else None
+                                               for head in self.few_shot.heads]
 
     def __call__(self, sources: Sequence[str]) -> list[Candidates | InputError]:
         started = time.perf_counter()
         variants = [self.few_shot.variant(source) for source in sources]
         # Each prompt after its own variant's prefix, all in one batch.
-        prompts = [self._gaps[v] + source + self.few_shot.tail for v, source in zip(variants, sources)]
+        prompts = [source + self.few_shot.tail for source in sources]
         options = dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, stop=self.stop,
                        prefix=[self._prefixes[v] for v in variants] if self._prefixes[0] is not None else None,
                        batch_size=self.batch_size, errors="return")

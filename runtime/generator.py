@@ -40,10 +40,11 @@ class Sampling:
 
 
 class Prefix:
-    """A shared prompt prefix, run once: its token ids and every layer's keys and values (batch 1)."""
+    """A shared prompt prefix, run once: its token ids and every layer's keys and values (batch 1),
+    and the white space it ended with, which goes before each prompt instead (`Generator.prefix`)."""
 
-    def __init__(self, ids: list[int], past: list[np.ndarray]):
-        self.ids, self.past = ids, past
+    def __init__(self, ids: list[int], past: list[np.ndarray], gap: str = ""):
+        self.ids, self.past, self.gap = ids, past, gap
 
 
 class Generator:
@@ -68,14 +69,17 @@ class Generator:
     def prefix(self, text: str) -> Prefix:
         """Run a shared prefix once; pass the result as `prefix=` to reuse it."""
         _check_prompt("text (the prefix)", text)
-        ids = self.encode(text)
+        # Trailing white space goes with each prompt: run apart, "Rules: " + "Fix" would be tokenized
+        # "Rules:", " ", "Fix", where the whole text has "Rules:", " Fix".
+        shared = text.rstrip() or text
+        ids = self.encode(shared)
         positions = self.manifest.max_input_tokens
         if not 0 < len(ids) < positions:  # prompts and outputs need room after it
             raise InputError(f"text (the prefix): {len(ids)} tokens; a prefix takes 1 to {positions - 1} of the "
                              f"model's {positions} positions")
         _, past = self._run(np.array([ids]), np.ones((1, len(ids)), dtype=np.int64),
                             np.arange(len(ids))[None, :], self._empty(1))
-        return Prefix(ids, past)
+        return Prefix(ids, past, text[len(shared) :])
 
     def generate(self, prompt: str, **options: Any) -> str:
         return self.generate_batch([prompt], **options)[0].text
@@ -133,7 +137,8 @@ class Generator:
 
     def _encode_prompt(self, n: int, prompt: Any, prefix: Prefix | None, limit: int) -> list[int]:
         _check_prompt(f"item {n}: a prompt", prompt)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=prefix is None).ids
+        ids = self.tokenizer.encode(prefix.gap + prompt if prefix is not None else prompt,
+                                    add_special_tokens=prefix is None).ids
         if not ids:
             raise InputError(f"item {n}: the prompt has no tokens (this tokenizer drops all of it)")
         offset = len(prefix.ids) if prefix is not None else 0

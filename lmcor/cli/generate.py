@@ -36,14 +36,9 @@ def record(number: int, ident: Any, result: Generation) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
-    # The prefix's trailing white space goes with each prompt: run apart, "Rules: " + "Fix" would be
-    # tokenized otherwise than the whole text ("Rules:", " ", "Fix" instead of "Rules:", " Fix").
-    shared = args.prefix.rstrip() if args.prefix else ""
-    gap = args.prefix[len(shared) :] if args.prefix else ""
-    prefix = generator.prefix(shared) if shared else None
+    prefix = generator.prefix(args.prefix) if args.prefix else None
 
     def answer(prompts: list) -> list:
-        prompts = [gap + prompt for prompt in prompts]
         return generator.generate_batch(prompts, temperature=args.temperature, seed=args.seed, prefix=prefix,
                                         **sampling_options(args))
 
