@@ -187,6 +187,10 @@ def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bu
     assert health.status_code == 503 and health.json()["status"] == "draining"
 
 
+# Served one at a time, enough slow requests that the server is still draining when the late one comes.
+IN_FLIGHT = 12
+
+
 def test_sigterm_answers_every_request_in_flight_and_exits_0(bundles, tmp_path):
     log = tmp_path / "stderr.jsonl"
     process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "serve", "--model", str(bundles[ARCH]), "--port",
@@ -195,28 +199,30 @@ def test_sigterm_answers_every_request_in_flight_and_exits_0(bundles, tmp_path):
     try:
         url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
         assert url.startswith("http://127.0.0.1:"), url
-        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(4) as pool:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(IN_FLIGHT) as pool:
             deadline = time.monotonic() + TIMEOUT
             while c.get("/health").status_code != 200:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            in_flight = [pool.submit(c.post, "/v1/correct", json=_slow(bundles[ARCH], n)) for n in range(4)]
+            in_flight = [pool.submit(c.post, "/v1/correct", json=_slow(bundles[ARCH], n)) for n in range(IN_FLIGHT)]
             while True:  # every request accepted: pending or answered
                 m = _metrics(c)
                 if m[("lmcor_queue_depth", (("endpoint", "correct"),))] + sum(
-                        v for (name, labels), v in m.items() if name == "lmcor_requests_total") >= 4:
+                        v for (name, labels), v in m.items() if name == "lmcor_requests_total") >= IN_FLIGHT:
                     break
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.1)  # the signal is handled between two of the server's steps
+            while c.get("/health").status_code != 503:  # the signal is handled between two of the server's steps
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
             late = c.post("/v1/correct", json=make_requests(1, seed=2)[0])
             answers = [f.result() for f in in_flight]
         code = process.wait(timeout=TIMEOUT)
     finally:
         process.kill()
-    assert [a.status_code for a in answers] == [200] * 4
-    assert [a.json()["id"] for a in answers] == [f"slow-{n}" for n in range(4)]
+    assert [a.status_code for a in answers] == [200] * IN_FLIGHT
+    assert [a.json()["id"] for a in answers] == [f"slow-{n}" for n in range(IN_FLIGHT)]
     assert late.status_code == 503
     assert code == 0
     logged = [json.loads(line) for line in log.read_text().splitlines()]
