@@ -13,10 +13,29 @@ import sys
 
 from setuptools import setup
 
+try:  # a build requirement (pyproject.toml); without it, lmcor installs with the Python references only
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+except ImportError:
+    Pybind11Extension = build_ext = None
+
+
+def _core_extension():
+    """`lmcor._core`: each decode step's host work in C++ (kernels/core). Optional: where it cannot be
+    built (no compiler), the install goes on and lmcor runs the Python references, saying so once."""
+    if Pybind11Extension is None:
+        return []
+    # -ffp-contract=off: no fused multiply-adds, so that chrF's doubles equal the Python reference's;
+    # -fopenmp-simd: the argmax's max reduction in SIMD lanes (no OpenMP runtime).
+    flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fopenmp-simd"]
+    return [Pybind11Extension("lmcor._core", ["kernels/core/core.cpp"], depends=[
+        "kernels/core/chrf.hpp", "kernels/core/drafts.hpp", "kernels/core/step.hpp"],
+        cxx_std=17, extra_compile_args=flags, optional=True)]
+
 PACKAGES = {
     "lmcor": "lmcor",
     "lmcor.cli": "lmcor/cli",
     "lmcor.server": "lmcor/server",
+    "lmcor.integrations": "lmcor/integrations",
     "lmcor.runtime": "runtime",
     "lmcor.export": "export",
     "lmcor.kernels": "kernels",
@@ -70,6 +89,8 @@ BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29,<0.60", "prometheus_client>=0.20"]
 # The Triton kernels (GPU; on CPU through Triton's interpreter, for their tests).
 KERNELS = ["torch>=2.1,<3", "triton>=3.2; platform_system == 'Linux'"]
+# Ray Serve replicas and Ray Data jobs (`lmcor.integrations.ray`).
+RAY = ["ray[serve,data]>=2.40"]
 
 setup(
     name="lmcor",
@@ -90,7 +111,10 @@ setup(
         "bench": EXPORT + BENCH + SERVE + ["ctranslate2>=4.0", "httpx>=0.27"],
         "kernels": KERNELS,
         "serve": SERVE,
-        "test": EXPORT + BENCH + KERNELS + SERVE + ["pytest>=7", "sacrebleu>=2.3", "httpx>=0.27", "schemathesis>=4.0"],
+        "ray": RAY,
+        "test": EXPORT + BENCH + KERNELS + SERVE + RAY + ["pytest>=7", "sacrebleu>=2.3", "httpx>=0.27", "schemathesis>=4.0"],
     },
     entry_points={"console_scripts": ["lmcor=lmcor.cli:main"]},
+    ext_modules=_core_extension(),
+    cmdclass={} if build_ext is None else {"build_ext": build_ext},
 )

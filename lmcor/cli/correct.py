@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Correction, as_request
 from lmcor.runtime.scheduler import EngineStats
 
@@ -18,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_lines(parser, '{"id"?, "source", "candidates"}')
     options.add_correction(parser)
     parser.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
+    options.add_ray(parser, "correct a file on Ray Data workers, each with its own bundle and --threads")
+    parser.add_argument("--workers", type=options.positive_int, help="with --ray: how many (default: 1)")
 
 
 def record(number: int, ident: Any, result: Correction) -> dict:
@@ -63,6 +66,9 @@ class _Totals:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.ray_only(args, "workers")
+    if args.ray:
+        return _run_on_ray(args)
     gate = options.load_gate(args, args.input)
     corrector = Corrector.load(args.model, providers=options.providers(args), threads=args.threads)
     decode = options.correction_options(args, gate)
@@ -77,3 +83,17 @@ def run(args: argparse.Namespace) -> int:
     if args.stats:
         print(totals.summary(corrector.engine.stats), file=sys.stderr)
     return code
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    """The same records, from Ray Data workers (`lmcor.integrations.ray`)."""
+    if args.stats:
+        raise InputError("--stats counts one engine's calls; with --ray each worker has its own: drop --stats")
+    options.load_gate(args, args.input)  # a bad gate or a missing input fails here, in one line
+    try:
+        from lmcor.integrations import ray
+    except ImportError as e:
+        raise InputError(f"lmcor correct --ray needs the ray extra: pip install 'lmcor[ray]' ({e})") from None
+    decode = options.correction_options(args, None)
+    return ray.correct_lines(args, decode["options"], workers=args.workers or 1, providers=options.providers(args),
+                             address=args.ray_address)

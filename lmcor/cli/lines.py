@@ -77,14 +77,22 @@ def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0,
             if skipped is not None:
                 skipped(size)
             continue
-        if raw is None:
-            yield Line(number, size, InputError(f"the line has {size} bytes, over the limit of {max_bytes} "
-                                                "(--max-line-bytes)"))
-        elif raw.strip():
-            try:
-                yield Line(number, size, parse_line(raw, first=number == 1))
-            except InputError as e:
-                yield Line(number, size, e)
+        if (line := line_at(number, raw, size, max_bytes)) is not None:
+            yield line
+
+
+def line_at(number: int, raw: bytes | None, size: int, max_bytes: int) -> Line | None:
+    """Line `number` of `split_lines` (`raw` None: over `max_bytes`), parsed or with its error; None
+    when it is blank. Also what a Ray worker runs on the lines it is handed (`lmcor.integrations.ray`)."""
+    if raw is None:
+        return Line(number, size, InputError(f"the line has {size} bytes, over the limit of {max_bytes} "
+                                             "(--max-line-bytes)"))
+    if not raw.strip():
+        return None
+    try:
+        return Line(number, size, parse_line(raw, first=number == 1))
+    except InputError as e:
+        return Line(number, size, e)
 
 
 def open_input(name: str) -> tuple[int, bool]:
@@ -258,12 +266,29 @@ class _Progress:
                         file=sys.stderr, disable=quiet, desc=desc)
         self._skipped = False
 
-    def done(self, lines: list[Line], skipped_bytes: int) -> None:
-        """Count `lines`, and once the bytes of the lines a resumed run skipped (the ETA is for the rest)."""
+    def done(self, answers: list[Answer], skipped_bytes: int) -> None:
+        """Count the lines of `answers`, and once the bytes of the lines a resumed run skipped (the ETA
+        is for the rest)."""
         if self.by_bytes and skipped_bytes and not self._skipped:
             self.bar.update(skipped_bytes)
             self._skipped = True
-        self.bar.update(sum(line.size for line in lines) if self.by_bytes else len(lines))
+        self.bar.update(sum(a.size for a in answers) if self.by_bytes else len(answers))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A line's output record, ready to write."""
+
+    number: int  # the input line it answers
+    size: int  # that line's bytes
+    text: str  # the record: one line of strict JSON, newline included
+    error: str | None  # why the line got an error record; None when it was answered
+
+
+# answered(after, stopping): the answers to the lines after line `after`, a chunk at a time, in input
+# order, and the bytes of the lines up to `after` (for the progress bar); it stops early once
+# `stopping()` says so, and raises `LmcorError` when the input cannot be read.
+Answered = Callable[[int, Callable[[], bool]], Iterator[tuple[list[Answer], int]]]
 
 
 def answer_lines(
@@ -280,25 +305,38 @@ def answer_lines(
     record of (line number, id, result). Returns 0, or 1 when some lines failed; 130/143 after a
     signal. An error that stops the run keeps the records written so far, as a signal does.
     """
+
+    def answered(after: int, stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
+        reader = _Reader(args.input, args.max_line_bytes, after, capacity=args.batch_size * 16)
+        while lines := reader.chunk(args.batch_size * 8, args.max_wait_ms / 1000, stopping):
+            yield answer_chunk(lines, convert, run, record), reader.skipped_bytes
+        if reader.failure is not None:
+            raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
+
+    return write_answers(args, answered, verb)
+
+
+def write_answers(args: argparse.Namespace, answered: Answered, verb: str) -> int:
+    """Write what `answered` gives into `args.output` (or stdout), with `answer_lines`' rules: a
+    temporary file renamed at the end, `--resume`, signals, the exit code."""
     output = Output(args.output, args.input, args.resume)
     failed = 0
     finished = False
     try:
         size = regular_file_size(args.input)
         with _Signals() as signals:
-            reader = _Reader(args.input, args.max_line_bytes, output.through, capacity=args.batch_size * 16)
             progress = _Progress(size, verb, args.quiet)
+            stopping = lambda: signals.received is not None  # noqa: E731
             try:
-                while lines := reader.chunk(args.batch_size * 8, args.max_wait_ms / 1000, lambda: signals.received is not None):
-                    failed += _answer(lines, convert, run, record, output)
-                    progress.done(lines, reader.skipped_bytes)
+                for answers, skipped_bytes in answered(output.through, stopping):
+                    failed += _write(answers, output)
+                    progress.done(answers, skipped_bytes)
             except KeyboardInterrupt:
                 pass  # a second signal: the batch in flight is dropped
             finally:
                 progress.bar.close()
-            if reader.failure is not None:
-                raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
-            finished = reader.ended and signals.received is None
+            # The answers end early only when asked to stop (else the input ended, or an error was raised).
+            finished = signals.received is None
             if not finished:
                 return _interrupted(output, signals.received or signal.SIGINT)
     except KeyboardInterrupt:  # a signal before the handlers were installed, or outside main()'s thread
@@ -316,8 +354,8 @@ def answer_lines(
     return 0
 
 
-def _answer(lines: list[Line], convert: Callable, run: Callable, record: Callable, output: Output) -> int:
-    """Answer one chunk of lines and write their records in order; the number of failed lines."""
+def answer_chunk(lines: list[Line], convert: Callable, run: Callable, record: Callable) -> list[Answer]:
+    """The records of one chunk of lines, in order (`answer_lines` says what the callables do)."""
     items: list[tuple[Line, Any, Any]] = []  # (line, id, item or InputError)
     for line in lines:
         value = line.value
@@ -332,7 +370,7 @@ def _answer(lines: list[Line], convert: Callable, run: Callable, record: Callabl
         items.append((line, ident, value))
     good = [n for n, (_, _, value) in enumerate(items) if not isinstance(value, InputError)]
     answers = dict(zip(good, run([items[n][2] for n in good]))) if good else {}
-    failed = 0
+    out = []
     for n, (line, ident, value) in enumerate(items):
         result = answers.get(n, value)
         try:
@@ -341,14 +379,20 @@ def _answer(lines: list[Line], convert: Callable, run: Callable, record: Callabl
         except InputError as e:
             result = e
             text = dump_record(error_record(line.number, None, e))
-        if isinstance(result, InputError):
-            failed += 1
-            tqdm.write(f"lmcor: line {line.number}: {result}", file=sys.stderr)
-        output.write(text)
+        out.append(Answer(line.number, line.size, text, str(result) if isinstance(result, InputError) else None))
+    return out
+
+
+def _write(answers: list[Answer], output: Output) -> int:
+    """Write one chunk's records; the number of failed lines."""
+    for answer in answers:
+        if answer.error is not None:
+            tqdm.write(f"lmcor: line {answer.number}: {answer.error}", file=sys.stderr)
+        output.write(answer.text)
         output.records += 1
-        output.through = line.number
+        output.through = answer.number
     output.flush()
-    return failed
+    return sum(answer.error is not None for answer in answers)
 
 
 def _interrupted(output: Output, number: int) -> int:

@@ -58,6 +58,22 @@ def add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if usable, else CPU)")
 
 
+def add_ray(parser: argparse.ArgumentParser, what: str) -> None:
+    """Scale out on Ray (`lmcor.integrations.ray`; `pip install 'lmcor[ray]'`)."""
+    parser.add_argument("--ray", action="store_true", help=f"{what} (needs the ray extra; see docs/ray.md)")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local one started "
+                        "for this run)")
+
+
+def ray_only(args: argparse.Namespace, *names: str) -> None:
+    """Refuse `names` (flags left at None unless given) without --ray."""
+    from lmcor.runtime.errors import InputError
+
+    given = [name for name in ("ray_address", *names) if getattr(args, name) is not None]
+    if given and not args.ray:
+        raise InputError(f"--{given[0].replace('_', '-')} needs --ray")
+
+
 def providers(args: argparse.Namespace) -> list[str] | None:
     return [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
 
@@ -119,4 +135,6 @@ def add_sampling(parser: argparse.ArgumentParser, *, temperature: float, tempera
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling's mass (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="of the sampler (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default: %(default)s)")
+    parser.add_argument("--no-drafts", action="store_true", help="greedy answers without drafts copied from the prompt "
+                        "(the answers are identical either way; drafts need fewer decoder calls)")
     add_runtime(parser)

@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=options.positive_int,
                         help=f"larger bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
     options.add_runtime(parser)
+    options.add_ray(parser, "serve replicas of this server behind Ray Serve's proxy, on --host and --port")
+    parser.add_argument("--replicas", type=options.positive_int, help="with --ray: replicas, each with its own "
+                        "models and --threads (default: 1; and the least with --max-replicas)")
+    parser.add_argument("--max-replicas", type=options.positive_int, help="with --ray: autoscale up to this many "
+                        "replicas, aiming at --max-batch requests in flight on each")
 
 
 def config(args: argparse.Namespace):
@@ -72,7 +77,15 @@ def run(args: argparse.Namespace) -> int:
         from lmcor.server import runner
     except ImportError as e:
         raise InputError(f"lmcor serve needs the serve extra: pip install 'lmcor[serve]' ({e})") from None
+    options.ray_only(args, "replicas", "max_replicas")
     settings = config(args)
     runner.log_to_stderr()
-    return runner.serve(settings, announce=lambda url: print(f"lmcor serve: listening on {url}", flush=True,
-                                                             file=sys.stdout))
+    announce = lambda url: print(f"lmcor serve: listening on {url}", flush=True, file=sys.stdout)  # noqa: E731
+    if args.ray:
+        try:
+            from lmcor.integrations import ray
+        except ImportError as e:
+            raise InputError(f"lmcor serve --ray needs the ray extra: pip install 'lmcor[ray]' ({e})") from None
+        return ray.serve_forever(settings, replicas=args.replicas or 1, max_replicas=args.max_replicas,
+                                 address=args.ray_address, announce=announce)
+    return runner.serve(settings, announce=announce)

@@ -1,0 +1,409 @@
+"""lmcor on Ray (`pip install 'lmcor[ray]'`): Ray Serve replicas of `lmcor serve`, and Ray Data jobs
+that correct large JSONL files. Each replica or worker holds its own loaded bundle and runs lmcor's
+own engine, so continuous batching, drafts, the gate and the fallback work the same at any scale.
+
+Serving (`lmcor serve --ray`, or `serve run lmcor.integrations.ray:build`): `LmcorReplica` is a Serve
+deployment whose ASGI app is `lmcor.server.app.create_app`'s, the very routes, limits, errors and
+auth of `lmcor serve`; Serve routes requests to `replicas` of it (or autoscales between `replicas`
+and `max_replicas`), each with its own engine and ONNX Runtime threads.
+
+Batch jobs (`lmcor correct --ray IN.jsonl -o OUT.jsonl`, or `read_jsonl` + `correct_dataset`):
+`JsonlLines` cuts the file into blocks of whole lines (the driver counts newlines once; each read
+task reads its own byte range), `CorrectLines` (one actor per worker, one bundle each) answers a
+block with `lmcor correct`'s own code (`lmcor.cli.lines.line_at` and `answer_chunk`), so a bad
+line gets the same error record with its line number. The driver takes the blocks in input order
+and writes them with the CLI's rules (`lmcor.cli.lines.write_answers`: a temporary file renamed at
+the end, --resume, signals). A worker that dies is restarted by Ray and its block is run again
+(Ray Data's actors: `max_restarts=-1`, `max_task_retries=-1`): a block's records reach the driver
+once, whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.data
+from ray import serve
+from ray.data import ActorPoolStrategy, Dataset
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from lmcor.cli.correct import record as correction_record
+from lmcor.cli.lines import Answer, answer_chunk, line_at, regular_file_size, split_lines, write_answers
+from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
+from lmcor.runtime.bundle import load_manifest, shipped_bundle
+from lmcor.runtime.classifier import Classifier
+from lmcor.runtime.corrector import Corrector
+from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.options import check_max_new_tokens
+from lmcor.runtime.request import CorrectionOptions, as_request
+from lmcor.server.app import create_app
+from lmcor.server.config import ServeConfig
+
+log = logging.getLogger("lmcor.server.ray")  # `lmcor serve`'s JSON log lines
+
+APP_NAME = "lmcor"
+# Lines a read task reads and a worker answers at once: `lmcor correct`'s chunk at its default batch.
+LINES_PER_BLOCK = 128
+_SCAN_BLOCK = 1 << 20
+_SCHEMA = pa.schema([("line", pa.int64()), ("size", pa.int64()), ("raw", pa.binary())])
+
+
+def default_threads(workers: int) -> int:
+    """ONNX Runtime threads of each of `workers` on this machine: its cores shared out, at least 1."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@contextlib.contextmanager
+def cluster(address: str | None = None) -> Iterator[None]:
+    """Ray, as this process finds it: the cluster it is already connected to; else `address` (None:
+    $RAY_ADDRESS, else a new local cluster, stopped on exit)."""
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_cpus(count: int, cpus: int, what: str) -> None:
+    have = ray.cluster_resources().get("CPU", 0)
+    if count * cpus > have:
+        raise InputError(f"{count} {what} of {cpus} CPU(s) each need {count * cpus} CPUs; the Ray cluster has "
+                         f"{have:g}: lower their number or --threads, or add nodes")
+
+
+# Batch jobs: Ray Data.
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    offset: int  # of its first line, in bytes
+    length: int  # bytes
+    first: int  # its first line's number (1-based, counting every line)
+    lines: int
+
+
+def _blocks(path: str, after: int, per_block: int) -> tuple[list[_Block], int]:
+    """The blocks of `per_block` lines after line `after`, and the bytes of the lines up to it."""
+    blocks: list[_Block] = []
+    skipped = start = first = count = number = 0  # count: lines in the open block; number: lines seen
+
+    def line(begin: int, end: int) -> None:
+        nonlocal skipped, start, first, count, number
+        number += 1
+        if number <= after:
+            skipped = end
+            return
+        if count == 0:
+            start, first = begin, number
+        count += 1
+        if count == per_block:
+            blocks.append(_Block(start, end - start, first, count))
+            count = 0
+
+    position = begin = 0  # position: of the chunk in the file; begin: of the line being read
+    with open(path, "rb") as f:
+        while chunk := f.read(_SCAN_BLOCK):
+            i = 0
+            while (j := chunk.find(b"\n", i)) != -1:
+                line(begin, position + j + 1)
+                begin = position + j + 1
+                i = j + 1
+            position += len(chunk)
+    if position > begin:  # a last line without its newline
+        line(begin, position)
+    if count:
+        blocks.append(_Block(start, position - start, first, count))
+    return blocks, skipped
+
+
+def _read_block(path: str, block: _Block, max_bytes: int) -> Iterator[pa.Table]:
+    with open(path, "rb") as f:
+        f.seek(block.offset)
+        left = block.length
+
+        def read(size: int) -> bytes:
+            nonlocal left
+            data = f.read(min(size, left))
+            left -= len(data)
+            return data
+
+        rows = list(split_lines(read, max_bytes))
+    yield pa.table([pa.array(range(block.first, block.first + len(rows)), pa.int64()),
+                    pa.array([size for _, size in rows], pa.int64()),
+                    pa.array([raw for raw, _ in rows], pa.binary())], schema=_SCHEMA)
+
+
+class JsonlLines(Datasource):
+    """The lines of a JSONL file after line `after`, as rows {line, size, raw}: `raw` is the line's
+    bytes, newline included, or null when it holds more than `max_line_bytes` (as `split_lines`
+    gives them; blank lines too). Each read task reads `lines_per_block` lines from its own byte
+    range, so the file must not change during the job, and must be readable where the read tasks
+    run (`read_jsonl` keeps them on the driver's node)."""
+
+    def __init__(self, path: str | Path, *, after: int = 0, lines_per_block: int = LINES_PER_BLOCK,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+        super().__init__()
+        self.path = str(Path(path).resolve())
+        self.max_line_bytes = max_line_bytes
+        self.blocks, self.skipped_bytes = _blocks(self.path, after, lines_per_block)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(b.length for b in self.blocks)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        return [ReadTask(functools.partial(_read_block, self.path, b, self.max_line_bytes),
+                         BlockMetadata(num_rows=b.lines, size_bytes=b.length, input_files=[self.path], exec_stats=None),
+                         schema=_SCHEMA)
+                for b in self.blocks]
+
+
+def read_jsonl(source: str | Path | JsonlLines, **settings: Any) -> Dataset:
+    """A JSONL file as a Ray Dataset of rows {line, size, raw} (`JsonlLines`, which takes `settings`),
+    read on this node: only the driver's machine needs the file."""
+    if not isinstance(source, JsonlLines):
+        source = JsonlLines(source, **settings)
+    # Reads take no CPU of their own: the workers may hold every CPU, and a read is a seek and a copy.
+    return ray.data.read_datasource(source, num_cpus=0,
+                                    label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
+
+
+class CorrectLines:
+    """A Ray Data worker: loads the corrector (and gate) once, then answers batches of rows {line,
+    size, raw} with `lmcor correct`'s own code into rows {line, size, record, error}: `record` is the
+    line's output record (one line of JSON, newline included), `error` why it is an error record
+    (null when it was answered). Blank lines give no row. `gate`: a classifier bundle ("": the shipped
+    gate; None: none); `threads`: ONNX Runtime's intra-op threads."""
+
+    def __init__(self, *, model: str | None = None, options: CorrectionOptions | None = None,
+                 gate: str | None = None, batch_size: int = 16, threads: int | None = None,
+                 providers: list[str] | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+        self.corrector = Corrector.load(model, providers=providers, threads=threads)
+        self.gate = None if gate is None else Classifier.load(gate or shipped_bundle("gate"), providers=providers,
+                                                              threads=threads)
+        self.options = options or CorrectionOptions()
+        self.batch_size, self.max_line_bytes = batch_size, max_line_bytes
+
+    def _correct(self, requests: list) -> list:
+        return self.corrector.correct_batch(requests, errors="return", options=self.options, gate=self.gate,
+                                            batch_size=self.batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = zip(batch["line"].to_pylist(), batch["raw"].to_pylist(), batch["size"].to_pylist())
+        lines = [line for number, raw, size in rows if (line := line_at(number, raw, size, self.max_line_bytes))]
+        answers = answer_chunk(lines, as_request, self._correct, correction_record)
+        return pa.table({"line": pa.array([a.number for a in answers], pa.int64()),
+                         "size": pa.array([a.size for a in answers], pa.int64()),
+                         "record": pa.array([a.text for a in answers], pa.string()),
+                         "error": pa.array([a.error for a in answers], pa.string())})
+
+
+def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None = None,
+                    lines_per_batch: int = LINES_PER_BLOCK, worker: type = CorrectLines, **settings: Any) -> Dataset:
+    """`dataset` (rows {line, size, raw}, as `read_jsonl` gives) corrected by `workers` actors of
+    `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs);
+    `settings` are `CorrectLines`' (model, options, gate, batch_size, providers, max_line_bytes).
+    The result keeps the input's order. A worker that dies is restarted and its batch retried: Ray
+    Data's actors have `max_restarts=-1` and `max_task_retries=-1` unless told otherwise."""
+    answered = dataset.map_batches(worker, batch_size=lines_per_batch, batch_format="pyarrow",
+                                   compute=ActorPoolStrategy(size=workers),
+                                   fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads or 1)
+    answered.context.execution_options.preserve_order = True
+    answered.context.enable_progress_bars = False  # the CLI shows its own
+    return answered
+
+
+def answers(source: JsonlLines, stopping: Callable[[], bool], **correcting: Any) -> Iterator[tuple[list[Answer], int]]:
+    """The answers to `source`'s lines, a block at a time in input order (`write_answers`' source)."""
+    if not source.blocks:
+        return
+    batches = iter(correct_dataset(read_jsonl(source), **correcting).iter_batches(batch_size=None,
+                                                                                  batch_format="pyarrow"))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ray.exceptions.RayError as e:  # a worker's own error (not its death, which Ray retries)
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, LmcorError) else LmcorError(f"a Ray worker failed: {e}")) from None
+        yield [Answer(*row) for row in zip(*(batch[c].to_pylist() for c in ("line", "size", "record", "error")))], \
+            source.skipped_bytes
+        if stopping():
+            return
+
+
+def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, workers: int,
+                  providers: list[str] | None = None, address: str | None = None) -> int:
+    """`lmcor correct --ray`: `args`' input file into `args.output`, by `workers` Ray workers."""
+    if args.input == "-" or regular_file_size(args.input) is None:
+        raise InputError(f"--ray reads a file by byte ranges; {args.input!r} is not a regular file (drop --ray to "
+                         "read a pipe)")
+    threads = args.threads or default_threads(workers)
+    model = None if args.model is None else str(Path(args.model).resolve())
+    # What the workers would refuse, refused here, once: the bundle and the options against it.
+    manifest = load_manifest(model or shipped_bundle("default"), verify=False, kind="corrector")
+    check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
+    gate = args.gate if not args.gate else str(Path(args.gate).resolve())
+    for name, level in (("ray", logging.WARNING), ("ray.data", logging.ERROR)):  # the CLI says what it does
+        logging.getLogger(name).setLevel(level)
+
+    def answered(after: int, stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
+        source = JsonlLines(args.input, after=after, lines_per_block=args.batch_size * 8,
+                            max_line_bytes=args.max_line_bytes)
+        yield from answers(source, stopping, workers=workers, threads=threads, lines_per_batch=args.batch_size * 8,
+                           model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers,
+                           max_line_bytes=args.max_line_bytes)
+
+    with cluster(address):  # first: `ray.init` puts in its own SIGTERM handler, `write_answers` then lmcor's
+        _check_cpus(workers, threads, "workers")
+        return write_answers(args, answered, "correcting")
+
+
+# Serving: Ray Serve.
+
+@serve.ingress()
+class LmcorReplica:
+    """One replica of `lmcor serve`: `create_app`'s app over its own models, loaded when the replica
+    starts; it is ready (Serve's first health check passes) once they are loaded."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.state: Any = None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        app = create_app(self.config)
+        self.state = app.state.lmcor
+        return app
+
+    async def check_health(self) -> None:
+        while self.state is None or self.state.status == "loading":
+            await asyncio.sleep(0.05)
+        if self.state.failure is not None:
+            raise self.state.failure
+
+
+def application(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None = None) -> serve.Application:
+    """The Serve application of `config`: `replicas` replicas, or autoscaling from `replicas` to
+    `max_replicas` (aiming at `config.max_batch` requests in flight per replica). Each replica has
+    `config.threads` ONNX Runtime threads (default: this machine's cores shared out) and as many Ray
+    CPUs; it takes up to `config.max_queue` requests at once, past which it answers 429 itself."""
+    if max_replicas is not None and max_replicas < replicas:
+        raise InputError(f"--max-replicas {max_replicas} is below --replicas {replicas}")
+    threads = config.threads or default_threads(max_replicas or replicas)
+    scaling: dict[str, Any] = ({"num_replicas": replicas} if max_replicas is None else {"autoscaling_config": {
+        "min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": config.max_batch}})
+    deployment = serve.deployment(LmcorReplica, name=APP_NAME, ray_actor_options={"num_cpus": threads},
+                                  max_ongoing_requests=config.max_queue, max_constructor_retry_count=1,
+                                  graceful_shutdown_timeout_s=config.timeout_s + 5, **scaling)
+    return deployment.bind(dataclasses.replace(config, threads=threads))
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """For `serve run lmcor.integrations.ray:build model=PATH replicas=2` (or a Serve config file's
+    `args`): `ServeConfig`'s keys, and `replicas`, `max_replicas`. Host and port are Serve's."""
+    args = dict(args)
+    replicas, most = int(args.pop("replicas", 1)), args.pop("max_replicas", None)
+    kinds = {"port": int, "max_queue": int, "max_batch": int, "max_body_bytes": int, "threads": int,
+             "timeout_s": float, "insecure": lambda text: text.lower() in ("1", "true", "yes")}
+    for name, kind in kinds.items():
+        if isinstance(args.get(name), str):
+            args[name] = kind(args[name])
+    return application(ServeConfig(**args), replicas=replicas, max_replicas=None if most is None else int(most))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _serve_port(asked: int) -> int:
+    """The port Serve's proxies listen on: the one asked for, unless Serve already ran on this cluster."""
+    from ray.serve.context import _get_global_client  # no public way to read it back
+
+    try:
+        return _get_global_client().http_config.port
+    except Exception:  # Serve's internals moved: trust the port asked for
+        return asked
+
+
+@contextlib.contextmanager
+def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None = None,
+            address: str | None = None) -> Iterator[str]:
+    """`config` served by Ray Serve on its host and port (0: a free one) until exit; yields the URL
+    once every replica has loaded its models. On exit the replicas answer what they took, then
+    stop, and Serve stops too if it was started here (where Serve already runs, its proxies keep
+    their own host and port)."""
+    with cluster(address):
+        config = dataclasses.replace(config, threads=config.threads or default_threads(max_replicas or replicas))
+        _check_cpus(replicas, config.threads, "replicas")
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+            started_here = False
+        except ValueError:
+            started_here = True
+        serve.start(http_options={"host": config.host, "port": config.port or _free_port(config.host)})
+        try:
+            try:
+                serve.run(application(config, replicas=replicas, max_replicas=max_replicas), name=APP_NAME,
+                          route_prefix="/", blocking=False)
+            except RuntimeError as e:
+                raise LmcorError(f"the Serve application did not start: {str(e).strip().splitlines()[-1]}") from None
+            try:
+                host = f"[{config.host}]" if ":" in config.host else config.host
+                yield f"http://{host}:{_serve_port(config.port)}"
+            finally:
+                serve.delete(APP_NAME)  # waits for the replicas to answer what they took
+        finally:
+            if started_here:
+                serve.shutdown()
+
+
+def serve_forever(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None = None,
+                  address: str | None = None, announce: Callable[[str], None] = print) -> int:
+    """`lmcor serve --ray`: serve until SIGTERM/SIGINT, then let every replica answer what it took and
+    stop; a second signal stops at once. Returns 0 after a drain, 130/143 when cut short."""
+    stop = threading.Event()
+    forced: list[int] = []
+
+    def handle(number: int, frame: object) -> None:
+        if stop.is_set():
+            forced.append(number)
+            raise KeyboardInterrupt
+        stop.set()
+
+    with running(config, replicas=replicas, max_replicas=max_replicas, address=address) as url:
+        # Installed once Ray runs: `ray.init` puts in its own.
+        previous = {number: signal.signal(number, handle) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            announce(url)
+            log.info("listening", extra={"fields": {"url": url, "replicas": replicas, "max_replicas": max_replicas}})
+            while not stop.wait(0.5):
+                pass
+            log.info("draining", extra={"fields": {}})
+        except KeyboardInterrupt:
+            return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(forced[0] if forced else signal.SIGINT, 130)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+    log.info("stopped", extra={"fields": {}})
+    return 0

@@ -1,0 +1,162 @@
+"""lmcor on Ray (`lmcor.integrations.ray`), on a local two-CPU cluster on loopback started and stopped
+here: `lmcor correct --ray` writes the very file `lmcor correct` writes (bad lines' error records and
+line numbers included) and resumes an interrupted one; a worker that dies mid-job is restarted by Ray
+and no line is lost or written twice; a Ray Serve replica answers the HTTP API as `lmcor serve` does."""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import make_requests
+
+try:
+    import ray
+    from lmcor.integrations import ray as lmcor_ray
+except ImportError as e:  # the ray extra is not installed
+    pytest.skip(f"needs the ray extra (pip install 'lmcor[ray]'): {e}", allow_module_level=True)
+
+import httpx
+
+from lmcor import Corrector
+from lmcor.cli import main
+from lmcor.server.config import ServeConfig
+from lmcor.server.runner import running
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "requests.jsonl"
+TIMEOUT = 60  # seconds: a client fails instead of hanging
+# Small decoder batches, so the job has several blocks (8 lines each) for the two workers.
+CORRECT = ["-q", "--batch-size", "1", "--max-new-tokens", "24"]
+BAD = {  # line -> the input line, a bad one; the rest are requests
+    3: b"{broken",
+    5: b"",
+    9: b'["she go", ["She goes."]]',
+    14: b'{"source": "x", "candidates": "abc"}',
+    20: b'{"id": "\\ud800", "source": "x", "candidates": ["a"]}',
+    26: b'{"source": "caf\xe9", "candidates": ["a"]}',
+    31: b'{"source": "' + b"a" * 3000 + b'", "candidates": ["a"]}',
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory) -> Path:
+    """The shipped examples, generated requests and bad lines: 40 lines, the last without its newline."""
+    good = [line.encode() for line in EXAMPLES.read_text(encoding="utf-8").splitlines()]
+    good += [json.dumps(r).encode() for r in make_requests(40 - len(good) - len(BAD), seed=19)]
+    lines = [BAD[n] if n in BAD else good.pop(0) for n in range(1, 41)]
+    path = tmp_path_factory.mktemp("ray") / "in.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain(jsonl, tmp_path_factory) -> Path:
+    """What `lmcor correct` writes."""
+    out = tmp_path_factory.mktemp("plain") / "out.jsonl"
+    assert main(["correct", str(jsonl), "-o", str(out), "--max-line-bytes", "2048", *CORRECT]) == 1
+    return out
+
+
+def _bad_lines(path: Path) -> list[int]:
+    return [r["line"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if "error" in r]
+
+
+def test_correct_on_ray_writes_what_lmcor_correct_writes(cluster, jsonl, plain, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    code = main(["correct", "--ray", str(jsonl), "-o", str(out), "--max-line-bytes", "2048", "--workers", "2",
+                 "--threads", "1", *CORRECT])
+    assert code == 1  # some lines failed, every other was answered
+    assert out.read_bytes() == plain.read_bytes()
+    assert _bad_lines(out) == sorted(n for n in BAD if BAD[n])  # a blank line is no request, and no record
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmcor: line ")]
+    assert [int(line.split()[2].rstrip(":")) for line in said] == _bad_lines(out)
+    assert not list(tmp_path.glob(".out.jsonl.*"))  # the temporary file was renamed over -o
+
+
+def test_resume_answers_only_the_lines_after_the_complete_records(cluster, jsonl, plain, tmp_path):
+    records = plain.read_bytes().splitlines(keepends=True)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"".join(records[:17]) + records[17][:10])  # 17 complete records, then a torn one
+    code = main(["correct", "--ray", str(jsonl), "-o", str(out), "--resume", "--max-line-bytes", "2048",
+                 "--workers", "1", "--threads", "1", *CORRECT])
+    assert code == 1 and out.read_bytes() == plain.read_bytes()
+
+
+def test_a_worker_killed_mid_job_is_restarted_without_losing_or_repeating_lines(cluster, jsonl, plain, tmp_path):
+    marker = tmp_path / "killed"
+
+    class DiesOnce(lmcor_ray.CorrectLines):
+        """Kills its own process on its second batch, once in the whole job (the marker says)."""
+
+        calls = 0
+
+        def __call__(self, batch):
+            DiesOnce.calls += 1
+            if DiesOnce.calls == 2 and not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return super().__call__(batch)
+
+    source = lmcor_ray.JsonlLines(jsonl, lines_per_block=4, max_line_bytes=2048)
+    answers = [a for chunk, _ in lmcor_ray.answers(source, lambda: False, worker=DiesOnce, workers=2, threads=1,
+                                                    lines_per_batch=4, batch_size=1, max_line_bytes=2048,
+                                                    options=lmcor_ray.CorrectionOptions(max_new_tokens=24))
+               for a in chunk]
+    assert marker.exists(), "a worker should have died"
+    assert [a.number for a in answers] == sorted({a.number for a in answers})  # in order, each line once
+    assert "".join(a.text for a in answers).encode() == plain.read_bytes()
+
+
+def test_bad_flags_fail_in_one_line(tmp_path, capsys):
+    assert main(["correct", str(EXAMPLES), "--workers", "2"]) == 2
+    assert "--workers needs --ray" in capsys.readouterr().err
+    assert main(["correct", "--ray", "-"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "--replicas needs --ray" in capsys.readouterr().err
+
+
+def _exchange(url: str, requests: list[dict]) -> list[tuple[int, object]]:
+    calls = [("POST", "/v1/correct", requests[0]), ("POST", "/v1/correct", requests[:4]),
+             ("POST", "/v1/correct", {"source": "x", "candidates": ["a"], "num_beams": 0}),
+             ("POST", "/v1/correct", [requests[0], {"candidates": ["a"]}]), ("POST", "/v1/correct", b"{bad"),
+             ("POST", "/v1/classify", {"text": "x"}), ("GET", "/nowhere", None), ("GET", "/health", None)]
+    out = []
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        for method, path, body in calls:
+            response = client.request(method, path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+            out.append((response.status_code, response.json()))
+        assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/correct", "/health"}
+    return out
+
+
+def test_a_serve_replica_answers_like_lmcor_serve(cluster):
+    requests = make_requests(12, seed=21)
+    config = ServeConfig(port=0, timeout_s=30, threads=1)
+    with running(config) as server:
+        expected = _exchange(server.url, requests)
+    with lmcor_ray.running(config) as url:
+        assert _exchange(url, requests) == expected
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client, ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda r: client.post("/v1/correct", json=r), requests))
+    assert [a.status_code for a in answers] == [200] * len(requests)
+    assert [a.json()["output"] for a in answers] == [c.text for c in Corrector.load().correct_batch(requests)]
+
+
+def test_serve_run_builder_reads_its_arguments_as_text():
+    app = lmcor_ray.build({"replicas": "1", "max_replicas": "2", "max_batch": "8", "threads": "1"})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(lmcor_ray.InputError, match="below --replicas"):
+        lmcor_ray.build({"replicas": "2", "max_replicas": "1"})
