@@ -19,6 +19,10 @@ have just joined make their first call on their own (`prefill`). The output is t
 plain greedy, whatever else is in the batch. Both searches reproduce Hugging Face `generate` token for token
 (greedy, and beam search with length penalty and its early-stopping heuristic), including forced
 BOS/EOS tokens and n-gram bans. Beam search runs without drafts, on one static batch.
+
+The host work of each step runs in the compiled core where it is built (`core.native`): acceptance
+with the logits processors fused into the argmax (only the positions a row's acceptance reaches are
+scanned), and the ragged decoder's per-row cache writes. The Python beside each is its reference.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from . import core
 from .bundle import DecoderShape, Manifest, SpecialTokens
 from .drafts import Drafter
-from .sequence import RepeatBan, Sequence
+from .sequence import Sequence, repeat_ban
 from .sessions import Sessions
 
 _NEG = np.float32(-1.0e9)  # Hugging Face's "never pick this" score, kept for identical arithmetic
@@ -232,11 +237,11 @@ class RaggedDecoder:
             feed[name] = cache[rows] if lengths.any() else cache[rows, :, :0]
         logits, *presents = self.session.run(None, feed)
         self.calls += 1
-        # Each row's new tokens go after its own cached ones. Slices per row: much cheaper than one
-        # fancy-indexed write at the batch sizes decoding uses.
-        for row, start in enumerate(lengths.tolist(), start=first):
-            for cache, present in zip(self._cache, presents):
-                cache[row, :, start : start + new] = present[row - first]
+        # Each row's new tokens go after its own cached ones.
+        if core.native is not None:
+            core.native.write_rows(self._cache, presents, lengths, first)
+        else:
+            _write_rows(self._cache, presents, lengths, first)
         self.lengths[rows] += new
         self._last = new
         return logits
@@ -251,6 +256,16 @@ class RaggedDecoder:
         cross-attention keys/values and mask they share)."""
         self._cache = [cache[: self.rows][rows] for cache in self._cache]
         self.lengths = self.lengths[rows]
+
+
+def _write_rows(caches: list[np.ndarray], presents: list[np.ndarray], lengths: np.ndarray, first: int) -> None:
+    """Each row's new keys/values after its `lengths` cached tokens (rows counted from `first`); the
+    reference of `core.native.write_rows`. Slices per row: much cheaper than one fancy-indexed write
+    at the batch sizes decoding uses."""
+    new = presents[0].shape[2] if presents else 0
+    for row, start in enumerate(lengths.tolist(), start=first):
+        for cache, present in zip(caches, presents):
+            cache[row, :, start : start + new] = present[row - first]
 
 
 def _regrown(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -331,6 +346,8 @@ class Batch:
         self.banning = False  # whether any row bans repeated n-grams
         self.least: int | np.ndarray = 0  # min_new_tokens: one number, or a column of one per row
         self.most: int | np.ndarray = 0  # max_new_tokens, alike
+        self.fed: np.ndarray | None = None  # the last call's token ids (rows, 1 + longest draft)
+        self._scratch = np.zeros((4, 0), dtype=np.int64)  # per row: min_new_tokens, max_new_tokens; the core's outputs
 
     def join(self, rows: list[Sequence], hidden: ort.OrtValue, mask: np.ndarray) -> None:
         """Add `rows`, whose encoder states and mask are `hidden` and `mask`."""
@@ -348,6 +365,9 @@ class Batch:
         self.banning = any(s.ban is not None for s in rows)
         self.least = _per_row([s.search.min_new_tokens for s in rows])
         self.most = _per_row([s.search.max_new_tokens for s in rows])
+        self._scratch = np.zeros((4, len(rows)), dtype=np.int64)
+        self._scratch[0] = [s.search.min_new_tokens for s in rows]
+        self._scratch[1] = [s.search.max_new_tokens for s in rows]
 
 
 def _per_row(values: list[int]) -> int | np.ndarray:
@@ -374,6 +394,7 @@ def verify(batch: Batch, first: int = 0) -> np.ndarray:
             ids[i, 0] = s.last
             if s.draft:
                 ids[i, 1 : 1 + len(s.draft)] = s.draft
+    batch.fed = ids
     if batch._start is not None:
         hidden, mask = batch._start
         batch._start = None
@@ -384,7 +405,50 @@ def verify(batch: Batch, first: int = 0) -> np.ndarray:
 def accept(batch: Batch, logits: np.ndarray, first: int = 0) -> None:
     """Rows `first`... take the longest drafted prefix equal to the model's own choices, then the
     model's next token, its logits processors applied (n-gram bans, min length, forced BOS/EOS).
-    `logits` are the call's own, and are changed in place."""
+    `logits` are the call's own (`verify`'s), and may be changed in place."""
+    rows, eos = batch.rows[first:], batch.special.eos
+    chosen = None if core.native is None else _choose_native(core.native, batch, logits, first)
+    if chosen is None:
+        chosen = _choose_reference(batch, logits, first)
+    kept = np.zeros(len(rows), dtype=np.int64)  # fed tokens whose keys/values stay cached
+    now = time.perf_counter()
+    for i, (s, k, token) in enumerate(zip(rows, *chosen)):
+        if s.done:
+            continue
+        # The model's choice after each accepted draft token is that token; after the last
+        # accepted one it is the model's own next token.
+        s.take([*s.draft[:k], token], len(s.draft), k, eos, now)
+        kept[i] = k + 1
+    if batch.decoder.ragged:
+        batch.decoder.accept(kept, first)
+
+
+def _choose_native(native, batch: Batch, logits: np.ndarray, first: int) -> tuple[list[int], list[int]] | None:
+    """`_choose_reference`, by the compiled core: the processors fused with the argmax, which scans only
+    the positions a row's acceptance reaches. None where it cannot run (a row's n-gram ban is the
+    reference's: the sequence started while the core was off)."""
+    rows, special, ids = batch.rows[first:], batch.special, batch.fed
+    if ids is None or ids.shape != logits.shape[:2]:
+        return None
+    n = len(rows)
+    per_row = batch._scratch
+    per_row[2:, first:] = 0
+    accepted, token = per_row[2, first:], per_row[3, first:]
+    drafted = np.fromiter((len(s.draft) for s in rows), dtype=np.int64, count=n)
+    written = np.fromiter((len(s.tokens) for s in rows), dtype=np.int64, count=n)
+    done = np.fromiter((s.done for s in rows), dtype=bool, count=n)
+    none = -1
+    if not native.accept(np.ascontiguousarray(logits, dtype=np.float32), ids, drafted, written, per_row[0, first:],
+                         per_row[1, first:], done, [s.ban for s in rows], special.eos,
+                         none if special.forced_bos is None else special.forced_bos,
+                         none if special.forced_eos is None else special.forced_eos, accepted, token):
+        return None
+    return accepted.tolist(), token.tolist()
+
+
+def _choose_reference(batch: Batch, logits: np.ndarray, first: int) -> tuple[list[int], list[int]]:
+    """Per row from `first`: how many of its draft tokens equal the model's own choices, and the model's
+    next token after them (done rows: 0 and -1). The reference of the core's `accept`."""
     rows, special = batch.rows[first:], batch.special
     written = np.array([len(s.tokens) for s in rows])
     cur_len = written[:, None] + np.arange(1, logits.shape[1] + 1)
@@ -397,8 +461,7 @@ def accept(batch: Batch, logits: np.ndarray, first: int = 0) -> None:
     if first:
         least, most = (x if isinstance(x, int) else x[first:] for x in (least, most))
     choice = _constrain(logits, special, cur_len, least, most).argmax(axis=-1).tolist()
-    kept = np.zeros(len(rows), dtype=np.int64)  # fed tokens whose keys/values stay cached
-    now = time.perf_counter()
+    accepted, token = [0] * len(rows), [-1] * len(rows)
     for i, s in enumerate(rows):
         if s.done:
             continue
@@ -406,12 +469,8 @@ def accept(batch: Batch, logits: np.ndarray, first: int = 0) -> None:
         k = 0
         while k < len(draft) and chosen[k] == draft[k]:
             k += 1
-        # The model's choice after each accepted draft token is that token; after the last
-        # accepted one it is the model's own next token.
-        s.take(chosen[: k + 1], len(draft), k, special.eos, now)
-        kept[i] = k + 1
-    if batch.decoder.ragged:
-        batch.decoder.accept(kept, first)
+        accepted[i], token[i] = k, chosen[k]
+    return accepted, token
 
 
 def retire(batch: Batch) -> list[Sequence]:
@@ -514,7 +573,7 @@ def beam_search(
         log_probs = _log_softmax(logits[:, -1, :])
         if search.no_repeat_ngram_size:
             for row, seq in enumerate(running_seq.reshape(batch * beams, max_length)[:, :cur_len].tolist()):
-                ban = RepeatBan(search.no_repeat_ngram_size, seq[0])
+                ban = repeat_ban(search.no_repeat_ngram_size, seq[0])
                 ban.extend(seq[1:])
                 log_probs[row, ban.banned()] = -np.inf
         log_probs = _constrain(log_probs, special, cur_len, search.min_new_tokens, search.max_new_tokens)

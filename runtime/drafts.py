@@ -7,6 +7,9 @@ first token, the sequences' starts), and the tokens that follow the matches are 
 matches disagree (the candidates differ), each drafted token is the one most matches continue
 with, and the draft follows the matches that agree with it. The decoder verifies the draft in one
 call (see `decode.verify`), so a draft only ever costs compute, never correctness.
+
+`Drafts` runs the compiled core's index and vote (`core.native.Drafts`) where it is built; the Python
+below is its reference, and the two propose the same tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+
+from . import core
 
 MAX_NGRAM = 4
 # A first draft of 24 runs to the end of most candidates: on the default corrector's test split,
@@ -29,15 +34,37 @@ class Drafts:
     """One row's draft proposals: its reference sequences, indexed, and its draft size (adapted to how
     much of its drafts the decoder accepts)."""
 
-    def __init__(self, references: Sequence[np.ndarray], end: int, *, max_ngram: int = MAX_NGRAM):
+    def __init__(self, references: Sequence[np.ndarray], end: int, *, max_ngram: int = MAX_NGRAM,
+                 compiled: bool | None = None):
+        """`compiled`: the core's implementation (True), the reference (False), or whichever runs now (None)."""
         self.max_ngram = max_ngram
+        native = core.native if compiled is None else core.built() if compiled else None
+        self._native = None if native is None else native.Drafts(references, end, max_ngram)
+        if self._native is not None:
+            return
         # Sampled candidates often repeat one another: each distinct sequence is indexed once and
         # votes with the number of times it occurs.
         counted = Counter(tuple([*np.asarray(seq).tolist(), end]) for seq in references)
         self._refs = [list(seq) for seq in counted]
         self._weights = list(counted.values())
         self._table = self._index(self._refs)
-        self.size = FIRST_DRAFT
+        self._size = FIRST_DRAFT
+
+    @property
+    def compiled(self) -> bool:
+        return self._native is not None
+
+    @property
+    def size(self) -> int:
+        """The next draft's size, at most."""
+        return self._size if self._native is None else self._native.size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        if self._native is None:
+            self._size = value
+        else:
+            self._native.size = value
 
     @staticmethod
     def _index(refs: list[list[int]]) -> dict[int, list[Position]]:
@@ -52,7 +79,9 @@ class Drafts:
 
     def propose(self, history: Sequence[int], limit: int) -> list[int]:
         """Up to min(limit, the draft size) tokens likely to follow `history`."""
-        size = min(limit, self.size)
+        if self._native is not None:  # only the last max_ngram tokens matter, and whether there are any
+            return self._native.propose(history[max(0, len(history) - max(1, self.max_ngram)):], limit)
+        size = min(limit, self._size)
         if size <= 0:
             return []
         refs, weights = self._refs, self._weights
@@ -69,21 +98,25 @@ class Drafts:
     def update(self, drafted: int, accepted: int) -> None:
         """Grow the drafts while they are accepted whole, shrink them to a little more than was
         accepted, and halve them while nothing is (down to one token, which costs next to nothing)."""
+        if self._native is not None:
+            self._native.update(drafted, accepted)
+            return
         if drafted == 0:
             return
         if accepted == drafted:
-            self.size = min(MAX_DRAFT, self.size + 4)
+            self._size = min(MAX_DRAFT, self._size + 4)
         elif accepted:
-            self.size = accepted + 2
+            self._size = accepted + 2
         else:
-            self.size = max(1, self.size // 2)
+            self._size = max(1, self._size // 2)
 
 
 class Drafter:
     """Draft proposals for a batch of rows, each row drafting from its own reference sequences."""
 
-    def __init__(self, references: Sequence[Sequence[np.ndarray]], end: int, *, max_ngram: int = MAX_NGRAM):
-        self.rows = [Drafts(row, end, max_ngram=max_ngram) for row in references]
+    def __init__(self, references: Sequence[Sequence[np.ndarray]], end: int, *, max_ngram: int = MAX_NGRAM,
+                 compiled: bool | None = None):
+        self.rows = [Drafts(row, end, max_ngram=max_ngram, compiled=compiled) for row in references]
 
     @property
     def sizes(self) -> list[int]:

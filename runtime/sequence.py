@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from . import core
 from .drafts import Drafts
 from .request import Correction, Request, RequestStats
 from .tokens import ModelInput
@@ -20,10 +21,19 @@ if TYPE_CHECKING:
     from .decode import Search
 
 
+def repeat_ban(size: int, start: int, *, compiled: bool | None = None) -> RepeatBan:
+    """A `RepeatBan`: the compiled core's (`compiled` True), the reference (False), or whichever runs
+    now (None). The core's has the same `size`, `seq`, `banned` and `extend`, and `decode.accept`
+    reads it without Python."""
+    native = core.native if compiled is None else core.built() if compiled else None
+    return RepeatBan(size, start) if native is None else native.RepeatBan(size, start)
+
+
 class RepeatBan:
     """`no_repeat_ngram_size`: the tokens that would repeat an n-gram of one sequence (transformers'
     NoRepeatNGramLogitsProcessor; the sequence starts with the decoder start token). The n-grams
-    written so far are kept in a table, so that checking a draft position costs a lookup."""
+    written so far are kept in a table, so that checking a draft position costs a lookup. The
+    reference of the compiled core's `RepeatBan` (see `repeat_ban`)."""
 
     def __init__(self, size: int, start: int):
         self.size = size
@@ -72,7 +82,7 @@ class Sequence:
         self.index = index
         self.future = future
         self.drafts = drafts
-        self.ban = RepeatBan(search.no_repeat_ngram_size, start) if search.no_repeat_ngram_size else None
+        self.ban = repeat_ban(search.no_repeat_ngram_size, start) if search.no_repeat_ngram_size else None
         self.tokens: list[int] = []  # written so far, EOS included once reached
         self.last = start  # the token the next decoder call feeds first
         self.draft: list[int] = []  # this step's draft, fed after `last`

@@ -1,4 +1,5 @@
-"""`lmcor bench`: lmcor and its peers side by side, and the side runs (drafts, gate, shared prefix)."""
+"""`lmcor bench`: lmcor and its peers side by side, and the side runs (drafts, gate, shared prefix,
+host work)."""
 
 from __future__ import annotations
 
@@ -53,17 +54,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: lmcor serve (--bundle) under 1-64 concurrent clients vs the same server one request "
                         "at a time vs offline correct_batch at --batch-size, over --data (default: recipes/splits/"
                         "test.jsonl; --requests distinct ones cycled, default 256; --seconds, --clients, --threads)")
+    parser.add_argument("--host", action="store_true",
+                        help="instead: the compiled core vs the Python references on --bundle over --data (default: "
+                        "recipes/splits/test.jsonl): batch-1 host time outside ONNX Runtime per request, and batch "
+                        "throughput against the FLOP bound (--requests default 100, --rounds, --batch-size default 16)")
     parser.add_argument("--seconds", type=options.finite_float, default=15.0,
                         help="with --serve: seconds of load at each concurrency (default: %(default)s)")
     parser.add_argument("--clients", default="1,4,16,64", help="with --serve: concurrencies (default: %(default)s)")
     parser.add_argument("--prefix-tokens", type=options.positive_int, default=500, help="with --shared-prefix")
-    parser.add_argument("--bundle", help="with --drafts and --gate: corrector bundle folder (default: the corrector "
+    parser.add_argument("--bundle", help="with --drafts, --gate and --host: corrector bundle folder (default: the corrector "
                         "shipped with lmcor); with --shared-prefix and --candidates: a causal-LM bundle")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.serve:
         return _bench_serve(args)
+    if args.host:
+        return _bench_host(args)
     if args.drafts:
         return _bench_drafts(args)
     if args.gate is not None:
@@ -119,6 +126,25 @@ def _bench_serve(args: argparse.Namespace) -> int:
     servers = report["servers"].values()
     drained = all(s["exit_code"] == 0 and not any(r["lost"] for r in s["clients"].values()) for s in servers)
     return 0 if drained else 1
+
+
+def _bench_host(args: argparse.Namespace) -> int:
+    from lmcor.bench import host
+    from lmcor.bench.harness import BenchConfig
+
+    data = Path(args.data) if args.data else Path(__file__).resolve().parents[2] / "recipes" / "splits" / "test.jsonl"
+    if not data.is_file():
+        raise InputError(f"--host needs --data: a JSONL file of correction requests ({data} is not there)")
+    # --requests and --batch-size default to the harness's (12, 8); --host's own are 100 and 16.
+    own = host.HostConfig
+    config = own(data=data, bundle=Path(args.bundle) if args.bundle else None,
+                 requests=own.requests if args.requests == BenchConfig.requests else args.requests,
+                 rounds=args.rounds,
+                 batch_size=own.batch_size if args.batch_size == BenchConfig.batch_size else args.batch_size,
+                 threads=args.threads)
+    report = host.run(config)
+    _write_report(Path(args.out) / "host.json", report, host.table(report))
+    return 0 if report["identical_outputs"] == report["requests"] else 1
 
 
 def _bench_prefix(args: argparse.Namespace) -> int:

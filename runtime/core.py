@@ -1,0 +1,47 @@
+"""The compiled core (`lmcor._core`, C++ in `kernels/core/`), or the plain Python references.
+
+Each decode step's host work has two implementations that compute the same values: the compiled one
+and the Python reference beside its caller (`drafts.Drafts`, `sequence.RepeatBan`, `decode.accept`,
+`RaggedDecoder.step`'s cache writes, `fallback.nearest`); `tests/test_core.py` compares them exactly.
+Callers read `native` when they run: the extension module, or None where it is not built (lmcor says
+so once) or `LMCOR_CORE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+log = logging.getLogger("lmcor")
+
+native: ModuleType | None = None
+_warned = False
+
+
+def built() -> ModuleType | None:
+    """The extension module, or None (with one warning per process) where it cannot be imported."""
+    global _warned
+    try:
+        return importlib.import_module("lmcor._core")
+    except ImportError as e:
+        if not _warned:
+            _warned = True
+            log.warning("lmcor's compiled core is not built (%s): the Python references run (slower, same "
+                        "results); reinstall lmcor with a C++17 compiler to build it", e)
+        return None
+
+
+def configure(enabled: bool | None = None) -> ModuleType | None:
+    """Choose the implementation, and return `native`: `enabled` True or False, or None to read
+    `LMCOR_CORE` (0 turns the core off; default: on where built). Sequences already started keep
+    the draft index and n-gram bans they were built with."""
+    global native
+    if enabled is None:
+        enabled = os.environ.get("LMCOR_CORE", "1").strip().lower() not in ("0", "false", "off", "no")
+    native = built() if enabled else None
+    return native
+
+
+configure()

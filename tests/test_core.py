@@ -1,0 +1,318 @@
+"""The compiled core (`lmcor._core`) against its Python references, exactly, on random and real inputs:
+chrF and the nearest candidate, the n-gram bans, acceptance with the logits processors fused into the
+argmax (ties included), the drafter's proposals, the ragged cache writes; and a corrector that gives
+the same outputs with the core on and off (`LMCOR_CORE=0`)."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lmcor.runtime import core, decode
+from lmcor.runtime.bundle import SpecialTokens
+from lmcor.runtime.decode import (
+    Batch,
+    Search,
+    _choose_native,
+    _choose_reference,
+    _write_rows,
+)
+from lmcor.runtime.drafts import Drafts
+from lmcor.runtime.fallback import _nearest_reference, char_ngrams, chrf, nearest
+from lmcor.runtime.request import as_request
+from lmcor.runtime.sequence import Sequence, repeat_ban
+from lmcor.runtime.tokens import encode_requests
+
+from lmcor import Corrector
+
+NATIVE = core.built()
+needs_core = pytest.mark.skipif(NATIVE is None, reason="lmcor._core is not built (reinstall lmcor with a C++17 "
+                                "compiler: pip install -e .)")
+
+# chrF: the core does the reference's double arithmetic in the reference's order (no fused
+# multiply-adds), so the scores are the same doubles.
+CHRF_TOLERANCE = 0.0
+
+ROOT = Path(__file__).resolve().parents[1]
+# Whitespace Python's str.split() removes (and the core must too), astral and combining characters.
+ALPHABET = list("abcdeéü,.' ") + ["\t", "\n", "\xa0", "\u2003", "\u3000", "\x1c", "\x85", "😀", "e\u0301", "ß", "字"]
+
+
+def _real_requests(count: int) -> list:
+    lines = (ROOT / "examples" / "requests.jsonl").read_text(encoding="utf-8").splitlines()
+    test = ROOT / "recipes" / "splits" / "test.jsonl"
+    if test.is_file():
+        lines += test.read_text(encoding="utf-8").splitlines()[:count]
+    return [as_request(json.loads(line)) for line in lines if line.strip()]
+
+
+def _random_text(rng: np.random.Generator, longest: int = 40) -> str:
+    return "".join(rng.choice(ALPHABET, size=int(rng.integers(0, longest))))
+
+
+def _edited(rng: np.random.Generator, text: str) -> str:
+    """`text` with a few words dropped, repeated or swapped: an output near some candidates."""
+    words = text.split(" ")
+    for _ in range(int(rng.integers(0, 4))):
+        i = int(rng.integers(len(words)))
+        op = rng.integers(3)
+        if op == 0 and len(words) > 1:
+            del words[i]
+        elif op == 1:
+            words.insert(i, words[i])
+        else:
+            words[i] = words[int(rng.integers(len(words)))]
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def corrector() -> Corrector:
+    return Corrector.load()
+
+
+@needs_core
+def test_chrf_equals_the_reference_on_random_texts():
+    rng = np.random.default_rng(0)
+    texts = ["", " ", "a", "ab", "\xa0\u3000", "😀😀😀😀😀😀😀"] + [_random_text(rng) for _ in range(300)]
+    for _ in range(3000):
+        a, b = texts[rng.integers(len(texts))], texts[rng.integers(len(texts))]
+        expected = chrf(char_ngrams(a), char_ngrams(b))
+        assert abs(NATIVE.chrf(a, b) - expected) <= CHRF_TOLERANCE, (a, b)
+
+
+@needs_core
+def test_nearest_equals_the_reference_on_real_requests():
+    rng = np.random.default_rng(1)
+    for request in _real_requests(400):
+        candidates = list(request.candidates)
+        for text in (_edited(rng, candidates[int(rng.integers(len(candidates)))]), request.source, "", candidates[0]):
+            index, score = NATIVE.nearest(text, candidates)
+            expected_index, expected = _nearest_reference(text, candidates)
+            assert index == expected_index and abs(score - expected) <= CHRF_TOLERANCE, (text, candidates)
+    # ties: equal candidates and equal scores pick the first, as max() does
+    assert NATIVE.nearest("abc", ["xyz", "abd", "abd"]) == _nearest_reference("abc", ["xyz", "abd", "abd"])
+    assert NATIVE.nearest("abc", ("", "")) == (0, 0.0)
+
+
+@needs_core
+def test_nearest_dispatches_to_the_core_and_keeps_its_shortcut(monkeypatch):
+    monkeypatch.setattr(core, "native", NATIVE)
+    assert nearest("a b", ["x", "a b"]) == (1, 100.0)  # exact match, not blank
+    assert nearest(" ", [" ", "x"]) == _nearest_reference(" ", [" ", "x"])
+    with pytest.raises(ValueError):
+        nearest("a", [])
+
+
+@needs_core
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_repeat_bans_equal_the_reference(size):
+    rng = np.random.default_rng(size)
+    for _ in range(60):
+        ours, theirs = repeat_ban(size, 0, compiled=True), repeat_ban(size, 0, compiled=False)
+        assert type(ours) is not type(theirs)
+        for _ in range(int(rng.integers(1, 12))):
+            tokens = rng.integers(0, 6, size=int(rng.integers(0, 6))).tolist()
+            ours.extend(tokens)
+            theirs.extend(tokens)
+            extra = rng.integers(0, 6, size=int(rng.integers(0, 5))).tolist()
+            assert ours.banned(extra) == theirs.banned(extra)
+            assert ours.banned() == theirs.banned()
+        assert ours.seq == theirs.seq and ours.size == theirs.size
+
+
+def _rows(rng: np.random.Generator, count: int, positions: int, vocab: int, compiled: bool, seed_state: list) -> list:
+    """Sequences at random states: tokens written, drafts, bans, limits, some done."""
+    rows = []
+    for r in range(count):
+        written, draft, n, least, most, done = seed_state[r]
+        s = Sequence(Search(max_new_tokens=most, min_new_tokens=least, no_repeat_ngram_size=n), 0)
+        s.ban = repeat_ban(n, 0, compiled=compiled) if n else None
+        s.tokens = list(written)
+        if s.ban is not None:
+            s.ban.extend(written)
+        s.draft, s.done = list(draft), done
+        rows.append(s)
+    return rows
+
+
+def _states(rng: np.random.Generator, logits: np.ndarray, vocab: int) -> list:
+    rows, positions = logits.shape[:2]
+    states = []
+    for r in range(rows):
+        written = rng.integers(0, vocab, size=int(rng.integers(0, 8))).tolist()
+        # drafts mostly follow the raw argmax (so acceptance goes deep), with an early miss at random
+        draft = logits[r].argmax(axis=-1)[: int(rng.integers(0, positions))].tolist()
+        if draft and rng.random() < 0.5:
+            draft[int(rng.integers(len(draft)))] = int(rng.integers(vocab))
+        n = int(rng.choice([0, 1, 2, 3]))
+        least = int(rng.integers(0, 5))
+        most = int(rng.integers(max(least, 1), 12))
+        states.append((written, draft, n, least, most, bool(rng.random() < 0.1)))
+    return states
+
+
+@needs_core
+@pytest.mark.parametrize("forced", [(None, None), (5, 6), (2, None)])
+def test_acceptance_equals_the_reference_on_random_logits_with_ties(forced):
+    rng = np.random.default_rng(sum(x or 0 for x in forced))
+    special = SpecialTokens(pad=0, eos=1, decoder_start=0, forced_bos=forced[0], forced_eos=forced[1])
+    for trial in range(150):
+        rows, positions, vocab = int(rng.integers(1, 6)), int(rng.integers(1, 7)), int(rng.integers(7, 14))
+        # few distinct values: ties everywhere; -inf and NaN sometimes
+        logits = rng.integers(-2, 3, size=(rows, positions, vocab)).astype(np.float32)
+        if trial % 5 == 0:
+            logits[rng.random(logits.shape) < 0.2] = -np.inf
+        if trial % 17 == 0:
+            logits[rng.random(logits.shape) < 0.05] = np.nan
+        states = _states(rng, logits, vocab)
+        first = int(rng.integers(0, rows))
+        results = []
+        for compiled in (True, False):
+            batch = Batch(decoder=None, special=special)
+            batch.rows = _rows(rng, rows, positions, vocab, compiled, states)
+            batch._limits()
+            ids = np.zeros((rows - first, positions), dtype=np.int64)
+            for i, s in enumerate(batch.rows[first:]):
+                ids[i, 1 : 1 + len(s.draft)] = s.draft
+            batch.fed = ids
+            choose = _choose_native if compiled else (lambda _, b, x, f: _choose_reference(b, x, f))
+            results.append(choose(NATIVE, batch, logits[first:].copy(), first))
+        assert results[0] is not None
+        assert results[0] == results[1], (trial, states)
+
+
+@needs_core
+def test_acceptance_runs_the_reference_where_a_ban_is_not_native():
+    special = SpecialTokens(pad=0, eos=1, decoder_start=0)
+    batch = Batch(decoder=None, special=special)
+    s = Sequence(Search(max_new_tokens=5, no_repeat_ngram_size=2), 0)
+    s.ban = repeat_ban(2, 0, compiled=False)
+    batch.rows = [s]
+    batch._limits()
+    batch.fed = np.zeros((1, 1), dtype=np.int64)
+    assert _choose_native(NATIVE, batch, np.zeros((1, 1, 4), dtype=np.float32), 0) is None
+
+
+def _compare_drafts(references: list, end: int, histories: list, rng: np.random.Generator) -> None:
+    ours, theirs = Drafts(references, end, compiled=True), Drafts(references, end, compiled=False)
+    assert ours.compiled and not theirs.compiled
+    for history in histories:
+        limit = int(rng.integers(-1, 40))
+        assert ours.propose(history, limit) == theirs.propose(history, limit), history
+        drafted = int(rng.integers(0, 30))
+        accepted = int(rng.integers(0, drafted + 1)) if rng.random() < 0.7 else drafted
+        ours.update(drafted, accepted)
+        theirs.update(drafted, accepted)
+        assert ours.size == theirs.size
+
+
+@needs_core
+def test_drafts_equal_the_reference_on_random_sequences():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        vocab = int(rng.integers(3, 12))
+        references = [rng.integers(2, vocab, size=int(rng.integers(0, 30))) for _ in range(int(rng.integers(1, 7)))]
+        references += [references[0]] * int(rng.integers(0, 3))  # repeated candidates vote more
+        histories = [[]] + [rng.integers(1, vocab, size=int(rng.integers(1, 9))).tolist() for _ in range(20)]
+        _compare_drafts(references, 1, histories, rng)
+    for max_ngram in (0, 1, 2, 6):
+        refs = [np.array([5, 6, 7, 5, 6, 8]), np.array([5, 6, 8])]
+        for history in ([], [5], [5, 6], [7, 5, 6], [9]):
+            assert (Drafts(refs, 1, max_ngram=max_ngram, compiled=True).propose(history, 10)
+                    == Drafts(refs, 1, max_ngram=max_ngram, compiled=False).propose(history, 10))
+
+
+@needs_core
+def test_drafts_equal_the_reference_on_the_default_corrector_inputs(corrector):
+    rng = np.random.default_rng(4)
+    requests = _real_requests(150)
+    inputs = encode_requests(corrector.tokenizer, corrector.manifest.template, requests,
+                             corrector.manifest.max_input_tokens, references=True)
+    eos = corrector.manifest.special_tokens.eos
+    for model_input in inputs:
+        references = list(model_input.references)
+        histories = [[]]
+        for ref in references:  # prefixes of each candidate (what an output copying it has written), edited
+            for cut in sorted(rng.integers(0, len(ref) + 1, size=4).tolist()):
+                prefix = ref[:cut].tolist()
+                if prefix and rng.random() < 0.3:
+                    prefix[int(rng.integers(len(prefix)))] = int(rng.integers(4000))
+                histories.append(prefix)
+        _compare_drafts(references, eos, histories, rng)
+
+
+@needs_core
+def test_cache_writes_equal_the_reference():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        slots, heads, room, dim, new = (int(rng.integers(1, 6)), int(rng.integers(1, 4)), 32, int(rng.integers(1, 9)),
+                                        int(rng.integers(1, 8)))
+        first = int(rng.integers(0, slots))
+        rows = slots - first
+        caches = [rng.standard_normal((slots, heads, room, dim)).astype(np.float32) for _ in range(4)]
+        presents = [rng.standard_normal((rows, heads, new, dim)).astype(np.float32) for _ in range(4)]
+        lengths = rng.integers(0, room - new + 1, size=rows).astype(np.int64)
+        expected = [c.copy() for c in caches]
+        _write_rows(expected, presents, lengths, first)
+        NATIVE.write_rows(caches, presents, lengths, first)
+        for a, b in zip(caches, expected):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="room"):
+        NATIVE.write_rows(caches, presents, np.full(rows, room, dtype=np.int64), first)
+
+
+@needs_core
+@pytest.mark.parametrize("options", [{}, {"min_new_tokens": 12, "no_repeat_ngram_size": 2}, {"drafts": False}])
+def test_a_corrector_gives_the_same_outputs_with_the_core_off(corrector, monkeypatch, options):
+    """Real logits, drafts and bans: every step's fused acceptance is checked against the reference,
+    and the outputs (fallback included) against a run with LMCOR_CORE=0."""
+    requests = _real_requests(48)
+    checked = []
+
+    def both(native, batch, logits, first):
+        ours = _choose_native(native, batch, logits, first)
+        assert ours is None or ours == _choose_reference(batch, logits.copy(), first)
+        checked.append(ours is not None)
+        return ours
+
+    monkeypatch.setattr(decode, "_choose_native", both)
+    monkeypatch.setattr(core, "native", core.native)  # restored after the test
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LMCOR_CORE", flag)
+        assert (core.configure() is None) == (flag == "0")
+        runs[flag] = [corrector.correct_batch(requests, batch_size=size, **options) for size in (1, 16)]
+    assert checked and all(checked)
+    for ours, theirs in zip(runs["1"], runs["0"]):
+        for a, b in zip(ours, theirs):
+            assert (a.text, a.token_ids, a.fallback) == (b.text, b.token_ids, b.fallback)
+            assert (a.stats.decoder_calls, a.stats.drafted_tokens, a.stats.accepted_tokens) == (
+                b.stats.decoder_calls, b.stats.drafted_tokens, b.stats.accepted_tokens)
+
+
+def test_a_missing_core_is_reported_once(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "lmcor._core", None)  # import fails
+    monkeypatch.setattr(core, "_warned", False)
+    monkeypatch.setattr(core, "native", core.native)
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        assert core.configure() is None
+        assert core.configure(True) is None
+        assert core.built() is None
+    assert sum("compiled core is not built" in r.getMessage() for r in caplog.records) == 1
+    assert not Drafts([np.array([3, 4])], 1).compiled  # the references run
+
+
+@needs_core
+def test_bench_host_compares_core_and_references(tmp_path, capsys):
+    from lmcor.cli import main
+
+    code = main(["bench", "--host", "--data", str(ROOT / "examples" / "requests.jsonl"), "--requests", "6",
+                 "--rounds", "1", "--batch-size", "4", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "host.json").read_text())
+    assert report["identical_outputs"] == report["requests"] == 6
+    for mode in report["modes"].values():
+        assert mode["batch1_host_p50_ms"] > 0 and 0 < mode["vs_flop_bound"] < 1.5
+    assert "of bound" in capsys.readouterr().out
