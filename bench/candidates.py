@@ -4,8 +4,9 @@
 Both write the greedy answer to LMCor's few-shot prompt for each source, at the same batch size,
 ending at the first newline (transformers through `stop_strings`). lmcor runs the prompt's shared
 part once per variant and retires finished rows; `generate` runs every prompt whole and pads
-finished rows until the batch ends. Rounds alternate which one goes first; the medians are
-reported as the answers' tokens per second (lmcor's count for both: the answers must be
+finished rows until the batch ends; lmcor runs twice, with its greedy drafts (copied from the
+prompt, verified by the model) and without. Rounds rotate which one goes first; the medians are
+reported as the answers' tokens per second (lmcor's count for all: the answers must be
 identical), with the tokens each one generated.
 """
 
@@ -86,15 +87,16 @@ def run(config: CandidatesConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    seconds: dict[str, list[float]] = {"lmcor": [], "transformers": []}
+    seconds: dict[str, list[float]] = {"lmcor": [], "lmcor, no drafts": [], "transformers": []}
     tokens: dict[str, int] = {}
     texts: dict[str, list[str]] = {}
     for r in range(config.rounds):
-        for name in (list(seconds) if r % 2 == 0 else list(seconds)[::-1]):
+        names = list(seconds)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             started = time.perf_counter()
-            if name == "lmcor":
+            if name.startswith("lmcor"):
                 writer = CandidateWriter(generator, few_shot, k=1, max_new_tokens=limit,
-                                         batch_size=config.batch_size)
+                                         batch_size=config.batch_size, drafts=name == "lmcor")
                 texts[name] = [c.texts[0] for c in writer(sources)]
                 tokens[name] = writer.stats.tokens
             else:
@@ -112,16 +114,17 @@ def run(config: CandidatesConfig) -> dict:
         "tokens": tokens,
         "tokens_per_second": rates,
         "speedup": rates["lmcor"] / rates["transformers"],
-        "identical_outputs": sum(a == b for a, b in zip(texts["lmcor"], texts["transformers"])),
+        "drafts_speedup": rates["lmcor"] / rates["lmcor, no drafts"],
+        "identical_outputs": sum(a == b == c for a, b, c in zip(*texts.values())),
     }
 
 
 def table(report: dict) -> str:
     rows = [f"{report['requests']} greedy answers to the few-shot prompt, batch {report['batch_size']}, "
             "stopping at the first newline:"]
-    for name in ("lmcor", "transformers"):
-        rows.append(f"  {name:<13} {report['seconds'][name]:7.2f} s  {report['tokens'][name]:6d} tokens  "
+    for name in report["seconds"]:
+        rows.append(f"  {name:<17} {report['seconds'][name]:7.2f} s  {report['tokens'][name]:6d} tokens  "
                     f"{report['tokens_per_second'][name]:7.1f} tokens/s")
-    rows.append(f"  lmcor {report['speedup']:.2f}x the tokens/s; identical outputs: {report['identical_outputs']} of "
-                f"{report['requests']}")
+    rows.append(f"  lmcor {report['speedup']:.2f}x transformers' tokens/s ({report['drafts_speedup']:.2f}x from drafts); "
+                f"identical outputs (all three): {report['identical_outputs']} of {report['requests']}")
     return "\n".join(rows)

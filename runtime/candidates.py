@@ -105,6 +105,7 @@ class CandidateWriter:
     max_new_tokens: int | None = None
     batch_size: int = 8
     stop: Sequence[str] = ("\n",)
+    drafts: bool = True  # for the greedy answers (see Generator.generate_batch)
     stats: CandidateStats = field(default_factory=CandidateStats)
 
     def __post_init__(self) -> None:
@@ -121,7 +122,7 @@ class CandidateWriter:
         prompts = [source + self.few_shot.tail for source in sources]
         options = dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, stop=self.stop,
                        prefix=[self._prefixes[v] for v in variants] if self._prefixes[0] is not None else None,
-                       batch_size=self.batch_size, errors="return")
+                       batch_size=self.batch_size, drafts=self.drafts, errors="return")
         rounds = [self.generator.generate_batch(prompts, **options)]
         for k in range(1, self.k):
             seeds = [_seed(self.seed, k, source) for source in sources]

@@ -246,3 +246,27 @@ def test_generate_with_a_prefix_answers_as_the_whole_text(bundle, tmp_path, caps
     tokens = generator.tokenizer.encode
     assert tokens("Correct: a b").ids + tokens(" " + PROMPTS[0], add_special_tokens=False).ids == tokens(
         "Correct: a b " + PROMPTS[0]).ids
+
+
+def test_drafts_give_the_same_tokens_in_fewer_calls(bundle):
+    """Greedy drafts copied from the prompt are verified by the model: the same tokens with them
+    as without, and fewer decoder calls where the answer repeats the prompt (here each prompt
+    ends with the random model's own looping answer, so it goes on copying it)."""
+    generator = Generator.load(bundle)
+    first = generator.generate_batch(PROMPTS, max_new_tokens=16, drafts=False)
+    prompts = [p + g.text for p, g in zip(PROMPTS, first) if g.text.strip()]
+    calls = {"n": 0}
+    run = generator.session.run
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return run(*args, **kwargs)
+
+    generator.session.run = counted
+    results = {}
+    for drafts in (False, True):
+        calls["n"] = 0
+        results[drafts] = ([g.token_ids for g in generator.generate_batch(prompts, max_new_tokens=16, batch_size=2,
+                                                                           drafts=drafts)], calls["n"])
+    assert results[True][0] == results[False][0]
+    assert results[True][1] < results[False][1]

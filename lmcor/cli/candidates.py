@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
     writer = CandidateWriter(generator, few_shot, k=args.k, temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             stop=tuple(args.stop) if args.stop else ("\n",))
+                             stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
 
     code = answer_lines(args, lambda value: text_field(value, "source"), writer, record, "generating")
     if not args.quiet:

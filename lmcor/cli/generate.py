@@ -27,7 +27,8 @@ def text_field(value: dict, name: str) -> str:
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size)
+    return dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size,
+                drafts=not args.no_drafts)
 
 
 def record(number: int, ident: Any, result: Generation) -> dict:
