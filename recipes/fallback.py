@@ -1,10 +1,11 @@
 """Calibrate a corrector bundle's fallback threshold on the dev split and write it into the bundle.
 
-    python -m lmcor.recipes.fallback BUNDLE [--dev recipes/splits/dev.jsonl]
+    python -m lmcor.recipes.fallback BUNDLE [--dev recipes/splits/dev.jsonl --dev recipes/splits/llm-dev.jsonl]
 
 The corrector runs once over the dev requests without a fallback; then each threshold is scored
 as `Corrector.correct_batch(fallback_below=...)` would apply it (an output whose chrF to its
-nearest candidate is below the threshold is replaced by that candidate). The threshold kept is
+nearest candidate is below the threshold is replaced by the best guess among the source and the
+candidates, `runtime.fallback.best_guess`). The threshold kept is
 the lowest whose dev chrF is within `--tolerance` of the best: as good as any, and replacing the
 fewest outputs. The bundle's `fallback_below` is then the default of `lmcor correct` and `eval`.
 """
@@ -26,29 +27,31 @@ THRESHOLDS = (0, *range(50, 100))  # chrF; 0: never fall back
 def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, list[dict]]:
     """The fallback threshold for `corrector` on `items`, with the scores of every threshold tried."""
     from lmcor.bench.quality import score
-    from lmcor.runtime.fallback import nearest
+    from lmcor.runtime.fallback import best_guess, nearest
 
     outputs = [c.text for c in corrector.correct_batch([(i.source, i.candidates) for i in items], fallback_below=0)]
-    nearby = [nearest(text, item.candidates) for text, item in zip(outputs, items)]
+    similarity = [nearest(text, item.candidates)[1] for text, item in zip(outputs, items)]
+    guesses = [(item.source, *item.candidates)[best_guess(text, item.source, item.candidates)]
+               for text, item in zip(outputs, items)]
     targets = [i.target for i in items]
     tried = []
     for threshold in THRESHOLDS:
-        kept = [similarity >= threshold for _, similarity in nearby]
-        chosen = [text if keep else item.candidates[index]
-                  for text, keep, item, (index, _) in zip(outputs, kept, items, nearby)]
+        kept = [s >= threshold for s in similarity]
+        chosen = [text if keep else guess for text, keep, guess in zip(outputs, kept, guesses)]
         tried.append({"threshold": threshold, "fell_back": len(kept) - sum(kept), **score(chosen, targets)})
     best = max(t["chrf"] for t in tried)
     return next(t["threshold"] for t in tried if t["chrf"] >= best - tolerance), tried
 
 
-def calibrate_bundle(bundle: Path, dev: Path, tolerance: float = 0.05) -> list[dict]:
-    """Calibrate `bundle` on the dev file `dev`, write the threshold into its manifest, and return the
+def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.05) -> list[dict]:
+    """Calibrate `bundle` on the dev file(s) `dev`, write the threshold into its manifest, and return the
     scores of every threshold tried (the chosen one first)."""
     from lmcor.bench.quality import read_items
     from lmcor.runtime.bundle import load_manifest, write_manifest
     from lmcor.runtime.corrector import Corrector
 
-    threshold, tried = calibrate(Corrector.load(bundle), read_items(dev)[0], tolerance)
+    items = [item for path in (dev if isinstance(dev, list) else [dev]) for item in read_items(path)[0]]
+    threshold, tried = calibrate(Corrector.load(bundle), items, tolerance)
     write_manifest(bundle, dataclasses.replace(load_manifest(bundle), fallback_below=float(threshold)))
     chosen = next(t for t in tried if t["threshold"] == threshold)
     log.info("%s: fallback below chrF %d (dev: %.2f chrF, %.2f exact match, %d outputs replaced; without: %.2f / %.2f)",
@@ -60,13 +63,14 @@ def calibrate_bundle(bundle: Path, dev: Path, tolerance: float = 0.05) -> list[d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.fallback", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="corrector bundle folder (its manifest is rewritten)")
-    parser.add_argument("--dev", type=Path, default=SPLITS / "dev.jsonl")
+    parser.add_argument("--dev", type=Path, action="append", help="dev data (repeatable; default: "
+                        "recipes/splits/dev.jsonl and llm-dev.jsonl, synthetic and SmolLM2 candidates)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="dev chrF points below the best that still count "
                         "as the best (default: %(default)s)")
     parser.add_argument("--report", type=Path, help="write every threshold's dev scores to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    tried = calibrate_bundle(args.bundle, args.dev, args.tolerance)
+    tried = calibrate_bundle(args.bundle, args.dev or [SPLITS / "dev.jsonl", SPLITS / "llm-dev.jsonl"], args.tolerance)
     if args.report:
         args.report.write_text(json.dumps(tried, indent=2) + "\n", encoding="utf-8")
     return 0

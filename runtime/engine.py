@@ -308,7 +308,8 @@ class Engine:
         for s, row, text in zip(finished, tokens, self.tokenizer.decode_batch(tokens, skip_special_tokens=True)):
             correction = s.correction(text, row)
             if s.below and s.request is not None:
-                correction = guard(correction, s.request.candidates, s.below, seen=s.input.candidates)
+                correction = guard(correction, s.request.candidates, s.below, source=s.request.source,
+                                   seen=s.input.candidates)
             out.append(correction)
         return out
 

@@ -1,10 +1,12 @@
-"""The corrector's output, or the candidate nearest to it when it strays from all of them.
+"""The corrector's output, or the best guess among the source and the candidates when it strays
+from all of them.
 
 A small corrector copies spans of its candidates; when its copying loses its place (it jumps to
 a later occurrence of the same words, dropping those in between, or loops back), the output
 shares little with any candidate and costs far more than any candidate would. A corrector edits,
 it does not rewrite: an output whose similarity to its nearest candidate is below a threshold
-is replaced by that candidate. Similarity is sentence chrF, computed as sacrebleu's default
+is replaced by the text among the source and the candidates that agrees most with the
+candidates and the output (`best_guess`). Similarity is sentence chrF, computed as sacrebleu's default
 `CHRF()` computes it (character 1- to 6-grams, whitespace removed, recall weighted by beta 2).
 """
 
@@ -14,6 +16,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 
+from . import core
 from .request import Correction
 
 CHAR_ORDER = 6
@@ -48,23 +51,52 @@ def nearest(text: str, candidates: Sequence[str]) -> tuple[int, float]:
     """The index of the candidate most similar to `text`, and its similarity (chrF, 0-100)."""
     if text in candidates and text.strip():
         return candidates.index(text), 100.0
+    if core.native is not None:
+        return core.native.nearest(text, candidates)
+    return _nearest_reference(text, candidates)
+
+
+def _nearest_reference(text: str, candidates: Sequence[str]) -> tuple[int, float]:
+    """`nearest` in Python, without its exact-match shortcut: the compiled core's reference."""
     grams = char_ngrams(text)
     scores = [chrf(grams, char_ngrams(candidate)) for candidate in candidates]
     best = max(range(len(scores)), key=scores.__getitem__)
     return best, scores[best]
 
 
-def guard(correction: Correction, candidates: Sequence[str], below: float, *,
+def best_guess(text: str, source: str | None, candidates: Sequence[str]) -> int:
+    """The index in (source, *candidates) (or in candidates, without a source) of the text that
+    agrees most with the candidates and the output `text` (the highest sum of chrF to them).
+
+    The nearest candidate to an output that strayed is often a wrong one; the text the others
+    agree with is the LLM's consensus, and where the candidates disagree among themselves (a weak
+    LLM rewrites, drops clauses) it is often the source, which every candidate stays close to.
+    """
+    voters = [*candidates, text]
+    pool = ([source] if source is not None else []) + voters[:-1]
+    if core.native is not None:
+        totals = [sum(core.native.chrf(item, voter) for voter in voters) for item in pool]
+    else:
+        grams = {t: char_ngrams(t) for t in (*pool, text)}
+        totals = [sum(chrf(grams[item], grams[voter]) for voter in voters) for item in pool]
+    return max(range(len(totals)), key=totals.__getitem__)
+
+
+def guard(correction: Correction, candidates: Sequence[str], below: float, *, source: str | None = None,
           seen: Sequence[str] | None = None) -> Correction:
-    """`correction`, or its nearest candidate (`fallback=True`) when the two are less similar than
-    `below` (chrF, 0-100; 0 never falls back).
+    """`correction`, or the best guess among `source` and the candidates (`best_guess`;
+    `fallback=True`) when the output is less similar than `below` (chrF, 0-100; 0 never falls
+    back) to its nearest candidate.
 
     `seen`: the candidates as the model saw them, cut where its input was truncated. The output is
     compared with those: the model wrote from them, and text it never read would only lower every
     similarity and cost time in proportion to its length. The candidate returned is whole: it is the
     LLM's own answer to the request, which a cut would only shorten.
     """
-    index, similarity = nearest(correction.text, candidates if seen is None else seen)
+    read = candidates if seen is None else seen
+    _, similarity = nearest(correction.text, read)
     if similarity >= below:
         return correction
-    return dataclasses.replace(correction, text=candidates[index], token_ids=[], fallback=True)
+    index = best_guess(correction.text, source, read)
+    text = (source if index == 0 else candidates[index - 1]) if source is not None else candidates[index]
+    return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

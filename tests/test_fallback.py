@@ -11,7 +11,7 @@ from conftest import english_sentences, make_requests
 from lmcor.recipes import fallback as recipe
 from lmcor.runtime.bundle import load_manifest, shipped_bundle, write_manifest
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.fallback import char_ngrams, chrf, guard, nearest
+from lmcor.runtime.fallback import best_guess, char_ngrams, chrf, guard, nearest
 from lmcor.runtime.request import Correction
 
 from lmcor import Corrector
@@ -34,12 +34,28 @@ def test_nearest_candidate_and_guard():
     assert nearest("The cat sat on a mat.", candidates) == (2, 100.0)
     index, similarity = nearest("The cat sat on the mat", candidates)
     assert index == 0 and 80 < similarity < 100
-    lost = Correction("The cat mat.", [5, 6, 7])  # nearest: the third, the shortest (chrF weighs recall)
+    lost = Correction("The cat mat.", [5, 6, 7])
     replaced = guard(lost, candidates, 90)
-    assert replaced.text == candidates[2] and replaced.fallback and replaced.token_ids == []
+    assert replaced.text == candidates[best_guess(lost.text, None, candidates)] and replaced.fallback
+    assert replaced.text.startswith("The cat") and replaced.token_ids == []
     assert guard(lost, candidates, 0) is lost
     close = Correction("The cat sat on the mat!", [5])
     assert guard(close, candidates, 80) is close
+
+
+def test_the_fallback_takes_the_best_guess_not_the_nearest_candidate():
+    """An output that strayed towards an odd candidate is replaced by the text the candidates agree
+    on, which the source can be."""
+    source = "The results was surprising, and nobody expected them."
+    candidates = ["The results were surprising, and nobody expected them.",
+                  "The results were surprising and nobody expected them.", "Results surprised nobody.", source]
+    lost = Correction("Results surprised nobody nobody.", [5])
+    assert nearest(lost.text, candidates)[0] == 2
+    assert guard(lost, candidates, 99).text == candidates[0]
+    assert guard(lost, candidates, 99, source=source).text == candidates[0]
+    # A weak LLM drops a different clause in each answer: the source holds what they all kept.
+    partial = ["She goes to class.", "She likes it.", "Every day, she likes it.", "She goes to class every day."]
+    assert best_guess("She she she", "She go to class every day, and she likes it.", partial) == 0
 
 
 def test_corrector_falls_back_by_option_and_by_manifest(bundles, tmp_path):
@@ -105,3 +121,20 @@ def test_calibration_writes_the_lowest_threshold_as_good_as_the_best(bundles, tm
 def test_the_shipped_correctors_carry_a_calibrated_threshold():
     for name in ("default", "default-int8"):
         assert 50 <= load_manifest(shipped_bundle(name)).fallback_below < 100
+
+
+def test_best_guess_is_the_same_with_the_compiled_core_and_without():
+    from lmcor.runtime import core
+
+    if core.built() is None:
+        pytest.skip("lmcor._core is not built")
+    requests = make_requests(40, seed=5)
+    outputs = english_sentences(40, seed=9)
+    try:
+        got = {}
+        for enabled in (True, False):
+            core.configure(enabled)
+            got[enabled] = [best_guess(o, r["source"], r["candidates"]) for o, r in zip(outputs, requests)]
+    finally:
+        core.configure()
+    assert got[True] == got[False]
