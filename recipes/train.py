@@ -294,27 +294,36 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
 
 
 def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,
-          eval_minutes: float = 10.0, device: str = "cpu", llm_share: float = 0.4) -> Path:
-    """The default corrector: corpus sentences with synthetic candidates, mixed with a real LLM's."""
+          eval_minutes: float = 10.0, device: str = "cpu", llm_share: float = 0.4, init: Path | None = None) -> Path:
+    """The default corrector: corpus sentences with synthetic candidates, mixed with a real LLM's.
+
+    From scratch (tokenizer, copy initialization, copy warm-up), or continued from `init`, a
+    Hugging Face folder written by an earlier run (its tokenizer is kept)."""
     out.mkdir(parents=True, exist_ok=True)
     splits = data.build(out, seed=settings.seed)
     llm = {name: _llm_examples(name) for name in ("train", "dev")}
     if not llm["train"]:
         llm_share = 0.0
         log.warning("no %s: training on synthetic candidates only (see recipes.llm_splits)", LLM_SPLITS / "llm-train.jsonl")
-    tokenizer_dir = out / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        train_tokenizer(splits["train"], settings.vocab_size).save_pretrained(tokenizer_dir)
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    model = build_model(settings, len(tokenizer))
-    copy_init(model, settings.seed)
+    if init is None:
+        tokenizer_dir = out / "tokenizer"
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            train_tokenizer(splits["train"], settings.vocab_size).save_pretrained(tokenizer_dir)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        model = build_model(settings, len(tokenizer))
+        copy_init(model, settings.seed)
+    else:
+        from transformers import T5ForConditionalGeneration
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
+        model = T5ForConditionalGeneration.from_pretrained(init)
     synthetic_dev = data.examples(splits["dev"], settings.seed + 1)
     dev = [e for pair in zip(synthetic_dev, llm["dev"]) for e in pair] + synthetic_dev[len(llm["dev"]) :]
     return fit(out, minutes, settings, model=model, tokenizer=tokenizer,
                examples=lambda step: _mixture(splits["train"], llm["train"], llm_share, settings.seed + step),
-               dev=dev, copy_warmup=True, resume=resume, eval_minutes=eval_minutes, device=device)
+               dev=dev, copy_warmup=init is None, resume=resume, eval_minutes=eval_minutes, device=device)
 
 
 LLM_SPLITS = Path(__file__).parent / "splits"
@@ -343,9 +352,17 @@ def _mixture(sentences: list[str], llm: list[Example], llm_share: float, seed: i
                 rng.shuffle(order)
                 own = iter(order)
                 example = next(own)
-            yield example
+            yield _shuffled_samples(example, rng)
         else:
             yield next(synthetic)
+
+
+def _shuffled_samples(example: Example, rng: random.Random) -> Example:
+    """The example with its sampled candidates (all but the first, greedy one) in a random order:
+    the LLM's examples are few and cycled many times, and the samples' order carries nothing."""
+    samples = list(example.candidates[1:])
+    rng.shuffle(samples)
+    return Example(example.source, [*example.candidates[:1], *samples], example.target)
 
 
 def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, examples, dev: list[Example],
@@ -462,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--llm-share", type=float, default=0.4, help="share of examples with the real LLM's candidates")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this Hugging Face folder (an earlier run's hf/) instead of from scratch")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {Settings.lr:g}; 3e-4 with --init)")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -470,12 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     np.random.seed(0)
-    hf_dir = train(args.out, args.minutes, resume=args.resume, device=args.device, llm_share=args.llm_share)
+    lr = args.lr if args.lr is not None else (3e-4 if args.init else Settings.lr)
+    hf_dir = train(args.out, args.minutes, Settings(lr=lr), resume=args.resume, device=args.device,
+                   llm_share=args.llm_share, init=args.init)
     from lmcor.export import export_corrector
 
     export_corrector(hf_dir, args.out / "bundle", max_output_tokens=96, overwrite=True)
     log.info("exported %s", args.out / "bundle")
-    fallback.calibrate_bundle(args.out / "bundle", args.out / "dev.jsonl")
+    fallback.calibrate_bundle(args.out / "bundle", [args.out / "dev.jsonl", LLM_SPLITS / "llm-dev.jsonl"])
     return 0
 
 
