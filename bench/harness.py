@@ -328,6 +328,8 @@ def table(report: dict) -> str:
 
 
 def plots(report: dict, out: Path) -> list[Path]:
+    """`latency.png` (batch-1 p50 per backend, whiskers to p90 and p99) and, with `--sweeps`,
+    `latency_vs_k.png` and `throughput_vs_batch.png`; each titled with its workload, machine and threads."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,35 +337,95 @@ def plots(report: dict, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     names = list(report["backends"])
+    title = _plot_title(report)
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(names, [report["backends"][n]["latency_ms"]["p50"] for n in names], label="p50")
-    ax.errorbar(names, [report["backends"][n]["latency_ms"]["p50"] for n in names],
-                yerr=[[0] * len(names), [report["backends"][n]["latency_ms"]["p99"] - report["backends"][n]["latency_ms"]["p50"]
-                                         for n in names]], fmt="none", ecolor="black", capsize=4, label="to p99")
-    ax.set_ylabel("batch-1 latency (ms)")
-    ax.set_title(report["workload"]["name"])
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    lat = [report["backends"][n]["latency_ms"] for n in names]
+    p50 = [x["p50"] for x in lat]
+    ax.bar(names, p50, color="tab:blue", label="p50")
+    ax.errorbar(names, p50, yerr=[[0] * len(names), [x["p99"] - x["p50"] for x in lat]], fmt="none", ecolor="black",
+                capsize=4, label="whisker: p50 to p99")
+    ax.scatter(names, [x["p90"] for x in lat], marker="_", s=200, color="black", zorder=3, label="p90")
+    ax.set_ylabel("batch-1 latency per request (ms)")
+    ax.set_xlabel("backend")
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.set_title(title, fontsize=8)
+    _legend_outside(ax)
     written.append(_save(fig, out / "latency.png"))
-    for key, xlabel, ylabel, name in (("latency_vs_k_ms", "candidates K", "batch-1 p50 latency (ms)", "latency_vs_k.png"),
-                                      ("throughput_vs_batch_rps", "batch size", "requests / s", "throughput_vs_batch.png")):
+    for key, xlabel, ylabel, name in (
+            ("latency_vs_k_ms", "candidates per request K", "batch-1 latency, median (ms)", "latency_vs_k.png"),
+            ("throughput_vs_batch_rps", "batch size (requests, log scale)", "throughput (requests / s)",
+             "throughput_vs_batch.png")):
         series = report.get("sweeps", {}).get(key, {})
         if not any(series.values()):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        xs_all: set[int] = set()
         for backend, points in series.items():
             xs = sorted(int(x) for x in points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=backend)
+            xs_all.update(xs)
+            centre, low, high = zip(*(_spread(points.get(str(x), points.get(x))) for x in xs))
+            if any(v is not None for v in low):  # repeats recorded: whiskers from their min to max
+                yerr = [[c - (lo if lo is not None else c) for c, lo in zip(centre, low)],
+                        [(hi if hi is not None else c) - c for c, hi in zip(centre, high)]]
+                ax.errorbar(xs, centre, yerr=yerr, marker="o", capsize=3, label=f"{backend} (whiskers: min to max)")
+            else:
+                ax.plot(xs, centre, marker="o", label=backend)
+        ticks = sorted(xs_all)
+        if key == "throughput_vs_batch_rps":  # batch sizes grow geometrically
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.legend()
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize=8)
+        _legend_outside(ax)
         written.append(_save(fig, out / name))
     return written
 
 
+def _plot_title(report: dict) -> str:
+    """Workload on the first line; CPU model, cores and threads on the second."""
+    w, machine = report["workload"], report["machine"]
+    workload = (f"{w['name']}: {w['requests']} requests x {w['rounds']} rounds, ~{w['mean_input_tokens']:.0f} input "
+                f"tokens, {'forced ' if w['forced'] else 'up to '}{w['new_tokens']} new tokens")
+    cpu = machine.get("cpu_model") or _cpu_model() or machine.get("cpu") or platform.machine()
+    cores = machine.get("cores") or os.cpu_count()
+    return f"{workload}\n{cpu}, {cores} cores, {machine['threads']} threads per backend"
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _spread(point) -> tuple[float, float | None, float | None]:
+    """A sweep point as (centre, low, high): a number (one value), a list of repeats (median, min, max) or a
+    dict with `p50`/`median` and optional `min`/`max`."""
+    if isinstance(point, dict):
+        centre = point.get("p50", point.get("median"))
+        return float(centre), point.get("min"), point.get("max")
+    if isinstance(point, (list, tuple)):
+        values = np.asarray(point, dtype=float)
+        return float(np.median(values)), float(values.min()), float(values.max())
+    return float(point), None, None
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, where it covers no point."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the legend outside the axes is kept
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -253,37 +253,49 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, out: Path) -> Path:
+    """`serve.png`: throughput and latency (p50, whiskers to p90 and p99) against concurrent clients, for the
+    batching server and the one-at-a-time server, with the offline ceiling and the in-process floor."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, server in report["servers"].items():
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for (name, server), colour in zip(report["servers"].items(), ("tab:blue", "tab:orange", "tab:green")):
         points = server["clients"]
         xs = [int(c) for c in points]
-        left.plot(xs, [points[c]["requests_per_s"] for c in points], marker="o", label=name)
-        right.plot(xs, [points[c]["p99_ms"] or np.nan for c in points], marker="o", label=name)
+        left.plot(xs, [points[c]["requests_per_s"] for c in points], marker="o", color=colour, label=name)
+        p50 = np.array([points[c]["p50_ms"] or np.nan for c in points], dtype=float)
+        p90 = np.array([points[c].get("p90_ms") or np.nan for c in points], dtype=float)
+        p99 = np.array([points[c]["p99_ms"] or np.nan for c in points], dtype=float)
+        right.errorbar(xs, p50, yerr=[np.zeros_like(p50), p99 - p50], marker="o", capsize=3, color=colour,
+                       label=f"{name}: p50, whisker to p99")
+        right.scatter(xs, p90, marker="_", s=120, color=colour, zorder=3)
     left.axhline(report["offline"]["requests_per_s"], color="gray", linestyle="--",
                  label=f"offline correct_batch at {report['offline']['batch_size']}")
     right.axhline(report["in_process_single"]["p50_ms"], color="gray", linestyle="--",
                   label="in-process correct, p50")
+    right.scatter([], [], marker="_", s=120, color="black", label="p90")
     right.set_yscale("log")
+    left.set_ylim(bottom=0)
     clients = [int(c) for c in next(iter(report["servers"].values()))["clients"]]
-    for ax, ylabel in ((left, "throughput (requests / s)"), (right, "p99 latency (ms, log)")):
-        ax.set_xscale("log")
+    for ax, ylabel in ((left, "throughput (answered requests / s)"), (right, "latency per request (ms, log scale)")):
+        ax.set_xscale("log")  # 1, 4, 16, 64: geometric
         ax.set_xticks(clients, [str(c) for c in clients])
         ax.minorticks_off()
-        ax.set_xlabel("concurrent clients (log)")
+        ax.set_xlabel("concurrent clients (log scale)")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        # below the axes, where it covers no point
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
     right.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     machine = report["machine"]
-    fig.suptitle(f"lmcor serve: {Path(report['data']).name} ({report['requests']} requests), {machine['cpu']}, "
-                 f"{machine['cores']} cores, ONNX Runtime threads {report['threads'] or 'default'}", fontsize=9)
+    fig.suptitle(f"lmcor serve: {Path(report['data']).name}, {report['requests']} requests cycled, "
+                 f"{report['seconds']:g} s per point, server batch {report['batch_size']}\n"
+                 f"{machine['cpu']}, {machine['cores']} cores, ONNX Runtime threads {report['threads'] or 'default'}",
+                 fontsize=9)
     fig.tight_layout()
     path = out / "serve.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the legends below the axes are kept
     plt.close(fig)
     return path
