@@ -23,7 +23,8 @@ from lmcor.runtime.errors import ExportError, LmcorError
 log = logging.getLogger("lmcor")
 
 TOKENIZER_FILE = "tokenizer.json"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # correctors; classifiers: fp32, int8
+CLASSIFIER_PRECISIONS = ("fp32", "int8")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from lmcor.runtime.bundle import Manifest, write_manifest
 from lmcor.runtime.errors import ExportError
 
 from .checkpoint import (
-    PRECISIONS,
+    CLASSIFIER_PRECISIONS,
     TOKENIZER_FILE,
     default_max_input_tokens,
     load_checkpoint,
@@ -50,8 +50,8 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
                       opset: int | None = None, atol: float = 1e-3, precision: str = "fp32", fuse: bool = True,
                       overwrite: bool = False) -> Manifest:
     """Export a Hugging Face `AutoModelForSequenceClassification` checkpoint folder to `out_dir`."""
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in CLASSIFIER_PRECISIONS:
+        raise ExportError(f"a classifier's precision must be one of {CLASSIFIER_PRECISIONS}, got {precision!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSequenceClassification", overwrite=overwrite)
     config = model.config

@@ -36,9 +36,10 @@ from .checkpoint import (
     staged_export,
     versions,
 )
+from .half import T5_FP32_MATMULS, to_half
 from .quantize import quantize
-from .shared_weights import share_weights
-from .validate import validate_corrector
+from .shared_weights import WEIGHTS_FILE, share_weights
+from .validate import check_half_graphs, validate_corrector, validate_half
 
 log = logging.getLogger("lmcor")
 
@@ -114,6 +115,14 @@ def export_corrector(
     far it is (logit difference, share of samples with identical greedy tokens), and its quality
     is measured with `lmcor eval`.
 
+    `precision="fp16"` or `"bf16"` stores the weights and runs the matrix products in half precision,
+    everything else (layer norms, residual stream, softmax) and the graphs' inputs and outputs in fp32
+    (`half.py`); T5's feed-forward output projection stays fp32, as its activations overflow fp16.
+    The half graphs are validated against PyTorch fp32 with the precision's tolerances
+    (`validate.HALF_TOLERANCES`, `HALF_MIN_AGREEMENT`): fp16 on CPU, bf16 on CUDA when this machine has
+    it; elsewhere a bf16 bundle is checked structurally and its manifest says
+    `"validated_on": "not run: no CUDA"`.
+
     `packed_encoder=True` (T5 family) also writes the encoder's weights for the Triton packed
     encoder (`kernels/encoder.py`), which a CUDA machine with PyTorch and Triton runs instead of
     the ONNX encoder.
@@ -164,7 +173,7 @@ def export_corrector(
             exporter=versions(),
         )
         graphs = [ENCODER_FILE, *(files[role] for role in ("decoder", "cross") if role in files)]
-        if precision == "fp32":  # an int8 bundle shares its quantized graphs, below
+        if precision == "fp32":  # an int8 or half bundle shares its converted graphs, below
             share_weights(staged, graphs)
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):
@@ -177,7 +186,18 @@ def export_corrector(
             write_manifest(staged, manifest)
             with stage(model_dir, "validation of the int8 graphs"):
                 report = validate_corrector(model, staged, exact=False)
-        manifest = dataclasses.replace(manifest, validation=report.as_dict())
+        validation = report.as_dict()
+        if precision in ("fp16", "bf16"):
+            (staged / WEIGHTS_FILE).unlink(missing_ok=True)  # the fp32 graphs' shared weights
+            with stage(model_dir, f"conversion to {precision}"):
+                converted = _to_half(raw, staged, graph, precision, t5=model.config.model_type in ragged.ARCHITECTURES,
+                                     layers=(_encoder_layers(model.config), shape.num_layers))
+            share_weights(staged, graphs)
+            manifest = dataclasses.replace(manifest, precision=precision)
+            write_manifest(staged, manifest)
+            validation = _validate_half(model, model_dir, staged, graphs, precision, report)
+            validation["half_matmuls"], validation["fp32_matmuls"] = converted
+        manifest = dataclasses.replace(manifest, validation=validation)
         write_manifest(staged, manifest)
     return manifest
 
@@ -198,6 +218,52 @@ def _quantize(raw: Path, staged: Path, graph: str) -> None:
             quantize(raw / name, raw / f"int8_{name}")
         merge_decoders(decoder=raw / f"int8_{FIRST_STEP_FILE}", decoder_with_past=raw / f"int8_{CACHED_STEP_FILE}",
                        save_path=staged / DECODER_FILE, strict=False)
+
+
+def _encoder_layers(config) -> int:
+    return getattr(config, "num_layers", None) or getattr(config, "encoder_layers", 0)
+
+
+def _to_half(raw: Path, staged: Path, graph: str, precision: str, *, t5: bool, layers: tuple[int, int]) -> tuple[int, int]:
+    """Half-precision copies of the raw fp32 graphs in `staged` (`half.py`); optimum's two decoders are
+    converted before they are merged (the merged graph's branches are subgraphs). For T5, each
+    feed-forward output projection must be found and kept fp32. Returns (half, fp32) MatMul counts."""
+    keep = T5_FP32_MATMULS if t5 else None
+    half = kept = 0
+    names = [ENCODER_FILE, ragged.STEP_FILE, ragged.CROSS_FILE] if graph == "ragged" else [ENCODER_FILE]
+    for name in names:
+        report = to_half(raw / name, staged / name, precision, keep=keep)
+        half, kept = half + report.half_nodes, kept + report.kept_fp32
+        expected = {ENCODER_FILE: layers[0], ragged.STEP_FILE: layers[1]}.get(name, 0) if t5 else 0
+        if report.kept_fp32 != expected:
+            raise ExportError(f"{name}: found {report.kept_fp32} T5 feed-forward output projections to keep in fp32, "
+                              f"expected {expected} (the exporter's node names changed; export fp32 instead)")
+    if graph != "ragged":
+        from optimum.onnx import merge_decoders
+
+        for name in (FIRST_STEP_FILE, CACHED_STEP_FILE):
+            report = to_half(raw / name, raw / f"{precision}_{name}", precision, keep=keep)
+            half += report.half_nodes
+        with quiet_exporter():
+            merge_decoders(decoder=raw / f"{precision}_{FIRST_STEP_FILE}",
+                           decoder_with_past=raw / f"{precision}_{CACHED_STEP_FILE}",
+                           save_path=staged / DECODER_FILE, strict=False)
+    return half, kept
+
+
+def _validate_half(model, model_dir: Path, staged: Path, graphs: list[str], precision: str, fp32) -> dict:
+    """fp16: against PyTorch on the CPU; bf16: on CUDA when this machine has it, else structurally."""
+    from lmcor.runtime.sessions import default_providers
+
+    cuda = "CUDAExecutionProvider" in default_providers()
+    if precision == "bf16" and not cuda:
+        with stage(model_dir, "structural validation of the bf16 graphs"):
+            checks = check_half_graphs(staged, graphs, precision)
+        return {"samples": fp32.samples, "validated_on": "not run: no CUDA", "fp32_graphs": fp32.as_dict(), **checks}
+    providers = ["CUDAExecutionProvider"] if precision == "bf16" else ["CPUExecutionProvider"]
+    with stage(model_dir, f"validation of the {precision} graphs"):
+        report = validate_half(model, staged, precision, providers=providers)
+    return report.as_dict()
 
 
 def _check_template(template: Template) -> None:

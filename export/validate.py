@@ -30,21 +30,53 @@ SAMPLE_REQUESTS = (
 )
 
 
+# Half-precision bundles against PyTorch fp32: |logit diff| <= ATOL + RTOL * max|logit|, and at least
+# MIN_AGREEMENT of the samples with greedy tokens identical (a near tie may flip one sample's path).
+HALF_TOLERANCES = {"fp16": (5e-2, 1e-2), "bf16": (1e-1, 4e-2)}  # (atol, rtol)
+HALF_MIN_AGREEMENT = {"fp16": 0.8, "bf16": 0.6}
+
+
 @dataclass(frozen=True)
 class ValidationReport:
     samples: int
     max_abs_logit_diff: float
     tolerance: float | None  # None where the bundle is not expected to match exactly (int8)
     greedy_token_agreement: float  # share of samples whose greedy tokens equal PyTorch's
+    validated_on: str = "cpu"  # the execution provider, or "not run: ..." (a bf16 bundle without CUDA)
+    min_agreement: float | None = None  # half precision: the least agreement accepted
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "samples": self.samples,
             "max_abs_logit_diff": self.max_abs_logit_diff,
             "tolerance": self.tolerance,
             "greedy_tokens_identical": self.greedy_token_agreement == 1.0,
             "greedy_token_agreement": self.greedy_token_agreement,
+            "validated_on": self.validated_on,
         }
+        if self.min_agreement is not None:
+            out["min_greedy_token_agreement"] = self.min_agreement
+        return out
+
+
+def validate_half(model, bundle: Path, precision: str, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                  requests: Sequence[Request] = SAMPLE_REQUESTS) -> ValidationReport:
+    """Compare a half-precision bundle with the PyTorch fp32 `model` on `providers`; raise `ExportError`
+    unless logits agree within the precision's tolerance and enough samples' greedy tokens are identical."""
+    atol, rtol = HALF_TOLERANCES[precision]
+    report = validate_corrector(model, bundle, requests=requests, exact=False, providers=providers)
+    tolerance = atol + rtol * report.max_abs_logit
+    least = HALF_MIN_AGREEMENT[precision]
+    if report.max_abs_logit_diff > tolerance:
+        raise ExportError(f"validation of the {precision} graphs failed: max |logit diff| "
+                          f"{report.max_abs_logit_diff:.3g} exceeds the {precision} tolerance {tolerance:.3g} "
+                          f"({atol:g} + {rtol:g} x max |logit| {report.max_abs_logit:.3g})")
+    if report.greedy_token_agreement < least:
+        raise ExportError(f"validation of the {precision} graphs failed: greedy tokens identical to PyTorch fp32 on "
+                          f"{report.greedy_token_agreement:.0%} of the samples (at least {least:.0%} needed)")
+    where = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+    return ValidationReport(report.samples, report.max_abs_logit_diff, tolerance, report.greedy_token_agreement,
+                            validated_on=where, min_agreement=least)
 
 
 def validate_corrector(
@@ -56,12 +88,13 @@ def validate_corrector(
     atol: float = 1e-3,
     rtol: float = 1e-4,
     exact: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> ValidationReport:
     """Compare the bundle in `bundle` with the PyTorch `model`. With `exact`, raise `ExportError`
     unless logits agree within `atol + rtol * max|logit|` and greedy tokens are identical."""
     import torch
 
-    corrector = Corrector.load(bundle, providers=["CPUExecutionProvider"])
+    corrector = Corrector.load(bundle, providers=list(providers))
     manifest = corrector.manifest
     special = manifest.special_tokens
     inputs = encode_requests(corrector.tokenizer, manifest.template, requests, manifest.max_input_tokens)
@@ -95,11 +128,16 @@ def validate_corrector(
         worst = max(worst, float(np.abs(expected - got).max()))
         worst_ref = max(worst_ref, float(np.abs(expected).max()))
     if not exact:
-        return ValidationReport(len(usable), worst, None, agreeing / len(usable))
+        return _Measured(len(usable), worst, None, agreeing / len(usable), max_abs_logit=worst_ref)
     tolerance = atol + rtol * worst_ref
     if worst > tolerance:
         raise ExportError(f"validation failed: max |logit diff| {worst:.3g} exceeds the tolerance {tolerance:.3g}")
     return ValidationReport(len(usable), worst, tolerance, 1.0)
+
+
+@dataclass(frozen=True)
+class _Measured(ValidationReport):
+    max_abs_logit: float = 0.0  # PyTorch's largest |logit|, which the half tolerances scale with
 
 
 def _onnx_logits(corrector: Corrector, input_ids: np.ndarray, decoder_ids: np.ndarray) -> np.ndarray:
@@ -137,3 +175,28 @@ def _plain_generation_config(special, max_new_tokens: int, no_repeat_ngram_size:
         forced_eos_token_id=special.forced_eos,
         no_repeat_ngram_size=no_repeat_ngram_size,
     )
+
+
+def check_half_graphs(bundle: Path, graphs: Sequence[str], precision: str) -> dict:
+    """Structural checks of half-precision graphs that cannot run here: each passes `onnx.checker`,
+    keeps fp32 inputs and outputs (what the runtime feeds and reads) and holds `precision` weights."""
+    import onnx
+    from onnx import TensorProto
+
+    from .half import HALF_TYPES
+
+    half, counts = HALF_TYPES[precision], {}
+    for name in graphs:
+        path = bundle / name
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"validation of the {precision} graphs failed: {name}: {str(e).splitlines()[0]}") from None
+        model = onnx.load(str(path), load_external_data=False)
+        for value in (*model.graph.input, *model.graph.output):
+            if value.type.tensor_type.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                raise ExportError(f"validation of the {precision} graphs failed: {name}: {value.name} is not fp32")
+        counts[name] = sum(t.data_type == half for t in model.graph.initializer)
+        if not counts[name]:
+            raise ExportError(f"validation of the {precision} graphs failed: {name} holds no {precision} weights")
+    return {"structural": "onnx.checker passed; inputs and outputs fp32", f"{precision}_weights": counts}

@@ -31,6 +31,9 @@ KINDS = ("corrector", "classifier", "causal-lm")
 # "merged": optimum's merged decoder (every row advances by the same number of tokens);
 # "ragged": lmcor's step graph + cross-attention graph (per-row lengths; drafted decoding).
 DECODER_GRAPHS = ("merged", "ragged")
+# The graphs' arithmetic: "fp16"/"bf16" hold half-precision weights and matrix products (inputs and
+# outputs stay fp32); a "bf16" bundle runs on CUDA only (ONNX Runtime's CPU has no bf16 kernels).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class Manifest:
             max_output_tokens=top.integer("max_output_tokens", 1) if decodes else 0,
             labels=_labels(top) if kind == "classifier" else (),
             gate_threshold=top.number("gate_threshold", 0, 1),
-            precision=top.string("precision", nonempty=True),
+            precision=_precision(top),
             opset=top.integer("opset", 1),
             files=_files(top, kind, graph),
             decoder_graph=graph,
@@ -209,6 +212,14 @@ class _Fields:
                 or not low <= value <= high:
             self.fail(field, f"expected null or a number from {low} to {high}, got {_show(value)}")
         return float(value)
+
+
+def _precision(top: _Fields) -> str:
+    precision = top.string("precision", nonempty=True)
+    if precision not in PRECISIONS:
+        top.fail("precision", f"unknown precision {_show(precision)} (expected one of {', '.join(PRECISIONS)}; "
+                 "re-export the model or upgrade lmcor)")
+    return precision
 
 
 def _decoder_shape(fields: _Fields) -> DecoderShape:

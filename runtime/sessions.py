@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import functools
 import io
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -86,6 +87,10 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
         with contextlib.redirect_stdout(printed):
             session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     except Exception as e:  # ONNX Runtime raises its own untyped errors for unreadable models
+        if _bundle_precision(path) == "bf16":
+            raise BundleError(f"{path.parent}: a bf16 bundle runs on CUDA only (ONNX Runtime's CPU has no bf16 "
+                              "kernels): use --providers CUDAExecutionProvider (providers=['CUDAExecutionProvider']) "
+                              "with onnxruntime-gpu on a GPU, or export --precision fp16 or fp32 for CPU") from None
         raise BundleError(f"{path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0]})") from None
     finally:
         for line in printed.getvalue().splitlines():
@@ -94,6 +99,15 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     if providers and session.get_providers()[0] != wanted[0]:
         log.warning("%s: asked for %s, running on %s", path.name, wanted[0], session.get_providers()[0])
     return session
+
+
+def _bundle_precision(graph: Path) -> str | None:
+    """The `precision` of the manifest beside `graph`, read only to explain a session that fails to
+    load (a bf16 graph on the CPU); None when there is no readable manifest."""
+    try:
+        return json.loads((Path(graph).parent / MANIFEST_NAME).read_text(encoding="utf-8")).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # The names of the decoder graphs' cached keys and values: lmcor's ragged graphs ("past.0.key",

@@ -1,0 +1,386 @@
+"""The stages of `bench/gpu_check.sh`, one per call: each writes one JSON result and never raises past
+its stage (a failure is recorded as the stage's result), so one failing stage loses nothing else.
+
+    python bench/gpu_check.py STAGE --work DIR [--checkpoint HF_DIR]
+
+Stages: env, bundles, tokens, encoder, latency, report (report: DIR/*.json -> gpu_check.json and
+gpu_check.txt in --out). Without CUDA every measuring stage records {"status": "skipped",
+"reason": "no CUDA"}. The issue's targets are printed beside each number: tokens identical to the
+CPU path in fp32; packed encoder >= 2x padded ONNX Runtime CUDA; batch-1 <= 0.3x transformers bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "recipes" / "splits" / "test.jsonl"
+STAGES = ("env", "bundles", "kernels", "tokens", "encoder", "latency")
+TARGET_ENCODER_SPEEDUP = 2.0
+TARGET_LATENCY_RATIO = 0.3
+REQUESTS_TOKENS = 256  # test-split requests decoded on CPU and CUDA
+REQUESTS_LATENCY = 32  # batch-1 requests timed per backend
+ENCODER_REQUESTS, ENCODER_K, ENCODER_LENGTHS = 64, 5, (16, 96)
+
+
+def _cuda() -> str | None:
+    """Why CUDA cannot be used here, or None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "no onnxruntime"
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - a CPU build or missing nvidia packages: the check below says so
+            pass
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "no CUDA (this onnxruntime has no CUDAExecutionProvider; see ../shared/gpu/README.md)"
+    from lmcor.runtime.sessions import cuda_device_count
+
+    if cuda_device_count() == 0:
+        return "no CUDA (no device)"
+    return None
+
+
+def _bundles(work: Path) -> dict[str, Path]:
+    from lmcor.runtime.bundle import shipped_bundle
+
+    out = {"fp32": shipped_bundle("default")}
+    out.update({p: work / f"bundle-{p}" for p in ("fp16", "bf16") if (work / f"bundle-{p}" / "lmcor.json").is_file()})
+    return out
+
+
+def _requests(count: int) -> list[dict]:
+    lines = DATA.read_text(encoding="utf-8").splitlines()[:count]
+    return [{"source": r["source"], "candidates": r["candidates"]} for r in map(json.loads, lines)]
+
+
+def stage_env(work: Path, args) -> dict:
+    import platform
+
+    out = {"python": platform.python_version()}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["torch_cuda"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            out["device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        out["torch"] = None
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    import onnxruntime as ort
+
+    out.update(onnxruntime=ort.__version__, onnxruntime_file=ort.__file__, providers=ort.get_available_providers())
+    reason = _cuda()
+    out["cuda"] = reason or "yes"
+    try:
+        from lmcor.runtime import core
+
+        out["compiled_core"] = core.built() is not None
+    except Exception as e:  # noqa: BLE001
+        out["compiled_core"] = f"not importable: {e}"
+    return out
+
+
+def stage_bundles(work: Path, args) -> dict:
+    """fp16 and bf16 copies of the shipped fp32 default corrector (`export/half.py`; the GPU machine has
+    no optimum to export from the checkpoint)."""
+    from lmcor.export.half import convert_bundle
+    from lmcor.runtime.bundle import shipped_bundle
+
+    out = {}
+    for precision in ("fp16", "bf16"):
+        start = time.perf_counter()
+        manifest = convert_bundle(shipped_bundle("default"), work / f"bundle-{precision}", precision, overwrite=True)
+        out[precision] = {"seconds": round(time.perf_counter() - start, 2), "half_matmuls": manifest.validation["half_matmuls"],
+                          "fp32_matmuls": manifest.validation["fp32_matmuls"]}
+    return out
+
+
+def stage_tokens(work: Path, args) -> dict:
+    """Greedy tokens of the test split's first requests: CPU fp32 (the reference) against CUDA fp32
+    (must be identical) and CUDA fp16/bf16 (agreement reported); requests/s at batch 16 on CUDA."""
+    reason = _cuda()
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    from lmcor import Corrector
+
+    requests = _requests(REQUESTS_TOKENS)
+    bundles = _bundles(work)
+
+    def run(path: Path, provider: str) -> tuple[list[list[int]], dict]:
+        corrector = Corrector.load(path, providers=[provider])
+        corrector.correct_batch(requests[:16], batch_size=16)  # warm-up: kernels, allocator
+        start = time.perf_counter()
+        results = corrector.correct_batch(requests, batch_size=16)
+        seconds = time.perf_counter() - start
+        return [r.token_ids for r in results], {"provider": corrector.providers[0],
+                                                "requests_per_s": round(len(requests) / seconds, 1)}
+
+    reference, cpu = run(bundles["fp32"], "CPUExecutionProvider")
+    out = {"requests": len(requests), "cpu_fp32": cpu}
+    for precision, path in bundles.items():
+        tokens, info = run(path, "CUDAExecutionProvider")
+        same = sum(a == b for a, b in zip(tokens, reference))
+        info["identical_to_cpu_fp32"] = same / len(requests)
+        if precision == "fp32":
+            info["target"] = "identical on 100%"
+            info["met"] = same == len(requests)
+        out[f"cuda_{precision}"] = info
+    if "fp16" in bundles:  # the fp16 graphs on CPU (ONNX Runtime casts what it has no fp16 kernel for)
+        tokens, info = run(bundles["fp16"], "CPUExecutionProvider")
+        info["identical_to_cpu_fp32"] = sum(a == b for a, b in zip(tokens, reference)) / len(requests)
+        out["cpu_fp16"] = info
+    return out
+
+
+def _encoder_workload(vocab: int, seed: int = 0):
+    """64 requests: a source and K=5 candidates, each 16-96 tokens, separated, capped at 512."""
+    rng = random.Random(seed)
+    low, high = ENCODER_LENGTHS
+    inputs = []
+    for _ in range(ENCODER_REQUESTS):
+        ids = []
+        for part in range(1 + ENCODER_K):
+            ids += ([3] if part else []) + [rng.randrange(4, vocab) for _ in range(rng.randint(low, high))]
+        inputs.append((ids[:511] + [1]))
+    return inputs
+
+
+def _time(fn, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `fn()` (which synchronizes)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _checkpoint(args):
+    if not args.checkpoint or not (Path(args.checkpoint) / "config.json").is_file():
+        return None
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+
+
+def stage_encoder(work: Path, args) -> dict:
+    """Packed (Triton) vs padded (ONNX Runtime CUDA) encoder throughput on the same 64 requests."""
+    reason = _cuda()
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from lmcor.kernels.encoder import EncoderWeights, encode_packed
+    from lmcor.runtime.batching import pad_batch
+    from lmcor.runtime.bundle import load_manifest
+
+    model = _checkpoint(args)
+    if model is None:
+        return {"status": "skipped", "reason": "no checkpoint for the packed encoder's weights "
+                "(run `bash bench/gpu_check.sh --prepare CHECKPOINT` on the CPU machine and carry .cache/gpu_check)"}
+    bundles = _bundles(work)
+    inputs = _encoder_workload(model.config.vocab_size)
+    ids, mask = pad_batch([np.asarray(x, dtype=np.int64) for x in inputs], 0)
+    real = int(mask.sum())
+    out = {"requests": len(inputs), "real_tokens": real, "padded_tokens": int(ids.size), "width": int(ids.shape[1])}
+    padded = {}
+    for precision, path in bundles.items():
+        manifest = load_manifest(path)
+        session = ort.InferenceSession(str(path / manifest.files["encoder"]), providers=["CUDAExecutionProvider"])
+        io = session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_output("last_hidden_state", "cuda")
+        seconds = _time(lambda: session.run_with_iobinding(io))
+        padded[precision] = seconds
+        out[f"padded_onnxruntime_{precision}"] = {"ms": round(seconds * 1e3, 3), "real_tokens_per_s": round(real / seconds)}
+    cuda_ids, cuda_lengths = torch.from_numpy(ids).cuda(), torch.from_numpy(mask.sum(axis=1)).cuda()
+    segments = torch.zeros_like(cuda_ids)
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        weights = EncoderWeights.from_t5(model, dtype=dtype, device="cuda")
+
+        def packed():
+            with torch.no_grad():
+                encode_packed(weights, cuda_ids, segments, cuda_lengths)
+            torch.cuda.synchronize()
+
+        seconds = _time(packed)
+        entry = {"ms": round(seconds * 1e3, 3), "real_tokens_per_s": round(real / seconds)}
+        if name in padded:
+            entry["speedup_vs_padded_onnxruntime"] = round(padded[name] / seconds, 2)
+            entry["target"] = f">= {TARGET_ENCODER_SPEEDUP}x"
+            entry["met"] = padded[name] / seconds >= TARGET_ENCODER_SPEEDUP
+        out[f"packed_triton_{name}"] = entry
+    encoder = model.encoder.to(device="cuda", dtype=torch.bfloat16)
+    cuda_mask = torch.from_numpy(mask).cuda()
+
+    def torch_padded():
+        with torch.no_grad():
+            encoder(input_ids=cuda_ids, attention_mask=cuda_mask)
+        torch.cuda.synchronize()
+
+    seconds = _time(torch_padded)
+    out["padded_transformers_bf16"] = {"ms": round(seconds * 1e3, 3), "real_tokens_per_s": round(real / seconds)}
+    return out
+
+
+def stage_latency(work: Path, args) -> dict:
+    """Batch-1 latency per request: lmcor on CUDA (fp32/fp16/bf16 bundles) vs transformers bf16 `generate`."""
+    reason = _cuda()
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    import torch
+    from lmcor import Corrector
+    from lmcor.runtime.request import Request
+    from lmcor.runtime.tokens import encode_requests
+
+    requests = _requests(REQUESTS_LATENCY)
+    out = {"requests": len(requests)}
+    corrector = None
+    for precision, path in _bundles(work).items():
+        corrector = Corrector.load(path, providers=["CUDAExecutionProvider"])
+        for r in requests[:4]:
+            corrector.correct_batch([r], batch_size=1)
+        times, tokens = [], 0
+        for r in requests:
+            start = time.perf_counter()
+            [result] = corrector.correct_batch([r], batch_size=1)
+            times.append(time.perf_counter() - start)
+            tokens += len(result.token_ids)
+        out[f"lmcor_cuda_{precision}"] = {"median_ms": round(statistics.median(times) * 1e3, 3),
+                                          "mean_output_tokens": round(tokens / len(requests), 1)}
+    model = _checkpoint(args)
+    if model is None:
+        out["transformers_bf16"] = {"status": "skipped", "reason": "no checkpoint (bash bench/gpu_check.sh --prepare)"}
+        return out
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    manifest = corrector.manifest
+    inputs = encode_requests(corrector.tokenizer, manifest.template,
+                             [Request(r["source"], tuple(r["candidates"])) for r in requests], manifest.max_input_tokens)
+
+    def generate(ids):
+        x = torch.tensor([ids], device="cuda")
+        with torch.no_grad():
+            result = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=manifest.max_output_tokens,
+                                    do_sample=False, num_beams=1, no_repeat_ngram_size=manifest.no_repeat_ngram_size,
+                                    decoder_start_token_id=manifest.special_tokens.decoder_start,
+                                    eos_token_id=manifest.special_tokens.eos, pad_token_id=manifest.special_tokens.pad)
+        torch.cuda.synchronize()
+        return result.shape[1] - 1
+
+    usable = [x.ids.tolist() for x in inputs if hasattr(x, "ids")]
+    for ids in usable[:4]:
+        generate(ids)
+    times, tokens = [], 0
+    for ids in usable:
+        start = time.perf_counter()
+        tokens += generate(ids)
+        times.append(time.perf_counter() - start)
+    reference = statistics.median(times)
+    out["transformers_bf16"] = {"median_ms": round(reference * 1e3, 3), "mean_output_tokens": round(tokens / len(usable), 1)}
+    for key in [k for k in out if k.startswith("lmcor_cuda_")]:
+        ratio = out[key]["median_ms"] / 1e3 / reference
+        out[key].update(ratio_to_transformers_bf16=round(ratio, 3), target=f"<= {TARGET_LATENCY_RATIO}x",
+                        met=ratio <= TARGET_LATENCY_RATIO)
+    return out
+
+
+def stage_kernels(work: Path, args) -> dict:
+    """The kernel tests' JUnit file (written by the shell script's pytest run) -> counts and failures."""
+    import xml.etree.ElementTree as ET
+
+    path = work / "kernels.xml"
+    if not path.is_file():
+        return {"status": "no result", "reason": "pytest wrote no report (see gpu_check.log)"}
+    cases = ET.parse(path).getroot().iter("testcase")
+    out = {"passed": [], "failed": [], "skipped": []}
+    for case in cases:
+        name = case.get("name")
+        if case.find("failure") is not None or case.find("error") is not None:
+            out["failed"].append(name)
+        elif case.find("skipped") is not None:
+            out["skipped"].append(name)
+        else:
+            out["passed"].append(name)
+    out["gpu_cases_run"] = sum("gpu" in n for n in out["passed"] + out["failed"])
+    rc = work / "kernels.pytest"
+    out["pytest_exit_status"] = int(rc.read_text()) if rc.is_file() else None
+    if out["failed"] or out["pytest_exit_status"] not in (0, None):
+        out["status"] = "failed"
+    elif not out["gpu_cases_run"]:
+        out["status"] = "skipped"
+        out["reason"] = "no GPU case ran (no CUDA device, or TRITON_INTERPRET=1)"
+    return out
+
+
+def report(work: Path, out_dir: Path, dry_run: bool) -> dict:
+    """Merge the stages' results into gpu_check.json and a readable gpu_check.txt."""
+    results = {}
+    for stage in STAGES:
+        path, status = work / f"{stage}.json", work / f"{stage}.status"
+        if dry_run:
+            results[stage] = {"status": "not run (dry run)"}
+        elif path.is_file():
+            results[stage] = json.loads(path.read_text())
+        else:
+            rc = status.read_text().strip() if status.is_file() else "?"
+            what = "timed out" if rc in ("124", "137") else f"exit status {rc}"
+            results[stage] = {"status": "no result", "reason": f"{what} (see gpu_check.log)"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["lmcor GPU check" + (" (dry run: nothing measured)" if dry_run else "")]
+    for stage, result in results.items():
+        lines.append(f"\n[{stage}]")
+        lines += [f"  {key}: {json.dumps(value)}" for key, value in result.items()]
+    (out_dir / "gpu_check.txt").write_text("\n".join(lines) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=(*STAGES, "report"))
+    parser.add_argument("--work", type=Path, required=True, help="folder of the stages' results and bundles")
+    parser.add_argument("--out", type=Path, help="report: where gpu_check.json and gpu_check.txt go")
+    parser.add_argument("--checkpoint", help="Hugging Face folder of the default corrector (packed encoder, transformers)")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "report":
+        results = report(args.work, args.out or args.work, args.dry_run)
+        print((args.out or args.work) / "gpu_check.txt", "written;", len(results), "stages")
+        return 0
+    start = time.perf_counter()
+    try:
+        result = globals()[f"stage_{args.stage}"](args.work, args)
+    except Exception as e:  # noqa: BLE001 - recorded as the stage's result, the next stages still run
+        traceback.print_exc()
+        result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    result.setdefault("status", "ok")
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    (args.work / f"{args.stage}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.stage}: {result['status']} ({result['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

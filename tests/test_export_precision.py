@@ -1,0 +1,142 @@
+"""fp16/bf16 bundles (export/half.py): T5-safe conversion, validation, the manifest's precision, the CPU
+refusal of bf16, the CLI, and the GPU check's dry run."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_requests
+from lmcor.cli import main
+from lmcor.export import export_corrector
+from lmcor.export.half import T5_FP32_MATMULS, bfloat16_bits, convert
+from lmcor.runtime.bundle import MANIFEST_NAME, PRECISIONS, Manifest, load_manifest
+from lmcor.runtime.errors import BundleError
+from onnx import TensorProto, helper, numpy_helper
+
+from lmcor import Corrector
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def half_bundles(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """fp16 through the CLI (the tiny T5 v1.1: gated, untied), bf16 through the API (the tiny T5: tied)."""
+    root = tmp_path_factory.mktemp("half")
+    assert main(["export", str(checkpoints["t5v11"]), str(root / "fp16"), "--precision", "fp16"]) == 0
+    export_corrector(checkpoints["t5"], root / "bf16", precision="bf16")
+    return {"fp16": root / "fp16", "bf16": root / "bf16"}
+
+
+def test_cli_export_fp16_end_to_end(half_bundles):
+    manifest = json.loads((half_bundles["fp16"] / MANIFEST_NAME).read_text())
+    assert manifest["precision"] == "fp16" and manifest["validation"]["validated_on"] == "cpu"
+    assert Corrector.load(half_bundles["fp16"]).correct("she go to school", ["She goes to school."], max_new_tokens=8) is not None
+
+
+def test_cli_export_refuses_half_precision_classifiers(checkpoints, tmp_path):
+    assert main(["export", str(checkpoints["t5"]), str(tmp_path / "c"), "--kind", "classifier", "--precision", "fp16"]) == 2
+
+
+def test_fp16_runs_on_cpu_within_its_recorded_agreement(half_bundles, checkpoints):
+    import torch
+    from lmcor.export.validate import validate_corrector
+    from lmcor.runtime.request import Request
+    from transformers import T5ForConditionalGeneration
+
+    v = load_manifest(half_bundles["fp16"]).validation
+    assert v["max_abs_logit_diff"] <= v["tolerance"] and v["greedy_token_agreement"] >= v["min_greedy_token_agreement"]
+    assert v["fp32_matmuls"] == 4  # the gated-gelu wo of 2 encoder + 2 decoder layers stay fp32
+    model = T5ForConditionalGeneration.from_pretrained(checkpoints["t5v11"], dtype=torch.float32).eval()
+    requests = [Request(r["source"], tuple(r["candidates"])) for r in make_requests(16, seed=5)]
+    report = validate_corrector(model, half_bundles["fp16"], requests=requests, max_new_tokens=12, exact=False)
+    assert report.greedy_token_agreement >= v["min_greedy_token_agreement"]
+    assert report.max_abs_logit_diff <= v["tolerance"]
+
+
+def test_bf16_export_writes_a_valid_graph_and_cpu_refuses_it(half_bundles):
+    manifest = load_manifest(half_bundles["bf16"])
+    assert manifest.precision == "bf16"
+    assert manifest.validation["validated_on"] in ("not run: no CUDA", "cuda")
+    for role in ("encoder", "decoder", "cross"):
+        path = half_bundles["bf16"] / manifest.files[role]
+        onnx.checker.check_model(str(path))
+        graph = onnx.load(str(path)).graph
+        assert any(t.data_type == TensorProto.BFLOAT16 for t in graph.initializer)
+        assert all(v.type.tensor_type.elem_type != TensorProto.BFLOAT16 for v in (*graph.input, *graph.output))
+    with pytest.raises(BundleError, match=r"bf16 bundle runs on CUDA only.*--providers CUDAExecutionProvider") as e:
+        Corrector.load(half_bundles["bf16"], providers=["CPUExecutionProvider"])
+    assert "\n" not in str(e.value)
+
+
+def test_t5_feed_forward_output_and_residual_stream_stay_fp32(half_bundles):
+    manifest = load_manifest(half_bundles["fp16"])
+    graph = onnx.load(str(half_bundles["fp16"] / manifest.files["decoder"])).graph
+    kinds = {t.name: t.data_type for t in graph.initializer}
+    views = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose"}  # unfolded: wo.weight.T
+    for node in graph.node:
+        if node.op_type == "MatMul" and T5_FP32_MATMULS.search(node.name):
+            weights = [kinds[views.get(name, name)] for name in node.input if views.get(name, name) in kinds]
+            assert weights and all(k == TensorProto.FLOAT for k in weights), node.name
+    # no fp16 -> fp32 -> fp16 round trips: each tensor is cast at most once to each type
+    casts = [(n.input[0], next(a.i for a in n.attribute if a.name == "to")) for n in graph.node if n.op_type == "Cast"]
+    assert len(casts) == len(set(casts))
+
+
+def test_converter_keeps_non_matmul_arithmetic_fp32():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/q/MatMul"),
+             helper.make_node("Add", ["h", "x"], ["r"], name="/Add"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="/DenseReluDense/wo/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = convert(model, TensorProto.FLOAT16, keep=T5_FP32_MATMULS)
+    assert (report.half_nodes, report.kept_fp32) == (1, 1)
+    onnx.checker.check_model(model)
+    ops = {n.name: n for n in model.graph.node}
+    assert ops["/Add"].input[0] == "h"  # the residual add reads an fp32 cast of the product
+    import onnxruntime as ort
+
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, (x @ w + x) @ w, rtol=2e-2, atol=2e-2)
+
+
+def test_bfloat16_bits_round_to_nearest_even():
+    values = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.0e38], dtype=np.float32)
+    # 1 + 2^-8 is a tie: to even (1.0); 1 + 3 * 2^-8 rounds up to 1 + 2^-6
+    assert bfloat16_bits(values).tolist() == [0x3F80, 0x3F80, 0x3F82, 0xC020, 0x7F62]
+
+
+def _manifest(precision) -> dict:
+    return {"format_version": 3, "kind": "classifier", "architecture": "bert", "max_input_tokens": 8,
+            "precision": precision, "opset": 17, "files": {"model": "m.onnx", "tokenizer": "t.json"}, "labels": ["a", "b"]}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_manifest_accepts_known_precisions(precision):
+    assert Manifest.from_json(_manifest(precision), "lmcor.json").precision == precision
+
+
+@pytest.mark.parametrize("precision", ["fp8", "FP16", "float16", ""])
+def test_manifest_rejects_unknown_precisions(precision):
+    with pytest.raises(BundleError, match="precision"):
+        Manifest.from_json(_manifest(precision), "lmcor.json")
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": os.environ.get("PYTHON", "python")}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for stage in ("env", "bundles", "kernels", "tokens", "encoder", "latency"):
+        assert f"{stage}: timeout" in run.stdout
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report) == {"env", "bundles", "kernels", "tokens", "encoder", "latency"}
+    assert (tmp_path / "gpu_check.txt").read_text().startswith("lmcor GPU check (dry run")
