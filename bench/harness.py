@@ -36,13 +36,13 @@ class BenchConfig:
     data: Path | None = None  # JSONL correction requests; default: random ids
     backends: tuple[str, ...] = tuple(BACKENDS)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    requests: int = 12
+    requests: int = 8
     rounds: int = 3
     batch_size: int = 8
     source: int = 64
     k: int = 5
     candidate: int = 64
-    new_tokens: int = 64
+    new_tokens: int = 32
     natural: bool = False  # stop at EOS instead of forcing `new_tokens`
     ragged: bool = False
     sweeps: bool = False  # latency against K and throughput against batch size: minutes more

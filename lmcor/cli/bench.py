@@ -114,7 +114,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         clients = tuple(options.positive_int(c) for c in args.clients.split(","))
     except argparse.ArgumentTypeError as e:
         raise InputError(f"--clients: {e}") from None
-    # --requests and --batch-size default to the harness's (12, 8); --serve's own are 256 and 16 (the server's).
+    # --requests and --batch-size default to the harness's (8, 8); --serve's own are 256 and 16 (the server's).
     own = serve.ServeBenchConfig
     config = own(data=data, bundle=Path(args.bundle) if args.bundle else None, seconds=args.seconds, clients=clients,
                  requests=own.requests if args.requests == BenchConfig.requests else args.requests,
@@ -135,7 +135,7 @@ def _bench_host(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else Path(__file__).resolve().parents[2] / "recipes" / "splits" / "test.jsonl"
     if not data.is_file():
         raise InputError(f"--host needs --data: a JSONL file of correction requests ({data} is not there)")
-    # --requests and --batch-size default to the harness's (12, 8); --host's own are 100 and 16.
+    # --requests and --batch-size default to the harness's (8, 8); --host's own are 100 and 16.
     own = host.HostConfig
     config = own(data=data, bundle=Path(args.bundle) if args.bundle else None,
                  requests=own.requests if args.requests == BenchConfig.requests else args.requests,
