@@ -1,10 +1,11 @@
 """Output quality of a corrector against the baselines it must beat (`lmcor eval`).
 
-For each line `{"source", "candidates", "target"}` of a data file, five systems are scored with
+For each line `{"source", "candidates", "target"}` of a data file, six systems are scored with
 exact match and chrF (sacrebleu, corpus level): (a) the source left as it is, (b) the first
 candidate (the LLM's greedy output), (c) the consensus candidate (highest mean sentence chrF to
-the other candidates), (d) the oracle best candidate (highest sentence chrF to the target: an
-upper bound for any selector), and (e) the corrector. Sentence chrF is `runtime.fallback.chrf`, sacrebleu's own
+the other candidates), (d) the candidates' edits to the source that at least two of them make
+(`runtime.vote.edit_vote`), (e) the oracle best candidate (highest sentence chrF to the target: an
+upper bound for any selector), and (f) the corrector. Sentence chrF is `runtime.fallback.chrf`, sacrebleu's own
 sentence score computed once per text.
 """
 
@@ -20,8 +21,9 @@ from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.fallback import char_ngrams, chrf
 from lmcor.runtime.jsonl import parse_line
 from lmcor.runtime.request import as_request
+from lmcor.runtime.vote import edit_vote
 
-SYSTEMS = ("source", "first candidate", "consensus candidate", "oracle candidate", "corrector")
+SYSTEMS = ("source", "first candidate", "consensus candidate", "edit vote", "oracle candidate", "corrector")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def score(outputs: Sequence[str], targets: Sequence[str], corpus_chrf=None) -> d
 
 
 def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
-    """Scores of the five systems on `items`; `options` go to `Corrector.correct_batch`."""
+    """Scores of the six systems on `items`; `options` go to `Corrector.correct_batch`."""
     corpus_chrf = _chrf()
     targets = [i.target for i in items]
     corrected = corrector.correct_batch([(i.source, i.candidates) for i in items], **options)
@@ -97,6 +99,7 @@ def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
         "source": [i.source for i in items],
         "first candidate": [i.candidates[0] for i in items],
         "consensus candidate": [consensus(i.candidates) for i in items],
+        "edit vote": [edit_vote(i.source, i.candidates) for i in items],
         "oracle candidate": [oracle(i.candidates, i.target) for i in items],
         "corrector": [c.text for c in corrected],
     }
@@ -115,5 +118,6 @@ def table(report: dict) -> str:
     if "gated" in report:
         rows.append(f"(the gate passed {report['gated']} of {report['items']} first candidates without correction)")
     if report.get("fallbacks"):
-        rows.append(f"({report['fallbacks']} of {report['items']} outputs fell back to their nearest candidate)")
+        rows.append(f"({report['fallbacks']} of {report['items']} outputs replaced by the fallback: a best guess or the "
+                    "edit vote)")
     return "\n".join(rows)

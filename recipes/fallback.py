@@ -5,7 +5,7 @@
 The corrector runs once over the dev requests without a fallback; then each threshold is scored
 as `Corrector.correct_batch(fallback_below=...)` would apply it (an output whose chrF to its
 nearest candidate is below the threshold is replaced by the best guess among the source and the
-candidates, `runtime.fallback.best_guess`). The threshold kept is
+candidates, and the candidates' voted edits replace a text they support more: `runtime.fallback.guard`). The threshold kept is
 the lowest whose dev chrF is within `--tolerance` of the best: as good as any, and replacing the
 fewest outputs. The bundle's `fallback_below` is then the default of `lmcor correct` and `eval`.
 """
@@ -27,18 +27,35 @@ THRESHOLDS = (0, *range(50, 100))  # chrF; 0: never fall back
 def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, list[dict]]:
     """The fallback threshold for `corrector` on `items`, with the scores of every threshold tried."""
     from lmcor.bench.quality import score
-    from lmcor.runtime.fallback import best_guess, nearest
+    from lmcor.runtime.fallback import agreement, best_guess, nearest
+    from lmcor.runtime.vote import edit_vote
 
     outputs = [c.text for c in corrector.correct_batch([(i.source, i.candidates) for i in items], fallback_below=0)]
+    # What `fallback.guard` weighs, computed once: each threshold then only picks among them.
     similarity = [nearest(text, item.candidates)[1] for text, item in zip(outputs, items)]
     guesses = [(item.source, *item.candidates)[best_guess(text, item.source, item.candidates)]
                for text, item in zip(outputs, items)]
+    votes = [edit_vote(item.source, item.candidates) for item in items]
+    support = {}
+
+    def supported(text: str, item) -> float:
+        key = (text, id(item))
+        if key not in support:
+            support[key] = agreement(text, item.candidates)
+        return support[key]
+
     targets = [i.target for i in items]
     tried = []
     for threshold in THRESHOLDS:
-        kept = [s >= threshold for s in similarity]
-        chosen = [text if keep else guess for text, keep, guess in zip(outputs, kept, guesses)]
-        tried.append({"threshold": threshold, "fell_back": len(kept) - sum(kept), **score(chosen, targets)})
+        chosen = []
+        for text, s, guess, vote, item in zip(outputs, similarity, guesses, votes, items):
+            if threshold:
+                text = text if s >= threshold else guess
+                if vote != text and supported(vote, item) > supported(text, item):
+                    text = vote
+            chosen.append(text)
+        replaced = sum(c != o for c, o in zip(chosen, outputs))
+        tried.append({"threshold": threshold, "fell_back": replaced, **score(chosen, targets)})
     best = max(t["chrf"] for t in tried)
     return next(t["threshold"] for t in tried if t["chrf"] >= best - tolerance), tried
 

@@ -1,13 +1,14 @@
-"""The corrector's output, or the best guess among the source and the candidates when it strays
-from all of them.
+"""The corrector's output, checked against the LLM's candidates (`guard`).
 
 A small corrector copies spans of its candidates; when its copying loses its place (it jumps to
 a later occurrence of the same words, dropping those in between, or loops back), the output
 shares little with any candidate and costs far more than any candidate would. A corrector edits,
 it does not rewrite: an output whose similarity to its nearest candidate is below a threshold
 is replaced by the text among the source and the candidates that agrees most with the
-candidates and the output (`best_guess`). Similarity is sentence chrF, computed as sacrebleu's default
-`CHRF()` computes it (character 1- to 6-grams, whitespace removed, recall weighted by beta 2).
+candidates and the output (`best_guess`). And where the candidates agree on edits to the source
+that the output lacks, their vote (`vote.edit_vote`) is returned if they support it more. Similarity
+is sentence chrF, computed as sacrebleu's default `CHRF()` computes it (character 1- to 6-grams,
+whitespace removed, recall weighted by beta 2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from . import core
 from .request import Correction
+from .vote import edit_vote
 
 CHAR_ORDER = 6
 BETA = 2.0
@@ -82,21 +84,43 @@ def best_guess(text: str, source: str | None, candidates: Sequence[str]) -> int:
     return max(range(len(totals)), key=totals.__getitem__)
 
 
+def agreement(text: str, candidates: Sequence[str]) -> float:
+    """The summed chrF of `text` to the candidates: how well the LLM's answers support it."""
+    if core.native is not None:
+        return sum(core.native.chrf(text, c) for c in candidates)
+    grams = char_ngrams(text)
+    return sum(chrf(grams, char_ngrams(c)) for c in candidates)
+
+
 def guard(correction: Correction, candidates: Sequence[str], below: float, *, source: str | None = None,
           seen: Sequence[str] | None = None) -> Correction:
-    """`correction`, or the best guess among `source` and the candidates (`best_guess`;
-    `fallback=True`) when the output is less similar than `below` (chrF, 0-100; 0 never falls
-    back) to its nearest candidate.
+    """`correction`, checked against the candidates when `below` > 0 (chrF, 0-100; 0: the model's
+    output as it is), and replaced (`fallback=True`) by:
+
+    - the best guess among `source` and the candidates (`best_guess`), when the output is less
+      similar than `below` to its nearest candidate: it strayed;
+    - the candidates' voted edits to the source (`vote.edit_vote`), when the candidates support
+      them more than the text chosen so far (`agreement`): where the LLM's answers agree on an edit,
+      a small model that missed it is outvoted.
 
     `seen`: the candidates as the model saw them, cut where its input was truncated. The output is
     compared with those: the model wrote from them, and text it never read would only lower every
-    similarity and cost time in proportion to its length. The candidate returned is whole: it is the
-    LLM's own answer to the request, which a cut would only shorten.
+    similarity and cost time in proportion to its length (a vote over cut candidates would cut the
+    text, so a truncated request is not voted). A candidate returned is whole: it is the LLM's own
+    answer to the request, which a cut would only shorten.
     """
-    read = candidates if seen is None else seen
-    _, similarity = nearest(correction.text, read)
-    if similarity >= below:
+    if below <= 0:
         return correction
-    index = best_guess(correction.text, source, read)
-    text = (source if index == 0 else candidates[index - 1]) if source is not None else candidates[index]
+    read = candidates if seen is None else seen
+    text = correction.text
+    _, similarity = nearest(text, read)
+    if similarity < below:
+        index = best_guess(text, source, read)
+        text = (source if index == 0 else candidates[index - 1]) if source is not None else candidates[index]
+    if source is not None and tuple(read) == tuple(candidates):
+        voted = edit_vote(source, candidates)
+        if voted != text and agreement(voted, candidates) > agreement(text, candidates):
+            text = voted
+    if text == correction.text:
+        return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

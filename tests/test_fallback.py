@@ -13,6 +13,7 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle, write_manifest
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.fallback import best_guess, char_ngrams, chrf, guard, nearest
 from lmcor.runtime.request import Correction
+from lmcor.runtime.vote import edit_vote
 
 from lmcor import Corrector
 from lmcor.cli import main
@@ -68,7 +69,8 @@ def test_corrector_falls_back_by_option_and_by_manifest(bundles, tmp_path):
     # A random model writes text unlike its candidates: every such output is replaced.
     assert sum(c.fallback for c in strict) >= 6
     for s, p, r in zip(strict, plain, requests):
-        assert (s.text == p.text) if not s.fallback else (s.text in r["candidates"] and s.text != p.text)
+        replacements = (r["source"], *r["candidates"], edit_vote(r["source"], r["candidates"]))
+        assert (s.text == p.text) if not s.fallback else (s.text in replacements and s.text != p.text)
         assert s.stats.output_tokens == p.stats.output_tokens
     calibrated = tmp_path / "bundle"
     shutil.copytree(bundles["t5"], calibrated)
@@ -92,14 +94,14 @@ def test_cli_correct_and_eval_count_fallbacks(bundles, tmp_path, capsys):
     assert main(args) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     fallbacks = sum(bool(r.get("fallback")) for r in records)
-    assert fallbacks and f", {fallbacks} fell back to their nearest candidate" in capsys.readouterr().err
+    assert fallbacks and f", {fallbacks} replaced by the fallback" in capsys.readouterr().err
     for record, request in zip(records, requests):
         assert not record.get("fallback") or record["output"] in request["candidates"]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in requests) + "\n")
     assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(tmp_path / "e.json"),
                  "--max-new-tokens", "8", "--fallback-below", "100"]) == 0
-    assert f"({fallbacks} of 5 outputs fell back to their nearest candidate)" in capsys.readouterr().out
+    assert f"({fallbacks} of 5 outputs replaced by the fallback: a best guess or the edit vote)" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["fallbacks"] == fallbacks
 
 
@@ -138,3 +140,25 @@ def test_best_guess_is_the_same_with_the_compiled_core_and_without():
     finally:
         core.configure()
     assert got[True] == got[False]
+
+
+def test_the_candidates_outvote_an_output_that_missed_their_edits():
+    """Each candidate keeps one error of the source; every error is fixed by most candidates."""
+    source = "My brother have two cat and a dog."
+    candidates = ["My brother has two cats and a dog.", "My brother has two cat and a dog.",
+                  "My brother have two cats and a dog.", "My brother has two cats and dog.",
+                  "My brother has two cats and a dog."]
+    assert edit_vote(source, candidates) == "My brother has two cats and a dog."
+    assert edit_vote(source, candidates, need=5) == source  # no edit is made by all five
+    missed = Correction("My brother has two cats and dog.", [5])
+    voted = guard(missed, candidates, 50, source=source)
+    assert voted.text == "My brother has two cats and a dog." and voted.fallback
+    assert guard(missed, candidates, 0, source=source) is missed  # 0: the model's output as it is
+    # A truncated request (the model read cut candidates) is not voted.
+    assert guard(missed, candidates, 50, source=source, seen=[c[:20] for c in candidates]).text != voted.text
+
+
+def test_edit_vote_keeps_the_source_where_the_candidates_disagree():
+    source = "She go to class every day, and she likes it."
+    rewrites = ["She goes to class.", "She attends her classes daily and enjoys them.", "Every day, she likes it."]
+    assert edit_vote(source, rewrites) == source

@@ -57,7 +57,7 @@ class _Totals:
     def summary(self, engine: EngineStats) -> str:
         share = f" ({100 * self.accepted / self.drafted:.0f}%)" if self.drafted else ""
         gated = f" ({self.gated} more passed by the gate)" if self.gated else ""
-        fallbacks = f", {self.fallbacks} fell back to their nearest candidate" if self.fallbacks else ""
+        fallbacks = f", {self.fallbacks} replaced by the fallback" if self.fallbacks else ""
         calls = engine.decoder_calls
         return (f"lmcor: {self.requests} requests corrected{gated}{fallbacks}, {self.generated} generated tokens (EOS included), "
                 f"{calls} decoder calls ({calls / max(1, self.generated):.3f} per token), "

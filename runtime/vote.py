@@ -1,0 +1,38 @@
+"""The candidates' edits to the source, voted: the text a majority of the LLM's answers agree on.
+
+Each candidate is aligned with the source word by word (`difflib`'s longest matching blocks); each
+difference is an edit (replace source words i..j by some words). An edit made by at least `need`
+candidates is applied, from left to right, skipping any that overlaps one already applied. Where
+the candidates' errors are their own (each sample slips somewhere else), the edits they share are
+the corrections; an edit only one candidate makes (a rewrite, a dropped clause) is left out.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from collections.abc import Sequence
+
+NEED = 2  # candidates that must make an edit: a pair agreeing is rarely chance; one is a guess
+
+
+def edit_vote(source: str, candidates: Sequence[str], need: int = NEED) -> str:
+    """The source with every edit that at least `need` of the candidates make to it."""
+    words = source.split()
+    edits: Counter[tuple[int, int, tuple[str, ...]]] = Counter()
+    for candidate in candidates:
+        theirs = candidate.split()
+        matcher = difflib.SequenceMatcher(None, words, theirs, autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag != "equal":
+                edits[(i1, i2, tuple(theirs[j1:j2]))] += 1
+    out: list[str] = []
+    at = 0
+    # Left to right; of two edits of the same words, the one more candidates make.
+    chosen = sorted((e for e, n in edits.items() if n >= need), key=lambda e: (e[0], e[1], -edits[e], e[2]))
+    for i1, i2, replacement in chosen:
+        if i1 < at:
+            continue  # overlaps an edit already applied
+        out += words[at:i1] + list(replacement)
+        at = i2
+    return " ".join(out + words[at:])
