@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2,
                         help="transformer layers of the backbone kept (of 6): the gate must cost less than it saves")
     parser.add_argument("--reuse", action="store_true", help="export and measure the checkpoint already in OUT/hf")
+    parser.add_argument("--recalibrate", type=Path, metavar="GATE_BUNDLE",
+                        help="only calibrate this gate bundle's threshold behind --corrector (its manifest is rewritten) "
+                        "and measure it; no training")
     parser.add_argument("--corrector", type=Path, help="the corrector behind the gate (default: the shipped one)")
     parser.add_argument("--tolerance", type=float, default=0.5,
                         help="exact-match points the gate may cost on dev (default: %(default)s)")
@@ -170,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     from lmcor.runtime.classifier import Classifier
     from lmcor.runtime.corrector import Corrector
 
-    hf = args.out / "hf" if args.reuse else train(args.out, args.steps, args.layers)
-    bundle = args.out / "bundle"
-    export_classifier(hf, bundle, precision="int8", max_input_tokens=128, overwrite=True)
+    if args.recalibrate:
+        bundle = args.recalibrate
+        args.out.mkdir(parents=True, exist_ok=True)
+    else:
+        hf = args.out / "hf" if args.reuse else train(args.out, args.steps, args.layers)
+        bundle = args.out / "bundle"
+        export_classifier(hf, bundle, precision="int8", max_input_tokens=128, overwrite=True)
     corrector = Corrector.load(args.corrector)
     threshold, tried = calibrate(Classifier.load(bundle), corrector, read_items(args.dev)[0], args.tolerance)
     write_manifest(bundle, dataclasses.replace(load_manifest(bundle), gate_threshold=threshold))
