@@ -47,6 +47,7 @@ class _Submission:
     gate: Classifier | None
     future: Future
     queued: float
+    listener: Callable[[list[int]], None] | None = None
 
 
 class Engine:
@@ -162,7 +163,8 @@ class Engine:
     # Online: one background thread answers submissions through futures.
 
     def submit(self, request: Request | dict | tuple, options: CorrectionOptions | None = None, *,
-               gate: Classifier | None = None) -> Future[Correction]:
+               gate: Classifier | None = None,
+               on_tokens: Callable[[list[int]], None] | None = None) -> Future[Correction]:
         """Correct one request in the engine's background thread, which the first submission starts.
         Thread-safe. Requests join the running batch between decoder calls (at most `batch_size` rows),
         so a short one never waits for a long one to finish.
@@ -170,19 +172,25 @@ class Engine:
         The future holds the `Correction`, or the `InputError` of a bad request or options, as
         `correct_batch` would raise it; where the models fail on a batch, the error of each request in
         it. Cancelling the future before its request is admitted skips the request.
+
+        `on_tokens`, if given, is called in the engine's thread with each decoder call's new token ids
+        (greedy decoding; EOS left out) as they are written; it must be quick and must not raise.
+        The result's text may still differ from those tokens: the fallback can replace it.
         """
         future: Future[Correction] = Future()
         queued = time.perf_counter()
         try:
             options = _options(options)
             check_optional("gate", gate, Classifier, "a Classifier")
+            if on_tokens is not None and not callable(on_tokens):
+                raise InputError("on_tokens must be callable (it receives each step's new token ids)")
         except InputError as e:
             future.set_exception(e)
             return future
         with self._cond:
             if self._closed:
                 raise InputError("this engine is closed (Engine.close): it takes no more requests")
-            self._inbox.append(_Submission(request, options, gate, future, queued))
+            self._inbox.append(_Submission(request, options, gate, future, queued, on_tokens))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
                 self._thread.start()
@@ -283,7 +291,7 @@ class Engine:
                 else:
                     sequences.append(self._sequence(search, model_input, self._below(submission.options),
                                                     request=request, future=submission.future,
-                                                    queued=submission.queued))
+                                                    listener=submission.listener, queued=submission.queued))
         return sorted(sequences, key=lambda s: s.queued)
 
     # Stages shared by both modes.

@@ -8,7 +8,7 @@ the row order and each row's cache (see `decode.Batch`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -64,23 +64,27 @@ class RepeatBan:
 class Sequence:
     """One request's decoding: its options, state and counts, and where its result goes.
 
-    `index` is its place in an offline call's results, `future` an online caller's; `request` is None
+    `index` is its place in an offline call's results, `future` an online caller's, `listener` (if any)
+    is called with each decoder call's new tokens (EOS left out) as they are written; `request` is None
     for inputs given as token ids; `below` is its fallback threshold (`fallback.guard`; 0: none).
     Times are `time.perf_counter()` readings.
     """
 
-    __slots__ = ("search", "below", "input", "request", "index", "future", "drafts", "ban", "tokens", "last", "draft",
-                 "done", "drafted", "accepted", "calls", "queued", "admitted", "encoded", "first_token", "finished")
+    __slots__ = ("search", "below", "input", "request", "index", "future", "listener", "drafts", "ban", "tokens", "last",
+                 "draft", "done", "drafted", "accepted", "calls", "queued", "admitted", "encoded", "first_token",
+                 "finished")
 
     def __init__(self, search: Search, start: int, *, model_input: ModelInput | None = None,
                  request: Request | None = None, index: int = 0, future: Future | None = None,
-                 drafts: Drafts | None = None, below: float = 0.0, queued: float | None = None):
+                 listener: Callable[[list[int]], None] | None = None, drafts: Drafts | None = None,
+                 below: float = 0.0, queued: float | None = None):
         self.search = search
         self.below = below
         self.input = model_input
         self.request = request
         self.index = index
         self.future = future
+        self.listener = listener
         self.drafts = drafts
         self.ban = repeat_ban(search.no_repeat_ngram_size, start) if search.no_repeat_ngram_size else None
         self.tokens: list[int] = []  # written so far, EOS included once reached
@@ -116,6 +120,13 @@ class Sequence:
             self.drafts.update(drafted, accepted)
         if len(self.tokens) >= limit:
             self.done = True
+        if self.listener is not None:
+            written = new[:-1] if self.done and new and new[-1] == eos else new
+            if written:
+                try:
+                    self.listener(written)
+                except Exception:  # a listener gone wrong (its client left) stops listening, not the batch
+                    self.listener = None
 
     def output(self, eos: int) -> list[int]:
         """Its tokens, EOS cut off (only ever the last one)."""

@@ -232,3 +232,23 @@ def test_options_come_as_keywords_or_as_one_object(bundles):
         corrector.correct_batch(requests, options={"max_new_tokens": 6})
     with pytest.raises(InputError, match="min_new_tokens must be an integer from 0 to 4"):
         CorrectionOptions(max_new_tokens=4, min_new_tokens=5)
+
+
+def test_on_tokens_hears_every_token_as_it_is_written(bundles):
+    """The per-token hook gets each decoder call's new tokens (drafted ones in one piece), which add
+    up to the output; one that raises stops listening and the request still finishes."""
+    corrector = Corrector.load(bundles["t5v11"])
+    requests = make_requests(6, seed=21)
+    heard: dict[int, list[list[int]]] = {n: [] for n in range(len(requests))}
+    with _engine(corrector) as engine:
+        futures = [engine.submit(r, CorrectionOptions(max_new_tokens=32), on_tokens=heard[n].append)
+                   for n, r in enumerate(requests)]
+        broken = engine.submit(requests[0], CorrectionOptions(max_new_tokens=32), on_tokens=lambda ids: 1 / 0)
+        results = [f.result(timeout=60) for f in futures]
+        assert broken.result(timeout=60).text == results[0].text
+        with pytest.raises(InputError, match="on_tokens must be callable"):
+            engine.submit(requests[0], on_tokens="print").result(timeout=60)
+    for n, result in enumerate(results):
+        assert [t for piece in heard[n] for t in piece] == result.token_ids
+        calls = result.stats.decoder_calls  # the last call may write only EOS, which is not heard
+        assert all(heard[n]) and calls - 1 <= len(heard[n]) <= calls

@@ -68,7 +68,7 @@ def test_concurrent_clients_get_the_outputs_of_correct_batch(client, bundles):
     assert len({r["output_tokens"] for r in records}) > 2, "the fixture should give outputs of several lengths"
 
 
-def test_a_list_is_answered_in_order_and_streams_as_results_finish(client, bundles):
+def test_a_list_is_answered_in_order_and_streams_tokens_and_results(client, bundles):
     requests = make_requests(5, seed=12)
     expected = [c.text for c in Corrector.load(bundles[ARCH]).correct_batch(requests, **DECODE)]
     listed = client.post("/v1/correct", json=[{**r, **DECODE} for r in requests])
@@ -77,8 +77,16 @@ def test_a_list_is_answered_in_order_and_streams_as_results_finish(client, bundl
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
               for block in streamed.text.strip().split("\n\n")]
-    assert [name for name, _ in events] == ["result"] * 5 + ["done"]
-    assert sorted((data["index"], data["output"]) for _, data in events[:-1]) == list(enumerate(expected))
+    results = [data for name, data in events if name == "result"]
+    assert events[-1][0] == "done" and len(results) == 5 and {name for name, _ in events} <= {"token", "result", "done"}
+    assert sorted((data["index"], data["output"]) for data in results) == list(enumerate(expected))
+    # Each request's text as it was decoded, in pieces, before its result (this bundle has no fallback).
+    for n, text in enumerate(expected):
+        pieces = [(i, data["text"]) for i, (name, data) in enumerate(events) if name == "token" and data["index"] == n]
+        ends = [i for i, (name, data) in enumerate(events) if name == "result" and data["index"] == n]
+        assert "".join(piece for _, piece in pieces) == text
+        assert all(i < ends[0] for i, _ in pieces)
+    assert sum(name == "token" for name, _ in events) > 5  # several pieces per request
 
 
 BAD = [

@@ -261,15 +261,56 @@ def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
+class _Tokens:
+    """A streamed request's text as the engine writes it: token ids arrive from the engine's thread,
+    and each `token` event carries the text they added (decoded whole, so that a word split over two
+    steps comes out right)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, count: int):
+        self.loop, self.tokenizer = loop, tokenizer
+        self.queue: asyncio.Queue[tuple[int, list[int]]] = asyncio.Queue()
+        self.ids: list[list[int]] = [[] for _ in range(count)]
+        self.shown = [""] * count
+
+    def listener(self, index: int) -> Callable[[list[int]], None]:
+        return lambda tokens: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, tokens))
+
+    def events(self, first: list[tuple[int, list[int]]]) -> list[str]:
+        """The events of `first` (taken from the queue already) and of everything queued after it."""
+        out = []
+        arrived = list(first)
+        while not self.queue.empty():
+            arrived.append(self.queue.get_nowait())
+        for index, tokens in arrived:
+            self.ids[index] += tokens
+            text = self.tokenizer.decode(self.ids[index], skip_special_tokens=True)
+            if text.startswith(self.shown[index]) and len(text) > len(self.shown[index]):
+                out.append(_event("token", {"index": index, "text": text[len(self.shown[index]) :]}))
+                self.shown[index] = text
+        return out
+
+
 async def _stream(state: ServerState, futures: list[Future], timeouts: list[float], many: bool,
-                  record: Callable[[Any], dict]) -> AsyncIterator[str]:
-    """Server-sent events: one `result` (or `error`) per request as it finishes, then `done`."""
+                  record: Callable[[Any], dict], tokens: _Tokens | None = None) -> AsyncIterator[str]:
+    """Server-sent events: `token` events with each request's text as it is decoded (with `tokens`),
+    one `result` (or `error`) per request as it finishes, then `done`."""
     tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
     index = {task: n for n, task in enumerate(tasks)}
     waiting = set(tasks)
+    arrival = asyncio.ensure_future(tokens.queue.get()) if tokens is not None else None
     try:
         while waiting:
-            finished, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finished, _ = await asyncio.wait(waiting | ({arrival} if arrival else set()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if tokens is not None:
+                first = []
+                if arrival in finished:
+                    first = [arrival.result()]
+                    arrival = asyncio.ensure_future(tokens.queue.get())
+                for event in tokens.events(first):  # before any result: a request's tokens come first
+                    yield event
+            finished &= waiting
+            waiting -= finished
             for task in sorted(finished, key=index.__getitem__):
                 try:
                     result = task.result()
@@ -280,7 +321,8 @@ async def _stream(state: ServerState, futures: list[Future], timeouts: list[floa
                     yield _event("result", {"index": index[task], **record(result)})
         yield _event("done", {})
     finally:
-        await _cancel(tasks)  # the client went away: what is not decoded yet is skipped
+        # The client went away: what is not decoded yet is skipped.
+        await _cancel(tasks + ([arrival] if arrival is not None else []))
 
 
 def correction_record(result: Correction) -> dict:
@@ -367,8 +409,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Correct one request `{"id"?, "source", "candidates", ...options}` or a list of them: one
         record each, in order. Options are `CorrectionOptions`' fields, per request; a gate, if the
         server has one, answers requests whose first candidate it finds right. `"stream": true`
-        answers with server-sent events, one `result` per request as it finishes (`index` says
-        which), then `done`: the engine offers no per-token hook, so a result comes whole."""
+        answers with server-sent events: `token` events with the text each request's decoder adds
+        as it goes (greedy decoding), one `result` per request as it finishes (`index` says which;
+        its `output` is final, the fallback may have replaced what the tokens spelled), then `done`."""
         models = _models(state)
 
         def parse(item: Any) -> tuple:
@@ -381,16 +424,21 @@ def create_app(config: ServeConfig) -> FastAPI:
         parsed, many = _each(await _json_body(request, config.max_body_bytes), parse)
         if len({stream for *_, stream in parsed}) > 1:
             raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
-        futures = state.submit("correct", [lambda r=r, o=o: models.engine.submit(r, o, gate=models.gate)
-                                           for r, o, _, _ in parsed])
+        streamed = parsed[0][3]
+        tokens = _Tokens(asyncio.get_running_loop(), models.engine.tokenizer, len(parsed)) if streamed else None
+        futures = state.submit("correct", [
+            lambda r=r, o=o, n=n: models.engine.submit(r, o, gate=models.gate,
+                                                       on_tokens=tokens.listener(n) if tokens else None)
+            for n, (r, o, _, _) in enumerate(parsed)])
         timeouts = [timeout for _, _, timeout, _ in parsed]
 
         def record(result: Correction) -> dict:
             state.metrics.corrected(result)
             return correction_record(result)
 
-        if parsed[0][3]:
-            return StreamingResponse(_stream(state, futures, timeouts, many, record), media_type="text/event-stream",
+        if streamed:
+            return StreamingResponse(_stream(state, futures, timeouts, many, record, tokens),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         records = [record(r) for r in await _all(futures, timeouts, many)]
         return _JSON(records if many else records[0])
