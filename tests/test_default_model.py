@@ -58,12 +58,24 @@ def test_the_default_corrector_beats_first_and_consensus_candidates():
     items = read_items(SPLITS / "test.jsonl")[0][:300]
     report = evaluate(Corrector.load(), items)
     systems = report["systems"]
-    # Measured when shipped (first 300 test requests): 71.67 / 96.88 against the consensus
-    # candidate's 59.33 / 96.07 and the first's 52.00 / 95.01 (exact match / chrF); 19 fallbacks.
     for baseline in ("first candidate", "consensus candidate"):
         for metric in ("exact_match", "chrf"):
             assert systems["corrector"][metric] > systems[baseline][metric], (baseline, metric)
-    assert 0 < report["fallbacks"] < 0.2 * len(items)
+    # The fallback replaces strayed outputs and those the candidates' edit vote outvotes: about a
+    # quarter on this split.
+    assert 0 < report["fallbacks"] < 0.35 * len(items)
+
+
+def test_the_readme_examples_come_out_right():
+    """Every first candidate of examples/requests.jsonl is right, and so must every output be; and the
+    README's Python example."""
+    corrector = Corrector.load()
+    requests = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+    outputs = corrector.correct_batch(requests)
+    assert [c.text for c in outputs] == [r["candidates"][0] for r in requests]
+    assert corrector.correct("She go to school every days.", [
+        "She goes to school every day.", "She goes to school every days.", "She go to school every day.",
+        "She goes to school every day.", "She goes to the school every day."]) == "She goes to school every day."
 
 def test_the_shipped_gate_is_small_and_passes_mostly_right_candidates():
     from lmcor.bench.quality import read_items
