@@ -68,7 +68,9 @@ def _transformers(model, tokenizer, prompts: list[str], batch_size: int, limit: 
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
             tokens += len(row)
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+            # Without transformers' clean-up (which drops the space in " .encode()"): the tokens' own text.
+            texts.append(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                         .split("\n")[0].strip())
     return texts, tokens
 
 
