@@ -147,7 +147,7 @@ def run(config: BenchConfig) -> dict:
         cache = config.cache / config.shape
         hf_dir = shape_checkpoint(config.shape, cache / "hf")
     vocab = AutoConfig.from_pretrained(hf_dir).vocab_size
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": config.threads, **machine_peak(config.threads)}
+    machine = {"cpu": cpu_model(), "threads": config.threads, **machine_peak(config.threads)}
     backends, info, skipped = load_backends(config, hf_dir, cache)
     if not backends:
         raise RuntimeError(f"no backend could run: {skipped}")
@@ -390,12 +390,13 @@ def _plot_title(report: dict) -> str:
     w, machine = report["workload"], report["machine"]
     workload = (f"{w['name']}: {w['requests']} requests x {w['rounds']} rounds, ~{w['mean_input_tokens']:.0f} input "
                 f"tokens, {'forced ' if w['forced'] else 'up to '}{w['new_tokens']} new tokens")
-    cpu = machine.get("cpu_model") or _cpu_model() or machine.get("cpu") or platform.machine()
+    cpu = machine.get("cpu_model") or machine.get("cpu") or cpu_model()
     cores = machine.get("cores") or os.cpu_count()
     return f"{workload}\n{cpu}, {cores} cores, {machine['threads']} threads per backend"
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str:
+    """This machine's CPU, for reports and plot titles."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -403,7 +404,7 @@ def _cpu_model() -> str | None:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return platform.processor() or platform.machine()
 
 
 def _spread(point) -> tuple[float, float | None, float | None]:

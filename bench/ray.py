@@ -27,6 +27,7 @@ from lmcor.runtime.corrector import Corrector
 
 from . import serve as serve_bench
 from .drafts import read_requests
+from .harness import cpu_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "recipes" / "splits" / "test.jsonl"
 SIZES = (1, 2)  # workers, replicas
@@ -110,7 +111,7 @@ def run(config: RayBenchConfig) -> dict:
             ray.shutdown()
     return {"data": str(config.data), "requests": config.requests, "batch_size": config.batch_size,
             "clients": config.clients, "seconds": config.seconds, "cluster_start_s": cluster_s,
-            "machine": {"cpu": serve_bench._cpu(), "cores": os.cpu_count(), "load_average": os.getloadavg()},
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg()},
             "batch": batch, "serving": serving}
 
 

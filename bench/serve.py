@@ -17,7 +17,6 @@ import http.client
 import itertools
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import LmcorError
 
 from .drafts import read_requests
+from .harness import cpu_model
 
 REQUEST_TIMEOUT_S = 300.0  # a client's wait for one answer; past it the request counts as lost
 START_TIMEOUT_S = 180.0
@@ -75,7 +75,7 @@ def run(config: ServeBenchConfig) -> dict:
     return {
         "data": str(config.data), "bundle": str(corrector.root), "requests": len(requests),
         "seconds": config.seconds, "batch_size": config.batch_size, "threads": config.threads,
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "offline": offline, "in_process_single": single, "servers": servers,
         "ratios": _ratios(offline, single, servers, config),
     }
@@ -223,17 +223,6 @@ def _ratios(offline: dict, single: dict, servers: dict, config: ServeBenchConfig
     if "1" in batched and batched["1"]["p50_ms"]:
         out["single_client_latency_vs_in_process"] = batched["1"]["p50_ms"] / single["p50_ms"]
     return out
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(report: dict) -> str:
