@@ -73,13 +73,15 @@ class RepeatBan {
   std::unordered_map<uint64_t, std::vector<int32_t>> next_;
 };
 
-// np.argmax, one element at a time: the first maximum; the first NaN where there is one.
-inline int64_t argmax_scalar(const float* x, int64_t n) {
+// np.argmax, one element at a time, of the values `at(j)` for j < n: the first maximum; the first
+// NaN where there is one.
+template <class At>
+inline int64_t argmax_scan(int64_t n, const At& at) {
   int64_t best = 0;
-  float top = x[0];
+  float top = at(0);
   if (std::isnan(top)) return 0;
   for (int64_t j = 1; j < n; ++j) {
-    float v = x[j];
+    float v = at(j);
     if (v > top) {
       top = v;
       best = j;
@@ -88,6 +90,10 @@ inline int64_t argmax_scalar(const float* x, int64_t n) {
     }
   }
   return best;
+}
+
+inline int64_t argmax_scalar(const float* x, int64_t n) {
+  return argmax_scan(n, [x](int64_t j) { return x[j]; });
 }
 
 // np.argmax, vectorized: each block's maximum (and whether it holds a NaN) in SIMD lanes, then the
@@ -119,20 +125,7 @@ inline int64_t argmax(const float* x, int64_t n) {
 
 // np.argmax of `x` with the tokens marked in `masked` read as -inf.
 inline int64_t argmax_masked(const float* x, int64_t n, const uint8_t* masked) {
-  const float neg = -INFINITY;
-  int64_t best = 0;
-  float top = masked[0] ? neg : x[0];
-  if (std::isnan(top)) return 0;
-  for (int64_t j = 1; j < n; ++j) {
-    float v = masked[j] ? neg : x[j];
-    if (v > top) {
-      top = v;
-      best = j;
-    } else if (std::isnan(v)) {
-      return j;
-    }
-  }
-  return best;
+  return argmax_scan(n, [x, masked](int64_t j) { return masked[j] ? -INFINITY : x[j]; });
 }
 
 struct Specials {
