@@ -74,22 +74,23 @@ def best_guess(text: str, source: str | None, candidates: Sequence[str]) -> int:
     agree with is the LLM's consensus, and where the candidates disagree among themselves (a weak
     LLM rewrites, drops clauses) it is often the source, which every candidate stays close to.
     """
-    voters = [*candidates, text]
-    pool = ([source] if source is not None else []) + voters[:-1]
-    if core.native is not None:
-        totals = [sum(core.native.chrf(item, voter) for voter in voters) for item in pool]
-    else:
-        grams = {t: char_ngrams(t) for t in (*pool, text)}
-        totals = [sum(chrf(grams[item], grams[voter]) for voter in voters) for item in pool]
+    pool = ([source] if source is not None else []) + list(candidates)
+    totals = _support(pool, [*candidates, text])
     return max(range(len(totals)), key=totals.__getitem__)
 
 
 def agreement(text: str, candidates: Sequence[str]) -> float:
     """The summed chrF of `text` to the candidates: how well the LLM's answers support it."""
+    return _support([text], candidates)[0]
+
+
+def _support(texts: Sequence[str], voters: Sequence[str]) -> list[float]:
+    """Each text's summed chrF to the voters (the compiled core's where built; in Python each
+    text's n-grams are counted once)."""
     if core.native is not None:
-        return sum(core.native.chrf(text, c) for c in candidates)
-    grams = char_ngrams(text)
-    return sum(chrf(grams, char_ngrams(c)) for c in candidates)
+        return [sum(core.native.chrf(text, voter) for voter in voters) for text in texts]
+    grams = {t: char_ngrams(t) for t in (*texts, *voters)}
+    return [sum(chrf(grams[text], grams[voter]) for voter in voters) for text in texts]
 
 
 def guard(correction: Correction, candidates: Sequence[str], below: float, *, source: str | None = None,
@@ -119,8 +120,10 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         text = (source if index == 0 else candidates[index - 1]) if source is not None else candidates[index]
     if source is not None and tuple(read) == tuple(candidates):
         voted = edit_vote(source, candidates)
-        if voted != text and agreement(voted, candidates) > agreement(text, candidates):
-            text = voted
+        if voted != text:
+            for_vote, for_text = _support([voted, text], candidates)
+            if for_vote > for_text:
+                text = voted
     if text == correction.text:
         return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)
