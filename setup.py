@@ -28,7 +28,7 @@ def _core_extension():
     # -fopenmp-simd: the argmax's max reduction in SIMD lanes (no OpenMP runtime).
     flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fopenmp-simd"]
     return [Pybind11Extension("lmcor._core", ["kernels/core/core.cpp"], depends=[
-        "kernels/core/chrf.hpp", "kernels/core/drafts.hpp", "kernels/core/step.hpp"],
+        "kernels/core/chrf.hpp", "kernels/core/drafts.hpp", "kernels/core/step.hpp", "kernels/core/vote.hpp"],
         cxx_std=17, extra_compile_args=flags, optional=True)]
 
 PACKAGES = {

@@ -20,17 +20,28 @@ native: ModuleType | None = None
 _warned = False
 
 
+# What the Python layer calls: a module built from older sources (updated without a rebuild) lacks some.
+NAMES = ("chrf", "nearest", "Drafts", "RepeatBan", "accept", "write_rows", "edit_vote")
+
+
 def built() -> ModuleType | None:
-    """The extension module, or None (with one warning per process) where it cannot be imported."""
+    """The extension module, or None (with one warning per process) where it cannot be imported or
+    was built from older sources."""
     global _warned
     try:
-        return importlib.import_module("lmcor._core")
+        module = importlib.import_module("lmcor._core")
     except ImportError as e:
-        if not _warned:
-            _warned = True
-            log.warning("lmcor's compiled core is not built (%s): the Python references run (slower, same "
-                        "results); reinstall lmcor with a C++17 compiler to build it", e)
-        return None
+        problem = f"is not built ({e})"
+    else:
+        missing = [name for name in NAMES if not hasattr(module, name)]
+        if not missing:
+            return module
+        problem = f"was built from older sources (it lacks {', '.join(missing)})"
+    if not _warned:
+        _warned = True
+        log.warning("lmcor's compiled core %s: the Python references run (slower, same results); reinstall "
+                    "lmcor with a C++17 compiler to build it (pip install -e . in a checkout)", problem)
+    return None
 
 
 def configure(enabled: bool | None = None) -> ModuleType | None:

@@ -142,7 +142,9 @@ class Corrector:
         "right" a probability of at least `gate_threshold`, that candidate is returned as it is
         (`gated=True`) and the corrector does not run for it.
         An output whose sentence chrF to its nearest candidate is below `fallback_below` lost its place
-        while copying and is replaced by that candidate (`fallback=True`, see `runtime.fallback`). A
+        while copying and is replaced by the best guess among the source and the candidates; and where
+        the candidates agree on edits to the source that the output lacks, their vote is returned if
+        they support it more (`fallback=True` for either; see `runtime.fallback`). A
         request longer than the model reads has its candidates cut (`truncated=True`); its drafts and
         its fallback compare only what the model read, and a fallback returns the candidate whole.
         With `errors="return"`, a bad request yields its `InputError` in its place and every other

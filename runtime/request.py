@@ -50,7 +50,8 @@ class CorrectionOptions:
     (same output, fewer decoder calls) where the bundle's decoder supports it. A gate passes a first
     candidate whose P(right) is at least `gate_threshold` (None: the gate's calibrated threshold, else
     0.5). An output whose chrF to its nearest candidate is below `fallback_below` (None: the bundle's
-    calibrated value; 0: never) is replaced by that candidate.
+    calibrated value; 0: never) is replaced by the best guess among source and candidates, and any
+    output by the candidates' edit vote where they support it more (`runtime.fallback.guard`).
     """
 
     max_new_tokens: int | None = None
@@ -108,7 +109,7 @@ class Correction:
     id: Any = None
     stats: RequestStats = field(default_factory=RequestStats)
     gated: bool = False  # the gate found the first candidate right: returned as it is, not decoded
-    fallback: bool = False  # the output strayed from every candidate: the nearest candidate instead
+    fallback: bool = False  # the fallback replaced the model's output (a best guess or the edit vote)
 
 
 def as_request(item: Any) -> Request:

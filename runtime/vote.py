@@ -13,11 +13,25 @@ import difflib
 from collections import Counter
 from collections.abc import Sequence
 
+from . import core
+
 NEED = 2  # candidates that must make an edit: a pair agreeing is rarely chance; one is a guess
 
 
 def edit_vote(source: str, candidates: Sequence[str], need: int = NEED) -> str:
-    """The source with every edit that at least `need` of the candidates make to it."""
+    """The source with every edit that at least `need` of the candidates make to it (the compiled
+    core's where built: the words numbered in their sorted order, so that ties break alike)."""
+    if core.native is None:
+        return _edit_vote_reference(source, candidates, need)
+    words, theirs = source.split(), [candidate.split() for candidate in candidates]
+    vocabulary = sorted({*words, *(word for t in theirs for word in t)})
+    number = {word: n for n, word in enumerate(vocabulary)}
+    voted = core.native.edit_vote([number[w] for w in words], [[number[w] for w in t] for t in theirs], need)
+    return " ".join(vocabulary[n] for n in voted)
+
+
+def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEED) -> str:
+    """`edit_vote` in Python, with difflib's alignment: the compiled core's reference."""
     words = source.split()
     edits: Counter[tuple[int, int, tuple[str, ...]]] = Counter()
     for candidate in candidates:

@@ -6,6 +6,7 @@ the same outputs with the core on and off (`LMCOR_CORE=0`)."""
 import json
 import logging
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from lmcor.runtime.fallback import _nearest_reference, char_ngrams, chrf, neares
 from lmcor.runtime.request import as_request
 from lmcor.runtime.sequence import Sequence, repeat_ban
 from lmcor.runtime.tokens import encode_requests
+from lmcor.runtime.vote import _edit_vote_reference, edit_vote
 
 from lmcor import Corrector
 
@@ -103,6 +105,25 @@ def test_nearest_dispatches_to_the_core_and_keeps_its_shortcut(monkeypatch):
     assert nearest(" ", [" ", "x"]) == _nearest_reference(" ", [" ", "x"])
     with pytest.raises(ValueError):
         nearest("a", [])
+
+
+@needs_core
+def test_edit_vote_equals_the_reference(monkeypatch):
+    """difflib's alignment (longest matches, earliest first) and the vote's tie-breaks, on real requests
+    and on texts of a few repeated words, where matches tie most."""
+    monkeypatch.setattr(core, "native", NATIVE)
+    rng = np.random.default_rng(3)
+    cases = [(r.source, list(r.candidates)) for r in _real_requests(400)]
+    words = ["a", "b", "c", "a.", "B", "é", "😀", "ab"]
+    for _ in range(1500):
+        source = " ".join(rng.choice(words, size=int(rng.integers(0, 12))))
+        cases.append((source, [_edited(rng, source) if rng.random() < 0.7 else " ".join(rng.choice(words, size=5))
+                               for _ in range(int(rng.integers(1, 6)))]))
+    cases += [("", ["a b", "a b"]), ("a b", ["", ""]), ("a\xa0b \u3000 c", ["a b c", "a  b  c", "x"])]
+    for source, candidates in cases:
+        for need in (1, 2, 3):
+            assert edit_vote(source, candidates, need) == _edit_vote_reference(source, candidates, need), (
+                source, candidates, need)
 
 
 @needs_core
@@ -302,6 +323,21 @@ def test_a_missing_core_is_reported_once(monkeypatch, caplog):
         assert core.built() is None
     assert sum("compiled core is not built" in r.getMessage() for r in caplog.records) == 1
     assert not Drafts([np.array([3, 4])], 1).compiled  # the references run
+
+
+def test_a_core_built_from_older_sources_is_not_used(monkeypatch, caplog):
+    """Sources updated without a rebuild: a module lacking a function the Python layer calls would fail
+    mid-request; the references run instead, and lmcor says what to do."""
+    stale = types.ModuleType("lmcor._core")
+    stale.chrf = stale.nearest = lambda *args: None
+    monkeypatch.setitem(sys.modules, "lmcor._core", stale)
+    monkeypatch.setattr(core, "_warned", False)
+    monkeypatch.setattr(core, "native", core.native)
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        assert core.configure(True) is None
+        assert edit_vote("a b", ["a c", "a c"]) == "a c"
+    (message,) = [r.getMessage() for r in caplog.records if "compiled core" in r.getMessage()]
+    assert "older sources" in message and "edit_vote" in message and "pip install -e ." in message
 
 
 @needs_core

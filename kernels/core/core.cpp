@@ -14,6 +14,7 @@
 #include "chrf.hpp"
 #include "drafts.hpp"
 #include "step.hpp"
+#include "vote.hpp"
 
 namespace py = pybind11;
 using lmcor::CharGrams;
@@ -225,5 +226,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("accept", &accept, py::arg("logits"), py::arg("ids"), py::arg("drafted"), py::arg("written"), py::arg("least"),
         py::arg("most"), py::arg("done"), py::arg("bans"), py::arg("eos"), py::arg("forced_bos"), py::arg("forced_eos"),
         py::arg("accepted"), py::arg("next"));
+  m.def("edit_vote", &lmcor::edit_vote, py::arg("source"), py::arg("candidates"), py::arg("need"),
+        "The source's word ids with every edit that at least `need` candidates make (vote.edit_vote's reference); "
+        "ids must number the words in their sorted order.");
   m.def("write_rows", &write_rows, py::arg("caches"), py::arg("presents"), py::arg("lengths"), py::arg("first"));
 }

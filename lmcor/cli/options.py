@@ -94,8 +94,10 @@ def add_correction(parser: argparse.ArgumentParser) -> None:
                         "that candidate; put it after the input file")
     parser.add_argument("--gate-threshold", type=finite_float, help="probability of 'right' needed to skip (default: "
                         "the threshold calibrated into the gate's bundle, else 0.5)")
-    parser.add_argument("--fallback-below", type=finite_float, help="return the nearest candidate instead of an output "
-                        "less similar than this to every candidate (chrF 0-100; default: the bundle's calibrated value; 0: off)")
+    parser.add_argument("--fallback-below", type=finite_float, help="an output less similar than this to every "
+                        "candidate is replaced by the best guess among source and candidates, and any output by the "
+                        "candidates' edit vote where they support it more (chrF 0-100; default: the bundle's calibrated "
+                        "value; 0: the model's output as it is)")
     add_runtime(parser)
 
 
