@@ -97,17 +97,17 @@ def encode_requests(
     return out
 
 
-def _tokens_in(encoding: Encoding, spans: list[tuple[int, int]]) -> list[list[int]]:
+def _tokens_in(encoding: Encoding, spans: list[tuple[int, int]]) -> list[np.ndarray]:
     """For each character span, the indices of the tokens that overlap it (special tokens and empty
     pieces left out; a token over two spans counts for the first)."""
-    inside: list[list[int]] = [[] for _ in spans]
-    for index, ((start, end), special) in enumerate(zip(encoding.offsets, encoding.special_tokens_mask)):
-        if special or end <= start:
-            continue
-        for s, (s_start, s_end) in enumerate(spans):
-            if start < s_end and end > s_start:
-                inside[s].append(index)
-                break
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = offsets[:, 0], offsets[:, 1]
+    free = (np.asarray(encoding.special_tokens_mask) == 0) & (end > start)
+    inside = []
+    for s_start, s_end in spans:
+        hit = free & (start < s_end) & (end > s_start)
+        inside.append(np.flatnonzero(hit))
+        free &= ~hit
     return inside
 
 
@@ -115,14 +115,14 @@ def _references(encoding: Encoding, text: str, spans: list[tuple[int, int]]) -> 
     # A space before a span belongs to its first word ("▁word", or a lone "▁" piece before it), as it
     # does when the text is tokenized alone, which is how outputs are tokenized.
     spans = [(start - 1 if start and text[start - 1].isspace() else start, end) for start, end in spans]
-    ids = encoding.ids
-    return tuple(np.asarray([ids[i] for i in tokens], dtype=np.int64) for tokens in _tokens_in(encoding, spans))
+    ids = np.asarray(encoding.ids, dtype=np.int64)
+    return tuple(ids[tokens] for tokens in _tokens_in(encoding, spans))
 
 
 def _candidate_token_ends(encoding: Encoding, spans: list[tuple[int, int]]) -> list[list[int]]:
     """For each candidate, the end character offset (within the candidate) of each of its tokens."""
-    offsets = encoding.offsets
-    return [[min(offsets[i][1], c_end) - c_start for i in tokens]
+    ends = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)[:, 1]
+    return [(np.minimum(ends[tokens], c_end) - c_start).tolist()
             for (c_start, c_end), tokens in zip(spans, _tokens_in(encoding, spans))]
 
 
