@@ -4,6 +4,11 @@ optimum's exporter writes one graph with past keys/values (an empty past for the
 runtime feeds explicit position ids and an attention mask, so prompts of different lengths share
 a batch and a shared prefix's cache can be reused; validation requires greedy tokens identical to
 transformers' `generate`, alone and in a batch of different lengths.
+
+`precision="fp16"` or `"bf16"` runs the matrix products in half precision (`half.py`; norms,
+softmax, residuals and the graph's inputs and outputs stay fp32), validated against PyTorch fp32
+within the precision's tolerances: each prompt's next-token logits, and greedy tokens identical on
+enough of the prompts. bf16 runs on CUDA only; without a GPU its graph is checked structurally.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from lmcor.runtime.bundle import DecoderShape, Manifest, SpecialTokens, write_manifest
 from lmcor.runtime.errors import ExportError
@@ -24,9 +31,14 @@ from .checkpoint import (
     staged_export,
     versions,
 )
+from .half import to_half
 
 MODEL_FILE = "model.onnx"
 SAMPLE_PROMPTS = ("Correct the sentence: she go to school", "def add(a, b):", "The capital of France is", "a")
+# Half precision is judged on more prompts: a near tie may flip one of them.
+HALF_PROMPTS = SAMPLE_PROMPTS + ("Translate to French: good morning", "1, 2, 3, 4,", "Once upon a time",
+                                 "Q: What is the boiling point of water?\nA:", "import numpy as np\n", "Dear Sir,")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def _shape(config) -> DecoderShape:
@@ -39,8 +51,12 @@ def _shape(config) -> DecoderShape:
 
 
 def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_tokens: int | None = None,
-                     max_output_tokens: int = 256, opset: int | None = None, overwrite: bool = False) -> Manifest:
-    """Export a Hugging Face `AutoModelForCausalLM` checkpoint folder to `out_dir`."""
+                     max_output_tokens: int = 256, opset: int | None = None, precision: str = "fp32",
+                     overwrite: bool = False) -> Manifest:
+    """Export a Hugging Face `AutoModelForCausalLM` checkpoint folder to `out_dir`, its matrix products
+    in `precision` (see the module's docstring)."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"a causal LM's precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForCausalLM", overwrite=overwrite)
     config = model.config
@@ -51,19 +67,26 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
     with staged_export(model_dir, out_dir, "text-generation-with-past", opset) as (raw, staged):
-        for file in raw.glob(f"{MODEL_FILE}*"):
-            shutil.copy(file, staged / file.name)
+        if precision == "fp32":
+            for file in raw.glob(f"{MODEL_FILE}*"):
+                shutil.copy(file, staged / file.name)
+        else:
+            with stage(model_dir, f"conversion to {precision}"):
+                converted = to_half(raw / MODEL_FILE, staged / MODEL_FILE, precision)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="causal-lm", architecture=config.model_type,
-            max_input_tokens=max_input_tokens or default_max_input_tokens(config, tokenizer), precision="fp32",
+            max_input_tokens=max_input_tokens or default_max_input_tokens(config, tokenizer), precision=precision,
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
             special_tokens=SpecialTokens(pad=int(pad), eos=int(eos), decoder_start=int(bos)), decoder=_shape(config),
             max_output_tokens=max_output_tokens, exporter=versions(),
         )
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):
-            validation = _validate(model, staged)
+            if precision == "fp32":
+                validation = _validate(model, staged)
+            else:
+                validation = {**_validate_half(model, staged, precision), "half_matmuls": converted.half_nodes}
         manifest = dataclasses.replace(manifest, validation=validation)
         write_manifest(staged, manifest)
     return manifest
@@ -87,3 +110,48 @@ def _validate(model, bundle: Path, max_new_tokens: int = 12) -> dict:
             raise ExportError(f"validation failed: greedy tokens differ from PyTorch on sample {n} "
                               f"(PyTorch {reference[:12]}, ONNX {ours.token_ids[:12]})")
     return {"samples": len(SAMPLE_PROMPTS), "greedy_tokens_identical": True, "batched": True}
+
+
+def _validate_half(model, bundle: Path, precision: str) -> dict:
+    """A half-precision bundle against the PyTorch fp32 `model`: each prompt's next-token logits within
+    the precision's tolerance, and greedy tokens identical on at least its share of the prompts. A bf16
+    graph without CUDA gets the structural checks only."""
+    import torch
+    from lmcor.runtime.generator import Generator
+    from lmcor.runtime.sessions import cuda_device_count
+
+    from .validate import HALF_MIN_AGREEMENT, HALF_TOLERANCES, check_half_graphs
+
+    if precision == "bf16" and not cuda_device_count():
+        return {"validated_on": "not run: bf16 runs on CUDA only and this machine has no GPU",
+                **check_half_graphs(bundle, [MODEL_FILE], precision)}
+    providers = ["CUDAExecutionProvider"] if precision == "bf16" else ["CPUExecutionProvider"]
+    generator = Generator.load(bundle, providers=providers)
+    special = generator.manifest.special_tokens
+    worst = largest = 0.0
+    identical = 0
+    for prompt in HALF_PROMPTS:
+        ids = generator.encode(prompt)
+        with torch.no_grad():
+            theirs = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
+        ours = generator.next_logits(ids)
+        worst, largest = max(worst, float(np.abs(ours - theirs).max())), max(largest, float(np.abs(theirs).max()))
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=12, do_sample=False, num_beams=1, eos_token_id=special.eos,
+                                 pad_token_id=special.pad)
+        reference = out[0, len(ids):].tolist()
+        reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
+        identical += generator.generate_batch([prompt], max_new_tokens=12)[0].token_ids == reference
+    atol, rtol = HALF_TOLERANCES[precision]
+    tolerance = atol + rtol * largest
+    agreement, least = identical / len(HALF_PROMPTS), HALF_MIN_AGREEMENT[precision]
+    if worst > tolerance:
+        raise ExportError(f"validation of the {precision} graph failed: max |logit diff| {worst:.3g} exceeds the "
+                          f"{precision} tolerance {tolerance:.3g} ({atol:g} + {rtol:g} x max |logit| {largest:.3g})")
+    if agreement < least:
+        raise ExportError(f"validation of the {precision} graph failed: greedy tokens identical to PyTorch fp32 on "
+                          f"{agreement:.0%} of the prompts (at least {least:.0%} needed)")
+    return {"samples": len(HALF_PROMPTS), "max_abs_logit_diff": worst, "tolerance": tolerance,
+            "greedy_token_agreement": agreement, "min_agreement": least,
+            "validated_on": "cuda" if precision == "bf16" else "cpu"}

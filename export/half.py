@@ -34,6 +34,7 @@ _MOVEMENT = {"Reshape", "Transpose", "Concat", "Unsqueeze", "Squeeze", "Identity
 # DenseReluDense/wo/MatMul", "/DenseReluDense/wo_1/MatMul").
 T5_FP32_MATMULS = re.compile(r"/DenseReluDense/wo(_\d+)?/MatMul(_\d+)?$")
 _SUFFIX = "_lmcor_half"
+_EXTERNAL_FROM = 1 << 30  # bytes of weights
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ def to_half(source: Path, target: Path, precision: str, *, keep: re.Pattern | No
     `precision` ("fp16" or "bf16"), except those whose node name `keep` matches."""
     model = onnx.load(str(source))
     report = convert(model, HALF_TYPES[precision], keep=keep)
-    onnx.save(model, str(target))
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    # A protobuf holds at most 2 GiB: the weights of a larger model go to one file beside the graph.
+    external = {"save_as_external_data": True, "all_tensors_to_one_file": True,
+                "location": f"{target.name}.data"} if weights > _EXTERNAL_FROM else {}
+    onnx.save(model, str(target), **external)
     return report
 
 

@@ -72,6 +72,12 @@ class Generator:
         """Token ids of a prompt, as the checkpoint's tokenizer writes them (its BOS included)."""
         return self.tokenizer.encode(text).ids
 
+    def next_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The model's logits (fp32, one per vocabulary entry) for the token after `ids`, run alone."""
+        row = np.asarray([ids], dtype=np.int64)
+        logits, _ = self._run(row, np.ones_like(row), np.arange(row.shape[1])[None], self._empty(1))
+        return logits[0, -1]
+
     def prefix(self, text: str) -> Prefix:
         """Run a shared prefix once; pass the result as `prefix=` to reuse it."""
         _check_prompt("text (the prefix)", text)

@@ -270,3 +270,35 @@ def test_drafts_give_the_same_tokens_in_fewer_calls(bundle):
                                                                            drafts=drafts)], calls["n"])
     assert results[True][0] == results[False][0]
     assert results[True][1] < results[False][1]
+
+
+def test_causal_lm_fp16_export_runs_on_cpu_within_its_tolerance(checkpoint, bundle, tmp_path, capsys):
+    """fp16 through the CLI: half-precision matrix products, fp32 inputs and outputs, validated against
+    PyTorch fp32 (logits and greedy tokens) and recorded in the manifest; it generates as the fp32 bundle
+    does on prompts it was not validated on, within the recorded agreement."""
+    import onnx
+    from lmcor.runtime.bundle import load_manifest
+    from onnx import TensorProto
+
+    out = tmp_path / "fp16"
+    assert main(["export", str(checkpoint), str(out), "--kind", "causal-lm", "--precision", "fp16",
+                 "--max-output-tokens", "16"]) == 0
+    assert "causal LM fp16" in capsys.readouterr().err
+    manifest = load_manifest(out, kind="causal-lm")
+    v = manifest.validation
+    assert manifest.precision == "fp16" and v["validated_on"] == "cpu" and v["half_matmuls"] > 0
+    assert v["max_abs_logit_diff"] <= v["tolerance"] and v["greedy_token_agreement"] >= v["min_agreement"]
+    graph = onnx.load(str(out / manifest.files["model"])).graph
+    assert all(value.type.tensor_type.elem_type == TensorProto.FLOAT for value in (*graph.input, *graph.output)
+               if value.name != "input_ids" and "mask" not in value.name and "position" not in value.name)
+    assert any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer)
+    half, full = Generator.load(out), Generator.load(bundle)
+    same = [a.token_ids == b.token_ids for a, b in zip(half.generate_batch(PROMPTS, max_new_tokens=8),
+                                                       full.generate_batch(PROMPTS, max_new_tokens=8))]
+    assert sum(same) >= v["min_agreement"] * len(PROMPTS)
+
+
+def test_causal_lm_export_refuses_int8(checkpoint, tmp_path, capsys):
+    assert main(["export", str(checkpoint), str(tmp_path / "q"), "--kind", "causal-lm", "--precision", "int8"]) == 2
+    assert "precision must be one of fp32, fp16, bf16" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=options.positive_int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--atol", type=options.finite_float, default=1e-3, help="absolute logit tolerance of the validation (default: %(default)s)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
-                        help="int8: int8 weights (correctors: activations quantized per row); fp16/bf16 (correctors): "
+                        help="int8 (correctors, classifiers): int8 weights (correctors: activations quantized per row); fp16/bf16 "
+                        "(correctors, causal LMs): "
                         "half-precision weights and matrix products for GPUs, the rest fp32 (bf16 runs on CUDA only); "
                         "all three validated within tolerances and reported rather than exact")
     parser.add_argument("--packed-encoder", action="store_true",
@@ -37,9 +38,18 @@ def run(args: argparse.Namespace) -> int:
         from lmcor.export.causal_lm import export_causal_lm
 
         manifest = export_causal_lm(args.model_dir, args.out_dir, max_input_tokens=args.max_input_tokens,
-                                    max_output_tokens=args.max_output_tokens, opset=args.opset, overwrite=args.force)
-        print(f"wrote {args.out_dir}: {manifest.architecture} causal LM, opset {manifest.opset}; greedy tokens identical "
-              f"to transformers on {manifest.validation['samples']} prompts, alone and batched", file=sys.stderr)
+                                    max_output_tokens=args.max_output_tokens, opset=args.opset,
+                                    precision=args.precision, overwrite=args.force)
+        v = manifest.validation
+        if manifest.precision == "fp32":
+            checked = f"greedy tokens identical to transformers on {v['samples']} prompts, alone and batched"
+        elif v["validated_on"].startswith("not run"):
+            checked = f"graph checked structurally only ({v['validated_on']}: validate on a GPU machine by exporting there)"
+        else:
+            checked = (f"next-token logits within {v['tolerance']:.2g} of PyTorch fp32 and greedy tokens identical on "
+                       f"{v['greedy_token_agreement']:.0%} of {v['samples']} prompts, on {v['validated_on']}")
+        print(f"wrote {args.out_dir}: {manifest.architecture} causal LM {manifest.precision}, opset {manifest.opset}; "
+              f"{checked}", file=sys.stderr)
         return 0
     if args.kind == "classifier":
         from lmcor.export.classifier import export_classifier
