@@ -1,7 +1,9 @@
 """The host work around ONNX Runtime, compiled core vs Python references (`lmcor bench --host`).
 
 Both implementations run on one loaded corrector, interleaved request by request (batch 1) and pass by
-pass (batch `batch_size`), so machine noise hits both alike. Every ONNX Runtime call is timed (the
+pass (batch `batch_size`), so machine noise hits both alike; so does a third mode, the core with the
+ragged decoder's caches kept as device tensors (`resident.ResidentDecoder`, the CUDA layout) on this
+device, which shows what that layout costs or gains here. Every ONNX Runtime call is timed (the
 encoder, the cross-attention keys/values, the decoder steps); what a request spends outside them is
 its host time: parsing, tokenizing, drafting, the logits processors and acceptance, cache
 bookkeeping, detokenizing, the fallback. Reported per mode: batch-1 host time per request (median
@@ -14,6 +16,7 @@ needed). Outputs must be identical between the modes.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from lmcor.runtime.errors import InputError
 
 from .drafts import read_requests
 
-MODES = {"core": True, "references": False}
+MODES = {"core": (True, "host"), "references": (False, "host"), "device caches": (True, "device")}  # core, caches
 _ROLES = ("encoder", "cross", "decoder")
 
 
@@ -123,20 +126,29 @@ def run(config: HostConfig) -> dict:
     if core.built() is None:
         raise InputError("lmcor's compiled core is not built: nothing to compare (reinstall lmcor with a C++17 compiler)")
     requests = read_requests(config.data, config.requests)
-    previous = core.native
+    previous, caches = core.native, os.environ.get("LMCOR_CACHES")
     clock = OrtClock(corrector)
     try:
         return _measure(corrector, requests, config, clock)
     finally:
         clock.close()
         core.native = previous
+        os.environ.pop("LMCOR_CACHES", None)
+        if caches is not None:
+            os.environ["LMCOR_CACHES"] = caches
+
+
+def _mode(name: str) -> None:
+    enabled, caches = MODES[name]
+    core.configure(enabled)
+    os.environ["LMCOR_CACHES"] = caches  # read by each decoding job the corrector opens
 
 
 def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: OrtClock) -> dict:
     from .harness import machine_peak
 
-    for enabled in MODES.values():  # warm-up: first-run allocations
-        core.configure(enabled)
+    for name in MODES:  # warm-up: first-run allocations
+        _mode(name)
         corrector.correct_batch(requests[:4], batch_size=1)
     host = {name: [] for name in MODES}
     host_cpu = {name: [] for name in MODES}
@@ -144,7 +156,7 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
     outputs: dict[str, list] = {name: [] for name in MODES}
     for n, request in enumerate(requests):
         for name in (list(MODES) if n % 2 == 0 else list(MODES)[::-1]):
-            core.configure(MODES[name])
+            _mode(name)
             ort_before, cpu_before, stats_before = dict(clock.seconds), clock.cpu, corrector.engine.stats
             started, cpu = time.perf_counter(), time.thread_time()
             (result,) = corrector.correct_batch([request], batch_size=1)
@@ -159,7 +171,7 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
     padding = {name: [] for name in MODES}
     for r in range(config.rounds):
         for name in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
-            core.configure(MODES[name])
+            _mode(name)
             ort_before, fed_before, stats_before = dict(clock.seconds), clock.fed, corrector.engine.stats
             started = time.perf_counter()
             corrector.correct_batch(requests, batch_size=config.batch_size)
@@ -170,7 +182,8 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
             spent["host"] = elapsed - sum(spent.values())
             split[name].append({k: 1e3 * v / len(requests) for k, v in spent.items()})
             needed = used.rows + used.drafted_tokens  # each row's last token and its own draft, per call
-            padding[name].append(1 - needed / max(1, clock.fed - fed_before))
+            fed = clock.fed - fed_before  # counted where the decoder is fed arrays (not bound in place)
+            padding[name].append(1 - needed / fed if fed else None)
     inputs = [len(x.ids) for x in _inputs(corrector, requests)]
     outputs_mean = statistics.mean(len(r.token_ids) for r in outputs["core"])
     flops = statistics.mean(flops_per_request(corrector, n, outputs_mean) for n in inputs)
@@ -187,9 +200,10 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
             "throughput_rps": rps,
             "vs_flop_bound": rps / bound,
             "batch_ms_per_request": {k: statistics.median(s[k] for s in split[name]) for k in split[name][0]},
-            "decoder_padding": statistics.median(padding[name]),
+            "decoder_padding": None if None in padding[name] else statistics.median(padding[name]),
         }
-    identical = sum((a.text, a.token_ids) == (b.text, b.token_ids) for a, b in zip(outputs["core"], outputs["references"]))
+    identical = sum(all((a.text, a.token_ids) == (b.text, b.token_ids) for b in others)
+                    for a, *others in zip(outputs["core"], *(outputs[n] for n in MODES if n != "core")))
     return {
         "bundle": str(corrector.root),
         "data": str(config.data),
@@ -204,7 +218,8 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
         "modes": modes,
         "identical_outputs": identical,
         "ratios": {"batch1_host": modes["references"]["batch1_host_p50_ms"] / modes["core"]["batch1_host_p50_ms"],
-                   "throughput": modes["core"]["throughput_rps"] / modes["references"]["throughput_rps"]},
+                   "throughput": modes["core"]["throughput_rps"] / modes["references"]["throughput_rps"],
+                   "device_caches_throughput": modes["device caches"]["throughput_rps"] / modes["core"]["throughput_rps"]},
     }
 
 
@@ -227,16 +242,18 @@ def table(report: dict) -> str:
     head = (f"{report['requests']} requests, ~{report['mean_input_tokens']:.0f} input and "
             f"~{report['mean_output_tokens']:.0f} output tokens; machine {report['machine']['gemm_gflops']:.0f} GFLOP/s "
             f"fp32 GEMM; FLOP bound {bound['gflop_per_request']:.2f} GFLOP/request = {bound['requests_per_s']:.0f} req/s")
-    columns = (f"{'':<11} {'b1 host p50':>11} {'mean':>7} {'cpu p50':>8} {'loop p50':>9} {f'req/s @{b}':>10} "
+    columns = (f"{'':<13} {'b1 host p50':>11} {'mean':>7} {'cpu p50':>8} {'loop p50':>9} {f'req/s @{b}':>10} "
                f"{'of bound':>9} {'enc':>6} {'cross':>6} {'dec':>6} {'host':>6} {'pad':>5}  (ms/request at batch {b})")
     rows = [head, columns]
     for name, m in report["modes"].items():
         t = m["batch_ms_per_request"]
-        rows.append(f"{name:<11} {m['batch1_host_p50_ms']:>8.3f} ms {m['batch1_host_mean_ms']:>7.3f} {m['batch1_host_cpu_p50_ms']:>8.3f} "
+        pad = "-" if m["decoder_padding"] is None else f"{m['decoder_padding']:.0%}"
+        rows.append(f"{name:<13} {m['batch1_host_p50_ms']:>8.3f} ms {m['batch1_host_mean_ms']:>7.3f} {m['batch1_host_cpu_p50_ms']:>8.3f} "
                     f"{m['batch1_decode_loop_host_p50_ms']:>9.3f} {m['throughput_rps']:>10.1f} {m['vs_flop_bound']:>8.0%} "
                     f"{t['encoder']:>6.2f} {t['cross']:>6.2f} {t['decoder']:>6.2f} {t['host']:>6.2f} "
-                    f"{m['decoder_padding']:>5.0%}")
+                    f"{pad:>5}")
     r = report["ratios"]
-    rows.append(f"core vs references: batch-1 host time {r['batch1_host']:.2f}x lower, throughput {r['throughput']:.2f}x")
-    rows.append(f"identical outputs: {report['identical_outputs']} of {report['requests']}")
+    rows.append(f"core vs references: batch-1 host time {r['batch1_host']:.2f}x lower, throughput {r['throughput']:.2f}x; "
+                f"device caches vs host arrays: throughput {r['device_caches_throughput']:.2f}x")
+    rows.append(f"identical outputs (all modes): {report['identical_outputs']} of {report['requests']}")
     return "\n".join(rows)

@@ -27,6 +27,7 @@ scanned), and the ragged decoder's per-row cache writes. The Python beside each 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import onnxruntime as ort
 from . import core
 from .bundle import DecoderShape, Manifest, SpecialTokens
 from .drafts import Drafter
+from .errors import InputError
 from .sequence import Sequence, repeat_ban
 from .sessions import Sessions
 
@@ -168,8 +170,7 @@ class RaggedDecoder:
         n, (added, source) = self.rows, mask.shape
         if not n:  # the rows' own arrays become the buffers: an empty batch keeps no former rows' padding
             self._mask, self._keys_values = mask.copy(), list(cross)
-            self._cache = [np.zeros((added, self.shape.num_heads, 0, self.shape.head_dim), dtype=np.float32)
-                           for _ in self._own]
+            self._cache = [self._zeros((added, self.shape.num_heads, 0, self.shape.head_dim)) for _ in self._own]
             self.lengths = np.zeros(added, dtype=np.int64)
             self.rows = added
             return
@@ -235,13 +236,9 @@ class RaggedDecoder:
         for name, cache in zip(self._own, self._cache):
             # Rows that have cached nothing yet (they just joined) attend over no cache at all.
             feed[name] = cache[rows] if lengths.any() else cache[rows, :, :0]
-        logits, *presents = self.session.run(None, feed)
+        logits, presents = self._run(feed, (n, self.shape.num_heads, new, self.shape.head_dim))
         self.calls += 1
-        # Each row's new tokens go after its own cached ones.
-        if core.native is not None:
-            core.native.write_rows(self._cache, presents, lengths, first)
-        else:
-            _write_rows(self._cache, presents, lengths, first)
+        self._write(presents, lengths, first)  # each row's new tokens go after its own cached ones
         self.lengths[rows] += new
         self._last = new
         return logits
@@ -250,6 +247,22 @@ class RaggedDecoder:
         """Keep the first `counts[r]` of the last step's tokens of its row r (counted from `first`);
         the rest are forgotten."""
         self.lengths[first : first + len(counts)] += counts - self._last
+
+    # Where the caches live: host arrays here, device tensors in `resident.ResidentDecoder`.
+
+    def _zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
+    def _run(self, feed: dict, present_shape: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The step graph on `feed`: logits, and the new tokens' keys/values of each layer."""
+        logits, *presents = self.session.run(None, feed)
+        return logits, presents
+
+    def _write(self, presents: list[np.ndarray], lengths: np.ndarray, first: int) -> None:
+        if core.native is not None:
+            core.native.write_rows(self._cache, presents, lengths, first)
+        else:
+            _write_rows(self._cache, presents, lengths, first)
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep self-attention caches of `rows` (beam search: beams stay within their item, whose
@@ -268,9 +281,9 @@ def _write_rows(caches: list[np.ndarray], presents: list[np.ndarray], lengths: n
             cache[row, :, start : start + new] = present[row - first]
 
 
-def _regrown(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Zeros of `shape` with `values` in their leading corner."""
-    out = np.zeros(shape, dtype=values.dtype)
+def _regrown(values, shape: tuple[int, ...]):
+    """Zeros of `shape` with `values` (an array or a device tensor) in their leading corner."""
+    out = np.zeros(shape, dtype=values.dtype) if isinstance(values, np.ndarray) else values.new_zeros(shape)
     out[tuple(slice(0, d) for d in values.shape)] = values
     return out
 
@@ -279,10 +292,27 @@ Decoder = MergedDecoder | RaggedDecoder
 
 
 def open_decoder(sessions: Sessions, manifest: Manifest) -> Decoder:
-    """A fresh decoding job over the bundle's decoder graph."""
-    if manifest.decoder_graph == "ragged":
-        return RaggedDecoder(sessions.decoder, sessions.cross, manifest.decoder)
-    return MergedDecoder(sessions.decoder, manifest.decoder, sessions.device)
+    """A fresh decoding job over the bundle's decoder graph. The ragged decoder keeps its caches on
+    the device on CUDA (`resident.ResidentDecoder`) and in host arrays on the CPU, where that layout
+    measured faster; `LMCOR_CACHES=host` or `device` chooses either anywhere."""
+    if manifest.decoder_graph != "ragged":
+        return MergedDecoder(sessions.decoder, manifest.decoder, sessions.device)
+    if cache_layout(sessions.device) == "device":
+        from .resident import ResidentDecoder
+
+        return ResidentDecoder(sessions.decoder, sessions.cross, manifest.decoder, sessions.device)
+    return RaggedDecoder(sessions.decoder, sessions.cross, manifest.decoder)
+
+
+def cache_layout(device: str) -> str:
+    """Where the ragged decoder's caches live: `LMCOR_CACHES` (host or device), else the device's own
+    memory on CUDA and host arrays on the CPU."""
+    chosen = os.environ.get("LMCOR_CACHES", "").strip().lower()
+    if chosen in ("host", "device"):
+        return chosen
+    if chosen:
+        raise InputError(f"LMCOR_CACHES must be host or device, got {chosen!r}")
+    return "device" if device == "cuda" else "host"
 
 
 @dataclass(frozen=True)
