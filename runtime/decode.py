@@ -27,6 +27,7 @@ scanned), and the ragged decoder's per-row cache writes. The Python beside each 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from .drafts import Drafter
 from .errors import InputError
 from .sequence import Sequence, repeat_ban
 from .sessions import Sessions
+
+log = logging.getLogger("lmcor")
 
 _NEG = np.float32(-1.0e9)  # Hugging Face's "never pick this" score, kept for identical arithmetic
 
@@ -306,13 +309,27 @@ def open_decoder(sessions: Sessions, manifest: Manifest) -> Decoder:
 
 def cache_layout(device: str) -> str:
     """Where the ragged decoder's caches live: `LMCOR_CACHES` (host or device), else the device's own
-    memory on CUDA and host arrays on the CPU."""
+    memory on CUDA (where PyTorch is installed: it allocates them) and host arrays on the CPU."""
+    global _warned_no_torch
     chosen = os.environ.get("LMCOR_CACHES", "").strip().lower()
     if chosen in ("host", "device"):
         return chosen
     if chosen:
         raise InputError(f"LMCOR_CACHES must be host or device, got {chosen!r}")
-    return "device" if device == "cuda" else "host"
+    if device != "cuda":
+        return "host"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if not _warned_no_torch:
+            _warned_no_torch = True
+            log.warning("the decoder's caches go through host memory at every step on CUDA: keeping them on the "
+                        "device needs PyTorch (pip install 'lmcor[kernels]')")
+        return "host"
+    return "device"
+
+
+_warned_no_torch = False
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,18 @@ def test_cache_layout_follows_the_device_and_the_variable(monkeypatch):
     monkeypatch.setenv("LMCOR_CACHES", "gpu")
     with pytest.raises(InputError, match="LMCOR_CACHES must be host or device"):
         cache_layout("cpu")
+
+
+def test_cuda_without_pytorch_keeps_the_caches_in_host_memory(monkeypatch, caplog):
+    """onnxruntime-gpu without PyTorch still decodes (the host layout), and says what it costs once."""
+    import logging
+    import sys
+
+    from lmcor.runtime import decode
+
+    monkeypatch.delenv("LMCOR_CACHES", raising=False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import fails
+    monkeypatch.setattr(decode, "_warned_no_torch", False)
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        assert cache_layout("cuda") == cache_layout("cuda") == "host"
+    assert sum("needs PyTorch" in r.getMessage() for r in caplog.records) == 1
