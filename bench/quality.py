@@ -118,6 +118,6 @@ def table(report: dict) -> str:
     if "gated" in report:
         rows.append(f"(the gate passed {report['gated']} of {report['items']} first candidates without correction)")
     if report.get("fallbacks"):
-        rows.append(f"({report['fallbacks']} of {report['items']} outputs replaced by the fallback: a best guess or the "
-                    "edit vote)")
+        rows.append(f"({report['fallbacks']} of {report['items']} outputs changed by the fallback: a best guess, the "
+                    "edit vote, or edits kept small)")
     return "\n".join(rows)

@@ -1,13 +1,15 @@
-"""Calibrate a corrector bundle's fallback threshold on the dev split and write it into the bundle.
+"""Calibrate a corrector bundle's fallback on the dev split and write it into the bundle.
 
     python -m lmcor.recipes.fallback BUNDLE [--dev recipes/splits/dev.jsonl --dev recipes/splits/llm-dev.jsonl]
 
-The corrector runs once over the dev requests without a fallback; then each threshold is scored
-as `Corrector.correct_batch(fallback_below=...)` would apply it (an output whose chrF to its
-nearest candidate is below the threshold is replaced by the best guess among the source and the
-candidates, and the candidates' voted edits replace a text they support more: `runtime.fallback.guard`). The threshold kept is
-the lowest whose dev chrF is within `--tolerance` of the best: as good as any, and replacing the
-fewest outputs. The bundle's `fallback_below` is then the default of `lmcor correct` and `eval`.
+The corrector runs once over the dev requests without a fallback; then each threshold and span is
+scored as `Corrector.correct_batch(fallback_below=..., fallback_span=...)` would apply them
+(`runtime.fallback.guard`: an output whose chrF to its nearest candidate is below the threshold is
+replaced by the best guess among the source and the candidates, the candidates' voted edits replace
+a text they support more, and the text keeps only its edits to the source of at most `span` words).
+The pair kept scores within `--tolerance` of the best on exact match + chrF, with the lowest
+threshold and then the largest span: as good as any, and changing the fewest outputs. The bundle's
+`fallback_below` and `fallback_span` are then the defaults of `lmcor correct` and `eval`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ log = logging.getLogger("lmcor.recipes")
 
 SPLITS = Path(__file__).parent / "splits"
 THRESHOLDS = (0, *range(50, 100))  # chrF; 0: never fall back
+SPANS = (0, 1, 2, 3, 4, 6)  # words; 0: any edit kept
 
 
-def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, list[dict]]:
-    """The fallback threshold for `corrector` on `items`, with the scores of every threshold tried."""
+def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, list[dict]]:
+    """The fallback threshold and largest kept edit (0: any) for `corrector` on `items`, with the scores
+    of every pair tried. Both are chosen on exact match + chrF: chrF alone would trade exact
+    corrections for character overlap."""
     from lmcor.bench.quality import score
     from lmcor.runtime.fallback import agreement, best_guess, nearest
-    from lmcor.runtime.vote import edit_vote
+    from lmcor.runtime.vote import edit_vote, minimal_edits
 
     outputs = [c.text for c in corrector.correct_batch([(i.source, i.candidates) for i in items], fallback_below=0)]
     # What `fallback.guard` weighs, computed once: each threshold then only picks among them.
@@ -54,26 +59,36 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, list[di
                 if vote != text and supported(vote, item) > supported(text, item):
                     text = vote
             chosen.append(text)
-        replaced = sum(c != o for c, o in zip(chosen, outputs))
-        tried.append({"threshold": threshold, "fell_back": replaced, **score(chosen, targets)})
-    best = max(t["chrf"] for t in tried)
-    return next(t["threshold"] for t in tried if t["chrf"] >= best - tolerance), tried
+        for span in SPANS if threshold else (0,):  # threshold 0: no guard at all
+            kept = [minimal_edits(item.source, text, span) for text, item in zip(chosen, items)] if span else chosen
+            replaced = sum(k != o for k, o in zip(kept, outputs))
+            tried.append({"threshold": threshold, "span": span, "fell_back": replaced, **score(kept, targets)})
+    best = max(_objective(t) for t in tried)
+    # As good as the best, and changing the fewest outputs: the lowest threshold, the largest span.
+    good = [t for t in tried if _objective(t) >= best - tolerance]
+    chosen = min(good, key=lambda t: (t["threshold"], -(t["span"] or float("inf"))))
+    return chosen["threshold"], chosen["span"], tried
+
+
+def _objective(scores: dict) -> float:
+    return scores["exact_match"] + scores["chrf"]
 
 
 def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.05) -> list[dict]:
-    """Calibrate `bundle` on the dev file(s) `dev`, write the threshold into its manifest, and return the
-    scores of every threshold tried (the chosen one first)."""
+    """Calibrate `bundle` on the dev file(s) `dev`, write the threshold and span into its manifest, and
+    return the scores of every pair tried (the chosen one first)."""
     from lmcor.bench.quality import read_items
     from lmcor.runtime.bundle import load_manifest, write_manifest
     from lmcor.runtime.corrector import Corrector
 
     items = [item for path in (dev if isinstance(dev, list) else [dev]) for item in read_items(path)[0]]
-    threshold, tried = calibrate(Corrector.load(bundle), items, tolerance)
-    write_manifest(bundle, dataclasses.replace(load_manifest(bundle), fallback_below=float(threshold)))
-    chosen = next(t for t in tried if t["threshold"] == threshold)
-    log.info("%s: fallback below chrF %d (dev: %.2f chrF, %.2f exact match, %d outputs replaced; without: %.2f / %.2f)",
-             bundle, threshold, chosen["chrf"], chosen["exact_match"], chosen["fell_back"], tried[0]["chrf"],
-             tried[0]["exact_match"])
+    threshold, span, tried = calibrate(Corrector.load(bundle), items, tolerance)
+    write_manifest(bundle, dataclasses.replace(load_manifest(bundle), fallback_below=float(threshold),
+                                               fallback_span=span or None))
+    chosen = next(t for t in tried if (t["threshold"], t["span"]) == (threshold, span))
+    log.info("%s: fallback below chrF %d, edits of at most %s words kept (dev: %.2f chrF, %.2f exact match, %d outputs "
+             "replaced; without: %.2f / %.2f)", bundle, threshold, span or "any", chosen["chrf"], chosen["exact_match"],
+             chosen["fell_back"], tried[0]["chrf"], tried[0]["exact_match"])
     return [chosen] + [t for t in tried if t is not chosen]
 
 
@@ -82,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle", type=Path, help="corrector bundle folder (its manifest is rewritten)")
     parser.add_argument("--dev", type=Path, action="append", help="dev data (repeatable; default: "
                         "recipes/splits/dev.jsonl and llm-dev.jsonl, synthetic and SmolLM2 candidates)")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="dev chrF points below the best that still count "
-                        "as the best (default: %(default)s)")
-    parser.add_argument("--report", type=Path, help="write every threshold's dev scores to this JSON file")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="dev points (exact match + chrF) below the best "
+                        "that still count as the best (default: %(default)s)")
+    parser.add_argument("--report", type=Path, help="write every threshold's and span's dev scores to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tried = calibrate_bundle(args.bundle, args.dev or [SPLITS / "dev.jsonl", SPLITS / "llm-dev.jsonl"], args.tolerance)

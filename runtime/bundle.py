@@ -85,9 +85,13 @@ class Manifest:
     max_output_tokens: int = 0
     decoder_graph: str = "merged"
     no_repeat_ngram_size: int = 0  # the checkpoint's generation default; 0: off
-    # an output less similar than this (chrF, 0-100) to every candidate is replaced by the nearest
-    # one (`runtime.fallback`; calibrated by `lmcor.recipes.fallback`); None: never
+    # an output less similar than this (chrF, 0-100) to every candidate is replaced by the best guess
+    # among source and candidates, any by the candidates' edit vote where they support it more
+    # (`runtime.fallback.guard`; calibrated by `lmcor.recipes.fallback`); None: never
     fallback_below: float | None = None
+    # and the text it returns keeps only its edits to the source of at most this many words
+    # (`runtime.vote.minimal_edits`, calibrated with `fallback_below`); None: any edit
+    fallback_span: int | None = None
     # classifiers: the label of each output, in order; for a gate, the probability of "right" at or
     # above which a candidate is passed (calibrated by `lmcor.recipes.gate`; None: 0.5)
     labels: tuple[str, ...] = ()
@@ -139,6 +143,8 @@ class Manifest:
             decoder_graph=graph,
             no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, default=0),
             fallback_below=top.number("fallback_below", 0, 100),
+            fallback_span=top.integer("fallback_span", 1, default=None) if top.get("fallback_span", None) is not None
+            else None,
             sha256=_sha256(top),
             validation=top.section("validation", default={}).data,
             exporter=top.section("exporter", default={}).data,

@@ -121,6 +121,7 @@ class Corrector:
         gate: Classifier | None = None,
         gate_threshold: float | None = None,
         fallback_below: float | None = None,
+        fallback_span: int | None = None,
         batch_size: int = 16,
         errors: Literal["raise", "return"] = "raise",
         progress: Callable[[int], None] | None = None,
@@ -144,7 +145,8 @@ class Corrector:
         An output whose sentence chrF to its nearest candidate is below `fallback_below` lost its place
         while copying and is replaced by the best guess among the source and the candidates; and where
         the candidates agree on edits to the source that the output lacks, their vote is returned if
-        they support it more (`fallback=True` for either; see `runtime.fallback`). A
+        they support it more (`fallback=True` for either; see `runtime.fallback`); the text returned
+        keeps only its edits to the source of at most `fallback_span` words. A
         request longer than the model reads has its candidates cut (`truncated=True`); its drafts and
         its fallback compare only what the model read, and a fallback returns the candidate whole.
         With `errors="return"`, a bad request yields its `InputError` in its place and every other
@@ -156,7 +158,7 @@ class Corrector:
         """
         options = _merged(options, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                           length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size, drafts=drafts,
-                          gate_threshold=gate_threshold, fallback_below=fallback_below)
+                          gate_threshold=gate_threshold, fallback_below=fallback_below, fallback_span=fallback_span)
         return self.engine.correct(items, options, gate=gate, batch_size=batch_size, errors=errors, progress=progress)
 
     def generate(

@@ -128,7 +128,7 @@ class Engine:
                     raise InputError(f"item {n}: {model_input}")
                 results[n] = model_input
             else:
-                sequences.append(self._sequence(search, model_input, self._below(options), request=request, index=n))
+                sequences.append(self._sequence(search, model_input, options, request=request, index=n))
         for finished in self._run(sequences, batch_size):
             for s, correction in zip(finished, self._finish(finished)):
                 results[s.index] = correction
@@ -142,7 +142,7 @@ class Engine:
         search = self.search(_options(options))
         check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         rows = check_items("input_ids", input_ids, "token id sequences")
-        sequences = [self._sequence(search, ModelInput(self._token_ids(n, ids), False), 0.0, index=n)
+        sequences = [self._sequence(search, ModelInput(self._token_ids(n, ids), False), None, index=n)
                      for n, ids in enumerate(rows)]
         results: list[Correction | None] = [None] * len(sequences)
         for finished in self._run(sequences, batch_size):
@@ -289,22 +289,27 @@ class Engine:
                 if isinstance(model_input, InputError):
                     _settle(submission.future, error=model_input)
                 else:
-                    sequences.append(self._sequence(search, model_input, self._below(submission.options),
+                    sequences.append(self._sequence(search, model_input, submission.options,
                                                     request=request, future=submission.future,
                                                     listener=submission.listener, queued=submission.queued))
         return sorted(sequences, key=lambda s: s.queued)
 
     # Stages shared by both modes.
 
-    def _sequence(self, search: Search, model_input: ModelInput, below: float, **where: Any) -> Sequence:
+    def _sequence(self, search: Search, model_input: ModelInput, options: CorrectionOptions | None,
+                  **where: Any) -> Sequence:
         special = self.manifest.special_tokens
         drafts = Drafts(model_input.references or (model_input.ids,), special.eos) if search.drafts else None
-        return Sequence(search, special.decoder_start, model_input=model_input, drafts=drafts, below=below, **where)
+        below, span = self._fallback(options) if options is not None else (0.0, 0)
+        return Sequence(search, special.decoder_start, model_input=model_input, drafts=drafts, below=below, span=span,
+                        **where)
 
-    def _below(self, options: CorrectionOptions) -> float:
-        """The fallback threshold: the options', else the bundle's calibrated one, else none (0)."""
+    def _fallback(self, options: CorrectionOptions) -> tuple[float, int]:
+        """The fallback threshold and largest kept edit: the options', else the bundle's calibrated
+        ones, else none (0)."""
         below = self.manifest.fallback_below if options.fallback_below is None else options.fallback_below
-        return below or 0.0
+        span = self.manifest.fallback_span if options.fallback_span is None else options.fallback_span
+        return below or 0.0, span or 0
 
     def _finish(self, finished: list[Sequence]) -> list[Correction]:
         """Retired sequences -> their corrections: text, own stats, and the fallback where it applies."""
@@ -317,7 +322,7 @@ class Engine:
             correction = s.correction(text, row)
             if s.below and s.request is not None:
                 correction = guard(correction, s.request.candidates, s.below, source=s.request.source,
-                                   seen=s.input.candidates)
+                                   seen=s.input.candidates, span=s.span)
             out.append(correction)
         return out
 

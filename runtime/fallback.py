@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from . import core
 from .request import Correction
-from .vote import edit_vote
+from .vote import edit_vote, minimal_edits
 
 CHAR_ORDER = 6
 BETA = 2.0
@@ -94,7 +94,7 @@ def _support(texts: Sequence[str], voters: Sequence[str]) -> list[float]:
 
 
 def guard(correction: Correction, candidates: Sequence[str], below: float, *, source: str | None = None,
-          seen: Sequence[str] | None = None) -> Correction:
+          seen: Sequence[str] | None = None, span: int = 0) -> Correction:
     """`correction`, checked against the candidates when `below` > 0 (chrF, 0-100; 0: the model's
     output as it is), and replaced (`fallback=True`) by:
 
@@ -102,7 +102,10 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
       similar than `below` to its nearest candidate: it strayed;
     - the candidates' voted edits to the source (`vote.edit_vote`), when the candidates support
       them more than the text chosen so far (`agreement`): where the LLM's answers agree on an edit,
-      a small model that missed it is outvoted.
+      a small model that missed it is outvoted;
+    - with `span` > 0, the text chosen so far kept to its edits of at most `span` words
+      (`vote.minimal_edits`): a weak LLM's candidates rewrite and drop clauses, and a corrector
+      that follows them, or loses its place, moves away from a source it should only edit.
 
     `seen`: the candidates as the model saw them, cut where its input was truncated. The output is
     compared with those: the model wrote from them, and text it never read would only lower every
@@ -124,6 +127,8 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
             for_vote, for_text = _support([voted, text], candidates)
             if for_vote > for_text:
                 text = voted
+    if source is not None and span:
+        text = minimal_edits(source, text, span)
     if text == correction.text:
         return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

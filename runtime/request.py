@@ -51,7 +51,9 @@ class CorrectionOptions:
     candidate whose P(right) is at least `gate_threshold` (None: the gate's calibrated threshold, else
     0.5). An output whose chrF to its nearest candidate is below `fallback_below` (None: the bundle's
     calibrated value; 0: never) is replaced by the best guess among source and candidates, and any
-    output by the candidates' edit vote where they support it more (`runtime.fallback.guard`).
+    output by the candidates' edit vote where they support it more (`runtime.fallback.guard`); the
+    text returned then keeps only its edits to the source of at most `fallback_span` words (None:
+    the bundle's calibrated value; 0: any edit).
     """
 
     max_new_tokens: int | None = None
@@ -62,6 +64,7 @@ class CorrectionOptions:
     drafts: bool = True
     gate_threshold: float | None = None
     fallback_below: float | None = None
+    fallback_span: int | None = None
 
     def __post_init__(self) -> None:
         most = None if self.max_new_tokens is None else check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -79,6 +82,7 @@ class CorrectionOptions:
                                else check_number("gate_threshold", self.gate_threshold, 0, 1, what="a probability")),
             "fallback_below": (None if self.fallback_below is None
                                else check_number("fallback_below", self.fallback_below, 0, 100, what="a chrF")),
+            "fallback_span": None if self.fallback_span is None else check_int("fallback_span", self.fallback_span, 0),
         }
         for name, value in checked.items():  # in the types the runtime uses (an np.int64 becomes an int)
             object.__setattr__(self, name, value)
@@ -109,7 +113,7 @@ class Correction:
     id: Any = None
     stats: RequestStats = field(default_factory=RequestStats)
     gated: bool = False  # the gate found the first candidate right: returned as it is, not decoded
-    fallback: bool = False  # the fallback replaced the model's output (a best guess or the edit vote)
+    fallback: bool = False  # the fallback changed the model's output (a best guess, the edit vote, edits kept small)
 
 
 def as_request(item: Any) -> Request:

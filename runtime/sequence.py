@@ -66,20 +66,21 @@ class Sequence:
 
     `index` is its place in an offline call's results, `future` an online caller's, `listener` (if any)
     is called with each decoder call's new tokens (EOS left out) as they are written; `request` is None
-    for inputs given as token ids; `below` is its fallback threshold (`fallback.guard`; 0: none).
+    for inputs given as token ids; `below` is its fallback threshold and `span` the largest edit the
+    fallback keeps (`fallback.guard`; 0: none).
     Times are `time.perf_counter()` readings.
     """
 
-    __slots__ = ("search", "below", "input", "request", "index", "future", "listener", "drafts", "ban", "tokens", "last",
+    __slots__ = ("search", "below", "span", "input", "request", "index", "future", "listener", "drafts", "ban", "tokens", "last",
                  "draft", "done", "drafted", "accepted", "calls", "queued", "admitted", "encoded", "first_token",
                  "finished")
 
     def __init__(self, search: Search, start: int, *, model_input: ModelInput | None = None,
                  request: Request | None = None, index: int = 0, future: Future | None = None,
                  listener: Callable[[list[int]], None] | None = None, drafts: Drafts | None = None,
-                 below: float = 0.0, queued: float | None = None):
+                 below: float = 0.0, span: int = 0, queued: float | None = None):
         self.search = search
-        self.below = below
+        self.below, self.span = below, span
         self.input = model_input
         self.request = request
         self.index = index

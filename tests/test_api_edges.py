@@ -31,6 +31,7 @@ BAD_CORRECTION = BAD_DECODING + [
     ("gate_threshold", math.nan), ("gate_threshold", 1.5), ("gate_threshold", -0.1), ("gate_threshold", "0.5"),
     ("fallback_below", math.nan), ("fallback_below", math.inf), ("fallback_below", -1), ("fallback_below", 101),
     ("fallback_below", "90"), ("fallback_below", True),
+    ("fallback_span", -1), ("fallback_span", 1.5), ("fallback_span", "2"), ("fallback_span", True),
     ("errors", "bogus"), ("errors", None), ("errors", "RAISE"),
     ("progress", 3), ("progress", "print"),
 ]

@@ -102,6 +102,8 @@ CORRECTOR_DEFECTS = {
     "fallback-nan": (_set(None, fallback_below=float("nan")), "fallback_below"),
     "fallback-200": (_set(None, fallback_below=200), "fallback_below"),
     "fallback-string": (_set(None, fallback_below="90"), "fallback_below"),
+    "fallback-span-0": (_set(None, fallback_span=0), "fallback_span"),
+    "fallback-span-float": (_set(None, fallback_span=2.5), "fallback_span"),
     "gate-threshold-2": (_set(None, gate_threshold=2), "gate_threshold"),
     "validation-not-dict": (_set(None, validation=[]), "validation"),
     # special tokens

@@ -13,7 +13,7 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle, write_manifest
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.fallback import best_guess, char_ngrams, chrf, guard, nearest
 from lmcor.runtime.request import Correction
-from lmcor.runtime.vote import edit_vote
+from lmcor.runtime.vote import edit_vote, minimal_edits
 
 from lmcor import Corrector
 from lmcor.cli import main
@@ -101,28 +101,59 @@ def test_cli_correct_and_eval_count_fallbacks(bundles, tmp_path, capsys):
     data.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in requests) + "\n")
     assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(tmp_path / "e.json"),
                  "--max-new-tokens", "8", "--fallback-below", "100"]) == 0
-    assert f"({fallbacks} of 5 outputs replaced by the fallback: a best guess or the edit vote)" in capsys.readouterr().out
+    assert f"({fallbacks} of 5 outputs changed by the fallback: a best guess, the edit vote, or edits kept small)" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["fallbacks"] == fallbacks
 
 
-def test_calibration_writes_the_lowest_threshold_as_good_as_the_best(bundles, tmp_path):
+def test_calibration_writes_the_lowest_threshold_and_largest_span_as_good_as_the_best(bundles, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(bundles["t5"], bundle)
     dev = tmp_path / "dev.jsonl"
     dev.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in make_requests(8, seed=9)) + "\n")
     tried = recipe.calibrate_bundle(bundle, dev)
     chosen = tried[0]
-    assert load_manifest(bundle).fallback_below == chosen["threshold"]
-    assert sorted(t["threshold"] for t in tried) == sorted(recipe.THRESHOLDS)
-    best = max(t["chrf"] for t in tried)
-    assert chosen["chrf"] >= best - 0.05
-    assert all(t["chrf"] < best - 0.05 for t in tried if t["threshold"] < chosen["threshold"])
+    manifest = load_manifest(bundle)
+    assert (manifest.fallback_below, manifest.fallback_span or 0) == (chosen["threshold"], chosen["span"])
+    assert len(tried) == 1 + (len(recipe.THRESHOLDS) - 1) * len(recipe.SPANS)
+    value = [t["exact_match"] + t["chrf"] for t in tried]
+    best = max(value)
+    assert value[0] >= best - 0.05
+    widest = float("inf")
+    assert all(v < best - 0.05 for t, v in zip(tried, value) if (t["threshold"], -(t["span"] or widest))
+               < (chosen["threshold"], -(chosen["span"] or widest)))
     assert chosen["threshold"] > 0 and chosen["fell_back"] > 0  # a random model's outputs are worth replacing
 
 
-def test_the_shipped_correctors_carry_a_calibrated_threshold():
+def test_the_shipped_correctors_carry_a_calibrated_fallback():
     for name in ("default", "default-int8"):
-        assert 50 <= load_manifest(shipped_bundle(name)).fallback_below < 100
+        manifest = load_manifest(shipped_bundle(name))
+        assert 50 <= manifest.fallback_below < 100 and manifest.fallback_span in (None, *recipe.SPANS[1:])
+
+
+def test_minimal_edits_keep_small_edits_and_the_source_elsewhere():
+    source = "If shear is not given : return the current shearfactor , i. e. the tangent"
+    assert minimal_edits(source, "If shearfactor , i. e. the tangent", 2) == source  # a skip: 7 words dropped
+    assert minimal_edits("she go to school every days", "She goes to school every day.", 2) == (
+        "She goes to school every day.")
+    assert minimal_edits("she go to school every days", "She goes to school every day.", 1) == (
+        "she go to school every day.")  # "she go" -> "She goes" is one edit of 2 words
+    assert minimal_edits("a b c", "x y z w", 3) == "a b c" and minimal_edits("a b c", "x y z w", 4) == "x y z w"
+    assert minimal_edits("", "a b", 2) == "a b" and minimal_edits("a b", "", 2) == ""
+
+
+def test_the_span_applies_to_whatever_the_guard_returns(bundles):
+    """Through `correct_batch`: every returned text is within the span of its source (and marked as
+    a fallback where that changed it); span 0 and a fallback of 0 leave the model's output."""
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(10, seed=3)
+    plain = corrector.correct_batch(requests, max_new_tokens=8, fallback_below=0, fallback_span=2)
+    assert [c.text for c in plain] == [c.text for c in corrector.correct_batch(requests, max_new_tokens=8,
+                                                                                 fallback_below=0)]
+    guarded = corrector.correct_batch(requests, max_new_tokens=8, fallback_below=100, fallback_span=1)
+    for c, r in zip(guarded, requests):
+        assert minimal_edits(r["source"], c.text, 1) == c.text
+    with pytest.raises(InputError, match="fallback_span"):
+        corrector.correct_batch(requests, fallback_span=-1)
 
 
 def test_best_guess_is_the_same_with_the_compiled_core_and_without():

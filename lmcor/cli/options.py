@@ -98,6 +98,8 @@ def add_correction(parser: argparse.ArgumentParser) -> None:
                         "candidate is replaced by the best guess among source and candidates, and any output by the "
                         "candidates' edit vote where they support it more (chrF 0-100; default: the bundle's calibrated "
                         "value; 0: the model's output as it is)")
+    parser.add_argument("--fallback-span", type=non_negative_int, help="the text returned keeps only its edits to the "
+                        "source of at most this many words (default: the bundle's calibrated value; 0: any edit)")
     add_runtime(parser)
 
 
@@ -109,7 +111,7 @@ def correction_options(args: argparse.Namespace, gate: Any) -> dict[str, Any]:
     options = CorrectionOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                 length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                                 drafts=not args.no_drafts, gate_threshold=args.gate_threshold,
-                                fallback_below=args.fallback_below)
+                                fallback_below=args.fallback_below, fallback_span=args.fallback_span)
     return dict(options=options, gate=gate, batch_size=args.batch_size)
 
 
