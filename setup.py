@@ -6,10 +6,12 @@ bench/ -> lmcor.bench, recipes/ -> lmcor.recipes, and lmcor/ holds the public AP
 (lmcor/cli) and the HTTP server (lmcor/server).
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
@@ -27,9 +29,14 @@ def _core_extension():
     # -ffp-contract=off: no fused multiply-adds, so that chrF's doubles equal the Python reference's;
     # -fopenmp-simd: the argmax's max reduction in SIMD lanes (no OpenMP runtime).
     flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fopenmp-simd"]
+    # The sources' digest goes into the module, so that a checkout updated without a rebuild is noticed.
+    sources = Path(__file__).parent / "kernels" / "core"
+    spec = importlib.util.spec_from_file_location("lmcor_core_digest", sources / "digest.py")
+    digest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digest)
     return [Pybind11Extension("lmcor._core", ["kernels/core/core.cpp"], depends=[
         "kernels/core/chrf.hpp", "kernels/core/drafts.hpp", "kernels/core/step.hpp", "kernels/core/vote.hpp"],
-        cxx_std=17, extra_compile_args=flags, optional=True)]
+        cxx_std=17, extra_compile_args=flags, define_macros=[("LMCOR_CORE_SOURCES", f'"{digest.sources_digest(sources)}"')], optional=True)]
 
 PACKAGES = {
     "lmcor": "lmcor",

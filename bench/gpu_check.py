@@ -147,10 +147,12 @@ def stage_tokens(work: Path, args) -> dict:
         out[f"cuda_{precision}"] = info
     # The ragged decoder's caches in host arrays instead, as on the CPU: same tokens, and what keeping
     # them on the device is worth.
-    tokens, info = run(bundles["fp32"], "CUDAExecutionProvider", caches="host")
+    try:
+        tokens, info = run(bundles["fp32"], "CUDAExecutionProvider", caches="host")
+    finally:
+        os.environ.pop("LMCOR_CACHES")
     info["identical_to_cpu_fp32"] = sum(a == b for a, b in zip(tokens, reference)) / len(requests)
     out["cuda_fp32_host_caches"] = info
-    os.environ.pop("LMCOR_CACHES")
     if "fp16" in bundles:  # the fp16 graphs on CPU (ONNX Runtime casts what it has no fp16 kernel for)
         tokens, info = run(bundles["fp16"], "CPUExecutionProvider")
         info["identical_to_cpu_fp32"] = sum(a == b for a, b in zip(tokens, reference)) / len(requests)

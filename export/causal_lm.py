@@ -116,14 +116,16 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
     """A half-precision bundle against the PyTorch fp32 `model`: each prompt's next-token logits within
     the precision's tolerance, and greedy tokens identical on at least its share of the prompts. A bf16
     graph without CUDA gets the structural checks only."""
+    import onnxruntime as ort
     import torch
     from lmcor.runtime.generator import Generator
     from lmcor.runtime.sessions import cuda_device_count
 
     from .validate import HALF_MIN_AGREEMENT, HALF_TOLERANCES, check_half_graphs
 
-    if precision == "bf16" and not cuda_device_count():
-        return {"validated_on": "not run: bf16 runs on CUDA only and this machine has no GPU",
+    if precision == "bf16" and not (cuda_device_count() and "CUDAExecutionProvider" in ort.get_available_providers()):
+        return {"validated_on": "not run: bf16 runs on CUDA only, and this machine has no GPU or no CUDA "
+                                 "build of ONNX Runtime",
                 **check_half_graphs(bundle, [MODEL_FILE], precision)}
     providers = ["CUDAExecutionProvider"] if precision == "bf16" else ["CPUExecutionProvider"]
     generator = Generator.load(bundle, providers=providers)

@@ -33,14 +33,22 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
     corrections for character overlap."""
     from lmcor.bench.quality import score
     from lmcor.runtime.fallback import agreement, best_guess, nearest
+    from lmcor.runtime.request import Request
+    from lmcor.runtime.tokens import encode_requests
     from lmcor.runtime.vote import edit_vote, minimal_edits
 
-    outputs = [c.text for c in corrector.correct_batch([(i.source, i.candidates) for i in items], fallback_below=0)]
-    # What `fallback.guard` weighs, computed once: each threshold then only picks among them.
-    similarity = [nearest(text, item.candidates)[1] for text, item in zip(outputs, items)]
-    guesses = [(item.source, *item.candidates)[best_guess(text, item.source, item.candidates)]
-               for text, item in zip(outputs, items)]
-    votes = [edit_vote(item.source, item.candidates) for item in items]
+    requests = [Request(i.source, tuple(i.candidates)) for i in items]
+    outputs = [c.text for c in corrector.correct_batch(requests, fallback_below=0)]
+    # What `fallback.guard` weighs, computed once: each threshold then only picks among them. As there,
+    # an output is compared with the candidates as the model read them (cut where its input was), a
+    # guess returns its candidate whole, and a truncated request is not voted.
+    m = corrector.manifest
+    seen = [x.candidates for x in encode_requests(corrector.tokenizer, m.template, requests, m.max_input_tokens)]
+    similarity = [nearest(text, read)[1] for text, read in zip(outputs, seen)]
+    guesses = [(item.source, *item.candidates)[best_guess(text, item.source, read)]
+               for text, item, read in zip(outputs, items, seen)]
+    votes = [edit_vote(item.source, item.candidates) if tuple(read) == tuple(item.candidates) else None
+             for item, read in zip(items, seen)]
     support = {}
 
     def supported(text: str, item) -> float:
@@ -56,7 +64,7 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
         for text, s, guess, vote, item in zip(outputs, similarity, guesses, votes, items):
             if threshold:
                 text = text if s >= threshold else guess
-                if vote != text and supported(vote, item) > supported(text, item):
+                if vote is not None and vote != text and supported(vote, item) > supported(text, item):
                     text = vote
             chosen.append(text)
         for span in SPANS if threshold else (0,):  # threshold 0: no guard at all

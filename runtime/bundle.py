@@ -143,8 +143,8 @@ class Manifest:
             decoder_graph=graph,
             no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, default=0),
             fallback_below=top.number("fallback_below", 0, 100),
-            fallback_span=top.integer("fallback_span", 1, default=None) if top.get("fallback_span", None) is not None
-            else None,
+            fallback_span=top.integer("fallback_span", 0, default=None) or None  # 0 or absent: any edit
+            if top.get("fallback_span", None) is not None else None,
             sha256=_sha256(top),
             validation=top.section("validation", default={}).data,
             exporter=top.section("exporter", default={}).data,

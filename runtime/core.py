@@ -10,8 +10,10 @@ so once) or `LMCOR_CORE=0` turns it off.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
+from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger("lmcor")
@@ -22,6 +24,19 @@ _warned = False
 
 # What the Python layer calls: a module built from older sources (updated without a rebuild) lacks some.
 NAMES = ("chrf", "nearest", "Drafts", "RepeatBan", "accept", "write_rows", "edit_vote")
+# The C++ sources, beside this package in a checkout (a wheel does not ship them).
+SOURCES = Path(__file__).resolve().parents[1] / "kernels" / "core"
+
+
+def checkout_digest() -> str | None:
+    """The digest of the checkout's core sources (`kernels/core/digest.py`), or None outside a checkout."""
+    script = SOURCES / "digest.py"
+    if not script.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("lmcor_core_digest", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sources_digest(SOURCES)
 
 
 def built() -> ModuleType | None:
@@ -34,9 +49,13 @@ def built() -> ModuleType | None:
         problem = f"is not built ({e})"
     else:
         missing = [name for name in NAMES if not hasattr(module, name)]
-        if not missing:
+        here = checkout_digest()
+        if missing:
+            problem = f"was built from older sources (it lacks {', '.join(missing)})"
+        elif here is not None and getattr(module, "SOURCES", None) != here:
+            problem = f"was built from other sources than {SOURCES}"
+        else:
             return module
-        problem = f"was built from older sources (it lacks {', '.join(missing)})"
     if not _warned:
         _warned = True
         log.warning("lmcor's compiled core %s: the Python references run (slower, same results); reinstall "

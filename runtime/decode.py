@@ -309,7 +309,7 @@ def open_decoder(sessions: Sessions, manifest: Manifest) -> Decoder:
 
 def cache_layout(device: str) -> str:
     """Where the ragged decoder's caches live: `LMCOR_CACHES` (host or device), else the device's own
-    memory on CUDA (where PyTorch is installed: it allocates them) and host arrays on the CPU."""
+    memory on CUDA (where PyTorch with CUDA is installed: it allocates them) and host arrays on the CPU."""
     global _warned_no_torch
     chosen = os.environ.get("LMCOR_CACHES", "").strip().lower()
     if chosen in ("host", "device"):
@@ -319,12 +319,16 @@ def cache_layout(device: str) -> str:
     if device != "cuda":
         return "host"
     try:
-        import torch  # noqa: F401
+        import torch
+
+        usable = torch.cuda.is_available()
     except ImportError:
+        usable = False
+    if not usable:
         if not _warned_no_torch:
             _warned_no_torch = True
             log.warning("the decoder's caches go through host memory at every step on CUDA: keeping them on the "
-                        "device needs PyTorch (pip install 'lmcor[kernels]')")
+                        "device needs PyTorch built with CUDA (pip install 'lmcor[kernels]')")
         return "host"
     return "device"
 

@@ -43,7 +43,7 @@ class ResidentDecoder(RaggedDecoder):
     def cross_states(self, hidden: ort.OrtValue) -> list:
         rows, source = hidden.shape()[:2]
         shape = (rows, self.shape.num_heads, source, self.shape.head_dim)
-        out = [self._zeros(shape) for _ in self._cross]
+        out = [self._empty(shape) for _ in self._cross]
         io = self.cross_session.io_binding()
         io.bind_ortvalue_input("encoder_hidden_states", hidden)
         for name, tensor in zip(self._cross, out):
@@ -53,11 +53,16 @@ class ResidentDecoder(RaggedDecoder):
         return out
 
     def _zeros(self, shape: tuple[int, ...]):
+        # Cache slots a row has not written are masked, and must hold finite values: zeros.
         return self._torch.zeros(shape, dtype=self._torch.float32, device=self._where)
+
+    def _empty(self, shape: tuple[int, ...]):
+        """For a graph output: ONNX Runtime writes every element."""
+        return self._torch.empty(shape, dtype=self._torch.float32, device=self._where)
 
     def _run(self, feed: dict, present_shape: tuple[int, ...]) -> tuple[np.ndarray, list]:
         io = self.session.io_binding()
-        presents = [self._zeros(present_shape) for _ in self._own]
+        presents = [self._empty(present_shape) for _ in self._own]
         held = []  # what IOBinding points into, alive until the run is over
         for name, value in feed.items():
             if isinstance(value, np.ndarray):

@@ -33,13 +33,15 @@ def edit_vote(source: str, candidates: Sequence[str], need: int = NEED) -> str:
 def minimal_edits(source: str, text: str, span: int) -> str:
     """The source with those of `text`'s word-level edits to it that replace at most `span` words by
     at most `span` words; a larger one (a rewrite, a dropped clause, a skip where copying lost its
-    place) is left out, its source words kept."""
+    place) is left out, its source words kept. With nothing left out, `text` itself."""
     words, theirs = source.split(), text.split()
     out: list[str] = []
+    dropped = False
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes():
-        small = tag != "equal" and max(i2 - i1, j2 - j1) <= span
-        out += theirs[j1:j2] if small else words[i1:i2]
-    return " ".join(out)
+        keep = tag == "equal" or max(i2 - i1, j2 - j1) <= span
+        out += theirs[j1:j2] if keep else words[i1:i2]
+        dropped = dropped or not keep
+    return " ".join(out) if dropped else text  # nothing left out: the text as it was, its spacing too
 
 
 def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEED) -> str:

@@ -341,6 +341,23 @@ def test_a_core_built_from_older_sources_is_not_used(monkeypatch, caplog):
 
 
 @needs_core
+def test_a_core_built_from_other_sources_than_the_checkouts_is_not_used(monkeypatch, caplog):
+    """Every function there, but compiled from sources the checkout has since changed: its results
+    could differ from the references', so the references run."""
+    assert NATIVE.SOURCES == core.checkout_digest()  # this build is the checkout's
+    stale = types.ModuleType("lmcor._core")
+    for name in core.NAMES:
+        setattr(stale, name, getattr(NATIVE, name))
+    stale.SOURCES = "0" * 64
+    monkeypatch.setitem(sys.modules, "lmcor._core", stale)
+    monkeypatch.setattr(core, "_warned", False)
+    monkeypatch.setattr(core, "native", core.native)
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        assert core.configure(True) is None
+    assert any("built from other sources" in r.getMessage() for r in caplog.records)
+
+
+@needs_core
 def test_bench_host_compares_core_and_references(tmp_path, capsys):
     from lmcor.cli import main
 

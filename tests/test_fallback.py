@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 from conftest import english_sentences, make_requests
+from lmcor.bench.quality import score
 from lmcor.recipes import fallback as recipe
 from lmcor.runtime.bundle import load_manifest, shipped_bundle, write_manifest
 from lmcor.runtime.errors import InputError
@@ -109,11 +110,18 @@ def test_calibration_writes_the_lowest_threshold_and_largest_span_as_good_as_the
     bundle = tmp_path / "bundle"
     shutil.copytree(bundles["t5"], bundle)
     dev = tmp_path / "dev.jsonl"
-    dev.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in make_requests(8, seed=9)) + "\n")
+    requests = make_requests(8, seed=9)
+    requests += [dict(r, candidates=[c * 40 for c in r["candidates"]]) for r in requests[:3]]  # cut to fit
+    dev.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in requests) + "\n")
     tried = recipe.calibrate_bundle(bundle, dev)
     chosen = tried[0]
     manifest = load_manifest(bundle)
     assert (manifest.fallback_below, manifest.fallback_span or 0) == (chosen["threshold"], chosen["span"])
+    # what it scored is what the runtime returns, truncated requests included
+    results = Corrector.load(bundle).correct_batch([{k: r[k] for k in ("source", "candidates")} for r in requests])
+    assert sum(r.truncated for r in results) == 3
+    assert score([r.text for r in results], [r["candidates"][0] for r in requests]) == {
+        k: chosen[k] for k in ("exact_match", "chrf")}
     assert len(tried) == 1 + (len(recipe.THRESHOLDS) - 1) * len(recipe.SPANS)
     value = [t["exact_match"] + t["chrf"] for t in tried]
     best = max(value)
@@ -139,6 +147,8 @@ def test_minimal_edits_keep_small_edits_and_the_source_elsewhere():
         "she go to school every day.")  # "she go" -> "She goes" is one edit of 2 words
     assert minimal_edits("a b c", "x y z w", 3) == "a b c" and minimal_edits("a b c", "x y z w", 4) == "x y z w"
     assert minimal_edits("", "a b", 2) == "a b" and minimal_edits("a b", "", 2) == ""
+    # nothing left out: the text as it is, its spacing and line breaks too (not a change of the fallback's)
+    assert minimal_edits("a b c", "a  b\nc", 2) == "a  b\nc" and minimal_edits("a b", "a\tB", 1) == "a\tB"
 
 
 def test_the_span_applies_to_whatever_the_guard_returns(bundles):

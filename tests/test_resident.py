@@ -75,6 +75,7 @@ def test_device_write_rows_equals_the_reference():
 
 def test_cache_layout_follows_the_device_and_the_variable(monkeypatch):
     monkeypatch.delenv("LMCOR_CACHES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a CUDA build of PyTorch on a GPU says
     assert (cache_layout("cpu"), cache_layout("cuda")) == ("host", "device")
     monkeypatch.setenv("LMCOR_CACHES", "device")
     assert cache_layout("cpu") == "device"
@@ -83,16 +84,21 @@ def test_cache_layout_follows_the_device_and_the_variable(monkeypatch):
         cache_layout("cpu")
 
 
-def test_cuda_without_pytorch_keeps_the_caches_in_host_memory(monkeypatch, caplog):
-    """onnxruntime-gpu without PyTorch still decodes (the host layout), and says what it costs once."""
+@pytest.mark.parametrize("torch_is", ["missing", "cpu-only"])
+def test_cuda_without_a_cuda_pytorch_keeps_the_caches_in_host_memory(torch_is, monkeypatch, caplog):
+    """onnxruntime-gpu without PyTorch, or beside a CPU-only PyTorch, still decodes (the host layout),
+    and says what it costs once."""
     import logging
     import sys
 
     from lmcor.runtime import decode
 
     monkeypatch.delenv("LMCOR_CACHES", raising=False)
-    monkeypatch.setitem(sys.modules, "torch", None)  # import fails
+    if torch_is == "missing":
+        monkeypatch.setitem(sys.modules, "torch", None)  # import fails
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(decode, "_warned_no_torch", False)
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert cache_layout("cuda") == cache_layout("cuda") == "host"
-    assert sum("needs PyTorch" in r.getMessage() for r in caplog.records) == 1
+    assert sum("needs PyTorch built with CUDA" in r.getMessage() for r in caplog.records) == 1

@@ -16,6 +16,10 @@
 #include "step.hpp"
 #include "vote.hpp"
 
+#ifndef LMCOR_CORE_SOURCES
+#define LMCOR_CORE_SOURCES "unknown"
+#endif
+
 namespace py = pybind11;
 using lmcor::CharGrams;
 
@@ -182,6 +186,7 @@ void write_rows(py::sequence caches, py::sequence presents, Int64Array lengths, 
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "lmcor's compiled core: the host work of each decode step (see lmcor.runtime.core)";
+  m.attr("SOURCES") = LMCOR_CORE_SOURCES;  // sha256 of kernels/core's sources (setup.py)
 
   m.def("chrf", &chrf_text, py::arg("hypothesis"), py::arg("reference"),
         "Sentence chrF (0-100) of two texts, as fallback.chrf(char_ngrams(h), char_ngrams(r)).");
