@@ -6,7 +6,9 @@ shares little with any candidate and costs far more than any candidate would. A 
 it does not rewrite: an output whose similarity to its nearest candidate is below a threshold
 is replaced by the text among the source and the candidates that agrees most with the
 candidates and the output (`best_guess`). And where the candidates agree on edits to the source
-that the output lacks, their vote (`vote.edit_vote`) is returned if they support it more. Similarity
+that the output lacks, their vote (`vote.edit_vote`) is returned if they support it more. Last, the
+text keeps only its edits to the source of at most a calibrated number of words
+(`vote.minimal_edits`): a weak LLM's rewrites, which the model may follow, stay out. Similarity
 is sentence chrF, computed as sacrebleu's default `CHRF()` computes it (character 1- to 6-grams,
 whitespace removed, recall weighted by beta 2).
 """
