@@ -19,7 +19,7 @@ from .bundle import Manifest, load_manifest
 from .tokens import MAX_CHARS_PER_TOKEN, load_tokenizer
 from .errors import BundleError, InputError
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
-from .sessions import check_graphs, open_session
+from .sessions import check_graphs, open_session, run
 
 log = logging.getLogger("lmcor")
 
@@ -135,7 +135,7 @@ class Classifier:
             feed = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._inputs:
                 feed["token_type_ids"], _ = pad_batch([np.asarray(e.type_ids, dtype=np.int64) for e in chosen], 0)
-            logits = self.session.run(None, feed)[0].astype(np.float64)
+            logits = run(self.session, None, feed)[0].astype(np.float64)
             probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
             probabilities /= probabilities.sum(axis=1, keepdims=True)
             for i, row in zip(batch, probabilities):

@@ -13,17 +13,20 @@ import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger("lmcor")
 
 native: ModuleType | None = None
+_module: ModuleType | None = None  # the extension where usable, whether its computations are on or not
 _warned = False
 
 
 # What the Python layer calls: a module built from older sources (updated without a rebuild) lacks some.
-NAMES = ("chrf", "nearest", "Drafts", "RepeatBan", "accept", "write_rows", "edit_vote")
+NAMES = ("chrf", "nearest", "Drafts", "RepeatBan", "accept", "write_rows", "edit_vote", "fp_mode", "set_fp_mode")
 # The C++ sources, beside this package in a checkout (a wheel does not ship them).
 SOURCES = Path(__file__).resolve().parents[1] / "kernels" / "core"
 
@@ -67,11 +70,33 @@ def configure(enabled: bool | None = None) -> ModuleType | None:
     """Choose the implementation, and return `native`: `enabled` True or False, or None to read
     `LMCOR_CORE` (0 turns the core off; default: on where built). Sequences already started keep
     the draft index and n-gram bans they were built with."""
-    global native
+    global native, _module
     if enabled is None:
         enabled = os.environ.get("LMCOR_CORE", "1").strip().lower() not in ("0", "false", "off", "no")
-    native = built() if enabled else None
+    _module = built()
+    native = _module if enabled else None
     return native
+
+
+@contextmanager
+def fp_mode(*, flush: bool) -> Iterator[None]:
+    """Inside: this thread's floating-point mode with denormals flushed to zero (`flush`), or as it
+    is; after: as it was. lmcor's sessions flush denormals (`sessions.open_session`), and ONNX
+    Runtime applies that to its pool threads and, for good, to the thread that creates a session:
+    lmcor undoes the latter and flushes the calling thread only while it runs ONNX Runtime, so the
+    caller's own arithmetic keeps its mode. This is not one of the computations `LMCOR_CORE=0` hands to
+    the references; where the extension cannot be used at all, ONNX Runtime's behaviour stands."""
+    module = _module
+    if module is None:
+        yield
+        return
+    mode = module.fp_mode()
+    if flush:
+        module.set_fp_mode(mode | module.FLUSH_DENORMALS)
+    try:
+        yield
+    finally:
+        module.set_fp_mode(mode)
 
 
 configure()

@@ -40,7 +40,7 @@ from .bundle import DecoderShape, Manifest, SpecialTokens
 from .drafts import Drafter
 from .errors import InputError
 from .sequence import Sequence, repeat_ban
-from .sessions import Sessions
+from .sessions import Sessions, run, run_bound
 
 log = logging.getLogger("lmcor")
 
@@ -124,7 +124,7 @@ class MergedDecoder:
         io.bind_ortvalue_output("logits", buffer)
         for name in self._outputs[1:]:
             io.bind_output(name, self.device)
-        self.session.run_with_iobinding(io)
+        run_bound(self.session, io)
         self.calls += 1
         outputs = io.get_outputs()
         presents = dict(zip(self._outputs[1:], outputs[1:]))
@@ -165,7 +165,7 @@ class RaggedDecoder:
 
     def cross_states(self, hidden: ort.OrtValue) -> list[np.ndarray]:
         """Every layer's cross-attention keys and values of encoder states."""
-        return self.cross_session.run(self._cross, {"encoder_hidden_states": hidden.numpy()})
+        return run(self.cross_session, self._cross, {"encoder_hidden_states": hidden.numpy()})
 
     def join(self, cross: list[np.ndarray], mask: np.ndarray) -> None:
         """Add rows after the running ones: their cross-attention keys/values and encoder mask, and
@@ -258,7 +258,7 @@ class RaggedDecoder:
 
     def _run(self, feed: dict, present_shape: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The step graph on `feed`: logits, and the new tokens' keys/values of each layer."""
-        logits, *presents = self.session.run(None, feed)
+        logits, *presents = run(self.session, None, feed)
         return logits, presents
 
     def _write(self, presents: list[np.ndarray], lengths: np.ndarray, first: int) -> None:

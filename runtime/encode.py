@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from .batching import pad_batch
 from .errors import BundleError
-from .sessions import Sessions
+from .sessions import Sessions, run_bound
 
 
 def encode_batch(sessions: Sessions, packed: PackedEncoder | None, inputs: Sequence[np.ndarray], pad_id: int, *,
@@ -35,7 +35,7 @@ def encode(sessions: Sessions, input_ids: np.ndarray, attention_mask: np.ndarray
     io.bind_cpu_input("input_ids", input_ids)
     io.bind_cpu_input("attention_mask", attention_mask)
     io.bind_output("last_hidden_state", sessions.device)
-    sessions.encoder.run_with_iobinding(io)
+    run_bound(sessions.encoder, io)
     return _repeat(io.get_outputs()[0], repeat, sessions.device)
 
 

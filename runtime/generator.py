@@ -22,7 +22,7 @@ from .tokens import load_tokenizer
 from .errors import InputError
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens, check_number,
                       check_progress, check_temperature, check_text)
-from .sessions import check_graphs, open_session
+from .sessions import check_graphs, open_session, run
 
 # Every drafted position runs through all the layers, and at batch 16 a 135M model on a CPU is
 # nearly compute-bound: on SmolLM2's few-shot answers, drafts of 4 gave 1.6x the tokens/s of
@@ -190,7 +190,7 @@ class Generator:
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), **dict(zip(self._past, past))}
         if "position_ids" in self._inputs:
             feed["position_ids"] = positions.astype(np.int64)
-        logits, *presents = self.session.run(None, feed)
+        logits, *presents = run(self.session, None, feed)
         return logits, presents
 
     def _generate(self, prompts: list[list[int]], limit: int, sampling: Sampling, seeds: list[int | None],

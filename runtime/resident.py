@@ -23,6 +23,7 @@ import onnxruntime as ort
 from .bundle import DecoderShape
 from .decode import RaggedDecoder
 from .errors import BundleError
+from .sessions import run_bound
 
 
 class ResidentDecoder(RaggedDecoder):
@@ -49,7 +50,7 @@ class ResidentDecoder(RaggedDecoder):
         for name, tensor in zip(self._cross, out):
             self._bind(io, name, tensor, output=True)
         self._sync()
-        self.cross_session.run_with_iobinding(io)
+        run_bound(self.cross_session, io)
         return out
 
     def _zeros(self, shape: tuple[int, ...]):
@@ -75,7 +76,7 @@ class ResidentDecoder(RaggedDecoder):
         for name, tensor in zip(self._outputs[1:], presents):
             self._bind(io, name, tensor, output=True)
         self._sync()
-        self.session.run_with_iobinding(io)
+        run_bound(self.session, io)
         return io.get_outputs()[0].numpy(), presents
 
     def _write(self, presents: list, lengths: np.ndarray, first: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from . import core
 from .bundle import MANIFEST_NAME, Manifest
 from .errors import BundleError, InputError
 from .options import check_threads
@@ -88,7 +89,7 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     # driver) to stdout, where the CLI writes its results: it goes to the log instead.
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), core.fp_mode(flush=False):  # the caller's mode, kept
             session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     except Exception as e:  # ONNX Runtime raises its own untyped errors for unreadable models
         if _bundle_precision(path) == "bf16":
@@ -103,6 +104,18 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     if providers and session.get_providers()[0] != wanted[0]:
         log.warning("%s: asked for %s, running on %s", path.name, wanted[0], session.get_providers()[0])
     return session
+
+
+def run(session: ort.InferenceSession, outputs: Sequence[str] | None, feed: Mapping) -> list:
+    """`session.run`, denormals flushed in the calling thread while it runs (`core.fp_mode`)."""
+    with core.fp_mode(flush=True):
+        return session.run(outputs, feed)
+
+
+def run_bound(session: ort.InferenceSession, binding: ort.IOBinding) -> None:
+    """`session.run_with_iobinding`, alike."""
+    with core.fp_mode(flush=True):
+        session.run_with_iobinding(binding)
 
 
 def _bundle_precision(graph: Path) -> str | None:

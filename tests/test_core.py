@@ -300,6 +300,7 @@ def test_a_corrector_gives_the_same_outputs_with_the_core_off(corrector, monkeyp
 
     monkeypatch.setattr(decode, "_choose_native", both)
     monkeypatch.setattr(core, "native", core.native)  # restored after the test
+    monkeypatch.setattr(core, "_module", core._module)
     runs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LMCOR_CORE", flag)
@@ -317,6 +318,7 @@ def test_a_missing_core_is_reported_once(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "lmcor._core", None)  # import fails
     monkeypatch.setattr(core, "_warned", False)
     monkeypatch.setattr(core, "native", core.native)
+    monkeypatch.setattr(core, "_module", core._module)
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert core.configure() is None
         assert core.configure(True) is None
@@ -333,6 +335,7 @@ def test_a_core_built_from_older_sources_is_not_used(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "lmcor._core", stale)
     monkeypatch.setattr(core, "_warned", False)
     monkeypatch.setattr(core, "native", core.native)
+    monkeypatch.setattr(core, "_module", core._module)
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert core.configure(True) is None
         assert edit_vote("a b", ["a c", "a c"]) == "a c"
@@ -352,6 +355,7 @@ def test_a_core_built_from_other_sources_than_the_checkouts_is_not_used(monkeypa
     monkeypatch.setitem(sys.modules, "lmcor._core", stale)
     monkeypatch.setattr(core, "_warned", False)
     monkeypatch.setattr(core, "native", core.native)
+    monkeypatch.setattr(core, "_module", core._module)
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert core.configure(True) is None
     assert any("built from other sources" in r.getMessage() for r in caplog.records)

@@ -16,6 +16,18 @@
 #include "step.hpp"
 #include "vote.hpp"
 
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+// MXCSR's flush-to-zero (bit 15) and denormals-are-zero (bit 6).
+constexpr unsigned kFlushDenormals = 0x8040;
+unsigned fp_mode() { return _mm_getcsr(); }
+void set_fp_mode(unsigned mode) { _mm_setcsr(mode); }
+#else
+constexpr unsigned kFlushDenormals = 0;  // no such mode here: both calls do nothing
+unsigned fp_mode() { return 0; }
+void set_fp_mode(unsigned) {}
+#endif
+
 #ifndef LMCOR_CORE_SOURCES
 #define LMCOR_CORE_SOURCES "unknown"
 #endif
@@ -187,6 +199,9 @@ void write_rows(py::sequence caches, py::sequence presents, Int64Array lengths, 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "lmcor's compiled core: the host work of each decode step (see lmcor.runtime.core)";
   m.attr("SOURCES") = LMCOR_CORE_SOURCES;  // sha256 of kernels/core's sources (setup.py)
+  m.attr("FLUSH_DENORMALS") = kFlushDenormals;
+  m.def("fp_mode", &fp_mode, "This thread's floating-point control word (x86: MXCSR; elsewhere 0).");
+  m.def("set_fp_mode", &set_fp_mode, py::arg("mode"), "Set this thread's floating-point control word.");
 
   m.def("chrf", &chrf_text, py::arg("hypothesis"), py::arg("reference"),
         "Sentence chrF (0-100) of two texts, as fallback.chrf(char_ngrams(h), char_ngrams(r)).");
