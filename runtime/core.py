@@ -9,6 +9,7 @@ so once) or `LMCOR_CORE=0` turns it off.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -31,8 +32,10 @@ NAMES = ("chrf", "nearest", "Drafts", "RepeatBan", "accept", "write_rows", "edit
 SOURCES = Path(__file__).resolve().parents[1] / "kernels" / "core"
 
 
+@functools.cache
 def checkout_digest() -> str | None:
-    """The digest of the checkout's core sources (`kernels/core/digest.py`), or None outside a checkout."""
+    """The digest of the checkout's core sources (`kernels/core/digest.py`), or None outside a checkout;
+    read once per process, as each `configure` checks the module against it."""
     script = SOURCES / "digest.py"
     if not script.is_file():
         return None
@@ -52,10 +55,9 @@ def built() -> ModuleType | None:
         problem = f"is not built ({e})"
     else:
         missing = [name for name in NAMES if not hasattr(module, name)]
-        here = checkout_digest()
         if missing:
             problem = f"was built from older sources (it lacks {', '.join(missing)})"
-        elif here is not None and getattr(module, "SOURCES", None) != here:
+        elif checkout_digest() not in (None, getattr(module, "SOURCES", None)):
             problem = f"was built from other sources than {SOURCES}"
         else:
             return module

@@ -314,11 +314,17 @@ def test_a_corrector_gives_the_same_outputs_with_the_core_off(corrector, monkeyp
                 b.stats.decoder_calls, b.stats.drafted_tokens, b.stats.accepted_tokens)
 
 
-def test_a_missing_core_is_reported_once(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "lmcor._core", None)  # import fails
+def _install(monkeypatch, module: types.ModuleType | None) -> None:
+    """`module` as what `import lmcor._core` gives (None: the import fails), for this test only, with the
+    core's state restored after it."""
+    monkeypatch.setitem(sys.modules, "lmcor._core", module)
     monkeypatch.setattr(core, "_warned", False)
     monkeypatch.setattr(core, "native", core.native)
     monkeypatch.setattr(core, "_module", core._module)
+
+
+def test_a_missing_core_is_reported_once(monkeypatch, caplog):
+    _install(monkeypatch, None)  # import fails
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert core.configure() is None
         assert core.configure(True) is None
@@ -332,10 +338,7 @@ def test_a_core_built_from_older_sources_is_not_used(monkeypatch, caplog):
     mid-request; the references run instead, and lmcor says what to do."""
     stale = types.ModuleType("lmcor._core")
     stale.chrf = stale.nearest = lambda *args: None
-    monkeypatch.setitem(sys.modules, "lmcor._core", stale)
-    monkeypatch.setattr(core, "_warned", False)
-    monkeypatch.setattr(core, "native", core.native)
-    monkeypatch.setattr(core, "_module", core._module)
+    _install(monkeypatch, stale)
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert core.configure(True) is None
         assert edit_vote("a b", ["a c", "a c"]) == "a c"
@@ -352,10 +355,7 @@ def test_a_core_built_from_other_sources_than_the_checkouts_is_not_used(monkeypa
     for name in core.NAMES:
         setattr(stale, name, getattr(NATIVE, name))
     stale.SOURCES = "0" * 64
-    monkeypatch.setitem(sys.modules, "lmcor._core", stale)
-    monkeypatch.setattr(core, "_warned", False)
-    monkeypatch.setattr(core, "native", core.native)
-    monkeypatch.setattr(core, "_module", core._module)
+    _install(monkeypatch, stale)
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert core.configure(True) is None
     assert any("built from other sources" in r.getMessage() for r in caplog.records)
