@@ -91,10 +91,17 @@ def score(outputs: Sequence[str], targets: Sequence[str], corpus_chrf=None) -> d
 
 
 def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
-    """Scores of the six systems on `items`; `options` go to `Corrector.correct_batch`."""
+    """Scores of the six systems on `items`; `options` go to `Corrector.correct_batch`. An item the
+    corrector cannot take (its source longer than the model reads) is left out of every system's
+    scores, and listed under "skipped" ({"line", "error"})."""
     corpus_chrf = _chrf()
+    answers = corrector.correct_batch([(i.source, i.candidates) for i in items], errors="return", **options)
+    skipped = [{"line": i.line, "error": str(a)} for i, a in zip(items, answers) if isinstance(a, InputError)]
+    items = [i for i, a in zip(items, answers) if not isinstance(a, InputError)]
+    corrected = [a for a in answers if not isinstance(a, InputError)]
+    if not items:
+        raise InputError(f"the corrector could take none of the {len(answers)} items ({skipped[0]['error']})")
     targets = [i.target for i in items]
-    corrected = corrector.correct_batch([(i.source, i.candidates) for i in items], **options)
     outputs = {
         "source": [i.source for i in items],
         "first candidate": [i.candidates[0] for i in items],
@@ -107,6 +114,7 @@ def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
     if options.get("gate") is not None:
         report["gated"] = sum(c.gated for c in corrected)
     report["fallbacks"] = sum(c.fallback for c in corrected)
+    report["skipped"] = skipped
     return report
 
 

@@ -69,6 +69,12 @@ def _raised_by_lmcor(error: BaseException) -> bool:
     return trace.tb_frame.f_globals.get("__name__", "").split(".")[0] == "lmcor"
 
 
+# What a fast tokenizer is loaded or converted from: its own file, SentencePiece's model (T5, mT5),
+# or BPE/WordPiece vocabularies (BART, GPT-2, BERT).
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.json",
+                   "vocab.txt")
+
+
 def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrite: bool):
     """(model in eval mode, fast tokenizer) of a checkpoint folder, after checking both folders.
 
@@ -82,6 +88,9 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
         raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(f"{model_dir}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                          "tokenizer with the model (tokenizer.save_pretrained)")
     with stage(model_dir, "loading the checkpoint"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
         if not getattr(tokenizer, "is_fast", False):

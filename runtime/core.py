@@ -68,13 +68,20 @@ def built() -> ModuleType | None:
     return None
 
 
+_ON, _OFF = ("1", "true", "on", "yes", ""), ("0", "false", "off", "no")
+
+
 def configure(enabled: bool | None = None) -> ModuleType | None:
     """Choose the implementation, and return `native`: `enabled` True or False, or None to read
     `LMCOR_CORE` (0 turns the core off; default: on where built). Sequences already started keep
     the draft index and n-gram bans they were built with."""
     global native, _module
     if enabled is None:
-        enabled = os.environ.get("LMCOR_CORE", "1").strip().lower() not in ("0", "false", "off", "no")
+        chosen = os.environ.get("LMCOR_CORE", "1").strip().lower()
+        enabled = chosen not in _OFF
+        if enabled and chosen not in _ON:
+            log.warning("LMCOR_CORE=%s is neither on (%s) nor off (%s): the core stays on", chosen, "/".join(_ON),
+                        "/".join(_OFF))
     _module = built()
     native = _module if enabled else None
     return native

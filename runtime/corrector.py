@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from .bundle import Manifest, load_manifest, shipped_bundle
 from .classifier import Classifier
 from .encode import PackedEncoder
+from .decode import cache_layout
 from .engine import DEFAULTS, Engine
 from .errors import BundleError, InputError
 from .options import check_optional
@@ -77,7 +78,8 @@ class Corrector:
         """
         root = Path(path) if path is not None else shipped_bundle("default")
         manifest = load_manifest(root, verify=verify, kind="corrector")
-        tokenizer = load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens)
+        tokenizer = load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens,
+                                   manifest.decoder.vocab_size)
         sessions = Sessions(
             encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
             decoder=open_session(root / manifest.files["decoder"], providers=providers, threads=threads),
@@ -85,6 +87,8 @@ class Corrector:
                    if "cross" in manifest.files else None),
         )
         check_graphs(root, manifest, {"decoder": sessions.decoder, "cross": sessions.cross})
+        if manifest.decoder_graph == "ragged":
+            cache_layout(sessions.device)  # LMCOR_CACHES, checked now rather than at the first request
         if manifest.int8_per_tensor:
             log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so its outputs depend on "
                         "the rest of their batch and drafted decoding is off; re-export it with this lmcor "

@@ -12,6 +12,7 @@ requests wait or run and answers each through its future. A request's new tokens
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ from .classifier import Classifier, passing_threshold, right_probabilities
 from .decode import Search
 from .drafts import Drafts
 from .encode import PackedEncoder
-from .errors import InputError
+from .errors import InputError, LmcorError
 from .fallback import guard
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens,
                       check_optional, check_progress, shown)
@@ -36,6 +37,8 @@ from .scheduler import EngineStats, Scheduler, Tally
 from .sequence import Sequence
 from .sessions import Sessions
 from .tokens import ModelInput, encode_requests
+
+log = logging.getLogger("lmcor")
 
 DEFAULTS = CorrectionOptions()
 
@@ -65,6 +68,7 @@ class Engine:
         self._inbox: list[_Submission] = []
         self._thread: threading.Thread | None = None
         self._closed = self._cancel = False
+        self.failure: BaseException | None = None  # what stopped the background thread, if anything did
 
     @property
     def drafts_supported(self) -> bool:
@@ -188,6 +192,9 @@ class Engine:
             future.set_exception(e)
             return future
         with self._cond:
+            if self.failure is not None:
+                raise LmcorError(f"this engine stopped on an internal error and takes no more requests: "
+                                 f"{type(self.failure).__name__}: {self.failure}")
             if self._closed:
                 raise InputError("this engine is closed (Engine.close): it takes no more requests")
             self._inbox.append(_Submission(request, options, gate, future, queued, on_tokens))
@@ -216,8 +223,9 @@ class Engine:
 
     def _serve(self) -> None:
         """The background loop: runs while submissions wait or decode, sleeps otherwise."""
-        scheduler = Scheduler(self.sessions, self.manifest, self.packed, self.batch_size, self._tally)
+        scheduler: Scheduler | None = None
         try:
+            scheduler = Scheduler(self.sessions, self.manifest, self.packed, self.batch_size, self._tally)
             while True:
                 with self._cond:
                     while not (self._inbox or scheduler.busy or self._closed):
@@ -253,12 +261,14 @@ class Engine:
         except BaseException as e:  # a bug of the loop itself: no future may wait forever
             with self._cond:
                 self._closed = True
+                self.failure = e
                 arrivals, self._inbox = self._inbox, []
-            for s in [*scheduler.abandon(), *scheduler.waiting]:
+            held = [] if scheduler is None else [*scheduler.abandon(), *scheduler.waiting]
+            for s in held:
                 _settle(s.future, error=e)
             for submission in arrivals:
                 _settle(submission.future, error=e)
-            raise
+            log.error("the engine stopped on an internal error; it takes no more requests", exc_info=e)
 
     def _prepare(self, arrivals: list[_Submission]) -> list[Sequence]:
         """Submissions -> sequences to decode, in arrival order; a bad request or options, or a gate

@@ -66,7 +66,8 @@ class Generator:
         manifest = load_manifest(root, verify=verify, kind="causal-lm")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
         check_graphs(root, manifest, {"model": session})
-        return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens), session)
+        return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens,
+                                                          manifest.decoder.vocab_size), session)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, as the checkpoint's tokenizer writes them (its BOS included)."""
@@ -134,10 +135,10 @@ class Generator:
         encoded: dict[int, list[int]] = {}
         for n, prompt in enumerate(prompts):
             try:
-                encoded[n] = self._encode_prompt(n, prompt, prefixes[n], limit)
+                encoded[n] = self._encode_prompt(prompt, prefixes[n], limit)
             except InputError as e:
                 if errors == "raise":
-                    raise
+                    raise InputError(f"item {n}: {e}") from None
                 out[n] = e
         good = list(encoded)
         for start in range(0, len(good), batch_size):
@@ -150,18 +151,18 @@ class Generator:
                 progress(len(rows))
         return out  # type: ignore[return-value]
 
-    def _encode_prompt(self, n: int, prompt: Any, prefix: Prefix | None, limit: int) -> list[int]:
-        _check_prompt(f"item {n}: a prompt", prompt)
+    def _encode_prompt(self, prompt: Any, prefix: Prefix | None, limit: int) -> list[int]:
+        _check_prompt("the prompt", prompt)
         ids = self.tokenizer.encode(prefix.gap + prompt if prefix is not None else prompt,
                                     add_special_tokens=prefix is None).ids
         if not ids:
-            raise InputError(f"item {n}: the prompt has no tokens (this tokenizer drops all of it)")
+            raise InputError("the prompt has no tokens (this tokenizer drops all of it)")
         offset = len(prefix.ids) if prefix is not None else 0
         needed = offset + len(ids) + limit - 1  # the last new token is never fed back
         positions = self.manifest.max_input_tokens
         if needed > positions:
             after = f" after a prefix of {offset}" if offset else ""
-            raise InputError(f"item {n}: the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
+            raise InputError(f"the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
                              f"{needed} of the model's {positions} positions; shorten it or lower max_new_tokens")
         return ids
 

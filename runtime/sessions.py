@@ -132,6 +132,11 @@ def _bundle_precision(graph: Path) -> str | None:
 _CACHE = re.compile(r"(?:past|past_key_values|present|cross)\.(\d+)\.")
 
 
+# What each decoder graph of a corrector is fed (`decode.MergedDecoder`, `decode.RaggedDecoder`).
+_DECODER_INPUTS = {"merged": {"input_ids", "encoder_hidden_states", "encoder_attention_mask"},
+                   "ragged": {"input_ids", "lengths", "encoder_attention_mask"}}
+
+
 def check_graphs(root: Path, manifest: Manifest, sessions: Mapping[str, ort.InferenceSession | None]) -> None:
     """Check the manifest against the inputs and outputs its graphs declare (by `files` role), so that
     a wrong shape is a BundleError at load and not an ONNX Runtime error in the middle of a batch.
@@ -148,6 +153,12 @@ def check_graphs(root: Path, manifest: Manifest, sessions: Mapping[str, ort.Infe
                                   f"{logits.shape[-1]} logits")
             continue
         shape = manifest.decoder
+        if manifest.kind == "corrector" and role == "decoder":
+            names = {value.name for value in session.get_inputs()}
+            missing = sorted(_DECODER_INPUTS[manifest.decoder_graph] - names)
+            if missing:
+                raise BundleError(f"{where}: decoder_graph: {manifest.decoder_graph!r}, but {graph} has no input "
+                                  f"{', '.join(missing)} (it is not a {manifest.decoder_graph} decoder)")
         if logits is not None and isinstance(logits.shape[-1], int) and logits.shape[-1] != shape.vocab_size:
             raise BundleError(f"{where}: decoder.vocab_size: {shape.vocab_size}, but {graph} outputs "
                               f"{logits.shape[-1]} logits")

@@ -26,9 +26,10 @@ def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[Encoding]:
     return tokenizer.encode_batch(texts)
 
 
-def load_tokenizer(path: Path, special: SpecialTokens | None = None) -> Tokenizer:
+def load_tokenizer(path: Path, special: SpecialTokens | None = None, vocab_size: int | None = None) -> Tokenizer:
     """Read a bundle's tokenizer; with `special`, check that each special token id is one of its
-    tokens (a manifest and tokenizer that disagree would fail only on the first request)."""
+    tokens, and with `vocab_size` (the model's) that its vocabulary fits the model's embeddings (a
+    manifest and tokenizer that disagree would fail only on the first request)."""
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
@@ -36,6 +37,10 @@ def load_tokenizer(path: Path, special: SpecialTokens | None = None) -> Tokenize
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size == 0:
         raise BundleError(f"{path}: the tokenizer's vocabulary is empty (re-export the bundle)")
+    base = tokenizer.get_vocab_size(with_added_tokens=False)
+    if vocab_size is not None and base > vocab_size:
+        raise BundleError(f"{path}: the tokenizer has {base} tokens, but the model's vocabulary has {vocab_size} "
+                          "(decoder.vocab_size): this tokenizer is not the model's")
     for name, token in vars(special).items() if special is not None else ():
         if token is not None and token >= size:
             raise BundleError(f"{path}: special_tokens.{name}: {token} is not a token of this tokenizer "
@@ -153,8 +158,9 @@ def _truncate(
         budget = max_tokens - fixed
         if budget < len(candidates):
             raise InputError(
-                f"the source and template take {fixed} of the model's {max_tokens} input tokens, "
-                f"leaving no room for {len(candidates)} candidates (the source is never cut; shorten it)"
+                f"the source and template (with the separators of {len(candidates)} candidates) take {fixed} of the "
+                f"model's {max_tokens} input tokens, leaving less than a token for each candidate; shorten the source "
+                "or send fewer candidates (the source is never cut)"
             )
         cap = _even_cap(lengths, budget)
         candidates = tuple(c[: e[cap - 1]] if len(e) > cap else c for c, e in zip(candidates, ends))

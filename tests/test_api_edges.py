@@ -149,9 +149,9 @@ def test_generate_batch_checks_each_option(generator, argument, value):
 def test_generator_checks_prompts_and_prefixes(generator):
     _names("prompts", lambda: generator.generate_batch("a b", max_new_tokens=4))
     _names("prompts", lambda: generator.generate_batch(None, max_new_tokens=4))
-    with pytest.raises(InputError, match="item 1: a prompt must be a non-empty string"):
+    with pytest.raises(InputError, match="item 1: the prompt must be a non-empty string"):
         generator.generate_batch(["a", ""], max_new_tokens=4)
-    with pytest.raises(InputError, match=r"item 1: a prompt holds a lone surrogate \(U\+D800\)"):
+    with pytest.raises(InputError, match=r"item 1: the prompt holds a lone surrogate \(U\+D800\)"):
         generator.generate_batch(["a", "b" + SURROGATE], max_new_tokens=4)
     with pytest.raises(InputError, match="item 0: the prompt's .* need .* of the model's 64 positions"):
         generator.generate_batch(["x y z " * 40], max_new_tokens=4)

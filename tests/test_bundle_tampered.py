@@ -65,6 +65,19 @@ def _beyond_tokenizer(m: dict, p) -> None:
     m["special_tokens"]["eos"] = m["decoder"]["vocab_size"] - 1
 
 
+def _bigger_vocabulary(m: dict, p) -> None:
+    """Another model's tokenizer: more tokens than the model has embeddings."""
+    tokenizer = json.loads((p / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]  # T5's Unigram: [piece, score] pairs
+    vocab.extend([f"extra{i}", -30.0] for i in range(m["decoder"]["vocab_size"] + 10 - len(vocab)))
+    (p / "tokenizer.json").write_text(json.dumps(tokenizer))
+    m["sha256"]["tokenizer.json"] = sha256_of(p / "tokenizer.json")
+
+
+def _other_decoder_graph(m: dict, p) -> None:
+    m["decoder_graph"] = "merged" if m.get("decoder_graph") == "ragged" else "ragged"
+
+
 CORRECTOR_DEFECTS = {
     # paths
     "absolute-path": (lambda m, p: _outside_file(m, p, "encoder", "absolute"), "files.encoder"),
@@ -129,8 +142,10 @@ CORRECTOR_DEFECTS = {
     "head-dim-wrong": (_add("decoder", "head_dim", 1), "decoder.head_dim"),
     "vocab-size-wrong": (_add("decoder", "vocab_size", 1), "decoder.vocab_size"),
     "num-layers-zero": (_set("decoder", num_layers=0), "decoder.num_layers"),
+    "decoder-graph-swapped": (_other_decoder_graph, "decoder_graph"),
     # tokenizer
     "empty-vocabulary": (_empty_vocabulary, "vocabulary"),
+    "tokenizer-of-another-model": (_bigger_vocabulary, "decoder.vocab_size"),
 }
 
 

@@ -87,6 +87,37 @@ def test_export_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "no config.json" in err[0]
 
 
+def test_export_refuses_an_opset_out_of_range_and_a_checkpoint_without_tokenizer(checkpoints, tmp_path, capsys):
+    for opset in ("5", "999"):
+        assert main(["export", str(checkpoints["t5"]), str(tmp_path / "out"), "--opset", opset]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--opset must be from 13 to" in err[0] and err[0].endswith(f"got {opset}")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text('{"model_type": "t5"}')
+    assert main(["export", str(bare), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer files" in err[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["candidates", "--model", "m", "-k", "65", "in.jsonl"], "-k: must be an integer from 1 to 64, got 65"),
+    (["correct", "in.jsonl", "--max-wait-ms", "-1"], "--max-wait-ms: must be a number >= 0, got -1"),
+    (["export", "a", "b", "--atol", "-1"], "--atol: must be a number >= 0, got -1"),
+])
+def test_options_out_of_range_are_refused_before_anything_runs(args, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_gate_threshold_without_a_gate_is_refused(bundles, tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps(GOOD[0]) + "\n")
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), "--gate-threshold", "0.3", "-q"]) == 2
+    assert "--gate-threshold needs --gate" in capsys.readouterr().err
+
+
 def test_int8_export_is_smaller_and_reports_its_agreement(checkpoints, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main(["export", str(checkpoints["t5v11"]), str(out), "--precision", "int8"]) == 0

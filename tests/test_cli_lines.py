@@ -114,6 +114,43 @@ def test_a_failed_run_leaves_an_existing_output_as_it_was(bundles, tmp_path, cap
     assert capsys.readouterr().err.count("lmcor: error:") == 1
 
 
+def test_output_through_a_link_a_fifo_or_a_missing_folder(bundles, expected, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    want = [expected[r["id"]] for r in GOOD]
+    # A link stays a link: its target gets the records.
+    target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(link), *DECODE]) == 0
+    assert link.is_symlink() and [r["output"] for r in _records(target)] == want
+    # A FIFO is written in place (it cannot be replaced), and cannot be resumed.
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(fifo), *DECODE]) == 0
+    reader.join(timeout=60)
+    assert fifo.is_fifo() and [_strict(line)["output"] for line in got[0].splitlines()] == want
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(fifo), "--resume", *DECODE]) == 2
+    assert "--resume needs -o to be a regular file" in capsys.readouterr().err
+    # An unusable -o is named as given, not as the temporary file beside it.
+    missing = tmp_path / "no" / "out.jsonl"
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(missing), *DECODE]) == 2
+    assert f"-o {missing}: cannot write there (its folder does not exist)" in capsys.readouterr().err
+
+
+def test_closed_standard_streams_get_one_line(bundles, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(GOOD[0]) + "\n")
+    command = [sys.executable, "-m", "lmcor.cli", "correct", "--model", str(bundles["t5"]), *DECODE]
+    closed_in = subprocess.run(f"{' '.join(command)} - <&-", shell=True, capture_output=True, timeout=300)
+    assert closed_in.returncode == 2 and b"standard input is closed" in closed_in.stderr, closed_in.stderr
+    closed_out = subprocess.run(f"{' '.join(command)} {source} >&-", shell=True, stderr=subprocess.PIPE, timeout=300)
+    assert closed_out.returncode == 2 and b"standard output is closed" in closed_out.stderr, closed_out.stderr
+
+
 def test_pipes_and_fifos_are_read_once(bundles, expected, tmp_path):
     content = "".join(json.dumps(r) + "\n" for r in GOOD)
     piped = subprocess.run(f"cat | {sys.executable} -m lmcor.cli correct --model {bundles['t5']} /dev/stdin "
@@ -188,6 +225,27 @@ def test_eval_reports_a_line_that_is_not_an_object(bundles, tmp_path, capsys):
                  "--max-new-tokens", "6"]) == 1
     assert "line 2: expected a JSON object" in capsys.readouterr().err
     assert json.loads((tmp_path / "e.json").read_text())["items"] == 1
+
+
+def test_eval_leaves_out_a_request_too_long_and_checks_json_first(bundles, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    long = {"source": " ".join(["word"] * 600), "candidates": ["a"], "target": "a"}
+    rows = [{**GOOD[0], "target": GOOD[0]["source"]}, long, {**GOOD[1], "target": GOOD[1]["source"]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = tmp_path / "e.json"
+    args = ["eval", str(data), "--model", str(bundles["t5"]), "-q", "--max-new-tokens", "6"]
+    assert main([*args, "--json", str(report)]) == 1
+    captured = capsys.readouterr()
+    assert "line 2: the source and template" in captured.err and "left out of the scores" in captured.err
+    assert "corrector" in captured.out  # the table is printed
+    scores = json.loads(report.read_text())
+    assert scores["items"] == 2 and [e["line"] for e in scores["errors"]] == [2]
+    content = data.read_text()
+    for path, message in ((data, "is the data file"), (tmp_path, "is a directory"),
+                          (tmp_path / "no" / "e.json", "its folder does not exist")):
+        assert main([*args, "--json", str(path)]) == 2
+        assert message in capsys.readouterr().err
+    assert data.read_text() == content
 
 
 def _mutations(rng: random.Random) -> list[bytes]:

@@ -11,7 +11,7 @@ from conftest import make_requests
 from lmcor.bench.drafts import read_requests
 from lmcor.runtime.bundle import shipped_bundle
 
-from lmcor import Classifier, CorrectionOptions, Corrector, Engine, InputError
+from lmcor import Classifier, CorrectionOptions, Corrector, Engine, InputError, LmcorError
 
 SPLIT = Path(__file__).resolve().parent.parent / "recipes" / "splits" / "test.jsonl"
 RESULT_TIMEOUT = 120  # seconds: a test fails instead of hanging
@@ -206,6 +206,33 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_serves_on(bundles, mo
         later = [engine.submit(r, CorrectionOptions(max_new_tokens=8)) for r in requests]
         assert [f.result(timeout=RESULT_TIMEOUT).token_ids for f in later] == [
             c.token_ids for c in corrector.correct_batch(requests, max_new_tokens=8)]
+
+
+def test_an_engine_whose_loop_stops_fails_every_request_and_says_so(bundles, monkeypatch):
+    """A failure of the loop itself (here: its scheduler cannot start) answers the requests taken with
+    the error at once, and refuses later ones, naming it: no request waits out its deadline."""
+    from lmcor.runtime import engine as engine_module
+
+    corrector = Corrector.load(bundles["t5"])
+
+    def no_scheduler(*args, **kwargs):
+        raise RuntimeError("no scheduler today")
+
+    monkeypatch.setattr(engine_module, "Scheduler", no_scheduler)
+    engine = _engine(corrector)
+    taken = engine.submit(make_requests(1, seed=15)[0], CorrectionOptions(max_new_tokens=8))
+    with pytest.raises(RuntimeError, match="no scheduler today"):
+        taken.result(timeout=RESULT_TIMEOUT)
+    engine._thread.join(timeout=RESULT_TIMEOUT)
+    assert isinstance(engine.failure, RuntimeError)
+    with pytest.raises(LmcorError, match="stopped on an internal error .* no scheduler today"):
+        engine.submit(make_requests(1, seed=15)[0])
+
+
+def test_a_bad_cache_layout_fails_at_load(bundles, monkeypatch):
+    monkeypatch.setenv("LMCOR_CACHES", "bogus")
+    with pytest.raises(InputError, match="LMCOR_CACHES must be host or device, got 'bogus'"):
+        Corrector.load(bundles["t5"])
 
 
 def test_the_gate_answers_online_before_admission(bundles):

@@ -248,6 +248,19 @@ def test_generate_with_a_prefix_answers_as_the_whole_text(bundle, tmp_path, caps
         "Correct: a b " + PROMPTS[0]).ids
 
 
+def test_generate_answers_around_a_prompt_too_long(bundle, tmp_path, capsys):
+    """A prompt past the model's positions is its line's error record; the other lines are answered."""
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [PROMPTS[0], " ".join(["a"] * 200), PROMPTS[1]]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines))
+    assert main(["generate", "--model", str(bundle), str(prompts), "--max-new-tokens", "6", "-q"]) == 1
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3]
+    assert records[1]["error"].startswith("the prompt's ") and "positions" in records[1]["error"]
+    want = Generator.load(bundle).generate_batch([PROMPTS[0], PROMPTS[1]], max_new_tokens=6)
+    assert [records[0]["output"], records[2]["output"]] == [g.text for g in want]
+
+
 def test_drafts_give_the_same_tokens_in_fewer_calls(bundle):
     """Greedy drafts copied from the prompt are verified by the model: the same tokens with them
     as without, and fewer decoder calls where the answer repeats the prompt (here each prompt

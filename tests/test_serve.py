@@ -103,6 +103,7 @@ BAD = [
     (b'{"source": "x", "candidates": ["a"], "max_new_tokens": 100000}', 422, "max_new_tokens must be an integer"),
     (b'{"source": "x", "candidates": ["a"], "num_beams": "3"}', 422, "num_beams must be an integer"),
     (b'{"source": "x", "candidates": ["a"], "gate_threshold": 2}', 422, "gate_threshold must be a probability"),
+    (b'{"source": "x", "candidates": ["a"], "gate_threshold": 0.5}', 422, "this server has no gate"),
     (b'{"source": "x", "candidates": ["a"], "timeout_s": 0}', 422, "timeout_s must be a number of seconds"),
     (b'{"source": "x", "candidates": ["a"], "beams": 2}', 422, "unknown field 'beams'"),
     (b'[{"source": "x", "candidates": ["a"]}, {"source": "x", "candidates": "a"}]', 422,
@@ -177,6 +178,22 @@ def test_an_api_key_guards_every_route_but_health(bundles):
     with pytest.raises(InputError, match="API key"):
         ServeConfig(host="0.0.0.0")
     assert ServeConfig(host="0.0.0.0", insecure=True).insecure
+
+
+def test_a_stopped_engine_fails_requests_at_once_and_health_says_failed(bundles, monkeypatch):
+    """An engine whose loop stopped answers at once (500, naming the error), /health turns 503
+    "failed", and the server exits rather than serve on without a corrector."""
+    from lmcor.runtime import engine as engine_module
+
+    def no_scheduler(*args, **kwargs):
+        raise RuntimeError("no scheduler today")
+
+    monkeypatch.setattr(engine_module, "Scheduler", no_scheduler)
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+        first = c.post("/v1/correct", json=make_requests(1, seed=2)[0])
+        assert first.status_code == 500 and "no scheduler today" in first.json()["error"]["message"]
+        assert s.state.status == "failed"
 
 
 def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bundles):

@@ -81,6 +81,13 @@ def test_source_too_long_is_an_error_not_a_cut(tokenizer):
     assert isinstance(got, InputError) and "never cut" in str(got)
 
 
+def test_too_many_candidates_is_said_so(tokenizer):
+    """A short source with more candidates than the input has tokens for: the message says both ways out."""
+    [got] = encode_requests(tokenizer, Template(), [Request("She go.", ("She goes.",) * 200)], 64)
+    assert isinstance(got, InputError) and "the separators of 200 candidates" in str(got)
+    assert "shorten the source or send fewer candidates" in str(got)
+
+
 @pytest.mark.parametrize(
     "item, message",
     [

@@ -17,7 +17,7 @@ from .lines import answer_lines
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_lines(parser, '{"id"?, "source"}')
-    parser.add_argument("-k", type=options.positive_int, default=5, help="candidates per source: 1 greedy + K-1 "
+    parser.add_argument("-k", type=options.candidate_count, default=5, help="candidates per source: 1 greedy + K-1 "
                         "samples (default: %(default)s)")
     parser.add_argument("--prompt", help="prompt with {source}; the part before it is run once and shared (default: "
                         "a few-shot correction prompt whose examples rotate between sources)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmcor.bench import quality
 
+    report_path = _report_path(args.json, args.data)
     gate = options.load_gate(args, args.data)
     corrector = Corrector.load(args.model, providers=options.providers(args), threads=args.threads)
     items, errors = [], []
@@ -45,9 +47,27 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.data}: no usable lines")
     with tqdm(total=len(items), unit=" requests", file=sys.stderr, disable=args.quiet, desc="evaluating") as bar:
         report = quality.evaluate(corrector, items, progress=bar.update, **options.correction_options(args, gate))
+    for skipped in report["skipped"]:
+        print(f"lmcor: {args.data}: line {skipped['line']}: {skipped['error']} (left out of the scores)", file=sys.stderr)
+    errors = sorted(errors + report.pop("skipped"), key=lambda e: e["line"])
     report.update(data=str(args.data), model=str(corrector.root), errors=errors)
     if gate is not None:
         report["gate"] = str(gate.root)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(quality.table(report))
+    print(quality.table(report), flush=True)
+    try:
+        report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"--json {args.json}: cannot write the scores ({e.strerror or e})") from None
     return 1 if errors else 0
+
+
+def _report_path(name: str, data: str | None) -> Path:
+    """`--json`, checked before the evaluation runs: a folder that exists, and not the data itself."""
+    path = Path(name)
+    if path.is_dir():
+        raise InputError(f"--json {name} is a directory; give a file's path")
+    if not path.parent.is_dir():
+        raise InputError(f"--json {name}: its folder does not exist")
+    if data not in (None, "-") and path.exists() and os.path.samefile(path, data):
+        raise InputError(f"--json {name} is the data file; write the scores to another file")
+    return path

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from lmcor.runtime.bundle import Template
+from lmcor.runtime.errors import InputError
 
 from . import options
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-input-tokens", type=options.positive_int, help="default: the tokenizer's or model's limit")
     parser.add_argument("--max-output-tokens", type=options.positive_int, default=256)
     parser.add_argument("--opset", type=options.positive_int, help="ONNX opset (default: the exporter's)")
-    parser.add_argument("--atol", type=options.finite_float, default=1e-3, help="absolute logit tolerance of the validation (default: %(default)s)")
+    parser.add_argument("--atol", type=options.non_negative_float, default=1e-3, help="absolute logit tolerance of the validation (default: %(default)s)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
                         help="int8 (correctors, classifiers): int8 weights (correctors: activations quantized per row); fp16/bf16 "
                         "(correctors, causal LMs): "
@@ -33,7 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
 
+# The exporters write these models with opset 13's operators (Softmax over one axis, Split with its
+# sizes as an input); older opsets cannot hold them.
+MIN_OPSET = 13
+
+
 def run(args: argparse.Namespace) -> int:
+    newest = _newest_opset()
+    if args.opset is not None and not MIN_OPSET <= args.opset <= (newest or args.opset):
+        raise InputError(f"--opset must be from {MIN_OPSET} to {newest} (the newest PyTorch's exporter writes), "
+                         f"got {args.opset}")
     if args.kind == "causal-lm":
         from lmcor.export.causal_lm import export_causal_lm
 
@@ -96,3 +106,12 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _newest_opset() -> int | None:
+    """The newest opset PyTorch's exporter writes (None without PyTorch: the export says what to install)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    return getattr(_constants, "ONNX_MAX_OPSET", None)

@@ -41,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
 
     def answer(prompts: list) -> list:
         return generator.generate_batch(prompts, temperature=args.temperature, seed=args.seed, prefix=prefix,
-                                        **sampling_options(args))
+                                        errors="return", **sampling_options(args))
 
     return answer_lines(args, lambda value: text_field(value, "prompt"), answer, record, "generating")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -101,6 +102,8 @@ def open_input(name: str) -> tuple[int, bool]:
     The reader thread reads the descriptor with `os.read`: a buffered file object would hold a
     lock while it waits on a pipe, and closing it from another thread (or at exit) would hang."""
     if name == "-":
+        if sys.stdin is None:
+            raise InputError("standard input is closed; give the input file's path instead of -")
         return sys.stdin.fileno(), False
     if os.path.isdir(name):
         raise InputError(f"{name}: is a directory, not a JSONL file")
@@ -170,27 +173,53 @@ class _Reader:
 
 
 class Output:
-    """Where records go: stdout, or a temporary file beside `-o` that replaces it at the end."""
+    """Where records go: stdout; or, for a regular file (or none yet) at `-o`, a temporary file beside
+    it that replaces it at the end (through a symbolic link, its target); or, for a device, pipe or
+    FIFO at `-o`, that itself, written as the records come (it cannot be replaced)."""
 
     def __init__(self, path: str | None, input_name: str, resume: bool):
         self.path = Path(path) if path else None
         self.records = 0  # written by this run and kept from an earlier one
         self.through = 0  # the last input line answered
-        self._temp: Path | None = None
+        self._temp: Path | None = None  # replaces `target` at the end
+        self.target: Path | None = None
         self._file: IO[bytes] | None = None
         if self.path is None:
             if resume:
                 raise InputError("--resume needs -o: the file an interrupted run wrote")
+            if sys.stdout is None:
+                raise InputError("standard output is closed; write to a file with -o")
             return
         if input_name != "-" and self.path.exists() and os.path.samefile(input_name, self.path):
             raise InputError(f"-o {self.path} is the input file; write to another file")
         if self.path.is_dir():
             raise InputError(f"-o {self.path} is a directory")
-        fd, temp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+        target = Path(os.path.realpath(self.path))  # a link stays a link: its target gets the records
+        if target.exists() and not target.is_file():
+            if resume:
+                raise InputError(f"--resume needs -o to be a regular file; {self.path} is a device, pipe or FIFO")
+            self._file = self._opened(lambda: open(target, "wb", buffering=0))
+            return
+        self.target = target
+        fd, temp = self._opened(lambda: tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
         self._temp = Path(temp)
         self._file = os.fdopen(fd, "wb")
         if resume:
             self._keep_finished()
+
+    def _opened(self, open_it: Callable[[], Any]) -> Any:
+        """`open_it()`, an OSError said of `-o` (not of the temporary file beside it)."""
+        try:
+            return open_it()
+        except OSError as e:
+            folder = self.path.parent if self.path is not None else None
+            if folder is not None and not folder.is_dir():
+                why = "its folder does not exist"
+            elif e.errno == errno.ENOENT:  # the folder is there, but takes no new file (/proc, /sys)
+                why = f"no file can be created in {folder}"
+            else:
+                why = e.strerror or str(e)
+            raise InputError(f"-o {self.path}: cannot write there ({why})") from None
 
     def _keep_finished(self) -> None:
         """Copy the complete records of an interrupted `-o` and note the last line they answer."""
@@ -220,15 +249,17 @@ class Output:
 
     def close(self, *, keep: bool) -> None:
         """Put the records in place (`keep`), or leave any earlier `-o` as it was."""
-        if self._file is None or self._temp is None:
-            self.flush()
+        if self._file is None:
+            sys.stdout.flush()
             return
         self._file.close()
+        if self._temp is None or self.target is None:  # written in place: nothing to put there
+            return
         if keep:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self._temp, 0o666 & ~umask)  # mkstemp's file is private; -o gets ordinary permissions
-            os.replace(self._temp, self.path)
+            os.replace(self._temp, self.target)
         else:
             self._temp.unlink(missing_ok=True)
 

@@ -12,13 +12,13 @@ DEFAULT_MAX_LINE_BYTES = 4 << 20
 DEFAULT_MAX_WAIT_MS = 20.0
 
 
-def _int_from(least: int, what: str):
+def _int_from(least: int, what: str, most: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < least:
+        if value < least or (most is not None and value > most):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -27,6 +27,9 @@ def _int_from(least: int, what: str):
 
 positive_int = _int_from(1, "a positive integer")
 non_negative_int = _int_from(0, "an integer >= 0")
+# Candidates per source: LMCor samples 5; a corrector reads them all in one input of a few hundred tokens.
+MAX_K = 64
+candidate_count = _int_from(1, f"an integer from 1 to {MAX_K}", MAX_K)
 
 
 def finite_float(text: str) -> float:
@@ -39,6 +42,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def add_lines(parser: argparse.ArgumentParser, fields: str) -> None:
     """Input, output and the line pipeline's limits (`lines.answer_lines`)."""
     parser.add_argument("input", nargs="?", help=f"JSONL file of {fields} lines; - for stdin (a pipe or FIFO works too)")
@@ -47,7 +57,7 @@ def add_lines(parser: argparse.ArgumentParser, fields: str) -> None:
                         help="continue an interrupted -o file: keep its complete records, answer only the lines after them")
     parser.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES,
                         help="a longer line gets an error record (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=finite_float, default=DEFAULT_MAX_WAIT_MS,
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=DEFAULT_MAX_WAIT_MS,
                         help="a batch starts at most this long after its first line arrived, so lines fed one at a "
                         "time are answered at once (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -124,6 +134,8 @@ def load_gate(args: argparse.Namespace, given: str | None):
         hint = f" (--gate took {args.gate!r} as its bundle: put --gate after the input file)" if args.gate else ""
         raise InputError(f"no input file given{hint}")
     if args.gate is None:
+        if args.gate_threshold is not None:
+            raise InputError("--gate-threshold needs --gate: without a gate nothing reads the threshold")
         return None
     from lmcor.runtime.bundle import shipped_bundle
     from lmcor.runtime.classifier import Classifier

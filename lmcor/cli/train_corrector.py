@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for every stage's work, resumed when run again")
     parser.add_argument("--llm", help="causal-LM bundle whose candidates the corrector learns to correct "
                         "(default: the candidates in the pairs file)")
-    parser.add_argument("-k", type=options.positive_int, default=5, help="candidates per source: 1 greedy + K-1 "
+    parser.add_argument("-k", type=options.candidate_count, default=5, help="candidates per source: 1 greedy + K-1 "
                         "samples (default: %(default)s)")
     parser.add_argument("--temperature", type=options.finite_float, default=0.6, help="of the samples (default: %(default)s)")
     parser.add_argument("--prompt", help="the LLM's prompt, with {source} (default: lmcor candidates' few-shot prompt)")

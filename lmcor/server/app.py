@@ -94,8 +94,15 @@ class ServerState:
         self.metrics = Metrics(self.pending, self._running, lambda: self.in_flight)
 
     @property
+    def broken(self) -> BaseException | None:
+        """Why the server cannot answer: its bundles failed to load, or its engine stopped."""
+        if self.failure is None and self.models is not None:
+            return self.models.engine.failure
+        return self.failure
+
+    @property
     def status(self) -> str:
-        if self.failure is not None:
+        if self.broken is not None:
             return "failed"
         if self.models is None:
             return "loading"
@@ -417,6 +424,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         def parse(item: Any) -> tuple:
             item = _fields(item, CORRECT_FIELDS, "an object with 'source' and 'candidates'")
             options = CorrectionOptions(**{name: item[name] for name in OPTIONS if name in item})
+            if options.gate_threshold is not None and models.gate is None:
+                raise InputError("field 'gate_threshold': this server has no gate to read it (serve with --gate)")
             models.engine.search(options)  # against this bundle (max_new_tokens at most its max_output_tokens)
             return (as_request(item), options, _timeout(item, config.timeout_s),
                     check_flag("stream", item.get("stream", False)))

@@ -65,7 +65,7 @@ class _Server(uvicorn.Server):
             self.state.drain()
 
     async def on_tick(self, counter: int) -> bool:
-        if self.state.failure is not None or (self.state.draining and self.state.in_flight == 0):
+        if self.state.broken is not None or (self.state.draining and self.state.in_flight == 0):
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -103,8 +103,11 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> int:
     log.info("listening", extra={"fields": {"url": url, "max_batch": config.max_batch, "max_queue": config.max_queue,
                                             "timeout_s": config.timeout_s, "auth": config.api_key is not None}})
     server.run(sockets=[sock])
-    if server.state.failure is not None:
-        raise server.state.failure
+    broken = server.state.broken
+    if isinstance(broken, LmcorError):
+        raise broken
+    if broken is not None:  # the engine's loop stopped (it logged the traceback)
+        raise LmcorError(f"the corrector's engine stopped: {type(broken).__name__}: {broken}") from broken
     if server.forced_by is not None:
         return EXIT_FORCED.get(server.forced_by, 1)
     log.info("stopped", extra={"fields": {}})
