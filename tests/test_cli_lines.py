@@ -141,6 +141,17 @@ def test_output_through_a_link_a_fifo_or_a_missing_folder(bundles, expected, tmp
     assert f"-o {missing}: cannot write there (its folder does not exist)" in capsys.readouterr().err
 
 
+def test_resume_refuses_the_output_of_another_input(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:2]))
+    out = tmp_path / "out.jsonl"
+    other = "".join(json.dumps({"id": n, "line": n, "output": "x"}) + "\n" for n in range(1, 6))
+    out.write_text(other)
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+    assert f"answers input lines up to 5, but {source} has 2: it is another input's output" in capsys.readouterr().err
+    assert out.read_text() == other
+
+
 def test_closed_standard_streams_get_one_line(bundles, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps(GOOD[0]) + "\n")

@@ -128,7 +128,7 @@ class _Reader:
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)  # bounded: memory stays flat on long inputs
         self.failure: OSError | None = None
         self.ended = False
-        self.skipped_bytes = 0  # of the lines an earlier run answered (--resume)
+        self.skipped_bytes = self.skipped_lines = 0  # the lines an earlier run answered (--resume)
         fd, owned = open_input(name)
         threading.Thread(target=self._read, args=(fd, owned, max_bytes, after), daemon=True).start()
 
@@ -145,6 +145,7 @@ class _Reader:
 
     def _skip(self, size: int) -> None:
         self.skipped_bytes += size
+        self.skipped_lines += 1
 
     def chunk(self, size: int, wait_s: float, stopping: Callable[[], bool]) -> list[Line]:
         """Up to `size` lines: waits for the first, then at most `wait_s` more for the rest."""
@@ -343,6 +344,9 @@ def answer_lines(
             yield answer_chunk(lines, convert, run, record), reader.skipped_bytes
         if reader.failure is not None:
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
+        if reader.skipped_lines < after:
+            raise LmcorError(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
+                             f"{reader.skipped_lines}: it is another input's output (remove it, or run without --resume)")
 
     return write_answers(args, answered, verb)
 
