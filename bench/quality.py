@@ -50,6 +50,8 @@ def item(value: Any, line: int) -> Item:
     target = value.get("target")
     if not isinstance(target, str):
         raise InputError("field 'target' must be a string" if "target" in value else "missing field 'target'")
+    if not target.strip():
+        raise InputError("field 'target' is empty (a correction is never empty)")
     return Item(line, request.source, request.candidates, target)
 
 

@@ -342,7 +342,9 @@ def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = N
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
-        raise BundleError(f"{root}: no such bundle directory")
+        raise BundleError(f"{root}: a file, not a bundle folder" if root.exists() else f"{root}: no such bundle directory")
+    if manifest_path.exists() and not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: not a file")
     if not manifest_path.is_file():
         raise BundleError(f"{root}: not an lmcor bundle ({MANIFEST_NAME} is missing; run `lmcor export` first)")
     try:

@@ -112,6 +112,11 @@ class CandidateWriter:
         self.k = check_int("k", self.k, 1)
         self.temperature = check_temperature(self.temperature)
         self.seed = check_int("seed", self.seed, 0)
+        positions = self.generator.manifest.max_input_tokens
+        for head in filter(None, self.few_shot.heads):  # said of the prompt, which the user wrote or took by default
+            if (n := len(self.generator.encode(head.rstrip() or head))) >= positions:
+                raise InputError(f"the prompt's part before {{source}} takes {n} tokens, and this model has "
+                                 f"{positions} positions in all: write a shorter prompt")
         self._prefixes: list[Prefix | None] = [self.generator.prefix(head) if head else None
                                                for head in self.few_shot.heads]
 

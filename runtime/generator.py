@@ -88,7 +88,7 @@ class Generator:
         ids = self.encode(shared)
         positions = self.manifest.max_input_tokens
         if not 0 < len(ids) < positions:  # prompts and outputs need room after it
-            raise InputError(f"text (the prefix): {len(ids)} tokens; a prefix takes 1 to {positions - 1} of the "
+            raise InputError(f"text (the prefix) has {len(ids)} tokens; it must take 1 to {positions - 1} of the "
                              f"model's {positions} positions")
         _, past = self._run(np.array([ids]), np.ones((1, len(ids)), dtype=np.int64),
                             np.arange(len(ids))[None, :], self._empty(1))

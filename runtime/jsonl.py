@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 from .errors import InputError
@@ -33,8 +34,8 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
         raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as e:
         raise InputError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    except ValueError as e:  # e.g. an integer over Python's digit limit
-        raise InputError(f"not usable JSON ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # an integer over Python's digit limit (its message advises Python code)
+        raise InputError(f"not usable JSON ({json_number_error(e)})") from None
     _check(value)
     return value
 
@@ -78,3 +79,11 @@ def dump_record(record: dict[str, Any]) -> str:
         raise InputError("a number in the record is out of range (not finite)") from None
     # Both can only occur inside JSON strings, where an escape means the same character.
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
+def json_number_error(error: ValueError) -> str:
+    """What a ValueError of `json.loads` says, in a user's terms: Python's own message for a number
+    past its digit limit advises a call to `sys.set_int_max_str_digits()`."""
+    if "int_max_str_digits" in str(error) or "integer string conversion" in str(error):
+        return f"a number with more than {sys.get_int_max_str_digits()} digits"
+    return str(error).splitlines()[0]

@@ -156,7 +156,7 @@ def test_generator_checks_prompts_and_prefixes(generator):
     with pytest.raises(InputError, match="item 0: the prompt's .* need .* of the model's 64 positions"):
         generator.generate_batch(["x y z " * 40], max_new_tokens=4)
     for text, message in [("", "must be a non-empty string"), (None, "must be a non-empty string"),
-                          ("a" + SURROGATE, "lone surrogate"), ("x y z " * 40, "a prefix takes 1 to 63")]:
+                          ("a" + SURROGATE, "lone surrogate"), ("x y z " * 40, "it must take 1 to 63")]:
         with pytest.raises(InputError, match=r"text \(the prefix\).*" + message):
             generator.prefix(text)
     assert generator.generate("a b", max_new_tokens=4) == generator.generate_batch(["a b"], max_new_tokens=4)[0].text

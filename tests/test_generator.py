@@ -117,6 +117,15 @@ def test_candidates_pipe_into_correct(bundle, bundles, tmp_path, capsys):
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [1, 3]
 
 
+def test_candidates_with_a_prompt_too_long_for_the_model_say_so(bundle, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"source": "she go to school"}\n')
+    prompt = "Fix the sentence. " * 40 + "Sentence: {source}\nFixed:"
+    assert main(["candidates", "--model", str(bundle), str(source), "-q", "--prompt", prompt]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the prompt's part before {source} takes" in err[0] and "write a shorter prompt" in err[0]
+
+
 def test_bench_shared_prefix(bundle, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["bench", "--shared-prefix", "--bundle", str(bundle), "--prefix-tokens", "40", "--requests", "3",

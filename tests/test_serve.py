@@ -91,6 +91,7 @@ def test_a_list_is_answered_in_order_and_streams_tokens_and_results(client, bund
 
 BAD = [
     (b"{not json", 400, "not valid JSON"),
+    (b'{"id": ' + b"9" * 5000 + b', "source": "x", "candidates": ["a"]}', 400, "a number with more than 4300 digits"),
     (b'{"source": NaN, "candidates": ["a"]}', 400, "NaN is not JSON"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested past Python's recursion limit
     (b" " * (ServeConfig().max_body_bytes + 1), 413, "over the limit"),

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generation
+from lmcor.runtime.jsonl import json_number_error
 from lmcor.runtime.options import (
     check_flag,
     check_int,
@@ -189,7 +190,8 @@ async def _json_body(request: Request, limit: int) -> Any:
     try:
         return json.loads(b"".join(chunks), parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
-        raise Refused(400, "bad_json", f"the body is not valid JSON: {e}") from None
+        why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
+        raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
 
 
 def _no_constant(name: str) -> None:
