@@ -135,6 +135,10 @@ def test_output_through_a_link_a_fifo_or_a_missing_folder(bundles, expected, tmp
     assert fifo.is_fifo() and [_strict(line)["output"] for line in got[0].splitlines()] == want
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(fifo), "--resume", *DECODE]) == 2
     assert "--resume needs -o to be a regular file" in capsys.readouterr().err
+    # /dev/stdout into a pipe: a link to a pipe, written in place.
+    piped = subprocess.run(f"{sys.executable} -m lmcor.cli correct --model {bundles['t5']} {source} -o /dev/stdout "
+                           + " ".join(DECODE) + " | cat", shell=True, capture_output=True, timeout=300)
+    assert [_strict(line)["output"] for line in piped.stdout.decode().splitlines()] == want, piped.stderr
     # An unusable -o is named as given, not as the temporary file beside it.
     missing = tmp_path / "no" / "out.jsonl"
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(missing), *DECODE]) == 2

@@ -195,13 +195,16 @@ class Output:
             raise InputError(f"-o {self.path} is the input file; write to another file")
         if self.path.is_dir():
             raise InputError(f"-o {self.path} is a directory")
-        target = Path(os.path.realpath(self.path))  # a link stays a link: its target gets the records
-        if target.exists() and not target.is_file():
+        try:
+            kind = os.stat(self.path).st_mode  # through links: /dev/stdout is a pipe's or a terminal's
+        except FileNotFoundError:
+            kind = None
+        if kind is not None and not stat.S_ISREG(kind):
             if resume:
                 raise InputError(f"--resume needs -o to be a regular file; {self.path} is a device, pipe or FIFO")
-            self._file = self._opened(lambda: open(target, "wb", buffering=0))
+            self._file = self._opened(lambda: open(self.path, "wb", buffering=0))
             return
-        self.target = target
+        target = self.target = Path(os.path.realpath(self.path))  # a link stays a link: its target gets the records
         fd, temp = self._opened(lambda: tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
         self._temp = Path(temp)
         self._file = os.fdopen(fd, "wb")
