@@ -24,7 +24,7 @@ from lmcor.runtime.errors import ExportError
 
 from .checkpoint import (
     TOKENIZER_FILE,
-    default_max_input_tokens,
+    input_limit,
     load_checkpoint,
     opset_of,
     stage,
@@ -44,6 +44,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 def _shape(config) -> DecoderShape:
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if config.model_type == "falcon" and config.multi_query and not config.new_decoder_architecture:
+        kv_heads = 1  # Falcon-7B's multi-query attention: one key/value head, whatever num_kv_heads says
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -76,7 +78,7 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="causal-lm", architecture=config.model_type,
-            max_input_tokens=max_input_tokens or default_max_input_tokens(config, tokenizer), precision=precision,
+            max_input_tokens=input_limit(config, tokenizer, max_input_tokens), precision=precision,
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
             special_tokens=SpecialTokens(pad=int(pad), eos=int(eos), decoder_start=int(bos)), decoder=_shape(config),
             max_output_tokens=max_output_tokens, exporter=versions(),
@@ -101,9 +103,9 @@ def _validate(model, bundle: Path, max_new_tokens: int = 12) -> dict:
     batched = generator.generate_batch(list(SAMPLE_PROMPTS), max_new_tokens=max_new_tokens, batch_size=len(SAMPLE_PROMPTS))
     for n, (prompt, ours) in enumerate(zip(SAMPLE_PROMPTS, batched)):
         ids = torch.tensor([generator.encode(prompt)])
+        model.generation_config = greedy_config(special, max_new_tokens)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, eos_token_id=special.eos, pad_token_id=special.pad)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
         reference = out[0, ids.shape[1] :].tolist()
         reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
         if reference != ours.token_ids:
@@ -138,10 +140,9 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
             theirs = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
         ours = generator.next_logits(ids)
         worst, largest = max(worst, float(np.abs(ours - theirs).max())), max(largest, float(np.abs(theirs).max()))
+        model.generation_config = greedy_config(special, 12)
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=12, do_sample=False, num_beams=1, eos_token_id=special.eos,
-                                 pad_token_id=special.pad)
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         reference = out[0, len(ids):].tolist()
         reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
         identical += generator.generate_batch([prompt], max_new_tokens=12)[0].token_ids == reference
@@ -157,3 +158,13 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
     return {"samples": len(HALF_PROMPTS), "max_abs_logit_diff": worst, "tolerance": tolerance,
             "greedy_token_agreement": agreement, "min_agreement": least,
             "validated_on": "cuda" if precision == "bf16" else "cpu"}
+
+
+def greedy_config(special, max_new_tokens: int):
+    """The search `Generator` runs in greedy mode, as the model's generation config: set there rather than
+    passed to `generate`, where transformers would fill the values left at their defaults from the
+    checkpoint's own (a repetition penalty, sampling, beams)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=special.eos,
+                            pad_token_id=special.pad)

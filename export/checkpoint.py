@@ -120,16 +120,34 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
         shutil.move(str(staged), out_dir)
 
 
-def default_max_input_tokens(config, tokenizer) -> int:
-    """The tokenizer's declared limit, else the model's position limit, else 512."""
+def input_limit(config, tokenizer, asked: int | None) -> int:
+    """The bundle's max input tokens: `asked`, which must fit the model's positions; else the
+    tokenizer's declared limit, else the model's positions, else 512."""
+    positions = model_positions(config)
+    if asked is not None:
+        if positions is not None and asked > positions:
+            raise ExportError(f"--max-input-tokens {asked}: the model has {positions} positions")
+        return asked
     declared = getattr(tokenizer, "model_max_length", None)
     if declared and declared < 1_000_000:
-        return int(declared)
+        return int(min(declared, positions or declared))
+    return positions or 512
+
+
+# Models whose position ids start after the padding id (RoBERTa's embeddings): pad_token_id + 1 of
+# their max_position_embeddings are never a position.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "mpnet", "data2vec-text",
+                     "roberta-prelayernorm", "ibert", "luke", "markuplm", "esm"}
+
+
+def model_positions(config) -> int | None:
+    """How many positions the model has (None: relative positions, as T5's, set no limit)."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if value:
-            return int(value)
-    return 512
+            offset = (config.pad_token_id or 0) + 1 if config.model_type in _OFFSET_POSITIONS else 0
+            return int(value) - offset
+    return None
 
 
 def opset_of(path: Path) -> int:

@@ -22,7 +22,7 @@ from lmcor.runtime.errors import ExportError
 from .checkpoint import (
     CLASSIFIER_PRECISIONS,
     TOKENIZER_FILE,
-    default_max_input_tokens,
+    input_limit,
     load_checkpoint,
     opset_of,
     quiet_exporter,
@@ -55,6 +55,12 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSequenceClassification", overwrite=overwrite)
     config = model.config
+    if config.num_labels < 2:
+        raise ExportError(f"{model_dir}: one output ({config.problem_type or 'a regression or score head'}); a classifier "
+                          "bundle gives probabilities over two or more labels")
+    if config.problem_type == "multi_label_classification":
+        raise ExportError(f"{model_dir}: a multi-label head (each label's own sigmoid); a classifier bundle gives one "
+                          "softmax over its labels")
     labels = tuple(config.id2label[i] for i in range(config.num_labels))
 
     with staged_export(model_dir, out_dir, "text-classification", opset) as (raw, staged):
@@ -67,7 +73,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="classifier", architecture=config.model_type,
-            max_input_tokens=max_input_tokens or default_max_input_tokens(config, tokenizer), precision="fp32",
+            max_input_tokens=input_limit(config, tokenizer, max_input_tokens), precision="fp32",
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
             exporter=versions(),
         )

@@ -28,7 +28,7 @@ from . import decoder as ragged
 from .checkpoint import (
     PRECISIONS,
     TOKENIZER_FILE,
-    default_max_input_tokens,
+    input_limit,
     load_checkpoint,
     opset_of,
     quiet_exporter,
@@ -163,7 +163,7 @@ def export_corrector(
             template=template,
             special_tokens=special,
             decoder=shape,
-            max_input_tokens=max_input_tokens or default_max_input_tokens(model.config, tokenizer),
+            max_input_tokens=input_limit(model.config, tokenizer, max_input_tokens),
             max_output_tokens=max_output_tokens,
             precision="fp32",
             opset=opset,

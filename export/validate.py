@@ -107,13 +107,13 @@ def validate_corrector(
     for n, ((_, model_input), correction) in enumerate(zip(usable, ours)):
         ids = model_input.ids
         input_ids = torch.from_numpy(ids)[None, :]
+        # The model's own generation config is replaced, not passed over: transformers fills the values a
+        # config passed to `generate` leaves at their defaults (num_beams=1, min_length=0...) from the
+        # checkpoint's (a summarizer's num_beams=4), and the reference would not be greedy search.
+        model.generation_config = _plain_generation_config(special, max_new_tokens, manifest.no_repeat_ngram_size)
         with torch.no_grad():
-            reference = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=_plain_generation_config(special, max_new_tokens, manifest.no_repeat_ngram_size),
-                use_cache=use_cache,
-            )[0, 1:].tolist()
+            reference = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                       use_cache=use_cache)[0, 1:].tolist()
         reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
         agreeing += reference == correction.token_ids
         if exact and reference != correction.token_ids:
