@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,10 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForCausalLM", overwrite=overwrite)
     config = model.config
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    if eos is None:
+    ends = [int(t) for t in eos] if isinstance(eos, list) else [] if eos is None else [int(eos)]
+    if not ends:
         raise ExportError(f"{model_dir}: the config has no eos_token_id")
+    eos = ends[0]  # the others (a chat model's end of turn) end answers too: the manifest's end_tokens
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
     with staged_export(model_dir, out_dir, "text-generation-with-past", opset) as (raw, staged):
@@ -82,6 +84,7 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
             special_tokens=SpecialTokens(pad=int(pad), eos=int(eos), decoder_start=int(bos)), decoder=_shape(config),
             max_output_tokens=max_output_tokens, exporter=versions(),
+            end_tokens=tuple(dict.fromkeys(t for t in ends[1:] if t != eos)), sliding_window=_sliding_window(config),
         )
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):
@@ -103,11 +106,11 @@ def _validate(model, bundle: Path, max_new_tokens: int = 12) -> dict:
     batched = generator.generate_batch(list(SAMPLE_PROMPTS), max_new_tokens=max_new_tokens, batch_size=len(SAMPLE_PROMPTS))
     for n, (prompt, ours) in enumerate(zip(SAMPLE_PROMPTS, batched)):
         ids = torch.tensor([generator.encode(prompt)])
-        model.generation_config = greedy_config(special, max_new_tokens)
+        model.generation_config = greedy_config(special, max_new_tokens, generator.manifest.end_tokens)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
         reference = out[0, ids.shape[1] :].tolist()
-        reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
+        reference = _answer(reference, {special.eos, *generator.manifest.end_tokens})
         if reference != ours.token_ids:
             raise ExportError(f"validation failed: greedy tokens differ from PyTorch on sample {n} "
                               f"(PyTorch {reference[:12]}, ONNX {ours.token_ids[:12]})")
@@ -140,11 +143,11 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
             theirs = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
         ours = generator.next_logits(ids)
         worst, largest = max(worst, float(np.abs(ours - theirs).max())), max(largest, float(np.abs(theirs).max()))
-        model.generation_config = greedy_config(special, 12)
+        model.generation_config = greedy_config(special, 12, generator.manifest.end_tokens)
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         reference = out[0, len(ids):].tolist()
-        reference = reference[: reference.index(special.eos)] if special.eos in reference else reference
+        reference = _answer(reference, {special.eos, *generator.manifest.end_tokens})
         identical += generator.generate_batch([prompt], max_new_tokens=12)[0].token_ids == reference
     atol, rtol = HALF_TOLERANCES[precision]
     tolerance = atol + rtol * largest
@@ -160,11 +163,27 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
             "validated_on": "cuda" if precision == "bf16" else "cpu"}
 
 
-def greedy_config(special, max_new_tokens: int):
+def greedy_config(special, max_new_tokens: int, ends: Sequence[int] = ()):
     """The search `Generator` runs in greedy mode, as the model's generation config: set there rather than
     passed to `generate`, where transformers would fill the values left at their defaults from the
     checkpoint's own (a repetition penalty, sampling, beams)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=special.eos,
-                            pad_token_id=special.pad)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            eos_token_id=[special.eos, *ends], pad_token_id=special.pad)
+
+
+def _sliding_window(config) -> int | None:
+    """The window of recent positions the model's attention spans, if it has one: Mistral's and Phi-3's
+    `sliding_window`, Qwen2's where `use_sliding_window`, GPT-Neo's local layers' `window_size`."""
+    if config.model_type == "gpt_neo":
+        return int(config.window_size) if "local" in config.attention_layers else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def _answer(tokens: list[int], ends: set[int]) -> list[int]:
+    """`generate`'s new tokens up to the first that ends the answer."""
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in ends), tokens)

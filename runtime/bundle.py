@@ -96,6 +96,11 @@ class Manifest:
     # above which a candidate is passed (calibrated by `lmcor.recipes.gate`; None: 0.5)
     labels: tuple[str, ...] = ()
     gate_threshold: float | None = None
+    # causal LMs: token ids that end an answer besides special_tokens.eos (a chat model's end of turn),
+    # and the window of recent positions its attention spans, if it has one (drafts are off then:
+    # the rejected drafts a row keeps in its cache would take slots of the window)
+    end_tokens: tuple[int, ...] = ()
+    sliding_window: int | None = None
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -143,6 +148,9 @@ class Manifest:
             decoder_graph=graph,
             no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, default=0),
             fallback_below=top.number("fallback_below", 0, 100),
+            end_tokens=_end_tokens(top, decoder.vocab_size) if kind == "causal-lm" else (),
+            sliding_window=top.integer("sliding_window", 1, default=None)
+            if kind == "causal-lm" and top.get("sliding_window", None) is not None else None,
             fallback_span=top.integer("fallback_span", 0, default=None) or None  # 0 or absent: any edit
             if top.get("fallback_span", None) is not None else None,
             sha256=_sha256(top),
@@ -226,6 +234,13 @@ def _precision(top: _Fields) -> str:
         top.fail("precision", f"unknown precision {_show(precision)} (expected one of {', '.join(PRECISIONS)}; "
                  "re-export the model or upgrade lmcor)")
     return precision
+
+
+def _end_tokens(top: _Fields, vocab_size: int) -> tuple[int, ...]:
+    tokens = top.get("end_tokens", [])
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
+        top.fail("end_tokens", f"expected a list of token ids below decoder.vocab_size ({vocab_size}), got {_show(tokens)}")
+    return tuple(tokens)
 
 
 def _decoder_shape(fields: _Fields) -> DecoderShape:

@@ -219,7 +219,8 @@ class Generator:
             past = self._empty(batch)
         logits, past = self._run(ids, mask, positions, past)
         rngs = [np.random.default_rng(seed) for seed in seeds]
-        drafting = drafts and sampling.temperature <= 0 and "position_ids" in self._inputs
+        drafting = (drafts and sampling.temperature <= 0 and "position_ids" in self._inputs
+                    and self.manifest.sliding_window is None)
         drafters = [Drafts([np.array(p)], special.eos) for p in prompts] if drafting else []
         tokens: list[list[int]] = [[] for _ in range(batch)]
         stopped: dict[int, str] = {}  # row -> its text, cut before the stop string
@@ -269,7 +270,7 @@ class Generator:
         """Append a row's new tokens to `written` until it ends (EOS, `limit` tokens, a stop string:
         its text cut before it goes to `stopped`); whether the row goes on."""
         for token in new:
-            if token == self.manifest.special_tokens.eos:
+            if token == self.manifest.special_tokens.eos or token in self.manifest.end_tokens:
                 return False
             written.append(token)
             if stops:

@@ -14,6 +14,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -324,3 +326,40 @@ def test_causal_lm_export_refuses_int8(checkpoint, tmp_path, capsys):
     assert main(["export", str(checkpoint), str(tmp_path / "q"), "--kind", "causal-lm", "--precision", "int8"]) == 2
     assert "precision must be one of fp32, fp16, bf16" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_a_sliding_window_and_several_end_tokens_answer_as_generate(tmp_path):
+    """A Mistral with a sliding window shorter than its answers, whose generation config ends answers on
+    two tokens: with drafts asked for (they are off for such a model: rejected drafts would take slots
+    of the window), batched answers equal `generate`'s, and each ends at whichever end token comes first."""
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, sliding_window=6))
+    ends = [2, *tokenizer.encode(" school", add_special_tokens=False)[:1]]
+    model.generation_config.eos_token_id = ends
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    manifest = export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=24)
+    assert manifest.sliding_window == 6 and manifest.end_tokens == tuple(ends[1:])
+    generator = Generator.load(tmp_path / "lm")
+    calls = {"n": 0}
+    run = generator.session.run
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return run(*args, **kwargs)
+
+    generator.session.run = counted
+    answers = generator.generate_batch(PROMPTS, max_new_tokens=20, drafts=True)
+    drafted, calls["n"] = calls["n"], 0
+    assert [a.token_ids for a in generator.generate_batch(PROMPTS, max_new_tokens=20, drafts=False)] == [
+        a.token_ids for a in answers] and calls["n"] == drafted > 0  # one token per call either way: no drafts
+    model.generation_config.pad_token_id = manifest.special_tokens.pad
+    for prompt, ours in zip(PROMPTS, answers):
+        ids = torch.tensor([generator.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                                 do_sample=False)[0, ids.shape[1]:].tolist()
+        assert ours.token_ids == next((out[:i] for i, t in enumerate(out) if t in ends), out), prompt
