@@ -11,6 +11,7 @@ its probabilities move, on the same samples.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import shutil
 from pathlib import Path
@@ -75,7 +76,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
             kind="classifier", architecture=config.model_type,
             max_input_tokens=input_limit(config, tokenizer, max_input_tokens), precision="fp32",
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
-            exporter=versions(),
+            exporter=versions(), pad_token=config.pad_token_id,
         )
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):
@@ -115,11 +116,12 @@ def _fuse(source: Path, target: Path, config) -> None:
 def _torch_probabilities(model, tokenizer) -> np.ndarray:
     import torch
 
+    takes = inspect.signature(model.forward).parameters  # a tokenizer may give token types BART does not take
     rows = []
     for text, pair in SAMPLES:
         encoded = tokenizer(text, pair, return_tensors="pt", truncation=True)
         with torch.no_grad():
-            rows.append(torch.softmax(model(**encoded).logits[0], -1).numpy())
+            rows.append(torch.softmax(model(**{k: v for k, v in encoded.items() if k in takes}).logits[0], -1).numpy())
     return np.stack(rows)
 
 
@@ -127,4 +129,9 @@ def _bundle_probabilities(path: Path) -> np.ndarray:
     from lmcor.runtime.classifier import Classifier
 
     classifier = Classifier.load(path, providers=["CPUExecutionProvider"])
-    return np.stack([r.probabilities for r in classifier.classify_batch(list(SAMPLES), batch_size=1)])
+    alone = np.stack([r.probabilities for r in classifier.classify_batch(list(SAMPLES), batch_size=1)])
+    batched = np.stack([r.probabilities for r in classifier.classify_batch(list(SAMPLES), batch_size=len(SAMPLES))])
+    if not np.allclose(alone, batched, atol=1e-4):  # a row's probabilities must not depend on its batch
+        raise ExportError(f"validation failed: probabilities differ batched and alone (max diff "
+                          f"{float(np.abs(alone - batched).max()):.3g})")
+    return alone

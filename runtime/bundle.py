@@ -101,6 +101,9 @@ class Manifest:
     # the rejected drafts a row keeps in its cache would take slots of the window)
     end_tokens: tuple[int, ...] = ()
     sliding_window: int | None = None
+    # classifiers: the id a batch's shorter texts are padded with (masked; but a decoder-only
+    # classifier reads each row's last token that is not this id); None: 0
+    pad_token: int | None = None
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -149,6 +152,8 @@ class Manifest:
             no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, default=0),
             fallback_below=top.number("fallback_below", 0, 100),
             end_tokens=_end_tokens(top, decoder.vocab_size) if kind == "causal-lm" else (),
+            pad_token=top.integer("pad_token", 0, default=None)
+            if kind == "classifier" and top.get("pad_token", None) is not None else None,
             sliding_window=top.integer("sliding_window", 1, default=None)
             if kind == "causal-lm" and top.get("sliding_window", None) is not None else None,
             fallback_span=top.integer("fallback_span", 0, default=None) or None  # 0 or absent: any edit

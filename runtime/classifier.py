@@ -84,6 +84,10 @@ class Classifier:
     def __init__(self, root: Path, manifest: Manifest, tokenizer, session):
         self.root, self.manifest, self.tokenizer, self.session = root, manifest, tokenizer, session
         self._inputs = {i.name for i in session.get_inputs()}
+        self._pad = manifest.pad_token or 0
+        # BART's head reads each row's last EOS, which its graph finds only where every row of the
+        # batch holds as many (a pair holds three, a text one): its texts are classified one by one.
+        self._alone = manifest.architecture in ("bart", "mbart")
         tokenizer.enable_truncation(manifest.max_input_tokens, strategy="longest_first")
 
     @classmethod
@@ -129,9 +133,9 @@ class Classifier:
         cut = [len(text) > most or (pair is not None and len(pair) > most) for _, text, pair, _ in good]
         encodings = [self.tokenizer.encode(text[:most], pair if pair is None else pair[:most])
                      for _, text, pair, _ in good]
-        for batch in plan_batches([len(e.ids) for e in encodings], batch_size):
+        for batch in plan_batches([len(e.ids) for e in encodings], 1 if self._alone else batch_size):
             chosen = [encodings[i] for i in batch]
-            ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], 0)  # pads are masked
+            ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], self._pad)
             feed = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._inputs:
                 feed["token_type_ids"], _ = pad_batch([np.asarray(e.type_ids, dtype=np.int64) for e in chosen], 0)

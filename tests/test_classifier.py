@@ -20,8 +20,12 @@ from tokenizers import (
 )
 from transformers import (
     AutoModelForSequenceClassification,
+    BartConfig,
+    BartForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
     RobertaConfig,
     RobertaForSequenceClassification,
@@ -93,9 +97,54 @@ def _torch(checkpoint, items):
     out = []
     for text, pair in items:
         encoded = tokenizer(text, pair, return_tensors="pt", truncation=True, max_length=24)
+        if model.config.model_type == "bart":  # BART takes no token types
+            encoded.pop("token_type_ids", None)
         with torch.no_grad():
             out.append(torch.softmax(model(**encoded).logits[0], -1).numpy())
     return np.stack(out)
+
+
+def _byte_bpe(pairs: bool):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if pairs:
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=24)
+
+
+def _llama():
+    """A decoder-only classifier reads its last token that is not padding, whose id here is not 0."""
+    fast = _byte_bpe(pairs=False)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=2,
+                         bos_token_id=0, eos_token_id=2, initializer_range=0.5, **LABELS)
+    return fast, LlamaForSequenceClassification(config)
+
+
+def _bart():
+    """BART's head reads each row's last EOS: a pair holds three, a text one."""
+    fast = _byte_bpe(pairs=True)
+    config = BartConfig(vocab_size=len(fast), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, init_std=0.5, **LABELS)
+    return fast, BartForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("build", [_llama, _bart])
+def test_classifiers_whose_heads_read_padding_or_eos_match_pytorch_in_any_batch(build, tmp_path):
+    torch.manual_seed(0)
+    tokenizer, model = build()
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    export_classifier(tmp_path / "ck", tmp_path / "bundle")  # its validation compares batched and alone
+    items = [(t, None) for t in TEXTS[:4]] + PAIRS[:3]
+    got = Classifier.load(tmp_path / "bundle").classify_batch(items, batch_size=8)
+    np.testing.assert_allclose(np.stack([r.probabilities for r in got]), _torch(tmp_path / "ck", items), atol=1e-5)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
