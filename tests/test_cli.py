@@ -111,6 +111,19 @@ def test_options_out_of_range_are_refused_before_anything_runs(args, says, capsy
     assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_an_unforeseen_failure_is_one_line(bundles, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : something deep\nand more lines")
+
+    monkeypatch.setattr(Corrector, "correct_batch", broken)
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({**GOOD[0], "target": GOOD[0]["source"]}) + "\n")
+    assert main(["eval", str(data), "--model", str(bundles["t5"]), "-q", "--json", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lmcor: error: RuntimeError: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : something deep "
+                   "(lmcor -v shows the traceback)"]
+
+
 def test_a_gate_threshold_without_a_gate_is_refused(bundles, tmp_path, capsys):
     data = tmp_path / "in.jsonl"
     data.write_text(json.dumps(GOOD[0]) + "\n")

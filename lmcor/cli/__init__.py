@@ -73,3 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # what lmcor did not foresee (an ONNX Runtime failure): one line; -v logs the traceback
+        logging.getLogger("lmcor").debug("the traceback behind the error below", exc_info=True)
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"lmcor: error: {type(e).__name__}: {first} (lmcor -v shows the traceback)", file=sys.stderr)
+        return EXIT_ERROR
