@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from lmcor.runtime.errors import ExportError, LmcorError
+from lmcor.runtime.errors import BundleError, ExportError, LmcorError
 
 log = logging.getLogger("lmcor")
 
@@ -51,6 +51,9 @@ def stage(model_dir: Path, name: str) -> Iterator[None]:
     to the debug log and stays chained). lmcor's own errors, and its bugs, pass unchanged."""
     try:
         yield
+    except BundleError as e:  # the bundle being staged, refused by the runtime: named by its file, not its temporary path
+        where, _, what = str(e).partition(": ")
+        raise ExportError(f"{model_dir}: {name} failed: the exported {Path(where).name}: {what}") from e
     except LmcorError:
         raise
     except Exception as e:
