@@ -5,8 +5,9 @@
 The corrector runs once over the dev requests without a fallback; then each threshold and span is
 scored as `Corrector.correct_batch(fallback_below=..., fallback_span=...)` would apply them
 (`runtime.fallback.guard`: an output whose chrF to its nearest candidate is below the threshold is
-replaced by the best guess among the source and the candidates, the candidates' voted edits replace
-a text they support more, and the text keeps only its edits to the source of at most `span` words).
+replaced by the best guess among the source and the candidates, the candidates' voted edits (kept to
+`span` words) replace a text they support more, and the text keeps only its edits to the source of
+at most `span` words that write words of the source or the candidates).
 The pair kept scores within `--tolerance` of the best on exact match + chrF, with the lowest
 threshold and then the largest span: as good as any, and changing the fewest outputs. The bundle's
 `fallback_below` and `fallback_span` are then the defaults of `lmcor correct` and `eval`.
@@ -35,7 +36,7 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
     from lmcor.runtime.fallback import agreement, best_guess, nearest
     from lmcor.runtime.request import Request
     from lmcor.runtime.tokens import encode_requests
-    from lmcor.runtime.vote import edit_vote, minimal_edits
+    from lmcor.runtime.vote import edit_vote, input_words, minimal_edits
 
     requests = [Request(i.source, tuple(i.candidates)) for i in items]
     outputs = [c.text for c in corrector.correct_batch(requests, fallback_below=0)]
@@ -57,18 +58,19 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
             support[key] = agreement(text, item.candidates)
         return support[key]
 
+    known = [input_words(item.source, item.candidates) for item in items]
+    small_votes = {span: [None if v is None else minimal_edits(item.source, v, span) if span else v
+                          for v, item in zip(votes, items)] for span in SPANS}
     targets = [i.target for i in items]
-    tried = []
-    for threshold in THRESHOLDS:
-        chosen = []
-        for text, s, guess, vote, item in zip(outputs, similarity, guesses, votes, items):
-            if threshold:
+    tried = [{"threshold": 0, "span": 0, "fell_back": 0, **score(outputs, targets)}]  # threshold 0: no guard at all
+    for threshold in THRESHOLDS[1:]:
+        for span in SPANS:
+            kept = []
+            for text, s, guess, vote, item, words in zip(outputs, similarity, guesses, small_votes[span], items, known):
                 text = text if s >= threshold else guess
                 if vote is not None and vote != text and supported(vote, item) > supported(text, item):
                     text = vote
-            chosen.append(text)
-        for span in SPANS if threshold else (0,):  # threshold 0: no guard at all
-            kept = [minimal_edits(item.source, text, span) for text, item in zip(chosen, items)] if span else chosen
+                kept.append(minimal_edits(item.source, text, span, words))
             replaced = sum(k != o for k, o in zip(kept, outputs))
             tried.append({"threshold": threshold, "span": span, "fell_back": replaced, **score(kept, targets)})
     best = max(_objective(t) for t in tried)

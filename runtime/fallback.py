@@ -7,8 +7,9 @@ it does not rewrite: an output whose similarity to its nearest candidate is belo
 is replaced by the text among the source and the candidates that agrees most with the
 candidates and the output (`best_guess`). And where the candidates agree on edits to the source
 that the output lacks, their vote (`vote.edit_vote`) is returned if they support it more. Last, the
-text keeps only its edits to the source of at most a calibrated number of words
-(`vote.minimal_edits`): a weak LLM's rewrites, which the model may follow, stay out. Similarity
+text keeps only its edits to the source of at most a calibrated number of words, which write only
+words of the source and the candidates (`vote.minimal_edits`): a weak LLM's rewrites, which the
+model may follow, stay out, and so do words its tokenizer could not spell. Similarity
 is sentence chrF, computed as sacrebleu's default `CHRF()` computes it (character 1- to 6-grams,
 whitespace removed, recall weighted by beta 2).
 """
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 
 from . import core
 from .request import Correction
-from .vote import edit_vote, minimal_edits
+from .vote import edit_vote, input_words, minimal_edits
 
 CHAR_ORDER = 6
 BETA = 2.0
@@ -105,9 +106,13 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
     - the candidates' voted edits to the source (`vote.edit_vote`), when the candidates support
       them more than the text chosen so far (`agreement`): where the LLM's answers agree on an edit,
       a small model that missed it is outvoted;
-    - with `span` > 0, the text chosen so far kept to its edits of at most `span` words
-      (`vote.minimal_edits`): a weak LLM's candidates rewrite and drop clauses, and a corrector
-      that follows them, or loses its place, moves away from a source it should only edit.
+    - the text chosen so far kept to its edits of at most `span` words (`vote.minimal_edits`; 0: any
+      size), the vote too before it is weighed: a weak LLM's candidates rewrite and drop clauses,
+      and a corrector that follows them, or loses its place, moves away from a source it should
+      only edit;
+    - and to edits that write only words the source or a candidate holds: a corrector copies, and
+      a word none of its inputs holds is one its tokenizer could not spell (accented or non-Latin
+      letters outside its vocabulary come out as other words) or a slip.
 
     `seen`: the candidates as the model saw them, cut where its input was truncated. The output is
     compared with those: the model wrote from them, and text it never read would only lower every
@@ -124,13 +129,15 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         index = best_guess(text, source, read)
         text = (source if index == 0 else candidates[index - 1]) if source is not None else candidates[index]
     if source is not None and tuple(read) == tuple(candidates):
-        voted = edit_vote(source, candidates)
+        # Kept to small edits before it is weighed: where most candidates are no answer ("N/A", a
+        # refusal), their vote replaces the whole sentence, which would win here and be undone below.
+        voted = minimal_edits(source, edit_vote(source, candidates), span) if span else edit_vote(source, candidates)
         if voted != text:
             for_vote, for_text = _support([voted, text], candidates)
             if for_vote > for_text:
                 text = voted
-    if source is not None and span:
-        text = minimal_edits(source, text, span)
+    if source is not None:
+        text = minimal_edits(source, text, span, input_words(source, candidates))
     if text == correction.text:
         return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

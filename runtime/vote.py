@@ -30,15 +30,17 @@ def edit_vote(source: str, candidates: Sequence[str], need: int = NEED) -> str:
     return " ".join(vocabulary[n] for n in voted)
 
 
-def minimal_edits(source: str, text: str, span: int) -> str:
+def minimal_edits(source: str, text: str, span: int, known: set[str] | None = None) -> str:
     """The source with those of `text`'s word-level edits to it that replace at most `span` words by
-    at most `span` words; a larger one (a rewrite, a dropped clause, a skip where copying lost its
-    place) is left out, its source words kept. With nothing left out, `text` itself."""
+    at most `span` words (0: any), and, given `known` words, write only those; another edit (a
+    rewrite, a dropped clause, a skip where copying lost its place, a word no input holds) is left
+    out, its source words kept. With nothing left out, `text` itself."""
     words, theirs = source.split(), text.split()
     out: list[str] = []
     dropped = False
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes():
-        keep = tag == "equal" or max(i2 - i1, j2 - j1) <= span
+        keep = tag == "equal" or ((not span or max(i2 - i1, j2 - j1) <= span)
+                                  and (known is None or all(word in known for word in theirs[j1:j2])))
         out += theirs[j1:j2] if keep else words[i1:i2]
         dropped = dropped or not keep
     return " ".join(out) if dropped else text  # nothing left out: the text as it was, its spacing too
@@ -64,3 +66,8 @@ def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEE
         out += words[at:i1] + list(replacement)
         at = i2
     return " ".join(out + words[at:])
+
+
+def input_words(source: str, candidates: Sequence[str]) -> set[str]:
+    """The words of a request's source and candidates: all a corrector that copies can write."""
+    return set(source.split()).union(*(candidate.split() for candidate in candidates))

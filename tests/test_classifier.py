@@ -208,15 +208,22 @@ def _gate(checkpoint, path, right_logit: float) -> Classifier:
     return Classifier.load(path / "gate")
 
 
+def _edited(count: int, seed: int) -> list[dict]:
+    """Requests whose first candidate edits its source (a gate passes no other: `engine.GATE_MIN_SHARED`)."""
+    from conftest import make_requests
+
+    return [{**r, "candidates": [r["source"].replace("e", "a", 1), *r["candidates"][1:]]}
+            for r in make_requests(count, seed)]
+
+
 @pytest.mark.parametrize("verdict", ["right", "needs correction"])
 def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tmp_path, verdict):
-    from conftest import make_requests
 
     from lmcor import Corrector
 
     gate = _gate(checkpoint, tmp_path, 20.0 if verdict == "right" else -20.0)
     corrector = Corrector.load(bundles["t5"])
-    requests = make_requests(4, seed=1)
+    requests = _edited(4, seed=1)
     got = corrector.correct_batch(requests, gate=gate, max_new_tokens=5)
     plain = corrector.correct_batch(requests, max_new_tokens=5)
     if verdict == "right":
@@ -228,14 +235,13 @@ def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tm
 def test_the_gate_threshold_comes_from_the_bundle_unless_given(checkpoint, bundles, tmp_path):
     import dataclasses
 
-    from conftest import make_requests
 
     from lmcor import Corrector
     from lmcor.runtime.bundle import load_manifest, write_manifest
 
     gate = _gate(checkpoint, tmp_path, 1.0)  # P(right) = 0.73
     corrector = Corrector.load(bundles["t5"])
-    requests = make_requests(3, seed=2)
+    requests = _edited(3, seed=2)
     assert all(c.gated for c in corrector.correct_batch(requests, gate=gate, max_new_tokens=3))  # 0.5 by default
     write_manifest(tmp_path / "gate", dataclasses.replace(gate.manifest, gate_threshold=0.8))
     calibrated = Classifier.load(tmp_path / "gate")
@@ -258,11 +264,10 @@ def test_the_gate_recipe_calibrates_the_lowest_threshold_that_keeps_exact_match(
 
 
 def test_cli_eval_behind_a_gate(checkpoint, bundles, tmp_path, capsys):
-    from conftest import make_requests
 
     _gate(checkpoint, tmp_path, 20.0)  # always "right"
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(dict(r, target=r["candidates"][0])) + "\n" for r in make_requests(3, seed=4)))
+    data.write_text("".join(json.dumps(dict(r, target=r["candidates"][0])) + "\n" for r in _edited(3, seed=4)))
     out = tmp_path / "scores.json"
     assert main(["eval", "--model", str(bundles["t5"]), "--gate", str(tmp_path / "gate"), str(data), "--json", str(out),
                  "--max-new-tokens", "4"]) == 0
@@ -272,10 +277,9 @@ def test_cli_eval_behind_a_gate(checkpoint, bundles, tmp_path, capsys):
 
 
 def test_cli_bench_behind_a_gate(checkpoint, bundles, tmp_path, capsys):
-    from conftest import make_requests
 
     _gate(checkpoint, tmp_path, 20.0)  # always "right"
-    requests = make_requests(4, seed=5)
+    requests = _edited(4, seed=5)
     data = tmp_path / "data.jsonl"  # the first candidate is the target in every other line
     data.write_text("".join(json.dumps(dict(r, target=r["candidates"][0] if n % 2 else "-")) + "\n"
                             for n, r in enumerate(requests)))

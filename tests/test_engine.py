@@ -238,7 +238,9 @@ def test_a_bad_cache_layout_fails_at_load(bundles, monkeypatch):
 def test_the_gate_answers_online_before_admission(bundles):
     corrector = Corrector.load(bundles["t5"])
     gate = Classifier.load(shipped_bundle("gate"))
-    requests = [{"source": "she go", "candidates": ["  ", "She goes."]}, *make_requests(2, seed=5)]
+    requests = [{"source": "she go", "candidates": ["  ", "She goes."]},
+                {"source": "She go to school every days.", "candidates": ["She goes to school every day.", "x"]},
+                {"source": "They was late.", "candidates": ["They were late."]}]
     with _engine(corrector) as engine:
         got = [engine.submit(r, CorrectionOptions(max_new_tokens=4, gate_threshold=0.0), gate=gate).result(
             timeout=RESULT_TIMEOUT) for r in requests]
@@ -279,3 +281,22 @@ def test_on_tokens_hears_every_token_as_it_is_written(bundles):
         assert [t for piece in heard[n] for t in piece] == result.token_ids
         calls = result.stats.decoder_calls  # the last call may write only EOS, which is not heard
         assert all(heard[n]) and calls - 1 <= len(heard[n]) <= calls
+
+
+def test_a_gate_threshold_needs_a_gate(bundles):
+    corrector = Corrector.load(bundles["t5"])
+    request = make_requests(1, seed=16)[0]
+    with pytest.raises(InputError, match="gate_threshold needs a gate"):
+        corrector.correct_batch([request], gate_threshold=0.3)
+    with _engine(corrector) as engine, pytest.raises(InputError, match="gate_threshold needs a gate"):
+        engine.submit(request, CorrectionOptions(gate_threshold=0.3)).result(timeout=RESULT_TIMEOUT)
+
+
+def test_a_gate_never_passes_a_first_candidate_far_from_the_source(bundles):
+    """Five candidates that repeat a refusal: the gate is not asked, the corrector answers."""
+    gate = Classifier.load(shipped_bundle("gate"))
+    corrector = Corrector.load(bundles["t5"])
+    refusal = ("She go to school every days.", ["I cannot help with that."] * 5)
+    fixed = ("She go to school every days.", ["She goes to school every day."] * 5)
+    answers = corrector.correct_batch([refusal, fixed], gate=gate, gate_threshold=0.0, max_new_tokens=8)
+    assert not answers[0].gated and answers[1].gated and answers[1].text == fixed[1][0]

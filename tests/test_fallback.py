@@ -203,3 +203,24 @@ def test_edit_vote_keeps_the_source_where_the_candidates_disagree():
     source = "She go to class every day, and she likes it."
     rewrites = ["She goes to class.", "She attends her classes daily and enjoys them.", "Every day, she likes it."]
     assert edit_vote(source, rewrites) == source
+
+
+def test_candidates_that_are_no_answer_do_not_undo_the_models_fix():
+    """Three of five candidates are a refusal: their vote replaces the whole sentence, which kept to
+    small edits is the source again, and the output's fix, which two candidates make, stays."""
+    source = "She go to school every days."
+    candidates = ["She goes to school every day."] * 2 + ["I cannot help with that."] * 3
+    fixed = Correction("She goes to school every day.", [5])
+    assert guard(fixed, candidates, 50, source=source, span=2) is fixed
+
+
+def test_an_edit_writing_a_word_no_input_holds_is_left_out():
+    """A word outside the tokenizer's vocabulary ("café") comes out as other words: the edit that
+    writes them is left out, the source's word kept, and the output's other edits stay."""
+    source = "My brother have two cat and we goes to the café every days."
+    candidates = ["My brother has two cats and we go to the café every day."]
+    spelled = Correction("My brother have two cats and we go to the caf bacteria every day.", [5])
+    kept = guard(spelled, candidates, 50, source=source, span=2)
+    assert kept.text == "My brother have two cats and we go to the café every day." and kept.fallback
+    assert minimal_edits(source, spelled.text, 0, {"x"}) == source  # no edit writes only known words
+    assert minimal_edits("a b", "a c", 0) == "a c"  # span 0 and no known words: any edit
