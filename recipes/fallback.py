@@ -58,7 +58,7 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
             support[key] = agreement(text, item.candidates)
         return support[key]
 
-    known = [input_words(item.source, item.candidates) for item in items]
+    known = [input_words(item.source, read) for item, read in zip(items, seen)]
     small_votes = {span: [None if v is None else minimal_edits(item.source, v, span) if span else v
                           for v, item in zip(votes, items)] for span in SPANS}
     targets = [i.target for i in items]
@@ -66,11 +66,11 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
     for threshold in THRESHOLDS[1:]:
         for span in SPANS:
             kept = []
-            for text, s, guess, vote, item, words in zip(outputs, similarity, guesses, small_votes[span], items, known):
-                text = text if s >= threshold else guess
+            for output, s, guess, vote, item, words in zip(outputs, similarity, guesses, small_votes[span], items, known):
+                text = output if s >= threshold else guess
                 if vote is not None and vote != text and supported(vote, item) > supported(text, item):
                     text = vote
-                kept.append(minimal_edits(item.source, text, span, words))
+                kept.append(minimal_edits(item.source, text, span, words if text == output else None))
             replaced = sum(k != o for k, o in zip(kept, outputs))
             tried.append({"threshold": threshold, "span": span, "fell_back": replaced, **score(kept, targets)})
     best = max(_objective(t) for t in tried)

@@ -137,7 +137,11 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
             if for_vote > for_text:
                 text = voted
     if source is not None:
-        text = minimal_edits(source, text, span, input_words(source, candidates))
+        # Words its inputs hold bound the model's own output, as it read them; a guess or a vote is
+        # made of the candidates' words already (and a huge candidate is not read again).
+        known = input_words(source, read) if text == correction.text else None
+        if span or known is not None:
+            text = minimal_edits(source, text, span, known)
     if text == correction.text:
         return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

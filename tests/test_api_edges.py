@@ -126,7 +126,9 @@ def test_a_request_that_is_not_unicode_fails_alone(corrector, many):
 
 
 def test_the_gate_checks_and_passes_over_blank_first_candidates(corrector, gate):
-    requests = [{"source": "she go", "candidates": ["  ", "She goes."]}, *REQUESTS[:2]]
+    requests = [{"source": "she go", "candidates": ["  ", "She goes."]},
+                {"source": "They was late.", "candidates": ["They were late."]},
+                {"source": "It be fine.", "candidates": ["It is fine.", "It be fine."]}]
     got = corrector.correct_batch(requests, gate=gate, gate_threshold=0.0, **DECODE)
     assert not got[0].gated and got[1].gated and got[2].gated  # threshold 0 passes every candidate asked about
     _names("gate", lambda: corrector.correct_batch(requests, gate=corrector, **DECODE))
