@@ -33,7 +33,7 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
     of every pair tried. Both are chosen on exact match + chrF: chrF alone would trade exact
     corrections for character overlap."""
     from lmcor.bench.quality import score
-    from lmcor.runtime.fallback import agreement, best_guess, nearest
+    from lmcor.runtime.fallback import agreement, best_guess, nearest, voters
     from lmcor.runtime.request import Request
     from lmcor.runtime.tokens import encode_requests
     from lmcor.runtime.vote import edit_vote, input_words, minimal_edits
@@ -42,33 +42,33 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
     outputs = [c.text for c in corrector.correct_batch(requests, fallback_below=0)]
     # What `fallback.guard` weighs, computed once: each threshold then only picks among them. As there,
     # an output is compared with the candidates as the model read them (cut where its input was), a
-    # guess returns its candidate whole, and a truncated request is not voted.
+    # guess returns its candidate whole, and the vote reads the candidates `voters` gives.
     m = corrector.manifest
     seen = [x.candidates for x in encode_requests(corrector.tokenizer, m.template, requests, m.max_input_tokens)]
     similarity = [nearest(text, read)[1] for text, read in zip(outputs, seen)]
     guesses = [(item.source, *item.candidates)[best_guess(text, item.source, read)]
                for text, item, read in zip(outputs, items, seen)]
-    votes = [edit_vote(item.source, item.candidates) if tuple(read) == tuple(item.candidates) else None
-             for item, read in zip(items, seen)]
+    vote_by = [voters(item.source, item.candidates, read) for item, read in zip(items, seen)]
+    votes = [edit_vote(item.source, by) for item, by in zip(items, vote_by)]
     support = {}
 
-    def supported(text: str, item) -> float:
-        key = (text, id(item))
-        if key not in support:
-            support[key] = agreement(text, item.candidates)
-        return support[key]
+    def supported(text: str, n: int) -> float:
+        if (text, n) not in support:
+            support[text, n] = agreement(text, vote_by[n])
+        return support[text, n]
 
     known = [input_words(item.source, read) for item, read in zip(items, seen)]
-    small_votes = {span: [None if v is None else minimal_edits(item.source, v, span) if span else v
-                          for v, item in zip(votes, items)] for span in SPANS}
+    small_votes = {span: [minimal_edits(item.source, v, span) if span else v for v, item in zip(votes, items)]
+                   for span in SPANS}
     targets = [i.target for i in items]
     tried = [{"threshold": 0, "span": 0, "fell_back": 0, **score(outputs, targets)}]  # threshold 0: no guard at all
     for threshold in THRESHOLDS[1:]:
         for span in SPANS:
             kept = []
-            for output, s, guess, vote, item, words in zip(outputs, similarity, guesses, small_votes[span], items, known):
+            for n, (output, s, guess, vote, item, words) in enumerate(
+                    zip(outputs, similarity, guesses, small_votes[span], items, known)):
                 text = output if s >= threshold else guess
-                if vote is not None and vote != text and supported(vote, item) > supported(text, item):
+                if vote != text and supported(vote, n) > supported(text, n):
                     text = vote
                 kept.append(minimal_edits(item.source, text, span, words if text == output else None))
             replaced = sum(k != o for k, o in zip(kept, outputs))

@@ -96,6 +96,21 @@ def _support(texts: Sequence[str], voters: Sequence[str]) -> list[float]:
     return [sum(chrf(grams[text], grams[voter]) for voter in voters) for text in texts]
 
 
+# A candidate longer than this many times its source (and some words) is not an edit of it.
+VOTE_LENGTH = 2
+
+
+def voters(source: str, candidates: Sequence[str], read: Sequence[str]) -> Sequence[str]:
+    """The candidates whose edits are voted: all of them; where the model read them cut (its input
+    was truncated: a long source, or many candidates), those of them at most `VOTE_LENGTH` times the
+    source's length, whole. The vote reads what the model could not, and its cost stays bound by the
+    source, which the model read whole."""
+    if tuple(read) == tuple(candidates):
+        return candidates
+    most = VOTE_LENGTH * len(source) + 64
+    return [candidate for candidate in candidates if len(candidate) <= most]
+
+
 def guard(correction: Correction, candidates: Sequence[str], below: float, *, source: str | None = None,
           seen: Sequence[str] | None = None, span: int = 0) -> Correction:
     """`correction`, checked against the candidates when `below` > 0 (chrF, 0-100; 0: the model's
@@ -116,9 +131,10 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
 
     `seen`: the candidates as the model saw them, cut where its input was truncated. The output is
     compared with those: the model wrote from them, and text it never read would only lower every
-    similarity and cost time in proportion to its length (a vote over cut candidates would cut the
-    text, so a truncated request is not voted). A candidate returned is whole: it is the LLM's own
-    answer to the request, which a cut would only shorten.
+    similarity and cost time in proportion to its length. The vote reads whole candidates not much
+    longer than the source (`voters`): on a long request, the fixes the model could not see. A
+    candidate returned is whole: it is the LLM's own answer to the request, which a cut would only
+    shorten.
     """
     if below <= 0:
         return correction
@@ -128,12 +144,14 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
     if similarity < below:
         index = best_guess(text, source, read)
         text = (source if index == 0 else candidates[index - 1]) if source is not None else candidates[index]
-    if source is not None and tuple(read) == tuple(candidates):
+    if source is not None:
+        vote_by = voters(source, candidates, read)
         # Kept to small edits before it is weighed: where most candidates are no answer ("N/A", a
         # refusal), their vote replaces the whole sentence, which would win here and be undone below.
-        voted = minimal_edits(source, edit_vote(source, candidates), span) if span else edit_vote(source, candidates)
+        voted = edit_vote(source, vote_by)
+        voted = minimal_edits(source, voted, span) if span else voted
         if voted != text:
-            for_vote, for_text = _support([voted, text], candidates)
+            for_vote, for_text = _support([voted, text], vote_by)
             if for_vote > for_text:
                 text = voted
     if source is not None:

@@ -195,8 +195,20 @@ def test_the_candidates_outvote_an_output_that_missed_their_edits():
     voted = guard(missed, candidates, 50, source=source)
     assert voted.text == "My brother has two cats and a dog." and voted.fallback
     assert guard(missed, candidates, 0, source=source) is missed  # 0: the model's output as it is
-    # A truncated request (the model read cut candidates) is not voted.
-    assert guard(missed, candidates, 50, source=source, seen=[c[:20] for c in candidates]).text != voted.text
+    # A truncated request (the model read cut candidates) is voted on the whole candidates.
+    assert guard(missed, candidates, 50, source=source, seen=[c[:20] for c in candidates]).text == voted.text
+
+
+def test_a_long_request_the_model_read_cut_is_voted_on_whole_candidates():
+    """Many sentences, each with an error every candidate fixes: the model read the candidates cut and
+    fixed the first error; the vote, which reads them whole, fixes them all. A candidate far longer
+    than the source is left out of the vote, whose cost stays bound by the source."""
+    source = " ".join(f"She go to school on day {n}." for n in range(30))
+    fixed = " ".join(f"She goes to school on day {n}." for n in range(30))
+    partly = Correction(source.replace("She go ", "She goes ", 1), [5])
+    candidates = [fixed] * 4 + [fixed * 50]
+    got = guard(partly, candidates, 50, source=source, seen=[c[:200] for c in candidates], span=2)
+    assert got.text == fixed and got.fallback
 
 
 def test_edit_vote_keeps_the_source_where_the_candidates_disagree():
