@@ -12,6 +12,7 @@ requests wait or run and answers each through its future. A request's new tokens
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -37,6 +38,7 @@ from .request import Correction, CorrectionOptions, Request, as_request
 from .scheduler import EngineStats, Scheduler, Tally
 from .sequence import Sequence
 from .sessions import Sessions
+from .spacing import with_source_spacing
 from .tokens import ModelInput, encode_requests
 
 log = logging.getLogger("lmcor")
@@ -339,6 +341,10 @@ class Engine:
             if s.below and s.request is not None:
                 correction = guard(correction, s.request.candidates, s.below, source=s.request.source,
                                    seen=s.input.candidates, span=s.span)
+            if s.request is not None and not (correction.fallback and correction.text in s.request.candidates):
+                spaced = with_source_spacing(s.request.source, correction.text)  # a candidate returned keeps its own
+                if spaced != correction.text:
+                    correction = dataclasses.replace(correction, text=spaced)
             out.append(correction)
         return out
 

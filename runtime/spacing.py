@@ -1,0 +1,38 @@
+"""An output keeps its source's line breaks and tabs where it copies the source.
+
+A corrector's tokenizer writes all white space as single spaces (SentencePiece normalizes it), and
+the fallback joins words with single spaces, so a paragraph's line breaks and a table's tabs would
+be lost. Where two consecutive words of an output are consecutive words of its source, the white
+space between them is the source's if it holds a line break or a tab. Runs of plain spaces stay
+single: extra spaces are an error a corrector may fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+_WHITE = re.compile(r"(\s+)")
+
+
+def with_source_spacing(source: str, text: str) -> str:
+    """`text` with the source's line breaks and tabs between the words it copies from the source."""
+    if "\n" not in source and "\t" not in source and "\r" not in source:
+        return text
+    parts = _WHITE.split(source.strip())
+    words, gaps = parts[0::2], parts[1::2]
+    theirs = text.split()
+    source_word: dict[int, int] = {}  # output word -> the source word it copies
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes():
+        if tag == "equal":
+            source_word.update((j1 + k, i1 + k) for k in range(i2 - i1))
+    out, used = theirs[:1], set()
+    for j in range(1, len(theirs)):
+        # The source's gap after the word the one before copies, else before the word this one copies
+        # (a line break stays beside a corrected word too); each gap once.
+        before, after = source_word.get(j - 1), source_word.get(j)
+        i = before if before is not None and before < len(gaps) else after - 1 if after else None
+        structural = i is not None and i not in used and any(c in gaps[i] for c in "\n\t\r")
+        used.add(i)
+        out += [gaps[i] if structural else " ", theirs[j]]
+    return "".join(out) if len(out) > 1 else text
