@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -124,7 +125,12 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
     from lmcor.runtime.generator import Generator
 
     path = job.out / "candidates.jsonl"
-    done = _cached_candidates(path)
+    made_by = _made_by(job)
+    cached = _cached_candidates(path)
+    # A line's candidates are reused only for the same source from the same LLM, prompt, k and
+    # temperature: the pairs file or the options may have changed since they were written.
+    done = {line: texts for line, (source, maker, texts) in cached.items()
+            if maker == made_by and any(p.line == line and p.source == source for p in pairs)}
     todo = [p for p in pairs if p.line not in done]
     if todo:
         few_shot = FewShot.from_template(job.prompt) if job.prompt else default_few_shot()
@@ -139,7 +145,8 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
                     if isinstance(result, InputError):
                         print(f"lmcor: {job.pairs}: line {pair.line}: {result}", file=sys.stderr)
                         continue
-                    f.write(dump_record({"line": pair.line, "source": pair.source, "candidates": result.texts}))
+                    f.write(dump_record({"line": pair.line, "source": pair.source, "made_by": made_by,
+                                         "candidates": result.texts}))
                     done[pair.line] = tuple(result.texts)
                 f.flush()
                 bar.update(len(part))
@@ -147,9 +154,20 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
     return [replace(p, candidates=done[p.line]) for p in pairs if p.line in done]
 
 
-def _cached_candidates(path: Path) -> dict[int, tuple[str, ...]]:
-    """The candidates already written, by input line; a torn last line is cut off the file."""
-    done: dict[int, tuple[str, ...]] = {}
+def _made_by(job: Job) -> str:
+    """What a line's candidates depend on besides its source: the LLM (its files' checksums), the
+    prompt, k and the temperature."""
+    from lmcor.runtime.bundle import load_manifest
+
+    llm = load_manifest(job.llm, kind="causal-lm").sha256 if job.llm is not None else {}
+    what = {"llm": llm, "prompt": job.prompt, "k": job.k, "temperature": job.temperature}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _cached_candidates(path: Path) -> dict[int, tuple[str, str | None, tuple[str, ...]]]:
+    """The candidates already written, by input line, with their source and what made them (a later
+    record of a line replaces an earlier one); a torn last line is cut off the file."""
+    done: dict[int, tuple[str, str | None, tuple[str, ...]]] = {}
     if not path.is_file():
         return done
     kept = 0
@@ -161,7 +179,7 @@ def _cached_candidates(path: Path) -> dict[int, tuple[str, ...]]:
                 record = None
             if not isinstance(record, dict) or not isinstance(record.get("line"), int):
                 break
-            done[record["line"]] = tuple(record["candidates"])
+            done[record["line"]] = (record.get("source"), record.get("made_by"), tuple(record["candidates"]))
             kept += len(raw)
     with open(path, "r+b") as f:
         f.truncate(kept)
@@ -184,6 +202,28 @@ def examples(pairs: list[Pair], synthetic: float, seed: int) -> Iterator[Example
                 yield Example(pair.source, list(pair.candidates), pair.target)
 
 
+# What a training run leaves in OUT besides the candidates, cleared by --restart.
+RUN_STATE = ("checkpoint.pt", "best.pt", "train_log.jsonl", "tokenizer", "hf", "bundle", "report.json")
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: this PyTorch sees no CUDA device (torch.cuda.is_available() is False)")
+
+
+def _check_init(init: Path) -> None:
+    """A local Hugging Face checkpoint folder with a tokenizer: never a Hub id, which would be fetched."""
+    from lmcor.export.checkpoint import TOKENIZER_FILES
+
+    if not (init / "config.json").is_file():
+        raise InputError(f"--init {init}: not a Hugging Face checkpoint folder (no config.json)")
+    if not any((init / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"--init {init}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+
+
 def _model(job: Job, train: list[Pair]):
     """(model, tokenizer, copy warm-up) for the job: from scratch, or the --init checkpoint."""
     from . import train as recipe
@@ -192,8 +232,8 @@ def _model(job: Job, train: list[Pair]):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(job.init, use_fast=True)
-            model = AutoModelForSeq2SeqLM.from_pretrained(job.init)
+            tokenizer = AutoTokenizer.from_pretrained(job.init, use_fast=True, local_files_only=True)
+            model = AutoModelForSeq2SeqLM.from_pretrained(job.init, local_files_only=True)
         except (OSError, ValueError) as e:
             raise LmcorError(f"{job.init}: cannot load the --init checkpoint ({str(e).splitlines()[0]})") from None
         return model, tokenizer, False
@@ -254,7 +294,17 @@ def run(job: Job) -> dict:
 
     if job.size not in SIZES:
         raise InputError(f"--size must be one of {', '.join(SIZES)}, got {job.size!r}")
+    _check_device(job.device)
+    if job.init is not None:
+        _check_init(job.init)
     job.out.mkdir(parents=True, exist_ok=True)
+    if not job.resume:  # the candidates stay: each record says what made it
+        for name in RUN_STATE:
+            target = job.out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     pairs = read_pairs(job.pairs, need_candidates=job.llm is None)
     if job.llm is not None:
         pairs = llm_candidates(job, pairs)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from lmcor.runtime.bundle import Template
+from lmcor.runtime.errors import InputError
 from lmcor.runtime.template import render
 
 from . import data, fallback, noise
@@ -382,7 +383,11 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError:  # its tensors' names or shapes differ
+            raise InputError(f"{checkpoint}: a run of another model (another --size or --init); restart it "
+                             "(--restart) or train into another folder") from None
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log.info("resumed at step %d (%.1f min)", state["step"], state["elapsed"] / 60)
@@ -394,46 +399,54 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     last_save, last_eval = time.time(), time.time()
     history = out / "train_log.jsonl"
     model.train()
-    while (elapsed := time.time() - started) < budget:
-        progress = elapsed / budget
-        scale = min(1.0, (state["step"] + 1) / settings.warmup_steps)
-        if progress > settings.decay_from:
-            tail = (progress - settings.decay_from) / (1.0 - settings.decay_from)
-            scale *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * tail))
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * scale
-        kind, (ids, mask, labels) = next(batches)
-        noise = 0.0 if state["copying"] else settings.decoder_noise
-        decoder_ids = _slipped(model._shift_right(labels), noise, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), decoder_input_ids=decoder_ids.to(device),
-                     labels=labels.to(device)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        value = loss.item()
-        ema = state["ema"]
-        ema[kind] = value if kind not in ema else 0.95 * ema[kind] + 0.05 * value
-        if state["copying"] and state["step"] > 100 and ema.get("copy", math.inf) < settings.copy_until_loss:
-            state["copying"] = False
-            log.info("copy warm-up done at step %d (sentence copy loss %.3f)", state["step"], ema["copy"])
-        if state["step"] % 50 == 0:
-            _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "loss": round(value, 4),
-                              "ema": {k: round(v, 3) for k, v in ema.items()}, "lr": settings.lr * scale})
-        if time.time() - last_eval > eval_minutes * 60:
-            scores = evaluate(model, tokenizer, watch)
-            _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "dev": scores})
-            log.info("step %d: dev chrF %.2f exact %.1f", state["step"], scores["chrf"], scores["exact_match"])
-            # Free-running quality can fall while the teacher-forced loss still improves: keep the best.
-            if scores["chrf"] > state.get("best_chrf", -1.0):
-                state["best_chrf"] = scores["chrf"]
-                torch.save(model.state_dict(), out / "best.pt")
-            last_eval = time.time()
-        if time.time() - last_save > 300:
-            state["elapsed"] = time.time() - started
-            _save(checkpoint, model, optimizer, state)
-            last_save = time.time()
+    try:
+        while (elapsed := time.time() - started) < budget:
+            progress = elapsed / budget
+            scale = min(1.0, (state["step"] + 1) / settings.warmup_steps)
+            if progress > settings.decay_from:
+                tail = (progress - settings.decay_from) / (1.0 - settings.decay_from)
+                scale *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * tail))
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * scale
+            kind, (ids, mask, labels) = next(batches)
+            noise = 0.0 if state["copying"] else settings.decoder_noise
+            decoder_ids = _slipped(model.prepare_decoder_input_ids_from_labels(labels=labels), noise, tokenizer.pad_token_id,
+                                   tokenizer.eos_token_id)
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), decoder_input_ids=decoder_ids.to(device),
+                         labels=labels.to(device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            value = loss.item()
+            ema = state["ema"]
+            ema[kind] = value if kind not in ema else 0.95 * ema[kind] + 0.05 * value
+            if state["copying"] and state["step"] > 100 and ema.get("copy", math.inf) < settings.copy_until_loss:
+                state["copying"] = False
+                log.info("copy warm-up done at step %d (sentence copy loss %.3f)", state["step"], ema["copy"])
+            if state["step"] % 50 == 0:
+                _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "loss": round(value, 4),
+                                  "ema": {k: round(v, 3) for k, v in ema.items()}, "lr": settings.lr * scale})
+            if time.time() - last_eval > eval_minutes * 60:
+                scores = evaluate(model, tokenizer, watch)
+                _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "dev": scores})
+                log.info("step %d: dev chrF %.2f exact %.1f", state["step"], scores["chrf"], scores["exact_match"])
+                # Free-running quality can fall while the teacher-forced loss still improves: keep the best.
+                if scores["chrf"] > state.get("best_chrf", -1.0):
+                    state["best_chrf"] = scores["chrf"]
+                    torch.save(model.state_dict(), out / "best.pt")
+                last_eval = time.time()
+            if time.time() - last_save > 300:
+                state["elapsed"] = time.time() - started
+                _save(checkpoint, model, optimizer, state)
+                last_save = time.time()
+    except KeyboardInterrupt:  # the step reached is kept: the same command continues from it
+        state["elapsed"] = time.time() - started
+        _save(checkpoint, model, optimizer, state)
+        log.warning("interrupted at step %d (%.1f of %.1f min): checkpoint saved in %s; run the same command to "
+                    "continue", state["step"], state["elapsed"] / 60, minutes, checkpoint)
+        raise
     state["elapsed"] = time.time() - started
     _save(checkpoint, model, optimizer, state)
     # The last weights or the watch's best, whichever scores higher on the whole dev split: 200

@@ -86,3 +86,59 @@ def test_pairs_with_their_own_candidates_need_no_llm(pairs, tmp_path, capsys):
     assert (out / "bundle" / "lmcor.json").is_file() and not (out / "candidates.jsonl").exists()
     assert main(["train-corrector", str(pairs), "--out", str(tmp_path / "none"), "--size", "tiny", "-q"]) == 2
     assert "field 'candidates' must be a non-empty list" in capsys.readouterr().err
+
+
+def test_cached_candidates_follow_the_pairs_and_the_options(llm, pairs, tmp_path):
+    """A line's cached candidates are reused only for the same source from the same LLM, prompt, k
+    and temperature: after the pairs file changes, or k does, they are written again."""
+    out = tmp_path / "run"
+    assert _train(pairs, out, llm) == 0
+    lines = pairs.read_text().splitlines()
+    pairs.write_text("\n".join([json.dumps({"source": "a new first line", "target": "A new first line."}), *lines]) + "\n")
+    assert _train(pairs, out, llm) == 0
+    by_line = {}
+    for line in (out / "candidates.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_line[record["line"]] = record  # the last record of a line is the one used
+    sources = {n: json.loads(text)["source"] for n, text in enumerate(pairs.read_text().splitlines(), start=1)
+               if text.startswith('{"source"') and "target" in text}
+    assert all(by_line[n]["source"] == source for n, source in sources.items())
+    assert _train(pairs, out, llm, "-k", "3") == 0
+    assert all(len(json.loads(line)["candidates"]) == 3 for line in (out / "test.jsonl").read_text().splitlines())
+
+
+def test_restart_clears_the_run_and_another_model_needs_it(llm, pairs, tmp_path, checkpoints, capsys):
+    out = tmp_path / "run"
+    assert _train(pairs, out, llm) == 0
+    (out / "best.pt").write_bytes(b"not a checkpoint")  # a restart must not read the old run's files
+    assert _train(pairs, out, llm, "--restart") == 0
+    assert _train(pairs, out, llm, "--init", str(checkpoints["t5"])) == 2
+    assert "a run of another model" in capsys.readouterr().err
+    assert _train(pairs, out, llm, "--init", str(checkpoints["bart"]), "--restart") == 0  # BART's decoder inputs too
+    assert _train(pairs, out, llm, "--init", str(tmp_path / "nowhere")) == 2
+    assert "not a Hugging Face checkpoint folder" in capsys.readouterr().err
+
+
+def test_an_interrupted_training_keeps_its_step(tmp_path):
+    """Ctrl-C during training saves the checkpoint of the step reached; the same command continues."""
+    from lmcor.recipes import train as recipe
+    from lmcor.recipes.corrector import SIZES
+    from lmcor.recipes.noise import Example
+
+    settings = recipe.Settings(**SIZES["tiny"])
+    sentences = english_sentences(60, seed=10)
+    tokenizer_dir = tmp_path / "tokenizer"
+    recipe.train_tokenizer(sentences, settings.vocab_size).save_pretrained(tokenizer_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    model = recipe.build_model(settings, len(tokenizer))
+
+    def examples(step):
+        for n, s in enumerate(sentences * 100):
+            if n == 2000:  # past the first batches (the batcher reads ahead)
+                raise KeyboardInterrupt
+            yield Example(s.lower(), [s], s)
+
+    with pytest.raises(KeyboardInterrupt):
+        recipe.fit(tmp_path, 5, settings, model=model, tokenizer=tokenizer, examples=examples, dev=[], copy_warmup=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["step"] > 0
