@@ -74,6 +74,7 @@ class Job:
     device: str = "cpu"
     resume: bool = True
     batch_size: int = 16  # the LLM's, for candidates
+    max_new_tokens: int | None = None  # of each candidate (None: the LLM bundle's max output tokens)
     quiet: bool = False
 
 
@@ -112,7 +113,9 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     for pair in pairs:
         share = int.from_bytes(hashlib.sha256(pair.source.encode("utf-8")).digest()[:8], "little") / 2**64
         parts["train" if share >= held_out else "dev" if share < held_out / 2 else "test"].append(pair)
-    if not parts["train"] or not parts["dev"] or not parts["test"]:
+    if not parts["train"]:
+        raise InputError(f"--held-out {held_out:g} leaves none of the {len(pairs)} pairs to train on; give a smaller one")
+    if not parts["dev"] or not parts["test"]:
         raise InputError(f"{len(pairs)} pairs are too few to hold out dev and test parts ({held_out:.0%}); "
                          "give more pairs or a larger --held-out")
     return parts
@@ -135,7 +138,7 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
     if todo:
         few_shot = FewShot.from_template(job.prompt) if job.prompt else default_few_shot()
         writer = CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
-                                 batch_size=job.batch_size)
+                                 batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
         chunk = job.batch_size * 4
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit=" sources", desc="candidates",
                                                           file=sys.stderr, disable=job.quiet) as bar:
@@ -156,11 +159,12 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
 
 def _made_by(job: Job) -> str:
     """What a line's candidates depend on besides its source: the LLM (its files' checksums), the
-    prompt, k and the temperature."""
+    prompt, k, the temperature and the length limit."""
     from lmcor.runtime.bundle import load_manifest
 
     llm = load_manifest(job.llm, kind="causal-lm").sha256 if job.llm is not None else {}
-    what = {"llm": llm, "prompt": job.prompt, "k": job.k, "temperature": job.temperature}
+    what = {"llm": llm, "prompt": job.prompt, "k": job.k, "temperature": job.temperature,
+            "max_new_tokens": job.max_new_tokens}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 

@@ -92,6 +92,12 @@ def train_tokenizer(sentences: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-$%&/*+=@#[]_")
+    # Every character of the text needs a piece: a script of thousands (Chinese) grows the vocabulary.
+    characters = {c for s in sentences for c in tok.normalizer.normalize_str(s) if not c.isspace()} | set(alphabet)
+    if len(characters) + len(SPECIAL_TOKENS) + 64 > vocab_size:
+        grown = len(characters) + len(SPECIAL_TOKENS) + 64
+        log.info("vocabulary: %d pieces instead of %d, for the text's %d characters", grown, vocab_size, len(characters))
+        vocab_size = grown
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>",
                                       initial_alphabet=alphabet, max_piece_length=12)
     tok.train_from_iterator(sentences + ["source: candidates:"] * 1000, trainer)

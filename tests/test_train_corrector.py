@@ -142,3 +142,12 @@ def test_an_interrupted_training_keeps_its_step(tmp_path):
         recipe.fit(tmp_path, 5, settings, model=model, tokenizer=tokenizer, examples=examples, dev=[], copy_warmup=False)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["state"]["step"] > 0
+
+
+def test_a_tokenizer_for_a_script_of_many_characters_grows_to_hold_them():
+    from lmcor.recipes.train import train_tokenizer
+
+    chars = [chr(0x4E00 + i) for i in range(900)]
+    sentences = ["".join(chars[(7 * n + 13 * i) % 900] for i in range(20)) for n in range(400)]
+    tokenizer = train_tokenizer(sentences, 600)
+    assert len(tokenizer) > 900 and tokenizer.decode(tokenizer.encode(sentences[5]), skip_special_tokens=True) == sentences[5]

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=options.finite_float, default=0.6, help="of the samples (default: %(default)s)")
     parser.add_argument("--prompt", help="the LLM's prompt, with {source} (default: lmcor candidates' few-shot prompt)")
     parser.add_argument("--llm-batch-size", type=options.positive_int, default=16, help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=options.positive_int, help="of each candidate (default: the LLM "
+                        "bundle's max output tokens)")
     parser.add_argument("--size", default="small", help="from-scratch model: tiny, small or base (default: %(default)s)")
     parser.add_argument("--init", help="fine-tune this T5/BART checkpoint folder instead of training from scratch")
     parser.add_argument("--synthetic", type=options.finite_float, default=0.0, help="share of training examples with "
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                         temperature=args.temperature, prompt=args.prompt, size=args.size,
                         init=Path(args.init) if args.init else None, synthetic=args.synthetic, held_out=args.held_out,
                         minutes=args.minutes, device=args.device, resume=not args.restart,
-                        batch_size=args.llm_batch_size, quiet=args.quiet)
+                        batch_size=args.llm_batch_size, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
     result = corrector.run(job)
     print(corrector.table(result))
     return 0
