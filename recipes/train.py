@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 from lmcor.runtime.bundle import Template
 from lmcor.runtime.errors import InputError
+from lmcor.runtime.request import Request
 from lmcor.runtime.template import render
+from lmcor.runtime.tokens import encode_requests
 
 from . import data, fallback, noise
 from .noise import Example
@@ -46,6 +48,7 @@ log = logging.getLogger("lmcor.recipes")
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(8)]
 TEMPLATE = Template()
+MAX_INPUT_TOKENS = 512  # what the exported corrector reads (its tokenizer's model_max_length)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def train_tokenizer(sentences: list[str], vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=512,
+                                   additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=MAX_INPUT_TOKENS,
                                    model_input_names=["input_ids", "attention_mask"])
 
 
@@ -249,10 +252,12 @@ def _random_copies(tokenizer, rng: random.Random, count: int) -> list[tuple[list
 
 
 def _text_pairs(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]]]:
-    texts = [render(TEMPLATE, e.source, [e.target] if copy else e.candidates).text for e in items]
-    enc = tokenizer.backend_tokenizer.encode_batch(texts)
+    """Inputs as the runtime encodes them (`tokens.encode_requests`): a long one has its candidates
+    cut evenly to MAX_INPUT_TOKENS, and one whose source alone is longer is left out."""
+    requests = [Request(e.source, tuple([e.target] if copy else e.candidates)) for e in items]
+    enc = encode_requests(tokenizer.backend_tokenizer, TEMPLATE, requests, MAX_INPUT_TOKENS)
     dec = tokenizer.backend_tokenizer.encode_batch([e.target for e in items])
-    return [(x.ids, y.ids) for x, y in zip(enc, dec)]
+    return [(x.ids.tolist(), y.ids) for x, y in zip(enc, dec) if not isinstance(x, InputError)]
 
 
 def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random):
@@ -290,8 +295,7 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             enc = tokenizer([render(TEMPLATE, e.source, e.candidates).text for e in chunk], return_tensors="pt",
-                            return_token_type_ids=False,
-                            padding=True)
+                            return_token_type_ids=False, padding=True, truncation=True, max_length=MAX_INPUT_TOKENS)
             enc = {name: value.to(model.device) for name, value in enc.items()}
             out = model.generate(**enc, max_new_tokens=96, num_beams=1, do_sample=False,
                                  no_repeat_ngram_size=no_repeat_ngram_size)

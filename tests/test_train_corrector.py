@@ -151,3 +151,20 @@ def test_a_tokenizer_for_a_script_of_many_characters_grows_to_hold_them():
     sentences = ["".join(chars[(7 * n + 13 * i) % 900] for i in range(20)) for n in range(400)]
     tokenizer = train_tokenizer(sentences, 600)
     assert len(tokenizer) > 900 and tokenizer.decode(tokenizer.encode(sentences[5]), skip_special_tokens=True) == sentences[5]
+
+
+def test_training_inputs_are_cut_as_the_runtime_cuts_them():
+    """A long example's candidates are cut evenly to what the corrector reads; a source longer than
+    that is left out; a short one is encoded as before."""
+    from lmcor.recipes import train as recipe
+    from lmcor.recipes.noise import Example
+    from lmcor.runtime.bundle import shipped_bundle
+    from lmcor.runtime.template import render
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shipped_bundle("default") / "tokenizer.json"))
+    short = Example("She go to school every days.", ["She goes to school every day.", "She go to school."],
+                    "She goes to school every day.")
+    long, too_long = Example("a " * 100, ["b " * 300] * 5, "a"), Example("a " * 900, ["b"], "a")
+    pairs = recipe._text_pairs(tokenizer, [short, long, too_long], copy=False)
+    assert len(pairs) == 2 and len(pairs[1][0]) <= recipe.MAX_INPUT_TOKENS
+    assert pairs[0][0] == tokenizer.backend_tokenizer.encode(render(recipe.TEMPLATE, short.source, short.candidates).text).ids
