@@ -123,7 +123,7 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
 
 def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
     """The pairs with the LLM's candidates, from `OUT/candidates.jsonl`, written there first for the
-    pairs it lacks (appended line by line, so an interrupted run loses at most one batch)."""
+    pairs it lacks (appended every 4 LLM batches, so an interrupted run loses at most those)."""
     from lmcor.runtime.candidates import CandidateWriter, FewShot, default_few_shot
     from lmcor.runtime.generator import Generator
 
@@ -136,7 +136,7 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
             if maker == made_by and any(p.line == line and p.source == source for p in pairs)}
     todo = [p for p in pairs if p.line not in done]
     if todo:
-        few_shot = FewShot.from_template(job.prompt) if job.prompt else default_few_shot()
+        few_shot = FewShot.from_template(job.prompt) if job.prompt is not None else default_few_shot()
         writer = CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
                                  batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
         chunk = job.batch_size * 4
