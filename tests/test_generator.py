@@ -128,6 +128,19 @@ def test_candidates_with_a_prompt_too_long_for_the_model_say_so(bundle, tmp_path
     assert len(err) == 1 and "the prompt's part before {source} takes" in err[0] and "write a shorter prompt" in err[0]
 
 
+def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"source": "she go to school"}\n{"source": "a b"}\n')
+    out = tmp_path / "candidates.jsonl"
+    out.write_text(json.dumps({"id": None, "line": 1, "source": "she go to school", "candidates": ["a", "b"]}) + "\n")
+    args = ["candidates", "--model", str(bundle), str(source), "-o", str(out), "--max-new-tokens", "4", "-q",
+            "--prompt", "Correct: {source}\n", "--resume"]
+    assert main([*args, "-k", "3"]) == 2
+    assert "holds 2 candidates a source, and -k is 3" in capsys.readouterr().err
+    assert main([*args, "-k", "2"]) == 0
+    assert [len(json.loads(line)["candidates"]) for line in out.read_text().splitlines()] == [2, 2]
+
+
 def test_bench_shared_prefix(bundle, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["bench", "--shared-prefix", "--bundle", str(bundle), "--prefix-tokens", "40", "--requests", "3",

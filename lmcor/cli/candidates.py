@@ -4,10 +4,13 @@ recipe), written in the corrector's input format so they pipe into `lmcor correc
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Any
 
 from lmcor.runtime.candidates import Candidates, CandidateWriter, FewShot, default_few_shot
+from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generator
 
 from . import options
@@ -30,7 +33,22 @@ def record(number: int, ident: Any, result: Candidates) -> dict:
     return {"id": ident, "line": number, "source": result.source, "candidates": result.texts}
 
 
+def _check_resumed(output: str, k: int) -> None:
+    """An `-o` to resume must hold K candidates a source: one written with another -k is another run's."""
+    with open(output, "rb") as f:
+        for raw in f:
+            try:
+                written = json.loads(raw).get("candidates")
+            except (ValueError, AttributeError):
+                continue  # a torn or foreign line: the resume answers again from there
+            if isinstance(written, list) and len(written) != k:
+                raise InputError(f"--resume: -o {output} holds {len(written)} candidates a source, and -k is {k}: "
+                                 "it was written by another run (remove it, or run without --resume)")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.output and os.path.isfile(args.output):
+        _check_resumed(args.output, args.k)
     few_shot = FewShot.from_template(args.prompt) if args.prompt is not None else default_few_shot()
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
     writer = CandidateWriter(generator, few_shot, k=args.k, temperature=args.temperature, top_p=args.top_p,
