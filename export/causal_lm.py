@@ -104,13 +104,14 @@ def _validate(model, bundle: Path, max_new_tokens: int = 12) -> dict:
     generator = Generator.load(bundle, providers=["CPUExecutionProvider"])
     special = generator.manifest.special_tokens
     batched = generator.generate_batch(list(SAMPLE_PROMPTS), max_new_tokens=max_new_tokens, batch_size=len(SAMPLE_PROMPTS))
+    model.generation_config = greedy_config(special, max_new_tokens, generator.manifest.end_tokens)
+    ends = {special.eos, *generator.manifest.end_tokens}
     for n, (prompt, ours) in enumerate(zip(SAMPLE_PROMPTS, batched)):
         ids = torch.tensor([generator.encode(prompt)])
-        model.generation_config = greedy_config(special, max_new_tokens, generator.manifest.end_tokens)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
         reference = out[0, ids.shape[1] :].tolist()
-        reference = _answer(reference, {special.eos, *generator.manifest.end_tokens})
+        reference = _answer(reference, ends)
         if reference != ours.token_ids:
             raise ExportError(f"validation failed: greedy tokens differ from PyTorch on sample {n} "
                               f"(PyTorch {reference[:12]}, ONNX {ours.token_ids[:12]})")
@@ -137,17 +138,18 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
     special = generator.manifest.special_tokens
     worst = largest = 0.0
     identical = 0
+    model.generation_config = greedy_config(special, 12, generator.manifest.end_tokens)
+    ends = {special.eos, *generator.manifest.end_tokens}
     for prompt in HALF_PROMPTS:
         ids = generator.encode(prompt)
         with torch.no_grad():
             theirs = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
         ours = generator.next_logits(ids)
         worst, largest = max(worst, float(np.abs(ours - theirs).max())), max(largest, float(np.abs(theirs).max()))
-        model.generation_config = greedy_config(special, 12, generator.manifest.end_tokens)
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         reference = out[0, len(ids):].tolist()
-        reference = _answer(reference, {special.eos, *generator.manifest.end_tokens})
+        reference = _answer(reference, ends)
         identical += generator.generate_batch([prompt], max_new_tokens=12)[0].token_ids == reference
     atol, rtol = HALF_TOLERANCES[precision]
     tolerance = atol + rtol * largest

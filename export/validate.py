@@ -104,13 +104,13 @@ def validate_corrector(
     use_cache = _generate_cache_fits(model.config, manifest.decoder.num_layers)
     ours = corrector.correct_batch([r for r, _ in usable], max_new_tokens=max_new_tokens, batch_size=1, drafts=False)
     worst, worst_ref, agreeing = 0.0, 0.0, 0
+    # The model's own generation config is replaced, not passed over: transformers fills the values a
+    # config passed to `generate` leaves at their defaults (num_beams=1, min_length=0...) from the
+    # checkpoint's (a summarizer's num_beams=4), and the reference would not be greedy search.
+    model.generation_config = _plain_generation_config(special, max_new_tokens, manifest.no_repeat_ngram_size)
     for n, ((_, model_input), correction) in enumerate(zip(usable, ours)):
         ids = model_input.ids
         input_ids = torch.from_numpy(ids)[None, :]
-        # The model's own generation config is replaced, not passed over: transformers fills the values a
-        # config passed to `generate` leaves at their defaults (num_beams=1, min_length=0...) from the
-        # checkpoint's (a summarizer's num_beams=4), and the reference would not be greedy search.
-        model.generation_config = _plain_generation_config(special, max_new_tokens, manifest.no_repeat_ngram_size)
         with torch.no_grad():
             reference = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                        use_cache=use_cache)[0, 1:].tolist()

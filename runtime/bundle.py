@@ -152,12 +152,9 @@ class Manifest:
             no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, default=0),
             fallback_below=top.number("fallback_below", 0, 100),
             end_tokens=_end_tokens(top, decoder.vocab_size) if kind == "causal-lm" else (),
-            pad_token=top.integer("pad_token", 0, default=None)
-            if kind == "classifier" and top.get("pad_token", None) is not None else None,
-            sliding_window=top.integer("sliding_window", 1, default=None)
-            if kind == "causal-lm" and top.get("sliding_window", None) is not None else None,
-            fallback_span=top.integer("fallback_span", 0, default=None) or None  # 0 or absent: any edit
-            if top.get("fallback_span", None) is not None else None,
+            pad_token=top.optional_integer("pad_token", 0) if kind == "classifier" else None,
+            sliding_window=top.optional_integer("sliding_window", 1) if kind == "causal-lm" else None,
+            fallback_span=top.optional_integer("fallback_span", 0) or None,  # 0 or absent: any edit
             sha256=_sha256(top),
             validation=top.section("validation", default={}).data,
             exporter=top.section("exporter", default={}).data,
@@ -221,6 +218,10 @@ class _Fields:
         if value < minimum:
             self.fail(field, f"must be at least {minimum}, got {value}")
         return value
+
+    def optional_integer(self, field: str, minimum: int) -> int | None:
+        """An optional integer of at least `minimum`; absent or null: None."""
+        return None if self.get(field, None) is None else self.integer(field, minimum)
 
     def number(self, field: str, low: float, high: float) -> float | None:
         """An optional number in [low, high]; absent or null: None."""

@@ -55,16 +55,7 @@ def _bert():
 
 def _roberta():
     """CodeBERT's family: byte-level BPE, `<s> A </s></s> B </s>`, no token types, positions offset by the pad id."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   sep_token="</s>", cls_token="<s>", pad_token="<pad>", mask_token="<mask>",
-                                   model_max_length=24)
+    fast = _byte_bpe(pairs=True)
     config = RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=48, max_position_embeddings=64, type_vocab_size=1, pad_token_id=1,
                            bos_token_id=0, eos_token_id=2, **LABELS)
@@ -105,6 +96,7 @@ def _torch(checkpoint, items):
 
 
 def _byte_bpe(pairs: bool):
+    """RoBERTa's and BART's byte-level BPE (`<s> A </s></s> B </s>` with `pairs`), or a decoder-only model's."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -114,7 +106,8 @@ def _byte_bpe(pairs: bool):
     if pairs:
         tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=24)
+                                   sep_token="</s>", cls_token="<s>", pad_token="<pad>", mask_token="<mask>",
+                                   model_max_length=24)
 
 
 def _llama():

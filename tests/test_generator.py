@@ -285,13 +285,8 @@ def test_generate_answers_around_a_prompt_too_long(bundle, tmp_path, capsys):
     assert [records[0]["output"], records[2]["output"]] == [g.text for g in want]
 
 
-def test_drafts_give_the_same_tokens_in_fewer_calls(bundle):
-    """Greedy drafts copied from the prompt are verified by the model: the same tokens with them
-    as without, and fewer decoder calls where the answer repeats the prompt (here each prompt
-    ends with the random model's own looping answer, so it goes on copying it)."""
-    generator = Generator.load(bundle)
-    first = generator.generate_batch(PROMPTS, max_new_tokens=16, drafts=False)
-    prompts = [p + g.text for p, g in zip(PROMPTS, first) if g.text.strip()]
+def _count_calls(generator: Generator) -> dict:
+    """{"n": the generator's model calls from now on} (reset it by assigning 0)."""
     calls = {"n": 0}
     run = generator.session.run
 
@@ -300,6 +295,17 @@ def test_drafts_give_the_same_tokens_in_fewer_calls(bundle):
         return run(*args, **kwargs)
 
     generator.session.run = counted
+    return calls
+
+
+def test_drafts_give_the_same_tokens_in_fewer_calls(bundle):
+    """Greedy drafts copied from the prompt are verified by the model: the same tokens with them
+    as without, and fewer decoder calls where the answer repeats the prompt (here each prompt
+    ends with the random model's own looping answer, so it goes on copying it)."""
+    generator = Generator.load(bundle)
+    first = generator.generate_batch(PROMPTS, max_new_tokens=16, drafts=False)
+    prompts = [p + g.text for p, g in zip(PROMPTS, first) if g.text.strip()]
+    calls = _count_calls(generator)
     results = {}
     for drafts in (False, True):
         calls["n"] = 0
@@ -357,14 +363,7 @@ def test_a_sliding_window_and_several_end_tokens_answer_as_generate(tmp_path):
     manifest = export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=24)
     assert manifest.sliding_window == 6 and manifest.end_tokens == tuple(ends[1:])
     generator = Generator.load(tmp_path / "lm")
-    calls = {"n": 0}
-    run = generator.session.run
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return run(*args, **kwargs)
-
-    generator.session.run = counted
+    calls = _count_calls(generator)
     answers = generator.generate_batch(PROMPTS, max_new_tokens=20, drafts=True)
     drafted, calls["n"] = calls["n"], 0
     assert [a.token_ids for a in generator.generate_batch(PROMPTS, max_new_tokens=20, drafts=False)] == [
