@@ -28,6 +28,7 @@ from .checkpoint import (
     input_limit,
     load_checkpoint,
     opset_of,
+    output_limit,
     stage,
     staged_export,
     versions,
@@ -54,7 +55,7 @@ def _shape(config) -> DecoderShape:
 
 
 def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_tokens: int | None = None,
-                     max_output_tokens: int = 256, opset: int | None = None, precision: str = "fp32",
+                     max_output_tokens: int | None = None, opset: int | None = None, precision: str = "fp32",
                      overwrite: bool = False) -> Manifest:
     """Export a Hugging Face `AutoModelForCausalLM` checkpoint folder to `out_dir`, its matrix products
     in `precision` (see the module's docstring)."""
@@ -83,7 +84,7 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
             max_input_tokens=input_limit(config, tokenizer, max_input_tokens), precision=precision,
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
             special_tokens=SpecialTokens(pad=int(pad), eos=int(eos), decoder_start=int(bos)), decoder=_shape(config),
-            max_output_tokens=max_output_tokens, exporter=versions(),
+            max_output_tokens=output_limit(config, max_output_tokens, after_prompt=True), exporter=versions(),
             end_tokens=tuple(dict.fromkeys(t for t in ends[1:] if t != eos)), sliding_window=_sliding_window(config),
         )
         write_manifest(staged, manifest)

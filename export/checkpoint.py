@@ -137,6 +137,24 @@ def input_limit(config, tokenizer, asked: int | None) -> int:
     return positions or 512
 
 
+DEFAULT_OUTPUT_TOKENS = 256
+
+
+def output_limit(config, asked: int | None, *, after_prompt: bool = False) -> int:
+    """The bundle's max output tokens: `asked`, which must fit the model's positions (a causal LM's,
+    `after_prompt`, also hold a prompt of at least one token); else `DEFAULT_OUTPUT_TOKENS`, or as
+    many as the positions allow. A decoder fed past its last position fails (BART's learned ones)."""
+    positions = model_positions(config)
+    room = None if positions is None else positions - after_prompt
+    if asked is not None:
+        if room is not None and asked > room:
+            shared = " shared with the prompt (at least 1 token)" if after_prompt else ""
+            raise ExportError(f"--max-output-tokens {asked}: the model has {positions} positions{shared}; "
+                              f"at most {room}")
+        return asked
+    return min(DEFAULT_OUTPUT_TOKENS, room if room is not None else DEFAULT_OUTPUT_TOKENS)
+
+
 # Models whose position ids start after the padding id (RoBERTa's embeddings): pad_token_id + 1 of
 # their max_position_embeddings are never a position.
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "mpnet", "data2vec-text",

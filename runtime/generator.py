@@ -115,7 +115,7 @@ class Generator:
         decoder call (the answers are the same; an answer that repeats its prompt takes fewer calls).
 
         Options are checked first (`InputError` naming the bad one): `max_new_tokens` is at most the
-        bundle's `max_output_tokens`, `batch_size` at most `options.MAX_BATCH_SIZE`, `temperature` 0
+        bundle's `max_output_tokens` (None: that, or as many as fit after a prompt), `batch_size` at most `options.MAX_BATCH_SIZE`, `temperature` 0
         or from 0.001 to 100, `top_p` above 0 and at most 1, seeds integers >= 0. Each prompt,
         after the prefix, with its new tokens must fit the model's `max_input_tokens` positions; a
         prompt that does not raises, or with `errors="return"` yields its `InputError` in its place.
@@ -133,9 +133,10 @@ class Generator:
         seeds = _row_seeds(seed, len(prompts))
         out: list[Generation | InputError | None] = [None] * len(prompts)
         encoded: dict[int, list[int]] = {}
+        limits: dict[int, int] = {}
         for n, prompt in enumerate(prompts):
             try:
-                encoded[n] = self._encode_prompt(prompt, prefixes[n], limit)
+                encoded[n], limits[n] = self._encode_prompt(prompt, prefixes[n], limit, fit=max_new_tokens is None)
             except InputError as e:
                 if errors == "raise":
                     raise InputError(f"item {n}: {e}") from None
@@ -143,7 +144,7 @@ class Generator:
         good = list(encoded)
         for start in range(0, len(good), batch_size):
             rows = good[start : start + batch_size]
-            generated = self._generate([encoded[n] for n in rows], limit, sampling, [seeds[n] for n in rows],
+            generated = self._generate([encoded[n] for n in rows], [limits[n] for n in rows], sampling, [seeds[n] for n in rows],
                                        [prefixes[n] for n in rows], stops, bool(drafts))
             for n, (text, ids) in zip(rows, generated):
                 out[n] = Generation(text, ids)
@@ -151,20 +152,28 @@ class Generator:
                 progress(len(rows))
         return out  # type: ignore[return-value]
 
-    def _encode_prompt(self, prompt: Any, prefix: Prefix | None, limit: int) -> list[int]:
+    def _encode_prompt(self, prompt: Any, prefix: Prefix | None, limit: int, *, fit: bool) -> tuple[list[int], int]:
+        """A prompt's token ids and its limit of new tokens: `limit`, which must fit the model's
+        positions after the prompt, or with `fit`, as many as do."""
         _check_prompt("the prompt", prompt)
         ids = self.tokenizer.encode(prefix.gap + prompt if prefix is not None else prompt,
                                     add_special_tokens=prefix is None).ids
         if not ids:
             raise InputError("the prompt has no tokens (this tokenizer drops all of it)")
         offset = len(prefix.ids) if prefix is not None else 0
-        needed = offset + len(ids) + limit - 1  # the last new token is never fed back
         positions = self.manifest.max_input_tokens
-        if needed > positions:
+        room = positions - offset - len(ids) + 1  # the last new token is never fed back
+        if fit and room >= 1:
+            return ids, min(limit, room)
+        if limit > room:
             after = f" after a prefix of {offset}" if offset else ""
+            if fit:
+                raise InputError(f"the prompt's {len(ids)} tokens{after} leave no room for an answer in the model's "
+                                 f"{positions} positions; shorten it")
             raise InputError(f"the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
-                             f"{needed} of the model's {positions} positions; shorten it or lower max_new_tokens")
-        return ids
+                             f"{offset + len(ids) + limit - 1} of the model's {positions} positions; shorten it or "
+                             "lower max_new_tokens")
+        return ids, limit
 
     def _prefix_past(self, prefixes: list[Prefix]) -> tuple[list[np.ndarray], np.ndarray]:
         """Every layer's prefix keys/values for the batch, each row's right-aligned (left padding),
@@ -194,7 +203,7 @@ class Generator:
         logits, *presents = run(self.session, None, feed)
         return logits, presents
 
-    def _generate(self, prompts: list[list[int]], limit: int, sampling: Sampling, seeds: list[int | None],
+    def _generate(self, prompts: list[list[int]], limits: list[int], sampling: Sampling, seeds: list[int | None],
                   prefixes: list[Prefix | None], stops: tuple[str, ...], drafts: bool) -> list[tuple[str, list[int]]]:
         """(text, token ids) of each prompt's continuation after its prefix.
 
@@ -228,7 +237,7 @@ class Generator:
         next_position = positions[:, -1] + 1  # of the token each row feeds next
         new = [[int(t)] for t in _choose(logits[:, -1, :], sampling, rngs)]  # each row's tokens from the last call
         while True:
-            keep = np.array([self._take(tokens[r], row_new, limit, stops, stopped, r)
+            keep = np.array([self._take(tokens[r], row_new, limits[r], stops, stopped, r)
                              for r, row_new in zip(active.tolist(), new)], dtype=bool)
             if not keep.any():
                 break
@@ -238,7 +247,7 @@ class Generator:
                 past = [p[keep] for p in past]
             # Each row feeds its last token (not in the cache yet) and its draft; the last new
             # token of a row is never fed back, so a row drafts at most limit - written - 1.
-            proposed = [drafters[r].propose(tokens[r], min(MAX_DRAFT, limit - len(tokens[r]) - 1)) if drafting else []
+            proposed = [drafters[r].propose(tokens[r], min(MAX_DRAFT, limits[r] - len(tokens[r]) - 1)) if drafting else []
                         for r in active.tolist()]
             span = 1 + max(len(d) for d in proposed)
             feed = np.full((len(active), span), special.pad, dtype=np.int64)

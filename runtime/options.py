@@ -27,6 +27,8 @@ MAX_THREADS = 1024
 # Beam search divides scores by length ** length_penalty: past +-10 that power overflows float32
 # for long outputs.
 MAX_LENGTH_PENALTY = 10.0
+# An n-gram longer than any output bans nothing; past 64-bit sizes the compiled core cannot hold it.
+MAX_NO_REPEAT_NGRAM = 4096
 # Sampling below 0.001 is the argmax in all but name (and far below, logits / temperature overflows
 # to NaN probabilities); above 100 it is close to uniform noise.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
-from .options import MAX_BEAMS, MAX_LENGTH_PENALTY, check_flag, check_int, check_number, check_text
+from .options import MAX_BEAMS, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, check_flag, check_int, check_number, check_text
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class CorrectionOptions:
             "length_penalty": check_number("length_penalty", self.length_penalty, -MAX_LENGTH_PENALTY,
                                            MAX_LENGTH_PENALTY),
             "no_repeat_ngram_size": (None if self.no_repeat_ngram_size is None
-                                     else check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)),
+                                     else check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0,
+                                                    MAX_NO_REPEAT_NGRAM)),
             "drafts": check_flag("drafts", self.drafts),
             "gate_threshold": (None if self.gate_threshold is None
                                else check_number("gate_threshold", self.gate_threshold, 0, 1, what="a probability")),

@@ -85,7 +85,7 @@ def _train_tokenizer(arch: str):
                                    additional_special_tokens=specials[3:])
 
 
-def build_checkpoint(arch: str, path: Path) -> Path:
+def build_checkpoint(arch: str, path: Path, positions: int = 512) -> Path:
     import torch
     from transformers import (
         BartConfig,
@@ -100,7 +100,7 @@ def build_checkpoint(arch: str, path: Path) -> Path:
     if arch == "bart":
         config = BartConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
                             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                            decoder_ffn_dim=64, max_position_embeddings=512, pad_token_id=1, bos_token_id=0,
+                            decoder_ffn_dim=64, max_position_embeddings=positions, pad_token_id=1, bos_token_id=0,
                             eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
         model = BartForConditionalGeneration(config)
         with torch.no_grad():

@@ -23,6 +23,7 @@ BAD_DECODING = [
     ("length_penalty", "x"), ("length_penalty", math.nan), ("length_penalty", math.inf), ("length_penalty", None),
     ("length_penalty", 11.0), ("length_penalty", 10**400),
     ("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 1.5), ("no_repeat_ngram_size", "2"),
+    ("no_repeat_ngram_size", 2**64),  # past the compiled core's integers
     ("drafts", "no"), ("drafts", 1), ("drafts", None),
     ("batch_size", 0), ("batch_size", "16"), ("batch_size", 2.0), ("batch_size", None),
 ]
@@ -146,6 +147,16 @@ def test_the_gate_checks_and_passes_over_blank_first_candidates(corrector, gate)
 ])
 def test_generate_batch_checks_each_option(generator, argument, value):
     _names(argument, lambda: generator.generate_batch(["a b"], **{"max_new_tokens": 4, argument: value}))
+
+
+def test_a_generators_default_length_fits_the_positions_left(generator):
+    tokens = generator.tokenizer.encode
+    prompt = next(p for p in ("x y " * k for k in range(1, 64)) if 52 < len(tokens(p).ids) < 64)
+    room = 64 - len(tokens(prompt).ids) + 1  # the last new token is never fed back
+    (answer,) = generator.generate_batch([prompt], temperature=1.0, seed=0)  # sampled: no early end
+    assert 1 <= len(answer.token_ids) <= room
+    with pytest.raises(InputError, match="item 0: the prompt's .* need .* of the model's 64 positions"):
+        generator.generate_batch([prompt], max_new_tokens=16)
 
 
 def test_generator_checks_prompts_and_prefixes(generator):

@@ -1,12 +1,12 @@
 """Export edge cases: T5 decoders deeper or shallower than their encoders (the T5-efficient family),
-and exports that fail, which must fail in one line and leave nothing behind."""
+BART's learned positions, and exports that fail, which must fail in one line and leave nothing behind."""
 
 import logging
 import shutil
 
 import pytest
 import torch
-from conftest import _train_tokenizer, make_requests
+from conftest import _train_tokenizer, build_checkpoint, make_requests
 from test_parity import _reference
 from lmcor.export import decoder as ragged
 from lmcor.export import export_corrector
@@ -38,6 +38,21 @@ def t5_checkpoints(tmp_path_factory) -> dict:
         tokenizer.save_pretrained(path)
         out[encoder, decoder] = path
     return out
+
+
+def test_bart_outputs_end_within_the_decoders_positions(tmp_path):
+    # A decoder fed past its last learned position fails in ONNX Runtime: the bundle's output limit
+    # is the model's positions unless asked for fewer, and more is refused.
+    checkpoint = build_checkpoint("bart", tmp_path / "bart", positions=24)
+    manifest = export_corrector(checkpoint, tmp_path / "bundle")
+    assert manifest.max_output_tokens == 24
+    corrector = Corrector.load(tmp_path / "bundle")
+    for drafts in (True, False):
+        forced = corrector.correct_batch([("she go", ["she goes"]), ("a b", ["a b c"])], min_new_tokens=24,
+                                         drafts=drafts, fallback_below=0)
+        assert [len(c.token_ids) for c in forced] == [23, 23]  # the 24th is BART's forced EOS
+    with pytest.raises(ExportError, match="--max-output-tokens 25: the model has 24 positions"):
+        export_corrector(checkpoint, tmp_path / "refused", max_output_tokens=25)
 
 
 @pytest.mark.parametrize("depths", DEPTHS, ids=lambda d: f"encoder{d[0]}-decoder{d[1]}")

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidate", default=defaults.candidate, help="one candidate: {candidate}, {i} from 0, {n} from 1")
     parser.add_argument("--separator", default=defaults.separator, help="text between rendered candidates")
     parser.add_argument("--max-input-tokens", type=options.positive_int, help="default: the tokenizer's or model's limit")
-    parser.add_argument("--max-output-tokens", type=options.positive_int, default=256)
+    parser.add_argument("--max-output-tokens", type=options.positive_int,
+                        help="default: 256, or as many as the model's positions allow")
     parser.add_argument("--opset", type=options.positive_int, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--atol", type=options.non_negative_float, default=1e-3, help="absolute logit tolerance of the validation (default: %(default)s)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
