@@ -94,6 +94,37 @@ def test_resume_answers_only_the_lines_after_the_complete_records(cluster, jsonl
     assert code == 1 and out.read_bytes() == plain.read_bytes()
 
 
+def test_resume_refuses_another_inputs_output(cluster, jsonl, plain, tmp_path, capsys):
+    short = tmp_path / "short.jsonl"
+    short.write_bytes(b"".join(jsonl.read_bytes().splitlines(keepends=True)[:5]))
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(plain.read_bytes())
+    capsys.readouterr()
+    assert main(["correct", "--ray", str(short), "-o", str(out), "--resume", "--workers", "1", "--threads", "1",
+                 *CORRECT]) == 2
+    assert "answers input lines up to 40, but" in capsys.readouterr().err
+    assert out.read_bytes() == plain.read_bytes()
+
+
+def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluster, jsonl):
+    texts = ray.data.from_items([{"line": 1, "size": 10, "raw": '{"source": "a", "candidates": ["b"]}'}])
+    lines = lmcor_ray.read_jsonl(jsonl)
+    for dataset, settings, message in [
+            (texts, {}, r"rows must be \{line: int64, size: int64, raw: binary\}.*raw: string"),
+            (ray.data.from_items([{"line": 1}]), {}, "rows must be"),
+            (lines, {"workers": 0}, "workers must be an integer >= 1"),
+            (lines, {"lines_per_batch": 0}, "lines_per_batch must be"),
+            (lines, {"threads": 0}, "threads must be"),
+            (lines, {"batch_size": 0}, "batch_size must be"),
+            (lines, {"options": {"max_new_tokens": 5}}, "options must be a CorrectionOptions"),
+            (lines, {"options": lmcor_ray.CorrectionOptions(max_new_tokens=500)}, "max_new_tokens must be"),
+            (lines, {"options": lmcor_ray.CorrectionOptions(gate_threshold=0.5)}, "gate_threshold needs a gate"),
+            (lines, {"model": "/nonexistent"}, "/nonexistent"),
+            (lines, {"providers": "CPUExecutionProvider"}, "providers must be a list")]:
+        with pytest.raises(lmcor_ray.LmcorError, match=message):  # InputError; a missing bundle's BundleError
+            lmcor_ray.correct_dataset(dataset, **settings)
+
+
 def test_a_worker_killed_mid_job_is_restarted_without_losing_or_repeating_lines(cluster, jsonl, plain, tmp_path):
     marker = tmp_path / "killed"
 
@@ -160,3 +191,10 @@ def test_serve_run_builder_reads_its_arguments_as_text():
     assert type(app).__name__ == "Application"
     with pytest.raises(lmcor_ray.InputError, match="below --replicas"):
         lmcor_ray.build({"replicas": "2", "max_replicas": "1"})
+    for args, message in [({"modle": "x"}, "unknown argument 'modle'"), ({"replicas": "abc"}, "replicas must be an integer"),
+                          ({"replicas": "0"}, "replicas must be an integer >= 1"),
+                          ({"replicas": 1.5}, "replicas must be an integer"),
+                          ({"insecure": "maybe"}, "insecure must be true or false"),
+                          ({"providers": "CPUExecutionProvider"}, "providers must be a list")]:
+        with pytest.raises(lmcor_ray.InputError, match=message):
+            lmcor_ray.build(args)

@@ -82,6 +82,14 @@ def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0,
             yield line
 
 
+def check_resumed(args: argparse.Namespace, after: int, lines: int) -> None:
+    """`--resume` continues an -o that answers the input up to line `after`: the input, of `lines`
+    lines, must reach it."""
+    if lines < after:
+        raise LmcorError(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
+                         f"{lines}: it is another input's output (remove it, or run without --resume)")
+
+
 def line_at(number: int, raw: bytes | None, size: int, max_bytes: int) -> Line | None:
     """Line `number` of `split_lines` (`raw` None: over `max_bytes`), parsed or with its error; None
     when it is blank. Also what a Ray worker runs on the lines it is handed (`lmcor.integrations.ray`)."""
@@ -347,9 +355,7 @@ def answer_lines(
             yield answer_chunk(lines, convert, run, record), reader.skipped_bytes
         if reader.failure is not None:
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
-        if reader.skipped_lines < after:
-            raise LmcorError(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
-                             f"{reader.skipped_lines}: it is another input's output (remove it, or run without --resume)")
+        check_resumed(args, after, reader.skipped_lines)
 
     return write_answers(args, answered, verb)
 

@@ -43,13 +43,14 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from lmcor.cli.correct import record as correction_record
-from lmcor.cli.lines import Answer, answer_chunk, line_at, regular_file_size, split_lines, write_answers
+from lmcor.cli.lines import (Answer, answer_chunk, check_resumed, line_at, regular_file_size, split_lines,
+                             write_answers)
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
 from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classifier
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.options import check_max_new_tokens
+from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_threads
 from lmcor.runtime.request import CorrectionOptions, as_request
 from lmcor.server.app import create_app
 from lmcor.server.config import ServeConfig
@@ -100,8 +101,9 @@ class _Block:
     lines: int
 
 
-def _blocks(path: str, after: int, per_block: int) -> tuple[list[_Block], int]:
-    """The blocks of `per_block` lines after line `after`, and the bytes of the lines up to it."""
+def _blocks(path: str, after: int, per_block: int) -> tuple[list[_Block], int, int]:
+    """The blocks of `per_block` lines after line `after`, the bytes of the lines up to it, and the
+    file's lines."""
     blocks: list[_Block] = []
     skipped = start = first = count = number = 0  # count: lines in the open block; number: lines seen
 
@@ -131,7 +133,7 @@ def _blocks(path: str, after: int, per_block: int) -> tuple[list[_Block], int]:
         line(begin, position)
     if count:
         blocks.append(_Block(start, position - start, first, count))
-    return blocks, skipped
+    return blocks, skipped, number
 
 
 def _read_block(path: str, block: _Block, max_bytes: int) -> Iterator[pa.Table]:
@@ -163,7 +165,10 @@ class JsonlLines(Datasource):
         super().__init__()
         self.path = str(Path(path).resolve())
         self.max_line_bytes = max_line_bytes
-        self.blocks, self.skipped_bytes = _blocks(self.path, after, lines_per_block)
+        check_int("after", after, 0)
+        check_int("lines_per_block", lines_per_block, 1)
+        check_int("max_line_bytes", max_line_bytes, 1)
+        self.blocks, self.skipped_bytes, self.lines = _blocks(self.path, after, lines_per_block)
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(b.length for b in self.blocks)
@@ -222,13 +227,57 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs);
     `settings` are `CorrectLines`' (model, options, gate, batch_size, providers, max_line_bytes).
     The result keeps the input's order. A worker that dies is restarted and its batch retried: Ray
-    Data's actors have `max_restarts=-1` and `max_task_retries=-1` unless told otherwise."""
+    Data's actors have `max_restarts=-1` and `max_task_retries=-1` unless told otherwise.
+
+    What the workers would refuse is refused here, before any starts (`InputError`): the rows'
+    schema, the counts, and `CorrectLines`' settings (the bundles, the options against them)."""
+    _check_rows(dataset)
+    check_int("workers", workers, 1)
+    check_threads(threads)
+    check_int("lines_per_batch", lines_per_batch, 1)
+    if isinstance(worker, type) and issubclass(worker, CorrectLines):
+        check_settings(**settings)
     answered = dataset.map_batches(worker, batch_size=lines_per_batch, batch_format="pyarrow",
                                    compute=ActorPoolStrategy(size=workers),
                                    fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads or 1)
     answered.context.execution_options.preserve_order = True
     answered.context.enable_progress_bars = False  # the CLI shows its own
     return answered
+
+
+def check_settings(*, model: str | None = None, options: CorrectionOptions | None = None, gate: str | None = None,
+                   batch_size: int = 16, providers: list[str] | None = None,
+                   max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    """`CorrectLines`' settings, checked without loading a model: the bundles' manifests, and the
+    options against them."""
+    for name, value in (("model", model), ("gate", gate)):
+        if value is not None and not isinstance(value, (str, Path)):
+            raise InputError(f"{name} must be a bundle folder's path, got {type(value).__name__}")
+    options = check_optional("options", options, CorrectionOptions, "a CorrectionOptions") or CorrectionOptions()
+    check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    check_int("max_line_bytes", max_line_bytes, 1)
+    if providers is not None and (isinstance(providers, str) or not all(isinstance(p, str) for p in providers)):
+        raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got {providers!r}")
+    manifest = load_manifest(model or shipped_bundle("default"), verify=False, kind="corrector")
+    check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
+    if gate is None:
+        if options.gate_threshold is not None:
+            raise InputError("gate_threshold needs a gate: without one nothing reads it")
+    else:
+        load_manifest(gate or shipped_bundle("gate"), verify=False, kind="classifier")
+
+
+def _check_rows(dataset: Dataset) -> None:
+    """The rows `CorrectLines` reads: {line, size, raw}, as `read_jsonl` gives them."""
+    schema = dataset.schema()
+    have = dict(zip(schema.names, schema.types)) if schema is not None else {}
+    kinds = {"line": pa.types.is_integer, "size": pa.types.is_integer,
+             "raw": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)}
+    if not all(name in have and isinstance(have[name], pa.DataType) and good(have[name])
+               for name, good in kinds.items()):
+        shown = ", ".join(f"{name}: {kind}" for name, kind in have.items()) or "none"
+        raise InputError(f"the dataset's rows must be {{line: int64, size: int64, raw: binary}}, as read_jsonl gives "
+                         f"them (a line's bytes, not text); these have {{{shown}}}")
 
 
 def answers(source: JsonlLines, stopping: Callable[[], bool], **correcting: Any) -> Iterator[tuple[list[Answer], int]]:
@@ -259,16 +308,17 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
                          "read a pipe)")
     threads = args.threads or default_threads(workers)
     model = None if args.model is None else str(Path(args.model).resolve())
-    # What the workers would refuse, refused here, once: the bundle and the options against it.
-    manifest = load_manifest(model or shipped_bundle("default"), verify=False, kind="corrector")
-    check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
     gate = args.gate if not args.gate else str(Path(args.gate).resolve())
+    # What the workers would refuse, refused before Ray starts: the bundles and the options against them.
+    check_settings(model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers,
+                   max_line_bytes=args.max_line_bytes)
     for name, level in (("ray", logging.WARNING), ("ray.data", logging.ERROR)):  # the CLI says what it does
         logging.getLogger(name).setLevel(level)
 
     def answered(after: int, stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
         source = JsonlLines(args.input, after=after, lines_per_block=args.batch_size * 8,
                             max_line_bytes=args.max_line_bytes)
+        check_resumed(args, after, source.lines)
         yield from answers(source, stopping, workers=workers, threads=threads, lines_per_batch=args.batch_size * 8,
                            model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers,
                            max_line_bytes=args.max_line_bytes)
@@ -306,6 +356,9 @@ def application(config: ServeConfig, *, replicas: int = 1, max_replicas: int | N
     `max_replicas` (aiming at `config.max_batch` requests in flight per replica). Each replica has
     `config.threads` ONNX Runtime threads (default: this machine's cores shared out) and as many Ray
     CPUs; it takes up to `config.max_queue` requests at once, past which it answers 429 itself."""
+    check_int("replicas", replicas, 1)
+    if max_replicas is not None:
+        check_int("max_replicas", max_replicas, 1)
     if max_replicas is not None and max_replicas < replicas:
         raise InputError(f"--max-replicas {max_replicas} is below --replicas {replicas}")
     threads = config.threads or default_threads(max_replicas or replicas)
@@ -321,13 +374,27 @@ def build(args: dict[str, Any]) -> serve.Application:
     """For `serve run lmcor.integrations.ray:build model=PATH replicas=2` (or a Serve config file's
     `args`): `ServeConfig`'s keys, and `replicas`, `max_replicas`. Host and port are Serve's."""
     args = dict(args)
-    replicas, most = int(args.pop("replicas", 1)), args.pop("max_replicas", None)
-    kinds = {"port": int, "max_queue": int, "max_batch": int, "max_body_bytes": int, "threads": int,
-             "timeout_s": float, "insecure": lambda text: text.lower() in ("1", "true", "yes")}
-    for name, kind in kinds.items():
+    known = [f.name for f in dataclasses.fields(ServeConfig)] + ["replicas", "max_replicas"]
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise InputError(f"unknown argument {unknown[0]!r} (arguments: {', '.join(sorted(known))})")
+    integer, number, flag = (int, "an integer"), (float, "a number"), (_flag, "true or false")
+    kinds = {"port": integer, "max_queue": integer, "max_batch": integer, "max_body_bytes": integer,
+             "threads": integer, "replicas": integer, "max_replicas": integer, "timeout_s": number, "insecure": flag}
+    for name, (kind, what) in kinds.items():
         if isinstance(args.get(name), str):
-            args[name] = kind(args[name])
-    return application(ServeConfig(**args), replicas=replicas, max_replicas=None if most is None else int(most))
+            try:
+                args[name] = kind(args[name])
+            except ValueError:
+                raise InputError(f"{name} must be {what}, got {args[name]!r}") from None
+    replicas, most = args.pop("replicas", 1), args.pop("max_replicas", None)
+    return application(ServeConfig(**args), replicas=replicas, max_replicas=most)
+
+
+def _flag(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(text)
+    return text.lower() in ("1", "true", "yes")
 
 
 def _free_port(host: str) -> int:

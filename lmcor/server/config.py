@@ -71,6 +71,9 @@ class ServeConfig:
             raise InputError(f"host {self.host!r} is reachable from other machines: give an API key (--api-key or "
                              "LMCOR_API_KEY), or --insecure to serve it without one")
         if self.providers is not None:
+            if isinstance(self.providers, str) or not all(isinstance(p, str) for p in self.providers):
+                raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got "
+                                 f"{self.providers!r}")
             object.__setattr__(self, "providers", tuple(self.providers))
 
     @classmethod
