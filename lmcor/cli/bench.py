@@ -24,9 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="JSONL correction requests (default: random ids shaped by --source/--k/--candidate)")
     parser.add_argument("--backends", default=",".join(d.backends), help="comma-separated, from: " + ", ".join(BACKENDS))
     parser.add_argument("--threads", type=options.positive_int, default=d.threads, help="for every backend (default: cores)")
-    parser.add_argument("--requests", type=options.positive_int, default=d.requests)
+    parser.add_argument("--requests", type=options.positive_int,
+                        help=f"default: {d.requests} (--host: 100, --serve: 256)")
     parser.add_argument("--rounds", type=options.positive_int, default=d.rounds)
-    parser.add_argument("--batch-size", type=options.positive_int, default=d.batch_size, help="for the throughput run")
+    parser.add_argument("--batch-size", type=options.positive_int,
+                        help=f"for the throughput run (default: {d.batch_size}; --host and --serve: 16)")
     parser.add_argument("--source", type=options.positive_int, default=d.source, help="source tokens S")
     parser.add_argument("--k", type=options.positive_int, default=d.k, help="candidates K")
     parser.add_argument("--candidate", type=options.positive_int, default=d.candidate, help="tokens per candidate C")
@@ -71,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         return _bench_serve(args)
     if args.host:
         return _bench_host(args)
+    from lmcor.bench.harness import BenchConfig
+
+    # Unless given, the other modes measure as many requests, and batch as many, as the harness.
+    args.requests = BenchConfig.requests if args.requests is None else args.requests
+    args.batch_size = BenchConfig.batch_size if args.batch_size is None else args.batch_size
     if args.drafts:
         return _bench_drafts(args)
     if args.gate is not None:
@@ -105,7 +112,6 @@ def _write_report(path: Path, report: dict, table: str) -> None:
 
 def _bench_serve(args: argparse.Namespace) -> int:
     from lmcor.bench import serve
-    from lmcor.bench.harness import BenchConfig
 
     data = Path(args.data) if args.data else Path(__file__).resolve().parents[2] / "recipes" / "splits" / "test.jsonl"
     if not data.is_file():
@@ -114,11 +120,10 @@ def _bench_serve(args: argparse.Namespace) -> int:
         clients = tuple(options.positive_int(c) for c in args.clients.split(","))
     except argparse.ArgumentTypeError as e:
         raise InputError(f"--clients: {e}") from None
-    # --requests and --batch-size default to the harness's (8, 8); --serve's own are 256 and 16 (the server's).
     own = serve.ServeBenchConfig
     config = own(data=data, bundle=Path(args.bundle) if args.bundle else None, seconds=args.seconds, clients=clients,
-                 requests=own.requests if args.requests == BenchConfig.requests else args.requests,
-                 batch_size=own.batch_size if args.batch_size == BenchConfig.batch_size else args.batch_size,
+                 requests=own.requests if args.requests is None else args.requests,
+                 batch_size=own.batch_size if args.batch_size is None else args.batch_size,
                  threads=args.threads, out=Path(args.out))
     report = serve.run(config)
     _write_report(Path(args.out) / "serve.json", report, serve.table(report))
@@ -130,18 +135,14 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
 def _bench_host(args: argparse.Namespace) -> int:
     from lmcor.bench import host
-    from lmcor.bench.harness import BenchConfig
 
     data = Path(args.data) if args.data else Path(__file__).resolve().parents[2] / "recipes" / "splits" / "test.jsonl"
     if not data.is_file():
         raise InputError(f"--host needs --data: a JSONL file of correction requests ({data} is not there)")
-    # --requests and --batch-size default to the harness's (8, 8); --host's own are 100 and 16.
     own = host.HostConfig
     config = own(data=data, bundle=Path(args.bundle) if args.bundle else None,
-                 requests=own.requests if args.requests == BenchConfig.requests else args.requests,
-                 rounds=args.rounds,
-                 batch_size=own.batch_size if args.batch_size == BenchConfig.batch_size else args.batch_size,
-                 threads=args.threads)
+                 requests=own.requests if args.requests is None else args.requests, rounds=args.rounds,
+                 batch_size=own.batch_size if args.batch_size is None else args.batch_size, threads=args.threads)
     report = host.run(config)
     _write_report(Path(args.out) / "host.json", report, host.table(report))
     return 0 if report["identical_outputs"] == report["requests"] else 1
