@@ -23,15 +23,37 @@ def examples(sentences: list[str], seed: int, model="shared") -> list[Example]:
     return [make_example(s, rng, model) for s in sentences]
 
 
-def endless(sentences: list[str], seed: int, model="shared", pool: list[str] | None = None) -> Iterator[Example]:
+# Joined sentences hold at most this many words: their targets stay within the corrector's 96
+# output tokens.
+JOINED_WORDS = 50
+
+
+def endless(sentences: list[str], seed: int, model="shared", pool: list[str] | None = None,
+            join: float = 0.0) -> Iterator[Example]:
     """Training examples: the sentences in a new order each epoch, with fresh noise every time
-    (`model`: a candidate model of `noise`, or a mixture of them)."""
+    (`model`: a candidate model of `noise`, or a mixture of them). A `join` share of the examples
+    are two or three sentences in a row (up to `JOINED_WORDS` words): the corpora's sentences are
+    short, and a model that never copied a long input skips ahead in one."""
     rng = random.Random(seed)
     order = list(sentences)
     while True:
         rng.shuffle(order)
-        for sentence in order:
-            yield make_example(sentence, rng, model, pool=pool)
+        n = 0
+        while n < len(order):
+            size = rng.choice((2, 3)) if join and rng.random() < join else 1
+            yield make_example(joined(order[n : n + size]), rng, model, pool=pool)
+            n += size
+
+
+def joined(sentences: list[str]) -> str:
+    """The first sentence, and the next ones while the text stays within `JOINED_WORDS` words."""
+    text, words = sentences[0], len(sentences[0].split())
+    for sentence in sentences[1:]:
+        words += len(sentence.split())
+        if words > JOINED_WORDS:
+            break
+        text += " " + sentence
+    return text
 
 
 def write_jsonl(path: Path, items: list[Example]) -> None:

@@ -305,11 +305,14 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
 
 
 def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,
-          eval_minutes: float = 10.0, device: str = "cpu", llm_share: float = 0.4, init: Path | None = None) -> Path:
+          eval_minutes: float = 10.0, device: str = "cpu", llm_share: float = 0.4, init: Path | None = None,
+          join: float = 0.0) -> Path:
     """The default corrector: corpus sentences with synthetic candidates, mixed with a real LLM's.
 
     From scratch (tokenizer, copy initialization, copy warm-up), or continued from `init`, a
-    Hugging Face folder written by an earlier run (its tokenizer is kept)."""
+    Hugging Face folder written by an earlier run (its tokenizer is kept). A `join` share of the
+    synthetic examples are sentences in a row (`data.endless`); the dev examples then hold as many
+    pairs of dev sentences, so that model selection sees long inputs too."""
     out.mkdir(parents=True, exist_ok=True)
     splits = data.build(out, seed=settings.seed)
     llm = {name: _llm_examples(name) for name in ("train", "dev")}
@@ -331,10 +334,18 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
         tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
         model = T5ForConditionalGeneration.from_pretrained(init)
     synthetic_dev = data.examples(splits["dev"], settings.seed + 1)
-    dev = [e for pair in zip(synthetic_dev, llm["dev"]) for e in pair] + synthetic_dev[len(llm["dev"]) :]
+    pairs = [data.joined(splits["dev"][n : n + 2]) for n in range(0, len(splits["dev"]) - 1, 2)]
+    joined_dev = data.examples(pairs[: int(join * len(synthetic_dev))], settings.seed + 2)
+    dev = _interleaved(synthetic_dev, llm["dev"], joined_dev)
     return fit(out, minutes, settings, model=model, tokenizer=tokenizer,
-               examples=lambda step: _mixture(splits["train"], llm["train"], llm_share, settings.seed + step),
+               examples=lambda step: _mixture(splits["train"], llm["train"], llm_share, settings.seed + step, join),
                dev=dev, copy_warmup=init is None, resume=resume, eval_minutes=eval_minutes, device=device)
+
+
+def _interleaved(*lists: list[Example]) -> list[Example]:
+    """Every item of `lists`, taking one of each in turn (the first 200 are the watched dev examples)."""
+    longest = max(len(items) for items in lists)
+    return [items[n] for n in range(longest) for items in lists if n < len(items)]
 
 
 LLM_SPLITS = Path(__file__).parent / "splits"
@@ -349,12 +360,12 @@ def _llm_examples(name: str) -> list[Example]:
     return [Example(r["source"], r["candidates"], r["target"]) for r in rows]
 
 
-def _mixture(sentences: list[str], llm: list[Example], llm_share: float, seed: int):
+def _mixture(sentences: list[str], llm: list[Example], llm_share: float, seed: int, join: float = 0.0):
     """Endless examples: a `llm_share` of the LLM's (cycled), the rest synthetic over `sentences`
-    with a candidate model drawn per example."""
+    with a candidate model drawn per example (a `join` share of them sentences in a row)."""
     rng = random.Random(seed)
     own = iter(())
-    synthetic = data.endless(sentences, seed, model=noise.mixture(), pool=sentences)
+    synthetic = data.endless(sentences, seed, model=noise.mixture(), pool=sentences, join=join)
     order = list(llm)
     while True:
         if order and rng.random() < llm_share:
@@ -513,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from this Hugging Face folder (an earlier run's hf/) instead of from scratch")
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {Settings.lr:g}; 3e-4 with --init)")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
+    parser.add_argument("--join", type=float, default=0.0,
+                        help="share of synthetic examples made of two or three sentences in a row (long inputs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -522,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(0)
     lr = args.lr if args.lr is not None else (3e-4 if args.init else Settings.lr)
     hf_dir = train(args.out, args.minutes, Settings(lr=lr), resume=args.resume, device=args.device,
-                   llm_share=args.llm_share, init=args.init)
+                   llm_share=args.llm_share, init=args.init, join=args.join)
     from lmcor.export import export_corrector
 
     export_corrector(hf_dir, args.out / "bundle", max_output_tokens=96, overwrite=True)

@@ -58,3 +58,18 @@ def test_the_default_mixture_draws_the_llm_share_and_every_candidate_model():
     assert {e.source for e in from_llm} == {e.source for e in llm}  # cycled through, every one used
     synthetic = [e for e in drawn if e not in from_llm]
     assert {e.target for e in synthetic} <= set(sentences) and len({tuple(e.candidates) for e in synthetic}) > 50
+
+
+def test_joined_examples_hold_sentences_in_a_row_within_the_word_limit():
+    from lmcor.recipes import data
+
+    sentences = [f"Sentence number {n} has a few more words in it." for n in range(40)]
+    drawn = [e for e, _ in zip(data.endless(sentences, seed=1, join=0.5), range(400))]
+    lengths = [sum(s in e.target for s in sentences) for e in drawn]
+    assert 0.3 < sum(n > 1 for n in lengths) / len(drawn) < 0.6 and max(lengths) == 3
+    assert all(len(e.target.split()) <= data.JOINED_WORDS for e in drawn)
+    assert data.joined(["a b", "c d e", "f"]) == "a b c d e f"
+    assert data.joined(["w " * 30, "x " * 30]) == "w " * 30  # a second sentence past the limit is left out
+    # without joining, the stream is the one the shipped model was trained on
+    plain = [e.target for e, _ in zip(data.endless(sentences, seed=1), range(80))]
+    assert sorted(plain[:40]) == sorted(sentences) and all(t in sentences for t in plain)
