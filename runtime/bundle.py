@@ -12,13 +12,15 @@ import hashlib
 import importlib.resources
 import json
 import math
+import os
 import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import BundleError
+from .errors import BundleError, InputError
+from .options import check_flag
 
 MANIFEST_NAME = "lmcor.json"
 FORMAT_VERSION = 3
@@ -307,6 +309,9 @@ def _labels(top: _Fields) -> tuple[str, ...]:
     labels = top.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
         top.fail("labels", f"expected a non-empty list of non-empty strings, got {_show(labels)}")
+    if len(labels) < 2:
+        top.fail("labels", f"a classifier has at least 2 labels, got {_show(labels)} (a one-output head is a "
+                 "regression, which lmcor does not run)")
     if len(set(labels)) != len(labels):
         top.fail("labels", f"the labels must be distinct, got {', '.join(map(repr, labels))}")
     return tuple(labels)
@@ -354,13 +359,21 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def bundle_path(path: Any) -> Path:
+    """`path`, a bundle folder's path given as str or Path (anything else: one `InputError`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"a bundle is a folder's path (str or Path), got {type(path).__name__}")
+    return Path(path)
+
+
 def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = None) -> Manifest:
     """Read and check a bundle's manifest; with `verify`, check every file's sha256; with `kind`,
     check that the bundle is of that kind. Every file the manifest names must lie inside the bundle's
     folder, symbolic links followed: a manifest cannot make lmcor open any other file. (The external
     data files a graph names are ONNX Runtime's to confine: it refuses '..', absolute paths and links
     that lead out of the graph's folder.)"""
-    root = Path(path)
+    root = bundle_path(path)
+    check_flag("verify", verify)
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
         raise BundleError(f"{root}: a file, not a bundle folder" if root.exists() else f"{root}: no such bundle directory")

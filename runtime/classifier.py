@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .batching import pad_batch, plan_batches
-from .bundle import Manifest, load_manifest
+from .bundle import Manifest, bundle_path, load_manifest
 from .tokens import MAX_CHARS_PER_TOKEN, load_tokenizer
 from .errors import BundleError, InputError
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
@@ -93,7 +93,7 @@ class Classifier:
     @classmethod
     def load(cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
              verify: bool = True) -> "Classifier":
-        root = Path(path)
+        root = bundle_path(path)
         manifest = load_manifest(root, verify=verify, kind="classifier")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
         check_graphs(root, manifest, {"model": session})

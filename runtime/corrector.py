@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from tokenizers import Tokenizer
 
-from .bundle import Manifest, load_manifest, shipped_bundle
+from .bundle import Manifest, bundle_path, load_manifest, shipped_bundle
 from .classifier import Classifier
 from .encode import PackedEncoder
 from .decode import cache_layout
@@ -76,7 +76,7 @@ class Corrector:
         decoder runs on CUDA and PyTorch with Triton are installed, else the ONNX encoder; "onnx"
         and "packed" choose (on CPU, "packed" needs Triton's interpreter, TRITON_INTERPRET=1).
         """
-        root = Path(path) if path is not None else shipped_bundle("default")
+        root = bundle_path(path) if path is not None else shipped_bundle("default")
         manifest = load_manifest(root, verify=verify, kind="corrector")
         tokenizer = load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens,
                                    manifest.decoder.vocab_size)

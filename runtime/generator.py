@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .bundle import Manifest, load_manifest
+from .bundle import Manifest, bundle_path, load_manifest
 from .drafts import Drafts
 from .tokens import load_tokenizer
 from .errors import InputError
-from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens, check_number,
-                      check_progress, check_temperature, check_text)
+from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_flag, check_int, check_items, check_max_new_tokens,
+                      check_number, check_progress, check_temperature, check_text)
 from .sessions import check_graphs, open_session, run
 
 # Every drafted position runs through all the layers, and at batch 16 a 135M model on a CPU is
@@ -62,7 +62,7 @@ class Generator:
     @classmethod
     def load(cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
              verify: bool = True) -> "Generator":
-        root = Path(path)
+        root = bundle_path(path)
         manifest = load_manifest(root, verify=verify, kind="causal-lm")
         session = open_session(root / manifest.files["model"], providers=providers, threads=threads)
         check_graphs(root, manifest, {"model": session})
@@ -127,6 +127,7 @@ class Generator:
         batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         check_choice("errors", errors, ERRORS)
         check_progress(progress)
+        drafts = check_flag("drafts", drafts)
         stops = tuple(check_items("stop", stop, "strings"))
         for n, text in enumerate(stops):
             _check_prompt(f"stop[{n}]", text)
@@ -145,7 +146,7 @@ class Generator:
         for start in range(0, len(good), batch_size):
             rows = good[start : start + batch_size]
             generated = self._generate([encoded[n] for n in rows], [limits[n] for n in rows], sampling, [seeds[n] for n in rows],
-                                       [prefixes[n] for n in rows], stops, bool(drafts))
+                                       [prefixes[n] for n in rows], stops, drafts)
             for n, (text, ids) in zip(rows, generated):
                 out[n] = Generation(text, ids)
             if progress is not None:
@@ -308,7 +309,7 @@ def _row_seeds(seed: Any, count: int) -> list[int | None]:
     """One seed per prompt: `seed` and the prompt's index, or `seed[n]`."""
     if seed is None:
         return [None] * count
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    if isinstance(seed, (int, float, bool, np.number, np.bool_)):  # one seed for all
         base = check_int("seed", seed, 0)
         return [base * 1_000_003 + n for n in range(count)]
     seeds = check_items("seed", seed, "integers")

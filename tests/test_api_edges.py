@@ -143,7 +143,7 @@ def test_the_gate_checks_and_passes_over_blank_first_candidates(corrector, gate)
     ("seed", -1), ("seed", 1.5), ("seed", "1"),
     ("prefix", "text"), ("prefix", 3),
     ("batch_size", 0), ("batch_size", "8"),
-    ("progress", 3),
+    ("progress", 3), ("drafts", None), ("drafts", "no"),
 ])
 def test_generate_batch_checks_each_option(generator, argument, value):
     _names(argument, lambda: generator.generate_batch(["a b"], **{"max_new_tokens": 4, argument: value}))
@@ -198,3 +198,12 @@ def test_a_text_that_is_not_unicode_fails_alone(gate):
 def test_load_checks_threads(bundles, threads):
     with pytest.raises(InputError, match="threads must be an integer"):
         Corrector.load(bundles["t5"], threads=threads)
+
+
+@pytest.mark.parametrize("load", [Corrector.load, Classifier.load, Generator.load])
+def test_load_checks_the_path_and_verify(bundles, load):
+    for path in (5, 2.5 if load == Corrector.load else None, ["a"]):  # None: the shipped corrector
+        with pytest.raises(InputError, match="a bundle is a folder's path"):
+            load(path)
+    with pytest.raises(InputError, match="verify must be True or False"):
+        load(bundles["t5"], verify="no")

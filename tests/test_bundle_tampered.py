@@ -236,6 +236,7 @@ def gate(tmp_path):
 CLASSIFIER_DEFECTS = {
     "labels-empty": (_set(None, labels=[]), "labels"),
     "labels-duplicate": (_set(None, labels=["right", "right"]), "labels"),
+    "labels-one": (_set(None, labels=["score"]), "labels"),  # a regression head
     "labels-not-strings": (_set(None, labels=[0, 1]), "labels"),
     "labels-vs-logits": (_set(None, labels=["a", "b", "right"]), "labels"),
     "gate-threshold-2": (_set(None, gate_threshold=2), "gate_threshold"),
