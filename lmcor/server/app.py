@@ -4,8 +4,8 @@ Routes: POST /v1/correct, /v1/classify, /v1/generate (a body is one request obje
 them, answered in order); GET /health, /metrics (Prometheus), /openapi.json. Every answer that is not
 a result is `{"error": {"kind", "message"}}` with its status: 400 bad JSON, 401 no or wrong API key,
 404 no such route or model, 413 body too large, 422 a bad field (the runtime's message, which names
-it; "item N: " in a list), 429 queue full (Retry-After), 503 loading or draining, 504 past the
-deadline. A request's fields are checked once, by the runtime's own types (`Request`,
+it), 429 queue full (Retry-After), 503 loading or draining, 504 past the deadline. In a list, an
+item refused (422, 504) is its error record in its place ("item N: ..."), and the others are answered. A request's fields are checked once, by the runtime's own types (`Request`,
 `CorrectionOptions`, `as_texts`, the options checks); the OpenAPI schemas only document them.
 """
 
@@ -198,18 +198,43 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _each(body: Any, parse: Callable[[Any], Any]) -> tuple[list, bool]:
-    """The parsed items of a body (one object or a list of them), and whether it was a list."""
+def _each(body: Any, parse: Callable[[Any], Any]) -> tuple[list, list, bool]:
+    """The parsed items of a body (one object or a list of them), their ids, and whether it was a
+    list. A single object that does not parse is refused (422); in a list, such an item is its
+    `InputError`, answered in its place, and the others are still served."""
     many = isinstance(body, list)
     if many and not body:
         raise Refused(422, "invalid", "the body is an empty list: send one request or a list of them")
+    items = body if many else [body]
     parsed = []
-    for n, item in enumerate(body if many else [body]):
+    for item in items:
         try:
             parsed.append(parse(item))
         except InputError as e:
-            raise Refused(422, "invalid", f"item {n}: {e}" if many else str(e), index=n if many else None) from None
-    return parsed, many
+            if not many:
+                raise Refused(422, "invalid", str(e)) from None
+            parsed.append(e)
+    return parsed, [item.get("id") if isinstance(item, dict) else None for item in items], many
+
+
+def _failed(error: InputError) -> Future:
+    """The answer of an item that did not parse: its error, as a request the runtime refused."""
+    future: Future = Future()
+    future.set_exception(error)
+    return future
+
+
+def _records(state: ServerState, outcomes: list, ids: list, record: Callable[[int, Any], dict]) -> list[dict]:
+    """A list's records in order: each item's, or `{"id", "error": {"kind", "message"}}` for an item
+    refused (its status would have been 422 or 504 alone)."""
+    out = []
+    for n, (outcome, ident) in enumerate(zip(outcomes, ids)):
+        if isinstance(outcome, Refused):
+            state.metrics.errors.labels(outcome.kind).inc()
+            out.append({"id": ident, "error": {"kind": outcome.kind, "message": outcome.message}})
+        else:
+            out.append(record(n, outcome))
+    return out
 
 
 def _fields(item: Any, known: tuple[str, ...], what: str) -> dict:
@@ -238,7 +263,8 @@ def _named(batchers: dict[str, Batcher], name: Any, kind: str, flag: str) -> str
     return name
 
 
-# Answering: every submitted call is awaited with its deadline; a failure cancels the rest.
+# Answering: every submitted call is awaited with its deadline. One request's refusal is the answer;
+# a list's items are answered each on its own.
 
 async def _answer(future: Future, timeout: float, index: int, many: bool) -> Any:
     where = f"item {index}: " if many else ""
@@ -251,11 +277,17 @@ async def _answer(future: Future, timeout: float, index: int, many: bool) -> Any
 
 
 async def _all(futures: list[Future], timeouts: list[float], many: bool) -> list:
+    """Each request's result; in a list, an item refused (422, 504) is its `Refused` in its place.
+    Any other failure (the models') fails the whole answer."""
     tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
     try:
-        return await asyncio.gather(*tasks)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=many)
     finally:
         await _cancel(tasks)  # after a failure the others' answers are not wanted
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Refused):
+            raise outcome
+    return outcomes
 
 
 async def _cancel(tasks: list[asyncio.Future]) -> None:
@@ -300,7 +332,7 @@ class _Tokens:
 
 
 async def _stream(state: ServerState, futures: list[Future], timeouts: list[float], many: bool,
-                  record: Callable[[Any], dict], tokens: _Tokens | None = None) -> AsyncIterator[str]:
+                  record: Callable[[int, Any], dict], tokens: _Tokens | None = None) -> AsyncIterator[str]:
     """Server-sent events: `token` events with each request's text as it is decoded (with `tokens`),
     one `result` (or `error`) per request as it finishes, then `done`."""
     tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
@@ -327,7 +359,7 @@ async def _stream(state: ServerState, futures: list[Future], timeouts: list[floa
                     state.metrics.errors.labels(e.kind).inc()
                     yield _event("error", {"index": e.index, "kind": e.kind, "message": e.message})
                 else:
-                    yield _event("result", {"index": index[task], **record(result)})
+                    yield _event("result", {"index": index[task], **record(index[task], result)})
         yield _event("done", {})
     finally:
         # The client went away: what is not decoded yet is skipped.
@@ -432,18 +464,20 @@ def create_app(config: ServeConfig) -> FastAPI:
             return (as_request(item), options, _timeout(item, config.timeout_s),
                     check_flag("stream", item.get("stream", False)))
 
-        parsed, many = _each(await _json_body(request, config.max_body_bytes), parse)
-        if len({stream for *_, stream in parsed}) > 1:
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        streams = {p[3] for p in parsed if not isinstance(p, InputError)}
+        if len(streams) > 1:
             raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
-        streamed = parsed[0][3]
+        streamed = streams == {True}
         tokens = _Tokens(asyncio.get_running_loop(), models.engine.tokenizer, len(parsed)) if streamed else None
         futures = state.submit("correct", [
-            lambda r=r, o=o, n=n: models.engine.submit(r, o, gate=models.gate,
-                                                       on_tokens=tokens.listener(n) if tokens else None)
-            for n, (r, o, _, _) in enumerate(parsed)])
-        timeouts = [timeout for _, _, timeout, _ in parsed]
+            (lambda e=p: _failed(e)) if isinstance(p, InputError) else
+            (lambda r=p[0], o=p[1], n=n: models.engine.submit(r, o, gate=models.gate,
+                                                              on_tokens=tokens.listener(n) if tokens else None))
+            for n, p in enumerate(parsed)])
+        timeouts = [config.timeout_s if isinstance(p, InputError) else p[2] for p in parsed]
 
-        def record(result: Correction) -> dict:
+        def record(n: int, result: Correction) -> dict:
             state.metrics.corrected(result)
             return correction_record(result)
 
@@ -451,8 +485,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             return StreamingResponse(_stream(state, futures, timeouts, many, record, tokens),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        records = [record(r) for r in await _all(futures, timeouts, many)]
-        return _JSON(records if many else records[0])
+        outcomes = await _all(futures, timeouts, many)
+        return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
     @app.post("/v1/classify", openapi_extra=CLASSIFY_BODY, responses=ERRORS)
     async def classify(request: Request) -> Response:
@@ -467,15 +501,17 @@ def create_app(config: ServeConfig) -> FastAPI:
             as_texts(item)
             return name, item, _timeout(item, config.timeout_s)
 
-        parsed, many = _each(await _json_body(request, config.max_body_bytes), parse)
-        futures = state.submit("classify", [lambda n=n, i=i: models.classify[n].submit(i) for n, i, _ in parsed])
-        results: list[Classification] = await _all(futures, [t for *_, t in parsed], many)
-        records = []
-        for (name, _, _), result in zip(parsed, results):
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        futures = state.submit("classify", [(lambda e=p: _failed(e)) if isinstance(p, InputError) else
+                                            (lambda n=p[0], i=p[1]: models.classify[n].submit(i)) for p in parsed])
+        outcomes = await _all(futures, [config.timeout_s if isinstance(p, InputError) else p[2] for p in parsed], many)
+
+        def record(n: int, result: Classification) -> dict:
             state.metrics.requests.labels("classify", "classified").inc()
-            records.append({"id": result.id, "label": result.label, "labels": list(models.classifiers[name].labels),
-                            "probabilities": result.probabilities.tolist(), "truncated": result.truncated})
-        return _JSON(records if many else records[0])
+            return {"id": result.id, "label": result.label, "labels": list(models.classifiers[parsed[n][0]].labels),
+                    "probabilities": result.probabilities.tolist(), "truncated": result.truncated}
+
+        return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
     @app.post("/v1/generate", openapi_extra=GENERATE_BODY, responses=ERRORS)
     async def generate(request: Request) -> Response:
@@ -506,13 +542,16 @@ def create_app(config: ServeConfig) -> FastAPI:
                 seed=None if seed is None else check_int("seed", seed, 0), stop=tuple(stop),
             ), _timeout(item, config.timeout_s)
 
-        parsed, many = _each(await _json_body(request, config.max_body_bytes), parse)
-        futures = state.submit("generate", [lambda n=n, p=p: models.generate[n].submit(p) for n, _, p, _ in parsed])
-        results: list[Generation] = await _all(futures, [t for *_, t in parsed], many)
-        state.metrics.requests.labels("generate", "generated").inc(len(results))
-        records = [{"id": ident, "output": r.text, "output_tokens": len(r.token_ids)}
-                   for (_, ident, _, _), r in zip(parsed, results)]
-        return _JSON(records if many else records[0])
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        futures = state.submit("generate", [(lambda e=p: _failed(e)) if isinstance(p, InputError) else
+                                            (lambda n=p[0], q=p[2]: models.generate[n].submit(q)) for p in parsed])
+        outcomes = await _all(futures, [config.timeout_s if isinstance(p, InputError) else p[3] for p in parsed], many)
+
+        def record(n: int, result: Generation) -> dict:
+            state.metrics.requests.labels("generate", "generated").inc()
+            return {"id": parsed[n][1], "output": result.text, "output_tokens": len(result.token_ids)}
+
+        return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
     @app.get("/health", responses={503: {"description": "loading, draining, or failed to load"}})
     async def health() -> Response:
