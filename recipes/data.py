@@ -41,19 +41,21 @@ def endless(sentences: list[str], seed: int, model="shared", pool: list[str] | N
         n = 0
         while n < len(order):
             size = rng.choice((2, 3)) if join and rng.random() < join else 1
-            yield make_example(joined(order[n : n + size]), rng, model, pool=pool)
-            n += size
+            text, used = joined(order[n : n + size])
+            yield make_example(text, rng, model, pool=pool)
+            n += used
 
 
-def joined(sentences: list[str]) -> str:
-    """The first sentence, and the next ones while the text stays within `JOINED_WORDS` words."""
-    text, words = sentences[0], len(sentences[0].split())
+def joined(sentences: list[str]) -> tuple[str, int]:
+    """The first sentence and the next ones while the text stays within `JOINED_WORDS` words, and
+    how many it holds."""
+    text, words, used = sentences[0], len(sentences[0].split()), 1
     for sentence in sentences[1:]:
         words += len(sentence.split())
         if words > JOINED_WORDS:
             break
-        text += " " + sentence
-    return text
+        text, used = text + " " + sentence, used + 1
+    return text, used
 
 
 def write_jsonl(path: Path, items: list[Example]) -> None:

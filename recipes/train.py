@@ -334,7 +334,7 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
         tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
         model = T5ForConditionalGeneration.from_pretrained(init)
     synthetic_dev = data.examples(splits["dev"], settings.seed + 1)
-    pairs = [data.joined(splits["dev"][n : n + 2]) for n in range(0, len(splits["dev"]) - 1, 2)]
+    pairs = [data.joined(splits["dev"][n : n + 2])[0] for n in range(0, len(splits["dev"]) - 1, 2)]
     joined_dev = data.examples(pairs[: int(join * len(synthetic_dev))], settings.seed + 2)
     dev = _interleaved(synthetic_dev, llm["dev"], joined_dev)
     return fit(out, minutes, settings, model=model, tokenizer=tokenizer,
@@ -513,6 +513,13 @@ def _save(path: Path, model, optimizer, state: dict) -> None:
     tmp.replace(path)
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a share from 0 to 1, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/default-corrector"))
@@ -524,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from this Hugging Face folder (an earlier run's hf/) instead of from scratch")
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {Settings.lr:g}; 3e-4 with --init)")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
-    parser.add_argument("--join", type=float, default=0.0,
+    parser.add_argument("--join", type=_share, default=0.0,
                         help="share of synthetic examples made of two or three sentences in a row (long inputs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import BundleError, InputError
-from .options import check_flag
+from .options import MAX_NO_REPEAT_NGRAM, check_flag
 
 MANIFEST_NAME = "lmcor.json"
 FORMAT_VERSION = 3
@@ -151,7 +151,7 @@ class Manifest:
             opset=top.integer("opset", 1),
             files=_files(top, kind, graph),
             decoder_graph=graph,
-            no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, default=0),
+            no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, maximum=MAX_NO_REPEAT_NGRAM, default=0),
             fallback_below=top.number("fallback_below", 0, 100),
             end_tokens=_end_tokens(top, decoder.vocab_size) if kind == "causal-lm" else (),
             pad_token=top.optional_integer("pad_token", 0) if kind == "classifier" else None,
@@ -213,12 +213,14 @@ class _Fields:
             self.fail(field, f"expected a {'non-empty ' if nonempty else ''}string, got {_show(value)}")
         return value
 
-    def integer(self, field: str, minimum: int, *, default: Any = _REQUIRED) -> int:
+    def integer(self, field: str, minimum: int, *, maximum: int | None = None, default: Any = _REQUIRED) -> int:
         value = self.get(field, default)
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(field, f"expected an integer, got {_show(value)}")
         if value < minimum:
             self.fail(field, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(field, f"must be at most {maximum}, got {value}")
         return value
 
     def optional_integer(self, field: str, minimum: int) -> int | None:

@@ -372,7 +372,12 @@ def _options(options: CorrectionOptions | None) -> CorrectionOptions:
 
 def _check_gate(gate: Classifier | None, options: CorrectionOptions) -> None:
     check_optional("gate", gate, Classifier, "a Classifier")
-    if gate is None and options.gate_threshold is not None:
+    check_gate_threshold(gate is not None, options)
+
+
+def check_gate_threshold(gated: bool, options: CorrectionOptions) -> None:
+    """A gate threshold is read only behind a gate."""
+    if not gated and options.gate_threshold is not None:
         raise InputError("gate_threshold needs a gate: without one nothing reads it")
 
 

@@ -115,10 +115,12 @@ class Generator:
         decoder call (the answers are the same; an answer that repeats its prompt takes fewer calls).
 
         Options are checked first (`InputError` naming the bad one): `max_new_tokens` is at most the
-        bundle's `max_output_tokens` (None: that, or as many as fit after a prompt), `batch_size` at most `options.MAX_BATCH_SIZE`, `temperature` 0
-        or from 0.001 to 100, `top_p` above 0 and at most 1, seeds integers >= 0. Each prompt,
-        after the prefix, with its new tokens must fit the model's `max_input_tokens` positions; a
-        prompt that does not raises, or with `errors="return"` yields its `InputError` in its place.
+        bundle's `max_output_tokens`, `batch_size` at most `options.MAX_BATCH_SIZE`, `temperature` 0
+        or from 0.001 to 100, `top_p` above 0 and at most 1, seeds integers >= 0. Each prompt, after
+        the prefix, with its new tokens must fit the model's `max_input_tokens` positions: without
+        `max_new_tokens`, a prompt gets as many new tokens as fit (at most `max_output_tokens`); with
+        it, or where not one fits, a prompt raises, or with `errors="return"` yields its
+        `InputError` in its place.
         """
         limit = check_max_new_tokens(max_new_tokens, self.manifest.max_output_tokens)
         sampling = Sampling(check_temperature(temperature), check_number("top_p", top_p, 0, 1, above_low=True))
@@ -257,7 +259,10 @@ class Generator:
                 feed[i, : 1 + len(draft)] = [row[-1], *draft]
                 fed[i, : 1 + len(draft)] = 1
             mask = np.concatenate([mask, fed], axis=1)
-            logits, past = self._run(feed, mask, next_position[:, None] + np.arange(span), past)
+            # A row's padding slots (masked) may lie past the model's last position when another row
+            # drafts further: they are fed at it instead.
+            fed_positions = np.minimum(next_position[:, None] + np.arange(span), self.manifest.max_input_tokens - 1)
+            logits, past = self._run(feed, mask, fed_positions, past)
             if not drafting:
                 new = [[int(t)] for t in _choose(logits[:, -1, :], sampling, [rngs[r] for r in active])]
                 next_position = next_position + 1

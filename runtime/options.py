@@ -27,7 +27,8 @@ MAX_THREADS = 1024
 # Beam search divides scores by length ** length_penalty: past +-10 that power overflows float32
 # for long outputs.
 MAX_LENGTH_PENALTY = 10.0
-# An n-gram longer than any output bans nothing; past 64-bit sizes the compiled core cannot hold it.
+# Outputs are far shorter than 4096 tokens, so a larger n-gram would ban nothing; the bound also keeps
+# the size within the compiled core's 64-bit integers.
 MAX_NO_REPEAT_NGRAM = 4096
 # Sampling below 0.001 is the argmax in all but name (and far below, logits / temperature overflows
 # to NaN probabilities); above 100 it is close to uniform noise.
@@ -111,6 +112,16 @@ def check_text(where: str, text: str) -> None:
 def check_threads(threads: Any) -> int | None:
     """`load`'s `threads`: None (ONNX Runtime's default) or 1 to MAX_THREADS."""
     return None if threads is None else check_int("threads", threads, 1, MAX_THREADS)
+
+
+def check_providers(providers: Any) -> tuple[str, ...] | None:
+    """ONNX Runtime execution providers: None (the default), or a list of their names. (ONNX Runtime
+    itself takes a str as a list of one-letter names.)"""
+    if providers is None:
+        return None
+    if not isinstance(providers, (list, tuple)) or not all(isinstance(p, str) for p in providers):
+        raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got {shown(providers)}")
+    return tuple(providers)
 
 
 def check_max_new_tokens(value: Any, cap: int) -> int:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from . import core
 from .bundle import MANIFEST_NAME, Manifest
 from .errors import BundleError, InputError
-from .options import check_threads
+from .options import check_providers, check_threads
 
 log = logging.getLogger("lmcor")
 
@@ -50,10 +50,9 @@ def default_providers() -> list[str]:
 def _check_providers(providers: Sequence[str]) -> list[str]:
     """The providers of a preference list that this ONNX Runtime build has.
 
-    ONNX Runtime itself takes a str as a list of one-letter names, and answers an unknown name by
-    printing a banner to stdout and falling back to the CPU: both are caught here, before it runs."""
-    if not isinstance(providers, (list, tuple)) or not all(isinstance(p, str) for p in providers):
-        raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got {providers!r}")
+    ONNX Runtime answers an unknown name by printing a banner to stdout and falling back to the CPU:
+    that is caught here, before it runs."""
+    check_providers(providers)
     available = ort.get_available_providers()
     for name in providers:
         if name not in ort.get_all_providers():

@@ -23,7 +23,7 @@ BAD_DECODING = [
     ("length_penalty", "x"), ("length_penalty", math.nan), ("length_penalty", math.inf), ("length_penalty", None),
     ("length_penalty", 11.0), ("length_penalty", 10**400),
     ("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 1.5), ("no_repeat_ngram_size", "2"),
-    ("no_repeat_ngram_size", 2**64),  # past the compiled core's integers
+    ("no_repeat_ngram_size", 4097), ("no_repeat_ngram_size", 2**64),  # past the compiled core's integers
     ("drafts", "no"), ("drafts", 1), ("drafts", None),
     ("batch_size", 0), ("batch_size", "16"), ("batch_size", 2.0), ("batch_size", None),
 ]
@@ -150,13 +150,20 @@ def test_generate_batch_checks_each_option(generator, argument, value):
 
 
 def test_a_generators_default_length_fits_the_positions_left(generator):
-    tokens = generator.tokenizer.encode
-    prompt = next(p for p in ("x y " * k for k in range(1, 64)) if 52 < len(tokens(p).ids) < 64)
-    room = 64 - len(tokens(prompt).ids) + 1  # the last new token is never fed back
-    (answer,) = generator.generate_batch([prompt], temperature=1.0, seed=0)  # sampled: no early end
-    assert 1 <= len(answer.token_ids) <= room
-    with pytest.raises(InputError, match="item 0: the prompt's .* need .* of the model's 64 positions"):
-        generator.generate_batch([prompt], max_new_tokens=16)
+    tokens, positions = generator.tokenizer.encode, generator.manifest.max_input_tokens
+    near_end = next(p for p in ("x y " * k + "z" * j for k in range(positions) for j in range(3))
+                    if positions - 6 <= len(tokens(p).ids) < positions - 1)
+    room = positions - len(tokens(near_end).ids) + 1  # the last new token is never fed back
+    (sampled,) = generator.generate_batch([near_end], temperature=1.0, seed=0)  # sampled: no early end
+    assert 1 <= len(sampled.token_ids) <= room
+    # greedy with drafts, beside prompts that draft far (they repeat themselves): the near-end row's
+    # padding slots are fed within the positions, and each row answers as it does alone
+    batch = [near_end, "a b c a b c a b c a b c", "x y x y x y x y"]
+    alone = [generator.generate_batch([p])[0].token_ids for p in batch]
+    assert [g.token_ids for g in generator.generate_batch(batch)] == alone
+    assert len(alone[0]) <= room
+    with pytest.raises(InputError, match=f"item 0: the prompt's .* need .* of the model's {positions} positions"):
+        generator.generate_batch([near_end], max_new_tokens=room + 1)
 
 
 def test_generator_checks_prompts_and_prefixes(generator):

@@ -112,6 +112,7 @@ CORRECTOR_DEFECTS = {
     "precision-null": (_set(None, precision=None), "precision"),
     "decoder-graph-unknown": (_set(None, decoder_graph="teapot"), "decoder_graph"),
     "no-repeat-negative": (_set(None, no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+    "no-repeat-huge": (_set(None, no_repeat_ngram_size=2**64), "no_repeat_ngram_size"),
     "fallback-nan": (_set(None, fallback_below=float("nan")), "fallback_below"),
     "fallback-200": (_set(None, fallback_below=200), "fallback_below"),
     "fallback-string": (_set(None, fallback_below="90"), "fallback_below"),

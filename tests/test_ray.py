@@ -124,6 +124,14 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
         with pytest.raises(lmcor_ray.LmcorError, match=message):  # InputError; a missing bundle's BundleError
             lmcor_ray.correct_dataset(dataset, **settings)
 
+    class Tagged(lmcor_ray.CorrectLines):  # a worker with a setting of its own
+        def __init__(self, *, tag: str, **settings):
+            super().__init__(**settings)
+            self.tag = tag
+
+    lmcor_ray.correct_dataset(lines, worker=Tagged, tag="x")  # checked, not run
+    assert lmcor_ray.correct_dataset(ray.data.from_items([]), workers=1).take_all() == []
+
 
 def test_a_worker_killed_mid_job_is_restarted_without_losing_or_repeating_lines(cluster, jsonl, plain, tmp_path):
     marker = tmp_path / "killed"
@@ -191,7 +199,7 @@ def test_serve_run_builder_reads_its_arguments_as_text():
     assert type(app).__name__ == "Application"
     with pytest.raises(lmcor_ray.InputError, match="below --replicas"):
         lmcor_ray.build({"replicas": "2", "max_replicas": "1"})
-    for args, message in [({"modle": "x"}, "unknown argument 'modle'"), ({"replicas": "abc"}, "replicas must be an integer"),
+    for args, message in [({"modle": "x"}, "unknown key 'modle'"), ({"replicas": "abc"}, "replicas must be an integer"),
                           ({"replicas": "0"}, "replicas must be an integer >= 1"),
                           ({"replicas": 1.5}, "replicas must be an integer"),
                           ({"insecure": "maybe"}, "insecure must be true or false"),

@@ -125,9 +125,14 @@ def test_a_list_answers_its_bad_items_in_their_places_and_the_others(client, bun
     body = [good[0], {"id": "broken", "source": "x", "candidates": "a"}, good[1],
             {"id": "long", "source": "word " * 3000, "candidates": ["a"]},  # too long for the model: refused by the runtime
             {**_slow(bundles[ARCH]), "timeout_s": 0.001}, good[2], ["not an object"]]
+    errors = _metrics(client)
     answer = client.post("/v1/correct", json=body)
     assert answer.status_code == 200
     records = answer.json()
+    counted = _metrics(client)
+    for kind, count in (("invalid", 3), ("timeout", 1)):
+        key = ("lmcor_errors_total", (("kind", kind),))
+        assert counted[key] - errors.get(key, 0) == count
     assert [r.get("error", {}).get("kind") for r in records] == [None, "invalid", None, "invalid", "timeout", None,
                                                                  "invalid"]
     assert [r["id"] for r in records] == [good[0]["id"], "broken", good[1]["id"], "long", "slow-0", good[2]["id"], None]
@@ -135,6 +140,9 @@ def test_a_list_answers_its_bad_items_in_their_places_and_the_others(client, bun
     assert "item 3: " in records[3]["error"]["message"] and "item 4: no answer" in records[4]["error"]["message"]
     expected = Corrector.load(bundles[ARCH]).correct_batch(good)
     assert [records[n]["output"] for n in (0, 2, 5)] == [c.text for c in expected]
+    streamed = client.post("/v1/correct", json=[{**good[0], "stream": True}, {"source": "x", "candidates": "a"}])
+    events = [block.split("\n")[0] for block in streamed.text.strip().split("\n\n")]
+    assert streamed.status_code == 200 and "event: error" in events and events[-1] == "event: done"
     classified = client.post("/v1/classify", json=[{"text": "a"}, {"text": ""}, {"txt": "a"}]).json()
     assert "label" in classified[0] and [r["error"]["kind"] for r in classified[1:]] == ["invalid", "invalid"]
     generated = client.post("/v1/generate", json=[{"prompt": "The", "max_new_tokens": 4}, {"prompt": "The",

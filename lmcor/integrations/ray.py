@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import signal
@@ -50,7 +51,9 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classifier
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_threads
+from lmcor.runtime.engine import check_gate_threshold
+from lmcor.runtime.options import (MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_providers,
+                                  check_threads)
 from lmcor.runtime.request import CorrectionOptions, as_request
 from lmcor.server.app import create_app
 from lmcor.server.config import ServeConfig
@@ -235,8 +238,8 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     check_int("workers", workers, 1)
     check_threads(threads)
     check_int("lines_per_batch", lines_per_batch, 1)
-    if isinstance(worker, type) and issubclass(worker, CorrectLines):
-        check_settings(**settings)
+    if isinstance(worker, type) and issubclass(worker, CorrectLines):  # a subclass may take settings of its own
+        check_settings(**{k: v for k, v in settings.items() if k in inspect.signature(check_settings).parameters})
     answered = dataset.map_batches(worker, batch_size=lines_per_batch, batch_format="pyarrow",
                                    compute=ActorPoolStrategy(size=workers),
                                    fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads or 1)
@@ -250,27 +253,23 @@ def check_settings(*, model: str | None = None, options: CorrectionOptions | Non
                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
     """`CorrectLines`' settings, checked without loading a model: the bundles' manifests, and the
     options against them."""
-    for name, value in (("model", model), ("gate", gate)):
-        if value is not None and not isinstance(value, (str, Path)):
-            raise InputError(f"{name} must be a bundle folder's path, got {type(value).__name__}")
     options = check_optional("options", options, CorrectionOptions, "a CorrectionOptions") or CorrectionOptions()
     check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
     check_int("max_line_bytes", max_line_bytes, 1)
-    if providers is not None and (isinstance(providers, str) or not all(isinstance(p, str) for p in providers)):
-        raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got {providers!r}")
-    manifest = load_manifest(model or shipped_bundle("default"), verify=False, kind="corrector")
+    check_providers(providers)
+    manifest = load_manifest(shipped_bundle("default") if model is None else model, verify=False, kind="corrector")
     check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
-    if gate is None:
-        if options.gate_threshold is not None:
-            raise InputError("gate_threshold needs a gate: without one nothing reads it")
-    else:
+    check_gate_threshold(gate is not None, options)
+    if gate is not None:
         load_manifest(gate or shipped_bundle("gate"), verify=False, kind="classifier")
 
 
 def _check_rows(dataset: Dataset) -> None:
     """The rows `CorrectLines` reads: {line, size, raw}, as `read_jsonl` gives them."""
     schema = dataset.schema()
-    have = dict(zip(schema.names, schema.types)) if schema is not None else {}
+    if schema is None:  # no rows at all (an empty file, or one answered already)
+        return
+    have = dict(zip(schema.names, schema.types))
     kinds = {"line": pa.types.is_integer, "size": pa.types.is_integer,
              "raw": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)}
     if not all(name in have and isinstance(have[name], pa.DataType) and good(have[name])
@@ -374,10 +373,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     """For `serve run lmcor.integrations.ray:build model=PATH replicas=2` (or a Serve config file's
     `args`): `ServeConfig`'s keys, and `replicas`, `max_replicas`. Host and port are Serve's."""
     args = dict(args)
-    known = [f.name for f in dataclasses.fields(ServeConfig)] + ["replicas", "max_replicas"]
-    unknown = sorted(set(args) - set(known))
-    if unknown:
-        raise InputError(f"unknown argument {unknown[0]!r} (arguments: {', '.join(sorted(known))})")
+    ServeConfig.check_keys(args, "serve run's args", also=("replicas", "max_replicas"))
     integer, number, flag = (int, "an integer"), (float, "a number"), (_flag, "true or false")
     kinds = {"port": integer, "max_queue": integer, "max_batch": integer, "max_body_bytes": integer,
              "threads": integer, "replicas": integer, "max_replicas": integer, "timeout_s": number, "insecure": flag}

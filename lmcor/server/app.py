@@ -3,16 +3,19 @@
 Routes: POST /v1/correct, /v1/classify, /v1/generate (a body is one request object or a list of
 them, answered in order); GET /health, /metrics (Prometheus), /openapi.json. Every answer that is not
 a result is `{"error": {"kind", "message"}}` with its status: 400 bad JSON, 401 no or wrong API key,
-404 no such route or model, 413 body too large, 422 a bad field (the runtime's message, which names
-it), 429 queue full (Retry-After), 503 loading or draining, 504 past the deadline. In a list, an
-item refused (422, 504) is its error record in its place ("item N: ..."), and the others are answered. A request's fields are checked once, by the runtime's own types (`Request`,
-`CorrectionOptions`, `as_texts`, the options checks); the OpenAPI schemas only document them.
+404 no such route or no model of that kind, 413 body too large, 422 a bad field (the runtime's
+message, which names it), 429 queue full (Retry-After), 503 loading or draining, 504 past the
+deadline. In a list, an item refused (422, 504) is its error record in its place ("item N: ..."; in
+a stream, its `error` event), and the others are answered. A request's fields are checked once, by
+the runtime's own types (`Request`, `CorrectionOptions`, `as_texts`, the options checks); the
+OpenAPI schemas only document them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -217,11 +220,23 @@ def _each(body: Any, parse: Callable[[Any], Any]) -> tuple[list, list, bool]:
     return parsed, [item.get("id") if isinstance(item, dict) else None for item in items], many
 
 
+def _submitted(state: ServerState, endpoint: str, parsed: list, call: Callable[[int, Any], Future]) -> list[Future]:
+    """Each item's future, in order: the parsed items submitted together (`call(n, item)`); an item
+    that did not parse takes no place in the queue, and its error is its answer."""
+    futures = iter(state.submit(endpoint, [functools.partial(call, n, p) for n, p in enumerate(parsed)
+                                           if not isinstance(p, InputError)]))
+    return [_failed(p) if isinstance(p, InputError) else next(futures) for p in parsed]
+
+
 def _failed(error: InputError) -> Future:
-    """The answer of an item that did not parse: its error, as a request the runtime refused."""
     future: Future = Future()
     future.set_exception(error)
     return future
+
+
+def _timeouts(parsed: list, default: float) -> list[float]:
+    """Each item's deadline: the last field of a parsed item; `default` for one that did not parse."""
+    return [default if isinstance(p, InputError) else p[-1] for p in parsed]
 
 
 def _records(state: ServerState, outcomes: list, ids: list, record: Callable[[int, Any], dict]) -> list[dict]:
@@ -267,27 +282,27 @@ def _named(batchers: dict[str, Batcher], name: Any, kind: str, flag: str) -> str
 # a list's items are answered each on its own.
 
 async def _answer(future: Future, timeout: float, index: int, many: bool) -> Any:
+    """A request's result, or its refusal (422, 504): raised for a lone request, returned in its place
+    for an item of a list. Any other failure (the models') is raised."""
     where = f"item {index}: " if many else ""
     try:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
     except asyncio.TimeoutError:
-        raise Refused(504, "timeout", f"{where}no answer within {timeout:g} s (timeout_s)", index=index) from None
+        refused = Refused(504, "timeout", f"{where}no answer within {timeout:g} s (timeout_s)", index=index)
     except InputError as e:
-        raise Refused(422, "invalid", f"{where}{e}", index=index) from None
+        refused = Refused(422, "invalid", f"{where}{e}", index=index)
+    if many:
+        return refused
+    raise refused
 
 
 async def _all(futures: list[Future], timeouts: list[float], many: bool) -> list:
-    """Each request's result; in a list, an item refused (422, 504) is its `Refused` in its place.
-    Any other failure (the models') fails the whole answer."""
+    """Each request's outcome (`_answer`), in order."""
     tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
     try:
-        outcomes = await asyncio.gather(*tasks, return_exceptions=many)
+        return await asyncio.gather(*tasks)
     finally:
         await _cancel(tasks)  # after a failure the others' answers are not wanted
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, Refused):
-            raise outcome
-    return outcomes
 
 
 async def _cancel(tasks: list[asyncio.Future]) -> None:
@@ -356,8 +371,10 @@ async def _stream(state: ServerState, futures: list[Future], timeouts: list[floa
                 try:
                     result = task.result()
                 except Refused as e:
-                    state.metrics.errors.labels(e.kind).inc()
-                    yield _event("error", {"index": e.index, "kind": e.kind, "message": e.message})
+                    result = e
+                if isinstance(result, Refused):
+                    state.metrics.errors.labels(result.kind).inc()
+                    yield _event("error", {"index": result.index, "kind": result.kind, "message": result.message})
                 else:
                     yield _event("result", {"index": index[task], **record(index[task], result)})
         yield _event("done", {})
@@ -461,21 +478,18 @@ def create_app(config: ServeConfig) -> FastAPI:
             if options.gate_threshold is not None and models.gate is None:
                 raise InputError("field 'gate_threshold': this server has no gate to read it (serve with --gate)")
             models.engine.search(options)  # against this bundle (max_new_tokens at most its max_output_tokens)
-            return (as_request(item), options, _timeout(item, config.timeout_s),
-                    check_flag("stream", item.get("stream", False)))
+            return (as_request(item), options, check_flag("stream", item.get("stream", False)),
+                    _timeout(item, config.timeout_s))
 
         parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
-        streams = {p[3] for p in parsed if not isinstance(p, InputError)}
+        streams = {p[2] for p in parsed if not isinstance(p, InputError)}
         if len(streams) > 1:
             raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
         streamed = streams == {True}
         tokens = _Tokens(asyncio.get_running_loop(), models.engine.tokenizer, len(parsed)) if streamed else None
-        futures = state.submit("correct", [
-            (lambda e=p: _failed(e)) if isinstance(p, InputError) else
-            (lambda r=p[0], o=p[1], n=n: models.engine.submit(r, o, gate=models.gate,
-                                                              on_tokens=tokens.listener(n) if tokens else None))
-            for n, p in enumerate(parsed)])
-        timeouts = [config.timeout_s if isinstance(p, InputError) else p[2] for p in parsed]
+        futures = _submitted(state, "correct", parsed, lambda n, p: models.engine.submit(
+            p[0], p[1], gate=models.gate, on_tokens=tokens.listener(n) if tokens else None))
+        timeouts = _timeouts(parsed, config.timeout_s)
 
         def record(n: int, result: Correction) -> dict:
             state.metrics.corrected(result)
@@ -502,9 +516,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             return name, item, _timeout(item, config.timeout_s)
 
         parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
-        futures = state.submit("classify", [(lambda e=p: _failed(e)) if isinstance(p, InputError) else
-                                            (lambda n=p[0], i=p[1]: models.classify[n].submit(i)) for p in parsed])
-        outcomes = await _all(futures, [config.timeout_s if isinstance(p, InputError) else p[2] for p in parsed], many)
+        futures = _submitted(state, "classify", parsed, lambda n, p: models.classify[p[0]].submit(p[1]))
+        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many)
 
         def record(n: int, result: Classification) -> dict:
             state.metrics.requests.labels("classify", "classified").inc()
@@ -536,16 +549,16 @@ def create_app(config: ServeConfig) -> FastAPI:
             most = item.get("max_new_tokens")
             return name, item.get("id"), Prompt(
                 text=prompt,
-                max_new_tokens=check_max_new_tokens(most, models.generators[name].manifest.max_output_tokens),
+                max_new_tokens=None if most is None else check_max_new_tokens(
+                    most, models.generators[name].manifest.max_output_tokens),
                 temperature=check_temperature(item.get("temperature", 0.0)),
                 top_p=check_number("top_p", item.get("top_p", 1.0), 0, 1, above_low=True),
                 seed=None if seed is None else check_int("seed", seed, 0), stop=tuple(stop),
             ), _timeout(item, config.timeout_s)
 
         parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
-        futures = state.submit("generate", [(lambda e=p: _failed(e)) if isinstance(p, InputError) else
-                                            (lambda n=p[0], q=p[2]: models.generate[n].submit(q)) for p in parsed])
-        outcomes = await _all(futures, [config.timeout_s if isinstance(p, InputError) else p[3] for p in parsed], many)
+        futures = _submitted(state, "generate", parsed, lambda n, p: models.generate[p[0]].submit(p[2]))
+        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many)
 
         def record(n: int, result: Generation) -> dict:
             state.metrics.requests.labels("generate", "generated").inc()

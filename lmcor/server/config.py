@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_threads
+from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_providers, check_threads
 
 # A correction request is a source and a few candidates: a megabyte is already far past one, and
 # bounds what one client can make the server read and parse.
@@ -70,11 +70,15 @@ class ServeConfig:
         if not (self.api_key or self.insecure or _loopback(self.host)):
             raise InputError(f"host {self.host!r} is reachable from other machines: give an API key (--api-key or "
                              "LMCOR_API_KEY), or --insecure to serve it without one")
-        if self.providers is not None:
-            if isinstance(self.providers, str) or not all(isinstance(p, str) for p in self.providers):
-                raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got "
-                                 f"{self.providers!r}")
-            object.__setattr__(self, "providers", tuple(self.providers))
+        object.__setattr__(self, "providers", check_providers(self.providers))
+
+    @classmethod
+    def check_keys(cls, values: dict, where: str, *, also: tuple[str, ...] = ()) -> None:
+        """The keys of `values` (from `where`) are this class's fields, or `also`."""
+        known = sorted({f.name for f in dataclasses.fields(cls)} | set(also))
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InputError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(known)})")
 
     @classmethod
     def read(cls, path: str | Path, **overrides: Any) -> ServeConfig:
@@ -86,10 +90,7 @@ class ServeConfig:
             raise InputError(f"{path}: cannot read the config: {e}") from None
         if not isinstance(values, dict):
             raise InputError(f"{path}: the config must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"{path}: unknown key {unknown[0]!r} (keys: {', '.join(sorted(known))})")
+        cls.check_keys(values, str(path))
         here = path.resolve().parent
         for name in _PATHS:
             if isinstance(values.get(name), str) and values[name]:
