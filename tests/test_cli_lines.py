@@ -154,6 +154,18 @@ def test_resume_refuses_the_output_of_another_input(bundles, tmp_path, capsys):
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
     assert f"answers input lines up to 5, but {source} has 2: it is another input's output" in capsys.readouterr().err
     assert out.read_text() == other
+    # as many lines or more, but the last record's id is not the one of its line here
+    source.write_text("".join(json.dumps({**r, "id": f"mine-{n}"}) + "\n" for n, r in enumerate(GOOD[:6])))
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+    assert f"answers line 5 with the id 5, but that line of {source} has the id 'mine-4'" in capsys.readouterr().err
+    assert out.read_text() == other
+    # the same input's output, cut after its second record, resumes (ids of every kind, or none)
+    source.write_text("".join(json.dumps({**r, "id": ident}) + "\n" for r, ident in zip(GOOD[:4], [7, None, "b", 1.5])))
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 0
+    assert out.read_text() == whole
 
 
 def test_closed_standard_streams_get_one_line(bundles, tmp_path):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.jsonl import dump_record, parse_line
+from lmcor.runtime.options import shown
 
 EXIT_BAD_LINES = 1
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -88,6 +89,26 @@ def check_resumed(args: argparse.Namespace, after: int, lines: int) -> None:
     if lines < after:
         raise LmcorError(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
                          f"{lines}: it is another input's output (remove it, or run without --resume)")
+
+
+def _check_resumed_id(args: argparse.Namespace, output: Output) -> None:
+    """`--resume` continues an -o whose last record answers line `output.through`: that line of the
+    input (a regular file, read again up to it) must hold the record's id."""
+    with open(args.input, "rb") as f:
+        for number, (raw, _) in enumerate(split_lines(f.read, args.max_line_bytes), start=1):
+            if number == output.through:
+                break
+        else:
+            return  # fewer lines: `check_resumed` says so
+    try:
+        value = parse_line(raw, first=number == 1) if raw is not None else None
+    except InputError:
+        return  # its record is an error record, which has no id to compare
+    ident = value.get("id") if isinstance(value, dict) else None
+    if ident != output.last_id:
+        raise LmcorError(f"--resume: -o {args.output} answers line {output.through} with the id "
+                         f"{shown(output.last_id)}, but that line of {args.input} has the id {shown(ident)}: it is "
+                         "another input's output (remove it, or run without --resume)")
 
 
 def line_at(number: int, raw: bytes | None, size: int, max_bytes: int) -> Line | None:
@@ -190,6 +211,7 @@ class Output:
         self.path = Path(path) if path else None
         self.records = 0  # written by this run and kept from an earlier one
         self.through = 0  # the last input line answered
+        self.last_id: Any = None  # the "id" of its record
         self._temp: Path | None = None  # replaces `target` at the end
         self.target: Path | None = None
         self._file: IO[bytes] | None = None
@@ -248,7 +270,7 @@ class Output:
                     break  # a torn last line, or not one of lmcor's records: answer again from here
                 self._file.write(raw)
                 self.records += 1
-                self.through = record["line"]
+                self.through, self.last_id = record["line"], record.get("id")
 
     def write(self, text: str) -> None:
         if self._file is None:
@@ -368,6 +390,8 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str) -> in
     finished = False
     try:
         size = regular_file_size(args.input)
+        if output.records and size is not None:
+            _check_resumed_id(args, output)
         with _Signals() as signals:
             progress = _Progress(size, verb, args.quiet)
             stopping = lambda: signals.received is not None  # noqa: E731
