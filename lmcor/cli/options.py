@@ -94,7 +94,7 @@ def add_correction(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=16, help="requests per decoder batch (default: %(default)s)")
     parser.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (default: greedy)")
     parser.add_argument("--length-penalty", type=finite_float, default=1.0, help="beam search's (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=positive_int, help="at most the bundle's max output tokens (default: that, or as many as fit after a prompt)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="default and maximum: the bundle's max output tokens")
     parser.add_argument("--no-repeat-ngram-size", type=non_negative_int, help="ban repeated n-grams of this size "
                         "(default: the bundle's, from the checkpoint's generation config; 0: off)")
     parser.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
@@ -146,7 +146,8 @@ def load_gate(args: argparse.Namespace, given: str | None):
 def add_sampling(parser: argparse.ArgumentParser, *, temperature: float, temperature_help: str) -> None:
     """A causal LM's decoding (`lmcor generate`, `lmcor candidates`)."""
     parser.add_argument("--model", required=True, help="causal-LM bundle folder")
-    parser.add_argument("--max-new-tokens", type=positive_int, help="at most the bundle's max output tokens (default: that, or as many as fit after a prompt)")
+    parser.add_argument("--max-new-tokens", type=positive_int,
+                        help="at most the bundle's max output tokens (default: that, or as many as fit after a prompt)")
     parser.add_argument("--temperature", type=finite_float, default=temperature, help=f"{temperature_help} (default: %(default)s)")
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling's mass (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="of the sampler (default: %(default)s)")
