@@ -58,7 +58,8 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
         return support[text, n]
 
     known = [input_words(item.source, read) for item, read in zip(items, seen)]
-    small_votes = {span: [minimal_edits(item.source, v, span) if span else v for v, item in zip(votes, items)]
+    small_votes = {span: [minimal_edits(item.source, v, span, candidates=by) if span else v
+                          for v, item, by in zip(votes, items, vote_by)]
                    for span in SPANS}
     targets = [i.target for i in items]
     tried = [{"threshold": 0, "span": 0, "fell_back": 0, **score(outputs, targets)}]  # threshold 0: no guard at all
@@ -70,7 +71,7 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
                 text = output if s >= threshold else guess
                 if vote != text and supported(vote, n) > supported(text, n):
                     text = vote
-                kept.append(minimal_edits(item.source, text, span, words if text == output else None))
+                kept.append(minimal_edits(item.source, text, span, words if text == output else None, vote_by[n]))
             replaced = sum(k != o for k, o in zip(kept, outputs))
             tried.append({"threshold": threshold, "span": span, "fell_back": replaced, **score(kept, targets)})
     best = max(_objective(t) for t in tried)

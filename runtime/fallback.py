@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from . import core
 from .request import Correction
-from .vote import edit_vote, input_words, minimal_edits
+from .vote import edit_vote, input_words, longest_edit, minimal_edits
 
 CHAR_ORDER = 6
 BETA = 2.0
@@ -96,18 +96,14 @@ def _support(texts: Sequence[str], voters: Sequence[str]) -> list[float]:
     return [sum(chrf(grams[text], grams[voter]) for voter in voters) for text in texts]
 
 
-# A candidate longer than this many times its source (and some words) is not an edit of it.
-VOTE_LENGTH = 2
-
-
 def voters(source: str, candidates: Sequence[str], read: Sequence[str]) -> Sequence[str]:
     """The candidates whose edits are voted: all of them; where the model read them cut (its input
-    was truncated: a long source, or many candidates), those of them at most `VOTE_LENGTH` times the
+    was truncated: a long source, or many candidates), those of them at most `vote.longest_edit` of the
     source's length, whole. The vote reads what the model could not, and its cost stays bound by the
     source, which the model read whole."""
     if tuple(read) == tuple(candidates):
         return candidates
-    most = VOTE_LENGTH * len(source) + 64
+    most = longest_edit(source)
     return [candidate for candidate in candidates if len(candidate) <= most]
 
 
@@ -133,8 +129,8 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
     compared with those: the model wrote from them, and text it never read would only lower every
     similarity and cost time in proportion to its length. The vote reads whole candidates not much
     longer than the source (`voters`): on a long request, the fixes the model could not see. A
-    candidate returned is whole: it is the LLM's own answer to the request, which a cut would only
-    shorten.
+    candidate chosen is whole: it is the LLM's own answer to the request, which a cut would only
+    shorten; one far longer than the source is no edit of it (`vote.longest_edit`): the source.
     """
     if below <= 0:
         return correction
@@ -149,7 +145,7 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         # Kept to small edits before it is weighed: where most candidates are no answer ("N/A", a
         # refusal), their vote replaces the whole sentence, which would win here and be undone below.
         voted = edit_vote(source, vote_by)
-        voted = minimal_edits(source, voted, span) if span else voted
+        voted = minimal_edits(source, voted, span, candidates=vote_by) if span else voted
         if voted != text:
             for_vote, for_text = _support([voted, text], vote_by)
             if for_vote > for_text:
@@ -158,8 +154,7 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         # Words its inputs hold bound the model's own output, as it read them; a guess or a vote is
         # made of the candidates' words already (and a huge candidate is not read again).
         known = input_words(source, read) if text == correction.text else None
-        if span or known is not None:
-            text = minimal_edits(source, text, span, known)
+        text = minimal_edits(source, text, span, known, vote_by)
     if text == correction.text:
         return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

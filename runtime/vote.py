@@ -10,6 +10,7 @@ the corrections; an edit only one candidate makes (a rewrite, a dropped clause) 
 from __future__ import annotations
 
 import difflib
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -30,20 +31,89 @@ def edit_vote(source: str, candidates: Sequence[str], need: int = NEED) -> str:
     return " ".join(vocabulary[n] for n in voted)
 
 
-def minimal_edits(source: str, text: str, span: int, known: set[str] | None = None) -> str:
+def minimal_edits(source: str, text: str, span: int, known: set[str] | None = None,
+                  candidates: Sequence[str] = ()) -> str:
     """The source with those of `text`'s word-level edits to it that replace at most `span` words by
-    at most `span` words (0: any), and, given `known` words, write only those; another edit (a
-    rewrite, a dropped clause, a skip where copying lost its place, a word no input holds) is left
-    out, its source words kept. With nothing left out, `text` itself."""
+    at most `span` words (0: any), that fix what a writer gets wrong (`_plausible`, or a short word
+    that most of the `candidates` drop too), and, given `known` words, write only those; another edit
+    (a rewrite, a dropped clause, a skip where copying lost its place, a word no input holds) is left
+    out, its source words kept. With nothing left out, `text` itself; a text longer than `longest_edit`
+    is no edit of the source: the source."""
+    if len(text) > longest_edit(source):
+        return source  # and its cost stays bound by the source, whatever the text's length
+    while True:
+        kept = _kept_edits(source, text, span, known, candidates)
+        if kept == text:  # an edit left out can make a move of words into a drop: until none is
+            return text
+        text = kept
+
+
+def longest_edit(source: str) -> int:
+    """The most characters an edit of `source` has: twice its length and some words."""
+    return 2 * len(source) + 64
+
+
+# A writer's error, fixed, is small: a short word dropped (an article, a preposition), a short one
+# written, short words swapped, a word respelled or inflected. A weak LLM's rewrites, which a
+# corrector may follow, drop and swap content words. Chosen on the dev splits (synthetic and SmolLM2
+# candidates); on text outside them, they keep every fix the corrector made and leave rewrites out.
+DROP_LETTERS = 3
+WRITE_LETTERS = 5
+RESPELLED = 0.5  # difflib's similarity ratio of the old and new letters
+AGREED_DROP_LETTERS = 4  # an auxiliary ("have", "will") is dropped where most candidates drop it
+
+
+def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candidates: Sequence[str]) -> str:
     words, theirs = source.split(), text.split()
+    edits = [op for op in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes()
+             if op[0] != "equal"]
+    # Words an edit drops and another writes were moved (word order), not lost.
+    moved = (Counter(_letters(w) for _, i1, i2, _, _ in edits for w in words[i1:i2])
+             & Counter(_letters(w) for _, _, _, j1, j2 in edits for w in theirs[j1:j2]))
     out: list[str] = []
+    at = 0
     dropped = False
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes():
-        keep = tag == "equal" or ((not span or max(i2 - i1, j2 - j1) <= span)
-                                  and (known is None or all(word in known for word in theirs[j1:j2])))
-        out += theirs[j1:j2] if keep else words[i1:i2]
+    for _, i1, i2, j1, j2 in edits:
+        keep = ((not span or max(i2 - i1, j2 - j1) <= span)
+                and (_plausible(words, i1, i2, theirs[j1:j2], moved) or _agreed_drop(words, i1, i2, j1 == j2, candidates))
+                and (known is None or all(word in known for word in theirs[j1:j2])))
+        out += words[at:i1] + (theirs[j1:j2] if keep else words[i1:i2])
+        at = i2
         dropped = dropped or not keep
-    return " ".join(out) if dropped else text  # nothing left out: the text as it was, its spacing too
+    return " ".join(out + words[at:]) if dropped else text  # nothing left out: the text, its spacing too
+
+
+def _letters(word: str) -> str:
+    return _PUNCTUATION.sub("", word).lower()
+
+
+_PUNCTUATION = re.compile(r"^\W+|\W+$")
+
+
+def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counter) -> bool:
+    """Whether replacing words[i1:i2] by `new` fixes a writer's error rather than rewrites: apart from
+    moved words and a doubled word dropped, it drops only short words, writes only short words,
+    swaps short words or respells."""
+    doubled = {i for i in range(i1, i2) if any(0 <= j < len(words) and not i1 <= j < i2
+                                               and _letters(words[j]) == _letters(words[i]) for j in (i - 1, i + 1))}
+    old = [_letters(words[i]) for i in range(i1, i2) if i not in doubled and _letters(words[i]) not in moved]
+    written = [_letters(w) for w in new if _letters(w) not in moved]
+    if not written:
+        return all(len(w) <= DROP_LETTERS for w in old)
+    if not old:
+        return all(len(w) <= WRITE_LETTERS for w in written)
+    if all(len(w) <= WRITE_LETTERS for w in old + written):
+        return True
+    return difflib.SequenceMatcher(None, " ".join(old), " ".join(written), autojunk=False).ratio() >= RESPELLED
+
+
+def _agreed_drop(words: list[str], i1: int, i2: int, drop: bool, candidates: Sequence[str]) -> bool:
+    """Whether words[i1:i2] are short words that more than half the candidates drop too."""
+    if not drop or not candidates or any(len(_letters(w)) > AGREED_DROP_LETTERS for w in words[i1:i2]):
+        return False
+    dropping = sum(("delete", i1, i2) in {op[:3] for op in difflib.SequenceMatcher(
+        None, words, candidate.split(), autojunk=False).get_opcodes()} for candidate in candidates)
+    return 2 * dropping > len(candidates)
 
 
 def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEED) -> str:
