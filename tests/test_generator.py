@@ -139,6 +139,19 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     assert "holds 2 candidates a source, and -k is 3" in capsys.readouterr().err
     assert main([*args, "-k", "2"]) == 0
     assert [len(json.loads(line)["candidates"]) for line in out.read_text().splitlines()] == [2, 2]
+    # as many candidates, but the record's source is not its line's: another input's output, kept as it was
+    other = json.dumps({"id": None, "line": 1, "source": "another sentence", "candidates": ["a", "b"]}) + "\n"
+    out.write_text(other)
+    assert main([*args, "-k", "2"]) == 2
+    assert ("answers line 1 with the source 'another sentence', but that line of "
+            f"{source} has the source 'she go to school'") in capsys.readouterr().err
+    assert out.read_text() == other
+
+
+@pytest.mark.parametrize("command, field", [("candidates", "source"), ("generate", "prompt")])
+def test_no_input_file_is_one_line(bundle, command, field, capsys):
+    assert main([command, "--model", str(bundle), "-q"]) == 2
+    assert "no input file given (a JSONL file's path, or - for standard input)" in capsys.readouterr().err
 
 
 def test_bench_shared_prefix(bundle, tmp_path, capsys):

@@ -47,6 +47,7 @@ def _check_resumed(output: str, k: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.require_input(args.input)
     if args.resume and args.output and os.path.isfile(args.output):
         _check_resumed(args.output, args.k)
     few_shot = FewShot.from_template(args.prompt) if args.prompt is not None else default_few_shot()
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
 
-    code = answer_lines(args, lambda value: text_field(value, "source"), writer, record, "generating")
+    code = answer_lines(args, lambda value: text_field(value, "source"), writer, record, "generating", echo="source")
     if not args.quiet:
         print(f"lmcor: {writer.stats.summary()}", file=sys.stderr)
     return code

@@ -29,6 +29,7 @@ def _checked(value: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.require_input(args.input)
     classifier = Classifier.load(args.model, providers=options.providers(args), threads=args.threads)
 
     def answer(items: list) -> list:

@@ -36,6 +36,7 @@ def record(number: int, ident: Any, result: Generation) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.require_input(args.input)
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
     prefix = generator.prefix(args.prefix) if args.prefix else None
 

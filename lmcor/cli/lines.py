@@ -91,9 +91,10 @@ def check_resumed(args: argparse.Namespace, after: int, lines: int) -> None:
                          f"{lines}: it is another input's output (remove it, or run without --resume)")
 
 
-def _check_resumed_id(args: argparse.Namespace, output: Output) -> None:
+def _check_resumed_id(args: argparse.Namespace, output: Output, echo: str | None) -> None:
     """`--resume` continues an -o whose last record answers line `output.through`: that line of the
-    input (a regular file, read again up to it) must hold the record's id."""
+    input (a regular file, read again up to it) must hold the record's id, and the record's `echo`
+    field (a field it copies from its line) that line's."""
     with open(args.input, "rb") as f:
         for number, (raw, _) in enumerate(split_lines(f.read, args.max_line_bytes), start=1):
             if number == output.through:
@@ -104,11 +105,13 @@ def _check_resumed_id(args: argparse.Namespace, output: Output) -> None:
         value = parse_line(raw, first=number == 1) if raw is not None else None
     except InputError:
         return  # its record is an error record, which has no id to compare
-    ident = value.get("id") if isinstance(value, dict) else None
-    if ident != output.last_id:
-        raise LmcorError(f"--resume: -o {args.output} answers line {output.through} with the id "
-                         f"{shown(output.last_id)}, but that line of {args.input} has the id {shown(ident)}: it is "
-                         "another input's output (remove it, or run without --resume)")
+    value = value if isinstance(value, dict) else {}
+    for field in ("id", echo) if echo else ("id",):
+        if value.get(field) != output.last_record.get(field):
+            raise LmcorError(f"--resume: -o {args.output} answers line {output.through} with the {field} "
+                             f"{shown(output.last_record.get(field))}, but that line of {args.input} has the {field} "
+                             f"{shown(value.get(field))}: it is another input's output (remove it, or run without "
+                             "--resume)")
 
 
 def line_at(number: int, raw: bytes | None, size: int, max_bytes: int) -> Line | None:
@@ -211,7 +214,7 @@ class Output:
         self.path = Path(path) if path else None
         self.records = 0  # written by this run and kept from an earlier one
         self.through = 0  # the last input line answered
-        self.last_id: Any = None  # the "id" of its record
+        self.last_record: dict = {}  # its record
         self._temp: Path | None = None  # replaces `target` at the end
         self.target: Path | None = None
         self._file: IO[bytes] | None = None
@@ -270,7 +273,7 @@ class Output:
                     break  # a torn last line, or not one of lmcor's records: answer again from here
                 self._file.write(raw)
                 self.records += 1
-                self.through, self.last_id = record["line"], record.get("id")
+                self.through, self.last_record = record["line"], record
 
     def write(self, text: str) -> None:
         if self._file is None:
@@ -362,13 +365,14 @@ def answer_lines(
     run: Callable[[list[Any]], list[Any]],
     record: Callable[[int, Any, Any], dict],
     verb: str,
+    echo: str | None = None,
 ) -> int:
     """Answer every line of `args.input` into `args.output`.
 
     `convert` turns a line's JSON object into an item (raising `InputError`), `run` answers a list
     of items (an `InputError` in an item's place fails that item alone), `record` makes the output
-    record of (line number, id, result). Returns 0, or 1 when some lines failed; 130/143 after a
-    signal. An error that stops the run keeps the records written so far, as a signal does.
+    record of (line number, id, result), which may copy its line's field `echo` (checked by --resume).
+    Returns 0, or 1 when some lines failed; 130/143 after a signal. An error that stops the run keeps the records written so far, as a signal does.
     """
 
     def answered(after: int, stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
@@ -379,10 +383,10 @@ def answer_lines(
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
         check_resumed(args, after, reader.skipped_lines)
 
-    return write_answers(args, answered, verb)
+    return write_answers(args, answered, verb, echo)
 
 
-def write_answers(args: argparse.Namespace, answered: Answered, verb: str) -> int:
+def write_answers(args: argparse.Namespace, answered: Answered, verb: str, echo: str | None = None) -> int:
     """Write what `answered` gives into `args.output` (or stdout), with `answer_lines`' rules: a
     temporary file renamed at the end, `--resume`, signals, the exit code."""
     output = Output(args.output, args.input, args.resume)
@@ -391,7 +395,7 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str) -> in
     try:
         size = regular_file_size(args.input)
         if output.records and size is not None:
-            _check_resumed_id(args, output)
+            _check_resumed_id(args, output, echo)
         with _Signals() as signals:
             progress = _Progress(size, verb, args.quiet)
             stopping = lambda: signals.received is not None  # noqa: E731
@@ -464,10 +468,14 @@ def _write(answers: list[Answer], output: Output) -> int:
 
 
 def _interrupted(output: Output, number: int) -> int:
+    if not output.records:
+        kept = f"; {output.path} is left as it was" if output.path and output.path.exists() else ""
+        print(f"lmcor: interrupted before any record was written{kept}", file=sys.stderr)
+        return EXIT_SIGNAL[number]
     where = f"to {output.path}" if output.path else "above"
     hint = ("; run the same command with --resume to answer the rest" if output.path
             else "; write to a file with -o to be able to --resume")
-    lines = f" (input lines up to {output.through})" if output.records else ""
+    lines = f" (input lines up to {output.through})"
     print(f"lmcor: interrupted: {output.records} record(s) written {where}{lines}{hint}", file=sys.stderr)
     return EXIT_SIGNAL[number]
 

@@ -52,7 +52,8 @@ def non_negative_float(text: str) -> float:
 def add_lines(parser: argparse.ArgumentParser, fields: str) -> None:
     """Input, output and the line pipeline's limits (`lines.answer_lines`)."""
     parser.add_argument("input", nargs="?", help=f"JSONL file of {fields} lines; - for stdin (a pipe or FIFO works too)")
-    parser.add_argument("-o", "--output", help="JSONL file to write, replaced only when the run ends (default: stdout)")
+    parser.add_argument("-o", "--output", help="JSONL file to write (default: stdout); written beside it and put in "
+                        "its place when the run ends, or is interrupted after some records (which --resume continues)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted -o file: keep its complete records, answer only the lines after them")
     parser.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES,
@@ -125,14 +126,23 @@ def correction_options(args: argparse.Namespace, gate: Any) -> dict[str, Any]:
     return dict(options=options, gate=gate, batch_size=args.batch_size)
 
 
+def require_input(given: str | None, hint: str = "") -> None:
+    """The command's input argument must be given (optional to argparse, so that a missing one gets this
+    message, and --gate's hint where a bare --gate took it)."""
+    from lmcor.runtime.errors import InputError
+
+    if given is None:
+        raise InputError(f"no input file given (a JSONL file's path, or - for standard input{hint})")
+
+
 def load_gate(args: argparse.Namespace, given: str | None):
     """The --gate classifier, if asked for. `given` is the command's input argument: a bare --gate
     written before it takes the input file as its bundle, which deserves a clear error."""
     from lmcor.runtime.errors import InputError
 
     if given is None:
-        hint = f" (--gate took {args.gate!r} as its bundle: put --gate after the input file)" if args.gate else ""
-        raise InputError(f"no input file given{hint}")
+        hint = f"; --gate took {args.gate!r} as its bundle: put --gate after the input file" if args.gate else ""
+        require_input(None, hint)
     if args.gate is None:
         if args.gate_threshold is not None:
             raise InputError("--gate-threshold needs --gate: without a gate nothing reads the threshold")
