@@ -120,7 +120,7 @@ def parse_lmcor(args: list[str]) -> str | None:
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
-            cli._parser(chosen).parse_args(args)
+            cli._parser(chosen)[0].parse_args(args)
     except SystemExit as e:
         return None if e.code == 0 else said.getvalue().strip().splitlines()[-1]
     return None
@@ -228,4 +228,5 @@ def test_parser_builds_per_command():
     from lmcor import cli
 
     for command in cli.COMMANDS:
-        assert isinstance(cli._parser(command), argparse.ArgumentParser)
+        parser, chosen = cli._parser(command)
+        assert isinstance(parser, argparse.ArgumentParser) and isinstance(chosen, argparse.ArgumentParser)

@@ -148,6 +148,17 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     assert out.read_text() == other
 
 
+def test_an_options_message_names_its_flag(bundle, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"source": "a b"}\n')
+    for flags, said in ((["--max-new-tokens", "100000"], "--max-new-tokens must be an integer from 1 to "),
+                        (["--stop", ""], "--stop must be a non-empty string"),
+                        (["--top-p", "2"], "--top-p must be")):
+        assert main(["candidates", "--model", str(bundle), str(source), "-q", "--prompt", "C: {source}\n", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lmcor: error: {said}"), err
+
+
 @pytest.mark.parametrize("command, field", [("candidates", "source"), ("generate", "prompt")])
 def test_no_input_file_is_one_line(bundle, command, field, capsys):
     assert main([command, "--model", str(bundle), "-q"]) == 2

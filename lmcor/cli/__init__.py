@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from lmcor import __version__
@@ -37,24 +38,42 @@ def _chosen(argv: list[str]) -> str | None:
     return next((arg for arg in argv if arg in COMMANDS), None)
 
 
-def _parser(chosen: str | None) -> argparse.ArgumentParser:
+def _parser(chosen: str | None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The command line's parser, and the chosen command's."""
     parser = argparse.ArgumentParser(prog="lmcor", description="Serve small models that improve big ones.",
                                      epilog="exit codes: 0 all answered; 1 some lines failed (error records); "
                                      "2 nothing could run; 130/143 interrupted (use --resume)")
     parser.add_argument("--version", action="version", version=f"lmcor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what lmcor does")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen_parser = None
     for name, (module, text) in COMMANDS.items():
         command = commands.add_parser(name, help=text, description=text)
         if name == chosen:
             importlib.import_module(f"lmcor.cli.{module}").add_arguments(command)
-    return parser
+            chosen_parser = command
+    return parser, chosen_parser
+
+
+_FIELD = re.compile(r"^([a-z][a-z0-9_]*)(\[\d+\])? must ")
+
+
+def _said_as_flags(message: str, command: argparse.ArgumentParser | None) -> str:
+    """A message of the options shared with Python and the server names a field ("max_new_tokens must
+    be ..."): on the command line, the flag that set it."""
+    match = _FIELD.match(message)
+    flags = {action.dest: action.option_strings[-1] for action in (command._actions if command else ())
+             if action.option_strings}
+    if match and match.group(1) in flags:
+        return flags[match.group(1)] + message[match.end(2) if match.group(2) else match.end(1):]
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = _chosen(argv)
-    args = _parser(chosen).parse_args(argv)
+    parser, command = _parser(chosen)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="lmcor: %(message)s", stream=sys.stderr)
     # -v: everything lmcor logs, down to the tracebacks behind one-line export errors.
     logging.getLogger("lmcor").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
@@ -63,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(f"lmcor.cli.{COMMANDS[args.command][0]}").run(args)
     except LmcorError as e:
-        print(f"lmcor: error: {e}", file=sys.stderr)
+        print(f"lmcor: error: {_said_as_flags(str(e), command)}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
