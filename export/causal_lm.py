@@ -41,6 +41,7 @@ SAMPLE_PROMPTS = ("Correct the sentence: she go to school", "def add(a, b):", "T
 HALF_PROMPTS = SAMPLE_PROMPTS + ("Translate to French: good morning", "1, 2, 3, 4,", "Once upon a time",
                                  "Q: What is the boiling point of water?\nA:", "import numpy as np\n", "Dear Sir,")
 PRECISIONS = ("fp32", "fp16", "bf16")
+NEW_TOKENS = 12  # greedy tokens compared per prompt (fewer where the bundle allows fewer)
 
 
 def _shape(config) -> DecoderShape:
@@ -56,11 +57,15 @@ def _shape(config) -> DecoderShape:
 
 def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_tokens: int | None = None,
                      max_output_tokens: int | None = None, opset: int | None = None, precision: str = "fp32",
-                     overwrite: bool = False) -> Manifest:
+                     atol: float | None = None, overwrite: bool = False) -> Manifest:
     """Export a Hugging Face `AutoModelForCausalLM` checkpoint folder to `out_dir`, its matrix products
-    in `precision` (see the module's docstring)."""
+    in `precision` (see the module's docstring). `atol` (fp16/bf16 only) replaces the precision's
+    absolute logit tolerance (`validate.HALF_TOLERANCES`); fp32 is held to identical greedy tokens."""
     if precision not in PRECISIONS:
         raise ExportError(f"a causal LM's precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if atol is not None and precision == "fp32":
+        raise ExportError("--atol: a causal LM's fp32 validation requires identical greedy tokens, not a logit "
+                          "tolerance (atol applies to fp16/bf16)")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForCausalLM", overwrite=overwrite)
     config = model.config
@@ -92,18 +97,19 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
             if precision == "fp32":
                 validation = _validate(model, staged)
             else:
-                validation = {**_validate_half(model, staged, precision), "half_matmuls": converted.half_nodes}
+                validation = {**_validate_half(model, staged, precision, atol), "half_matmuls": converted.half_nodes}
         manifest = dataclasses.replace(manifest, validation=validation)
         write_manifest(staged, manifest)
     return manifest
 
 
-def _validate(model, bundle: Path, max_new_tokens: int = 12) -> dict:
+def _validate(model, bundle: Path, max_new_tokens: int = NEW_TOKENS) -> dict:
     import torch
     from lmcor.runtime.generator import Generator
 
     generator = Generator.load(bundle, providers=["CPUExecutionProvider"])
     special = generator.manifest.special_tokens
+    max_new_tokens = min(max_new_tokens, generator.manifest.max_output_tokens)  # a bundle's limit may be smaller
     batched = generator.generate_batch(list(SAMPLE_PROMPTS), max_new_tokens=max_new_tokens, batch_size=len(SAMPLE_PROMPTS))
     model.generation_config = greedy_config(special, max_new_tokens, generator.manifest.end_tokens)
     ends = {special.eos, *generator.manifest.end_tokens}
@@ -119,10 +125,11 @@ def _validate(model, bundle: Path, max_new_tokens: int = 12) -> dict:
     return {"samples": len(SAMPLE_PROMPTS), "greedy_tokens_identical": True, "batched": True}
 
 
-def _validate_half(model, bundle: Path, precision: str) -> dict:
+def _validate_half(model, bundle: Path, precision: str, atol: float | None = None) -> dict:
     """A half-precision bundle against the PyTorch fp32 `model`: each prompt's next-token logits within
-    the precision's tolerance, and greedy tokens identical on at least its share of the prompts. A bf16
-    graph without CUDA gets the structural checks only."""
+    the precision's tolerance (`atol`, if given, replacing its absolute part), and greedy tokens
+    identical on at least its share of the prompts. A bf16 graph without CUDA gets the structural
+    checks only."""
     import onnxruntime as ort
     import torch
     from lmcor.runtime.generator import Generator
@@ -139,7 +146,8 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
     special = generator.manifest.special_tokens
     worst = largest = 0.0
     identical = 0
-    model.generation_config = greedy_config(special, 12, generator.manifest.end_tokens)
+    new_tokens = min(NEW_TOKENS, generator.manifest.max_output_tokens)
+    model.generation_config = greedy_config(special, new_tokens, generator.manifest.end_tokens)
     ends = {special.eos, *generator.manifest.end_tokens}
     for prompt in HALF_PROMPTS:
         ids = generator.encode(prompt)
@@ -151,8 +159,9 @@ def _validate_half(model, bundle: Path, precision: str) -> dict:
             out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         reference = out[0, len(ids):].tolist()
         reference = _answer(reference, ends)
-        identical += generator.generate_batch([prompt], max_new_tokens=12)[0].token_ids == reference
-    atol, rtol = HALF_TOLERANCES[precision]
+        identical += generator.generate_batch([prompt], max_new_tokens=new_tokens)[0].token_ids == reference
+    default_atol, rtol = HALF_TOLERANCES[precision]
+    atol = default_atol if atol is None else atol
     tolerance = atol + rtol * largest
     agreement, least = identical / len(HALF_PROMPTS), HALF_MIN_AGREEMENT[precision]
     if worst > tolerance:

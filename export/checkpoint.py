@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import logging
-import shutil
+import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -36,12 +38,38 @@ def quiet_exporter():
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _held_output():
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _held_output() -> Iterator[None]:
+    """Hold the process's stdout and stderr (file descriptors 1 and 2) in a file: torch.onnx's
+    TorchScript exporter writes its whole IR graph there from C++ when a conversion fails, past
+    Python's `sys.stdout`. The exception still carries the error; what was held goes to the debug
+    log (`lmcor -v`)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            held.seek(0)
+            text = held.read().decode(errors="replace").strip()
+            if text:
+                log.debug("the exporter's own output:\n%s", text)
 
 
 @contextlib.contextmanager
@@ -78,6 +106,14 @@ TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", 
                    "vocab.txt")
 
 
+# The bundle kind (`--kind`) each transformers auto class exports.
+_KINDS = {"AutoModelForSeq2SeqLM": "corrector", "AutoModelForCausalLM": "causal-lm",
+          "AutoModelForSequenceClassification": "classifier"}
+# A checkpoint's own class name (config.json's `architectures`) -> the kind it suggests.
+_ARCHITECTURE_KINDS = (("ForSequenceClassification", "classifier"), ("ForCausalLM", "causal-lm"),
+                       ("LMHeadModel", "causal-lm"), ("ForConditionalGeneration", "corrector"))
+
+
 def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrite: bool):
     """(model in eval mode, fast tokenizer) of a checkpoint folder, after checking both folders.
 
@@ -89,17 +125,81 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
         raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
+    _refuse_overlap(model_dir, out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise ExportError(f"{model_dir}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
                           "tokenizer with the model (tokenizer.save_pretrained)")
+    _check_files(model_dir)
     with stage(model_dir, "loading the checkpoint"):
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        _check_kind(model_dir, config, auto_class)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
         if not getattr(tokenizer, "is_fast", False):
             raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
         model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+def _refuse_overlap(model_dir: Path, out_dir: Path) -> None:
+    """Replacing `out_dir` must never delete the checkpoint: refuse it as the checkpoint folder or one
+    holding it (symbolic links resolved)."""
+    model, out = model_dir.resolve(), out_dir.resolve()
+    if out == model or out in model.parents:
+        what = "is" if out == model else "contains"
+        raise ExportError(f"{out_dir}: the output folder {what} the checkpoint {model_dir}; choose another folder")
+
+
+# The JSON files transformers reads from a checkpoint, where present.
+_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "model.safetensors.index.json")
+
+
+def _check_files(model_dir: Path) -> None:
+    """Name a checkpoint's unreadable file before transformers fails on it with an error that does not."""
+    from safetensors import SafetensorError, safe_open
+    from tokenizers import Tokenizer
+
+    for name in _JSON_FILES:
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExportError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ExportError(f"{path}: not a JSON object")
+    if (model_dir / TOKENIZER_FILE).is_file():
+        try:
+            Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception)
+            raise ExportError(f"{model_dir / TOKENIZER_FILE}: cannot be read ({_first_line(e)})") from None
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):  # checks the header against the file's size (a truncated copy)
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"{path}: cannot be read ({_first_line(e)})") from None
+
+
+def _check_kind(model_dir: Path, config, auto_class: str) -> None:
+    """Refuse a checkpoint the auto class cannot load, with the `--kind` its architecture suggests."""
+    import transformers
+
+    if type(config) in getattr(transformers, auto_class)._model_mapping:
+        return
+    kind = _KINDS[auto_class]
+    names = " ".join(config.architectures or ())
+    suggested = next((k for part, k in _ARCHITECTURE_KINDS if part in names and k != kind), None)
+    hint = f"; export it with --kind {suggested}" if suggested else ""
+    raise ExportError(f"{model_dir}: a {config.model_type} checkpoint ({names or 'no architectures listed'}) "
+                      f"cannot be exported as a {kind}{hint}")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @contextlib.contextmanager
@@ -118,9 +218,20 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
                         local_files_only=True)
         staged.mkdir()
         yield raw, staged
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.move(str(staged), out_dir)
+        _replace(out_dir, staged, Path(tmp) / "replaced")
+
+
+def _replace(out_dir: Path, staged: Path, old: Path) -> None:
+    """Put `staged` at `out_dir` by two renames within one folder; an interruption between them puts
+    the old `out_dir` back (`old` lies in the staging folder, deleted after)."""
+    if out_dir.exists():
+        out_dir.rename(old)
+    try:
+        staged.rename(out_dir)
+    except BaseException:
+        if old.exists():
+            old.rename(out_dir)
+        raise
 
 
 def input_limit(config, tokenizer, asked: int | None) -> int:

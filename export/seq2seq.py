@@ -55,6 +55,7 @@ DEFAULT_TEMPLATE = Template()
 _UNSUPPORTED_GENERATION = ("repetition_penalty", "min_length", "min_new_tokens",
                            "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 _NEUTRAL = {"repetition_penalty": 1.0}
+FP32_ATOL = 1e-3  # fp32 graphs' absolute logit tolerance, unless asked for another
 
 
 def _decoder_shape(config) -> DecoderShape:
@@ -101,7 +102,7 @@ def export_corrector(
     max_input_tokens: int | None = None,
     max_output_tokens: int | None = None,
     opset: int | None = None,
-    atol: float = 1e-3,
+    atol: float | None = None,
     precision: str = "fp32",
     packed_encoder: bool = False,
     overwrite: bool = False,
@@ -120,7 +121,8 @@ def export_corrector(
     everything else (layer norms, residual stream, softmax) and the graphs' inputs and outputs in fp32
     (`half.py`); T5's feed-forward output projection stays fp32, as its activations overflow fp16.
     The half graphs are validated against PyTorch fp32 with the precision's tolerances
-    (`validate.HALF_TOLERANCES`, `HALF_MIN_AGREEMENT`): fp16 on CPU, bf16 on CUDA when this machine has
+    (`validate.HALF_TOLERANCES`, `HALF_MIN_AGREEMENT`; `atol`, if given, replaces the absolute
+    tolerance, the fp32 graphs before conversion keep 1e-3): fp16 on CPU, bf16 on CUDA when this machine has
     it; elsewhere a bf16 bundle is checked structurally and its manifest says
     `"validated_on": "not run: no CUDA"`.
 
@@ -131,6 +133,7 @@ def export_corrector(
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     _check_template(template)
+    half = precision in ("fp16", "bf16")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSeq2SeqLM", overwrite=overwrite)
     shape = _decoder_shape(model.config)
@@ -178,7 +181,8 @@ def export_corrector(
             share_weights(staged, graphs)
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):
-            report = validate_corrector(model, staged, atol=atol)
+            # a half bundle's atol is its half graphs' (below); its fp32 graphs keep FP32_ATOL
+            report = validate_corrector(model, staged, atol=FP32_ATOL if atol is None or half else atol)
         if precision == "int8":
             with stage(model_dir, "quantization"):
                 _quantize(raw, staged, graph)
@@ -188,7 +192,7 @@ def export_corrector(
             with stage(model_dir, "validation of the int8 graphs"):
                 report = validate_corrector(model, staged, exact=False)
         validation = report.as_dict()
-        if precision in ("fp16", "bf16"):
+        if half:
             (staged / WEIGHTS_FILE).unlink(missing_ok=True)  # the fp32 graphs' shared weights
             with stage(model_dir, f"conversion to {precision}"):
                 converted = _to_half(raw, staged, graph, precision, t5=model.config.model_type in ragged.ARCHITECTURES,
@@ -196,7 +200,7 @@ def export_corrector(
             share_weights(staged, graphs)
             manifest = dataclasses.replace(manifest, precision=precision)
             write_manifest(staged, manifest)
-            validation = _validate_half(model, model_dir, staged, graphs, precision, report)
+            validation = _validate_half(model, model_dir, staged, graphs, precision, report, atol)
             validation["half_matmuls"], validation["fp32_matmuls"] = converted
         manifest = dataclasses.replace(manifest, validation=validation)
         write_manifest(staged, manifest)
@@ -252,7 +256,8 @@ def _to_half(raw: Path, staged: Path, graph: str, precision: str, *, t5: bool, l
     return half, kept
 
 
-def _validate_half(model, model_dir: Path, staged: Path, graphs: list[str], precision: str, fp32) -> dict:
+def _validate_half(model, model_dir: Path, staged: Path, graphs: list[str], precision: str, fp32,
+                   atol: float | None) -> dict:
     """fp16: against PyTorch on the CPU; bf16: on CUDA when this machine has it, else structurally."""
     from lmcor.runtime.sessions import default_providers
 
@@ -263,7 +268,7 @@ def _validate_half(model, model_dir: Path, staged: Path, graphs: list[str], prec
         return {"samples": fp32.samples, "validated_on": "not run: no CUDA", "fp32_graphs": fp32.as_dict(), **checks}
     providers = ["CUDAExecutionProvider"] if precision == "bf16" else ["CPUExecutionProvider"]
     with stage(model_dir, f"validation of the {precision} graphs"):
-        report = validate_half(model, staged, precision, providers=providers)
+        report = validate_half(model, staged, precision, providers=providers, atol=atol)
     return report.as_dict()
 
 

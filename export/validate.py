@@ -60,10 +60,12 @@ class ValidationReport:
 
 
 def validate_half(model, bundle: Path, precision: str, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                  requests: Sequence[Request] = SAMPLE_REQUESTS) -> ValidationReport:
+                  requests: Sequence[Request] = SAMPLE_REQUESTS, atol: float | None = None) -> ValidationReport:
     """Compare a half-precision bundle with the PyTorch fp32 `model` on `providers`; raise `ExportError`
-    unless logits agree within the precision's tolerance and enough samples' greedy tokens are identical."""
-    atol, rtol = HALF_TOLERANCES[precision]
+    unless logits agree within the precision's tolerance (`atol`, if given, replacing its absolute part)
+    and enough samples' greedy tokens are identical."""
+    default_atol, rtol = HALF_TOLERANCES[precision]
+    atol = default_atol if atol is None else atol
     report = validate_corrector(model, bundle, requests=requests, exact=False, providers=providers)
     tolerance = atol + rtol * report.max_abs_logit
     least = HALF_MIN_AGREEMENT[precision]
@@ -90,12 +92,14 @@ def validate_corrector(
     exact: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> ValidationReport:
-    """Compare the bundle in `bundle` with the PyTorch `model`. With `exact`, raise `ExportError`
-    unless logits agree within `atol + rtol * max|logit|` and greedy tokens are identical."""
+    """Compare the bundle in `bundle` with the PyTorch `model`, decoding at most `max_new_tokens` (and
+    at most the bundle's max_output_tokens). With `exact`, raise `ExportError` unless logits agree
+    within `atol + rtol * max|logit|` and greedy tokens are identical."""
     import torch
 
     corrector = Corrector.load(bundle, providers=list(providers))
     manifest = corrector.manifest
+    max_new_tokens = min(max_new_tokens, manifest.max_output_tokens)  # a bundle's limit may be smaller
     special = manifest.special_tokens
     inputs = encode_requests(corrector.tokenizer, manifest.template, requests, manifest.max_input_tokens)
     usable = [(r, x) for r, x in zip(requests, inputs) if not isinstance(x, InputError)]

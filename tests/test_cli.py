@@ -91,7 +91,7 @@ def test_export_refuses_an_opset_out_of_range_and_a_checkpoint_without_tokenizer
     for opset in ("5", "999"):
         assert main(["export", str(checkpoints["t5"]), str(tmp_path / "out"), "--opset", opset]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "--opset must be from 13 to" in err[0] and err[0].endswith(f"got {opset}")
+        assert len(err) == 1 and "--opset must be from 14 to" in err[0] and err[0].endswith(f"got {opset}")
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text('{"model_type": "t5"}')

@@ -1,5 +1,6 @@
 """Export edge cases: T5 decoders deeper or shallower than their encoders (the T5-efficient family),
-BART's learned positions, and exports that fail, which must fail in one line and leave nothing behind."""
+BART's learned positions, and exports that fail, which must fail in one line and leave nothing behind:
+corrupt files, folders that overlap, flags that do not apply, an interrupt."""
 
 import logging
 import shutil
@@ -7,13 +8,21 @@ import shutil
 import pytest
 import torch
 from conftest import _train_tokenizer, build_checkpoint, make_requests
-from test_parity import _reference
 from lmcor.export import decoder as ragged
 from lmcor.export import export_corrector
+from lmcor.export.causal_lm import export_causal_lm
 from lmcor.runtime.errors import ExportError
-from transformers import T5Config, T5ForConditionalGeneration
+from test_generator import _tokenizer as _lm_tokenizer
+from test_parity import _reference
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from lmcor import Corrector
+from lmcor.cli import main
 
 INPUTS = make_requests(12, seed=11)
 DEPTHS = [(2, 3), (3, 1)]  # (encoder, decoder)
@@ -78,13 +87,25 @@ def _assert_one_line_and_nothing_written(error: ExportError, exports) -> None:
     assert not any(exports.iterdir()), "a failed export left files behind"
 
 
-def test_corrupted_weights_fail_in_one_line(t5_checkpoints, tmp_path):
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, corrupt, says", [
+    ("model.safetensors", _truncate, "cannot be read (Error while deserializing header"),
+    ("model.safetensors", lambda p: p.write_bytes(b"not a safetensors file"), "cannot be read ("),
+    ("tokenizer.json", lambda p: p.write_text("garbage{"), "cannot be read ("),
+    ("config.json", lambda p: p.write_text("[1, 2]"), "not a JSON object"),
+    ("generation_config.json", lambda p: p.write_text("{"), "not valid JSON ("),
+], ids=["truncated-weights", "garbage-weights", "garbage-tokenizer", "config-list", "generation-config-json"])
+def test_a_corrupt_file_is_named(t5_checkpoints, tmp_path, name, corrupt, says):
     checkpoint = shutil.copytree(t5_checkpoints[2, 3], tmp_path / "corrupt")
-    (checkpoint / "model.safetensors").write_bytes(b"not a safetensors file")
+    corrupt(checkpoint / name)
     exports = tmp_path / "exports"
     exports.mkdir()
-    with pytest.raises(ExportError, match="loading the checkpoint failed") as error:
+    with pytest.raises(ExportError) as error:
         export_corrector(checkpoint, exports / "bundle")
+    assert str(error.value).startswith(f"{checkpoint / name}: {says}")
     _assert_one_line_and_nothing_written(error.value, exports)
 
 
@@ -110,3 +131,85 @@ def test_failure_mid_export_leaves_nothing(t5_checkpoints, tmp_path, monkeypatch
         export_corrector(t5_checkpoints[2, 3], exports / "bundle")
     _assert_one_line_and_nothing_written(error.value, exports)  # the staging folder is gone too
     assert any(r.exc_info for r in caplog.records), "the full traceback should be in the debug log"
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    tokenizer = _lm_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["out-is-checkpoint", "out-contains-checkpoint"])
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_the_output_folder_never_holds_the_checkpoint(t5_checkpoints, tmp_path, capsys, inside, force):
+    parent = tmp_path / "parent"
+    checkpoint = shutil.copytree(t5_checkpoints[2, 3], parent / "ckpt")
+    (parent / "other.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = parent if inside else checkpoint
+    assert main(["export", str(checkpoint), str(out), *(["--force"] if force else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out}: the output folder" in err[0] and f"the checkpoint {checkpoint}" in err[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_validation_decodes_within_a_small_output_limit(t5_checkpoints, gpt2_checkpoint, tmp_path):
+    manifest = export_corrector(t5_checkpoints[2, 3], tmp_path / "corrector", max_output_tokens=1)
+    assert manifest.max_output_tokens == 1 and manifest.validation["greedy_tokens_identical"]
+    manifest = export_causal_lm(gpt2_checkpoint, tmp_path / "lm", max_output_tokens=1)
+    assert manifest.max_output_tokens == 1 and manifest.validation["greedy_tokens_identical"]
+
+
+def test_opset_below_14_is_refused_and_exporter_failures_are_one_line(t5_checkpoints, tmp_path, capfd):
+    assert main(["export", str(t5_checkpoints[2, 3]), str(tmp_path / "out"), "--opset", "13"]) == 2
+    assert "--opset must be from 14 to" in capfd.readouterr().err
+    exports = tmp_path / "exports"
+    with pytest.raises(ExportError, match=r"ONNX export failed: \w+: .*opset version 13 is not supported") as error:
+        export_corrector(t5_checkpoints[2, 3], exports / "bundle", opset=13)  # the API does not check the range
+    _assert_one_line_and_nothing_written(error.value, exports)
+    printed = capfd.readouterr()
+    assert "Torch IR graph" not in printed.out + printed.err  # torch prints it from C++, past sys.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--kind", "causal-lm", "--template", "{source}"], "--template does not apply to --kind causal-lm"),
+    (["--kind", "classifier", "--separator", " "], "--separator does not apply to --kind classifier"),
+    (["--kind", "causal-lm", "--packed-encoder"], "--packed-encoder does not apply to --kind causal-lm"),
+    (["--kind", "classifier", "--max-output-tokens", "8"], "--max-output-tokens does not apply to --kind classifier"),
+    (["--kind", "causal-lm", "--atol", "0.1"], "--atol: a causal LM's fp32 validation requires identical greedy tokens"),
+])
+def test_a_flag_that_does_not_apply_is_refused(tmp_path, capsys, args, says):
+    assert main(["export", str(tmp_path / "ck"), str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+
+
+def test_atol_sets_the_half_precision_tolerance(t5_checkpoints, tmp_path):
+    manifest = export_corrector(t5_checkpoints[2, 3], tmp_path / "fp16", precision="fp16", atol=7.0)
+    assert 7.0 < manifest.validation["tolerance"] < 8.0  # atol + rtol x max |logit| (default atol: 5e-2)
+
+
+def test_a_causal_lm_exported_as_a_corrector_hints_at_its_kind(gpt2_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="GPT2LMHeadModel.* cannot be exported as a corrector; export it with "
+                       "--kind causal-lm$"):
+        export_corrector(gpt2_checkpoint, tmp_path / "bundle")
+
+
+def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ragged, "export_step_decoder", interrupted)
+    out = tmp_path / "exports" / "bundle"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("an earlier bundle")
+    assert main(["export", str(t5_checkpoints[2, 3]), str(out), "--force"]) == 130
+    said = f"lmcor: export interrupted; {out} was not written (left as it was)"
+    assert capsys.readouterr().err.strip().splitlines() == [said]
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["bundle"]  # no staging folder left
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
