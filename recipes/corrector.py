@@ -26,10 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import random
 import shutil
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,7 +77,7 @@ class Job:
     device: str = "cpu"
     resume: bool = True
     batch_size: int = 16  # the LLM's, for candidates
-    max_new_tokens: int | None = None  # of each candidate (None: the LLM bundle's max output tokens)
+    max_new_tokens: int | None = None  # of each candidate (None: the LLM bundle's max output tokens, or fewer to fit)
     quiet: bool = False
 
 
@@ -109,6 +112,12 @@ def _pair(value: object, line: int, need_candidates: bool) -> Pair:
 
 def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     """train / dev / test by a hash of the source: the same source is always in the same part."""
+    # dev and test each take about held_out/2 of the pairs: 4/held_out pairs give each two on average.
+    enough = math.ceil(4 / held_out)
+    if len(pairs) < 3:
+        raise InputError(f"{len(pairs)} pair{'s are' if len(pairs) > 1 else ' is'} too few: training, dev and test "
+                         f"need at least 3 pairs, and with --held-out {held_out:g} about {enough} so that dev and test "
+                         "are not empty")
     parts: dict[str, list[Pair]] = {"train": [], "dev": [], "test": []}
     for pair in pairs:
         share = int.from_bytes(hashlib.sha256(pair.source.encode("utf-8")).digest()[:8], "little") / 2**64
@@ -116,8 +125,9 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     if not parts["train"]:
         raise InputError(f"--held-out {held_out:g} leaves none of the {len(pairs)} pairs to train on; give a smaller one")
     if not parts["dev"] or not parts["test"]:
-        raise InputError(f"{len(pairs)} pairs are too few to hold out dev and test parts ({held_out:.0%}); "
-                         "give more pairs or a larger --held-out")
+        raise InputError(f"--held-out {held_out:g} kept no {'dev' if not parts['dev'] else 'test'} pair of the "
+                         f"{len(pairs)} (dev and test each take about {held_out / 2:.0%}, by a hash of the source): "
+                         f"give about {enough} pairs or more, or a larger --held-out")
     return parts
 
 
@@ -132,14 +142,16 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
     cached = _cached_candidates(path)
     # A line's candidates are reused only for the same source from the same LLM, prompt, k and
     # temperature: the pairs file or the options may have changed since they were written.
+    sources = {p.line: p.source for p in pairs}
     done = {line: texts for line, (source, maker, texts) in cached.items()
-            if maker == made_by and any(p.line == line and p.source == source for p in pairs)}
+            if maker == made_by and sources.get(line) == source}
     todo = [p for p in pairs if p.line not in done]
     if todo:
         few_shot = FewShot.from_template(job.prompt) if job.prompt is not None else default_few_shot()
         writer = CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
                                  batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
         chunk = job.batch_size * 4
+        job.out.mkdir(parents=True, exist_ok=True)  # only now: a bad --llm leaves no folder behind
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit=" sources", desc="candidates",
                                                           file=sys.stderr, disable=job.quiet) as bar:
             for start in range(0, len(todo), chunk):
@@ -170,23 +182,28 @@ def _made_by(job: Job) -> str:
 
 def _cached_candidates(path: Path) -> dict[int, tuple[str, str | None, tuple[str, ...]]]:
     """The candidates already written, by input line, with their source and what made them (a later
-    record of a line replaces an earlier one); a torn last line is cut off the file."""
+    record of a line replaces an earlier one). A record that is not well-formed is stale: its line is
+    written again. A torn last line is cut off the file, so that appending starts on a new line."""
     done: dict[int, tuple[str, str | None, tuple[str, ...]]] = {}
     if not path.is_file():
         return done
-    kept = 0
     with open(path, "rb") as f:
-        for raw in f:
-            try:
-                record = json.loads(raw) if raw.endswith(b"\n") else None
-            except ValueError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("line"), int):
-                break
-            done[record["line"]] = (record.get("source"), record.get("made_by"), tuple(record["candidates"]))
-            kept += len(raw)
-    with open(path, "r+b") as f:
-        f.truncate(kept)
+        lines = f.readlines()
+    for raw in lines:
+        try:
+            record = json.loads(raw) if raw.endswith(b"\n") else None
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or type(record.get("line")) is not int:
+            continue
+        texts = record.get("candidates")
+        if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+            done[record["line"]] = (record.get("source"), record.get("made_by"), tuple(texts))
+        else:
+            done.pop(record["line"], None)
+    if lines and not lines[-1].endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(sum(map(len, lines[:-1])))
     return done
 
 
@@ -208,6 +225,46 @@ def examples(pairs: list[Pair], synthetic: float, seed: int) -> Iterator[Example
 
 # What a training run leaves in OUT besides the candidates, cleared by --restart.
 RUN_STATE = ("checkpoint.pt", "best.pt", "train_log.jsonl", "tokenizer", "hf", "bundle", "report.json")
+# Written before any of RUN_STATE, with the --held-out that made the split: it marks OUT as a
+# train-corrector folder (`python -m lmcor.recipes.train` writes some of the same names), which
+# --restart may clear, and a resumed run must keep that split or test on pairs it trained on.
+MARK = "train-corrector.json"
+
+
+def _check_out(job: Job) -> None:
+    """Refuse an OUT that this job must not use, before anything is written."""
+    out = job.out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: not a folder (a file of that name exists)")
+    mark = out / MARK
+    if not mark.is_file():
+        found = [name for name in RUN_STATE if (out / name).exists()]
+        if found:  # another tool's folder: a run would write over them, --restart would remove them
+            raise InputError(f"--out {out} is not a train-corrector folder (no {MARK}), so its "
+                             f"{', '.join(found)} stay: give another --out, or remove them yourself")
+        return
+    if job.resume:
+        try:
+            held_out = json.loads(mark.read_text(encoding="utf-8"))["held_out"]
+        except (ValueError, KeyError, TypeError):
+            held_out = None
+        if type(held_out) is not float:
+            raise InputError(f"{mark}: not a train-corrector record (no number 'held_out'); restart it (--restart) "
+                             "or train into another folder")
+        if held_out != job.held_out:
+            raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
+                             f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "
+                             "another folder")
+
+
+def _clear(out: Path) -> None:
+    """What an earlier run of train-corrector wrote, except its candidates: each record says what made it."""
+    for name in (*RUN_STATE, MARK):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def _check_device(device: str) -> None:
@@ -245,13 +302,37 @@ def _model(job: Job, train: list[Pair]):
     tokenizer_dir = job.out / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         texts = [t for p in train for t in (p.source, p.target, *p.candidates)]
-        recipe.train_tokenizer(texts, settings.vocab_size).save_pretrained(tokenizer_dir)
+        with _progress_off_stdout(job.quiet):
+            recipe.train_tokenizer(texts, settings.vocab_size).save_pretrained(tokenizer_dir)
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     model = recipe.build_model(settings, len(tokenizer))
     recipe.copy_init(model, settings.seed)
     return model, tokenizer, True
+
+
+@contextmanager
+def _progress_off_stdout(quiet: bool) -> Iterator[None]:
+    """The tokenizers trainer's progress (Rust) writes to file descriptor 1 itself: send it to stderr
+    (nowhere when quiet), so that stdout holds only the report."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    target = os.open(os.devnull, os.O_WRONLY) if quiet else os.dup(2)
+    os.dup2(target, 1)
+    os.close(target)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _steps(out: Path) -> int:
+    """The training steps taken in OUT so far, from the checkpoint that `recipes.train.fit` saves."""
+    import torch
+
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]["step"]
 
 
 def _write_items(path: Path, pairs: list[Pair]) -> None:
@@ -301,18 +382,21 @@ def run(job: Job) -> dict:
     _check_device(job.device)
     if job.init is not None:
         _check_init(job.init)
-    job.out.mkdir(parents=True, exist_ok=True)
-    if not job.resume:  # the candidates stay: each record says what made it
-        for name in RUN_STATE:
-            target = job.out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+    _check_out(job)
+    # Every input is checked before OUT is cleared or made.
     pairs = read_pairs(job.pairs, need_candidates=job.llm is None)
+    split(pairs, job.held_out)
+    if job.llm is not None:
+        from lmcor.runtime.bundle import load_manifest
+
+        load_manifest(job.llm, verify=False, kind="causal-lm")  # llm_candidates verifies its files
+    if not job.resume:
+        _clear(job.out)
     if job.llm is not None:
         pairs = llm_candidates(job, pairs)
     parts = split(pairs, job.held_out)
+    job.out.mkdir(parents=True, exist_ok=True)
+    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out}) + "\n", encoding="utf-8")
     _write_items(job.out / "dev.jsonl", parts["dev"])
     _write_items(job.out / "test.jsonl", parts["test"])
     log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
@@ -323,9 +407,20 @@ def run(job: Job) -> dict:
                     examples=lambda step: examples(parts["train"], job.synthetic, settings.seed + step), dev=dev,
                     copy_warmup=warmup, resume=job.resume, device=job.device,
                     eval_minutes=max(1.0, job.minutes / 10))
+    if _steps(job.out) == 0:
+        raise InputError(f"--minutes {job.minutes:g} ran out before the first training step: an untrained corrector "
+                         "is not exported; run again with more --minutes (it continues)")
     bundle = job.out / "bundle"
-    export_corrector(hf, bundle, max_output_tokens=settings.max_target_tokens, overwrite=True)
-    fallback.calibrate_bundle(bundle, job.out / "dev.jsonl")
-    result = report(bundle, job.out / "test.jsonl")
-    (job.out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    stage = "export"
+    try:
+        export_corrector(hf, bundle, max_output_tokens=settings.max_target_tokens, overwrite=True)
+        stage = "fallback calibration"
+        fallback.calibrate_bundle(bundle, job.out / "dev.jsonl")
+        stage = "report"
+        result = report(bundle, job.out / "test.jsonl")
+        (job.out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    except KeyboardInterrupt:  # training is saved: a run again goes straight back to this stage
+        log.warning("interrupted during the %s of %s (training is done and saved); run the same command again to "
+                    "continue", stage, bundle)
+        raise
     return result

@@ -481,23 +481,24 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
             scores = best
         else:
             model.load_state_dict(last)
-    model.generation_config.no_repeat_ngram_size = choose_no_repeat(model, tokenizer, dev)
+    model.generation_config.no_repeat_ngram_size, scores = choose_no_repeat(model, tokenizer, dev)
     hf_dir = out / "hf"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     _append(history, {"step": state["step"], "minutes": round(state["elapsed"] / 60, 2), "final_dev": scores})
-    log.info("done: %d steps in %.1f min, dev chrF %.2f exact %.1f", state["step"], state["elapsed"] / 60,
-             scores["chrf"], scores["exact_match"])
+    log.info("done: %d steps in %.1f min, dev chrF %.2f exact %.1f (no_repeat_ngram_size %d)", state["step"],
+             state["elapsed"] / 60, scores["chrf"], scores["exact_match"], model.generation_config.no_repeat_ngram_size)
     return hf_dir
 
 
-def choose_no_repeat(model, tokenizer, dev: list[Example]) -> int:
+def choose_no_repeat(model, tokenizer, dev: list[Example]) -> tuple[int, dict]:
     """The n-gram ban (transformers' no_repeat_ngram_size; 0: none) that scores best on the whole dev
-    split. A copying model that loses its place can loop; banning repeated n-grams ends the loop."""
-    scores = {n: evaluate(model, tokenizer, dev, no_repeat_ngram_size=n)["chrf"] for n in (0, 3, 4)}
-    best = max(scores, key=lambda n: (scores[n], -n))
-    log.info("dev chrF by no_repeat_ngram_size: %s -> %d", {n: round(v, 2) for n, v in scores.items()}, best)
-    return best
+    split, and its dev scores. A copying model that loses its place can loop; banning repeated n-grams
+    ends the loop."""
+    scores = {n: evaluate(model, tokenizer, dev, no_repeat_ngram_size=n) for n in (0, 3, 4)}
+    best = max(scores, key=lambda n: (scores[n]["chrf"], -n))
+    log.info("dev chrF by no_repeat_ngram_size: %s -> %d", {n: round(v["chrf"], 2) for n, v in scores.items()}, best)
+    return best, scores[best]
 
 
 def _append(path: Path, record: dict) -> None:

@@ -52,6 +52,19 @@ def _train(pairs, out, llm, *extra):
                  "--size", "tiny", "--minutes", "0.05", "--held-out", "0.3", "-q", *extra])
 
 
+def _with_candidates(pairs, path, count=80):
+    """The first `count` good pairs, each with candidates of its own: its target and its source."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.startswith('{"source": "') and
+            "target" in line][:count]
+    path.write_text("".join(json.dumps({**r, "candidates": [r["target"], r["source"]]}) + "\n" for r in rows))
+    return path
+
+
+def _train_own(pairs, out, *extra):
+    return main(["train-corrector", str(pairs), "--out", str(out), "--size", "tiny", "--minutes", "0.05",
+                 "--held-out", "0.3", "-q", *extra])
+
+
 def test_trains_a_corrector_on_the_llms_candidates_and_resumes(llm, pairs, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(pairs, out, llm) == 0
@@ -67,25 +80,24 @@ def test_trains_a_corrector_on_the_llms_candidates_and_resumes(llm, pairs, tmp_p
     assert corrector.manifest.fallback_below is not None
     assert isinstance(corrector.correct("teh cat went to school.", ["The cat went to school."]), str)
 
-    # An interrupted candidates stage (half written, a torn last line) continues with the same candidates.
+    # An interrupted candidates stage (half written, a torn last line) continues with the same candidates;
+    # a record that is not well-formed is written again, and the records after it are kept.
     whole = (out / "candidates.jsonl").read_text()
-    (out / "candidates.jsonl").write_text("\n".join(cached[:30]) + '\n{"line": 3')
+    broken = [json.dumps({"line": json.loads(cached[40])["line"]}), json.dumps({**json.loads(cached[41]), "candidates": 5})]
+    (out / "candidates.jsonl").write_text("\n".join(cached[:10] + broken + cached[10:30]) + '\n{"line": 3')
     assert _train(pairs, out, llm) == 0
     again = (out / "candidates.jsonl").read_text().splitlines()
-    assert sorted(again) == sorted(whole.splitlines())
+    assert again[:22] == cached[:10] + broken + cached[10:20]
+    assert sorted(line for line in again if line not in broken) == sorted(whole.splitlines())
 
 
-def test_pairs_with_their_own_candidates_need_no_llm(pairs, tmp_path, capsys):
-    with_candidates = tmp_path / "with.jsonl"
-    rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.startswith("{\"source\": \"") and
-            "target" in line]
-    with_candidates.write_text("".join(json.dumps({**r, "candidates": [r["target"], r["source"]]}) + "\n" for r in rows))
+def test_pairs_with_their_own_candidates_need_no_llm(pairs, tmp_path, capfd):
     out = tmp_path / "own"
-    assert main(["train-corrector", str(with_candidates), "--out", str(out), "--size", "tiny", "--minutes", "0.05",
-                 "--held-out", "0.3", "--synthetic", "0.5", "-q"]) == 0
+    assert _train_own(_with_candidates(pairs, tmp_path / "with.jsonl"), out, "--synthetic", "0.5") == 0
     assert (out / "bundle" / "lmcor.json").is_file() and not (out / "candidates.jsonl").exists()
+    assert capfd.readouterr().out.startswith("system ")  # with -q, stdout holds the report alone (no tokenizer progress)
     assert main(["train-corrector", str(pairs), "--out", str(tmp_path / "none"), "--size", "tiny", "-q"]) == 2
-    assert "field 'candidates' must be a non-empty list" in capsys.readouterr().err
+    assert "field 'candidates' must be a non-empty list" in capfd.readouterr().err
 
 
 def test_cached_candidates_follow_the_pairs_and_the_options(llm, pairs, tmp_path):
@@ -110,6 +122,9 @@ def test_cached_candidates_follow_the_pairs_and_the_options(llm, pairs, tmp_path
 def test_restart_clears_the_run_and_another_model_needs_it(llm, pairs, tmp_path, checkpoints, capsys):
     out = tmp_path / "run"
     assert _train(pairs, out, llm) == 0
+    # Another split would test on pairs the run trained on.
+    assert _train(pairs, out, llm, "--held-out", "0.4") == 2
+    assert "a run split with --held-out 0.3" in capsys.readouterr().err
     (out / "best.pt").write_bytes(b"not a checkpoint")  # a restart must not read the old run's files
     assert _train(pairs, out, llm, "--restart") == 0
     assert _train(pairs, out, llm, "--init", str(checkpoints["t5"])) == 2
@@ -117,6 +132,69 @@ def test_restart_clears_the_run_and_another_model_needs_it(llm, pairs, tmp_path,
     assert _train(pairs, out, llm, "--init", str(checkpoints["bart"]), "--restart") == 0  # BART's decoder inputs too
     assert _train(pairs, out, llm, "--init", str(tmp_path / "nowhere")) == 2
     assert "not a Hugging Face checkpoint folder" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_refused_before_out_is_touched(pairs, tmp_path, capsys):
+    """Checked first, --out is neither made nor cleared: a missing or empty pairs file, a bad --llm, too
+    few pairs, an --out that is a file, and a --restart of a folder that train-corrector did not write."""
+    own = _with_candidates(pairs, tmp_path / "own.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert _train_own(tmp_path / "empty.jsonl", tmp_path / "a") == 2
+    assert _train(pairs, tmp_path / "b", tmp_path / "no-llm") == 2
+    assert "no such bundle directory" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "one.jsonl").write_text(own.read_text().splitlines()[0] + "\n")
+    assert _train_own(tmp_path / "one.jsonl", tmp_path / "c") == 2
+    assert "1 pair is too few: training, dev and test need at least 3 pairs" in capsys.readouterr().err
+    assert _train_own(own, own) == 2
+    assert f"--out {own}: not a folder" in capsys.readouterr().err
+
+    other = tmp_path / "other"  # another tool's folder, with some of the same names
+    (other / "hf").mkdir(parents=True)
+    (other / "report.json").write_text("{}")
+    assert _train_own(tmp_path / "missing.jsonl", other, "--restart") == 2
+    assert _train_own(own, other, "--restart") == 2
+    assert "not a train-corrector folder" in capsys.readouterr().err
+    assert _train_own(own, other) == 2  # nor trained into, over them
+    assert "not a train-corrector folder" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["hf", "report.json"]
+
+
+def test_a_run_that_takes_no_step_exports_nothing_and_an_interrupted_export_continues(pairs, tmp_path, monkeypatch,
+                                                                                        caplog):
+    from lmcor.recipes import fallback
+
+    own, out = _with_candidates(pairs, tmp_path / "own.jsonl", 30), tmp_path / "run"  # a small dev: fast evaluations
+    assert _train_own(own, out, "--minutes", "1e-9") == 2
+    assert not (out / "bundle").exists()
+
+    calibrate = fallback.calibrate_bundle
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fallback, "calibrate_bundle", interrupted)
+    assert _train_own(own, out) == 130  # more minutes: the run continues from its checkpoint
+    assert "interrupted during the fallback calibration" in caplog.text and "run the same command again" in caplog.text
+    assert not (out / "report.json").exists()
+    monkeypatch.setattr(fallback, "calibrate_bundle", calibrate)
+    assert _train_own(own, out) == 0
+    assert Corrector.load(out / "bundle").manifest.fallback_below is not None and (out / "report.json").is_file()
+
+
+def test_cached_candidates_keep_the_good_records(tmp_path):
+    """A record that is not well-formed is stale (its line is written again), whatever its place; a
+    torn last line is cut off."""
+    from lmcor.recipes.corrector import _cached_candidates
+
+    good = {"source": "s", "made_by": "m", "candidates": ["a"]}
+    lines = [{"line": 1, **good}, {"line": 2, **good}, {"line": 2}, {"line": 3, **good, "candidates": None},
+             {"line": 4, **good, "candidates": 5}, {"line": True, **good}, [1], {"line": 5, **good}]
+    path = tmp_path / "candidates.jsonl"
+    text = "".join(json.dumps(line) + "\n" for line in lines) + "not json\n" + json.dumps({"line": 6, **good}) + "\n"
+    path.write_text(text + '{"line": 7, "sou')
+    assert sorted(_cached_candidates(path)) == [1, 5, 6]
+    assert path.read_text() == text
 
 
 def test_an_interrupted_training_keeps_its_step(tmp_path):

@@ -20,17 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=options.finite_float, default=0.6, help="of the samples (default: %(default)s)")
     parser.add_argument("--prompt", help="the LLM's prompt, with {source} (default: lmcor candidates' few-shot prompt)")
     parser.add_argument("--llm-batch-size", type=options.positive_int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=options.positive_int, help="of each candidate (default: the LLM "
-                        "bundle's max output tokens)")
+    parser.add_argument("--max-new-tokens", type=options.positive_int, help="of each candidate, at most the LLM "
+                        "bundle's max output tokens (default: that, or as many as fit after the prompt); a source "
+                        "whose prompt leaves less room is reported and left out")
     parser.add_argument("--size", default="small", help="from-scratch model: tiny, small or base (default: %(default)s)")
     parser.add_argument("--init", help="fine-tune this T5/BART checkpoint folder instead of training from scratch")
     parser.add_argument("--synthetic", type=options.finite_float, default=0.0, help="share of training examples with "
                         "synthetic candidates over the pairs' targets (default: %(default)s)")
     parser.add_argument("--held-out", type=options.finite_float, default=0.1, help="share of pairs kept for dev and "
-                        "test (default: %(default)s)")
+                        "test; a resumed run needs the same (default: %(default)s)")
     parser.add_argument("--minutes", type=options.finite_float, default=60.0, help="training time (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for training (default: %(default)s)")
-    parser.add_argument("--restart", action="store_true", help="train from the start instead of resuming OUT's checkpoint")
+    parser.add_argument("--restart", action="store_true", help="train from the start instead of resuming OUT's "
+                        "checkpoint: clears what train-corrector wrote there, except the candidates")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
