@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,25 +48,54 @@ def quiet_exporter():
 
 
 @contextlib.contextmanager
-def _held_output() -> Iterator[None]:
-    """Hold the process's stdout and stderr (file descriptors 1 and 2) in a file: torch.onnx's
-    TorchScript exporter writes its whole IR graph there from C++ when a conversion fails, past
-    Python's `sys.stdout`. The exception still carries the error; what was held goes to the debug
-    log (`lmcor -v`)."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 1)
-        os.dup2(held.fileno(), 2)
+def redirected_output(fds: tuple[int, ...], target: int) -> Iterator[None]:
+    """Point the process's file descriptors `fds` (1: stdout, 2: stderr) at `target` while the body
+    runs: C++ and Rust code (torch's exporter, the tokenizers trainer) write to them past Python's
+    streams. Only in the main thread, as the descriptors are the whole process's (a thread's export
+    would take another's output), and only those open (a closed stdout stays closed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _flush()
+    saved = {}
+    for fd in fds:
         try:
-            yield
-        finally:
-            for stream in (sys.stdout, sys.stderr):
+            copy = os.dup(fd)
+        except OSError:
+            continue  # closed
+        try:
+            os.dup2(target, fd)
+        except OSError:  # the target is closed (stderr, for stdout's output): leave it be
+            os.close(copy)
+            continue
+        saved[fd] = copy
+    try:
+        yield
+    finally:
+        _flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
                 stream.flush()
-            for fd, copy in zip((1, 2), saved):
-                os.dup2(copy, fd)
-                os.close(copy)
+        except (OSError, ValueError):  # closed, or its reader gone
+            pass
+
+
+@contextlib.contextmanager
+def _held_output() -> Iterator[None]:
+    """Hold stdout and stderr in a file: torch.onnx's TorchScript exporter writes its whole IR graph
+    there when a conversion fails. The exception still carries the error; what was held goes to the
+    debug log (`lmcor -v`)."""
+    with tempfile.TemporaryFile() as held:
+        with redirected_output((1, 2), held.fileno()):
+            yield
+        if log.isEnabledFor(logging.DEBUG):
             held.seek(0)
             text = held.read().decode(errors="replace").strip()
             if text:

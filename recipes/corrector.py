@@ -112,6 +112,8 @@ def _pair(value: object, line: int, need_candidates: bool) -> Pair:
 
 def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     """train / dev / test by a hash of the source: the same source is always in the same part."""
+    if not 0 < held_out < 1:
+        raise InputError(f"held_out must be a share between 0 and 1, got {held_out}")
     # dev and test each take about held_out/2 of the pairs: 4/held_out pairs give each two on average.
     enough = math.ceil(4 / held_out)
     if len(pairs) < 3:
@@ -316,16 +318,10 @@ def _model(job: Job, train: list[Pair]):
 def _progress_off_stdout(quiet: bool) -> Iterator[None]:
     """The tokenizers trainer's progress (Rust) writes to file descriptor 1 itself: send it to stderr
     (nowhere when quiet), so that stdout holds only the report."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    target = os.open(os.devnull, os.O_WRONLY) if quiet else os.dup(2)
-    os.dup2(target, 1)
-    os.close(target)
-    try:
+    from lmcor.export.checkpoint import redirected_output
+
+    with open(os.devnull, "wb") as nowhere, redirected_output((1,), nowhere.fileno() if quiet else 2):
         yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _steps(out: Path) -> int:

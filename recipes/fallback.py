@@ -7,7 +7,7 @@ scored as `Corrector.correct_batch(fallback_below=..., fallback_span=...)` would
 (`runtime.fallback.guard`: an output whose chrF to its nearest candidate is below the threshold is
 replaced by the best guess among the source and the candidates, the candidates' voted edits (kept to
 `span` words) replace a text they support more, and the text keeps only its edits to the source of
-at most `span` words that write words of the source or the candidates).
+at most `span` words that fix a writer's error and write words of the source or the candidates).
 The pair kept scores within `--tolerance` of the best on exact match + chrF, with the lowest
 threshold and then the largest span: as good as any, and changing the fewest outputs. The bundle's
 `fallback_below` and `fallback_span` are then the defaults of `lmcor correct` and `eval`.

@@ -150,9 +150,10 @@ class Corrector:
         while copying and is replaced by the best guess among the source and the candidates; and where
         the candidates agree on edits to the source that the output lacks, their vote is returned if
         they support it more (`fallback=True` for either; see `runtime.fallback`); the text returned
-        keeps only its edits to the source of at most `fallback_span` words. A
-        request longer than the model reads has its candidates cut (`truncated=True`); its drafts and
-        its fallback compare only what the model read, and a fallback returns the candidate whole.
+        keeps only its edits to the source of at most `fallback_span` words that fix a writer's error
+        (`runtime.vote.minimal_edits`). A request longer than the model reads has its candidates cut
+        (`truncated=True`); its drafts and its fallback compare only what the model read, and a fallback
+        chooses among the candidates whole.
         With `errors="return"`, a bad request yields its `InputError` in its place and every other
         request is still corrected; `progress` is called with the number of requests finished each time
         some are.

@@ -7,9 +7,10 @@ it does not rewrite: an output whose similarity to its nearest candidate is belo
 is replaced by the text among the source and the candidates that agrees most with the
 candidates and the output (`best_guess`). And where the candidates agree on edits to the source
 that the output lacks, their vote (`vote.edit_vote`) is returned if they support it more. Last, the
-text keeps only its edits to the source of at most a calibrated number of words, which write only
-words of the source and the candidates (`vote.minimal_edits`): a weak LLM's rewrites, which the
-model may follow, stay out, and so do words its tokenizer could not spell. Similarity
+text keeps only its edits to the source of at most a calibrated number of words that fix a writer's
+error (short words dropped, written or swapped, words respelled or moved) and write only words of
+the source and the candidates (`vote.minimal_edits`): a weak LLM's rewrites, which the model may
+follow, stay out, and so do words its tokenizer could not spell. Similarity
 is sentence chrF, computed as sacrebleu's default `CHRF()` computes it (character 1- to 6-grams,
 whitespace removed, recall weighted by beta 2).
 """

@@ -52,8 +52,8 @@ class CorrectionOptions:
     0.5). An output whose chrF to its nearest candidate is below `fallback_below` (None: the bundle's
     calibrated value; 0: never) is replaced by the best guess among source and candidates, and any
     output by the candidates' edit vote where they support it more (`runtime.fallback.guard`); the
-    text returned then keeps only its edits to the source of at most `fallback_span` words (None:
-    the bundle's calibrated value; 0: any edit).
+    text returned then keeps only its edits to the source of at most `fallback_span` words that fix a
+    writer's error (`runtime.vote.minimal_edits`; None: the bundle's calibrated value; 0: of any size).
     """
 
     max_new_tokens: int | None = None

@@ -161,3 +161,15 @@ def test_correct_stats_and_no_drafts(bundles, tmp_path, capsys):
         assert "5 requests corrected" in err and "decoder calls" in err and "drafted tokens" in err
         assert (", 0 drafted tokens" in err) == bool(flag)
     assert outputs[True] == outputs[False]
+
+
+def test_a_field_is_named_as_its_flag_only_where_a_flag_set_it():
+    from lmcor import cli
+
+    _, serve = cli._parser("serve")
+    message = "max_batch must be an integer from 1 to 1024, got 0"
+    assert cli._said_as_flags(message, serve, ["serve", "--max-batch", "0"]) == (
+        "--max-batch must be an integer from 1 to 1024, got 0")
+    assert cli._said_as_flags(message, serve, ["serve", "--max-batch=0"]).startswith("--max-batch must")
+    assert cli._said_as_flags(message, serve, ["serve", "--config", "c.json"]) == message  # from the file
+    assert cli._said_as_flags("model must be a string", serve, ["serve", "--config", "c.json"]) == "model must be a string"

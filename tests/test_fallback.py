@@ -98,7 +98,8 @@ def test_cli_correct_and_eval_count_fallbacks(bundles, tmp_path, capsys):
     assert fallbacks and f", {fallbacks} replaced by the fallback" in capsys.readouterr().err
     for record, request in zip(records, requests):  # a guess or the vote, kept to a writer's fixes
         source, candidates = request["source"], request["candidates"]
-        chosen = {minimal_edits(source, text, 0) for text in (source, *candidates, edit_vote(source, candidates))}
+        chosen = {minimal_edits(source, text, 0, candidates=candidates)
+                  for text in (source, *candidates, edit_vote(source, candidates))}
         assert not record.get("fallback") or record["output"] in chosen
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(dict(r, target=r["candidates"][0])) for r in requests) + "\n")

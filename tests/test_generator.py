@@ -146,13 +146,19 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     assert ("answers line 1 with the source 'another sentence', but that line of "
             f"{source} has the source 'she go to school'") in capsys.readouterr().err
     assert out.read_text() == other
+    # an error record (no source) last: the same input's output, resumed
+    source.write_text('{"source": "she go to school"}\n{"source": ""}\n{"source": "a b"}\n')
+    out.write_text(json.dumps({"id": None, "line": 1, "source": "she go to school", "candidates": ["a", "b"]}) + "\n"
+                   + json.dumps({"id": None, "line": 2, "error": "source must be a non-empty string"}) + "\n")
+    assert main([*args, "-k", "2"]) == 0
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_an_options_message_names_its_flag(bundle, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text('{"source": "a b"}\n')
     for flags, said in ((["--max-new-tokens", "100000"], "--max-new-tokens must be an integer from 1 to "),
-                        (["--stop", ""], "--stop must be a non-empty string"),
+                        (["--stop", "x", "--stop", ""], "--stop #2 must be a non-empty string"),
                         (["--top-p", "2"], "--top-p must be")):
         assert main(["candidates", "--model", str(bundle), str(source), "-q", "--prompt", "C: {source}\n", *flags]) == 2
         err = capsys.readouterr().err

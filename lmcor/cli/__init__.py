@@ -58,15 +58,17 @@ def _parser(chosen: str | None) -> tuple[argparse.ArgumentParser, argparse.Argum
 _FIELD = re.compile(r"^([a-z][a-z0-9_]*)(\[\d+\])? must ")
 
 
-def _said_as_flags(message: str, command: argparse.ArgumentParser | None) -> str:
+def _said_as_flags(message: str, command: argparse.ArgumentParser | None, argv: list[str]) -> str:
     """A message of the options shared with Python and the server names a field ("max_new_tokens must
-    be ..."): on the command line, the flag that set it."""
+    be ...", "stop[1] must ..."): on the command line, the flag that set it, where one did (a value
+    from a config file keeps its field's name)."""
     match = _FIELD.match(message)
-    flags = {action.dest: action.option_strings[-1] for action in (command._actions if command else ())
-             if action.option_strings}
-    if match and match.group(1) in flags:
-        return flags[match.group(1)] + message[match.end(2) if match.group(2) else match.end(1):]
-    return message
+    given = {action.dest: action.option_strings[-1] for action in (command._actions if command else ())
+             if any(arg == flag or arg.startswith(flag + "=") for flag in action.option_strings for arg in argv)}
+    if not match or match.group(1) not in given:
+        return message
+    which = f" #{int(match.group(2)[1:-1]) + 1}" if match.group(2) else ""
+    return given[match.group(1)] + which + message[match.end(2) if match.group(2) else match.end(1):]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(f"lmcor.cli.{COMMANDS[args.command][0]}").run(args)
     except LmcorError as e:
-        print(f"lmcor: error: {_said_as_flags(str(e), command)}", file=sys.stderr)
+        print(f"lmcor: error: {_said_as_flags(str(e), command, argv)}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -83,18 +83,22 @@ def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0,
             yield line
 
 
+class NotResumable(LmcorError):
+    """The -o to --resume is another input's output."""
+
+
 def check_resumed(args: argparse.Namespace, after: int, lines: int) -> None:
     """`--resume` continues an -o that answers the input up to line `after`: the input, of `lines`
     lines, must reach it."""
     if lines < after:
-        raise LmcorError(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
+        raise NotResumable(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
                          f"{lines}: it is another input's output (remove it, or run without --resume)")
 
 
 def _check_resumed_id(args: argparse.Namespace, output: Output, echo: str | None) -> None:
     """`--resume` continues an -o whose last record answers line `output.through`: that line of the
     input (a regular file, read again up to it) must hold the record's id, and the record's `echo`
-    field (a field it copies from its line) that line's."""
+    field (a field it copies from its line; an error record has none) that line's."""
     with open(args.input, "rb") as f:
         for number, (raw, _) in enumerate(split_lines(f.read, args.max_line_bytes), start=1):
             if number == output.through:
@@ -106,9 +110,10 @@ def _check_resumed_id(args: argparse.Namespace, output: Output, echo: str | None
     except InputError:
         return  # its record is an error record, which has no id to compare
     value = value if isinstance(value, dict) else {}
-    for field in ("id", echo) if echo else ("id",):
+    echoed = echo is not None and "error" not in output.last_record
+    for field in ("id", echo) if echoed else ("id",):
         if value.get(field) != output.last_record.get(field):
-            raise LmcorError(f"--resume: -o {args.output} answers line {output.through} with the {field} "
+            raise NotResumable(f"--resume: -o {args.output} answers line {output.through} with the {field} "
                              f"{shown(output.last_record.get(field))}, but that line of {args.input} has the {field} "
                              f"{shown(value.get(field))}: it is another input's output (remove it, or run without "
                              "--resume)")
@@ -413,8 +418,8 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, echo:
                 return _interrupted(output, signals.received or signal.SIGINT)
     except KeyboardInterrupt:  # a signal before the handlers were installed, or outside main()'s thread
         return _interrupted(output, signal.SIGINT)
-    except LmcorError:
-        if output.records and output.path:
+    except LmcorError as e:
+        if output.records and output.path and not isinstance(e, NotResumable):
             print(f"lmcor: {output.records} record(s) kept in {output.path} (input lines up to {output.through}); "
                   "after fixing the error below, --resume answers the rest", file=sys.stderr)
         raise
