@@ -29,15 +29,28 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
     if first and text.startswith(_BOM):
         text = text[1:]
     try:
-        value = json.loads(text)
+        value = json.loads(text.rstrip("\r\n"))  # an error at the line's end is said at its column, not the next line's
     except RecursionError:
         raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise InputError(f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     except ValueError as e:  # an integer over Python's digit limit (its message advises Python code)
         raise InputError(f"not usable JSON ({json_number_error(e)})") from None
     _check(value)
     return value
+
+
+def check_depth(value: Any) -> None:
+    """Refuse a value nested deeper than lmcor's records are (writing it back would recurse as deep)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
 
 
 def _check(value: Any) -> None:

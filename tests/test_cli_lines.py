@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import make_requests
 
-from lmcor import Corrector
+from lmcor import Corrector, InputError
 from lmcor.cli import main
 
 GOOD = make_requests(6, seed=11)
@@ -331,3 +331,12 @@ def test_split_lines_matches_splitlines_at_any_read_size():
         got = list(split_lines(lambda n: next(pieces, b""), limit))
         want = [(line if len(line.rstrip(b"\n")) <= limit else None, len(line)) for line in data.splitlines(keepends=True)]
         assert got == want, (data, limit)
+
+
+def test_a_line_cut_short_is_said_at_its_own_end():
+    from lmcor.runtime.jsonl import parse_line
+
+    with pytest.raises(InputError, match=r"not valid JSON \(Expecting ',' delimiter at column 9\)"):
+        parse_line(b'{"a": 1 \n')
+    with pytest.raises(InputError, match=r"\(Invalid control character at column 8\)"):
+        parse_line(b'{"a": "\x01"}\n')

@@ -6,6 +6,7 @@ what is in flight and exits 0; /metrics parses and counts."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,6 +95,9 @@ BAD = [
     (b'{"id": ' + b"9" * 5000 + b', "source": "x", "candidates": ["a"]}', 400, "a number with more than 4300 digits"),
     (b'{"source": NaN, "candidates": ["a"]}', 400, "NaN is not JSON"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested past Python's recursion limit
+    # nested less than Python's limit, more than lmcor's records are (writing the id back would recurse)
+    (b'{"id": ' + b"[" * 960 + b"]" * 960 + b', "source": "x", "candidates": ["a"]}', 400, "nested deeper than 32"),
+    ('{"source": "x", "candidates": ["a"]}'.encode("utf-16-le"), 400, "not valid JSON"),  # JSON on the wire is UTF-8
     (b" " * (ServeConfig().max_body_bytes + 1), 413, "over the limit"),
     (iter([b" " * 65536] * 17), 413, "over the limit"),  # chunked: no Content-Length to refuse it by
     (b"[]", 422, "empty list"),
@@ -206,7 +210,20 @@ def test_an_api_key_guards_every_route_but_health(bundles):
         assert c.post("/v1/correct", json=request, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     with pytest.raises(InputError, match="API key"):
         ServeConfig(host="0.0.0.0")
+    with pytest.raises(InputError, match="white space at an end"):
+        ServeConfig(api_key="sekret ")
     assert ServeConfig(host="0.0.0.0", insecure=True).insecure
+
+
+def test_a_body_that_stops_arriving_gets_408_and_does_not_hold_the_drain(bundles):
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, timeout_s=1)) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"source\": ")
+            answer = sock.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
+        assert s.state.in_flight == 0
 
 
 def test_a_stopped_engine_fails_requests_at_once_and_health_says_failed(bundles, monkeypatch):

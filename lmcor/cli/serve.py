@@ -62,7 +62,8 @@ def config(args: argparse.Namespace):
 
     given = {
         "model": args.model, "gate": args.gate, "host": args.host, "port": args.port,
-        "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None, "insecure": args.insecure,
+        "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None,
+        "insecure": args.insecure,
         "max_queue": args.max_queue, "max_batch": args.max_batch, "timeout_s": args.timeout_s,
         "max_body_bytes": args.max_body_bytes, "threads": args.threads, "providers": options.providers(args),
         "classifiers": dict(args.classifier) if args.classifier else None,

@@ -32,11 +32,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generation
-from lmcor.runtime.jsonl import json_number_error
+from lmcor.runtime.jsonl import check_depth, json_number_error
 from lmcor.runtime.options import (
     check_flag,
     check_int,
@@ -180,21 +181,39 @@ class ServerState:
 
 # Parsing: one object or a list of them; each field checked by the runtime's own types.
 
-async def _json_body(request: Request, limit: int) -> Any:
+async def _json_body(request: Request, limit: int, seconds: float) -> Any:
+    """The body's JSON value, read within `seconds` (a client that stops sending would otherwise hold
+    its request, and a drain, open for as long as it keeps the connection)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise Refused(413, "too_large", f"the body has {declared} bytes, over the limit of {limit} (--max-body-bytes)")
+    try:
+        body = await asyncio.wait_for(_body(request, limit), seconds)
+    except asyncio.TimeoutError:
+        raise Refused(408, "timeout", f"the body did not arrive within {seconds:g} s (--timeout-s)",
+                      {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise Refused(400, "disconnected", "the client closed the connection before its body ended") from None
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=_no_constant)  # JSON on the wire is UTF-8
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
+        why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
+        raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
+    try:
+        check_depth(value)
+    except InputError as e:
+        raise Refused(400, "bad_json", f"the body is not one of lmcor's requests: {e}") from None
+    return value
+
+
+async def _body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise Refused(413, "too_large", f"the body is over the limit of {limit} bytes (--max-body-bytes)")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
-        why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
-        raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
+    return b"".join(chunks)
 
 
 def _no_constant(name: str) -> None:
@@ -428,6 +447,7 @@ GENERATE_BODY = _one_or_many(_item(["prompt"], {
     "top_p": {"type": "number", "default": 1.0}, "seed": {"type": "integer", "minimum": 0}, "stop": _TEXTS}))
 ERRORS = {status: {"description": text} for status, text in (
     (400, "the body is not JSON"), (401, "no or wrong API key"), (404, "no such model on this server"),
+    (405, "the route takes another method"), (408, "the body did not arrive within the deadline"),
     (413, "the body is too large, or holds more requests than the queue"),
     (422, "a bad field: the message names it"), (429, "the queue is full: retry after Retry-After seconds"),
     (503, "loading, or draining before it stops"), (504, "no answer within the deadline"))}
@@ -481,7 +501,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             return (as_request(item), options, check_flag("stream", item.get("stream", False)),
                     _timeout(item, config.timeout_s))
 
-        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
         streams = {p[2] for p in parsed if not isinstance(p, InputError)}
         if len(streams) > 1:
             raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
@@ -515,7 +535,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             as_texts(item)
             return name, item, _timeout(item, config.timeout_s)
 
-        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
         futures = _submitted(state, "classify", parsed, lambda n, p: models.classify[p[0]].submit(p[1]))
         outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many)
 
@@ -556,7 +576,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 seed=None if seed is None else check_int("seed", seed, 0), stop=tuple(stop),
             ), _timeout(item, config.timeout_s)
 
-        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes), parse)
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
         futures = _submitted(state, "generate", parsed, lambda n, p: models.generate[p[0]].submit(p[2]))
         outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many)
 

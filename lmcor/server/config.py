@@ -67,6 +67,8 @@ class ServeConfig:
             raise InputError(f"timeout_s must be a number of seconds above 0, got {self.timeout_s!r}")
         if self.api_key == "":
             raise InputError("api_key is empty: give a secret, or no key")
+        if self.api_key is not None and self.api_key != self.api_key.strip():
+            raise InputError("api_key has white space at an end, which HTTP clients do not send: remove it")
         if not (self.api_key or self.insecure or _loopback(self.host)):
             raise InputError(f"host {self.host!r} is reachable from other machines: give an API key (--api-key or "
                              "LMCOR_API_KEY), or --insecure to serve it without one")
