@@ -340,3 +340,15 @@ def test_a_line_cut_short_is_said_at_its_own_end():
         parse_line(b'{"a": 1 \n')
     with pytest.raises(InputError, match=r"\(Invalid control character at column 8\)"):
         parse_line(b'{"a": "\x01"}\n')
+
+
+def test_an_option_in_a_line_is_refused_and_other_fields_left_alone(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({**GOOD[0], "num_beams": 4}) + "\n" + json.dumps({**GOOD[1], "target": "x", "line": 9})
+                      + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 1
+    first, second = _records(out)
+    assert first["error"] == ("field 'num_beams' is an option of the whole run here (--num-beams), not of one line "
+                              "(lmcor serve takes options per request)")
+    assert "output" in second

@@ -43,7 +43,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from lmcor.cli.correct import record as correction_record
+from lmcor.cli.correct import line_request, record as correction_record
 from lmcor.cli.lines import (Answer, answer_chunk, check_resumed, line_at, regular_file_size, split_lines,
                              write_answers)
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
@@ -54,7 +54,7 @@ from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.engine import check_gate_threshold
 from lmcor.runtime.options import (MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_providers,
                                   check_threads)
-from lmcor.runtime.request import CorrectionOptions, as_request
+from lmcor.runtime.request import CorrectionOptions
 from lmcor.server.app import create_app
 from lmcor.server.config import ServeConfig
 
@@ -217,7 +217,7 @@ class CorrectLines:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = zip(batch["line"].to_pylist(), batch["raw"].to_pylist(), batch["size"].to_pylist())
         lines = [line for number, raw, size in rows if (line := line_at(number, raw, size, self.max_line_bytes))]
-        answers = answer_chunk(lines, as_request, self._correct, correction_record)
+        answers = answer_chunk(lines, line_request, self._correct, correction_record)
         return pa.table({"line": pa.array([a.number for a in answers], pa.int64()),
                          "size": pa.array([a.size for a in answers], pa.int64()),
                          "record": pa.array([a.text for a in answers], pa.string()),
