@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import InputError
@@ -117,6 +117,9 @@ class Correction:
     fallback: bool = False  # the fallback changed the model's output (a best guess, the edit vote, edits kept small)
 
 
+_OPTIONS = frozenset(option.name for option in fields(CorrectionOptions))
+
+
 def as_request(item: Any) -> Request:
     """Accept a `Request`, a mapping with `source`/`candidates` (and `id`), or a (source, candidates) pair.
 
@@ -128,6 +131,10 @@ def as_request(item: Any) -> Request:
         for key in ("source", "candidates"):
             if key not in item:
                 raise InputError(f"missing field {key!r}")
+        asked = sorted(_OPTIONS & item.keys())
+        if asked:  # it would be ignored: options are the call's
+            raise InputError(f"field {asked[0]!r} is an option of the call (correct_batch({asked[0]}=...)), not of "
+                             "one request")
         return Request(item["source"], item["candidates"], item.get("id"))
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return Request(*item)

@@ -99,6 +99,12 @@ def test_correct_checks_its_request_as_correct_batch_does(corrector, candidates,
         corrector.correct(None, ["She goes."], **DECODE)
 
 
+def test_an_option_in_a_request_dict_is_refused_not_ignored(corrector):
+    request = {"source": "she go", "candidates": ["She goes."], "num_beams": 4}
+    [got] = corrector.correct_batch([request], errors="return", **DECODE)
+    assert isinstance(got, InputError) and str(got).startswith("field 'num_beams' is an option of the call")
+
+
 def _with_bad(requests: list, bad: dict[int, dict]) -> list:
     out = list(requests)
     for n, request in sorted(bad.items()):

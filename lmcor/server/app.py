@@ -498,7 +498,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             if options.gate_threshold is not None and models.gate is None:
                 raise InputError("field 'gate_threshold': this server has no gate to read it (serve with --gate)")
             models.engine.search(options)  # against this bundle (max_new_tokens at most its max_output_tokens)
-            return (as_request(item), options, check_flag("stream", item.get("stream", False)),
+            request = as_request({name: item[name] for name in ("id", "source", "candidates") if name in item})
+            return (request, options, check_flag("stream", item.get("stream", False)),
                     _timeout(item, config.timeout_s))
 
         parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
