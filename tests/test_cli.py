@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import make_requests
 from lmcor.export import export_corrector
+from lmcor.runtime.bundle import shipped_bundle
 
 from lmcor import Corrector, ExportError
 from lmcor.cli import main
@@ -173,3 +174,11 @@ def test_a_field_is_named_as_its_flag_only_where_a_flag_set_it():
     assert cli._said_as_flags(message, serve, ["serve", "--max-batch=0"]).startswith("--max-batch must")
     assert cli._said_as_flags(message, serve, ["serve", "--config", "c.json"]) == message  # from the file
     assert cli._said_as_flags("model must be a string", serve, ["serve", "--config", "c.json"]) == "model must be a string"
+
+
+def test_serve_checks_its_bundles_before_it_listens(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "none"), "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "listening" not in out and "no such bundle directory" in err
+    assert main(["serve", "--generator", f"g={shipped_bundle('gate')}", "--port", "0"]) == 2
+    assert "a 'classifier' bundle, not a causal-lm" in capsys.readouterr().err

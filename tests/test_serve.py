@@ -383,3 +383,13 @@ def test_bench_serve_smoke(bundles, tmp_path, capsys):
     assert {"single_client_latency_vs_in_process"} <= set(report["ratios"])
     assert (out / "serve.png").stat().st_size > 1000
     assert "same as offline" in capsys.readouterr().out
+
+
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
+    config = tmp_path / "serve.json"
+    config.write_text('{"port": "18704", "max_batch": 4}')
+    with pytest.raises(InputError, match=rf"^{config}: port must be an integer"):
+        ServeConfig.read(config)
+    assert ServeConfig.read(config, port=0).port == 0  # the flag's value replaces the file's
+    with pytest.raises(InputError, match=r"^max_batch must be an integer"):
+        ServeConfig.read(config, port=0, max_batch=0)  # a flag's: no file to name

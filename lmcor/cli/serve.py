@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"lmcor serve needs the serve extra: pip install 'lmcor[serve]' ({e})") from None
     options.ray_only(args, "replicas", "max_replicas")
     settings = config(args)
+    from lmcor.server.models import Models
+
+    Models.check(settings)
     runner.log_to_stderr()
     announce = lambda url: print(f"lmcor serve: listening on {url}", flush=True, file=sys.stdout)  # noqa: E731
     if args.ray:

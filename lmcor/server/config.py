@@ -100,7 +100,13 @@ class ServeConfig:
         for name in _PATH_MAPS:
             if isinstance(values.get(name), dict):
                 values[name] = {k: str(here / v) if isinstance(v, str) else v for k, v in values[name].items()}
-        return cls(**{**values, **overrides})
+        try:
+            return cls(**{**values, **overrides})
+        except InputError as e:  # a value of the file's (not overridden by a flag) is said to be the file's
+            key = str(e).split(" ", 1)[0]
+            if key in values and key not in overrides:
+                raise InputError(f"{path}: {e}") from None
+            raise
 
 
 def _loopback(host: str) -> bool:

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from lmcor.runtime.bundle import shipped_bundle
+from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classification, Classifier
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.engine import Engine
@@ -133,6 +133,18 @@ class Models:
                          for name, c in classifiers.items()}
         self.generate = {name: Batcher(f"generate-{name}", lambda items, g=g: _generate(g, items), GENERATE_BATCH)
                          for name, g in generators.items()}
+
+    @staticmethod
+    def check(config: ServeConfig) -> None:
+        """Read each bundle's manifest, of its kind: a wrong path fails before the server listens
+        (its models load after, while /health says "loading")."""
+        load_manifest(config.model or shipped_bundle("default"), verify=False, kind="corrector")
+        if config.gate is not None:
+            load_manifest(config.gate or shipped_bundle("gate"), verify=False, kind="classifier")
+        for path in config.classifiers.values():
+            load_manifest(path, verify=False, kind="classifier")
+        for path in config.generators.values():
+            load_manifest(path, verify=False, kind="causal-lm")
 
     @classmethod
     def load(cls, config: ServeConfig) -> Models:
