@@ -435,16 +435,18 @@ def _item(required: list[str], properties: dict) -> dict:
 
 
 _TEXTS = {"type": "array", "items": {"type": "string"}}
+_TEXT = {"type": "string", "pattern": r"\S", "description": "not empty, not only white space"}
 CORRECT_BODY = _one_or_many(_item(["source", "candidates"], {
-    "id": {"description": "any JSON value, returned as given"}, "source": {"type": "string"},
+    "id": {"description": "any JSON value, returned as given"}, "source": _TEXT,
     "candidates": {**_TEXTS, "minItems": 1}, **_option_schemas(),
     "stream": {"type": "boolean", "default": False, "description": "server-sent events (the same in every item)"}}))
 CLASSIFY_BODY = _one_or_many(_item(["text"], {
-    "model": {"type": "string"}, "id": {}, "text": {"type": "string"}, "pair": {"type": "string"}}))
+    "model": {"type": "string"}, "id": {}, "text": _TEXT, "pair": {"type": "string"}}))
 GENERATE_BODY = _one_or_many(_item(["prompt"], {
     "model": {"type": "string"}, "id": {}, "prompt": {"type": "string"},
     "max_new_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "default": 0.0},
-    "top_p": {"type": "number", "default": 1.0}, "seed": {"type": "integer", "minimum": 0}, "stop": _TEXTS}))
+    "top_p": {"type": "number", "default": 1.0}, "seed": {"type": "integer", "minimum": 0},
+    "stop": {"type": "array", "items": {"type": "string", "minLength": 1}}}))
 ERRORS = {status: {"description": text} for status, text in (
     (400, "the body is not JSON"), (401, "no or wrong API key"), (404, "no such model on this server"),
     (405, "the route takes another method"), (408, "the body did not arrive within the deadline"),
