@@ -155,7 +155,8 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         # Words its inputs hold bound the model's own output, as it read them; a guess or a vote is
         # made of the candidates' words already (and a huge candidate is not read again).
         known = input_words(source, read) if text == correction.text else None
-        text = minimal_edits(source, text, span, known, vote_by)
+        if span or known is not None:
+            text = minimal_edits(source, text, span, known, vote_by)
     if text == correction.text:
         return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

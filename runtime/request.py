@@ -53,7 +53,7 @@ class CorrectionOptions:
     calibrated value; 0: never) is replaced by the best guess among source and candidates, and any
     output by the candidates' edit vote where they support it more (`runtime.fallback.guard`); the
     text returned then keeps only its edits to the source of at most `fallback_span` words that fix a
-    writer's error (`runtime.vote.minimal_edits`; None: the bundle's calibrated value; 0: of any size).
+    writer's error (`runtime.vote.minimal_edits`; None: the bundle's calibrated value; 0: any edit).
     """
 
     max_new_tokens: int | None = None

@@ -34,12 +34,12 @@ def edit_vote(source: str, candidates: Sequence[str], need: int = NEED) -> str:
 def minimal_edits(source: str, text: str, span: int, known: set[str] | None = None,
                   candidates: Sequence[str] = ()) -> str:
     """The source with those of `text`'s word-level edits to it that replace at most `span` words by
-    at most `span` words (0: any), that fix what a writer gets wrong (`_plausible`, or a short word
-    that most of the `candidates` drop too), and, given `known` words, write only those; another edit
-    (a rewrite, a dropped clause, a skip where copying lost its place, a word no input holds) is left
-    out, its source words kept. With nothing left out, `text` itself; a text longer than `longest_edit`
-    is no edit of the source: the source."""
-    if len(text) > longest_edit(source):
+    at most `span` words and fix what a writer gets wrong (`_plausible`, or a short word that most of
+    the `candidates` drop too; span 0: edits of any size and kind, for tasks that rewrite), and, given
+    `known` words, write only those; another edit (a rewrite, a dropped clause, a skip where copying
+    lost its place, a word no input holds) is left out, its source words kept. With nothing left out,
+    `text` itself; with a span, a text longer than `longest_edit` is no edit of the source: the source."""
+    if span and len(text) > longest_edit(source):
         return source  # and its cost stays bound by the source, whatever the text's length
     while True:
         kept = _kept_edits(source, text, span, known, candidates)
@@ -74,8 +74,8 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
     at = 0
     dropped = False
     for _, i1, i2, j1, j2 in edits:
-        keep = ((not span or max(i2 - i1, j2 - j1) <= span)
-                and (_plausible(words, i1, i2, theirs[j1:j2], moved) or _agreed_drop(words, i1, i2, j1 == j2, candidates))
+        keep = ((not span or (max(i2 - i1, j2 - j1) <= span and (_plausible(words, i1, i2, theirs[j1:j2], moved)
+                                                                  or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
                 and (known is None or all(word in known for word in theirs[j1:j2])))
         out += words[at:i1] + (theirs[j1:j2] if keep else words[i1:i2])
         at = i2

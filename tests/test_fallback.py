@@ -155,7 +155,8 @@ def test_minimal_edits_keep_small_edits_and_the_source_elsewhere():
 
 
 def test_minimal_edits_keep_a_writers_fixes_and_leave_rewrites_out():
-    """Fixes of the errors writers make are kept; a weak LLM's swapped and dropped content words are not."""
+    """With a span, fixes of the errors writers make are kept; a weak LLM's swapped and dropped content
+    words are not. Span 0 keeps edits of any size and kind (tasks that rewrite)."""
     fixes = [
         ("He have a dog .", "He has a dog ."),  # short words swapped
         ("She recieve the leter", "She receives the letter"),  # respelled, inflected
@@ -166,7 +167,7 @@ def test_minimal_edits_keep_a_writers_fixes_and_leave_rewrites_out():
         ("What we look for depends", "What we depends look for"),  # words moved
     ]
     for source, text in fixes:
-        assert minimal_edits(source, text, 0) == text, (source, text)
+        assert minimal_edits(source, text, 2) == text, (source, text)
     rewrites = [
         ("These are troublous times.", "These are difficult times."),
         ("He stood foursquare for liberty", "He stood for liberty"),  # a content word dropped
@@ -174,18 +175,19 @@ def test_minimal_edits_keep_a_writers_fixes_and_leave_rewrites_out():
         ("Round numbers are always false.", "Round numbers are always correct."),
     ]
     for source, text in rewrites:
-        assert minimal_edits(source, text, 0) == source, (source, text)
+        assert minimal_edits(source, text, 2) == source, (source, text)
+    assert minimal_edits("These are troublous times.", "These are difficult times.", 0) == "These are difficult times."
     # each edit on its own: the rewrite goes, the fix beside it stays
-    assert minimal_edits("He stood foursquare for religous liberty", "He stood for religious liberty", 0) == (
+    assert minimal_edits("He stood foursquare for religous liberty", "He stood for religious liberty", 2) == (
         "He stood foursquare for religious liberty")
     # a short word most candidates drop too (a tense fixed), kept; one that few drop, not
     source = "I have visited Paris in 2019 ."
     agreeing = ["I visited Paris in 2019 .", "I visited Paris on 2019 .", "I have visited Paris in 2019 ."]
-    assert minimal_edits(source, "I visited Paris in 2019 .", 0, candidates=agreeing) == "I visited Paris in 2019 ."
-    assert minimal_edits(source, "I visited Paris in 2019 .", 0, candidates=agreeing[1:]) == source
-    assert minimal_edits(source, "I visited Paris in 2019 .", 0) == source
+    assert minimal_edits(source, "I visited Paris in 2019 .", 2, candidates=agreeing) == "I visited Paris in 2019 ."
+    assert minimal_edits(source, "I visited Paris in 2019 .", 2, candidates=agreeing[1:]) == source
+    assert minimal_edits(source, "I visited Paris in 2019 .", 2) == source
     # a move whose other half is left out is a drop: the words are never lost
-    assert minimal_edits("A liberty B C D", "A B C liberty and tolerance forever D", 0) == "A liberty B C D"
+    assert minimal_edits("A liberty B C D", "A B C liberty and tolerance forever D", 2) == "A liberty B C D"
 
 
 def test_the_span_applies_to_whatever_the_guard_returns(bundles):

@@ -64,8 +64,9 @@ def test_a_huge_candidate_costs_what_the_model_reads_of_it(corrector):
     tracemalloc.stop()
     assert got.truncated and got.id == 7 and got.stats.input_tokens <= corrector.manifest.max_input_tokens
     assert seconds < 5 and peak < 32 << 20, (seconds, peak)
-    # the guess is the candidate, ~60,000 times the source's length: no edit of it, so the source comes back
-    assert got.fallback and got.text == request["source"]
+    assert got.fallback and got.text is HUGE  # span 0: the candidate returned is whole, though the model read its head
+    with_span = corrector.correct_batch([request], max_new_tokens=8, fallback_below=100, fallback_span=2)[0]
+    assert with_span.text == request["source"]  # with a span: ~60,000 times the source's length is no edit of it
 
 
 def test_drafts_and_the_fallback_see_only_what_the_model_read(corrector):

@@ -111,7 +111,7 @@ def add_correction(parser: argparse.ArgumentParser) -> None:
                         "value; 0: the model's output as it is)")
     parser.add_argument("--fallback-span", type=non_negative_int, help="the text returned keeps only its edits to the "
                         "source of at most this many words that fix a writer's error (default: the bundle's calibrated "
-                        "value; 0: of any size)")
+                        "value; 0: any edit)")
     add_runtime(parser)
 
 
