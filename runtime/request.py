@@ -117,7 +117,7 @@ class Correction:
     fallback: bool = False  # the fallback changed the model's output (a best guess, the edit vote, edits kept small)
 
 
-_OPTIONS = frozenset(option.name for option in fields(CorrectionOptions))
+OPTION_FIELDS = frozenset(option.name for option in fields(CorrectionOptions))
 
 
 def as_request(item: Any) -> Request:
@@ -131,7 +131,7 @@ def as_request(item: Any) -> Request:
         for key in ("source", "candidates"):
             if key not in item:
                 raise InputError(f"missing field {key!r}")
-        asked = sorted(_OPTIONS & item.keys())
+        asked = sorted(OPTION_FIELDS & item.keys())
         if asked:  # it would be ignored: options are the call's
             raise InputError(f"field {asked[0]!r} is an option of the call (correct_batch({asked[0]}=...)), not of "
                              "one request")

@@ -67,9 +67,9 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
     words, theirs = source.split(), text.split()
     edits = [op for op in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes()
              if op[0] != "equal"]
-    # Words an edit drops and another writes were moved (word order), not lost.
+    # Words an edit drops and another writes were moved (word order), not lost (read with a span only).
     moved = (Counter(_letters(w) for _, i1, i2, _, _ in edits for w in words[i1:i2])
-             & Counter(_letters(w) for _, _, _, j1, j2 in edits for w in theirs[j1:j2]))
+             & Counter(_letters(w) for _, _, _, j1, j2 in edits for w in theirs[j1:j2])) if span else Counter()
     out: list[str] = []
     at = 0
     dropped = False

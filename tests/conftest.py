@@ -141,10 +141,9 @@ def arch(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def gpt2_bundle(tmp_path_factory) -> Path:
-    """A tiny GPT-2 causal-LM bundle (64 positions, 16 output tokens)."""
+def gpt2_checkpoint(tmp_path_factory) -> Path:
+    """A tiny GPT-2 causal-LM checkpoint (64 positions)."""
     import torch
-    from lmcor.export.causal_lm import export_causal_lm
     from test_generator import _tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -154,6 +153,14 @@ def gpt2_bundle(tmp_path_factory) -> Path:
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                bos_token_id=1, eos_token_id=2)).save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def gpt2_bundle(gpt2_checkpoint, tmp_path_factory) -> Path:
+    """A tiny GPT-2 causal-LM bundle (64 positions, 16 output tokens)."""
+    from lmcor.export.causal_lm import export_causal_lm
+
     bundle = tmp_path_factory.mktemp("bundles") / "gpt2"
-    export_causal_lm(checkpoint, bundle, max_output_tokens=16)
+    export_causal_lm(gpt2_checkpoint, bundle, max_output_tokens=16)
     return bundle

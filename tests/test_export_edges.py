@@ -12,11 +12,8 @@ from lmcor.export import decoder as ragged
 from lmcor.export import export_corrector
 from lmcor.export.causal_lm import export_causal_lm
 from lmcor.runtime.errors import ExportError
-from test_generator import _tokenizer as _lm_tokenizer
 from test_parity import _reference
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -131,17 +128,6 @@ def test_failure_mid_export_leaves_nothing(t5_checkpoints, tmp_path, monkeypatch
         export_corrector(t5_checkpoints[2, 3], exports / "bundle")
     _assert_one_line_and_nothing_written(error.value, exports)  # the staging folder is gone too
     assert any(r.exc_info for r in caplog.records), "the full traceback should be in the debug log"
-
-
-@pytest.fixture(scope="module")
-def gpt2_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gpt2")
-    tokenizer = _lm_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                               bos_token_id=1, eos_token_id=2)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["out-is-checkpoint", "out-contains-checkpoint"])

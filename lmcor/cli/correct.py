@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Any
 
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.request import Correction, CorrectionOptions, as_request
+from lmcor.runtime.request import OPTION_FIELDS, Correction, as_request
 from lmcor.runtime.scheduler import EngineStats
 
 from . import options
 from .lines import answer_lines
 
 
-_OPTIONS = frozenset(field.name for field in dataclasses.fields(CorrectionOptions))
-
-
 def line_request(value: dict) -> Any:
     """A line's request. Its fields other than the request's are left alone (an eval line's target,
     `lmcor candidates`' line number), but an option in a line is refused: on the command line
     options are the run's, and one a line asks for would otherwise be silently ignored."""
-    asked = sorted(_OPTIONS & value.keys())
+    asked = sorted(OPTION_FIELDS & value.keys())
     if asked:
         flag = "--" + asked[0].replace("_", "-")
         raise InputError(f"field {asked[0]!r} is an option of the whole run here ({flag}), not of one line "
