@@ -365,6 +365,8 @@ def bundle_path(path: Any) -> Path:
     """`path`, a bundle folder's path given as str or Path (anything else: one `InputError`)."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"a bundle is a folder's path (str or Path), got {type(path).__name__}")
+    if not os.fspath(path).strip():
+        raise InputError("a bundle's path is empty; give its folder")
     return Path(path)
 
 

@@ -91,8 +91,11 @@ class Engine:
 
     def search(self, options: CorrectionOptions) -> Search:
         """The decoding `options` ask for, checked against this bundle (max_new_tokens at most its
-        max_output_tokens; None options: its defaults)."""
+        max_output_tokens; None options: its defaults; a fallback span needs a fallback)."""
         limit = check_max_new_tokens(options.max_new_tokens, self.manifest.max_output_tokens)
+        if options.fallback_span and not self._fallback(options)[0]:
+            raise InputError("fallback_span must come with the fallback it is part of, which is off (its threshold 0, "
+                             "or a bundle with no calibrated fallback): give a fallback threshold above 0 too")
         return Search(max_new_tokens=limit,
                       min_new_tokens=check_int("min_new_tokens", options.min_new_tokens, 0, limit,
                                                most_is=" (max_new_tokens)"),

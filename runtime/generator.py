@@ -303,10 +303,16 @@ def _row_prefixes(prefix: Any, count: int) -> list[Prefix | None]:
     """One prefix per prompt (all or none: a prompt after a prefix is tokenized without BOS)."""
     if prefix is None or isinstance(prefix, Prefix):
         return [prefix] * count
+    if isinstance(prefix, str):
+        raise InputError("prefix must be a Prefix, which Generator.prefix(text) makes from text (and runs once), "
+                         "or a list of them, one per prompt; got a str")
     prefixes = check_items("prefix", prefix, "Prefix objects (from Generator.prefix)")
-    if len(prefixes) != count or not all(isinstance(p, Prefix) for p in prefixes):
-        raise InputError(f"prefix: give one Prefix (from Generator.prefix) for all prompts, or one per prompt "
-                         f"({count}); got {len(prefixes)} items")
+    wrong = next((p for p in prefixes if not isinstance(p, Prefix)), None)
+    if wrong is not None:
+        raise InputError(f"prefix must be a Prefix, or a list of them (Generator.prefix(text) makes one), got a list "
+                         f"holding a {type(wrong).__name__}")
+    if len(prefixes) != count:
+        raise InputError(f"prefix: give one Prefix for all prompts, or one per prompt ({count}); got {len(prefixes)}")
     return prefixes
 
 

@@ -182,3 +182,22 @@ def test_serve_checks_its_bundles_before_it_listens(tmp_path, capsys):
     assert "listening" not in out and "no such bundle directory" in err
     assert main(["serve", "--generator", f"g={shipped_bundle('gate')}", "--port", "0"]) == 2
     assert "a 'classifier' bundle, not a causal-lm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("correct", "CORRECTION_FLAGS"), ("eval", "CORRECTION_FLAGS"), ("generate", "generate"),
+    ("candidates", "candidates"), ("classify", "classify")])
+def test_a_lines_option_fields_name_flags_the_command_has(command, flags):
+    """The fields a line may not hold (they are the run's options) each name a flag of the command."""
+    import importlib
+
+    from lmcor.cli import _parser, options
+    from lmcor.runtime.request import OPTION_FIELDS
+
+    assert options.CORRECTION_FLAGS.keys() == OPTION_FIELDS
+    table = {"classify": {"model": "--model"}}.get(flags) or getattr(options, flags, None) or \
+        importlib.import_module(f"lmcor.cli.{flags}").LINE_OPTIONS
+    _, parser = _parser(command)
+    known = {flag for action in parser._actions for flag in action.option_strings}
+    assert set(table.values()) <= known
+

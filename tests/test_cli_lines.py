@@ -344,11 +344,73 @@ def test_a_line_cut_short_is_said_at_its_own_end():
 
 def test_an_option_in_a_line_is_refused_and_other_fields_left_alone(bundles, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({**GOOD[0], "num_beams": 4}) + "\n" + json.dumps({**GOOD[1], "target": "x", "line": 9})
-                      + "\n")
+    source.write_text("".join(json.dumps(line) + "\n" for line in (
+        {**GOOD[0], "num_beams": 4}, {**GOOD[1], "target": "x", "line": 9}, {**GOOD[2], "min_new_tokens": 2},
+        {**GOOD[3], "drafts": False})))
     out = tmp_path / "out.jsonl"
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 1
-    first, second = _records(out)
+    first, second, third, fourth = _records(out)
     assert first["error"] == ("field 'num_beams' is an option of the whole run here (--num-beams), not of one line "
                               "(lmcor serve takes options per request)")
     assert "output" in second
+    assert "(--min-new-tokens), not of one line" in third["error"] and "(--no-drafts)" in fourth["error"]
+
+
+def test_resume_refuses_a_file_that_holds_other_lines_and_leaves_it(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:3]))
+    for foreign in ("".join(json.dumps(r) + "\n" for r in GOOD[:3]), "garbage\n",
+                    json.dumps({"id": 0, "line": 1, "output": "x"}) + "\nnot a record\n"):
+        out = tmp_path / "out.jsonl"
+        out.write_text(foreign)
+        assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+        assert "is not a record of this command's" in capsys.readouterr().err
+        assert out.read_text() == foreign and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_a_resumed_run_counts_the_lines_that_failed_before(bundles, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"source": "x", "candidates": "abc"}) + "\n" + json.dumps(GOOD[0]) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 1
+    assert f"lmcor: {source}: line 1: field 'candidates' must be a list of strings" in capsys.readouterr().err
+    whole = out.read_text()
+    out.write_text(whole.splitlines(keepends=True)[0])
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 1
+    assert "1 line(s) could not be answered" in capsys.readouterr().err and out.read_text() == whole
+
+
+@pytest.mark.parametrize("args, said", [
+    (["-o", ""], "-o is empty"),
+    (["--providers", ","], "--providers must be comma-separated"),
+    (["--model", ""], "a bundle's path is empty"),
+])
+def test_empty_paths_and_names_are_refused(tmp_path, capsys, args, said):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(GOOD[0]) + "\n")
+    assert main(["correct", str(source), *args, *DECODE]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_a_batch_waits_at_most_an_hour(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["correct", str(tmp_path / "in.jsonl"), "--max-wait-ms", "1e13"])
+    assert "--max-wait-ms: must be a number of milliseconds from 0 to 3600000" in capsys.readouterr().err
+
+
+def test_a_generated_sample_depends_on_its_line_alone(gpt2_bundle, tmp_path):
+    """However the lines come (a pipe's one at a time, a resume mid-file), each line's sample is the
+    one a whole-file run gives it."""
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(json.dumps({"id": n, "prompt": "a b"}) + "\n" for n in range(4)))
+    sample = ["generate", "--model", str(gpt2_bundle), "--temperature", "0.9", "--seed", "7", "--max-new-tokens",
+              "5", "-q"]
+    whole = _lmcor(*sample, str(prompts))
+    assert whole.returncode == 0, whole.stderr
+    assert len({_strict(line)["output"] for line in whole.stdout.decode().splitlines()}) > 1
+    one_at_a_time = _lmcor(*sample, "-", "--batch-size", "1", input=prompts.read_bytes())
+    assert one_at_a_time.stdout == whole.stdout
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"".join(whole.stdout.splitlines(keepends=True)[:2]))
+    resumed = _lmcor(*sample, str(prompts), "-o", str(out), "--resume")
+    assert resumed.returncode == 0 and out.read_bytes() == whole.stdout

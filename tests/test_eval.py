@@ -35,3 +35,16 @@ def test_eval_table_json_and_bad_lines(bundles, tmp_path, capsys):
     assert report["systems"]["oracle candidate"]["chrf"] == 100.0
     for scores in report["systems"].values():
         assert 0.0 <= scores["exact_match"] <= 100.0 and 0.0 <= scores["chrf"] <= 100.0
+
+
+def test_eval_checks_json_before_it_runs_and_names_the_file_when_nothing_can_be_scored(bundles, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"source": "a " * 2000, "candidates": ["b"], "target": "c"}) + "\n")
+    assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", "/proc/scores.json", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--json /proc/scores.json: cannot write there" in err and "left out of the scores" not in err
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: line 1: " in err and f"{data}: the corrector could take none of its 1 usable lines" in err
+    assert not out.exists()

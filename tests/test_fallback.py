@@ -192,12 +192,15 @@ def test_minimal_edits_keep_a_writers_fixes_and_leave_rewrites_out():
 
 def test_the_span_applies_to_whatever_the_guard_returns(bundles):
     """Through `correct_batch`: every returned text is within the span of its source (and marked as
-    a fallback where that changed it); span 0 and a fallback of 0 leave the model's output."""
+    a fallback where that changed it); a fallback of 0 leaves the model's output, and a span without
+    a fallback (this bundle has none calibrated) is refused, not ignored."""
     corrector = Corrector.load(bundles["t5"])
     requests = make_requests(10, seed=3)
-    plain = corrector.correct_batch(requests, max_new_tokens=8, fallback_below=0, fallback_span=2)
-    assert [c.text for c in plain] == [c.text for c in corrector.correct_batch(requests, max_new_tokens=8,
-                                                                                 fallback_below=0)]
+    plain = corrector.correct_batch(requests, max_new_tokens=8, fallback_below=0, fallback_span=0)
+    assert [c.text for c in plain] == [c.text for c in corrector.correct_batch(requests, max_new_tokens=8)]
+    for off in ({"fallback_below": 0}, {}):
+        with pytest.raises(InputError, match="fallback_span must come with the fallback"):
+            corrector.correct_batch(requests, fallback_span=2, **off)
     guarded = corrector.correct_batch(requests, max_new_tokens=8, fallback_below=100, fallback_span=1)
     for c, r in zip(guarded, requests):
         assert minimal_edits(r["source"], c.text, 1) == c.text

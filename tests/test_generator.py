@@ -146,11 +146,11 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     assert ("answers line 1 with the source 'another sentence', but that line of "
             f"{source} has the source 'she go to school'") in capsys.readouterr().err
     assert out.read_text() == other
-    # an error record (no source) last: the same input's output, resumed
+    # an error record (no source) last: the same input's output, resumed (its failed line still counts)
     source.write_text('{"source": "she go to school"}\n{"source": ""}\n{"source": "a b"}\n')
     out.write_text(json.dumps({"id": None, "line": 1, "source": "she go to school", "candidates": ["a", "b"]}) + "\n"
                    + json.dumps({"id": None, "line": 2, "error": "source must be a non-empty string"}) + "\n")
-    assert main([*args, "-k", "2"]) == 0
+    assert main([*args, "-k", "2"]) == 1
     assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3]
 
 

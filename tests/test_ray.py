@@ -80,8 +80,8 @@ def test_correct_on_ray_writes_what_lmcor_correct_writes(cluster, jsonl, plain, 
     assert code == 1  # some lines failed, every other was answered
     assert out.read_bytes() == plain.read_bytes()
     assert _bad_lines(out) == sorted(n for n in BAD if BAD[n])  # a blank line is no request, and no record
-    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmcor: line ")]
-    assert [int(line.split()[2].rstrip(":")) for line in said] == _bad_lines(out)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"lmcor: {jsonl}: line ")]
+    assert [int(line.split()[3].rstrip(":")) for line in said] == _bad_lines(out)
     assert not list(tmp_path.glob(".out.jsonl.*"))  # the temporary file was renamed over -o
 
 

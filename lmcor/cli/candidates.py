@@ -46,6 +46,15 @@ def _check_resumed(output: str, k: int) -> None:
                                  "it was written by another run (remove it, or run without --resume)")
 
 
+# A line's options are the run's: these fields are flags here.
+LINE_OPTIONS = {**options.SAMPLING_FLAGS, "k": "-k", "prompt": "--prompt", "model": "--model"}
+
+
+def _source(value: dict, _number: int) -> str:
+    options.refuse_options(value, LINE_OPTIONS, served=False)
+    return text_field(value, "source")
+
+
 def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
     if args.resume and args.output and os.path.isfile(args.output):
@@ -56,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
 
-    code = answer_lines(args, lambda value: text_field(value, "source"), writer, record, "generating", echo="source")
+    code = answer_lines(args, _source, writer, record, "generating", echo="source")
     if not args.quiet:
         print(f"lmcor: {writer.stats.summary()}", file=sys.stderr)
     return code

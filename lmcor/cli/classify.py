@@ -23,7 +23,8 @@ def record(number: int, ident: Any, result: Classification) -> dict:
             "truncated": result.truncated}
 
 
-def _checked(value: dict) -> dict:
+def _checked(value: dict, _number: int) -> dict:
+    options.refuse_options(value, {"model": "--model"})
     as_texts(value)
     return value
 

@@ -8,22 +8,17 @@ from typing import Any
 
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.request import OPTION_FIELDS, Correction, as_request
+from lmcor.runtime.request import Correction, as_request
 from lmcor.runtime.scheduler import EngineStats
 
 from . import options
 from .lines import answer_lines
 
 
-def line_request(value: dict) -> Any:
+def line_request(value: dict, _number: int = 0) -> Any:
     """A line's request. Its fields other than the request's are left alone (an eval line's target,
-    `lmcor candidates`' line number), but an option in a line is refused: on the command line
-    options are the run's, and one a line asks for would otherwise be silently ignored."""
-    asked = sorted(OPTION_FIELDS & value.keys())
-    if asked:
-        flag = "--" + asked[0].replace("_", "-")
-        raise InputError(f"field {asked[0]!r} is an option of the whole run here ({flag}), not of one line "
-                         "(lmcor serve takes options per request)")
+    `lmcor candidates`' line number), but an option in a line is refused (`options.refuse_options`)."""
+    options.refuse_options(value, options.CORRECTION_FLAGS)
     return as_request(value)
 
 

@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 if isinstance(line.value, InputError):
                     raise line.value
+                if isinstance(line.value, dict):
+                    options.refuse_options(line.value, options.CORRECTION_FLAGS)
                 items.append(quality.item(line.value, line.number))
             except InputError as e:
                 errors.append({"line": line.number, "error": str(e)})
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         report = quality.evaluate(corrector, items, progress=bar.update, **options.correction_options(args, gate))
     for skipped in report["skipped"]:
         print(f"lmcor: {args.data}: line {skipped['line']}: {skipped['error']} (left out of the scores)", file=sys.stderr)
+    if not report["items"]:
+        raise InputError(f"{args.data}: the corrector could take none of its {len(items)} usable lines (above: why)")
     errors = sorted(errors + report.pop("skipped"), key=lambda e: e["line"])
     report.update(data=str(args.data), model=str(corrector.root), errors=errors)
     if gate is not None:
@@ -62,12 +66,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report_path(name: str, data: str | None) -> Path:
-    """`--json`, checked before the evaluation runs: a folder that exists, and not the data itself."""
+    """`--json`, checked before the evaluation runs: a file that can be written (its folder exists,
+    and takes it), and not the data itself."""
     path = Path(name)
+    if not name:
+        raise InputError("--json is empty; give a file's path")
     if path.is_dir():
         raise InputError(f"--json {name} is a directory; give a file's path")
     if not path.parent.is_dir():
         raise InputError(f"--json {name}: its folder does not exist")
     if data not in (None, "-") and path.exists() and os.path.samefile(path, data):
         raise InputError(f"--json {name} is the data file; write the scores to another file")
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):  # opened to append: an earlier report stays until the new one
+            pass
+    except OSError as e:
+        raise InputError(f"--json {name}: cannot write there ({e.strerror or e})") from None
+    if not existed:
+        path.unlink()
     return path

@@ -15,7 +15,12 @@ from .lines import answer_lines
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_lines(parser, '{"id"?, "prompt"}')
     options.add_sampling(parser, temperature=0.0, temperature_help="0: greedy")
+    parser.add_argument("--stop", action="append", help="end an answer where its text contains this (repeatable)")
     parser.add_argument("--prefix", help="text put before every prompt, run once and shared")
+
+
+# A line's options are the run's: these fields of lmcor serve's bodies are flags here.
+LINE_OPTIONS = {**options.SAMPLING_FLAGS, "prefix": "--prefix", "model": "--model"}
 
 
 def text_field(value: dict, name: str) -> str:
@@ -31,6 +36,13 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
                 drafts=not args.no_drafts)
 
 
+def line_seed(seed: int, number: int) -> int:
+    """A line's sampling seed: `--seed` and its line number alone, whichever lines share its batch
+    (a pipe's lines come in ones and twos; --resume starts mid-file). A whole file in one batch
+    samples as `Generator.generate_batch(seed=seed)` does."""
+    return seed * 1_000_003 + number - 1
+
+
 def record(number: int, ident: Any, result: Generation) -> dict:
     return {"id": ident, "line": number, "output": result.text, "output_tokens": len(result.token_ids)}
 
@@ -38,10 +50,18 @@ def record(number: int, ident: Any, result: Generation) -> dict:
 def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
-    prefix = generator.prefix(args.prefix) if args.prefix else None
+    try:
+        prefix = generator.prefix(args.prefix) if args.prefix else None
+    except InputError as e:
+        raise InputError(f"--prefix: {e}") from None
 
-    def answer(prompts: list) -> list:
-        return generator.generate_batch(prompts, temperature=args.temperature, seed=args.seed, prefix=prefix,
+    def prompt(value: dict, number: int) -> tuple[str, int]:
+        options.refuse_options(value, LINE_OPTIONS)
+        return text_field(value, "prompt"), line_seed(args.seed, number)
+
+    def answer(prompts: list[tuple[str, int]]) -> list:
+        return generator.generate_batch([text for text, _ in prompts], temperature=args.temperature,
+                                        seed=[seed for _, seed in prompts], prefix=prefix, stop=tuple(args.stop or ()),
                                         errors="return", **sampling_options(args))
 
-    return answer_lines(args, lambda value: text_field(value, "prompt"), answer, record, "generating")
+    return answer_lines(args, prompt, answer, record, "generating")

@@ -216,7 +216,11 @@ class Output:
     FIFO at `-o`, that itself, written as the records come (it cannot be replaced)."""
 
     def __init__(self, path: str | None, input_name: str, resume: bool):
+        if path is not None and not path.strip():
+            raise InputError("-o is empty; give a file's path (or leave -o out for stdout)")
         self.path = Path(path) if path else None
+        self.input_name = input_name
+        self.kept_errors = 0  # error records kept by --resume: lines that failed in an earlier run
         self.records = 0  # written by this run and kept from an earlier one
         self.through = 0  # the last input line answered
         self.last_record: dict = {}  # its record
@@ -247,7 +251,12 @@ class Output:
         self._temp = Path(temp)
         self._file = os.fdopen(fd, "wb")
         if resume:
-            self._keep_finished()
+            try:
+                self._keep_finished()
+            except InputError:
+                self._file.close()
+                self._temp.unlink()
+                raise
 
     def _opened(self, open_it: Callable[[], Any]) -> Any:
         """`open_it()`, an OSError said of `-o` (not of the temporary file beside it)."""
@@ -264,20 +273,26 @@ class Output:
             raise InputError(f"-o {self.path}: cannot write there ({why})") from None
 
     def _keep_finished(self) -> None:
-        """Copy the complete records of an interrupted `-o` and note the last line they answer."""
+        """Copy the complete records of an interrupted `-o` and note the last line they answer. A torn
+        last line is left out (answered again); a file that holds anything else is refused, not replaced."""
         assert self.path is not None and self._file is not None
         if not self.path.exists():
             return
         with open(self.path, "rb") as f:
-            for raw in f:
+            for number, raw in enumerate(f, 1):
+                if not raw.endswith(b"\n"):
+                    break  # torn where the run stopped: answer again from here
                 try:
-                    record = json.loads(raw) if raw.endswith(b"\n") else None
+                    record = json.loads(raw)
                 except ValueError:
                     record = None
                 if not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through:
-                    break  # a torn last line, or not one of lmcor's records: answer again from here
+                    raise InputError(f"--resume: -o {self.path} line {number} is not a record of this command's "
+                                     "(one per input line, in order); it was not written by an interrupted run of "
+                                     "it: give another -o, or remove the file")
                 self._file.write(raw)
                 self.records += 1
+                self.kept_errors += "error" in record
                 self.through, self.last_record = record["line"], record
 
     def write(self, text: str) -> None:
@@ -366,7 +381,7 @@ Answered = Callable[[int, Callable[[], bool]], Iterator[tuple[list[Answer], int]
 
 def answer_lines(
     args: argparse.Namespace,
-    convert: Callable[[Any], Any],
+    convert: Callable[[dict, int], Any],
     run: Callable[[list[Any]], list[Any]],
     record: Callable[[int, Any, Any], dict],
     verb: str,
@@ -374,7 +389,7 @@ def answer_lines(
 ) -> int:
     """Answer every line of `args.input` into `args.output`.
 
-    `convert` turns a line's JSON object into an item (raising `InputError`), `run` answers a list
+    `convert` turns a line's JSON object and number into an item (raising `InputError`), `run` answers a list
     of items (an `InputError` in an item's place fails that item alone), `record` makes the output
     record of (line number, id, result), which may copy its line's field `echo` (checked by --resume).
     Returns 0, or 1 when some lines failed; 130/143 after a signal. An error that stops the run keeps the records written so far, as a signal does.
@@ -395,7 +410,7 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, echo:
     """Write what `answered` gives into `args.output` (or stdout), with `answer_lines`' rules: a
     temporary file renamed at the end, `--resume`, signals, the exit code."""
     output = Output(args.output, args.input, args.resume)
-    failed = 0
+    failed = output.kept_errors
     finished = False
     try:
         size = regular_file_size(args.input)
@@ -441,7 +456,7 @@ def answer_chunk(lines: list[Line], convert: Callable, run: Callable, record: Ca
             value = InputError(f"expected a JSON object, got a JSON {_JSON_TYPES.get(type(value), 'value')}")
         if isinstance(value, dict):
             try:
-                value = convert(value)
+                value = convert(value, line.number)
             except InputError as e:
                 value = e
         items.append((line, ident, value))
@@ -464,7 +479,7 @@ def _write(answers: list[Answer], output: Output) -> int:
     """Write one chunk's records; the number of failed lines."""
     for answer in answers:
         if answer.error is not None:
-            tqdm.write(f"lmcor: line {answer.number}: {answer.error}", file=sys.stderr)
+            tqdm.write(f"lmcor: {output.input_name}: line {answer.number}: {answer.error}", file=sys.stderr)
         output.write(answer.text)
         output.records += 1
         output.through = answer.number

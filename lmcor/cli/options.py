@@ -10,6 +10,7 @@ from typing import Any
 # hundred tokens; a line this long is a mistake, and would cost time and memory to tokenize).
 DEFAULT_MAX_LINE_BYTES = 4 << 20
 DEFAULT_MAX_WAIT_MS = 20.0
+MAX_WAIT_MS = 3_600_000.0  # an hour: a batch waiting longer for its lines is a mistake (and past ~1e13 ms, the OS's timeouts overflow)
 
 
 def _int_from(least: int, what: str, most: int | None = None):
@@ -49,6 +50,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def wait_ms(text: str) -> float:
+    value = non_negative_float(text)
+    if value > MAX_WAIT_MS:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds from 0 to {MAX_WAIT_MS:.0f} (an hour), got {text}")
+    return value
+
+
 def add_lines(parser: argparse.ArgumentParser, fields: str) -> None:
     """Input, output and the line pipeline's limits (`lines.answer_lines`)."""
     parser.add_argument("input", nargs="?", help=f"JSONL file of {fields} lines; - for stdin (a pipe or FIFO works too)")
@@ -58,7 +66,7 @@ def add_lines(parser: argparse.ArgumentParser, fields: str) -> None:
                         help="continue an interrupted -o file: keep its complete records, answer only the lines after them")
     parser.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES,
                         help="a longer line gets an error record (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=non_negative_float, default=DEFAULT_MAX_WAIT_MS,
+    parser.add_argument("--max-wait-ms", type=wait_ms, default=DEFAULT_MAX_WAIT_MS,
                         help="a batch starts at most this long after its first line arrived, so lines fed one at a "
                         "time are answered at once (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -86,7 +94,38 @@ def ray_only(args: argparse.Namespace, *names: str) -> None:
 
 
 def providers(args: argparse.Namespace) -> list[str] | None:
-    return [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    """--providers as a list; None (the default) when not given. Given, it must name some."""
+    from lmcor.runtime.errors import InputError
+
+    if args.providers is None:
+        return None
+    names = [p.strip() for p in args.providers.split(",")]
+    if not all(names):
+        raise InputError(f"--providers must be comma-separated ONNX Runtime provider names such as "
+                         f"CPUExecutionProvider, got {args.providers!r}")
+    return names
+
+
+def refuse_options(value: dict, flags: dict[str, str], *, served: bool = True) -> None:
+    """Refuse a line that holds one of a command's options (field -> its flag): on the command line
+    options are the run's, and one that a line asks for would otherwise be silently ignored. (`served`:
+    `lmcor serve` takes them per request.)"""
+    from lmcor.runtime.errors import InputError
+
+    asked = sorted(flags.keys() & value.keys())
+    if asked:
+        raise InputError(f"field {asked[0]!r} is an option of the whole run here ({flags[asked[0]]}), not of one line"
+                         + (" (lmcor serve takes options per request)" if served else ""))
+
+
+def _flags(*names: str, **special: str) -> dict[str, str]:
+    return {**{name: "--" + name.replace("_", "-") for name in names}, **special}
+
+
+# The fields of `lmcor serve`'s bodies that are the commands' flags here.
+CORRECTION_FLAGS = _flags("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",
+                          "gate_threshold", "fallback_below", "fallback_span", drafts="--no-drafts")
+SAMPLING_FLAGS = _flags("max_new_tokens", "temperature", "top_p", "seed", "stop", drafts="--no-drafts")
 
 
 def add_correction(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +135,8 @@ def add_correction(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (default: greedy)")
     parser.add_argument("--length-penalty", type=finite_float, default=1.0, help="beam search's (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=positive_int, help="default and maximum: the bundle's max output tokens")
+    parser.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="no EOS before this many tokens "
+                        "(default: %(default)s)")
     parser.add_argument("--no-repeat-ngram-size", type=non_negative_int, help="ban repeated n-grams of this size "
                         "(default: the bundle's, from the checkpoint's generation config; 0: off)")
     parser.add_argument("--no-drafts", action="store_true", help="plain greedy: no drafts copied from the input "
@@ -120,7 +161,8 @@ def correction_options(args: argparse.Namespace, gate: Any) -> dict[str, Any]:
     the gate and the batch size."""
     from lmcor.runtime.request import CorrectionOptions
 
-    options = CorrectionOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+    options = CorrectionOptions(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                num_beams=args.num_beams,
                                 length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                                 drafts=not args.no_drafts, gate_threshold=args.gate_threshold,
                                 fallback_below=args.fallback_below, fallback_span=args.fallback_span)
@@ -161,7 +203,7 @@ def add_sampling(parser: argparse.ArgumentParser, *, temperature: float, tempera
                         help="at most the bundle's max output tokens (default: that, or as many as fit after a prompt)")
     parser.add_argument("--temperature", type=finite_float, default=temperature, help=f"{temperature_help} (default: %(default)s)")
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling's mass (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="of the sampler (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="of the sampler (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default: %(default)s)")
     parser.add_argument("--no-drafts", action="store_true", help="greedy answers without drafts copied from the prompt "
                         "(the answers are identical either way; drafts need fewer decoder calls)")
