@@ -144,9 +144,13 @@ def test_a_list_answers_its_bad_items_in_their_places_and_the_others(client, bun
     assert "item 3: " in records[3]["error"]["message"] and "item 4: no answer" in records[4]["error"]["message"]
     expected = Corrector.load(bundles[ARCH]).correct_batch(good)
     assert [records[n]["output"] for n in (0, 2, 5)] == [c.text for c in expected]
-    streamed = client.post("/v1/correct", json=[{**good[0], "stream": True}, {"source": "x", "candidates": "a"}])
+    streamed = client.post("/v1/correct", json=[{**good[0], "stream": True}, {"source": "x", "candidates": "a",
+                                                                           "stream": True}])
     events = [block.split("\n")[0] for block in streamed.text.strip().split("\n\n")]
     assert streamed.status_code == 200 and "event: error" in events and events[-1] == "event: done"
+    # whether to stream is every item's to say, a bad one's too
+    mixed = client.post("/v1/correct", json=[{"source": "", "candidates": ["x"], "stream": True}, good[0]])
+    assert mixed.status_code == 422 and "'stream' must be the same in every item" in mixed.json()["error"]["message"]
     classified = client.post("/v1/classify", json=[{"text": "a"}, {"text": ""}, {"txt": "a"}]).json()
     assert "label" in classified[0] and [r["error"]["kind"] for r in classified[1:]] == ["invalid", "invalid"]
     generated = client.post("/v1/generate", json=[{"prompt": "The", "max_new_tokens": 4}, {"prompt": "The",
@@ -266,7 +270,7 @@ def test_sigterm_answers_every_request_in_flight_and_exits_0(bundles, tmp_path):
     log = tmp_path / "stderr.jsonl"
     process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "serve", "--model", str(bundles[ARCH]), "--port",
                                 "0", "--max-batch", "1"], stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-                               env={**os.environ, "LMCOR_API_KEY": ""})
+                               env={k: v for k, v in os.environ.items() if k != "LMCOR_API_KEY"})
     try:
         url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
         assert url.startswith("http://127.0.0.1:"), url
@@ -393,3 +397,46 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     assert ServeConfig.read(config, port=0).port == 0  # the flag's value replaces the file's
     with pytest.raises(InputError, match=r"^max_batch must be an integer"):
         ServeConfig.read(config, port=0, max_batch=0)  # a flag's: no file to name
+
+
+def test_the_openapi_document_holds_the_limits_the_server_checks(client, bundles):
+    """A body valid by the schema is not refused for a bound the schema left out, and one the server
+    takes is valid by it: the options' bounds (max_new_tokens: this corrector's), nulls, 8.0 as 8."""
+    from lmcor.runtime.bundle import load_manifest
+    from lmcor.runtime.options import MAX_BEAMS
+
+    doc = client.get("/openapi.json").json()
+    body = doc["paths"]["/v1/correct"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"][0]
+    props = body["properties"]
+    most = load_manifest(bundles[ARCH]).max_output_tokens
+    assert props["num_beams"]["maximum"] == MAX_BEAMS and props["max_new_tokens"]["anyOf"][0]["maximum"] == most
+    assert "gate_threshold" not in props  # this server has no gate to read it
+    assert props["timeout_s"]["anyOf"][0]["maximum"] == 30  # the fixture's --timeout-s
+    request = make_requests(1, seed=21)[0]
+    for fields, status in (({"max_new_tokens": most}, 200), ({"max_new_tokens": most + 1}, 422),
+                           ({"max_new_tokens": 4.0, "num_beams": 2.0}, 200), ({"max_new_tokens": 4.5}, 422),
+                           ({"timeout_s": None}, 200)):
+        assert client.post("/v1/correct", json={**request, **fields}).status_code == status, fields
+    generate = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"][0]
+    assert generate["properties"]["prompt"]["minLength"] == 1
+    answered = doc["paths"]["/v1/correct"]["post"]["responses"]["200"]["content"]
+    assert set(answered) == {"application/json", "text/event-stream"}
+
+
+def test_http_edges_get_json_errors(client):
+    assert client.head("/health").status_code == 200 and client.head("/metrics").status_code == 200
+    for path in ("/v1/correct/", "/health/"):  # no redirect built from the client's Host header
+        answer = client.post(path, json={}, headers={"Host": "elsewhere.example"})
+        assert answer.status_code == 404 and answer.json()["error"]["kind"] == "not_found"
+    squeezed = client.post("/v1/correct", content=b"\x1f\x8b\x08\x00", headers={"Content-Encoding": "gzip"})
+    assert squeezed.status_code == 415 and "Content-Encoding 'gzip'" in squeezed.json()["error"]["message"]
+    lone = client.post("/v1/generate", content=b'{"id": "\\ud800", "prompt": "a", "max_new_tokens": 1}')
+    assert lone.status_code == 422 and "lone surrogate" in lone.json()["error"]["message"]
+
+
+def test_an_empty_api_key_in_the_environment_is_refused(monkeypatch, capsys):
+    from lmcor.cli import main
+
+    monkeypatch.setenv("LMCOR_API_KEY", "")
+    assert main(["serve", "--port", "0"]) == 2
+    assert "LMCOR_API_KEY is set but empty" in capsys.readouterr().err

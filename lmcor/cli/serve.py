@@ -60,6 +60,8 @@ def config(args: argparse.Namespace):
     """The `ServeConfig` of the flags given, over `--config`'s file, over the defaults."""
     from lmcor.server.config import ServeConfig
 
+    if args.api_key is None and os.environ.get(API_KEY_ENV) == "":
+        raise InputError(f"{API_KEY_ENV} is set but empty: give a secret, or unset it")
     given = {
         "model": args.model, "gate": args.gate, "host": args.host, "port": args.port,
         "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None,

@@ -28,17 +28,28 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classification, as_texts
-from lmcor.runtime.errors import InputError
+from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation
 from lmcor.runtime.jsonl import check_depth, json_number_error
 from lmcor.runtime.options import (
+    MAX_BEAMS,
+    MAX_LENGTH_PENALTY,
+    MAX_NO_REPEAT_NGRAM,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     check_flag,
     check_int,
     check_items,
@@ -184,6 +195,10 @@ class ServerState:
 async def _json_body(request: Request, limit: int, seconds: float) -> Any:
     """The body's JSON value, read within `seconds` (a client that stops sending would otherwise hold
     its request, and a drain, open for as long as it keeps the connection)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Refused(415, "unsupported_encoding", f"the body is sent with Content-Encoding {encoding!r}; "
+                      "send it uncompressed")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise Refused(413, "too_large", f"the body has {declared} bytes, over the limit of {limit} (--max-body-bytes)")
@@ -271,13 +286,20 @@ def _records(state: ServerState, outcomes: list, ids: list, record: Callable[[in
     return out
 
 
+# Fields whose values are integers. JSON has one number type: 8.0 is the integer 8 to its schema
+# (and to JavaScript's JSON.stringify, which writes 8), so it is taken as one.
+_INTEGERS = frozenset({"max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "fallback_span", "seed"})
+
+
 def _fields(item: Any, known: tuple[str, ...], what: str) -> dict:
     if not isinstance(item, dict):
         raise InputError(f"expected {what}, got {_JSON_TYPES.get(type(item), type(item).__name__)}")
     for key in item:
         if key not in known:
             raise InputError(f"unknown field {shown(key)} (fields: {', '.join(known)})")
-    return item
+    whole = {key: int(value) for key, value in item.items()
+             if key in _INTEGERS and isinstance(value, float) and value.is_integer()}
+    return {**item, **whole} if whole else item
 
 
 def _timeout(item: dict, most: float) -> float:
@@ -415,42 +437,125 @@ def correction_record(result: Correction) -> dict:
     }
 
 
-# OpenAPI: the bodies the routes read, documented from the runtime's own option types.
+# OpenAPI: the bodies the routes read and the records they answer, documented from the runtime's
+# own option types and limits, and from this server's models.
 
-def _option_schemas() -> dict[str, dict]:
+_BOUNDS = {"max_new_tokens": {"minimum": 1}, "min_new_tokens": {"minimum": 0},
+           "num_beams": {"minimum": 1, "maximum": MAX_BEAMS},
+           "length_penalty": {"minimum": -MAX_LENGTH_PENALTY, "maximum": MAX_LENGTH_PENALTY},
+           "no_repeat_ngram_size": {"minimum": 0, "maximum": MAX_NO_REPEAT_NGRAM},
+           "gate_threshold": {"minimum": 0, "maximum": 1}, "fallback_below": {"minimum": 0, "maximum": 100},
+           "fallback_span": {"minimum": 0}}
+
+
+def _option_schemas(most_tokens: int | None, gate: bool) -> dict[str, dict]:
+    """`CorrectionOptions`' fields with their bounds (max_new_tokens: this server's corrector's);
+    `gate_threshold` only where the server has a gate to read it."""
     hints = typing.get_type_hints(CorrectionOptions)
     defaults = CorrectionOptions()
-    return {name: {**TypeAdapter(hints[name]).json_schema(), "default": getattr(defaults, name)} for name in OPTIONS}
+    out = {}
+    for name in OPTIONS:
+        if name == "gate_threshold" and not gate:
+            continue
+        schema = TypeAdapter(hints[name]).json_schema()
+        bounds = {**_BOUNDS.get(name, {}), **({"maximum": most_tokens} if name.endswith("_new_tokens") and most_tokens else {})}
+        if "anyOf" in schema:  # T | None: the bounds go with T
+            schema = {"anyOf": [{**s, **bounds} if s.get("type") != "null" else s for s in schema["anyOf"]]}
+        else:
+            schema = {**schema, **bounds}
+        out[name] = {**schema, "default": getattr(defaults, name)}
+    return out
 
 
-def _one_or_many(item: dict) -> dict:
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _one_or_many(item: dict, record: dict, *, stream: bool = False) -> dict:
+    """A route's request body (one item or a list) and its 200 answer (one record, or a list of
+    records and per-item errors; with `stream`, server-sent events too)."""
+    answer = {"anyOf": [record, {"type": "array", "items": {"anyOf": [record, _ITEM_ERROR]}}]}
+    content = {"application/json": {"schema": answer}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string", "description": "with \"stream\": true: "
+                                                   "token, result and error events, then done"}}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}}}}}
+        "anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}}}},
+        "responses": {"200": {"description": "the answer, in the order of the requests", "content": content}}}
 
 
-def _item(required: list[str], properties: dict) -> dict:
+def _item(required: list[str], properties: dict, timeout_s: float) -> dict:
     return {"type": "object", "required": required, "additionalProperties": False,
-            "properties": {**properties, "timeout_s": {"type": "number", "exclusiveMinimum": 0,
-                                                       "description": "deadline in seconds (at most the server's)"}}}
+            "properties": {**properties, "timeout_s": _nullable({
+                "type": "number", "exclusiveMinimum": 0, "maximum": timeout_s,
+                "description": "deadline in seconds (at most the server's --timeout-s)"})}}
 
 
+def _model_field(names: list[str]) -> dict:
+    """`model`: one of the server's models; null (or left out) only where it has one."""
+    name = {"type": "string", "enum": names}
+    return _nullable(name) if len(names) == 1 else name
+
+
+_ERROR = {"type": "object", "required": ["kind", "message"],
+          "properties": {"kind": {"type": "string"}, "message": {"type": "string"}}}
+_ITEM_ERROR = {"type": "object", "required": ["id", "error"], "properties": {"id": {}, "error": _ERROR}}
 _TEXTS = {"type": "array", "items": {"type": "string"}}
 _TEXT = {"type": "string", "pattern": r"\S", "description": "not empty, not only white space"}
-CORRECT_BODY = _one_or_many(_item(["source", "candidates"], {
-    "id": {"description": "any JSON value, returned as given"}, "source": _TEXT,
-    "candidates": {**_TEXTS, "minItems": 1}, **_option_schemas(),
-    "stream": {"type": "boolean", "default": False, "description": "server-sent events (the same in every item)"}}))
-CLASSIFY_BODY = _one_or_many(_item(["text"], {
-    "model": {"type": "string"}, "id": {}, "text": _TEXT, "pair": {"type": "string"}}))
-GENERATE_BODY = _one_or_many(_item(["prompt"], {
-    "model": {"type": "string"}, "id": {}, "prompt": {"type": "string"},
-    "max_new_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "default": 0.0},
-    "top_p": {"type": "number", "default": 1.0}, "seed": {"type": "integer", "minimum": 0},
-    "stop": {"type": "array", "items": {"type": "string", "minLength": 1}}}))
-ERRORS = {status: {"description": text} for status, text in (
-    (400, "the body is not JSON"), (401, "no or wrong API key"), (404, "no such model on this server"),
+_ID = {"description": "any JSON value, returned as given"}
+_CORRECTION = {"type": "object", "required": ["id", "output", "truncated", "input_tokens", "output_tokens"],
+               "properties": {"id": {}, "output": {"type": "string"}, "truncated": {"type": "boolean"},
+                              "input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"},
+                              "gated": {"type": "boolean"}, "fallback": {"type": "boolean"}}}
+_CLASSIFICATION = {"type": "object", "required": ["id", "label", "labels", "probabilities", "truncated"],
+                   "properties": {"id": {}, "label": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
+                                  "probabilities": {"type": "array", "items": {"type": "number"}},
+                                  "truncated": {"type": "boolean"}}}
+_GENERATION = {"type": "object", "required": ["id", "output", "output_tokens"],
+               "properties": {"id": {}, "output": {"type": "string"}, "output_tokens": {"type": "integer"}}}
+
+
+def _bodies(config: ServeConfig) -> dict[str, dict]:
+    """The OpenAPI parts of the three routes, for this server's models and limits."""
+    corrector = _most_tokens(config.model or shipped_bundle("default"))
+    generators = [m for m in (_most_tokens(path) for path in (config.generators or {}).values()) if m]
+    correct = _one_or_many(_item(["source", "candidates"], {
+        "id": _ID, "source": _TEXT, "candidates": {**_TEXTS, "minItems": 1},
+        **_option_schemas(corrector, config.gate is not None),
+        "stream": {"type": "boolean", "default": False, "description": "server-sent events (the same in every item)"}},
+        config.timeout_s), _CORRECTION, stream=True)
+    classify = _one_or_many(_item(["text"], {
+        "model": _model_field(list(config.classifiers or {})), "id": _ID, "text": _TEXT,
+        "pair": _nullable({"type": "string"})}, config.timeout_s), _CLASSIFICATION)
+    tokens = {"type": "integer", "minimum": 1, **({"maximum": max(generators)} if generators else {}),
+              "description": "at most the generator's max_output_tokens"}
+    generate = _one_or_many(_item(["prompt"], {
+        "model": _model_field(list(config.generators or {})), "id": _ID, "prompt": {"type": "string", "minLength": 1},
+        "max_new_tokens": _nullable(tokens),
+        "temperature": {"anyOf": [{"type": "number", "enum": [0]},
+                                  {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}],
+                        "default": 0.0, "description": "0: greedy"},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
+        "seed": _nullable({"type": "integer", "minimum": 0}),
+        "stop": {"type": "array", "items": {"type": "string", "minLength": 1}}}, config.timeout_s), _GENERATION)
+    return {"correct": correct, "classify": classify, "generate": generate}
+
+
+def _most_tokens(path: Any) -> int | None:
+    """A bundle's max_output_tokens, for the schema (None where its manifest cannot be read: the
+    server then fails to load it, and says why)."""
+    try:
+        return load_manifest(path, verify=False).max_output_tokens
+    except LmcorError:
+        return None
+
+
+ERRORS = {status: {"description": text, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": _ERROR}}}}} for status, text in (
+    (400, "the body is not JSON"), (401, "no or wrong API key"), (404, "no such route, or no such model on this server"),
     (405, "the route takes another method"), (408, "the body did not arrive within the deadline"),
     (413, "the body is too large, or holds more requests than the queue"),
+    (415, "the body is compressed (Content-Encoding)"),
     (422, "a bad field: the message names it"), (429, "the queue is full: retry after Retry-After seconds"),
     (503, "loading, or draining before it stops"), (504, "no answer within the deadline"))}
 
@@ -467,7 +572,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         yield
         await asyncio.to_thread(state.close)
 
-    app = FastAPI(title="lmcor", summary="Small models that improve big ones, over HTTP", lifespan=lifespan)
+    # No redirect from a path with a trailing slash: a 404 like any other unknown path (a redirect's
+    # Location would be built from the client's own Host header).
+    app = FastAPI(title="lmcor", summary="Small models that improve big ones, over HTTP", lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.lmcor = state
     app.add_middleware(_Guard, state=state)
 
@@ -484,7 +592,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def internal(_: Request, e: Exception) -> Response:  # uvicorn logs its traceback
         return _error(state, 500, "internal", f"{type(e).__name__}: {e}")
 
-    @app.post("/v1/correct", openapi_extra=CORRECT_BODY, responses=ERRORS)
+    bodies = _bodies(config)
+
+    @app.post("/v1/correct", openapi_extra=bodies["correct"], responses=ERRORS)
     async def correct(request: Request) -> Response:
         """Correct one request `{"id"?, "source", "candidates", ...options}` or a list of them: one
         record each, in order. Options are `CorrectionOptions`' fields, per request; a gate, if the
@@ -504,8 +614,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             return (request, options, check_flag("stream", item.get("stream", False)),
                     _timeout(item, config.timeout_s))
 
-        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
-        streams = {p[2] for p in parsed if not isinstance(p, InputError)}
+        body = await _json_body(request, config.max_body_bytes, config.timeout_s)
+        parsed, ids, many = _each(body, parse)
+        # What every item asks for, those that did not parse too (their errors go the same way).
+        streams = {item.get("stream", False) for item in (body if many else [body])
+                   if isinstance(item, dict) and isinstance(item.get("stream", False), bool)} or {False}
         if len(streams) > 1:
             raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
         streamed = streams == {True}
@@ -525,7 +638,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         outcomes = await _all(futures, timeouts, many)
         return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
-    @app.post("/v1/classify", openapi_extra=CLASSIFY_BODY, responses=ERRORS)
+    @app.post("/v1/classify", openapi_extra=bodies["classify"], responses=ERRORS)
     async def classify(request: Request) -> Response:
         """Classify one text (or text pair) `{"model"?, "id"?, "text", "pair"?}` or a list of them.
         `model` names a classifier of the server (not needed when it has one). Concurrent requests
@@ -549,7 +662,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
-    @app.post("/v1/generate", openapi_extra=GENERATE_BODY, responses=ERRORS)
+    @app.post("/v1/generate", openapi_extra=bodies["generate"], responses=ERRORS)
     async def generate(request: Request) -> Response:
         """Continue one prompt `{"model"?, "id"?, "prompt", "max_new_tokens"?, "temperature"?,
         "top_p"?, "seed"?, "stop"?}` or a list of them (`Generator.generate_batch`'s options, per
@@ -560,6 +673,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         def parse(item: Any) -> tuple:
             item = _fields(item, GENERATE_FIELDS, "an object with 'prompt'")
             name = _named(models.generate, item.get("model"), "generator", "--generator NAME=BUNDLE")
+            if isinstance(item.get("id"), str):
+                check_text("field 'id'", item["id"])
             prompt = item.get("prompt")
             if not isinstance(prompt, str) or not prompt:
                 raise InputError(f"field 'prompt' must be a non-empty string, got {shown(prompt)}")
@@ -590,6 +705,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
     @app.get("/health", responses={503: {"description": "loading, draining, or failed to load"}})
+    @app.head("/health", include_in_schema=False)  # load balancers probe with HEAD
     async def health() -> Response:
         """Live whenever it answers; ready (200) once its bundles are loaded and until it drains."""
         status = state.status
@@ -598,7 +714,9 @@ def create_app(config: ServeConfig) -> FastAPI:
                              "models": None if models is None else models.describe()},
                             status_code=200 if status == "ready" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @app.head("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         """Prometheus text format: queue depth, batch size, requests, tokens, latencies, errors."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
