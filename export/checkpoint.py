@@ -142,6 +142,7 @@ _KINDS = {"AutoModelForSeq2SeqLM": "corrector", "AutoModelForCausalLM": "causal-
 # A checkpoint's own class name (config.json's `architectures`) -> the kind it suggests.
 _ARCHITECTURE_KINDS = (("ForSequenceClassification", "classifier"), ("ForCausalLM", "causal-lm"),
                        ("LMHeadModel", "causal-lm"), ("ForConditionalGeneration", "corrector"))
+SEQ2SEQ_TYPES = ("t5", "mt5", "bart", "mbart")  # the correctors lmcor decodes
 
 
 def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrite: bool):
@@ -218,12 +219,22 @@ def _check_kind(model_dir: Path, config, auto_class: str) -> None:
     """Refuse a checkpoint the auto class cannot load, with the `--kind` its architecture suggests."""
     import transformers
 
-    if type(config) in getattr(transformers, auto_class)._model_mapping:
-        return
     kind = _KINDS[auto_class]
     names = " ".join(config.architectures or ())
     suggested = next((k for part, k in _ARCHITECTURE_KINDS if part in names and k != kind), None)
     hint = f"; export it with --kind {suggested}" if suggested else ""
+    if kind == "corrector" and config.model_type not in SEQ2SEQ_TYPES:
+        raise ExportError(f"{model_dir}: model type {config.model_type!r} is not supported as a corrector (supported: "
+                          f"{', '.join(SEQ2SEQ_TYPES)}){hint}")
+    # An encoder with an LM head loads as a causal LM (BERT's), and a T5 as a classifier, which
+    # the ONNX exporter does not take: neither is one of those.
+    if kind == "causal-lm" and names and not any(part in names for part in ("ForCausalLM", "LMHeadModel")):
+        raise ExportError(f"{model_dir}: a {config.model_type} checkpoint ({names}) is not a causal LM{hint}")
+    if kind == "classifier" and config.model_type in ("t5", "mt5", "umt5", "longt5"):
+        raise ExportError(f"{model_dir}: a {config.model_type} checkpoint cannot be exported as a classifier (encoder "
+                          f"models such as BERT or RoBERTa, and BART, can){hint}")
+    if type(config) in getattr(transformers, auto_class)._model_mapping:
+        return
     raise ExportError(f"{model_dir}: a {config.model_type} checkpoint ({names or 'no architectures listed'}) "
                       f"cannot be exported as a {kind}{hint}")
 
@@ -307,7 +318,8 @@ def model_positions(config) -> int | None:
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if value:
-            offset = (config.pad_token_id or 0) + 1 if config.model_type in _OFFSET_POSITIONS else 0
+            padding = 1 if config.model_type == "mpnet" else config.pad_token_id or 0  # MPNet's is fixed at 1
+            offset = padding + 1 if config.model_type in _OFFSET_POSITIONS else 0
             return int(value) - offset
     return None
 

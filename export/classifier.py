@@ -80,7 +80,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         )
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):
-            reference = _torch_probabilities(model, tokenizer)
+            reference = _torch_probabilities(model, tokenizer, manifest.max_input_tokens)
             fp32 = _bundle_probabilities(staged)
         diff = float(np.abs(np.log(fp32) - np.log(reference)).max())
         if diff > atol:
@@ -113,13 +113,15 @@ def _fuse(source: Path, target: Path, config) -> None:
         optimized.save_model_to_file(str(target))
 
 
-def _torch_probabilities(model, tokenizer) -> np.ndarray:
+def _torch_probabilities(model, tokenizer, max_input_tokens: int) -> np.ndarray:
+    """PyTorch's probabilities of the samples, cut as the bundle cuts them (longest first, to its
+    max input tokens, which a tokenizer may not know)."""
     import torch
 
     takes = inspect.signature(model.forward).parameters  # a tokenizer may give token types BART does not take
     rows = []
     for text, pair in SAMPLES:
-        encoded = tokenizer(text, pair, return_tensors="pt", truncation=True)
+        encoded = tokenizer(text, pair, return_tensors="pt", truncation=True, max_length=max_input_tokens)
         with torch.no_grad():
             rows.append(torch.softmax(model(**{k: v for k, v in encoded.items() if k in takes}).logits[0], -1).numpy())
     return np.stack(rows)

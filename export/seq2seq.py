@@ -27,6 +27,7 @@ from lmcor.runtime.errors import ExportError
 from . import decoder as ragged
 from .checkpoint import (
     PRECISIONS,
+    SEQ2SEQ_TYPES,
     TOKENIZER_FILE,
     input_limit,
     load_checkpoint,
@@ -65,7 +66,7 @@ def _decoder_shape(config) -> DecoderShape:
     if config.model_type in ("bart", "mbart"):
         heads = config.decoder_attention_heads
         return DecoderShape(config.decoder_layers, heads, config.d_model // heads, config.vocab_size)
-    raise ExportError(f"model type {config.model_type!r} is not supported (supported: t5, mt5, bart, mbart)")
+    raise ExportError(f"model type {config.model_type!r} is not supported (supported: {', '.join(SEQ2SEQ_TYPES)})")
 
 
 def _special_tokens(model) -> SpecialTokens:
@@ -73,7 +74,8 @@ def _special_tokens(model) -> SpecialTokens:
     eos = generation.eos_token_id if generation.eos_token_id is not None else config.eos_token_id
     if isinstance(eos, list):
         if len(eos) != 1:
-            raise ExportError(f"several EOS tokens {eos} are not supported")
+            raise ExportError(f"the checkpoint's generation config lists several EOS tokens {eos}; a corrector stops at "
+                              "one: set eos_token_id in its generation_config.json to the token its outputs end with")
         eos = eos[0]
     start = generation.decoder_start_token_id
     if start is None:
@@ -85,6 +87,9 @@ def _special_tokens(model) -> SpecialTokens:
         value = getattr(generation, name, None)
         if value not in (None, 0, [], _NEUTRAL.get(name)):
             log.warning("generation_config.%s=%r is not applied by lmcor: decoding is plain greedy/beam search", name, value)
+    if (generation.num_beams or 1) > 1:
+        log.warning("generation_config.num_beams=%d is not lmcor's default: it decodes greedily unless a request "
+                    "asks for num_beams (--num-beams)", generation.num_beams)
     return SpecialTokens(
         pad=int(config.pad_token_id),
         eos=int(eos),

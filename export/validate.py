@@ -149,11 +149,11 @@ def _onnx_logits(corrector: Corrector, input_ids: np.ndarray, decoder_ids: np.nd
     mask = np.ones_like(input_ids)
     hidden = encode(corrector.sessions, input_ids, mask)
     decoder = open_decoder(corrector.sessions, corrector.manifest)
-    first = decoder.start(hidden, mask, decoder_ids[:, :1])
+    first = decoder.start(hidden, mask, decoder_ids[:, :1])[0].copy()  # the next call may reuse its buffer
     if decoder_ids.shape[1] == 1:
-        return first[0]
+        return first
     rest = decoder.step(decoder_ids[:, 1:])
-    return np.concatenate([first[0], rest[0]], axis=0)
+    return np.concatenate([first, rest[0]], axis=0)
 
 
 def _generate_cache_fits(config, decoder_layers: int) -> bool:

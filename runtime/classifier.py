@@ -51,6 +51,7 @@ def as_texts(item: Any) -> tuple[str, str | None, Any]:
         if not isinstance(pair, str):
             raise InputError(f"field 'pair' must be a string, got {type(pair).__name__}")
         check_text("field 'pair'", pair)
+        pair = pair or None  # as transformers' tokenizers take an empty pair: no pair
     if isinstance(ident, str):
         check_text("field 'id'", ident)
     return text, pair, ident

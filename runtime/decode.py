@@ -67,7 +67,8 @@ class MergedDecoder:
         self._keep_alive: list[np.ndarray] = []
 
     def start(self, hidden: ort.OrtValue, mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """First step: the encoder states in, the logits of `ids` (batch, n) out."""
+        """First step: the encoder states in, the logits of `ids` (batch, n) out. (Logits are a
+        buffer the next call of the same shape writes over: read them before it, or copy them.)"""
         io = self._io
         io.bind_ortvalue_input("encoder_hidden_states", hidden)
         io.bind_cpu_input("encoder_attention_mask", mask)

@@ -325,3 +325,15 @@ def test_cli_a_bare_gate_before_the_input_is_a_clear_error(tmp_path, capsys):
     assert main(["correct", "--gate", str(source)]) == 2
     assert f"--gate took '{source}' as its bundle: put --gate after the input file" in capsys.readouterr().err
     assert main(["eval"]) == 2 and "no input file given" in capsys.readouterr().err
+
+
+def test_validation_cuts_the_reference_as_the_bundle_cuts_and_an_empty_pair_is_none(checkpoint, bundle, tmp_path):
+    """Below the tokenizer's own limit (or where it has none), `--max-input-tokens` cuts PyTorch's
+    reference too; an empty pair is no pair, as transformers' tokenizers take it."""
+    manifest = export_classifier(checkpoint, tmp_path / "short", max_input_tokens=8)
+    assert manifest.max_input_tokens == 8 and manifest.validation["max_abs_logprob_diff"] < 1e-3
+    classifier = Classifier.load(bundle)
+    [alone] = classifier.classify_batch([TEXTS[1]])
+    [empty] = classifier.classify_batch([(TEXTS[1], "")])
+    assert np.array_equal(alone.probabilities, empty.probabilities)
+    assert np.allclose(empty.probabilities, _torch(checkpoint, [(TEXTS[1], "")])[0], atol=1e-5)

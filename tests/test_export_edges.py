@@ -181,9 +181,37 @@ def test_atol_sets_the_half_precision_tolerance(t5_checkpoints, tmp_path):
 
 
 def test_a_causal_lm_exported_as_a_corrector_hints_at_its_kind(gpt2_checkpoint, tmp_path):
-    with pytest.raises(ExportError, match="GPT2LMHeadModel.* cannot be exported as a corrector; export it with "
+    with pytest.raises(ExportError, match="model type 'gpt2' is not supported as a corrector .*; export it with "
                        "--kind causal-lm$"):
         export_corrector(gpt2_checkpoint, tmp_path / "bundle")
+
+
+def test_a_checkpoint_of_another_kind_is_refused_by_its_config(t5_checkpoints, tmp_path, capsys):
+    """Before its weights load: a seq2seq type lmcor does not decode, a T5 as a classifier."""
+    checkpoint = shutil.copytree(t5_checkpoints[2, 3], tmp_path / "longt5")
+    config = checkpoint / "config.json"
+    config.write_text(config.read_text().replace('"model_type": "t5"', '"model_type": "longt5"'))
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"lmcor: error: {checkpoint}: model type 'longt5' is not supported as a corrector "
+                           "(supported: t5, mt5, bart, mbart)")
+    assert main(["export", "--kind", "classifier", str(t5_checkpoints[2, 3]), str(tmp_path / "out")]) == 2
+    assert "a t5 checkpoint cannot be exported as a classifier" in capsys.readouterr().err
+
+
+def test_bart_whose_output_is_one_token_validates(tmp_path):
+    """A forced BOS then EOS: validation reads the first step's logits before the next call reuses
+    their buffer."""
+    from transformers import BartForConditionalGeneration
+
+    checkpoint = build_checkpoint("bart", tmp_path / "bart")
+    model = BartForConditionalGeneration.from_pretrained(checkpoint)
+    model.config.forced_bos_token_id = model.generation_config.forced_bos_token_id = 0
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.eos_token_id] = 50.0
+    model.save_pretrained(checkpoint)
+    manifest = export_corrector(checkpoint, tmp_path / "bundle")
+    assert manifest.validation["max_abs_logit_diff"] < 1e-3
 
 
 def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path, monkeypatch, capsys):
