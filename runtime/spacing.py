@@ -3,7 +3,7 @@
 A corrector's tokenizer writes all white space as single spaces (SentencePiece normalizes it), and
 the fallback joins words with single spaces, so a paragraph's line breaks and a table's tabs would
 be lost. Where two consecutive words of an output are consecutive words of its source, the white
-space between them is the source's if it holds a line break or a tab. Runs of plain spaces stay
+space between them is the source's if it holds a line break (any of Unicode's) or a tab. Runs of plain spaces stay
 single: extra spaces are an error a corrector may fix.
 """
 
@@ -13,11 +13,13 @@ import difflib
 import re
 
 _WHITE = re.compile(r"(\s+)")
+# What ends a line (str.splitlines' boundaries: U+2028 too) or aligns a column.
+_STRUCTURAL = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029\t")
 
 
 def with_source_spacing(source: str, text: str) -> str:
     """`text` with the source's line breaks and tabs between the words it copies from the source."""
-    if "\n" not in source and "\t" not in source and "\r" not in source:
+    if _STRUCTURAL.isdisjoint(source):
         return text
     parts = _WHITE.split(source.strip())
     words, gaps = parts[0::2], parts[1::2]
@@ -32,7 +34,7 @@ def with_source_spacing(source: str, text: str) -> str:
         # (a line break stays beside a corrected word too); each gap once.
         before, after = source_word.get(j - 1), source_word.get(j)
         i = before if before is not None and before < len(gaps) else after - 1 if after else None
-        structural = i is not None and i not in used and any(c in gaps[i] for c in "\n\t\r")
+        structural = i is not None and i not in used and not _STRUCTURAL.isdisjoint(gaps[i])
         used.add(i)
         out += [gaps[i] if structural else " ", theirs[j]]
     return "".join(out) if len(out) > 1 else text

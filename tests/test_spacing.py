@@ -16,6 +16,8 @@ from lmcor import Corrector
     ("a b\nc", "c a b", "c a b"),  # nothing copied in order across the break
     ("x\ny", "", ""),
     ("x\ny", "z", "z"),
+    ("a b\u2028c d", "a B c d", "a B\u2028c d"),  # Unicode's line breaks too
+    ("a\x85b\u2029c", "a b c", "a\x85b\u2029c"),
 ])
 def test_line_breaks_and_tabs_come_back_where_the_output_copies_the_source(source, text, expected):
     assert with_source_spacing(source, text) == expected
