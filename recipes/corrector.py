@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -117,7 +118,7 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     # dev and test each take about held_out/2 of the pairs: 4/held_out pairs give each two on average.
     enough = math.ceil(4 / held_out)
     if len(pairs) < 3:
-        raise InputError(f"{len(pairs)} pair{'s are' if len(pairs) > 1 else ' is'} too few: training, dev and test "
+        raise InputError(f"{len(pairs)} pair{' is' if len(pairs) == 1 else 's are'} too few: training, dev and test "
                          f"need at least 3 pairs, and with --held-out {held_out:g} about {enough} so that dev and test "
                          "are not empty")
     parts: dict[str, list[Pair]] = {"train": [], "dev": [], "test": []}
@@ -133,12 +134,28 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     return parts
 
 
-def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
-    """The pairs with the LLM's candidates, from `OUT/candidates.jsonl`, written there first for the
-    pairs it lacks (appended every 4 LLM batches, so an interrupted run loses at most those)."""
+# The candidate options' flags, for the messages of `CandidateWriter`'s checks.
+_LLM_FLAGS = {"k": "-k", "temperature": "--temperature", "batch_size": "--llm-batch-size",
+              "max_new_tokens": "--max-new-tokens"}
+
+
+def candidate_writer(job: Job):
+    """The LLM and its candidate options, checked: before OUT is cleared or made."""
     from lmcor.runtime.candidates import CandidateWriter, FewShot, default_few_shot
     from lmcor.runtime.generator import Generator
 
+    few_shot = FewShot.from_template(job.prompt) if job.prompt is not None else default_few_shot()
+    try:
+        return CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
+                               batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
+    except InputError as e:
+        raise InputError(re.sub(r"^\w+", lambda m: _LLM_FLAGS.get(m.group(0), m.group(0)), str(e))) from None
+
+
+def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
+    """The pairs with `writer`'s candidates (`candidate_writer`), from `OUT/candidates.jsonl`, written
+    there first for the pairs it lacks (appended every 4 LLM batches, so an interrupted run loses at
+    most those)."""
     path = job.out / "candidates.jsonl"
     made_by = _made_by(job)
     cached = _cached_candidates(path)
@@ -149,24 +166,27 @@ def llm_candidates(job: Job, pairs: list[Pair]) -> list[Pair]:
             if maker == made_by and sources.get(line) == source}
     todo = [p for p in pairs if p.line not in done]
     if todo:
-        few_shot = FewShot.from_template(job.prompt) if job.prompt is not None else default_few_shot()
-        writer = CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
-                                 batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
         chunk = job.batch_size * 4
         job.out.mkdir(parents=True, exist_ok=True)  # only now: a bad --llm leaves no folder behind
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit=" sources", desc="candidates",
                                                           file=sys.stderr, disable=job.quiet) as bar:
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
-                for pair, result in zip(part, writer([p.source for p in part])):
-                    if isinstance(result, InputError):
-                        print(f"lmcor: {job.pairs}: line {pair.line}: {result}", file=sys.stderr)
-                        continue
-                    f.write(dump_record({"line": pair.line, "source": pair.source, "made_by": made_by,
-                                         "candidates": result.texts}))
-                    done[pair.line] = tuple(result.texts)
-                f.flush()
-                bar.update(len(part))
+            try:
+                for start in range(0, len(todo), chunk):
+                    part = todo[start : start + chunk]
+                    for pair, result in zip(part, writer([p.source for p in part])):
+                        if isinstance(result, InputError):
+                            print(f"lmcor: {job.pairs}: line {pair.line}: {result}", file=sys.stderr)
+                            continue
+                        f.write(dump_record({"line": pair.line, "source": pair.source, "made_by": made_by,
+                                             "candidates": result.texts}))
+                        done[pair.line] = tuple(result.texts)
+                    f.flush()
+                    bar.update(len(part))
+            except KeyboardInterrupt:
+                bar.close()
+                log.warning("interrupted while writing candidates: %d sources' candidates are kept in %s; run the same command "
+                            "to continue", len(done), path)
+                raise
         log.info("candidates: %s", writer.stats.summary())
     return [replace(p, candidates=done[p.line]) for p in pairs if p.line in done]
 
@@ -231,6 +251,7 @@ RUN_STATE = ("checkpoint.pt", "best.pt", "train_log.jsonl", "tokenizer", "hf", "
 # train-corrector folder (`python -m lmcor.recipes.train` writes some of the same names), which
 # --restart may clear, and a resumed run must keep that split or test on pairs it trained on.
 MARK = "train-corrector.json"
+SPLIT_FILES = ("dev.jsonl", "test.jsonl", "candidates.jsonl")  # rewritten or appended to by a run
 
 
 def _check_out(job: Job) -> None:
@@ -240,7 +261,7 @@ def _check_out(job: Job) -> None:
         raise InputError(f"--out {out}: not a folder (a file of that name exists)")
     mark = out / MARK
     if not mark.is_file():
-        found = [name for name in RUN_STATE if (out / name).exists()]
+        found = [name for name in (*RUN_STATE, *SPLIT_FILES) if (out / name).exists()]
         if found:  # another tool's folder: a run would write over them, --restart would remove them
             raise InputError(f"--out {out} is not a train-corrector folder (no {MARK}), so its "
                              f"{', '.join(found)} stay: give another --out, or remove them yourself")
@@ -285,6 +306,13 @@ def _check_init(init: Path) -> None:
         raise InputError(f"--init {init}: not a Hugging Face checkpoint folder (no config.json)")
     if not any((init / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"--init {init}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        config = json.loads((init / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"--init {init}/config.json: not JSON ({e})") from None
+    if not isinstance(config, dict) or not config.get("is_encoder_decoder"):
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise InputError(f"--init {init}: a {kind or 'model'} checkpoint, not a seq2seq one: give a T5 or BART checkpoint")
 
 
 def _model(job: Job, train: list[Pair]):
@@ -344,9 +372,16 @@ def report(bundle: Path, test: Path) -> dict:
 
     items = read_items(test)[0]
     corrector = Corrector.load(bundle)
+    answers = corrector.correct_batch([(i.source, i.candidates) for i in items], errors="return")
+    taken = [n for n, a in enumerate(answers) if not isinstance(a, InputError)]
+    if len(taken) < len(items):  # too long for the model: left out of every system's scores
+        log.warning("%s: %d of %d lines are too long for the corrector; the report leaves them out", test,
+                    len(items) - len(taken), len(items))
+    if not taken:
+        raise InputError(f"{test}: no line fits the corrector's input; nothing to report")
+    items, with_fallback = [items[n] for n in taken], [answers[n] for n in taken]
     targets = [i.target for i in items]
     requests = [(i.source, i.candidates) for i in items]
-    with_fallback = corrector.correct_batch(requests)
     outputs = {
         "source": [i.source for i in items],
         "first candidate": [i.candidates[0] for i in items],
@@ -382,14 +417,11 @@ def run(job: Job) -> dict:
     # Every input is checked before OUT is cleared or made.
     pairs = read_pairs(job.pairs, need_candidates=job.llm is None)
     split(pairs, job.held_out)
-    if job.llm is not None:
-        from lmcor.runtime.bundle import load_manifest
-
-        load_manifest(job.llm, verify=False, kind="causal-lm")  # llm_candidates verifies its files
+    writer = candidate_writer(job) if job.llm is not None else None
     if not job.resume:
         _clear(job.out)
-    if job.llm is not None:
-        pairs = llm_candidates(job, pairs)
+    if writer is not None:
+        pairs = llm_candidates(job, pairs, writer)
     parts = split(pairs, job.held_out)
     job.out.mkdir(parents=True, exist_ok=True)
     (job.out / MARK).write_text(json.dumps({"held_out": job.held_out}) + "\n", encoding="utf-8")
@@ -402,12 +434,13 @@ def run(job: Job) -> dict:
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
                     examples=lambda step: examples(parts["train"], job.synthetic, settings.seed + step), dev=dev,
                     copy_warmup=warmup, resume=job.resume, device=job.device,
-                    eval_minutes=max(1.0, job.minutes / 10))
+                    eval_minutes=max(1.0, job.minutes / 10), progress=not job.quiet)
     if _steps(job.out) == 0:
         raise InputError(f"--minutes {job.minutes:g} ran out before the first training step: an untrained corrector "
                          "is not exported; run again with more --minutes (it continues)")
     bundle = job.out / "bundle"
     stage = "export"
+    (job.out / "report.json").unlink(missing_ok=True)  # an earlier run's: it does not describe what is made now
     try:
         export_corrector(hf, bundle, max_output_tokens=settings.max_target_tokens, overwrite=True)
         stage = "fallback calibration"

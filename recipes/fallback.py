@@ -19,7 +19,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
+
+from lmcor.runtime.errors import InputError, LmcorError
 
 log = logging.getLogger("lmcor.recipes")
 
@@ -39,7 +42,15 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
     from lmcor.runtime.vote import edit_vote, input_words, minimal_edits
 
     requests = [Request(i.source, tuple(i.candidates)) for i in items]
-    outputs = [c.text for c in corrector.correct_batch(requests, fallback_below=0)]
+    answers = corrector.correct_batch(requests, fallback_below=0, errors="return")
+    taken = [n for n, a in enumerate(answers) if not isinstance(a, InputError)]
+    if len(taken) < len(items):  # too long for the model: what it cannot read calibrates nothing
+        log.warning("%d of %d dev items are too long for the corrector: left out of the calibration",
+                    len(items) - len(taken), len(items))
+    if not taken:
+        raise InputError("no dev item fits the corrector's input: nothing to calibrate on")
+    items, requests = [items[n] for n in taken], [requests[n] for n in taken]
+    outputs = [answers[n].text for n in taken]
     # What `fallback.guard` weighs, computed once: each threshold then only picks among them. As there,
     # an output is compared with the candidates as the model read them (cut where its input was), a
     # guess returns its candidate whole, and the vote reads the candidates `voters` gives.
@@ -92,18 +103,36 @@ def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.
     from lmcor.runtime.bundle import load_manifest, write_manifest
     from lmcor.runtime.corrector import Corrector
 
-    items = [item for path in (dev if isinstance(dev, list) else [dev]) for item in read_items(path)[0]]
+    items = []
+    for path in dev if isinstance(dev, list) else [dev]:
+        good, bad = read_items(path)
+        if bad:
+            log.warning("%s: %d lines left out (line %d: %s)", path, len(bad), bad[0]["line"], bad[0]["error"])
+        items += good
+    if not items:
+        raise InputError(f"{', '.join(map(str, dev if isinstance(dev, list) else [dev]))}: no usable dev line "
+                         '({"source", "candidates", "target"})')
     threshold, span, tried = calibrate(Corrector.load(bundle), items, tolerance)
     write_manifest(bundle, dataclasses.replace(load_manifest(bundle), fallback_below=float(threshold),
                                                fallback_span=span or None))
     chosen = next(t for t in tried if (t["threshold"], t["span"]) == (threshold, span))
-    log.info("%s: fallback below chrF %d, edits of at most %s words kept (dev: %.2f chrF, %.2f exact match, %d outputs "
-             "replaced; without: %.2f / %.2f)", bundle, threshold, span or "any", chosen["chrf"], chosen["exact_match"],
+    log.info("%s: fallback below chrF %d, %s (dev: %.2f chrF, %.2f exact match, %d outputs replaced; without: "
+             "%.2f / %.2f)", bundle, threshold, f"edits of at most {span} words kept" if span else "edits of any size kept",
+             chosen["chrf"], chosen["exact_match"],
              chosen["fell_back"], tried[0]["chrf"], tried[0]["exact_match"])
     return [chosen] + [t for t in tried if t is not chosen]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The recipe's command line: a bad bundle, dev file or flag is one line, exit 2."""
+    try:
+        return _main(argv)
+    except LmcorError as e:
+        print(f"lmcor: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.fallback", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="corrector bundle folder (its manifest is rewritten)")
     parser.add_argument("--dev", type=Path, action="append", help="dev data (repeatable; default: "
@@ -112,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                         "that still count as the best (default: %(default)s)")
     parser.add_argument("--report", type=Path, help="write every threshold's and span's dev scores to this JSON file")
     args = parser.parse_args(argv)
+    if not 0 <= args.tolerance < 100:
+        raise InputError(f"--tolerance must be dev points from 0 to 100, got {args.tolerance}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tried = calibrate_bundle(args.bundle, args.dev or [SPLITS / "dev.jsonl", SPLITS / "llm-dev.jsonl"], args.tolerance)
     if args.report:

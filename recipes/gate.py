@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import random
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -149,7 +150,29 @@ def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dic
     return good[0]["threshold"], tried
 
 
+def _usable(read_items, path: Path) -> list:
+    """A data file's good items; none is an error naming the first bad line."""
+    from lmcor.runtime.errors import InputError
+
+    items, errors = read_items(path)
+    if not items:
+        why = f" (line {errors[0]['line']}: {errors[0]['error']})" if errors else ""
+        raise InputError(f'{path}: no usable line ({{"source", "candidates", "target"}}){why}')
+    return items
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The recipe's command line: a bad bundle, data file or flag is one line, exit 2."""
+    from lmcor.runtime.errors import LmcorError
+
+    try:
+        return _main(argv)
+    except LmcorError as e:
+        print(f"lmcor: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/gate"))
     parser.add_argument("--steps", type=int, default=3000)
@@ -181,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         bundle = args.out / "bundle"
         export_classifier(hf, bundle, precision="int8", max_input_tokens=128, overwrite=True)
     corrector = Corrector.load(args.corrector)
-    threshold, tried = calibrate(Classifier.load(bundle), corrector, read_items(args.dev)[0], args.tolerance)
+    threshold, tried = calibrate(Classifier.load(bundle), corrector, _usable(read_items, args.dev), args.tolerance)
     write_manifest(bundle, dataclasses.replace(load_manifest(bundle), gate_threshold=threshold))
-    report = compare(Classifier.load(bundle), corrector, read_items(args.test)[0], threshold)
+    report = compare(Classifier.load(bundle), corrector, _usable(read_items, args.test), threshold)
     report["dev_thresholds"] = tried
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log.info("gate threshold %.2f (dev); on the test split:\n%s", threshold, table(report))

@@ -388,14 +388,18 @@ def _shuffled_samples(example: Example, rng: random.Random) -> Example:
 
 
 def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, examples, dev: list[Example],
-        copy_warmup: bool, resume: bool = False, eval_minutes: float = 10.0, device: str = "cpu") -> Path:
+        copy_warmup: bool, resume: bool = False, eval_minutes: float = 10.0, device: str = "cpu",
+        progress: bool = True) -> Path:
     """Train `model` on `examples(step)` (an endless stream of Examples, started at a step) for
     `minutes`, keeping the checkpoint with the best dev chrF; returns the Hugging Face folder.
 
     `copy_warmup` starts with the copy tasks (a model from scratch, with `copy_init`); a
     pretrained model goes straight to correcting. Checkpoints every 5 minutes; `resume`
-    continues from `out/checkpoint.pt`."""
+    continues from `out/checkpoint.pt`. `progress`: a bar of the training time on stderr."""
+    import sys
+
     import torch
+    from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(device)
@@ -420,8 +424,12 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     last_save, last_eval = time.time(), time.time()
     history = out / "train_log.jsonl"
     model.train()
+    bar = tqdm(total=round(budget), initial=min(round(state["elapsed"]), round(budget)), unit="s", desc="training",
+               file=sys.stderr, disable=not progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
+               "[{elapsed}<{remaining}{postfix}]")
     try:
         while (elapsed := time.time() - started) < budget:
+            bar.update(max(0, min(round(elapsed), bar.total) - bar.n))
             progress = elapsed / budget
             scale = min(1.0, (state["step"] + 1) / settings.warmup_steps)
             if progress > settings.decay_from:
@@ -441,6 +449,8 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             value = loss.item()
+            if state["step"] % 10 == 0:
+                bar.set_postfix_str(f"step {state['step']}, loss {value:.3f}", refresh=False)
             ema = state["ema"]
             ema[kind] = value if kind not in ema else 0.95 * ema[kind] + 0.05 * value
             if state["copying"] and state["step"] > 100 and ema.get("copy", math.inf) < settings.copy_until_loss:
@@ -463,15 +473,18 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                 _save(checkpoint, model, optimizer, state)
                 last_save = time.time()
     except KeyboardInterrupt:  # the step reached is kept: the same command continues from it
+        bar.close()
         state["elapsed"] = time.time() - started
         _save(checkpoint, model, optimizer, state)
         log.warning("interrupted at step %d (%.1f of %.1f min): checkpoint saved in %s; run the same command to "
                     "continue", state["step"], state["elapsed"] / 60, minutes, checkpoint)
         raise
+    bar.close()
     state["elapsed"] = time.time() - started
     _save(checkpoint, model, optimizer, state)
     # The last weights or the watch's best, whichever scores higher on the whole dev split: 200
     # examples choose between checkpoints a few tenths of chrF apart by chance.
+    log.info("scoring the last and the best weights on the %d dev examples, then n-gram bans", len(dev))
     scores = evaluate(model, tokenizer, dev)
     if (out / "best.pt").is_file():
         last = {name: value.clone() for name, value in model.state_dict().items()}
@@ -481,7 +494,7 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
             scores = best
         else:
             model.load_state_dict(last)
-    model.generation_config.no_repeat_ngram_size, scores = choose_no_repeat(model, tokenizer, dev)
+    model.generation_config.no_repeat_ngram_size, scores = choose_no_repeat(model, tokenizer, dev, without=scores)
     hf_dir = out / "hf"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
@@ -491,11 +504,12 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     return hf_dir
 
 
-def choose_no_repeat(model, tokenizer, dev: list[Example]) -> tuple[int, dict]:
+def choose_no_repeat(model, tokenizer, dev: list[Example], without: dict | None = None) -> tuple[int, dict]:
     """The n-gram ban (transformers' no_repeat_ngram_size; 0: none) that scores best on the whole dev
-    split, and its dev scores. A copying model that loses its place can loop; banning repeated n-grams
-    ends the loop."""
-    scores = {n: evaluate(model, tokenizer, dev, no_repeat_ngram_size=n) for n in (0, 3, 4)}
+    split, and its dev scores (`without`: the scores with none, where already known). A copying model
+    that loses its place can loop; banning repeated n-grams ends the loop."""
+    scores = {n: without if n == 0 and without is not None else evaluate(model, tokenizer, dev, no_repeat_ngram_size=n)
+              for n in (0, 3, 4)}
     best = max(scores, key=lambda n: (scores[n]["chrf"], -n))
     log.info("dev chrF by no_repeat_ngram_size: %s -> %d", {n: round(v["chrf"], 2) for n, v in scores.items()}, best)
     return best, scores[best]

@@ -158,6 +158,26 @@ def test_bad_inputs_are_refused_before_out_is_touched(pairs, tmp_path, capsys):
     assert _train_own(own, other) == 2  # nor trained into, over them
     assert "not a train-corrector folder" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["hf", "report.json"]
+    mine = tmp_path / "mine"  # a dev file of the user's own is not rewritten either
+    mine.mkdir()
+    (mine / "dev.jsonl").write_text('{"my": "data"}\n')
+    assert _train_own(own, mine) == 2 and "its dev.jsonl stay" in capsys.readouterr().err
+    assert (mine / "dev.jsonl").read_text() == '{"my": "data"}\n'
+    assert _train_own(own, tmp_path / "d", "-k", "3") == 2  # an option of the LLM's, without one
+    assert "-k needs --llm" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    assert _train(own, tmp_path / "e", tmp_path / "no-llm", "--llm-batch-size", "100000") == 2
+    assert "--llm-batch-size must be an integer from 1 to 1024" in capsys.readouterr().err
+
+
+def test_the_llm_options_and_the_init_are_checked_before_a_restart_clears(llm, pairs, tmp_path, gpt2_checkpoint, capsys):
+    out = tmp_path / "run"
+    assert _train(pairs, out, llm) == 0
+    kept = sorted(p.name for p in out.iterdir())
+    assert _train(pairs, out, llm, "--restart", "--temperature", "-1") == 2
+    assert "--temperature must be 0 (greedy) or between" in capsys.readouterr().err
+    assert _train(pairs, out, llm, "--restart", "--init", str(gpt2_checkpoint)) == 2
+    assert "a gpt2 checkpoint, not a seq2seq one" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == kept
 
 
 def test_a_run_that_takes_no_step_exports_nothing_and_an_interrupted_export_continues(pairs, tmp_path, monkeypatch,

@@ -15,12 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for every stage's work, resumed when run again")
     parser.add_argument("--llm", help="causal-LM bundle whose candidates the corrector learns to correct "
                         "(default: the candidates in the pairs file)")
-    parser.add_argument("-k", type=options.candidate_count, default=5, help="candidates per source: 1 greedy + K-1 "
-                        "samples (default: %(default)s)")
-    parser.add_argument("--temperature", type=options.finite_float, default=0.6, help="of the samples (default: %(default)s)")
-    parser.add_argument("--prompt", help="the LLM's prompt, with {source} (default: lmcor candidates' few-shot prompt)")
-    parser.add_argument("--llm-batch-size", type=options.positive_int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=options.positive_int, help="of each candidate, at most the LLM "
+    parser.add_argument("-k", type=options.candidate_count, help="with --llm: candidates per source, 1 greedy + K-1 "
+                        "samples (default: 5)")
+    parser.add_argument("--temperature", type=options.finite_float, help="with --llm: of the samples (default: 0.6)")
+    parser.add_argument("--prompt", help="with --llm: its prompt, with {source} (default: lmcor candidates' few-shot "
+                        "prompt)")
+    parser.add_argument("--llm-batch-size", type=options.positive_int, help="with --llm: prompts per batch, at most "
+                        "1024 (default: 16)")
+    parser.add_argument("--max-new-tokens", type=options.positive_int, help="with --llm: of each candidate, at most the LLM "
                         "bundle's max output tokens (default: that, or as many as fit after the prompt); a source "
                         "whose prompt leaves less room is reported and left out")
     parser.add_argument("--size", default="small", help="from-scratch model: tiny, small or base (default: %(default)s)")
@@ -39,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmcor.recipes import corrector
     from lmcor.runtime.errors import InputError
+    from lmcor.runtime.options import MAX_BATCH_SIZE
 
     if not 0 <= args.synthetic <= 1:
         raise InputError(f"--synthetic must be a share from 0 to 1, got {args.synthetic}")
@@ -46,13 +49,24 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--held-out must be a share above 0 and below 1, got {args.held_out}")
     if args.minutes <= 0:
         raise InputError(f"--minutes must be positive, got {args.minutes}")
+    given = [flag for flag, value in (("-k", args.k), ("--temperature", args.temperature), ("--prompt", args.prompt),
+                                      ("--llm-batch-size", args.llm_batch_size), ("--max-new-tokens", args.max_new_tokens))
+             if value is not None]
+    if given and not args.llm:
+        raise InputError(f"{given[0]} needs --llm: without it the pairs file's own candidates are read")
+    if args.llm_batch_size is not None and args.llm_batch_size > MAX_BATCH_SIZE:
+        raise InputError(f"--llm-batch-size must be an integer from 1 to {MAX_BATCH_SIZE}, got {args.llm_batch_size}")
     if not args.quiet:
         logging.getLogger("lmcor").setLevel(min(logging.INFO, logging.getLogger("lmcor").level))
-    job = corrector.Job(pairs=Path(args.pairs), out=Path(args.out), llm=Path(args.llm) if args.llm else None, k=args.k,
-                        temperature=args.temperature, prompt=args.prompt, size=args.size,
+    defaults = corrector.Job(pairs=Path(), out=Path())
+    job = corrector.Job(pairs=Path(args.pairs), out=Path(args.out), llm=Path(args.llm) if args.llm else None,
+                        k=defaults.k if args.k is None else args.k,
+                        temperature=defaults.temperature if args.temperature is None else args.temperature,
+                        prompt=args.prompt, size=args.size,
                         init=Path(args.init) if args.init else None, synthetic=args.synthetic, held_out=args.held_out,
                         minutes=args.minutes, device=args.device, resume=not args.restart,
-                        batch_size=args.llm_batch_size, max_new_tokens=args.max_new_tokens, quiet=args.quiet)
+                        batch_size=defaults.batch_size if args.llm_batch_size is None else args.llm_batch_size,
+                        max_new_tokens=args.max_new_tokens, quiet=args.quiet)
     result = corrector.run(job)
     print(corrector.table(result))
     return 0
