@@ -266,3 +266,24 @@ def test_training_inputs_are_cut_as_the_runtime_cuts_them():
     pairs = recipe._text_pairs(tokenizer, [short, long, too_long], copy=False)
     assert len(pairs) == 2 and len(pairs[1][0]) <= recipe.MAX_INPUT_TOKENS
     assert pairs[0][0] == tokenizer.backend_tokenizer.encode(render(recipe.TEMPLATE, short.source, short.candidates).text).ids
+
+
+def test_sigterm_during_training_keeps_the_step_reached(pairs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    own, out = _with_candidates(pairs, tmp_path / "own.jsonl", 30), tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "train-corrector", str(own), "--out", str(out),
+                                "--size", "tiny", "--minutes", "5", "--held-out", "0.3", "-q"],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 240
+    while not (out / "train_log.jsonl").exists():  # written every 50 steps: training is under way
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else ""
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted at step" in err and (out / "checkpoint.pt").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 
 from . import options
@@ -67,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
                         minutes=args.minutes, device=args.device, resume=not args.restart,
                         batch_size=defaults.batch_size if args.llm_batch_size is None else args.llm_batch_size,
                         max_new_tokens=args.max_new_tokens, quiet=args.quiet)
-    result = corrector.run(job)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: training keeps the step it reached
+    try:
+        result = corrector.run(job)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(corrector.table(result))
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
