@@ -132,26 +132,34 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     source = tmp_path / "in.jsonl"
     source.write_text('{"source": "she go to school"}\n{"source": "a b"}\n')
     out = tmp_path / "candidates.jsonl"
-    out.write_text(json.dumps({"id": None, "line": 1, "source": "she go to school", "candidates": ["a", "b"]}) + "\n")
     args = ["candidates", "--model", str(bundle), str(source), "-o", str(out), "--max-new-tokens", "4", "-q",
-            "--prompt", "Correct: {source}\n", "--resume"]
-    assert main([*args, "-k", "3"]) == 2
+            "--prompt", "Correct: {source}\n", "-k", "2"]
+    assert main(args) == 0
+    whole = out.read_text()
+    first = whole.splitlines(keepends=True)[0]
+    out.write_text(first)
+    assert main([*args[:-2], "-k", "3", "--resume"]) == 2
     assert "holds 2 candidates a source, and -k is 3" in capsys.readouterr().err
-    assert main([*args, "-k", "2"]) == 0
-    assert [len(json.loads(line)["candidates"]) for line in out.read_text().splitlines()] == [2, 2]
-    # as many candidates, but the record's source is not its line's: another input's output, kept as it was
-    other = json.dumps({"id": None, "line": 1, "source": "another sentence", "candidates": ["a", "b"]}) + "\n"
-    out.write_text(other)
-    assert main([*args, "-k", "2"]) == 2
+    assert main([*args, "--resume", "--seed", "3"]) == 2  # its candidates are not this run's
+    assert "holds other candidates than this run writes for its source" in capsys.readouterr().err
+    assert out.read_text() == first
+    assert main([*args, "--resume"]) == 0 and out.read_text() == whole
+    # this run's candidates, but the record's source is not its line's: another input's output, kept as it was
+    elsewhere = tmp_path / "other.jsonl"
+    elsewhere.write_text('{"source": "another sentence"}\n')
+    assert main([*args[:3], str(elsewhere), *args[4:]]) == 0
+    other = out.read_text()
+    assert main([*args, "--resume"]) == 2
     assert ("answers line 1 with the source 'another sentence', but that line of "
             f"{source} has the source 'she go to school'") in capsys.readouterr().err
     assert out.read_text() == other
     # an error record (no source) last: the same input's output, resumed (its failed line still counts)
     source.write_text('{"source": "she go to school"}\n{"source": ""}\n{"source": "a b"}\n')
-    out.write_text(json.dumps({"id": None, "line": 1, "source": "she go to school", "candidates": ["a", "b"]}) + "\n"
-                   + json.dumps({"id": None, "line": 2, "error": "source must be a non-empty string"}) + "\n")
-    assert main([*args, "-k", "2"]) == 1
-    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3]
+    assert main(args) == 1
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))
+    assert main([*args, "--resume"]) == 1
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2, 3] and out.read_text() == whole
 
 
 def test_an_options_message_names_its_flag(bundle, tmp_path, capsys):

@@ -33,17 +33,34 @@ def record(number: int, ident: Any, result: Candidates) -> dict:
     return {"id": ident, "line": number, "source": result.source, "candidates": result.texts}
 
 
-def _check_resumed(output: str, k: int) -> None:
-    """An `-o` to resume must hold K candidates a source: one written with another -k is another run's."""
+def _check_resumed(output: str, k: int) -> dict | None:
+    """An `-o` to resume must hold K candidates a source: one written with another -k is another run's.
+    Returns its last record with candidates (None: none)."""
+    last = None
     with open(output, "rb") as f:
         for raw in f:
             try:
-                written = json.loads(raw).get("candidates")
+                record = json.loads(raw)
+                written = record.get("candidates")
             except (ValueError, AttributeError):
                 continue  # a torn or foreign line: the resume answers again from there
             if isinstance(written, list) and len(written) != k:
                 raise InputError(f"--resume: -o {output} holds {len(written)} candidates a source, and -k is {k}: "
                                  "it was written by another run (remove it, or run without --resume)")
+            if isinstance(written, list) and isinstance(record.get("source"), str):
+                last = record
+    return last
+
+
+def _check_same_run(output: str, last: dict, writer: CandidateWriter) -> None:
+    """The kept records must be this run's: its candidates for their last source are theirs (a
+    source's candidates depend on it, the model and the options alone), else the file would mix two
+    runs' candidates."""
+    [again] = writer([last["source"]])
+    if not isinstance(again, InputError) and again.texts != last["candidates"]:
+        raise InputError(f"--resume: -o {output} line {last.get('line')} holds other candidates than this run writes "
+                         "for its source: it was written with another model, --prompt, --temperature, --top-p, "
+                         "--seed, --stop or --max-new-tokens (give the same, or remove it)")
 
 
 # A line's options are the run's: these fields are flags here.
@@ -57,14 +74,14 @@ def _source(value: dict, _number: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
-    if args.resume and args.output and os.path.isfile(args.output):
-        _check_resumed(args.output, args.k)
+    last = _check_resumed(args.output, args.k) if args.resume and args.output and os.path.isfile(args.output) else None
     few_shot = FewShot.from_template(args.prompt) if args.prompt is not None else default_few_shot()
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
     writer = CandidateWriter(generator, few_shot, k=args.k, temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
-
+    if last is not None:
+        _check_same_run(args.output, last, writer)
     code = answer_lines(args, _source, writer, record, "generating", echo="source")
     if not args.quiet:
         print(f"lmcor: {writer.stats.summary()}", file=sys.stderr)
