@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check of lmcor, under 8 minutes on an H100/H200, from this repository's working tree.
+# One prepared GPU check of lmcor, about 8 minutes at most on an H100/H200, from this repository's working tree.
 #
 #   bash bench/gpu_check.sh --prepare CHECKPOINT   # here, on the CPU machine, once: the default corrector's
 #                                                   # Hugging Face folder -> .cache/gpu_check/hf (bf16, ~11 MB)
@@ -13,10 +13,11 @@
 # "no CUDA" and the rest still runs. Results: $OUT/gpu_check.json, $OUT/gpu_check.txt, $OUT/gpu_check.log.
 #
 # Stages, each with its own timeout (seconds):
-#   env 30 | bundles 60 (fp16/bf16 copies of the shipped fp32 default) | kernels 100 (Triton kernel
-#   tests, TRITON_INTERPRET=0, fp16/bf16) | tokens 100 (CUDA vs CPU tokens, caches on the device and in host arrays) | encoder 60 (packed vs
-#   padded, 64 requests, K=5, lengths 16-96) | latency 70 (batch 1 vs transformers bf16); with the
-#   onnxruntime-gpu install (60), at most 480 s in all.
+#   env 20 | bundles 40 (fp16/bf16 copies of the shipped fp32 default) | kernels 70 (Triton kernel
+#   tests, TRITON_INTERPRET=0, fp16/bf16) | tokens 80 (CUDA vs CPU tokens, caches on the device and in host arrays) | encoder 80 (packed vs
+#   padded, 64 requests, K=5, lengths 16-96) | latency 50 (batch 1 vs transformers bf16); each followed by
+#   the report (10) and a kill 5 s after its limit; with the onnxruntime-gpu install (60): at most 490 s.
+#   Without onnxruntime-gpu, the packed encoder and transformers still run (they need PyTorch's CUDA only).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -44,7 +45,7 @@ CHECKPOINT=.cache/gpu_check/hf
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 : > "$LOG"
-STAGES=(env:30 bundles:60 kernels:100 tokens:100 encoder:60 latency:70)
+STAGES=(env:20 bundles:40 kernels:70 tokens:80 encoder:80 latency:50)
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -64,11 +65,22 @@ if ! $PY -c "import lmcor.runtime" 2>/dev/null; then
   for d in runtime export kernels bench recipes; do ln -s "$PWD/$d" "$shim/$d"; done
   export PYTHONPATH=$WORK/site:${PYTHONPATH:-}
 fi
-# onnxruntime-gpu, per ../shared/gpu/README.md
+# onnxruntime-gpu, per ../shared/gpu/README.md: its parts in numeric order (.ortgpu2 before .ortgpu10),
+# checked against WHEEL_SHA256 where the parts carry one, installed into a temporary folder that
+# becomes .ortgpu-site only once pip succeeded (a half install is never reused); no network.
 if [ ! -d .ortgpu-site ] && [ -f .ortgpu1/WHEEL_NAME ]; then
   say "assembling onnxruntime-gpu from .ortgpu1.."
-  w=$(cat .ortgpu1/WHEEL_NAME) && cat .ortgpu[0-9]*/part* > "$w" &&
-    timeout 60 $PY -m pip install -q --no-deps --target .ortgpu-site "$w" >>"$LOG" 2>&1; rm -f "$w"
+  w=$WORK/$(cat .ortgpu1/WHEEL_NAME)
+  for d in $(ls -d .ortgpu[0-9]* | sort -V); do cat "$d"/part*; done > "$w"
+  if [ -f .ortgpu1/WHEEL_SHA256 ] && [ "$(sha256sum "$w" | cut -d' ' -f1)" != "$(cat .ortgpu1/WHEEL_SHA256)" ]; then
+    say "onnxruntime-gpu: the assembled wheel's sha256 differs from WHEEL_SHA256 (a part missing or damaged): not installed"
+  elif timeout 60 $PY -m pip install -q --no-deps --no-index --no-compile --disable-pip-version-check \
+      --target "$WORK/ortgpu-site" "$w" >>"$LOG" 2>&1; then
+    mv "$WORK/ortgpu-site" .ortgpu-site
+  else
+    say "onnxruntime-gpu: pip failed (see above); the CUDA stages of ONNX Runtime will say no CUDA"
+  fi
+  rm -f "$w"
 fi
 [ -d .ortgpu-site ] && export PYTHONPATH=$PWD/.ortgpu-site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
@@ -77,7 +89,8 @@ for s in "${STAGES[@]}"; do
   name=${s%%:*} limit=${s##*:}
   say "== $name (timeout $limit s)"
   if [ "$name" = kernels ]; then
-    TRITON_INTERPRET=0 timeout -k 5 "$limit" $PY -m pytest tests/test_kernels.py -q -k gpu -p no:cacheprovider -rs \
+    # -P: the repository root first on sys.path would hide the lmcor shim behind the tree's own lmcor/
+    TRITON_INTERPRET=0 timeout -k 5 "$limit" $PY -P -m pytest tests/test_kernels.py -q -k gpu -p no:cacheprovider -rs \
       --junitxml="$WORK/kernels.xml" >>"$LOG" 2>&1
     echo $? > "$WORK/kernels.pytest"
     timeout 30 $PY bench/gpu_check.py kernels --work "$WORK" >>"$LOG" 2>&1
@@ -85,6 +98,8 @@ for s in "${STAGES[@]}"; do
     timeout -k 5 "$limit" $PY bench/gpu_check.py "$name" --work "$WORK" --checkpoint "$CHECKPOINT" >>"$LOG" 2>&1
   fi
   echo $? > "$WORK/$name.status"
+  # After every stage: a run cut short by the command's limit still brings back what it measured.
+  timeout 10 $PY bench/gpu_check.py report --work "$WORK" --out "$OUT" >>"$LOG" 2>&1
 done
-$PY bench/gpu_check.py report --work "$WORK" --out "$OUT" >>"$LOG" 2>&1
 cat "$OUT/gpu_check.txt"
+rm -rf "$WORK"

@@ -67,5 +67,14 @@ class PackedEncoder:
             packed, cu = self._encode(self.weights, ids, torch.zeros_like(ids), lengths)
             hidden = self._unpack(packed, cu, input_ids.shape[1]).contiguous()
         if self.device == "cuda":
-            return _repeat(ort.OrtValue.from_dlpack(hidden.__dlpack__(), False), repeat, self.device)
+            return _repeat(_from_dlpack(hidden), repeat, self.device)
         return _repeat(ort.OrtValue.ortvalue_from_numpy(hidden.numpy()), repeat, self.device)
+
+
+def _from_dlpack(tensor) -> ort.OrtValue:
+    """An OrtValue over `tensor`'s memory, without a copy. Recent ONNX Runtime (1.31, 1.32) takes the
+    tensor itself; earlier ones a DLPack capsule and whether it holds booleans."""
+    try:
+        return ort.OrtValue.from_dlpack(tensor)
+    except TypeError:
+        return ort.OrtValue.from_dlpack(tensor.__dlpack__(), False)

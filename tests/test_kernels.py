@@ -169,3 +169,14 @@ def test_corrector_with_the_packed_encoder_gives_the_onnx_tokens(checkpoints, tm
     got = packed.correct_batch(requests, max_new_tokens=12, batch_size=3)
     assert [c.token_ids for c in got] == [c.token_ids for c in onnx]
     assert Corrector.load(bundle).packed is None  # auto: the ONNX encoder without CUDA
+
+
+def test_encoder_states_reach_onnx_runtime_through_dlpack_without_a_copy():
+    """The CUDA path hands the packed encoder's states over by DLPack (here on the CPU: the same call)."""
+    from lmcor.runtime.encode import _from_dlpack
+
+    states = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    value = _from_dlpack(states)
+    assert value.shape() == [2, 3, 4] and (value.numpy() == states.numpy()).all()
+    states[0, 0, 0] = -1.0  # one memory: ONNX Runtime reads what the encoder wrote
+    assert value.numpy()[0, 0, 0] == -1.0
