@@ -5,6 +5,7 @@
 #                                                   # Hugging Face folder -> .cache/gpu_check/hf (bf16, ~11 MB)
 #   bash bench/gpu_check.sh                         # on the GPU machine, in the repository root ($OUT set)
 #   bash bench/gpu_check.sh --dry-run               # anywhere: print the stages, write a "not run" report
+#   bash bench/gpu_check.sh --split WHEEL           # here: onnxruntime-gpu's wheel in 20 MiB parts .ortgpu1..
 #
 # On the GPU machine (device tool: the command runs in the repository root, $OUT comes back), carry
 # .cache/gpu_check; onnxruntime-gpu comes from ../shared/gpu/README.md: its parts .ortgpu1.. (sent
@@ -20,6 +21,7 @@
 #   onnxruntime-gpu install (60): at most 550 s, far less where nothing times out.
 #   Without onnxruntime-gpu, the packed encoder and transformers still run (they need PyTorch's CUDA only).
 set -u
+here=$PWD
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DRY=0
@@ -37,8 +39,25 @@ AutoTokenizer.from_pretrained(src).save_pretrained(out)
 print("prepared", out, "(carry .cache/gpu_check on the GPU machine)")
 PY
     ;;
+  --split)
+    # onnxruntime-gpu's wheel (pip download --no-deps onnxruntime-gpu==1.31.1 --python-version 3.12 ...)
+    # in parts that fit one transfer beside the working tree (~42 MiB of a call's 64): .ortgpu1..N,
+    # one per call, with the wheel's name and sha256 in .ortgpu1.
+    whl=$(cd "$here" && realpath "${2:?usage: bash bench/gpu_check.sh --split ONNXRUNTIME_GPU_WHEEL}") || exit 2
+    parts=$(mktemp -d)
+    rm -rf .ortgpu[0-9]* && split -b 20m -d -a 3 "$whl" "$parts/part" || exit 1
+    i=0
+    for p in "$parts"/part*; do
+      i=$((i+1)); mkdir -p ".ortgpu$i"; mv "$p" ".ortgpu$i/"
+      grep -qx "/.ortgpu$i/" .git/info/exclude 2>/dev/null || echo "/.ortgpu$i/" >> .git/info/exclude
+    done
+    basename "$whl" > .ortgpu1/WHEEL_NAME && sha256sum "$whl" | cut -d' ' -f1 > .ortgpu1/WHEEL_SHA256
+    rm -rf "$parts"
+    echo "$i parts of at most 20 MiB: .ortgpu1 .. .ortgpu$i (send one per call, back to back)"
+    exit 0
+    ;;
   "") ;;
-  *) echo "usage: bash bench/gpu_check.sh [--dry-run | --prepare CHECKPOINT]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry-run | --prepare CHECKPOINT | --split WHEEL]" >&2; exit 2 ;;
 esac
 OUT=${OUT:-$PWD/.cache/gpu_check/out}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
