@@ -186,7 +186,7 @@ def test_serve_checks_its_bundles_before_it_listens(tmp_path, capsys):
 
 @pytest.mark.parametrize("command, flags", [
     ("correct", "CORRECTION_FLAGS"), ("eval", "CORRECTION_FLAGS"), ("generate", "generate"),
-    ("candidates", "candidates"), ("classify", "classify")])
+    ("candidates", "candidates")])
 def test_a_lines_option_fields_name_flags_the_command_has(command, flags):
     """The fields a line may not hold (they are the run's options) each name a flag of the command."""
     import importlib
@@ -195,8 +195,7 @@ def test_a_lines_option_fields_name_flags_the_command_has(command, flags):
     from lmcor.runtime.request import OPTION_FIELDS
 
     assert options.CORRECTION_FLAGS.keys() == OPTION_FIELDS
-    table = {"classify": {"model": "--model"}}.get(flags) or getattr(options, flags, None) or \
-        importlib.import_module(f"lmcor.cli.{flags}").LINE_OPTIONS
+    table = getattr(options, flags, None) or importlib.import_module(f"lmcor.cli.{flags}").LINE_OPTIONS
     _, parser = _parser(command)
     known = {flag for action in parser._actions for flag in action.option_strings}
     assert set(table.values()) <= known

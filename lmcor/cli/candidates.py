@@ -64,7 +64,7 @@ def _check_same_run(output: str, last: dict, writer: CandidateWriter) -> None:
 
 
 # A line's options are the run's: these fields are flags here.
-LINE_OPTIONS = {**options.SAMPLING_FLAGS, "k": "-k", "prompt": "--prompt", "model": "--model"}
+LINE_OPTIONS = {**options.SAMPLING_FLAGS, "k": "-k", "prompt": "--prompt"}
 
 
 def _source(value: dict, _number: int) -> str:

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", help="text put before every prompt, run once and shared")
 
 
-# A line's options are the run's: these fields of lmcor serve's bodies are flags here.
-LINE_OPTIONS = {**options.SAMPLING_FLAGS, "prefix": "--prefix", "model": "--model"}
+# A line's options are the run's: these fields of lmcor serve's bodies are flags here. (Not `model`:
+# a line may well name the model its prompt is about, and --model is required anyway.)
+LINE_OPTIONS = {**options.SAMPLING_FLAGS, "prefix": "--prefix"}
 
 
 def text_field(value: dict, name: str) -> str:
