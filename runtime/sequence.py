@@ -126,7 +126,8 @@ class Sequence:
             if written:
                 try:
                     self.listener(written)
-                except Exception:  # a listener gone wrong (its client left) stops listening, not the batch
+                except BaseException:  # noqa: BLE001 - a listener gone wrong (its client left, or it raised
+                    # KeyboardInterrupt in this thread) stops listening, not the batch the other requests share
                     self.listener = None
 
     def output(self, eos: int) -> list[int]:

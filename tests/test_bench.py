@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from lmcor.cli import main
 
 FIELDS = {"load_s", "rss_mb", "latency_ms", "ms_per_output_token", "throughput", "agreement_with_transformers"}
@@ -79,3 +81,13 @@ def test_bench_drafts_needs_a_ragged_bundle(bundles, tmp_path, capsys):
     data.write_text('{"source": "a b", "candidates": ["a b"]}\n')
     assert main(["bench", "--drafts", "--bundle", str(bundles["bart"]), "--data", str(data)]) == 2
     assert "cannot verify drafts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, said", [(["--seconds", "-1"], "--seconds: must be a number of seconds above 0"),
+                                        (["--clients", "1,100000"], "--clients: must be integers from 1 to 1024")])
+def test_serve_load_settings_that_measure_nothing_are_refused(args, said, capsys):
+    try:
+        code = main(["bench", "--serve", *args])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2 and said in capsys.readouterr().err

@@ -265,7 +265,7 @@ def test_options_come_as_keywords_or_as_one_object(bundles):
 
 def test_on_tokens_hears_every_token_as_it_is_written(bundles):
     """The per-token hook gets each decoder call's new tokens (drafted ones in one piece), which add
-    up to the output; one that raises stops listening and the request still finishes."""
+    up to the output; one that raises (anything) stops listening and the request still finishes."""
     corrector = Corrector.load(bundles["t5v11"])
     requests = make_requests(6, seed=21)
     heard: dict[int, list[list[int]]] = {n: [] for n in range(len(requests))}
@@ -273,8 +273,14 @@ def test_on_tokens_hears_every_token_as_it_is_written(bundles):
         futures = [engine.submit(r, CorrectionOptions(max_new_tokens=32), on_tokens=heard[n].append)
                    for n, r in enumerate(requests)]
         broken = engine.submit(requests[0], CorrectionOptions(max_new_tokens=32), on_tokens=lambda ids: 1 / 0)
+
+        def interrupting(ids):
+            raise KeyboardInterrupt  # in the engine's thread: the listener's end, not the engine's
+
+        stopped = engine.submit(requests[1], CorrectionOptions(max_new_tokens=32), on_tokens=interrupting)
         results = [f.result(timeout=60) for f in futures]
         assert broken.result(timeout=60).text == results[0].text
+        assert stopped.result(timeout=60).text == results[1].text and engine.failure is None
         with pytest.raises(InputError, match="on_tokens must be callable"):
             engine.submit(requests[0], on_tokens="print").result(timeout=60)
     for n, result in enumerate(results):

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: the compiled core vs the Python references on --bundle over --data (default: "
                         "recipes/splits/test.jsonl): batch-1 host time outside ONNX Runtime per request, and batch "
                         "throughput against the FLOP bound (--requests default 100, --rounds, --batch-size default 16)")
-    parser.add_argument("--seconds", type=options.finite_float, default=15.0,
+    parser.add_argument("--seconds", type=_seconds, default=15.0,
                         help="with --serve: seconds of load at each concurrency (default: %(default)s)")
     parser.add_argument("--clients", default="1,4,16,64", help="with --serve: concurrencies (default: %(default)s)")
     parser.add_argument("--prefix-tokens", type=options.positive_int, default=500, help="with --shared-prefix")
@@ -110,6 +110,18 @@ def _write_report(path: Path, report: dict, table: str) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _seconds(text: str) -> float:
+    value = options.finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
+# Client threads of one process: past a thousand, starting them takes longer than a point's load.
+MAX_CLIENTS = 1024
+_client_count = options._int_from(1, f"integers from 1 to {MAX_CLIENTS}", MAX_CLIENTS)
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from lmcor.bench import serve
 
@@ -117,7 +129,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     if not data.is_file():
         raise InputError(f"--serve needs --data: a JSONL file of correction requests ({data} is not there)")
     try:
-        clients = tuple(options.positive_int(c) for c in args.clients.split(","))
+        clients = tuple(_client_count(c) for c in args.clients.split(","))
     except argparse.ArgumentTypeError as e:
         raise InputError(f"--clients: {e}") from None
     own = serve.ServeBenchConfig
