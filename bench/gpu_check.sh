@@ -114,7 +114,8 @@ for s in "${STAGES[@]}"; do
   name=${s%%:*} limit=${s##*:}
   say "== $name (timeout $limit s)"
   if [ "$name" = kernels ]; then
-    # -P: the repository root first on sys.path would hide the lmcor shim behind the tree's own lmcor/
+    # -P (Python 3.11+; the GPU machine's is 3.12): the repository root first on sys.path would hide the
+    # lmcor shim behind the tree's own lmcor/
     TRITON_INTERPRET=0 timeout -k 5 "$limit" $PY -P -m pytest tests/test_kernels.py -q -k gpu -p no:cacheprovider -rs \
       --junitxml="$WORK/kernels.xml" >>"$LOG" 2>&1
     echo $? > "$WORK/kernels.pytest"

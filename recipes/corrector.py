@@ -144,9 +144,14 @@ def candidate_writer(job: Job):
     from lmcor.runtime.candidates import CandidateWriter, FewShot, default_few_shot
     from lmcor.runtime.generator import Generator
 
+    from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_max_new_tokens
+
     few_shot = FewShot.from_template(job.prompt) if job.prompt is not None else default_few_shot()
     try:
-        return CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
+        generator = Generator.load(job.llm)
+        check_int("batch_size", job.batch_size, 1, MAX_BATCH_SIZE)  # the writer's calls would check these late
+        check_max_new_tokens(job.max_new_tokens, generator.manifest.max_output_tokens)
+        return CandidateWriter(generator, few_shot, k=job.k, temperature=job.temperature,
                                batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
     except InputError as e:
         raise InputError(re.sub(r"^\w+", lambda m: _LLM_FLAGS.get(m.group(0), m.group(0)), str(e))) from None
@@ -310,7 +315,9 @@ def _check_init(init: Path) -> None:
         config = json.loads((init / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"--init {init}/config.json: not JSON ({e})") from None
-    if not isinstance(config, dict) or not config.get("is_encoder_decoder"):
+    from lmcor.export.checkpoint import SEQ2SEQ_TYPES
+
+    if not isinstance(config, dict) or not (config.get("is_encoder_decoder") or config.get("model_type") in SEQ2SEQ_TYPES):
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise InputError(f"--init {init}: a {kind or 'model'} checkpoint, not a seq2seq one: give a T5 or BART checkpoint")
 
@@ -434,7 +441,7 @@ def run(job: Job) -> dict:
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
                     examples=lambda step: examples(parts["train"], job.synthetic, settings.seed + step), dev=dev,
                     copy_warmup=warmup, resume=job.resume, device=job.device,
-                    eval_minutes=max(1.0, job.minutes / 10), progress=not job.quiet)
+                    eval_minutes=max(1.0, job.minutes / 10), show_progress=not job.quiet)
     if _steps(job.out) == 0:
         raise InputError(f"--minutes {job.minutes:g} ran out before the first training step: an untrained corrector "
                          "is not exported; run again with more --minutes (it continues)")

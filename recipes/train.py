@@ -389,13 +389,13 @@ def _shuffled_samples(example: Example, rng: random.Random) -> Example:
 
 def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, examples, dev: list[Example],
         copy_warmup: bool, resume: bool = False, eval_minutes: float = 10.0, device: str = "cpu",
-        progress: bool = True) -> Path:
+        show_progress: bool = True) -> Path:
     """Train `model` on `examples(step)` (an endless stream of Examples, started at a step) for
     `minutes`, keeping the checkpoint with the best dev chrF; returns the Hugging Face folder.
 
     `copy_warmup` starts with the copy tasks (a model from scratch, with `copy_init`); a
     pretrained model goes straight to correcting. Checkpoints every 5 minutes; `resume`
-    continues from `out/checkpoint.pt`. `progress`: a bar of the training time on stderr."""
+    continues from `out/checkpoint.pt`. `show_progress`: a bar of the training time on stderr."""
     import sys
 
     import torch
@@ -425,7 +425,7 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     history = out / "train_log.jsonl"
     model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["elapsed"]), round(budget)), unit="s", desc="training",
-               file=sys.stderr, disable=not progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
+               file=sys.stderr, disable=not show_progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
                "[{elapsed}<{remaining}{postfix}]")
     try:
         while (elapsed := time.time() - started) < budget:

@@ -316,13 +316,18 @@ def _row_prefixes(prefix: Any, count: int) -> list[Prefix | None]:
     return prefixes
 
 
+def row_seed(seed: int, index: int) -> int:
+    """The sampling seed of a batch's prompt `index` under one `seed` for the batch."""
+    return seed * 1_000_003 + index
+
+
 def _row_seeds(seed: Any, count: int) -> list[int | None]:
-    """One seed per prompt: `seed` and the prompt's index, or `seed[n]`."""
+    """One seed per prompt: `seed` and the prompt's index (`row_seed`), or `seed[n]`."""
     if seed is None:
         return [None] * count
     if isinstance(seed, (int, float, bool, np.number, np.bool_)):  # one seed for all
         base = check_int("seed", seed, 0)
-        return [base * 1_000_003 + n for n in range(count)]
+        return [row_seed(base, n) for n in range(count)]
     seeds = check_items("seed", seed, "integers")
     if len(seeds) != count:
         raise InputError(f"seed: {len(seeds)} seeds for {count} prompts (give one per prompt, or one integer)")

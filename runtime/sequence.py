@@ -7,6 +7,7 @@ the row order and each row's cache (see `decode.Batch`).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -126,8 +127,11 @@ class Sequence:
             if written:
                 try:
                     self.listener(written)
-                except BaseException:  # noqa: BLE001 - a listener gone wrong (its client left, or it raised
-                    # KeyboardInterrupt in this thread) stops listening, not the batch the other requests share
+                except Exception:  # a listener gone wrong (its client left) stops listening, not the batch
+                    self.listener = None
+                except KeyboardInterrupt:  # raised by the listener in the engine's own thread: the same;
+                    if threading.current_thread() is threading.main_thread():  # in the main thread, a Ctrl-C
+                        raise
                     self.listener = None
 
     def output(self, eos: int) -> list[int]:

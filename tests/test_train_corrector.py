@@ -165,8 +165,6 @@ def test_bad_inputs_are_refused_before_out_is_touched(pairs, tmp_path, capsys):
     assert (mine / "dev.jsonl").read_text() == '{"my": "data"}\n'
     assert _train_own(own, tmp_path / "d", "-k", "3") == 2  # an option of the LLM's, without one
     assert "-k needs --llm" in capsys.readouterr().err and not (tmp_path / "d").exists()
-    assert _train(own, tmp_path / "e", tmp_path / "no-llm", "--llm-batch-size", "100000") == 2
-    assert "--llm-batch-size must be an integer from 1 to 1024" in capsys.readouterr().err
 
 
 def test_the_llm_options_and_the_init_are_checked_before_a_restart_clears(llm, pairs, tmp_path, gpt2_checkpoint, capsys):
@@ -175,6 +173,10 @@ def test_the_llm_options_and_the_init_are_checked_before_a_restart_clears(llm, p
     kept = sorted(p.name for p in out.iterdir())
     assert _train(pairs, out, llm, "--restart", "--temperature", "-1") == 2
     assert "--temperature must be 0 (greedy) or between" in capsys.readouterr().err
+    assert _train(pairs, out, llm, "--restart", "--llm-batch-size", "100000") == 2
+    assert "--llm-batch-size must be an integer from 1 to 1024" in capsys.readouterr().err
+    assert _train(pairs, out, llm, "--restart", "--max-new-tokens", "10000") == 2
+    assert "--max-new-tokens must be an integer from 1 to 12" in capsys.readouterr().err
     assert _train(pairs, out, llm, "--restart", "--init", str(gpt2_checkpoint)) == 2
     assert "a gpt2 checkpoint, not a seq2seq one" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == kept

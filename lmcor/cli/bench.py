@@ -119,7 +119,7 @@ def _seconds(text: str) -> float:
 
 # Client threads of one process: past a thousand, starting them takes longer than a point's load.
 MAX_CLIENTS = 1024
-_client_count = options._int_from(1, f"integers from 1 to {MAX_CLIENTS}", MAX_CLIENTS)
+_client_count = options.int_range(1, f"integers from 1 to {MAX_CLIENTS}", MAX_CLIENTS)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:

@@ -15,10 +15,10 @@ from . import options
 from .lines import answer_lines
 
 
-def line_request(value: dict, _number: int = 0) -> Any:
+def line_request(value: dict, _number: int) -> Any:
     """A line's request. Its fields other than the request's are left alone (an eval line's target,
     `lmcor candidates`' line number), but an option in a line is refused (`options.refuse_options`)."""
-    options.refuse_options(value, options.CORRECTION_FLAGS)
+    options.refuse_options(value, options.CORRECTION_FLAGS, served=options.CORRECTION_FLAGS)
     return as_request(value)
 
 

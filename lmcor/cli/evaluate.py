@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                 if isinstance(line.value, InputError):
                     raise line.value
                 if isinstance(line.value, dict):
-                    options.refuse_options(line.value, options.CORRECTION_FLAGS)
+                    options.refuse_options(line.value, options.CORRECTION_FLAGS, served=options.CORRECTION_FLAGS)
                 items.append(quality.item(line.value, line.number))
             except InputError as e:
                 errors.append({"line": line.number, "error": str(e)})

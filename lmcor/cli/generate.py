@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.generator import Generation, Generator
+from lmcor.runtime.generator import Generation, Generator, row_seed
 
 from . import options
 from .lines import answer_lines
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # A line's options are the run's: these fields of lmcor serve's bodies are flags here. (Not `model`:
 # a line may well name the model its prompt is about, and --model is required anyway.)
 LINE_OPTIONS = {**options.SAMPLING_FLAGS, "prefix": "--prefix"}
+SERVED = ("max_new_tokens", "temperature", "top_p", "seed", "stop")  # what /v1/generate takes per request
 
 
 def text_field(value: dict, name: str) -> str:
@@ -39,9 +40,9 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def line_seed(seed: int, number: int) -> int:
     """A line's sampling seed: `--seed` and its line number alone, whichever lines share its batch
-    (a pipe's lines come in ones and twos; --resume starts mid-file). A whole file in one batch
-    samples as `Generator.generate_batch(seed=seed)` does."""
-    return seed * 1_000_003 + number - 1
+    (a pipe's lines come in ones and twos; --resume starts mid-file). A whole file with no blank
+    line, in one batch, samples as `Generator.generate_batch(seed=seed)` does."""
+    return row_seed(seed, number - 1)
 
 
 def record(number: int, ident: Any, result: Generation) -> dict:
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--prefix: {e}") from None
 
     def prompt(value: dict, number: int) -> tuple[str, int]:
-        options.refuse_options(value, LINE_OPTIONS)
+        options.refuse_options(value, LINE_OPTIONS, served=SERVED)
         return text_field(value, "prompt"), line_seed(args.seed, number)
 
     def answer(prompts: list[tuple[str, int]]) -> list:

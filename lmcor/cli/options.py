@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Collection
 from typing import Any
 
 # A JSONL line longer than this is an error record, not a request (a corrector reads a few
@@ -13,7 +14,7 @@ DEFAULT_MAX_WAIT_MS = 20.0
 MAX_WAIT_MS = 3_600_000.0  # an hour: a batch waiting longer for its lines is a mistake (and past ~1e13 ms, the OS's timeouts overflow)
 
 
-def _int_from(least: int, what: str, most: int | None = None):
+def int_range(least: int, what: str, most: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -26,11 +27,11 @@ def _int_from(least: int, what: str, most: int | None = None):
     return parse
 
 
-positive_int = _int_from(1, "a positive integer")
-non_negative_int = _int_from(0, "an integer >= 0")
+positive_int = int_range(1, "a positive integer")
+non_negative_int = int_range(0, "an integer >= 0")
 # Candidates per source: LMCor samples 5; a corrector reads them all in one input of a few hundred tokens.
 MAX_K = 64
-candidate_count = _int_from(1, f"an integer from 1 to {MAX_K}", MAX_K)
+candidate_count = int_range(1, f"an integer from 1 to {MAX_K}", MAX_K)
 
 
 def finite_float(text: str) -> float:
@@ -106,23 +107,25 @@ def providers(args: argparse.Namespace) -> list[str] | None:
     return names
 
 
-def refuse_options(value: dict, flags: dict[str, str], *, served: bool = True) -> None:
+def refuse_options(value: dict, flags: dict[str, str], served: Collection[str] = ()) -> None:
     """Refuse a line that holds one of a command's options (field -> its flag): on the command line
     options are the run's, and one that a line asks for would otherwise be silently ignored. (`served`:
-    `lmcor serve` takes them per request.)"""
+    those `lmcor serve` takes per request.)"""
     from lmcor.runtime.errors import InputError
 
     asked = sorted(flags.keys() & value.keys())
     if asked:
-        raise InputError(f"field {asked[0]!r} is an option of the whole run here ({flags[asked[0]]}), not of one line"
-                         + (" (lmcor serve takes options per request)" if served else ""))
+        field = asked[0]
+        raise InputError(f"field {field!r} is an option of the whole run here ({flags[field]}), not of one line"
+                         + (" (lmcor serve takes options per request)" if field in served else ""))
 
 
 def _flags(*names: str, **special: str) -> dict[str, str]:
     return {**{name: "--" + name.replace("_", "-") for name in names}, **special}
 
 
-# The fields of `lmcor serve`'s bodies that are the commands' flags here.
+# Request fields that are the commands' flags here (`lmcor serve` takes the correction ones, and the
+# sampling ones but `drafts`, per request).
 CORRECTION_FLAGS = _flags("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size",
                           "gate_threshold", "fallback_below", "fallback_span", drafts="--no-drafts")
 SAMPLING_FLAGS = _flags("max_new_tokens", "temperature", "top_p", "seed", "stop", drafts="--no-drafts")

@@ -42,7 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmcor.recipes import corrector
     from lmcor.runtime.errors import InputError
-    from lmcor.runtime.options import MAX_BATCH_SIZE
 
     if not 0 <= args.synthetic <= 1:
         raise InputError(f"--synthetic must be a share from 0 to 1, got {args.synthetic}")
@@ -55,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
              if value is not None]
     if given and not args.llm:
         raise InputError(f"{given[0]} needs --llm: without it the pairs file's own candidates are read")
-    if args.llm_batch_size is not None and args.llm_batch_size > MAX_BATCH_SIZE:
-        raise InputError(f"--llm-batch-size must be an integer from 1 to {MAX_BATCH_SIZE}, got {args.llm_batch_size}")
     if not args.quiet:
         logging.getLogger("lmcor").setLevel(min(logging.INFO, logging.getLogger("lmcor").level))
     defaults = corrector.Job(pairs=Path(), out=Path())

@@ -492,9 +492,16 @@ def _item(required: list[str], properties: dict, timeout_s: float) -> dict:
 
 
 def _model_field(names: list[str]) -> dict:
-    """`model`: one of the server's models; null (or left out) only where it has one."""
-    name = {"type": "string", "enum": names}
+    """`model`: one of the server's models (none: any name is refused, 404); null (or left out) only
+    where it has one."""
+    name = {"type": "string", "enum": names} if names else {"type": "string"}
     return _nullable(name) if len(names) == 1 else name
+
+
+def _named_item(names: list[str], required: list[str], properties: dict, timeout_s: float) -> dict:
+    """`_item` of a route whose `model` field must name one of several models."""
+    return _item([*required, "model"] if len(names) > 1 else required,
+                 {"model": _model_field(names), **properties}, timeout_s)
 
 
 _ERROR = {"type": "object", "required": ["kind", "message"],
@@ -517,20 +524,19 @@ _GENERATION = {"type": "object", "required": ["id", "output", "output_tokens"],
 
 def _bodies(config: ServeConfig) -> dict[str, dict]:
     """The OpenAPI parts of the three routes, for this server's models and limits."""
-    corrector = _most_tokens(config.model or shipped_bundle("default"))
+    corrector = _most_tokens(config.model)
     generators = [m for m in (_most_tokens(path) for path in (config.generators or {}).values()) if m]
     correct = _one_or_many(_item(["source", "candidates"], {
         "id": _ID, "source": _TEXT, "candidates": {**_TEXTS, "minItems": 1},
         **_option_schemas(corrector, config.gate is not None),
         "stream": {"type": "boolean", "default": False, "description": "server-sent events (the same in every item)"}},
         config.timeout_s), _CORRECTION, stream=True)
-    classify = _one_or_many(_item(["text"], {
-        "model": _model_field(list(config.classifiers or {})), "id": _ID, "text": _TEXT,
-        "pair": _nullable({"type": "string"})}, config.timeout_s), _CLASSIFICATION)
+    classify = _one_or_many(_named_item(list(config.classifiers or {}), ["text"], {
+        "id": _ID, "text": _TEXT, "pair": _nullable({"type": "string"})}, config.timeout_s), _CLASSIFICATION)
     tokens = {"type": "integer", "minimum": 1, **({"maximum": max(generators)} if generators else {}),
               "description": "at most the generator's max_output_tokens"}
-    generate = _one_or_many(_item(["prompt"], {
-        "model": _model_field(list(config.generators or {})), "id": _ID, "prompt": {"type": "string", "minLength": 1},
+    generate = _one_or_many(_named_item(list(config.generators or {}), ["prompt"], {
+        "id": _ID, "prompt": {"type": "string", "minLength": 1},
         "max_new_tokens": _nullable(tokens),
         "temperature": {"anyOf": [{"type": "number", "enum": [0]},
                                   {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}],
@@ -542,10 +548,10 @@ def _bodies(config: ServeConfig) -> dict[str, dict]:
 
 
 def _most_tokens(path: Any) -> int | None:
-    """A bundle's max_output_tokens, for the schema (None where its manifest cannot be read: the
-    server then fails to load it, and says why)."""
+    """A bundle's max_output_tokens (None: the shipped corrector), for the schema; None where its
+    manifest cannot be read: the server then fails to load it, and says why."""
     try:
-        return load_manifest(path, verify=False).max_output_tokens
+        return load_manifest(path or shipped_bundle("default"), verify=False).max_output_tokens
     except LmcorError:
         return None
 
