@@ -184,13 +184,17 @@ class JsonlLines(Datasource):
                 for b in self.blocks]
 
 
+READ_CONCURRENCY = 2  # blocks read at once
+
+
 def read_jsonl(source: str | Path | JsonlLines, **settings: Any) -> Dataset:
     """A JSONL file as a Ray Dataset of rows {line, size, raw} (`JsonlLines`, which takes `settings`),
     read on this node: only the driver's machine needs the file."""
     if not isinstance(source, JsonlLines):
         source = JsonlLines(source, **settings)
     # Reads take no CPU of their own: the workers may hold every CPU, and a read is a seek and a copy.
-    return ray.data.read_datasource(source, num_cpus=0,
+    # So few at once: with no CPU to bound them, Ray would start a worker process for every block.
+    return ray.data.read_datasource(source, num_cpus=0, concurrency=READ_CONCURRENCY,
                                     label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
 
 
