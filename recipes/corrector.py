@@ -144,14 +144,9 @@ def candidate_writer(job: Job):
     from lmcor.runtime.candidates import CandidateWriter, FewShot, default_few_shot
     from lmcor.runtime.generator import Generator
 
-    from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_max_new_tokens
-
     few_shot = FewShot.from_template(job.prompt) if job.prompt is not None else default_few_shot()
     try:
-        generator = Generator.load(job.llm)
-        check_int("batch_size", job.batch_size, 1, MAX_BATCH_SIZE)  # the writer's calls would check these late
-        check_max_new_tokens(job.max_new_tokens, generator.manifest.max_output_tokens)
-        return CandidateWriter(generator, few_shot, k=job.k, temperature=job.temperature,
+        return CandidateWriter(Generator.load(job.llm), few_shot, k=job.k, temperature=job.temperature,
                                batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
     except InputError as e:
         raise InputError(re.sub(r"^\w+", lambda m: _LLM_FLAGS.get(m.group(0), m.group(0)), str(e))) from None

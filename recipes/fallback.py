@@ -19,10 +19,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
-from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.errors import InputError
+
+from . import command_line
 
 log = logging.getLogger("lmcor.recipes")
 
@@ -123,16 +124,8 @@ def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.
     return [chosen] + [t for t in tried if t is not chosen]
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
-    """The recipe's command line: a bad bundle, dev file or flag is one line, exit 2."""
-    try:
-        return _main(argv)
-    except LmcorError as e:
-        print(f"lmcor: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.fallback", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="corrector bundle folder (its manifest is rewritten)")
     parser.add_argument("--dev", type=Path, action="append", help="dev data (repeatable; default: "

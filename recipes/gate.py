@@ -24,7 +24,6 @@ import importlib.util
 import json
 import logging
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from lmcor.runtime.classifier import gate_input, right_probabilities
 from lmcor.runtime.errors import ExportError
 
-from . import data
+from . import command_line, data
 
 LABELS = ("needs correction", "right")
 SPLITS = Path(__file__).parent / "splits"
@@ -161,18 +160,8 @@ def _usable(read_items, path: Path) -> list:
     return items
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
-    """The recipe's command line: a bad bundle, data file or flag is one line, exit 2."""
-    from lmcor.runtime.errors import LmcorError
-
-    try:
-        return _main(argv)
-    except LmcorError as e:
-        print(f"lmcor: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/gate"))
     parser.add_argument("--steps", type=int, default=3000)

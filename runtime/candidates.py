@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 from .generator import Generator, Prefix
-from .options import check_int, check_temperature
+from .options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_number, check_temperature
 
 INSTRUCTION = "Correct the grammar and spelling of each sentence. Change only what is wrong.\n"
 # (wrong, right) pairs about things no ordinary sentence is about, so that an echo never passes for
@@ -109,9 +109,14 @@ class CandidateWriter:
     stats: CandidateStats = field(default_factory=CandidateStats)
 
     def __post_init__(self) -> None:
+        # Checked as `generate_batch` checks them, but now: not first when the first batch runs.
         self.k = check_int("k", self.k, 1)
         self.temperature = check_temperature(self.temperature)
+        self.top_p = check_number("top_p", self.top_p, 0, 1, above_low=True)
         self.seed = check_int("seed", self.seed, 0)
+        self.batch_size = check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = check_max_new_tokens(self.max_new_tokens, self.generator.manifest.max_output_tokens)
         positions = self.generator.manifest.max_input_tokens
         for head in filter(None, self.few_shot.heads):  # said of the prompt, which the user wrote or took by default
             if (n := len(self.generator.encode(head.rstrip() or head))) >= positions:

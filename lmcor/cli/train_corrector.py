@@ -56,15 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{given[0]} needs --llm: without it the pairs file's own candidates are read")
     if not args.quiet:
         logging.getLogger("lmcor").setLevel(min(logging.INFO, logging.getLogger("lmcor").level))
-    defaults = corrector.Job(pairs=Path(), out=Path())
+    given_llm = {"k": args.k, "temperature": args.temperature, "batch_size": args.llm_batch_size}  # else `Job`'s
     job = corrector.Job(pairs=Path(args.pairs), out=Path(args.out), llm=Path(args.llm) if args.llm else None,
-                        k=defaults.k if args.k is None else args.k,
-                        temperature=defaults.temperature if args.temperature is None else args.temperature,
                         prompt=args.prompt, size=args.size,
                         init=Path(args.init) if args.init else None, synthetic=args.synthetic, held_out=args.held_out,
                         minutes=args.minutes, device=args.device, resume=not args.restart,
-                        batch_size=defaults.batch_size if args.llm_batch_size is None else args.llm_batch_size,
-                        max_new_tokens=args.max_new_tokens, quiet=args.quiet)
+                        max_new_tokens=args.max_new_tokens, quiet=args.quiet,
+                        **{name: value for name, value in given_llm.items() if value is not None})
     previous = signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: training keeps the step it reached
     try:
         result = corrector.run(job)
