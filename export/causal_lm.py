@@ -103,17 +103,34 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     return manifest
 
 
-def _validate(model, bundle: Path, max_new_tokens: int = NEW_TOKENS) -> dict:
+def _fitting(generator, prompts: tuple[str, ...]) -> tuple[list[str], int]:
+    """The sample `prompts` cut (by words) to half the bundle's positions at most, and the greedy
+    tokens to compare after each: NEW_TOKENS, fewer where the bundle's limits allow fewer."""
+    positions = generator.manifest.max_input_tokens
+    fitted = []
+    for prompt in prompts:
+        while " " in prompt.strip() and len(generator.encode(prompt)) > positions // 2:
+            prompt = prompt.strip().rsplit(" ", 1)[0]
+        if len(generator.encode(prompt)) <= positions // 2:
+            fitted.append(prompt)
+    if not fitted:
+        raise ExportError(f"--max-input-tokens {positions} leaves no room to validate the bundle on a one-word prompt "
+                          "and its answer: give it more")
+    longest = max(len(generator.encode(prompt)) for prompt in fitted)
+    return fitted, min(NEW_TOKENS, generator.manifest.max_output_tokens, positions - longest + 1)
+
+
+def _validate(model, bundle: Path) -> dict:
     import torch
     from lmcor.runtime.generator import Generator
 
     generator = Generator.load(bundle, providers=["CPUExecutionProvider"])
     special = generator.manifest.special_tokens
-    max_new_tokens = min(max_new_tokens, generator.manifest.max_output_tokens)  # a bundle's limit may be smaller
-    batched = generator.generate_batch(list(SAMPLE_PROMPTS), max_new_tokens=max_new_tokens, batch_size=len(SAMPLE_PROMPTS))
+    prompts, max_new_tokens = _fitting(generator, SAMPLE_PROMPTS)
+    batched = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
     model.generation_config = greedy_config(special, max_new_tokens, generator.manifest.end_tokens)
     ends = {special.eos, *generator.manifest.end_tokens}
-    for n, (prompt, ours) in enumerate(zip(SAMPLE_PROMPTS, batched)):
+    for n, (prompt, ours) in enumerate(zip(prompts, batched)):
         ids = torch.tensor([generator.encode(prompt)])
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -122,7 +139,7 @@ def _validate(model, bundle: Path, max_new_tokens: int = NEW_TOKENS) -> dict:
         if reference != ours.token_ids:
             raise ExportError(f"validation failed: greedy tokens differ from PyTorch on sample {n} "
                               f"(PyTorch {reference[:12]}, ONNX {ours.token_ids[:12]})")
-    return {"samples": len(SAMPLE_PROMPTS), "greedy_tokens_identical": True, "batched": True}
+    return {"samples": len(prompts), "greedy_tokens_identical": True, "batched": True}
 
 
 def _validate_half(model, bundle: Path, precision: str, atol: float | None = None) -> dict:
@@ -146,10 +163,10 @@ def _validate_half(model, bundle: Path, precision: str, atol: float | None = Non
     special = generator.manifest.special_tokens
     worst = largest = 0.0
     identical = 0
-    new_tokens = min(NEW_TOKENS, generator.manifest.max_output_tokens)
+    prompts, new_tokens = _fitting(generator, HALF_PROMPTS)
     model.generation_config = greedy_config(special, new_tokens, generator.manifest.end_tokens)
     ends = {special.eos, *generator.manifest.end_tokens}
-    for prompt in HALF_PROMPTS:
+    for prompt in prompts:
         ids = generator.encode(prompt)
         with torch.no_grad():
             theirs = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
@@ -163,14 +180,14 @@ def _validate_half(model, bundle: Path, precision: str, atol: float | None = Non
     default_atol, rtol = HALF_TOLERANCES[precision]
     atol = default_atol if atol is None else atol
     tolerance = atol + rtol * largest
-    agreement, least = identical / len(HALF_PROMPTS), HALF_MIN_AGREEMENT[precision]
+    agreement, least = identical / len(prompts), HALF_MIN_AGREEMENT[precision]
     if worst > tolerance:
         raise ExportError(f"validation of the {precision} graph failed: max |logit diff| {worst:.3g} exceeds the "
                           f"{precision} tolerance {tolerance:.3g} ({atol:g} + {rtol:g} x max |logit| {largest:.3g})")
     if agreement < least:
         raise ExportError(f"validation of the {precision} graph failed: greedy tokens identical to PyTorch fp32 on "
                           f"{agreement:.0%} of the prompts (at least {least:.0%} needed)")
-    return {"samples": len(HALF_PROMPTS), "max_abs_logit_diff": worst, "tolerance": tolerance,
+    return {"samples": len(prompts), "max_abs_logit_diff": worst, "tolerance": tolerance,
             "greedy_token_agreement": agreement, "min_agreement": least,
             "validated_on": "cuda" if precision == "bf16" else "cpu"}
 

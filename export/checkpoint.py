@@ -169,8 +169,15 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
         if not getattr(tokenizer, "is_fast", False):
             raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
-        model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, tokenizer
+        model, loading = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32,
+                                                                          output_loading_info=True)
+    # A classifier's head is the one part a checkpoint of another kind lacks: transformers would start it at
+    # random, and the bundle would classify by noise.
+    missing = loading.get("missing_keys") or []
+    if auto_class == "AutoModelForSequenceClassification" and missing:
+        raise ExportError(f"{model_dir}: no classification head in this checkpoint ({', '.join(sorted(missing)[:3])} "
+                          "would start at random): export a model fine-tuned for sequence classification")
+    return model.eval(), tokenizer
 
 
 def _refuse_overlap(model_dir: Path, out_dir: Path) -> None:

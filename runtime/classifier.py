@@ -16,7 +16,7 @@ import numpy as np
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, bundle_path, load_manifest
-from .tokens import MAX_CHARS_PER_TOKEN, load_tokenizer
+from .tokens import MAX_CHARS_PER_TOKEN, cut_to_read, load_tokenizer
 from .errors import BundleError, InputError
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
 from .sessions import check_graphs, open_session, run
@@ -131,9 +131,9 @@ class Classifier:
         # Texts are cut to what the model can read before they are tokenized, as a corrector's
         # candidates are (`tokens.MAX_CHARS_PER_TOKEN`): a text's cost is bounded whatever its length.
         most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
-        cut = [len(text) > most or (pair is not None and len(pair) > most) for _, text, pair, _ in good]
-        encodings = [self.tokenizer.encode(text[:most], pair if pair is None else pair[:most])
-                     for _, text, pair, _ in good]
+        shown = [(cut_to_read(text, most), pair if pair is None else cut_to_read(pair, most)) for _, text, pair, _ in good]
+        cut = [(text, pair) != (whole, whole_pair) for (text, pair), (_, whole, whole_pair, _) in zip(shown, good)]
+        encodings = [self.tokenizer.encode(text, pair) for text, pair in shown]
         for batch in plan_batches([len(e.ids) for e in encodings], 1 if self._alone else batch_size):
             chosen = [encodings[i] for i in batch]
             ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], self._pad)

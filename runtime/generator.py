@@ -9,7 +9,7 @@ and values are copied into every batch in front of the prompts' own tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +47,11 @@ class Sampling:
 
 class Prefix:
     """A shared prompt prefix, run once: its token ids and every layer's keys and values (batch 1),
-    and the white space it ended with, which goes before each prompt instead (`Generator.prefix`)."""
+    and the white space it ended with, which goes before each prompt instead (`Generator.prefix`);
+    `model` names the model that ran it (its keys and values are that model's alone)."""
 
-    def __init__(self, ids: list[int], past: list[np.ndarray], gap: str = ""):
-        self.ids, self.past, self.gap = ids, past, gap
+    def __init__(self, ids: list[int], past: list[np.ndarray], gap: str = "", model: str = ""):
+        self.ids, self.past, self.gap, self.model = ids, past, gap, model
 
 
 class Generator:
@@ -92,7 +93,12 @@ class Generator:
                              f"model's {positions} positions")
         _, past = self._run(np.array([ids]), np.ones((1, len(ids)), dtype=np.int64),
                             np.arange(len(ids))[None, :], self._empty(1))
-        return Prefix(ids, past, text[len(shared) :])
+        return Prefix(ids, past, text[len(shared) :], self._identity)
+
+    @property
+    def _identity(self) -> str:
+        """The model, as a prefix records it: its graph's digest, else its bundle's path."""
+        return self.manifest.sha256.get(self.manifest.files["model"]) or str(self.root.resolve())
 
     def generate(self, prompt: str, **options: Any) -> str:
         return self.generate_batch([prompt], **options)[0].text
@@ -126,6 +132,9 @@ class Generator:
         sampling = Sampling(check_temperature(temperature), check_number("top_p", top_p, 0, 1, above_low=True))
         prompts = check_items("prompts", prompts, "strings")
         prefixes = _row_prefixes(prefix, len(prompts))
+        if any(p is not None and p.model != self._identity for p in prefixes):
+            raise InputError("prefix: made by another model's Generator.prefix; a prefix's keys and values are its own "
+                             "model's: make it with this one")
         batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         check_choice("errors", errors, ERRORS)
         check_progress(progress)
@@ -144,9 +153,7 @@ class Generator:
                 if errors == "raise":
                     raise InputError(f"item {n}: {e}") from None
                 out[n] = e
-        good = list(encoded)
-        for start in range(0, len(good), batch_size):
-            rows = good[start : start + batch_size]
+        for rows in self._batches(list(encoded), encoded, limits, prefixes, batch_size):
             generated = self._generate([encoded[n] for n in rows], [limits[n] for n in rows], sampling, [seeds[n] for n in rows],
                                        [prefixes[n] for n in rows], stops, drafts)
             for n, (text, ids) in zip(rows, generated):
@@ -177,6 +184,29 @@ class Generator:
                              f"{offset + len(ids) + limit - 1} of the model's {positions} positions; shorten it or "
                              "lower max_new_tokens")
         return ids, limit
+
+    def _batches(self, rows: list[int], encoded: dict[int, list[int]], limits: dict[int, int],
+                 prefixes: list[Prefix | None], batch_size: int) -> Iterator[list[int]]:
+        """The prompts `rows` in batches of at most `batch_size`, in order. A batch's cache spans its
+        longest prefix and prompt and its most new tokens, and that whole width fits the model's
+        positions: some graphs size their masks by it (GPT-Neo's). After a prefix, a sliding-window
+        model batches prompts of one length only (shortest first): its window counts cache slots, and
+        the padding between a prefix and a shorter prompt would take some of them."""
+        positions = self.manifest.max_input_tokens
+        one_length = self.manifest.sliding_window is not None and prefixes[0] is not None if prefixes else False
+        batch: list[int] = []
+        widths = (0, 0, 0)  # the batch's longest prefix, longest prompt, most new tokens
+        for n in sorted(rows, key=lambda n: len(encoded[n])) if one_length else rows:
+            own = (len(prefixes[n].ids) if prefixes[n] is not None else 0, len(encoded[n]), limits[n])
+            grown = tuple(map(max, widths, own))
+            if batch and (len(batch) == batch_size or sum(grown) - 1 > positions
+                          or (one_length and len(encoded[batch[0]]) != len(encoded[n]))):
+                yield batch
+                batch, grown = [], own
+            batch.append(n)
+            widths = grown
+        if batch:
+            yield batch
 
     def _prefix_past(self, prefixes: list[Prefix]) -> tuple[list[np.ndarray], np.ndarray]:
         """Every layer's prefix keys/values for the batch, each row's right-aligned (left padding),
@@ -250,8 +280,11 @@ class Generator:
                 past = [p[keep] for p in past]
             # Each row feeds its last token (not in the cache yet) and its draft; the last new
             # token of a row is never fed back, so a row drafts at most limit - written - 1.
-            proposed = [drafters[r].propose(tokens[r], min(MAX_DRAFT, limits[r] - len(tokens[r]) - 1)) if drafting else []
-                        for r in active.tolist()]
+            # Drafts take only the slots the rows' remaining tokens leave within the positions: a
+            # rejected draft keeps its slots.
+            slack = self.manifest.max_input_tokens - mask.shape[1] - max(limits[r] - len(tokens[r]) for r in active)
+            proposed = [drafters[r].propose(tokens[r], min(MAX_DRAFT, limits[r] - len(tokens[r]) - 1, slack))
+                        if drafting else [] for r in active.tolist()]
             span = 1 + max(len(d) for d in proposed)
             feed = np.full((len(active), span), special.pad, dtype=np.int64)
             fed = np.zeros((len(active), span), dtype=np.int64)

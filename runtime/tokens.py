@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,22 @@ class ModelInput:
 # ordinary text fewer): a candidate cut to `max_tokens` times this many characters still holds more
 # tokens than the model can take, so the even cut below is the one its whole text would get.
 MAX_CHARS_PER_TOKEN = 64
+_WORD = re.compile(r"\S+")
+
+
+def cut_to_read(text: str, most: int) -> str:
+    """`text` cut after `most` characters that are not white space (each token holds at most
+    `MAX_CHARS_PER_TOKEN` of them): tokenizers fold runs of white space into few tokens or none, so
+    they do not count; what follows a long run is still read."""
+    if len(text) <= most:
+        return text
+    seen = 0
+    for word in _WORD.finditer(text):
+        length = word.end() - word.start()
+        if seen + length >= most:
+            return text[: word.start() + most - seen]
+        seen += length
+    return text
 
 
 def encode_requests(
@@ -83,12 +100,12 @@ def encode_requests(
     may rarely split differently from the text alone, which changes a draft, never an output).
     """
     most = max_tokens * MAX_CHARS_PER_TOKEN
-    shown = [tuple(c[:most] for c in r.candidates) for r in requests]
+    shown = [tuple(cut_to_read(c, most) for c in r.candidates) for r in requests]
     rendered = [render(template, r.source, candidates) for r, candidates in zip(requests, shown)]
     encodings = _encode(tokenizer, [r.text for r in rendered])
     out: list[ModelInput | InputError] = []
     for request, candidates, rendering, encoding in zip(requests, shown, rendered, encodings):
-        truncated = any(len(c) > most for c in request.candidates)
+        truncated = any(len(c) != len(whole) for c, whole in zip(candidates, request.candidates))
         if len(encoding.ids) > max_tokens:
             try:
                 candidates, rendering, encoding = _truncate(tokenizer, template, request.source, candidates,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lmcor.export.classifier import export_classifier
 from lmcor.runtime.classifier import Classifier
+from lmcor.runtime.tokens import MAX_CHARS_PER_TOKEN
 from lmcor.runtime.errors import InputError
 from tokenizers import (
     Tokenizer,
@@ -337,3 +338,17 @@ def test_validation_cuts_the_reference_as_the_bundle_cuts_and_an_empty_pair_is_n
     [empty] = classifier.classify_batch([(TEXTS[1], "")])
     assert np.array_equal(alone.probabilities, empty.probabilities)
     assert np.allclose(empty.probabilities, _torch(checkpoint, [(TEXTS[1], "")])[0], atol=1e-5)
+
+
+def test_a_long_run_of_white_space_does_not_hide_the_words_after_it(bundle, monkeypatch):
+    """Texts are cut to what the model can read before tokenizing, but white space, which some
+    tokenizers fold away, does not count: a text is read as its whole text would be."""
+    classifier = Classifier.load(bundle)
+    most = classifier.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
+    texts = ["good" + " " * (2 * most) + "bad", "word " * most]
+    got = classifier.classify_batch(texts)
+    monkeypatch.setattr("lmcor.runtime.classifier.MAX_CHARS_PER_TOKEN", 10**9)  # no cut: the whole texts
+    whole = classifier.classify_batch(texts)
+    for ours, theirs in zip(got, whole):
+        np.testing.assert_allclose(ours.probabilities, theirs.probabilities, atol=1e-6)
+    assert got[1].truncated and [g.truncated for g in got] == [w.truncated for w in whole]

@@ -149,6 +149,16 @@ def test_validation_decodes_within_a_small_output_limit(t5_checkpoints, gpt2_che
     assert manifest.max_output_tokens == 1 and manifest.validation["greedy_tokens_identical"]
     manifest = export_causal_lm(gpt2_checkpoint, tmp_path / "lm", max_output_tokens=1)
     assert manifest.max_output_tokens == 1 and manifest.validation["greedy_tokens_identical"]
+    # Few input positions: the sample prompts are cut to fit them with their answers.
+    manifest = export_causal_lm(gpt2_checkpoint, tmp_path / "short", max_input_tokens=6)
+    assert manifest.max_input_tokens == 6 and manifest.validation["greedy_tokens_identical"]
+
+
+def test_a_checkpoint_without_a_classification_head_is_refused_as_a_classifier(gpt2_checkpoint, tmp_path, capsys):
+    assert main(["export", "--kind", "classifier", str(gpt2_checkpoint), str(tmp_path / "cls")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lmcor: error: {gpt2_checkpoint}: no classification head in this checkpoint (score.")
+    assert not (tmp_path / "cls").exists()
 
 
 def test_opset_below_14_is_refused_and_exporter_failures_are_one_line(t5_checkpoints, tmp_path, capfd):

@@ -6,12 +6,14 @@ import pytest
 import torch
 from lmcor.export.causal_lm import export_causal_lm
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.generator import Generator
+from lmcor.runtime.generator import Generator, Prefix
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -310,6 +312,29 @@ def test_generate_with_a_prefix_answers_as_the_whole_text(bundle, tmp_path, caps
         "Correct: a b " + PROMPTS[0]).ids
 
 
+@pytest.mark.parametrize("command", ["generate", "candidates"])
+def test_a_slow_command_runs_one_batch_at_a_time(command, bundle, tmp_path, capsys, monkeypatch):
+    """An LLM's batches take long: a signal stops generate and candidates after the batch in flight,
+    and every finished batch is written, so each run of the model gets one batch of lines."""
+    lines = tmp_path / "lines.jsonl"
+    field = "prompt" if command == "generate" else "source"
+    lines.write_text("".join(json.dumps({field: p}) + "\n" for p in PROMPTS * 2))
+    sizes = []
+    real = Generator.generate_batch
+
+    def counted(self, prompts, **options):
+        sizes.append(len(prompts))
+        return real(self, prompts, **options)
+
+    monkeypatch.setattr(Generator, "generate_batch", counted)
+    extra = ["-k", "2", "--prompt", "Correct: {source}\n"] if command == "candidates" else []
+    assert main([command, "--model", str(bundle), str(lines), "--batch-size", "3", "--max-new-tokens", "4", "-q",
+                 *extra]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2 * len(PROMPTS)
+    lines_per_run = sizes[::2] if command == "candidates" else sizes  # candidates: a greedy and a sampled round
+    assert max(lines_per_run) == 3 and sum(lines_per_run) == 2 * len(PROMPTS)
+
+
 def test_generate_answers_around_a_prompt_too_long(bundle, tmp_path, capsys):
     """A prompt past the model's positions is its line's error record; the other lines are answered."""
     prompts = tmp_path / "prompts.jsonl"
@@ -413,3 +438,32 @@ def test_a_sliding_window_and_several_end_tokens_answer_as_generate(tmp_path):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
                                  do_sample=False)[0, ids.shape[1]:].tolist()
         assert ours.token_ids == next((out[:i] for i, t in enumerate(out) if t in ends), out), prompt
+    # After a prefix, prompts of different lengths share no batch: padding between the prefix and a
+    # shorter prompt would take slots of its window.
+    prefix = generator.prefix("Rules: be brief.\nExample: foo -> bar\n")
+    alone = [generator.generate_batch([p], prefix=prefix, max_new_tokens=12)[0].token_ids for p in PROMPTS]
+    assert [a.token_ids for a in generator.generate_batch(PROMPTS, prefix=prefix, max_new_tokens=12)] == alone
+
+
+def test_a_batch_stays_within_the_positions_its_graph_masks(tmp_path):
+    """GPT-Neo sizes its causal mask by the model's positions: a long prompt and a short one that may
+    write many tokens go to different batches, whose caches then fit; each answers as alone."""
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=8, max_position_embeddings=48, bos_token_id=1, eos_token_id=2)).save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=24)
+    generator = Generator.load(tmp_path / "lm")
+    long = " ".join(PROMPTS[:3] * 2)
+    assert 30 < len(generator.encode(long)) < 48
+    prompts = [long, "a", PROMPTS[0], long]
+    alone = [generator.generate_batch([p])[0].token_ids for p in prompts]
+    assert [g.token_ids for g in generator.generate_batch(prompts, batch_size=4)] == alone
+    made = generator.prefix("Rules:")
+    with pytest.raises(InputError, match="another model's Generator.prefix"):
+        generator.generate_batch(["a"], prefix=Prefix(made.ids, made.past, made.gap, model="another model"))
+    encoded, limits = zip(*(generator._encode_prompt(p, None, 24, fit=True) for p in prompts))
+    assert [len(batch) for batch in generator._batches([0, 1, 2, 3], dict(enumerate(encoded)), dict(enumerate(limits)),
+                                                       [None] * 4, 4)] == [1, 2, 1]

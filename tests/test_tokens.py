@@ -5,7 +5,7 @@ from lmcor.runtime.bundle import Template
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Request, as_request
 from lmcor.runtime.template import render
-from lmcor.runtime.tokens import encode_requests
+from lmcor.runtime.tokens import cut_to_read, encode_requests
 from tokenizers import Tokenizer
 
 
@@ -103,3 +103,11 @@ def test_too_many_candidates_is_said_so(tokenizer):
 def test_bad_requests_name_the_field(item, message):
     with pytest.raises(InputError, match=message):
         as_request(item)
+
+
+def test_a_candidate_is_cut_by_what_the_model_reads_not_by_white_space():
+    most = 12
+    assert cut_to_read("good" + " " * 100 + "bad", most) == "good" + " " * 100 + "bad"
+    assert cut_to_read("abcdef ghijkl mnop", most) == "abcdef ghijkl"
+    assert cut_to_read("abcdef ghijklmnop", most) == "abcdef ghijkl"
+    assert cut_to_read("x" * 40, most) == "x" * 12 and cut_to_read("short", most) == "short"

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                              stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
     if last is not None:
         _check_same_run(args.output, last, writer)
-    code = answer_lines(args, _source, writer, record, "generating", echo="source")
+    code = answer_lines(args, _source, writer, record, "generating", echo="source", batches_per_chunk=1)
     if not args.quiet:
         print(f"lmcor: {writer.stats.summary()}", file=sys.stderr)
     return code

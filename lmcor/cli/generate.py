@@ -66,4 +66,4 @@ def run(args: argparse.Namespace) -> int:
                                         seed=[seed for _, seed in prompts], prefix=prefix, stop=tuple(args.stop or ()),
                                         errors="return", **sampling_options(args))
 
-    return answer_lines(args, prompt, answer, record, "generating")
+    return answer_lines(args, prompt, answer, record, "generating", batches_per_chunk=1)

@@ -386,18 +386,21 @@ def answer_lines(
     record: Callable[[int, Any, Any], dict],
     verb: str,
     echo: str | None = None,
+    batches_per_chunk: int = 8,
 ) -> int:
     """Answer every line of `args.input` into `args.output`.
 
     `convert` turns a line's JSON object and number into an item (raising `InputError`), `run` answers a list
     of items (an `InputError` in an item's place fails that item alone), `record` makes the output
     record of (line number, id, result), which may copy its line's field `echo` (checked by --resume).
+    `run` gets up to `batches_per_chunk` batches of lines at a time (more lines to group by length);
+    a command whose batches take long takes 1, so that a signal stops it after the batch in flight.
     Returns 0, or 1 when some lines failed; 130/143 after a signal. An error that stops the run keeps the records written so far, as a signal does.
     """
 
     def answered(after: int, stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
         reader = _Reader(args.input, args.max_line_bytes, after, capacity=args.batch_size * 16)
-        while lines := reader.chunk(args.batch_size * 8, args.max_wait_ms / 1000, stopping):
+        while lines := reader.chunk(args.batch_size * batches_per_chunk, args.max_wait_ms / 1000, stopping):
             yield answer_chunk(lines, convert, run, record), reader.skipped_bytes
         if reader.failure is not None:
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
