@@ -380,6 +380,22 @@ def test_a_resumed_run_counts_the_lines_that_failed_before(bundles, tmp_path, ca
     assert "1 line(s) could not be answered" in capsys.readouterr().err and out.read_text() == whole
 
 
+def test_resume_continues_from_what_a_killed_run_left(bundles, tmp_path, capsys):
+    """A run killed outright (SIGKILL) leaves its records in its temporary file beside -o, not in -o:
+    --resume continues from them where they are more than -o holds, and removes the file."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
+    whole = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(whole[:1]))
+    killed = tmp_path / ".out.jsonl.x1y2z3.partial"
+    killed.write_text("".join(whole[:4]) + whole[4][:9])  # torn where it was killed
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 0
+    assert f"continuing from {killed}" in capsys.readouterr().err
+    assert out.read_text() == "".join(whole) and not killed.exists()
+
+
 @pytest.mark.parametrize("args, said", [
     (["-o", ""], "-o is empty"),
     (["--providers", ","], "--providers must be comma-separated"),

@@ -5,6 +5,7 @@ and no line is lost or written twice; a Ray Serve replica answers the HTTP API a
 
 import json
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +20,7 @@ except ImportError as e:  # the ray extra is not installed
 
 import httpx
 
-from lmcor import Corrector
+from lmcor import Corrector, InputError
 from lmcor.cli import main
 from lmcor.server.config import ServeConfig
 from lmcor.server.runner import running
@@ -165,6 +166,14 @@ def test_bad_flags_fail_in_one_line(tmp_path, capsys):
     assert "not a regular file" in capsys.readouterr().err
     assert main(["serve", "--replicas", "2"]) == 2
     assert "--replicas needs --ray" in capsys.readouterr().err
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address, said in ((f"127.0.0.1:{port}", f"no Ray cluster answers at 127.0.0.1:{port}"),
+                          (f"ray://127.0.0.1:{port}", "no Ray cluster answers"),
+                          ("somewhere", "Ray address 'somewhere' is not host:port")):
+        with pytest.raises(InputError, match=said):  # at once: Ray would wait minutes before failing
+            lmcor_ray._check_reachable(address)
 
 
 def _exchange(url: str, requests: list[dict]) -> list[tuple[int, object]]:

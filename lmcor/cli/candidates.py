@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lmcor.runtime.candidates import Candidates, CandidateWriter, FewShot, default_few_shot
@@ -15,7 +15,7 @@ from lmcor.runtime.generator import Generator
 
 from . import options
 from .generate import text_field
-from .lines import answer_lines
+from .lines import answer_lines, resumed_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def record(number: int, ident: Any, result: Candidates) -> dict:
     return {"id": ident, "line": number, "source": result.source, "candidates": result.texts}
 
 
-def _check_resumed(output: str, k: int) -> dict | None:
+def _check_resumed(output: Path, k: int) -> dict | None:
     """An `-o` to resume must hold K candidates a source: one written with another -k is another run's.
     Returns its last record with candidates (None: none)."""
     last = None
@@ -79,7 +79,8 @@ def _source(value: dict, _number: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
-    last = _check_resumed(args.output, args.k) if args.resume and args.output and os.path.isfile(args.output) else None
+    resumed = resumed_from(args.output) if args.resume and args.output else None
+    last = _check_resumed(resumed, args.k) if resumed is not None and resumed.is_file() else None
     few_shot = FewShot.from_template(args.prompt) if args.prompt is not None else default_few_shot()
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
     writer = CandidateWriter(generator, few_shot, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import glob
 import json
 import os
 import queue
@@ -210,6 +211,24 @@ class _Reader:
         return lines
 
 
+def resumed_from(output: str | Path, own: Path | None = None) -> Path:
+    """What --resume continues: `output` (-o), or the temporary file of a run into it that was killed
+    (SIGKILL, the machine going down) before it could put its records in place, where that holds more
+    complete records; `own` is this run's temporary file."""
+    output = Path(output)
+    target = Path(os.path.realpath(output))
+    orphans = [p for p in target.parent.glob(f".{glob.escape(target.name)}.*.partial") if p != own and p.is_file()]
+    if not orphans:
+        return output
+
+    def records(path: Path) -> int:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+    best = max(orphans, key=records)
+    return output if output.is_file() and records(output) >= records(best) else best
+
+
 class Output:
     """Where records go: stdout; or, for a regular file (or none yet) at `-o`, a temporary file beside
     it that replaces it at the end (through a symbolic link, its target); or, for a device, pipe or
@@ -225,6 +244,7 @@ class Output:
         self.through = 0  # the last input line answered
         self.last_record: dict = {}  # its record
         self._temp: Path | None = None  # replaces `target` at the end
+        self._orphan: Path | None = None  # a killed run's temporary file that --resume continued from
         self.target: Path | None = None
         self._file: IO[bytes] | None = None
         if self.path is None:
@@ -272,13 +292,24 @@ class Output:
                 why = e.strerror or str(e)
             raise InputError(f"-o {self.path}: cannot write there ({why})") from None
 
+    def _resumed(self) -> Path:
+        assert self.path is not None
+        source = resumed_from(self.path, self._temp)
+        if source != self.path:
+            print(f"lmcor: --resume: continuing from {source}, which a killed run into -o {self.path} left",
+                  file=sys.stderr)
+            self._orphan = source
+        return source
+
     def _keep_finished(self) -> None:
-        """Copy the complete records of an interrupted `-o` and note the last line they answer. A torn
-        last line is left out (answered again); a file that holds anything else is refused, not replaced."""
+        """Copy the complete records of an interrupted `-o` (`_resumed`) and note the last line they
+        answer. A torn last line is left out (answered again); a file that holds anything else is
+        refused, not replaced."""
         assert self.path is not None and self._file is not None
-        if not self.path.exists():
+        source = self._resumed()
+        if not source.exists():
             return
-        with open(self.path, "rb") as f:
+        with open(source, "rb") as f:
             for number, raw in enumerate(f, 1):
                 if not raw.endswith(b"\n"):
                     break  # torn where the run stopped: answer again from here
@@ -287,7 +318,7 @@ class Output:
                 except ValueError:
                     record = None
                 if not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through:
-                    raise InputError(f"--resume: -o {self.path} line {number} is not a record of this command's "
+                    raise InputError(f"--resume: {'-o ' if source == self.path else ''}{source} line {number} is not a record of this command's "
                                      "(one per input line, in order); it was not written by an interrupted run of "
                                      "it: give another -o, or remove the file")
                 self._file.write(raw)
@@ -317,6 +348,8 @@ class Output:
             os.umask(umask)
             os.chmod(self._temp, 0o666 & ~umask)  # mkstemp's file is private; -o gets ordinary permissions
             os.replace(self._temp, self.target)
+            if self._orphan is not None:  # its records are in -o now
+                self._orphan.unlink(missing_ok=True)
         else:
             self._temp.unlink(missing_ok=True)
 

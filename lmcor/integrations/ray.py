@@ -79,12 +79,27 @@ def cluster(address: str | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              configure_logging=False)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """A cluster's host:port (or ray://host:port) must answer: Ray itself waits minutes for one that
+    does not before it fails."""
+    if not address or address == "auto" or address == "local":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"Ray address {address!r} is not host:port (or ray://host:port, auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(f"no Ray cluster answers at {address} ({e.strerror or e})") from None
 
 
 def _check_cpus(count: int, cpus: int, what: str) -> None:
