@@ -93,7 +93,10 @@ EXPORT = [
 
 BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
 # `lmcor serve`; uvicorn's shutdown is extended (`server.runner`), so its minor version is capped.
-SERVE = ["fastapi>=0.110", "uvicorn>=0.29,<0.60", "prometheus_client>=0.20"]
+# httptools and uvloop: the HTTP parser and event loop uvicorn picks where they are installed (the
+# load numbers in docs/serving.md were measured with them).
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29,<0.60", "prometheus_client>=0.20", "httptools>=0.5",
+         "uvloop>=0.17; sys_platform != 'win32'"]
 # The Triton kernels (GPU; on CPU through Triton's interpreter, for their tests).
 KERNELS = ["torch>=2.1,<3", "triton>=3.2; platform_system == 'Linux'"]
 # Ray Serve replicas and Ray Data jobs (`lmcor.integrations.ray`).

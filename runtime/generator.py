@@ -193,7 +193,7 @@ class Generator:
         model batches prompts of one length only (shortest first): its window counts cache slots, and
         the padding between a prefix and a shorter prompt would take some of them."""
         positions = self.manifest.max_input_tokens
-        one_length = self.manifest.sliding_window is not None and prefixes[0] is not None if prefixes else False
+        one_length = bool(prefixes) and prefixes[0] is not None and self.manifest.sliding_window is not None
         batch: list[int] = []
         widths = (0, 0, 0)  # the batch's longest prefix, longest prompt, most new tokens
         for n in sorted(rows, key=lambda n: len(encoded[n])) if one_length else rows:

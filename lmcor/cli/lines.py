@@ -318,9 +318,10 @@ class Output:
                 except ValueError:
                     record = None
                 if not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through:
-                    raise InputError(f"--resume: {'-o ' if source == self.path else ''}{source} line {number} is not a record of this command's "
-                                     "(one per input line, in order); it was not written by an interrupted run of "
-                                     "it: give another -o, or remove the file")
+                    named = f"-o {source}" if source == self.path else str(source)
+                    raise InputError(f"--resume: {named} line {number} is not a record of this command's (one per "
+                                     "input line, in order); it was not written by an interrupted run of it: give "
+                                     "another -o, or remove the file")
                 self._file.write(raw)
                 self.records += 1
                 self.kept_errors += "error" in record
