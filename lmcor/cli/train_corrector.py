@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from . import options
+from .lines import EXIT_SIGNAL
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,14 +64,20 @@ def run(args: argparse.Namespace) -> int:
                         minutes=args.minutes, device=args.device, resume=not args.restart,
                         max_new_tokens=args.max_new_tokens, quiet=args.quiet,
                         **{name: value for name, value in given_llm.items() if value is not None})
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: training keeps the step it reached
+    terminated: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: training keeps the step it reached
     try:
         result = corrector.run(job)
+    except KeyboardInterrupt:
+        if terminated:
+            return EXIT_SIGNAL[signal.SIGTERM]
+        raise  # Ctrl-C: 130, as every command
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(corrector.table(result))
     return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
