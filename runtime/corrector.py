@@ -104,6 +104,18 @@ class Corrector:
     def providers(self) -> list[str]:
         return self.sessions.decoder.get_providers()
 
+    def close(self, *, cancel: bool = False) -> None:
+        """Stop the online engine (`Engine.close`): no more submissions; returns once those taken are
+        answered. Offline calls need no closing. (An engine left idle for `engine.IDLE_S` seconds
+        lets its thread go anyway, so a Corrector dropped without closing is freed.)"""
+        self.engine.close(cancel=cancel)
+
+    def __enter__(self) -> "Corrector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def correct(self, source: str, candidates: Sequence[str], **options: Any) -> str:
         """Correct one request; options as for `correct_batch`, whose checks the request goes through
         (a bad one raises its `InputError`)."""

@@ -26,11 +26,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .bundle import Manifest
-from .classifier import Classifier, passing_threshold, right_probabilities
+from .classifier import Classifier, check_gate_labels, passing_threshold, right_probabilities
 from .decode import Search
 from .drafts import Drafts
 from .encode import PackedEncoder
-from .errors import InputError, LmcorError
+from .errors import BundleError, InputError, LmcorError
 from .fallback import guard
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens,
                       check_optional, check_progress, shown)
@@ -98,7 +98,8 @@ class Engine:
                              "or a bundle with no calibrated fallback): give a fallback threshold above 0 too")
         return Search(max_new_tokens=limit,
                       min_new_tokens=check_int("min_new_tokens", options.min_new_tokens, 0, limit,
-                                               most_is=" (max_new_tokens)"),
+                                               most_is=" (max_new_tokens)" if options.max_new_tokens is not None
+                                               else " (the bundle's max_output_tokens)"),
                       num_beams=options.num_beams,
                       length_penalty=options.length_penalty,
                       no_repeat_ngram_size=(self.manifest.no_repeat_ngram_size if options.no_repeat_ngram_size is None
@@ -144,6 +145,9 @@ class Engine:
                 results[n] = model_input
             else:
                 sequences.append(self._sequence(search, model_input, options, request=request, index=n))
+        failed = sum(isinstance(r, InputError) for r in results)
+        if progress is not None and failed:  # answered too, by their errors: a bar reaches its end
+            progress(failed)
         for finished in self._run(sequences, batch_size):
             for s, correction in zip(finished, self._finish(finished)):
                 results[s.index] = correction
@@ -189,7 +193,8 @@ class Engine:
         it. Cancelling the future before its request is admitted skips the request.
 
         `on_tokens`, if given, is called in the engine's thread with each decoder call's new token ids
-        (greedy decoding; EOS left out) as they are written; it must be quick and must not raise.
+        (greedy decoding; EOS left out) as they are written; it must be quick and must not raise. The
+        future's done-callbacks run in that thread too: keep them quick.
         The result's text may still differ from those tokens: the fallback can replace it.
         """
         future: Future[Correction] = Future()
@@ -199,7 +204,7 @@ class Engine:
             _check_gate(gate, options)
             if on_tokens is not None and not callable(on_tokens):
                 raise InputError("on_tokens must be callable (it receives each step's new token ids)")
-        except InputError as e:
+        except (InputError, BundleError) as e:
             future.set_exception(e)
             return future
         with self._cond:
@@ -223,7 +228,7 @@ class Engine:
             self._cancel = self._cancel or cancel
             thread = self._thread
             self._cond.notify()
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():  # not from a callback of its own
             thread.join()
 
     def __enter__(self) -> Engine:
@@ -240,7 +245,9 @@ class Engine:
             while True:
                 with self._cond:
                     while not (self._inbox or scheduler.busy or self._closed):
-                        self._cond.wait()
+                        if not self._cond.wait(timeout=IDLE_S) and not self._inbox:
+                            self._thread = None  # idle: the next submission starts another; till then
+                            return  # nothing holds this engine (a Corrector dropped is freed)
                     arrivals, self._inbox = self._inbox, []
                     cancel = self._cancel
                 if cancel:
@@ -274,11 +281,13 @@ class Engine:
                 self._closed = True
                 self.failure = e
                 arrivals, self._inbox = self._inbox, []
+            said = LmcorError(f"the engine stopped on an internal error: {type(e).__name__}: {e}")
+            said.__cause__ = e
             held = [] if scheduler is None else [*scheduler.abandon(), *scheduler.waiting]
             for s in held:
-                _settle(s.future, error=e)
+                _settle(s.future, error=said)
             for submission in arrivals:
-                _settle(submission.future, error=e)
+                _settle(submission.future, error=said)
             log.error("the engine stopped on an internal error; it takes no more requests", exc_info=e)
 
     def _prepare(self, arrivals: list[_Submission]) -> list[Sequence]:
@@ -294,11 +303,21 @@ class Engine:
         for entry in ready:
             if entry[0].gate is not None:
                 gated.setdefault((entry[0].gate, entry[0].options.gate_threshold), []).append(entry)
-        passed: set[int] = set()
+        passed: set[int] = set()  # answered here: by their gate, or with its failure
         for (gate, threshold), group in gated.items():
-            for (submission, _, _), answer in zip(group, _gate(gate, threshold, [r for _, r, _ in group])):
-                if answer is not None:
-                    _settle(submission.future, answer)
+            try:
+                answers = _gate(gate, threshold, [r for _, r, _ in group])
+            except Exception as e:  # this gate failed: its own requests fail, not the others in the batch
+                answers = [None] * len(group)
+                for submission, _, _ in group:
+                    _settle(submission.future, error=e)
+                    passed.add(id(submission))
+            now = time.perf_counter()
+            for (submission, _, _), answer in zip(group, answers):
+                if answer is not None:  # its time, as a decoded answer's, runs from its submission
+                    waited = now - submission.queued
+                    _settle(submission.future, dataclasses.replace(
+                        answer, stats=dataclasses.replace(answer.stats, queued_s=waited, latency_s=waited)))
                     passed.add(id(submission))
         ready = [entry for entry in ready if id(entry[0]) not in passed]
         sequences = []
@@ -369,12 +388,18 @@ class Engine:
         return row.astype(np.int64)
 
 
+# How long the background thread waits for work before it ends (the next submission starts it again).
+IDLE_S = 30.0
+
+
 def _options(options: CorrectionOptions | None) -> CorrectionOptions:
     return DEFAULTS if options is None else check_optional("options", options, CorrectionOptions, "a CorrectionOptions")
 
 
 def _check_gate(gate: Classifier | None, options: CorrectionOptions) -> None:
     check_optional("gate", gate, Classifier, "a Classifier")
+    if gate is not None:
+        check_gate_labels(gate)
     check_gate_threshold(gate is not None, options)
 
 
@@ -408,7 +433,8 @@ def _shared_words(text: str, source: str) -> float:
 
 
 def _settle(future: Future, result: Correction | None = None, error: BaseException | None = None) -> None:
-    """Give a future its outcome, unless its caller has cancelled it."""
+    """Give a future its outcome, unless its caller has cancelled it. Its done-callbacks run here, in
+    the engine's thread: one that raises (even SystemExit) is logged, and the engine goes on."""
     try:
         if error is not None:
             future.set_exception(error)
@@ -416,3 +442,5 @@ def _settle(future: Future, result: Correction | None = None, error: BaseExcepti
             future.set_result(result)
     except InvalidStateError:
         pass  # cancelled while it waited
+    except BaseException as e:  # Future logs a callback's Exception itself; the rest comes out here
+        log.error("a done-callback of a correction's future raised %s; the engine goes on", type(e).__name__)

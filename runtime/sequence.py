@@ -40,6 +40,8 @@ class RepeatBan:
         self.size = size
         self.seq: list[int] = [start]
         self._next: dict[tuple[int, ...], list[int]] = {}
+        if size == 1:  # the start token is a 1-gram of the sequence too (longer n-grams reach it as they come)
+            self._next[()] = [start]
 
     def banned(self, extra: list[int] | tuple[int, ...] = ()) -> list[int]:
         """Banned next tokens after the sequence followed by `extra` (not yet written)."""
@@ -129,8 +131,8 @@ class Sequence:
                     self.listener(written)
                 except Exception:  # a listener gone wrong (its client left) stops listening, not the batch
                     self.listener = None
-                except KeyboardInterrupt:  # raised by the listener in the engine's own thread: the same;
-                    if threading.current_thread() is threading.main_thread():  # in the main thread, a Ctrl-C
+                except BaseException:  # SystemExit, KeyboardInterrupt: in the engine's own thread the same;
+                    if threading.current_thread() is threading.main_thread():  # in the caller's, its own to raise
                         raise
                     self.listener = None
 

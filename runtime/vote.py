@@ -65,22 +65,51 @@ AGREED_DROP_LETTERS = 4  # an auxiliary ("have", "will") is dropped where most c
 
 def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candidates: Sequence[str]) -> str:
     words, theirs = source.split(), text.split()
-    edits = [op for op in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes()
-             if op[0] != "equal"]
+    ops = [op for op in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes() if op[0] != "equal"]
+    edits = _split_light(ops, words, theirs) if span else [(op, False) for op in ops]
     # Words an edit drops and another writes were moved (word order), not lost (read with a span only).
-    moved = (Counter(_letters(w) for _, i1, i2, _, _ in edits for w in words[i1:i2])
-             & Counter(_letters(w) for _, _, _, j1, j2 in edits for w in theirs[j1:j2])) if span else Counter()
+    heavy = [op for op, light in edits if not light]
+    moved = (Counter(_letters(w) for _, i1, i2, _, _ in heavy for w in words[i1:i2])
+             & Counter(_letters(w) for _, _, _, j1, j2 in heavy for w in theirs[j1:j2])) if span else Counter()
     out: list[str] = []
     at = 0
     dropped = False
-    for _, i1, i2, j1, j2 in edits:
-        keep = ((not span or (max(i2 - i1, j2 - j1) <= span and (_plausible(words, i1, i2, theirs[j1:j2], moved)
-                                                                  or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
+    for (_, i1, i2, j1, j2), light in edits:
+        keep = ((not span or light
+                 or (max(i2 - i1, j2 - j1) <= span and (_plausible(words, i1, i2, theirs[j1:j2], moved)
+                                                        or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
                 and (known is None or all(word in known for word in theirs[j1:j2])))
         out += words[at:i1] + (theirs[j1:j2] if keep else words[i1:i2])
         at = i2
         dropped = dropped or not keep
     return " ".join(out + words[at:]) if dropped else text  # nothing left out: the text, its spacing too
+
+
+def _split_light(edits: list, words: list[str], theirs: list[str]) -> list[tuple[tuple, bool]]:
+    """The edits, with the first word's capital and the last word's end punctuation ("she" -> "She",
+    "home" -> "home.") apart and light: a sentence's frame, a writer's fix whatever the words next to
+    it, and in no edit's span. (A case changed inside the sentence stays part of its edit: a weak LLM
+    respells names.) (edit, light) pairs, in order."""
+    out: list[tuple[tuple, bool]] = []
+    for op in edits:
+        tag, i1, i2, j1, j2 = op
+        if tag != "replace" or i2 - i1 != j2 - j1:
+            out.append((op, False))
+            continue
+        run = None  # the open run of other changed words: (i, j) where it starts
+        for k in range(i2 - i1):
+            at = i1 + k
+            if at in (0, len(words) - 1) and _letters(words[at]) == _letters(theirs[j1 + k]) and (
+                    at == 0 or words[at].lower() == theirs[j1 + k].lower()):
+                if run is not None:
+                    out.append((("replace", run[0], i1 + k, run[1], j1 + k), False))
+                    run = None
+                out.append((("replace", i1 + k, i1 + k + 1, j1 + k, j1 + k + 1), True))
+            elif run is None:
+                run = (i1 + k, j1 + k)
+        if run is not None:
+            out.append((("replace", run[0], i2, run[1], j2), False))
+    return out
 
 
 def _letters(word: str) -> str:

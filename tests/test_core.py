@@ -143,6 +143,17 @@ def test_repeat_bans_equal_the_reference(size):
         assert ours.seq == theirs.seq and ours.size == theirs.size
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_ban_of_single_tokens_bans_the_start_token_as_generate_does(compiled):
+    if compiled and NATIVE is None:
+        pytest.skip("the compiled core is not built")
+    ban = repeat_ban(1, 7, compiled=compiled)  # transformers bans every token of the sequence, the start one too
+    assert ban.banned() == [7]
+    ban.extend([3, 5])
+    assert sorted(ban.banned()) == [3, 5, 7] and sorted(ban.banned([9])) == [3, 5, 7, 9]
+    assert repeat_ban(2, 7, compiled=compiled).banned([7]) == [7]
+
+
 def _rows(rng: np.random.Generator, count: int, positions: int, vocab: int, compiled: bool, seed_state: list) -> list:
     """Sequences at random states: tokens written, drafts, bans, limits, some done."""
     rows = []

@@ -2,6 +2,8 @@
 decoder calls (a short one never waits for a long one), keep drafts exact, count their own stats,
 and every future is answered: by a result, its own error, or a cancellation."""
 
+import sys
+import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -221,7 +223,7 @@ def test_an_engine_whose_loop_stops_fails_every_request_and_says_so(bundles, mon
     monkeypatch.setattr(engine_module, "Scheduler", no_scheduler)
     engine = _engine(corrector)
     taken = engine.submit(make_requests(1, seed=15)[0], CorrectionOptions(max_new_tokens=8))
-    with pytest.raises(RuntimeError, match="no scheduler today"):
+    with pytest.raises(LmcorError, match="stopped on an internal error: RuntimeError: no scheduler today"):
         taken.result(timeout=RESULT_TIMEOUT)
     engine._thread.join(timeout=RESULT_TIMEOUT)
     assert isinstance(engine.failure, RuntimeError)
@@ -278,9 +280,11 @@ def test_on_tokens_hears_every_token_as_it_is_written(bundles):
             raise KeyboardInterrupt  # in the engine's thread: the listener's end, not the engine's
 
         stopped = engine.submit(requests[1], CorrectionOptions(max_new_tokens=32), on_tokens=interrupting)
+        exited = engine.submit(requests[2], CorrectionOptions(max_new_tokens=32), on_tokens=lambda ids: sys.exit(0))
         results = [f.result(timeout=60) for f in futures]
         assert broken.result(timeout=60).text == results[0].text
         assert stopped.result(timeout=60).text == results[1].text and engine.failure is None
+        assert exited.result(timeout=60).text == results[2].text
         with pytest.raises(InputError, match="on_tokens must be callable"):
             engine.submit(requests[0], on_tokens="print").result(timeout=60)
     for n, result in enumerate(results):
@@ -306,3 +310,74 @@ def test_a_gate_never_passes_a_first_candidate_far_from_the_source(bundles):
     fixed = ("She go to school every days.", ["She goes to school every day."] * 5)
     answers = corrector.correct_batch([refusal, fixed], gate=gate, gate_threshold=0.0, max_new_tokens=8)
     assert not answers[0].gated and answers[1].gated and answers[1].text == fixed[1][0]
+
+
+def test_a_gate_that_fails_fails_only_its_own_requests(bundles, tmp_path):
+    """A gate without a 'right' label is refused when submitted; one that fails while it runs fails
+    the requests behind it, not the others taken with them."""
+    import shutil
+
+    corrector = Corrector.load(bundles["t5"])
+    gate = Classifier.load(shipped_bundle("gate"))
+    labels = tmp_path / "labels"
+    shutil.copytree(shipped_bundle("gate"), labels)
+    manifest = (labels / "lmcor.json").read_text().replace('"right"', '"positive"').replace('"wrong"', '"negative"')
+    (labels / "lmcor.json").write_text(manifest)
+    sentiment = Classifier.load(labels, verify=False)
+    requests = make_requests(12, seed=31)
+    with _engine(corrector) as engine:
+        refused = engine.submit(requests[0], gate=sentiment)
+        assert refused.done() and "must have a 'right' label" in str(refused.exception())
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("the gate's session failed")
+
+        failing = Classifier.load(shipped_bundle("gate"))
+        failing.classify_batch = broken
+        options = CorrectionOptions(max_new_tokens=8)
+        futures = [engine.submit(r, options, gate=failing if n % 3 == 0 else gate if n % 3 == 1 else None)
+                   for n, r in enumerate(requests)]
+        outcomes = [f.exception(timeout=RESULT_TIMEOUT) for f in futures]
+    assert [n for n, e in enumerate(outcomes) if e is not None] == [0, 3, 6, 9]
+    assert all("the gate's session failed" in str(outcomes[n]) for n in (0, 3, 6, 9))
+
+
+def test_callbacks_in_the_engine_thread_cannot_stop_it(bundles):
+    """A future's done-callbacks run in the engine's thread: one that raises SystemExit is logged, and
+    one that closes the engine does not try to join its own thread."""
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(4, seed=32)
+    engine = _engine(corrector)
+    first = engine.submit(requests[0], CorrectionOptions(max_new_tokens=8))
+    first.add_done_callback(lambda f: sys.exit(3))
+    first.result(timeout=RESULT_TIMEOUT)
+    second = engine.submit(requests[1], CorrectionOptions(max_new_tokens=8))
+    want = corrector.correct_batch([requests[1]], max_new_tokens=8)[0].token_ids
+    assert second.result(timeout=RESULT_TIMEOUT).token_ids == want and engine.failure is None
+    closed, called = [], threading.Event()
+    third = engine.submit(requests[2], CorrectionOptions(max_new_tokens=8))
+    third.add_done_callback(lambda f: (closed.append(engine.close()), called.set()))
+    assert called.wait(timeout=RESULT_TIMEOUT)  # callbacks run after the result is set: wait for this one
+    assert closed == [None] and engine.failure is None
+    with pytest.raises(InputError, match="this engine is closed"):
+        engine.submit(requests[3])
+
+
+def test_an_idle_engine_lets_its_thread_go_and_a_corrector_closes(bundles, monkeypatch):
+    """The engine's thread ends after IDLE_S seconds without work (so a dropped Corrector is freed),
+    and the next submission starts another; a Corrector used as a context manager closes its engine."""
+    from lmcor.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IDLE_S", 0.2)
+    request = make_requests(1, seed=33)[0]
+    with Corrector.load(bundles["t5"]) as corrector:
+        want = corrector.correct_batch([request], max_new_tokens=8)[0].text
+        assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want
+        deadline = time.monotonic() + RESULT_TIMEOUT
+        while corrector.engine._thread is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert corrector.engine._thread is None
+        assert not any(t.name == "lmcor-engine" and t.is_alive() for t in threading.enumerate())
+        assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want
+    with pytest.raises(InputError, match="this engine is closed"):
+        corrector.engine.submit(request)

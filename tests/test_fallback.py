@@ -146,8 +146,13 @@ def test_minimal_edits_keep_small_edits_and_the_source_elsewhere():
     assert minimal_edits(source, "If shearfactor , i. e. the tangent", 2) == source  # a skip: 7 words dropped
     assert minimal_edits("she go to school every days", "She goes to school every day.", 2) == (
         "She goes to school every day.")
+    # The sentence's frame (a first capital, an end mark) is no part of an edit: "She goes" is an edit
+    # of 1 word, and "home" -> "home." none.
     assert minimal_edits("she go to school every days", "She goes to school every day.", 1) == (
-        "she go to school every day.")  # "she go" -> "She goes" is one edit of 2 words
+        "She goes to school every day.")
+    assert minimal_edits("she go home", "She goes home.", 2) == "She goes home."
+    assert minimal_edits("she go home", "She goes to the home.", 1) == "she go home"  # one edit of 5 words
+    assert minimal_edits("we met the Big old man", "we met a big new man", 2) == "we met the Big old man"
     assert minimal_edits("a b c", "x y z w", 3) == "a b c" and minimal_edits("a b c", "x y z w", 4) == "x y z w"
     assert minimal_edits("", "a b", 2) == "a b" and minimal_edits("a b", "", 2) == ""
     # nothing left out: the text as it is, its spacing and line breaks too (not a change of the fallback's)

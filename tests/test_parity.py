@@ -69,9 +69,10 @@ def test_correction_carries_text_and_stats(bundles):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_no_repeat_ngram_size_matches_generate(checkpoints, bundles, num_beams):
+@pytest.mark.parametrize("size", [1, 2])  # 1: the decoder start token is banned too
+def test_no_repeat_ngram_size_matches_generate(checkpoints, bundles, num_beams, size):
     corrector = Corrector.load(bundles["t5"])
-    options = dict(max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=2)
+    options = dict(max_new_tokens=16, num_beams=num_beams, no_repeat_ngram_size=size)
     expected = _reference(checkpoints["t5"], corrector, INPUTS[:12], **options)
     unbanned = _reference(checkpoints["t5"], corrector, INPUTS[:12], max_new_tokens=16, num_beams=num_beams)
     assert expected != unbanned, "the fixture should repeat itself, so that bans matter"

@@ -18,7 +18,9 @@ namespace lmcor {
 // checked token by token, so a collision costs a comparison, never a wrong ban.
 class RepeatBan {
  public:
-  RepeatBan(int64_t size, int64_t start) : size(size), seq{start} {}
+  RepeatBan(int64_t size, int64_t start) : size(size), seq{start} {
+    if (size == 1) next_[hash(seq.data(), 0)].push_back(0);  // the start token is a 1-gram too
+  }
 
   void extend(const int64_t* tokens, size_t count) {
     for (size_t t = 0; t < count; ++t) {
