@@ -122,7 +122,8 @@ def load_backends(config: BenchConfig, hf_dir: Path, cache: Path) -> tuple[dict[
         except Exception as e:  # a peer that cannot run this model is reported, not fatal
             skipped[name] = f"failed to load: {str(e).splitlines()[0][:200]}"
             continue
-        info[name] = {"load_s": time.perf_counter() - start, "rss_mb": _rss_mb() - before}
+        # What loading added (memory freed meanwhile, an earlier backend's garbage, can make it look negative).
+        info[name] = {"load_s": time.perf_counter() - start, "rss_mb": max(0.0, _rss_mb() - before)}
     return loaded, info, skipped
 
 

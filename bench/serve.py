@@ -59,6 +59,16 @@ def run(config: ServeBenchConfig) -> dict:
     bodies = [json.dumps({"id": n, "source": r.source, "candidates": list(r.candidates)}).encode()
               for n, r in enumerate(requests)]
     corrector = Corrector.load(config.bundle, threads=config.threads)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(config, requests, bodies, corrector)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM, as Ctrl-C, stops the servers it started
+    try:
+        return _run(config, requests, bodies, corrector)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], corrector: Corrector) -> dict:
     offline, expected = _offline(corrector, requests, config)
     single = _in_process(corrector, requests, config.seconds)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +89,10 @@ def run(config: ServeBenchConfig) -> dict:
         "offline": offline, "in_process_single": single, "servers": servers,
         "ratios": _ratios(offline, single, servers, config),
     }
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # through every `finally`: a started server is stopped
 
 
 def _offline(corrector: Corrector, requests: list, config: ServeBenchConfig) -> tuple[dict, dict[int, str]]:
@@ -118,9 +132,17 @@ def _start(config: ServeBenchConfig, max_batch: int, log: Path) -> tuple[subproc
     env = {k: v for k, v in os.environ.items() if k != "LMCOR_API_KEY"}
     with open(log, "w", encoding="utf-8") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    try:
+        return process, _ready(process, log)
+    except BaseException:  # a signal while it starts: the server goes too
+        _stop(process)
+        raise
+
+
+def _ready(process: subprocess.Popen, log: Path) -> str:
+    """The started server's URL, once it answers /health."""
     line = process.stdout.readline()
     if "listening on" not in line:
-        _stop(process)
         raise LmcorError(f"the server did not start: see {log}")
     url = line.split()[-1]
     import httpx
@@ -129,11 +151,10 @@ def _start(config: ServeBenchConfig, max_batch: int, log: Path) -> tuple[subproc
     while True:
         try:
             if httpx.get(f"{url}/health").status_code == 200:
-                return process, url
+                return url
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline or process.poll() is not None:
-            _stop(process)
             raise LmcorError(f"the server did not become ready: see {log}")
         time.sleep(0.05)
 

@@ -7,12 +7,13 @@ output length per input: forced (every backend emits exactly that many tokens) o
 
 from __future__ import annotations
 
-import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from lmcor.runtime.errors import InputError
 
 # T5 shapes from their public configs; weights are random, only the shape matters for latency.
 SHAPES = {
@@ -47,16 +48,21 @@ def shape_checkpoint(shape: str, out: Path) -> Path:
         T5ForConditionalGeneration,
     )
 
-    if (out / "config.json").is_file():
+    if (out / "tokenizer.json").is_file():
         return out
+    # Built beside it and renamed into place: an interrupted build leaves no folder that looks whole.
+    shutil.rmtree(out, ignore_errors=True)
+    building = out.with_name(out.name + ".building")
+    shutil.rmtree(building, ignore_errors=True)
     config = T5Config(**SHAPES[shape], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(0)
-    T5ForConditionalGeneration(config).eval().save_pretrained(out)
+    T5ForConditionalGeneration(config).eval().save_pretrained(building)
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {f"t{i}": i for i in range(_RESERVED, config.vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # T5's relative positions set no input limit; the K sweep goes past 512 tokens.
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=4096).save_pretrained(out)
+                            model_max_length=4096).save_pretrained(building)
+    building.rename(out)
     return out
 
 
@@ -82,13 +88,16 @@ def text_workload(data: Path, bundle: Path, count: int, *, new_tokens: int | Non
     lengths are natural (capped at the bundle's maximum) unless `new_tokens` forces them."""
     from lmcor.runtime.bundle import load_manifest
     from lmcor.runtime.tokens import load_tokenizer
-    from lmcor.runtime.request import as_request
     from lmcor.runtime.tokens import encode_requests
+
+    from .drafts import read_requests
 
     manifest = load_manifest(bundle)
     tokenizer = load_tokenizer(bundle / manifest.files["tokenizer"])
-    with open(data, encoding="utf-8") as f:
-        requests = [as_request(json.loads(line)) for line, _ in zip(f, range(count))]
+    requests = read_requests(data, count)
     inputs = encode_requests(tokenizer, manifest.template, requests, manifest.max_input_tokens)
+    failed = next((n for n, x in enumerate(inputs) if isinstance(x, InputError)), None)
+    if failed is not None:
+        raise InputError(f"{data}: request {failed + 1}: {inputs[failed]}")
     cap = new_tokens or manifest.max_output_tokens
     return Workload(f"text {Path(data).name}", [x.ids for x in inputs], [cap] * len(inputs), new_tokens is not None)

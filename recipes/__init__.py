@@ -10,8 +10,8 @@ Main = Callable[[list[str] | None], int]
 
 
 def command_line(main: Main) -> Main:
-    """A recipe's `main`, answering as `lmcor` does: a bad bundle, data file or flag (an `LmcorError`)
-    is one line on stderr and exit status 2."""
+    """A recipe's `main`, answering as `lmcor` does: a bad bundle, data file or flag (an `LmcorError`),
+    or a file that cannot be read or written, is one line on stderr and exit status 2."""
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         from lmcor.cli import EXIT_ERROR
@@ -21,6 +21,9 @@ def command_line(main: Main) -> Main:
             return main(argv)
         except LmcorError as e:
             print(f"lmcor: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        except OSError as e:
+            print(f"lmcor: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
             return EXIT_ERROR
 
     return run

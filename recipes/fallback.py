@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.tolerance < 100:
         raise InputError(f"--tolerance must be dev points from 0 to 100, got {args.tolerance}")
+    if args.report and (args.report.is_dir() or not args.report.parent.is_dir()):
+        raise InputError(f"--report {args.report}: not a file that can be written (a folder, or its folder is missing)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tried = calibrate_bundle(args.bundle, args.dev or [SPLITS / "dev.jsonl", SPLITS / "llm-dev.jsonl"], args.tolerance)
     if args.report:

@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from lmcor.runtime.classifier import gate_input, right_probabilities
-from lmcor.runtime.errors import ExportError
+from lmcor.runtime.errors import ExportError, InputError
 
 from . import command_line, data
 
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev", type=Path, default=SPLITS / "dev.jsonl")
     parser.add_argument("--test", type=Path, default=SPLITS / "test.jsonl")
     args = parser.parse_args(argv)
+    if not 0 <= args.tolerance < 100:
+        raise InputError(f"--tolerance must be exact-match points from 0 to 100, got {args.tolerance}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from lmcor.bench.gate import compare, table
     from lmcor.bench.quality import read_items

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lmcor.runtime.jsonl import dump_record
 
-from . import corrector, data
+from . import command_line, corrector, data
 from .noise import make_example
 
 log = logging.getLogger("lmcor.recipes")
@@ -65,6 +65,7 @@ def _seed_cache(cache: Path, split: Path) -> None:
             out.write(dump_record({"line": row["id"] + 1, "source": row["source"], "candidates": row["candidates"]}))
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.llm_splits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", type=Path, required=True, help="the causal-LM bundle (recipes.smollm2)")
@@ -73,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    writer = None  # the LLM, loaded and its options checked once, before any file is written
     for name, pairs in (("outside", split_pairs("outside")), ("dev", split_pairs("dev")), ("train", train_pairs(args.train))):
         job = corrector.Job(pairs=SPLITS / f"{name}.jsonl", out=args.cache / name, llm=args.llm,
                             batch_size=args.batch_size)
+        writer = writer or corrector.candidate_writer(job)
         job.out.mkdir(parents=True, exist_ok=True)
         _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl")
-        write(SPLITS / f"llm-{name}.jsonl", corrector.llm_candidates(job, pairs))
+        write(SPLITS / f"llm-{name}.jsonl", corrector.llm_candidates(job, pairs, writer))
         log.info("wrote %s", SPLITS / f"llm-{name}.jsonl")
     return 0
 

@@ -13,7 +13,9 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from lmcor.runtime.errors import ExportError
+from lmcor.runtime.errors import ExportError, InputError
+
+from . import command_line
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = logging.getLogger("lmcor.recipes")
@@ -45,11 +47,14 @@ def convert(cache: Path) -> Path:
     return hf
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.smollm2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lmcor" / "smollm2")
     parser.add_argument("--max-output-tokens", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.max_output_tokens < 1:
+        raise InputError(f"--max-output-tokens must be at least 1, got {args.max_output_tokens}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from lmcor.export.causal_lm import export_causal_lm
 

@@ -41,7 +41,7 @@ from lmcor.runtime.request import Request
 from lmcor.runtime.template import render
 from lmcor.runtime.tokens import encode_requests
 
-from . import data, fallback, noise
+from . import command_line, data, fallback, noise
 from .noise import Example
 
 log = logging.getLogger("lmcor.recipes")
@@ -535,6 +535,7 @@ def _share(text: str) -> float:
     return value
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/default-corrector"))
@@ -549,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--join", type=_share, default=0.0,
                         help="share of synthetic examples made of two or three sentences in a row (long inputs)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if not args.minutes > 0:
+        raise InputError(f"--minutes must be above 0, got {args.minutes}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 

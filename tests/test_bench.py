@@ -91,3 +91,43 @@ def test_serve_load_settings_that_measure_nothing_are_refused(args, said, capsys
     except SystemExit as e:  # argparse's own refusal
         code = e.code
     assert code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--drafts", "--host"], "--drafts and --host are separate runs: give one"),
+    (["--drafts", "--gate-threshold", "0.9"], "--gate-threshold goes with --gate"),
+    (["--host", "--seconds", "3"], "--seconds goes with --serve"),
+    (["--bundle", "somewhere"], "--bundle goes with a mode that runs instead"),
+    (["--drafts", "--model", "somewhere"], "--model goes with the peer comparison or --candidates"),
+    (["--model", "no-such-folder"], "--model no-such-folder: no such folder (a Hugging Face checkpoint folder: nothing is downloaded)"),
+    (["--backends", ""], "--backends is empty"),
+])
+def test_flags_that_cannot_apply_are_refused_before_any_work(args, said, capsys):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0]
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_first(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert main(["bench", "--drafts", "--data", str(tmp_path / "none.jsonl"), "--out", str(taken / "sub")]) == 2
+    assert f"--out {taken / 'sub'}: not a folder that can be made or written ({taken} is a file)" in capsys.readouterr().err
+
+
+def test_text_workloads_name_the_line_and_a_shape_checkpoint_cut_short_is_built_again(bundles, tmp_path):
+    from lmcor.bench.workloads import shape_checkpoint, text_workload
+    from lmcor.runtime.errors import InputError
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"source": "a", "candidates": ["b"]}\n{bad\n')
+    with pytest.raises(InputError, match=f"{data}: line 2: "):
+        text_workload(data, bundles["t5"], 8)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="no requests"):
+        text_workload(tmp_path / "empty.jsonl", bundles["t5"], 8)
+    cut = tmp_path / "hf"
+    cut.mkdir()
+    (cut / "config.json").write_text("{}")  # where a Ctrl-C left the folder
+    shape_checkpoint("tiny", cut)
+    assert (cut / "tokenizer.json").is_file() and (cut / "model.safetensors").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,15 +61,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: the compiled core vs the Python references on --bundle over --data (default: "
                         "recipes/splits/test.jsonl): batch-1 host time outside ONNX Runtime per request, and batch "
                         "throughput against the FLOP bound (--requests default 100, --rounds, --batch-size default 16)")
-    parser.add_argument("--seconds", type=_seconds, default=15.0,
-                        help="with --serve: seconds of load at each concurrency (default: %(default)s)")
-    parser.add_argument("--clients", default="1,4,16,64", help="with --serve: concurrencies (default: %(default)s)")
+    parser.add_argument("--seconds", type=_seconds,
+                        help=f"with --serve: seconds of load at each concurrency (default: {SECONDS:g})")
+    parser.add_argument("--clients", help=f"with --serve: concurrencies (default: {CLIENTS})")
     parser.add_argument("--prefix-tokens", type=options.positive_int, default=500, help="with --shared-prefix")
     parser.add_argument("--bundle", help="with --drafts, --gate and --host: corrector bundle folder (default: the corrector "
                         "shipped with lmcor); with --shared-prefix and --candidates: a causal-LM bundle")
 
 
+SECONDS, CLIENTS = 15.0, "1,4,16,64"
+# The modes that run instead of the peer comparison, and the flags only they read.
+MODES = {"--drafts": "drafts", "--shared-prefix": "shared_prefix", "--gate": "gate", "--candidates": "candidates",
+         "--serve": "serve", "--host": "host"}
+ONLY = {"--gate-threshold": ("gate_threshold", "--gate"), "--prompt": ("prompt", "--candidates"),
+        "--seconds": ("seconds", "--serve"), "--clients": ("clients", "--serve")}
+
+
+def _check(args: argparse.Namespace) -> None:
+    """One mode at a time, flags only where they are read, and --out and --model usable: said before
+    any work, not after it."""
+    modes = [flag for flag, name in MODES.items() if getattr(args, name) not in (None, False)]
+    if len(modes) > 1:
+        raise InputError(f"{modes[0]} and {modes[1]} are separate runs: give one")
+    for flag, (name, mode) in ONLY.items():
+        if getattr(args, name) is not None and mode not in modes:
+            raise InputError(f"{flag} goes with {mode}")
+    if args.bundle and not modes:
+        raise InputError("--bundle goes with a mode that runs instead (--drafts, --gate, --host, --serve, "
+                         "--shared-prefix, --candidates); the peer comparison exports --model or --shape itself")
+    if args.model and modes and modes != ["--candidates"]:
+        raise InputError(f"--model goes with the peer comparison or --candidates, not {modes[0]} (which reads --bundle)")
+    if not modes and not any(b.strip() for b in args.backends.split(",")):
+        raise InputError("--backends is empty: name at least one")
+    if args.model and not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model}: no such folder (a Hugging Face checkpoint folder: nothing is "
+                         "downloaded)")
+    out = Path(args.out).absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(f"--out {args.out}: not a folder that can be made or written ({existing} is "
+                         f"{'a file' if not existing.is_dir() else 'not writable'})")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check(args)
     if args.serve:
         return _bench_serve(args)
     if args.host:
@@ -112,8 +148,8 @@ def _write_report(path: Path, report: dict, table: str) -> None:
 
 def _seconds(text: str) -> float:
     value = options.finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most 3600, got {text}")
     return value
 
 
@@ -129,11 +165,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
     if not data.is_file():
         raise InputError(f"--serve needs --data: a JSONL file of correction requests ({data} is not there)")
     try:
-        clients = tuple(_client_count(c) for c in args.clients.split(","))
+        clients = tuple(_client_count(c) for c in (args.clients or CLIENTS).split(","))
     except argparse.ArgumentTypeError as e:
         raise InputError(f"--clients: {e}") from None
     own = serve.ServeBenchConfig
-    config = own(data=data, bundle=Path(args.bundle) if args.bundle else None, seconds=args.seconds, clients=clients,
+    config = own(data=data, bundle=Path(args.bundle) if args.bundle else None, seconds=args.seconds or SECONDS,
+                 clients=clients,
                  requests=own.requests if args.requests is None else args.requests,
                  batch_size=own.batch_size if args.batch_size is None else args.batch_size,
                  threads=args.threads, out=Path(args.out))
