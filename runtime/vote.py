@@ -129,8 +129,9 @@ def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counte
     written = [_letters(w) for w in new if _letters(w) not in moved]
     if not written:
         return all(len(w) <= DROP_LETTERS for w in old)
-    if not old:
-        return all(len(w) <= WRITE_LETTERS for w in written)
+    if not old:  # a word written where it is already next to itself is a stutter, not a fix
+        neighbours = {_letters(words[j]) for j in (i1 - 1, i2) if 0 <= j < len(words)}
+        return all(len(w) <= WRITE_LETTERS and w not in neighbours for w in written)
     if all(len(w) <= WRITE_LETTERS for w in old + written):
         return True
     return difflib.SequenceMatcher(None, " ".join(old), " ".join(written), autojunk=False).ratio() >= RESPELLED

@@ -153,6 +153,10 @@ def test_minimal_edits_keep_small_edits_and_the_source_elsewhere():
     assert minimal_edits("she go home", "She goes home.", 2) == "She goes home."
     assert minimal_edits("she go home", "She goes to the home.", 1) == "she go home"  # one edit of 5 words
     assert minimal_edits("we met the Big old man", "we met a big new man", 2) == "we met the Big old man"
+    # A word written next to itself is a stutter of the model's copying, not a fix; a doubled one dropped is.
+    assert minimal_edits("I saw the cat", "I saw the the cat", 2) == "I saw the cat"
+    assert minimal_edits("she go home", "She goes home home.", 2) == "She goes home"
+    assert minimal_edits("I saw the the cat", "I saw the cat", 2) == "I saw the cat"
     assert minimal_edits("a b c", "x y z w", 3) == "a b c" and minimal_edits("a b c", "x y z w", 4) == "x y z w"
     assert minimal_edits("", "a b", 2) == "a b" and minimal_edits("a b", "", 2) == ""
     # nothing left out: the text as it is, its spacing and line breaks too (not a change of the fallback's)
