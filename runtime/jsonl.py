@@ -40,13 +40,17 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
     return value
 
 
-def check_depth(value: Any) -> None:
-    """Refuse a value nested deeper than lmcor's records are (writing it back would recurse as deep)."""
+def check_body(value: Any) -> None:
+    """Refuse a value nested deeper than lmcor's records are (writing it back would recurse as deep),
+    or holding a number out of range (1e400 reads as infinity, which strict JSON cannot write back).
+    Text is left to each item's own checks, so that one bad item fails alone."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InputError("it holds a number out of range (not finite)")
         if isinstance(item, dict):
             stack.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list):

@@ -304,6 +304,44 @@ def test_sigterm_answers_every_request_in_flight_and_exits_0(bundles, tmp_path):
     assert {"listening", "ready", "draining", "stopped"} <= {entry["message"] for entry in logged}
 
 
+def test_a_signal_as_it_starts_drains_it_and_a_second_stops_it_at_once(bundles, tmp_path):
+    """SIGTERM right after the URL is printed drains (exit 0), not kills; a second SIGTERM while
+    requests decode stops the process at once (143), without aborting inside ONNX Runtime."""
+    command = [sys.executable, "-m", "lmcor.cli", "serve", "--model", str(bundles[ARCH]), "--port", "0", "--max-batch", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "LMCOR_API_KEY"}
+    early = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        early.stdout.readline()
+        early.send_signal(signal.SIGTERM)
+        assert early.wait(timeout=TIMEOUT) == 0
+    finally:
+        early.kill()
+    log = tmp_path / "stderr.jsonl"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
+    try:
+        url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(4) as pool:
+            deadline = time.monotonic() + TIMEOUT
+            while c.get("/health").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            slow = [pool.submit(c.post, "/v1/correct", json=_slow(bundles[ARCH], n)) for n in range(4)]
+            while not _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))]:  # requests taken, decoding
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=TIMEOUT)
+            for f in slow:
+                f.exception()  # answered or cut off: either way, not waited for
+    finally:
+        process.kill()
+    assert code == 143
+    assert "terminate called" not in log.read_text()
+    assert "stopped at once by a second signal" in log.read_text()
+
+
 def test_metrics_parse_and_count_requests(client):
     before = _metrics(client)
     for request in make_requests(3, seed=13):
@@ -425,6 +463,10 @@ def test_the_openapi_document_holds_the_limits_the_server_checks(client, bundles
 
 def test_http_edges_get_json_errors(client):
     assert client.head("/health").status_code == 200 and client.head("/metrics").status_code == 200
+    for path in ("/health", "/metrics"):  # a 405 allows both methods the path answers
+        assert set(client.put(path).headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+    huge = client.post("/v1/correct", content=b'{"id": 1e400, "source": "a", "candidates": ["b"]}')
+    assert huge.status_code == 400 and "number out of range" in huge.json()["error"]["message"]
     for path in ("/v1/correct/", "/health/"):  # no redirect built from the client's Host header
         answer = client.post(path, json={}, headers={"Host": "elsewhere.example"})
         assert answer.status_code == 404 and answer.json()["error"]["kind"] == "not_found"

@@ -43,7 +43,7 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation
-from lmcor.runtime.jsonl import check_depth, json_number_error
+from lmcor.runtime.jsonl import check_body, json_number_error
 from lmcor.runtime.options import (
     MAX_BEAMS,
     MAX_LENGTH_PENALTY,
@@ -215,7 +215,7 @@ async def _json_body(request: Request, limit: int, seconds: float) -> Any:
         why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
         raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
     try:
-        check_depth(value)
+        check_body(value)
     except InputError as e:
         raise Refused(400, "bad_json", f"the body is not one of lmcor's requests: {e}") from None
     return value
@@ -355,7 +355,7 @@ async def _cancel(tasks: list[asyncio.Future]) -> None:
 
 
 def _event(name: str, data: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+    return f"event: {name}\ndata: {json.dumps(data, allow_nan=False)}\n\n"
 
 
 class _Tokens:
@@ -710,8 +710,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
-    @app.get("/health", responses={503: {"description": "loading, draining, or failed to load"}})
-    @app.head("/health", include_in_schema=False)  # load balancers probe with HEAD
+    # One route for GET and HEAD (load balancers probe with HEAD), so that a 405 allows both.
+    @app.api_route("/health", methods=["GET", "HEAD"], responses={503: {"description": "loading, draining, or failed to load"}})
     async def health() -> Response:
         """Live whenever it answers; ready (200) once its bundles are loaded and until it drains."""
         status = state.status
@@ -720,9 +720,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                              "models": None if models is None else models.describe()},
                             status_code=200 if status == "ready" else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    @app.head("/metrics", include_in_schema=False)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse,
+                   responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         """Prometheus text format: queue depth, batch size, requests, tokens, latencies, errors."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

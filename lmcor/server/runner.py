@@ -1,12 +1,15 @@
 """Running the app: `serve` (the `lmcor serve` process, signals and all) and `running` (a server in a
 thread of this process, for tests and benchmarks), on uvicorn, with lmcor's shutdown: the first
 SIGTERM/SIGINT drains (503 for new requests, every request in flight answered, then exit 0), a
-second stops at once."""
+second stops at once (the process exits there: ONNX Runtime may be mid-call in the engine's thread,
+and an interpreter shut down around it aborts). A drain waits at most `--timeout-s` and
+`DRAIN_GRACE_S` more for its answers to be taken: a client that stops reading holds none open."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -26,6 +29,7 @@ from .config import ServeConfig
 
 log = logging.getLogger("lmcor.server")
 EXIT_FORCED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+DRAIN_GRACE_S = 10.0
 
 
 class JsonLines(logging.Formatter):
@@ -54,18 +58,26 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
         self.state = state
-        self.forced_by: int | None = None
+        self._drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Replaces uvicorn's, which stops accepting connections at once and re-raises the signal on exit.
-        if self.state.draining:
-            self.forced_by = sig
-            self.should_exit = self.force_exit = True
-        else:
+        if not self.state.draining:
             self.state.drain()
+            return
+        log.warning("stopped at once by a second signal", extra={"fields": {"in_flight": self.state.in_flight}})
+        for handler in logging.getLogger("lmcor.server").handlers:
+            handler.flush()
+        os._exit(EXIT_FORCED.get(sig, 1))
 
     async def on_tick(self, counter: int) -> bool:
-        if self.state.broken is not None or (self.state.draining and self.state.in_flight == 0):
+        state = self.state
+        if state.draining and self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + state.config.timeout_s + DRAIN_GRACE_S
+        if state.broken is not None or (state.draining and state.in_flight == 0):
+            self.should_exit = True
+        elif self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+            log.warning("drain cut short: answers not taken in time", extra={"fields": {"in_flight": state.in_flight}})
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -84,7 +96,10 @@ def _server(config: ServeConfig) -> tuple[_Server, socket.socket]:
         sock.close()
         raise LmcorError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     # uvicorn's own logging setup and access log are off: lmcor logs JSON lines (`log_to_stderr`).
-    uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_keep_alive=30)
+    # timeout_graceful_shutdown: once the drain ends, a connection whose client is not reading is
+    # closed rather than waited for.
+    uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_keep_alive=30,
+                        timeout_graceful_shutdown=DRAIN_GRACE_S)
     return _Server(uv, app.state.lmcor), sock
 
 
@@ -99,6 +114,9 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> int:
     short; raises the error of bundles that failed to load."""
     server, sock = _server(config)
     url = _url(config, sock)
+    if threading.current_thread() is threading.main_thread():  # a signal as soon as it listens drains it too
+        for sig in EXIT_FORCED:
+            signal.signal(sig, server.handle_exit)
     announce(url)
     log.info("listening", extra={"fields": {"url": url, "max_batch": config.max_batch, "max_queue": config.max_queue,
                                             "timeout_s": config.timeout_s, "auth": config.api_key is not None}})
@@ -108,8 +126,6 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> int:
         raise broken
     if broken is not None:  # the engine's loop stopped (it logged the traceback)
         raise LmcorError(f"the corrector's engine stopped: {type(broken).__name__}: {broken}") from broken
-    if server.forced_by is not None:
-        return EXIT_FORCED.get(server.forced_by, 1)
     log.info("stopped", extra={"fields": {}})
     return 0
 
