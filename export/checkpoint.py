@@ -258,6 +258,7 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
         from optimum.exporters.onnx import main_export
     except ImportError as e:
         raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
+    out_dir = Path(os.path.abspath(out_dir))  # "." is its own parent: the staging folder goes beside it, not in it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
@@ -297,6 +298,9 @@ def input_limit(config, tokenizer, asked: int | None) -> int:
 
 
 DEFAULT_OUTPUT_TOKENS = 256
+# A model without a position limit (T5) would take any number; an answer is never that long, and the
+# bundle's limit is every request's default.
+MAX_OUTPUT_TOKENS = 32768
 
 
 def output_limit(config, asked: int | None, *, after_prompt: bool = False) -> int:
@@ -305,6 +309,8 @@ def output_limit(config, asked: int | None, *, after_prompt: bool = False) -> in
     many as the positions allow. A decoder fed past its last position fails (BART's learned ones)."""
     positions = model_positions(config)
     room = None if positions is None else positions - after_prompt
+    if asked is not None and asked > MAX_OUTPUT_TOKENS:
+        raise ExportError(f"--max-output-tokens {asked}: at most {MAX_OUTPUT_TOKENS} (one request's tokens)")
     if asked is not None:
         if room is not None and asked > room:
             shared = " shared with the prompt (at least 1 token)" if after_prompt else ""

@@ -44,6 +44,9 @@ from .shared_weights import WEIGHTS_FILE, share_weights
 from .validate import check_half_graphs, validate_corrector, validate_half
 
 log = logging.getLogger("lmcor")
+# int8 cannot match PyTorch token for token, and is not refused for it; below this share of samples
+# with identical greedy tokens, the export says so (a near-tie-ridden model, or one int8 hurts).
+INT8_WARN_BELOW = 0.5
 
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
@@ -196,6 +199,10 @@ def export_corrector(
             write_manifest(staged, manifest)
             with stage(model_dir, "validation of the int8 graphs"):
                 report = validate_corrector(model, staged, exact=False)
+            if report.greedy_token_agreement < INT8_WARN_BELOW:  # recorded either way; said where it is low
+                log.warning("%s: the int8 graphs' greedy tokens equal PyTorch's on %.0f%% of the samples: measure its "
+                            "quality (lmcor eval) before using it, or keep fp32", out_dir,
+                            100 * report.greedy_token_agreement)
         validation = report.as_dict()
         if half:
             (staged / WEIGHTS_FILE).unlink(missing_ok=True)  # the fp32 graphs' shared weights
