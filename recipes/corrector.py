@@ -254,6 +254,15 @@ MARK = "train-corrector.json"
 SPLIT_FILES = ("dev.jsonl", "test.jsonl", "candidates.jsonl")  # rewritten or appended to by a run
 
 
+def _digest(path: Path) -> str:
+    """sha256 of a pairs file, as a run records what it trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_out(job: Job) -> None:
     """Refuse an OUT that this job must not use, before anything is written."""
     out = job.out
@@ -278,6 +287,11 @@ def _check_out(job: Job) -> None:
             raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
                              f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "
                              "another folder")
+        trained_on = json.loads(mark.read_text(encoding="utf-8")).get("pairs")
+        if trained_on is not None and (out / "checkpoint.pt").is_file() and trained_on != _digest(job.pairs):
+            log.warning("%s: trained on another pairs file (or %s before it changed): training goes on from its "
+                        "checkpoint, with its tokenizer, for what is left of --minutes; --restart trains afresh",
+                        out, job.pairs)
 
 
 def _clear(out: Path) -> None:
@@ -312,9 +326,19 @@ def _check_init(init: Path) -> None:
         raise InputError(f"--init {init}/config.json: not JSON ({e})") from None
     from lmcor.export.checkpoint import SEQ2SEQ_TYPES
 
-    if not isinstance(config, dict) or not (config.get("is_encoder_decoder") or config.get("model_type") in SEQ2SEQ_TYPES):
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise InputError(f"--init {init}: a {kind or 'model'} checkpoint, not a seq2seq one: give a T5 or BART checkpoint")
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in SEQ2SEQ_TYPES:
+        what = "a seq2seq type lmcor does not export" if isinstance(config, dict) and config.get("is_encoder_decoder") \
+            else "not a seq2seq one"
+        raise InputError(f"--init {init}: a {kind or 'model'} checkpoint, {what}: give a {', '.join(SEQ2SEQ_TYPES)} "
+                         "checkpoint")
+    # Learned positions (BART's) must hold the longest input and target training makes.
+    from .train import MAX_INPUT_TOKENS, Settings
+
+    positions = config.get("max_position_embeddings")
+    needed = max(MAX_INPUT_TOKENS, Settings.max_target_tokens)
+    if kind in ("bart", "mbart") and isinstance(positions, int) and positions < needed:
+        raise InputError(f"--init {init}: its {positions} positions hold no training input of up to {needed} tokens")
 
 
 def _model(job: Job, train: list[Pair]):
@@ -422,15 +446,22 @@ def run(job: Job) -> dict:
     writer = candidate_writer(job) if job.llm is not None else None
     if not job.resume:
         _clear(job.out)
+    # The folder is this command's from now on: candidates cut short by a signal are continued.
+    job.out.mkdir(parents=True, exist_ok=True)
+    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out, "pairs": _digest(job.pairs)}) + "\n",
+                                encoding="utf-8")
     if writer is not None:
         pairs = llm_candidates(job, pairs, writer)
     parts = split(pairs, job.held_out)
-    job.out.mkdir(parents=True, exist_ok=True)
-    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out}) + "\n", encoding="utf-8")
     _write_items(job.out / "dev.jsonl", parts["dev"])
     _write_items(job.out / "test.jsonl", parts["test"])
     log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
     model, tokenizer, warmup = _model(job, parts["train"])
+    for name in ("train", "dev"):  # said now, not after the training budget
+        items = [Example(p.source, list(p.candidates), p.target) for p in parts[name]]
+        if items and not recipe._text_pairs(tokenizer, items, copy=False):
+            raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens (their "
+                             "sources alone are longer): shorten them, or split them into sentences")
     settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
     dev = [Example(p.source, list(p.candidates), p.target) for p in parts["dev"]]
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,

@@ -2,6 +2,7 @@
 resumed, training, export, calibration and the report, in seconds."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -289,3 +290,49 @@ def test_sigterm_during_training_keeps_the_step_reached(pairs, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert "interrupted at step" in err and (out / "checkpoint.pt").is_file()
+
+
+def test_an_init_lmcor_cannot_export_or_whose_positions_are_short_is_refused_before_training(pairs, tmp_path,
+                                                                                             checkpoints, capsys):
+    own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
+    for model_type, extra, said in (("marian", {}, "a marian checkpoint, a seq2seq type lmcor does not export"),
+                                    ("bart", {"max_position_embeddings": 128}, "its 128 positions hold no training input")):
+        init = tmp_path / model_type
+        shutil.copytree(checkpoints["bart"], init)
+        config = json.loads((init / "config.json").read_text())
+        (init / "config.json").write_text(json.dumps({**config, "model_type": model_type, **extra}))
+        assert _train_own(own, tmp_path / f"run-{model_type}", "--init", str(init)) == 2
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / f"run-{model_type}").exists()
+
+
+def test_candidates_cut_short_on_a_first_run_are_continued(llm, pairs, tmp_path, monkeypatch):
+    """The folder is marked as this command's before the LLM writes: a signal then leaves a folder the
+    same command continues, not one it refuses as another tool's."""
+    from lmcor.recipes import corrector
+
+    out = tmp_path / "run"
+    written = corrector.llm_candidates
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corrector, "llm_candidates", cut_short)
+    assert _train(pairs, out, llm) == 130
+    monkeypatch.setattr(corrector, "llm_candidates", written)
+    assert _train(pairs, out, llm) == 0
+
+
+def test_pairs_none_of_which_fits_are_refused_and_another_pairs_file_is_said(pairs, tmp_path, capsys, caplog):
+    own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
+    rows = [json.loads(line) for line in own.read_text().splitlines()]
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({**r, "source": (r["source"] + " ") * 80}) + "\n" for r in rows))
+    assert _train_own(long, tmp_path / "run-long", "--minutes", "0.5") == 2  # at once, not after the budget
+    assert "no train pair fits the corrector's 512 input tokens" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert _train_own(own, out) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert _train_own(other, out) == 0
+    assert "trained on another pairs file" in caplog.text and "--restart trains afresh" in caplog.text
