@@ -23,7 +23,8 @@ def command_line(main: Main) -> Main:
             print(f"lmcor: error: {e}", file=sys.stderr)
             return EXIT_ERROR
         except OSError as e:
-            print(f"lmcor: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"lmcor: error: {where}{e.strerror or e}", file=sys.stderr)
             return EXIT_ERROR
 
     return run

@@ -167,7 +167,7 @@ def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
     todo = [p for p in pairs if p.line not in done]
     if todo:
         chunk = job.batch_size * 4
-        job.out.mkdir(parents=True, exist_ok=True)  # only now: a bad --llm leaves no folder behind
+        job.out.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit=" sources", desc="candidates",
                                                           file=sys.stderr, disable=job.quiet) as bar:
             try:

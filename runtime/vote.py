@@ -99,8 +99,7 @@ def _split_light(edits: list, words: list[str], theirs: list[str]) -> list[tuple
         run = None  # the open run of other changed words: (i, j) where it starts
         for k in range(i2 - i1):
             at = i1 + k
-            if at in (0, len(words) - 1) and _letters(words[at]) == _letters(theirs[j1 + k]) and (
-                    at == 0 or words[at].lower() == theirs[j1 + k].lower()):
+            if at in (0, len(words) - 1) and _letters(words[at]) == _letters(theirs[j1 + k]):
                 if run is not None:
                     out.append((("replace", run[0], i1 + k, run[1], j1 + k), False))
                     run = None

@@ -394,6 +394,15 @@ def test_resume_continues_from_what_a_killed_run_left(bundles, tmp_path, capsys)
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 0
     assert f"continuing from {killed}" in capsys.readouterr().err
     assert out.read_text() == "".join(whole) and not killed.exists()
+    # Not another -o's ("out.jsonl.bak"), nor one older than -o (an earlier run's, whose records -o holds).
+    from lmcor.cli.lines import resumed_from
+
+    other = tmp_path / ".out.jsonl.bak.a1b2c3d4.partial"
+    other.write_text("".join(whole))
+    stale = tmp_path / ".out.jsonl.e5f6g7h8.partial"
+    stale.write_text("".join(whole))
+    os.utime(stale, (1, 1))
+    assert resumed_from(out) == out
 
 
 @pytest.mark.parametrize("args, said", [

@@ -348,15 +348,20 @@ def test_callbacks_in_the_engine_thread_cannot_stop_it(bundles):
     corrector = Corrector.load(bundles["t5"])
     requests = make_requests(4, seed=32)
     engine = _engine(corrector)
-    first = engine.submit(requests[0], CorrectionOptions(max_new_tokens=8))
+    attached = threading.Event()  # the request waits until its callback is attached: it runs in the engine's thread
+    first = engine.submit(requests[0], CorrectionOptions(max_new_tokens=8, drafts=False),
+                          on_tokens=lambda ids: attached.wait(RESULT_TIMEOUT))
     first.add_done_callback(lambda f: sys.exit(3))
+    attached.set()
     first.result(timeout=RESULT_TIMEOUT)
     second = engine.submit(requests[1], CorrectionOptions(max_new_tokens=8))
     want = corrector.correct_batch([requests[1]], max_new_tokens=8)[0].token_ids
     assert second.result(timeout=RESULT_TIMEOUT).token_ids == want and engine.failure is None
-    closed, called = [], threading.Event()
-    third = engine.submit(requests[2], CorrectionOptions(max_new_tokens=8))
+    closed, called, held = [], threading.Event(), threading.Event()
+    third = engine.submit(requests[2], CorrectionOptions(max_new_tokens=8, drafts=False),
+                          on_tokens=lambda ids: held.wait(RESULT_TIMEOUT))
     third.add_done_callback(lambda f: (closed.append(engine.close()), called.set()))
+    held.set()
     assert called.wait(timeout=RESULT_TIMEOUT)  # callbacks run after the result is set: wait for this one
     assert closed == [None] and engine.failure is None
     with pytest.raises(InputError, match="this engine is closed"):
@@ -373,9 +378,8 @@ def test_an_idle_engine_lets_its_thread_go_and_a_corrector_closes(bundles, monke
     with Corrector.load(bundles["t5"]) as corrector:
         want = corrector.correct_batch([request], max_new_tokens=8)[0].text
         assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want
-        deadline = time.monotonic() + RESULT_TIMEOUT
-        while corrector.engine._thread is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        thread = corrector.engine._thread
+        thread.join(timeout=RESULT_TIMEOUT)
         assert corrector.engine._thread is None
         assert not any(t.name == "lmcor-engine" and t.is_alive() for t in threading.enumerate())
         assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want

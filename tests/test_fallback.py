@@ -151,6 +151,7 @@ def test_minimal_edits_keep_small_edits_and_the_source_elsewhere():
     assert minimal_edits("she go to school every days", "She goes to school every day.", 1) == (
         "She goes to school every day.")
     assert minimal_edits("she go home", "She goes home.", 2) == "She goes home."
+    assert minimal_edits("she go home", "She goes home.", 1) == "She goes home."  # capital and end mark: no span
     assert minimal_edits("she go home", "She goes to the home.", 1) == "she go home"  # one edit of 5 words
     assert minimal_edits("we met the Big old man", "we met a big new man", 2) == "we met the Big old man"
     # A word written next to itself is a stutter of the model's copying, not a fix; a doubled one dropped is.

@@ -320,15 +320,15 @@ def test_a_signal_as_it_starts_drains_it_and_a_second_stops_it_at_once(bundles, 
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
     try:
         url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
-        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(16) as pool:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c, ThreadPoolExecutor(32) as pool:
             deadline = time.monotonic() + TIMEOUT
             while c.get("/health").status_code != 200:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            # 16 requests one at a time, each decoding the bundle's whole limit: the drain outlasts the test
+            # 32 requests one at a time, each decoding the bundle's whole limit: the drain outlasts the test
             body = _slow(bundles[ARCH])
-            slow = [pool.submit(c.post, "/v1/correct", json={**body, "id": n}) for n in range(16)]
-            while _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] < 8:  # taken, waiting their turn
+            slow = [pool.submit(c.post, "/v1/correct", json={**body, "id": n}) for n in range(32)]
+            while _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] < 24:  # taken, waiting their turn
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             process.send_signal(signal.SIGTERM)

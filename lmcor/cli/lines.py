@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import queue
+import re
 import signal
 import stat
 import sys
@@ -217,7 +218,12 @@ def resumed_from(output: str | Path, own: Path | None = None) -> Path:
     complete records; `own` is this run's temporary file."""
     output = Path(output)
     target = Path(os.path.realpath(output))
-    orphans = [p for p in target.parent.glob(f".{glob.escape(target.name)}.*.partial") if p != own and p.is_file()]
+    # mkstemp's names: ".NAME." and 8 characters of [a-z0-9_] (another -o's, "NAME.bak", has a dot more);
+    # one older than -o is an earlier run's, whose records -o has.
+    own_name = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]+\.partial")
+    newer = target.stat().st_mtime if target.is_file() else float("-inf")
+    orphans = [p for p in target.parent.glob(f".{glob.escape(target.name)}.*.partial")
+               if p != own and own_name.fullmatch(p.name) and p.is_file() and p.stat().st_mtime > newer]
     if not orphans:
         return output
 

@@ -97,9 +97,9 @@ def _server(config: ServeConfig) -> tuple[_Server, socket.socket]:
         raise LmcorError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     # uvicorn's own logging setup and access log are off: lmcor logs JSON lines (`log_to_stderr`).
     # timeout_graceful_shutdown: once the drain ends, a connection whose client is not reading is
-    # closed rather than waited for.
+    # closed within a second rather than waited for.
     uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_keep_alive=30,
-                        timeout_graceful_shutdown=DRAIN_GRACE_S)
+                        timeout_graceful_shutdown=1)
     return _Server(uv, app.state.lmcor), sock
 
 
@@ -110,8 +110,8 @@ def _url(config: ServeConfig, sock: socket.socket) -> str:
 
 def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> int:
     """Serve until a signal drains the server; `announce` gets its URL once it listens (the port
-    chosen when `config.port` is 0). Returns 0 after a drain, 130/143 when a second signal cut it
-    short; raises the error of bundles that failed to load."""
+    chosen when `config.port` is 0). Returns 0 after a drain (a second signal exits the process at
+    once, 130/143); raises the error of bundles that failed to load."""
     server, sock = _server(config)
     url = _url(config, sock)
     if threading.current_thread() is threading.main_thread():  # a signal as soon as it listens drains it too
