@@ -201,7 +201,10 @@ async def _json_body(request: Request, limit: int, seconds: float) -> Any:
                       "send it uncompressed")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise Refused(413, "too_large", f"the body has {declared} bytes, over the limit of {limit} (--max-body-bytes)")
+        # The connection closes: a client may skip a refused body (Expect: 100-continue), and what it
+        # sends next would be read as that body.
+        raise Refused(413, "too_large", f"the body has {declared} bytes, over the limit of {limit} (--max-body-bytes)",
+                      {"Connection": "close"})
     try:
         body = await asyncio.wait_for(_body(request, limit), seconds)
     except asyncio.TimeoutError:
@@ -226,7 +229,8 @@ async def _body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Refused(413, "too_large", f"the body is over the limit of {limit} bytes (--max-body-bytes)")
+            raise Refused(413, "too_large", f"the body is over the limit of {limit} bytes (--max-body-bytes)",
+                          {"Connection": "close"})
         chunks.append(chunk)
     return b"".join(chunks)
 
