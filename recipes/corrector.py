@@ -39,10 +39,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmcor.runtime.bundle import sha256_of
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.jsonl import dump_record, parse_line
 
-from . import noise
+from . import fallback, noise
 from .noise import Example
 
 log = logging.getLogger("lmcor.recipes")
@@ -254,17 +255,9 @@ MARK = "train-corrector.json"
 SPLIT_FILES = ("dev.jsonl", "test.jsonl", "candidates.jsonl")  # rewritten or appended to by a run
 
 
-def _digest(path: Path) -> str:
-    """sha256 of a pairs file, as a run records what it trained on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_out(job: Job) -> None:
-    """Refuse an OUT that this job must not use, before anything is written."""
+def _check_out(job: Job) -> dict:
+    """Refuse an OUT that this job must not use, before anything is written; the record of the run
+    it resumes (`MARK`), or an empty one."""
     out = job.out
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: not a folder (a file of that name exists)")
@@ -274,24 +267,22 @@ def _check_out(job: Job) -> None:
         if found:  # another tool's folder: a run would write over them, --restart would remove them
             raise InputError(f"--out {out} is not a train-corrector folder (no {MARK}), so its "
                              f"{', '.join(found)} stay: give another --out, or remove them yourself")
-        return
-    if job.resume:
-        try:
-            held_out = json.loads(mark.read_text(encoding="utf-8"))["held_out"]
-        except (ValueError, KeyError, TypeError):
-            held_out = None
-        if type(held_out) is not float:
-            raise InputError(f"{mark}: not a train-corrector record (no number 'held_out'); restart it (--restart) "
-                             "or train into another folder")
-        if held_out != job.held_out:
-            raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
-                             f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "
-                             "another folder")
-        trained_on = json.loads(mark.read_text(encoding="utf-8")).get("pairs")
-        if trained_on is not None and (out / "checkpoint.pt").is_file() and trained_on != _digest(job.pairs):
-            log.warning("%s: trained on another pairs file (or %s before it changed): training goes on from its "
-                        "checkpoint, with its tokenizer, for what is left of --minutes; --restart trains afresh",
-                        out, job.pairs)
+        return {}
+    if not job.resume:
+        return {}
+    try:
+        record = json.loads(mark.read_text(encoding="utf-8"))
+        held_out = record["held_out"]
+    except (ValueError, KeyError, TypeError):
+        held_out = None
+    if type(held_out) is not float:
+        raise InputError(f"{mark}: not a train-corrector record (no number 'held_out'); restart it (--restart) "
+                         "or train into another folder")
+    if held_out != job.held_out:
+        raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
+                         f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "
+                         "another folder")
+    return record
 
 
 def _clear(out: Path) -> None:
@@ -398,14 +389,7 @@ def report(bundle: Path, test: Path) -> dict:
 
     items = read_items(test)[0]
     corrector = Corrector.load(bundle)
-    answers = corrector.correct_batch([(i.source, i.candidates) for i in items], errors="return")
-    taken = [n for n, a in enumerate(answers) if not isinstance(a, InputError)]
-    if len(taken) < len(items):  # too long for the model: left out of every system's scores
-        log.warning("%s: %d of %d lines are too long for the corrector; the report leaves them out", test,
-                    len(items) - len(taken), len(items))
-    if not taken:
-        raise InputError(f"{test}: no line fits the corrector's input; nothing to report")
-    items, with_fallback = [items[n] for n in taken], [answers[n] for n in taken]
+    items, with_fallback = fallback.readable(corrector, items, str(test), "the report")  # every system's scores
     targets = [i.target for i in items]
     requests = [(i.source, i.candidates) for i in items]
     outputs = {
@@ -431,7 +415,6 @@ def run(job: Job) -> dict:
     """Every stage of the job; returns the report."""
     from lmcor.export import export_corrector
 
-    from . import fallback
     from . import train as recipe
 
     if job.size not in SIZES:
@@ -439,16 +422,21 @@ def run(job: Job) -> dict:
     _check_device(job.device)
     if job.init is not None:
         _check_init(job.init)
-    _check_out(job)
+    resumed = _check_out(job)
     # Every input is checked before OUT is cleared or made.
     pairs = read_pairs(job.pairs, need_candidates=job.llm is None)
     split(pairs, job.held_out)
+    pairs_digest = sha256_of(job.pairs)
+    if resumed.get("pairs") not in (None, pairs_digest) and (job.out / "checkpoint.pt").is_file():
+        log.warning("%s: trained on another pairs file (or %s before it changed): training goes on from its "
+                    "checkpoint, with its tokenizer, for what is left of --minutes; --restart trains afresh",
+                    job.out, job.pairs)
     writer = candidate_writer(job) if job.llm is not None else None
     if not job.resume:
         _clear(job.out)
     # The folder is this command's from now on: candidates cut short by a signal are continued.
     job.out.mkdir(parents=True, exist_ok=True)
-    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out, "pairs": _digest(job.pairs)}) + "\n",
+    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out, "pairs": pairs_digest}) + "\n",
                                 encoding="utf-8")
     if writer is not None:
         pairs = llm_candidates(job, pairs, writer)
@@ -457,13 +445,14 @@ def run(job: Job) -> dict:
     _write_items(job.out / "test.jsonl", parts["test"])
     log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
     model, tokenizer, warmup = _model(job, parts["train"])
-    for name in ("train", "dev"):  # said now, not after the training budget
-        items = [Example(p.source, list(p.candidates), p.target) for p in parts[name]]
+    as_examples = {name: [Example(p.source, list(p.candidates), p.target) for p in parts[name]]
+                   for name in ("train", "dev")}
+    for name, items in as_examples.items():  # said now, not after the training budget
         if items and not recipe._text_pairs(tokenizer, items, copy=False):
             raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens (their "
                              "sources alone are longer): shorten them, or split them into sentences")
     settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
-    dev = [Example(p.source, list(p.candidates), p.target) for p in parts["dev"]]
+    dev = as_examples["dev"]
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
                     examples=lambda step: examples(parts["train"], job.synthetic, settings.seed + step), dev=dev,
                     copy_warmup=warmup, resume=job.resume, device=job.device,

@@ -42,16 +42,9 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
     from lmcor.runtime.tokens import encode_requests
     from lmcor.runtime.vote import edit_vote, input_words, minimal_edits
 
+    items, answers = readable(corrector, items, "dev", "the calibration", fallback_below=0)
     requests = [Request(i.source, tuple(i.candidates)) for i in items]
-    answers = corrector.correct_batch(requests, fallback_below=0, errors="return")
-    taken = [n for n, a in enumerate(answers) if not isinstance(a, InputError)]
-    if len(taken) < len(items):  # too long for the model: what it cannot read calibrates nothing
-        log.warning("%d of %d dev items are too long for the corrector: left out of the calibration",
-                    len(items) - len(taken), len(items))
-    if not taken:
-        raise InputError("no dev item fits the corrector's input: nothing to calibrate on")
-    items, requests = [items[n] for n in taken], [requests[n] for n in taken]
-    outputs = [answers[n].text for n in taken]
+    outputs = [a.text for a in answers]
     # What `fallback.guard` weighs, computed once: each threshold then only picks among them. As there,
     # an output is compared with the candidates as the model read them (cut where its input was), a
     # guess returns its candidate whole, and the vote reads the candidates `voters` gives.
@@ -122,6 +115,19 @@ def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.
              chosen["chrf"], chosen["exact_match"],
              chosen["fell_back"], tried[0]["chrf"], tried[0]["exact_match"])
     return [chosen] + [t for t in tried if t is not chosen]
+
+
+def readable(corrector, items: list, where: str, use: str, **options) -> tuple[list, list]:
+    """The labelled `items` the corrector can read, and its corrections of them (`options` as for
+    `correct_batch`); those too long for it are left out of `use`, and said."""
+    answers = corrector.correct_batch([(i.source, i.candidates) for i in items], errors="return", **options)
+    taken = [n for n, a in enumerate(answers) if not isinstance(a, InputError)]
+    if len(taken) < len(items):
+        log.warning("%s: %d of %d items are too long for the corrector: left out of %s", where,
+                    len(items) - len(taken), len(items), use)
+    if not taken:
+        raise InputError(f"{where}: no item fits the corrector's input: nothing for {use}")
+    return [items[n] for n in taken], [answers[n] for n in taken]
 
 
 @command_line

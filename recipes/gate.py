@@ -151,8 +151,6 @@ def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dic
 
 def _usable(read_items, path: Path) -> list:
     """A data file's good items; none is an error naming the first bad line."""
-    from lmcor.runtime.errors import InputError
-
     items, errors = read_items(path)
     if not items:
         why = f" (line {errors[0]['line']}: {errors[0]['error']})" if errors else ""
