@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from . import core
+from . import core, pages
 from .bundle import MANIFEST_NAME, Manifest
 from .errors import BundleError, InputError
 from .options import check_providers, check_threads
@@ -87,6 +87,7 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     # ONNX Runtime's Python layer prints a provider that fails to start (a CUDA build without a
     # driver) to stdout, where the CLI writes its results: it goes to the log instead.
     printed = io.StringIO()
+    before = pages.mark()
     try:
         with contextlib.redirect_stdout(printed), core.fp_mode(flush=False):  # the caller's mode, kept
             session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
@@ -102,6 +103,8 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
                 log.warning("%s: onnxruntime: %s", path.name, line)
     if providers and session.get_providers()[0] != wanted[0]:
         log.warning("%s: asked for %s, running on %s", path.name, wanted[0], session.get_providers()[0])
+    if session.get_providers()[0] == "CPUExecutionProvider":  # on a GPU the weights live on the device
+        pages.back_added(before, path.name)
     return session
 
 
