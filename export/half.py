@@ -30,9 +30,9 @@ _PRODUCTS = {"MatMul", "Gemm"}
 # Exact in any element type: a node of these follows its data input into half precision.
 _MOVEMENT = {"Reshape", "Transpose", "Concat", "Unsqueeze", "Squeeze", "Identity", "Slice", "Split", "Expand",
              "Flatten", "Gather"}
-# T5's feed-forward output projection, as the exporters name it ("/encoder/block.0/layer.1/
-# DenseReluDense/wo/MatMul", "/DenseReluDense/wo_1/MatMul").
-T5_FP32_MATMULS = re.compile(r"/DenseReluDense/wo(_\d+)?/MatMul(_\d+)?$")
+# T5's feed-forward output projection, as the exporters name it (optimum's "/encoder/block.0/layer.1/
+# DenseReluDense/wo/MatMul", lmcor's step graph "/wo_1/MatMul").
+T5_FP32_MATMULS = re.compile(r"/wo(_\d+)?/MatMul(_\d+)?$")
 _SUFFIX = "_lmcor_half"
 _EXTERNAL_FROM = 1 << 30  # bytes of weights
 

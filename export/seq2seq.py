@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .half import T5_FP32_MATMULS, to_half
 from .quantize import quantize
+from .reshapes import rewrite_file
 from .shared_weights import WEIGHTS_FILE, share_weights
 from .validate import check_half_graphs, validate_corrector, validate_half
 
@@ -158,6 +159,10 @@ def export_corrector(
             graph, files = "ragged", {"decoder": ragged.STEP_FILE, "cross": ragged.CROSS_FILE}
         else:
             graph, files = "merged", {"decoder": DECODER_FILE}
+        with stage(model_dir, "constant reshape targets"):
+            for name in (ENCODER_FILE, *(files.values() if graph == "ragged" else ())):
+                for folder in (raw, raw / "folded") if precision == "int8" and name != ENCODER_FILE else (raw,):
+                    rewrite_file(folder / name)
         for name in (ENCODER_FILE, *files.values()):
             for file in raw.glob(f"{name}*"):  # the graph and any external-data file beside it
                 shutil.copy(file, staged / file.name)
