@@ -68,6 +68,17 @@ def machine_peak(threads: int) -> dict:
     return {"gemm_gflops": 2 * 2048**3 / best / 1e9, "copy_gbps": 2 * src.nbytes / copy / 1e9}
 
 
+# OpenMP runtimes keep their threads spinning after a parallel region (Intel's for 200 ms by default,
+# KMP_BLOCKTIME): a backend timed right after PyTorch or CTranslate2 shared the cores with them (in
+# one run, lmcor's batch-8 throughput was 0.93x optimum's without the pause, 0.99x with it).
+SETTLE_S = 0.25
+
+
+def _settle() -> None:
+    """Before a timed batch: the previous backend's spinning threads have gone to sleep."""
+    time.sleep(SETTLE_S)
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -166,6 +177,7 @@ def run(config: BenchConfig) -> dict:
             for name, backend in backends.items():
                 bar.set_postfix_str(name)
                 bar.update(1)
+                _settle()
                 start = time.perf_counter()
                 out = backend.generate([ids], workload.new_tokens[i], workload.forced, 1)
                 latencies[name].append(time.perf_counter() - start)
@@ -186,6 +198,7 @@ def run(config: BenchConfig) -> dict:
         for name, backend in backends.items():
             bar.set_postfix_str(name)
             bar.update(1)
+            _settle()
             start = time.perf_counter()
             out = backend.generate(workload.inputs, cap, workload.forced, config.batch_size)
             elapsed = time.perf_counter() - start
@@ -266,6 +279,7 @@ def _sweeps(config: BenchConfig, hf_dir: Path, cache: Path, vocab: int, backends
             samples = {name: [] for name in backends}
             for i, ids in enumerate(workload.inputs):
                 for name, backend in backends.items():
+                    _settle()
                     start = time.perf_counter()
                     backend.generate([ids], workload.new_tokens[i], workload.forced, 1)
                     samples[name].append(time.perf_counter() - start)
@@ -275,6 +289,7 @@ def _sweeps(config: BenchConfig, hf_dir: Path, cache: Path, vocab: int, backends
     workload = _workload(config, hf_dir, cache, vocab, count=16)
     for batch in (1, 4, 16):
         for name, backend in backends.items():
+            _settle()
             start = time.perf_counter()
             backend.generate(workload.inputs, max(workload.new_tokens), workload.forced, batch)
             throughput_vs_batch[name][batch] = len(workload.inputs) / (time.perf_counter() - start)
