@@ -34,6 +34,7 @@ from .checkpoint import (
     versions,
 )
 from .half import to_half
+from .reshapes import rewrite_file
 
 MODEL_FILE = "model.onnx"
 SAMPLE_PROMPTS = ("Correct the sentence: she go to school", "def add(a, b):", "The capital of France is", "a")
@@ -77,6 +78,8 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
     with staged_export(model_dir, out_dir, "text-generation-with-past", opset) as (raw, staged):
+        with stage(model_dir, "constant reshape targets"):
+            rewrite_file(raw / MODEL_FILE)
         if precision == "fp32":
             for file in raw.glob(f"{MODEL_FILE}*"):
                 shutil.copy(file, staged / file.name)

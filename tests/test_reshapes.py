@@ -97,3 +97,20 @@ def test_exported_t5_graphs_compute_no_reshape_target(bundles, arch):
             o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
         reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
         assert reshapes and all(n.input[1] in constants for n in reshapes), name
+
+
+def test_exported_causal_lm_computes_only_the_reshape_targets_it_must(gpt2_bundle):
+    """GPT-2's Conv1D unflattens (batch * length, width) to (batch, length, width): two dimensions
+    the target cannot copy, so that one stays computed; every other target is constant."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(gpt2_bundle / "model.onnx"), load_external_data=False)
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False).graph
+    dims = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    constants = {t.name for t in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    computed = [n for n in reshapes if n.input[1] not in constants]
+    assert len(computed) < len(reshapes)
+    assert all(constant_target(dims[n.input[0]], dims[n.output[0]]) is None for n in computed)
