@@ -30,6 +30,25 @@ def test_whole_pages_are_the_aligned_2mb_pages_inside_the_range():
     assert list(pages.whole_pages(HUGE + 1, 3 * HUGE - 1)) == []
 
 
+@linux
+def test_a_mapped_file_with_any_name_is_read_past(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMCOR_HUGE_PAGES", raising=False)
+    path = tmp_path / "jos\u00e9 \udcff.bin"  # not ASCII, not UTF-8
+    path.write_bytes(b"\0" * mmap.PAGESIZE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ):
+        before = pages.mark()
+        assert before is not None
+        pages.back_added(before, "test")
+
+
+def test_a_failure_to_read_the_maps_loads_the_model_anyway(monkeypatch, tmp_path):
+    monkeypatch.delenv("LMCOR_HUGE_PAGES", raising=False)
+    monkeypatch.setattr(pages, "_MAPS", str(tmp_path / "missing"))
+    assert pages.mark() is None
+    monkeypatch.setattr(pages, "anonymous_regions", lambda: 1 / 0)
+    pages.back_added({}, "test")  # logged, not raised
+
+
 def test_off_by_environment(monkeypatch):
     monkeypatch.setenv("LMCOR_HUGE_PAGES", "0")
     assert pages.mark() is None
@@ -46,20 +65,20 @@ def _anonymous(size: int, tag: int) -> tuple[mmap.mmap, int]:
 
 
 def _huge_total_kb() -> int:
-    with open("/proc/self/smaps_rollup", encoding="ascii") as rollup:
-        return next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:"))
+    with open("/proc/self/smaps_rollup", "rb") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith(b"AnonHugePages:"))
 
 
 def _huge_kb(address: int) -> int:
     """AnonHugePages of the mapping holding `address`."""
     inside = False
-    with open("/proc/self/smaps", encoding="ascii") as smaps:
+    with open("/proc/self/smaps", "rb") as smaps:
         for line in smaps:
             fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
+            if b"-" in fields[0] and not fields[0].endswith(b":"):
+                start, end = (int(x, 16) for x in fields[0].split(b"-"))
                 inside = start <= address < end
-            elif inside and fields[0] == "AnonHugePages:":
+            elif inside and fields[0] == b"AnonHugePages:":
                 return int(fields[1])
     raise AssertionError(f"no mapping holds {address:#x}")
 
