@@ -38,6 +38,13 @@ def _joined(*linears: torch.nn.Linear) -> torch.Tensor:
     return torch.cat([linear.weight for linear in linears], dim=0)
 
 
+def _project(x: torch.Tensor, joined: torch.Tensor | None, linears) -> list[torch.Tensor]:
+    """Each of `linears` applied to `x`: in one product with their `joined` weight where there is one."""
+    if joined is None:
+        return [linear(x) for linear in linears]
+    return list(torch.nn.functional.linear(x, joined).split([linear.out_features for linear in linears], -1))
+
+
 def _attend(attention, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """T5 attention of `query` (batch, heads, new, head_dim) over given keys/values: no 1/sqrt(d)
     scaling, bias added (masks included), softmax in fp32."""
@@ -49,17 +56,17 @@ def _attend(attention, query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 class StepDecoder(torch.nn.Module):
     """(input_ids, lengths, encoder_attention_mask, self past k/v..., cross k/v...) ->
-    (logits, new self k/v...)."""
+    (logits, new self k/v...). `join`: the projections of one input as one product (`_joined`)."""
 
-    def __init__(self, model):
+    def __init__(self, model, join: bool = True):
         super().__init__()
         self.model = model
         self.layers = len(model.decoder.block)
         for i, block in enumerate(model.decoder.block):
             attention, dense = block.layer[0].SelfAttention, block.layer[2].DenseReluDense
-            self.register_buffer(f"own_{i}", _joined(attention.q, attention.k, attention.v))
-            if hasattr(dense, "wi_0"):  # gated feed-forward (T5 v1.1, Flan-T5, mT5)
-                self.register_buffer(f"gate_{i}", _joined(dense.wi_0, dense.wi_1))
+            self.register_buffer(f"own_{i}", _joined(attention.q, attention.k, attention.v) if join else None)
+            gated = hasattr(dense, "wi_0")  # T5 v1.1, Flan-T5, mT5
+            self.register_buffer(f"gate_{i}", _joined(dense.wi_0, dense.wi_1) if join and gated else None)
 
     def forward(self, input_ids, lengths, encoder_attention_mask, *past):
         decoder, config = self.model.decoder, self.model.config
@@ -92,7 +99,7 @@ class StepDecoder(torch.nn.Module):
             heads, head_dim = attention.n_heads, attention.key_value_proj_dim
             normed = block.layer[0].layer_norm(hidden)
             query, key, value = (_heads(x, heads, head_dim) for x in
-                                 torch.nn.functional.linear(normed, getattr(self, f"own_{i}")).split(attention.inner_dim, -1))
+                                 _project(normed, getattr(self, f"own_{i}"), (attention.q, attention.k, attention.v)))
             presents += [key, value]
             keys = torch.cat([self_past[2 * i], key], dim=2)
             values = torch.cat([self_past[2 * i + 1], value], dim=2)
@@ -112,22 +119,23 @@ class StepDecoder(torch.nn.Module):
         dense, normed = layer.DenseReluDense, layer.layer_norm(hidden)
         if not hasattr(dense, "wi_0"):
             return dense(normed)
-        gate, linear = torch.nn.functional.linear(normed, getattr(self, f"gate_{i}")).split(dense.wo.in_features, -1)
+        gate, linear = _project(normed, getattr(self, f"gate_{i}"), (dense.wi_0, dense.wi_1))
         return dense.wo(dense.act(gate) * linear)
 
 
 class CrossKeysValues(torch.nn.Module):
     """encoder_hidden_states -> every decoder layer's cross-attention keys and values."""
 
-    def __init__(self, model):
+    def __init__(self, model, join: bool = True):
         super().__init__()
         self.model = model
-        attentions = [block.layer[1].EncDecAttention for block in model.decoder.block]
-        self.register_buffer("keys_values", _joined(*(p for a in attentions for p in (a.k, a.v))))
+        self.projections = [p for block in model.decoder.block for p in (block.layer[1].EncDecAttention.k,
+                                                                        block.layer[1].EncDecAttention.v)]
+        self.register_buffer("keys_values", _joined(*self.projections) if join else None)
 
     def forward(self, encoder_hidden_states):
         first = self.model.decoder.block[0].layer[1].EncDecAttention
-        projected = torch.nn.functional.linear(encoder_hidden_states, self.keys_values).split(first.inner_dim, -1)
+        projected = _project(encoder_hidden_states, self.keys_values, self.projections)
         return tuple(_heads(x, first.n_heads, first.key_value_proj_dim) for x in projected)
 
 
@@ -143,7 +151,9 @@ def export_step_decoder(model, out_dir: Path, opset: int, *, fold: bool = False)
 
     Without `fold`, constants are not folded: with tied embeddings, folding would store the output
     layer as a second, transposed copy of the embedding matrix (ONNX Runtime folds it in memory at
-    load instead). The int8 quantizer needs folded weights, since it quantizes initializers only.
+    load instead). The int8 quantizer needs folded weights, since it quantizes initializers only;
+    they keep each projection's weight apart, as it gives each weight one scale (joined, a layer's
+    query, key and value would share one, and the quantization error of each tripled).
 
     The wrappers are put in eval mode too: the exporter restores a module's mode after tracing,
     and a wrapper left in training mode would switch the model's dropout back on."""
@@ -163,12 +173,12 @@ def export_step_decoder(model, out_dir: Path, opset: int, *, fold: bool = False)
     axes.update({n: {0: "batch", 2: "source"} for n in cross})
     axes.update({n: {0: "batch", 2: "new"} for n in presents})
     with torch.no_grad():
-        torch.onnx.export(StepDecoder(model).eval(), (ids, lengths, mask, *self_past, *cross_kv), str(out_dir / STEP_FILE),
+        torch.onnx.export(StepDecoder(model, join=not fold).eval(), (ids, lengths, mask, *self_past, *cross_kv), str(out_dir / STEP_FILE),
                           input_names=["input_ids", "lengths", "encoder_attention_mask", *own, *cross],
                           output_names=["logits", *presents], dynamic_axes=axes, opset_version=opset, dynamo=False,
                           do_constant_folding=fold)
         hidden = torch.zeros(batch, source, config.d_model)
-        torch.onnx.export(CrossKeysValues(model).eval(), (hidden,), str(out_dir / CROSS_FILE),
+        torch.onnx.export(CrossKeysValues(model, join=not fold).eval(), (hidden,), str(out_dir / CROSS_FILE),
                           input_names=["encoder_hidden_states"], output_names=cross,
                           dynamic_axes={"encoder_hidden_states": {0: "batch", 1: "source"},
                                         **{n: {0: "batch", 2: "source"} for n in cross}},

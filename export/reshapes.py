@@ -9,7 +9,8 @@ the same with a constant: 0 copies the input's dimension at that position, -1 ta
 Symbolic shape inference (ONNX Runtime's, without merging any dimensions) names each dimension of
 the Reshape's input and output. A target is made constant only where every output dimension is
 a fixed size, the input's own dimension at the same position, or the one dimension left for -1;
-any other Reshape is kept as it is, and a graph the inference cannot read is left unchanged.
+any other Reshape is kept as it is, and a graph the inference cannot read (or one whose weights
+lie outside it, over protobuf's 2 GB) is left unchanged. Export validation then runs the graphs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 log = logging.getLogger("lmcor")
 
@@ -48,12 +50,10 @@ def constant_target(source: list[int | str | None], target: list[int | str | Non
 def constant_reshapes(model: onnx.ModelProto) -> int:
     """Rewrite `model`'s computable Reshape targets as constants and drop the nodes that only fed
     them; returns how many Reshapes changed."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
-    except Exception as e:  # noqa: BLE001 - an unreadable graph is left as exported
-        log.debug("symbolic shape inference failed (%s): reshapes kept", e)
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        return 0  # the inference would read such values from the working folder: a graph over 2 GB is kept
+    inferred = _symbolic_shapes(model)
+    if inferred is None:
         return 0
     graph = inferred.graph
     shapes = {v.name: _dims(v) for v in (*graph.value_info, *graph.input, *graph.output)}
@@ -78,6 +78,29 @@ def constant_reshapes(model: onnx.ModelProto) -> int:
     if changed:
         _drop_unused(model.graph)
     return changed
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`model` with every value's symbolic shape, or None where some cannot be inferred. This runs
+    the steps of ONNX Runtime's `SymbolicShapeInference.infer_shapes` itself: that function saves
+    an incomplete result into the working folder before it raises. Should its internals change,
+    the pass is skipped (nothing is lost but the speed-up)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=False, guess_output_rank=False, verbose=0)
+        inference._preprocess(model)
+        complete = False
+        while inference.run_:
+            complete = inference._infer_impl()
+        inference._update_output_from_vi()
+    except Exception as e:  # noqa: BLE001 - an unreadable graph is left as exported
+        log.debug("symbolic shape inference failed (%s): reshapes kept", e)
+        return None
+    if not complete:
+        log.debug("symbolic shape inference left some shapes unknown: reshapes kept")
+        return None
+    return inference.out_mp_
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
