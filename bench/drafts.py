@@ -18,9 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmcor.runtime.bundle import Manifest
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Correction, Request, as_request
+from lmcor.runtime.tokens import encode_requests
+from tokenizers import Tokenizer
 
 MODES = {"drafts off": False, "drafts on": True}
 DECODE_ONLY = {"fallback_below": 0}
@@ -36,8 +39,11 @@ class DraftsConfig:
     threads: int | None = None
 
 
-def read_requests(path: Path, count: int) -> list[Request]:
-    requests = []
+def read_requests(path: Path, count: int, *, fit: tuple[Tokenizer, Manifest] | None = None) -> list[Request]:
+    """The first `count` requests of a JSONL file. With `fit` (a corrector's tokenizer and manifest),
+    a request it cannot read (a source that leaves no room for its candidates) is refused by its
+    line before anything runs."""
+    requests, lines = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -46,10 +52,17 @@ def read_requests(path: Path, count: int) -> list[Request]:
                 requests.append(as_request(json.loads(line)))
             except (json.JSONDecodeError, InputError) as e:
                 raise InputError(f"{path}: line {number}: {e}") from None
+            lines.append(number)
             if len(requests) == count:
                 break
     if not requests:
         raise InputError(f"{path}: no requests")
+    if fit is not None:
+        tokenizer, manifest = fit
+        inputs = encode_requests(tokenizer, manifest.template, requests, manifest.max_input_tokens)
+        for number, encoded in zip(lines, inputs):
+            if isinstance(encoded, InputError):
+                raise InputError(f"{path}: line {number}: {encoded}")
     return requests
 
 
@@ -57,7 +70,7 @@ def run(config: DraftsConfig) -> dict:
     corrector = Corrector.load(config.bundle, threads=config.threads)
     if not corrector.drafts_supported:
         raise InputError(f"{corrector.root}: this bundle's decoder cannot verify drafts (re-export a T5-family model)")
-    requests = read_requests(config.data, config.requests)
+    requests = read_requests(config.data, config.requests, fit=(corrector.tokenizer, corrector.manifest))
     corrector.correct_batch(requests[:4], batch_size=1, **DECODE_ONLY)  # warm-up: first-run allocations
     latency = {name: [] for name in MODES}
     encoder = {name: [] for name in MODES}

@@ -125,7 +125,7 @@ def run(config: HostConfig) -> dict:
     corrector = Corrector.load(config.bundle, threads=config.threads)
     if core.built() is None:
         raise InputError("lmcor's compiled core is not built: nothing to compare (reinstall lmcor with a C++17 compiler)")
-    requests = read_requests(config.data, config.requests)
+    requests = read_requests(config.data, config.requests, fit=(corrector.tokenizer, corrector.manifest))
     previous, caches = core.native, os.environ.get("LMCOR_CACHES")
     clock = OrtClock(corrector)
     try:

@@ -55,10 +55,10 @@ class ServeBenchConfig:
 
 
 def run(config: ServeBenchConfig) -> dict:
-    requests = read_requests(config.data, config.requests)
+    corrector = Corrector.load(config.bundle, threads=config.threads)
+    requests = read_requests(config.data, config.requests, fit=(corrector.tokenizer, corrector.manifest))
     bodies = [json.dumps({"id": n, "source": r.source, "candidates": list(r.candidates)}).encode()
               for n, r in enumerate(requests)]
-    corrector = Corrector.load(config.bundle, threads=config.threads)
     if threading.current_thread() is not threading.main_thread():
         return _run(config, requests, bodies, corrector)
     previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM, as Ctrl-C, stops the servers it started

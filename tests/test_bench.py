@@ -83,6 +83,14 @@ def test_bench_drafts_needs_a_ragged_bundle(bundles, tmp_path, capsys):
     assert "cannot verify drafts" in capsys.readouterr().err
 
 
+def test_bench_drafts_refuses_a_request_the_model_cannot_read_by_its_line(bundles, tmp_path, capsys):
+    data = tmp_path / "requests.jsonl"
+    data.write_text('{"source": "a b", "candidates": ["a b"]}\n\n' + json.dumps({"source": "a " * 3000, "candidates": ["a"]}))
+    assert main(["bench", "--drafts", "--bundle", str(bundles["t5"]), "--data", str(data), "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{data}: line 3: the source and template" in err[0]
+
+
 @pytest.mark.parametrize("args, said", [(["--seconds", "-1"], "--seconds: must be a number of seconds above 0"),
                                         (["--clients", "1,100000"], "--clients: must be integers from 1 to 1024")])
 def test_serve_load_settings_that_measure_nothing_are_refused(args, said, capsys):
@@ -126,6 +134,10 @@ def test_text_workloads_name_the_line_and_a_shape_checkpoint_cut_short_is_built_
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InputError, match="no requests"):
         text_workload(tmp_path / "empty.jsonl", bundles["t5"], 8)
+    long = tmp_path / "long.jsonl"  # a blank line first: the error names the file's line, not the request's number
+    long.write_text('\n{"source": "a", "candidates": ["b"]}\n' + json.dumps({"source": "word " * 2000, "candidates": ["b"]}) + "\n")
+    with pytest.raises(InputError, match=f"{long}: line 3: the source and template"):
+        text_workload(long, bundles["t5"], 8)
     cut = tmp_path / "hf"
     cut.mkdir()
     (cut / "config.json").write_text("{}")  # where a Ctrl-C left the folder
