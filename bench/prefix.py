@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generator
 
 RULES = [
@@ -37,15 +38,24 @@ class PrefixConfig:
 
 
 def rules_prefix(generator: Generator, tokens: int) -> str:
-    text, n = "", 0
-    while len(generator.encode(text)) < tokens:
-        text += RULES[n % len(RULES)] + "\n"
-        n += 1
-    return text
+    """Rules, one a line, until the text holds at least `tokens` tokens. The lines' own token counts
+    say about how many it takes; the text is measured again only near the end."""
+    counts = [len(generator.encode(rule + "\n")) for rule in RULES]
+    lines: list[str] = []
+    estimate = 0
+    while True:
+        if estimate >= tokens and len(generator.encode("".join(lines))) >= tokens:
+            return "".join(lines)
+        lines.append(RULES[len(lines) % len(RULES)] + "\n")
+        estimate += counts[(len(lines) - 1) % len(RULES)]
 
 
 def run(config: PrefixConfig) -> dict:
     generator = Generator.load(config.bundle, threads=config.threads)
+    most = generator.manifest.max_input_tokens
+    if config.prefix_tokens >= most:
+        raise InputError(f"--prefix-tokens {config.prefix_tokens}: this model reads at most {most} input tokens, "
+                         "its prompts included")
     prefix_text = rules_prefix(generator, config.prefix_tokens)
     prompts = [f"Sentence: {SOURCES[i % len(SOURCES)]}\nCorrected:" for i in range(config.requests)]
     options = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)

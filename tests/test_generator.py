@@ -188,6 +188,9 @@ def test_bench_shared_prefix(bundle, tmp_path, capsys):
     report = json.loads((out / "prefix.json").read_text())
     assert report["identical_outputs"] == 3 and report["prefix_tokens"] >= 40
     assert "speedup" in capsys.readouterr().out
+    # a prefix longer than the model reads is refused by its flag, at once
+    assert main(["bench", "--shared-prefix", "--bundle", str(bundle), "--prefix-tokens", "1000000"]) == 2
+    assert "--prefix-tokens 1000000: this model reads at most" in capsys.readouterr().err
 
 
 def test_stop_strings_end_a_row_at_the_first_token_that_completes_one(bundle):
