@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -248,7 +249,13 @@ def test_a_stopped_engine_fails_requests_at_once_and_health_says_failed(bundles,
         assert s.state.status == "failed"
 
 
-def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bundles):
+def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bundles, monkeypatch):
+    from lmcor.runtime import scheduler
+
+    # The engine's decoder calls wait until the test lets them go, so that both requests are still in
+    # flight when the drain starts, however slowly this machine runs their HTTP calls.
+    release, step = threading.Event(), scheduler.decode_step
+    monkeypatch.setattr(scheduler, "decode_step", lambda batch: release.wait(TIMEOUT) and step(batch))
     with running(ServeConfig(model=str(bundles[ARCH]), port=0, max_batch=1)) as s, \
             httpx.Client(base_url=s.url, timeout=TIMEOUT) as c, ThreadPoolExecutor(2) as pool:
         in_flight = [pool.submit(c.post, "/v1/correct", json=_slow(bundles[ARCH], n)) for n in range(2)]
@@ -259,6 +266,8 @@ def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bu
         s.state.drain()
         refused = c.post("/v1/correct", json=make_requests(1, seed=2)[0])
         health = c.get("/health")
+        assert not any(f.done() for f in in_flight)
+        release.set()
         assert [f.result().status_code for f in in_flight] == [200, 200]
     assert refused.status_code == 503 and refused.json()["error"]["kind"] == "draining"
     assert health.status_code == 503 and health.json()["status"] == "draining"
