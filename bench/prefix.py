@@ -38,16 +38,24 @@ class PrefixConfig:
 
 
 def rules_prefix(generator: Generator, tokens: int) -> str:
-    """Rules, one a line, until the text holds at least `tokens` tokens. The lines' own token counts
-    say about how many it takes; the text is measured again only near the end."""
-    counts = [len(generator.encode(rule + "\n")) for rule in RULES]
-    lines: list[str] = []
-    estimate = 0
-    while True:
-        if estimate >= tokens and len(generator.encode("".join(lines))) >= tokens:
-            return "".join(lines)
-        lines.append(RULES[len(lines) % len(RULES)] + "\n")
-        estimate += counts[(len(lines) - 1) % len(RULES)]
+    """The fewest rule lines whose text holds at least `tokens` tokens: their number found by doubling
+    and then halving, so a long prefix costs a few dozen encodes, whatever the tokenizer adds."""
+
+    def text(lines: int) -> str:
+        return "".join(RULES[n % len(RULES)] + "\n" for n in range(lines))
+
+    def enough(lines: int) -> bool:
+        return len(generator.encode(text(lines))) >= tokens
+
+    low, high = 0, 1  # not enough at low (or none), maybe at high
+    while not enough(high):
+        if high > 4 * tokens:  # every line holds tokens: only a tokenizer that drops all text gets here
+            raise InputError(f"--prefix-tokens {tokens}: this model's tokenizer gives no tokens for the rules text")
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return text(high)
 
 
 def run(config: PrefixConfig) -> dict:
@@ -58,6 +66,10 @@ def run(config: PrefixConfig) -> dict:
                          "its prompts included")
     prefix_text = rules_prefix(generator, config.prefix_tokens)
     prompts = [f"Sentence: {SOURCES[i % len(SOURCES)]}\nCorrected:" for i in range(config.requests)]
+    need = max(len(generator.encode(prefix_text + p)) for p in prompts) + config.max_new_tokens - 1
+    if need > most:
+        raise InputError(f"--prefix-tokens {config.prefix_tokens}: the prefix, a prompt and {config.max_new_tokens} new "
+                         f"tokens need {need} of the model's {most} positions; lower it by at least {need - most}")
     options = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     times: dict[str, list[float]] = {"in every prompt": [], "shared": []}
     outputs: dict[str, list] = {}

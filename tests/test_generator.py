@@ -188,9 +188,23 @@ def test_bench_shared_prefix(bundle, tmp_path, capsys):
     report = json.loads((out / "prefix.json").read_text())
     assert report["identical_outputs"] == 3 and report["prefix_tokens"] >= 40
     assert "speedup" in capsys.readouterr().out
-    # a prefix longer than the model reads is refused by its flag, at once
+    # a prefix longer than the model reads is refused by its flag, at once; one that leaves no room
+    # for the prompts and their new tokens, before anything runs
     assert main(["bench", "--shared-prefix", "--bundle", str(bundle), "--prefix-tokens", "1000000"]) == 2
     assert "--prefix-tokens 1000000: this model reads at most" in capsys.readouterr().err
+    assert main(["bench", "--shared-prefix", "--bundle", str(bundle), "--prefix-tokens", "250"]) == 2
+    assert "--prefix-tokens 250: the prefix, a prompt and 16 new tokens need" in capsys.readouterr().err
+
+
+def test_the_rules_prefix_is_the_fewest_lines_that_hold_the_tokens(bundle):
+    from lmcor.bench.prefix import RULES, rules_prefix
+
+    generator = Generator.load(bundle)
+    for tokens in (1, 7, 40, 233):
+        text = rules_prefix(generator, tokens)
+        lines = text.splitlines(keepends=True)
+        assert all(line == RULES[n % len(RULES)] + "\n" for n, line in enumerate(lines))
+        assert len(generator.encode(text)) >= tokens > len(generator.encode("".join(lines[:-1])))
 
 
 def test_stop_strings_end_a_row_at_the_first_token_that_completes_one(bundle):

@@ -263,11 +263,13 @@ def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bu
         while s.state.pending("correct") < 2:
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        s.state.drain()
-        refused = c.post("/v1/correct", json=make_requests(1, seed=2)[0])
-        health = c.get("/health")
-        assert not any(f.done() for f in in_flight)
-        release.set()
+        try:
+            s.state.drain()
+            refused = c.post("/v1/correct", json=make_requests(1, seed=2)[0])
+            health = c.get("/health")
+            assert not any(f.done() for f in in_flight)
+        finally:
+            release.set()  # a failure above must not leave the drain waiting on held calls
         assert [f.result().status_code for f in in_flight] == [200, 200]
     assert refused.status_code == 503 and refused.json()["error"]["kind"] == "draining"
     assert health.status_code == 503 and health.json()["status"] == "draining"
