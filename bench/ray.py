@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmcor.cli.bench import MAX_CLIENTS, MAX_SECONDS
 from lmcor.recipes import command_line
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
@@ -149,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=d.out, help="folder of ray.json (default: %(default)s)")
     args = parser.parse_args(argv)
-    for flag, value, least, most in (("--requests", args.requests, 1, None), ("--clients", args.clients, 1, 1024),
+    for flag, value, least, most in (("--requests", args.requests, 1, None), ("--clients", args.clients, 1, MAX_CLIENTS),
                                      ("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE)):
         check_int(flag, value, least, most)
-    if not 0 < args.seconds <= 3600:
-        raise InputError(f"--seconds must be above 0 and at most 3600, got {args.seconds}")
+    if not 0 < args.seconds <= MAX_SECONDS:  # `lmcor bench --serve`'s bounds
+        raise InputError(f"--seconds must be above 0 and at most {MAX_SECONDS}, got {args.seconds}")
     config = RayBenchConfig(data=args.data, requests=args.requests, seconds=args.seconds, clients=args.clients,
                             batch_size=args.batch_size, out=args.out)
     report = run(config)
