@@ -22,7 +22,7 @@ from lmcor.runtime.bundle import Manifest
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Correction, Request, as_request
-from lmcor.runtime.tokens import encode_requests
+from lmcor.runtime.tokens import ModelInput, encode_requests
 from tokenizers import Tokenizer
 
 MODES = {"drafts off": False, "drafts on": True}
@@ -43,27 +43,40 @@ def read_requests(path: Path, count: int, *, fit: tuple[Tokenizer, Manifest] | N
     """The first `count` requests of a JSONL file. With `fit` (a corrector's tokenizer and manifest),
     a request it cannot read (a source that leaves no room for its candidates) is refused by its
     line before anything runs."""
-    requests, lines = [], []
+    if fit is not None:
+        return read_inputs(path, count, *fit)[0]
+    return [request for _, request in _numbered_requests(path, count)]
+
+
+def read_inputs(path: Path, count: int, tokenizer: Tokenizer, manifest: Manifest) -> tuple[list[Request],
+                                                                                           list[ModelInput]]:
+    """The first `count` requests of a JSONL file, and their tokens as the corrector reads them; one
+    it cannot read is refused by its line."""
+    numbered = _numbered_requests(path, count)
+    requests = [request for _, request in numbered]
+    inputs = encode_requests(tokenizer, manifest.template, requests, manifest.max_input_tokens)
+    for (number, _), encoded in zip(numbered, inputs):
+        if isinstance(encoded, InputError):
+            raise InputError(f"{path}: line {number}: {encoded}")
+    return requests, inputs
+
+
+def _numbered_requests(path: Path, count: int) -> list[tuple[int, Request]]:
+    """The first `count` requests of a JSONL file, with their line numbers."""
+    numbered = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                requests.append(as_request(json.loads(line)))
+                numbered.append((number, as_request(json.loads(line))))
             except (json.JSONDecodeError, InputError) as e:
                 raise InputError(f"{path}: line {number}: {e}") from None
-            lines.append(number)
-            if len(requests) == count:
+            if len(numbered) == count:
                 break
-    if not requests:
+    if not numbered:
         raise InputError(f"{path}: no requests")
-    if fit is not None:
-        tokenizer, manifest = fit
-        inputs = encode_requests(tokenizer, manifest.template, requests, manifest.max_input_tokens)
-        for number, encoded in zip(lines, inputs):
-            if isinstance(encoded, InputError):
-                raise InputError(f"{path}: line {number}: {encoded}")
-    return requests
+    return numbered
 
 
 def run(config: DraftsConfig) -> dict:

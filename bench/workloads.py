@@ -87,13 +87,11 @@ def text_workload(data: Path, bundle: Path, count: int, *, new_tokens: int | Non
     lengths are natural (capped at the bundle's maximum) unless `new_tokens` forces them."""
     from lmcor.runtime.bundle import load_manifest
     from lmcor.runtime.tokens import load_tokenizer
-    from lmcor.runtime.tokens import encode_requests
 
-    from .drafts import read_requests
+    from .drafts import read_inputs
 
     manifest = load_manifest(bundle)
     tokenizer = load_tokenizer(bundle / manifest.files["tokenizer"])
-    requests = read_requests(data, count, fit=(tokenizer, manifest))
-    inputs = encode_requests(tokenizer, manifest.template, requests, manifest.max_input_tokens)
+    _, inputs = read_inputs(data, count, tokenizer, manifest)
     cap = new_tokens or manifest.max_output_tokens
     return Workload(f"text {Path(data).name}", [x.ids for x in inputs], [cap] * len(inputs), new_tokens is not None)
