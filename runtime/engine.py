@@ -308,10 +308,10 @@ class Engine:
             try:
                 answers = _gate(gate, threshold, [r for _, r, _ in group])
             except Exception as e:  # this gate failed: its own requests fail, not the others in the batch
-                answers = [None] * len(group)
                 for submission, _, _ in group:
                     _settle(submission.future, error=e)
                     passed.add(id(submission))
+                continue
             now = time.perf_counter()
             for (submission, _, _), answer in zip(group, answers):
                 if answer is not None:  # its time, as a decoded answer's, runs from its submission
