@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .reshapes import rewrite_file
+
 STEP_FILE = "decoder.onnx"
 CROSS_FILE = "decoder_cross.onnx"
 ARCHITECTURES = ("t5", "mt5")
@@ -156,7 +158,8 @@ def export_step_decoder(model, out_dir: Path, opset: int, *, fold: bool = False)
     query, key and value would share one, and the quantization error of each tripled).
 
     The wrappers are put in eval mode too: the exporter restores a module's mode after tracing,
-    and a wrapper left in training mode would switch the model's dropout back on."""
+    and a wrapper left in training mode would switch the model's dropout back on. Both graphs then
+    take constant Reshape targets (`reshapes.py`)."""
     config = model.config
     layers, heads, head_dim = len(model.decoder.block), config.num_heads, config.d_kv
     own, cross = past_names(layers)
@@ -183,3 +186,5 @@ def export_step_decoder(model, out_dir: Path, opset: int, *, fold: bool = False)
                           dynamic_axes={"encoder_hidden_states": {0: "batch", 1: "source"},
                                         **{n: {0: "batch", 2: "source"} for n in cross}},
                           opset_version=opset, dynamo=False)
+    for name in (STEP_FILE, CROSS_FILE):
+        rewrite_file(out_dir / name)

@@ -159,10 +159,8 @@ def export_corrector(
             graph, files = "ragged", {"decoder": ragged.STEP_FILE, "cross": ragged.CROSS_FILE}
         else:
             graph, files = "merged", {"decoder": DECODER_FILE}
-        with stage(model_dir, "constant reshape targets"):
-            for name in (ENCODER_FILE, *(files.values() if graph == "ragged" else ())):
-                for folder in (raw, raw / "folded") if precision == "int8" and name != ENCODER_FILE else (raw,):
-                    rewrite_file(folder / name)
+        with stage(model_dir, "constant reshape targets"):  # the step graphs' were made as they were written
+            rewrite_file(raw / ENCODER_FILE)
         for name in (ENCODER_FILE, *files.values()):
             for file in raw.glob(f"{name}*"):  # the graph and any external-data file beside it
                 shutil.copy(file, staged / file.name)
