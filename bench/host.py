@@ -85,9 +85,9 @@ class OrtClock:
 
 
 def linear_params(path: Path) -> tuple[int, int]:
-    """The weights an ONNX graph multiplies by (MatMul/Gemm inputs that are initializers, through
-    Transpose/Cast/Identity; embeddings read by Gather are not counted), and its attention layers
-    (its Softmax nodes)."""
+    """The weights an ONNX graph multiplies by (MatMul/Gemm/fused Attention inputs that are
+    initializers, through Transpose/Cast/Identity; embeddings read by Gather are not counted), and its
+    attention layers (its Softmax and fused Attention nodes)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -95,14 +95,14 @@ def linear_params(path: Path) -> tuple[int, int]:
     producer = {out: node for node in graph.node for out in node.output}
     total = 0
     for node in graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "MatMulInteger", "FusedMatMul"):
+        if node.op_type not in ("MatMul", "Gemm", "MatMulInteger", "FusedMatMul", "Attention"):
             continue
         for name in node.input[:2]:
             while name not in sizes and name in producer and producer[name].op_type in ("Transpose", "Cast", "Identity",
                                                                                        "DequantizeLinear"):
                 name = producer[name].input[0]
             total += sizes.get(name, 0)
-    return total, sum(node.op_type == "Softmax" for node in graph.node)
+    return total, sum(node.op_type in ("Softmax", "Attention") for node in graph.node)
 
 
 def flops_per_request(corrector: Corrector, input_tokens: float, output_tokens: float) -> float:

@@ -38,6 +38,7 @@ from .checkpoint import (
     staged_export,
     versions,
 )
+from .fusion import fuse_t5_encoder
 from .half import T5_FP32_MATMULS, to_half
 from .quantize import quantize
 from .reshapes import rewrite_file
@@ -159,9 +160,14 @@ def export_corrector(
             graph, files = "ragged", {"decoder": ragged.STEP_FILE, "cross": ragged.CROSS_FILE}
         else:
             graph, files = "merged", {"decoder": DECODER_FILE}
-        with stage(model_dir, "constant reshape targets"):  # the step graphs' were made as they were written
-            rewrite_file(raw / ENCODER_FILE)
-        for name in (ENCODER_FILE, *files.values()):
+        fused = False
+        if precision == "fp32" and graph == "ragged":  # int8 and half convert the plain graph
+            with stage(model_dir, "fused encoder operators"):
+                fused = fuse_t5_encoder(raw / ENCODER_FILE, staged / ENCODER_FILE, model.config)
+        if not fused:  # the fused graph has no Reshape left; the fusion reads the plain graph's shape chains
+            with stage(model_dir, "constant reshape targets"):  # the step graphs' were made as they were written
+                rewrite_file(raw / ENCODER_FILE)
+        for name in ([] if fused else [ENCODER_FILE]) + list(files.values()):
             for file in raw.glob(f"{name}*"):  # the graph and any external-data file beside it
                 shutil.copy(file, staged / file.name)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))

@@ -1,0 +1,74 @@
+"""The fused T5 encoder (export/fusion.py): ONNX Runtime's Attention, skip-RMS-norm and FastGelu
+operators, with the relative position bias in standard operators, against PyTorch's encoder."""
+
+import copy
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from lmcor.export.fusion import fuse_t5_encoder
+from transformers import AutoModelForSeq2SeqLM
+
+T5_ARCHITECTURES = ("t5", "t5v11")
+
+
+@pytest.mark.parametrize("arch", T5_ARCHITECTURES)
+def test_fp32_bundle_has_the_fused_encoder(bundles, arch):
+    graph = onnx.load(str(bundles[arch] / "encoder_model.onnx"), load_external_data=False).graph
+    kinds = {node.op_type for node in graph.node}
+    assert "Attention" in kinds and "SkipSimplifiedLayerNormalization" in kinds
+    assert "Softmax" not in kinds and "RelativePositionBias" not in kinds  # the bias runs on any provider
+
+
+@pytest.mark.parametrize("arch", T5_ARCHITECTURES)
+def test_fused_encoder_equals_pytorch(bundles, checkpoints, arch):
+    """Padding, and distances past the last exact bucket and past max_distance (the fixtures have 8
+    buckets: a different bucket count than the optimizer's own assumption of 32)."""
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoints[arch]).eval()
+    session = ort.InferenceSession(str(bundles[arch] / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for batch, length in ((1, 1), (1, 9), (4, 37), (2, 200)):
+        ids = rng.integers(3, model.config.vocab_size, (batch, length), dtype=np.int64)
+        mask = np.ones_like(ids)
+        mask[-1, length // 2 + 1:] = 0
+        got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        with torch.no_grad():
+            want = model.encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
+        real = mask.astype(bool)
+        np.testing.assert_allclose(got[real], want[real], atol=1e-4)
+
+
+def _plain_encoder(checkpoint, out):
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(checkpoint), output=out, task="text2text-generation", device="cpu", do_validation=False,
+                local_files_only=True)
+    return out / "encoder_model.onnx"
+
+
+def test_a_fusion_that_changes_outputs_is_not_kept(checkpoints, tmp_path, monkeypatch):
+    """A wrong maximum distance changes the bias of far positions: the fused graph is checked against
+    the plain one, so it is refused, nothing is written, and nothing is left in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    plain = _plain_encoder(checkpoints["t5v11"], tmp_path / "optimum")
+    config = AutoModelForSeq2SeqLM.from_pretrained(checkpoints["t5v11"]).config
+    target = tmp_path / "fused.onnx"
+    assert fuse_t5_encoder(plain, target, config)
+    target.unlink()
+    wrong = copy.deepcopy(config)
+    wrong.relative_attention_max_distance = 16
+    assert not fuse_t5_encoder(plain, target, wrong)
+    assert not target.exists()
+    assert sorted(os.listdir(tmp_path)) == ["optimum"]
+
+
+def test_graphs_with_external_weights_are_left_alone(checkpoints, tmp_path):
+    plain = _plain_encoder(checkpoints["t5"], tmp_path / "optimum")
+    model = onnx.load(str(plain))
+    onnx.save(model, str(tmp_path / "external.onnx"), save_as_external_data=True, size_threshold=0)
+    config = AutoModelForSeq2SeqLM.from_pretrained(checkpoints["t5"]).config
+    assert not fuse_t5_encoder(tmp_path / "external.onnx", tmp_path / "fused.onnx", config)
+    assert not (tmp_path / "fused.onnx").exists()
