@@ -62,9 +62,9 @@ def _optimized(model: onnx.ModelProto, config) -> onnx.ModelProto:
     from .checkpoint import quiet_exporter
 
     with quiet_exporter():  # the optimizer logs its pattern search at warning level
+        # heads and width 0: read from each attention's reshapes (T5's heads need not divide d_model)
         optimized = optimize_model(onnx.ModelProto.FromString(model.SerializeToString()), model_type="t5",
-                                   num_heads=config.num_heads, hidden_size=config.d_model, opt_level=0,
-                                   optimization_options=FusionOptions("t5"))
+                                   num_heads=0, hidden_size=0, opt_level=0, optimization_options=FusionOptions("t5"))
     fused = optimized.model
     for node in [n for n in fused.graph.node if n.op_type == "RelativePositionBias"]:
         _portable_position_bias(fused.graph, node, config)

@@ -72,3 +72,24 @@ def test_graphs_with_external_weights_are_left_alone(checkpoints, tmp_path):
     config = AutoModelForSeq2SeqLM.from_pretrained(checkpoints["t5"]).config
     assert not fuse_t5_encoder(tmp_path / "external.onnx", tmp_path / "fused.onnx", config)
     assert not (tmp_path / "fused.onnx").exists()
+
+
+def test_heads_that_do_not_divide_the_width(tmp_path):
+    """Flan-T5-small's shape: 6 heads of 64 on a width of 512 (the optimizer's own check of the
+    heads it is given refuses it; lmcor lets it read each attention's heads from the graph)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=120, d_model=40, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=1,
+                      num_heads=3, feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    plain = _plain_encoder(tmp_path / "hf", tmp_path / "optimum")
+    assert fuse_t5_encoder(plain, tmp_path / "fused.onnx", config)
+    session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 120, (2, 30), dtype=np.int64)
+    mask = np.ones_like(ids)
+    got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        want = model.encoder(input_ids=torch.from_numpy(ids))[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
