@@ -93,3 +93,52 @@ def test_heads_that_do_not_divide_the_width(tmp_path):
     with torch.no_grad():
         want = model.encoder(input_ids=torch.from_numpy(ids))[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_graph_without_a_mask_input_is_checked_without_one(checkpoints, tmp_path):
+    """An encoder exported with `input_ids` alone (ONNX Runtime's optimizer handles it) is fused or
+    refused, never an error that fails the export."""
+    import torch.onnx
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoints["t5v11"]).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = model.encoder
+
+        def forward(self, input_ids):
+            return self.encoder(input_ids=input_ids)[0]
+
+    path = tmp_path / "ids_only.onnx"
+    torch.onnx.export(Encoder().eval(), (torch.ones(2, 7, dtype=torch.long),), str(path), input_names=["input_ids"],
+                      output_names=["last_hidden_state"], dynamic_axes={"input_ids": {0: "b", 1: "s"}},
+                      opset_version=17, dynamo=False)
+    target = tmp_path / "fused.onnx"
+    if fuse_t5_encoder(path, target, model.config):
+        session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        ids = np.arange(3, 33, dtype=np.int64).reshape(2, 15)
+        with torch.no_grad():
+            want = model.encoder(input_ids=torch.from_numpy(ids))[0].numpy()
+        np.testing.assert_allclose(session.run(None, {"input_ids": ids})[0], want, atol=1e-4)
+    else:
+        assert not target.exists()
+
+
+def test_non_finite_outputs_are_refused(checkpoints, tmp_path, monkeypatch):
+    """The check compares finite outputs only: a fused graph that gives NaN is not kept."""
+    import lmcor.export.fusion as fusion
+
+    plain = _plain_encoder(checkpoints["t5"], tmp_path / "optimum")
+    config = AutoModelForSeq2SeqLM.from_pretrained(checkpoints["t5"]).config
+    real = fusion._portable_position_bias
+
+    def poisoned(graph, node, config):
+        real(graph, node, config)
+        table = next(t for t in graph.initializer if t.name.endswith("/portable/table"))
+        table.CopyFrom(onnx.numpy_helper.from_array(np.full(onnx.numpy_helper.to_array(table).shape, np.nan,
+                                                            np.float32), table.name))
+
+    monkeypatch.setattr(fusion, "_portable_position_bias", poisoned)
+    assert not fuse_t5_encoder(plain, tmp_path / "fused.onnx", config)
+    assert not (tmp_path / "fused.onnx").exists()
