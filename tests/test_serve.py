@@ -461,6 +461,8 @@ def test_the_openapi_document_holds_the_limits_the_server_checks(client, bundles
     from lmcor.runtime.options import MAX_BEAMS
 
     doc = client.get("/openapi.json").json()
+    ids = [op["operationId"] for item in doc["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)) and "health_health_head" in ids and "health_health_get" in ids
     body = doc["paths"]["/v1/correct"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"][0]
     props = body["properties"]
     most = load_manifest(bundles[ARCH]).max_output_tokens

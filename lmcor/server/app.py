@@ -14,14 +14,17 @@ OpenAPI schemas only document them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import typing
+import warnings
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
@@ -730,6 +733,21 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Prometheus text format: queue depth, batch size, requests, tokens, latencies, errors."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document with one operationId per operation: it gives a route's GET and HEAD
+        the same id (invalid OpenAPI, which client generators refuse)."""
+        if app.openapi_schema is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+                schema = FastAPI.openapi(app)
+            operations = [(method, op) for item in schema["paths"].values() for method, op in item.items()]
+            count = collections.Counter(op["operationId"] for _, op in operations)
+            for method, op in operations:
+                if count[op["operationId"]] > 1:
+                    op["operationId"] = f"{re.sub(r'_[a-z]+$', '', op['operationId'])}_{method}"
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
