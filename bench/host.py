@@ -86,7 +86,7 @@ class OrtClock:
 
 def linear_params(path: Path) -> tuple[int, int]:
     """The weights an ONNX graph multiplies by (MatMul/Gemm/fused Attention inputs that are
-    initializers, through Transpose/Cast/Identity; embeddings read by Gather are not counted), and its
+    initializers, through Transpose/Cast/Identity/DequantizeLinear; embeddings read by Gather are not counted), and its
     attention layers (its Softmax and fused Attention nodes)."""
     import onnx
 

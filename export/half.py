@@ -147,20 +147,33 @@ def convert(model: onnx.ModelProto, half: int, *, keep: re.Pattern | None = None
                       kept_fp32=kept, casts=len(casts))
 
 
+# ONNX Runtime's fused operators in an fp32 T5 encoder (`fusion.py`): onnx's shape inference does not
+# know them; each writes its first input's type.
+_SAME_TYPE_FUSED = {"Attention", "SkipSimplifiedLayerNormalization", "FastGelu"}
+
+
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Names of the graph's fp32 tensors (inputs, initializers, values), from shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    graph = inferred.graph
-    out = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
-    for value in (*graph.input, *graph.value_info, *graph.output):
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            out.add(value.name)
+    """Names of the graph's fp32 tensors (inputs, initializers, values), from shape inference; the
+    outputs of ONNX Runtime's fused operators typed from their inputs, and inference run again past them."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    while True:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        graph = inferred.graph
+        values = (*graph.input, *graph.value_info, *graph.output)
+        typed = {v.name for v in values if v.type.tensor_type.elem_type} | {t.name for t in graph.initializer}
+        floats = {v.name for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+        floats |= {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+        untyped = [out for node in graph.node if node.op_type in _SAME_TYPE_FUSED and node.input[0] in floats
+                   for out in node.output if out and out not in typed]
+        if not untyped:
+            break
+        model.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in untyped)
     for node in graph.node:  # a Constant's value, when inference left its output untyped
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
-                    out.add(node.output[0])
-    return out
+                    floats.add(node.output[0])
+    return floats
 
 
 def _half_initializer(tensor: TensorProto, name: str, half: int) -> TensorProto:

@@ -164,7 +164,9 @@ def export_corrector(
         if precision == "fp32" and graph == "ragged":  # int8 and half convert the plain graph
             with stage(model_dir, "fused encoder operators"):
                 fused = fuse_t5_encoder(raw / ENCODER_FILE, staged / ENCODER_FILE, model.config)
-        if not fused:  # the fused graph has no Reshape left; the fusion reads the plain graph's shape chains
+        # the fusion matches the plain graph's Shape->Reshape chains, so only an encoder left plain gets
+        # constant targets (the fused graph's one Reshape, in the position bias, has a constant target)
+        if not fused:
             with stage(model_dir, "constant reshape targets"):  # the step graphs' were made as they were written
                 rewrite_file(raw / ENCODER_FILE)
         for name in ([] if fused else [ENCODER_FILE]) + list(files.values()):

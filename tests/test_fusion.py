@@ -142,3 +142,19 @@ def test_non_finite_outputs_are_refused(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(fusion, "_portable_position_bias", poisoned)
     assert not fuse_t5_encoder(plain, tmp_path / "fused.onnx", config)
     assert not (tmp_path / "fused.onnx").exists()
+
+
+def test_a_fused_bundle_converts_to_half(bundles, tmp_path):
+    """`convert_bundle` (the GPU check's fp16/bf16 copies of the shipped default) reads the fused
+    graph with onnx's own tools: its contrib operators' domain is declared."""
+    from lmcor.export.half import convert_bundle
+    from lmcor.runtime.corrector import Corrector
+    from conftest import make_requests
+
+    graph = onnx.load(str(bundles["t5v11"] / "encoder_model.onnx"), load_external_data=False)
+    assert any(o.domain == "com.microsoft" for o in graph.opset_import)
+    convert_bundle(bundles["t5v11"], tmp_path / "fp16", "fp16")
+    requests = make_requests(6, seed=5)
+    half = Corrector.load(tmp_path / "fp16").correct_batch(requests, fallback_below=0)
+    full = Corrector.load(bundles["t5v11"]).correct_batch(requests, fallback_below=0)
+    assert sum(a.text == b.text for a, b in zip(half, full)) >= 4
