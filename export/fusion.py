@@ -8,9 +8,11 @@ its residual adds and RMS norms into `SkipSimplifiedLayerNormalization`, and a G
 
 The optimizer computes T5's relative position bias with `RelativePositionBias`, which has a CUDA
 kernel only; `_portable_position_bias` puts back the bucket arithmetic in standard operators, with
-the bucket count and maximum distance of the model's own config. The fused graph replaces the plain
-one only where it gives the plain one's outputs, all finite, on sample inputs (padding, and distances
-past the model's maximum distance included); otherwise the plain graph stays, and the log says why.
+the bucket count and maximum distance of the model's own config. `_standard_rms_norm` does the same
+for the norms without a residual add, which the optimizer files under ONNX's own domain. The fused
+graph replaces the plain one only where it gives the plain one's outputs, all finite, on sample
+inputs (padding, and distances past the model's maximum distance included); otherwise the plain
+graph stays, and the log says why.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def fuse_t5_encoder(source: Path, target: Path, config) -> bool:
     try:
         fused = _optimized(plain, config)
     except Exception as e:  # the optimizer's pattern matching raises its own untyped errors
-        log.info("%s: not fused (ONNX Runtime's optimizer, or a node of its lmcor does not expand: %s)", source.name, e)
+        log.info("%s: not fused (ONNX Runtime's optimizer failed: %s)", source.name, e)
         return False
     if not any(node.op_type == "Attention" for node in fused.graph.node):
         log.info("%s: not fused (the optimizer found no attention to fuse)", source.name)
@@ -50,6 +52,8 @@ def fuse_t5_encoder(source: Path, target: Path, config) -> bool:
     try:
         for node in [n for n in fused.graph.node if n.op_type == "RelativePositionBias"]:
             _portable_position_bias(fused.graph, node, config)
+        for node in [n for n in fused.graph.node if n.op_type == "SimplifiedLayerNormalization" and not n.domain]:
+            _standard_rms_norm(fused, node)
     except ValueError as e:
         log.info("%s: not fused (%s)", source.name, e)
         return False
@@ -75,8 +79,6 @@ def _optimized(model: onnx.ModelProto, config) -> onnx.ModelProto:
     fused = optimized.model
     if not any(o.domain == "com.microsoft" for o in fused.opset_import):  # ONNX Runtime runs it without; onnx's tools do not
         fused.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    for node in [n for n in fused.graph.node if n.op_type == "SimplifiedLayerNormalization" and not n.domain]:
-        _standard_rms_norm(fused, node)
     return fused
 
 
