@@ -75,7 +75,8 @@ def _installed_onnxruntime():
 def _onnxruntime_requirement():
     forced = os.environ.get("LMCOR_ONNXRUNTIME")
     if forced:
-        return forced if any(c in forced for c in "<>=!~") else f"{forced}>={ORT_FLOOR}"
+        # a name alone gets the floor; a version or a direct reference (`name @ URL`) is taken as given
+        return forced if any(c in forced for c in "<>=!~@") else f"{forced}>={ORT_FLOOR}"
     installed = _installed_onnxruntime()
     if installed:
         return f"{installed}>={ORT_FLOOR}"
