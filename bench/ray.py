@@ -47,8 +47,9 @@ class RayBenchConfig:
     out: Path = Path("bench-out")
 
 
-def _jsonl(config: RayBenchConfig, folder: Path) -> tuple[Path, list[bytes]]:
-    requests = read_requests(config.data, config.requests)
+def _jsonl(config: RayBenchConfig, folder: Path, corrector: Corrector) -> tuple[Path, list[bytes]]:
+    """The requests, each refused by its line if the corrector cannot read it, before anything runs."""
+    requests = read_requests(config.data, config.requests, fit=(corrector.tokenizer, corrector.manifest))
     bodies = [json.dumps({"id": n, "source": requests[n % len(requests)].source,
                           "candidates": list(requests[n % len(requests)].candidates)}).encode()
               for n in range(config.requests)]
@@ -101,9 +102,10 @@ def run(config: RayBenchConfig) -> dict:
 
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
-        path, bodies = _jsonl(config, folder)
+        corrector = Corrector.load()
+        path, bodies = _jsonl(config, folder, corrector)
         requests = [json.loads(b) for b in bodies]
-        expected = {r["id"]: c.text for r, c in zip(requests, Corrector.load().correct_batch(
+        expected = {r["id"]: c.text for r, c in zip(requests, corrector.correct_batch(
             requests, batch_size=config.batch_size))}
         started = time.perf_counter()
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="warning")

@@ -91,6 +91,18 @@ def test_bench_drafts_refuses_a_request_the_model_cannot_read_by_its_line(bundle
     assert len(err) == 1 and f"{data}: line 3: the source and template" in err[0]
 
 
+def test_ray_bench_refuses_a_request_the_default_corrector_cannot_read_by_its_line(tmp_path):
+    """`python -m lmcor.bench.ray` checks its requests before it starts a cluster."""
+    from lmcor.bench.ray import RayBenchConfig, _jsonl
+    from lmcor.runtime.corrector import Corrector
+    from lmcor.runtime.errors import InputError
+
+    data = tmp_path / "requests.jsonl"
+    data.write_text('{"source": "a b", "candidates": ["a b"]}\n\n' + json.dumps({"source": "a " * 3000, "candidates": ["a"]}))
+    with pytest.raises(InputError, match=f"{data}: line 3: the source and template"):
+        _jsonl(RayBenchConfig(data=data, requests=2), tmp_path, Corrector.load())
+
+
 @pytest.mark.parametrize("args, said", [(["--seconds", "-1"], "--seconds: must be a number of seconds above 0"),
                                         (["--clients", "1,100000"], "--clients: must be integers from 1 to 1024")])
 def test_serve_load_settings_that_measure_nothing_are_refused(args, said, capsys):
