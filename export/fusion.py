@@ -106,6 +106,11 @@ def _standard_rms_norm(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
            helper.make_node("Mul", [prefix + "normed", scale], [node.output[0]])]
     for n, made in enumerate(new):
         made.name = f"{prefix}{made.op_type}_{n}"
+    _replace(graph, node, new)
+
+
+def _replace(graph: onnx.GraphProto, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+    """`new` in `node`'s place, so the graph stays in topological order."""
     at = list(graph.node).index(node)
     graph.node.remove(node)
     for offset, made in enumerate(new):
@@ -171,10 +176,7 @@ def _portable_position_bias(graph: onnx.GraphProto, node: onnx.NodeProto, config
     heads_first = op("Transpose", values, perm=[2, 0, 1])
     new.append(helper.make_node("Unsqueeze", [heads_first, constant("batch", np.array([0], np.int64))],
                                 [node.output[0]], name=prefix + "bias"))
-    at = list(graph.node).index(node)
-    graph.node.remove(node)
-    for offset, made in enumerate(new):
-        graph.node.insert(at + offset, made)
+    _replace(graph, node, new)
 
 
 def _differs(plain: onnx.ModelProto, fused: onnx.ModelProto, config) -> str | None:

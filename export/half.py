@@ -155,7 +155,7 @@ _SAME_TYPE_FUSED = {"Attention", "SkipSimplifiedLayerNormalization", "FastGelu"}
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of the graph's fp32 tensors (inputs, initializers, values), from shape inference; the
     outputs of ONNX Runtime's fused operators typed from their inputs, and inference run again past them."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    copied = False
     while True:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         graph = inferred.graph
@@ -167,6 +167,8 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
                    for out in node.output if out and out not in typed]
         if not untyped:
             break
+        if not copied:  # the caller's graph keeps its own value_info; most graphs never get here
+            model, copied = onnx.ModelProto.FromString(model.SerializeToString()), True
         model.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in untyped)
     for node in graph.node:  # a Constant's value, when inference left its output untyped
         if node.op_type == "Constant":

@@ -68,7 +68,7 @@ def built() -> ModuleType | None:
     return None
 
 
-_ON, _OFF = ("1", "true", "on", "yes", ""), ("0", "false", "off", "no")
+ON_WORDS, OFF_WORDS = ("1", "true", "on", "yes", ""), ("0", "false", "off", "no")  # of an LMCOR_ switch
 
 
 def configure(enabled: bool | None = None) -> ModuleType | None:
@@ -78,10 +78,10 @@ def configure(enabled: bool | None = None) -> ModuleType | None:
     global native, _module
     if enabled is None:
         chosen = os.environ.get("LMCOR_CORE", "1").strip().lower()
-        enabled = chosen not in _OFF
-        if enabled and chosen not in _ON:
-            log.warning("LMCOR_CORE=%s is neither on (%s) nor off (%s): the core stays on", chosen, "/".join(_ON),
-                        "/".join(_OFF))
+        enabled = chosen not in OFF_WORDS
+        if enabled and chosen not in ON_WORDS:
+            log.warning("LMCOR_CORE=%s is neither on (%s) nor off (%s): the core stays on", chosen, "/".join(ON_WORDS),
+                        "/".join(OFF_WORDS))
     _module = built()
     native = _module if enabled else None
     return native

@@ -20,16 +20,17 @@ import logging
 import os
 import sys
 
+from .core import OFF_WORDS
+
 log = logging.getLogger("lmcor")
 
 MADV_COLLAPSE = 25  # linux/mman.h
 HUGE = 2 << 20
 _MAPS = "/proc/self/maps"
-_OFF = ("0", "false", "off", "no")
 
 
 def enabled() -> bool:
-    return sys.platform == "linux" and os.environ.get("LMCOR_HUGE_PAGES", "1").strip().lower() not in _OFF
+    return sys.platform == "linux" and os.environ.get("LMCOR_HUGE_PAGES", "1").strip().lower() not in OFF_WORDS
 
 
 def anonymous_regions() -> dict[int, int]:
