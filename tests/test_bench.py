@@ -155,3 +155,10 @@ def test_text_workloads_name_the_line_and_a_shape_checkpoint_cut_short_is_built_
     (cut / "config.json").write_text("{}")  # where a Ctrl-C left the folder
     shape_checkpoint("tiny", cut)
     assert (cut / "tokenizer.json").is_file() and (cut / "model.safetensors").is_file()
+
+
+def test_the_machine_peak_kept_is_the_best_reading_of_each_measure():
+    from lmcor.bench.harness import best_peak
+
+    assert best_peak({"gemm_gflops": 240.0, "copy_gbps": 14.5}, {"gemm_gflops": 370.0, "copy_gbps": 12.0}) == {
+        "gemm_gflops": 370.0, "copy_gbps": 14.5}
