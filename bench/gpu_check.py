@@ -31,8 +31,38 @@ REQUESTS_LATENCY = 32  # batch-1 requests timed per backend
 ENCODER_REQUESTS, ENCODER_K, ENCODER_LENGTHS = 64, 5, (16, 96)
 
 
+class Recorded(dict):
+    """A stage's results, written to its JSON file as each one is set: a stage cut short by its time
+    limit, or failing later, keeps what it measured (status "partial" until the stage returns)."""
+
+    def __init__(self, path: Path):
+        super().__init__(status="partial")
+        self.path = path
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.path.write_text(json.dumps(self, indent=2) + "\n")
+
+    def update(self, *args, **kwargs) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+def _attempt(out: dict, key: str, measure) -> None:
+    """out[key] = measure(), or the failure: one measurement failing leaves the others."""
+    try:
+        out[key] = measure()
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        out[key] = {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+
+
 def _cuda() -> str | None:
     """Why CUDA cannot be used here, or None."""
+    try:
+        import torch  # noqa: F401 - first: its CUDA and cuDNN libraries are the ones onnxruntime-gpu preloads
+    except ImportError:
+        pass
     try:
         import onnxruntime as ort
     except ImportError:
@@ -74,10 +104,10 @@ def _requests(count: int) -> list[dict]:
     return [{"source": r["source"], "candidates": r["candidates"]} for r in map(json.loads, lines)]
 
 
-def stage_env(work: Path, args) -> dict:
+def stage_env(work: Path, args, out: dict) -> dict:
     import platform
 
-    out = {"python": platform.python_version()}
+    out["python"] = platform.python_version()
     try:
         import torch
 
@@ -107,22 +137,24 @@ def stage_env(work: Path, args) -> dict:
     return out
 
 
-def stage_bundles(work: Path, args) -> dict:
+def stage_bundles(work: Path, args, out: dict) -> dict:
     """fp16 and bf16 copies of the shipped fp32 default corrector (`export/half.py`; the GPU machine has
     no optimum to export from the checkpoint)."""
     from lmcor.export.half import convert_bundle
     from lmcor.runtime.bundle import shipped_bundle
 
-    out = {}
-    for precision in ("fp16", "bf16"):
+    def convert(precision: str) -> dict:
         start = time.perf_counter()
         manifest = convert_bundle(shipped_bundle("default"), work / f"bundle-{precision}", precision, overwrite=True)
-        out[precision] = {"seconds": round(time.perf_counter() - start, 2), "half_matmuls": manifest.validation["half_matmuls"],
-                          "fp32_matmuls": manifest.validation["fp32_matmuls"]}
+        return {"seconds": round(time.perf_counter() - start, 2), "half_matmuls": manifest.validation["half_matmuls"],
+                "fp32_matmuls": manifest.validation["fp32_matmuls"]}
+
+    for precision in ("fp16", "bf16"):
+        _attempt(out, precision, lambda: convert(precision))
     return out
 
 
-def stage_tokens(work: Path, args) -> dict:
+def stage_tokens(work: Path, args, out: dict) -> dict:
     """Greedy tokens of the test split's first requests: CPU fp32 (the reference) against CUDA fp32
     (must be identical) and CUDA fp16/bf16 (agreement reported); requests/s at batch 16 on CUDA."""
     reason = _cuda()
@@ -148,31 +180,25 @@ def stage_tokens(work: Path, args) -> dict:
             "requests_per_s": round(len(requests) / seconds, 1)}
 
     reference, cpu = run(bundles["fp32"], "CPUExecutionProvider")
-    out = {"requests": len(requests), "cpu_fp32": cpu}
-    for precision, path in bundles.items():
-        try:  # one precision failing (bf16 has never run) leaves the others' results
-            tokens, info = run(path, "CUDAExecutionProvider")
-        except Exception as e:  # noqa: BLE001
-            out[f"cuda_{precision}"] = {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
-            continue
+    out.update(requests=len(requests), cpu_fp32=cpu)
+
+    def compared(path: Path, provider: str, caches: str = "", target: bool = False) -> dict:
+        tokens, info = run(path, provider, caches)
         same = sum(a == b for a, b in zip(tokens, reference))
         info["identical_to_cpu_fp32"] = same / len(requests)
-        if precision == "fp32":
+        if target:
             info["target"] = "identical on 100%"
             info["met"] = same == len(requests) and info["provider"] == "CUDAExecutionProvider"
-        out[f"cuda_{precision}"] = info
+        return info
+
+    for precision, path in bundles.items():  # one precision failing (bf16 has never run) leaves the others
+        _attempt(out, f"cuda_{precision}", lambda: compared(path, "CUDAExecutionProvider", target=precision == "fp32"))
     # The ragged decoder's caches in host arrays instead, as on the CPU: same tokens, and what keeping
     # them on the device is worth.
-    try:
-        tokens, info = run(bundles["fp32"], "CUDAExecutionProvider", caches="host")
-    finally:
-        os.environ.pop("LMCOR_CACHES")
-    info["identical_to_cpu_fp32"] = sum(a == b for a, b in zip(tokens, reference)) / len(requests)
-    out["cuda_fp32_host_caches"] = info
+    _attempt(out, "cuda_fp32_host_caches", lambda: compared(bundles["fp32"], "CUDAExecutionProvider", caches="host"))
+    os.environ.pop("LMCOR_CACHES", None)
     if "fp16" in bundles:  # the fp16 graphs on CPU (ONNX Runtime casts what it has no fp16 kernel for)
-        tokens, info = run(bundles["fp16"], "CPUExecutionProvider")
-        info["identical_to_cpu_fp32"] = sum(a == b for a, b in zip(tokens, reference)) / len(requests)
-        out["cpu_fp16"] = info
+        _attempt(out, "cpu_fp16", lambda: compared(bundles["fp16"], "CPUExecutionProvider"))
     return out
 
 
@@ -210,7 +236,7 @@ def _checkpoint(args):
     return T5ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
 
 
-def stage_encoder(work: Path, args) -> dict:
+def stage_encoder(work: Path, args, out: dict) -> dict:
     """Packed (Triton) vs padded (ONNX Runtime CUDA) encoder throughput on the same 64 requests. The
     packed encoder and transformers need PyTorch's CUDA only: they run without onnxruntime-gpu too."""
     reason = _cuda()
@@ -232,7 +258,7 @@ def stage_encoder(work: Path, args) -> dict:
     inputs = _encoder_workload(model.config.vocab_size)
     ids, mask = pad_batch([np.asarray(x, dtype=np.int64) for x in inputs], 0)
     real = int(mask.sum())
-    out = {"requests": len(inputs), "real_tokens": real, "padded_tokens": int(ids.size), "width": int(ids.shape[1])}
+    out.update(requests=len(inputs), real_tokens=real, padded_tokens=int(ids.size), width=int(ids.shape[1]))
     out["packing_ceiling"] = round(ids.size / real, 2)  # the most that skipping padding alone can give
     padded = {}
     for precision, path in bundles.items() if reason is None else ():
@@ -273,20 +299,23 @@ def stage_encoder(work: Path, args) -> dict:
             entry["target"] = f">= {TARGET_ENCODER_SPEEDUP}x"
             entry["met"] = padded[name] / seconds >= TARGET_ENCODER_SPEEDUP
         out[f"packed_triton_{name}"] = entry
-    encoder = model.encoder.to(device="cuda", dtype=torch.bfloat16)
-    cuda_mask = torch.from_numpy(mask).cuda()
+    def transformers_padded() -> dict:
+        encoder = model.encoder.to(device="cuda", dtype=torch.bfloat16)
+        cuda_mask = torch.from_numpy(mask).cuda()
 
-    def torch_padded():
-        with torch.no_grad():
-            encoder(input_ids=cuda_ids, attention_mask=cuda_mask)
-        torch.cuda.synchronize()
+        def run():
+            with torch.no_grad():
+                encoder(input_ids=cuda_ids, attention_mask=cuda_mask)
+            torch.cuda.synchronize()
 
-    seconds = _time(torch_padded)
-    out["padded_transformers_bf16"] = {"ms": round(seconds * 1e3, 3), "real_tokens_per_s": round(real / seconds)}
+        seconds = _time(run)
+        return {"ms": round(seconds * 1e3, 3), "real_tokens_per_s": round(real / seconds)}
+
+    _attempt(out, "padded_transformers_bf16", transformers_padded)
     return out
 
 
-def stage_latency(work: Path, args) -> dict:
+def stage_latency(work: Path, args, out: dict) -> dict:
     """Batch-1 latency per request: lmcor on CUDA (fp32/fp16/bf16 bundles) vs transformers bf16 `generate`
     (which needs PyTorch's CUDA only)."""
     reason = _cuda()
@@ -295,11 +324,9 @@ def stage_latency(work: Path, args) -> dict:
     if not torch.cuda.is_available():
         return {"status": "skipped", "reason": "no CUDA for PyTorch"}
     from lmcor import Corrector
-    from lmcor.runtime.request import Request
-    from lmcor.runtime.tokens import encode_requests
 
     requests = _requests(REQUESTS_LATENCY)
-    out = {"requests": len(requests)}
+    out["requests"] = len(requests)
     corrector = Corrector.load(_bundles(work)["fp32"])  # its tokenizer and template, for transformers' inputs
     if reason is not None:
         out["lmcor_cuda"] = {"status": "skipped", "reason": reason}
@@ -323,6 +350,21 @@ def stage_latency(work: Path, args) -> dict:
     if model is None:
         out["transformers_bf16"] = {"status": "skipped", "reason": "no checkpoint (bash bench/gpu_check.sh --prepare)"}
         return out
+    _attempt(out, "transformers_bf16", lambda: _transformers_latency(model, corrector, requests))
+    reference = out["transformers_bf16"].get("median_ms")
+    for key in [k for k in out if k.startswith("lmcor_cuda_") and "median_ms" in out[k]] if reference else ():
+        ratio = out[key]["median_ms"] / reference
+        out[key] = {**out[key], "ratio_to_transformers_bf16": round(ratio, 3), "target": f"<= {TARGET_LATENCY_RATIO}x",
+                    "met": ratio <= TARGET_LATENCY_RATIO}
+    return out
+
+
+def _transformers_latency(model, corrector, requests: list[dict]) -> dict:
+    """transformers bf16 `generate`, batch 1, on the corrector's own inputs: median ms per request."""
+    import torch
+    from lmcor.runtime.request import Request
+    from lmcor.runtime.tokens import encode_requests
+
     model = model.to(device="cuda", dtype=torch.bfloat16)
     manifest = corrector.manifest
     inputs = encode_requests(corrector.tokenizer, manifest.template,
@@ -346,16 +388,10 @@ def stage_latency(work: Path, args) -> dict:
         start = time.perf_counter()
         tokens += generate(ids)
         times.append(time.perf_counter() - start)
-    reference = statistics.median(times)
-    out["transformers_bf16"] = {"median_ms": round(reference * 1e3, 3), "mean_output_tokens": round(tokens / len(usable), 1)}
-    for key in [k for k in out if k.startswith("lmcor_cuda_") and "median_ms" in out[k]]:
-        ratio = out[key]["median_ms"] / 1e3 / reference
-        out[key].update(ratio_to_transformers_bf16=round(ratio, 3), target=f"<= {TARGET_LATENCY_RATIO}x",
-                        met=ratio <= TARGET_LATENCY_RATIO)
-    return out
+    return {"median_ms": round(statistics.median(times) * 1e3, 3), "mean_output_tokens": round(tokens / len(usable), 1)}
 
 
-def stage_kernels(work: Path, args) -> dict:
+def stage_kernels(work: Path, args, out: dict) -> dict:
     """The kernel tests' JUnit file (written by the shell script's pytest run) -> counts and failures."""
     import xml.etree.ElementTree as ET
 
@@ -363,7 +399,7 @@ def stage_kernels(work: Path, args) -> dict:
     if not path.is_file():
         return {"status": "no result", "reason": "pytest wrote no report (see gpu_check.log)"}
     cases = ET.parse(path).getroot().iter("testcase")
-    out = {"passed": [], "failed": [], "skipped": []}
+    out.update(passed=[], failed=[], skipped=[])
     for case in cases:
         name = case.get("name")
         if case.find("failure") is not None or case.find("error") is not None:
@@ -392,10 +428,13 @@ def report(work: Path, out_dir: Path, dry_run: bool) -> dict:
             results[stage] = {"status": "not run (dry run)"}
         elif path.is_file():
             results[stage] = json.loads(path.read_text())
+            if results[stage].get("status") == "partial":  # killed at its limit: what it measured till then
+                rc = status.read_text().strip() if status.is_file() else "?"
+                results[stage]["reason"] = "cut short: " + ("timed out" if rc in ("124", "137") else f"exit status {rc}")
         else:
             rc = status.read_text().strip() if status.is_file() else "?"
-            what = "timed out" if rc in ("124", "137") else f"exit status {rc}"
-            results[stage] = {"status": "no result", "reason": f"{what} (see gpu_check.log)"}
+            what = {"124": "timed out", "137": "timed out", "budget": "not run: the check's time budget was spent"}
+            results[stage] = {"status": "no result", "reason": f"{what.get(rc, f'exit status {rc}')} (see gpu_check.log)"}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["lmcor GPU check" + (" (dry run: nothing measured)" if dry_run else "")]
@@ -406,6 +445,15 @@ def report(work: Path, out_dir: Path, dry_run: bool) -> dict:
     return results
 
 
+def failures(results: dict) -> list[str]:
+    """The stages, and measurements within them, that failed, were cut short or left no result."""
+    bad = ("failed", "partial", "no result")
+    out = [stage for stage, result in results.items() if result.get("status") in bad]
+    out += [f"{stage}.{key}" for stage, result in results.items() for key, value in result.items()
+            if isinstance(value, dict) and value.get("status") in bad]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=(*STAGES, "report"))
@@ -413,19 +461,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report: where gpu_check.json and gpu_check.txt go")
     parser.add_argument("--checkpoint", help="Hugging Face folder of the default corrector (packed encoder, transformers)")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--strict", action="store_true", help="report: exit 1 where anything failed or was cut short")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "report":
         results = report(args.work, args.out or args.work, args.dry_run)
         print((args.out or args.work) / "gpu_check.txt", "written;", len(results), "stages")
+        bad = failures(results)
+        if args.strict and bad:
+            print("failed, cut short or without a result:", ", ".join(bad))
+            return 1
         return 0
     start = time.perf_counter()
+    out = Recorded(args.work / f"{args.stage}.json")
     try:
-        result = globals()[f"stage_{args.stage}"](args.work, args)
+        result = dict(globals()[f"stage_{args.stage}"](args.work, args, out))
     except Exception as e:  # noqa: BLE001 - recorded as the stage's result, the next stages still run
         traceback.print_exc()
-        result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    result.setdefault("status", "ok")
+        result = {**out, "status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    if result.get("status") == "partial":
+        result["status"] = "ok"
     result["seconds"] = round(time.perf_counter() - start, 1)
     (args.work / f"{args.stage}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.stage}: {result['status']} ({result['seconds']} s)")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check of lmcor, about 8 minutes at most on an H100/H200, from this repository's working tree.
 #
-#   bash bench/gpu_check.sh --prepare CHECKPOINT   # here, on the CPU machine, once: the default corrector's
-#                                                   # Hugging Face folder -> .cache/gpu_check/hf (bf16, ~11 MB)
+#   bash bench/gpu_check.sh --prepare [CHECKPOINT] # here, on the CPU machine, once: the default corrector's
+#                                                   # Hugging Face folder (rebuilt from the shipped bundle by
+#                                                   # lmcor.recipes.from_bundle when none is given; ~3 minutes)
+#                                                   # -> .cache/gpu_check/hf (bf16, ~11 MB)
 #   bash bench/gpu_check.sh                         # on the GPU machine, in the repository root ($OUT set)
 #   bash bench/gpu_check.sh --dry-run               # anywhere: print the stages, write a "not run" report
 #   bash bench/gpu_check.sh --split WHEEL           # here: onnxruntime-gpu's wheel in 20 MiB parts .ortgpu1..
@@ -14,11 +16,13 @@
 # "no CUDA" and the rest still runs. Results: $OUT/gpu_check.json, $OUT/gpu_check.txt, $OUT/gpu_check.log.
 #
 # Stages, each with its own timeout (seconds):
-#   env 20 | bundles 40 (fp16/bf16 copies of the shipped fp32 default) | kernels 70 (Triton kernel
+#   env 45 | bundles 40 (fp16/bf16 copies of the shipped fp32 default) | kernels 70 (Triton kernel
 #   tests, TRITON_INTERPRET=0, fp16/bf16) | tokens 80 (CUDA vs CPU tokens, caches on the device and in host arrays) | encoder 80 (packed vs
 #   padded, 64 requests, K=5, lengths 16-96) | latency 50 (batch 1 vs transformers bf16); each followed by
 #   the report (10) and a kill 5 s after its limit; with the compiled core's build (60) and the
-#   onnxruntime-gpu install (60): at most 550 s, far less where nothing times out.
+#   onnxruntime-gpu install (60). The whole check keeps to GPU_CHECK_BUDGET seconds (450): each stage's
+#   limit is cut to what is left, and a stage with no time left is recorded as not run. Exit status 1
+#   where a stage or a measurement failed, was cut short or left no result.
 #   Without onnxruntime-gpu, the packed encoder and transformers still run (they need PyTorch's CUDA only).
 set -u
 here=$PWD
@@ -28,9 +32,13 @@ DRY=0
 case "${1:-}" in
   --dry-run) DRY=1 ;;
   --prepare)
-    src=${2:?usage: bash bench/gpu_check.sh --prepare HF_CHECKPOINT_FOLDER}
+    src=${2:-} rebuilt=
+    if [ -z "$src" ]; then  # the shipped default's checkpoint, rebuilt from its bundle and checked against it
+      rebuilt=$(mktemp -d) src=$rebuilt/hf
+      $PY -m lmcor.recipes.from_bundle "$src" || { rm -rf "$rebuilt"; exit 1; }
+    fi
     mkdir -p .cache/gpu_check/hf
-    exec $PY - "$src" .cache/gpu_check/hf <<'PY'
+    $PY - "$src" .cache/gpu_check/hf <<'PY'
 import sys, torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 src, out = sys.argv[1:]
@@ -38,6 +46,9 @@ T5ForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16).save_pretr
 AutoTokenizer.from_pretrained(src).save_pretrained(out)
 print("prepared", out, "(carry .cache/gpu_check on the GPU machine)")
 PY
+    rc=$?
+    [ -n "$rebuilt" ] && rm -rf "$rebuilt"
+    exit $rc
     ;;
   --split)
     # onnxruntime-gpu's wheel (pip download --no-deps onnxruntime-gpu==1.31.1 --python-version 3.12 ...)
@@ -57,7 +68,7 @@ PY
     exit 0
     ;;
   "") ;;
-  *) echo "usage: bash bench/gpu_check.sh [--dry-run | --prepare CHECKPOINT | --split WHEEL]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry-run | --prepare [CHECKPOINT] | --split WHEEL]" >&2; exit 2 ;;
 esac
 OUT=${OUT:-$PWD/.cache/gpu_check/out}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
@@ -65,7 +76,8 @@ CHECKPOINT=.cache/gpu_check/hf
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 : > "$LOG"
-STAGES=(env:20 bundles:40 kernels:70 tokens:80 encoder:80 latency:50)
+STAGES=(env:45 bundles:40 kernels:70 tokens:80 encoder:80 latency:50)
+BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for the whole check (bash's SECONDS counts from its start)
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -112,6 +124,13 @@ export PYTHONUNBUFFERED=1
 
 for s in "${STAGES[@]}"; do
   name=${s%%:*} limit=${s##*:}
+  left=$((BUDGET - SECONDS - 20))  # 20: the kill's grace and the report after the stage
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    say "== $name: not run (the check's ${BUDGET} s are spent)"
+    echo budget > "$WORK/$name.status"
+    continue
+  fi
   say "== $name (timeout $limit s)"
   if [ "$name" = kernels ]; then
     # -P (Python 3.11+; the GPU machine's is 3.12): the repository root first on sys.path would hide the
@@ -127,5 +146,9 @@ for s in "${STAGES[@]}"; do
   # After every stage: a run cut short by the command's limit still brings back what it measured.
   timeout 10 $PY bench/gpu_check.py report --work "$WORK" --out "$OUT" >>"$LOG" 2>&1
 done
+$PY bench/gpu_check.py report --work "$WORK" --out "$OUT" --strict >>"$LOG" 2>&1
+rc=$?
 cat "$OUT/gpu_check.txt"
+tail -n 1 "$LOG"
 rm -rf "$WORK"
+exit $rc

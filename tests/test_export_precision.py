@@ -140,3 +140,37 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(report) == {"env", "bundles", "kernels", "tokens", "encoder", "latency"}
     assert (tmp_path / "gpu_check.txt").read_text().startswith("lmcor GPU check (dry run")
+
+
+def test_gpu_check_stages_run_here_and_keep_what_they_measured(tmp_path, monkeypatch):
+    from lmcor.bench import gpu_check
+
+    work = tmp_path / "work"
+    for stage in ("env", "bundles", "tokens", "encoder", "latency"):  # without CUDA: measured, or skipped saying why
+        assert gpu_check.main([stage, "--work", str(work)]) == 0
+    results = {s: json.loads((work / f"{s}.json").read_text()) for s in ("env", "bundles", "tokens", "encoder", "latency")}
+    assert results["env"]["status"] == "ok" and results["bundles"]["status"] == "ok"
+    assert {r["status"] for s, r in results.items() if s not in ("env", "bundles")} == {"skipped"}
+
+    def measures_then_fails(work, args, out):
+        out["first"] = 1
+        raise RuntimeError("the second measurement broke")
+
+    monkeypatch.setattr(gpu_check, "stage_latency", measures_then_fails)
+    assert gpu_check.main(["latency", "--work", str(work)]) == 0  # the next stages still run
+    latency = json.loads((work / "latency.json").read_text())
+    assert latency["first"] == 1 and latency["status"] == "failed" and "second measurement" in latency["error"]
+
+    out = gpu_check.Recorded(work / "encoder.json")  # a stage killed at its limit after one measurement
+    out["packed_triton_fp32"] = {"ms": 1.0}
+    (work / "encoder.status").write_text("124\n")
+    (work / "tokens.json").unlink()
+    (work / "tokens.status").write_text("budget\n")
+    report = tmp_path / "report"
+    assert gpu_check.main(["report", "--work", str(work), "--out", str(report)]) == 0
+    assert gpu_check.main(["report", "--work", str(work), "--out", str(report), "--strict"]) == 1
+    merged = json.loads((report / "gpu_check.json").read_text())
+    assert merged["encoder"]["status"] == "partial" and merged["encoder"]["reason"] == "cut short: timed out"
+    assert merged["encoder"]["packed_triton_fp32"] == {"ms": 1.0}
+    assert merged["tokens"]["status"] == "no result" and "time budget" in merged["tokens"]["reason"]
+    assert set(gpu_check.failures(merged)) == {"kernels", "tokens", "encoder", "latency"}  # kernels: never ran here
