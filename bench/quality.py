@@ -19,7 +19,7 @@ from typing import Any
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.fallback import char_ngrams, chrf
-from lmcor.runtime.jsonl import parse_line
+from lmcor.runtime.jsonl import blank, json_kind, parse_line
 from lmcor.runtime.request import as_request
 from lmcor.runtime.vote import edit_vote
 
@@ -45,7 +45,7 @@ def _chrf():
 def item(value: Any, line: int) -> Item:
     """The Item of one data line's JSON value; `InputError` names what is wrong with it."""
     if not isinstance(value, dict):
-        raise InputError(f"expected a JSON object with 'source', 'candidates' and 'target', got {type(value).__name__}")
+        raise InputError(f"expected a JSON object with 'source', 'candidates' and 'target', got {json_kind(value)}")
     request = as_request(value)
     target = value.get("target")
     if not isinstance(target, str):
@@ -60,7 +60,7 @@ def read_items(path: Path) -> tuple[list[Item], list[dict]]:
     items, errors = [], []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            if not raw.strip():
+            if blank(raw, first=number == 1):
                 continue
             try:
                 items.append(item(parse_line(raw, first=number == 1), number))

@@ -18,6 +18,7 @@ from .batching import pad_batch, plan_batches
 from .bundle import Manifest, bundle_path, load_manifest
 from .tokens import MAX_CHARS_PER_TOKEN, cut_to_read, load_tokenizer
 from .errors import BundleError, InputError
+from .jsonl import json_kind
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
 from .sessions import check_graphs, open_session, run
 
@@ -43,13 +44,13 @@ def as_texts(item: Any) -> tuple[str, str | None, Any]:
     elif isinstance(item, (tuple, list)) and len(item) == 2:
         (text, pair), ident = item, None
     else:
-        raise InputError(f"expected a text, a (text, pair) pair or an object with 'text', got {type(item).__name__}")
+        raise InputError(f"expected a text, a (text, pair) pair or an object with 'text', got {json_kind(item)}")
     if not isinstance(text, str) or not text.strip():
         raise InputError("field 'text' must be a non-empty string")
     check_text("field 'text'", text)
     if pair is not None:
         if not isinstance(pair, str):
-            raise InputError(f"field 'pair' must be a string, got {type(pair).__name__}")
+            raise InputError(f"field 'pair' must be a string, got {json_kind(pair)}")
         check_text("field 'pair'", pair)
         pair = pair or None  # as transformers' tokenizers take an empty pair: no pair
     if isinstance(ident, str):

@@ -20,6 +20,11 @@ MAX_DEPTH = 32
 _BOM = "\ufeff"
 
 
+def blank(raw: bytes, *, first: bool = False) -> bool:
+    """Whether a line holds nothing to read (whitespace; on the input's first line, a BOM too)."""
+    return not (raw.removeprefix(_BOM.encode()) if first else raw).strip()
+
+
 def parse_line(raw: bytes, *, first: bool = False) -> Any:
     """The JSON value of one input line (`first`: the input's first line, which may carry a BOM)."""
     try:
@@ -36,8 +41,29 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
         raise InputError(f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     except ValueError as e:  # an integer over Python's digit limit (its message advises Python code)
         raise InputError(f"not usable JSON ({json_number_error(e)})") from None
-    _check(value)
+    try:
+        _check(value)
+    except InputError as e:  # the line's id, where it can be written back, still names its record
+        e.ident = value.get("id") if isinstance(value, dict) and _usable(value.get("id")) else None
+        raise
     return value
+
+
+def _usable(value: Any) -> bool:
+    try:
+        _check(value)
+    except InputError:
+        return False
+    return True
+
+
+def json_kind(value: Any) -> str:
+    """What a value is, in JSON's words where it is one of JSON's types (messages name what a line
+    holds: "got null", not "got NoneType")."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"), (dict, "an object"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), f"a {type(value).__name__}")
 
 
 def check_body(value: Any) -> None:

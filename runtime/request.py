@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import InputError
+from .jsonl import json_kind
 from .options import MAX_BEAMS, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, check_flag, check_int, check_number, check_text
 
 
@@ -21,17 +22,17 @@ class Request:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str):
-            raise InputError(f"field 'source' must be a string, got {type(self.source).__name__}")
+            raise InputError(f"field 'source' must be a string, got {json_kind(self.source)}")
         if not self.source.strip():
             raise InputError("field 'source' is empty")
         check_text("field 'source'", self.source)
         if isinstance(self.candidates, str) or not isinstance(self.candidates, (list, tuple)):
-            raise InputError(f"field 'candidates' must be a list of strings, got {type(self.candidates).__name__}")
+            raise InputError(f"field 'candidates' must be a list of strings, got {json_kind(self.candidates)}")
         if not self.candidates:
             raise InputError("field 'candidates' is an empty list")
         for i, candidate in enumerate(self.candidates):
             if not isinstance(candidate, str):
-                raise InputError(f"candidates[{i}] must be a string, got {type(candidate).__name__}")
+                raise InputError(f"candidates[{i}] must be a string, got {json_kind(candidate)}")
             check_text(f"candidates[{i}]", candidate)
         if isinstance(self.id, str):
             check_text("field 'id'", self.id)
@@ -138,4 +139,4 @@ def as_request(item: Any) -> Request:
         return Request(item["source"], item["candidates"], item.get("id"))
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return Request(*item)
-    raise InputError(f"expected an object with 'source' and 'candidates', got {type(item).__name__}")
+    raise InputError(f"expected an object with 'source' and 'candidates', got {json_kind(item)}")

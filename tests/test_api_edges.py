@@ -85,8 +85,8 @@ def test_items_must_be_a_list_of_requests(corrector, items):
 
 
 @pytest.mark.parametrize("candidates, message", [
-    ("She goes.", "field 'candidates' must be a list of strings, got str"),
-    (None, "field 'candidates' must be a list of strings, got NoneType"),
+    ("She goes.", "field 'candidates' must be a list of strings, got a string"),
+    (None, "field 'candidates' must be a list of strings, got null"),
     ([], "'candidates' is an empty list"),
     (["ok", None], r"candidates\[1\] must be a string"),
 ])

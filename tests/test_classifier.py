@@ -158,7 +158,7 @@ def test_bad_items_are_named_and_the_rest_classified(bundle):
     got = classifier.classify_batch([{"text": "a"}, {"pair": "b"}, 3, {"text": "a", "pair": 5}], errors="return")
     assert got[0].label in classifier.labels
     assert [str(e) for e in got[1:]] == ["missing field 'text'", "expected a text, a (text, pair) pair or an object "
-                                          "with 'text', got int", "field 'pair' must be a string, got int"]
+                                          "with 'text', got a number", "field 'pair' must be a string, got a number"]
     with pytest.raises(InputError, match="item 1: missing field 'text'"):
         classifier.classify_batch(["a", {"pair": "b"}])
 

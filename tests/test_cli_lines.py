@@ -142,14 +142,15 @@ def test_output_through_a_link_a_fifo_or_a_missing_folder(bundles, expected, tmp
     # An unusable -o is named as given, not as the temporary file beside it.
     missing = tmp_path / "no" / "out.jsonl"
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(missing), *DECODE]) == 2
-    assert f"-o {missing}: cannot write there (its folder does not exist)" in capsys.readouterr().err
+    assert f"-o {missing}: cannot write there (the folder {missing.parent} does not exist)" in capsys.readouterr().err
 
 
 def test_resume_refuses_the_output_of_another_input(bundles, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:2]))
     out = tmp_path / "out.jsonl"
-    other = "".join(json.dumps({"id": n, "line": n, "output": "x"}) + "\n" for n in range(1, 6))
+    other = "".join(json.dumps({"id": n, "line": n, "output": "x", "truncated": False, "input_tokens": 3,
+                                "output_tokens": 1}) + "\n" for n in range(1, 6))
     out.write_text(other)
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
     assert f"answers input lines up to 5, but {source} has 2: it is another input's output" in capsys.readouterr().err
@@ -439,3 +440,102 @@ def test_a_generated_sample_depends_on_its_line_alone(gpt2_bundle, tmp_path):
     out.write_bytes(b"".join(whole.stdout.splitlines(keepends=True)[:2]))
     resumed = _lmcor(*sample, str(prompts), "-o", str(out), "--resume")
     assert resumed.returncode == 0 and out.read_bytes() == whole.stdout
+
+
+def _good_file(tmp_path, name="in.jsonl", count=3):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:count]))
+    return path
+
+
+def test_an_unwritable_stderr_costs_no_record_and_no_exit_code(bundles, tmp_path):
+    data = _good_file(tmp_path)
+    data.write_text(data.read_text() + "[1]\n")  # a bad line too: its message goes to stderr
+    command = f'"{sys.executable}" -m lmcor.cli correct "{data}" --model "{bundles["t5"]}" --max-new-tokens 6'
+    for name, redirect in (("full", "2>/dev/full"), ("closed", "2>&-")):
+        out = tmp_path / f"{name}.jsonl"
+        run = subprocess.run(f'{command} -o "{out}" {redirect}', shell=True, timeout=300)
+        assert run.returncode == 1, name  # some lines failed: 1, as with a working stderr
+        assert [r["line"] for r in _records(out)] == [1, 2, 3, 4], name
+
+
+def test_an_output_that_is_what_stdin_reads_is_refused(bundles, tmp_path):
+    data = _good_file(tmp_path)
+    before = data.read_bytes()
+    with open(data, "rb") as stdin:
+        run = _lmcor("correct", "-", "--model", str(bundles["t5"]), "-o", str(data), stdin=stdin)
+    assert run.returncode == 2 and b"is what standard input reads" in run.stderr
+    assert data.read_bytes() == before
+    run = subprocess.run(f'cat "{data}" | "{sys.executable}" -m lmcor.cli correct - --model "{bundles["t5"]}" -q '
+                         "-o /dev/stdin", shell=True, capture_output=True, timeout=60)
+    assert run.returncode == 2 and b"is what standard input reads" in run.stderr
+    with open(data, "rb") as stdin:  # a device such as /dev/null may be both
+        assert _lmcor("correct", "-", "--model", str(bundles["t5"]), *DECODE, "-o", os.devnull,
+                      stdin=stdin).returncode == 0
+
+
+def test_resume_refuses_another_commands_records(bundles, tmp_path, capsys):
+    data = _good_file(tmp_path)
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"id": None, "line": 1, "label": "right", "probabilities": [0.1, 0.9],
+                                   "truncated": False}) + "\n")
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE, "-o", str(foreign), "--resume"]) == 2
+    assert "is not a record of this command's" in capsys.readouterr().err
+    assert json.loads(foreign.read_text())["label"] == "right"  # left as it was
+    generated = tmp_path / "generated.jsonl"  # `generate`'s records have an output too, but not a correction's fields
+    generated.write_text(json.dumps({"id": GOOD[0]["id"], "line": 1, "output": "x", "output_tokens": 1}) + "\n")
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE, "-o", str(generated), "--resume"]) == 2
+
+
+def test_dash_for_output_is_stdout_and_a_trailing_slash_names_a_folder(bundles, tmp_path, monkeypatch, capsys):
+    data = _good_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE, "-o", "-"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3 and not (tmp_path / "-").exists()
+    kept = _good_file(tmp_path, "keep.jsonl")
+    for target in ("newdir/", "keep.jsonl/"):
+        assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE, "-o", target]) == 2
+        assert f"-o {target}: not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "newdir").exists() and kept.read_text().count("\n") == 3
+
+
+def test_a_replaced_output_keeps_its_permissions(bundles, tmp_path):
+    data = _good_file(tmp_path)
+    out = tmp_path / "private.jsonl"
+    out.write_text("old\n")
+    out.chmod(0o600)
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE, "-o", str(out)]) == 0
+    assert (out.stat().st_mode & 0o777) == 0o600 and len(_records(out)) == 3
+
+
+def test_a_bom_on_a_blank_first_line_is_no_line(bundles, tmp_path, capsys):
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf\n" + _good_file(tmp_path).read_bytes())
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE]) == 0
+    assert [json.loads(x)["line"] for x in capsys.readouterr().out.splitlines()] == [2, 3, 4]
+
+
+def test_write_errors_and_odd_paths_name_what_failed(bundles, tmp_path, capsys):
+    data = _good_file(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "nodir" / "x.jsonl")
+    for target, said in (("/dev/full", "-o /dev/full: cannot write (No space left on device)"),
+                         (str(tmp_path / "loop"), f"-o {tmp_path / 'loop'}: Too many levels of symbolic links"),
+                         (str(tmp_path / "dangling.jsonl"), f"the folder {tmp_path / 'nodir'} does not exist")):
+        assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE, "-o", target]) == 2, target
+        assert said in capsys.readouterr().err, target
+    with open("/dev/full", "wb") as full:
+        run = subprocess.run([sys.executable, "-m", "lmcor.cli", "correct", str(data), "--model", str(bundles["t5"]),
+                              *DECODE], stdout=full, stderr=subprocess.PIPE, timeout=300)
+    assert run.returncode == 2 and b"standard output: cannot write (No space left on device)" in run.stderr
+
+
+def test_an_error_record_keeps_an_id_it_can_write_back_and_names_json_types(bundles, tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": 2, "source": "a b", "candidates": ["a"], "x": Infinity}\n'
+                    '{"id": Infinity, "source": "a b", "candidates": ["a"]}\n'
+                    '{"id": 4, "source": "x", "candidates": null}\n')
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE]) == 1
+    records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in records] == [2, None, 4]
+    assert records[2]["error"] == "field 'candidates' must be a list of strings, got null"

@@ -48,3 +48,20 @@ def test_eval_checks_json_before_it_runs_and_names_the_file_when_nothing_can_be_
     err = capsys.readouterr().err
     assert f"{data}: line 1: " in err and f"{data}: the corrector could take none of its 1 usable lines" in err
     assert not out.exists()
+
+
+def test_eval_json_paths_that_would_lose_the_table_or_the_data_are_refused(bundles, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"source": "a b", "candidates": ["a b"], "target": "a b"}) + "\n")
+    for json_path, said in (("-", "--json -: standard output gets the table"),
+                            (f"{tmp_path}/scores.json/", "not a directory")):
+        assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", json_path, "-q"]) == 2
+        assert said in capsys.readouterr().err
+    with open(data, "rb") as stdin:  # the data read from stdin, the scores about to replace it
+        run = subprocess.run([sys.executable, "-m", "lmcor.cli", "eval", "--model", str(bundles["t5"]), "-",
+                              "--json", str(data), "-q"], stdin=stdin, capture_output=True, timeout=300)
+    assert run.returncode == 2 and b"is what standard input reads" in run.stderr
+    assert json.loads(data.read_text())["target"] == "a b"

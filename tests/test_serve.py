@@ -102,7 +102,7 @@ BAD = [
     (b" " * (ServeConfig().max_body_bytes + 1), 413, "over the limit"),
     (iter([b" " * 65536] * 17), 413, "over the limit"),  # chunked: no Content-Length to refuse it by
     (b"[]", 422, "empty list"),
-    (b'"just a string"', 422, "got string"),
+    (b'"just a string"', 422, "got a string"),
     (b'{"candidates": ["a"]}', 422, "missing field 'source'"),
     (b'{"source": " ", "candidates": ["a"]}', 422, "field 'source' is empty"),
     (b'{"source": "x", "candidates": []}', 422, "field 'candidates' is an empty list"),
@@ -143,7 +143,7 @@ def test_a_list_answers_its_bad_items_in_their_places_and_the_others(client, bun
     assert [r.get("error", {}).get("kind") for r in records] == [None, "invalid", None, "invalid", "timeout", None,
                                                                  "invalid"]
     assert [r["id"] for r in records] == [good[0]["id"], "broken", good[1]["id"], "long", "slow-0", good[2]["id"], None]
-    assert records[1]["error"]["message"] == "item 1: field 'candidates' must be a list of strings, got str"
+    assert records[1]["error"]["message"] == "item 1: field 'candidates' must be a list of strings, got a string"
     assert "item 3: " in records[3]["error"]["message"] and "item 4: no answer" in records[4]["error"]["message"]
     expected = Corrector.load(bundles[ARCH]).correct_batch(good)
     assert [records[n]["output"] for n in (0, 2, 5)] == [c.text for c in expected]

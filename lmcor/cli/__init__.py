@@ -18,6 +18,40 @@ from lmcor import __version__
 
 EXIT_ERROR = 2
 
+
+class Stderr:
+    """sys.stderr, best effort, for every message and progress bar of the commands: a closed, full or
+    broken stderr (`2>&-`, `2>/dev/full`, a pipe whose reader left) costs no record and changes no
+    exit code. After the first write that fails, the rest are dropped (sys.stderr becomes /dev/null,
+    so that the interpreter's own flush at exit does not fail too)."""
+
+    def write(self, text: str) -> int:
+        stream = sys.stderr
+        if stream is not None:
+            try:
+                stream.write(text)
+                stream.flush()
+            except (OSError, ValueError):
+                sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - held for the process
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, OSError, ValueError):
+            return False
+
+
+STDERR = Stderr()
+
+
+def say(text: str) -> None:
+    """One message line on stderr, best effort (`Stderr`)."""
+    STDERR.write(text + "\n")
+
 # name -> (module, one-line help). A command's module is imported only to run it (or to show
 # its own --help), so `lmcor correct` loads neither the exporter nor the benchmarks.
 COMMANDS = {
@@ -84,18 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(f"lmcor.cli.{COMMANDS[args.command][0]}").run(args)
     except LmcorError as e:
-        print(f"lmcor: error: {_said_as_flags(str(e), command, argv)}", file=sys.stderr)
+        say(f"lmcor: error: {_said_as_flags(str(e), command, argv)}")
         return EXIT_ERROR
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:
-        print(f"lmcor: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        say(f"lmcor: error: {e.filename or 'writing or reading'}: {e.strerror or e}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # what lmcor did not foresee (an ONNX Runtime failure): one line; -v logs the traceback
         logging.getLogger("lmcor").debug("the traceback behind the error below", exc_info=True)
         first = (str(e).strip().splitlines() or [""])[0]
-        print(f"lmcor: error: {type(e).__name__}: {first} (lmcor -v shows the traceback)", file=sys.stderr)
+        say(f"lmcor: error: {type(e).__name__}: {first} (lmcor -v shows the traceback)")
         return EXIT_ERROR

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from lmcor.runtime.errors import InputError
 
-from . import options
+from . import options, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     path = harness.write(report, config.out)
     images = harness.plots(report, config.out)
     print(harness.table(report))
-    print(f"wrote {path} and {', '.join(str(p) for p in images)}", file=sys.stderr)
+    say(f"wrote {path} and {', '.join(str(p) for p in images)}")
     return 0
 
 
@@ -143,7 +142,7 @@ def _write_report(path: Path, report: dict, table: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table)
-    print(f"wrote {path}", file=sys.stderr)
+    say(f"wrote {path}")
 
 
 # Seconds of load per point: an hour is more than any measurement here needs.
@@ -180,7 +179,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
                  threads=args.threads, out=Path(args.out))
     report = serve.run(config)
     _write_report(Path(args.out) / "serve.json", report, serve.table(report))
-    print(f"wrote {serve.plot(report, Path(args.out))}", file=sys.stderr)
+    say(f"wrote {serve.plot(report, Path(args.out))}")
     servers = report["servers"].values()
     drained = all(s["exit_code"] == 0 and not any(r["lost"] for r in s["clients"].values()) for s in servers)
     return 0 if drained else 1

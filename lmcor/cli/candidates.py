@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,9 @@ from lmcor.runtime.candidates import Candidates, CandidateWriter, FewShot, defau
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generator
 
-from . import options
+from . import options, say
 from .generate import text_field
-from .lines import answer_lines, resumed_from
+from .lines import RecordFields, answer_lines, resumed_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", help="end an answer where its text contains this (repeatable; "
                         "default: a newline)")
     options.add_sampling(parser, temperature=0.6, temperature_help="of the K-1 samples")
+
+
+FIELDS = RecordFields(frozenset({"source", "candidates"}))
 
 
 def record(number: int, ident: Any, result: Candidates) -> dict:
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                              stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
     if last is not None:
         _check_same_run(args.output, last, writer)
-    code = answer_lines(args, _source, writer, record, "generating", echo="source", batches_per_chunk=1)
+    code = answer_lines(args, _source, writer, record, "generating", FIELDS, echo="source", batches_per_chunk=1)
     if not args.quiet:
-        print(f"lmcor: {writer.stats.summary()}", file=sys.stderr)
+        say(f"lmcor: {writer.stats.summary()}")
     return code

@@ -8,7 +8,7 @@ from typing import Any
 from lmcor.runtime.classifier import Classification, Classifier, as_texts
 
 from . import options
-from .lines import answer_lines
+from .lines import RecordFields, answer_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="classifier bundle folder")
     parser.add_argument("--batch-size", type=options.positive_int, default=32, help="texts per batch (default: %(default)s)")
     options.add_runtime(parser)
+
+
+FIELDS = RecordFields(frozenset({"label", "probabilities", "truncated"}))
 
 
 def record(number: int, ident: Any, result: Classification) -> dict:
@@ -35,4 +38,4 @@ def run(args: argparse.Namespace) -> int:
     def answer(items: list) -> list:
         return classifier.classify_batch(items, batch_size=args.batch_size, errors="return")
 
-    return answer_lines(args, _checked, answer, record, "classifying")
+    return answer_lines(args, _checked, answer, record, "classifying", FIELDS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from lmcor.runtime.corrector import Corrector
@@ -11,8 +10,8 @@ from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Correction, as_request
 from lmcor.runtime.scheduler import EngineStats
 
-from . import options
-from .lines import answer_lines
+from . import options, say
+from .lines import RecordFields, answer_lines
 
 
 def line_request(value: dict, _number: int) -> Any:
@@ -28,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
     options.add_ray(parser, "correct a file on Ray Data workers, each with its own bundle and --threads")
     parser.add_argument("--workers", type=options.positive_int, help="with --ray: how many (default: 1)")
+
+
+FIELDS = RecordFields(frozenset({"output", "truncated", "input_tokens", "output_tokens"}), frozenset({"gated", "fallback"}))
 
 
 def record(number: int, ident: Any, result: Correction) -> dict:
@@ -86,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
         totals.add(results)
         return results
 
-    code = answer_lines(args, line_request, answer, record, "correcting")
+    code = answer_lines(args, line_request, answer, record, "correcting", FIELDS)
     if args.stats:
-        print(totals.summary(corrector.engine.stats), file=sys.stderr)
+        say(totals.summary(corrector.engine.stats))
     return code
 
 

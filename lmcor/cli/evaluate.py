@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,8 +12,8 @@ from tqdm import tqdm
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
 
-from . import options
-from .lines import open_input, read_lines
+from . import STDERR, options, say
+from .lines import open_input, read_lines, same_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +43,13 @@ def run(args: argparse.Namespace) -> int:
                 items.append(quality.item(line.value, line.number))
             except InputError as e:
                 errors.append({"line": line.number, "error": str(e)})
-                print(f"lmcor: {args.data}: line {line.number}: {e}", file=sys.stderr)
+                say(f"lmcor: {args.data}: line {line.number}: {e}")
     if not items:
         raise InputError(f"{args.data}: no usable lines")
-    with tqdm(total=len(items), unit=" requests", file=sys.stderr, disable=args.quiet, desc="evaluating") as bar:
+    with tqdm(total=len(items), unit=" requests", file=STDERR, disable=args.quiet, desc="evaluating") as bar:
         report = quality.evaluate(corrector, items, progress=bar.update, **options.correction_options(args, gate))
     for skipped in report["skipped"]:
-        print(f"lmcor: {args.data}: line {skipped['line']}: {skipped['error']} (left out of the scores)", file=sys.stderr)
+        say(f"lmcor: {args.data}: line {skipped['line']}: {skipped['error']} (left out of the scores)")
     if not report["items"]:
         raise InputError(f"{args.data}: the corrector could take none of its {len(items)} usable lines (above: why)")
     errors = sorted(errors + report.pop("skipped"), key=lambda e: e["line"])
@@ -71,12 +70,17 @@ def _report_path(name: str, data: str | None) -> Path:
     path = Path(name)
     if not name:
         raise InputError("--json is empty; give a file's path")
+    if name == "-":
+        raise InputError("--json -: standard output gets the table; give a file's path for the scores")
+    if name.endswith(("/", os.sep)) and not path.is_dir():
+        raise InputError(f"--json {name}: not a directory (a path ending in / names a folder; give a file's path)")
     if path.is_dir():
         raise InputError(f"--json {name} is a directory; give a file's path")
     if not path.parent.is_dir():
         raise InputError(f"--json {name}: its folder does not exist")
-    if data not in (None, "-") and path.exists() and os.path.samefile(path, data):
-        raise InputError(f"--json {name} is the data file; write the scores to another file")
+    if data is not None and path.exists() and same_file(data, os.stat(path)):
+        what = "the data file" if data != "-" else "what standard input reads (the data)"
+        raise InputError(f"--json {name} is {what}; write the scores to another file")
     existed = path.exists()
     try:
         with open(path, "a", encoding="utf-8"):  # opened to append: an earlier report stays until the new one

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from lmcor.runtime.bundle import MANIFEST_NAME, Template
 from lmcor.runtime.errors import InputError
 
-from . import options
+from . import options, say
 
 # The exporters need opset 14's operators: Trilu (T5's, BART's and Llama's causal masks) and the
 # attention of scaled_dot_product_attention; older opsets cannot hold them.
@@ -71,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         # The bundle is staged beside OUT_DIR and put in place last: unless that finished, OUT_DIR is as it was.
         manifest = Path(args.out_dir) / MANIFEST_NAME
         done = manifest.is_file() and manifest.stat().st_mtime >= started
-        print(f"lmcor: export interrupted; {args.out_dir} " + ("holds the finished bundle" if done else
-              "was not written (left as it was)"), file=sys.stderr)
+        say(f"lmcor: export interrupted; {args.out_dir} " + ("holds the finished bundle" if done else
+            "was not written (left as it was)"))
         raise
 
 
@@ -97,8 +96,8 @@ def _export(args: argparse.Namespace) -> int:
         else:
             checked = (f"next-token logits within {v['tolerance']:.2g} of PyTorch fp32 and greedy tokens identical on "
                        f"{v['greedy_token_agreement']:.0%} of {v['samples']} prompts, on {v['validated_on']}")
-        print(f"wrote {args.out_dir}: {manifest.architecture} causal LM {manifest.precision}, opset {manifest.opset}; "
-              f"{checked}", file=sys.stderr)
+        say(f"wrote {args.out_dir}: {manifest.architecture} causal LM {manifest.precision}, opset {manifest.opset}; "
+            f"{checked}")
         return 0
     if args.kind == "classifier":
         from lmcor.export.classifier import export_classifier
@@ -109,9 +108,9 @@ def _export(args: argparse.Namespace) -> int:
         v = manifest.validation
         int8 = (f"; int8 labels agree with fp32 on {v['int8_label_agreement']:.0%}, probabilities within "
                 f"{v['int8_max_abs_prob_diff']:.2g}" if "int8_label_agreement" in v else "")
-        print(f"wrote {args.out_dir}: {manifest.architecture} classifier ({', '.join(manifest.labels)}) "
-              f"{manifest.precision}, fused {v['fused']}; validated on {v['samples']} samples: max |log-prob diff| "
-              f"{v['max_abs_logprob_diff']:.2g}{int8}", file=sys.stderr)
+        say(f"wrote {args.out_dir}: {manifest.architecture} classifier ({', '.join(manifest.labels)}) "
+            f"{manifest.precision}, fused {v['fused']}; validated on {v['samples']} samples: max |log-prob diff| "
+            f"{v['max_abs_logprob_diff']:.2g}{int8}")
         return 0
     from lmcor.export import export_corrector
 
@@ -130,9 +129,9 @@ def _export(args: argparse.Namespace) -> int:
     )
     v = manifest.validation
     if v.get("validated_on", "").startswith("not run"):
-        print(f"wrote {args.out_dir}: {manifest.architecture} {manifest.precision}, opset {manifest.opset}; fp32 graphs "
-              f"validated on {v['samples']} samples, {manifest.precision} graphs checked structurally only "
-              f"({v['validated_on']}: validate on a GPU machine by exporting there)", file=sys.stderr)
+        say(f"wrote {args.out_dir}: {manifest.architecture} {manifest.precision}, opset {manifest.opset}; fp32 graphs "
+            f"validated on {v['samples']} samples, {manifest.precision} graphs checked structurally only "
+            f"({v['validated_on']}: validate on a GPU machine by exporting there)")
         return 0
     if manifest.precision in ("fp16", "bf16"):
         agreement = (f"tolerance {v['tolerance']:.2g}; greedy tokens identical to PyTorch fp32 on "
@@ -141,10 +140,9 @@ def _export(args: argparse.Namespace) -> int:
         agreement = f"greedy tokens identical on {v['greedy_token_agreement']:.0%} of them"
     else:
         agreement = f"tolerance {v['tolerance']:.2g}; greedy tokens identical"
-    print(
+    say(
         f"wrote {args.out_dir}: {manifest.architecture} {manifest.precision}, opset {manifest.opset}; validated on "
-        f"{v['samples']} samples: max |logit diff| {v['max_abs_logit_diff']:.2g} ({agreement})",
-        file=sys.stderr,
+        f"{v['samples']} samples: max |logit diff| {v['max_abs_logit_diff']:.2g} ({agreement})"
     )
     return 0
 

@@ -9,7 +9,7 @@ from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generation, Generator, row_seed
 
 from . import options
-from .lines import answer_lines
+from .lines import RecordFields, answer_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +45,9 @@ def line_seed(seed: int, number: int) -> int:
     return row_seed(seed, number - 1)
 
 
+FIELDS = RecordFields(frozenset({"output", "output_tokens"}))
+
+
 def record(number: int, ident: Any, result: Generation) -> dict:
     return {"id": ident, "line": number, "output": result.text, "output_tokens": len(result.token_ids)}
 
@@ -66,4 +69,4 @@ def run(args: argparse.Namespace) -> int:
                                         seed=[seed for _, seed in prompts], prefix=prefix, stop=tuple(args.stop or ()),
                                         errors="return", **sampling_options(args))
 
-    return answer_lines(args, prompt, answer, record, "generating", batches_per_chunk=1)
+    return answer_lines(args, prompt, answer, record, "generating", FIELDS, batches_per_chunk=1)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import glob
@@ -34,13 +35,27 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.jsonl import dump_record, parse_line
+from lmcor.runtime.jsonl import blank, dump_record, json_kind, parse_line
 from lmcor.runtime.options import shown
+
+from . import STDERR, say
 
 EXIT_BAD_LINES = 1
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _BLOCK = 1 << 16
-_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+@dataclass(frozen=True)
+class RecordFields:
+    """The fields of a command's answer records besides `id` and `line`: those every one has and those
+    some have. An error record has `error` alone. `--resume` refuses an -o of another command's records."""
+
+    always: frozenset[str]
+    sometimes: frozenset[str] = frozenset()
+
+    def match(self, record: dict) -> bool:
+        fields = set(record) - {"id", "line"}
+        return fields == {"error"} or self.always <= fields <= self.always | self.sometimes
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,7 @@ def line_at(number: int, raw: bytes | None, size: int, max_bytes: int) -> Line |
     if raw is None:
         return Line(number, size, InputError(f"the line has {size} bytes, over the limit of {max_bytes} "
                                              "(--max-line-bytes)"))
-    if not raw.strip():
+    if blank(raw, first=number == 1):
         return None
     try:
         return Line(number, size, parse_line(raw, first=number == 1))
@@ -147,6 +162,16 @@ def open_input(name: str) -> tuple[int, bool]:
     if os.path.isdir(name):
         raise InputError(f"{name}: is a directory, not a JSONL file")
     return os.open(name, os.O_RDONLY), True
+
+
+def same_file(input_name: str, found: os.stat_result) -> bool:
+    """Whether the file `found` (-o's) is the input, or what standard input reads for `-` (a device such
+    as /dev/null may be both)."""
+    try:
+        info = os.fstat(sys.stdin.fileno()) if input_name == "-" else os.stat(input_name)
+    except (OSError, AttributeError, ValueError):  # no stdin, or an input that is not there (said elsewhere)
+        return False
+    return (info.st_dev, info.st_ino) == (found.st_dev, found.st_ino) and not stat.S_ISCHR(found.st_mode)
 
 
 def regular_file_size(name: str) -> int | None:
@@ -240,10 +265,13 @@ class Output:
     it that replaces it at the end (through a symbolic link, its target); or, for a device, pipe or
     FIFO at `-o`, that itself, written as the records come (it cannot be replaced)."""
 
-    def __init__(self, path: str | None, input_name: str, resume: bool):
+    def __init__(self, path: str | None, input_name: str, resume: bool, fields: RecordFields | None = None):
         if path is not None and not path.strip():
             raise InputError("-o is empty; give a file's path (or leave -o out for stdout)")
-        self.path = Path(path) if path else None
+        if path is not None and path.endswith(("/", os.sep)) and not os.path.isdir(path):
+            raise InputError(f"-o {path}: not a directory (a path ending in / names a folder; give a file's path)")
+        self.path = Path(path) if path and path != "-" else None  # -o -: stdout, as - is stdin for the input
+        self.fields = fields
         self.input_name = input_name
         self.kept_errors = 0  # error records kept by --resume: lines that failed in an earlier run
         self.records = 0  # written by this run and kept from an earlier one
@@ -259,14 +287,18 @@ class Output:
             if sys.stdout is None:
                 raise InputError("standard output is closed; write to a file with -o")
             return
-        if input_name != "-" and self.path.exists() and os.path.samefile(input_name, self.path):
-            raise InputError(f"-o {self.path} is the input file; write to another file")
-        if self.path.is_dir():
-            raise InputError(f"-o {self.path} is a directory")
         try:
-            kind = os.stat(self.path).st_mode  # through links: /dev/stdout is a pipe's or a terminal's
+            found = os.stat(self.path)  # through links: /dev/stdout is a pipe's or a terminal's
         except FileNotFoundError:
-            kind = None
+            found = None
+        except OSError as e:  # a loop of links, a folder on the way that is a file
+            raise InputError(f"-o {self.path}: {e.strerror or e}") from None
+        if found is not None and same_file(input_name, found):
+            what = "the input file" if input_name != "-" else "what standard input reads (the input)"
+            raise InputError(f"-o {self.path} is {what}; write to another file")
+        if found is not None and stat.S_ISDIR(found.st_mode):
+            raise InputError(f"-o {self.path} is a directory")
+        kind = None if found is None else found.st_mode
         if kind is not None and not stat.S_ISREG(kind):
             if resume:
                 raise InputError(f"--resume needs -o to be a regular file; {self.path} is a device, pipe or FIFO")
@@ -289,9 +321,9 @@ class Output:
         try:
             return open_it()
         except OSError as e:
-            folder = self.path.parent if self.path is not None else None
+            folder = (self.target or self.path).parent if self.path is not None else None  # a link's: its target's
             if folder is not None and not folder.is_dir():
-                why = "its folder does not exist"
+                why = f"the folder {folder} does not exist"
             elif e.errno == errno.ENOENT:  # the folder is there, but takes no new file (/proc, /sys)
                 why = f"no file can be created in {folder}"
             else:
@@ -302,8 +334,7 @@ class Output:
         assert self.path is not None
         source = resumed_from(self.path, self._temp)
         if source != self.path:
-            print(f"lmcor: --resume: continuing from {source}, which a killed run into -o {self.path} left",
-                  file=sys.stderr)
+            say(f"lmcor: --resume: continuing from {source}, which a killed run into -o {self.path} left")
             self._orphan = source
         return source
 
@@ -323,7 +354,8 @@ class Output:
                     record = json.loads(raw)
                 except ValueError:
                     record = None
-                if not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through:
+                if (not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through
+                        or (self.fields is not None and not self.fields.match(record))):
                     named = f"-o {source}" if source == self.path else str(source)
                     raise InputError(f"--resume: {named} line {number} is not a record of this command's (one per "
                                      "input line, in order); it was not written by an interrupted run of it: give "
@@ -334,26 +366,48 @@ class Output:
                 self.through, self.last_record = record["line"], record
 
     def write(self, text: str) -> None:
-        if self._file is None:
-            sys.stdout.write(text)
-        else:
-            self._file.write(text.encode("utf-8"))
+        with self._writing():
+            if self._file is None:
+                sys.stdout.write(text)
+            else:
+                self._file.write(text.encode("utf-8"))
 
     def flush(self) -> None:
-        (self._file or sys.stdout).flush()
+        with self._writing():
+            (self._file or sys.stdout).flush()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (a full disk) said of -o or stdout; a reader of stdout gone is main()'s to handle."""
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if self._file is None:  # what stdout holds unwritten would fail the interpreter's flush at exit too
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise LmcorError(f"{f'-o {self.path}' if self.path else 'standard output'}: cannot write "
+                             f"({e.strerror or e})") from None
 
     def close(self, *, keep: bool) -> None:
         """Put the records in place (`keep`), or leave any earlier `-o` as it was."""
         if self._file is None:
-            sys.stdout.flush()
+            self.flush()
             return
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # its last write failed (said already): a torn last record is answered again by --resume
+            pass
         if self._temp is None or self.target is None:  # written in place: nothing to put there
             return
         if keep:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._temp, 0o666 & ~umask)  # mkstemp's file is private; -o gets ordinary permissions
+            try:  # a replaced -o keeps its permissions; a new one gets ordinary ones (mkstemp's file is private)
+                mode = stat.S_IMODE(os.stat(self.target).st_mode)
+            except FileNotFoundError:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.chmod(self._temp, mode)
             os.replace(self._temp, self.target)
             if self._orphan is not None:  # its records are in -o now
                 self._orphan.unlink(missing_ok=True)
@@ -382,7 +436,7 @@ class _Signals:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = number
-        tqdm.write("lmcor: stopping after the batch in flight (signal again to drop it)", file=sys.stderr)
+        say("lmcor: stopping after the batch in flight (signal again to drop it)")
 
 
 class _Progress:
@@ -391,7 +445,7 @@ class _Progress:
     def __init__(self, total_bytes: int | None, desc: str, quiet: bool):
         self.by_bytes = total_bytes is not None
         self.bar = tqdm(total=total_bytes, unit="B" if self.by_bytes else " lines", unit_scale=self.by_bytes,
-                        file=sys.stderr, disable=quiet, desc=desc)
+                        file=STDERR, disable=quiet, desc=desc)
         self._skipped = False
 
     def done(self, answers: list[Answer], skipped_bytes: int) -> None:
@@ -425,6 +479,7 @@ def answer_lines(
     run: Callable[[list[Any]], list[Any]],
     record: Callable[[int, Any, Any], dict],
     verb: str,
+    fields: RecordFields,
     echo: str | None = None,
     batches_per_chunk: int = 8,
 ) -> int:
@@ -432,7 +487,8 @@ def answer_lines(
 
     `convert` turns a line's JSON object and number into an item (raising `InputError`), `run` answers a list
     of items (an `InputError` in an item's place fails that item alone), `record` makes the output
-    record of (line number, id, result), which may copy its line's field `echo` (checked by --resume).
+    record of (line number, id, result), with `fields`, which may copy its line's field `echo` (both
+    checked by --resume).
     `run` gets up to `batches_per_chunk` batches of lines at a time (more lines to group by length);
     a command whose batches take long takes 1, so that a signal stops it after the batch in flight.
     Returns 0, or 1 when some lines failed; 130/143 after a signal. An error that stops the run keeps the records written so far, as a signal does.
@@ -446,13 +502,14 @@ def answer_lines(
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
         check_resumed(args, after, reader.skipped_lines)
 
-    return write_answers(args, answered, verb, echo)
+    return write_answers(args, answered, verb, fields, echo)
 
 
-def write_answers(args: argparse.Namespace, answered: Answered, verb: str, echo: str | None = None) -> int:
+def write_answers(args: argparse.Namespace, answered: Answered, verb: str, fields: RecordFields,
+                  echo: str | None = None) -> int:
     """Write what `answered` gives into `args.output` (or stdout), with `answer_lines`' rules: a
     temporary file renamed at the end, `--resume`, signals, the exit code."""
-    output = Output(args.output, args.input, args.resume)
+    output = Output(args.output, args.input, args.resume, fields)
     failed = output.kept_errors
     finished = False
     try:
@@ -478,13 +535,13 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, echo:
         return _interrupted(output, signal.SIGINT)
     except LmcorError as e:
         if output.records and output.path and not isinstance(e, NotResumable):
-            print(f"lmcor: {output.records} record(s) kept in {output.path} (input lines up to {output.through}); "
-                  "after fixing the error below, --resume answers the rest", file=sys.stderr)
+            say(f"lmcor: {output.records} record(s) kept in {output.path} (input lines up to {output.through}); "
+                "after fixing the error below, --resume answers the rest")
         raise
     finally:
         output.close(keep=finished or output.records > 0)
     if failed:
-        print(f"lmcor: {failed} line(s) could not be answered; see their error records", file=sys.stderr)
+        say(f"lmcor: {failed} line(s) could not be answered; see their error records")
         return EXIT_BAD_LINES
     return 0
 
@@ -494,9 +551,9 @@ def answer_chunk(lines: list[Line], convert: Callable, run: Callable, record: Ca
     items: list[tuple[Line, Any, Any]] = []  # (line, id, item or InputError)
     for line in lines:
         value = line.value
-        ident = value.get("id") if isinstance(value, dict) else None
+        ident = value.get("id") if isinstance(value, dict) else getattr(value, "ident", None)
         if not isinstance(value, (dict, InputError)):
-            value = InputError(f"expected a JSON object, got a JSON {_JSON_TYPES.get(type(value), 'value')}")
+            value = InputError(f"expected a JSON object, got {json_kind(value)}")
         if isinstance(value, dict):
             try:
                 value = convert(value, line.number)
@@ -522,7 +579,7 @@ def _write(answers: list[Answer], output: Output) -> int:
     """Write one chunk's records; the number of failed lines."""
     for answer in answers:
         if answer.error is not None:
-            tqdm.write(f"lmcor: {output.input_name}: line {answer.number}: {answer.error}", file=sys.stderr)
+            say(f"lmcor: {output.input_name}: line {answer.number}: {answer.error}")
         output.write(answer.text)
         output.records += 1
         output.through = answer.number
@@ -533,13 +590,13 @@ def _write(answers: list[Answer], output: Output) -> int:
 def _interrupted(output: Output, number: int) -> int:
     if not output.records:
         kept = f"; {output.path} is left as it was" if output.path and output.path.exists() else ""
-        print(f"lmcor: interrupted before any record was written{kept}", file=sys.stderr)
+        say(f"lmcor: interrupted before any record was written{kept}")
         return EXIT_SIGNAL[number]
     where = f"to {output.path}" if output.path else "above"
     hint = ("; run the same command with --resume to answer the rest" if output.path
             else "; write to a file with -o to be able to --resume")
     lines = f" (input lines up to {output.through})"
-    print(f"lmcor: interrupted: {output.records} record(s) written {where}{lines}{hint}", file=sys.stderr)
+    say(f"lmcor: interrupted: {output.records} record(s) written {where}{lines}{hint}")
     return EXIT_SIGNAL[number]
 
 

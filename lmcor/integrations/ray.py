@@ -43,7 +43,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from lmcor.cli.correct import line_request, record as correction_record
+from lmcor.cli.correct import FIELDS, line_request, record as correction_record
 from lmcor.cli.lines import (Answer, answer_chunk, check_resumed, line_at, regular_file_size, split_lines,
                              write_answers)
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
@@ -343,7 +343,7 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
 
     with cluster(address):  # first: `ray.init` puts in its own SIGTERM handler, `write_answers` then lmcor's
         _check_cpus(workers, threads, "workers")
-        return write_answers(args, answered, "correcting")
+        return write_answers(args, answered, "correcting", FIELDS)
 
 
 # Serving: Ray Serve.

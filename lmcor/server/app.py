@@ -46,7 +46,7 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation
-from lmcor.runtime.jsonl import check_body, json_number_error
+from lmcor.runtime.jsonl import check_body, json_kind, json_number_error
 from lmcor.runtime.options import (
     MAX_BEAMS,
     MAX_LENGTH_PENALTY,
@@ -75,8 +75,6 @@ CORRECT_FIELDS = ("id", "source", "candidates", *OPTIONS, "timeout_s", "stream")
 CLASSIFY_FIELDS = ("model", "id", "text", "pair", "timeout_s")
 GENERATE_FIELDS = ("model", "id", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "timeout_s")
 ROUTES = ("/v1/correct", "/v1/classify", "/v1/generate", "/health", "/metrics", "/openapi.json", "/docs", "/redoc")
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
-               type(None): "null"}
 
 
 class _JSON(JSONResponse):
@@ -300,7 +298,7 @@ _INTEGERS = frozenset({"max_new_tokens", "min_new_tokens", "num_beams", "no_repe
 
 def _fields(item: Any, known: tuple[str, ...], what: str) -> dict:
     if not isinstance(item, dict):
-        raise InputError(f"expected {what}, got {_JSON_TYPES.get(type(item), type(item).__name__)}")
+        raise InputError(f"expected {what}, got {json_kind(item)}")
     for key in item:
         if key not in known:
             raise InputError(f"unknown field {shown(key)} (fields: {', '.join(known)})")
