@@ -75,7 +75,8 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     if not ends:
         raise ExportError(f"{model_dir}: the config has no eos_token_id")
     eos = ends[0]  # the others (a chat model's end of turn) end answers too: the manifest's end_tokens
-    pad = config.pad_token_id if config.pad_token_id is not None else eos
+    # None, or -1 (early LLaMA conversions): padding is lmcor's own, and EOS serves.
+    pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id >= 0 else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
     with staged_export(model_dir, out_dir, "text-generation-with-past", opset) as (raw, staged):
         with stage(model_dir, "constant reshape targets"):

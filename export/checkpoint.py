@@ -171,12 +171,22 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
             raise ExportError(f"{model_dir}: no fast tokenizer (tokenizer.json) can be built for this checkpoint")
         model, loading = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32,
                                                                           output_loading_info=True)
-    # A classifier's head is the one part a checkpoint of another kind lacks: transformers would start it at
-    # random, and the bundle would classify by noise.
-    missing = loading.get("missing_keys") or []
-    if auto_class == "AutoModelForSequenceClassification" and missing:
-        raise ExportError(f"{model_dir}: no classification head in this checkpoint ({', '.join(sorted(missing)[:3])} "
+    # Weights the checkpoint lacks would start at random (transformers only warns), and the bundle, traced
+    # from that same model, would pass its own validation: wrong outputs that look checked.
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing and auto_class == "AutoModelForSequenceClassification":
+        raise ExportError(f"{model_dir}: no classification head in this checkpoint ({', '.join(missing[:3])} "
                           "would start at random): export a model fine-tuned for sequence classification")
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ExportError(f"{model_dir}: the checkpoint lacks weights of this model ({', '.join(missing[:3])}{more} "
+                          "would start at random): save the whole model (model.save_pretrained), or export one with "
+                          "its language-model head")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        log.warning("%s: the tokenizer has %d tokens, the model's embeddings %d: a text holding one of the others "
+                    "is refused (resize them: model.resize_token_embeddings(len(tokenizer)))", model_dir,
+                    len(tokenizer), vocab)
     return model.eval(), tokenizer
 
 

@@ -108,6 +108,7 @@ def validate_corrector(
     use_cache = _generate_cache_fits(model.config, manifest.decoder.num_layers)
     ours = corrector.correct_batch([r for r, _ in usable], max_new_tokens=max_new_tokens, batch_size=1, drafts=False)
     worst, worst_ref, agreeing = 0.0, 0.0, 0
+    compared = []  # (input ids, decoder ids, PyTorch's logits, the bundle's): for `_own_rounding`
     # The model's own generation config is replaced, not passed over: transformers fills the values a
     # config passed to `generate` leaves at their defaults (num_beams=1, min_length=0...) from the
     # checkpoint's (a summarizer's num_beams=4), and the reference would not be greedy search.
@@ -129,14 +130,37 @@ def validate_corrector(
         with torch.no_grad():
             expected = model(input_ids=input_ids, decoder_input_ids=torch.from_numpy(decoder_ids)).logits[0].numpy()
         got = _onnx_logits(corrector, ids[None, :], decoder_ids)
+        compared.append((input_ids, decoder_ids, expected, got))
         worst = max(worst, float(np.abs(expected - got).max()))
         worst_ref = max(worst_ref, float(np.abs(expected).max()))
     if not exact:
         return _Measured(len(usable), worst, None, agreeing / len(usable), max_abs_logit=worst_ref)
     tolerance = atol + rtol * worst_ref
     if worst > tolerance:
-        raise ExportError(f"validation failed: max |logit diff| {worst:.3g} exceeds the tolerance {tolerance:.3g}")
+        # Large weights make fp32's own rounding larger than the tolerance: a bundle as close to exact
+        # (float64) arithmetic as PyTorch fp32 is passes, with the tolerance that this widens to.
+        own, bundle_error = _own_rounding(model, compared)
+        if bundle_error > max(tolerance, 2 * own):
+            raise ExportError(f"validation failed: max |logit diff| {worst:.3g} exceeds the tolerance {tolerance:.3g} "
+                              f"(and the bundle is {bundle_error:.3g} from float64 arithmetic, PyTorch fp32 {own:.3g}); "
+                              "--atol raises the tolerance where that is expected")
+        tolerance = max(worst, 2 * own)
     return ValidationReport(len(usable), worst, tolerance, 1.0)
+
+
+def _own_rounding(model, compared: list) -> tuple[float, float]:
+    """How far PyTorch fp32's logits and the bundle's are from the same model's in float64, at most."""
+    import copy
+
+    import torch
+
+    exact_model = copy.deepcopy(model).double()
+    own = bundle = 0.0
+    for input_ids, decoder_ids, expected, got in compared:
+        with torch.no_grad():
+            exact = exact_model(input_ids=input_ids, decoder_input_ids=torch.from_numpy(decoder_ids)).logits[0].numpy()
+        own, bundle = max(own, float(np.abs(expected - exact).max())), max(bundle, float(np.abs(got - exact).max()))
+    return own, bundle
 
 
 @dataclass(frozen=True)

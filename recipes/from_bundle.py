@@ -122,9 +122,8 @@ def rebuild(bundle: Path):
     files, shape = manifest.files, manifest.decoder
     state, found = _encoder_weights(bundle / files["encoder"])
     state.update(_decoder_weights(bundle / files["decoder"], bundle / files["cross"], shape.num_layers))
-    shared = state["shared"] if "shared" in state else state["shared.weight"]
-    state.pop("shared", None)
-    state["shared.weight"] = state["encoder.embed_tokens.weight"] = state["decoder.embed_tokens.weight"] = shared
+    shared = state["shared.weight"]  # the encoder's embedding, and the decoder graph's `model.shared.weight`
+    state["encoder.embed_tokens.weight"] = state["decoder.embed_tokens.weight"] = shared
     tied = "lm_head.weight" not in state
     if tied:
         state["lm_head.weight"] = shared

@@ -7,7 +7,7 @@ length-bucketed batches -> ONNX Runtime -> softmax -> the label with the highest
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -141,18 +141,40 @@ class Classifier:
         cut = [(text, pair) != (whole, whole_pair) for (text, pair), (_, whole, whole_pair, _) in zip(shown, good)]
         encodings = [self.tokenizer.encode(text, pair) for text, pair in shown]
         for batch in plan_batches([len(e.ids) for e in encodings], 1 if self._alone else batch_size):
-            chosen = [encodings[i] for i in batch]
-            ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], self._pad)
-            feed = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in self._inputs:
-                feed["token_type_ids"], _ = pad_batch([np.asarray(e.type_ids, dtype=np.int64) for e in chosen], 0)
-            logits = run(self.session, None, feed)[0].astype(np.float64)
-            probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probabilities /= probabilities.sum(axis=1, keepdims=True)
-            for i, row in zip(batch, probabilities):
-                n, _, _, ident = good[i]
-                results[n] = Classification(self.labels[int(row.argmax())], row.astype(np.float32), ident,
-                                            cut[i] or bool(encodings[i].overflowing))
+            # A batch the model fails on (a token id past its embeddings: a tokenizer with tokens the model
+            # was not resized for) is run again text by text, so that only the texts it fails on fail.
+            for rows, probabilities in self._probabilities(batch, encodings):
+                if isinstance(probabilities, InputError):
+                    n = good[rows[0]][0]
+                    if errors == "raise":
+                        raise InputError(f"item {n}: {probabilities}") from None
+                    results[n] = probabilities
+                    continue
+                for i, row in zip(rows, probabilities):
+                    n, _, _, ident = good[i]
+                    results[n] = Classification(self.labels[int(row.argmax())], row.astype(np.float32), ident,
+                                                cut[i] or bool(encodings[i].overflowing))
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]
+
+    def _probabilities(self, batch: list[int], encodings: list) -> Iterator[tuple[list[int], np.ndarray | InputError]]:
+        """(rows, their probabilities) of `batch`; where the model fails on it, each row alone, and a row
+        it fails on alone with its error."""
+        chosen = [encodings[i] for i in batch]
+        ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], self._pad)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feed["token_type_ids"], _ = pad_batch([np.asarray(e.type_ids, dtype=np.int64) for e in chosen], 0)
+        try:
+            logits = run(self.session, None, feed)[0].astype(np.float64)
+        except Exception as e:  # ONNX Runtime's own error types, for what it cannot compute on these inputs
+            if len(batch) > 1:
+                for row in batch:
+                    yield from self._probabilities([row], encodings)
+                return
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            yield batch, InputError(f"the model cannot read this text ({said[:200]})")
+            return
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        yield batch, probabilities / probabilities.sum(axis=1, keepdims=True)

@@ -136,7 +136,8 @@ class Engine:
                 progress(sum(answer is not None for answer in passed))
             valid = [(n, request) for (n, request), answer in zip(valid, passed) if answer is None]
         inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid],
-                                 self.manifest.max_input_tokens, references=search.drafts)
+                                 self.manifest.max_input_tokens, references=search.drafts,
+                                 vocab_size=self.manifest.decoder.vocab_size)
         sequences = []
         for (n, request), model_input in zip(valid, inputs):
             if isinstance(model_input, InputError):
@@ -324,7 +325,8 @@ class Engine:
         for drafts in (False, True):
             subset = [entry for entry in ready if entry[2].drafts == drafts]
             inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r, _ in subset],
-                                     self.manifest.max_input_tokens, references=drafts)
+                                     self.manifest.max_input_tokens, references=drafts,
+                                     vocab_size=self.manifest.decoder.vocab_size)
             for (submission, request, search), model_input in zip(subset, inputs):
                 if isinstance(model_input, InputError):
                     _settle(submission.future, error=model_input)

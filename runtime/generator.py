@@ -18,7 +18,7 @@ import numpy as np
 
 from .bundle import Manifest, bundle_path, load_manifest
 from .drafts import Drafts
-from .tokens import load_tokenizer
+from .tokens import check_vocabulary, load_tokenizer
 from .errors import InputError
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_flag, check_int, check_items, check_max_new_tokens,
                       check_number, check_progress, check_temperature, check_text)
@@ -87,6 +87,7 @@ class Generator:
         # "Rules:", " ", "Fix", where the whole text has "Rules:", " Fix".
         shared = text.rstrip() or text
         ids = self.encode(shared)
+        check_vocabulary(self.tokenizer, ids, self.manifest.decoder.vocab_size)
         positions = self.manifest.max_input_tokens
         if not 0 < len(ids) < positions:  # prompts and outputs need room after it
             raise InputError(f"text (the prefix) has {len(ids)} tokens; it must take 1 to {positions - 1} of the "
@@ -170,6 +171,7 @@ class Generator:
                                     add_special_tokens=prefix is None).ids
         if not ids:
             raise InputError("the prompt has no tokens (this tokenizer drops all of it)")
+        check_vocabulary(self.tokenizer, ids, self.manifest.decoder.vocab_size)
         offset = len(prefix.ids) if prefix is not None else 0
         positions = self.manifest.max_input_tokens
         room = positions - offset - len(ids) + 1  # the last new token is never fed back

@@ -85,8 +85,18 @@ def cut_to_read(text: str, most: int) -> str:
     return text
 
 
+def check_vocabulary(tokenizer: Tokenizer, ids: Sequence[int], vocab_size: int | None) -> None:
+    """Refuse token ids past the model's embeddings: a tokenizer given tokens the model was not resized
+    for writes them, and the model cannot read them (the text fails alone, not its batch)."""
+    if vocab_size is not None and len(ids) and max(ids) >= vocab_size:
+        token = next(int(t) for t in ids if t >= vocab_size)
+        raise InputError(f"the text holds the token {tokenizer.id_to_token(token)!r} (id {token}), which the model's "
+                         f"vocabulary of {vocab_size} lacks (its tokenizer has tokens the model was not resized for)")
+
+
 def encode_requests(
-    tokenizer: Tokenizer, template: Template, requests: Sequence[Request], max_tokens: int, *, references: bool = False
+    tokenizer: Tokenizer, template: Template, requests: Sequence[Request], max_tokens: int, *, references: bool = False,
+    vocab_size: int | None = None,
 ) -> list[ModelInput | InputError]:
     """Tokenize requests exactly as the checkpoint's own tokenizer would tokenize the rendered text.
 
@@ -97,7 +107,8 @@ def encode_requests(
     by what the model can read, whatever its length. With `references`, each input also carries
     what drafted decoding copies from: the tokens of each candidate and of the source, as the
     encoding of the text the model reads holds them (no second tokenization: a word at a span's edge
-    may rarely split differently from the text alone, which changes a draft, never an output).
+    may rarely split differently from the text alone, which changes a draft, never an output). With
+    `vocab_size`, a request holding a token id past it is an `InputError` (`check_vocabulary`).
     """
     most = max_tokens * MAX_CHARS_PER_TOKEN
     shown = [tuple(cut_to_read(c, most) for c in r.candidates) for r in requests]
@@ -114,6 +125,11 @@ def encode_requests(
                 out.append(e)
                 continue
             truncated = True
+        try:
+            check_vocabulary(tokenizer, encoding.ids, vocab_size)
+        except InputError as e:
+            out.append(e)
+            continue
         refs = _references(encoding, rendering.text, [*rendering.spans, rendering.source]) if references else ()
         out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), truncated, refs, candidates))
     return out

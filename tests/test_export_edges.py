@@ -2,6 +2,7 @@
 BART's learned positions, and exports that fail, which must fail in one line and leave nothing behind:
 corrupt files, folders that overlap, flags that do not apply, an interrupt."""
 
+import json
 import logging
 import shutil
 
@@ -18,7 +19,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from lmcor import Corrector
+from lmcor import Corrector, InputError
 from lmcor.cli import main
 
 INPUTS = make_requests(12, seed=11)
@@ -251,3 +252,90 @@ def test_an_export_into_the_current_folder_and_an_output_limit_past_any_answer(t
     assert main(["export", str(t5_checkpoints[2, 3]), "."]) == 0
     assert Corrector.load(here).manifest.kind == "corrector"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no staging folder left beside it
+
+
+def _t5(path, tokenizer, **config):
+    torch.manual_seed(1)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                        num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                        **config)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_exported_with_random_ones(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = _t5(tmp_path / "ckpt", _train_tokenizer("t5"), feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    weights = load_file(checkpoint / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, checkpoint / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ExportError, match=r"lacks weights of this model \(lm_head.weight would start at random\)"):
+        export_corrector(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokens_past_the_models_vocabulary_fail_their_request_alone(tmp_path, caplog):
+    tokenizer = _train_tokenizer("t5")
+    checkpoint = _t5(tmp_path / "ckpt", tokenizer)
+    tokenizer.add_tokens(["<sep>"], special_tokens=True)  # the model is not resized: a common slip
+    tokenizer.save_pretrained(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        export_corrector(checkpoint, tmp_path / "out")
+    assert "a text holding one of the others is refused" in caplog.text
+    corrector = Corrector.load(tmp_path / "out")
+    bad, good = corrector.correct_batch([("she go <sep> home", ["She goes home."]), INPUTS[0]], errors="return",
+                                        max_new_tokens=4)
+    assert "the token '<sep>'" in str(bad) and "vocabulary of" in str(bad) and good.text is not None
+    future = corrector.engine.submit(("she go <sep> home", ["She goes home."]))  # the online path alike
+    with pytest.raises(InputError, match="the token '<sep>'"):
+        future.result(timeout=60)
+
+
+def test_large_weights_whose_fp32_rounding_passes_the_tolerance_still_validate(tmp_path):
+    checkpoint = _t5(tmp_path / "ckpt", _train_tokenizer("t5"), initializer_factor=3.0)
+    manifest = export_corrector(checkpoint, tmp_path / "out")  # was refused: the bundle is closer to float64 than PyTorch
+    assert manifest.validation["greedy_tokens_identical"]
+    assert manifest.validation["max_abs_logit_diff"] <= manifest.validation["tolerance"]
+
+
+def test_a_decoder_only_classifier_without_a_configured_pad_uses_its_tokenizers(tmp_path):
+    from lmcor import Classifier
+    from lmcor.export.classifier import export_classifier
+    from test_generator import _tokenizer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = _tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               num_labels=2, pad_token_id=None, bos_token_id=None,
+                                               eos_token_id=tokenizer.eos_token_id, initializer_range=0.3,
+                                               max_position_embeddings=64)).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    manifest = export_classifier(tmp_path / "ckpt", tmp_path / "out")  # was refused: batched != alone
+    assert manifest.pad_token == tokenizer.eos_token_id
+    classifier = Classifier.load(tmp_path / "out")
+    texts = ["a short one", "a much longer text than the other one here"]
+    batched = classifier.classify_batch(texts)
+    alone = [classifier.classify(t) for t in texts]
+    assert all(abs(a.probabilities - b.probabilities).max() < 1e-4 for a, b in zip(batched, alone))
+
+
+def test_a_causal_lm_whose_pad_id_is_minus_one_pads_with_eos(tmp_path):
+    from test_generator import _tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    for name in ("config.json", "generation_config.json"):  # written by hand: transformers refuses to save -1
+        path = tmp_path / "ckpt" / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token_id": -1}))
+    manifest = export_causal_lm(tmp_path / "ckpt", tmp_path / "out")  # early LLaMA conversions say -1
+    assert manifest.special_tokens.pad == tokenizer.eos_token_id

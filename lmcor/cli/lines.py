@@ -265,7 +265,7 @@ class Output:
     it that replaces it at the end (through a symbolic link, its target); or, for a device, pipe or
     FIFO at `-o`, that itself, written as the records come (it cannot be replaced)."""
 
-    def __init__(self, path: str | None, input_name: str, resume: bool, fields: RecordFields | None = None):
+    def __init__(self, path: str | None, input_name: str, resume: bool, fields: RecordFields):
         if path is not None and not path.strip():
             raise InputError("-o is empty; give a file's path (or leave -o out for stdout)")
         if path is not None and path.endswith(("/", os.sep)) and not os.path.isdir(path):
@@ -355,7 +355,7 @@ class Output:
                 except ValueError:
                     record = None
                 if (not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through
-                        or (self.fields is not None and not self.fields.match(record))):
+                        or not self.fields.match(record)):
                     named = f"-o {source}" if source == self.path else str(source)
                     raise InputError(f"--resume: {named} line {number} is not a record of this command's (one per "
                                      "input line, in order); it was not written by an interrupted run of it: give "
