@@ -201,7 +201,8 @@ def export_corrector(
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):
             # a half bundle's atol is its half graphs' (below); its fp32 graphs keep FP32_ATOL
-            report = validate_corrector(model, staged, atol=FP32_ATOL if atol is None or half else atol)
+            report = validate_corrector(model, staged, atol=FP32_ATOL if atol is None or half else atol,
+                                        own_rounding=atol is None or half)  # a tolerance given is kept to
         if precision == "int8":
             with stage(model_dir, "quantization"):
                 _quantize(raw, staged, graph)

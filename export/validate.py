@@ -91,10 +91,12 @@ def validate_corrector(
     rtol: float = 1e-4,
     exact: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
+    own_rounding: bool = True,
 ) -> ValidationReport:
     """Compare the bundle in `bundle` with the PyTorch `model`, decoding at most `max_new_tokens` (and
     at most the bundle's max_output_tokens). With `exact`, raise `ExportError` unless logits agree
-    within `atol + rtol * max|logit|` and greedy tokens are identical."""
+    within `atol + rtol * max|logit|` (or, with `own_rounding`, the bundle is as close to float64
+    arithmetic as PyTorch fp32 is) and greedy tokens are identical."""
     import torch
 
     corrector = Corrector.load(bundle, providers=list(providers))
@@ -136,6 +138,8 @@ def validate_corrector(
     if not exact:
         return _Measured(len(usable), worst, None, agreeing / len(usable), max_abs_logit=worst_ref)
     tolerance = atol + rtol * worst_ref
+    if worst > tolerance and not own_rounding:
+        raise ExportError(f"validation failed: max |logit diff| {worst:.3g} exceeds the tolerance {tolerance:.3g}")
     if worst > tolerance:
         # Large weights make fp32's own rounding larger than the tolerance: a bundle as close to exact
         # (float64) arithmetic as PyTorch fp32 is passes, with the tolerance that this widens to.
