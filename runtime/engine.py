@@ -61,6 +61,18 @@ class _Submission:
     listener: Callable[[list[int]], None] | None = None
 
 
+class Submitted(Future):
+    """An engine request's future. Cancelling it before it is admitted skips it; cancelling it while it
+    decodes withdraws it: a greedy row leaves the batch before the next decoder call (a beam search
+    runs its static batch to the end), and the future then holds what it had written."""
+
+    withdrawn = False
+
+    def cancel(self) -> bool:
+        self.withdrawn = True
+        return super().cancel()
+
+
 class Engine:
     """A corrector bundle's sessions and the schedulers that drive them.
 
@@ -198,7 +210,7 @@ class Engine:
         future's done-callbacks run in that thread too: keep them quick.
         The result's text may still differ from those tokens: the fallback can replace it.
         """
-        future: Future[Correction] = Future()
+        future: Future[Correction] = Submitted()
         queued = time.perf_counter()
         try:
             options = _options(options)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .batching import MAX_PADDING, group_size
 from .bundle import Manifest
-from .decode import Batch, beam_search, decode_step, open_decoder, prefill
+from .decode import Batch, beam_search, decode_step, open_decoder, prefill, retire
 from .encode import PackedEncoder, encode_batch
 from .sequence import Sequence
 from .sessions import Sessions
@@ -89,9 +89,14 @@ class Scheduler:
         """Admit what the batch can take, then one decoder call for every row (a static batch of beam
         search: its whole search). Returns the sequences finished, their `finished` time set."""
         batch = self.batch
+        if self.continuous and any(s.withdrawn for s in batch.rows):  # their callers stopped waiting
+            for s in batch.rows:
+                s.done = s.done or s.withdrawn
+            self._retire(retire(batch))
         if not batch.rows:
             if not self.waiting:
-                return []
+                finished, self._finished = self._finished, []  # the withdrawn ones
+                return finished
             if self.waiting[0].search.num_beams > 1:
                 return self._beams()
             if not self.continuous and batch.decoder.calls:  # the merged decoder serves one batch

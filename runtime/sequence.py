@@ -103,6 +103,11 @@ class Sequence:
         """Whether to decode it: False once its caller has cancelled its future."""
         return self.future is None or self.future.set_running_or_notify_cancel()
 
+    @property
+    def withdrawn(self) -> bool:
+        """Whether its caller cancelled it while it was decoding (`engine.Submitted.cancel`)."""
+        return getattr(self.future, "withdrawn", False)
+
     def take(self, choice: list[int], drafted: int, accepted: int, eos: int, now: float) -> None:
         """Write the tokens one decoder call chose for it (`accepted` of its `drafted` draft tokens, then
         the model's own next token), up to EOS or max_new_tokens. This is where its new tokens are known."""

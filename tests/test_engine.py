@@ -385,3 +385,15 @@ def test_an_idle_engine_lets_its_thread_go_and_a_corrector_closes(bundles, monke
         assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want
     with pytest.raises(InputError, match="this engine is closed"):
         corrector.engine.submit(request)
+
+
+def test_a_request_cancelled_while_it_decodes_leaves_the_batch_at_the_next_step(bundles):
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    with _engine(corrector) as engine:
+        future = engine.submit(long, forced)
+        _wait_until_decoding(engine, 0)
+        assert future.running() and not future.cancel()  # too late to skip it: it is withdrawn instead
+        result = future.result(timeout=RESULT_TIMEOUT)
+        later = engine.submit(long, forced).result(timeout=RESULT_TIMEOUT)  # the engine serves on
+    assert len(result.token_ids) < corrector.manifest.max_output_tokens == len(later.token_ids)

@@ -501,3 +501,22 @@ def test_an_empty_api_key_in_the_environment_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("LMCOR_API_KEY", "")
     assert main(["serve", "--port", "0"]) == 2
     assert "LMCOR_API_KEY is set but empty" in capsys.readouterr().err
+
+
+def test_requests_past_their_deadline_free_their_place_and_stream_nothing_more(bundles):
+    slow = _slow(bundles[ARCH])
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, max_queue=4)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+        late = c.post("/v1/correct", json=[{**slow, "id": n, "timeout_s": 0.02} for n in range(4)])
+        assert late.status_code == 200 and all("no answer within 0.02 s" in r["error"]["message"] for r in late.json())
+        # They leave the engine at its next step, not when their whole decode would have ended.
+        deadline = time.monotonic() + 10
+        while _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.post("/v1/correct", json=make_requests(1, seed=3)[0]).status_code == 200
+        streamed = c.post("/v1/correct", json=[{**slow, "timeout_s": 0.02, "stream": True},
+                                               {**make_requests(1, seed=3)[0], "stream": True}])
+    events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+              for block in streamed.text.strip().split("\n\n")]
+    error = next(i for i, (name, data) in enumerate(events) if name == "error" and data["index"] == 0)
+    assert not [data for name, data in events[error:] if name == "token" and data["index"] == 0]

@@ -327,12 +327,14 @@ def _named(batchers: dict[str, Batcher], name: Any, kind: str, flag: str) -> str
 # Answering: every submitted call is awaited with its deadline. One request's refusal is the answer;
 # a list's items are answered each on its own.
 
-async def _answer(future: Future, timeout: float, index: int, many: bool) -> Any:
+async def _answer(future: Future, timeout: float, index: int, many: bool, arrived: float) -> Any:
     """A request's result, or its refusal (422, 504): raised for a lone request, returned in its place
-    for an item of a list. Any other failure (the models') is raised."""
+    for an item of a list. Any other failure (the models') is raised. The deadline runs from the
+    request's arrival (`time.monotonic()`), its body's reading included: a drain, which waits at most
+    --timeout-s for what was accepted, then never cuts an answer short."""
     where = f"item {index}: " if many else ""
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        return await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, arrived + timeout - time.monotonic()))
     except asyncio.TimeoutError:
         refused = Refused(504, "timeout", f"{where}no answer within {timeout:g} s (timeout_s)", index=index)
     except InputError as e:
@@ -342,9 +344,9 @@ async def _answer(future: Future, timeout: float, index: int, many: bool) -> Any
     raise refused
 
 
-async def _all(futures: list[Future], timeouts: list[float], many: bool) -> list:
+async def _all(futures: list[Future], timeouts: list[float], many: bool, arrived: float) -> list:
     """Each request's outcome (`_answer`), in order."""
-    tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
+    tasks = [asyncio.ensure_future(_answer(f, t, n, many, arrived)) for n, (f, t) in enumerate(zip(futures, timeouts))]
     try:
         return await asyncio.gather(*tasks)
     finally:
@@ -373,6 +375,7 @@ class _Tokens:
         self.queue: asyncio.Queue[tuple[int, list[int]]] = asyncio.Queue()
         self.ids: list[list[int]] = [[] for _ in range(count)]
         self.shown = [""] * count
+        self.answered: set[int] = set()  # a request answered (a deadline passed mid-decode) gets no more tokens
 
     def listener(self, index: int) -> Callable[[list[int]], None]:
         return lambda tokens: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, tokens))
@@ -384,6 +387,8 @@ class _Tokens:
         while not self.queue.empty():
             arrived.append(self.queue.get_nowait())
         for index, tokens in arrived:
+            if index in self.answered:
+                continue
             self.ids[index] += tokens
             text = self.tokenizer.decode(self.ids[index], skip_special_tokens=True)
             if text.startswith(self.shown[index]) and len(text) > len(self.shown[index]):
@@ -392,11 +397,12 @@ class _Tokens:
         return out
 
 
-async def _stream(state: ServerState, futures: list[Future], timeouts: list[float], many: bool,
+async def _stream(state: ServerState, futures: list[Future], timeouts: list[float], many: bool, arrived: float,
                   record: Callable[[int, Any], dict], tokens: _Tokens | None = None) -> AsyncIterator[str]:
     """Server-sent events: `token` events with each request's text as it is decoded (with `tokens`),
-    one `result` (or `error`) per request as it finishes, then `done`."""
-    tasks = [asyncio.ensure_future(_answer(f, t, n, many)) for n, (f, t) in enumerate(zip(futures, timeouts))]
+    one `result` (or `error`) per request as it finishes, then `done`; nothing more for a request
+    once it is answered."""
+    tasks = [asyncio.ensure_future(_answer(f, t, n, many, arrived)) for n, (f, t) in enumerate(zip(futures, timeouts))]
     index = {task: n for n, task in enumerate(tasks)}
     waiting = set(tasks)
     arrival = asyncio.ensure_future(tokens.queue.get()) if tokens is not None else None
@@ -418,6 +424,8 @@ async def _stream(state: ServerState, futures: list[Future], timeouts: list[floa
                     result = task.result()
                 except Refused as e:
                     result = e
+                if tokens is not None:
+                    tokens.answered.add(index[task])
                 if isinstance(result, Refused):
                     state.metrics.errors.labels(result.kind).inc()
                     yield _event("error", {"index": result.index, "kind": result.kind, "message": result.message})
@@ -493,7 +501,7 @@ def _item(required: list[str], properties: dict, timeout_s: float) -> dict:
     return {"type": "object", "required": required, "additionalProperties": False,
             "properties": {**properties, "timeout_s": _nullable({
                 "type": "number", "exclusiveMinimum": 0, "maximum": timeout_s,
-                "description": "deadline in seconds (at most the server's --timeout-s)"})}}
+                "description": "deadline in seconds from the request's arrival (at most the server's --timeout-s)"})}}
 
 
 def _model_field(names: list[str]) -> dict:
@@ -613,7 +621,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         answers with server-sent events: `token` events with the text each request's decoder adds
         as it goes (greedy decoding), one `result` per request as it finishes (`index` says which;
         its `output` is final, the fallback may have replaced what the tokens spelled), then `done`."""
-        models = _models(state)
+        arrived, models = time.monotonic(), _models(state)
 
         def parse(item: Any) -> tuple:
             item = _fields(item, CORRECT_FIELDS, "an object with 'source' and 'candidates'")
@@ -643,10 +651,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             return correction_record(result)
 
         if streamed:
-            return StreamingResponse(_stream(state, futures, timeouts, many, record, tokens),
+            return StreamingResponse(_stream(state, futures, timeouts, many, arrived, record, tokens),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        outcomes = await _all(futures, timeouts, many)
+        outcomes = await _all(futures, timeouts, many, arrived)
         return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
     @app.post("/v1/classify", openapi_extra=bodies["classify"], responses=ERRORS)
@@ -654,7 +662,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Classify one text (or text pair) `{"model"?, "id"?, "text", "pair"?}` or a list of them.
         `model` names a classifier of the server (not needed when it has one). Concurrent requests
         share the model's batches."""
-        models = _models(state)
+        arrived, models = time.monotonic(), _models(state)
 
         def parse(item: Any) -> tuple:
             item = _fields(item, CLASSIFY_FIELDS, "an object with 'text'")
@@ -664,7 +672,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
         futures = _submitted(state, "classify", parsed, lambda n, p: models.classify[p[0]].submit(p[1]))
-        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many)
+        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many, arrived)
 
         def record(n: int, result: Classification) -> dict:
             state.metrics.requests.labels("classify", "classified").inc()
@@ -679,7 +687,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         "top_p"?, "seed"?, "stop"?}` or a list of them (`Generator.generate_batch`'s options, per
         prompt; greedy by default). Concurrent prompts with the same options share batches; each
         samples with its own seed."""
-        models = _models(state)
+        arrived, models = time.monotonic(), _models(state)
 
         def parse(item: Any) -> tuple:
             item = _fields(item, GENERATE_FIELDS, "an object with 'prompt'")
@@ -707,7 +715,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
         futures = _submitted(state, "generate", parsed, lambda n, p: models.generate[p[0]].submit(p[2]))
-        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many)
+        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many, arrived)
 
         def record(n: int, result: Generation) -> dict:
             state.metrics.requests.labels("generate", "generated").inc()
