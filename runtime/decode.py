@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -600,9 +601,11 @@ def _gather(x: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def beam_search(
-    decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: SpecialTokens, search: Search
+    decoder: Decoder, hidden: ort.OrtValue, mask: np.ndarray, special: SpecialTokens, search: Search,
+    stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
-    """Hugging Face's vectorized beam search; `hidden` and `mask` hold num_beams rows per item."""
+    """Hugging Face's vectorized beam search; `hidden` and `mask` hold num_beams rows per item. It ends
+    early, with what it has, once `stop()` says so (checked between decoder calls)."""
     beams = search.num_beams
     batch = mask.shape[0] // beams
     max_length = 1 + search.max_new_tokens
@@ -665,6 +668,9 @@ def beam_search(
         improvable = improvable & (best_possible > worst_done).any(axis=-1, keepdims=True)
         still_open = not (finished.all() and search.early_stopping is True)
         if not (improvable.any() and still_open and not hits.all()):
+            break
+        if stop is not None and stop():  # its callers gave up: the best beam so far
+            sequences = running_seq[:, :, :cur_len]
             break
         decoder.reorder(rows)
         logits = decoder.step(running_seq[:, :, cur_len - 1].reshape(-1, 1))

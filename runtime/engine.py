@@ -63,8 +63,8 @@ class _Submission:
 
 class Submitted(Future):
     """An engine request's future. Cancelling it before it is admitted skips it; cancelling it while it
-    decodes withdraws it: a greedy row leaves the batch before the next decoder call (a beam search
-    runs its static batch to the end), and the future then holds what it had written."""
+    decodes withdraws it: a greedy row leaves the batch before the next decoder call (a beam search's
+    static batch once all of its requests are withdrawn), and the future then holds what it had written."""
 
     withdrawn = False
 

@@ -172,7 +172,7 @@ class Scheduler:
         self._encoded(group, started)
         decoder = open_decoder(self.sessions, self.manifest)
         tokens = beam_search(decoder, hidden, np.repeat(mask, search.num_beams, axis=0), self.manifest.special_tokens,
-                             search)
+                             search, stop=lambda: all(s.withdrawn for s in group))
         ended = time.perf_counter()
         for s, row in zip(group, tokens):
             s.tokens, s.calls = row, decoder.calls

@@ -397,3 +397,16 @@ def test_a_request_cancelled_while_it_decodes_leaves_the_batch_at_the_next_step(
         result = future.result(timeout=RESULT_TIMEOUT)
         later = engine.submit(long, forced).result(timeout=RESULT_TIMEOUT)  # the engine serves on
     assert len(result.token_ids) < corrector.manifest.max_output_tokens == len(later.token_ids)
+
+
+def test_a_beam_search_whose_requests_are_all_cancelled_ends_early(bundles):
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    beams = CorrectionOptions(**{**forced.__dict__, "num_beams": 4})
+    with _engine(corrector) as engine:
+        future = engine.submit(long, beams)
+        while not future.running():  # its static batch admitted (a full search here takes ~0.2 s)
+            time.sleep(0.001)
+        assert not future.cancel()
+        result = future.result(timeout=RESULT_TIMEOUT)
+    assert len(result.token_ids) < corrector.manifest.max_output_tokens
