@@ -203,7 +203,8 @@ class Engine:
 
         The future holds the `Correction`, or the `InputError` of a bad request or options, as
         `correct_batch` would raise it; where the models fail on a batch, the error of each request in
-        it. Cancelling the future before its request is admitted skips the request.
+        it. Cancelling the future before its request is admitted skips the request; while it decodes,
+        withdraws it (`Submitted`): it leaves the batch at the next step, holding what it wrote.
 
         `on_tokens`, if given, is called in the engine's thread with each decoder call's new token ids
         (greedy decoding; EOS left out) as they are written; it must be quick and must not raise. The
