@@ -64,10 +64,9 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
                           "softmax over its labels")
     labels = tuple(config.id2label[i] for i in range(config.num_labels))
     # A decoder-only classifier reads its last token before the padding: where its config names no pad,
-    # optimum takes the tokenizer's into the graph, and batches must be padded with that one.
-    pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
-    if config.pad_token_id is None and pad is not None:
-        config.pad_token_id = pad  # the PyTorch reference the bundle is validated against reads it alike
+    # optimum takes the tokenizer's into the graph; batches, and the PyTorch reference, pad with that one.
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
 
     with staged_export(model_dir, out_dir, "text-classification", opset) as (raw, staged):
         fused = fuse and config.model_type in _FUSIONS
@@ -81,7 +80,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
             kind="classifier", architecture=config.model_type,
             max_input_tokens=input_limit(config, tokenizer, max_input_tokens), precision="fp32",
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
-            exporter=versions(), pad_token=pad,
+            exporter=versions(), pad_token=config.pad_token_id,
         )
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):

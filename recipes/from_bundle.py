@@ -51,10 +51,11 @@ def _initializers(path: Path) -> tuple:
     return graph, values
 
 
-def _encoder_weights(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+def _encoder_weights(path: Path) -> tuple[dict[str, np.ndarray], int | None]:
+    """The encoder's weights under T5's names, and the position bias's max distance (None: not found)."""
     graph, values = _initializers(path)
     state: dict[str, np.ndarray] = {}
-    found = {"max_distance": None}
+    max_distance = None
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in values:
             match = _MODULE.match(node.output[0])
@@ -83,11 +84,11 @@ def _encoder_weights(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = value
             prefix = name[: -len("table")]
             # Exact buckets, then log-spaced up to max_distance: log_span = log(max_distance / exact).
-            found["max_distance"] = round(float(values[prefix + "exact"]) * math.exp(float(values[prefix + "log_span"])))
+            max_distance = round(float(values[prefix + "exact"]) * math.exp(float(values[prefix + "log_span"])))
     if not any(".SelfAttention.q." in k for k in state):
         raise InputError(f"{path}: not the fused T5 encoder `lmcor export` writes in fp32 (no fused attention); "
                          "export the checkpoint again, or rebuild from an fp32 bundle")
-    return state, found
+    return state, max_distance
 
 
 def _decoder_weights(decoder: Path, cross: Path, layers: int) -> dict[str, np.ndarray]:
@@ -120,7 +121,7 @@ def rebuild(bundle: Path):
         raise InputError(f"{bundle}: a {manifest.precision} {manifest.architecture} {manifest.kind} "
                          f"({manifest.decoder_graph} decoder); this rebuilds fp32 T5 correctors with the ragged decoder")
     files, shape = manifest.files, manifest.decoder
-    state, found = _encoder_weights(bundle / files["encoder"])
+    state, max_distance = _encoder_weights(bundle / files["encoder"])
     state.update(_decoder_weights(bundle / files["decoder"], bundle / files["cross"], shape.num_layers))
     shared = state["shared.weight"]  # the encoder's embedding, and the decoder graph's `model.shared.weight`
     state["encoder.embed_tokens.weight"] = state["decoder.embed_tokens.weight"] = shared
@@ -134,7 +135,7 @@ def rebuild(bundle: Path):
         vocab_size=shared.shape[0], d_model=shared.shape[1], d_kv=shape.head_dim, num_heads=shape.num_heads,
         d_ff=feed_forward.shape[0], num_layers=1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.block.")),
         num_decoder_layers=shape.num_layers, relative_attention_num_buckets=table.shape[0],
-        relative_attention_max_distance=found["max_distance"] or 128, feed_forward_proj="gated-gelu" if gated else "relu",
+        relative_attention_max_distance=max_distance or 128, feed_forward_proj="gated-gelu" if gated else "relu",
         dropout_rate=0.0, tie_word_embeddings=tied, pad_token_id=manifest.special_tokens.pad,
         eos_token_id=manifest.special_tokens.eos, decoder_start_token_id=manifest.special_tokens.decoder_start)
     model = T5ForConditionalGeneration(config).eval()

@@ -13,7 +13,7 @@ from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
 
 from . import STDERR, options, say
-from .lines import open_input, read_lines, same_file
+from .lines import open_input, read_lines, refuse_folder_path, same_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,8 +72,7 @@ def _report_path(name: str, data: str | None) -> Path:
         raise InputError("--json is empty; give a file's path")
     if name == "-":
         raise InputError("--json -: standard output gets the table; give a file's path for the scores")
-    if name.endswith(("/", os.sep)) and not path.is_dir():
-        raise InputError(f"--json {name}: not a directory (a path ending in / names a folder; give a file's path)")
+    refuse_folder_path("--json", name)
     if path.is_dir():
         raise InputError(f"--json {name} is a directory; give a file's path")
     if not path.parent.is_dir():

@@ -164,6 +164,13 @@ def open_input(name: str) -> tuple[int, bool]:
     return os.open(name, os.O_RDONLY), True
 
 
+def refuse_folder_path(flag: str, name: str) -> None:
+    """An output file's path that ends in / names a folder (`Path` would drop the slash, and a file by
+    the folder's name would be written): refused, unless it is a folder, which the caller refuses."""
+    if name.endswith(("/", os.sep)) and not os.path.isdir(name):
+        raise InputError(f"{flag} {name}: not a directory (a path ending in / names a folder; give a file's path)")
+
+
 def same_file(input_name: str, found: os.stat_result) -> bool:
     """Whether the file `found` (-o's) is the input, or what standard input reads for `-` (a device such
     as /dev/null may be both)."""
@@ -268,8 +275,8 @@ class Output:
     def __init__(self, path: str | None, input_name: str, resume: bool, fields: RecordFields):
         if path is not None and not path.strip():
             raise InputError("-o is empty; give a file's path (or leave -o out for stdout)")
-        if path is not None and path.endswith(("/", os.sep)) and not os.path.isdir(path):
-            raise InputError(f"-o {path}: not a directory (a path ending in / names a folder; give a file's path)")
+        if path is not None:
+            refuse_folder_path("-o", path)
         self.path = Path(path) if path and path != "-" else None  # -o -: stdout, as - is stdin for the input
         self.fields = fields
         self.input_name = input_name
