@@ -49,8 +49,10 @@ STDERR = Stderr()
 
 
 def say(text: str) -> None:
-    """One message line on stderr, best effort (`Stderr`)."""
-    STDERR.write(text + "\n")
+    """One message line on stderr, best effort (`Stderr`), above any progress bar there."""
+    from tqdm import tqdm  # here: a command that says nothing does not import it
+
+    tqdm.write(text, file=STDERR)
 
 # name -> (module, one-line help). A command's module is imported only to run it (or to show
 # its own --help), so `lmcor correct` loads neither the exporter nor the benchmarks.
