@@ -31,7 +31,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -39,9 +38,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmcor.cli import STDERR, say
+from lmcor.cli.lines import split_lines
+from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
 from lmcor.runtime.bundle import sha256_of
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.jsonl import dump_record, parse_line
+from lmcor.runtime.jsonl import blank, dump_record, parse_line
 
 from . import fallback, noise
 from .noise import Example
@@ -81,19 +83,24 @@ class Job:
     batch_size: int = 16  # the LLM's, for candidates
     max_new_tokens: int | None = None  # of each candidate (None: the LLM bundle's max output tokens, or fewer to fit)
     quiet: bool = False
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer line of the pairs file is reported and skipped
 
 
-def read_pairs(path: Path, need_candidates: bool) -> list[Pair]:
-    """The usable pairs of a JSONL file; each bad line is reported on stderr and skipped."""
+def read_pairs(path: Path, need_candidates: bool, max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Pair]:
+    """The usable pairs of a JSONL file; each bad line (or one over `max_bytes`) is reported on
+    stderr (best effort: a closed one loses nothing else) and skipped."""
     pairs = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
+        for number, (raw, size) in enumerate(split_lines(f.read, max_bytes), start=1):
+            if raw is None:
+                say(f"lmcor: {path}: line {number}: {size} bytes, more than --max-line-bytes {max_bytes}: skipped")
+                continue
+            if blank(raw, first=number == 1):
                 continue
             try:
                 pairs.append(_pair(parse_line(raw, first=number == 1), number, need_candidates))
             except InputError as e:
-                print(f"lmcor: {path}: line {number}: {e}", file=sys.stderr)
+                say(f"lmcor: {path}: line {number}: {e}")
     if not pairs:
         raise InputError(f"{path}: no usable pairs")
     return pairs
@@ -112,10 +119,20 @@ def _pair(value: object, line: int, need_candidates: bool) -> Pair:
     return Pair(line, value["source"], value["target"], tuple(candidates) if need_candidates else ())
 
 
+# The smallest held-out share: dev and test hold about 2e-6 of the pairs each, still a few of a million.
+LEAST_HELD_OUT = 1e-6
+
+
+def part_of(source: str, held_out: float) -> str:
+    """"train", "dev" or "test": by a hash of the source, stable however the file grows."""
+    share = int.from_bytes(hashlib.sha256(source.encode("utf-8")).digest()[:8], "little") / 2**64
+    return "train" if share >= held_out else "dev" if share < held_out / 2 else "test"
+
+
 def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     """train / dev / test by a hash of the source: the same source is always in the same part."""
-    if not 0 < held_out < 1:
-        raise InputError(f"held_out must be a share between 0 and 1, got {held_out}")
+    if not LEAST_HELD_OUT <= held_out < 1:
+        raise InputError(f"held_out must be a share from {LEAST_HELD_OUT:g} to below 1, got {held_out:g}")
     # dev and test each take about held_out/2 of the pairs: 4/held_out pairs give each two on average.
     enough = math.ceil(4 / held_out)
     if len(pairs) < 3:
@@ -124,8 +141,7 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
                          "are not empty")
     parts: dict[str, list[Pair]] = {"train": [], "dev": [], "test": []}
     for pair in pairs:
-        share = int.from_bytes(hashlib.sha256(pair.source.encode("utf-8")).digest()[:8], "little") / 2**64
-        parts["train" if share >= held_out else "dev" if share < held_out / 2 else "test"].append(pair)
+        parts[part_of(pair.source, held_out)].append(pair)
     if not parts["train"]:
         raise InputError(f"--held-out {held_out:g} leaves none of the {len(pairs)} pairs to train on; give a smaller one")
     if not parts["dev"] or not parts["test"]:
@@ -170,13 +186,13 @@ def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
         chunk = job.batch_size * 4
         job.out.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit=" sources", desc="candidates",
-                                                          file=sys.stderr, disable=job.quiet) as bar:
+                                                          file=STDERR, disable=job.quiet) as bar:
             try:
                 for start in range(0, len(todo), chunk):
                     part = todo[start : start + chunk]
                     for pair, result in zip(part, writer([p.source for p in part])):
                         if isinstance(result, InputError):
-                            print(f"lmcor: {job.pairs}: line {pair.line}: {result}", file=sys.stderr)
+                            say(f"lmcor: {job.pairs}: line {pair.line}: {result}")
                             continue
                         f.write(dump_record({"line": pair.line, "source": pair.source, "made_by": made_by,
                                              "candidates": result.texts}))
@@ -278,7 +294,8 @@ def _check_out(job: Job) -> dict:
     if type(held_out) is not float:
         raise InputError(f"{mark}: not a train-corrector record (no number 'held_out'); restart it (--restart) "
                          "or train into another folder")
-    if held_out != job.held_out:
+    trained = any((out / name).exists() for name in ("checkpoint.pt", "best.pt", "hf", "bundle"))
+    if held_out != job.held_out and trained:  # a run that never trained may split anew
         raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
                          f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "
                          "another folder")
@@ -347,7 +364,9 @@ def _model(job: Job, train: list[Pair]):
         return model, tokenizer, False
     settings = recipe.Settings(**SIZES[job.size])
     tokenizer_dir = job.out / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
+    # Made again until training has started with it: one left by a run that stopped before its first
+    # checkpoint may be of another --size or pairs file.
+    if not (tokenizer_dir / "tokenizer.json").is_file() or not (job.out / "checkpoint.pt").is_file():
         texts = [t for p in train for t in (p.source, p.target, *p.candidates)]
         with _progress_off_stdout(job.quiet):
             recipe.train_tokenizer(texts, settings.vocab_size).save_pretrained(tokenizer_dir)
@@ -369,11 +388,13 @@ def _progress_off_stdout(quiet: bool) -> Iterator[None]:
         yield
 
 
-def _steps(out: Path) -> int:
-    """The training steps taken in OUT so far, from the checkpoint that `recipes.train.fit` saves."""
-    import torch
+def _fitting(tokenizer, pairs: list[Pair]) -> list[Pair]:
+    """The pairs whose inputs the corrector reads (`recipes.train._text_pairs`), tokenized once here
+    so that training does not tokenize the others again in every batch."""
+    from .train import _encoded
 
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]["step"]
+    encoded = _encoded(tokenizer, [Example(p.source, list(p.candidates), p.target) for p in pairs], copy=False)
+    return [p for p, e in zip(pairs, encoded) if e is not None]
 
 
 def _write_items(path: Path, pairs: list[Pair]) -> None:
@@ -424,7 +445,7 @@ def run(job: Job) -> dict:
         _check_init(job.init)
     resumed = _check_out(job)
     # Every input is checked before OUT is cleared or made.
-    pairs = read_pairs(job.pairs, need_candidates=job.llm is None)
+    pairs = read_pairs(job.pairs, need_candidates=job.llm is None, max_bytes=job.max_line_bytes)
     split(pairs, job.held_out)
     pairs_digest = sha256_of(job.pairs)
     if resumed.get("pairs") not in (None, pairs_digest) and (job.out / "checkpoint.pt").is_file():
@@ -445,21 +466,20 @@ def run(job: Job) -> dict:
     _write_items(job.out / "test.jsonl", parts["test"])
     log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
     model, tokenizer, warmup = _model(job, parts["train"])
-    as_examples = {name: [Example(p.source, list(p.candidates), p.target) for p in parts[name]]
-                   for name in ("train", "dev")}
-    for name, items in as_examples.items():  # said now, not after the training budget
-        if items and not recipe._text_pairs(tokenizer, items, copy=False):
+    fitting = {name: _fitting(tokenizer, parts[name]) for name in ("train", "dev", "test")}
+    for name, kept in fitting.items():  # said now, not after the training budget
+        if not kept:
             raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens (their "
                              "sources alone are longer): shorten them, or split them into sentences")
+    if len(fitting["train"]) < len(parts["train"]):
+        log.warning("%d train pairs left out: their sources alone are longer than the corrector's %d input tokens",
+                    len(parts["train"]) - len(fitting["train"]), recipe.MAX_INPUT_TOKENS)
     settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
-    dev = as_examples["dev"]
+    dev = [Example(p.source, list(p.candidates), p.target) for p in parts["dev"]]
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
-                    examples=lambda step: examples(parts["train"], job.synthetic, settings.seed + step), dev=dev,
+                    examples=lambda step: examples(fitting["train"], job.synthetic, settings.seed + step), dev=dev,
                     copy_warmup=warmup, resume=job.resume, device=job.device,
                     eval_minutes=max(1.0, job.minutes / 10), show_progress=not job.quiet)
-    if _steps(job.out) == 0:
-        raise InputError(f"--minutes {job.minutes:g} ran out before the first training step: an untrained corrector "
-                         "is not exported; run again with more --minutes (it continues)")
     bundle = job.out / "bundle"
     stage = "export"
     (job.out / "report.json").unlink(missing_ok=True)  # an earlier run's: it does not describe what is made now

@@ -254,10 +254,23 @@ def _random_copies(tokenizer, rng: random.Random, count: int) -> list[tuple[list
 def _text_pairs(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]]]:
     """Inputs as the runtime encodes them (`tokens.encode_requests`): a long one has its candidates
     cut evenly to MAX_INPUT_TOKENS, and one whose source alone is longer is left out."""
-    requests = [Request(e.source, tuple([e.target] if copy else e.candidates)) for e in items]
-    enc = encode_requests(tokenizer.backend_tokenizer, TEMPLATE, requests, MAX_INPUT_TOKENS)
+    return [pair for pair in _encoded(tokenizer, items, copy) if pair is not None]
+
+
+def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]] | None]:
+    """(input ids, labels) of each item, or None for one the runtime would refuse: its source alone
+    longer than MAX_INPUT_TOKENS, or an empty source or candidate (noise can drop a one-word sentence)."""
+    requests = []
+    for e in items:
+        try:
+            requests.append(Request(e.source, tuple([e.target] if copy else e.candidates)))
+        except InputError as error:
+            requests.append(error)
+    usable = [r for r in requests if not isinstance(r, InputError)]
+    encoded = iter(encode_requests(tokenizer.backend_tokenizer, TEMPLATE, usable, MAX_INPUT_TOKENS) if usable else ())
+    enc = [r if isinstance(r, InputError) else next(encoded) for r in requests]
     dec = tokenizer.backend_tokenizer.encode_batch([e.target for e in items])
-    return [(x.ids.tolist(), y.ids) for x, y in zip(enc, dec) if not isinstance(x, InputError)]
+    return [None if isinstance(x, InputError) else (x.ids.tolist(), y.ids) for x, y in zip(enc, dec)]
 
 
 def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random):
@@ -396,9 +409,8 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     `copy_warmup` starts with the copy tasks (a model from scratch, with `copy_init`); a
     pretrained model goes straight to correcting. Checkpoints every 5 minutes; `resume`
     continues from `out/checkpoint.pt`. `show_progress`: a bar of the training time on stderr."""
-    import sys
-
     import torch
+    from lmcor.cli import STDERR
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -425,7 +437,7 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     history = out / "train_log.jsonl"
     model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["elapsed"]), round(budget)), unit="s", desc="training",
-               file=sys.stderr, disable=not show_progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
+               file=STDERR, disable=not show_progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
                "[{elapsed}<{remaining}{postfix}]")
     try:
         while (elapsed := time.time() - started) < budget:
@@ -482,19 +494,15 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     bar.close()
     state["elapsed"] = time.time() - started
     _save(checkpoint, model, optimizer, state)
-    # The last weights or the watch's best, whichever scores higher on the whole dev split: 200
-    # examples choose between checkpoints a few tenths of chrF apart by chance.
-    log.info("scoring the last and the best weights on the %d dev examples, then n-gram bans", len(dev))
-    scores = evaluate(model, tokenizer, dev)
-    if (out / "best.pt").is_file():
-        last = {name: value.clone() for name, value in model.state_dict().items()}
-        model.load_state_dict(torch.load(out / "best.pt", map_location=device))
-        best = evaluate(model, tokenizer, dev)
-        if best["chrf"] > scores["chrf"]:
-            scores = best
-        else:
-            model.load_state_dict(last)
-    model.generation_config.no_repeat_ngram_size, scores = choose_no_repeat(model, tokenizer, dev, without=scores)
+    if state["step"] == 0:  # before any scoring: an untrained model is not worth its minutes
+        raise InputError(f"--minutes {minutes:g} ran out before the first training step: an untrained corrector "
+                         "is not exported; run again with more --minutes (it continues)")
+    try:
+        scores = _chosen(model, tokenizer, dev, out / "best.pt", device)
+    except KeyboardInterrupt:  # a run again scores again, straight after the saved training
+        log.warning("interrupted while scoring the weights on dev (training is done and saved in %s); run the same "
+                    "command to continue", checkpoint)
+        raise
     hf_dir = out / "hf"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
@@ -502,6 +510,26 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     log.info("done: %d steps in %.1f min, dev chrF %.2f exact %.1f (no_repeat_ngram_size %d)", state["step"],
              state["elapsed"] / 60, scores["chrf"], scores["exact_match"], model.generation_config.no_repeat_ngram_size)
     return hf_dir
+
+
+def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str) -> dict:
+    """Leaves `model` with the last weights or the watch's best, whichever scores higher on the whole
+    dev split (200 examples choose between checkpoints a few tenths of chrF apart by chance), and
+    its n-gram ban; returns their dev scores."""
+    import torch
+
+    log.info("scoring the last and the best weights on the %d dev examples, then n-gram bans", len(dev))
+    scores = evaluate(model, tokenizer, dev)
+    if best.is_file():
+        last = {name: value.clone() for name, value in model.state_dict().items()}
+        model.load_state_dict(torch.load(best, map_location=device))
+        scores_of_best = evaluate(model, tokenizer, dev)
+        if scores_of_best["chrf"] > scores["chrf"]:
+            scores = scores_of_best
+        else:
+            model.load_state_dict(last)
+    model.generation_config.no_repeat_ngram_size, scores = choose_no_repeat(model, tokenizer, dev, without=scores)
+    return scores
 
 
 def choose_no_repeat(model, tokenizer, dev: list[Example], without: dict | None = None) -> tuple[int, dict]:

@@ -48,9 +48,13 @@ def pairs(tmp_path):
     return path
 
 
+def _size(extra):
+    return [] if "--init" in extra or "--size" in extra else ["--size", "tiny"]  # --init's checkpoint has its own
+
+
 def _train(pairs, out, llm, *extra):
     return main(["train-corrector", str(pairs), "--out", str(out), "--llm", str(llm), "--prompt", PROMPT, "-k", "2",
-                 "--size", "tiny", "--minutes", "0.05", "--held-out", "0.3", "-q", *extra])
+                 *_size(extra), "--minutes", "0.05", "--held-out", "0.3", "-q", *extra])
 
 
 def _with_candidates(pairs, path, count=80):
@@ -62,7 +66,7 @@ def _with_candidates(pairs, path, count=80):
 
 
 def _train_own(pairs, out, *extra):
-    return main(["train-corrector", str(pairs), "--out", str(out), "--size", "tiny", "--minutes", "0.05",
+    return main(["train-corrector", str(pairs), "--out", str(out), *_size(extra), "--minutes", "0.05",
                  "--held-out", "0.3", "-q", *extra])
 
 
@@ -189,7 +193,7 @@ def test_a_run_that_takes_no_step_exports_nothing_and_an_interrupted_export_cont
 
     own, out = _with_candidates(pairs, tmp_path / "own.jsonl", 30), tmp_path / "run"  # a small dev: fast evaluations
     assert _train_own(own, out, "--minutes", "1e-9") == 2
-    assert not (out / "bundle").exists()
+    assert not (out / "bundle").exists() and not (out / "hf").exists()  # nor scored on dev
 
     calibrate = fallback.calibrate_bundle
 
@@ -336,3 +340,81 @@ def test_pairs_none_of_which_fits_are_refused_and_another_pairs_file_is_said(pai
     other.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
     assert _train_own(other, out) == 0
     assert "trained on another pairs file" in caplog.text and "--restart trains afresh" in caplog.text
+
+
+def test_odd_pairs_and_synthetic_noise_that_empties_a_source_still_train(pairs, tmp_path, capsys):
+    """A BOM-only first line is blank, a line over --max-line-bytes is reported and skipped, and
+    synthetic noise over a one-word target (an article it may drop, leaving no source) costs that
+    example only."""
+    own = _with_candidates(pairs, tmp_path / "own.jsonl", 60)
+    articles = [json.dumps({"source": s, "target": t, "candidates": [t, s]})
+                for s, t in (("teh", "the"), ("Teh", "The"), ("thee", "the"), ("an", "a"), ("Ан", "An"), ("aa", "A"))]
+    huge = json.dumps({"source": "a b c " * 200, "target": "x", "candidates": ["y"]})
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("\ufeff\n" + "\n".join(articles * 4 + [huge]) + "\n" + own.read_text())
+    out = tmp_path / "run"
+    assert _train_own(odd, out, "--synthetic", "0.9", "--max-line-bytes", "1000") == 0
+    err = capsys.readouterr().err
+    assert f"line 26: {len(huge) + 1} bytes, more than --max-line-bytes 1000: skipped" in err
+    assert "line 1" not in err and (out / "bundle" / "lmcor.json").is_file()
+
+
+def test_examples_the_runtime_would_refuse_are_left_out_of_training():
+    from lmcor.recipes.noise import Example
+    from lmcor.recipes.train import _encoded
+
+    from lmcor.runtime.bundle import shipped_bundle
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shipped_bundle("default") / "tokenizer.json"))
+    items = [Example("", ["the"], "the"), Example("the cat", ["The cat.", ""], "The cat."),
+             Example("teh cat", ["The cat."], "The cat."), Example("word " * 600, ["x"], "x")]
+    encoded = _encoded(tokenizer, items, copy=False)
+    assert [e is None for e in encoded] == [True, True, False, True]
+    assert encoded[2][1] == tokenizer.backend_tokenizer.encode("The cat.").ids
+
+
+def test_options_out_of_range_or_empty_are_refused_by_name(pairs, tmp_path, checkpoints, capsys):
+    own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
+    for extra, said in ((["--minutes", "1e308"], "--minutes must be above 0 and at most 525600"),
+                        (["--held-out", "5e-324"], "--held-out must be a share from 1e-06 to below 1"),
+                        (["--init", ""], "--init is empty"), (["--llm", " "], "--llm is empty"),
+                        (["--size", "base", "--init", str(checkpoints["t5"])], "--size is for a model trained from scratch")):
+        assert _train_own(own, tmp_path / "run", *extra) == 2, extra
+        assert said in capsys.readouterr().err, extra
+    assert main(["train-corrector", str(own), "--out", "", "-q"]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_never_trained_leaves_nothing_in_the_way(pairs, tmp_path, capsys):
+    """Its tokenizer is made again (it may be of another --size or pairs file), another --held-out is
+    taken, and a test part none of which fits is refused before training."""
+    from lmcor.recipes.corrector import part_of
+
+    own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
+    rows = [json.loads(line) for line in own.read_text().splitlines()]
+    long_rows = [{**r, "source": (r["source"] + " ") * 80} for r in rows]
+    kept = [r for r in long_rows if part_of(r["source"], 0.3) == "test"] + [r for r in rows if part_of(r["source"], 0.3) != "test"]
+    assert any(part_of(r["source"], 0.3) == "test" for r in long_rows)
+    long = tmp_path / "long-test.jsonl"
+    long.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    out = tmp_path / "run"
+    assert _train_own(long, out, "--minutes", "5") == 2  # at once, not after the budget
+    assert "no test pair fits the corrector's 512 input tokens" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")  # as another run's would be: not this job's
+    assert _train_own(own, out, "--held-out", "0.4") == 0
+    assert Corrector.load(out / "bundle").correct("the cat sat.", ["The cat sat."])
+
+
+def test_an_interrupted_scoring_after_training_says_so(pairs, tmp_path, monkeypatch, caplog):
+    from lmcor.recipes import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "choose_no_repeat", interrupted)
+    own, out = _with_candidates(pairs, tmp_path / "own.jsonl", 30), tmp_path / "run"
+    assert _train_own(own, out) == 130
+    assert "interrupted while scoring the weights on dev (training is done and saved" in caplog.text
+    assert (out / "checkpoint.pt").is_file() and not (out / "hf").exists()

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmcor.runtime.candidates import Candidates, CandidateWriter, FewShot, default_few_shot
+from lmcor.runtime.candidates import Candidates, CandidateStats, CandidateWriter, FewShot, default_few_shot
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generator
 
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
                              stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
     if last is not None:
         _check_same_run(args.output, last, writer)
+        writer.stats = CandidateStats()  # the summary counts this run's lines, not the check's source
     code = answer_lines(args, _source, writer, record, "generating", FIELDS, echo="source", batches_per_chunk=1)
     if not args.quiet:
         say(f"lmcor: {writer.stats.summary()}")

@@ -11,6 +11,8 @@ from pathlib import Path
 from . import options
 from .lines import EXIT_SIGNAL
 
+MOST_MINUTES = 525_600
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help='JSONL file of {"source", "target"} lines (with "candidates" when there is no --llm)')
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=options.positive_int, help="with --llm: of each candidate, at most the LLM "
                         "bundle's max output tokens (default: that, or as many as fit after the prompt); a source "
                         "whose prompt leaves less room is reported and left out")
-    parser.add_argument("--size", default="small", help="from-scratch model: tiny, small or base (default: %(default)s)")
+    parser.add_argument("--size", help="from-scratch model: tiny, small or base (default: small)")
     parser.add_argument("--init", help="fine-tune this T5/BART checkpoint folder instead of training from scratch")
     parser.add_argument("--synthetic", type=options.finite_float, default=0.0, help="share of training examples with "
                         "synthetic candidates over the pairs' targets (default: %(default)s)")
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "test; a resumed run needs the same (default: %(default)s)")
     parser.add_argument("--minutes", type=options.finite_float, default=60.0, help="training time (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for training (default: %(default)s)")
+    parser.add_argument("--max-line-bytes", type=options.positive_int, default=options.DEFAULT_MAX_LINE_BYTES,
+                        help="a longer line of the pairs file is reported and skipped (default: %(default)s)")
     parser.add_argument("--restart", action="store_true", help="train from the start instead of resuming OUT's "
                         "checkpoint: clears what train-corrector wrote there, except the candidates")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -46,10 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.synthetic <= 1:
         raise InputError(f"--synthetic must be a share from 0 to 1, got {args.synthetic}")
-    if not 0 < args.held_out < 1:
-        raise InputError(f"--held-out must be a share above 0 and below 1, got {args.held_out}")
-    if args.minutes <= 0:
-        raise InputError(f"--minutes must be positive, got {args.minutes}")
+    if not corrector.LEAST_HELD_OUT <= args.held_out < 1:
+        raise InputError(f"--held-out must be a share from {corrector.LEAST_HELD_OUT:g} to below 1, got {args.held_out:g}")
+    if not 0 < args.minutes <= MOST_MINUTES:
+        raise InputError(f"--minutes must be above 0 and at most {MOST_MINUTES} (a year), got {args.minutes:g}")
+    for flag, value in (("--out", args.out), ("--llm", args.llm), ("--init", args.init)):
+        if value is not None and not value.strip():
+            raise InputError(f"{flag} is empty: give a folder")
+    if args.init is not None and args.size is not None:
+        raise InputError("--size is for a model trained from scratch: --init's checkpoint has its own shape")
     given = [flag for flag, value in (("-k", args.k), ("--temperature", args.temperature), ("--prompt", args.prompt),
                                       ("--llm-batch-size", args.llm_batch_size), ("--max-new-tokens", args.max_new_tokens))
              if value is not None]
@@ -59,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("lmcor").setLevel(min(logging.INFO, logging.getLogger("lmcor").level))
     given_llm = {"k": args.k, "temperature": args.temperature, "batch_size": args.llm_batch_size}  # else `Job`'s
     job = corrector.Job(pairs=Path(args.pairs), out=Path(args.out), llm=Path(args.llm) if args.llm else None,
-                        prompt=args.prompt, size=args.size,
+                        prompt=args.prompt, size=args.size or "small",
                         init=Path(args.init) if args.init else None, synthetic=args.synthetic, held_out=args.held_out,
                         minutes=args.minutes, device=args.device, resume=not args.restart,
-                        max_new_tokens=args.max_new_tokens, quiet=args.quiet,
+                        max_new_tokens=args.max_new_tokens, quiet=args.quiet, max_line_bytes=args.max_line_bytes,
                         **{name: value for name, value in given_llm.items() if value is not None})
     terminated: list[int] = []
 
