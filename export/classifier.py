@@ -62,11 +62,23 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     if config.problem_type == "multi_label_classification":
         raise ExportError(f"{model_dir}: a multi-label head (each label's own sigmoid); a classifier bundle gives one "
                           "softmax over its labels")
+    unlabelled = [i for i in range(config.num_labels) if i not in config.id2label]
+    if unlabelled:
+        raise ExportError(f"{model_dir}: config.json's id2label names no label for output {unlabelled[0]} of its "
+                          f"{config.num_labels} (it has {sorted(config.id2label)}): give every output a label")
     labels = tuple(config.id2label[i] for i in range(config.num_labels))
+    if getattr(tokenizer, "truncation_side", "right") != "right":
+        raise ExportError(f"{model_dir}: its tokenizer cuts a long text's start (truncation_side "
+                          f"{tokenizer.truncation_side!r}), and a classifier bundle reads a long text's start: set "
+                          "truncation_side to 'right' in tokenizer_config.json where that suits the model")
     # A decoder-only classifier reads its last token before the padding: where its config names no pad,
     # optimum takes the tokenizer's into the graph; batches, and the PyTorch reference, pad with that one.
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
+    if config.pad_token_id is None and hasattr(model, "score"):  # transformers' decoder-only classifier heads
+        raise ExportError(f"{model_dir}: no pad token in its config or tokenizer, and a decoder-only classifier finds "
+                          "each text's last token by it: set pad_token_id in config.json (such models often pad "
+                          f"with their EOS, {config.eos_token_id})")
 
     with staged_export(model_dir, out_dir, "text-classification", opset) as (raw, staged):
         fused = fuse and config.model_type in _FUSIONS

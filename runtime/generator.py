@@ -50,8 +50,8 @@ class Prefix:
     and the white space it ended with, which goes before each prompt instead (`Generator.prefix`);
     `model` names the model that ran it (its keys and values are that model's alone)."""
 
-    def __init__(self, ids: list[int], past: list[np.ndarray], gap: str = "", model: str = ""):
-        self.ids, self.past, self.gap, self.model = ids, past, gap, model
+    def __init__(self, ids: list[int], past: list[np.ndarray], gap: str = "", model: str = "", text: str = ""):
+        self.ids, self.past, self.gap, self.model, self.text = ids, past, gap, model, text
 
 
 class Generator:
@@ -76,6 +76,13 @@ class Generator:
 
     def next_logits(self, ids: Sequence[int]) -> np.ndarray:
         """The model's logits (fp32, one per vocabulary entry) for the token after `ids`, run alone."""
+        ids = check_items("ids", ids, "token ids")
+        if not ids:
+            raise InputError("ids is empty: give the token ids of a prompt (Generator.encode writes them)")
+        check_vocabulary(self.tokenizer, [check_int(f"ids[{n}]", i, 0) for n, i in enumerate(ids)],
+                         self.manifest.decoder.vocab_size)
+        if len(ids) > self.manifest.max_input_tokens:
+            raise InputError(f"ids has {len(ids)} tokens, more than the model's {self.manifest.max_input_tokens} positions")
         row = np.asarray([ids], dtype=np.int64)
         logits, _ = self._run(row, np.ones_like(row), np.arange(row.shape[1])[None], self._empty(1))
         return logits[0, -1]
@@ -94,7 +101,7 @@ class Generator:
                              f"model's {positions} positions")
         _, past = self._run(np.array([ids]), np.ones((1, len(ids)), dtype=np.int64),
                             np.arange(len(ids))[None, :], self._empty(1))
-        return Prefix(ids, past, text[len(shared) :], self._identity)
+        return Prefix(ids, past, text[len(shared) :], self._identity, shared)
 
     @property
     def _identity(self) -> str:
@@ -167,8 +174,7 @@ class Generator:
         """A prompt's token ids and its limit of new tokens: `limit`, which must fit the model's
         positions after the prompt, or with `fit`, as many as do."""
         _check_prompt("the prompt", prompt)
-        ids = self.tokenizer.encode(prefix.gap + prompt if prefix is not None else prompt,
-                                    add_special_tokens=prefix is None).ids
+        ids = self._prompt_ids(prompt, prefix)
         if not ids:
             raise InputError("the prompt has no tokens (this tokenizer drops all of it)")
         check_vocabulary(self.tokenizer, ids, self.manifest.decoder.vocab_size)
@@ -186,6 +192,17 @@ class Generator:
                              f"{offset + len(ids) + limit - 1} of the model's {positions} positions; shorten it or "
                              "lower max_new_tokens")
         return ids, limit
+
+    def _prompt_ids(self, prompt: str, prefix: Prefix | None) -> list[int]:
+        """A prompt's token ids, after its prefix's: the whole text's tokens past the prefix's where
+        they start with them (a SentencePiece tokenizer marks a text's start, which a prompt tokenized
+        alone would get again), else the prompt's own, tokenized apart."""
+        if prefix is None:
+            return self.tokenizer.encode(prompt).ids
+        whole = self.tokenizer.encode(prefix.text + prefix.gap + prompt).ids
+        if whole[: len(prefix.ids)] == prefix.ids and len(whole) > len(prefix.ids):
+            return whole[len(prefix.ids) :]
+        return self.tokenizer.encode(prefix.gap + prompt, add_special_tokens=False).ids
 
     def _batches(self, rows: list[int], encoded: dict[int, list[int]], limits: dict[int, int],
                  prefixes: list[Prefix | None], batch_size: int) -> Iterator[list[int]]:

@@ -352,3 +352,30 @@ def test_a_long_run_of_white_space_does_not_hide_the_words_after_it(bundle, monk
     for ours, theirs in zip(got, whole):
         np.testing.assert_allclose(ours.probabilities, theirs.probabilities, atol=1e-6)
     assert got[1].truncated and [g.truncated for g in got] == [w.truncated for w in whole]
+
+
+def test_checkpoints_a_bundle_would_read_otherwise_are_refused_by_name(tmp_path):
+    """A gap in id2label, a tokenizer that keeps a long text's end, and a decoder-only head with no pad."""
+    from lmcor.runtime.errors import ExportError
+
+    torch.manual_seed(0)
+    tokenizer, model = _bert()
+    model.config.id2label = {0: "ok", 2: "other", 3: "more"}
+    model.save_pretrained(tmp_path / "gap")
+    tokenizer.save_pretrained(tmp_path / "gap")
+    with pytest.raises(ExportError, match=r"id2label names no label for output 1 of its 3 \(it has \[0, 2, 3\]\)"):
+        export_classifier(tmp_path / "gap", tmp_path / "b1")
+    tokenizer, model = _bert()
+    model.save_pretrained(tmp_path / "left")
+    tokenizer.save_pretrained(tmp_path / "left")
+    settings = tmp_path / "left" / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "truncation_side": "left"}))
+    with pytest.raises(ExportError, match="truncation_side 'left'"):
+        export_classifier(tmp_path / "left", tmp_path / "b2")
+    tokenizer, model = _llama()
+    model.config.pad_token_id, tokenizer.pad_token = None, None
+    model.save_pretrained(tmp_path / "nopad")
+    tokenizer.save_pretrained(tmp_path / "nopad")
+    with pytest.raises(ExportError, match="set pad_token_id in config.json .* with their EOS, 2"):
+        export_classifier(tmp_path / "nopad", tmp_path / "b3")
+    assert not any((tmp_path / name).exists() for name in ("b1", "b2", "b3"))

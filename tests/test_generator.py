@@ -96,6 +96,46 @@ def test_shared_prefix_gives_the_tokens_of_the_whole_prompt(bundle):
     assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
 
 
+def test_a_prefix_on_a_sentencepiece_tokenizer_gives_the_whole_texts_tokens(tmp_path):
+    """Llama 2 / Mistral tokenizers (Metaspace, prepend_scheme "first") mark a text's start: a prompt
+    tokenized alone after a prefix would begin with a "▁" the whole text does not have."""
+    from tokenizers import processors
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([p for p in PROMPTS * 20 + ["Rules: fix the grammar. Sentence: she go to school Fixed:"] * 20],
+                            trainers.BpeTrainer(vocab_size=600, special_tokens=specials, max_token_length=6))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=16)
+    generator = Generator.load(tmp_path / "lm")
+    head = "Rules: fix the grammar.\n"
+    tails = ["Sentence: she go to school\nFixed:", "a", "x y z", "The capital of France is"]
+    alone = tokenizer("\n" + tails[0], add_special_tokens=False)["input_ids"]
+    assert tokenizer(head + tails[0])["input_ids"][len(generator.encode(head.rstrip())):] != alone  # the "▁"
+    shared = generator.generate_batch(tails, prefix=generator.prefix(head), max_new_tokens=8)
+    whole = generator.generate_batch([head + t for t in tails], max_new_tokens=8)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
+
+
+def test_next_logits_refuses_what_it_cannot_run(bundle):
+    generator = Generator.load(bundle)
+    for ids, said in (([], "ids is empty"), ([1, 10**6], "vocabulary"), ("ab", "ids must be a list"),
+                      ([1] * 10_000, "more than the model's")):
+        with pytest.raises(InputError, match=said):
+            generator.next_logits(ids)
+    assert generator.next_logits(generator.encode("a")).shape == (generator.manifest.decoder.vocab_size,)
+
+
 def test_sampling_is_seeded(bundle):
     generator = Generator.load(bundle)
     options = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
@@ -252,7 +292,7 @@ def test_the_default_prompt_rotates_examples_no_variant_shares():
     assert all(few_shot.variant(s) == few_shot.variant(s) for s in sources)
 
 
-def test_candidates_are_the_same_in_any_batch_and_after_resume(bundle, tmp_path):
+def test_candidates_are_the_same_in_any_batch_and_after_resume(bundle, tmp_path, capsys):
     from lmcor.runtime.candidates import CandidateWriter, FewShot
 
     sources = ["she go to school", "a b", "x y z", "The capital of France is", "def add(a, b):", "two beekeeper"]
@@ -272,8 +312,10 @@ def test_candidates_are_the_same_in_any_batch_and_after_resume(bundle, tmp_path)
     assert main(command) == 0
     whole = out.read_text()
     out.write_text("".join(whole.splitlines(keepends=True)[:2]))  # as an interrupted run leaves it
-    assert main([*command, "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*command[:-3], *command[-2:], "--resume"]) == 0  # not quiet: the summary counts the 4 lines left
     assert out.read_text() == whole
+    assert "lmcor: 4 sources, " in capsys.readouterr().err
 
 
 def test_prompts_after_different_prefixes_share_a_batch(bundle):

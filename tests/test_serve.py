@@ -183,6 +183,10 @@ def test_classify_and_generate_answer_as_their_runtimes(client, gpt2_bundle):
         answers = list(pool.map(lambda p: client.post("/v1/generate", json={"prompt": p, "max_new_tokens": 8}),
                                 prompts))
     assert [a.json()["output"] for a in answers] == [g.text for g in greedy]
+    # a seed samples as the Python API's does (and as `lmcor generate --seed` does a first line)
+    sampled = client.post("/v1/generate", json={"prompt": "The cat", "max_new_tokens": 8, "temperature": 1.0, "seed": 5})
+    assert sampled.json()["output"] == Generator.load(gpt2_bundle).generate("The cat", max_new_tokens=8, temperature=1.0,
+                                                                             seed=5)
 
 
 def test_a_full_queue_answers_429_with_retry_after(bundles):
@@ -396,6 +400,13 @@ def test_config_file_paths_are_relative_to_it_and_flags_override_it(tmp_path):
     path.write_text(json.dumps({"max_qeueu": 4}))
     with pytest.raises(InputError, match="unknown key 'max_qeueu'"):
         ServeConfig.read(path)
+
+
+def test_a_model_name_given_twice_is_refused(capsys):
+    from lmcor.cli import main
+
+    assert main(["serve", "--port", "0", "--classifier", "a=one", "--classifier", "a=two"]) == 2
+    assert "--classifier a= is given twice (one and two)" in capsys.readouterr().err
 
 
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server):

@@ -56,6 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "replicas, aiming at --max-batch requests in flight on each")
 
 
+def _by_name(flag: str, named: list[tuple[str, str]] | None) -> dict[str, str] | None:
+    """NAME=BUNDLE pairs as a map; a name given twice is refused (the first bundle would be lost)."""
+    if not named:
+        return None
+    out: dict[str, str] = {}
+    for name, bundle in named:
+        if name in out:
+            raise InputError(f"{flag} {name}= is given twice ({out[name]} and {bundle}): give each bundle its own name")
+        out[name] = bundle
+    return out
+
+
 def config(args: argparse.Namespace):
     """The `ServeConfig` of the flags given, over `--config`'s file, over the defaults."""
     from lmcor.server.config import ServeConfig
@@ -68,8 +80,8 @@ def config(args: argparse.Namespace):
         "insecure": args.insecure,
         "max_queue": args.max_queue, "max_batch": args.max_batch, "timeout_s": args.timeout_s,
         "max_body_bytes": args.max_body_bytes, "threads": args.threads, "providers": options.providers(args),
-        "classifiers": dict(args.classifier) if args.classifier else None,
-        "generators": dict(args.generator) if args.generator else None,
+        "classifiers": _by_name("--classifier", args.classifier),
+        "generators": _by_name("--generator", args.generator),
     }
     given = {name: value for name, value in given.items() if value is not None}
     return ServeConfig.read(args.config, **given) if args.config else ServeConfig(**given)

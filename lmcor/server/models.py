@@ -21,7 +21,7 @@ from lmcor.runtime.classifier import Classification, Classifier
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.engine import Engine
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.generator import Generation, Generator
+from lmcor.runtime.generator import Generation, Generator, row_seed
 
 from .config import ServeConfig
 
@@ -98,7 +98,8 @@ class Prompt:
 
 def _generate(generator: Generator, prompts: list[Prompt]) -> list[Generation | InputError]:
     """Prompts that continue alike share a `generate_batch` call; each keeps its own seed, so its
-    sample does not depend on the others."""
+    sample does not depend on the others: a request's `seed` samples as `Generator.generate(prompt,
+    seed=)` does, and as `lmcor generate --seed` does a file's first line."""
     groups: dict[tuple, list[int]] = {}
     for n, p in enumerate(prompts):
         groups.setdefault((p.max_new_tokens, p.temperature, p.top_p, p.stop, p.seed is None), []).append(n)
@@ -107,7 +108,7 @@ def _generate(generator: Generator, prompts: list[Prompt]) -> list[Generation | 
         try:
             results = generator.generate_batch([prompts[n].text for n in rows], max_new_tokens=most,
                                                temperature=temperature, top_p=top_p, stop=stop, errors="return",
-                                               seed=None if unseeded else [prompts[n].seed for n in rows],
+                                               seed=None if unseeded else [row_seed(prompts[n].seed, 0) for n in rows],
                                                batch_size=GENERATE_BATCH)
         except InputError as e:  # an option: every prompt of the group has it
             results = [e] * len(rows)
