@@ -76,9 +76,10 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     if config.pad_token_id is None and hasattr(model, "score"):  # transformers' decoder-only classifier heads
+        eos = f", {config.eos_token_id}" if isinstance(config.eos_token_id, int) else ""
         raise ExportError(f"{model_dir}: no pad token in its config or tokenizer, and a decoder-only classifier finds "
                           "each text's last token by it: set pad_token_id in config.json (such models often pad "
-                          f"with their EOS, {config.eos_token_id})")
+                          f"with their EOS{eos})")
 
     with staged_export(model_dir, out_dir, "text-classification", opset) as (raw, staged):
         fused = fuse and config.model_type in _FUSIONS

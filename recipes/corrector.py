@@ -119,7 +119,7 @@ def _pair(value: object, line: int, need_candidates: bool) -> Pair:
     return Pair(line, value["source"], value["target"], tuple(candidates) if need_candidates else ())
 
 
-# The smallest held-out share: dev and test hold about 2e-6 of the pairs each, still a few of a million.
+# The smallest held-out share: dev and test each hold half of it, a pair or so of every two million.
 LEAST_HELD_OUT = 1e-6
 
 
@@ -294,7 +294,7 @@ def _check_out(job: Job) -> dict:
     if type(held_out) is not float:
         raise InputError(f"{mark}: not a train-corrector record (no number 'held_out'); restart it (--restart) "
                          "or train into another folder")
-    trained = any((out / name).exists() for name in ("checkpoint.pt", "best.pt", "hf", "bundle"))
+    trained = any((out / name).exists() for name in ("checkpoint.pt", "hf", "bundle"))
     if held_out != job.held_out and trained:  # a run that never trained may split anew
         raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
                          f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "

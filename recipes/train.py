@@ -259,7 +259,7 @@ def _text_pairs(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[
 
 def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]] | None]:
     """(input ids, labels) of each item, or None for one the runtime would refuse: its source alone
-    longer than MAX_INPUT_TOKENS, or an empty source or candidate (noise can drop a one-word sentence)."""
+    longer than MAX_INPUT_TOKENS, or empty (noise can drop a one-word sentence's only word)."""
     requests = []
     for e in items:
         try:
@@ -418,6 +418,8 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
     state = {"step": 0, "elapsed": 0.0, "copying": copy_warmup, "ema": {}}
     checkpoint = out / "checkpoint.pt"
+    if not (resume and checkpoint.is_file()):  # a fresh start: an earlier run's best weights are not this one's
+        (out / "best.pt").unlink(missing_ok=True)
     if resume and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         try:
@@ -496,7 +498,7 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     _save(checkpoint, model, optimizer, state)
     if state["step"] == 0:  # before any scoring: an untrained model is not worth its minutes
         raise InputError(f"--minutes {minutes:g} ran out before the first training step: an untrained corrector "
-                         "is not exported; run again with more --minutes (it continues)")
+                         "is not exported; give more --minutes")
     try:
         scores = _chosen(model, tokenizer, dev, out / "best.pt", device)
     except KeyboardInterrupt:  # a run again scores again, straight after the saved training

@@ -79,8 +79,8 @@ class Generator:
         ids = check_items("ids", ids, "token ids")
         if not ids:
             raise InputError("ids is empty: give the token ids of a prompt (Generator.encode writes them)")
-        check_vocabulary(self.tokenizer, [check_int(f"ids[{n}]", i, 0) for n, i in enumerate(ids)],
-                         self.manifest.decoder.vocab_size)
+        vocabulary = self.manifest.decoder.vocab_size
+        ids = [check_int(f"ids[{n}]", i, 0, vocabulary - 1, most_is=" (the model's vocabulary)") for n, i in enumerate(ids)]
         if len(ids) > self.manifest.max_input_tokens:
             raise InputError(f"ids has {len(ids)} tokens, more than the model's {self.manifest.max_input_tokens} positions")
         row = np.asarray([ids], dtype=np.int64)
@@ -199,8 +199,8 @@ class Generator:
         alone would get again), else the prompt's own, tokenized apart."""
         if prefix is None:
             return self.tokenizer.encode(prompt).ids
-        whole = self.tokenizer.encode(prefix.text + prefix.gap + prompt).ids
-        if whole[: len(prefix.ids)] == prefix.ids and len(whole) > len(prefix.ids):
+        whole = self.tokenizer.encode(prefix.text + prefix.gap + prompt).ids if prefix.text else []
+        if prefix.text and whole[: len(prefix.ids)] == prefix.ids and len(whole) > len(prefix.ids):
             return whole[len(prefix.ids) :]
         return self.tokenizer.encode(prefix.gap + prompt, add_special_tokens=False).ids
 

@@ -369,7 +369,7 @@ def test_examples_the_runtime_would_refuse_are_left_out_of_training():
     items = [Example("", ["the"], "the"), Example("the cat", ["The cat.", ""], "The cat."),
              Example("teh cat", ["The cat."], "The cat."), Example("word " * 600, ["x"], "x")]
     encoded = _encoded(tokenizer, items, copy=False)
-    assert [e is None for e in encoded] == [True, True, False, True]
+    assert [e is None for e in encoded] == [True, False, False, True]  # an empty candidate is served, and trained on
     assert encoded[2][1] == tokenizer.backend_tokenizer.encode("The cat.").ids
 
 
@@ -403,6 +403,7 @@ def test_a_run_that_never_trained_leaves_nothing_in_the_way(pairs, tmp_path, cap
     assert "no test pair fits the corrector's 512 input tokens" in capsys.readouterr().err
     assert not (out / "checkpoint.pt").exists()
     (out / "tokenizer" / "tokenizer.json").write_text("{}")  # as another run's would be: not this job's
+    (out / "best.pt").write_bytes(b"weights of another run")  # kept by a watch before its first checkpoint
     assert _train_own(own, out, "--held-out", "0.4") == 0
     assert Corrector.load(out / "bundle").correct("the cat sat.", ["The cat sat."])
 

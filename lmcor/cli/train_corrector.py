@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("lmcor").setLevel(min(logging.INFO, logging.getLogger("lmcor").level))
     given_llm = {"k": args.k, "temperature": args.temperature, "batch_size": args.llm_batch_size}  # else `Job`'s
     job = corrector.Job(pairs=Path(args.pairs), out=Path(args.out), llm=Path(args.llm) if args.llm else None,
-                        prompt=args.prompt, size=args.size or "small",
+                        prompt=args.prompt, size=args.size if args.size is not None else "small",
                         init=Path(args.init) if args.init else None, synthetic=args.synthetic, held_out=args.held_out,
                         minutes=args.minutes, device=args.device, resume=not args.restart,
                         max_new_tokens=args.max_new_tokens, quiet=args.quiet, max_line_bytes=args.max_line_bytes,
