@@ -106,6 +106,9 @@ class Manifest:
     # classifiers: the id a batch's shorter texts are padded with (masked; but a decoder-only
     # classifier reads each row's last token that is not this id); None: 0
     pad_token: int | None = None
+    # classifiers: the rows of the model's token embeddings, for texts holding a token past them (a
+    # tokenizer with tokens the model was not resized for); None: not recorded, not checked
+    vocab_size: int | None = None
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -155,6 +158,7 @@ class Manifest:
             fallback_below=top.number("fallback_below", 0, 100),
             end_tokens=_end_tokens(top, decoder.vocab_size) if kind == "causal-lm" else (),
             pad_token=top.optional_integer("pad_token", 0) if kind == "classifier" else None,
+            vocab_size=top.optional_integer("vocab_size", 1) if kind == "classifier" else None,
             sliding_window=top.optional_integer("sliding_window", 1) if kind == "causal-lm" else None,
             fallback_span=top.optional_integer("fallback_span", 0) or None,  # 0 or absent: any edit
             sha256=_sha256(top),

@@ -16,7 +16,7 @@ import numpy as np
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, bundle_path, load_manifest
-from .tokens import MAX_CHARS_PER_TOKEN, cut_to_read, load_tokenizer
+from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tokenizer
 from .errors import BundleError, InputError
 from .jsonl import json_kind
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
@@ -140,9 +140,23 @@ class Classifier:
         shown = [(cut_to_read(text, most), pair if pair is None else cut_to_read(pair, most)) for _, text, pair, _ in good]
         cut = [(text, pair) != (whole, whole_pair) for (text, pair), (_, whole, whole_pair, _) in zip(shown, good)]
         encodings = [self.tokenizer.encode(text, pair) for text, pair in shown]
-        for batch in plan_batches([len(e.ids) for e in encodings], 1 if self._alone else batch_size):
-            # A batch the model fails on (a token id past its embeddings: a tokenizer with tokens the model
-            # was not resized for) is run again text by text, so that only the texts it fails on fail.
+        readable = []  # rows whose tokens all have embeddings: each other text fails alone, by name
+        for i, encoding in enumerate(encodings):
+            try:
+                check_vocabulary(self.tokenizer, encoding.ids, self.manifest.vocab_size)
+            except InputError as e:
+                if errors == "raise":
+                    raise InputError(f"item {good[i][0]}: {e}") from None
+                results[good[i][0]] = e
+                continue
+            readable.append(i)
+        if progress is not None and len(readable) < len(encodings):
+            progress(len(encodings) - len(readable))
+        lengths = [len(encodings[i].ids) for i in readable]
+        for planned in plan_batches(lengths, 1 if self._alone else batch_size):
+            batch = [readable[k] for k in planned]
+            # A batch the model fails on (in a bundle that records no vocab_size, a token id past its
+            # embeddings) is run again text by text, so that only the texts it fails on fail.
             for rows, probabilities in self._probabilities(batch, encodings):
                 if isinstance(probabilities, InputError):
                     n = good[rows[0]][0]

@@ -379,3 +379,20 @@ def test_checkpoints_a_bundle_would_read_otherwise_are_refused_by_name(tmp_path)
     with pytest.raises(ExportError, match="set pad_token_id in config.json .* with their EOS, 2"):
         export_classifier(tmp_path / "nopad", tmp_path / "b3")
     assert not any((tmp_path / name).exists() for name in ("b1", "b2", "b3"))
+
+
+def test_a_text_holding_a_token_past_the_embeddings_fails_alone_by_name(tmp_path):
+    torch.manual_seed(0)
+    tokenizer, model = _bert()
+    tokenizer.add_tokens(["zzznew"])  # the model is not resized: a common slip
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    manifest = export_classifier(tmp_path / "ck", tmp_path / "bundle")
+    assert manifest.vocab_size == model.config.vocab_size
+    classifier = Classifier.load(tmp_path / "bundle")
+    seen = []
+    got = classifier.classify_batch(["she goes zzznew home", "x", ("a", "zzznew b")], errors="return", progress=seen.append)
+    assert [isinstance(g, InputError) for g in got] == [True, False, True] and sum(seen) == 3
+    assert "the token 'zzznew'" in str(got[0]) and f"vocabulary of {model.config.vocab_size}" in str(got[0])
+    with pytest.raises(InputError, match="item 2: the text holds the token 'zzznew'"):
+        classifier.classify_batch(["x", "y", "zzznew"])
