@@ -126,14 +126,18 @@ class Classifier:
         check_progress(progress)
         items = check_items("items", items, "texts or (text, pair) pairs")
         results: list[Classification | InputError | None] = [None] * len(items)
+
+        def failed(n: int, error: InputError) -> None:
+            if errors == "raise":
+                raise InputError(f"item {n}: {error}") from None
+            results[n] = error
+
         good: list[tuple[int, str, str | None, Any]] = []
         for n, item in enumerate(items):
             try:
                 good.append((n, *as_texts(item)))
             except InputError as e:
-                if errors == "raise":
-                    raise InputError(f"item {n}: {e}") from None
-                results[n] = e
+                failed(n, e)
         # Texts are cut to what the model can read before they are tokenized, as a corrector's
         # candidates are (`tokens.MAX_CHARS_PER_TOKEN`): a text's cost is bounded whatever its length.
         most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
@@ -145,9 +149,7 @@ class Classifier:
             try:
                 check_vocabulary(self.tokenizer, encoding.ids, self.manifest.vocab_size)
             except InputError as e:
-                if errors == "raise":
-                    raise InputError(f"item {good[i][0]}: {e}") from None
-                results[good[i][0]] = e
+                failed(good[i][0], e)
                 continue
             readable.append(i)
         if progress is not None and len(readable) < len(encodings):
@@ -159,10 +161,7 @@ class Classifier:
             # embeddings) is run again text by text, so that only the texts it fails on fail.
             for rows, probabilities in self._probabilities(batch, encodings):
                 if isinstance(probabilities, InputError):
-                    n = good[rows[0]][0]
-                    if errors == "raise":
-                        raise InputError(f"item {n}: {probabilities}") from None
-                    results[n] = probabilities
+                    failed(good[rows[0]][0], probabilities)
                     continue
                 for i, row in zip(rows, probabilities):
                     n, _, _, ident = good[i]

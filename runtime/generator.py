@@ -199,9 +199,10 @@ class Generator:
         alone would get again), else the prompt's own, tokenized apart."""
         if prefix is None:
             return self.tokenizer.encode(prompt).ids
-        whole = self.tokenizer.encode(prefix.text + prefix.gap + prompt).ids if prefix.text else []
-        if prefix.text and whole[: len(prefix.ids)] == prefix.ids and len(whole) > len(prefix.ids):
-            return whole[len(prefix.ids) :]
+        if prefix.text:
+            whole = self.tokenizer.encode(prefix.text + prefix.gap + prompt).ids
+            if whole[: len(prefix.ids)] == prefix.ids and len(whole) > len(prefix.ids):
+                return whole[len(prefix.ids) :]
         return self.tokenizer.encode(prefix.gap + prompt, add_special_tokens=False).ids
 
     def _batches(self, rows: list[int], encoded: dict[int, list[int]], limits: dict[int, int],
