@@ -65,7 +65,7 @@ AGREED_DROP_LETTERS = 4  # an auxiliary ("have", "will") is dropped where most c
 
 def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candidates: Sequence[str]) -> str:
     words, theirs = source.split(), text.split()
-    ops = [op for op in difflib.SequenceMatcher(None, words, theirs, autojunk=False).get_opcodes() if op[0] != "equal"]
+    ops = [op for op in _opcodes(words, theirs) if op[0] != "equal"]
     edits = _split_light(ops, words, theirs) if span else [(op, False) for op in ops]
     # Words an edit drops and another writes were moved (word order), not lost (read with a span only).
     heavy = [op for op, light in edits if not light]
@@ -133,16 +133,33 @@ def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counte
         return all(len(w) <= WRITE_LETTERS and w not in neighbours for w in written)
     if all(len(w) <= WRITE_LETTERS for w in old + written):
         return True
-    return difflib.SequenceMatcher(None, " ".join(old), " ".join(written), autojunk=False).ratio() >= RESPELLED
+    return _ratio(" ".join(old), " ".join(written)) >= RESPELLED
 
 
 def _agreed_drop(words: list[str], i1: int, i2: int, drop: bool, candidates: Sequence[str]) -> bool:
     """Whether words[i1:i2] are short words that more than half the candidates drop too."""
     if not drop or not candidates or any(len(_letters(w)) > AGREED_DROP_LETTERS for w in words[i1:i2]):
         return False
-    dropping = sum(("delete", i1, i2) in {op[:3] for op in difflib.SequenceMatcher(
-        None, words, candidate.split(), autojunk=False).get_opcodes()} for candidate in candidates)
+    dropping = sum(("delete", i1, i2) in {op[:3] for op in _opcodes(words, candidate.split())}
+                   for candidate in candidates)
     return 2 * dropping > len(candidates)
+
+
+def _opcodes(a: list[str], b: list[str]) -> list[tuple[str, int, int, int, int]]:
+    """difflib's opcodes turning the words `a` into `b` (autojunk off): the compiled core's where built."""
+    if core.native is None:
+        return difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    number: dict[str, int] = {}
+    return core.native.opcodes([number.setdefault(w, len(number)) for w in a],
+                               [number.setdefault(w, len(number)) for w in b])
+
+
+def _ratio(a: str, b: str) -> float:
+    """difflib's similarity ratio of two texts (autojunk off): the compiled core's where built."""
+    if core.native is None:
+        return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    total = len(a) + len(b)
+    return 2.0 * core.native.matched(list(map(ord, a)), list(map(ord, b))) / total if total else 1.0
 
 
 def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEED) -> str:

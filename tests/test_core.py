@@ -25,7 +25,7 @@ from lmcor.runtime.fallback import _nearest_reference, char_ngrams, chrf, neares
 from lmcor.runtime.request import as_request
 from lmcor.runtime.sequence import Sequence, repeat_ban
 from lmcor.runtime.tokens import encode_requests
-from lmcor.runtime.vote import _edit_vote_reference, edit_vote
+from lmcor.runtime.vote import _edit_vote_reference, _opcodes, _ratio, edit_vote, minimal_edits
 
 from lmcor import Corrector
 
@@ -124,6 +124,32 @@ def test_edit_vote_equals_the_reference(monkeypatch):
         for need in (1, 2, 3):
             assert edit_vote(source, candidates, need) == _edit_vote_reference(source, candidates, need), (
                 source, candidates, need)
+
+
+@needs_core
+def test_alignments_and_minimal_edits_equal_difflib(monkeypatch):
+    """The core's opcodes and similarity ratio are difflib's, and the fallback's minimal edits come out
+    the same with the core on and off, on real requests and on texts of a few repeated words."""
+    rng = np.random.default_rng(4)
+    cases = [(r.source, list(r.candidates)) for r in _real_requests(300)]
+    words = ["a", "b", "c", "a.", "A", "é", "😀", "ab", "the", "house"]
+    for _ in range(1000):
+        source = " ".join(rng.choice(words, size=int(rng.integers(0, 14))))
+        cases.append((source, [_edited(rng, source) for _ in range(int(rng.integers(1, 6)))]))
+    cases += [("", ["a b"]), ("a b", [""]), ("a\xa0b \u3000 c", ["a b c", "x"])]
+    for source, candidates in cases:
+        text = _edited(rng, candidates[0])
+        for a, b in ((source, text), *((source, c) for c in candidates)):
+            monkeypatch.setattr(core, "native", NATIVE)
+            native = _opcodes(a.split(), b.split()), _ratio(a, b)
+            monkeypatch.setattr(core, "native", None)
+            assert native == (_opcodes(a.split(), b.split()), _ratio(a, b)), (a, b)
+        for span in (0, 2):
+            known = {*source.split(), *text.split()[:2]}
+            monkeypatch.setattr(core, "native", NATIVE)
+            native = minimal_edits(source, text, span, known, candidates)
+            monkeypatch.setattr(core, "native", None)
+            assert native == minimal_edits(source, text, span, known, candidates), (source, text, span, candidates)
 
 
 @needs_core

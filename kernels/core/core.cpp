@@ -249,5 +249,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("edit_vote", &lmcor::edit_vote, py::arg("source"), py::arg("candidates"), py::arg("need"),
         "The source's word ids with every edit that at least `need` candidates make (vote.edit_vote's reference); "
         "ids must number the words in their sorted order.");
+  m.def("opcodes", &lmcor::opcodes, py::arg("a"), py::arg("b"),
+        "difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() of two sequences of word ids.");
+  m.def("matched", &lmcor::matched, py::arg("a"), py::arg("b"),
+        "The elements difflib.SequenceMatcher(None, a, b, autojunk=False) matches (ratio: 2 * matched / total).");
   m.def("write_rows", &write_rows, py::arg("caches"), py::arg("presents"), py::arg("lengths"), py::arg("first"));
 }

@@ -2,7 +2,8 @@
 // `need` candidates make. Words are ids whose order is the words' own order (the caller numbers the
 // sorted vocabulary), so that ties break as in Python.
 // Reference: runtime/vote.py (`_edit_vote_reference`), whose alignment is difflib.SequenceMatcher's
-// with autojunk=False; `opcodes` below computes the same matching blocks and opcodes.
+// with autojunk=False; `matching_blocks` and `opcodes` below compute the same blocks and opcodes
+// (vote._opcodes and vote._matched use them for the fallback's minimal edits).
 #pragma once
 
 #include <algorithm>
@@ -74,6 +75,28 @@ inline std::vector<Block> matching_blocks(const Words& a, const Words& b) {
   if (run.size) merged.push_back(run);
   merged.push_back(Block{static_cast<int64_t>(a.size()), static_cast<int64_t>(b.size()), 0});
   return merged;
+}
+
+// difflib's get_opcodes: (tag, i1, i2, j1, j2) turning a into b, "equal" runs included.
+using Opcode = std::tuple<const char*, int64_t, int64_t, int64_t, int64_t>;
+
+inline std::vector<Opcode> opcodes(const Words& a, const Words& b) {
+  std::vector<Opcode> out;
+  int64_t i = 0, j = 0;
+  for (const Block& m : matching_blocks(a, b)) {
+    const char* tag = i < m.i && j < m.j ? "replace" : i < m.i ? "delete" : j < m.j ? "insert" : nullptr;
+    if (tag) out.emplace_back(tag, i, m.i, j, m.j);
+    i = m.i + m.size, j = m.j + m.size;
+    if (m.size) out.emplace_back("equal", m.i, i, m.j, j);
+  }
+  return out;
+}
+
+// The elements of a and b that difflib matches: its ratio() is 2 * matched / (len(a) + len(b)).
+inline int64_t matched(const Words& a, const Words& b) {
+  int64_t total = 0;
+  for (const Block& m : matching_blocks(a, b)) total += m.size;
+  return total;
 }
 
 struct Edit {
