@@ -279,10 +279,13 @@ def _check_out(job: Job) -> dict:
         raise InputError(f"--out {out}: not a folder (a file of that name exists)")
     mark = out / MARK
     if not mark.is_file():
-        found = [name for name in (*RUN_STATE, *SPLIT_FILES) if (out / name).exists()]
-        if found:  # another tool's folder: a run would write over them, --restart would remove them
-            raise InputError(f"--out {out} is not a train-corrector folder (no {MARK}), so its "
-                             f"{', '.join(found)} stay: give another --out, or remove them yourself")
+        # Another tool's folder, or the user's own (".", a model's): a run would write beside their
+        # files, over some of them, and --restart would remove them.
+        found = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            raise InputError(f"--out {out} is not a train-corrector folder (no {MARK}) and is not empty, so its "
+                             f"{shown} stay: give a new or empty folder")
         return {}
     if not job.resume:
         return {}

@@ -66,7 +66,7 @@ def check_number(name: str, value: Any, low: float, high: float, *, what: str = 
 
 def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise InputError(f"{name} must be True or False, got {shown(value)}")
+        raise InputError(f"{name} must be true or false, got {shown(value)}")
     return bool(value)
 
 

@@ -218,5 +218,5 @@ def test_load_checks_the_path_and_verify(bundles, load):
     for path in (5, 2.5 if load == Corrector.load else None, ["a"]):  # None: the shipped corrector
         with pytest.raises(InputError, match="a bundle is a folder's path"):
             load(path)
-    with pytest.raises(InputError, match="verify must be True or False"):
+    with pytest.raises(InputError, match="verify must be true or false"):
         load(bundles["t5"], verify="no")

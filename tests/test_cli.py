@@ -105,6 +105,9 @@ def test_export_refuses_an_opset_out_of_range_and_a_checkpoint_without_tokenizer
     (["candidates", "--model", "m", "-k", "65", "in.jsonl"], "-k: must be an integer from 1 to 64, got 65"),
     (["correct", "in.jsonl", "--max-wait-ms", "-1"], "--max-wait-ms: must be a number >= 0, got -1"),
     (["export", "a", "b", "--atol", "-1"], "--atol: must be a number >= 0, got -1"),
+    # refused by the flag even where no line would reach a batch (an empty or all-bad file)
+    (["correct", "in.jsonl", "--batch-size", "1025"], "--batch-size: must be an integer from 1 to 1024, got 1025"),
+    (["classify", "in.jsonl", "--model", "m", "--batch-size", "5000"], "--batch-size: must be an integer from 1 to 1024"),
 ])
 def test_options_out_of_range_are_refused_before_anything_runs(args, says, capsys):
     with pytest.raises(SystemExit) as exit_:

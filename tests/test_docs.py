@@ -179,7 +179,7 @@ def test_checker_rejects_an_unknown_flag():
     assert problem(["lmcor", "correct", "in.jsonl", "--model", "m/"]) is None
     assert "unrecognized arguments: --no-such-flag" in problem(["lmcor", "correct", "in.jsonl", "--no-such-flag"])
     assert "invalid choice" in problem(["lmcor", "no-such-command"])
-    assert "must be a positive integer" in problem(["lmcor", "correct", "--batch-size", "0"])
+    assert "must be an integer from 1 to 1024" in problem(["lmcor", "correct", "--batch-size", "0"])
     assert problem(["python", "-m", "lmcor.no_such_module"]) == "no module lmcor.no_such_module"
     assert problem(["pip", "install", "-e", ".[no-such-extra]"]) == "setup.py has no extra no-such-extra"
     block = Block(ROOT / "README.md", 1, "bash", 'X=1 lmcor correct a.jsonl | lmcor correct - \\\n  -q  # note\n')

@@ -463,6 +463,12 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     assert ServeConfig.read(config, port=0).port == 0  # the flag's value replaces the file's
     with pytest.raises(InputError, match=r"^max_batch must be an integer"):
         ServeConfig.read(config, port=0, max_batch=0)  # a flag's: no file to name
+    config.write_text('{"timeout_s": 1' + "0" * 400 + "}")  # an integer past float's range
+    with pytest.raises(InputError, match=rf"^{config}: timeout_s must be a number of seconds above 0"):
+        ServeConfig.read(config)
+    config.write_text('{"port": 1' + "0" * 5000 + "}")  # past Python's digits limit for int()
+    with pytest.raises(InputError, match=rf"^{config}: cannot read the config"):
+        ServeConfig.read(config)
 
 
 def test_the_openapi_document_holds_the_limits_the_server_checks(client, bundles):

@@ -168,6 +168,11 @@ def test_bad_inputs_are_refused_before_out_is_touched(pairs, tmp_path, capsys):
     (mine / "dev.jsonl").write_text('{"my": "data"}\n')
     assert _train_own(own, mine) == 2 and "its dev.jsonl stay" in capsys.readouterr().err
     assert (mine / "dev.jsonl").read_text() == '{"my": "data"}\n'
+    model = tmp_path / "model"  # nor is any other folder with files in it (a model's, the working folder)
+    model.mkdir()
+    (model / "lmcor.json").write_text("{}")
+    assert _train_own(own, model) == 2 and "is not empty, so its lmcor.json stay" in capsys.readouterr().err
+    assert [p.name for p in model.iterdir()] == ["lmcor.json"]
     assert _train_own(own, tmp_path / "d", "-k", "3") == 2  # an option of the LLM's, without one
     assert "-k needs --llm" in capsys.readouterr().err and not (tmp_path / "d").exists()
 

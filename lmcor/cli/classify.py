@@ -14,7 +14,7 @@ from .lines import RecordFields, answer_lines
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_lines(parser, '{"id"?, "text", "pair"?}')
     parser.add_argument("--model", required=True, help="classifier bundle folder")
-    parser.add_argument("--batch-size", type=options.positive_int, default=32, help="texts per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=options.batch_size, default=32, help="texts per batch (default: %(default)s)")
     options.add_runtime(parser)
 
 

@@ -7,6 +7,8 @@ import math
 from collections.abc import Collection
 from typing import Any
 
+from lmcor.runtime.options import MAX_BATCH_SIZE
+
 # A JSONL line longer than this is an error record, not a request (a corrector reads a few
 # hundred tokens; a line this long is a mistake, and would cost time and memory to tokenize).
 DEFAULT_MAX_LINE_BYTES = 4 << 20
@@ -28,6 +30,7 @@ def int_range(least: int, what: str, most: int | None = None):
 
 
 positive_int = int_range(1, "a positive integer")
+batch_size = int_range(1, f"an integer from 1 to {MAX_BATCH_SIZE}", MAX_BATCH_SIZE)
 non_negative_int = int_range(0, "an integer >= 0")
 # Candidates per source: LMCor samples 5; a corrector reads them all in one input of a few hundred tokens.
 MAX_K = 64
@@ -134,7 +137,7 @@ SAMPLING_FLAGS = _flags("max_new_tokens", "temperature", "top_p", "seed", "stop"
 def add_correction(parser: argparse.ArgumentParser) -> None:
     """How a corrector decodes, with its gate and fallback (`lmcor correct`, `lmcor eval`)."""
     parser.add_argument("--model", help="corrector bundle folder (default: the corrector shipped with lmcor)")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="requests per decoder batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=batch_size, default=16, help="requests per decoder batch (default: %(default)s)")
     parser.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (default: greedy)")
     parser.add_argument("--length-penalty", type=finite_float, default=1.0, help="beam search's (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=positive_int, help="default and maximum: the bundle's max output tokens")
@@ -207,7 +210,7 @@ def add_sampling(parser: argparse.ArgumentParser, *, temperature: float, tempera
     parser.add_argument("--temperature", type=finite_float, default=temperature, help=f"{temperature_help} (default: %(default)s)")
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling's mass (default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="of the sampler (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=batch_size, default=8, help="prompts per batch (default: %(default)s)")
     parser.add_argument("--no-drafts", action="store_true", help="greedy answers without drafts copied from the prompt "
                         "(the answers are identical either way; drafts need fewer decoder calls)")
     add_runtime(parser)

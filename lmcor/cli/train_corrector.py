@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=options.finite_float, help="with --llm: of the samples (default: 0.6)")
     parser.add_argument("--prompt", help="with --llm: its prompt, with {source} (default: lmcor candidates' few-shot "
                         "prompt)")
-    parser.add_argument("--llm-batch-size", type=options.positive_int, help="with --llm: prompts per batch, at most "
-                        "1024 (default: 16)")
+    parser.add_argument("--llm-batch-size", type=options.batch_size, help="with --llm: prompts per batch, at most "
+                        f"{options.MAX_BATCH_SIZE} (default: 16)")
     parser.add_argument("--max-new-tokens", type=options.positive_int, help="with --llm: of each candidate, at most the LLM "
                         "bundle's max output tokens (default: that, or as many as fit after the prompt); a source "
                         "whose prompt leaves less room is reported and left out")

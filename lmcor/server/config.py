@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_providers, check_threads
+from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_providers, check_threads, shown
 
 # A correction request is a source and a few candidates: a megabyte is already far past one, and
 # bounds what one client can make the server read and parse.
@@ -63,8 +63,8 @@ class ServeConfig:
         check_threads(self.threads)
         check_flag("insecure", self.insecure)
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
-                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
-            raise InputError(f"timeout_s must be a number of seconds above 0, got {self.timeout_s!r}")
+                or not _finite(self.timeout_s) or self.timeout_s <= 0:
+            raise InputError(f"timeout_s must be a number of seconds above 0, got {shown(self.timeout_s)}")
         if self.api_key == "":
             raise InputError("api_key is empty: give a secret, or no key")
         if self.api_key is not None and self.api_key != self.api_key.strip():
@@ -88,7 +88,7 @@ class ServeConfig:
         path = Path(path)
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: undecodable text, bad JSON, an integer of too many digits
             raise InputError(f"{path}: cannot read the config: {e}") from None
         if not isinstance(values, dict):
             raise InputError(f"{path}: the config must be a JSON object")
@@ -107,6 +107,13 @@ class ServeConfig:
             if key in values and key not in overrides:
                 raise InputError(f"{path}: {e}") from None
             raise
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range
+        return False
 
 
 def _loopback(host: str) -> bool:
