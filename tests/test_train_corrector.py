@@ -183,8 +183,9 @@ def test_the_llm_options_and_the_init_are_checked_before_a_restart_clears(llm, p
     kept = sorted(p.name for p in out.iterdir())
     assert _train(pairs, out, llm, "--restart", "--temperature", "-1") == 2
     assert "--temperature must be 0 (greedy) or between" in capsys.readouterr().err
-    assert _train(pairs, out, llm, "--restart", "--llm-batch-size", "100000") == 2
-    assert "--llm-batch-size must be an integer from 1 to 1024" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # by the flag itself
+        _train(pairs, out, llm, "--restart", "--llm-batch-size", "100000")
+    assert exit_.value.code == 2 and "--llm-batch-size: must be an integer from 1 to 1024" in capsys.readouterr().err
     assert _train(pairs, out, llm, "--restart", "--max-new-tokens", "10000") == 2
     assert "--max-new-tokens must be an integer from 1 to 12" in capsys.readouterr().err
     assert _train(pairs, out, llm, "--restart", "--init", str(gpt2_checkpoint)) == 2
