@@ -38,7 +38,7 @@ from .request import Correction, CorrectionOptions, Request, as_request
 from .scheduler import EngineStats, Scheduler, Tally
 from .sequence import Sequence
 from .sessions import Sessions
-from .spacing import with_source_spacing
+from .spacing import folds_white_space, with_source_spacing
 from .tokens import ModelInput, encode_requests
 
 log = logging.getLogger("lmcor")
@@ -89,6 +89,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = self._cancel = False
         self.failure: BaseException | None = None  # what stopped the background thread, if anything did
+        self._respaced = folds_white_space(tokenizer)  # the model's own outputs get the source's line breaks
 
     @property
     def drafts_supported(self) -> bool:
@@ -378,8 +379,10 @@ class Engine:
             if s.below and s.request is not None:
                 correction = guard(correction, s.request.candidates, s.below, source=s.request.source,
                                    seen=s.input.candidates, span=s.span)
-            if s.request is not None and not (correction.fallback and correction.text in s.request.candidates):
-                spaced = with_source_spacing(s.request.source, correction.text)  # a candidate returned keeps its own
+            # A candidate returned keeps its own spacing; a tokenizer that writes line breaks, its model's.
+            if s.request is not None and (correction.fallback or self._respaced) \
+                    and not (correction.fallback and correction.text in s.request.candidates):
+                spaced = with_source_spacing(s.request.source, correction.text)
                 if spaced != correction.text:
                     correction = dataclasses.replace(correction, text=spaced)
             out.append(correction)

@@ -1,16 +1,19 @@
 """An output keeps its source's line breaks and tabs where it copies the source.
 
-A corrector's tokenizer writes all white space as single spaces (SentencePiece normalizes it), and
-the fallback joins words with single spaces, so a paragraph's line breaks and a table's tabs would
-be lost. Where two consecutive words of an output are consecutive words of its source, the white
-space between them is the source's if it holds a line break (any of Unicode's) or a tab. Runs of plain spaces stay
-single: extra spaces are an error a corrector may fix.
+A T5 corrector's tokenizer writes all white space as single spaces (SentencePiece normalizes it),
+and the fallback joins words with single spaces, so a paragraph's line breaks and a table's tabs
+would be lost. Where two consecutive words of such a text are consecutive words of its source, the
+white space between them is the source's if it holds a line break (any of Unicode's) or a tab. Runs
+of plain spaces stay single: extra spaces are an error a corrector may fix. A tokenizer that writes
+line breaks and tabs itself (BART's byte-level one) leaves its model's own outputs as they are.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+
+from tokenizers import Tokenizer
 
 _WHITE = re.compile(r"(\s+)")
 # What ends a line (str.splitlines' boundaries: U+2028 too) or aligns a column.
@@ -38,3 +41,10 @@ def with_source_spacing(source: str, text: str) -> str:
         used.add(i)
         out += [gaps[i] if structural else " ", theirs[j]]
     return "".join(out) if len(out) > 1 else text
+
+
+def folds_white_space(tokenizer: Tokenizer) -> bool:
+    """Whether `tokenizer` cannot write a line break or a tab (it folds them into spaces, or drops
+    them): then the white space of its model's outputs is the source's to give back."""
+    probe = "a\nb\tc"
+    return tokenizer.decode(tokenizer.encode(probe, add_special_tokens=False).ids, skip_special_tokens=True) != probe

@@ -1,7 +1,10 @@
 """An output keeps its source's line breaks and tabs where it copies the source."""
 
 import pytest
-from lmcor.runtime.spacing import with_source_spacing
+from lmcor.runtime.decode import Search
+from lmcor.runtime.request import as_request
+from lmcor.runtime.sequence import Sequence
+from lmcor.runtime.spacing import folds_white_space, with_source_spacing
 
 from lmcor import Corrector
 
@@ -28,3 +31,19 @@ def test_the_default_corrector_keeps_a_paragraphs_line_breaks():
     fixed = "She goes to school.\nHe goes home.\tThey were late."
     corrector = Corrector.load()
     assert corrector.correct(source, [fixed] * 5) == fixed
+
+
+@pytest.mark.parametrize("arch, folds", [("t5", True), ("bart", False)])
+def test_a_tokenizer_that_writes_line_breaks_keeps_its_models_own_spacing(bundles, arch, folds):
+    """T5's tokenizer writes every run of white space as one space, so the source's tab comes back;
+    BART's byte-level one writes tabs and line breaks itself, so its model's text is what it decoded."""
+    engine = Corrector.load(bundles[arch]).engine
+    assert folds_white_space(engine.tokenizer) is folds
+    source, written = "the cat went to school.\tthe cat went to school", "the cat went to school. the cat went to school."
+    s = Sequence(Search(max_new_tokens=64), 0, request=as_request({"source": source, "candidates": [written]}))
+    s.tokens = engine.tokenizer.encode(written, add_special_tokens=False).ids
+    s.done = True
+    (correction,) = engine._finish([s])
+    decoded = engine.tokenizer.decode(correction.token_ids, skip_special_tokens=True)
+    assert correction.text == (with_source_spacing(source, decoded) if folds else decoded)
+    assert ("\t" in correction.text) is folds
