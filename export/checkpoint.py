@@ -337,8 +337,16 @@ _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "l
 
 
 def model_positions(config) -> int | None:
-    """How many positions the model has (None: relative positions, as T5's, set no limit)."""
-    for name in ("max_position_embeddings", "n_positions"):
+    """How many positions the model has (None: relative positions, as T5's, set no limit). A LongRoPE
+    model (Phi-3's long-context ones) changes its rotary factors past `original_max_position_embeddings`,
+    which a traced graph cannot follow: its bundle keeps to the positions before the change."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+        original = scaling.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
+                                                                               None)
+        if original:
+            return int(original)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):  # max_seq_len: MPT's
         value = getattr(config, name, None)
         if value:
             padding = 1 if config.model_type == "mpnet" else config.pad_token_id or 0  # MPNet's is fixed at 1

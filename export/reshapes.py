@@ -85,10 +85,16 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     the steps of ONNX Runtime's `SymbolicShapeInference.infer_shapes` itself: that function saves
     an incomplete result into the working folder before it raises. Should its internals change,
     the pass is skipped (nothing is lost but the speed-up)."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from onnxruntime.tools import symbolic_shape_infer
 
+    # Its warnings ("Cannot determine if ... < 0") say nothing a user can act on: what it cannot
+    # infer keeps its reshape.
+    quiet = logging.getLogger(symbolic_shape_infer.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
-        inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=False, guess_output_rank=False, verbose=0)
+        inference = symbolic_shape_infer.SymbolicShapeInference(int_max=2**31 - 1, auto_merge=False,
+                                                                guess_output_rank=False, verbose=0)
         inference._preprocess(model)
         complete = False
         while inference.run_:
@@ -97,6 +103,8 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     except Exception as e:  # noqa: BLE001 - an unreadable graph is left as exported
         log.debug("symbolic shape inference failed (%s): reshapes kept", e)
         return None
+    finally:
+        quiet.setLevel(level)
     if not complete:
         log.debug("symbolic shape inference left some shapes unknown: reshapes kept")
         return None

@@ -339,3 +339,17 @@ def test_a_causal_lm_whose_pad_id_is_minus_one_pads_with_eos(tmp_path):
         path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token_id": -1}))
     manifest = export_causal_lm(tmp_path / "ckpt", tmp_path / "out")  # early LLaMA conversions say -1
     assert manifest.special_tokens.pad == tokenizer.eos_token_id
+
+
+def test_positions_are_read_where_each_family_keeps_them():
+    """MPT keeps them in max_seq_len; a LongRoPE model changes its rotary factors past
+    original_max_position_embeddings, so its bundle keeps to those (its traced graph has the first ones)."""
+    from lmcor.export.checkpoint import model_positions
+    from transformers import LlamaConfig, MptConfig, Phi3Config
+
+    assert model_positions(MptConfig(max_seq_len=128)) == 128
+    longrope = Phi3Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                          vocab_size=100, max_position_embeddings=128, original_max_position_embeddings=32,
+                          rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
+    assert model_positions(longrope) == 32
+    assert model_positions(LlamaConfig(max_position_embeddings=64, rope_scaling={"rope_type": "linear", "factor": 2.0})) == 64
