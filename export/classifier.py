@@ -95,6 +95,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
             exporter=versions(), pad_token=config.pad_token_id,
             vocab_size=config.vocab_size if isinstance(getattr(config, "vocab_size", None), int) else None,
+            token_types="token_type_ids" in tokenizer.model_input_names,
         )
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):

@@ -109,6 +109,9 @@ class Manifest:
     # classifiers: the rows of the model's token embeddings, for texts holding a token past them (a
     # tokenizer with tokens the model was not resized for); None: not recorded, not checked
     vocab_size: int | None = None
+    # classifiers: whether the tokenizer's token type ids are fed where the graph takes them; False:
+    # zeros, as transformers feeds where the tokenizer does not return them (its model_input_names)
+    token_types: bool = True
     sha256: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -159,6 +162,7 @@ class Manifest:
             end_tokens=_end_tokens(top, decoder.vocab_size) if kind == "causal-lm" else (),
             pad_token=top.optional_integer("pad_token", 0) if kind == "classifier" else None,
             vocab_size=top.optional_integer("vocab_size", 1) if kind == "classifier" else None,
+            token_types=top.boolean("token_types", True) if kind == "classifier" else True,
             sliding_window=top.optional_integer("sliding_window", 1) if kind == "causal-lm" else None,
             fallback_span=top.optional_integer("fallback_span", 0) or None,  # 0 or absent: any edit
             sha256=_sha256(top),
@@ -230,6 +234,12 @@ class _Fields:
     def optional_integer(self, field: str, minimum: int) -> int | None:
         """An optional integer of at least `minimum`; absent or null: None."""
         return None if self.get(field, None) is None else self.integer(field, minimum)
+
+    def boolean(self, field: str, default: bool) -> bool:
+        value = self.get(field, default)
+        if not isinstance(value, bool):
+            self.fail(field, f"expected true or false, got {_show(value)}")
+        return value
 
     def number(self, field: str, low: float, high: float) -> float | None:
         """An optional number in [low, high]; absent or null: None."""

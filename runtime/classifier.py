@@ -178,7 +178,8 @@ class Classifier:
         ids, mask = pad_batch([np.asarray(e.ids, dtype=np.int64) for e in chosen], self._pad)
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
-            feed["token_type_ids"], _ = pad_batch([np.asarray(e.type_ids, dtype=np.int64) for e in chosen], 0)
+            feed["token_type_ids"] = (pad_batch([np.asarray(e.type_ids, dtype=np.int64) for e in chosen], 0)[0]
+                                      if self.manifest.token_types else np.zeros_like(ids))
         try:
             logits = run(self.session, None, feed)[0].astype(np.float64)
         except Exception as e:  # ONNX Runtime's own error types, for what it cannot compute on these inputs

@@ -396,3 +396,21 @@ def test_a_text_holding_a_token_past_the_embeddings_fails_alone_by_name(tmp_path
     assert "the token 'zzznew'" in str(got[0]) and f"vocabulary of {model.config.vocab_size}" in str(got[0])
     with pytest.raises(InputError, match="item 2: the text holds the token 'zzznew'"):
         classifier.classify_batch(["x", "y", "zzznew"])
+
+
+def test_a_tokenizer_that_returns_no_token_types_has_the_model_read_zeros(tmp_path):
+    """transformers feeds no token type ids where the tokenizer's model_input_names lacks them (the model
+    reads zeros); the bundle records that and feeds zeros too, not the tokenizer.json's pair types."""
+    torch.manual_seed(0)
+    tokenizer, model = _bert()
+    with torch.no_grad():  # a trained model's types matter; random small ones would hide the difference
+        model.bert.embeddings.token_type_embeddings.weight.mul_(50)
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    config = tmp_path / "ck" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_input_names": ["input_ids", "attention_mask"]}))
+    manifest = export_classifier(tmp_path / "ck", tmp_path / "bundle")  # validation holds it to PyTorch's
+    assert manifest.token_types is False
+    got = Classifier.load(tmp_path / "bundle").classify_batch(PAIRS)
+    np.testing.assert_allclose([g.probabilities for g in got], _torch(tmp_path / "ck", PAIRS), atol=1e-4)
+    assert "token_type_ids" not in PreTrainedTokenizerFast.from_pretrained(tmp_path / "ck")("a", "b")
