@@ -47,7 +47,7 @@ NEW_TOKENS = 12  # greedy tokens compared per prompt (fewer where the bundle all
 
 def _shape(config) -> DecoderShape:
     heads = getattr(config, "num_attention_heads", None) or config.n_head
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads  # Falcon's
     if config.model_type == "falcon" and config.multi_query and not config.new_decoder_architecture:
         kv_heads = 1  # Falcon-7B's multi-query attention: one key/value head, whatever num_kv_heads says
     hidden = getattr(config, "hidden_size", None) or config.n_embd

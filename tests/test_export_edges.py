@@ -353,3 +353,13 @@ def test_positions_are_read_where_each_family_keeps_them():
                           rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
     assert model_positions(longrope) == 32
     assert model_positions(LlamaConfig(max_position_embeddings=64, rope_scaling={"rope_type": "linear", "factor": 2.0})) == 64
+
+
+def test_key_value_heads_are_read_where_each_family_keeps_them():
+    from lmcor.export.causal_lm import _shape
+    from transformers import FalconConfig
+
+    falcon = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 100}
+    assert _shape(FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2)).num_heads == 2  # grouped
+    assert _shape(FalconConfig(**falcon, multi_query=True)).num_heads == 1  # Falcon-7B's one key/value head
+    assert _shape(FalconConfig(**falcon, multi_query=False)).num_heads == 4
