@@ -134,7 +134,8 @@ class Generator:
         the prefix, with its new tokens must fit the model's `max_input_tokens` positions: without
         `max_new_tokens`, a prompt gets as many new tokens as fit (at most `max_output_tokens`); with
         it, or where not one fits, a prompt raises, or with `errors="return"` yields its
-        `InputError` in its place.
+        `InputError` in its place; so does a prompt the model itself fails on (a batch ONNX Runtime
+        fails on runs again prompt by prompt).
         """
         limit = check_max_new_tokens(max_new_tokens, self.manifest.max_output_tokens)
         sampling = Sampling(check_temperature(temperature), check_number("top_p", top_p, 0, 1, above_low=True))
@@ -161,14 +162,35 @@ class Generator:
                 if errors == "raise":
                     raise InputError(f"item {n}: {e}") from None
                 out[n] = e
+        def run_rows(rows: list[int]) -> list[tuple[str, list[int]]]:
+            return self._generate([encoded[n] for n in rows], [limits[n] for n in rows], sampling,
+                                  [seeds[n] for n in rows], [prefixes[n] for n in rows], stops, drafts)
+
         for rows in self._batches(list(encoded), encoded, limits, prefixes, batch_size):
-            generated = self._generate([encoded[n] for n in rows], [limits[n] for n in rows], sampling, [seeds[n] for n in rows],
-                                       [prefixes[n] for n in rows], stops, drafts)
-            for n, (text, ids) in zip(rows, generated):
-                out[n] = Generation(text, ids)
+            for n, answer in self._answers(rows, run_rows):
+                if isinstance(answer, InputError) and errors == "raise":
+                    raise InputError(f"item {n}: {answer}")
+                out[n] = answer
             if progress is not None:
                 progress(len(rows))
         return out  # type: ignore[return-value]
+
+    def _answers(self, rows: list[int], run_rows: Callable[[list[int]], list[tuple[str, list[int]]]],
+                 ) -> Iterator[tuple[int, Generation | InputError]]:
+        """Each row's generation; where the model fails on the batch, each row alone, and a row it fails
+        on alone with its error (a row's answer does not depend on its batch)."""
+        try:
+            generated = run_rows(rows)
+        except Exception as e:  # ONNX Runtime's own error types, for what it cannot compute on these inputs
+            if len(rows) > 1:
+                for n in rows:
+                    yield from self._answers([n], run_rows)
+                return
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            yield rows[0], InputError(f"the model cannot read this prompt ({said[:200]})")
+            return
+        for n, (text, ids) in zip(rows, generated):
+            yield n, Generation(text, ids)
 
     def _encode_prompt(self, prompt: Any, prefix: Prefix | None, limit: int, *, fit: bool) -> tuple[list[int], int]:
         """A prompt's token ids and its limit of new tokens: `limit`, which must fit the model's

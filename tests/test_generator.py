@@ -408,6 +408,35 @@ def test_generate_answers_around_a_prompt_too_long(bundle, tmp_path, capsys):
     assert [records[0]["output"], records[2]["output"]] == [g.text for g in want]
 
 
+def test_a_prompt_the_model_fails_on_fails_alone(bundle, tmp_path, capsys):
+    """A batch ONNX Runtime fails on runs again prompt by prompt: only the prompt it fails on gets an
+    error (here, a manifest that claims more positions than GPT-2's learned ones), and the CLI answers
+    the other lines."""
+    import shutil
+
+    from lmcor.runtime.bundle import MANIFEST_NAME
+
+    if Generator.load(bundle).manifest.architecture != "gpt2":
+        pytest.skip("a position past the model's fails only where positions are learned (GPT-2's)")
+    claimed = tmp_path / "claimed"
+    shutil.copytree(bundle, claimed)
+    manifest = json.loads((claimed / MANIFEST_NAME).read_text())
+    (claimed / MANIFEST_NAME).write_text(json.dumps({**manifest, "max_input_tokens": 1024}))
+    long = " ".join(["a"] * 300)
+    generator = Generator.load(claimed)
+    got = generator.generate_batch([PROMPTS[0], long, PROMPTS[1]], max_new_tokens=4, errors="return")
+    assert isinstance(got[1], InputError) and "the model cannot read this prompt" in str(got[1])
+    want = Generator.load(bundle).generate_batch([PROMPTS[0], PROMPTS[1]], max_new_tokens=4)
+    assert [got[0].token_ids, got[2].token_ids] == [w.token_ids for w in want]
+    with pytest.raises(InputError, match="item 1: the model cannot read this prompt"):
+        generator.generate_batch([PROMPTS[0], long], max_new_tokens=4)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (PROMPTS[0], long, PROMPTS[1])))
+    assert main(["generate", "--model", str(claimed), str(prompts), "--max-new-tokens", "4", "-q"]) == 1
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert ["output" in r for r in records] == [True, False, True]
+
+
 def _count_calls(generator: Generator) -> dict:
     """{"n": the generator's model calls from now on} (reset it by assigning 0)."""
     calls = {"n": 0}
