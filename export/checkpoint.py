@@ -299,7 +299,7 @@ def input_limit(config, tokenizer, asked: int | None) -> int:
     positions = model_positions(config)
     if asked is not None:
         if positions is not None and asked > positions:
-            raise ExportError(f"--max-input-tokens {asked}: the model has {positions} positions")
+            raise ExportError(f"--max-input-tokens {asked}: {_positions_said(config, positions)}")
         return asked
     declared = getattr(tokenizer, "model_max_length", None)
     if declared and declared < 1_000_000:
@@ -324,7 +324,7 @@ def output_limit(config, asked: int | None, *, after_prompt: bool = False) -> in
     if asked is not None:
         if room is not None and asked > room:
             shared = " shared with the prompt (at least 1 token)" if after_prompt else ""
-            raise ExportError(f"--max-output-tokens {asked}: the model has {positions} positions{shared}; "
+            raise ExportError(f"--max-output-tokens {asked}: {_positions_said(config, positions)}{shared}; "
                               f"at most {room}")
         return asked
     return min(DEFAULT_OUTPUT_TOKENS, room if room is not None else DEFAULT_OUTPUT_TOKENS)
@@ -336,16 +336,30 @@ _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "l
                      "roberta-prelayernorm", "ibert", "luke", "markuplm", "esm"}
 
 
-def model_positions(config) -> int | None:
-    """How many positions the model has (None: relative positions, as T5's, set no limit). A LongRoPE
-    model (Phi-3's long-context ones) changes its rotary factors past `original_max_position_embeddings`,
-    which a traced graph cannot follow: its bundle keeps to the positions before the change."""
+def _longrope_switch(config) -> int | None:
+    """Where a LongRoPE model (Phi-3's long-context ones) changes its rotary factors, as transformers
+    reads it (`original_max_position_embeddings`); None for other models."""
     scaling = getattr(config, "rope_scaling", None) or {}
-    if scaling.get("rope_type", scaling.get("type")) == "longrope":
-        original = scaling.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
-                                                                               None)
-        if original:
-            return int(original)
+    if scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return None
+    original = getattr(config, "original_max_position_embeddings", None)
+    return int(original) if original else None
+
+
+def _positions_said(config, positions: int) -> str:
+    if _longrope_switch(config) is not None:
+        return (f"the bundle keeps to the model's first {positions} positions (past original_max_position_embeddings, "
+                "LongRoPE changes its rotary factors, which an exported graph cannot follow)")
+    return f"the model has {positions} positions"
+
+
+def model_positions(config) -> int | None:
+    """How many positions the bundle can give the model (None: relative positions, as T5's, set no
+    limit). A LongRoPE model changes its rotary factors past `_longrope_switch`, which a traced graph
+    cannot follow: its bundle keeps to the positions before the change."""
+    switch = _longrope_switch(config)
+    if switch is not None:
+        return switch
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):  # max_seq_len: MPT's
         value = getattr(config, name, None)
         if value:

@@ -268,7 +268,6 @@ RUN_STATE = ("checkpoint.pt", "best.pt", "train_log.jsonl", "tokenizer", "hf", "
 # train-corrector folder (`python -m lmcor.recipes.train` writes some of the same names), which
 # --restart may clear, and a resumed run must keep that split or test on pairs it trained on.
 MARK = "train-corrector.json"
-SPLIT_FILES = ("dev.jsonl", "test.jsonl", "candidates.jsonl")  # rewritten or appended to by a run
 
 
 def _check_out(job: Job) -> dict:

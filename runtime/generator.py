@@ -169,7 +169,7 @@ class Generator:
         for rows in self._batches(list(encoded), encoded, limits, prefixes, batch_size):
             for n, answer in self._answers(rows, run_rows):
                 if isinstance(answer, InputError) and errors == "raise":
-                    raise InputError(f"item {n}: {answer}")
+                    raise InputError(f"item {n}: {answer}") from answer.__cause__
                 out[n] = answer
             if progress is not None:
                 progress(len(rows))
@@ -181,13 +181,17 @@ class Generator:
         on alone with its error (a row's answer does not depend on its batch)."""
         try:
             generated = run_rows(rows)
-        except Exception as e:  # ONNX Runtime's own error types, for what it cannot compute on these inputs
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):  # lmcor's own failure: not the prompt's
+                raise
             if len(rows) > 1:
                 for n in rows:
                     yield from self._answers([n], run_rows)
                 return
             said = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            yield rows[0], InputError(f"the model cannot read this prompt ({said[:200]})")
+            failed = InputError(f"the model cannot read this prompt ({said[:200]})")
+            failed.__cause__ = e
+            yield rows[0], failed
             return
         for n, (text, ids) in zip(rows, generated):
             yield n, Generation(text, ids)

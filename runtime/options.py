@@ -37,7 +37,12 @@ ERRORS = ("raise", "return")
 
 T = TypeVar("T")
 
-shown = reprlib.repr  # repr, bounded: a message must not quote (or first build) a megabyte of user text
+def shown(value: Any) -> str:
+    """`repr`, bounded: a message must not quote (or first build) a megabyte of user text."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an integer of more digits than Python writes out
+        return "an integer of thousands of digits"
 
 
 def check_int(name: str, value: Any, least: int, most: int | None = None, *, most_is: str = "") -> int:

@@ -46,5 +46,5 @@ def with_source_spacing(source: str, text: str) -> str:
 def folds_white_space(tokenizer: Tokenizer) -> bool:
     """Whether `tokenizer` cannot write a line break or a tab (it folds them into spaces, or drops
     them): then the white space of its model's outputs is the source's to give back."""
-    probe = "a\nb\tc"
-    return tokenizer.decode(tokenizer.encode(probe, add_special_tokens=False).ids, skip_special_tokens=True) != probe
+    written = tokenizer.decode(tokenizer.encode("a\nb\tc", add_special_tokens=False).ids, skip_special_tokens=True)
+    return "\n" not in written or "\t" not in written  # (a decoder may add a space before the text)

@@ -344,7 +344,7 @@ def test_a_causal_lm_whose_pad_id_is_minus_one_pads_with_eos(tmp_path):
 def test_positions_are_read_where_each_family_keeps_them():
     """MPT keeps them in max_seq_len; a LongRoPE model changes its rotary factors past
     original_max_position_embeddings, so its bundle keeps to those (its traced graph has the first ones)."""
-    from lmcor.export.checkpoint import model_positions
+    from lmcor.export.checkpoint import input_limit, model_positions
     from transformers import LlamaConfig, MptConfig, Phi3Config
 
     assert model_positions(MptConfig(max_seq_len=128)) == 128
@@ -352,6 +352,8 @@ def test_positions_are_read_where_each_family_keeps_them():
                           vocab_size=100, max_position_embeddings=128, original_max_position_embeddings=32,
                           rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
     assert model_positions(longrope) == 32
+    with pytest.raises(ExportError, match="keeps to the model's first 32 positions .past original_max_position_embeddings"):
+        input_limit(longrope, None, 64)
     assert model_positions(LlamaConfig(max_position_embeddings=64, rope_scaling={"rope_type": "linear", "factor": 2.0})) == 64
 
 

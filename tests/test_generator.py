@@ -437,6 +437,16 @@ def test_a_prompt_the_model_fails_on_fails_alone(bundle, tmp_path, capsys):
     assert ["output" in r for r in records] == [True, False, True]
 
 
+def test_a_failure_of_lmcors_own_is_not_blamed_on_the_prompts(bundle, monkeypatch):
+    def broken(*args, **kwargs):
+        raise TypeError("a bug of lmcor's")
+
+    generator = Generator.load(bundle)
+    monkeypatch.setattr(generator, "_take", broken)
+    with pytest.raises(TypeError, match="a bug of lmcor's"):
+        generator.generate_batch(PROMPTS[:2], max_new_tokens=4, errors="return")
+
+
 def _count_calls(generator: Generator) -> dict:
     """{"n": the generator's model calls from now on} (reset it by assigning 0)."""
     calls = {"n": 0}

@@ -469,6 +469,8 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     config.write_text('{"port": 1' + "0" * 5000 + "}")  # past Python's digits limit for int()
     with pytest.raises(InputError, match=rf"^{config}: cannot read the config"):
         ServeConfig.read(config)
+    with pytest.raises(InputError, match="timeout_s must be a number of seconds above 0, got an integer of thousands"):
+        ServeConfig(timeout_s=10**5000)  # from Python: past the digits repr writes
 
 
 def test_the_openapi_document_holds_the_limits_the_server_checks(client, bundles):

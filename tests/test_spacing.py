@@ -47,3 +47,15 @@ def test_a_tokenizer_that_writes_line_breaks_keeps_its_models_own_spacing(bundle
     decoded = engine.tokenizer.decode(correction.token_ids, skip_special_tokens=True)
     assert correction.text == (with_source_spacing(source, decoded) if folds else decoded)
     assert ("\t" in correction.text) is folds
+
+
+def test_a_byte_level_tokenizer_whose_decoder_adds_a_space_writes_line_breaks():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    for prefix_space in (False, True):
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.train_from_iterator(["a\nb\tc d"] * 5, trainers.BpeTrainer(
+            vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        assert folds_white_space(tokenizer) is False

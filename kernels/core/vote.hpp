@@ -3,7 +3,7 @@
 // sorted vocabulary), so that ties break as in Python.
 // Reference: runtime/vote.py (`_edit_vote_reference`), whose alignment is difflib.SequenceMatcher's
 // with autojunk=False; `matching_blocks` and `opcodes` below compute the same blocks and opcodes
-// (vote._opcodes and vote._matched use them for the fallback's minimal edits).
+// (vote._opcodes and vote._ratio use them for the fallback's minimal edits).
 #pragma once
 
 #include <algorithm>

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=options.positive_int,
                         help=f"default: {d.requests} (--host: 100, --serve: 256)")
     parser.add_argument("--rounds", type=options.positive_int, default=d.rounds)
-    parser.add_argument("--batch-size", type=options.positive_int,
+    parser.add_argument("--batch-size", type=options.batch_size,
                         help=f"for the throughput run (default: {d.batch_size}; --host and --serve: 16)")
     parser.add_argument("--source", type=options.positive_int, default=d.source, help="source tokens S")
     parser.add_argument("--k", type=options.positive_int, default=d.k, help="candidates K")
