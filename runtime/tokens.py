@@ -136,14 +136,17 @@ def encode_requests(
 
 
 def _tokens_in(encoding: Encoding, spans: list[tuple[int, int]]) -> list[np.ndarray]:
-    """For each character span, the indices of the tokens that overlap it (special tokens and empty
-    pieces left out; a token over two spans counts for the first)."""
+    """For each character span, the indices of the tokens that overlap it (special tokens left out; a
+    token over two spans counts for the first). A token of white space alone that a byte-level
+    post-processor trimmed to an empty offset (RoBERTa's and BART's `trim_offsets`) sits where the
+    white space ends: inside a span that holds that white space, not in the span it precedes."""
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     start, end = offsets[:, 0], offsets[:, 1]
-    free = (np.asarray(encoding.special_tokens_mask) == 0) & (end > start)
+    free = np.asarray(encoding.special_tokens_mask) == 0
+    empty = end == start
     inside = []
     for s_start, s_end in spans:
-        hit = free & (start < s_end) & (end > s_start)
+        hit = free & np.where(empty, (start > s_start) & (start <= s_end), (start < s_end) & (end > s_start))
         inside.append(np.flatnonzero(hit))
         free &= ~hit
     return inside

@@ -111,3 +111,19 @@ def test_a_candidate_is_cut_by_what_the_model_reads_not_by_white_space():
     assert cut_to_read("abcdef ghijkl mnop", most) == "abcdef ghijkl"
     assert cut_to_read("abcdef ghijklmnop", most) == "abcdef ghijkl"
     assert cut_to_read("x" * 40, most) == "x" * 12 and cut_to_read("short", most) == "short"
+
+
+def test_white_space_a_byte_level_tokenizer_trims_to_nothing_counts_for_its_candidate(bundles):
+    """BART's tokenizer (RobertaProcessing, trim_offsets) gives tokens of white space alone empty offsets;
+    they are their candidate's, so candidates holding runs of spaces or line breaks are cut to fill the
+    input, not refused as if the source took those tokens."""
+    tokenizer = Tokenizer.from_file(str(bundles["bart"] / "tokenizer.json"))
+    source = "My brother don't like the meeting at 10."
+    fixed = len(tokenizer.encode(render(Template(), source, ["", ""])[0]).ids)
+    for spaced in ("word     " * 40, "x\n\n\n\t " * 60):
+        request = Request(source, (spaced, "My brother doesn't like the meeting at 10."))
+        [got] = encode_requests(tokenizer, Template(), [request], fixed + 60, references=True)
+        assert not isinstance(got, InputError), got
+        assert got.truncated and fixed + 55 <= len(got.ids) <= fixed + 60  # filled, not cut far short
+        assert got.candidates[1] == request.candidates[1]  # the short one whole
+        assert len(got.references[0]) + len(got.references[1]) + len(got.references[2]) >= 55
