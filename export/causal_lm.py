@@ -95,6 +95,7 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
             special_tokens=SpecialTokens(pad=int(pad), eos=int(eos), decoder_start=int(bos)), decoder=_shape(config),
             max_output_tokens=output_limit(config, max_output_tokens, after_prompt=True), exporter=versions(),
             end_tokens=tuple(dict.fromkeys(t for t in ends[1:] if t != eos)), sliding_window=_sliding_window(config),
+            clean_up_spaces=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
         )
         write_manifest(staged, manifest)
         with stage(model_dir, "validation"):

@@ -194,6 +194,7 @@ def export_corrector(
             decoder_graph=graph,
             no_repeat_ngram_size=int(getattr(model.generation_config, "no_repeat_ngram_size", 0) or 0),
             exporter=versions(),
+            clean_up_spaces=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
         )
         graphs = [ENCODER_FILE, *(files[role] for role in ("decoder", "cross") if role in files)]
         if precision == "fp32":  # an int8 or half bundle shares its converted graphs, below

@@ -109,6 +109,9 @@ class Manifest:
     # classifiers: the rows of the model's token embeddings, for texts holding a token past them (a
     # tokenizer with tokens the model was not resized for); None: not recorded, not checked
     vocab_size: int | None = None
+    # correctors and causal LMs: whether outputs are decoded as transformers decodes with the checkpoint
+    # tokenizer's `clean_up_tokenization_spaces` ("do n't ." -> "don't.")
+    clean_up_spaces: bool = False
     # classifiers: whether the tokenizer's token type ids are fed where the graph takes them; False:
     # zeros, as transformers feeds where the tokenizer does not return them (its model_input_names)
     token_types: bool = True
@@ -163,6 +166,7 @@ class Manifest:
             pad_token=top.optional_integer("pad_token", 0) if kind == "classifier" else None,
             vocab_size=top.optional_integer("vocab_size", 1) if kind == "classifier" else None,
             token_types=top.boolean("token_types", True) if kind == "classifier" else True,
+            clean_up_spaces=top.boolean("clean_up_spaces", False) if decodes else False,
             sliding_window=top.optional_integer("sliding_window", 1) if kind == "causal-lm" else None,
             fallback_span=top.optional_integer("fallback_span", 0) or None,  # 0 or absent: any edit
             sha256=_sha256(top),

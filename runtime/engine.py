@@ -38,7 +38,7 @@ from .request import Correction, CorrectionOptions, Request, as_request
 from .scheduler import EngineStats, Scheduler, Tally
 from .sequence import Sequence
 from .sessions import Sessions
-from .spacing import folds_white_space, with_source_spacing
+from .spacing import cleaned_up, folds_white_space, with_source_spacing
 from .tokens import ModelInput, encode_requests
 
 log = logging.getLogger("lmcor")
@@ -375,7 +375,7 @@ class Engine:
         tokens = [s.output(eos) for s in finished]
         out = []
         for s, row, text in zip(finished, tokens, self.tokenizer.decode_batch(tokens, skip_special_tokens=True)):
-            correction = s.correction(text, row)
+            correction = s.correction(cleaned_up(text) if self.manifest.clean_up_spaces else text, row)
             if s.below and s.request is not None:
                 correction = guard(correction, s.request.candidates, s.below, source=s.request.source,
                                    seen=s.input.candidates, span=s.span)

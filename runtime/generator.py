@@ -23,6 +23,7 @@ from .errors import InputError
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_flag, check_int, check_items, check_max_new_tokens,
                       check_number, check_progress, check_temperature, check_text)
 from .sessions import check_graphs, open_session, run
+from .spacing import cleaned_up
 
 # Every drafted position runs through all the layers, and at batch 16 a 135M model on a CPU is
 # nearly compute-bound: on SmolLM2's few-shot answers, drafts of 4 gave 1.6x the tokens/s of
@@ -357,7 +358,10 @@ class Generator:
                 mask[i, mask.shape[1] - span + 1 + accepted :] = 0  # the rejected drafts
                 next_position[i] += 1 + accepted
         decoded = self.tokenizer.decode_batch(tokens, skip_special_tokens=True)
-        return [(stopped.get(r, decoded[r]), tokens[r]) for r in range(batch)]
+        texts = [stopped.get(r, decoded[r]) for r in range(batch)]
+        if self.manifest.clean_up_spaces:
+            texts = [cleaned_up(text) for text in texts]
+        return list(zip(texts, tokens))
 
     def _take(self, written: list[int], new: list[int], limit: int, stops: tuple[str, ...],
               stopped: dict[int, str], row: int) -> bool:

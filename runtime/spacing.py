@@ -48,3 +48,16 @@ def folds_white_space(tokenizer: Tokenizer) -> bool:
     them): then the white space of its model's outputs is the source's to give back."""
     written = tokenizer.decode(tokenizer.encode("a\nb\tc", add_special_tokens=False).ids, skip_special_tokens=True)
     return "\n" not in written or "\t" not in written  # (a decoder may add a space before the text)
+
+
+# transformers' `clean_up_tokenization`, which its decode applies where the tokenizer was saved with
+# `clean_up_tokenization_spaces` (the default before transformers 4.45): the same replacements, in order.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def cleaned_up(text: str) -> str:
+    """`text` as transformers' decode writes it with `clean_up_tokenization_spaces`."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text

@@ -437,6 +437,28 @@ def test_a_prompt_the_model_fails_on_fails_alone(bundle, tmp_path, capsys):
     assert ["output" in r for r in records] == [True, False, True]
 
 
+def test_a_tokenizer_saved_to_clean_up_spaces_decodes_as_transformers(tmp_path):
+    """A causal LM whose tokenizer says clean_up_tokenization_spaces writes "a ," as transformers does: "a,"."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _tokenizer()
+    tokenizer.clean_up_tokenization_spaces = True
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+    comma = tokenizer.encode(" ,", add_special_tokens=False)[-1]
+    with torch.no_grad():  # every state the same vector, whose best token is " ,": the model writes " , , ,"
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.normal_()
+        model.lm_head.weight[comma] = 10 * model.transformer.ln_f.bias
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    assert export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=8).clean_up_spaces
+    (got,) = Generator.load(tmp_path / "lm").generate_batch([PROMPTS[0]], max_new_tokens=6)
+    assert got.text == AutoTokenizer.from_pretrained(tmp_path / "ck").decode(got.token_ids, skip_special_tokens=True)
+    assert got.text == "," * 6
+
+
 def test_a_failure_of_lmcors_own_is_not_blamed_on_the_prompts(bundle, monkeypatch):
     def broken(*args, **kwargs):
         raise TypeError("a bug of lmcor's")

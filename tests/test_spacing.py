@@ -59,3 +59,26 @@ def test_a_byte_level_tokenizer_whose_decoder_adds_a_space_writes_line_breaks():
         tokenizer.train_from_iterator(["a\nb\tc d"] * 5, trainers.BpeTrainer(
             vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         assert folds_white_space(tokenizer) is False
+
+
+def test_a_tokenizer_saved_to_clean_up_spaces_decodes_as_transformers(tmp_path):
+    """A checkpoint whose tokenizer says clean_up_tokenization_spaces (transformers' default before 4.45)
+    has its outputs decoded as transformers decodes them: "do n't ." as "don't."."""
+    import json
+
+    from conftest import build_checkpoint
+    from lmcor.export import export_corrector
+    from transformers import AutoTokenizer
+
+    checkpoint = build_checkpoint("t5", tmp_path / "ck")
+    config = checkpoint / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "clean_up_tokenization_spaces": True}))
+    assert export_corrector(checkpoint, tmp_path / "bundle").clean_up_spaces
+    engine = Corrector.load(tmp_path / "bundle").engine
+    written = "the cat do n't went to school , quietly ."
+    s = Sequence(Search(max_new_tokens=64), 0, request=as_request({"source": "x", "candidates": [written]}))
+    s.tokens = engine.tokenizer.encode(written, add_special_tokens=False).ids
+    s.done = True
+    (correction,) = engine._finish([s])
+    assert correction.text == AutoTokenizer.from_pretrained(checkpoint).decode(s.tokens, skip_special_tokens=True)
+    assert correction.text.endswith("school, quietly.")
