@@ -66,15 +66,15 @@ def gate_input(source: str, candidates: Sequence[str]) -> tuple[str, str]:
     return candidates[0], f"{source} | {agree} of {len(candidates) - 1} agree"
 
 
-def check_gate_labels(gate: "Classifier") -> None:
-    """A gate answers whether the first candidate is right: it needs that label."""
-    if "right" not in gate.labels:
-        raise BundleError(f"{gate.root}: the gate must have a 'right' label (it has {', '.join(gate.labels)})")
+def check_gate_labels(root: Path, labels: Sequence[str]) -> None:
+    """A gate (the bundle at `root`) answers whether the first candidate is right: it needs that label."""
+    if "right" not in labels:
+        raise BundleError(f"{root}: the gate must have a 'right' label (it has {', '.join(labels)})")
 
 
 def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequence[str]]]) -> list[float]:
     """For (source, candidates) pairs, the gate's probability that the first candidate is right."""
-    check_gate_labels(gate)
+    check_gate_labels(gate.root, gate.labels)
     right = gate.labels.index("right")
     return [v.probabilities[right] for v in gate.classify_batch([gate_input(s, c) for s, c in requests])]
 

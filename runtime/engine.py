@@ -417,7 +417,7 @@ def _options(options: CorrectionOptions | None) -> CorrectionOptions:
 def _check_gate(gate: Classifier | None, options: CorrectionOptions) -> None:
     check_optional("gate", gate, Classifier, "a Classifier")
     if gate is not None:
-        check_gate_labels(gate)
+        check_gate_labels(gate.root, gate.labels)
     check_gate_threshold(gate is not None, options)
 
 

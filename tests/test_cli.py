@@ -1,6 +1,7 @@
 """`lmcor export` and `lmcor correct` end to end, as a user runs them."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +186,12 @@ def test_serve_checks_its_bundles_before_it_listens(tmp_path, capsys):
     assert "listening" not in out and "no such bundle directory" in err
     assert main(["serve", "--generator", f"g={shipped_bundle('gate')}", "--port", "0"]) == 2
     assert "a 'classifier' bundle, not a causal-lm" in capsys.readouterr().err
+    unlabelled = tmp_path / "gate"  # a classifier whose labels hold no "right": no gate
+    shutil.copytree(shipped_bundle("gate"), unlabelled)
+    manifest = json.loads((unlabelled / "lmcor.json").read_text())
+    (unlabelled / "lmcor.json").write_text(json.dumps({**manifest, "labels": ["neg", "pos"]}))
+    assert main(["serve", "--gate", str(unlabelled), "--port", "0"]) == 2
+    assert "the gate must have a 'right' label (it has neg, pos)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, flags", [

@@ -3,6 +3,7 @@ gives; every error path answers its status (never a 5xx from user input, fuzzed 
 a full queue, a deadline, a missing key and a drain each answer as documented; SIGTERM finishes
 what is in flight and exits 0; /metrics parses and counts."""
 
+import asyncio
 import json
 import os
 import signal
@@ -539,3 +540,23 @@ def test_requests_past_their_deadline_free_their_place_and_stream_nothing_more(b
               for block in streamed.text.strip().split("\n\n")]
     error = next(i for i, (name, data) in enumerate(events) if name == "error" and data["index"] == 0)
     assert not [data for name, data in events[error:] if name == "token" and data["index"] == 0]
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_streamed_tokens_spell_the_text_when_a_character_or_a_clean_up_spans_tokens(bundles, clean_up):
+    """A byte-level tokenizer splits "é" over two tokens (decoded as U+FFFD until the second comes), and a
+    clean-up joins " ," to the word before: what the next token may change waits, and the events still
+    spell the whole text, each request's rest coming before its result."""
+    from lmcor.runtime.spacing import cleaned_up
+    from lmcor.server.app import _Tokens
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(bundles["bart"] / "tokenizer.json"))
+    text = "the café , said he . naïve 😀 !"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert "\ufffd" in "".join(tokenizer.decode(ids[: n + 1]) for n in range(len(ids)))  # a character is split
+    tokens = _Tokens(asyncio.new_event_loop(), tokenizer, 1, clean_up=clean_up)
+    events = [event for token in ids for event in tokens.events([(0, [token])])] + tokens.rest(0)
+    pieces = [json.loads(event.split("data: ")[1])["text"] for event in events]
+    assert "".join(pieces) == (cleaned_up(text) if clean_up else text) and len(pieces) > 3
+    assert not any("\ufffd" in piece for piece in pieces)

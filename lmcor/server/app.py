@@ -63,6 +63,7 @@ from lmcor.runtime.options import (
     shown,
 )
 from lmcor.runtime.request import Correction, CorrectionOptions, as_request
+from lmcor.runtime.spacing import cleaned_up
 
 from .config import ServeConfig
 from .metrics import ENDPOINTS, Metrics
@@ -368,10 +369,12 @@ def _event(name: str, data: dict) -> str:
 class _Tokens:
     """A streamed request's text as the engine writes it: token ids arrive from the engine's thread,
     and each `token` event carries the text they added (decoded whole, so that a word split over two
-    steps comes out right)."""
+    steps comes out right). What the next tokens may still change waits: a character whose bytes are
+    split between tokens (decoded as U+FFFD until its last byte comes), and, where the bundle cleans
+    up spaces ("a ," becomes "a,"), what follows the last space; it is sent before the result."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, count: int):
-        self.loop, self.tokenizer = loop, tokenizer
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, count: int, *, clean_up: bool = False):
+        self.loop, self.tokenizer, self.clean_up = loop, tokenizer, clean_up
         self.queue: asyncio.Queue[tuple[int, list[int]]] = asyncio.Queue()
         self.ids: list[list[int]] = [[] for _ in range(count)]
         self.shown = [""] * count
@@ -390,11 +393,26 @@ class _Tokens:
             if index in self.answered:
                 continue
             self.ids[index] += tokens
-            text = self.tokenizer.decode(self.ids[index], skip_special_tokens=True)
-            if text.startswith(self.shown[index]) and len(text) > len(self.shown[index]):
-                out.append(_event("token", {"index": index, "text": text[len(self.shown[index]) :]}))
-                self.shown[index] = text
+            out += self._added(index, settled=True)
         return out
+
+    def rest(self, index: int) -> list[str]:
+        """The event of the text a finished request's tokens added that `events` held back."""
+        return self._added(index, settled=False)
+
+    def _added(self, index: int, *, settled: bool) -> list[str]:
+        text = self.tokenizer.decode(self.ids[index], skip_special_tokens=True)
+        if self.clean_up:
+            text = cleaned_up(text)
+        if settled:
+            text = text.rstrip("\ufffd")
+            if self.clean_up:
+                text = text[: max(text.rfind(" "), 0)]
+        shown = self.shown[index]
+        if not (text.startswith(shown) and len(text) > len(shown)):
+            return []
+        self.shown[index] = text
+        return [_event("token", {"index": index, "text": text[len(shown) :]})]
 
 
 async def _stream(state: ServerState, futures: list[Future], timeouts: list[float], many: bool, arrived: float,
@@ -425,6 +443,9 @@ async def _stream(state: ServerState, futures: list[Future], timeouts: list[floa
                 except Refused as e:
                     result = e
                 if tokens is not None:
+                    if not isinstance(result, Refused):
+                        for event in tokens.rest(index[task]):
+                            yield event
                     tokens.answered.add(index[task])
                 if isinstance(result, Refused):
                     state.metrics.errors.labels(result.kind).inc()
@@ -641,7 +662,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         if len(streams) > 1:
             raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
         streamed = streams == {True}
-        tokens = _Tokens(asyncio.get_running_loop(), models.engine.tokenizer, len(parsed)) if streamed else None
+        tokens = _Tokens(asyncio.get_running_loop(), models.engine.tokenizer, len(parsed),
+                         clean_up=models.engine.manifest.clean_up_spaces) if streamed else None
         futures = _submitted(state, "correct", parsed, lambda n, p: models.engine.submit(
             p[0], p[1], gate=models.gate, on_tokens=tokens.listener(n) if tokens else None))
         timeouts = _timeouts(parsed, config.timeout_s)
