@@ -560,3 +560,17 @@ def test_streamed_tokens_spell_the_text_when_a_character_or_a_clean_up_spans_tok
     pieces = [json.loads(event.split("data: ")[1])["text"] for event in events]
     assert "".join(pieces) == (cleaned_up(text) if clean_up else text) and len(pieces) > 3
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_the_schemas_text_pattern_reads_white_space_as_the_server_does(client):
+    """JSON Schema's \\S is ECMA-262's; the schema spells out Python's white space instead, so a text
+    the schema takes is one the server takes."""
+    import re
+
+    doc = client.get("/openapi.json").json()
+    body = doc["paths"]["/v1/correct"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"][0]
+    pattern = body["properties"]["source"]["pattern"]
+    for text, taken in (("\x1c", False), ("\x85", False), ("\u3000", False), ("\ufeff", True), (" a", True)):
+        assert bool(re.search(pattern, text)) is taken, repr(text)
+        status = client.post("/v1/correct", json={"source": text, "candidates": ["a b"], "max_new_tokens": 4}).status_code
+        assert (status == 200) is taken, (repr(text), status)

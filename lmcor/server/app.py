@@ -542,7 +542,10 @@ _ERROR = {"type": "object", "required": ["kind", "message"],
           "properties": {"kind": {"type": "string"}, "message": {"type": "string"}}}
 _ITEM_ERROR = {"type": "object", "required": ["id", "error"], "properties": {"id": {}, "error": _ERROR}}
 _TEXTS = {"type": "array", "items": {"type": "string"}}
-_TEXT = {"type": "string", "pattern": r"\S", "description": "not empty, not only white space"}
+# A character that is not white space as Python's str.strip() reads it, spelt out: JSON Schema's \S is
+# ECMA-262's, which differs (U+FEFF is space there, U+001C-U+001F and U+0085 are not).
+_NOT_SPACE = r"[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_TEXT = {"type": "string", "pattern": _NOT_SPACE, "description": "not empty, not only white space"}
 _ID = {"description": "any JSON value, returned as given"}
 _CORRECTION = {"type": "object", "required": ["id", "output", "truncated", "input_tokens", "output_tokens"],
                "properties": {"id": {}, "output": {"type": "string"}, "truncated": {"type": "boolean"},
