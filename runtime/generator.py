@@ -357,11 +357,12 @@ class Generator:
                 new.append([*draft[:accepted], int(chosen[i, accepted])])
                 mask[i, mask.shape[1] - span + 1 + accepted :] = 0  # the rejected drafts
                 next_position[i] += 1 + accepted
-        decoded = self.tokenizer.decode_batch(tokens, skip_special_tokens=True)
-        texts = [stopped.get(r, decoded[r]) for r in range(batch)]
-        if self.manifest.clean_up_spaces:
-            texts = [cleaned_up(text) for text in texts]
-        return list(zip(texts, tokens))
+        decoded = [self._text(text) for text in self.tokenizer.decode_batch(tokens, skip_special_tokens=True)]
+        return [(stopped.get(r, decoded[r]), tokens[r]) for r in range(batch)]
+
+    def _text(self, decoded: str) -> str:
+        """An answer's text as transformers writes it: cleaned up where the bundle says so."""
+        return cleaned_up(decoded) if self.manifest.clean_up_spaces else decoded
 
     def _take(self, written: list[int], new: list[int], limit: int, stops: tuple[str, ...],
               stopped: dict[int, str], row: int) -> bool:
@@ -372,7 +373,7 @@ class Generator:
                 return False
             written.append(token)
             if stops:
-                text = self.tokenizer.decode(written, skip_special_tokens=True)
+                text = self._text(self.tokenizer.decode(written, skip_special_tokens=True))
                 cut = min((text.find(s) for s in stops if s in text), default=-1)
                 if cut >= 0:
                     stopped[row] = text[:cut]

@@ -457,6 +457,9 @@ def test_a_tokenizer_saved_to_clean_up_spaces_decodes_as_transformers(tmp_path):
     (got,) = Generator.load(tmp_path / "lm").generate_batch([PROMPTS[0]], max_new_tokens=6)
     assert got.text == AutoTokenizer.from_pretrained(tmp_path / "ck").decode(got.token_ids, skip_special_tokens=True)
     assert got.text == "," * 6
+    generator = Generator.load(tmp_path / "lm")  # a stop string is found in the text as it is written
+    (stopped,) = generator.generate_batch([PROMPTS[0]], max_new_tokens=6, stop=[",,,"])
+    assert stopped.text == "" and len(stopped.token_ids) == 3
 
 
 def test_a_failure_of_lmcors_own_is_not_blamed_on_the_prompts(bundle, monkeypatch):

@@ -5,6 +5,7 @@ and no line is lost or written twice; a Ray Serve replica answers the HTTP API a
 
 import json
 import os
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,9 +108,13 @@ def test_resume_refuses_another_inputs_output(cluster, jsonl, plain, tmp_path, c
     assert out.read_bytes() == plain.read_bytes()
 
 
-def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluster, jsonl):
+def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluster, jsonl, tmp_path):
     texts = ray.data.from_items([{"line": 1, "size": 10, "raw": '{"source": "a", "candidates": ["b"]}'}])
     lines = lmcor_ray.read_jsonl(jsonl)
+    unlabelled = tmp_path / "gate"  # a classifier with no "right" label: no gate
+    shutil.copytree(lmcor_ray.shipped_bundle("gate"), unlabelled)
+    manifest = json.loads((unlabelled / "lmcor.json").read_text())
+    (unlabelled / "lmcor.json").write_text(json.dumps({**manifest, "labels": ["neg", "pos"]}))
     for dataset, settings, message in [
             (texts, {}, r"rows must be \{line: int64, size: int64, raw: binary\}.*raw: string"),
             (ray.data.from_items([{"line": 1}]), {}, "rows must be"),
@@ -121,6 +126,7 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
             (lines, {"options": lmcor_ray.CorrectionOptions(max_new_tokens=500)}, "max_new_tokens must be"),
             (lines, {"options": lmcor_ray.CorrectionOptions(gate_threshold=0.5)}, "gate_threshold needs a gate"),
             (lines, {"model": "/nonexistent"}, "/nonexistent"),
+            (lines, {"gate": str(unlabelled)}, "the gate must have a 'right' label"),
             (lines, {"providers": "CPUExecutionProvider"}, "providers must be a list")]:
         with pytest.raises(lmcor_ray.LmcorError, match=message):  # InputError; a missing bundle's BundleError
             lmcor_ray.correct_dataset(dataset, **settings)

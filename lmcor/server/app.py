@@ -371,7 +371,7 @@ class _Tokens:
     and each `token` event carries the text they added (decoded whole, so that a word split over two
     steps comes out right). What the next tokens may still change waits: a character whose bytes are
     split between tokens (decoded as U+FFFD until its last byte comes), and, where the bundle cleans
-    up spaces ("a ," becomes "a,"), what follows the last space; it is sent before the result."""
+    up spaces ("a ," becomes "a,"), the last two words; it is sent before the result."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, count: int, *, clean_up: bool = False):
         self.loop, self.tokenizer, self.clean_up = loop, tokenizer, clean_up
@@ -406,8 +406,8 @@ class _Tokens:
             text = cleaned_up(text)
         if settled:
             text = text.rstrip("\ufffd")
-            if self.clean_up:
-                text = text[: max(text.rfind(" "), 0)]
+            if self.clean_up:  # one replacement can make the next ("do n ' t": "do n't", then "don't"): two words wait
+                text = text[: max(text.rfind(" ", 0, max(text.rfind(" "), 0)), 0)]
         shown = self.shown[index]
         if not (text.startswith(shown) and len(text) > len(shown)):
             return []
