@@ -72,6 +72,11 @@ def check_gate_labels(root: Path, labels: Sequence[str]) -> None:
         raise BundleError(f"{root}: the gate must have a 'right' label (it has {', '.join(labels)})")
 
 
+def check_gate_bundle(path: str | Path) -> None:
+    """A gate bundle, checked without loading it: a classifier's manifest with a 'right' label."""
+    check_gate_labels(path, load_manifest(path, verify=False, kind="classifier").labels)
+
+
 def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequence[str]]]) -> list[float]:
     """For (source, candidates) pairs, the gate's probability that the first candidate is right."""
     check_gate_labels(gate.root, gate.labels)

@@ -48,7 +48,7 @@ from lmcor.cli.lines import (Answer, answer_chunk, check_resumed, line_at, regul
                              write_answers)
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
 from lmcor.runtime.bundle import load_manifest, shipped_bundle
-from lmcor.runtime.classifier import Classifier, check_gate_labels
+from lmcor.runtime.classifier import Classifier, check_gate_bundle
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.engine import check_gate_threshold
@@ -280,8 +280,7 @@ def check_settings(*, model: str | None = None, options: CorrectionOptions | Non
     check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
     check_gate_threshold(gate is not None, options)
     if gate is not None:
-        bundle = gate or shipped_bundle("gate")
-        check_gate_labels(bundle, load_manifest(bundle, verify=False, kind="classifier").labels)
+        check_gate_bundle(gate or shipped_bundle("gate"))
 
 
 def _check_rows(dataset: Dataset) -> None:

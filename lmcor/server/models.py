@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from lmcor.runtime.bundle import load_manifest, shipped_bundle
-from lmcor.runtime.classifier import Classification, Classifier, check_gate_labels
+from lmcor.runtime.classifier import Classification, Classifier, check_gate_bundle
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.engine import Engine
 from lmcor.runtime.errors import InputError, LmcorError
@@ -141,8 +141,7 @@ class Models:
         (its models load after, while /health says "loading")."""
         load_manifest(config.model or shipped_bundle("default"), verify=False, kind="corrector")
         if config.gate is not None:
-            gate = config.gate or shipped_bundle("gate")
-            check_gate_labels(gate, load_manifest(gate, verify=False, kind="classifier").labels)
+            check_gate_bundle(config.gate or shipped_bundle("gate"))
         for path in config.classifiers.values():
             load_manifest(path, verify=False, kind="classifier")
         for path in config.generators.values():
