@@ -149,6 +149,23 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
     """(model in eval mode, fast tokenizer) of a checkpoint folder, after checking both folders.
 
     `auto_class` names the transformers auto class (e.g. "AutoModelForSeq2SeqLM")."""
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
+    _refuse_overlap(model_dir, out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
+    model, tokenizer = load_model(model_dir, auto_class)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        log.warning("%s: the tokenizer has %d tokens, the model's embeddings %d: a text holding one of the others "
+                    "is refused (resize them: model.resize_token_embeddings(len(tokenizer)))", model_dir,
+                    len(tokenizer), vocab)
+    return model, tokenizer
+
+
+def load_model(model_dir: Path, auto_class: str):
+    """(model in eval mode, fast tokenizer) of a checkpoint folder, each of its files checked first and
+    every weight of the model present (exporting and fine-tuning both need the whole model)."""
     try:
         import torch
         import transformers
@@ -156,9 +173,6 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
         raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
-    _refuse_overlap(model_dir, out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise ExportError(f"{model_dir}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
                           "tokenizer with the model (tokenizer.save_pretrained)")
@@ -182,11 +196,6 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
         raise ExportError(f"{model_dir}: the checkpoint lacks weights of this model ({', '.join(missing[:3])}{more} "
                           "would start at random): save the whole model (model.save_pretrained), or export one with "
                           "its language-model head")
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        log.warning("%s: the tokenizer has %d tokens, the model's embeddings %d: a text holding one of the others "
-                    "is refused (resize them: model.resize_token_embeddings(len(tokenizer)))", model_dir,
-                    len(tokenizer), vocab)
     return model.eval(), tokenizer
 
 

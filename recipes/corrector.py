@@ -42,7 +42,7 @@ from lmcor.cli import STDERR, say
 from lmcor.cli.lines import split_lines
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
 from lmcor.runtime.bundle import sha256_of
-from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.errors import ExportError, InputError
 from lmcor.runtime.jsonl import blank, dump_record, parse_line
 
 from . import fallback, noise
@@ -270,9 +270,9 @@ RUN_STATE = ("checkpoint.pt", "best.pt", "train_log.jsonl", "tokenizer", "hf", "
 MARK = "train-corrector.json"
 
 
-def _check_out(job: Job) -> dict:
+def _check_out(job: Job, model: dict) -> dict:
     """Refuse an OUT that this job must not use, before anything is written; the record of the run
-    it resumes (`MARK`), or an empty one."""
+    it resumes (`MARK`), or an empty one. `model`: what the job trains (`_model_said`)."""
     out = job.out
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: not a folder (a file of that name exists)")
@@ -301,7 +301,37 @@ def _check_out(job: Job) -> dict:
         raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
                          f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "
                          "another folder")
+    before = record.get("model")
+    # Another --init of the same shape would load the old weights without complaint, to be read with
+    # its own tokenizer.
+    if isinstance(before, dict) and _same_model(before) != _same_model(model) and trained:
+        raise InputError(f"{out}: a run of another model ({_model_shown(before)}); restart it (--restart) or train "
+                         "into another folder")
     return record
+
+
+def _model_said(job: Job) -> dict:
+    """What a run trains, as its record keeps it: the --size from scratch, or the --init checkpoint
+    by a digest of its configuration and tokenizer files (its weights matter only before the first
+    checkpoint)."""
+    if job.init is None:
+        return {"size": job.size}
+    from lmcor.export.checkpoint import TOKENIZER_FILES
+
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 *TOKENIZER_FILES):
+        if (job.init / name).is_file():
+            digest.update(f"{name}:{sha256_of(job.init / name)}\n".encode())
+    return {"init": str(job.init.resolve()), "files": digest.hexdigest()[:16]}
+
+
+def _same_model(said: dict) -> tuple:
+    return ("size", said.get("size")) if "size" in said else ("init", said.get("files"))
+
+
+def _model_shown(said: dict) -> str:
+    return f"--size {said['size']}" if "size" in said else f"--init {said.get('init')}"
 
 
 def _clear(out: Path) -> None:
@@ -351,19 +381,42 @@ def _check_init(init: Path) -> None:
         raise InputError(f"--init {init}: its {positions} positions hold no training input of up to {needed} tokens")
 
 
-def _model(job: Job, train: list[Pair]):
-    """(model, tokenizer, copy warm-up) for the job: from scratch, or the --init checkpoint."""
+def load_init(init: Path):
+    """(model, tokenizer) of the --init checkpoint, whole and ready to fine-tune: loaded before OUT is
+    touched or candidates are written, so that a checkpoint with unreadable files or missing weights
+    is said at once."""
+    from lmcor.export.checkpoint import load_model
+
+    try:
+        model, tokenizer = load_model(init, "AutoModelForSeq2SeqLM")
+    except ExportError as e:
+        raise InputError(f"--init {e}") from None
+    size = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > size:  # its tokens past the embeddings would fail the first step that reads one
+        log.info("--init %s: its tokenizer has %d tokens and its embeddings %d: the embeddings are grown to hold "
+                 "them", init, len(tokenizer), size)
+        model.resize_token_embeddings(len(tokenizer))
+    # Labels are the tokenizer's targets; mBART's start with the target language's code, which is the
+    # source language's for a corrector unless the tokenizer says otherwise.
+    if getattr(tokenizer, "tgt_lang", "") is None and getattr(tokenizer, "src_lang", None) is not None:
+        tokenizer.tgt_lang = tokenizer.src_lang
+    forced = model.generation_config.forced_bos_token_id
+    first = tokenizer(text_target="a")["input_ids"][0]
+    if forced is not None and first != forced:
+        raise InputError(f"--init {init}: its generation config starts every output with token {forced} "
+                         f"({tokenizer.convert_ids_to_tokens(forced)!r}), but its tokenizer starts a target with "
+                         f"{first} ({tokenizer.convert_ids_to_tokens(first)!r}): set tgt_lang in its "
+                         "tokenizer_config.json, or forced_bos_token_id in its generation_config.json, to the "
+                         "outputs' language")
+    return model.train(), tokenizer
+
+
+def _model(job: Job, train: list[Pair], init):
+    """(model, tokenizer, copy warm-up) for the job: from scratch, or `init` (`load_init`'s)."""
     from . import train as recipe
 
-    if job.init is not None:
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(job.init, use_fast=True, local_files_only=True)
-            model = AutoModelForSeq2SeqLM.from_pretrained(job.init, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise LmcorError(f"{job.init}: cannot load the --init checkpoint ({str(e).splitlines()[0]})") from None
-        return model, tokenizer, False
+    if init is not None:
+        return *init, False
     settings = recipe.Settings(**SIZES[job.size])
     tokenizer_dir = job.out / "tokenizer"
     # Made again until training has started with it: one left by a run that stopped before its first
@@ -445,7 +498,8 @@ def run(job: Job) -> dict:
     _check_device(job.device)
     if job.init is not None:
         _check_init(job.init)
-    resumed = _check_out(job)
+    model_said = _model_said(job)
+    resumed = _check_out(job, model_said)
     # Every input is checked before OUT is cleared or made.
     pairs = read_pairs(job.pairs, need_candidates=job.llm is None, max_bytes=job.max_line_bytes)
     split(pairs, job.held_out)
@@ -454,20 +508,21 @@ def run(job: Job) -> dict:
         log.warning("%s: trained on another pairs file (or %s before it changed): training goes on from its "
                     "checkpoint, with its tokenizer, for what is left of --minutes; --restart trains afresh",
                     job.out, job.pairs)
+    init = load_init(job.init) if job.init is not None else None
     writer = candidate_writer(job) if job.llm is not None else None
     if not job.resume:
         _clear(job.out)
     # The folder is this command's from now on: candidates cut short by a signal are continued.
     job.out.mkdir(parents=True, exist_ok=True)
-    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out, "pairs": pairs_digest}) + "\n",
-                                encoding="utf-8")
+    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out, "pairs": pairs_digest, "model": model_said})
+                                + "\n", encoding="utf-8")
     if writer is not None:
         pairs = llm_candidates(job, pairs, writer)
     parts = split(pairs, job.held_out)
     _write_items(job.out / "dev.jsonl", parts["dev"])
     _write_items(job.out / "test.jsonl", parts["test"])
     log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
-    model, tokenizer, warmup = _model(job, parts["train"])
+    model, tokenizer, warmup = _model(job, parts["train"], init)
     fitting = {name: _fitting(tokenizer, parts[name]) for name in ("train", "dev", "test")}
     for name, kept in fitting.items():  # said now, not after the training budget
         if not kept:
@@ -477,7 +532,7 @@ def run(job: Job) -> dict:
         log.warning("%d train pairs left out: their sources alone are longer than the corrector's %d input tokens",
                     len(parts["train"]) - len(fitting["train"]), recipe.MAX_INPUT_TOKENS)
     settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
-    dev = [Example(p.source, list(p.candidates), p.target) for p in parts["dev"]]
+    dev = [Example(p.source, list(p.candidates), p.target) for p in fitting["dev"]]  # as the bundle reads them
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
                     examples=lambda step: examples(fitting["train"], job.synthetic, settings.seed + step), dev=dev,
                     copy_warmup=warmup, resume=job.resume, device=job.device,
@@ -486,7 +541,8 @@ def run(job: Job) -> dict:
     stage = "export"
     (job.out / "report.json").unlink(missing_ok=True)  # an earlier run's: it does not describe what is made now
     try:
-        export_corrector(hf, bundle, max_output_tokens=settings.max_target_tokens, overwrite=True)
+        export_corrector(hf, bundle, max_input_tokens=recipe.MAX_INPUT_TOKENS,
+                         max_output_tokens=settings.max_target_tokens, overwrite=True)
         stage = "fallback calibration"
         fallback.calibrate_bundle(bundle, job.out / "dev.jsonl")
         stage = "report"

@@ -26,6 +26,8 @@ slips instead of looping.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import logging
 import math
@@ -260,6 +262,8 @@ def _text_pairs(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[
 def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]] | None]:
     """(input ids, labels) of each item, or None for one the runtime would refuse: its source alone
     longer than MAX_INPUT_TOKENS, or empty (noise can drop a one-word sentence's only word)."""
+    if not items:
+        return []
     requests = []
     for e in items:
         try:
@@ -267,10 +271,21 @@ def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int
         except InputError as error:
             requests.append(error)
     usable = [r for r in requests if not isinstance(r, InputError)]
-    encoded = iter(encode_requests(tokenizer.backend_tokenizer, TEMPLATE, usable, MAX_INPUT_TOKENS) if usable else ())
+    encoded = iter(encode_requests(_untruncated(tokenizer), TEMPLATE, usable, MAX_INPUT_TOKENS) if usable else ())
     enc = [r if isinstance(r, InputError) else next(encoded) for r in requests]
-    dec = tokenizer.backend_tokenizer.encode_batch([e.target for e in items])
-    return [None if isinstance(x, InputError) else (x.ids.tolist(), y.ids) for x, y in zip(enc, dec)]
+    # As targets: mBART's start with the target language's code, not the source's.
+    dec = tokenizer(text_target=[e.target for e in items], truncation=False)["input_ids"]
+    return [None if isinstance(x, InputError) else (x.ids.tolist(), y) for x, y in zip(enc, dec)]
+
+
+@functools.lru_cache(maxsize=4)
+def _untruncated(tokenizer):
+    """The tokenizer's Rust tokenizer as the runtime reads with it (`tokens.load_tokenizer`): never
+    truncating or padding, whatever the checkpoint saved or the last `tokenizer(...)` call set."""
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
 
 
 def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random):

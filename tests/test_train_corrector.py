@@ -425,3 +425,126 @@ def test_an_interrupted_scoring_after_training_says_so(pairs, tmp_path, monkeypa
     assert _train_own(own, out) == 130
     assert "interrupted while scoring the weights on dev (training is done and saved" in caplog.text
     assert (out / "checkpoint.pt").is_file() and not (out / "hf").exists()
+
+
+def _mbart_checkpoint(path, tgt_lang, forced):
+    """A tiny mBART-50 checkpoint whose tokenizer writes targets in `tgt_lang` and whose generation
+    config forces the language code `forced` first."""
+    from transformers import MBart50TokenizerFast, MBartConfig, MBartForConditionalGeneration
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(english_sentences(300, seed=1), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = MBart50TokenizerFast(tokenizer_object=tok, src_lang="en_XX", tgt_lang=tgt_lang, bos_token="<s>",
+                                     eos_token="</s>", pad_token="<pad>", unk_token="<unk>", sep_token="</s>",
+                                     cls_token="<s>", mask_token="<unk>")
+    torch.manual_seed(0)
+    model = MBartForConditionalGeneration(MBartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=600, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2))
+    model.generation_config.forced_bos_token_id = tokenizer.convert_tokens_to_ids(forced)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer.convert_tokens_to_ids(tgt_lang)
+
+
+def test_an_mbart_init_learns_targets_that_start_as_its_outputs_do(pairs, tmp_path, capsys):
+    """Labels are encoded as targets (the target language's code first, which the bundle forces), not
+    as sources; a checkpoint whose forced first token is another language's is refused."""
+    from transformers import AutoTokenizer
+
+    from lmcor.recipes.corrector import load_init
+    from lmcor.recipes.noise import Example
+    from lmcor.recipes.train import _encoded
+
+    own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
+    init, german = _mbart_checkpoint(tmp_path / "mbart", "de_DE", "de_DE")
+    _, tokenizer = load_init(init)
+    (ids, labels), = _encoded(tokenizer, [Example("teh cat", ["The cat."], "The cat.")], copy=False)
+    assert labels[0] == german and ids[0] == tokenizer.convert_tokens_to_ids("en_XX")
+    assert _train_own(own, tmp_path / "run", "--init", str(init)) == 0
+    assert Corrector.load(tmp_path / "run" / "bundle").manifest.special_tokens.forced_bos == german
+
+    mixed, _ = _mbart_checkpoint(tmp_path / "mixed", "de_DE", "fr_XX")
+    assert _train_own(own, tmp_path / "run-mixed", "--init", str(mixed)) == 2
+    assert "starts every output with token" in capsys.readouterr().err and not (tmp_path / "run-mixed").exists()
+    assert AutoTokenizer.from_pretrained(mixed).tgt_lang == "de_DE"
+
+
+def test_an_init_that_cannot_be_trained_is_refused_before_out_is_made(llm, pairs, tmp_path, checkpoints, capsys):
+    """Its weights missing, unreadable or partial: said before OUT is made or the LLM writes candidates."""
+    from safetensors.torch import load_file, save_file
+
+    cases = {}
+    cases["no weights"] = tmp_path / "none"
+    shutil.copytree(checkpoints["t5"], cases["no weights"])
+    (cases["no weights"] / "model.safetensors").unlink()
+    cases["torn"] = tmp_path / "torn"
+    shutil.copytree(checkpoints["t5"], cases["torn"])
+    weights = (cases["torn"] / "model.safetensors").read_bytes()
+    (cases["torn"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    cases["no decoder"] = tmp_path / "encoder-only"
+    shutil.copytree(checkpoints["t5"], cases["no decoder"])
+    tensors = load_file(cases["no decoder"] / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("decoder.")}, cases["no decoder"] / "model.safetensors",
+              metadata={"format": "pt"})
+    for case, said in (("no weights", "loading the checkpoint failed"), ("torn", "model.safetensors: cannot be read"),
+                       ("no decoder", "lacks weights of this model (decoder.")):
+        assert _train(pairs, tmp_path / "run", llm, "--init", str(cases[case])) == 2, case
+        err = capsys.readouterr().err
+        assert f"--init {cases[case]}" in err and said in err, (case, err)
+        assert not (tmp_path / "run").exists()
+
+
+def test_an_init_reads_inputs_whole_and_its_bundle_reads_what_it_trained_on(pairs, tmp_path, checkpoints):
+    """A checkpoint's tokenizer that truncates (saved so, or left so by a call) does not cut training
+    inputs or labels; a tokenizer with more tokens than the embeddings grows them; the bundle reads
+    the 512 input tokens training used, not the 1024 its positions and tokenizer allow."""
+    from conftest import build_checkpoint
+
+    from lmcor.recipes.corrector import load_init
+    from lmcor.recipes.noise import Example
+    from lmcor.recipes.train import MAX_INPUT_TOKENS, _encoded
+
+    init = build_checkpoint("bart", tmp_path / "bart", positions=1024)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
+    tokenizer.backend_tokenizer.enable_truncation(16)
+    tokenizer.add_tokens(["<new-1>", "<new-2>"])
+    tokenizer.model_max_length = 1024
+    tokenizer.save_pretrained(init)
+    model, tokenizer = load_init(init)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    tokenizer(["word " * 50], truncation=True, max_length=8)  # as scoring on dev does
+    long = Example("the cat " * 20, ["The cat " * 20], "The cat " * 20)
+    (ids, labels), = _encoded(tokenizer, [long], copy=False)
+    assert len(labels) == len(tokenizer(text_target=long.target)["input_ids"]) > 40 and len(ids) > 80
+    own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
+    assert _train_own(own, tmp_path / "run", "--init", str(init)) == 0
+    assert Corrector.load(tmp_path / "run" / "bundle").manifest.max_input_tokens == MAX_INPUT_TOKENS
+
+
+def test_another_init_does_not_resume_a_run_and_dev_holds_what_the_bundle_reads(pairs, tmp_path, checkpoints, capsys,
+                                                                               monkeypatch):
+    from lmcor.recipes import train as recipe
+    from lmcor.recipes.corrector import part_of
+
+    rows = [json.loads(line) for line in _with_candidates(pairs, tmp_path / "own.jsonl", 30).read_text().splitlines()]
+    rows = [{**r, "source": "word " * 600} if part_of(r["source"], 0.3) == "dev" and n % 2 else r
+            for n, r in enumerate(rows)]
+    own = tmp_path / "some-long.jsonl"
+    own.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fit, seen = recipe.fit, []
+    monkeypatch.setattr(recipe, "fit", lambda *args, dev, **kwargs: seen.append(dev) or fit(*args, dev=dev, **kwargs))
+    out = tmp_path / "run"
+    assert _train_own(own, out, "--init", str(checkpoints["t5"])) == 0
+    assert seen[0] and all(len(e.source) < 600 for e in seen[0])  # the unreadable dev pairs choose no checkpoint
+    other = tmp_path / "other-t5"  # the same shape, another tokenizer configuration
+    shutil.copytree(checkpoints["t5"], other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 300}))
+    assert _train_own(own, out, "--init", str(other)) == 2
+    assert f"a run of another model (--init {checkpoints['t5'].resolve()})" in capsys.readouterr().err
+    assert _train_own(own, out, "--init", str(other), "--restart") == 0
