@@ -56,6 +56,23 @@ def _shape(config) -> DecoderShape:
     return DecoderShape(layers, kv_heads, head_dim, config.vocab_size)
 
 
+def _limits(config, tokenizer, max_input_tokens: int | None, max_output_tokens: int | None) -> tuple[int, int]:
+    """(max input tokens, max output tokens) of a causal LM's bundle. Its prompt and answer share the
+    input limit's positions, so an answer takes at most all but one of them."""
+    inputs = input_limit(config, tokenizer, max_input_tokens)
+    if inputs < 2:
+        raise ExportError(f"--max-input-tokens {inputs}: a causal LM's positions hold its prompt and its answer, at "
+                          "least 2")
+    outputs = output_limit(config, max_output_tokens, after_prompt=True)
+    if outputs >= inputs:
+        if max_output_tokens is not None:
+            raise ExportError(f"--max-output-tokens {outputs}: a causal LM's answer shares the bundle's {inputs} "
+                              "positions (--max-input-tokens) with its prompt (at least 1 token); at most "
+                              f"{inputs - 1}")
+        outputs = inputs - 1
+    return inputs, outputs
+
+
 def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_tokens: int | None = None,
                      max_output_tokens: int | None = None, opset: int | None = None, precision: str = "fp32",
                      atol: float | None = None, overwrite: bool = False) -> Manifest:
@@ -78,6 +95,7 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     # None, or -1 (early LLaMA conversions): padding is lmcor's own, and EOS serves.
     pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id >= 0 else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
+    inputs, outputs = _limits(config, tokenizer, max_input_tokens, max_output_tokens)
     with staged_export(model_dir, out_dir, "text-generation-with-past", opset) as (raw, staged):
         with stage(model_dir, "constant reshape targets"):
             rewrite_file(raw / MODEL_FILE)
@@ -90,10 +108,10 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="causal-lm", architecture=config.model_type,
-            max_input_tokens=input_limit(config, tokenizer, max_input_tokens), precision=precision,
+            max_input_tokens=inputs, precision=precision,
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
             special_tokens=SpecialTokens(pad=int(pad), eos=int(eos), decoder_start=int(bos)), decoder=_shape(config),
-            max_output_tokens=output_limit(config, max_output_tokens, after_prompt=True), exporter=versions(),
+            max_output_tokens=outputs, exporter=versions(),
             end_tokens=tuple(dict.fromkeys(t for t in ends[1:] if t != eos)), sliding_window=_sliding_window(config),
             clean_up_spaces=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
         )

@@ -209,11 +209,16 @@ def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
 
 
 def _made_by(job: Job) -> str:
-    """What a line's candidates depend on besides its source: the LLM (its files' checksums), the
-    prompt, k, the temperature and the length limit."""
-    from lmcor.runtime.bundle import load_manifest
+    """What a line's candidates depend on besides its source: the LLM (its files' checksums and its
+    manifest's settings: a bundle exported again from the same checkpoint with other limits or end
+    tokens has the same files), the prompt, k, the temperature and the length limit."""
+    from lmcor.runtime.bundle import MANIFEST_NAME, load_manifest
 
-    llm = load_manifest(job.llm, kind="causal-lm").sha256 if job.llm is not None else {}
+    llm = {}
+    if job.llm is not None:
+        load_manifest(job.llm, kind="causal-lm")  # checked: the files are the ones it lists
+        manifest = json.loads((job.llm / MANIFEST_NAME).read_text(encoding="utf-8"))
+        llm = {key: value for key, value in manifest.items() if key not in ("validation", "exporter")}
     what = {"llm": llm, "prompt": job.prompt, "k": job.k, "temperature": job.temperature,
             "max_new_tokens": job.max_new_tokens}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -274,7 +274,7 @@ def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int
     encoded = iter(encode_requests(_untruncated(tokenizer), TEMPLATE, usable, MAX_INPUT_TOKENS) if usable else ())
     enc = [r if isinstance(r, InputError) else next(encoded) for r in requests]
     # As targets: mBART's start with the target language's code, not the source's.
-    dec = tokenizer(text_target=[e.target for e in items], truncation=False)["input_ids"]
+    dec = tokenizer(text_target=[e.target for e in items], truncation=False, verbose=False)["input_ids"]
     return [None if isinstance(x, InputError) else (x.ids.tolist(), y) for x, y in zip(enc, dec)]
 
 

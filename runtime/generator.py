@@ -46,6 +46,10 @@ class Sampling:
     top_p: float = 1.0
 
 
+class ScoresNotFinite(ArithmeticError):
+    """A row's scores a sample cannot be drawn from: it fails alone, as a prompt ONNX Runtime fails on."""
+
+
 class Prefix:
     """A shared prompt prefix, run once: its token ids and every layer's keys and values (batch 1),
     and the white space it ended with, which goes before each prompt instead (`Generator.prefix`);
@@ -158,7 +162,8 @@ class Generator:
         limits: dict[int, int] = {}
         for n, prompt in enumerate(prompts):
             try:
-                encoded[n], limits[n] = self._encode_prompt(prompt, prefixes[n], limit, fit=max_new_tokens is None)
+                encoded[n], limits[n], prefixes[n] = self._encode_prompt(prompt, prefixes[n], limit,
+                                                                         fit=max_new_tokens is None)
             except InputError as e:
                 if errors == "raise":
                     raise InputError(f"item {n}: {e}") from None
@@ -183,8 +188,8 @@ class Generator:
         try:
             generated = run_rows(rows)
         except Exception as e:
-            if not type(e).__module__.startswith("onnxruntime"):  # lmcor's own failure: not the prompt's
-                raise
+            if not (type(e).__module__.startswith("onnxruntime") or isinstance(e, ScoresNotFinite)):
+                raise  # lmcor's own failure: not the prompt's
             if len(rows) > 1:
                 for n in rows:
                     yield from self._answers([n], run_rows)
@@ -197,11 +202,12 @@ class Generator:
         for n, (text, ids) in zip(rows, generated):
             yield n, Generation(text, ids)
 
-    def _encode_prompt(self, prompt: Any, prefix: Prefix | None, limit: int, *, fit: bool) -> tuple[list[int], int]:
-        """A prompt's token ids and its limit of new tokens: `limit`, which must fit the model's
-        positions after the prompt, or with `fit`, as many as do."""
+    def _encode_prompt(self, prompt: Any, prefix: Prefix | None, limit: int, *,
+                       fit: bool) -> tuple[list[int], int, Prefix | None]:
+        """A prompt's token ids, its limit of new tokens (`limit`, which must fit the model's positions
+        after the prompt, or with `fit`, as many as do) and the prefix they follow (`_prompt_ids`)."""
         _check_prompt("the prompt", prompt)
-        ids = self._prompt_ids(prompt, prefix)
+        ids, prefix = self._prompt_ids(prompt, prefix)
         if not ids:
             raise InputError("the prompt has no tokens (this tokenizer drops all of it)")
         check_vocabulary(self.tokenizer, ids, self.manifest.decoder.vocab_size)
@@ -209,7 +215,7 @@ class Generator:
         positions = self.manifest.max_input_tokens
         room = positions - offset - len(ids) + 1  # the last new token is never fed back
         if fit and room >= 1:
-            return ids, min(limit, room)
+            return ids, min(limit, room), prefix
         if limit > room:
             after = f" after a prefix of {offset}" if offset else ""
             if fit:
@@ -218,36 +224,44 @@ class Generator:
             raise InputError(f"the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
                              f"{offset + len(ids) + limit - 1} of the model's {positions} positions; shorten it or "
                              "lower max_new_tokens")
-        return ids, limit
+        return ids, limit, prefix
 
-    def _prompt_ids(self, prompt: str, prefix: Prefix | None) -> list[int]:
-        """A prompt's token ids, after its prefix's: the whole text's tokens past the prefix's where
-        they start with them (a SentencePiece tokenizer marks a text's start, which a prompt tokenized
-        alone would get again), else the prompt's own, tokenized apart."""
+    def _prompt_ids(self, prompt: str, prefix: Prefix | None) -> tuple[list[int], Prefix | None]:
+        """A prompt's token ids and the prefix they follow. After a prefix: the whole text's tokens past
+        the prefix's where they start with them (a SentencePiece tokenizer marks a text's start, which
+        a prompt tokenized alone would get again); where a token spans the boundary (":▁" after
+        "Sentence:"), the whole text's tokens, run without the prefix, since the model reads the
+        text as the whole text's tokens. A `Prefix` made without its text: the prompt's own tokens."""
         if prefix is None:
-            return self.tokenizer.encode(prompt).ids
+            return self.tokenizer.encode(prompt).ids, None
         if prefix.text:
             whole = self.tokenizer.encode(prefix.text + prefix.gap + prompt).ids
             if whole[: len(prefix.ids)] == prefix.ids and len(whole) > len(prefix.ids):
-                return whole[len(prefix.ids) :]
-        return self.tokenizer.encode(prefix.gap + prompt, add_special_tokens=False).ids
+                return whole[len(prefix.ids) :], prefix
+            return whole, None
+        return self.tokenizer.encode(prefix.gap + prompt, add_special_tokens=False).ids, prefix
 
     def _batches(self, rows: list[int], encoded: dict[int, list[int]], limits: dict[int, int],
                  prefixes: list[Prefix | None], batch_size: int) -> Iterator[list[int]]:
-        """The prompts `rows` in batches of at most `batch_size`, in order. A batch's cache spans its
+        """The prompts `rows` in batches of at most `batch_size`, in order (those that run without their
+        prefix, `_prompt_ids`, last and apart). A batch's cache spans its
         longest prefix and prompt and its most new tokens, and that whole width fits the model's
         positions: some graphs size their masks by it (GPT-Neo's). After a prefix, a sliding-window
         model batches prompts of one length only (shortest first): its window counts cache slots, and
         the padding between a prefix and a shorter prompt would take some of them."""
         positions = self.manifest.max_input_tokens
-        one_length = bool(prefixes) and prefixes[0] is not None and self.manifest.sliding_window is not None
+        windowed = self.manifest.sliding_window is not None
+
+        def after(n: int) -> bool:
+            return prefixes[n] is not None
+
         batch: list[int] = []
         widths = (0, 0, 0)  # the batch's longest prefix, longest prompt, most new tokens
-        for n in sorted(rows, key=lambda n: len(encoded[n])) if one_length else rows:
-            own = (len(prefixes[n].ids) if prefixes[n] is not None else 0, len(encoded[n]), limits[n])
+        for n in sorted(rows, key=lambda n: (not after(n), len(encoded[n]) if windowed and after(n) else 0)):
+            own = (len(prefixes[n].ids) if after(n) else 0, len(encoded[n]), limits[n])
             grown = tuple(map(max, widths, own))
-            if batch and (len(batch) == batch_size or sum(grown) - 1 > positions
-                          or (one_length and len(encoded[batch[0]]) != len(encoded[n]))):
+            if batch and (len(batch) == batch_size or sum(grown) - 1 > positions or after(n) != after(batch[0])
+                          or (windowed and after(n) and len(encoded[batch[0]]) != len(encoded[n]))):
                 yield batch
                 batch, grown = [], own
             batch.append(n)
@@ -430,6 +444,8 @@ def _choose(logits: np.ndarray, sampling: Sampling, rngs: list[np.random.Generat
     scaled = logits.astype(np.float64) / sampling.temperature
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
+    if not np.isfinite(probs).all():  # a NaN or infinite logit: no distribution to draw from
+        raise ScoresNotFinite("its scores (logits) hold NaN or infinity, so there is no distribution to sample from")
     if sampling.top_p < 1.0:
         order = np.argsort(-probs, axis=-1)
         sorted_probs = np.take_along_axis(probs, order, axis=-1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lmcor.export.causal_lm import export_causal_lm
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.generator import Generator, Prefix
+from lmcor.runtime.generator import Generator, Prefix, row_seed
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -125,6 +125,41 @@ def test_a_prefix_on_a_sentencepiece_tokenizer_gives_the_whole_texts_tokens(tmp_
     shared = generator.generate_batch(tails, prefix=generator.prefix(head), max_new_tokens=8)
     whole = generator.generate_batch([head + t for t in tails], max_new_tokens=8)
     assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
+
+    # A token across the boundary (":▁" after "Sentence:"): such a prompt runs whole, without the
+    # prefix, and batched apart from the prompts that follow it.
+    head = "Rules: fix the grammar.\nSentence:"
+    tails = [" she go to school", "\nFixed: x", " .", " x y z"]
+    merged = [not tokenizer(head + t)["input_ids"][: len(generator.encode(head))] == generator.encode(head) for t in tails]
+    assert merged == [True, False, True, True]
+    shared = generator.generate_batch(tails, prefix=generator.prefix(head), max_new_tokens=8, batch_size=4)
+    whole = generator.generate_batch([head + t for t in tails], max_new_tokens=8)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
+
+
+def test_a_row_whose_scores_are_not_finite_fails_alone_when_sampled(tmp_path):
+    """Logits of +inf (an overflow, a broken checkpoint) leave sampling no distribution: that prompt
+    fails with its error, the others are answered; greedy picks the infinite score as transformers does."""
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+    with torch.no_grad():  # +inf for token 100 where the prompt holds "x" (its last hidden state's sign decides)
+        model.lm_head.weight[100] = float("inf") * torch.sign(model.lm_head.weight[100])
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=4)
+    generator = Generator.load(tmp_path / "lm")
+    sampled = generator.generate_batch(PROMPTS, temperature=1.0, seed=0, errors="return")
+    failed = [isinstance(g, InputError) for g in sampled]
+    assert any(failed), "the model was meant to give some prompt an infinite or NaN score"
+    assert all("NaN or infinity" in str(g) for g, bad in zip(sampled, failed) if bad)
+    alone = [generator.generate_batch([p], temperature=1.0, seed=[row_seed(0, n)], errors="return")[0]
+             for n, p in enumerate(PROMPTS)]
+    assert [isinstance(g, InputError) for g in alone] == failed
+    assert [g.token_ids for g, bad in zip(sampled, failed) if not bad] == [
+        g.token_ids for g, bad in zip(alone, failed) if not bad]
+    assert all(not isinstance(g, InputError) for g in generator.generate_batch(PROMPTS, errors="return"))
 
 
 def test_next_logits_refuses_what_it_cannot_run(bundle):
@@ -588,6 +623,22 @@ def test_a_batch_stays_within_the_positions_its_graph_masks(tmp_path):
     made = generator.prefix("Rules:")
     with pytest.raises(InputError, match="another model's Generator.prefix"):
         generator.generate_batch(["a"], prefix=Prefix(made.ids, made.past, made.gap, model="another model"))
-    encoded, limits = zip(*(generator._encode_prompt(p, None, 24, fit=True) for p in prompts))
+    encoded, limits, _ = zip(*(generator._encode_prompt(p, None, 24, fit=True) for p in prompts))
     assert [len(batch) for batch in generator._batches([0, 1, 2, 3], dict(enumerate(encoded)), dict(enumerate(limits)),
                                                        [None] * 4, 4)] == [1, 2, 1]
+
+
+def test_a_causal_lms_answers_fit_the_positions_its_bundle_reads(gpt2_checkpoint, tmp_path):
+    """Prompt and answer share the bundle's max input tokens: a smaller --max-input-tokens lowers the
+    default answer limit with it, and an answer limit that could never fit is refused."""
+    from lmcor.runtime.errors import ExportError
+
+    manifest = export_causal_lm(gpt2_checkpoint, tmp_path / "lm", max_input_tokens=16)
+    assert (manifest.max_input_tokens, manifest.max_output_tokens) == (16, 15)
+    assert len(Generator.load(tmp_path / "lm").generate_batch(["a"], max_new_tokens=15)[0].token_ids) <= 15
+    for limits, said in (({"max_input_tokens": 16, "max_output_tokens": 16}, "--max-output-tokens 16: a causal LM's "
+                          "answer shares the bundle's 16 positions"),
+                         ({"max_input_tokens": 1}, "--max-input-tokens 1: a causal LM's positions hold")):
+        with pytest.raises(ExportError, match=said):
+            export_causal_lm(gpt2_checkpoint, tmp_path / "refused", **limits)
+        assert not (tmp_path / "refused").exists()
