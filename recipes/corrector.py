@@ -145,9 +145,12 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     if not parts["train"]:
         raise InputError(f"--held-out {held_out:g} leaves none of the {len(pairs)} pairs to train on; give a smaller one")
     if not parts["dev"] or not parts["test"]:
+        sources = len({pair.source for pair in pairs})
+        held = f"{held_out / 2:.0%}" if held_out >= 0.02 else f"{held_out / 2:.2g}"
         raise InputError(f"--held-out {held_out:g} kept no {'dev' if not parts['dev'] else 'test'} pair of the "
-                         f"{len(pairs)} (dev and test each take about {held_out / 2:.0%}, by a hash of the source): "
-                         f"give about {enough} pairs or more, or a larger --held-out")
+                         f"{len(pairs)}, whose sources are {sources} different texts (dev and test each take about "
+                         f"{held} of them, by a hash of the source: a source's pairs stay together): give about "
+                         f"{enough} different sources or more, or a larger --held-out")
     return parts
 
 
@@ -378,10 +381,10 @@ def _check_init(init: Path) -> None:
         raise InputError(f"--init {init}: a {kind or 'model'} checkpoint, {what}: give a {', '.join(SEQ2SEQ_TYPES)} "
                          "checkpoint")
     # Learned positions (BART's) must hold the longest input and target training makes.
-    from .train import MAX_INPUT_TOKENS, Settings
+    from .train import MAX_INPUT_TOKENS, MAX_TARGET_TOKENS
 
     positions = config.get("max_position_embeddings")
-    needed = max(MAX_INPUT_TOKENS, Settings.max_target_tokens)
+    needed = max(MAX_INPUT_TOKENS, MAX_TARGET_TOKENS)
     if kind in ("bart", "mbart") and isinstance(positions, int) and positions < needed:
         raise InputError(f"--init {init}: its {positions} positions hold no training input of up to {needed} tokens")
 
@@ -405,8 +408,10 @@ def load_init(init: Path):
     # source language's for a corrector unless the tokenizer says otherwise.
     if getattr(tokenizer, "tgt_lang", "") is None and getattr(tokenizer, "src_lang", None) is not None:
         tokenizer.tgt_lang = tokenizer.src_lang
+    labels = tokenizer(text_target="a")["input_ids"]
+    _start_as_trained(init, model, tokenizer, labels)
     forced = model.generation_config.forced_bos_token_id
-    first = tokenizer(text_target="a")["input_ids"][0]
+    first = labels[0]
     if forced is not None and first != forced:
         raise InputError(f"--init {init}: its generation config starts every output with token {forced} "
                          f"({tokenizer.convert_ids_to_tokens(forced)!r}), but its tokenizer starts a target with "
@@ -414,6 +419,24 @@ def load_init(init: Path):
                          "tokenizer_config.json, or forced_bos_token_id in its generation_config.json, to the "
                          "outputs' language")
     return model.train(), tokenizer
+
+
+def _start_as_trained(init: Path, model, tokenizer, labels: list[int]) -> None:
+    """Make the token the model's outputs start from the one training feeds first. mBART (cc25) shifts
+    its targets ("text </s> en_XX") by wrapping the language code round to the front, where its
+    config's decoder start is "</s>": a bundle decoding from that would start as it never trained."""
+    import torch
+
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if shift is None:
+        return
+    start = int(shift(labels=torch.tensor([labels]))[0, 0])
+    said = model.generation_config.decoder_start_token_id
+    said = model.config.decoder_start_token_id if said is None else said
+    if start != said:
+        log.info("--init %s: training starts each output from token %d (%r), not its configured %s: the bundle "
+                 "decodes from %d", init, start, tokenizer.convert_ids_to_tokens(start), said, start)
+        model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = start
 
 
 def _model(job: Job, train: list[Pair], init):
@@ -448,13 +471,20 @@ def _progress_off_stdout(quiet: bool) -> Iterator[None]:
         yield
 
 
-def _fitting(tokenizer, pairs: list[Pair]) -> list[Pair]:
-    """The pairs whose inputs the corrector reads (`recipes.train._text_pairs`), tokenized once here
-    so that training does not tokenize the others again in every batch."""
-    from .train import _encoded
+def _fitting(tokenizer, pairs: list[Pair]) -> tuple[list[Pair], list[str]]:
+    """The pairs the corrector reads and writes whole (`recipes.train._encoded`), tokenized once here
+    so that training does not tokenize the others again in every batch; and why the others are left
+    out, counted."""
+    from .train import MAX_INPUT_TOKENS, MAX_TARGET_TOKENS, _encoded
 
     encoded = _encoded(tokenizer, [Example(p.source, list(p.candidates), p.target) for p in pairs], copy=False)
-    return [p for p, e in zip(pairs, encoded) if e is not None]
+    targets = tokenizer(text_target=[p.target for p in pairs], truncation=False, verbose=False)["input_ids"]
+    long_targets = sum(e is None and len(t) > MAX_TARGET_TOKENS for e, t in zip(encoded, targets))
+    long_sources = sum(e is None for e in encoded) - long_targets
+    why = ([f"{long_sources} whose sources alone are longer than the corrector's {MAX_INPUT_TOKENS} input tokens"]
+           if long_sources else [])
+    why += [f"{long_targets} whose targets are longer than the {MAX_TARGET_TOKENS} tokens it writes"] if long_targets else []
+    return [p for p, e in zip(pairs, encoded) if e is not None], why
 
 
 def _write_items(path: Path, pairs: list[Pair]) -> None:
@@ -528,14 +558,17 @@ def run(job: Job) -> dict:
     _write_items(job.out / "test.jsonl", parts["test"])
     log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
     model, tokenizer, warmup = _model(job, parts["train"], init)
-    fitting = {name: _fitting(tokenizer, parts[name]) for name in ("train", "dev", "test")}
-    for name, kept in fitting.items():  # said now, not after the training budget
-        if not kept:
-            raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens (their "
-                             "sources alone are longer): shorten them, or split them into sentences")
-    if len(fitting["train"]) < len(parts["train"]):
-        log.warning("%d train pairs left out: their sources alone are longer than the corrector's %d input tokens",
-                    len(parts["train"]) - len(fitting["train"]), recipe.MAX_INPUT_TOKENS)
+    fitting, left_out = {}, {}
+    for name in ("train", "dev", "test"):
+        fitting[name], left_out[name] = _fitting(tokenizer, parts[name])
+        if not fitting[name]:  # said now, not after the training budget
+            raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens and "
+                             f"{recipe.MAX_TARGET_TOKENS} output tokens ({'; '.join(left_out[name])}): shorten them, "
+                             "or split them into sentences")
+    for name in ("train", "dev"):
+        if left_out[name]:
+            log.warning("%d %s pairs left out of %s: %s", len(parts[name]) - len(fitting[name]), name,
+                        "training" if name == "train" else "checkpoint choice", "; ".join(left_out[name]))
     settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
     dev = [Example(p.source, list(p.candidates), p.target) for p in fitting["dev"]]  # as the bundle reads them
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
@@ -547,7 +580,7 @@ def run(job: Job) -> dict:
     (job.out / "report.json").unlink(missing_ok=True)  # an earlier run's: it does not describe what is made now
     try:
         export_corrector(hf, bundle, max_input_tokens=recipe.MAX_INPUT_TOKENS,
-                         max_output_tokens=settings.max_target_tokens, overwrite=True)
+                         max_output_tokens=recipe.MAX_TARGET_TOKENS, overwrite=True)
         stage = "fallback calibration"
         fallback.calibrate_bundle(bundle, job.out / "dev.jsonl")
         stage = "report"

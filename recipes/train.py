@@ -51,6 +51,7 @@ log = logging.getLogger("lmcor.recipes")
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(8)]
 TEMPLATE = Template()
 MAX_INPUT_TOKENS = 512  # what the exported corrector reads (its tokenizer's model_max_length)
+MAX_TARGET_TOKENS = 96  # what it writes (its bundle's max output tokens), EOS included
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,6 @@ class Settings:
     copy_share_after: float = 0.1
     decoder_noise: float = 0.1  # share of teacher-forced decoder inputs replaced by a slip, after warm-up
     decay_from: float = 0.5  # share of the time budget after which the learning rate decays (cosine)
-    max_target_tokens: int = 96
     seed: int = 0
 
 
@@ -210,11 +210,11 @@ def _pad(rows: list[list[int]], width: int, fill: int):
     return out
 
 
-def _tensors(pairs: list[tuple[list[int], list[int]]], settings: Settings, pad: int):
+def _tensors(pairs: list[tuple[list[int], list[int]]], pad: int):
     """(input_ids, attention_mask, labels) from (input ids, target ids) pairs."""
     inputs = _pad([x for x, _ in pairs], max(len(x) for x, _ in pairs), pad)
     mask = _pad([[1] * len(x) for x, _ in pairs], inputs.shape[1], 0)
-    labels = _pad([y for _, y in pairs], min(settings.max_target_tokens, max(len(y) for _, y in pairs)), -100)
+    labels = _pad([y for _, y in pairs], max(len(y) for _, y in pairs), -100)
     return inputs, mask, labels
 
 
@@ -255,13 +255,16 @@ def _random_copies(tokenizer, rng: random.Random, count: int) -> list[tuple[list
 
 def _text_pairs(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]]]:
     """Inputs as the runtime encodes them (`tokens.encode_requests`): a long one has its candidates
-    cut evenly to MAX_INPUT_TOKENS, and one whose source alone is longer is left out."""
+    cut evenly to MAX_INPUT_TOKENS, and one whose source alone is longer, or whose target is longer
+    than the corrector writes, is left out."""
     return [pair for pair in _encoded(tokenizer, items, copy) if pair is not None]
 
 
 def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int], list[int]] | None]:
     """(input ids, labels) of each item, or None for one the runtime would refuse: its source alone
-    longer than MAX_INPUT_TOKENS, or empty (noise can drop a one-word sentence's only word)."""
+    longer than MAX_INPUT_TOKENS, or empty (noise can drop a one-word sentence's only word); or None
+    where the labels are longer than MAX_TARGET_TOKENS: cut, they would end without EOS and teach the
+    model never to stop."""
     if not items:
         return []
     requests = []
@@ -275,7 +278,8 @@ def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int
     enc = [r if isinstance(r, InputError) else next(encoded) for r in requests]
     # As targets: mBART's start with the target language's code, not the source's.
     dec = tokenizer(text_target=[e.target for e in items], truncation=False, verbose=False)["input_ids"]
-    return [None if isinstance(x, InputError) else (x.ids.tolist(), y) for x, y in zip(enc, dec)]
+    return [None if isinstance(x, InputError) or len(y) > MAX_TARGET_TOKENS else (x.ids.tolist(), y)
+            for x, y in zip(enc, dec)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -310,7 +314,7 @@ def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random)
             start += size
         rng.shuffle(chunks)
         for chunk in chunks:
-            yield kind, _tensors(chunk, settings, tokenizer.pad_token_id)
+            yield kind, _tensors(chunk, tokenizer.pad_token_id)
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no_repeat_ngram_size: int = 0) -> dict:
@@ -325,7 +329,7 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
             enc = tokenizer([render(TEMPLATE, e.source, e.candidates).text for e in chunk], return_tensors="pt",
                             return_token_type_ids=False, padding=True, truncation=True, max_length=MAX_INPUT_TOKENS)
             enc = {name: value.to(model.device) for name, value in enc.items()}
-            out = model.generate(**enc, max_new_tokens=96, num_beams=1, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=MAX_TARGET_TOKENS, num_beams=1, do_sample=False,
                                  no_repeat_ngram_size=no_repeat_ngram_size)
             outputs += tokenizer.batch_decode(out, skip_special_tokens=True)
     model.train()
@@ -610,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                    llm_share=args.llm_share, init=args.init, join=args.join)
     from lmcor.export import export_corrector
 
-    export_corrector(hf_dir, args.out / "bundle", max_output_tokens=96, overwrite=True)
+    export_corrector(hf_dir, args.out / "bundle", max_output_tokens=MAX_TARGET_TOKENS, overwrite=True)
     log.info("exported %s", args.out / "bundle")
     fallback.calibrate_bundle(args.out / "bundle", [args.out / "dev.jsonl", LLM_SPLITS / "llm-dev.jsonl"])
     return 0

@@ -65,3 +65,17 @@ def test_eval_json_paths_that_would_lose_the_table_or_the_data_are_refused(bundl
                               "--json", str(data), "-q"], stdin=stdin, capture_output=True, timeout=300)
     assert run.returncode == 2 and b"is what standard input reads" in run.stderr
     assert json.loads(data.read_text())["target"] == "a b"
+
+
+def test_eval_json_through_a_link_to_a_file_not_written_yet(bundles, tmp_path):
+    """The scores go to the file the link names, and the link stays: no empty file is left beside it."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"source": "a b", "candidates": ["a b"], "target": "a b"}) + "\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "report.json")
+    assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(link), "-q"]) == 0
+    assert link.is_symlink() and json.loads((tmp_path / "report.json").read_text())["items"] == 1
+    nowhere = tmp_path / "nowhere.json"
+    nowhere.symlink_to(tmp_path / "missing-folder" / "report.json")
+    assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(nowhere), "-q"]) == 2
+    assert nowhere.is_symlink() and not (tmp_path / "missing-folder").exists()

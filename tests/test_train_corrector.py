@@ -435,17 +435,19 @@ def test_an_interrupted_scoring_after_training_says_so(pairs, tmp_path, monkeypa
     assert (out / "checkpoint.pt").is_file() and not (out / "hf").exists()
 
 
-def _mbart_checkpoint(path, tgt_lang, forced):
+def _mbart_checkpoint(path, tgt_lang, forced, cc25=False):
     """A tiny mBART-50 checkpoint whose tokenizer writes targets in `tgt_lang` and whose generation
-    config forces the language code `forced` first."""
-    from transformers import MBart50TokenizerFast, MBartConfig, MBartForConditionalGeneration
+    config forces the language code `forced` first (`cc25`: an mBART-cc25 one, whose targets end with
+    their language code)."""
+    from transformers import MBart50TokenizerFast, MBartConfig, MBartForConditionalGeneration, MBartTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(english_sentences(300, seed=1), trainers.BpeTrainer(
         vocab_size=500, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = MBart50TokenizerFast(tokenizer_object=tok, src_lang="en_XX", tgt_lang=tgt_lang, bos_token="<s>",
+    tokenizer = (MBartTokenizerFast if cc25 else MBart50TokenizerFast)(
+                                     tokenizer_object=tok, src_lang="en_XX", tgt_lang=tgt_lang, bos_token="<s>",
                                      eos_token="</s>", pad_token="<pad>", unk_token="<unk>", sep_token="</s>",
                                      cls_token="<s>", mask_token="<unk>")
     torch.manual_seed(0)
@@ -453,10 +455,10 @@ def _mbart_checkpoint(path, tgt_lang, forced):
         vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=600, pad_token_id=1,
         bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2))
-    model.generation_config.forced_bos_token_id = tokenizer.convert_tokens_to_ids(forced)
+    model.generation_config.forced_bos_token_id = tokenizer.convert_tokens_to_ids(forced) if forced else None
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path, tokenizer.convert_tokens_to_ids(tgt_lang)
+    return path, tokenizer.convert_tokens_to_ids(tgt_lang or "en_XX")
 
 
 def test_an_mbart_init_learns_targets_that_start_as_its_outputs_do(pairs, tmp_path, capsys):
@@ -480,6 +482,16 @@ def test_an_mbart_init_learns_targets_that_start_as_its_outputs_do(pairs, tmp_pa
     assert _train_own(own, tmp_path / "run-mixed", "--init", str(mixed)) == 2
     assert "starts every output with token" in capsys.readouterr().err and not (tmp_path / "run-mixed").exists()
     assert AutoTokenizer.from_pretrained(mixed).tgt_lang == "de_DE"
+
+    # mBART-cc25 targets end with their language code, which its shift wraps round to the front: the
+    # bundle decodes from that code, as training fed it, not from the configured "</s>".
+    cc25, english = _mbart_checkpoint(tmp_path / "cc25", None, None, cc25=True)
+    model, tokenizer = load_init(cc25)
+    (_, labels), = _encoded(tokenizer, [Example("teh cat", ["The cat."], "The cat.")], copy=False)
+    assert labels[-2:] == [tokenizer.eos_token_id, english]
+    assert model.generation_config.decoder_start_token_id == english
+    assert _train_own(own, tmp_path / "run-cc25", "--init", str(cc25)) == 0
+    assert Corrector.load(tmp_path / "run-cc25" / "bundle").manifest.special_tokens.decoder_start == english
 
 
 def test_an_init_that_cannot_be_trained_is_refused_before_out_is_made(llm, pairs, tmp_path, checkpoints, capsys):
@@ -558,3 +570,28 @@ def test_another_init_does_not_resume_a_run_and_dev_holds_what_the_bundle_reads(
     assert _train_own(own, out, "--init", str(other)) == 2
     assert f"a run of another model (--init {checkpoints['t5'].resolve()})" in capsys.readouterr().err
     assert _train_own(own, out, "--init", str(other), "--restart") == 0
+
+
+def test_pairs_the_corrector_cannot_write_whole_are_left_out_and_a_thin_split_counts_sources(pairs, tmp_path, capsys,
+                                                                                            caplog):
+    """A target longer than the 96 tokens the corrector writes would be trained cut, without its EOS;
+    a split that keeps no dev pair says how many different sources the pairs have."""
+    from lmcor.recipes.noise import Example
+    from lmcor.recipes.train import MAX_TARGET_TOKENS, _encoded
+    from lmcor.runtime.bundle import shipped_bundle
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(shipped_bundle("default") / "tokenizer.json"))
+    items = [Example("a cat", ["A cat."], "A cat. " * 40), Example("a cat", ["A cat."], "A cat.")]
+    assert len(tokenizer(text_target=items[0].target)["input_ids"]) > MAX_TARGET_TOKENS
+    assert [e is None for e in _encoded(tokenizer, items, copy=False)] == [True, False]
+    rows = [json.loads(line) for line in _with_candidates(pairs, tmp_path / "own.jsonl", 40).read_text().splitlines()]
+    rows = [{**r, "target": (r["target"] + " ") * 12} if n % 4 == 0 else r for n, r in enumerate(rows)]
+    some_long = tmp_path / "some-long.jsonl"
+    some_long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _train_own(some_long, tmp_path / "run", "--size", "tiny") == 0
+    assert "train pairs left out of training:" in caplog.text and "whose targets are longer than the 96 tokens" in caplog.text
+
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("".join(json.dumps(rows[n % 2]) + "\n" for n in range(60)))
+    assert _train_own(repeated, tmp_path / "run-repeated") == 2
+    assert "kept no dev pair of the 60, whose sources are 2 different texts" in capsys.readouterr().err
