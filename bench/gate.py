@@ -55,7 +55,7 @@ def compare(gate: Classifier, corrector: Corrector, items: Sequence[Item], thres
     probabilities = right_probabilities(gate, requests)
     gate_seconds = time.perf_counter() - started
     truth = [i.candidates[0] == i.target for i in items]
-    passed = [bool(p >= threshold) for p in probabilities]
+    passed = [p is not None and p >= threshold for p in probabilities]  # as the runtime's gate passes
     hits = sum(p and t for p, t in zip(passed, truth))
     systems = {"corrector": {}, "gate + corrector": {"gate": gate, "gate_threshold": threshold}}
     seconds: dict[str, list[float]] = {name: [] for name in systems}

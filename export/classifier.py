@@ -67,6 +67,17 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         raise ExportError(f"{model_dir}: config.json's id2label names no label for output {unlabelled[0]} of its "
                           f"{config.num_labels} (it has {sorted(config.id2label)}): give every output a label")
     labels = tuple(config.id2label[i] for i in range(config.num_labels))
+    odd = next((label for label in labels if not isinstance(label, str) or not label.strip()), None)
+    if odd is not None or len(set(labels)) < len(labels):
+        what = f"the label {odd!r}, not a name" if odd is not None else "a label twice: " + ", ".join(map(repr, labels))
+        raise ExportError(f"{model_dir}: config.json's id2label has {what}; a bundle answers with its labels' "
+                          "names, which must be distinct non-empty strings")
+    inputs = input_limit(config, tokenizer, max_input_tokens)
+    least = tokenizer.num_special_tokens_to_add(pair=True) + 2  # a pair's special tokens and a token of each text
+    if inputs < least:
+        raise ExportError(f"--max-input-tokens {inputs}: a text pair needs {least} tokens (its special tokens and one "
+                          "of each text); below that its tokenizer cuts nothing, and the model would read past its "
+                          "positions")
     if getattr(tokenizer, "truncation_side", "right") != "right":
         raise ExportError(f"{model_dir}: its tokenizer cuts a long text's start (truncation_side "
                           f"{tokenizer.truncation_side!r}), and a classifier bundle reads a long text's start: set "
@@ -91,7 +102,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         manifest = Manifest(
             kind="classifier", architecture=config.model_type,
-            max_input_tokens=input_limit(config, tokenizer, max_input_tokens), precision="fp32",
+            max_input_tokens=inputs, precision="fp32",
             opset=opset_of(raw / MODEL_FILE), files={"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}, labels=labels,
             exporter=versions(), pad_token=config.pad_token_id,
             vocab_size=config.vocab_size if isinstance(getattr(config, "vocab_size", None), int) else None,

@@ -138,7 +138,7 @@ def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dic
     probabilities = right_probabilities(gate, requests)
     tried = []
     for threshold in THRESHOLDS:
-        passed = [bool(p >= threshold) for p in probabilities]
+        passed = [p is not None and p >= threshold for p in probabilities]
         outputs = [i.candidates[0] if p else c for i, p, c in zip(items, passed, corrected)]
         tried.append({"threshold": threshold, "passed": sum(passed) / len(items), **score(outputs, targets)})
     good = [t for t in tried if t["exact_match"] >= alone - tolerance]

@@ -7,6 +7,7 @@ length-bucketed batches -> ONNX Runtime -> softmax -> the label with the highest
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,10 @@ def as_texts(item: Any) -> tuple[str, str | None, Any]:
         (text, pair), ident = item, None
     else:
         raise InputError(f"expected a text, a (text, pair) pair or an object with 'text', got {json_kind(item)}")
-    if not isinstance(text, str) or not text.strip():
-        raise InputError("field 'text' must be a non-empty string")
+    if not isinstance(text, str):
+        raise InputError(f"field 'text' must be a non-empty string, got {json_kind(text)}")
+    if not text.strip():
+        raise InputError(f"field 'text' must be a non-empty string, got {'only white space' if text else 'an empty one'}")
     check_text("field 'text'", text)
     if pair is not None:
         if not isinstance(pair, str):
@@ -77,11 +80,37 @@ def check_gate_bundle(path: str | Path) -> None:
     check_gate_labels(path, load_manifest(path, verify=False, kind="classifier").labels)
 
 
-def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequence[str]]]) -> list[float]:
-    """For (source, candidates) pairs, the gate's probability that the first candidate is right."""
+# The share of the source's words (case and punctuation aside) a first candidate must hold for a gate
+# to pass it: on the splits this kept every pass but two wrong ones (SmolLM2's rewrites), and refusals
+# ("Sure!") out; a character measure would not, as a short sentence's fix changes most of its n-grams.
+GATE_MIN_SHARED = 0.5
+_WORD = re.compile(r"\w+")
+
+
+def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequence[str]]]) -> list[float | None]:
+    """For (source, candidates) pairs, the gate's probability that the first candidate is right, or
+    None where the gate is not asked and the corrector answers: a blank first candidate (a classifier
+    reads no empty text); one that holds less than `GATE_MIN_SHARED` of the source's words (a
+    correction edits its source, and such a candidate, a refusal, an answer to something else, a
+    rewrite, is one the gate, which learned from corrections, may pass when every candidate repeats
+    it); and one the gate's model cannot read (a token its embeddings lack), which fails no other."""
     check_gate_labels(gate.root, gate.labels)
     right = gate.labels.index("right")
-    return [v.probabilities[right] for v in gate.classify_batch([gate_input(s, c) for s, c in requests])]
+    asked = [n for n, (source, candidates) in enumerate(requests)
+             if candidates[0].strip() and shared_words(candidates[0], source) >= GATE_MIN_SHARED]
+    verdicts = gate.classify_batch([gate_input(*requests[n]) for n in asked], errors="return")
+    out: list[float | None] = [None] * len(requests)
+    for n, verdict in zip(asked, verdicts):
+        if not isinstance(verdict, InputError):
+            out[n] = verdict.probabilities[right]
+    return out
+
+
+def shared_words(text: str, source: str) -> float:
+    """The share of `source`'s words that `text` holds (case and punctuation aside)."""
+    theirs = set(_WORD.findall(text.lower()))
+    words = _WORD.findall(source.lower())
+    return sum(word in theirs for word in words) / len(words) if words else 1.0
 
 
 def passing_threshold(gate: "Classifier", threshold: float | None = None) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,11 +43,6 @@ from .tokens import ModelInput, encode_requests
 log = logging.getLogger("lmcor")
 
 DEFAULTS = CorrectionOptions()
-# The share of the source's words (case and punctuation aside) a first candidate must hold for a gate
-# to pass it: on the splits this kept every pass but two wrong ones (SmolLM2's rewrites), and refusals
-# ("Sure!") out; a character measure would not, as a short sentence's fix changes most of its n-grams.
-GATE_MIN_SHARED = 0.5
-_WORD = re.compile(r"\w+")
 
 
 @dataclass(frozen=True)
@@ -429,25 +423,11 @@ def check_gate_threshold(gated: bool, options: CorrectionOptions) -> None:
 
 def _gate(gate: Classifier, threshold: float | None, requests: list[Request]) -> list[Correction | None]:
     """The answer of each request whose first candidate the gate finds right (that candidate, as it
-    is), else None. A blank first candidate is not asked about: it answers nothing, and a classifier
-    reads no empty text. Nor is one that holds less than `GATE_MIN_SHARED` of the source's words: a
-    correction edits its source, and such a candidate (a refusal, an answer to something else, a
-    rewrite) is one the gate, which learned from corrections, may pass when every candidate repeats it."""
+    is), else None; the requests the gate is not asked about (`classifier.right_probabilities`) too."""
     threshold = passing_threshold(gate, threshold)
-    asked = [i for i, r in enumerate(requests)
-             if r.candidates[0].strip() and _shared_words(r.candidates[0], r.source) >= GATE_MIN_SHARED]
-    answers: list[Correction | None] = [None] * len(requests)
-    for i, p in zip(asked, right_probabilities(gate, [(requests[i].source, requests[i].candidates) for i in asked])):
-        if p >= threshold:
-            answers[i] = Correction(text=requests[i].candidates[0], token_ids=[], id=requests[i].id, gated=True)
-    return answers
-
-
-def _shared_words(text: str, source: str) -> float:
-    """The share of `source`'s words that `text` holds (case and punctuation aside)."""
-    theirs = set(_WORD.findall(text.lower()))
-    words = _WORD.findall(source.lower())
-    return sum(word in theirs for word in words) / len(words) if words else 1.0
+    probabilities = right_probabilities(gate, [(r.source, r.candidates) for r in requests])
+    return [Correction(text=r.candidates[0], token_ids=[], id=r.id, gated=True) if p is not None and p >= threshold
+            else None for r, p in zip(requests, probabilities)]
 
 
 def _settle(future: Future, result: Correction | None = None, error: BaseException | None = None) -> None:

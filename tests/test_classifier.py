@@ -203,7 +203,7 @@ def _gate(checkpoint, path, right_logit: float) -> Classifier:
 
 
 def _edited(count: int, seed: int) -> list[dict]:
-    """Requests whose first candidate edits its source (a gate passes no other: `engine.GATE_MIN_SHARED`)."""
+    """Requests whose first candidate edits its source (a gate passes no other: `classifier.GATE_MIN_SHARED`)."""
     from conftest import make_requests
 
     return [{**r, "candidates": [r["source"].replace("e", "a", 1), *r["candidates"][1:]]}
@@ -224,6 +224,54 @@ def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tm
         assert all(c.gated for c in got) and [c.text for c in got] == [r["candidates"][0] for r in requests]
     else:
         assert not any(c.gated for c in got) and [c.text for c in got] == [c.text for c in plain]
+
+
+def test_a_text_the_gate_cannot_read_is_corrected_and_fails_no_other(checkpoint, bundles, tmp_path):
+    """A first candidate holding a token the gate's embeddings lack (its export warns) is not gated: the
+    corrector answers it, and the requests gated with it are gated as ever, in every path (the
+    engine's submissions too)."""
+    from lmcor import Corrector
+    from lmcor.runtime.classifier import right_probabilities
+
+    _gate(checkpoint, tmp_path, 20.0)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    vocabulary = json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"]
+    tokenizer.add_tokens([f"<unused{n}>" for n in range(vocabulary - len(tokenizer))] + ["zzznew"])  # not resized
+    tokenizer.save_pretrained(tmp_path / "hf")
+    export_classifier(tmp_path / "hf", tmp_path / "unread", overwrite=True)
+    gate = Classifier.load(tmp_path / "unread")
+    corrector = Corrector.load(bundles["t5"])
+    requests = _edited(3, seed=4)
+    requests[1] = {**requests[1], "candidates": ["zzznew " + requests[1]["candidates"][0]]}  # read: before the cut
+    probabilities = right_probabilities(gate, [(r["source"], r["candidates"]) for r in requests])
+    assert probabilities[1] is None and probabilities[0] > 0.99 and probabilities[2] > 0.99
+    got = corrector.correct_batch(requests, gate=gate, max_new_tokens=4, errors="return")
+    assert [c.gated for c in got] == [True, False, True]
+    assert got[1].text == corrector.correct_batch([requests[1]], max_new_tokens=4)[0].text
+    futures = [corrector.engine.submit(r, gate=gate) for r in requests]
+    assert [f.result(timeout=120).gated for f in futures] == [True, False, True]
+
+
+def test_the_gate_recipe_and_bench_pass_what_the_runtime_passes(checkpoint, bundles, tmp_path):
+    """A refusal ("Sure!") or a blank first candidate is never gated at run time: calibration and the
+    bench count it as not passed, and a blank one fails neither."""
+    from lmcor.bench.gate import compare
+    from lmcor.bench.quality import Item
+    from lmcor.recipes.gate import calibrate
+
+    from lmcor import Corrector
+
+    gate = _gate(checkpoint, tmp_path, 20.0)  # "right" for every text it reads
+    corrector = Corrector.load(bundles["t5"])
+    items = [Item(0, "it rains today", ("Sure!", "Sure!"), "It rains today."),
+             Item(1, "she go home", (" ", "She goes home."), "She goes home."),
+             Item(2, "she go home", ("She goes home.", "She goes home."), "She goes home.")]
+    _, tried = calibrate(gate, corrector, items, tolerance=0.5)
+    assert tried[0]["passed"] == 1 / 3
+    report = compare(gate, corrector, items, 0.5, rounds=1)
+    assert report["gate"]["passed"] == 1 / 3
+    gated = corrector.correct_batch([(i.source, i.candidates) for i in items], gate=gate, max_new_tokens=4)
+    assert [c.gated for c in gated] == [False, False, True]
 
 
 def test_the_gate_threshold_comes_from_the_bundle_unless_given(checkpoint, bundles, tmp_path):
@@ -414,3 +462,36 @@ def test_a_tokenizer_that_returns_no_token_types_has_the_model_read_zeros(tmp_pa
     got = Classifier.load(tmp_path / "bundle").classify_batch(PAIRS)
     np.testing.assert_allclose([g.probabilities for g in got], _torch(tmp_path / "ck", PAIRS), atol=1e-4)
     assert "token_type_ids" not in PreTrainedTokenizerFast.from_pretrained(tmp_path / "ck")("a", "b")
+
+
+def test_labels_that_are_no_names_and_a_limit_below_a_pairs_special_tokens_are_refused_first(checkpoint, tmp_path):
+    """Said before any export work, naming config.json's id2label; a --max-input-tokens below what a
+    pair's special tokens take would leave texts uncut (the tokenizer skips such a truncation)."""
+    import shutil
+
+    from lmcor.runtime.errors import ExportError
+
+    outputs = len(json.loads((checkpoint / "config.json").read_text())["id2label"])
+    for id2label, said in (({str(i): "same" for i in range(outputs)}, "has a label twice: 'same', 'same'"),
+                           ({str(i): i for i in range(outputs)}, "has the label 0, not a name"),
+                           ({str(i): " " if i else "yes" for i in range(outputs)}, "has the label ' ', not a name")):
+        odd = tmp_path / "odd"
+        shutil.rmtree(odd, ignore_errors=True)
+        shutil.copytree(checkpoint, odd)
+        config = json.loads((odd / "config.json").read_text())
+        (odd / "config.json").write_text(json.dumps({**config, "id2label": id2label,
+                                                     "label2id": {str(v): int(k) for k, v in id2label.items()}}))
+        with pytest.raises(ExportError, match=f"config.json's id2label {said}"):
+            export_classifier(odd, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(ExportError, match="--max-input-tokens 2: a text pair needs"):
+        export_classifier(checkpoint, tmp_path / "out", max_input_tokens=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_text_that_is_no_text_says_what_it_got(bundle):
+    got = Classifier.load(bundle).classify_batch([" \n", {"text": 5}, "", "fine"], errors="return")
+    assert [str(g) for g in got[:3]] == ["field 'text' must be a non-empty string, got only white space",
+                                         "field 'text' must be a non-empty string, got a number",
+                                         "field 'text' must be a non-empty string, got an empty one"]
+    assert not isinstance(got[3], Exception)

@@ -88,7 +88,7 @@ def test_the_shipped_gate_is_small_and_passes_mostly_right_candidates():
     assert "right" in gate.labels and threshold is not None
     items = read_items(SPLITS / "test.jsonl")[0][:300]
     passed = [i for i, p in zip(items, right_probabilities(gate, [(i.source, i.candidates) for i in items]))
-              if p >= threshold]
+              if p is not None and p >= threshold]
     # Measured at the calibrated threshold 0.7 (first 300 test requests): 43% passed, 88% of them right.
     assert len(passed) >= 0.38 * len(items)
     assert sum(i.candidates[0] == i.target for i in passed) >= 0.8 * len(passed)
