@@ -6,6 +6,8 @@ length-bucketed batches -> ONNX Runtime -> softmax -> the label with the highest
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from tokenizers import Encoding, Tokenizer
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, bundle_path, load_manifest
@@ -85,6 +88,7 @@ def check_gate_bundle(path: str | Path) -> None:
 # ("Sure!") out; a character measure would not, as a short sentence's fix changes most of its n-grams.
 GATE_MIN_SHARED = 0.5
 _WORD = re.compile(r"\w+")
+_LAST_WORD = re.compile(r"\S*$")
 
 
 def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequence[str]]]) -> list[float | None]:
@@ -172,12 +176,7 @@ class Classifier:
                 good.append((n, *as_texts(item)))
             except InputError as e:
                 failed(n, e)
-        # Texts are cut to what the model can read before they are tokenized, as a corrector's
-        # candidates are (`tokens.MAX_CHARS_PER_TOKEN`): a text's cost is bounded whatever its length.
-        most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
-        shown = [(cut_to_read(text, most), pair if pair is None else cut_to_read(pair, most)) for _, text, pair, _ in good]
-        cut = [(text, pair) != (whole, whole_pair) for (text, pair), (_, whole, whole_pair, _) in zip(shown, good)]
-        encodings = [self.tokenizer.encode(text, pair) for text, pair in shown]
+        encodings = [self._read(text, pair) for _, text, pair, _ in good]
         readable = []  # rows whose tokens all have embeddings: each other text fails alone, by name
         for i, encoding in enumerate(encodings):
             try:
@@ -200,10 +199,40 @@ class Classifier:
                 for i, row in zip(rows, probabilities):
                     n, _, _, ident = good[i]
                     results[n] = Classification(self.labels[int(row.argmax())], row.astype(np.float32), ident,
-                                                cut[i] or bool(encodings[i].overflowing))
+                                                bool(encodings[i].overflowing))
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]
+
+    def _read(self, text: str, pair: str | None) -> Encoding:
+        """What the model reads of a text (and pair): its tokens, cut to its positions (`overflowing`
+        holds what was cut). A text is first cut to what the model can read (`tokens.MAX_CHARS_PER_TOKEN`
+        characters a token), as a corrector's candidates are, so that its cost is bounded whatever its
+        length. Where that cut decides what is read (characters the tokenizer deletes, a word longer
+        than any token, which becomes one unknown token, leave a cut text with few tokens), the whole
+        text is read: the tokens kept of a cut text must end before the word it split, and be fewer
+        than the cut text holds."""
+        most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
+        shown = (cut_to_read(text, most), None if pair is None else cut_to_read(pair, most))
+        if shown == (text, pair):
+            return self.tokenizer.encode(text, pair)
+        encoding, uncut = self.tokenizer.encode(*shown), self._uncut.encode(*shown)
+        for sequence, (part, whole) in enumerate(zip(shown, (text, pair))):
+            if part == whole:
+                continue
+            kept = sum(s == sequence for s in encoding.sequence_ids)
+            ends = [end for (_, end), s in zip(uncut.offsets, uncut.sequence_ids) if s == sequence]
+            split = len(part) - len(_LAST_WORD.search(part).group())  # where the word the cut split starts
+            if kept >= len(ends) or (kept and ends[kept - 1] > split):
+                return self.tokenizer.encode(text, pair)
+        return encoding
+
+    @functools.cached_property
+    def _uncut(self) -> Tokenizer:
+        """The tokenizer without truncation: how many tokens a cut text holds."""
+        uncut = copy.deepcopy(self.tokenizer)
+        uncut.no_truncation()
+        return uncut
 
     def _probabilities(self, batch: list[int], encodings: list) -> Iterator[tuple[list[int], np.ndarray | InputError]]:
         """(rows, their probabilities) of `batch`; where the model fails on it, each row alone, and a row

@@ -402,6 +402,25 @@ def test_a_long_run_of_white_space_does_not_hide_the_words_after_it(bundle, monk
     assert got[1].truncated and [g.truncated for g in got] == [w.truncated for w in whole]
 
 
+def test_a_text_whose_characters_are_few_tokens_is_read_as_pytorch_reads_it(checkpoint, bundle):
+    """The cut before tokenizing never decides what is read: characters the tokenizer deletes (zero-width
+    spaces, soft hyphens, combining accents) and words longer than any token (one unknown token) hold
+    many characters and few tokens; such a text, cut or paired, gets PyTorch's probabilities and says
+    truncated only where PyTorch's tokenizer cuts it."""
+    classifier = Classifier.load(bundle)
+    most = classifier.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
+    sentence = "She goes to school every day."
+    items = [("\u200b" * (most + 10) + " " + sentence, None), ("\u00ad" * (most + 10) + sentence, None),
+             ("e" + "\u0301" * (most + 10) + " " + sentence, None), (("x" * 130 + " ") * 12 + sentence, None),
+             (("y" * 130 + " ") * 30, None), (sentence, "\u200b" * (most + 10) + " " + sentence),
+             ("word " * most, None), (sentence, "word " * most)]
+    got = classifier.classify_batch(items)
+    np.testing.assert_allclose(np.stack([g.probabilities for g in got]), _torch(checkpoint, items), atol=1e-5)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    cut = [len(tokenizer(text, pair)["input_ids"]) > classifier.manifest.max_input_tokens for text, pair in items]
+    assert [g.truncated for g in got] == cut and cut[-1]
+
+
 def test_checkpoints_a_bundle_would_read_otherwise_are_refused_by_name(tmp_path):
     """A gap in id2label, a tokenizer that keeps a long text's end, and a decoder-only head with no pad."""
     from lmcor.runtime.errors import ExportError
