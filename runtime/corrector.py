@@ -18,7 +18,7 @@ from .engine import DEFAULTS, Engine
 from .errors import BundleError, InputError
 from .options import check_optional
 from .request import Correction, CorrectionOptions, Request
-from .sessions import Sessions, check_graphs, open_session
+from .sessions import Sessions, check_graphs, open_session, usable_providers
 from .tokens import load_tokenizer
 
 log = logging.getLogger("lmcor")
@@ -80,6 +80,7 @@ class Corrector:
         manifest = load_manifest(root, verify=verify, kind="corrector")
         tokenizer = load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens,
                                    manifest.decoder.vocab_size)
+        providers = usable_providers(providers) if providers else None
         sessions = Sessions(
             encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
             decoder=open_session(root / manifest.files["decoder"], providers=providers, threads=threads),

@@ -47,8 +47,9 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _check_providers(providers: Sequence[str]) -> list[str]:
-    """The providers of a preference list that this ONNX Runtime build has.
+def usable_providers(providers: Sequence[str]) -> list[str]:
+    """The providers of a preference list that this ONNX Runtime build has (the others skipped, with a
+    warning: a bundle of several sessions checks its list once, and passes on the usable ones).
 
     ONNX Runtime answers an unknown name by printing a banner to stdout and falling back to the CPU:
     that is caught here, before it runs."""
@@ -83,7 +84,7 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     # denormals is tens of times slower on x86, and they made the encoder's attention 70% of its time.
     # Flushed to zero, they change no result that float32 can tell apart.
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    wanted = _check_providers(providers) if providers else default_providers()
+    wanted = usable_providers(providers) if providers else default_providers()
     # ONNX Runtime's Python layer prints a provider that fails to start (a CUDA build without a
     # driver) to stdout, where the CLI writes its results: it goes to the log instead.
     printed = io.StringIO()

@@ -19,26 +19,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmcor.bench.workloads import SHAPES
 
     d = BenchConfig()
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=d.shape, help="random-init T5 of this shape")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=d.shape, help="random-init T5 of this shape (default: %(default)s)")
     parser.add_argument("--model", help="Hugging Face checkpoint folder to benchmark instead of --shape")
     parser.add_argument("--data", help="JSONL correction requests (default: random ids shaped by --source/--k/--candidate)")
-    parser.add_argument("--backends", default=",".join(d.backends), help="comma-separated, from: " + ", ".join(BACKENDS))
+    parser.add_argument("--backends", default=",".join(d.backends), help="comma-separated, from: " + ", ".join(BACKENDS) + " (default: all)")
     parser.add_argument("--threads", type=options.positive_int, default=d.threads, help="for every backend (default: cores)")
     parser.add_argument("--requests", type=options.positive_int,
                         help=f"default: {d.requests} (--host: 100, --serve: 256)")
-    parser.add_argument("--rounds", type=options.positive_int, default=d.rounds)
+    parser.add_argument("--rounds", type=options.positive_int, default=d.rounds,
+                        help="timed rounds, interleaved across backends (default: %(default)s)")
     parser.add_argument("--batch-size", type=options.batch_size,
                         help=f"for the throughput run (default: {d.batch_size}; --host and --serve: 16)")
-    parser.add_argument("--source", type=options.positive_int, default=d.source, help="source tokens S")
-    parser.add_argument("--k", type=options.positive_int, default=d.k, help="candidates K")
-    parser.add_argument("--candidate", type=options.positive_int, default=d.candidate, help="tokens per candidate C")
-    parser.add_argument("--new-tokens", type=options.positive_int, default=d.new_tokens, help="output tokens N")
+    parser.add_argument("--source", type=options.positive_int, default=d.source, help="source tokens S (default: %(default)s)")
+    parser.add_argument("--k", type=options.positive_int, default=d.k, help="candidates K (default: %(default)s)")
+    parser.add_argument("--candidate", type=options.positive_int, default=d.candidate, help="tokens per candidate C (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=options.positive_int, default=d.new_tokens, help="output tokens N (default: %(default)s)")
     parser.add_argument("--natural", action="store_true", help="stop at EOS instead of forcing N tokens")
     parser.add_argument("--ragged", action="store_true", help="draw every length from [0.5x, 1.5x]")
     parser.add_argument("--sweeps", action="store_true", help="also latency against K and throughput against batch "
                         "size (minutes more)")
-    parser.add_argument("--out", default=str(d.out), help="folder for bench.json and the plots")
-    parser.add_argument("--cache", default=str(d.cache), help="converted models are kept here")
+    parser.add_argument("--out", default=str(d.out), help="folder for bench.json and the plots (default: %(default)s)")
+    parser.add_argument("--cache", default=str(d.cache), help="converted models are kept here (default: %(default)s)")
     parser.add_argument("--drafts", action="store_true",
                         help="instead: drafts on vs off on --bundle over --data (--requests, --rounds, --batch-size)")
     parser.add_argument("--shared-prefix", action="store_true",
@@ -63,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=_seconds,
                         help=f"with --serve: seconds of load at each concurrency (default: {SECONDS:g})")
     parser.add_argument("--clients", help=f"with --serve: concurrencies (default: {CLIENTS})")
-    parser.add_argument("--prefix-tokens", type=options.positive_int, default=500, help="with --shared-prefix")
+    parser.add_argument("--prefix-tokens", type=options.positive_int, default=500,
+                        help="with --shared-prefix: tokens of the rules prefix (default: %(default)s)")
     parser.add_argument("--bundle", help="with --drafts, --gate and --host: corrector bundle folder (default: the corrector "
                         "shipped with lmcor); with --shared-prefix and --candidates: a causal-LM bundle")
 

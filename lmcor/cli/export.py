@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="Hugging Face checkpoint folder (correctors: T5, T5 v1.1/Flan-T5, mT5, BART, "
                         "mBART; classifiers: BERT, RoBERTa, MiniLM, ...)")
     parser.add_argument("out_dir", help="bundle folder to write")
-    parser.add_argument("--kind", choices=("corrector", "classifier", "causal-lm"), default="corrector")
+    parser.add_argument("--kind", choices=("corrector", "classifier", "causal-lm"), default="corrector",
+                        help="what the checkpoint is (default: %(default)s)")
     defaults = Template()
     # Defaults None: a flag another kind does not read is refused only when given (`_refuse_unused`).
     parser.add_argument("--template", help=f"correctors: input text with {{source}} and {{candidates}} (default: "
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8 (correctors, classifiers): int8 weights (correctors: activations quantized per row); fp16/bf16 "
                         "(correctors, causal LMs): "
                         "half-precision weights and matrix products for GPUs, the rest fp32 (bf16 runs on CUDA only); "
-                        "all three validated within tolerances and reported rather than exact")
+                        "all three validated within tolerances and reported rather than exact (default: %(default)s)")
     parser.add_argument("--packed-encoder", action="store_true",
                         help="correctors: also write the encoder's weights for the Triton packed encoder (T5 family; "
                         "used on CUDA)")
