@@ -121,7 +121,7 @@ class CandidateWriter:
         for head in filter(None, self.few_shot.heads):  # said of the prompt, which the user wrote or took by default
             if (n := len(self.generator.encode(head.rstrip() or head))) >= positions:
                 raise InputError(f"the prompt's part before {{source}} takes {n} tokens, and this model has "
-                                 f"{positions} positions in all: write a shorter prompt")
+                                 f"{positions} positions in all: write a shorter prompt (--prompt on the command line)")
         self._prefixes: list[Prefix | None] = [self.generator.prefix(head) if head else None
                                                for head in self.few_shot.heads]
 
