@@ -47,17 +47,24 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def known_providers(providers: Sequence[str]) -> None:
+    """Refuse a name that is no ONNX Runtime execution provider in any build (a cluster's machines may
+    have providers this one lacks, but not ones no build has)."""
+    check_providers(providers)
+    for name in providers:
+        if name not in ort.get_all_providers():
+            raise InputError(f"{name!r} is not an ONNX Runtime execution provider (available here: "
+                             f"{', '.join(ort.get_available_providers())})")
+
+
 def usable_providers(providers: Sequence[str]) -> list[str]:
     """The providers of a preference list that this ONNX Runtime build has (the others skipped, with a
     warning: a bundle of several sessions checks its list once, and passes on the usable ones).
 
     ONNX Runtime answers an unknown name by printing a banner to stdout and falling back to the CPU:
     that is caught here, before it runs."""
-    check_providers(providers)
+    known_providers(providers)
     available = ort.get_available_providers()
-    for name in providers:
-        if name not in ort.get_all_providers():
-            raise InputError(f"{name!r} is not an ONNX Runtime execution provider (available: {', '.join(available)})")
     usable = [name for name in providers if name in available]
     if not usable:
         raise InputError(f"none of {', '.join(providers)} is available in this ONNX Runtime build "

@@ -41,6 +41,18 @@ BAD = {  # line -> the input line, a bad one; the rest are requests
 }
 
 
+def test_auto_with_no_cluster_running_names_the_flag(tmp_path):
+    """`--ray-address auto` and no cluster (none in an empty Ray folder; first in this module, before
+    its tests' cluster starts, and in a process of its own): the flag named, not Ray's `--address`."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "lmcor.cli", "correct", "--ray", str(EXAMPLES), "--ray-address", "auto",
+                          "-q"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": ""})
+    assert run.returncode == 2 and "Ray address 'auto' (--ray-address or RAY_ADDRESS)" in run.stderr, run.stderr
+
+
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
@@ -116,7 +128,7 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
     manifest = json.loads((unlabelled / "lmcor.json").read_text())
     (unlabelled / "lmcor.json").write_text(json.dumps({**manifest, "labels": ["neg", "pos"]}))
     for dataset, settings, message in [
-            (texts, {}, r"rows must be \{line: int64, size: int64, raw: binary\}.*raw: string"),
+            (texts, {}, r"rows must be \{line: int64, size: int64, raw: binary, limit: int64\}.*raw: string"),
             (ray.data.from_items([{"line": 1}]), {}, "rows must be"),
             (lines, {"workers": 0}, "workers must be an integer >= 1"),
             (lines, {"lines_per_batch": 0}, "lines_per_batch must be"),
@@ -127,7 +139,8 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
             (lines, {"options": lmcor_ray.CorrectionOptions(gate_threshold=0.5)}, "gate_threshold needs a gate"),
             (lines, {"model": "/nonexistent"}, "/nonexistent"),
             (lines, {"gate": str(unlabelled)}, "the gate must have a 'right' label"),
-            (lines, {"providers": "CPUExecutionProvider"}, "providers must be a list")]:
+            (lines, {"providers": "CPUExecutionProvider"}, "providers must be a list"),
+            (lines, {"providers": ["Foo"]}, "'Foo' is not an ONNX Runtime execution provider")]:
         with pytest.raises(lmcor_ray.LmcorError, match=message):  # InputError; a missing bundle's BundleError
             lmcor_ray.correct_dataset(dataset, **settings)
 
@@ -157,12 +170,43 @@ def test_a_worker_killed_mid_job_is_restarted_without_losing_or_repeating_lines(
 
     source = lmcor_ray.JsonlLines(jsonl, lines_per_block=4, max_line_bytes=2048)
     answers = [a for chunk, _ in lmcor_ray.answers(source, lambda: False, worker=DiesOnce, workers=2, threads=1,
-                                                    lines_per_batch=4, batch_size=1, max_line_bytes=2048,
+                                                    lines_per_batch=4, batch_size=1,
                                                     options=lmcor_ray.CorrectionOptions(max_new_tokens=24))
                for a in chunk]
     assert marker.exists(), "a worker should have died"
     assert [a.number for a in answers] == sorted({a.number for a in answers})  # in order, each line once
     assert "".join(a.text for a in answers).encode() == plain.read_bytes()
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line(cluster, jsonl, tmp_path, capsys):
+    """A bundle whose tokenizer fails its checksum on the workers: the worker's own error, not Ray's
+    wrapping of it (an actor that died in its constructor) with its traceback."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(lmcor_ray.shipped_bundle("default"), tampered)
+    tokenizer = tampered / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:-2] + b" }")
+    capsys.readouterr()
+    assert main(["correct", "--ray", str(jsonl), "-o", str(tmp_path / "out.jsonl"), "--model", str(tampered),
+                 "--workers", "1", "--threads", "1", *CORRECT]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmcor: error:")]
+    assert len(said) == 1 and "tokenizer.json: checksum mismatch" in said[0], said
+    assert not (tmp_path / "out.jsonl").exists()
+
+    class Refuses(lmcor_ray.CorrectLines):  # an error of a worker's call, which Ray Data wraps as text
+        def __call__(self, batch):
+            raise InputError("no, not this batch")
+
+    with pytest.raises(InputError, match="^no, not this batch$"):
+        next(lmcor_ray.answers(lmcor_ray.JsonlLines(jsonl), lambda: False, worker=Refuses, threads=1))
+
+
+def test_the_line_limit_is_the_readers(cluster, jsonl, plain):
+    """`read_jsonl`'s max_line_bytes is the one a line is refused by, and named in its record."""
+    answered = lmcor_ray.correct_dataset(lmcor_ray.read_jsonl(jsonl, max_line_bytes=2048), threads=1, batch_size=1,
+                                         options=lmcor_ray.CorrectionOptions(max_new_tokens=24)).take_all()
+    long = next(row for row in answered if row["line"] == 31)
+    assert "over the limit of 2048" in long["error"]
+    assert long["record"] == next(line + "\n" for line in plain.read_text().splitlines() if '"line": 31,' in line)
 
 
 def test_bad_flags_fail_in_one_line(tmp_path, capsys):

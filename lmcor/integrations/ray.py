@@ -28,6 +28,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -50,11 +51,12 @@ from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
 from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classifier, check_gate_bundle
 from lmcor.runtime.corrector import Corrector
+from lmcor.runtime import errors
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.engine import check_gate_threshold
-from lmcor.runtime.options import (MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_providers,
-                                  check_threads)
+from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_threads
 from lmcor.runtime.request import CorrectionOptions
+from lmcor.runtime.sessions import known_providers
 from lmcor.server.app import create_app
 from lmcor.server.config import ServeConfig
 
@@ -64,7 +66,7 @@ APP_NAME = "lmcor"
 # Lines a read task reads and a worker answers at once: `lmcor correct`'s chunk at its default batch.
 LINES_PER_BLOCK = 128
 _SCAN_BLOCK = 1 << 20
-_SCHEMA = pa.schema([("line", pa.int64()), ("size", pa.int64()), ("raw", pa.binary())])
+_SCHEMA = pa.schema([("line", pa.int64()), ("size", pa.int64()), ("raw", pa.binary()), ("limit", pa.int64())])
 
 
 def default_threads(workers: int) -> int:
@@ -79,13 +81,19 @@ def cluster(address: str | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    _check_reachable(address or os.environ.get("RAY_ADDRESS"))
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             configure_logging=False)
+    asked = address or os.environ.get("RAY_ADDRESS")
+    _check_reachable(asked)
     try:
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                     configure_logging=False)
+        except ConnectionError as e:  # "auto" with no cluster running
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+            raise InputError(f"Ray address {asked!r} (--ray-address or RAY_ADDRESS): {said}; start one (ray start "
+                             "--head), or give no address for a local cluster") from None
         yield
     finally:
-        ray.shutdown()
+        ray.shutdown()  # also after a signal during `ray.init`
 
 
 def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
@@ -168,13 +176,14 @@ def _read_block(path: str, block: _Block, max_bytes: int) -> Iterator[pa.Table]:
         rows = list(split_lines(read, max_bytes))
     yield pa.table([pa.array(range(block.first, block.first + len(rows)), pa.int64()),
                     pa.array([size for _, size in rows], pa.int64()),
-                    pa.array([raw for raw, _ in rows], pa.binary())], schema=_SCHEMA)
+                    pa.array([raw for raw, _ in rows], pa.binary()),
+                    pa.array([max_bytes] * len(rows), pa.int64())], schema=_SCHEMA)
 
 
 class JsonlLines(Datasource):
-    """The lines of a JSONL file after line `after`, as rows {line, size, raw}: `raw` is the line's
-    bytes, newline included, or null when it holds more than `max_line_bytes` (as `split_lines`
-    gives them; blank lines too). Each read task reads `lines_per_block` lines from its own byte
+    """The lines of a JSONL file after line `after`, as rows {line, size, raw, limit}: `raw` is the
+    line's bytes, newline included, or null when it holds more than `max_line_bytes`, the `limit`
+    (as `split_lines` gives them; blank lines too). Each read task reads `lines_per_block` lines from its own byte
     range, so the file must not change during the job, and must be readable where the read tasks
     run (`read_jsonl` keeps them on the driver's node)."""
 
@@ -203,39 +212,39 @@ READ_CONCURRENCY = 2  # blocks read at once
 
 
 def read_jsonl(source: str | Path | JsonlLines, **settings: Any) -> Dataset:
-    """A JSONL file as a Ray Dataset of rows {line, size, raw} (`JsonlLines`, which takes `settings`),
+    """A JSONL file as a Ray Dataset of rows {line, size, raw, limit} (`JsonlLines`, which takes `settings`),
     read on this node: only the driver's machine needs the file."""
     if not isinstance(source, JsonlLines):
         source = JsonlLines(source, **settings)
     # Reads take no CPU of their own: the workers may hold every CPU, and a read is a seek and a copy.
     # So few at once: with no CPU to bound them, Ray would start a worker process for every block.
-    return ray.data.read_datasource(source, num_cpus=0, concurrency=READ_CONCURRENCY,
+    return ray.data.read_datasource(source, num_cpus=0, concurrency=max(1, min(READ_CONCURRENCY, len(source.blocks))),
                                     label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
 
 
 class CorrectLines:
     """A Ray Data worker: loads the corrector (and gate) once, then answers batches of rows {line,
-    size, raw} with `lmcor correct`'s own code into rows {line, size, record, error}: `record` is the
+    size, raw, limit} with `lmcor correct`'s own code into rows {line, size, record, error}: `record` is the
     line's output record (one line of JSON, newline included), `error` why it is an error record
     (null when it was answered). Blank lines give no row. `gate`: a classifier bundle ("": the shipped
     gate; None: none); `threads`: ONNX Runtime's intra-op threads."""
 
     def __init__(self, *, model: str | None = None, options: CorrectionOptions | None = None,
                  gate: str | None = None, batch_size: int = 16, threads: int | None = None,
-                 providers: list[str] | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+                 providers: list[str] | None = None):
         self.corrector = Corrector.load(model, providers=providers, threads=threads)
         self.gate = None if gate is None else Classifier.load(gate or shipped_bundle("gate"), providers=providers,
                                                               threads=threads)
         self.options = options or CorrectionOptions()
-        self.batch_size, self.max_line_bytes = batch_size, max_line_bytes
+        self.batch_size = batch_size
 
     def _correct(self, requests: list) -> list:
         return self.corrector.correct_batch(requests, errors="return", options=self.options, gate=self.gate,
                                             batch_size=self.batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = zip(batch["line"].to_pylist(), batch["raw"].to_pylist(), batch["size"].to_pylist())
-        lines = [line for number, raw, size in rows if (line := line_at(number, raw, size, self.max_line_bytes))]
+        rows = zip(*(batch[c].to_pylist() for c in ("line", "raw", "size", "limit")))
+        lines = [line for number, raw, size, limit in rows if (line := line_at(number, raw, size, limit))]
         answers = answer_chunk(lines, line_request, self._correct, correction_record)
         return pa.table({"line": pa.array([a.number for a in answers], pa.int64()),
                          "size": pa.array([a.size for a in answers], pa.int64()),
@@ -245,9 +254,9 @@ class CorrectLines:
 
 def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None = None,
                     lines_per_batch: int = LINES_PER_BLOCK, worker: type = CorrectLines, **settings: Any) -> Dataset:
-    """`dataset` (rows {line, size, raw}, as `read_jsonl` gives) corrected by `workers` actors of
-    `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs);
-    `settings` are `CorrectLines`' (model, options, gate, batch_size, providers, max_line_bytes).
+    """`dataset` (rows {line, size, raw, limit}, as `read_jsonl` gives) corrected by `workers` actors
+    of `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs);
+    `settings` are `CorrectLines`' (model, options, gate, batch_size, providers).
     The result keeps the input's order. A worker that dies is restarted and its batch retried: Ray
     Data's actors have `max_restarts=-1` and `max_task_retries=-1` unless told otherwise.
 
@@ -268,14 +277,13 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
 
 
 def check_settings(*, model: str | None = None, options: CorrectionOptions | None = None, gate: str | None = None,
-                   batch_size: int = 16, providers: list[str] | None = None,
-                   max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+                   batch_size: int = 16, providers: list[str] | None = None) -> None:
     """`CorrectLines`' settings, checked without loading a model: the bundles' manifests, and the
     options against them."""
     options = check_optional("options", options, CorrectionOptions, "a CorrectionOptions") or CorrectionOptions()
     check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
-    check_int("max_line_bytes", max_line_bytes, 1)
-    check_providers(providers)
+    if providers is not None:
+        known_providers(providers)
     manifest = load_manifest(shipped_bundle("default") if model is None else model, verify=False, kind="corrector")
     check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
     check_gate_threshold(gate is not None, options)
@@ -283,19 +291,43 @@ def check_settings(*, model: str | None = None, options: CorrectionOptions | Non
         check_gate_bundle(gate or shipped_bundle("gate"))
 
 
+def worker_error(error: BaseException) -> LmcorError:
+    """The lmcor error a Ray worker raised, one line, not the worker's traceback. Ray keeps it as an
+    object only sometimes (a task's `cause`); an actor that died in its constructor, or Ray Data's
+    wrapping of a worker's error, keeps its text alone, whose last lmcor error line is read back."""
+    seen, inner = set(), error
+    while isinstance(inner, BaseException) and id(inner) not in seen:
+        seen.add(id(inner))
+        if type(inner).__module__.split(".")[0] == "lmcor" and isinstance(inner, LmcorError):
+            return inner
+        inner = getattr(inner, "cause", None) or inner.__cause__
+    text = _ANSI.sub("", "\n".join(str(part) for part in (error, getattr(error, "error_msg", "")) if part))
+    said = _LMCOR_ERROR.findall(text)
+    if said:
+        kind, message = said[-1]
+        return getattr(errors, kind, LmcorError)(message)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return LmcorError(f"a Ray worker failed: {type(error).__name__}" + (f": {lines[-1].strip()}" if lines else ""))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LMCOR_ERROR = re.compile(r"^lmcor(?:\.\w+)*\.(\w+Error): (.+)$", re.MULTILINE)
+
+
 def _check_rows(dataset: Dataset) -> None:
-    """The rows `CorrectLines` reads: {line, size, raw}, as `read_jsonl` gives them."""
+    """The rows `CorrectLines` reads: {line, size, raw, limit}, as `read_jsonl` gives them."""
     schema = dataset.schema()
     if schema is None:  # no rows at all (an empty file, or one answered already)
         return
     have = dict(zip(schema.names, schema.types))
     kinds = {"line": pa.types.is_integer, "size": pa.types.is_integer,
-             "raw": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)}
+             "raw": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t),
+             "limit": pa.types.is_integer}
     if not all(name in have and isinstance(have[name], pa.DataType) and good(have[name])
                for name, good in kinds.items()):
         shown = ", ".join(f"{name}: {kind}" for name, kind in have.items()) or "none"
-        raise InputError(f"the dataset's rows must be {{line: int64, size: int64, raw: binary}}, as read_jsonl gives "
-                         f"them (a line's bytes, not text); these have {{{shown}}}")
+        raise InputError(f"the dataset's rows must be {{line: int64, size: int64, raw: binary, limit: int64}}, as "
+                         f"read_jsonl gives them (a line's bytes, not text); these have {{{shown}}}")
 
 
 def answers(source: JsonlLines, stopping: Callable[[], bool], **correcting: Any) -> Iterator[tuple[list[Answer], int]]:
@@ -310,8 +342,7 @@ def answers(source: JsonlLines, stopping: Callable[[], bool], **correcting: Any)
         except StopIteration:
             return
         except ray.exceptions.RayError as e:  # a worker's own error (not its death, which Ray retries)
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, LmcorError) else LmcorError(f"a Ray worker failed: {e}")) from None
+            raise worker_error(e) from None
         yield [Answer(*row) for row in zip(*(batch[c].to_pylist() for c in ("line", "size", "record", "error")))], \
             source.skipped_bytes
         if stopping():
@@ -328,8 +359,7 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
     model = None if args.model is None else str(Path(args.model).resolve())
     gate = args.gate if not args.gate else str(Path(args.gate).resolve())
     # What the workers would refuse, refused before Ray starts: the bundles and the options against them.
-    check_settings(model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers,
-                   max_line_bytes=args.max_line_bytes)
+    check_settings(model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers)
     for name, level in (("ray", logging.WARNING), ("ray.data", logging.ERROR)):  # the CLI says what it does
         logging.getLogger(name).setLevel(level)
 
@@ -338,8 +368,7 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
                             max_line_bytes=args.max_line_bytes)
         check_resumed(args, after, source.lines)
         yield from answers(source, stopping, workers=workers, threads=threads, lines_per_batch=args.batch_size * 8,
-                           model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers,
-                           max_line_bytes=args.max_line_bytes)
+                           model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers)
 
     with cluster(address):  # first: `ray.init` puts in its own SIGTERM handler, `write_answers` then lmcor's
         _check_cpus(workers, threads, "workers")
