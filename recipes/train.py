@@ -41,7 +41,7 @@ from lmcor.runtime.bundle import Template
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Request
 from lmcor.runtime.template import render
-from lmcor.runtime.tokens import encode_requests
+from lmcor.runtime.tokens import encode_requests, reading_whole
 
 from . import command_line, data, fallback, noise
 from .noise import Example
@@ -286,10 +286,7 @@ def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int
 def _untruncated(tokenizer):
     """The tokenizer's Rust tokenizer as the runtime reads with it (`tokens.load_tokenizer`): never
     truncating or padding, whatever the checkpoint saved or the last `tokenizer(...)` call set."""
-    backend = copy.deepcopy(tokenizer.backend_tokenizer)
-    backend.no_truncation()
-    backend.no_padding()
-    return backend
+    return reading_whole(copy.deepcopy(tokenizer.backend_tokenizer))
 
 
 def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random):

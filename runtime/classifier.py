@@ -20,7 +20,7 @@ from tokenizers import Encoding, Tokenizer
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, bundle_path, load_manifest
-from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tokenizer
+from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tokenizer, reading_whole
 from .errors import BundleError, InputError
 from .jsonl import json_kind
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
@@ -88,7 +88,6 @@ def check_gate_bundle(path: str | Path) -> None:
 # ("Sure!") out; a character measure would not, as a short sentence's fix changes most of its n-grams.
 GATE_MIN_SHARED = 0.5
 _WORD = re.compile(r"\w+")
-_LAST_WORD = re.compile(r"\S*$")
 
 
 def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequence[str]]]) -> list[float | None]:
@@ -221,8 +220,12 @@ class Classifier:
             if part == whole:
                 continue
             kept = sum(s == sequence for s in encoding.sequence_ids)
-            ends = [end for (_, end), s in zip(uncut.offsets, uncut.sequence_ids) if s == sequence]
-            split = len(part) - len(_LAST_WORD.search(part).group())  # where the word the cut split starts
+            own = [(word, start, end) for word, (start, end), s in zip(uncut.word_ids, uncut.offsets, uncut.sequence_ids)
+                   if s == sequence]
+            ends = [end for _, _, end in own]
+            # Where the last word starts, as the tokenizer's pre-tokenizer splits words (at white space,
+            # punctuation, each CJK character): the word the cut may have split.
+            split = next((start for word, start, _ in own if word == own[-1][0]), 0) if own else 0
             if kept >= len(ends) or (kept and ends[kept - 1] > split):
                 return self.tokenizer.encode(text, pair)
         return encoding
@@ -230,9 +233,7 @@ class Classifier:
     @functools.cached_property
     def _uncut(self) -> Tokenizer:
         """The tokenizer without truncation: how many tokens a cut text holds."""
-        uncut = copy.deepcopy(self.tokenizer)
-        uncut.no_truncation()
-        return uncut
+        return reading_whole(copy.deepcopy(self.tokenizer))
 
     def _probabilities(self, batch: list[int], encodings: list) -> Iterator[tuple[list[int], np.ndarray | InputError]]:
         """(rows, their probabilities) of `batch`; where the model fails on it, each row alone, and a row

@@ -46,6 +46,11 @@ def load_tokenizer(path: Path, special: SpecialTokens | None = None, vocab_size:
         if token is not None and token >= size:
             raise BundleError(f"{path}: special_tokens.{name}: {token} is not a token of this tokenizer "
                               f"(its vocabulary has {size})")
+    return reading_whole(tokenizer)
+
+
+def reading_whole(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer`, never truncating or padding (in place; give it a copy to keep the original's)."""
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer

@@ -419,6 +419,20 @@ def test_a_text_whose_characters_are_few_tokens_is_read_as_pytorch_reads_it(chec
     tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
     cut = [len(tokenizer(text, pair)["input_ids"]) > classifier.manifest.max_input_tokens for text, pair in items]
     assert [g.truncated for g in got] == cut and cut[-1]
+    # A text without white space whose pieces are tokens each ("a,a,...", as CJK text or code) is still
+    # cut before tokenizing: the word the cut split is the tokenizer's, not the text's white space.
+    class Recording:  # the lengths of the texts a tokenizer is given
+        def __init__(self, tokenizer):
+            self.tokenizer, self.lengths = tokenizer, []
+
+        def encode(self, text, pair=None):
+            self.lengths.append(len(text))
+            return self.tokenizer.encode(text, pair)
+
+    classifier.__dict__["_uncut"] = uncut = Recording(classifier._uncut)
+    classifier.tokenizer = cut = Recording(classifier.tokenizer)
+    classifier.classify_batch(["a," * (10 * most)])
+    assert uncut.lengths and max(uncut.lengths + cut.lengths) <= most
 
 
 def test_checkpoints_a_bundle_would_read_otherwise_are_refused_by_name(tmp_path):

@@ -67,7 +67,7 @@ def test_eval_json_paths_that_would_lose_the_table_or_the_data_are_refused(bundl
     assert json.loads(data.read_text())["target"] == "a b"
 
 
-def test_eval_json_through_a_link_to_a_file_not_written_yet(bundles, tmp_path):
+def test_eval_json_through_a_link_to_a_file_not_written_yet(bundles, tmp_path, capsys):
     """The scores go to the file the link names, and the link stays: no empty file is left beside it."""
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"source": "a b", "candidates": ["a b"], "target": "a b"}) + "\n")
@@ -79,3 +79,7 @@ def test_eval_json_through_a_link_to_a_file_not_written_yet(bundles, tmp_path):
     nowhere.symlink_to(tmp_path / "missing-folder" / "report.json")
     assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(nowhere), "-q"]) == 2
     assert nowhere.is_symlink() and not (tmp_path / "missing-folder").exists()
+    (tmp_path / "a").symlink_to(tmp_path / "b")  # a loop: said as a path that cannot be written
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(tmp_path / "a"), "-q"]) == 2
+    assert f"--json {tmp_path / 'a'}: cannot write there" in capsys.readouterr().err

@@ -140,7 +140,8 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
             (lines, {"model": "/nonexistent"}, "/nonexistent"),
             (lines, {"gate": str(unlabelled)}, "the gate must have a 'right' label"),
             (lines, {"providers": "CPUExecutionProvider"}, "providers must be a list"),
-            (lines, {"providers": ["Foo"]}, "'Foo' is not an ONNX Runtime execution provider")]:
+            (lines, {"providers": ["Foo"]}, "'Foo' is not an ONNX Runtime execution provider"),
+            (lines, {"max_line_bytes": 2048}, "'max_line_bytes' is not a setting of CorrectLines")]:
         with pytest.raises(lmcor_ray.LmcorError, match=message):  # InputError; a missing bundle's BundleError
             lmcor_ray.correct_dataset(dataset, **settings)
 

@@ -81,7 +81,7 @@ def _report_path(name: str, data: str | None) -> Path:
         what = "the data file" if data != "-" else "what standard input reads (the data)"
         raise InputError(f"--json {name} is {what}; write the scores to another file")
     existed = path.exists()
-    probe = path.resolve() if path.is_symlink() else path  # a link to a file not written yet: the file it names
+    probe = Path(os.path.realpath(path))  # a link to a file not written yet: the file it names
     try:
         with open(probe, "a", encoding="utf-8"):  # opened to append: an earlier report stays until the new one
             pass

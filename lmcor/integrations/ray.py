@@ -48,10 +48,10 @@ from lmcor.cli.correct import FIELDS, line_request, record as correction_record
 from lmcor.cli.lines import (Answer, answer_chunk, check_resumed, line_at, regular_file_size, split_lines,
                              write_answers)
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
+from lmcor.runtime import errors
 from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classifier, check_gate_bundle
 from lmcor.runtime.corrector import Corrector
-from lmcor.runtime import errors
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.engine import check_gate_threshold
 from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_threads
@@ -267,6 +267,12 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     check_threads(threads)
     check_int("lines_per_batch", lines_per_batch, 1)
     if isinstance(worker, type) and issubclass(worker, CorrectLines):  # a subclass may take settings of its own
+        taken = inspect.signature(worker).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values()):
+            unknown = sorted(set(settings) - set(taken))
+            if unknown:  # else every worker would fail at its start
+                raise InputError(f"{unknown[0]!r} is not a setting of {worker.__name__} (its settings: "
+                                 f"{', '.join(name for name in taken if name != 'threads')})")
         check_settings(**{k: v for k, v in settings.items() if k in inspect.signature(check_settings).parameters})
     answered = dataset.map_batches(worker, batch_size=lines_per_batch, batch_format="pyarrow",
                                    compute=ActorPoolStrategy(size=workers),
