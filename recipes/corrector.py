@@ -430,7 +430,11 @@ def _start_as_trained(init: Path, model, tokenizer, labels: list[int]) -> None:
     shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if shift is None:
         return
-    start = int(shift(labels=torch.tensor([labels]))[0, 0])
+    try:
+        start = int(shift(labels=torch.tensor([labels]))[0, 0])
+    except (ValueError, TypeError) as e:  # transformers' shift needs a decoder start token
+        raise InputError(f"--init {init}: its outputs have no first token ({e}): set decoder_start_token_id in its "
+                         "config.json") from None
     said = model.generation_config.decoder_start_token_id
     said = model.config.decoder_start_token_id if said is None else said
     if start != said:

@@ -210,12 +210,18 @@ class Classifier:
         length. Where that cut decides what is read (characters the tokenizer deletes, a word longer
         than any token, which becomes one unknown token, leave a cut text with few tokens), the whole
         text is read: the tokens kept of a cut text must end before the word it split, and be fewer
-        than the cut text holds."""
+        than the cut text holds. Of a pair, truncation gives the longer text the odd token: a cut text
+        must stay the longer one, and where both are cut, which is longer is not known without them."""
         most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
         shown = (cut_to_read(text, most), None if pair is None else cut_to_read(pair, most))
         if shown == (text, pair):
             return self.tokenizer.encode(text, pair)
         encoding, uncut = self.tokenizer.encode(*shown), self._uncut.encode(*shown)
+        if pair is not None:
+            counts = [sum(s == sequence for s in uncut.sequence_ids) for sequence in (0, 1)]
+            cut = [part != whole for part, whole in zip(shown, (text, pair))]
+            if all(cut) or counts[cut.index(True)] <= counts[cut.index(False)]:
+                return self.tokenizer.encode(text, pair)
         for sequence, (part, whole) in enumerate(zip(shown, (text, pair))):
             if part == whole:
                 continue

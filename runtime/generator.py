@@ -207,7 +207,9 @@ class Generator:
         """A prompt's token ids, its limit of new tokens (`limit`, which must fit the model's positions
         after the prompt, or with `fit`, as many as do) and the prefix they follow (`_prompt_ids`)."""
         _check_prompt("the prompt", prompt)
+        given = prefix
         ids, prefix = self._prompt_ids(prompt, prefix)
+        whose = "the prefix and prompt's" if given is not None and prefix is None else "the prompt's"  # run whole
         if not ids:
             raise InputError("the prompt has no tokens (this tokenizer drops all of it)")
         check_vocabulary(self.tokenizer, ids, self.manifest.decoder.vocab_size)
@@ -219,9 +221,9 @@ class Generator:
         if limit > room:
             after = f" after a prefix of {offset}" if offset else ""
             if fit:
-                raise InputError(f"the prompt's {len(ids)} tokens{after} leave no room for an answer in the model's "
+                raise InputError(f"{whose} {len(ids)} tokens{after} leave no room for an answer in the model's "
                                  f"{positions} positions; shorten it")
-            raise InputError(f"the prompt's {len(ids)} tokens{after} and max_new_tokens={limit} need "
+            raise InputError(f"{whose} {len(ids)} tokens{after} and max_new_tokens={limit} need "
                              f"{offset + len(ids) + limit - 1} of the model's {positions} positions; shorten it or "
                              "lower max_new_tokens")
         return ids, limit, prefix

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lmcor.export.classifier import export_classifier
 from lmcor.runtime.classifier import Classifier
-from lmcor.runtime.tokens import MAX_CHARS_PER_TOKEN
+from lmcor.runtime.tokens import MAX_CHARS_PER_TOKEN, cut_to_read
 from lmcor.runtime.errors import InputError
 from tokenizers import (
     Tokenizer,
@@ -414,11 +414,18 @@ def test_a_text_whose_characters_are_few_tokens_is_read_as_pytorch_reads_it(chec
              ("e" + "\u0301" * (most + 10) + " " + sentence, None), (("x" * 130 + " ") * 12 + sentence, None),
              (("y" * 130 + " ") * 30, None), (sentence, "\u200b" * (most + 10) + " " + sentence),
              ("word " * most, None), (sentence, "word " * most)]
+    # Of a pair, the longer text keeps the odd token: a cut text as long as the other, or two cut texts.
+    kept = len(classifier._uncut.encode(cut_to_read("word " * most, most), add_special_tokens=False).ids)
+    items += [(text, other) for n in range(kept - 2, kept + 3) for text, other in
+              (("word " * most, "a " * n), ("a " * n, "word " * most))] + [("word " * most, "an " * most)]
     got = classifier.classify_batch(items)
     np.testing.assert_allclose(np.stack([g.probabilities for g in got]), _torch(checkpoint, items), atol=1e-5)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
     cut = [len(tokenizer(text, pair)["input_ids"]) > classifier.manifest.max_input_tokens for text, pair in items]
     assert [g.truncated for g in got] == cut and cut[-1]
+    assert [classifier._read(text, pair).ids for text, pair in items] == [
+        tokenizer(text, pair, truncation=True, max_length=classifier.manifest.max_input_tokens)["input_ids"]
+        for text, pair in items]
     # A text without white space whose pieces are tokens each ("a,a,...", as CJK text or code) is still
     # cut before tokenizing: the word the cut split is the tokenizer's, not the text's white space.
     class Recording:  # the lengths of the texts a tokenizer is given

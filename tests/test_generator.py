@@ -135,6 +135,11 @@ def test_a_prefix_on_a_sentencepiece_tokenizer_gives_the_whole_texts_tokens(tmp_
     shared = generator.generate_batch(tails, prefix=generator.prefix(head), max_new_tokens=8, batch_size=4)
     whole = generator.generate_batch([head + t for t in tails], max_new_tokens=8)
     assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
+    # Too long, such a prompt's count holds the prefix's tokens, and says so.
+    too_long = " she go to school" * 40
+    count = len(tokenizer(head + too_long)["input_ids"])
+    with pytest.raises(InputError, match=f"the prefix and prompt's {count} tokens and max_new_tokens=8 need"):
+        generator.generate_batch([too_long], prefix=generator.prefix(head), max_new_tokens=8)
 
 
 def test_a_row_whose_scores_are_not_finite_fails_alone_when_sampled(tmp_path):

@@ -495,7 +495,7 @@ def test_an_mbart_init_learns_targets_that_start_as_its_outputs_do(pairs, tmp_pa
 
 
 def test_an_init_that_cannot_be_trained_is_refused_before_out_is_made(llm, pairs, tmp_path, checkpoints, capsys):
-    """Its weights missing, unreadable or partial: said before OUT is made or the LLM writes candidates."""
+    """Its weights missing, unreadable or partial, or no first output token: said before OUT is made or the LLM writes candidates."""
     from safetensors.torch import load_file, save_file
 
     cases = {}
@@ -511,8 +511,15 @@ def test_an_init_that_cannot_be_trained_is_refused_before_out_is_made(llm, pairs
     tensors = load_file(cases["no decoder"] / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if not k.startswith("decoder.")}, cases["no decoder"] / "model.safetensors",
               metadata={"format": "pt"})
+    cases["no start"] = tmp_path / "no-start"
+    shutil.copytree(checkpoints["t5"], cases["no start"])
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((cases["no start"] / name).read_text())
+        config.pop("decoder_start_token_id")
+        (cases["no start"] / name).write_text(json.dumps(config))
     for case, said in (("no weights", "loading the checkpoint failed"), ("torn", "model.safetensors: cannot be read"),
-                       ("no decoder", "lacks weights of this model (decoder.")):
+                       ("no decoder", "lacks weights of this model (decoder."),
+                       ("no start", "set decoder_start_token_id in its config.json")):
         assert _train(pairs, tmp_path / "run", llm, "--init", str(cases[case])) == 2, case
         err = capsys.readouterr().err
         assert f"--init {cases[case]}" in err and said in err, (case, err)
