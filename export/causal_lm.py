@@ -92,8 +92,9 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     if not ends:
         raise ExportError(f"{model_dir}: the config has no eos_token_id")
     eos = ends[0]  # the others (a chat model's end of turn) end answers too: the manifest's end_tokens
-    # None, or -1 (early LLaMA conversions): padding is lmcor's own, and EOS serves.
-    pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id >= 0 else eos
+    # None, -1 (early LLaMA conversions) or past the embeddings: padding is lmcor's own, and EOS serves.
+    pad = config.pad_token_id
+    pad = pad if pad is not None and 0 <= pad < model.get_input_embeddings().num_embeddings else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
     inputs, outputs = _limits(config, tokenizer, max_input_tokens, max_output_tokens)
     with staged_export(model_dir, out_dir, "text-generation-with-past", opset) as (raw, staged):

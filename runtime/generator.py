@@ -9,6 +9,7 @@ and values are copied into every batch in front of the prompts' own tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,14 +390,36 @@ class Generator:
                 return False
             written.append(token)
             if stops:
-                text = self._text(self.tokenizer.decode(written, skip_special_tokens=True))
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    stopped[row] = text[:cut]
+                before = self._before_stop(written, stops)
+                if before is not None:
+                    stopped[row] = before
                     return False
             if len(written) == limit:
                 return False
         return True
+
+
+    def _before_stop(self, written: list[int], stops: tuple[str, ...]) -> str | None:
+        """An answer's text before the first stop string in it, or None. A stop may be a special
+        token's text ("<|im_start|>", as transformers' stop strings match it), which the answer's text
+        leaves out: then the text of the tokens before the one that starts the stop."""
+        text = self._text(self.tokenizer.decode(written, skip_special_tokens=True))
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0:
+            return text[:cut]
+        if self._special_ids.isdisjoint(written):
+            return None
+        shown = self.tokenizer.decode(written, skip_special_tokens=False)
+        cut = min((shown.find(s) for s in stops if s in shown), default=-1)
+        if cut < 0:
+            return None
+        start = next(n for n in range(len(written), -1, -1)
+                     if len(self.tokenizer.decode(written[:n], skip_special_tokens=False)) <= cut)
+        return self._text(self.tokenizer.decode(written[:start], skip_special_tokens=True))
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(n for n, token in self.tokenizer.get_added_tokens_decoder().items() if token.special)
 
 
 def _row_prefixes(prefix: Any, count: int) -> list[Prefix | None]:

@@ -323,21 +323,29 @@ def test_a_decoder_only_classifier_without_a_configured_pad_uses_its_tokenizers(
     assert all(abs(a.probabilities - b.probabilities).max() < 1e-4 for a, b in zip(batched, alone))
 
 
-def test_a_causal_lm_whose_pad_id_is_minus_one_pads_with_eos(tmp_path):
+@pytest.mark.parametrize("pad", [-1, "vocab"])
+def test_a_causal_lm_whose_pad_id_is_no_token_pads_with_eos(tmp_path, pad):
+    """Early LLaMA conversions say -1; some configs name an id past the embeddings."""
     from test_generator import _tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "ckpt")
+    if pad == -1:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id))
+    else:  # GPT-2's embeddings keep no padding index, so transformers loads it
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
     for name in ("config.json", "generation_config.json"):  # written by hand: transformers refuses to save -1
         path = tmp_path / "ckpt" / name
-        path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token_id": -1}))
-    manifest = export_causal_lm(tmp_path / "ckpt", tmp_path / "out")  # early LLaMA conversions say -1
+        path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token_id": len(tokenizer) if pad == "vocab"
+                                    else pad}))
+    manifest = export_causal_lm(tmp_path / "ckpt", tmp_path / "out")
     assert manifest.special_tokens.pad == tokenizer.eos_token_id
 
 

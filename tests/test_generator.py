@@ -226,6 +226,15 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     assert main([*args, "--resume", "--seed", "3"]) == 2  # its candidates are not this run's
     assert "holds other candidates than this run writes for its source" in capsys.readouterr().err
     assert out.read_text() == first
+    # a stop string in a kept candidate: another --stop wrote it (this run cuts each answer before one)
+    stop = next(c[len(c) // 2] for c in json.loads(first)["candidates"] if c.strip())
+    assert main([*args, "--resume", "--stop", stop]) == 2
+    assert f"line 1 holds a candidate with {stop!r} in it" in capsys.readouterr().err
+    # another command's records: said as such, before any candidate is generated
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"source": "she go to school", "candidates": ["a", "b"], "target": "x"}\n')
+    assert main([*args[:5], str(foreign), *args[6:], "--resume"]) == 2
+    assert "line 1 is not a record of this command's" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0 and out.read_text() == whole
     # this run's candidates, but the record's source is not its line's: another input's output, kept as it was
     elsewhere = tmp_path / "other.jsonl"
@@ -302,6 +311,36 @@ def test_stop_strings_end_a_row_at_the_first_token_that_completes_one(bundle):
         ends = [n for n in range(1, len(whole.token_ids) + 1)
                 if any(s in generator.tokenizer.decode(whole.token_ids[:n]) for s in stops)]
         assert cut.token_ids == whole.token_ids[: ends[0] if ends else len(whole.token_ids)]
+
+
+def test_a_stop_string_may_be_a_special_tokens_text(tmp_path):
+    """A chat marker ("<|im_start|>") is a special token, which the answer's text leaves out: it stops
+    the row as transformers' stop strings do, and the text is the tokens' before it."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(PROMPTS * 20, trainers.BpeTrainer(vocab_size=320, special_tokens=[
+        "<unk>", "<s>", "</s>", "<|im_start|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        additional_special_tokens=["<|im_start|>"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)).eval()
+    ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
+    with torch.no_grad():
+        third = int(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] + 2])
+        model.lm_head.weight[3] = model.lm_head.weight[third] * 1.01  # the marker comes third
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, stop_strings=["<|im_start|>"],
+                                  tokenizer=tokenizer)[0, ids.shape[1]:].tolist()
+    assert expected[-1] == 3 and len(expected) < 8
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=16)
+    generator = Generator.load(tmp_path / "lm")
+    got, = generator.generate_batch([PROMPTS[2]], max_new_tokens=8, stop=["<|im_start|>"])
+    assert got.token_ids == expected
+    assert got.text == tokenizer.decode(expected[:-1], skip_special_tokens=True)
 
 
 def test_a_sample_does_not_depend_on_its_batch(bundle):

@@ -35,21 +35,30 @@ def record(number: int, ident: Any, result: Candidates) -> dict:
     return {"id": ident, "line": number, "source": result.source, "candidates": result.texts}
 
 
-def _check_resumed(output: Path, k: int) -> dict | None:
-    """An `-o` to resume must hold K candidates a source: one written with another -k is another run's.
-    Returns its last record with candidates (None: none)."""
+def _check_resumed(output: Path, k: int, stops: tuple[str, ...]) -> dict | None:
+    """An `-o` to resume must hold K candidates a source, none holding a stop string (this run cuts
+    each answer before its first): one written with another -k or --stop is another run's. Returns
+    its last record with candidates (None: none)."""
     last = None
     with open(output, "rb") as f:
         for raw in f:
             try:
                 record = json.loads(raw)
-                written = record.get("candidates")
-            except (ValueError, AttributeError):
-                continue  # a torn last line (answered again) or a foreign one (`Output` refuses the file)
-            if isinstance(written, list) and len(written) != k:
+            except ValueError:
+                continue  # a torn last line, answered again
+            if not (isinstance(record, dict) and "line" in record and FIELDS.match(record)
+                    and isinstance(record.get("candidates"), list)):
+                continue  # an error record; or another command's, which `Output` refuses
+            written = record["candidates"]
+            if len(written) != k:
                 raise InputError(f"--resume: -o {output} holds {len(written)} candidates a source, and -k is {k}: "
                                  "it was written by another run (remove it, or run without --resume)")
-            if isinstance(written, list) and isinstance(record.get("source"), str):
+            stop = next((s for s in stops for c in written if isinstance(c, str) and s in c), None)
+            if stop is not None:
+                raise InputError(f"--resume: -o {output} line {record['line']} holds a candidate with {stop!r} in "
+                                 "it, where this run's --stop ends an answer: it was written with another --stop "
+                                 "(give the same, or remove it)")
+            if isinstance(record.get("source"), str):
                 last = record
     return last
 
@@ -82,12 +91,13 @@ def _source(value: dict, _number: int) -> str:
 def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
     resumed = resumed_from(args.output) if args.resume and args.output else None
-    last = _check_resumed(resumed, args.k) if resumed is not None and resumed.is_file() else None
+    stops = tuple(args.stop) if args.stop else ("\n",)
+    last = _check_resumed(resumed, args.k, stops) if resumed is not None and resumed.is_file() else None
     few_shot = FewShot.from_template(args.prompt) if args.prompt is not None else default_few_shot()
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
     writer = CandidateWriter(generator, few_shot, k=args.k, temperature=args.temperature, top_p=args.top_p,
                              seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             stop=tuple(args.stop) if args.stop else ("\n",), drafts=not args.no_drafts)
+                             stop=stops, drafts=not args.no_drafts)
     if last is not None:
         _check_same_run(args.output, last, writer)
         writer.stats = CandidateStats()  # the summary counts this run's lines, not the check's source
