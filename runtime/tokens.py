@@ -116,28 +116,38 @@ def encode_requests(
     `vocab_size`, a request holding a token id past it is an `InputError` (`check_vocabulary`).
     """
     most = max_tokens * MAX_CHARS_PER_TOKEN
-    shown = [tuple(cut_to_read(c, most) for c in r.candidates) for r in requests]
-    rendered = [render(template, r.source, candidates) for r, candidates in zip(requests, shown)]
+    # Each candidate keeps a token at least, besides the source's: more cannot fit, and are refused
+    # before tokenizing, whose cost grows with their number.
+    out: list[ModelInput | InputError | None] = [_crowded(len(r.candidates), max_tokens)
+                                                 if len(r.candidates) >= max_tokens else None for r in requests]
+    served = [n for n, answer in enumerate(out) if answer is None]
+    shown = [tuple(cut_to_read(c, most) for c in requests[n].candidates) for n in served]
+    rendered = [render(template, requests[n].source, candidates) for n, candidates in zip(served, shown)]
     encodings = _encode(tokenizer, [r.text for r in rendered])
-    out: list[ModelInput | InputError] = []
-    for request, candidates, rendering, encoding in zip(requests, shown, rendered, encodings):
+    for n, candidates, rendering, encoding in zip(served, shown, rendered, encodings):
+        request = requests[n]
         truncated = any(len(c) != len(whole) for c, whole in zip(candidates, request.candidates))
         if len(encoding.ids) > max_tokens:
             try:
                 candidates, rendering, encoding = _truncate(tokenizer, template, request.source, candidates,
                                                             rendering, encoding, max_tokens)
             except InputError as e:
-                out.append(e)
+                out[n] = e
                 continue
             truncated = True
         try:
             check_vocabulary(tokenizer, encoding.ids, vocab_size)
         except InputError as e:
-            out.append(e)
+            out[n] = e
             continue
         refs = _references(encoding, rendering.text, [*rendering.spans, rendering.source]) if references else ()
-        out.append(ModelInput(np.asarray(encoding.ids, dtype=np.int64), truncated, refs, candidates))
-    return out
+        out[n] = ModelInput(np.asarray(encoding.ids, dtype=np.int64), truncated, refs, candidates)
+    return out  # type: ignore[return-value]
+
+
+def _crowded(count: int, max_tokens: int) -> InputError:
+    return InputError(f"{count} candidates cannot fit the model's {max_tokens} input tokens (each keeps a token at "
+                      "least, and the source is never cut); send fewer candidates")
 
 
 def _tokens_in(encoding: Encoding, spans: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -146,14 +156,22 @@ def _tokens_in(encoding: Encoding, spans: list[tuple[int, int]]) -> list[np.ndar
     post-processor trimmed to an empty offset (RoBERTa's and BART's `trim_offsets`) sits where the
     white space ends: inside a span that holds that white space, not in the span it precedes."""
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-    start, end = offsets[:, 0], offsets[:, 1]
-    free = np.asarray(encoding.special_tokens_mask) == 0
+    tokens = np.flatnonzero(np.asarray(encoding.special_tokens_mask) == 0)
+    start, end = offsets[tokens, 0], offsets[tokens, 1]
     empty = end == start
+    # Tokens in text order (as tokenizers write them): a span's tokens are found by bisection, so the
+    # cost stays linear in the text however many spans it holds.
+    ordered = bool(np.all(np.diff(start) >= 0) and np.all(np.diff(end) >= 0))
+    taken = np.zeros(len(tokens), dtype=bool)
     inside = []
     for s_start, s_end in spans:
-        hit = free & np.where(empty, (start > s_start) & (start <= s_end), (start < s_end) & (end > s_start))
-        inside.append(np.flatnonzero(hit))
-        free &= ~hit
+        lo, hi = (int(np.searchsorted(end, s_start, "right")), int(np.searchsorted(start, s_end, "right"))) \
+            if ordered else (0, len(tokens))
+        a, b = start[lo:hi], end[lo:hi]
+        hit = ~taken[lo:hi] & np.where(empty[lo:hi], (a > s_start) & (a <= s_end), (a < s_end) & (b > s_start))
+        found = lo + np.flatnonzero(hit)
+        taken[found] = True
+        inside.append(tokens[found])
     return inside
 
 

@@ -83,9 +83,65 @@ def test_source_too_long_is_an_error_not_a_cut(tokenizer):
 
 def test_too_many_candidates_is_said_so(tokenizer):
     """A short source with more candidates than the input has tokens for: the message says both ways out."""
-    [got] = encode_requests(tokenizer, Template(), [Request("She go.", ("She goes.",) * 200)], 64)
-    assert isinstance(got, InputError) and "the separators of 200 candidates" in str(got)
+    [got] = encode_requests(tokenizer, Template(), [Request("She go.", ("She goes.",) * 40)], 64)
+    assert isinstance(got, InputError) and "the separators of 40 candidates" in str(got)
     assert "shorten the source or send fewer candidates" in str(got)
+
+
+def test_more_candidates_than_input_tokens_are_refused_before_tokenizing(tokenizer):
+    """Each candidate keeps a token at least: a request with as many candidates as the input has
+    tokens cannot fit, and is refused at once (tokenizing it would cost time that grows with their
+    number); the others of its batch are served as if alone."""
+    crowded, fine = Request("She go.", ("x",) * 64), Request("She go.", ("She goes.",) * 3)
+    calls = []
+
+    class Counting:  # the tokenizer, counting the texts it is given
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode_batch(self, texts, **options):
+            calls.extend(texts)
+            return tokenizer.encode_batch(texts, **options)
+
+        def encode(self, text, *args, **options):
+            calls.append(text)
+            return tokenizer.encode(text, *args, **options)
+
+    got = encode_requests(Counting(), Template(), [crowded, fine, crowded], 64, references=True)
+    assert [isinstance(g, InputError) for g in got] == [True, False, True]
+    assert "64 candidates cannot fit the model's 64 input tokens" in str(got[0])
+    [alone] = encode_requests(tokenizer, Template(), [fine], 64, references=True)
+    assert got[1].ids.tolist() == alone.ids.tolist() and len(calls) == 1
+
+
+def test_the_tokens_of_each_span_are_a_plain_scans(tokenizer):
+    """`_tokens_in` finds each span's tokens by bisection; a plain scan of every token for every span
+    (the first span that a token overlaps takes it) gives the same, whatever the spans' order."""
+    import random
+
+    import numpy as np
+    from lmcor.runtime.tokens import _tokens_in
+
+    def scan(encoding, spans):
+        taken, out = set(), []
+        for s_start, s_end in spans:
+            found = [n for n, ((start, end), special) in enumerate(zip(encoding.offsets, encoding.special_tokens_mask))
+                     if not special and n not in taken
+                     and ((s_start < start <= s_end) if start == end else (start < s_end and end > s_start))]
+            taken.update(found)
+            out.append(found)
+        return out
+
+    rng = random.Random(0)
+    words = ["the", "cat", ",", "école", "中文", "\u200b", "", "\n", "<extra_id_0>", "  "]
+    for _ in range(400):
+        text = "".join(rng.choice(words) + rng.choice([" ", "", "  "]) for _ in range(rng.randint(0, 25)))
+        cuts = sorted(rng.randint(0, len(text)) for _ in range(2 * rng.randint(1, 5)))
+        spans = [(max(0, cuts[i] - rng.randint(0, 1)), cuts[i + 1]) for i in range(0, len(cuts), 2)]
+        rng.shuffle(spans)
+        encoding = tokenizer.encode(text)
+        assert [t.tolist() for t in _tokens_in(encoding, spans)] == scan(encoding, spans), (text, spans)
+        assert all(t.dtype == np.int64 for t in _tokens_in(encoding, spans))
 
 
 @pytest.mark.parametrize(
