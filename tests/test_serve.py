@@ -188,6 +188,8 @@ def test_classify_and_generate_answer_as_their_runtimes(client, gpt2_bundle):
     sampled = client.post("/v1/generate", json={"prompt": "The cat", "max_new_tokens": 8, "temperature": 1.0, "seed": 5})
     assert sampled.json()["output"] == Generator.load(gpt2_bundle).generate("The cat", max_new_tokens=8, temperature=1.0,
                                                                              seed=5)
+    blank = client.post("/v1/generate", json={"prompt": " \n", "max_new_tokens": 8})  # as `lmcor generate` reads it
+    assert blank.status_code == 422 and "field 'prompt' must be a non-empty string" in blank.json()["error"]["message"]
 
 
 def test_a_full_queue_answers_429_with_retry_after(bundles):
@@ -410,6 +412,27 @@ def test_a_model_name_given_twice_is_refused(capsys):
     assert "--classifier a= is given twice (one and two)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, says", [(["--model", ""], "path is empty"),
+                                         (["--providers", "NopeProvider"], "'NopeProvider' is not an ONNX Runtime")])
+def test_what_loading_would_refuse_is_refused_before_the_server_listens(capsys, flags, says):
+    """A supervisor reads the "listening" line as up: nothing that fails the load may come after it."""
+    from lmcor.cli import main
+
+    assert main(["serve", "--port", "0", *flags]) == 2
+    said = capsys.readouterr()
+    assert says in said.err and "listening" not in said.out
+
+
+def test_a_sigterm_before_the_server_listens_ends_it_with_0(bundles):
+    """Nothing is in flight yet: it ends as a drain does, not killed (143)."""
+    command = [sys.executable, "-c", "import os, signal, sys\n"
+               "import lmcor.server.models as m\n"
+               "m.Models.check = staticmethod(lambda _: os.kill(os.getpid(), signal.SIGTERM))  # as it starts\n"
+               "from lmcor.cli import main\nsys.exit(main(['serve', '--port', '0']))"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0 and "listening" not in done.stdout, done.stderr
+
+
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
@@ -495,7 +518,7 @@ def test_the_openapi_document_holds_the_limits_the_server_checks(client, bundles
                            ({"timeout_s": None}, 200)):
         assert client.post("/v1/correct", json={**request, **fields}).status_code == status, fields
     generate = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"][0]
-    assert generate["properties"]["prompt"]["minLength"] == 1
+    assert generate["properties"]["prompt"]["pattern"] == props["source"]["pattern"]  # not only white space
     answered = doc["paths"]["/v1/correct"]["post"]["responses"]["200"]["content"]
     assert set(answered) == {"application/json", "text/event-stream"}
 

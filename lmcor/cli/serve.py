@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from lmcor.runtime.errors import InputError
 
@@ -88,6 +90,21 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    # Nothing is in flight before the server listens: a SIGTERM then ends it as a drain would, exit 0.
+    previous = signal.signal(signal.SIGTERM, _before_listening) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _before_listening(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from lmcor.server import runner
     except ImportError as e:

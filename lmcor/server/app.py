@@ -573,7 +573,7 @@ def _bodies(config: ServeConfig) -> dict[str, dict]:
     tokens = {"type": "integer", "minimum": 1, **({"maximum": max(generators)} if generators else {}),
               "description": "at most the generator's max_output_tokens"}
     generate = _one_or_many(_named_item(list(config.generators or {}), ["prompt"], {
-        "id": _ID, "prompt": {"type": "string", "minLength": 1},
+        "id": _ID, "prompt": _TEXT,
         "max_new_tokens": _nullable(tokens),
         "temperature": {"anyOf": [{"type": "number", "enum": [0]},
                                   {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}],
@@ -588,7 +588,7 @@ def _most_tokens(path: Any) -> int | None:
     """A bundle's max_output_tokens (None: the shipped corrector), for the schema; None where its
     manifest cannot be read: the server then fails to load it, and says why."""
     try:
-        return load_manifest(path or shipped_bundle("default"), verify=False).max_output_tokens
+        return load_manifest(path if path is not None else shipped_bundle("default"), verify=False).max_output_tokens
     except LmcorError:
         return None
 
@@ -720,7 +720,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             if isinstance(item.get("id"), str):
                 check_text("field 'id'", item["id"])
             prompt = item.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
+            if not isinstance(prompt, str) or not prompt.strip():  # as `lmcor generate` reads a line's
                 raise InputError(f"field 'prompt' must be a non-empty string, got {shown(prompt)}")
             check_text("field 'prompt'", prompt)
             stop = check_items("stop", item.get("stop", []), "strings")

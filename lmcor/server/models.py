@@ -22,6 +22,7 @@ from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.engine import Engine
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation, Generator, row_seed
+from lmcor.runtime.sessions import usable_providers
 
 from .config import ServeConfig
 
@@ -139,7 +140,10 @@ class Models:
     def check(config: ServeConfig) -> None:
         """Read each bundle's manifest, of its kind: a wrong path fails before the server listens
         (its models load after, while /health says "loading")."""
-        load_manifest(config.model or shipped_bundle("default"), verify=False, kind="corrector")
+        if config.providers is not None:
+            usable_providers(config.providers)
+        load_manifest(config.model if config.model is not None else shipped_bundle("default"), verify=False,
+                      kind="corrector")
         if config.gate is not None:
             check_gate_bundle(config.gate or shipped_bundle("gate"))
         for path in config.classifiers.values():
