@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 from .generator import Generator, Prefix
-from .options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_number, check_temperature
+from .options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_number, check_temperature, check_text
 
 INSTRUCTION = "Correct the grammar and spelling of each sentence. Change only what is wrong.\n"
 # (wrong, right) pairs about things no ordinary sentence is about, so that an echo never passes for
@@ -48,6 +48,7 @@ class FewShot:
     @classmethod
     def from_template(cls, template: str) -> "FewShot":
         """One variant from a prompt with `{source}` (its text before `{source}` is shared)."""
+        check_text("prompt", template)
         if template.count("{source}") != 1:
             raise InputError("the prompt must contain {source} exactly once")
         head, tail = template.split("{source}")
@@ -147,7 +148,7 @@ class CandidateWriter:
             self.stats.tokens += sum(len(r[n].token_ids) for r in rounds)
             self.stats.echoes += sum(text in self.few_shot.examples for text in texts)
             out.append(Candidates(source, texts))
-        self.stats.sources += len(sources)
+        self.stats.sources += sum(isinstance(answer, Candidates) for answer in out)  # those answered
         self.stats.seconds += time.perf_counter() - started
         return out
 

@@ -259,10 +259,18 @@ def test_an_options_message_names_its_flag(bundle, tmp_path, capsys):
     source.write_text('{"source": "a b"}\n')
     for flags, said in ((["--max-new-tokens", "100000"], "--max-new-tokens must be an integer from 1 to "),
                         (["--stop", "x", "--stop", ""], "--stop #2 must be a non-empty string"),
-                        (["--top-p", "2"], "--top-p must be")):
+                        (["--top-p", "2"], "--top-p must be"),
+                        (["--max-new", "100000"], "--max-new-tokens must be an integer from 1 to "),  # argparse's prefix
+                        (["--stop", "\udcff"], "--stop #1 holds a lone surrogate"),  # a byte not UTF-8 in argv
+                        (["--prompt", "\udcff {source}"], "--prompt holds a lone surrogate")):
         assert main(["candidates", "--model", str(bundle), str(source), "-q", "--prompt", "C: {source}\n", *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"lmcor: error: {said}"), err
+    # the summary counts the sources answered, not one that failed
+    source.write_text('{"source": "a b"}\n{"source": "' + "word " * 500 + '"}\n')
+    assert main(["candidates", "--model", str(bundle), str(source), "--prompt", "C: {source}\n", "-o",
+                 str(tmp_path / "out.jsonl")]) == 1
+    assert "lmcor: 1 sources, " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, field", [("candidates", "source"), ("generate", "prompt")])

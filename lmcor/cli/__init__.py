@@ -91,7 +91,7 @@ def _parser(chosen: str | None) -> tuple[argparse.ArgumentParser, argparse.Argum
     return parser, chosen_parser
 
 
-_FIELD = re.compile(r"^([a-z][a-z0-9_]*)(\[\d+\])? must ")
+_FIELD = re.compile(r"^([a-z][a-z0-9_]*)(\[\d+\])? (?=must |holds )")
 
 
 def _said_as_flags(message: str, command: argparse.ArgumentParser | None, argv: list[str]) -> str:
@@ -100,11 +100,18 @@ def _said_as_flags(message: str, command: argparse.ArgumentParser | None, argv: 
     from a config file keeps its field's name)."""
     match = _FIELD.match(message)
     given = {action.dest: action.option_strings[-1] for action in (command._actions if command else ())
-             if any(arg == flag or arg.startswith(flag + "=") for flag in action.option_strings for arg in argv)}
+             if any(_names(arg, flag) for flag in action.option_strings for arg in argv)}
     if not match or match.group(1) not in given:
         return message
     which = f" #{int(match.group(2)[1:-1]) + 1}" if match.group(2) else ""
     return given[match.group(1)] + which + message[match.end(2) if match.group(2) else match.end(1):]
+
+
+def _names(arg: str, flag: str) -> bool:
+    """Whether a command-line word gives `flag`: itself, with `=value`, or as the prefix argparse
+    took for it (`--max-new` for `--max-new-tokens`)."""
+    name = arg.split("=", 1)[0]
+    return name == flag or (flag.startswith("--") and len(name) > 2 and name.startswith("--") and flag.startswith(name))
 
 
 def main(argv: list[str] | None = None) -> int:
