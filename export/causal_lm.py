@@ -26,6 +26,7 @@ from lmcor.runtime.errors import ExportError
 from .checkpoint import (
     TOKENIZER_FILE,
     input_limit,
+    input_limit_named,
     load_checkpoint,
     opset_of,
     output_limit,
@@ -61,8 +62,8 @@ def _limits(config, tokenizer, max_input_tokens: int | None, max_output_tokens: 
     input limit's positions, so an answer takes at most all but one of them."""
     inputs = input_limit(config, tokenizer, max_input_tokens)
     if inputs < 2:
-        raise ExportError(f"--max-input-tokens {inputs}: a causal LM's positions hold its prompt and its answer, at "
-                          "least 2")
+        raise ExportError(f"{input_limit_named(max_input_tokens, inputs)}: a causal LM's positions hold its prompt "
+                          "and its answer, at least 2")
     outputs = output_limit(config, max_output_tokens, after_prompt=True)
     if outputs >= inputs:
         if max_output_tokens is not None:

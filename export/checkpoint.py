@@ -316,6 +316,14 @@ def input_limit(config, tokenizer, asked: int | None) -> int:
     return positions or 512
 
 
+def input_limit_named(asked: int | None, inputs: int) -> str:
+    """`input_limit`'s value as a message names it: the flag where it was given, else where it came from."""
+    if asked is not None:
+        return f"--max-input-tokens {inputs}"
+    return (f"the bundle's {inputs} input tokens (the tokenizer's model_max_length, or the model's positions; "
+            "set --max-input-tokens)")
+
+
 DEFAULT_OUTPUT_TOKENS = 256
 # A model without a position limit (T5) would take any number; an answer is never that long, and the
 # bundle's limit is every request's default.

@@ -24,6 +24,7 @@ from .checkpoint import (
     CLASSIFIER_PRECISIONS,
     TOKENIZER_FILE,
     input_limit,
+    input_limit_named,
     load_checkpoint,
     opset_of,
     quiet_exporter,
@@ -75,8 +76,8 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     inputs = input_limit(config, tokenizer, max_input_tokens)
     least = tokenizer.num_special_tokens_to_add(pair=True) + 2  # a pair's special tokens and a token of each text
     if inputs < least:
-        raise ExportError(f"--max-input-tokens {inputs}: a text pair needs {least} tokens (its special tokens and one "
-                          "of each text); below that its tokenizer cuts nothing, and the model would read past its "
+        raise ExportError(f"{input_limit_named(max_input_tokens, inputs)}: a text pair needs {least} tokens (its "
+                          "special tokens and one of each text); below that its tokenizer cuts nothing, and the model would read past its "
                           "positions")
     if getattr(tokenizer, "truncation_side", "right") != "right":
         raise ExportError(f"{model_dir}: its tokenizer cuts a long text's start (truncation_side "

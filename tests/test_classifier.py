@@ -526,6 +526,13 @@ def test_labels_that_are_no_names_and_a_limit_below_a_pairs_special_tokens_are_r
         assert not (tmp_path / "out").exists()
     with pytest.raises(ExportError, match="--max-input-tokens 2: a text pair needs"):
         export_classifier(checkpoint, tmp_path / "out", max_input_tokens=2)
+    short = tmp_path / "short"  # the same limit, from its tokenizer: said as such
+    shutil.copytree(checkpoint, short)
+    settings = short / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "model_max_length": 2}))
+    with pytest.raises(ExportError, match=r"the bundle's 2 input tokens \(the tokenizer's model_max_length, .*set "
+                                          "--max-input-tokens\): a text pair needs"):
+        export_classifier(short, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
