@@ -41,7 +41,7 @@ from tqdm import tqdm
 from lmcor.cli import STDERR, say
 from lmcor.cli.lines import split_lines
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
-from lmcor.runtime.bundle import sha256_of
+from lmcor.runtime.bundle import Template, sha256_of
 from lmcor.runtime.errors import ExportError, InputError
 from lmcor.runtime.jsonl import blank, dump_record, parse_line
 
@@ -399,6 +399,15 @@ def load_init(init: Path):
         model, tokenizer = load_model(init, "AutoModelForSeq2SeqLM")
     except ExportError as e:
         raise InputError(f"--init {e}") from None
+    # The candidates' separator is one token, as in T5's vocabulary; a tokenizer without it (BART's)
+    # gets it (the white space around it taken in), else each separator would be a dozen pieces of
+    # text, read as candidates' words.
+    separator = Template().separator.strip()
+    if separator not in tokenizer.get_vocab():
+        from tokenizers import AddedToken
+
+        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(separator, lstrip=True, rstrip=True)]},
+                                     replace_additional_special_tokens=False)
     size = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > size:  # its tokens past the embeddings would fail the first step that reads one
         log.info("--init %s: its tokenizer has %d tokens and its embeddings %d: the embeddings are grown to hold "

@@ -528,7 +528,8 @@ def test_an_init_that_cannot_be_trained_is_refused_before_out_is_made(llm, pairs
 
 def test_an_init_reads_inputs_whole_and_its_bundle_reads_what_it_trained_on(pairs, tmp_path, checkpoints, capfd):
     """A checkpoint's tokenizer that truncates (saved so, or left so by a call) does not cut training
-    inputs or labels; a tokenizer with more tokens than the embeddings grows them; the bundle reads
+    inputs or labels; a tokenizer with more tokens than the embeddings, or without the candidates'
+    separator (which it gets), grows them; the bundle reads
     the 512 input tokens training used, not the 1024 its positions and tokenizer allow."""
     from conftest import build_checkpoint
 
@@ -544,6 +545,8 @@ def test_an_init_reads_inputs_whole_and_its_bundle_reads_what_it_trained_on(pair
     tokenizer.save_pretrained(init)
     model, tokenizer = load_init(init)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    ids = tokenizer("a <extra_id_0> b", add_special_tokens=False)["input_ids"]  # the separator: one token, as T5's
+    assert len(ids) == 3 and ids[1] == tokenizer.convert_tokens_to_ids("<extra_id_0>")
     tokenizer(["word " * 50], truncation=True, max_length=8)  # as scoring on dev does
     long = Example("the cat " * 20, ["The cat " * 20], "The cat " * 20)
     tokenizer.model_max_length = 16  # a target past it is no indexing error here: transformers' warning stays out
@@ -552,7 +555,9 @@ def test_an_init_reads_inputs_whole_and_its_bundle_reads_what_it_trained_on(pair
     assert "Token indices sequence length" not in capfd.readouterr().err
     own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
     assert _train_own(own, tmp_path / "run", "--init", str(init)) == 0
-    assert Corrector.load(tmp_path / "run" / "bundle").manifest.max_input_tokens == MAX_INPUT_TOKENS
+    bundle = Corrector.load(tmp_path / "run" / "bundle")
+    assert bundle.manifest.max_input_tokens == MAX_INPUT_TOKENS
+    assert bundle.tokenizer.token_to_id("<extra_id_0>") is not None
 
 
 def test_another_init_does_not_resume_a_run_and_dev_holds_what_the_bundle_reads(pairs, tmp_path, checkpoints, capsys,
