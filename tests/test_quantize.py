@@ -94,6 +94,26 @@ def int8_bundle(checkpoints, tmp_path_factory):
     return path
 
 
+def test_a_bias_after_the_matmul_is_added(tmp_path):
+    """ONNX Runtime fuses MatMulInteger, its scaling and a bias Add into MatMulIntegerToFloat, whose
+    CPU kernel drops the bias where the activations' scale is one per row (BART's and BERT's layers
+    have biases): the bias stays out of the fusion and is added."""
+    rng = np.random.default_rng(1)
+    weight, bias = rng.normal(size=(K, N)).astype(np.float32), rng.normal(size=N).astype(np.float32) * 10
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["product"]), helper.make_node("Add", ["product", "b"], ["y"])],
+        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", N])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "fp32.onnx")
+    assert quantize(tmp_path / "fp32.onnx", tmp_path / "rows.onnx") == 1
+    x = _rows(rng)
+    np.testing.assert_allclose(_run(tmp_path / "rows.onnx", x), _reference(tmp_path / "rows.onnx", x) + bias,
+                               rtol=1e-5, atol=1e-3)
+
+
 def test_int8_corrector_decodes_alike_in_any_batch_and_with_drafts(int8_bundle):
     corrector = Corrector.load(int8_bundle)
     assert corrector.drafts_supported
