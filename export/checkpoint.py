@@ -247,8 +247,10 @@ def _check_kind(model_dir: Path, config, auto_class: str) -> None:
 
     kind = _KINDS[auto_class]
     names = " ".join(config.architectures or ())
-    suggested = next((k for part, k in _ARCHITECTURE_KINDS if part in names and k != kind), None)
-    hint = f"; export it with --kind {suggested}" if suggested else ""
+    # A seq2seq type is a corrector's whatever its head's name (the original T5's is T5WithLMHeadModel).
+    suggested = "corrector" if config.model_type in SEQ2SEQ_TYPES else next(
+        (k for part, k in _ARCHITECTURE_KINDS if part in names), None)
+    hint = f"; export it with --kind {suggested}" if suggested and suggested != kind else ""
     if kind == "corrector" and config.model_type not in SEQ2SEQ_TYPES:
         raise ExportError(f"{model_dir}: model type {config.model_type!r} is not supported as a corrector (supported: "
                           f"{', '.join(SEQ2SEQ_TYPES)}){hint}")
@@ -370,10 +372,15 @@ def _positions_said(config, positions: int) -> str:
     return f"the model has {positions} positions"
 
 
+_RELATIVE_POSITIONS = {"t5", "mt5", "umt5"}  # a bucketed relative bias: no position past which it fails
+
+
 def model_positions(config) -> int | None:
     """How many positions the bundle can give the model (None: relative positions, as T5's, set no
     limit). A LongRoPE model changes its rotary factors past `_longrope_switch`, which a traced graph
     cannot follow: its bundle keeps to the positions before the change."""
+    if config.model_type in _RELATIVE_POSITIONS:  # t5-small's config still says "n_positions": 512
+        return None
     switch = _longrope_switch(config)
     if switch is not None:
         return switch

@@ -188,3 +188,20 @@ def export_step_decoder(model, out_dir: Path, opset: int, *, fold: bool = False)
                           opset_version=opset, dynamo=False)
     for name in (STEP_FILE, CROSS_FILE):
         rewrite_file(out_dir / name)
+        one_data_file(out_dir / name)
+
+
+def one_data_file(path: Path) -> None:
+    """A graph over 2 GB keeps its weights in external files, which the TorchScript exporter names
+    after each tensor: they become one `<graph>.data` beside it (a bundle holds `<graph>*`)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    if not locations or locations == {f"{path.name}.data"}:
+        return
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
+    for name in locations - {f"{path.name}.data"}:
+        (path.parent / name).unlink(missing_ok=True)

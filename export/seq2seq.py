@@ -99,9 +99,19 @@ def _special_tokens(model) -> SpecialTokens:
         pad=int(config.pad_token_id),
         eos=int(eos),
         decoder_start=int(start),
-        forced_bos=generation.forced_bos_token_id,
-        forced_eos=generation.forced_eos_token_id,
+        forced_bos=_one_token("forced_bos_token_id", generation.forced_bos_token_id),
+        forced_eos=_one_token("forced_eos_token_id", generation.forced_eos_token_id),
     )
+
+
+def _one_token(name: str, value):
+    """A forced token of the generation config: transformers also takes a list, which must name one."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ExportError(f"the checkpoint's generation_config.json gives {name} {list(value)}; lmcor forces one "
+                              "token: set it to the one its outputs end or start with")
+        value = value[0]
+    return None if value is None else int(value)
 
 
 def export_corrector(

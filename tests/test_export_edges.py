@@ -208,6 +208,13 @@ def test_a_checkpoint_of_another_kind_is_refused_by_its_config(t5_checkpoints, t
                            "(supported: t5, mt5, bart, mbart)")
     assert main(["export", "--kind", "classifier", str(t5_checkpoints[2, 3]), str(tmp_path / "out")]) == 2
     assert "a t5 checkpoint cannot be exported as a classifier" in capsys.readouterr().err
+    # the original T5's head is T5WithLMHeadModel: still a corrector, not a causal LM
+    original = shutil.copytree(t5_checkpoints[2, 3], tmp_path / "t5-original")
+    config = original / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "architectures": ["T5WithLMHeadModel"]}))
+    for kind in ("classifier", "causal-lm"):
+        assert main(["export", "--kind", kind, str(original), str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.rstrip().endswith("; export it with --kind corrector"), kind
 
 
 def test_bart_whose_output_is_one_token_validates(tmp_path):
@@ -363,6 +370,10 @@ def test_positions_are_read_where_each_family_keeps_them():
     with pytest.raises(ExportError, match="keeps to the model's first 32 positions .past original_max_position_embeddings"):
         input_limit(longrope, None, 64)
     assert model_positions(LlamaConfig(max_position_embeddings=64, rope_scaling={"rope_type": "linear", "factor": 2.0})) == 64
+    # t5-small's and Flan-T5's configs still carry a legacy "n_positions": 512; their positions are relative
+    from transformers import T5Config
+
+    assert model_positions(T5Config(n_positions=512)) is None
 
 
 def test_key_value_heads_are_read_where_each_family_keeps_them():
@@ -373,3 +384,41 @@ def test_key_value_heads_are_read_where_each_family_keeps_them():
     assert _shape(FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2)).num_heads == 2  # grouped
     assert _shape(FalconConfig(**falcon, multi_query=True)).num_heads == 1  # Falcon-7B's one key/value head
     assert _shape(FalconConfig(**falcon, multi_query=False)).num_heads == 4
+
+
+def test_a_forced_token_given_as_a_list_of_one_is_that_token(tmp_path):
+    """transformers takes forced_eos_token_id as an int or a list; lmcor forces one token."""
+    checkpoint = build_checkpoint("bart", tmp_path / "bart")
+    settings = checkpoint / "generation_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "forced_eos_token_id": [2]}))
+    assert export_corrector(checkpoint, tmp_path / "one").special_tokens.forced_eos == 2
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "forced_eos_token_id": [2, 3]}))
+    with pytest.raises(ExportError, match=r"generation_config.json gives forced_eos_token_id \[2, 3\]; lmcor forces one"):
+        export_corrector(checkpoint, tmp_path / "two")
+    assert not (tmp_path / "two").exists()
+
+
+def test_a_graph_whose_weights_are_files_of_their_own_gets_one_data_file(tmp_path):
+    """Over 2 GB, the TorchScript exporter writes each weight to a file named after it; a bundle
+    holds a graph and `<graph>.data`."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.normal(size=(32, 32)).astype(np.float32) for name in ("layer.0.weight", "layer.1.weight")}
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "layer.0.weight"], ["h"]),
+                               helper.make_node("MatMul", ["h", "layer.1.weight"], ["y"])], "two",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    path = tmp_path / "decoder.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "layer.0.weight", "layer.1.weight"]
+    ragged.one_data_file(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    x = rng.normal(size=(1, 32)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ weights["layer.0.weight"] @ weights["layer.1.weight"], rtol=1e-5)
