@@ -9,16 +9,24 @@ import numpy as np
 MAX_PADDING = 0.25  # of a batch's tokens
 
 
-def group_size(lengths: Iterable[int], limit: int, max_padding: float = MAX_PADDING) -> int:
-    """How many of `lengths`, taken in order, make one batch of at most `limit` items whose padding is
-    at most `max_padding` of its tokens (the first always does)."""
-    count = real = longest = 0
-    for length in lengths:
+def pick_group(lengths: Iterable[int], limit: int, max_padding: float = MAX_PADDING, *,
+               passing: bool = True) -> list[int]:
+    """Indices of at most `limit` of `lengths` that make one batch whose padding is at most
+    `max_padding` of its tokens: the first, then, in order, each that keeps it so; one that does not
+    is passed over, and those after it may still join (without `passing`: the group ends there)."""
+    chosen: list[int] = []
+    real = longest = 0
+    for n, length in enumerate(lengths):
         top = max(longest, length)
-        if count == limit or (count and 1 - (real + length) / (top * (count + 1)) > max_padding):
+        if chosen and 1 - (real + length) / (top * (len(chosen) + 1)) > max_padding:
+            if not passing:
+                break
+            continue
+        chosen.append(n)
+        real, longest = real + length, top
+        if len(chosen) == limit:
             break
-        count, real, longest = count + 1, real + length, top
-    return count
+    return chosen
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_padding: float = MAX_PADDING) -> list[list[int]]:
@@ -33,7 +41,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_padding: float = M
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     while order:
-        size = group_size((lengths[i] for i in order), batch_size, max_padding)
+        size = len(pick_group((lengths[i] for i in order), batch_size, max_padding, passing=False))
         batches.append(order[:size])
         order = order[size:]
     return batches

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import MAX_PADDING, group_size
+from .batching import MAX_PADDING, pick_group
 from .bundle import Manifest
 from .decode import Batch, beam_search, decode_step, open_decoder, prefill, retire
 from .encode import PackedEncoder, encode_batch
@@ -154,11 +154,16 @@ class Scheduler:
                 break
 
     def _take(self, limit: int) -> list[Sequence]:
-        """The next waiting sequences that search alike (greedy ones share a batch whatever their
-        options; beam searches need the same options) and make one encoder batch with bounded padding."""
+        """The oldest waiting sequence and, in their order, up to `limit` in all of those after it that
+        search alike (greedy ones share a batch whatever their options; beam searches need the same
+        options; the first that does not ends the run) and keep the encoder batch's padding bounded:
+        one of another length waits for a group of its own without holding back those behind it."""
         kind = _kind(self.waiting[0])
-        alike = itertools.takewhile(lambda s: _kind(s) == kind, self.waiting)
-        return [self.waiting.popleft() for _ in range(group_size((len(s.input.ids) for s in alike), limit))]
+        alike = list(itertools.takewhile(lambda s: _kind(s) == kind, self.waiting))
+        chosen = [alike[n] for n in pick_group((len(s.input.ids) for s in alike), limit)]
+        taken = set(map(id, chosen))
+        self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        return chosen
 
     def _beams(self) -> list[Sequence]:
         """A static batch of beam search, from its encoder pass to its end."""

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from lmcor.runtime.batching import pad_batch, plan_batches
+from lmcor.runtime.batching import pad_batch, pick_group, plan_batches
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
@@ -18,6 +18,13 @@ def test_batches_cover_every_item_once_with_bounded_padding(batch_size):
 def test_one_long_item_does_not_pad_a_batch_of_short_ones():
     batches = plan_batches([500, 10, 11, 12, 10], batch_size=8)
     assert [0] in batches and len(batches) == 2
+
+
+def test_a_group_passes_over_an_odd_length_and_takes_those_after_it():
+    """Online, requests wait in arrival order: one of another length does not end its group."""
+    assert pick_group([10, 40, 10, 11, 9, 10], limit=4) == [0, 2, 3, 4]
+    assert pick_group([10, 40, 10, 11, 9, 10], limit=4, passing=False) == [0]
+    assert pick_group([40, 10, 10], limit=4) == [0]  # the first always goes: the oldest never waits
 
 
 def test_pad_batch():
