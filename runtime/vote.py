@@ -2,9 +2,10 @@
 
 Each candidate is aligned with the source word by word (`difflib`'s longest matching blocks); each
 difference is an edit (replace source words i..j by some words). An edit made by at least `need`
-candidates is applied, from left to right, skipping any that overlaps one already applied. Where
-the candidates' errors are their own (each sample slips somewhere else), the edits they share are
-the corrections; an edit only one candidate makes (a rewrite, a dropped clause) is left out.
+candidates is applied, from left to right (of those from one word, the one more candidates make
+first), skipping any that overlaps one already applied. Where the candidates' errors are their own
+(each sample slips somewhere else), the edits they share are the corrections; an edit only one
+candidate makes (a rewrite, a dropped clause) is left out.
 """
 
 from __future__ import annotations
@@ -174,8 +175,8 @@ def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEE
                 edits[(i1, i2, tuple(theirs[j1:j2]))] += 1
     out: list[str] = []
     at = 0
-    # Left to right; of two edits of the same words, the one more candidates make.
-    chosen = sorted((e for e, n in edits.items() if n >= need), key=lambda e: (e[0], e[1], -edits[e], e[2]))
+    # Left to right; of two edits from the same word, the one more candidates make.
+    chosen = sorted((e for e, n in edits.items() if n >= need), key=lambda e: (e[0], -edits[e], e[1], e[2]))
     for i1, i2, replacement in chosen:
         if i1 < at:
             continue  # overlaps an edit already applied

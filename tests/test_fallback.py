@@ -269,6 +269,13 @@ def test_edit_vote_keeps_the_source_where_the_candidates_disagree():
     assert edit_vote(source, rewrites) == source
 
 
+def test_of_two_edits_from_one_word_the_vote_takes_the_one_more_candidates_make():
+    """Three candidates fix "go" and drop the doubled "to", two fix "go" alone: the three win."""
+    source = "She go to to school every day."
+    candidates = ["She goes to school every day."] * 3 + ["She goes to to school every day."] * 2
+    assert edit_vote(source, candidates) == "She goes to school every day."
+
+
 def test_candidates_that_are_no_answer_do_not_undo_the_models_fix():
     """Three of five candidates are a refusal: their vote replaces the whole sentence, which kept to
     small edits is the source again, and the output's fix, which two candidates make, stays."""

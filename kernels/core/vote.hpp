@@ -124,10 +124,10 @@ inline Words edit_vote(const Words& source, const std::vector<Words>& candidates
   std::vector<const Edit*> chosen;
   for (const Edit& e : edits)
     if (e.count >= need) chosen.push_back(&e);
-  // Left to right; of two edits of the same words, the one more candidates make.
+  // Left to right; of two edits from the same word, the one more candidates make.
   std::sort(chosen.begin(), chosen.end(), [](const Edit* x, const Edit* y) {
-    return std::make_tuple(x->i1, x->i2, -x->count) < std::make_tuple(y->i1, y->i2, -y->count) ||
-           (std::make_tuple(x->i1, x->i2, -x->count) == std::make_tuple(y->i1, y->i2, -y->count) && x->words < y->words);
+    return std::make_tuple(x->i1, -x->count, x->i2) < std::make_tuple(y->i1, -y->count, y->i2) ||
+           (std::make_tuple(x->i1, -x->count, x->i2) == std::make_tuple(y->i1, -y->count, y->i2) && x->words < y->words);
   });
   Words out;
   int64_t at = 0;
