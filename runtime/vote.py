@@ -72,18 +72,22 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
     heavy = [op for op, light in edits if not light]
     moved = (Counter(_letters(w) for _, i1, i2, _, _ in heavy for w in words[i1:i2])
              & Counter(_letters(w) for _, _, _, j1, j2 in heavy for w in theirs[j1:j2])) if span else Counter()
+    keep = [((not span or light
+              or (max(i2 - i1, j2 - j1) <= span and (_plausible(words, i1, i2, theirs[j1:j2], moved)
+                                                     or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
+             and (known is None or all(word in known for word in theirs[j1:j2])))
+            for (_, i1, i2, j1, j2), light in edits]
+    if moved:  # a move is kept whole or not at all: its drop alone would lose the words it moves
+        rewritten = Counter(_letters(w) for ((_, _, _, j1, j2), light), kept in zip(edits, keep)
+                            if kept and not light for w in theirs[j1:j2])
+        keep = [kept and (light or all(rewritten[_letters(w)] for w in words[i1:i2] if _letters(w) in moved))
+                for ((_, i1, i2, _, _), light), kept in zip(edits, keep)]
     out: list[str] = []
     at = 0
-    dropped = False
-    for (_, i1, i2, j1, j2), light in edits:
-        keep = ((not span or light
-                 or (max(i2 - i1, j2 - j1) <= span and (_plausible(words, i1, i2, theirs[j1:j2], moved)
-                                                        or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
-                and (known is None or all(word in known for word in theirs[j1:j2])))
-        out += words[at:i1] + (theirs[j1:j2] if keep else words[i1:i2])
+    for ((_, i1, i2, j1, j2), _), kept in zip(edits, keep):
+        out += words[at:i1] + (theirs[j1:j2] if kept else words[i1:i2])
         at = i2
-        dropped = dropped or not keep
-    return " ".join(out + words[at:]) if dropped else text  # nothing left out: the text, its spacing too
+    return text if all(keep) else " ".join(out + words[at:])  # nothing left out: the text, its spacing too
 
 
 def _split_light(edits: list, words: list[str], theirs: list[str]) -> list[tuple[tuple, bool]]:

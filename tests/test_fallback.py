@@ -269,6 +269,13 @@ def test_edit_vote_keeps_the_source_where_the_candidates_disagree():
     assert edit_vote(source, rewrites) == source
 
 
+def test_a_move_whose_new_place_is_too_far_is_not_kept_as_a_drop():
+    """"me" moved to the end takes a 3-word edit there, past the span: its drop alone would lose it."""
+    source = "She explained me the problem."
+    assert minimal_edits(source, "She explained the problem to me.", 2) == source
+    assert minimal_edits("He quickly ran home.", "He ran home quickly.", 2) == "He ran home quickly."
+
+
 def test_of_two_edits_from_one_word_the_vote_takes_the_one_more_candidates_make():
     """Three candidates fix "go" and drop the doubled "to", two fix "go" alone: the three win."""
     source = "She go to to school every day."
