@@ -244,6 +244,19 @@ def test_a_signal_keeps_everything_finished_and_resume_answers_the_rest(bundles,
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 0
     assert [(r["line"], r["output"]) for r in _records(out)] == [(n + 1, expected[r["id"]]) for n, r in enumerate(GOOD)]
 
+    # A signal while a resumed run still reads past the lines already answered: interrupted, not "another input's"
+    whole = out.read_text()
+    process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "correct", "--model", str(bundles["t5"]), str(fifo),
+                                "-o", str(out), "--resume", *DECODE], stderr=subprocess.PIPE)
+    with open(fifo, "w") as feed:  # opened once the run reads it, its signal handlers set
+        feed.write(json.dumps(GOOD[0]) + "\n")
+        feed.flush()
+        time.sleep(0.5)
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == code
+    err = process.stderr.read().decode()
+    assert "--resume" in err and "another input's output" not in err and out.read_text() == whole
+
 
 def test_eval_reports_a_line_that_is_not_an_object(bundles, tmp_path, capsys):
     data = tmp_path / "data.jsonl"

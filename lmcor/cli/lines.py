@@ -507,7 +507,8 @@ def answer_lines(
             yield answer_chunk(lines, convert, run, record), reader.skipped_bytes
         if reader.failure is not None:
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
-        check_resumed(args, after, reader.skipped_lines)
+        if not stopping():  # a signal stops the reader anywhere, even before the lines already answered
+            check_resumed(args, after, reader.skipped_lines)
 
     return write_answers(args, answered, verb, fields, echo)
 
