@@ -247,9 +247,10 @@ def _check_kind(model_dir: Path, config, auto_class: str) -> None:
 
     kind = _KINDS[auto_class]
     names = " ".join(config.architectures or ())
-    # A seq2seq type is a corrector's whatever its head's name (the original T5's is T5WithLMHeadModel).
-    suggested = "corrector" if config.model_type in SEQ2SEQ_TYPES else next(
-        (k for part, k in _ARCHITECTURE_KINDS if part in names), None)
+    kinds = [k for part, k in _ARCHITECTURE_KINDS if part in names]
+    if config.model_type in SEQ2SEQ_TYPES:  # a corrector unless it classifies, whatever its head's name
+        kinds = [k for k in kinds if k == "classifier"] + ["corrector"]  # (the original T5's: T5WithLMHeadModel)
+    suggested = kinds[0] if kinds else None
     hint = f"; export it with --kind {suggested}" if suggested and suggested != kind else ""
     if kind == "corrector" and config.model_type not in SEQ2SEQ_TYPES:
         raise ExportError(f"{model_dir}: model type {config.model_type!r} is not supported as a corrector (supported: "

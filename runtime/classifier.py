@@ -211,7 +211,9 @@ class Classifier:
         than any token, which becomes one unknown token, leave a cut text with few tokens), the whole
         text is read: the tokens kept of a cut text must end before the word it split, and be fewer
         than the cut text holds. Of a pair, truncation gives the longer text the odd token: a cut text
-        must stay the longer one, and where both are cut, which is longer is not known without them."""
+        must stay the longer one, and where both are cut, which is longer is not known without them,
+        so such a pair is read whole (its cost bounded by the input's own limit: a line's or a body's
+        bytes)."""
         most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
         shown = (cut_to_read(text, most), None if pair is None else cut_to_read(pair, most))
         if shown == (text, pair):

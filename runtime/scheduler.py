@@ -156,13 +156,17 @@ class Scheduler:
     def _take(self, limit: int) -> list[Sequence]:
         """The oldest waiting sequence and, in their order, up to `limit` in all of those after it that
         search alike (greedy ones share a batch whatever their options; beam searches need the same
-        options; the first that does not ends the run) and keep the encoder batch's padding bounded:
-        one of another length waits for a group of its own without holding back those behind it."""
+        options; the first that does not ends the run) and keep the encoder batch's padding bounded.
+        Online, one of another length waits for a group of its own without holding back those behind
+        it; offline, the queue is longest first, and the first that does not fit ends the group."""
         kind = _kind(self.waiting[0])
-        alike = list(itertools.takewhile(lambda s: _kind(s) == kind, self.waiting))
-        chosen = [alike[n] for n in pick_group((len(s.input.ids) for s in alike), limit)]
-        taken = set(map(id, chosen))
-        self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+        alike = itertools.takewhile(lambda s: _kind(s) == kind, self.waiting)
+        picked = pick_group((len(s.input.ids) for s in alike), limit, passing=not self.patient)
+        if picked[-1] == len(picked) - 1:  # the head of the queue: taken from it
+            return [self.waiting.popleft() for _ in picked]
+        chosen = [self.waiting[n] for n in picked]
+        taken = set(picked)
+        self.waiting = deque(s for n, s in enumerate(self.waiting) if n not in taken)
         return chosen
 
     def _beams(self) -> list[Sequence]:

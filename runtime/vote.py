@@ -2,8 +2,8 @@
 
 Each candidate is aligned with the source word by word (`difflib`'s longest matching blocks); each
 difference is an edit (replace source words i..j by some words). An edit made by at least `need`
-candidates is applied, from left to right (of those from one word, the one more candidates make
-first), skipping any that overlaps one already applied. Where the candidates' errors are their own
+candidates is applied, from left to right (at a word, an insertion before it, then of the edits
+from it the one more candidates make), skipping any that overlaps one already applied. Where the candidates' errors are their own
 (each sample slips somewhere else), the edits they share are the corrections; an edit only one
 candidate makes (a rewrite, a dropped clause) is left out.
 """
@@ -77,11 +77,17 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
                                                      or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
              and (known is None or all(word in known for word in theirs[j1:j2])))
             for (_, i1, i2, j1, j2), light in edits]
-    if moved:  # a move is kept whole or not at all: its drop alone would lose the words it moves
-        rewritten = Counter(_letters(w) for ((_, _, _, j1, j2), light), kept in zip(edits, keep)
-                            if kept and not light for w in theirs[j1:j2])
-        keep = [kept and (light or all(rewritten[_letters(w)] for w in words[i1:i2] if _letters(w) in moved))
-                for ((_, i1, i2, _, _), light), kept in zip(edits, keep)]
+    while moved:  # a move is kept whole or not at all: its drop alone loses words, its write alone doubles them
+        dropped = Counter(_letters(w) for ((_, i1, i2, _, _), light), kept in zip(edits, keep)
+                          if kept and not light for w in words[i1:i2])
+        written = Counter(_letters(w) for ((_, _, _, j1, j2), light), kept in zip(edits, keep)
+                          if kept and not light for w in theirs[j1:j2])
+        whole = [kept and (light or (all(written[_letters(w)] for w in words[i1:i2] if _letters(w) in moved)
+                                     and all(dropped[_letters(w)] for w in theirs[j1:j2] if _letters(w) in moved)))
+                 for ((_, i1, i2, j1, j2), light), kept in zip(edits, keep)]
+        if whole == keep:
+            break
+        keep = whole
     out: list[str] = []
     at = 0
     for ((_, i1, i2, j1, j2), _), kept in zip(edits, keep):
@@ -179,8 +185,10 @@ def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEE
                 edits[(i1, i2, tuple(theirs[j1:j2]))] += 1
     out: list[str] = []
     at = 0
-    # Left to right; of two edits from the same word, the one more candidates make.
-    chosen = sorted((e for e, n in edits.items() if n >= need), key=lambda e: (e[0], -edits[e], e[1], e[2]))
+    # Left to right: at a word, an insertion before it first (it overlaps nothing), then of the edits
+    # of words from it, the one more candidates make.
+    chosen = sorted((e for e, n in edits.items() if n >= need),
+                    key=lambda e: (e[0], e[1] > e[0], -edits[e], e[1], e[2]))
     for i1, i2, replacement in chosen:
         if i1 < at:
             continue  # overlaps an edit already applied

@@ -215,6 +215,13 @@ def test_a_checkpoint_of_another_kind_is_refused_by_its_config(t5_checkpoints, t
     for kind in ("classifier", "causal-lm"):
         assert main(["export", "--kind", kind, str(original), str(tmp_path / "out")]) == 2
         assert capsys.readouterr().err.rstrip().endswith("; export it with --kind corrector"), kind
+    # a BART that classifies is a classifier's
+    classifying = shutil.copytree(original, tmp_path / "bart-classifier")
+    config = classifying / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "bart",
+                                  "architectures": ["BartForSequenceClassification"]}))
+    assert main(["export", "--kind", "causal-lm", str(classifying), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("; export it with --kind classifier")
 
 
 def test_bart_whose_output_is_one_token_validates(tmp_path):

@@ -274,6 +274,10 @@ def test_a_move_whose_new_place_is_too_far_is_not_kept_as_a_drop():
     source = "She explained me the problem."
     assert minimal_edits(source, "She explained the problem to me.", 2) == source
     assert minimal_edits("He quickly ran home.", "He ran home quickly.", 2) == "He ran home quickly."
+    # the other way: the drop is too large, and the words written alone would stand twice
+    for source, moved in (("I like very much this song.", "I like this song very much."),
+                          ("She gave to me the book.", "She gave the book to me.")):
+        assert minimal_edits(source, moved, 2) == source
 
 
 def test_of_two_edits_from_one_word_the_vote_takes_the_one_more_candidates_make():
@@ -281,6 +285,9 @@ def test_of_two_edits_from_one_word_the_vote_takes_the_one_more_candidates_make(
     source = "She go to to school every day."
     candidates = ["She goes to school every day."] * 3 + ["She goes to to school every day."] * 2
     assert edit_vote(source, candidates) == "She goes to school every day."
+    # an insertion before a word overlaps no edit of it: both stand, whichever more candidates make
+    for inserting in (2, 3):
+        assert edit_vote("a b c", ["a Y b c"] * inserting + ["a X c"] * (5 - inserting)) == "a Y X c"
 
 
 def test_candidates_that_are_no_answer_do_not_undo_the_models_fix():

@@ -423,11 +423,28 @@ def test_what_loading_would_refuse_is_refused_before_the_server_listens(capsys, 
     assert says in said.err and "listening" not in said.out
 
 
+def test_providers_this_machine_lacks_may_serve_on_a_ray_cluster():
+    """Where the models load here, a provider this ONNX Runtime build lacks is refused before the
+    server listens; for Ray's replicas, whose machines may have it, only its name is checked."""
+    import onnxruntime as ort
+    from lmcor.server.config import ServeConfig
+    from lmcor.server.models import Models
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime build has CUDA")
+    config = ServeConfig(providers=("CUDAExecutionProvider",))
+    with pytest.raises(InputError, match="none of CUDAExecutionProvider is available"):
+        Models.check(config)
+    Models.check(config, here=False)
+    with pytest.raises(InputError, match="'NopeProvider' is not an ONNX Runtime execution provider"):
+        Models.check(ServeConfig(providers=("NopeProvider",)), here=False)
+
+
 def test_a_sigterm_before_the_server_listens_ends_it_with_0(bundles):
     """Nothing is in flight yet: it ends as a drain does, not killed (143)."""
     command = [sys.executable, "-c", "import os, signal, sys\n"
                "import lmcor.server.models as m\n"
-               "m.Models.check = staticmethod(lambda _: os.kill(os.getpid(), signal.SIGTERM))  # as it starts\n"
+               "m.Models.check = staticmethod(lambda *_, **__: os.kill(os.getpid(), signal.SIGTERM))  # as it starts\n"
                "from lmcor.cli import main\nsys.exit(main(['serve', '--port', '0']))"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0 and "listening" not in done.stdout, done.stderr

@@ -124,10 +124,11 @@ inline Words edit_vote(const Words& source, const std::vector<Words>& candidates
   std::vector<const Edit*> chosen;
   for (const Edit& e : edits)
     if (e.count >= need) chosen.push_back(&e);
-  // Left to right; of two edits from the same word, the one more candidates make.
+  // Left to right: at a word, an insertion before it first (it overlaps nothing), then of the edits
+  // of words from it, the one more candidates make.
   std::sort(chosen.begin(), chosen.end(), [](const Edit* x, const Edit* y) {
-    return std::make_tuple(x->i1, -x->count, x->i2) < std::make_tuple(y->i1, -y->count, y->i2) ||
-           (std::make_tuple(x->i1, -x->count, x->i2) == std::make_tuple(y->i1, -y->count, y->i2) && x->words < y->words);
+    auto key = [](const Edit* e) { return std::make_tuple(e->i1, e->i2 > e->i1, -e->count, e->i2); };
+    return key(x) < key(y) || (key(x) == key(y) && x->words < y->words);
   });
   Words out;
   int64_t at = 0;

@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = config(args)
     from lmcor.server.models import Models
 
-    Models.check(settings)
+    Models.check(settings, here=not args.ray)
     runner.log_to_stderr()
     announce = lambda url: print(f"lmcor serve: listening on {url}", flush=True, file=sys.stdout)  # noqa: E731
     if args.ray:

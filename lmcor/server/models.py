@@ -22,7 +22,7 @@ from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.engine import Engine
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation, Generator, row_seed
-from lmcor.runtime.sessions import usable_providers
+from lmcor.runtime.sessions import known_providers, usable_providers
 
 from .config import ServeConfig
 
@@ -137,11 +137,13 @@ class Models:
                          for name, g in generators.items()}
 
     @staticmethod
-    def check(config: ServeConfig) -> None:
-        """Read each bundle's manifest, of its kind: a wrong path fails before the server listens
-        (its models load after, while /health says "loading")."""
+    def check(config: ServeConfig, *, here: bool = True) -> None:
+        """Read each bundle's manifest, of its kind, and check the providers (available in this ONNX
+        Runtime build where the models load `here`; else, as a Ray cluster's machines may have others,
+        known names): a wrong path or provider fails before the server listens (its models load
+        after, while /health says "loading")."""
         if config.providers is not None:
-            usable_providers(config.providers)
+            (usable_providers if here else known_providers)(config.providers)
         load_manifest(config.model if config.model is not None else shipped_bundle("default"), verify=False,
                       kind="corrector")
         if config.gate is not None:
