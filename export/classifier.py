@@ -77,8 +77,8 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     least = tokenizer.num_special_tokens_to_add(pair=True) + 2  # a pair's special tokens and a token of each text
     if inputs < least:
         raise ExportError(f"{input_limit_named(max_input_tokens, inputs)}: a text pair needs {least} tokens (its "
-                          "special tokens and one of each text); below that its tokenizer cuts nothing, and the model would read past its "
-                          "positions")
+                          "special tokens and one of each text); below that its tokenizer cuts nothing, and the model "
+                          "would read past its positions")
     if getattr(tokenizer, "truncation_side", "right") != "right":
         raise ExportError(f"{model_dir}: its tokenizer cuts a long text's start (truncation_side "
                           f"{tokenizer.truncation_side!r}), and a classifier bundle reads a long text's start: set "

@@ -228,8 +228,8 @@ class Classifier:
             if part == whole:
                 continue
             kept = sum(s == sequence for s in encoding.sequence_ids)
-            own = [(word, start, end) for word, (start, end), s in zip(uncut.word_ids, uncut.offsets, uncut.sequence_ids)
-                   if s == sequence]
+            own = [(word, start, end)
+                   for word, (start, end), s in zip(uncut.word_ids, uncut.offsets, uncut.sequence_ids) if s == sequence]
             ends = [end for _, _, end in own]
             # Where the last word starts, as the tokenizer's pre-tokenizer splits words (at white space,
             # punctuation, each CJK character): the word the cut may have split.

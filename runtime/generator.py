@@ -398,7 +398,6 @@ class Generator:
                 return False
         return True
 
-
     def _before_stop(self, written: list[int], stops: tuple[str, ...]) -> str | None:
         """An answer's text before the first stop string in it, or None. A stop may be a special
         token's text ("<|im_start|>", as transformers' stop strings match it), which the answer's text

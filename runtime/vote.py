@@ -3,9 +3,9 @@
 Each candidate is aligned with the source word by word (`difflib`'s longest matching blocks); each
 difference is an edit (replace source words i..j by some words). An edit made by at least `need`
 candidates is applied, from left to right (at a word, an insertion before it, then of the edits
-from it the one more candidates make), skipping any that overlaps one already applied. Where the candidates' errors are their own
-(each sample slips somewhere else), the edits they share are the corrections; an edit only one
-candidate makes (a rewrite, a dropped clause) is left out.
+from it the one more candidates make), skipping any that overlaps one already applied. Where the
+candidates' errors are their own (each sample slips somewhere else), the edits they share are the
+corrections; an edit only one candidate makes (a rewrite, a dropped clause) is left out.
 """
 
 from __future__ import annotations
@@ -77,14 +77,16 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
                                                      or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
              and (known is None or all(word in known for word in theirs[j1:j2])))
             for (_, i1, i2, j1, j2), light in edits]
-    while moved:  # a move is kept whole or not at all: its drop alone loses words, its write alone doubles them
-        dropped = Counter(_letters(w) for ((_, i1, i2, _, _), light), kept in zip(edits, keep)
-                          if kept and not light for w in words[i1:i2])
-        written = Counter(_letters(w) for ((_, _, _, j1, j2), light), kept in zip(edits, keep)
-                          if kept and not light for w in theirs[j1:j2])
-        whole = [kept and (light or (all(written[_letters(w)] for w in words[i1:i2] if _letters(w) in moved)
-                                     and all(dropped[_letters(w)] for w in theirs[j1:j2] if _letters(w) in moved)))
-                 for ((_, i1, i2, j1, j2), light), kept in zip(edits, keep)]
+    # A move is kept whole or not at all: its drop alone loses words, its write alone doubles them.
+    drops = [[] if light else [w for w in map(_letters, words[i1:i2]) if w in moved]
+             for (_, i1, i2, _, _), light in edits]
+    writes = [[] if light else [w for w in map(_letters, theirs[j1:j2]) if w in moved]
+              for (_, _, _, j1, j2), light in edits]
+    while moved:
+        dropped = Counter(w for kept, own in zip(keep, drops) if kept for w in own)
+        written = Counter(w for kept, own in zip(keep, writes) if kept for w in own)
+        whole = [kept and all(written[w] for w in drop) and all(dropped[w] for w in write)
+                 for kept, drop, write in zip(keep, drops, writes)]
         if whole == keep:
             break
         keep = whole
