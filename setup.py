@@ -34,8 +34,8 @@ def _core_extension():
     spec = importlib.util.spec_from_file_location("lmcor_core_digest", sources / "digest.py")
     digest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(digest)
-    return [Pybind11Extension("lmcor._core", ["kernels/core/core.cpp"], depends=[
-        "kernels/core/chrf.hpp", "kernels/core/drafts.hpp", "kernels/core/step.hpp", "kernels/core/vote.hpp"],
+    headers = sorted(f"kernels/core/{path.name}" for path in sources.glob("*.hpp"))
+    return [Pybind11Extension("lmcor._core", ["kernels/core/core.cpp"], depends=headers,
         cxx_std=17, extra_compile_args=flags, define_macros=[("LMCOR_CORE_SOURCES", f'"{digest.sources_digest(sources)}"')], optional=True)]
 
 PACKAGES = {

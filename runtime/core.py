@@ -2,7 +2,7 @@
 
 Each decode step's host work has two implementations that compute the same values: the compiled one
 and the Python reference beside its caller (`drafts.Drafts`, `sequence.RepeatBan`, `decode.accept`,
-`RaggedDecoder.step`'s cache writes, `fallback.nearest`, `vote`'s alignments); `tests/test_core.py` compares them exactly.
+`RaggedDecoder.step`'s cache writes, `fallback.nearest`, `vote`'s alignments, `tokens._tokens_in`); `tests/test_core.py` compares them exactly.
 Callers read `native` when they run: the extension module, or None where it is not built (lmcor says
 so once) or `LMCOR_CORE=0` turns it off.
 """
@@ -28,7 +28,7 @@ _warned = False
 
 # What the Python layer calls: a module built from older sources (updated without a rebuild) lacks some.
 NAMES = ("chrf", "nearest", "Drafts", "RepeatBan", "accept", "write_rows", "edit_vote", "opcodes", "matched", "fp_mode",
-         "set_fp_mode")
+         "set_fp_mode", "tokens_in")
 # The C++ sources, beside this package in a checkout (a wheel does not ship them).
 SOURCES = Path(__file__).resolve().parents[1] / "kernels" / "core"
 

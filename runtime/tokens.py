@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from . import core
 from .bundle import SpecialTokens, Template
 from .errors import BundleError, InputError
 from .request import Request
@@ -155,8 +156,15 @@ def _tokens_in(encoding: Encoding, spans: list[tuple[int, int]]) -> list[np.ndar
     token over two spans counts for the first). A token of white space alone that a byte-level
     post-processor trimmed to an empty offset (RoBERTa's and BART's `trim_offsets`) sits where the
     white space ends: inside a span that holds that white space, not in the span it precedes."""
-    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-    tokens = np.flatnonzero(np.asarray(encoding.special_tokens_mask) == 0)
+    if core.native is not None:  # about a tenth of the reference's time (six spans, ~100 tokens)
+        return core.native.tokens_in(encoding.offsets, encoding.special_tokens_mask, spans)
+    return _tokens_in_reference(encoding.offsets, encoding.special_tokens_mask, spans)
+
+
+def _tokens_in_reference(offsets: list[tuple[int, int]], special: list[int], spans: list[tuple[int, int]]) -> list[np.ndarray]:
+    """`core.native.tokens_in`'s reference: `_tokens_in` of an encoding's offsets and special-token flags."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    tokens = np.flatnonzero(np.asarray(special) == 0)
     start, end = offsets[tokens, 0], offsets[tokens, 1]
     empty = end == start
     # Tokens in text order (as tokenizers write them): a span's tokens are found by bisection, so the

@@ -1,6 +1,7 @@
 """The compiled core (`lmcor._core`) against its Python references, exactly, on random and real inputs:
 chrF and the nearest candidate, the n-gram bans, acceptance with the logits processors fused into the
-argmax (ties included), the drafter's proposals, the ragged cache writes; and a corrector that gives
+argmax (ties included), the drafter's proposals, the ragged cache writes, the tokens of each candidate
+and of the source in an input's encoding; and a corrector that gives
 the same outputs with the core on and off (`LMCOR_CORE=0`)."""
 
 import json
@@ -24,7 +25,8 @@ from lmcor.runtime.drafts import Drafts
 from lmcor.runtime.fallback import _nearest_reference, char_ngrams, chrf, nearest
 from lmcor.runtime.request import as_request
 from lmcor.runtime.sequence import Sequence, repeat_ban
-from lmcor.runtime.tokens import encode_requests
+from lmcor.runtime.template import render
+from lmcor.runtime.tokens import _tokens_in_reference, encode_requests
 from lmcor.runtime.vote import _edit_vote_reference, _opcodes, _ratio, edit_vote, minimal_edits
 
 from lmcor import Corrector
@@ -319,6 +321,48 @@ def test_cache_writes_equal_the_reference():
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="room"):
         NATIVE.write_rows(caches, presents, np.full(rows, room, dtype=np.int64), first)
+
+
+def _same_tokens_in(offsets, special, spans) -> None:
+    ours, theirs = NATIVE.tokens_in(offsets, special, spans), _tokens_in_reference(offsets, special, spans)
+    assert len(ours) == len(theirs) == len(spans)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == np.int64
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_core
+def test_token_spans_equal_the_reference_on_random_offsets():
+    """Offsets in text order (bisection) and not (the whole scan), empty offsets, special tokens,
+    spans that overlap, repeat, hold nothing or reach past the text."""
+    rng = np.random.default_rng(6)
+    for trial in range(400):
+        count = int(rng.integers(0, 40))
+        if trial % 2:  # in text order: tokens' starts and ends never go back
+            start = np.cumsum(rng.integers(0, 4, size=count))
+            end = start + rng.integers(0, 5, size=count)
+            end = np.maximum.accumulate(end) if count else end
+        else:
+            start = rng.integers(0, 60, size=count)
+            end = start + rng.integers(0, 5, size=count)
+        offsets = [(int(a), int(b)) for a, b in zip(start, end)]
+        special = rng.choice([0, 0, 0, 1], size=count).tolist()
+        spans = []
+        for _ in range(int(rng.integers(0, 8))):
+            a = int(rng.integers(0, 70))
+            spans.append((a, a + int(rng.integers(0, 20))))
+        _same_tokens_in(offsets, special, spans)
+    with pytest.raises(ValueError, match="flag per offset"):
+        NATIVE.tokens_in([(0, 1)], [], [(0, 1)])
+
+
+@needs_core
+def test_token_spans_equal_the_reference_on_the_default_corrector_inputs(corrector):
+    template = corrector.manifest.template
+    for request in _real_requests(150):
+        rendered = render(template, request.source, tuple(request.candidates))
+        encoding = corrector.tokenizer.encode(rendered.text)
+        _same_tokens_in(encoding.offsets, encoding.special_tokens_mask, [*rendered.spans, rendered.source])
 
 
 @needs_core

@@ -13,6 +13,7 @@
 
 #include "chrf.hpp"
 #include "drafts.hpp"
+#include "spans.hpp"
 #include "step.hpp"
 #include "vote.hpp"
 
@@ -254,4 +255,15 @@ PYBIND11_MODULE(_core, m) {
   m.def("matched", &lmcor::matched, py::arg("a"), py::arg("b"),
         "The elements difflib.SequenceMatcher(None, a, b, autojunk=False) matches (ratio: 2 * matched / total).");
   m.def("write_rows", &write_rows, py::arg("caches"), py::arg("presents"), py::arg("lengths"), py::arg("first"));
+  m.def(
+      "tokens_in",
+      [](const lmcor::Offsets& offsets, const std::vector<int64_t>& special, const lmcor::Offsets& spans) {
+        if (special.size() != offsets.size()) throw py::value_error("tokens_in: one special-token flag per offset");
+        py::list out;
+        for (const auto& tokens : lmcor::tokens_in(offsets, special, spans))
+          out.append(Int64Array(static_cast<py::ssize_t>(tokens.size()), tokens.data()));
+        return out;
+      },
+      py::arg("offsets"), py::arg("special"), py::arg("spans"),
+      "For each character span, the indices of the encoding's tokens in it (tokens._tokens_in's reference).");
 }
