@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 from .generator import Generator, Prefix
-from .options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_number, check_temperature, check_text
+from .options import (MAX_BATCH_SIZE, check_int, check_items, check_max_new_tokens, check_number, check_temperature,
+                      check_text, shown)
 
 INSTRUCTION = "Correct the grammar and spelling of each sentence. Change only what is wrong.\n"
 # (wrong, right) pairs about things no ordinary sentence is about, so that an echo never passes for
@@ -127,30 +128,44 @@ class CandidateWriter:
                                                for head in self.few_shot.heads]
 
     def __call__(self, sources: Sequence[str]) -> list[Candidates | InputError]:
+        """The candidates of each source, or in its place the `InputError` it failed with (a source that
+        is no text, or white space alone, fails alone)."""
         started = time.perf_counter()
-        variants = [self.few_shot.variant(source) for source in sources]
-        # Each prompt after its own variant's prefix, all in one batch.
-        prompts = [source + self.few_shot.tail for source in sources]
+        sources = check_items("sources", sources, "strings")
+        out: list[Candidates | InputError | None] = [_refused(n, source) for n, source in enumerate(sources)]
+        served = [n for n, answer in enumerate(out) if answer is None]
+        # Each prompt after its own variant's prefix (None where a variant's head is empty), all in one batch.
+        prompts = [sources[n] + self.few_shot.tail for n in served]
         options = dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, stop=self.stop,
-                       prefix=[self._prefixes[v] for v in variants] if self._prefixes[0] is not None else None,
+                       prefix=[self._prefixes[self.few_shot.variant(sources[n])] for n in served],
                        batch_size=self.batch_size, drafts=self.drafts, errors="return")
         rounds = [self.generator.generate_batch(prompts, **options)]
         for k in range(1, self.k):
-            seeds = [_seed(self.seed, k, source) for source in sources]
+            seeds = [_seed(self.seed, k, sources[n]) for n in served]
             rounds.append(self.generator.generate_batch(prompts, temperature=self.temperature, seed=seeds, **options))
-        out: list[Candidates | InputError] = []
-        for n, source in enumerate(sources):
-            failed = next((r[n] for r in rounds if isinstance(r[n], InputError)), None)
+        for row, n in enumerate(served):
+            failed = next((r[row] for r in rounds if isinstance(r[row], InputError)), None)
             if failed is not None:
-                out.append(failed)
+                out[n] = failed
                 continue
-            texts = [r[n].text.strip() for r in rounds]
-            self.stats.tokens += sum(len(r[n].token_ids) for r in rounds)
+            texts = [r[row].text.strip() for r in rounds]
+            self.stats.tokens += sum(len(r[row].token_ids) for r in rounds)
             self.stats.echoes += sum(text in self.few_shot.examples for text in texts)
-            out.append(Candidates(source, texts))
+            out[n] = Candidates(sources[n], texts)
         self.stats.sources += sum(isinstance(answer, Candidates) for answer in out)  # those answered
         self.stats.seconds += time.perf_counter() - started
-        return out
+        return out  # type: ignore[return-value]
+
+
+def _refused(n: int, source: object) -> InputError | None:
+    """Why source `n` cannot be answered (not text, white space alone, not Unicode), or None."""
+    if not isinstance(source, str) or not source.strip():
+        return InputError(f"sources[{n}] must be a non-empty string, got {shown(source)}")
+    try:
+        check_text(f"sources[{n}]", source)
+    except InputError as e:
+        return e
+    return None
 
 
 def _seed(seed: int, k: int, source: str) -> int:

@@ -399,22 +399,25 @@ class Generator:
         return True
 
     def _before_stop(self, written: list[int], stops: tuple[str, ...]) -> str | None:
-        """An answer's text before the first stop string in it, or None. A stop may be a special
-        token's text ("<|im_start|>", as transformers' stop strings match it), which the answer's text
-        leaves out: then the text of the tokens before the one that starts the stop."""
-        text = self._text(self.tokenizer.decode(written, skip_special_tokens=True))
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
-        if cut >= 0:
-            return text[:cut]
+        """An answer's text before the first stop string in it, or None. Stops are matched against the
+        tokens' text with special tokens' text in it, as transformers' stop strings are: a stop may be
+        a special token's text ("<|im_start|>"), and none spans one ("bc" is not in "b<|im_start|>c").
+        The answer's text leaves special tokens out."""
         if self._special_ids.isdisjoint(written):
-            return None
+            text = self._text(self.tokenizer.decode(written, skip_special_tokens=True))
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            return text[:cut] if cut >= 0 else None
         shown = self.tokenizer.decode(written, skip_special_tokens=False)
         cut = min((shown.find(s) for s in stops if s in shown), default=-1)
         if cut < 0:
             return None
+        # The tokens wholly before the stop, and the part of the token it starts in (none of a special one's).
         start = next(n for n in range(len(written), -1, -1)
                      if len(self.tokenizer.decode(written[:n], skip_special_tokens=False)) <= cut)
-        return self._text(self.tokenizer.decode(written[:start], skip_special_tokens=True))
+        before = self.tokenizer.decode(written[:start], skip_special_tokens=True)
+        if start < len(written) and written[start] not in self._special_ids:
+            before += shown[len(self.tokenizer.decode(written[:start], skip_special_tokens=False)) : cut]
+        return self._text(before)
 
     @functools.cached_property
     def _special_ids(self) -> frozenset[int]:

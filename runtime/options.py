@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .errors import InputError
+from .jsonl import json_kind
 
 # Beam search past 16 beams is rare even for large models, and each beam multiplies the decoder's
 # batch and its cache.
@@ -99,7 +100,7 @@ def check_items(name: str, items: Any, what: str) -> list:
     """The items of a batch call, as a list. A string or a mapping is iterable but is one item, not
     many: it is refused rather than read character by character or key by key."""
     if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
-        raise InputError(f"{name} must be a list (or other iterable) of {what}, got {type(items).__name__}; "
+        raise InputError(f"{name} must be a list (or other iterable) of {what}, got {json_kind(items)}; "
                          "pass one item as a list of one")
     return list(items)
 

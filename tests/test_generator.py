@@ -323,7 +323,8 @@ def test_stop_strings_end_a_row_at_the_first_token_that_completes_one(bundle):
 
 def test_a_stop_string_may_be_a_special_tokens_text(tmp_path):
     """A chat marker ("<|im_start|>") is a special token, which the answer's text leaves out: it stops
-    the row as transformers' stop strings do, and the text is the tokens' before it."""
+    the row as transformers' stop strings do, and the text is the tokens' before it. Stops are matched
+    against the text with the marker in it."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -349,6 +350,13 @@ def test_a_stop_string_may_be_a_special_tokens_text(tmp_path):
     got, = generator.generate_batch([PROMPTS[2]], max_new_tokens=8, stop=["<|im_start|>"])
     assert got.token_ids == expected
     assert got.text == tokenizer.decode(expected[:-1], skip_special_tokens=True)
+    # Matched on the text with the marker in it: a stop across it is no stop, one into it is.
+    written = tok.encode("ab<|im_start|>cd. x").ids
+    assert 3 in written
+    assert generator._before_stop(written, ("bc",)) is None
+    assert generator._before_stop(written, ("b<|im",)) == "a"
+    assert generator._before_stop(written, ("d.",)) == "abc"
+    assert generator._before_stop(written, ("start|>",)) == "ab"
 
 
 def test_a_sample_does_not_depend_on_its_batch(bundle):
@@ -417,18 +425,34 @@ def test_prompts_after_different_prefixes_share_a_batch(bundle):
         generator.generate_batch(PROMPTS, prefix=heads)
 
 
-def test_candidates_greedy_is_the_whole_prompt_run_at_once(bundle):
+@pytest.mark.parametrize("heads", [("Correct: a b\n= ", "Fix this: "), ("", "Fix this: "), ("Fix this: ", "")])
+def test_candidates_greedy_is_the_whole_prompt_run_at_once(bundle, heads):
     """The shared prefix ends before the white space that leads into the source, so the prompt's
-    tokens are those of the whole text."""
+    tokens are those of the whole text; a variant without a head runs without a prefix, and the
+    others keep theirs."""
     from lmcor.runtime.candidates import CandidateWriter, FewShot
 
-    few_shot = FewShot(("Correct: a b\n= ", "Fix this: "), "\n=")
-    sources = ["she go to school", "The capital of France is", "def add(a, b):"]
+    few_shot = FewShot(heads, "\n=")
+    sources = ["she go to school", "The capital of France is", "def add(a, b):", "a b", "x y z", "two beekeeper"]
+    assert {few_shot.variant(s) for s in sources} == {0, 1}
     generator = Generator.load(bundle)
     got = CandidateWriter(generator, few_shot, k=1, max_new_tokens=8, stop=())(sources)
     whole = generator.generate_batch([few_shot.heads[few_shot.variant(s)] + s + few_shot.tail for s in sources],
                                      max_new_tokens=8)
     assert [c.texts[0] for c in got] == [g.text.strip() for g in whole]
+
+
+def test_candidates_of_a_source_that_is_no_text_fail_alone(bundle):
+    from lmcor.runtime.candidates import CandidateWriter, FewShot
+
+    writer = CandidateWriter(Generator.load(bundle), FewShot(("Fix: ",), "\n="), k=2, max_new_tokens=4)
+    got = writer(["she go", "a\ud800b", None, "", "  ", "x y z"])
+    assert [type(c).__name__ for c in got] == ["Candidates", "InputError", "InputError", "InputError", "InputError",
+                                               "Candidates"]
+    assert "lone surrogate" in str(got[1]) and "sources[2] must be a non-empty string" in str(got[2])
+    assert got[0] == writer(["she go"])[0] and writer([]) == [] and writer.stats.sources == 3
+    with pytest.raises(InputError, match="sources must be a list"):
+        writer("abc")
 
 
 def test_bench_candidates_against_transformers(bundle, checkpoint, tmp_path, capsys):
@@ -480,6 +504,18 @@ def test_a_slow_command_runs_one_batch_at_a_time(command, bundle, tmp_path, caps
     assert len(capsys.readouterr().out.splitlines()) == 2 * len(PROMPTS)
     lines_per_run = sizes[::2] if command == "candidates" else sizes  # candidates: a greedy and a sampled round
     assert max(lines_per_run) == 3 and sum(lines_per_run) == 2 * len(PROMPTS)
+
+
+@pytest.mark.parametrize("flags, said", [(["--max-new-tokens", "999"], "--max-new-tokens must be an integer from 1"),
+                                         (["--temperature", "0.0001"], "--temperature must be 0"),
+                                         (["--top-p", "0"], "--top-p must be a number above 0"),
+                                         (["--stop", ""], "--stop #1 must be a non-empty string")])
+def test_generate_checks_its_options_before_any_line(bundle, tmp_path, capsys, flags, said):
+    """As candidates does: a run with nothing to answer (blank lines) still refuses a bad option."""
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    assert main(["generate", "--model", str(bundle), str(blank), "-q", *flags]) == 2
+    assert said in capsys.readouterr().err
 
 
 def test_generate_answers_around_a_prompt_too_long(bundle, tmp_path, capsys):

@@ -190,6 +190,32 @@ def test_classify_and_generate_answer_as_their_runtimes(client, gpt2_bundle):
                                                                              seed=5)
     blank = client.post("/v1/generate", json={"prompt": " \n", "max_new_tokens": 8})  # as `lmcor generate` reads it
     assert blank.status_code == 422 and "field 'prompt' must be a non-empty string" in blank.json()["error"]["message"]
+    for body, said in (({"prompt": "The", "stop": None}, "stop must be a list (or other iterable) of strings, got null"),
+                       ({"prompt": None}, "field 'prompt' must be a non-empty string, got null"),
+                       ({"max_new_tokens": 8}, "missing field 'prompt'")):  # in JSON's words
+        bad = client.post("/v1/generate", json=body)
+        assert bad.status_code == 422 and said in bad.json()["error"]["message"]
+
+
+def test_a_generate_group_that_fails_fails_alone(gpt2_bundle, monkeypatch):
+    """Prompts that continue alike share a call; one group's failure is its prompts' answer, not the
+    answer of every prompt the batcher took with them."""
+    from lmcor.server.models import Prompt, _generate
+
+    generator = Generator.load(gpt2_bundle)
+    real = Generator.generate_batch
+
+    def failing(self, prompts, **options):
+        if options["temperature"]:
+            raise RuntimeError("the sampled group failed")
+        return real(self, prompts, **options)
+
+    monkeypatch.setattr(Generator, "generate_batch", failing)
+    got = _generate(generator, [Prompt("The cat", max_new_tokens=4), Prompt("The cat", max_new_tokens=4, temperature=1.0),
+                                Prompt("She goes", max_new_tokens=4)])
+    assert isinstance(got[1], RuntimeError)
+    assert [g.text for g in (got[0], got[2])] == [g.text for g in real(generator, ["The cat", "She goes"],
+                                                                       max_new_tokens=4)]
 
 
 def test_a_full_queue_answers_429_with_retry_after(bundles):

@@ -60,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
     except InputError as e:
         raise InputError(f"--prefix: {e}") from None
 
+    run_options = dict(temperature=args.temperature, prefix=prefix, stop=tuple(args.stop or ()), errors="return",
+                       **sampling_options(args))
+    generator.generate_batch([], seed=[], **run_options)  # the options checked now, not when a first line comes
+
     def prompt(value: dict, number: int) -> tuple[str, int]:
         options.refuse_options(value, LINE_OPTIONS, served=SERVED)
         return text_field(value, "prompt"), line_seed(args.seed, number)
 
     def answer(prompts: list[tuple[str, int]]) -> list:
-        return generator.generate_batch([text for text, _ in prompts], temperature=args.temperature,
-                                        seed=[seed for _, seed in prompts], prefix=prefix, stop=tuple(args.stop or ()),
-                                        errors="return", **sampling_options(args))
+        return generator.generate_batch([text for text, _ in prompts], seed=[seed for _, seed in prompts], **run_options)
 
     return answer_lines(args, prompt, answer, record, "generating", FIELDS, batches_per_chunk=1)

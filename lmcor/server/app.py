@@ -719,9 +719,12 @@ def create_app(config: ServeConfig) -> FastAPI:
             name = _named(models.generate, item.get("model"), "generator", "--generator NAME=BUNDLE")
             if isinstance(item.get("id"), str):
                 check_text("field 'id'", item["id"])
-            prompt = item.get("prompt")
+            if "prompt" not in item:
+                raise InputError("missing field 'prompt'")
+            prompt = item["prompt"]
             if not isinstance(prompt, str) or not prompt.strip():  # as `lmcor generate` reads a line's
-                raise InputError(f"field 'prompt' must be a non-empty string, got {shown(prompt)}")
+                raise InputError(f"field 'prompt' must be a non-empty string, got "
+                                 f"{shown(prompt) if isinstance(prompt, str) else json_kind(prompt)}")
             check_text("field 'prompt'", prompt)
             stop = check_items("stop", item.get("stop", []), "strings")
             for n, text in enumerate(stop):

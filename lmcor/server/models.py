@@ -111,7 +111,7 @@ def _generate(generator: Generator, prompts: list[Prompt]) -> list[Generation | 
                                                temperature=temperature, top_p=top_p, stop=stop, errors="return",
                                                seed=None if unseeded else [row_seed(prompts[n].seed, 0) for n in rows],
                                                batch_size=GENERATE_BATCH)
-        except InputError as e:  # an option: every prompt of the group has it
+        except Exception as e:  # an option every prompt of the group has, or a failure of this group's alone
             results = [e] * len(rows)
         for n, result in zip(rows, results):
             # A prompt's own error is numbered by its place in this batch, which means nothing to its caller.
