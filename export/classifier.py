@@ -60,6 +60,9 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     if config.num_labels < 2:
         raise ExportError(f"{model_dir}: one output ({config.problem_type or 'a regression or score head'}); a classifier "
                           "bundle gives probabilities over two or more labels")
+    if config.problem_type == "regression":
+        raise ExportError(f"{model_dir}: a regression head ({config.num_labels} scores, problem_type 'regression'); a "
+                          "classifier bundle gives probabilities over labels")
     if config.problem_type == "multi_label_classification":
         raise ExportError(f"{model_dir}: a multi-label head (each label's own sigmoid); a classifier bundle gives one "
                           "softmax over its labels")
@@ -113,8 +116,8 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         with stage(model_dir, "validation"):
             reference = _torch_probabilities(model, tokenizer, manifest.max_input_tokens)
             fp32 = _bundle_probabilities(staged)
-        diff = float(np.abs(np.log(fp32) - np.log(reference)).max())
-        if diff > atol:
+        diff = float(np.abs(_log(fp32) - _log(reference)).max())
+        if not diff <= atol:  # NaN too: a probability that is no number fails
             raise ExportError(f"validation failed: max |log-probability diff| {diff:.3g} exceeds {atol:.3g}")
         validation = {"samples": len(SAMPLES), "max_abs_logprob_diff": diff, "tolerance": atol, "fused": fused}
         if precision == "int8":
@@ -156,6 +159,12 @@ def _torch_probabilities(model, tokenizer, max_input_tokens: int) -> np.ndarray:
         with torch.no_grad():
             rows.append(torch.softmax(model(**{k: v for k, v in encoded.items() if k in takes}).logits[0], -1).numpy())
     return np.stack(rows)
+
+
+def _log(probabilities: np.ndarray) -> np.ndarray:
+    """Log-probabilities, those below float32's normal range read as its smallest normal one: a label
+    both sides give (nearly) no chance differs by nothing, where log(0) - log(0) would be NaN."""
+    return np.log(np.maximum(probabilities, np.finfo(np.float32).tiny))
 
 
 def _bundle_probabilities(path: Path) -> np.ndarray:

@@ -6,8 +6,6 @@ length-bucketed batches -> ONNX Runtime -> softmax -> the label with the highest
 
 from __future__ import annotations
 
-import copy
-import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -16,11 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
 from .batching import pad_batch, plan_batches
 from .bundle import Manifest, bundle_path, load_manifest
-from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tokenizer, reading_whole
+from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tokenizer
 from .errors import BundleError, InputError
 from .jsonl import json_kind
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
@@ -37,7 +35,31 @@ class Classification:
     truncated: bool = False
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What the model reads of a text (and pair): token ids and type ids, special tokens included."""
+
+    ids: list[int]
+    type_ids: list[int]
+    truncated: bool
+
+
+def longest_first(first: int, second: int, room: int) -> tuple[int, int]:
+    """How many tokens of a pair's two texts `room` positions keep under Hugging Face tokenizers'
+    longest-first truncation: both whole if they fit; else a text of at most half the room whole and
+    the other cut to the rest; else half each, the longer text (the second of two alike) taking the
+    odd one."""
+    if first + second <= room:
+        return first, second
+    short, long = sorted((first, second))
+    long = short if short > room else max(short, room - short)
+    if short + long > room:
+        short, long = room // 2, room // 2 + room % 2
+    return (long, short) if first > second else (short, long)
+
+
 def as_texts(item: Any) -> tuple[str, str | None, Any]:
+
     """A text, a (text, pair) tuple, or a mapping with `text` (and `pair`, `id`) -> (text, pair, id)."""
     if isinstance(item, str):
         text, pair, ident = item, None, None
@@ -96,7 +118,9 @@ def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequen
     reads no empty text); one that holds less than `GATE_MIN_SHARED` of the source's words (a
     correction edits its source, and such a candidate, a refusal, an answer to something else, a
     rewrite, is one the gate, which learned from corrections, may pass when every candidate repeats
-    it); and one the gate's model cannot read (a token its embeddings lack), which fails no other."""
+    it); one the gate reads only in part (cut to its positions: truncation cuts the candidates'
+    agreement at the end first, and the candidate's own end, so the gate would judge what it never
+    read); and one the gate's model cannot read (a token its embeddings lack), which fails no other."""
     check_gate_labels(gate.root, gate.labels)
     right = gate.labels.index("right")
     asked = [n for n, (source, candidates) in enumerate(requests)
@@ -104,7 +128,7 @@ def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequen
     verdicts = gate.classify_batch([gate_input(*requests[n]) for n in asked], errors="return")
     out: list[float | None] = [None] * len(requests)
     for n, verdict in zip(asked, verdicts):
-        if not isinstance(verdict, InputError):
+        if not isinstance(verdict, InputError) and not verdict.truncated:
             out[n] = verdict.probabilities[right]
     return out
 
@@ -132,7 +156,6 @@ class Classifier:
         # BART's head reads each row's last EOS, which its graph finds only where every row of the
         # batch holds as many (a pair holds three, a text one): its texts are classified one by one.
         self._alone = manifest.architecture in ("bart", "mbart")
-        tokenizer.enable_truncation(manifest.max_input_tokens, strategy="longest_first")
 
     @classmethod
     def load(cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
@@ -184,8 +207,8 @@ class Classifier:
                 failed(good[i][0], e)
                 continue
             readable.append(i)
-        if progress is not None and len(readable) < len(encodings):
-            progress(len(encodings) - len(readable))
+        if progress is not None and len(readable) < len(items):  # those that failed are done too
+            progress(len(items) - len(readable))
         lengths = [len(encodings[i].ids) for i in readable]
         for planned in plan_batches(lengths, 1 if self._alone else batch_size):
             batch = [readable[k] for k in planned]
@@ -198,50 +221,67 @@ class Classifier:
                 for i, row in zip(rows, probabilities):
                     n, _, _, ident = good[i]
                     results[n] = Classification(self.labels[int(row.argmax())], row.astype(np.float32), ident,
-                                                bool(encodings[i].overflowing))
+                                                encodings[i].truncated)
             if progress is not None:
                 progress(len(batch))
         return results  # type: ignore[return-value]
 
-    def _read(self, text: str, pair: str | None) -> Encoding:
-        """What the model reads of a text (and pair): its tokens, cut to its positions (`overflowing`
-        holds what was cut). A text is first cut to what the model can read (`tokens.MAX_CHARS_PER_TOKEN`
-        characters a token), as a corrector's candidates are, so that its cost is bounded whatever its
-        length. Where that cut decides what is read (characters the tokenizer deletes, a word longer
-        than any token, which becomes one unknown token, leave a cut text with few tokens), the whole
-        text is read: the tokens kept of a cut text must end before the word it split, and be fewer
-        than the cut text holds. Of a pair, truncation gives the longer text the odd token: a cut text
-        must stay the longer one, and where both are cut, which is longer is not known without them,
-        so such a pair is read whole (its cost bounded by the input's own limit: a line's or a body's
-        bytes)."""
+    def _read(self, text: str, pair: str | None) -> Reading:
+        """What the model reads of a text (and pair): its tokens, cut to its positions as the tokenizer's
+        longest-first truncation cuts them (`_truncated`). A text is first cut to what the model can
+        read (`tokens.MAX_CHARS_PER_TOKEN` characters a token), as a corrector's candidates are, so
+        that its cost is bounded whatever its length. Where that cut decides what is read (characters
+        the tokenizer deletes, a word longer than any token, which becomes one unknown token, leave a
+        cut text with few tokens), the whole text is read: the tokens kept of a cut text must end
+        before the word it split, and be fewer than the cut text holds. Of a pair, truncation gives the
+        longer text the odd token: a cut text must stay the longer one, and where both are cut, which
+        is longer is not known without them, so such a pair is read whole (its cost linear in the
+        input, whose own limit, a line's or a body's bytes, bounds it)."""
+        paired = pair is not None
         most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
         shown = (cut_to_read(text, most), None if pair is None else cut_to_read(pair, most))
         if shown == (text, pair):
-            return self.tokenizer.encode(text, pair)
-        encoding, uncut = self.tokenizer.encode(*shown), self._uncut.encode(*shown)
-        if pair is not None:
+            return self._truncated(self.tokenizer.encode(text, pair), paired)[0]
+        uncut = self.tokenizer.encode(*shown)
+        reading, kept = self._truncated(uncut, paired)
+        if paired:
             counts = [sum(s == sequence for s in uncut.sequence_ids) for sequence in (0, 1)]
             cut = [part != whole for part, whole in zip(shown, (text, pair))]
             if all(cut) or counts[cut.index(True)] <= counts[cut.index(False)]:
-                return self.tokenizer.encode(text, pair)
+                return self._truncated(self.tokenizer.encode(text, pair), paired)[0]
         for sequence, (part, whole) in enumerate(zip(shown, (text, pair))):
             if part == whole:
                 continue
-            kept = sum(s == sequence for s in encoding.sequence_ids)
             own = [(word, start, end)
                    for word, (start, end), s in zip(uncut.word_ids, uncut.offsets, uncut.sequence_ids) if s == sequence]
             ends = [end for _, _, end in own]
             # Where the last word starts, as the tokenizer's pre-tokenizer splits words (at white space,
             # punctuation, each CJK character): the word the cut may have split.
             split = next((start for word, start, _ in own if word == own[-1][0]), 0) if own else 0
-            if kept >= len(ends) or (kept and ends[kept - 1] > split):
-                return self.tokenizer.encode(text, pair)
-        return encoding
+            if kept[sequence] >= len(ends) or (kept[sequence] and ends[kept[sequence] - 1] > split):
+                return self._truncated(self.tokenizer.encode(text, pair), paired)[0]
+        return reading
 
-    @functools.cached_property
-    def _uncut(self) -> Tokenizer:
-        """The tokenizer without truncation: how many tokens a cut text holds."""
-        return reading_whole(copy.deepcopy(self.tokenizer))
+    def _truncated(self, whole: Encoding, paired: bool) -> tuple[Reading, tuple[int, int]]:
+        """The tokens of an encoding (its special tokens included) that the model's positions hold, as
+        the tokenizer's longest-first truncation keeps them, and how many of each text's. Computed
+        here: the tokenizer's own truncation of a pair keeps every combination of both texts' cut-off
+        pieces, its time and memory growing with the product of their lengths (gigabytes for two
+        texts of 40 KB)."""
+        sequence = whole.sequence_ids
+        counts = (sequence.count(0), sequence.count(1))
+        room = max(self.manifest.max_input_tokens - (len(sequence) - sum(counts)), 0)  # past the special tokens
+        kept = longest_first(*counts, room) if paired else (min(counts[0], room), 0)
+        left = list(kept)
+        ids, types = [], []
+        for token, kind, s in zip(whole.ids, whole.type_ids, sequence):
+            if s is not None:
+                if not left[s]:
+                    continue
+                left[s] -= 1
+            ids.append(token)
+            types.append(kind)
+        return Reading(ids, types, kept != counts), kept
 
     def _probabilities(self, batch: list[int], encodings: list) -> Iterator[tuple[list[int], np.ndarray | InputError]]:
         """(rows, their probabilities) of `batch`; where the model fails on it, each row alone, and a row

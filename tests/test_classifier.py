@@ -415,7 +415,7 @@ def test_a_text_whose_characters_are_few_tokens_is_read_as_pytorch_reads_it(chec
              (("y" * 130 + " ") * 30, None), (sentence, "\u200b" * (most + 10) + " " + sentence),
              ("word " * most, None), (sentence, "word " * most)]
     # Of a pair, the longer text keeps the odd token: a cut text as long as the other, or two cut texts.
-    kept = len(classifier._uncut.encode(cut_to_read("word " * most, most), add_special_tokens=False).ids)
+    kept = len(classifier.tokenizer.encode(cut_to_read("word " * most, most), add_special_tokens=False).ids)
     items += [(text, other) for n in range(kept - 2, kept + 3) for text, other in
               (("word " * most, "a " * n), ("a " * n, "word " * most))] + [("word " * most, "an " * most)]
     got = classifier.classify_batch(items)
@@ -436,10 +436,74 @@ def test_a_text_whose_characters_are_few_tokens_is_read_as_pytorch_reads_it(chec
             self.lengths.append(len(text))
             return self.tokenizer.encode(text, pair)
 
-    classifier.__dict__["_uncut"] = uncut = Recording(classifier._uncut)
-    classifier.tokenizer = cut = Recording(classifier.tokenizer)
+    classifier.tokenizer = seen = Recording(classifier.tokenizer)
     classifier.classify_batch(["a," * (10 * most)])
-    assert uncut.lengths and max(uncut.lengths + cut.lengths) <= most
+    assert seen.lengths and max(seen.lengths) <= most
+
+
+def test_a_gate_does_not_pass_what_it_read_in_part():
+    """The agreement count ends the gate's input, so truncation cuts it first (and the candidate's own
+    end): a request the gate cannot read whole goes to the corrector."""
+    from lmcor.runtime.bundle import shipped_bundle
+    from lmcor.runtime.classifier import gate_input, right_probabilities
+
+    gate = Classifier.load(shipped_bundle("gate"))
+    short, long = "She go to school every day. ", "She go to school every day. " * 12
+    requests = [(text, [text.replace("go", "goes")] * 5) for text in (short, long)]
+    assert [gate.classify(*gate_input(*r)).truncated for r in requests] == [False, True]
+    got = right_probabilities(gate, requests)
+    assert got[0] is not None and got[1] is None
+
+
+def test_pairs_are_cut_as_the_tokenizers_own_truncation_cuts_them_in_linear_time():
+    """lmcor cuts a pair itself (`longest_first`): the tokenizer's own truncation keeps every
+    combination of both texts' cut-off pieces, so two texts of 40 KB took gigabytes. Checked against
+    that truncation on the shipped gate's tokenizer: none, one or both texts cut, odd and even room."""
+    import copy
+    import dataclasses
+    import itertools
+
+    from lmcor.runtime.bundle import shipped_bundle
+
+    gate = Classifier.load(shipped_bundle("gate"))
+    assert gate.tokenizer.truncation is None
+    limit = gate.manifest.max_input_tokens
+    for room in (limit, limit - 1):
+        gate.manifest = dataclasses.replace(gate.manifest, max_input_tokens=room)
+        truncating = copy.deepcopy(gate.tokenizer)
+        truncating.enable_truncation(room, strategy="longest_first")
+        lengths = (0, 1, room // 2 - 2, room // 2, room // 2 + 1, room - 4, room, 2 * room)
+        for a, b in itertools.product(lengths, repeat=2):
+            text, pair = "word " * a + "end", ("she go " * b)[: 4 * b] or None
+            expected = truncating.encode(text, pair)
+            got = gate._read(text, pair)
+            assert (got.ids, got.type_ids, got.truncated) == (expected.ids, expected.type_ids, bool(expected.overflowing))
+    long = gate._read("a " * 20000, "b " * 20000)  # 40 KB each: one pass over each text
+    assert len(long.ids) == room and long.truncated
+
+
+def test_a_label_given_no_chance_validates_and_a_regression_head_is_refused(tmp_path):
+    """A label whose probability is 0 on both sides differs by nothing (log(0) - log(0) was NaN, which
+    passed any tolerance and made the manifest's JSON invalid); scores of a regression head are no
+    probabilities."""
+    from lmcor.runtime.errors import ExportError
+
+    torch.manual_seed(0)
+    tokenizer, model = _bert()
+    with torch.no_grad():
+        model.classifier.bias[0] = -1000.0
+    model.save_pretrained(tmp_path / "never")
+    tokenizer.save_pretrained(tmp_path / "never")
+    manifest = export_classifier(tmp_path / "never", tmp_path / "b1")
+    assert 0 <= manifest.validation["max_abs_logprob_diff"] < 1e-3
+    json.loads((tmp_path / "b1" / "lmcor.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    tokenizer, model = _bert()
+    model.config.problem_type = "regression"
+    model.save_pretrained(tmp_path / "regression")
+    tokenizer.save_pretrained(tmp_path / "regression")
+    with pytest.raises(ExportError, match="a regression head"):
+        export_classifier(tmp_path / "regression", tmp_path / "b2")
+    assert not (tmp_path / "b2").exists()
 
 
 def test_checkpoints_a_bundle_would_read_otherwise_are_refused_by_name(tmp_path):
@@ -479,8 +543,9 @@ def test_a_text_holding_a_token_past_the_embeddings_fails_alone_by_name(tmp_path
     assert manifest.vocab_size == model.config.vocab_size
     classifier = Classifier.load(tmp_path / "bundle")
     seen = []
-    got = classifier.classify_batch(["she goes zzznew home", "x", ("a", "zzznew b")], errors="return", progress=seen.append)
-    assert [isinstance(g, InputError) for g in got] == [True, False, True] and sum(seen) == 3
+    got = classifier.classify_batch(["she goes zzznew home", "x", ("a", "zzznew b"), "", {"x": 1}], errors="return",
+                                    progress=seen.append)
+    assert [isinstance(g, InputError) for g in got] == [True, False, True, True, True] and sum(seen) == 5
     assert "the token 'zzznew'" in str(got[0]) and f"vocabulary of {model.config.vocab_size}" in str(got[0])
     with pytest.raises(InputError, match="item 2: the text holds the token 'zzznew'"):
         classifier.classify_batch(["x", "y", "zzznew"])
