@@ -272,6 +272,8 @@ class Classifier:
         counts = (sequence.count(0), sequence.count(1))
         room = max(self.manifest.max_input_tokens - (len(sequence) - sum(counts)), 0)  # past the special tokens
         kept = longest_first(*counts, room) if paired else (min(counts[0], room), 0)
+        if kept == counts:
+            return Reading(whole.ids, whole.type_ids, False), kept
         left = list(kept)
         ids, types = [], []
         for token, kind, s in zip(whole.ids, whole.type_ids, sequence):
