@@ -151,7 +151,7 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
     `auto_class` names the transformers auto class (e.g. "AutoModelForSeq2SeqLM")."""
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
-    _refuse_overlap(model_dir, out_dir)
+    refuse_overlap(model_dir, out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
     model, tokenizer = load_model(model_dir, auto_class)
@@ -199,13 +199,13 @@ def load_model(model_dir: Path, auto_class: str):
     return model.eval(), tokenizer
 
 
-def _refuse_overlap(model_dir: Path, out_dir: Path) -> None:
-    """Replacing `out_dir` must never delete the checkpoint: refuse it as the checkpoint folder or one
-    holding it (symbolic links resolved)."""
+def refuse_overlap(model_dir: Path, out_dir: Path, what: str = "checkpoint") -> None:
+    """Replacing `out_dir` must never delete what it is made from (the checkpoint, or a bundle): refuse
+    it as that folder or one holding it (symbolic links resolved)."""
     model, out = model_dir.resolve(), out_dir.resolve()
     if out == model or out in model.parents:
-        what = "is" if out == model else "contains"
-        raise ExportError(f"{out_dir}: the output folder {what} the checkpoint {model_dir}; choose another folder")
+        relation = "is" if out == model else "contains"
+        raise ExportError(f"{out_dir}: the output folder {relation} the {what} {model_dir}; choose another folder")
 
 
 # The JSON files transformers reads from a checkpoint, where present.
@@ -255,6 +255,9 @@ def _check_kind(model_dir: Path, config, auto_class: str) -> None:
     if kind == "corrector" and config.model_type not in SEQ2SEQ_TYPES:
         raise ExportError(f"{model_dir}: model type {config.model_type!r} is not supported as a corrector (supported: "
                           f"{', '.join(SEQ2SEQ_TYPES)}){hint}")
+    # A seq2seq model that classifies loads as one for generation too: its LM head left untrained.
+    if kind == "corrector" and suggested == "classifier":
+        raise ExportError(f"{model_dir}: a {config.model_type} checkpoint that classifies ({names}) is no corrector{hint}")
     # An encoder with an LM head loads as a causal LM (BERT's), and a T5 as a classifier, which
     # the ONNX exporter does not take: neither is one of those.
     if kind == "causal-lm" and names and not any(part in names for part in ("ForCausalLM", "LMHeadModel")):
@@ -289,10 +292,10 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
                         local_files_only=True)
         staged.mkdir()
         yield raw, staged
-        _replace(out_dir, staged, Path(tmp) / "replaced")
+        replace_folder(out_dir, staged, Path(tmp) / "replaced")
 
 
-def _replace(out_dir: Path, staged: Path, old: Path) -> None:
+def replace_folder(out_dir: Path, staged: Path, old: Path) -> None:
     """Put `staged` at `out_dir` by two renames within one folder; an interruption between them puts
     the old `out_dir` back (`old` lies in the staging folder, deleted after)."""
     if out_dir.exists():

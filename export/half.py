@@ -16,6 +16,7 @@ only where a half tensor meets an fp32 node, once per tensor.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -226,6 +227,7 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
     from lmcor.runtime.bundle import load_manifest, write_manifest
     from lmcor.runtime.errors import ExportError
 
+    from .checkpoint import refuse_overlap, replace_folder
     from .shared_weights import WEIGHTS_FILE, share_weights
     from .validate import check_half_graphs
 
@@ -236,12 +238,15 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
     if manifest.precision != "fp32" or manifest.decoder_graph != "ragged":
         raise ExportError(f"{source}: only fp32 bundles with lmcor's ragged decoder (T5 family) are converted, not a "
                           f"{manifest.precision} {manifest.decoder_graph} one; export the checkpoint with --precision")
+    refuse_overlap(source, out_dir, "bundle")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")
     graphs = [manifest.files[role] for role in ("encoder", "decoder", "cross")]
+    out_dir = Path(os.path.abspath(out_dir))  # "." is its own parent: the staging folder goes beside it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        staged = Path(tmp)
+        staged = Path(tmp) / "bundle"
+        staged.mkdir()
         counts = {}
         for role, name in manifest.files.items():
             if name in graphs:
@@ -261,8 +266,5 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
                       "fp32_matmuls": sum(r.kept_fp32 for r in counts.values())}
         converted = dataclasses.replace(converted, validation=validation)
         write_manifest(staged, converted)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        shutil.move(str(staged), out_dir)
-        staged.mkdir()  # for TemporaryDirectory's cleanup
+        replace_folder(out_dir, staged, Path(tmp) / "replaced")
     return converted

@@ -85,6 +85,8 @@ def _special_tokens(model) -> SpecialTokens:
     start = generation.decoder_start_token_id
     if start is None:
         start = config.decoder_start_token_id
+    if start is None:  # as `generate` starts then
+        start = generation.bos_token_id if generation.bos_token_id is not None else config.bos_token_id
     for name, value in (("eos_token_id", eos), ("pad_token_id", config.pad_token_id), ("decoder_start_token_id", start)):
         if value is None:
             raise ExportError(f"the checkpoint's config has no {name}")
@@ -95,6 +97,14 @@ def _special_tokens(model) -> SpecialTokens:
     if (generation.num_beams or 1) > 1:
         log.warning("generation_config.num_beams=%d is not lmcor's default: it decodes greedily unless a request "
                     "asks for num_beams (--num-beams)", generation.num_beams)
+    # A request's beam search takes its own length_penalty (default 1.0), and ends as `generate` does
+    # with early_stopping=False.
+    if generation.length_penalty not in (None, 1.0):
+        log.warning("generation_config.length_penalty=%r is not applied by lmcor: beam search takes a request's "
+                    "length_penalty (--length-penalty; default 1.0)", generation.length_penalty)
+    if generation.early_stopping not in (None, False):
+        log.warning("generation_config.early_stopping=%r is not applied by lmcor: its beam search ends as generate's "
+                    "does with early_stopping=False", generation.early_stopping)
     return SpecialTokens(
         pad=int(config.pad_token_id),
         eos=int(eos),
@@ -153,9 +163,13 @@ def export_corrector(
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     _check_template(template)
+    if packed_encoder and precision != "fp32":  # its weights are fp32, and run instead of the validated encoder
+        raise ExportError(f"the packed encoder's weights are fp32: export it with --precision fp32, not {precision}")
     half = precision in ("fp16", "bf16")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSeq2SeqLM", overwrite=overwrite)
+    if packed_encoder and model.config.model_type not in ragged.ARCHITECTURES:
+        raise ExportError(f"the packed encoder needs a T5-family model, not {model.config.model_type!r}")
     shape = _decoder_shape(model.config)
     special = _special_tokens(model)
 
@@ -184,8 +198,6 @@ def export_corrector(
                 shutil.copy(file, staged / file.name)
         tokenizer.backend_tokenizer.save(str(staged / TOKENIZER_FILE))
         if packed_encoder:
-            if graph != "ragged":
-                raise ExportError(f"the packed encoder needs a T5-family model, not {model.config.model_type!r}")
             from lmcor.kernels.encoder import EncoderWeights
 
             EncoderWeights.from_t5(model).save(staged / PACKED_ENCODER_FILE)

@@ -291,6 +291,9 @@ def _special_tokens(fields: _Fields, vocab_size: int) -> SpecialTokens:
     return SpecialTokens(**ids)
 
 
+_TEXTS = ("source", "candidates", "candidate")  # placeholders `render` fills with text
+
+
 def template_problem(template: Template) -> tuple[str, str] | None:
     """(field, what is wrong) for a template `render` cannot fill, else None: the one rule for the
     exporter and the loader."""
@@ -298,12 +301,18 @@ def template_problem(template: Template) -> tuple[str, str] | None:
         value = getattr(template, part)
         use = f"use only {', '.join(f'{{{name}}}' for name in allowed)}"
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(value)
+                      if name is not None]
         except ValueError as e:
             return part, f"{e} ({use}; write a literal brace twice)"
-        for name in names:
+        names = [name for name, _, _ in fields]
+        for name, spec, conversion in fields:
             if name not in allowed:
                 return part, f"unknown placeholder {{{name}}} ({use})"
+            # The texts go in as they are: a conversion or format spec would apply to render's markers.
+            if name in _TEXTS and (spec or conversion):
+                written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                return part, f"{written}: a text placeholder takes no conversion or format spec (write {{{name}}})"
         for name in _NEEDED[part]:
             if name not in names:
                 return part, f"must contain {{{name}}}"

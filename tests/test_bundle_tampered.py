@@ -133,6 +133,8 @@ CORRECTOR_DEFECTS = {
     "template-positional": (_set("template", candidate="{} {candidate}"), "template.candidate"),
     "template-no-candidate": (_set("template", candidate="<extra_id_{i}>"), "template.candidate"),
     "template-lone-brace": (_set("template", text="{source} {candidates} {"), "template.text"),
+    "template-conversion": (_set("template", candidate="{candidate!r}"), "template.candidate"),
+    "template-format-spec": (_set("template", text="{source:.2} {candidates}"), "template.text"),
     "template-not-string": (_set("template", separator=1), "template.separator"),
     "template-not-dict": (_set(None, template="source: {source}"), "template"),
     # decoder shape, checked against the graphs

@@ -177,6 +177,7 @@ def test_opset_below_14_is_refused_and_exporter_failures_are_one_line(t5_checkpo
     (["--kind", "causal-lm", "--template", "{source}"], "--template does not apply to --kind causal-lm"),
     (["--kind", "classifier", "--separator", " "], "--separator does not apply to --kind classifier"),
     (["--kind", "causal-lm", "--packed-encoder"], "--packed-encoder does not apply to --kind causal-lm"),
+    (["--precision", "int8", "--packed-encoder"], "the packed encoder's weights are fp32: export it with --precision fp32"),
     (["--kind", "classifier", "--max-output-tokens", "8"], "--max-output-tokens does not apply to --kind classifier"),
     (["--kind", "causal-lm", "--atol", "0.1"], "--atol: a causal LM's fp32 validation requires identical greedy tokens"),
 ])
@@ -220,8 +221,9 @@ def test_a_checkpoint_of_another_kind_is_refused_by_its_config(t5_checkpoints, t
     config = classifying / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "bart",
                                   "architectures": ["BartForSequenceClassification"]}))
-    assert main(["export", "--kind", "causal-lm", str(classifying), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.rstrip().endswith("; export it with --kind classifier")
+    for kind in ("causal-lm", "corrector"):  # a corrector's auto class loads it too, its LM head untrained
+        assert main(["export", "--kind", kind, str(classifying), str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.rstrip().endswith("; export it with --kind classifier"), kind
 
 
 def test_bart_whose_output_is_one_token_validates(tmp_path):
@@ -237,6 +239,24 @@ def test_bart_whose_output_is_one_token_validates(tmp_path):
     model.save_pretrained(checkpoint)
     manifest = export_corrector(checkpoint, tmp_path / "bundle")
     assert manifest.validation["max_abs_logit_diff"] < 1e-3
+
+
+def test_bart_without_a_decoder_start_starts_from_bos_and_beam_settings_not_applied_are_said(tmp_path, caplog):
+    """As `generate` does, a checkpoint with no decoder start begins with BOS; the beam settings of its
+    generation config that lmcor does not apply are named at export."""
+    from transformers import BartForConditionalGeneration
+
+    checkpoint = build_checkpoint("bart", tmp_path / "bart")
+    model = BartForConditionalGeneration.from_pretrained(checkpoint)
+    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = None
+    model.generation_config.update(num_beams=4, length_penalty=2.0, early_stopping=True)
+    model.save_pretrained(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        manifest = export_corrector(checkpoint, tmp_path / "bundle")
+    assert manifest.special_tokens.decoder_start == model.config.bos_token_id
+    assert manifest.validation["greedy_tokens_identical"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert all(f"generation_config.{name}=" in said for name in ("num_beams", "length_penalty", "early_stopping"))
 
 
 def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path, monkeypatch, capsys):

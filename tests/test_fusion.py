@@ -158,3 +158,16 @@ def test_a_fused_bundle_converts_to_half(bundles, tmp_path):
     half = Corrector.load(tmp_path / "fp16").correct_batch(requests, fallback_below=0)
     full = Corrector.load(bundles["t5v11"]).correct_batch(requests, fallback_below=0)
     assert sum(a.text == b.text for a, b in zip(half, full)) >= 4
+    # Replacing a folder never deletes what it is made from, and keeps nothing of the folder it replaced.
+    import shutil
+
+    from lmcor.runtime.errors import ExportError
+
+    shutil.copytree(bundles["t5v11"], tmp_path / "all" / "fp32")
+    (tmp_path / "all" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="the output folder contains the bundle"):
+        convert_bundle(tmp_path / "all" / "fp32", tmp_path / "all", "fp16", overwrite=True)
+    assert (tmp_path / "all" / "notes.txt").read_text() == "mine"
+    (tmp_path / "fp16" / "stale.txt").write_text("old")
+    convert_bundle(tmp_path / "all" / "fp32", tmp_path / "fp16", "bf16", overwrite=True)
+    assert not (tmp_path / "fp16" / "stale.txt").exists()
