@@ -174,17 +174,19 @@ def candidate_writer(job: Job):
 
 def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
     """The pairs with `writer`'s candidates (`candidate_writer`), from `OUT/candidates.jsonl`, written
-    there first for the pairs it lacks (appended every 4 LLM batches, so an interrupted run loses at
+    there first for the sources it lacks (appended every 4 LLM batches, so an interrupted run loses at
     most those)."""
     path = job.out / "candidates.jsonl"
     made_by = _made_by(job)
-    cached = _cached_candidates(path)
-    # A line's candidates are reused only for the same source from the same LLM, prompt, k and
-    # temperature: the pairs file or the options may have changed since they were written.
-    sources = {p.line: p.source for p in pairs}
-    done = {line: texts for line, (source, maker, texts) in cached.items()
-            if maker == made_by and sources.get(line) == source}
-    todo = [p for p in pairs if p.line not in done]
+    # A source's candidates depend on it and on what made them alone (each sample's seed is the
+    # source's): they are reused wherever the source is, after the pairs file grew or changed, or
+    # the options changed and changed back; a source the file holds twice is generated once.
+    done = {source: texts for (source, maker), texts in _cached_candidates(path).items() if maker == made_by}
+    lines: dict[str, list[int]] = {}
+    for p in pairs:
+        if p.source not in done:
+            lines.setdefault(p.source, []).append(p.line)
+    todo = list(lines)
     if todo:
         chunk = job.batch_size * 4
         job.out.mkdir(parents=True, exist_ok=True)
@@ -193,13 +195,14 @@ def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
             try:
                 for start in range(0, len(todo), chunk):
                     part = todo[start : start + chunk]
-                    for pair, result in zip(part, writer([p.source for p in part])):
+                    for source, result in zip(part, writer(part)):
                         if isinstance(result, InputError):
-                            say(f"lmcor: {job.pairs}: line {pair.line}: {result}")
+                            for line in lines[source]:
+                                say(f"lmcor: {job.pairs}: line {line}: {result}")
                             continue
-                        f.write(dump_record({"line": pair.line, "source": pair.source, "made_by": made_by,
+                        f.write(dump_record({"line": lines[source][0], "source": source, "made_by": made_by,
                                              "candidates": result.texts}))
-                        done[pair.line] = tuple(result.texts)
+                        done[source] = tuple(result.texts)
                     f.flush()
                     bar.update(len(part))
             except KeyboardInterrupt:
@@ -208,7 +211,7 @@ def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
                             "to continue", len(done), path)
                 raise
         log.info("candidates: %s", writer.stats.summary())
-    return [replace(p, candidates=done[p.line]) for p in pairs if p.line in done]
+    return [replace(p, candidates=done[p.source]) for p in pairs if p.source in done]
 
 
 def _made_by(job: Job) -> str:
@@ -227,11 +230,11 @@ def _made_by(job: Job) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _cached_candidates(path: Path) -> dict[int, tuple[str, str | None, tuple[str, ...]]]:
-    """The candidates already written, by input line, with their source and what made them (a later
-    record of a line replaces an earlier one). A record that is not well-formed is stale: its line is
-    written again. A torn last line is cut off the file, so that appending starts on a new line."""
-    done: dict[int, tuple[str, str | None, tuple[str, ...]]] = {}
+def _cached_candidates(path: Path) -> dict[tuple[str, str], tuple[str, ...]]:
+    """The candidates already written, by source and what made them (a later record of both replaces
+    an earlier one). A record that is not well-formed is stale: its source is written again. A torn
+    last line is cut off the file, so that appending starts on a new line."""
+    done: dict[tuple[str, str], tuple[str, ...]] = {}
     if not path.is_file():
         return done
     with open(path, "rb") as f:
@@ -241,13 +244,14 @@ def _cached_candidates(path: Path) -> dict[int, tuple[str, str | None, tuple[str
             record = json.loads(raw) if raw.endswith(b"\n") else None
         except ValueError:
             continue
-        if not isinstance(record, dict) or type(record.get("line")) is not int:
+        if not isinstance(record, dict) or not isinstance(record.get("source"), str) or \
+                not isinstance(record.get("made_by"), str):
             continue
-        texts = record.get("candidates")
+        key, texts = (record["source"], record["made_by"]), record.get("candidates")
         if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
-            done[record["line"]] = (record.get("source"), record.get("made_by"), tuple(texts))
+            done[key] = tuple(texts)
         else:
-            done.pop(record["line"], None)
+            done.pop(key, None)
     if lines and not lines[-1].endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(sum(map(len, lines[:-1])))

@@ -106,30 +106,34 @@ def test_pairs_with_their_own_candidates_need_no_llm(pairs, tmp_path, capfd):
 
 
 def test_cached_candidates_follow_the_pairs_and_the_options(llm, pairs, tmp_path):
-    """A line's cached candidates are reused only for the same source from the same LLM, prompt, k
-    and temperature: after the pairs file changes, or k does, they are written again."""
+    """A source's cached candidates are reused wherever it is, for the same LLM, prompt, k and
+    temperature: a grown pairs file, or k changed and changed back, generate only what is missing."""
     out = tmp_path / "run"
     assert _train(pairs, out, llm) == 0
+
+    def records():
+        return [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+
+    first = records()
     lines = pairs.read_text().splitlines()
-    pairs.write_text("\n".join([json.dumps({"source": "a new first line", "target": "A new first line."}), *lines]) + "\n")
+    pairs.write_text("\n".join([json.dumps({"source": "a new first line", "target": "A new first line."}),
+                                *lines, lines[0]]) + "\n")  # a new source first, and a source twice
     assert _train(pairs, out, llm) == 0
-    by_line = {}
-    for line in (out / "candidates.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        by_line[record["line"]] = record  # the last record of a line is the one used
-    sources = {n: json.loads(text)["source"] for n, text in enumerate(pairs.read_text().splitlines(), start=1)
+    assert records()[: len(first)] == first and [r["source"] for r in records()[len(first):]] == ["a new first line"]
+    sources = {json.loads(text)["source"] for text in pairs.read_text().splitlines()
                if text.startswith('{"source"') and "target" in text}
-    assert all(by_line[n]["source"] == source for n, source in sources.items())
     assert _train(pairs, out, llm, "-k", "3") == 0
     assert all(len(json.loads(line)["candidates"]) == 3 for line in (out / "test.jsonl").read_text().splitlines())
+    before = len(records())
+    assert before == len(first) + 1 + len(sources)
+    assert _train(pairs, out, llm) == 0 and len(records()) == before  # k back to 5: all cached
     # The same LLM exported again with other settings (its files unchanged): its candidates are its own.
     again = tmp_path / "llm-again"
     shutil.copytree(llm, again)
     manifest = json.loads((again / "lmcor.json").read_text())
     (again / "lmcor.json").write_text(json.dumps({**manifest, "max_output_tokens": 6}))
-    before = len((out / "candidates.jsonl").read_text().splitlines())
     assert _train(pairs, out, again, "-k", "3") == 0
-    assert len((out / "candidates.jsonl").read_text().splitlines()) == before + len(sources)
+    assert len(records()) == before + len(sources)
 
 
 def test_restart_clears_the_run_and_another_model_needs_it(llm, pairs, tmp_path, checkpoints, capsys):
@@ -224,17 +228,20 @@ def test_a_run_that_takes_no_step_exports_nothing_and_an_interrupted_export_cont
 
 
 def test_cached_candidates_keep_the_good_records(tmp_path):
-    """A record that is not well-formed is stale (its line is written again), whatever its place; a
-    torn last line is cut off."""
+    """Candidates are kept by source and what made them; a record that is not well-formed is stale
+    (its source is written again), whatever its place; a torn last line is cut off."""
     from lmcor.recipes.corrector import _cached_candidates
 
-    good = {"source": "s", "made_by": "m", "candidates": ["a"]}
-    lines = [{"line": 1, **good}, {"line": 2, **good}, {"line": 2}, {"line": 3, **good, "candidates": None},
-             {"line": 4, **good, "candidates": 5}, {"line": True, **good}, [1], {"line": 5, **good}]
+    def record(source, **changed):
+        return {"line": 1, "source": source, "made_by": "m", "candidates": ["a"], **changed}
+
+    lines = [record("s1"), record("s2"), record("s2", candidates=None), record("s3", candidates=5),
+             record("s4", made_by=None), record(5), [1], record("s5"), record("s5", made_by="other", candidates=["b"])]
     path = tmp_path / "candidates.jsonl"
-    text = "".join(json.dumps(line) + "\n" for line in lines) + "not json\n" + json.dumps({"line": 6, **good}) + "\n"
+    text = "".join(json.dumps(line) + "\n" for line in lines) + "not json\n" + json.dumps(record("s6")) + "\n"
     path.write_text(text + '{"line": 7, "sou')
-    assert sorted(_cached_candidates(path)) == [1, 5, 6]
+    assert _cached_candidates(path) == {("s1", "m"): ("a",), ("s5", "m"): ("a",), ("s5", "other"): ("b",),
+                                        ("s6", "m"): ("a",)}
     assert path.read_text() == text
 
 
