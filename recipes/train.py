@@ -446,6 +446,12 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log.info("resumed at step %d (%.1f min)", state["step"], state["elapsed"] / 60)
+        if state.setdefault("budget", minutes * 60) != minutes * 60:
+            # Another --minutes moves the schedule: warmed up again from here, the learning rate does not
+            # jump (from the end of a decay back to its peak, for one).
+            state.update(budget=minutes * 60, warm_from=state["step"])
+            log.info("--minutes changed: the learning rate warms up again over %d steps", settings.warmup_steps)
+    state.setdefault("budget", minutes * 60)
     rng = random.Random(settings.seed + state["step"])
     batches = _batches(tokenizer, examples(state["step"]), lambda: state["copying"], settings, rng)
     watch = dev[:200]  # scored every eval_minutes: enough to see progress, cheap enough to repeat
@@ -461,7 +467,7 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
         while (elapsed := time.time() - started) < budget:
             bar.update(max(0, min(round(elapsed), bar.total) - bar.n))
             progress = elapsed / budget
-            scale = min(1.0, (state["step"] + 1) / settings.warmup_steps)
+            scale = min(1.0, (state["step"] + 1 - state.get("warm_from", 0)) / settings.warmup_steps)
             if progress > settings.decay_from:
                 tail = (progress - settings.decay_from) / (1.0 - settings.decay_from)
                 scale *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * tail))
@@ -495,8 +501,8 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                 log.info("step %d: dev chrF %.2f exact %.1f", state["step"], scores["chrf"], scores["exact_match"])
                 # Free-running quality can fall while the teacher-forced loss still improves: keep the best.
                 if scores["chrf"] > state.get("best_chrf", -1.0):
+                    _save_whole(out / "best.pt", model.state_dict())  # a signal mid-write leaves the former best
                     state["best_chrf"] = scores["chrf"]
-                    torch.save(model.state_dict(), out / "best.pt")
                 last_eval = time.time()
             if time.time() - last_save > 300:
                 state["elapsed"] = time.time() - started
@@ -538,9 +544,14 @@ def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str) -> di
 
     log.info("scoring the last and the best weights on the %d dev examples, then n-gram bans", len(dev))
     scores = evaluate(model, tokenizer, dev)
-    if best.is_file():
+    try:
+        weights = torch.load(best, map_location=device) if best.is_file() else None
+    except Exception as e:  # torch's own errors for a file it cannot read (one torn by an earlier lmcor)
+        log.warning("%s cannot be read (%s): the last weights are kept", best, str(e).splitlines()[0] if str(e) else e)
+        weights = None
+    if weights is not None:
         last = {name: value.clone() for name, value in model.state_dict().items()}
-        model.load_state_dict(torch.load(best, map_location=device))
+        model.load_state_dict(weights)
         scores_of_best = evaluate(model, tokenizer, dev)
         if scores_of_best["chrf"] > scores["chrf"]:
             scores = scores_of_best
@@ -567,10 +578,15 @@ def _append(path: Path, record: dict) -> None:
 
 
 def _save(path: Path, model, optimizer, state: dict) -> None:
+    _save_whole(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state})
+
+
+def _save_whole(path: Path, value) -> None:
+    """`torch.save` into a temporary file renamed over `path`: never half a file at `path`."""
     import torch
 
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, tmp)
+    torch.save(value, tmp)
     tmp.replace(path)
 
 

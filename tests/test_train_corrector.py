@@ -270,6 +270,45 @@ def test_an_interrupted_training_keeps_its_step(tmp_path):
     assert saved["state"]["step"] > 0
 
 
+def test_a_torn_best_checkpoint_keeps_the_last_weights_and_more_minutes_warm_up_again(tmp_path, caplog):
+    """best.pt is written whole or not at all; one torn by an earlier lmcor is said and passed over.
+    A finished run given more --minutes warms its learning rate up again instead of jumping from the
+    end of its decay back to the peak."""
+    import dataclasses
+    import logging
+
+    from lmcor.recipes import train as recipe
+    from lmcor.recipes.corrector import SIZES
+    from lmcor.recipes.noise import Example
+
+    settings = dataclasses.replace(recipe.Settings(**SIZES["tiny"]), warmup_steps=20)
+    sentences = english_sentences(40, seed=11)
+    tokenizer_dir = tmp_path / "tokenizer"
+    recipe.train_tokenizer(sentences, settings.vocab_size).save_pretrained(tokenizer_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    dev = [Example(s.lower(), [s], s) for s in sentences[:4]]
+
+    def examples(step):
+        while True:
+            yield from (Example(s.lower(), [s], s) for s in sentences)
+
+    def fit(minutes, resume):
+        return recipe.fit(tmp_path / "run", minutes, settings, model=recipe.build_model(settings, len(tokenizer)),
+                          tokenizer=tokenizer, examples=examples, dev=dev, copy_warmup=False, resume=resume,
+                          eval_minutes=0.001, show_progress=False)
+
+    fit(0.05, False)
+    assert (tmp_path / "run" / "best.pt").is_file() and not list((tmp_path / "run").glob("*.tmp"))
+    (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes()[:100])
+    steps = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["step"]
+    with caplog.at_level(logging.INFO, logger="lmcor"):
+        assert (fit(0.051, True) / "config.json").is_file()  # a step or so more: the torn file is read at the end
+    said = caplog.text
+    assert "best.pt cannot be read" in said and "the learning rate warms up again" in said
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]
+    assert state["warm_from"] == steps < state["step"] and state["budget"] == pytest.approx(0.051 * 60)
+
+
 def test_a_tokenizer_for_a_script_of_many_characters_grows_to_hold_them():
     from lmcor.recipes.train import train_tokenizer
 
