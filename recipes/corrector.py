@@ -421,7 +421,19 @@ def load_init(init: Path):
     # source language's for a corrector unless the tokenizer says otherwise.
     if getattr(tokenizer, "tgt_lang", "") is None and getattr(tokenizer, "src_lang", None) is not None:
         tokenizer.tgt_lang = tokenizer.src_lang
+    if tokenizer.pad_token_id is None:  # batches are padded with it, as the bundle pads with the config's
+        pad = model.config.pad_token_id
+        if pad is None:
+            raise InputError(f"--init {init}: neither its tokenizer nor its config.json has a pad token: set "
+                             "pad_token_id in its config.json (and pad_token in its tokenizer_config.json)")
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     labels = tokenizer(text_target="a")["input_ids"]
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else model.config.eos_token_id
+    if eos is not None and not set(eos if isinstance(eos, list) else [eos]) & set(labels):
+        # Targets without it would teach the corrector never to stop.
+        raise InputError(f"--init {init}: its tokenizer ends no target with the model's EOS ({eos}): give its "
+                         "tokenizer.json a post-processor that appends it (as T5's and BART's do)")
     _start_as_trained(init, model, tokenizer, labels)
     forced = model.generation_config.forced_bos_token_id
     first = labels[0]

@@ -541,7 +541,8 @@ def test_an_mbart_init_learns_targets_that_start_as_its_outputs_do(pairs, tmp_pa
 
 
 def test_an_init_that_cannot_be_trained_is_refused_before_out_is_made(llm, pairs, tmp_path, checkpoints, capsys):
-    """Its weights missing, unreadable or partial, or no first output token: said before OUT is made or the LLM writes candidates."""
+    """Its weights missing, unreadable or partial, no first output token, no pad token, or targets
+    without EOS: said before OUT is made or the LLM writes candidates."""
     from safetensors.torch import load_file, save_file
 
     cases = {}
@@ -563,9 +564,22 @@ def test_an_init_that_cannot_be_trained_is_refused_before_out_is_made(llm, pairs
         config = json.loads((cases["no start"] / name).read_text())
         config.pop("decoder_start_token_id")
         (cases["no start"] / name).write_text(json.dumps(config))
+    cases["no pad"] = tmp_path / "no-pad"
+    shutil.copytree(checkpoints["t5"], cases["no pad"])
+    for name, key in (("config.json", "pad_token_id"), ("tokenizer_config.json", "pad_token"),
+                      ("special_tokens_map.json", "pad_token")):
+        if (cases["no pad"] / name).is_file():
+            config = json.loads((cases["no pad"] / name).read_text())
+            (cases["no pad"] / name).write_text(json.dumps({**config, key: None}))
+    cases["no eos"] = tmp_path / "no-eos"  # a tokenizer that ends no target with EOS: a corrector never stopping
+    shutil.copytree(checkpoints["t5"], cases["no eos"])
+    tokenizer = json.loads((cases["no eos"] / "tokenizer.json").read_text())
+    (cases["no eos"] / "tokenizer.json").write_text(json.dumps({**tokenizer, "post_processor": None}))
     for case, said in (("no weights", "loading the checkpoint failed"), ("torn", "model.safetensors: cannot be read"),
                        ("no decoder", "lacks weights of this model (decoder."),
-                       ("no start", "set decoder_start_token_id in its config.json")):
+                       ("no start", "set decoder_start_token_id in its config.json"),
+                       ("no pad", "neither its tokenizer nor its config.json has a pad token"),
+                       ("no eos", "its tokenizer ends no target with the model's EOS")):
         assert _train(pairs, tmp_path / "run", llm, "--init", str(cases[case])) == 2, case
         err = capsys.readouterr().err
         assert f"--init {cases[case]}" in err and said in err, (case, err)
