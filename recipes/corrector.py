@@ -260,16 +260,18 @@ def _cached_candidates(path: Path) -> dict[tuple[str, str], tuple[str, ...]]:
 
 def examples(pairs: list[Pair], synthetic: float, seed: int) -> Iterator[Example]:
     """Endless training examples: the pairs with their candidates, in a new order each epoch; a
-    `synthetic` share instead carries candidates from the synthetic candidate models, drawn over the
-    pair's target, so that the corrector also meets candidates unlike its LLM's."""
+    `synthetic` share instead carries as many candidates from the synthetic candidate models, drawn
+    over the pair's target, so that the corrector also meets candidates unlike its LLM's. The noise
+    writes words apart by single spaces: a target with other white space (lines, tabs) keeps its own
+    candidates, so that no example teaches the corrector to drop it."""
     rng = random.Random(seed)
     order = list(pairs)
     pool = [p.target for p in pairs]  # what an echoing candidate repeats
     while True:
         rng.shuffle(order)
         for pair in order:
-            if rng.random() < synthetic:
-                yield noise.make_example(pair.target, rng, noise.draw_model(rng), pool=pool)
+            if rng.random() < synthetic and " ".join(pair.target.split()) == pair.target:
+                yield noise.make_example(pair.target, rng, noise.draw_model(rng), pool=pool, k=len(pair.candidates))
             else:
                 yield Example(pair.source, list(pair.candidates), pair.target)
 

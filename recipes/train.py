@@ -40,7 +40,6 @@ import numpy as np
 from lmcor.runtime.bundle import Template
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.request import Request
-from lmcor.runtime.template import render
 from lmcor.runtime.tokens import encode_requests, reading_whole
 
 from . import command_line, data, fallback, noise
@@ -267,15 +266,7 @@ def _encoded(tokenizer, items: list[Example], copy: bool) -> list[tuple[list[int
     model never to stop."""
     if not items:
         return []
-    requests = []
-    for e in items:
-        try:
-            requests.append(Request(e.source, tuple([e.target] if copy else e.candidates)))
-        except InputError as error:
-            requests.append(error)
-    usable = [r for r in requests if not isinstance(r, InputError)]
-    encoded = iter(encode_requests(_untruncated(tokenizer), TEMPLATE, usable, MAX_INPUT_TOKENS) if usable else ())
-    enc = [r if isinstance(r, InputError) else next(encoded) for r in requests]
+    enc = _read(tokenizer, [Example(e.source, [e.target], e.target) for e in items] if copy else items)
     # As targets: mBART's start with the target language's code, not the source's.
     dec = tokenizer(text_target=[e.target for e in items], truncation=False, verbose=False)["input_ids"]
     return [None if isinstance(x, InputError) or len(y) > MAX_TARGET_TOKENS else (x.ids.tolist(), y)
@@ -315,22 +306,59 @@ def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random)
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no_repeat_ngram_size: int = 0) -> dict:
+    """Greedy outputs' scores against the targets, the inputs read and decoded as the bundle reads and
+    decodes them: candidates cut evenly (`tokens.encode_requests`), and of the checkpoint's generation
+    settings only those lmcor applies (a fine-tuned checkpoint's min_length or repetition_penalty
+    would choose the weights and the n-gram ban on outputs the bundle never writes). An input the
+    runtime refuses scores as an empty output."""
     import torch
     from lmcor.bench.quality import score
+    from transformers import GenerationConfig
 
+    given = model.generation_config
+    settings = GenerationConfig(**{name: getattr(given, name) for name in _APPLIED if getattr(given, name) is not None},
+                                max_new_tokens=MAX_TARGET_TOKENS, num_beams=1, do_sample=False,
+                                no_repeat_ngram_size=no_repeat_ngram_size)
+    pad = tokenizer.pad_token_id
     outputs = []
+    # transformers fills a given config's default values from the model's own: the model's is replaced
     model.eval()
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
-            enc = tokenizer([render(TEMPLATE, e.source, e.candidates).text for e in chunk], return_tensors="pt",
-                            return_token_type_ids=False, padding=True, truncation=True, max_length=MAX_INPUT_TOKENS)
-            enc = {name: value.to(model.device) for name, value in enc.items()}
-            out = model.generate(**enc, max_new_tokens=MAX_TARGET_TOKENS, num_beams=1, do_sample=False,
-                                 no_repeat_ngram_size=no_repeat_ngram_size)
-            outputs += tokenizer.batch_decode(out, skip_special_tokens=True)
+    model.generation_config = settings
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                read = [None if isinstance(e, InputError) else e.ids.tolist()
+                        for e in _read(tokenizer, examples[i : i + batch_size])]
+                rows = [row for row in read if row is not None]
+                if rows:
+                    width = max(map(len, rows))
+                    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
+                    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+                    written = iter(tokenizer.batch_decode(model.generate(input_ids=ids, attention_mask=mask),
+                                                          skip_special_tokens=True))
+                outputs += ["" if row is None else next(written) for row in read]
+    finally:
+        model.generation_config = given
     model.train()
     return {**score(outputs, [e.target for e in examples]), "sample": outputs[0]}
+
+
+# The generation settings lmcor's runtime applies (the bundle's special tokens); the others it does not.
+_APPLIED = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos_token_id",
+            "forced_eos_token_id")
+
+
+def _read(tokenizer, items: list[Example]) -> list:
+    """Each item's model input as the runtime encodes it, or the InputError it refuses it with."""
+    requests = []
+    for e in items:
+        try:
+            requests.append(Request(e.source, tuple(e.candidates)))
+        except InputError as error:
+            requests.append(error)
+    usable = [r for r in requests if not isinstance(r, InputError)]
+    encoded = iter(encode_requests(_untruncated(tokenizer), TEMPLATE, usable, MAX_INPUT_TOKENS) if usable else ())
+    return [r if isinstance(r, InputError) else next(encoded) for r in requests]
 
 
 def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,

@@ -302,11 +302,46 @@ def test_a_torn_best_checkpoint_keeps_the_last_weights_and_more_minutes_warm_up_
     (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes()[:100])
     steps = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["step"]
     with caplog.at_level(logging.INFO, logger="lmcor"):
-        assert (fit(0.051, True) / "config.json").is_file()  # a step or so more: the torn file is read at the end
+        assert (fit(0.1, True) / "config.json").is_file()  # a few seconds more: the torn file is read at the end
     said = caplog.text
     assert "best.pt cannot be read" in said and "the learning rate warms up again" in said
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]
-    assert state["warm_from"] == steps < state["step"] and state["budget"] == pytest.approx(0.051 * 60)
+    assert state["warm_from"] == steps < state["step"] and state["budget"] == pytest.approx(0.1 * 60)
+
+
+def test_dev_scores_come_from_outputs_the_bundle_would_write(tmp_path):
+    """A checkpoint's generation settings that lmcor does not apply (min_length, repetition_penalty)
+    take no part in choosing the weights and the n-gram ban; the model's own settings are kept."""
+    from lmcor.recipes import train as recipe
+    from lmcor.recipes.corrector import SIZES
+    from lmcor.recipes.noise import Example
+
+    settings = recipe.Settings(**SIZES["tiny"])
+    sentences = english_sentences(12, seed=12)
+    recipe.train_tokenizer(sentences, settings.vocab_size).save_pretrained(tmp_path / "tokenizer")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    model = recipe.build_model(settings, len(tokenizer))
+    dev = [Example(s.lower(), [s, s.upper()], s) for s in sentences]
+    plain = recipe.evaluate(model, tokenizer, dev, no_repeat_ngram_size=3)
+    model.generation_config.update(min_length=40, repetition_penalty=3.0)
+    assert recipe.evaluate(model, tokenizer, dev, no_repeat_ngram_size=3) == plain
+    assert model.generation_config.min_length == 40 and model.generation_config.no_repeat_ngram_size != 3
+
+
+def test_synthetic_examples_look_like_the_pairs():
+    """As many candidates as the pair has, and a target whose white space the noise would change keeps
+    its own candidates."""
+    import itertools
+
+    from lmcor.recipes.corrector import Pair, examples
+
+    pairs = [Pair(1, "she go home", "She goes home.", ("She goes home.", "She go home.")),
+             Pair(2, "line one\nline two", "Line one.\nLine two.", ("Line one.\nLine two.", "line one\nline two"))]
+    drawn = list(itertools.islice(examples(pairs, 1.0, seed=3), 200))
+    assert {len(e.candidates) for e in drawn} == {2}
+    assert all(e.candidates == list(pairs[1].candidates) for e in drawn if e.target == pairs[1].target)
+    assert {e.target for e in drawn} == {p.target for p in pairs}
 
 
 def test_a_tokenizer_for_a_script_of_many_characters_grows_to_hold_them():
