@@ -189,15 +189,18 @@ def test_cli_export_and_classify_round_trip(checkpoint, tmp_path, capsys):
 
 def _gate(checkpoint, path, right_logit: float) -> Classifier:
     """A gate whose probability of "right" is sigmoid(right_logit) for every input."""
+    # Positions for the whole of the tests' requests (a gate passes no candidate it reads only in part);
+    # new ones are random, which the zeroed head ignores.
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2, ignore_mismatched_sizes=True,
                                                                id2label={0: "needs correction", 1: "right"},
-                                                               label2id={"needs correction": 0, "right": 1})
+                                                               label2id={"needs correction": 0, "right": 1},
+                                                               max_position_embeddings=258)
     head = getattr(model.classifier, "out_proj", model.classifier)  # RoBERTa's head ends in out_proj
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, right_logit]))
     model.save_pretrained(path / "hf")
-    PreTrainedTokenizerFast.from_pretrained(checkpoint).save_pretrained(path / "hf")
+    PreTrainedTokenizerFast.from_pretrained(checkpoint, model_max_length=int(1e30)).save_pretrained(path / "hf")
     export_classifier(path / "hf", path / "gate")
     return Classifier.load(path / "gate")
 
