@@ -305,12 +305,13 @@ def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random)
             yield kind, _tensors(chunk, tokenizer.pad_token_id)
 
 
-def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no_repeat_ngram_size: int = 0) -> dict:
+def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no_repeat_ngram_size: int = 0,
+             progress=None) -> dict:
     """Greedy outputs' scores against the targets, the inputs read and decoded as the bundle reads and
     decodes them: candidates cut evenly (`tokens.encode_requests`), and of the checkpoint's generation
     settings only those lmcor applies (a fine-tuned checkpoint's min_length or repetition_penalty
     would choose the weights and the n-gram ban on outputs the bundle never writes). An input the
-    runtime refuses scores as an empty output."""
+    runtime refuses scores as an empty output. `progress` is called with each chunk's count."""
     import torch
     from lmcor.bench.quality import score
     from transformers import GenerationConfig
@@ -337,6 +338,8 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
                     written = iter(tokenizer.batch_decode(model.generate(input_ids=ids, attention_mask=mask),
                                                           skip_special_tokens=True))
                 outputs += ["" if row is None else next(written) for row in read]
+                if progress is not None:
+                    progress(len(read))
     finally:
         model.generation_config = given
     model.train()
@@ -550,7 +553,9 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
         raise InputError(f"--minutes {minutes:g} ran out before the first training step: an untrained corrector "
                          "is not exported; give more --minutes")
     try:
-        scores = _chosen(model, tokenizer, dev, out / "best.pt", device)
+        with tqdm(total=len(dev) * (3 + (out / "best.pt").is_file()), unit=" outputs", desc="scoring on dev",
+                  file=STDERR, disable=not show_progress) as scoring:
+            scores = _chosen(model, tokenizer, dev, out / "best.pt", device, scoring.update)
     except KeyboardInterrupt:  # a run again scores again, straight after the saved training
         log.warning("interrupted while scoring the weights on dev (training is done and saved in %s); run the same "
                     "command to continue", checkpoint)
@@ -564,14 +569,14 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     return hf_dir
 
 
-def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str) -> dict:
+def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str, progress=None) -> dict:
     """Leaves `model` with the last weights or the watch's best, whichever scores higher on the whole
     dev split (200 examples choose between checkpoints a few tenths of chrF apart by chance), and
-    its n-gram ban; returns their dev scores."""
+    its n-gram ban; returns their dev scores. `progress`: called with the outputs written."""
     import torch
 
     log.info("scoring the last and the best weights on the %d dev examples, then n-gram bans", len(dev))
-    scores = evaluate(model, tokenizer, dev)
+    scores = evaluate(model, tokenizer, dev, progress=progress)
     try:
         weights = torch.load(best, map_location=device) if best.is_file() else None
     except Exception as e:  # torch's own errors for a file it cannot read (one torn by an earlier lmcor)
@@ -580,21 +585,23 @@ def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str) -> di
     if weights is not None:
         last = {name: value.clone() for name, value in model.state_dict().items()}
         model.load_state_dict(weights)
-        scores_of_best = evaluate(model, tokenizer, dev)
+        scores_of_best = evaluate(model, tokenizer, dev, progress=progress)
         if scores_of_best["chrf"] > scores["chrf"]:
             scores = scores_of_best
         else:
             model.load_state_dict(last)
-    model.generation_config.no_repeat_ngram_size, scores = choose_no_repeat(model, tokenizer, dev, without=scores)
+    model.generation_config.no_repeat_ngram_size, scores = choose_no_repeat(model, tokenizer, dev, without=scores,
+                                                                            progress=progress)
     return scores
 
 
-def choose_no_repeat(model, tokenizer, dev: list[Example], without: dict | None = None) -> tuple[int, dict]:
+def choose_no_repeat(model, tokenizer, dev: list[Example], without: dict | None = None,
+                     progress=None) -> tuple[int, dict]:
     """The n-gram ban (transformers' no_repeat_ngram_size; 0: none) that scores best on the whole dev
     split, and its dev scores (`without`: the scores with none, where already known). A copying model
     that loses its place can loop; banning repeated n-grams ends the loop."""
-    scores = {n: without if n == 0 and without is not None else evaluate(model, tokenizer, dev, no_repeat_ngram_size=n)
-              for n in (0, 3, 4)}
+    scores = {n: without if n == 0 and without is not None else
+              evaluate(model, tokenizer, dev, no_repeat_ngram_size=n, progress=progress) for n in (0, 3, 4)}
     best = max(scores, key=lambda n: (scores[n]["chrf"], -n))
     log.info("dev chrF by no_repeat_ngram_size: %s -> %d", {n: round(v["chrf"], 2) for n, v in scores.items()}, best)
     return best, scores[best]

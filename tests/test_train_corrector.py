@@ -325,8 +325,10 @@ def test_dev_scores_come_from_outputs_the_bundle_would_write(tmp_path):
     dev = [Example(s.lower(), [s, s.upper()], s) for s in sentences]
     plain = recipe.evaluate(model, tokenizer, dev, no_repeat_ngram_size=3)
     model.generation_config.update(min_length=40, repetition_penalty=3.0)
-    assert recipe.evaluate(model, tokenizer, dev, no_repeat_ngram_size=3) == plain
+    seen = []  # the bar of the scoring after training
+    assert recipe.evaluate(model, tokenizer, dev, no_repeat_ngram_size=3, batch_size=5, progress=seen.append) == plain
     assert model.generation_config.min_length == 40 and model.generation_config.no_repeat_ngram_size != 3
+    assert seen == [5, 5, 2]
 
 
 def test_synthetic_examples_look_like_the_pairs():
