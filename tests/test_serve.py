@@ -608,6 +608,34 @@ def test_requests_past_their_deadline_free_their_place_and_stream_nothing_more(b
     assert not [data for name, data in events[error:] if name == "token" and data["index"] == 0]
 
 
+def test_a_client_that_leaves_has_its_requests_withdrawn_and_a_flood_of_bad_items_is_refused(bundles):
+    """As a streaming client's: its requests leave the queue and the engine, are not counted answered,
+    and the access log and metrics say 499. A list longer than the queue is refused whole, its items
+    that would not parse counted (each cost the event loop an answer)."""
+    slow = _slow(bundles[ARCH])
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, max_queue=4, max_batch=1)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+        before = _metrics(c)
+        body = json.dumps([{**slow, "id": n} for n in range(4)]).encode()
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while not _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] and time.monotonic() < deadline:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = _metrics(c)
+        counted = ("lmcor_http_requests_total", (("code", "499"), ("route", "/v1/correct")))
+        assert after.get(counted, 0) == before.get(counted, 0) + 1
+        decoded = ("lmcor_requests_total", (("endpoint", "correct"), ("outcome", "decoded")))
+        assert after.get(decoded, 0) == before.get(decoded, 0)
+        flood = c.post("/v1/correct", json=[0] * 5)
+        assert flood.status_code == 413 and "5 requests in one body" in flood.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("clean_up", [False, True])
 def test_streamed_tokens_spell_the_text_when_a_character_or_a_clean_up_spans_tokens(bundles, clean_up):
     """A byte-level tokenizer splits "é" over two tokens (decoded as U+FFFD until the second comes), and a

@@ -25,7 +25,7 @@ import threading
 import time
 import typing
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
@@ -241,13 +241,18 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _each(body: Any, parse: Callable[[Any], Any]) -> tuple[list, list, bool]:
+def _each(body: Any, parse: Callable[[Any], Any], most: int) -> tuple[list, list, bool]:
     """The parsed items of a body (one object or a list of them), their ids, and whether it was a
     list. A single object that does not parse is refused (422); in a list, such an item is its
-    `InputError`, answered in its place, and the others are still served."""
+    `InputError`, answered in its place, and the others are still served. A list of more than `most`
+    items (the queue's size) is refused whole (413), those that would not parse counted: each costs
+    the event loop its answer, and a megabyte of them held every other client for seconds."""
     many = isinstance(body, list)
     if many and not body:
         raise Refused(422, "invalid", "the body is an empty list: send one request or a list of them")
+    if many and len(body) > most:
+        raise Refused(413, "too_large", f"{len(body)} requests in one body; the server queues at most {most} "
+                      "(--max-queue)")
     items = body if many else [body]
     parsed = []
     for item in items:
@@ -345,13 +350,32 @@ async def _answer(future: Future, timeout: float, index: int, many: bool, arrive
     raise refused
 
 
-async def _all(futures: list[Future], timeouts: list[float], many: bool, arrived: float) -> list:
-    """Each request's outcome (`_answer`), in order."""
+async def _all(futures: list[Future], timeouts: list[float], many: bool, arrived: float,
+               receive: Callable[[], Awaitable[dict]]) -> list:
+    """Each request's outcome (`_answer`), in order. A client that leaves before its answer (`receive`
+    says so) has its requests withdrawn, as a streaming client's are: they leave the engine's batch
+    and the queue instead of decoding for no one."""
     tasks = [asyncio.ensure_future(_answer(f, t, n, many, arrived)) for n, (f, t) in enumerate(zip(futures, timeouts))]
+    left = asyncio.ensure_future(_client_left(receive))
     try:
-        return await asyncio.gather(*tasks)
+        waiting = set(tasks)
+        while waiting:
+            finished, _ = await asyncio.wait(waiting | {left}, return_when=asyncio.FIRST_COMPLETED)
+            if left in finished:
+                raise Refused(499, "client_left", "the client closed the connection before its answer")
+            for task in finished:
+                if task.exception() is not None:  # a lone request's refusal, or the models' failure
+                    raise task.exception()
+            waiting -= finished
+        return [task.result() for task in tasks]
     finally:
-        await _cancel(tasks)  # after a failure the others' answers are not wanted
+        await _cancel(tasks + [left])  # after a failure the others' answers are not wanted
+
+
+async def _client_left(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns once the client has closed the connection (its body was read whole before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _cancel(tasks: list[asyncio.Future]) -> None:
@@ -658,7 +682,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                     _timeout(item, config.timeout_s))
 
         body = await _json_body(request, config.max_body_bytes, config.timeout_s)
-        parsed, ids, many = _each(body, parse)
+        parsed, ids, many = _each(body, parse, config.max_queue)
         # What every item asks for, those that did not parse too (their errors go the same way).
         streams = {item.get("stream", False) for item in (body if many else [body])
                    if isinstance(item, dict) and isinstance(item.get("stream", False), bool)} or {False}
@@ -679,7 +703,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             return StreamingResponse(_stream(state, futures, timeouts, many, arrived, record, tokens),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        outcomes = await _all(futures, timeouts, many, arrived)
+        outcomes = await _all(futures, timeouts, many, arrived, request.receive)
         return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
     @app.post("/v1/classify", openapi_extra=bodies["classify"], responses=ERRORS)
@@ -695,9 +719,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             as_texts(item)
             return name, item, _timeout(item, config.timeout_s)
 
-        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse,
+                                  config.max_queue)
         futures = _submitted(state, "classify", parsed, lambda n, p: models.classify[p[0]].submit(p[1]))
-        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many, arrived)
+        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many, arrived, request.receive)
 
         def record(n: int, result: Classification) -> dict:
             state.metrics.requests.labels("classify", "classified").inc()
@@ -741,9 +766,10 @@ def create_app(config: ServeConfig) -> FastAPI:
                 seed=None if seed is None else check_int("seed", seed, 0), stop=tuple(stop),
             ), _timeout(item, config.timeout_s)
 
-        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse)
+        parsed, ids, many = _each(await _json_body(request, config.max_body_bytes, config.timeout_s), parse,
+                                  config.max_queue)
         futures = _submitted(state, "generate", parsed, lambda n, p: models.generate[p[0]].submit(p[2]))
-        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many, arrived)
+        outcomes = await _all(futures, _timeouts(parsed, config.timeout_s), many, arrived, request.receive)
 
         def record(n: int, result: Generation) -> dict:
             state.metrics.requests.labels("generate", "generated").inc()
