@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", help=f"with --serve: concurrencies (default: {CLIENTS})")
     parser.add_argument("--prefix-tokens", type=options.positive_int, default=500,
                         help="with --shared-prefix: tokens of the rules prefix (default: %(default)s)")
-    parser.add_argument("--bundle", help="with --drafts, --gate and --host: corrector bundle folder (default: the corrector "
+    parser.add_argument("--bundle", help="with --drafts, --gate, --host and --serve: corrector bundle folder (default: the corrector "
                         "shipped with lmcor); with --shared-prefix and --candidates: a causal-LM bundle")
 
 
