@@ -125,7 +125,7 @@ def check_providers(providers: Any) -> tuple[str, ...] | None:
     itself takes a str as a list of one-letter names.)"""
     if providers is None:
         return None
-    if not isinstance(providers, (list, tuple)) or not all(isinstance(p, str) for p in providers):
+    if not isinstance(providers, (list, tuple)) or not providers or not all(isinstance(p, str) for p in providers):
         raise InputError(f"providers must be a list of names such as ['CPUExecutionProvider'], got {shown(providers)}")
     return tuple(providers)
 

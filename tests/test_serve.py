@@ -538,6 +538,11 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
         ServeConfig.read(config)
     with pytest.raises(InputError, match="timeout_s must be a number of seconds above 0, got an integer of thousands"):
         ServeConfig(timeout_s=10**5000)  # from Python: past the digits repr writes
+    for text, said in (('{"providers": []}', "providers must be a list of names"),  # none: no ONNX Runtime to run on
+                       ('{"classifiers": {"a": ""}}', "classifiers must map names to bundle folders")):  # not the file's folder
+        config.write_text(text)
+        with pytest.raises(InputError, match=rf"^{config}: {said}"):
+            ServeConfig.read(config)
 
 
 def test_the_openapi_document_holds_the_limits_the_server_checks(client, bundles):

@@ -53,7 +53,7 @@ class ServeConfig:
                 raise InputError(f"{name} must be a string, got {type(value).__name__}")
         for name in _PATH_MAPS:
             bundles = getattr(self, name)
-            if not isinstance(bundles, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+            if not isinstance(bundles, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
                                                         for k, v in bundles.items()):
                 raise InputError(f"{name} must map names to bundle folders, got {bundles!r}")
         check_int("port", self.port, 0, 65535)
@@ -99,7 +99,7 @@ class ServeConfig:
                 values[name] = str(here / values[name])
         for name in _PATH_MAPS:
             if isinstance(values.get(name), dict):
-                values[name] = {k: str(here / v) if isinstance(v, str) else v for k, v in values[name].items()}
+                values[name] = {k: str(here / v) if isinstance(v, str) and v else v for k, v in values[name].items()}
         try:
             return cls(**{**values, **overrides})
         except InputError as e:  # a value of the file's (not overridden by a flag) is said to be the file's
