@@ -262,7 +262,7 @@ def examples(pairs: list[Pair], synthetic: float, seed: int) -> Iterator[Example
     """Endless training examples: the pairs with their candidates, in a new order each epoch; a
     `synthetic` share instead carries as many candidates from the synthetic candidate models, drawn
     over the pair's target, so that the corrector also meets candidates unlike its LLM's. The noise
-    writes words apart by single spaces: a target with other white space (lines, tabs) keeps its own
+    writes words apart by single spaces: a target with other white space (lines, tabs, two spaces) keeps its own
     candidates, so that no example teaches the corrector to drop it."""
     rng = random.Random(seed)
     order = list(pairs)
@@ -432,6 +432,9 @@ def load_init(init: Path):
     labels = tokenizer(text_target="a")["input_ids"]
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else model.config.eos_token_id
+    if isinstance(eos, list) and len(eos) != 1:  # the export would refuse it, after the whole training
+        raise InputError(f"--init {init}: its generation config lists several EOS tokens {eos}; a corrector stops at "
+                         "one: set eos_token_id in its generation_config.json to the token its outputs end with")
     if eos is not None and not set(eos if isinstance(eos, list) else [eos]) & set(labels):
         # Targets without it would teach the corrector never to stop.
         raise InputError(f"--init {init}: its tokenizer ends no target with the model's EOS ({eos}): give its "

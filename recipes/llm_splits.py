@@ -54,15 +54,17 @@ def write(path: Path, pairs: list[corrector.Pair]) -> None:
             f.write(dump_record({"id": n, "source": p.source, "candidates": list(p.candidates), "target": p.target}))
 
 
-def _seed_cache(cache: Path, split: Path) -> None:
+def _seed_cache(cache: Path, split: Path, made_by: str) -> None:
     """Start an empty cache from the split written earlier (possibly a part of it), so that a run on
-    a fresh machine answers only the sources the split lacks."""
+    a fresh machine answers only the sources the split lacks: its candidates count as this run's
+    (`made_by`: the recipe's LLM and settings made them)."""
     if cache.exists() or not split.is_file():
         return
     with open(split, encoding="utf-8") as f, open(cache, "w", encoding="utf-8") as out:
         for line in f:
             row = json.loads(line)
-            out.write(dump_record({"line": row["id"] + 1, "source": row["source"], "candidates": row["candidates"]}))
+            out.write(dump_record({"line": row["id"] + 1, "source": row["source"], "made_by": made_by,
+                                   "candidates": row["candidates"]}))
 
 
 @command_line
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                             batch_size=args.batch_size)
         writer = writer or corrector.candidate_writer(job)
         job.out.mkdir(parents=True, exist_ok=True)
-        _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl")
+        _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl", corrector._made_by(job))
         write(SPLITS / f"llm-{name}.jsonl", corrector.llm_candidates(job, pairs, writer))
         log.info("wrote %s", SPLITS / f"llm-{name}.jsonl")
     return 0

@@ -33,6 +33,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,7 +307,7 @@ def _batches(tokenizer, stream, copying, settings: Settings, rng: random.Random)
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no_repeat_ngram_size: int = 0,
-             progress=None) -> dict:
+             progress: Callable[[int], None] | None = None) -> dict:
     """Greedy outputs' scores against the targets, the inputs read and decoded as the bundle reads and
     decodes them: candidates cut evenly (`tokens.encode_requests`), and of the checkpoint's generation
     settings only those lmcor applies (a fine-tuned checkpoint's min_length or repetition_penalty
@@ -322,9 +323,8 @@ def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 50, no
                                 no_repeat_ngram_size=no_repeat_ngram_size)
     pad = tokenizer.pad_token_id
     outputs = []
-    # transformers fills a given config's default values from the model's own: the model's is replaced
     model.eval()
-    model.generation_config = settings
+    model.generation_config = settings  # replaced: transformers fills a given config's default values from the model's
     try:
         with torch.no_grad():
             for i in range(0, len(examples), batch_size):
@@ -569,7 +569,8 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     return hf_dir
 
 
-def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str, progress=None) -> dict:
+def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str,
+            progress: Callable[[int], None] | None = None) -> dict:
     """Leaves `model` with the last weights or the watch's best, whichever scores higher on the whole
     dev split (200 examples choose between checkpoints a few tenths of chrF apart by chance), and
     its n-gram ban; returns their dev scores. `progress`: called with the outputs written."""
@@ -596,7 +597,7 @@ def _chosen(model, tokenizer, dev: list[Example], best: Path, device: str, progr
 
 
 def choose_no_repeat(model, tokenizer, dev: list[Example], without: dict | None = None,
-                     progress=None) -> tuple[int, dict]:
+                     progress: Callable[[int], None] | None = None) -> tuple[int, dict]:
     """The n-gram ban (transformers' no_repeat_ngram_size; 0: none) that scores best on the whole dev
     split, and its dev scores (`without`: the scores with none, where already known). A copying model
     that loses its place can loop; banning repeated n-grams ends the loop."""

@@ -59,7 +59,6 @@ def longest_first(first: int, second: int, room: int) -> tuple[int, int]:
 
 
 def as_texts(item: Any) -> tuple[str, str | None, Any]:
-
     """A text, a (text, pair) tuple, or a mapping with `text` (and `pair`, `id`) -> (text, pair, id)."""
     if isinstance(item, str):
         text, pair, ident = item, None, None

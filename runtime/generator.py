@@ -119,12 +119,13 @@ class Generator:
 
     def generate_batch(self, prompts: Iterable[str], *, max_new_tokens: int | None = None, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                       prefix: Prefix | Sequence[Prefix] | None = None,
+                       prefix: Prefix | Sequence[Prefix | None] | None = None,
                        stop: Sequence[str] = (), batch_size: int = 8, drafts: bool = True,
                        errors: Literal["raise", "return"] = "raise",
                        progress: Callable[[int], None] | None = None) -> list[Generation | InputError]:
-        """Continue each prompt (after `prefix`, when given: one for all, or one per prompt, so that
-        prompts after different prefixes still share a batch); greedy by default.
+        """Continue each prompt (after `prefix`, when given: one for all, or one per prompt, None for a
+        prompt without one, so that prompts after different prefixes still share a batch); greedy by
+        default.
 
         A row samples with its own generator, seeded by `seed` and the row's index (or by `seed[n]`
         when `seed` is a sequence, one per prompt), so a prompt's sample does not depend on the
@@ -403,10 +404,10 @@ class Generator:
         tokens' text with special tokens' text in it, as transformers' stop strings are: a stop may be
         a special token's text ("<|im_start|>"), and none spans one ("bc" is not in "b<|im_start|>c").
         The answer's text leaves special tokens out."""
-        if self._special_ids.isdisjoint(written):
-            text = self._text(self.tokenizer.decode(written, skip_special_tokens=True))
+        if self._special_ids.isdisjoint(written):  # the tokens' own text, as transformers matches; cleaned up after
+            text = self.tokenizer.decode(written, skip_special_tokens=True)
             cut = min((text.find(s) for s in stops if s in text), default=-1)
-            return text[:cut] if cut >= 0 else None
+            return self._text(text[:cut]) if cut >= 0 else None
         shown = self.tokenizer.decode(written, skip_special_tokens=False)
         cut = min((shown.find(s) for s in stops if s in shown), default=-1)
         if cut < 0:
@@ -425,17 +426,18 @@ class Generator:
 
 
 def _row_prefixes(prefix: Any, count: int) -> list[Prefix | None]:
-    """One prefix per prompt (all or none: a prompt after a prefix is tokenized without BOS)."""
+    """One prefix per prompt: `prefix` for all, or a list of one per prompt, None where a prompt has
+    none (it runs whole, tokenized with BOS, as a prompt after a prefix is not)."""
     if prefix is None or isinstance(prefix, Prefix):
         return [prefix] * count
     if isinstance(prefix, str):
         raise InputError("prefix must be a Prefix, which Generator.prefix(text) makes from text (and runs once), "
                          "or a list of them, one per prompt; got a str")
     prefixes = check_items("prefix", prefix, "Prefix objects (from Generator.prefix)")
-    wrong = next((p for p in prefixes if not isinstance(p, Prefix)), None)
-    if wrong is not None:
-        raise InputError(f"prefix must be a Prefix, or a list of them (Generator.prefix(text) makes one), got a list "
-                         f"holding a {type(wrong).__name__}")
+    wrong = [p for p in prefixes if p is not None and not isinstance(p, Prefix)]
+    if wrong:
+        raise InputError(f"prefix must be a Prefix, or a list of them (Generator.prefix(text) makes one; None for a "
+                         f"prompt without one), got a list holding a {type(wrong[0]).__name__}")
     if len(prefixes) != count:
         raise InputError(f"prefix: give one Prefix for all prompts, or one per prompt ({count}); got {len(prefixes)}")
     return prefixes

@@ -423,6 +423,8 @@ def test_prompts_after_different_prefixes_share_a_batch(bundle):
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     with pytest.raises(InputError, match="one per prompt"):
         generator.generate_batch(PROMPTS, prefix=heads)
+    with pytest.raises(InputError, match="got a list holding a str"):  # None is a prompt without one; a str no prefix
+        generator.generate_batch(PROMPTS[:2], prefix=[None, "Correct: "])
 
 
 @pytest.mark.parametrize("heads", [("Correct: a b\n= ", "Fix this: "), ("", "Fix this: "), ("Fix this: ", "")])

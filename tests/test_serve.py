@@ -613,6 +613,23 @@ def test_requests_past_their_deadline_free_their_place_and_stream_nothing_more(b
     assert not [data for name, data in events[error:] if name == "token" and data["index"] == 0]
 
 
+def test_a_connection_that_cannot_be_watched_is_no_client_leaving():
+    """`receive` failing is not a disconnect: the answer still comes (and the failure is logged)."""
+    from concurrent.futures import Future
+
+    from lmcor.server.app import _all
+
+    async def broken():
+        raise RuntimeError("no receive here")
+
+    async def answered():
+        future = Future()
+        asyncio.get_running_loop().call_later(0.05, future.set_result, "done")
+        return await _all([future], [10.0], False, time.monotonic(), broken)
+
+    assert asyncio.run(answered()) == ["done"]
+
+
 def test_a_client_that_leaves_has_its_requests_withdrawn_and_a_flood_of_bad_items_is_refused(bundles):
     """As a streaming client's: its requests leave the queue and the engine, are not counted answered,
     and the access log and metrics say 499. A list longer than the queue is refused whole, its items
@@ -629,11 +646,12 @@ def test_a_client_that_leaves_has_its_requests_withdrawn_and_a_flood_of_bad_item
             deadline = time.monotonic() + 10
             while not _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] and time.monotonic() < deadline:
                 time.sleep(0.01)
+        counted = ("lmcor_http_requests_total", (("code", "499"), ("route", "/v1/correct")))
         deadline = time.monotonic() + 30
-        while _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] and time.monotonic() < deadline:
+        while (_metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))] or
+               _metrics(c).get(counted, 0) == before.get(counted, 0)) and time.monotonic() < deadline:
             time.sleep(0.05)
         after = _metrics(c)
-        counted = ("lmcor_http_requests_total", (("code", "499"), ("route", "/v1/correct")))
         assert after.get(counted, 0) == before.get(counted, 0) + 1
         decoded = ("lmcor_requests_total", (("endpoint", "correct"), ("outcome", "decoded")))
         assert after.get(decoded, 0) == before.get(decoded, 0)

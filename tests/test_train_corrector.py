@@ -245,6 +245,19 @@ def test_cached_candidates_keep_the_good_records(tmp_path):
     assert path.read_text() == text
 
 
+def test_a_split_written_earlier_seeds_the_cache_as_this_runs(tmp_path):
+    """`recipes.llm_splits` starts a fresh machine's cache from the shipped split: its candidates are
+    reused (records without what made them were passed over, and every source generated again)."""
+    from lmcor.recipes.corrector import _cached_candidates
+    from lmcor.recipes.llm_splits import _seed_cache
+
+    split = tmp_path / "llm-dev.jsonl"
+    split.write_text("".join(json.dumps({"id": n, "source": f"s{n}", "candidates": ["a", "b"], "target": "t"}) + "\n"
+                             for n in range(3)))
+    _seed_cache(tmp_path / "candidates.jsonl", split, "run")
+    assert _cached_candidates(tmp_path / "candidates.jsonl") == {(f"s{n}", "run"): ("a", "b") for n in range(3)}
+
+
 def test_an_interrupted_training_keeps_its_step(tmp_path):
     """Ctrl-C during training saves the checkpoint of the step reached; the same command continues."""
     from lmcor.recipes import train as recipe
@@ -292,21 +305,22 @@ def test_a_torn_best_checkpoint_keeps_the_last_weights_and_more_minutes_warm_up_
         while True:
             yield from (Example(s.lower(), [s], s) for s in sentences)
 
-    def fit(minutes, resume):
+    def fit(minutes, resume, eval_minutes):
         return recipe.fit(tmp_path / "run", minutes, settings, model=recipe.build_model(settings, len(tokenizer)),
                           tokenizer=tokenizer, examples=examples, dev=dev, copy_warmup=False, resume=resume,
-                          eval_minutes=0.001, show_progress=False)
+                          eval_minutes=eval_minutes, show_progress=False)
 
-    fit(0.05, False)
+    fit(0.05, False, 0.001)
     assert (tmp_path / "run" / "best.pt").is_file() and not list((tmp_path / "run").glob("*.tmp"))
     (tmp_path / "run" / "best.pt").write_bytes((tmp_path / "run" / "best.pt").read_bytes()[:100])
-    steps = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["step"]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]
+    more = (state["elapsed"] + 3) / 60  # some steps more, however long the first run took; no scoring to rewrite best.pt
     with caplog.at_level(logging.INFO, logger="lmcor"):
-        assert (fit(0.1, True) / "config.json").is_file()  # a few seconds more: the torn file is read at the end
+        assert (fit(more, True, 1000.0) / "config.json").is_file()  # the torn file is read at the end
     said = caplog.text
     assert "best.pt cannot be read" in said and "the learning rate warms up again" in said
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]
-    assert state["warm_from"] == steps < state["step"] and state["budget"] == pytest.approx(0.1 * 60)
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]
+    assert after["warm_from"] == state["step"] < after["step"] and after["budget"] == pytest.approx(more * 60)
 
 
 def test_dev_scores_come_from_outputs_the_bundle_would_write(tmp_path):

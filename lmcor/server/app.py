@@ -163,11 +163,8 @@ class ServerState:
         return 0 if models is None else min(self.pending("correct"), models.engine.batch_size)
 
     def submit(self, endpoint: str, calls: list[Callable[[], Future]]) -> list[Future]:
-        """Start every call, or none: 413 when they could never fit the queue, 429 when it is full now."""
-        count, limit = len(calls), self.config.max_queue
-        if count > limit:
-            raise Refused(413, "too_large", f"{count} requests in one body; the server queues at most {limit} "
-                          "(--max-queue)")
+        """Start every call, or none: 429 when the queue is full now."""
+        count, limit = len(calls), self.config.max_queue  # (a list longer than the queue is refused before: `_each`)
         with self._lock:
             waiting = sum(self._pending.values())
             if waiting + count > limit:
@@ -358,11 +355,15 @@ async def _all(futures: list[Future], timeouts: list[float], many: bool, arrived
     tasks = [asyncio.ensure_future(_answer(f, t, n, many, arrived)) for n, (f, t) in enumerate(zip(futures, timeouts))]
     left = asyncio.ensure_future(_client_left(receive))
     try:
-        waiting = set(tasks)
+        waiting, watched = set(tasks), {left}
         while waiting:
-            finished, _ = await asyncio.wait(waiting | {left}, return_when=asyncio.FIRST_COMPLETED)
-            if left in finished:
-                raise Refused(499, "client_left", "the client closed the connection before its answer")
+            finished, _ = await asyncio.wait(waiting | watched, return_when=asyncio.FIRST_COMPLETED)
+            if left in finished and watched:
+                watched = set()
+                if left.exception() is None:  # (an answer finished in the same turn is not sent either)
+                    raise Refused(499, "client_left", "the client closed the connection before its answer")
+                log.warning("cannot watch the connection (%s); answering without", left.exception())
+            finished.discard(left)
             for task in finished:
                 if task.exception() is not None:  # a lone request's refusal, or the models' failure
                     raise task.exception()
