@@ -21,6 +21,7 @@ from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.fallback import char_ngrams, chrf
 from lmcor.runtime.jsonl import blank, json_kind, parse_line
 from lmcor.runtime.request import as_request
+from lmcor.runtime.spacing import with_source_spacing
 from lmcor.runtime.vote import edit_vote
 
 SYSTEMS = ("source", "first candidate", "consensus candidate", "edit vote", "oracle candidate", "corrector")
@@ -108,7 +109,8 @@ def evaluate(corrector: Corrector, items: Sequence[Item], **options) -> dict:
         "source": [i.source for i in items],
         "first candidate": [i.candidates[0] for i in items],
         "consensus candidate": [consensus(i.candidates) for i in items],
-        "edit vote": [edit_vote(i.source, i.candidates) for i in items],
+        # its words with the source's line breaks and tabs put back, as the corrector's fallback writes them
+        "edit vote": [with_source_spacing(i.source, edit_vote(i.source, i.candidates)) for i in items],
         "oracle candidate": [oracle(i.candidates, i.target) for i in items],
         "corrector": [c.text for c in corrected],
     }

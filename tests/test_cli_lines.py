@@ -552,3 +552,33 @@ def test_an_error_record_keeps_an_id_it_can_write_back_and_names_json_types(bund
     records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in records] == [2, None, 4]
     assert records[2]["error"] == "field 'candidates' must be a list of strings, got null"
+
+
+def test_no_wait_still_batches_the_lines_already_read(tmp_path):
+    """`--max-wait-ms 0` waits for nothing more, but takes what the reader holds: a file is batched."""
+    from lmcor.cli.lines import _Reader
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"source": f"s{n}", "candidates": ["c"]}) + "\n" for n in range(40)))
+    reader = _Reader(str(path), 1 << 20, 0, capacity=64)
+    deadline = time.monotonic() + 10
+    while reader._queue.qsize() < 41 and time.monotonic() < deadline:  # the lines and the end
+        time.sleep(0.01)
+    assert [len(reader.chunk(16, 0.0, lambda: False)) for _ in range(3)] == [16, 16, 8] and reader.ended
+
+
+def test_a_signal_while_resume_copies_the_output_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from lmcor.cli.correct import FIELDS
+    from lmcor.cli.lines import Output
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"source": "s", "candidates": ["c"]}) + "\n")
+    out.write_text(json.dumps({"id": None, "line": 1, "output": "c"}) + "\n")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Output, "_keep_finished", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Output(str(out), str(source), True, FIELDS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]

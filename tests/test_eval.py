@@ -83,3 +83,14 @@ def test_eval_json_through_a_link_to_a_file_not_written_yet(bundles, tmp_path, c
     (tmp_path / "b").symlink_to(tmp_path / "a")
     assert main(["eval", "--model", str(bundles["t5"]), str(data), "--json", str(tmp_path / "a"), "-q"]) == 2
     assert f"--json {tmp_path / 'a'}: cannot write there" in capsys.readouterr().err
+
+
+def test_the_edit_vote_keeps_the_sources_line_breaks():
+    """As the corrector's fallback writes it: a source's line breaks and tabs between the words it
+    keeps (the vote rejoins words with spaces), so a line answered as it was scores as it is."""
+    from lmcor.runtime.corrector import Corrector
+
+    text = "It is fine.\nReally fine."
+    items = [quality.Item(1, text, (text, text), text)]
+    report = quality.evaluate(Corrector.load(), items)
+    assert report["systems"]["edit vote"]["exact_match"] == 100.0

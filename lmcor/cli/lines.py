@@ -219,7 +219,8 @@ class _Reader:
         self.skipped_lines += 1
 
     def chunk(self, size: int, wait_s: float, stopping: Callable[[], bool]) -> list[Line]:
-        """Up to `size` lines: waits for the first, then at most `wait_s` more for the rest."""
+        """Up to `size` lines: waits for the first, then at most `wait_s` more for the rest; the lines
+        already read are taken whatever the wait (with `--max-wait-ms 0` a file is still batched)."""
         lines: list[Line] = []
         deadline = None
         while len(lines) < size and not self.ended:
@@ -229,11 +230,11 @@ class _Reader:
                 timeout = 0.1  # wake up now and then to notice a signal
             else:
                 timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
             try:
-                item = self._queue.get(timeout=timeout)
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
+                if deadline is not None and timeout <= 0:
+                    break
                 continue
             if item is self._END:
                 self.ended = True
@@ -318,7 +319,7 @@ class Output:
         if resume:
             try:
                 self._keep_finished()
-            except InputError:
+            except BaseException:  # refused, interrupted (a signal while a long -o is copied), out of space
                 self._file.close()
                 self._temp.unlink()
                 raise
