@@ -178,6 +178,10 @@ def test_a_field_is_named_as_its_flag_only_where_a_flag_set_it():
     assert cli._said_as_flags(message, serve, ["serve", "--max-batch=0"]).startswith("--max-batch must")
     assert cli._said_as_flags(message, serve, ["serve", "--config", "c.json"]) == message  # from the file
     assert cli._said_as_flags("model must be a string", serve, ["serve", "--config", "c.json"]) == "model must be a string"
+    _, correct = cli._parser("correct")
+    message = "min_new_tokens must be an integer from 0 to 10 (max_new_tokens), got 50"  # a bound another flag set
+    assert cli._said_as_flags(message, correct, ["correct", "-", "--min-new-tokens", "50", "--max-new-tokens", "10"]) == (
+        "--min-new-tokens must be an integer from 0 to 10 (--max-new-tokens), got 50")
 
 
 def test_serve_checks_its_bundles_before_it_listens(tmp_path, capsys):

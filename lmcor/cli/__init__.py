@@ -104,7 +104,10 @@ def _said_as_flags(message: str, command: argparse.ArgumentParser | None, argv: 
     if not match or match.group(1) not in given:
         return message
     which = f" #{int(match.group(2)[1:-1]) + 1}" if match.group(2) else ""
-    return given[match.group(1)] + which + message[match.end(2) if match.group(2) else match.end(1):]
+    rest = message[match.end(2) if match.group(2) else match.end(1):]
+    for field, flag in given.items():  # a bound that another flag set: "from 0 to 10 (max_new_tokens)"
+        rest = rest.replace(f"({field})", f"({flag})")
+    return given[match.group(1)] + which + rest
 
 
 def _names(arg: str, flag: str) -> bool:
