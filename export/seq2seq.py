@@ -74,14 +74,22 @@ def _decoder_shape(config) -> DecoderShape:
     raise ExportError(f"model type {config.model_type!r} is not supported (supported: {', '.join(SEQ2SEQ_TYPES)})")
 
 
-def _special_tokens(model) -> SpecialTokens:
-    config, generation = model.config, model.generation_config
-    eos = generation.eos_token_id if generation.eos_token_id is not None else config.eos_token_id
+def eos_token(model) -> int | None:
+    """The token a seq2seq checkpoint's outputs end with (its generation config's, else its config's):
+    one, which a corrector stops at."""
+    eos = model.generation_config.eos_token_id
+    eos = model.config.eos_token_id if eos is None else eos
     if isinstance(eos, list):
         if len(eos) != 1:
             raise ExportError(f"the checkpoint's generation config lists several EOS tokens {eos}; a corrector stops at "
                               "one: set eos_token_id in its generation_config.json to the token its outputs end with")
         eos = eos[0]
+    return eos
+
+
+def _special_tokens(model) -> SpecialTokens:
+    config, generation = model.config, model.generation_config
+    eos = eos_token(model)
     start = generation.decoder_start_token_id
     if start is None:
         start = config.decoder_start_token_id

@@ -400,6 +400,7 @@ def load_init(init: Path):
     touched or candidates are written, so that a checkpoint with unreadable files or missing weights
     is said at once."""
     from lmcor.export.checkpoint import load_model
+    from lmcor.export.seq2seq import eos_token
 
     try:
         model, tokenizer = load_model(init, "AutoModelForSeq2SeqLM")
@@ -430,12 +431,11 @@ def load_init(init: Path):
                              "pad_token_id in its config.json (and pad_token in its tokenizer_config.json)")
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     labels = tokenizer(text_target="a")["input_ids"]
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
-        else model.config.eos_token_id
-    if isinstance(eos, list) and len(eos) != 1:  # the export would refuse it, after the whole training
-        raise InputError(f"--init {init}: its generation config lists several EOS tokens {eos}; a corrector stops at "
-                         "one: set eos_token_id in its generation_config.json to the token its outputs end with")
-    if eos is not None and not set(eos if isinstance(eos, list) else [eos]) & set(labels):
+    try:  # as the export reads it, which would refuse it after the whole training
+        eos = eos_token(model)
+    except ExportError as e:
+        raise InputError(f"--init {init}: {e}") from None
+    if eos is not None and eos not in labels:
         # Targets without it would teach the corrector never to stop.
         raise InputError(f"--init {init}: its tokenizer ends no target with the model's EOS ({eos}): give its "
                          "tokenizer.json a post-processor that appends it (as T5's and BART's do)")

@@ -477,16 +477,15 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log.info("resumed at step %d (%.1f min)", state["step"], state["elapsed"] / 60)
-        if state.setdefault("budget", minutes * 60) != minutes * 60:
-            # Another --minutes moves the schedule: warmed up again from here, the learning rate does not
-            # jump (from the end of a decay back to its peak, for one).
-            state.update(budget=minutes * 60, warm_from=state["step"])
-            log.info("--minutes changed: the learning rate warms up again over %d steps", settings.warmup_steps)
-    state.setdefault("budget", minutes * 60)
+    budget = minutes * 60
+    if state.setdefault("budget", budget) != budget:
+        # A resumed run given another --minutes moves the schedule: warmed up again from here, the
+        # learning rate does not jump (from the end of a decay back to its peak, for one).
+        state.update(budget=budget, warm_from=state["step"])
+        log.info("--minutes changed: the learning rate warms up again over %d steps", settings.warmup_steps)
     rng = random.Random(settings.seed + state["step"])
     batches = _batches(tokenizer, examples(state["step"]), lambda: state["copying"], settings, rng)
     watch = dev[:200]  # scored every eval_minutes: enough to see progress, cheap enough to repeat
-    budget = minutes * 60
     started = time.time() - state["elapsed"]
     last_save, last_eval = time.time(), time.time()
     history = out / "train_log.jsonl"

@@ -282,7 +282,7 @@ class Classifier:
                 left[s] -= 1
             ids.append(token)
             types.append(kind)
-        return Reading(ids, types, kept != counts), kept
+        return Reading(ids, types, True), kept
 
     def _probabilities(self, batch: list[int], encodings: list) -> Iterator[tuple[list[int], np.ndarray | InputError]]:
         """(rows, their probabilities) of `batch`; where the model fails on it, each row alone, and a row
