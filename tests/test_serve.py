@@ -238,16 +238,23 @@ def test_past_its_deadline_a_request_gets_504(client, bundles):
     assert beyond.status_code == 422 and "at most 30" in beyond.json()["error"]["message"]
 
 
-def test_an_api_key_guards_every_route_but_health(bundles):
+def test_an_api_key_guards_every_route_but_health_and_the_api_description(bundles):
     request = make_requests(1, seed=2)[0]
     with running(ServeConfig(model=str(bundles[ARCH]), port=0, api_key=KEY)) as s, \
             httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
         assert c.get("/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-            for method, path in (("POST", "/v1/correct"), ("GET", "/metrics"), ("GET", "/openapi.json")):
+            for method, path in (("POST", "/v1/correct"), ("GET", "/metrics"), ("GET", "/nowhere")):
                 answer = c.request(method, path, json=request, headers=headers)
                 assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
         assert c.post("/v1/correct", json=request, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        # A browser opening /docs sends no key, for the page or for the document it fetches; the
+        # document says which operations need it, so that the page can send it.
+        assert c.get("/docs").status_code == 200 and c.get("/redoc").status_code == 200
+        document = c.get("/openapi.json").json()
+        assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+        assert document["paths"]["/v1/correct"]["post"]["security"] == [{"bearer": []}]
+        assert document["paths"]["/health"]["get"]["security"] == []
     with pytest.raises(InputError, match="API key"):
         ServeConfig(host="0.0.0.0")
     with pytest.raises(InputError, match="white space at an end"):

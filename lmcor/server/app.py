@@ -76,6 +76,9 @@ CORRECT_FIELDS = ("id", "source", "candidates", *OPTIONS, "timeout_s", "stream")
 CLASSIFY_FIELDS = ("model", "id", "text", "pair", "timeout_s")
 GENERATE_FIELDS = ("model", "id", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "timeout_s")
 ROUTES = ("/v1/correct", "/v1/classify", "/v1/generate", "/health", "/metrics", "/openapi.json", "/docs", "/redoc")
+# Open without the API key: /health, and the API's description (it holds no data, names no bundle,
+# and a browser opening /docs cannot send a bearer token for the document the page then fetches).
+PUBLIC = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
 class _JSON(JSONResponse):
@@ -806,6 +809,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             for method, op in operations:
                 if count[op["operationId"]] > 1:
                     op["operationId"] = f"{re.sub(r'_[a-z]+$', '', op['operationId'])}_{method}"
+            if config.api_key is not None:  # what the key guards, so that /docs can send it ("Authorize")
+                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, item in schema["paths"].items():
+                    for op in item.values():
+                        op["security"] = [] if path in PUBLIC else [{"bearer": []}]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -825,7 +833,7 @@ def _error(state: ServerState, status: int, kind: str, message: str, headers: di
 
 
 class _Guard:
-    """Before the routes: the API key (every route but /health), 503 for /v1 while loading or
+    """Before the routes: the API key (every route but those in `PUBLIC`), 503 for /v1 while loading or
     draining; around them: the in-flight count that draining waits on, the HTTP metrics and the JSON
     access log. Plain ASGI, so that a streamed answer counts until its last byte."""
 
@@ -862,7 +870,7 @@ class _Guard:
 
     def _refusal(self, path: str, scope: dict) -> Response | None:
         state = self.state
-        if path == "/health":
+        if path in PUBLIC:
             return None
         if self.key is not None and not self._authorized(scope):
             return _error(state, 401, "unauthorized", "this server needs its API key: Authorization: Bearer KEY",
