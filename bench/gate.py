@@ -18,7 +18,7 @@ from lmcor.runtime.classifier import Classifier, passing_threshold, right_probab
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
 
-from .quality import Item, read_items, score
+from .quality import Item, fit, read_items, score
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,10 @@ def run(config: GateConfig) -> dict:
         raise InputError(f"{config.data}: no requests")
     gate = Classifier.load(config.gate or shipped_bundle("gate"), threads=config.threads)
     corrector = Corrector.load(config.bundle, threads=config.threads)
-    report = compare(gate, corrector, items[: config.requests], passing_threshold(gate, config.threshold),
+    items, unfit = fit(corrector, items[: config.requests])
+    if unfit:
+        raise InputError(f"{config.data}: line {unfit[0]['line']}: {unfit[0]['error']}")
+    report = compare(gate, corrector, items, passing_threshold(gate, config.threshold),
                      rounds=config.rounds, batch_size=config.batch_size)
     return {"bundle": str(corrector.root), "gate_bundle": str(gate.root), "data": str(config.data),
             "batch_size": config.batch_size, **report}

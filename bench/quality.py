@@ -70,6 +70,19 @@ def read_items(path: Path) -> tuple[list[Item], list[dict]]:
     return items, errors
 
 
+def fit(corrector: Corrector, items: Sequence[Item]) -> tuple[list[Item], list[dict]]:
+    """The items `corrector` can read (whole, or cut as its template allows), and error records
+    ({"line", "error"}) of the others, as `read_items` gives them for bad lines. Tokenizes only."""
+    from lmcor.runtime.request import Request
+    from lmcor.runtime.tokens import encode_requests
+
+    m = corrector.manifest
+    encoded = encode_requests(corrector.tokenizer, m.template, [Request(i.source, i.candidates) for i in items],
+                              m.max_input_tokens)
+    good = [i for i, e in zip(items, encoded) if not isinstance(e, InputError)]
+    return good, [{"line": i.line, "error": str(e)} for i, e in zip(items, encoded) if isinstance(e, InputError)]
+
+
 def consensus(candidates: Sequence[str]) -> str:
     """The candidate with the highest mean sentence chrF to the others (the first on ties)."""
     grams = [char_ngrams(c) for c in candidates]

@@ -16,7 +16,6 @@ threshold and then the largest span: as good as any, and changing the fewest out
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -93,22 +92,18 @@ def _objective(scores: dict) -> float:
 def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.05) -> list[dict]:
     """Calibrate `bundle` on the dev file(s) `dev`, write the threshold and span into its manifest, and
     return the scores of every pair tried (the chosen one first)."""
-    from lmcor.bench.quality import read_items
-    from lmcor.runtime.bundle import load_manifest, write_manifest
+    from lmcor.runtime.bundle import update_manifest
     from lmcor.runtime.corrector import Corrector
 
+    corrector = Corrector.load(bundle)
     items = []
     for path in dev if isinstance(dev, list) else [dev]:
-        good, bad = read_items(path)
-        if bad:
-            log.warning("%s: %d lines left out (line %d: %s)", path, len(bad), bad[0]["line"], bad[0]["error"])
-        items += good
+        items += usable(corrector, path)
     if not items:
         raise InputError(f"{', '.join(map(str, dev if isinstance(dev, list) else [dev]))}: no usable dev line "
-                         '({"source", "candidates", "target"})')
-    threshold, span, tried = calibrate(Corrector.load(bundle), items, tolerance)
-    write_manifest(bundle, dataclasses.replace(load_manifest(bundle), fallback_below=float(threshold),
-                                               fallback_span=span or None))
+                         '({"source", "candidates", "target"}, within the corrector\'s input)')
+    threshold, span, tried = calibrate(corrector, items, tolerance)
+    update_manifest(bundle, fallback_below=float(threshold), fallback_span=span or None)
     chosen = next(t for t in tried if (t["threshold"], t["span"]) == (threshold, span))
     log.info("%s: fallback below chrF %d, %s (dev: %.2f chrF, %.2f exact match, %d outputs replaced; without: "
              "%.2f / %.2f)", bundle, threshold, f"edits of at most {span} words kept" if span else "edits of any size kept",
@@ -117,14 +112,28 @@ def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.
     return [chosen] + [t for t in tried if t is not chosen]
 
 
+def usable(corrector, path: Path) -> list:
+    """The lines of a data file that are good items the corrector can read; the others are said (how
+    many, and the first) and left out."""
+    from lmcor.bench.quality import fit, read_items
+
+    items, bad = read_items(path)
+    items, unfit = fit(corrector, items)
+    bad = sorted(bad + unfit, key=lambda e: e["line"])
+    if bad:
+        log.warning("%s: %d lines left out (line %d: %s)", path, len(bad), bad[0]["line"], bad[0]["error"])
+    return items
+
+
 def readable(corrector, items: list, where: str, use: str, **options) -> tuple[list, list]:
     """The labelled `items` the corrector can read, and its corrections of them (`options` as for
     `correct_batch`); those too long for it are left out of `use`, and said."""
     answers = corrector.correct_batch([(i.source, i.candidates) for i in items], errors="return", **options)
     taken = [n for n, a in enumerate(answers) if not isinstance(a, InputError)]
-    if len(taken) < len(items):
-        log.warning("%s: %d of %d items are too long for the corrector: left out of %s", where,
-                    len(items) - len(taken), len(items), use)
+    left = [n for n, a in enumerate(answers) if isinstance(a, InputError)]
+    if left:
+        log.warning("%s: %d of %d items are too long for the corrector: left out of %s (line %d: %s)", where,
+                    len(left), len(items), use, items[left[0]].line, answers[left[0]])
     if not taken:
         raise InputError(f"{where}: no item fits the corrector's input: nothing for {use}")
     return [items[n] for n in taken], [answers[n] for n in taken]

@@ -19,7 +19,6 @@ without it. Writes `hf/`, `bundle/` (int8) and `report.json`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -34,6 +33,7 @@ from lmcor.runtime.errors import ExportError, InputError
 from . import command_line, data
 
 LABELS = ("needs correction", "right")
+BACKBONE_LAYERS = 6  # all-MiniLM-L6-v2's
 SPLITS = Path(__file__).parent / "splits"
 log = logging.getLogger("lmcor.recipes")
 
@@ -149,21 +149,37 @@ def calibrate(gate, corrector, items, tolerance: float) -> tuple[float, list[dic
     return good[0]["threshold"], tried
 
 
-def _usable(read_items, path: Path) -> list:
-    """A data file's good items; none is an error naming the first bad line."""
-    items, errors = read_items(path)
+def _usable(corrector, path: Path) -> list:
+    """A data file's good items that the corrector can read (the others said, and left out); none is
+    an error."""
+    from .fallback import usable
+
+    items = usable(corrector, path)
     if not items:
-        why = f" (line {errors[0]['line']}: {errors[0]['error']})" if errors else ""
-        raise InputError(f'{path}: no usable line ({{"source", "candidates", "target"}}){why}')
+        raise InputError(f'{path}: no usable line ({{"source", "candidates", "target"}}, within the corrector\'s input)')
     return items
+
+
+def _steps(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _layers(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= BACKBONE_LAYERS:
+        raise argparse.ArgumentTypeError(f"the backbone has {BACKBONE_LAYERS} layers: from 1 to {BACKBONE_LAYERS}, got {value}")
+    return value
 
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/gate"))
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--layers", type=int, default=2,
+    parser.add_argument("--steps", type=_steps, default=3000)
+    parser.add_argument("--layers", type=_layers, default=2,
                         help="transformer layers of the backbone kept (of 6): the gate must cost less than it saves")
     parser.add_argument("--reuse", action="store_true", help="export and measure the checkpoint already in OUT/hf")
     parser.add_argument("--recalibrate", type=Path, metavar="GATE_BUNDLE",
@@ -179,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--tolerance must be exact-match points from 0 to 100, got {args.tolerance}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from lmcor.bench.gate import compare, table
-    from lmcor.bench.quality import read_items
     from lmcor.export.classifier import export_classifier
-    from lmcor.runtime.bundle import load_manifest, write_manifest
+    from lmcor.runtime.bundle import update_manifest
     from lmcor.runtime.classifier import Classifier
     from lmcor.runtime.corrector import Corrector
 
+    # What the gate is calibrated and measured on is read before any training: a missing file or a
+    # bad corrector is said now, not after it.
+    corrector = Corrector.load(args.corrector)
+    dev, test = _usable(corrector, args.dev), _usable(corrector, args.test)
     if args.recalibrate:
         bundle = args.recalibrate
         args.out.mkdir(parents=True, exist_ok=True)
@@ -192,10 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         hf = args.out / "hf" if args.reuse else train(args.out, args.steps, args.layers)
         bundle = args.out / "bundle"
         export_classifier(hf, bundle, precision="int8", max_input_tokens=128, overwrite=True)
-    corrector = Corrector.load(args.corrector)
-    threshold, tried = calibrate(Classifier.load(bundle), corrector, _usable(read_items, args.dev), args.tolerance)
-    write_manifest(bundle, dataclasses.replace(load_manifest(bundle), gate_threshold=threshold))
-    report = compare(Classifier.load(bundle), corrector, _usable(read_items, args.test), threshold)
+    threshold, tried = calibrate(Classifier.load(bundle), corrector, dev, args.tolerance)
+    update_manifest(bundle, gate_threshold=threshold)
+    report = compare(Classifier.load(bundle), corrector, test, threshold)
     report["dev_thresholds"] = tried
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log.info("gate threshold %.2f (dev); on the test split:\n%s", threshold, table(report))

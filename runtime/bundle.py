@@ -1,7 +1,7 @@
 """The self-describing model bundle: `lmcor.json` manifest + ONNX files + `tokenizer.json`.
 
 `load_manifest(path)` is the one entry point for reading a bundle; `write_manifest` is used by
-the exporter. Every file of the bundle is listed with its sha256 in the manifest, and loading
+the exporter, `update_manifest` by the recipes that change a setting of a bundle. Every file of the bundle is listed with its sha256 in the manifest, and loading
 checks them, so a truncated copy or a swapped file is caught before any session opens.
 """
 
@@ -452,9 +452,21 @@ def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: b
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    """Write `lmcor.json`, recording the sha256 of every other file in `root`."""
+    """Write `lmcor.json`, recording the sha256 of every other file in `root` (an export's staged folder)."""
     sums = {p.name: sha256_of(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
-    manifest = dataclasses.replace(manifest, sha256=sums)
+    _write(root, dataclasses.replace(manifest, sha256=sums))
+
+
+def update_manifest(root: Path, **changes: Any) -> Manifest:
+    """Change settings in an exported bundle's manifest (its files checked first). The checksums stay
+    those of the files it lists: a file written beside them since (a recipe's report) is no part of
+    the bundle, and would fail its loading once changed."""
+    manifest = dataclasses.replace(load_manifest(root), **changes)
+    _write(root, manifest)
+    return manifest
+
+
+def _write(root: Path, manifest: Manifest) -> None:
     (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
 
 

@@ -308,6 +308,35 @@ def test_the_gate_recipe_calibrates_the_lowest_threshold_that_keeps_exact_match(
     assert tried[0]["exact_match"] == 100.0 and tried[0]["passed"] == 1.0 and tried[-1]["passed"] == 0.0
 
 
+def test_the_gate_recipe_says_what_it_leaves_out_and_keeps_its_bundle_loadable(checkpoint, bundles, tmp_path, caplog,
+                                                                              capsys):
+    """Lines the corrector cannot read and bad lines are named and left out; a report written into the
+    bundle's folder is no part of the bundle (a second run changed it, and the bundle failed its
+    checksums); the data and flags are checked before any training."""
+    from lmcor.recipes.gate import main as recipe
+
+    _gate(checkpoint, tmp_path, 1.0)
+    gate = tmp_path / "gate"
+    rows = [dict(r, target=r["candidates"][0]) for r in _edited(4, seed=6)]
+    dev, test = tmp_path / "dev.jsonl", tmp_path / "test.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + "garbage\n"
+                   + json.dumps({"source": "word " * 3000, "candidates": ["a"], "target": "a"}) + "\n")
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    flags = ["--recalibrate", str(gate), "--out", str(gate), "--corrector", str(bundles["t5"]), "--dev", str(dev),
+             "--test", str(test)]
+    with caplog.at_level("WARNING", logger="lmcor.recipes"):
+        assert recipe(flags) == 0
+    assert f"{dev}: 2 lines left out (line 3: " in caplog.text
+    assert recipe(flags + ["--tolerance", "1"]) == 0  # report.json rewritten inside the bundle's folder
+    assert Classifier.load(gate).manifest.gate_threshold is not None
+    capsys.readouterr()
+    assert recipe(["--out", str(tmp_path / "new"), "--dev", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    for bad in (["--steps", "0"], ["--layers", "9"]):
+        with pytest.raises(SystemExit):
+            recipe(["--out", str(tmp_path / "new"), *bad])
+
+
 def test_cli_eval_behind_a_gate(checkpoint, bundles, tmp_path, capsys):
 
     _gate(checkpoint, tmp_path, 20.0)  # always "right"

@@ -311,13 +311,18 @@ def test_an_edit_writing_a_word_no_input_holds_is_left_out():
     assert minimal_edits("a b", "a c", 0) == "a c"  # span 0 and no known words: any edit
 
 
-def test_the_calibration_recipe_leaves_out_what_the_model_cannot_read_and_errs_in_one_line(bundles, tmp_path, capsys):
+def test_the_calibration_recipe_leaves_out_what_the_model_cannot_read_and_errs_in_one_line(bundles, tmp_path, capsys,
+                                                                                           caplog):
     dev = tmp_path / "dev.jsonl"
     rows = [dict(r, target=r["candidates"][0]) for r in make_requests(12, seed=4)]
     rows.append({"source": "word " * 3000, "candidates": ["a"], "target": "a"})  # past the model's input
     dev.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bundle = shutil.copytree(bundles["t5"], tmp_path / "bundle")
-    assert recipe.main([str(bundle), "--dev", str(dev)]) == 0
+    with caplog.at_level("WARNING", logger="lmcor.recipes"):
+        assert recipe.main([str(bundle), "--dev", str(dev), "--report", str(bundle / "tried.json")]) == 0
+    assert f"{dev}: 1 lines left out (line 13: " in caplog.text  # the file and line, among several --dev
+    # A report written into the bundle's folder is no part of it: rewritten, the bundle still loads.
+    assert recipe.main([str(bundle), "--dev", str(dev), "--tolerance", "1", "--report", str(bundle / "tried.json")]) == 0
     assert Corrector.load(bundle).manifest.fallback_below is not None
     assert recipe.main([str(tmp_path / "nowhere"), "--dev", str(dev)]) == 2
     assert capsys.readouterr().err.strip().endswith("no such bundle directory")
