@@ -12,7 +12,6 @@ acts after decoding, alike in both, and would hide the decoded tokens it replace
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from lmcor.runtime.bundle import Manifest
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError
+from lmcor.runtime.jsonl import blank, parse_line
 from lmcor.runtime.request import Correction, Request, as_request
 from lmcor.runtime.tokens import ModelInput, encode_requests
 from tokenizers import Tokenizer
@@ -64,13 +64,13 @@ def read_inputs(path: Path, count: int, tokenizer: Tokenizer, manifest: Manifest
 def _numbered_requests(path: Path, count: int) -> list[tuple[int, Request]]:
     """The first `count` requests of a JSONL file, with their line numbers."""
     numbered = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if blank(raw, first=number == 1):
                 continue
             try:
-                numbered.append((number, as_request(json.loads(line))))
-            except (json.JSONDecodeError, InputError) as e:
+                numbered.append((number, as_request(parse_line(raw, first=number == 1))))
+            except InputError as e:
                 raise InputError(f"{path}: line {number}: {e}") from None
             if len(numbered) == count:
                 break

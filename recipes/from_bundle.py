@@ -30,6 +30,8 @@ import numpy as np
 from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.errors import InputError, LmcorError
 
+from . import command_line
+
 log = logging.getLogger("lmcor")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +147,8 @@ def rebuild(bundle: Path):
         raise InputError(f"{bundle}: its graphs do not make a T5 model (missing {sorted(missing)[:4]}, "
                          f"unplaced {sorted(unplaced)[:4]})")
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    # What the bundle decodes with, where an export of this checkpoint reads it.
+    model.generation_config.no_repeat_ngram_size = manifest.no_repeat_ngram_size
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(bundle / files["tokenizer"]),
                                         model_max_length=manifest.max_input_tokens,
                                         model_input_names=["input_ids", "attention_mask"])
@@ -182,7 +186,7 @@ def check(model, bundle: Path, data: Path, count: int) -> dict:
     for ids, result in zip(inputs, results):
         with torch.no_grad():
             out = model.generate(input_ids=torch.from_numpy(ids)[None], max_new_tokens=manifest.max_output_tokens,
-                                 do_sample=False, num_beams=1, no_repeat_ngram_size=manifest.no_repeat_ngram_size)
+                                 do_sample=False, num_beams=1)  # the n-gram ban from its own generation config
         tokens = out[0, 1:].tolist()
         if manifest.special_tokens.eos in tokens:
             tokens = tokens[: tokens.index(manifest.special_tokens.eos)]
@@ -190,6 +194,7 @@ def check(model, bundle: Path, data: Path, count: int) -> dict:
     return {"requests": len(requests), "states_relative_difference": worst, "identical_tokens": same / len(requests)}
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the Hugging Face checkpoint (must not exist, or be empty)")
@@ -198,23 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100, help="how many of them (default: 100)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-            raise InputError(f"{args.out}: exists and is not an empty folder")
-        if args.requests < 1:
-            raise InputError(f"--requests must be at least 1, got {args.requests}")
-        bundle = args.bundle or shipped_bundle("default")
-        model, tokenizer = rebuild(bundle)
-        result = check(model, bundle, args.check, args.requests)
-        log.info("encoder states within %.1e of the bundle's; greedy tokens identical on %.0f%% of %d requests",
-                 result["states_relative_difference"], 100 * result["identical_tokens"], result["requests"])
-        if result["states_relative_difference"] > STATES_TOLERANCE or result["identical_tokens"] < 1:
-            raise LmcorError(f"{bundle}: the rebuilt model differs from the bundle ({result}); nothing written")
-        model.save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
-    except LmcorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise InputError(f"{args.out}: exists and is not an empty folder")
+    if args.requests < 1:
+        raise InputError(f"--requests must be at least 1, got {args.requests}")
+    bundle = args.bundle or shipped_bundle("default")
+    model, tokenizer = rebuild(bundle)
+    result = check(model, bundle, args.check, args.requests)
+    log.info("encoder states within %.1e of the bundle's; greedy tokens identical on %.0f%% of %d requests",
+             result["states_relative_difference"], 100 * result["identical_tokens"], result["requests"])
+    if result["states_relative_difference"] > STATES_TOLERANCE or result["identical_tokens"] < 1:
+        raise LmcorError(f"{bundle}: the rebuilt model differs from the bundle ({result}); nothing written")
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
     log.info("wrote %s", args.out)
     return 0
 

@@ -39,5 +39,24 @@ def test_what_it_cannot_rebuild_is_refused_by_name(bundles, requests_file, tmp_p
         rebuild(bundles["bart"])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
-    assert main([str(tmp_path / "taken"), "--bundle", str(bundles["t5"])]) == 1
+    assert main([str(tmp_path / "taken"), "--bundle", str(bundles["t5"])]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+    # A check file that is missing or not UTF-8: one line naming it, nothing written.
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"source": "caf\xe9", "candidates": ["a"]}\n')
+    for check, said in (("missing.jsonl", "No such file"), ("latin1.jsonl", "line 1: not valid UTF-8")):
+        assert main([str(tmp_path / "hf"), "--bundle", str(bundles["t5"]), "--check", str(tmp_path / check)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / check}" in err and said in err and "Traceback" not in err
+        assert not (tmp_path / "hf").exists()
+
+
+def test_the_rebuilt_checkpoint_decodes_with_the_bundles_ngram_ban(bundles, requests_file, tmp_path):
+    """An export of the rebuilt checkpoint reads the ban from its generation config."""
+    import shutil
+
+    from lmcor.runtime.bundle import update_manifest
+
+    bundle = shutil.copytree(bundles["t5"], tmp_path / "bundle")
+    update_manifest(bundle, no_repeat_ngram_size=3)
+    assert main([str(tmp_path / "hf"), "--bundle", str(bundle), "--check", str(requests_file), "--requests", "3"]) == 0
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["no_repeat_ngram_size"] == 3
