@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lmcor.runtime.jsonl import dump_record
+from lmcor.runtime.errors import InputError
+from lmcor.runtime.jsonl import dump_record, parse_line
 
 from . import command_line, corrector, data
 from .noise import make_example
@@ -48,23 +51,47 @@ def split_pairs(name: str) -> list[corrector.Pair]:
     return [corrector.Pair(n, row["source"], row["target"]) for n, row in enumerate(rows, start=1)]
 
 
-def write(path: Path, pairs: list[corrector.Pair]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for n, p in enumerate(pairs):
-            f.write(dump_record({"id": n, "source": p.source, "candidates": list(p.candidates), "target": p.target}))
+def write(path: Path, records: Iterable[dict]) -> None:
+    """JSON lines into `path` by rename: an interrupted run leaves the former file whole."""
+    temp = path.with_name(path.name + ".partial")
+    with open(temp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(dump_record(record))
+    os.replace(temp, path)
+
+
+def _split(pairs: list[corrector.Pair]) -> Iterator[dict]:
+    for n, p in enumerate(pairs):
+        yield {"id": n, "source": p.source, "candidates": list(p.candidates), "target": p.target}
 
 
 def _seed_cache(cache: Path, split: Path, made_by: str) -> None:
     """Start an empty cache from the split written earlier (possibly a part of it), so that a run on
     a fresh machine answers only the sources the split lacks: its candidates count as this run's
-    (`made_by`: the recipe's LLM and settings made them)."""
+    (`made_by`: the recipe's LLM and settings made them). A line that is not one of the split's is
+    said and left to the LLM."""
     if cache.exists() or not split.is_file():
         return
-    with open(split, encoding="utf-8") as f, open(cache, "w", encoding="utf-8") as out:
-        for line in f:
-            row = json.loads(line)
-            out.write(dump_record({"line": row["id"] + 1, "source": row["source"], "made_by": made_by,
-                                   "candidates": row["candidates"]}))
+    rows, bad = [], []
+    with open(split, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                row = parse_line(raw)
+                rows.append({"line": row["id"] + 1, "source": row["source"], "made_by": made_by,
+                             "candidates": list(row["candidates"])})
+            except (InputError, KeyError, TypeError) as e:
+                bad.append((number, e))
+    if bad:
+        log.warning("%s: %d lines not reused (line %d: %s)", split, len(bad), bad[0][0],
+                    bad[0][1] if isinstance(bad[0][1], InputError) else "not one of its records")
+    write(cache, rows)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 @command_line
@@ -72,18 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.llm_splits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", type=Path, required=True, help="the causal-LM bundle (recipes.smollm2)")
     parser.add_argument("--cache", type=Path, default=Path("build/llm-splits"), help="candidates kept here (resumable)")
-    parser.add_argument("--train", type=int, default=4000, help="training sentences (default: %(default)s)")
+    parser.add_argument("--train", type=_count, default=4000, help="training sentences (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     writer = None  # the LLM, loaded and its options checked once, before any file is written
     for name, pairs in (("outside", split_pairs("outside")), ("dev", split_pairs("dev")), ("train", train_pairs(args.train))):
-        job = corrector.Job(pairs=SPLITS / f"{name}.jsonl", out=args.cache / name, llm=args.llm,
-                            batch_size=args.batch_size)
+        out = args.cache / name
+        out.mkdir(parents=True, exist_ok=True)
+        read_from = SPLITS / f"{name}.jsonl"
+        if name == "train":  # drawn from the corpus: written out, so that a source the LLM fails on is named by its line
+            read_from = out / "pairs.jsonl"
+            write(read_from, ({"source": p.source, "target": p.target} for p in pairs))
+        job = corrector.Job(pairs=read_from, out=out, llm=args.llm, batch_size=args.batch_size)
         writer = writer or corrector.candidate_writer(job)
-        job.out.mkdir(parents=True, exist_ok=True)
         _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl", corrector._made_by(job))
-        write(SPLITS / f"llm-{name}.jsonl", corrector.llm_candidates(job, pairs, writer))
+        write(SPLITS / f"llm-{name}.jsonl", _split(corrector.llm_candidates(job, pairs, writer)))
         log.info("wrote %s", SPLITS / f"llm-{name}.jsonl")
     return 0
 

@@ -258,6 +258,30 @@ def test_a_split_written_earlier_seeds_the_cache_as_this_runs(tmp_path):
     assert _cached_candidates(tmp_path / "candidates.jsonl") == {(f"s{n}", "run"): ("a", "b") for n in range(3)}
 
 
+def test_a_torn_split_seeds_the_cache_with_its_whole_lines(tmp_path, caplog):
+    """A blank, torn or foreign line of an earlier split is said and left to the LLM: the lines after
+    it are reused (a traceback left a part-written cache, and the next run reused nothing)."""
+    from lmcor.recipes.corrector import _cached_candidates
+    from lmcor.recipes.llm_splits import _seed_cache
+
+    lines = [json.dumps({"id": n, "source": f"s{n}", "candidates": ["a"], "target": "t"}) for n in range(4)]
+    split = tmp_path / "llm-dev.jsonl"
+    split.write_text(lines[0] + "\n\n" + lines[1] + "\n" + '{"id": 9}\n' + lines[2] + "\n" + lines[3][:20])
+    with caplog.at_level("WARNING", logger="lmcor.recipes"):
+        _seed_cache(tmp_path / "candidates.jsonl", split, "run")
+    assert _cached_candidates(tmp_path / "candidates.jsonl") == {(f"s{n}", "run"): ("a",) for n in range(3)}
+    assert f"{split}: 3 lines not reused (line 2: " in caplog.text
+    assert {p.name for p in tmp_path.iterdir()} == {"candidates.jsonl", "llm-dev.jsonl"}  # no part-written file
+
+
+def test_the_llm_splits_recipe_refuses_no_training_sentences():
+    from lmcor.recipes.llm_splits import main
+
+    for count in ("0", "-1"):  # -1 took every sentence but the last: hours of LLM time
+        with pytest.raises(SystemExit):
+            main(["--llm", "nowhere", "--train", count])
+
+
 def test_an_interrupted_training_keeps_its_step(tmp_path):
     """Ctrl-C during training saves the checkpoint of the step reached; the same command continues."""
     from lmcor.recipes import train as recipe
