@@ -41,7 +41,9 @@ class Recorded(dict):
 
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
-        self.path.write_text(json.dumps(self, indent=2) + "\n")
+        temp = self.path.with_name(self.path.name + ".partial")  # a stage killed mid-write keeps its last file
+        temp.write_text(json.dumps(self, indent=2) + "\n")
+        os.replace(temp, self.path)
 
     def update(self, *args, **kwargs) -> None:
         for key, value in dict(*args, **kwargs).items():
@@ -246,9 +248,10 @@ def stage_encoder(work: Path, args, out: dict) -> dict:
         return {"status": "skipped", "reason": "no CUDA for PyTorch"}
     import numpy as np
     import onnxruntime as ort
-    from lmcor.kernels.encoder import EncoderWeights, encode_packed
+    from lmcor.kernels.encoder import EncoderWeights, encode_packed, unpack
     from lmcor.runtime.batching import pad_batch
     from lmcor.runtime.bundle import load_manifest
+    from lmcor.runtime.sessions import with_options
 
     model = _checkpoint(args)
     if model is None:
@@ -264,7 +267,8 @@ def stage_encoder(work: Path, args, out: dict) -> dict:
     for precision, path in bundles.items() if reason is None else ():
         try:
             manifest = load_manifest(path)
-            session = ort.InferenceSession(str(path / manifest.files["encoder"]), providers=["CUDAExecutionProvider"])
+            session = ort.InferenceSession(str(path / manifest.files["encoder"]),
+                                           providers=with_options(["CUDAExecutionProvider"]))
             io = session.io_binding()
             io.bind_cpu_input("input_ids", ids)
             io.bind_cpu_input("attention_mask", mask)
@@ -280,6 +284,9 @@ def stage_encoder(work: Path, args, out: dict) -> dict:
         out["padded_onnxruntime"] = {"status": "skipped", "reason": reason}
     cuda_ids, cuda_lengths = torch.from_numpy(ids).cuda(), torch.from_numpy(mask.sum(axis=1)).cuda()
     segments = torch.zeros_like(cuda_ids)
+    cuda_mask = torch.from_numpy(mask).cuda()
+    with torch.no_grad():  # what the packed states are checked against: transformers in fp32 (no TF32)
+        reference = model.encoder.to("cuda")(input_ids=cuda_ids, attention_mask=cuda_mask)[0].float()
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         try:
             weights = EncoderWeights.from_t5(model, dtype=dtype, device="cuda")
@@ -290,10 +297,14 @@ def stage_encoder(work: Path, args, out: dict) -> dict:
                 torch.cuda.synchronize()
 
             seconds = _time(packed)
+            with torch.no_grad():
+                states, cu = encode_packed(weights, cuda_ids, segments, cuda_lengths)
+                differs = (unpack(states, cu, ids.shape[1]).float() - reference)[cuda_mask.bool()].abs().max()
         except Exception as e:  # noqa: BLE001
             out[f"packed_triton_{name}"] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:300]}
             continue
-        entry = {"ms": round(seconds * 1e3, 3), "real_tokens_per_s": round(real / seconds)}
+        entry = {"ms": round(seconds * 1e3, 3), "real_tokens_per_s": round(real / seconds),
+                 "max_abs_diff_vs_transformers_fp32": float(differs)}
         if name in padded:
             entry["speedup_vs_padded_onnxruntime"] = round(padded[name] / seconds, 2)
             entry["target"] = f">= {TARGET_ENCODER_SPEEDUP}x"
@@ -301,7 +312,6 @@ def stage_encoder(work: Path, args, out: dict) -> dict:
         out[f"packed_triton_{name}"] = entry
     def transformers_padded() -> dict:
         encoder = model.encoder.to(device="cuda", dtype=torch.bfloat16)
-        cuda_mask = torch.from_numpy(mask).cuda()
 
         def run():
             with torch.no_grad():

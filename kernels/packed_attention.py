@@ -59,7 +59,8 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, seg_ptr, lut_pt
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        # ieee: on NVIDIA tensor cores an fp32 dot defaults to tf32 (10 mantissa bits); fp16/bf16 ignore it
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         bucket = tl.load(lut_ptr + (n[None, :] - m[:, None]) + lut_center, mask=q_live[:, None] & k_live[None, :], other=0)
         scores += tl.load(bias_ptr + bucket * heads + head).to(tl.float32)
         allowed = q_live[:, None] & k_live[None, :]
@@ -71,7 +72,7 @@ def _packed_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, seg_ptr, lut_pt
         p = tl.exp(scores - new_max[:, None])
         alpha = tl.exp(running_max - new_max)
         running_sum = running_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
         running_max = new_max
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]  # rows past the request: not stored
     tl.store(o_ptr + q_rows[:, None] * row_stride + head * head_dim + d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -109,7 +110,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if segment_mode and segments is None:
         raise ValueError("segment_mode needs the packed segments")
     lut = bucket_table(max_len, bias_table.shape[0], max_distance, device=q.device)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # the kernel writes rows in order: q's strides may not be
     seg = segments if segments is not None else cu_seqlens  # unread unless segment_mode
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(max_len, block), cu_seqlens.numel() - 1, heads)

@@ -34,7 +34,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
     """(x + residual, rmsnorm(x + residual) * weight) for rows of the last dimension."""
     dim = x.shape[-1]
     rows = x.numel() // dim
-    total = torch.empty_like(x)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # written in row order, whatever x's strides
     normed = torch.empty(x.shape, dtype=weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else x.dtype,
                          device=x.device)
     _add_rmsnorm_kernel[(rows,)](x.contiguous(), residual.contiguous(), weight.contiguous(), total, normed, dim, eps,

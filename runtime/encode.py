@@ -67,6 +67,8 @@ class PackedEncoder:
             packed, cu = self._encode(self.weights, ids, torch.zeros_like(ids), lengths)
             hidden = self._unpack(packed, cu, input_ids.shape[1]).contiguous()
         if self.device == "cuda":
+            # ONNX Runtime reads the states on its own stream: PyTorch's kernels must have written them.
+            torch.cuda.current_stream().synchronize()
             return _repeat(_from_dlpack(hidden), repeat, self.device)
         return _repeat(ort.OrtValue.ortvalue_from_numpy(hidden.numpy()), repeat, self.device)
 

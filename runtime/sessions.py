@@ -74,6 +74,12 @@ def usable_providers(providers: Sequence[str]) -> list[str]:
     return usable
 
 
+def with_options(providers: Sequence[str]) -> list:
+    """`providers` as ONNX Runtime takes them, with lmcor's options: CUDA multiplies fp32 in full fp32
+    (it defaults to TF32, 10 mantissa bits, and an fp32 bundle's tokens on CUDA would not be the CPU's)."""
+    return [(name, {"use_tf32": "0"}) if name == "CUDAExecutionProvider" else name for name in providers]
+
+
 def open_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = _ORT_LOG_ERRORS_ONLY
@@ -98,7 +104,7 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     before = pages.mark()
     try:
         with contextlib.redirect_stdout(printed), core.fp_mode(flush=False):  # the caller's mode, kept
-            session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=with_options(wanted))
     except Exception as e:  # ONNX Runtime raises its own untyped errors for unreadable models
         if _bundle_precision(path) == "bf16":
             raise BundleError(f"{path.parent}: a bf16 bundle runs on CUDA only (ONNX Runtime's CPU has no bf16 "

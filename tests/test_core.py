@@ -323,6 +323,29 @@ def test_cache_writes_equal_the_reference():
         NATIVE.write_rows(caches, presents, np.full(rows, room, dtype=np.int64), first)
 
 
+@needs_core
+def test_the_core_refuses_buffers_it_would_write_outside_or_into_a_copy():
+    """Arrays the core writes are taken as they are: one of another type or layout is refused (it was
+    converted, and the writes went to the copy), and so is a row before the first."""
+    present = [np.ones((1, 2, 1, 4), dtype=np.float32)]
+    big = np.zeros((6, 2, 4, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="first"):
+        NATIVE.write_rows([big[3:5]], present, np.zeros(1, dtype=np.int64), -1)  # wrote into big[2]
+    assert not big.any()
+    for cache in (np.zeros((2, 2, 4, 4)), np.zeros((2, 2, 4, 8), dtype=np.float32)[..., ::2]):
+        with pytest.raises(ValueError, match="float32"):
+            NATIVE.write_rows([cache], present, np.zeros(1, dtype=np.int64), 0)
+    logits, ids = np.zeros((2, 1, 5), dtype=np.float32), np.zeros((2, 1), dtype=np.int64)
+    per_row = [np.zeros(2, dtype=np.int64) for _ in range(4)]
+    done, bans = np.zeros(2, dtype=bool), [None, None]
+    for accepted, following in ((np.zeros(2, dtype=np.int32), np.zeros(2, dtype=np.int64)),
+                                (np.zeros(2, dtype=np.int64), np.zeros(4, dtype=np.int64)[::2])):
+        with pytest.raises(TypeError):
+            NATIVE.accept(logits, ids, *per_row, done, bans, 1, -1, -1, accepted, following)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        NATIVE.accept(logits[..., :0], ids, *per_row, done, bans, 1, -1, -1, *per_row[:2])
+
+
 def _same_tokens_in(offsets, special, spans) -> None:
     ours, theirs = NATIVE.tokens_in(offsets, special, spans), _tokens_in_reference(offsets, special, spans)
     assert len(ours) == len(theirs) == len(spans)

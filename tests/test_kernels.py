@@ -71,6 +71,23 @@ def test_packed_attention_matches_reference(device, dtype, lengths, heads, head_
     torch.testing.assert_close(got.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol)
 
 
+def test_kernels_take_inputs_of_any_strides():
+    """A dense but transposed input: the outputs are written in row order, not in the input's
+    (an output shaped like the input's strides read back scrambled)."""
+    ids, segments, lengths_t = _ragged([9, 14], "cpu", seed=5)
+    _, _, _, cu = pack_reference(ids, segments, lengths_t, torch.zeros(300, 1))
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 23, 8, generator=g).transpose(0, 1) for _ in range(3))  # (tokens, heads, dim), strided
+    bias = torch.randn(32, 2, generator=g)
+    got = packed_attention(q, k, v, cu, 14, bias, scale=8**-0.5)
+    expected = packed_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), cu, bias, scale=8**-0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    x, residual = torch.randn(48, 7, generator=g).T, torch.randn(7, 48, generator=g)
+    weight = torch.rand(48, generator=g) + 0.5
+    for got, expected in zip(add_rmsnorm(x, residual, weight), add_rmsnorm_reference(x.contiguous(), residual, weight)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_segment_mode_isolates_candidates():
     ids, segments, lengths = _ragged([30], "cpu", seed=4)
     g = torch.Generator().manual_seed(5)

@@ -35,3 +35,12 @@ def test_runs_flush_denormals_and_the_callers_mode_is_kept(tmp_path):
     (z,) = run(session, None, {"x": x, "y": x})
     assert not z.any()
     assert not _flushes()
+
+
+def test_cuda_sessions_multiply_fp32_in_full_precision():
+    """ONNX Runtime's CUDA provider defaults to TF32 for fp32 products (10 mantissa bits): lmcor turns
+    it off, so that an fp32 bundle gives the CPU's tokens on a GPU."""
+    from lmcor.runtime.sessions import with_options
+
+    assert with_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]

@@ -124,6 +124,8 @@ bool accept(FloatArray logits, Int64Array ids, Int64Array drafted, Int64Array wr
   const int64_t rows = logits.shape(0), positions = logits.shape(1), vocab = logits.shape(2);
   if (ids.shape(0) != rows || ids.shape(1) != positions)
     throw py::value_error("accept: ids must be (rows, n) as the logits are");
+  if (vocab < 1) throw py::value_error("accept: logits over an empty vocabulary");
+  if (!accepted.writeable() || !next.writeable()) throw py::value_error("accept: accepted and next must be writeable");
   for (const auto* a : {&drafted, &written, &least, &most, &accepted, &next})
     if (a->ndim() != 1 || a->shape(0) != rows) throw py::value_error("accept: per-row arrays must hold one value a row");
   if (done.ndim() != 1 || done.shape(0) != rows || static_cast<int64_t>(py::len(bans)) != rows)
@@ -167,11 +169,15 @@ void write_rows(py::sequence caches, py::sequence presents, Int64Array lengths, 
   std::vector<float*> to(layers);
   std::vector<const float*> from(layers);
   int64_t rows = lengths.shape(0), heads = 0, room = 0, dim = 0, fresh = 0;
+  if (first < 0) throw py::value_error("write_rows: first must be a row of the caches (0 or more)");
   for (size_t i = 0; i < layers; ++i) {
-    auto cache = py::array_t<float>::ensure(caches[i]);
+    // The caches are written: they must be float32 C arrays as they are (`ensure` would write a converted copy).
+    if (!py::isinstance<FloatArray>(caches[i]))
+      throw py::value_error("write_rows: caches must be C-contiguous float32 arrays");
+    auto cache = py::reinterpret_borrow<FloatArray>(caches[i]);
     auto present = py::array_t<float>::ensure(presents[i]);
-    if (!cache || !present || !(cache.flags() & py::array::c_style) || !(present.flags() & py::array::c_style) ||
-        !cache.writeable() || cache.ndim() != 4 || present.ndim() != 4)
+    if (!present || !(present.flags() & py::array::c_style) || !cache.writeable() || cache.ndim() != 4 ||
+        present.ndim() != 4)
       throw py::value_error("write_rows: caches and presents must be C-contiguous 4-d float32 arrays");
     if (i == 0) {
       heads = cache.shape(1), room = cache.shape(2), dim = cache.shape(3), fresh = present.shape(2);
@@ -246,7 +252,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("accept", &accept, py::arg("logits"), py::arg("ids"), py::arg("drafted"), py::arg("written"), py::arg("least"),
         py::arg("most"), py::arg("done"), py::arg("bans"), py::arg("eos"), py::arg("forced_bos"), py::arg("forced_eos"),
-        py::arg("accepted"), py::arg("next"));
+        py::arg("accepted").noconvert(), py::arg("next").noconvert());  // written: never a converted copy
   m.def("edit_vote", &lmcor::edit_vote, py::arg("source"), py::arg("candidates"), py::arg("need"),
         "The source's word ids with every edit that at least `need` candidates make (vote.edit_vote's reference); "
         "ids must number the words in their sorted order.");
