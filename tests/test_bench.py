@@ -121,6 +121,13 @@ def test_serve_load_settings_that_measure_nothing_are_refused(args, said, capsys
     (["--drafts", "--model", "somewhere"], "--model goes with the peer comparison or --candidates"),
     (["--model", "no-such-folder"], "--model no-such-folder: no such folder (a Hugging Face checkpoint folder: nothing is downloaded)"),
     (["--backends", ""], "--backends is empty"),
+    (["--drafts", "--sweeps"], "--sweeps goes with the peer comparison (no mode flag), not --drafts"),
+    (["--host", "--k", "9"], "--k goes with the peer comparison (no mode flag), not --host"),
+    (["--shared-prefix", "--data", "x.jsonl"], "--shared-prefix does not read --data"),
+    (["--serve", "--rounds", "5"], "--serve does not read --rounds"),
+    (["--drafts", "--prefix-tokens", "10"], "--prefix-tokens goes with --shared-prefix"),
+    (["--shape", "tiny", "--data", "no-such.jsonl"], "--data no-such.jsonl: no such file"),
+    (["--serve", "--clients", ""], "--clients: must be integers from 1 to"),
 ])
 def test_flags_that_cannot_apply_are_refused_before_any_work(args, said, capsys):
     assert main(["bench", *args]) == 2

@@ -76,6 +76,19 @@ MODES = {"--drafts": "drafts", "--shared-prefix": "shared_prefix", "--gate": "ga
          "--serve": "serve", "--host": "host"}
 ONLY = {"--gate-threshold": ("gate_threshold", "--gate"), "--prompt": ("prompt", "--candidates"),
         "--seconds": ("seconds", "--serve"), "--clients": ("clients", "--serve")}
+# Flags with a default that one run alone reads: given another value elsewhere, they would be ignored.
+PEER_ONLY = ("--shape", "--backends", "--source", "--k", "--candidate", "--new-tokens", "--natural", "--ragged",
+             "--sweeps", "--cache")
+DEFAULTED_ONLY = {"--prefix-tokens": "--shared-prefix"}
+NOT_READ = {"--shared-prefix": ("--data",), "--serve": ("--rounds",)}
+
+
+def _given(args: argparse.Namespace, flags: tuple[str, ...] | list[str]) -> list[str]:
+    """The `flags` set to other values than their defaults."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    return [f for f in flags if getattr(args, f[2:].replace("-", "_")) != getattr(defaults, f[2:].replace("-", "_"))]
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -87,6 +100,15 @@ def _check(args: argparse.Namespace) -> None:
     for flag, (name, mode) in ONLY.items():
         if getattr(args, name) is not None and mode not in modes:
             raise InputError(f"{flag} goes with {mode}")
+    for flag in _given(args, list(DEFAULTED_ONLY)):
+        if DEFAULTED_ONLY[flag] not in modes:
+            raise InputError(f"{flag} goes with {DEFAULTED_ONLY[flag]}")
+    if modes:
+        for flag in _given(args, PEER_ONLY) + _given(args, NOT_READ.get(modes[0], ())):
+            raise InputError(f"{flag} goes with the peer comparison (no mode flag), not {modes[0]}"
+                             if flag in PEER_ONLY else f"{modes[0]} does not read {flag}")
+    elif args.data and not Path(args.data).is_file():
+        raise InputError(f"--data {args.data}: no such file (JSONL correction requests)")
     if args.bundle and not modes:
         raise InputError("--bundle goes with a mode that runs instead (--drafts, --gate, --host, --serve, "
                          "--shared-prefix, --candidates); the peer comparison exports --model or --shape itself")
@@ -170,7 +192,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     if not data.is_file():
         raise InputError(f"--serve needs --data: a JSONL file of correction requests ({data} is not there)")
     try:
-        clients = tuple(_client_count(c) for c in (args.clients or CLIENTS).split(","))
+        clients = tuple(_client_count(c) for c in (CLIENTS if args.clients is None else args.clients).split(","))
     except argparse.ArgumentTypeError as e:
         raise InputError(f"--clients: {e}") from None
     own = serve.ServeBenchConfig
