@@ -101,7 +101,7 @@ SERVE = ["fastapi>=0.110", "uvicorn>=0.29,<0.60", "prometheus_client>=0.20", "ht
 # The Triton kernels (GPU; on CPU through Triton's interpreter, for their tests).
 KERNELS = ["torch>=2.1,<3", "triton>=3.2; platform_system == 'Linux'"]
 # Ray Serve replicas and Ray Data jobs (`lmcor.integrations.ray`).
-RAY = ["ray[serve,data]>=2.40"]
+RAY = ["ray[serve,data]>=2.60"]
 
 setup(
     name="lmcor",

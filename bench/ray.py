@@ -157,13 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         check_int(flag, value, least, most)
     if not 0 < args.seconds <= MAX_SECONDS:  # `lmcor bench --serve`'s bounds
         raise InputError(f"--seconds must be above 0 and at most {MAX_SECONDS}, got {args.seconds}")
+    if not args.data.is_file():
+        raise InputError(f"--data {args.data}: no such file (JSONL correction requests)")
+    args.out.mkdir(parents=True, exist_ok=True)  # before minutes of measuring: a file there is said now
     config = RayBenchConfig(data=args.data, requests=args.requests, seconds=args.seconds, clients=args.clients,
                             batch_size=args.batch_size, out=args.out)
     report = run(config)
-    config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "ray.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(table(report))
-    return 0
+    same = all(r["identical_to_plain"] for r in report["batch"].values()) and all(
+        not r["errors"] and not r["lost"] and r["identical_outputs"] == r["answered"] for r in report["serving"].values())
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

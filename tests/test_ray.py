@@ -225,6 +225,11 @@ def test_bad_flags_fail_in_one_line(tmp_path, capsys):
                           ("somewhere", "Ray address 'somewhere' is not host:port")):
         with pytest.raises(InputError, match=said):  # at once: Ray would wait minutes before failing
             lmcor_ray._check_reachable(address)
+    with socket.socket() as taken:  # Serve said only that its proxy actor failed, in terminal colours
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(lmcor_ray.LmcorError, match=f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}: "):
+            lmcor_ray._check_port("127.0.0.1", taken.getsockname()[1])
 
 
 def _exchange(url: str, requests: list[dict]) -> list[tuple[int, object]]:
@@ -252,6 +257,26 @@ def test_a_serve_replica_answers_like_lmcor_serve(cluster):
             answers = list(pool.map(lambda r: client.post("/v1/correct", json=r), requests))
     assert [a.status_code for a in answers] == [200] * len(requests)
     assert [a.json()["output"] for a in answers] == [c.text for c in Corrector.load().correct_batch(requests)]
+
+
+def test_a_second_server_on_the_cluster_is_refused_and_serves_queue_bounded(cluster):
+    """A second `lmcor serve --ray` would have replaced the first's deployment, then deleted it; and
+    Serve's own queue is bounded as `lmcor serve`'s is: past it, 429 (it held every request)."""
+    requests = make_requests(12, seed=22)
+    with lmcor_ray.running(ServeConfig(port=0, timeout_s=30, threads=1, max_queue=1, max_batch=1)) as url:
+        with pytest.raises(lmcor_ray.LmcorError, match="already runs on this Ray cluster"):
+            with lmcor_ray.running(ServeConfig(port=0, threads=1, api_key="another")):
+                pass
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client, ThreadPoolExecutor(12) as pool:
+            codes = sorted(a.status_code for a in pool.map(lambda r: client.post("/v1/correct", json=r), requests))
+            assert client.post("/v1/correct", json=requests[0]).status_code == 200  # the first one still serves
+    assert set(codes) == {200, 429}, codes  # one taken, one waiting, the others refused (it took all 12)
+
+
+def test_a_worker_larger_than_every_node_is_refused(cluster):
+    with pytest.raises(InputError, match="fit on no node of the Ray cluster"):
+        lmcor_ray._check_cpus(1, 3, "workers")
+    assert lmcor_ray.default_threads(1) == 2 and lmcor_ray.default_threads(4) == 1  # the cluster's, not the machine's
 
 
 def test_serve_run_builder_reads_its_arguments_as_text():

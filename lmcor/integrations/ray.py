@@ -40,6 +40,7 @@ import pyarrow as pa
 import ray
 import ray.data
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -70,8 +71,18 @@ _SCHEMA = pa.schema([("line", pa.int64()), ("size", pa.int64()), ("raw", pa.bina
 
 
 def default_threads(workers: int) -> int:
-    """ONNX Runtime threads of each of `workers` on this machine: its cores shared out, at least 1."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    """ONNX Runtime threads of each of `workers`: the connected Ray cluster's CPUs shared out, no more
+    than its largest node has (this machine's cores where Ray is not running yet), at least 1."""
+    if not ray.is_initialized():
+        return max(1, (os.cpu_count() or 1) // workers)
+    total, largest = _cpus()
+    return max(1, min(int(total) // workers, int(largest)))
+
+
+def _cpus() -> tuple[float, float]:
+    """The Ray cluster's CPUs, and those of its largest live node (a worker runs on one node)."""
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    return ray.cluster_resources().get("CPU", 0), largest
 
 
 @contextlib.contextmanager
@@ -111,7 +122,10 @@ def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
 
 
 def _check_cpus(count: int, cpus: int, what: str) -> None:
-    have = ray.cluster_resources().get("CPU", 0)
+    have, largest = _cpus()
+    if cpus > largest:  # Ray would wait for such a node for ever
+        raise InputError(f"{what} of {cpus} CPU(s) each fit on no node of the Ray cluster (its largest has "
+                         f"{largest:g}): lower --threads, or add a larger node")
     if count * cpus > have:
         raise InputError(f"{count} {what} of {cpus} CPU(s) each need {count * cpus} CPUs; the Ray cluster has "
                          f"{have:g}: lower their number or --threads, or add nodes")
@@ -361,7 +375,6 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
     if args.input == "-" or regular_file_size(args.input) is None:
         raise InputError(f"--ray reads a file by byte ranges; {args.input!r} is not a regular file (drop --ray to "
                          "read a pipe)")
-    threads = args.threads or default_threads(workers)
     model = None if args.model is None else str(Path(args.model).resolve())
     gate = args.gate if not args.gate else str(Path(args.gate).resolve())
     # What the workers would refuse, refused before Ray starts: the bundles and the options against them.
@@ -377,6 +390,7 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
                            model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers)
 
     with cluster(address):  # first: `ray.init` puts in its own SIGTERM handler, `write_answers` then lmcor's
+        threads = args.threads or default_threads(workers)
         _check_cpus(workers, threads, "workers")
         return write_answers(args, answered, "correcting", FIELDS)
 
@@ -408,7 +422,8 @@ def application(config: ServeConfig, *, replicas: int = 1, max_replicas: int | N
     """The Serve application of `config`: `replicas` replicas, or autoscaling from `replicas` to
     `max_replicas` (aiming at `config.max_batch` requests in flight per replica). Each replica has
     `config.threads` ONNX Runtime threads (default: this machine's cores shared out) and as many Ray
-    CPUs; it takes up to `config.max_queue` requests at once, past which it answers 429 itself."""
+    CPUs; it takes up to `config.max_queue` requests at once, past which it answers 429 itself, and
+    Serve holds at most as many more waiting for a replica (429 with Retry-After past them)."""
     check_int("replicas", replicas, 1)
     if max_replicas is not None:
         check_int("max_replicas", max_replicas, 1)
@@ -417,9 +432,13 @@ def application(config: ServeConfig, *, replicas: int = 1, max_replicas: int | N
     threads = config.threads or default_threads(max_replicas or replicas)
     scaling: dict[str, Any] = ({"num_replicas": replicas} if max_replicas is None else {"autoscaling_config": {
         "min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": config.max_batch}})
+    # Serve queues what its replicas cannot take yet without bound unless told: a bounded queue, as
+    # `lmcor serve`'s, refused with lmcor's status.
     deployment = serve.deployment(LmcorReplica, name=APP_NAME, ray_actor_options={"num_cpus": threads},
-                                  max_ongoing_requests=config.max_queue, max_constructor_retry_count=1,
-                                  graceful_shutdown_timeout_s=config.timeout_s + 5, **scaling)
+                                  max_ongoing_requests=config.max_queue, max_queued_requests=config.max_queue,
+                                  backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+                                  max_constructor_retry_count=1, graceful_shutdown_timeout_s=config.timeout_s + 5,
+                                  **scaling)
     return deployment.bind(dataclasses.replace(config, threads=threads))
 
 
@@ -478,13 +497,18 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
             started_here = False
         except ValueError:
             started_here = True
+        if started_here and config.port:
+            _check_port(config.host, config.port)  # Serve would say only that its proxy failed
         serve.start(http_options={"host": config.host, "port": config.port or _free_port(config.host)})
         try:
+            if APP_NAME in serve.status().applications:  # it would be replaced, then deleted under its server
+                raise LmcorError(f"a Serve application named {APP_NAME!r} already runs on this Ray cluster (another "
+                                 "`lmcor serve --ray`?): stop it first, or serve on another cluster")
             try:
                 serve.run(application(config, replicas=replicas, max_replicas=max_replicas), name=APP_NAME,
                           route_prefix="/", blocking=False)
             except RuntimeError as e:
-                raise LmcorError(f"the Serve application did not start: {str(e).strip().splitlines()[-1]}") from None
+                raise LmcorError(f"the Serve application did not start: {_failure(e)}") from None
             try:
                 host = f"[{config.host}]" if ":" in config.host else config.host
                 yield f"http://{host}:{_serve_port(config.port)}"
@@ -493,6 +517,30 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
         finally:
             if started_here:
                 serve.shutdown()
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise LmcorError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _failure(error: RuntimeError) -> str:
+    """Why the application did not start, in one line: its replicas' error where Serve has one."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        said = [d.message for d in app.deployments.values() if d.message] if app else []
+    except Exception:  # noqa: BLE001 - Serve's status is a nicety here
+        said = []
+    text = _ANSI.sub("", "\n".join(said) or str(error))
+    lmcor_said = _LMCOR_ERROR.findall(text)
+    if lmcor_said:
+        return lmcor_said[-1][1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def serve_forever(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None = None,
@@ -508,19 +556,21 @@ def serve_forever(config: ServeConfig, *, replicas: int = 1, max_replicas: int |
             raise KeyboardInterrupt
         stop.set()
 
-    with running(config, replicas=replicas, max_replicas=max_replicas, address=address) as url:
-        # Installed once Ray runs: `ray.init` puts in its own.
-        previous = {number: signal.signal(number, handle) for number in (signal.SIGTERM, signal.SIGINT)}
-        try:
+    previous: dict = {}
+    try:
+        with running(config, replicas=replicas, max_replicas=max_replicas, address=address) as url:
+            # Installed once Ray runs (`ray.init` puts in its own), and kept through the drain that
+            # leaving `running` is: a second signal there stops at once too.
+            previous = {number: signal.signal(number, handle) for number in (signal.SIGTERM, signal.SIGINT)}
             announce(url)
             log.info("listening", extra={"fields": {"url": url, "replicas": replicas, "max_replicas": max_replicas}})
             while not stop.wait(0.5):
                 pass
             log.info("draining", extra={"fields": {}})
-        except KeyboardInterrupt:
-            return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(forced[0] if forced else signal.SIGINT, 130)
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+    except KeyboardInterrupt:
+        return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(forced[0] if forced else signal.SIGINT, 130)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     log.info("stopped", extra={"fields": {}})
     return 0
