@@ -37,15 +37,21 @@ class CandidatesConfig:
 
 
 def _sources(path: Path, count: int) -> list[str]:
-    import json
+    """The first `count` sources of a JSONL file, read as `lmcor candidates` reads its input; a line
+    that is not JSON is named."""
+    from lmcor.runtime.jsonl import blank, parse_line
 
     sources = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                value = json.loads(line)
-                if isinstance(value, dict) and isinstance(value.get("source"), str):
-                    sources.append(value["source"])
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if blank(raw, first=number == 1):
+                continue
+            try:
+                value = parse_line(raw, first=number == 1)
+            except InputError as e:
+                raise InputError(f"{path}: line {number}: {e}") from None
+            if isinstance(value, dict) and isinstance(value.get("source"), str):
+                sources.append(value["source"])
             if len(sources) == count:
                 break
     if not sources:

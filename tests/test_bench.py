@@ -169,3 +169,22 @@ def test_the_machine_peak_kept_is_the_best_reading_of_each_measure():
 
     assert best_peak({"gemm_gflops": 240.0, "copy_gbps": 14.5}, {"gemm_gflops": 370.0, "copy_gbps": 12.0}) == {
         "gemm_gflops": 370.0, "copy_gbps": 14.5}
+
+
+def test_bench_request_files_are_read_as_lmcor_reads_its_input(tmp_path):
+    """A BOM is no error, and a bad line is named by its line (a UnicodeDecodeError or a bare
+    JSONDecodeError, with no file or line)."""
+    from lmcor.bench.candidates import _sources
+    from lmcor.bench.drafts import _numbered_requests
+    from lmcor.runtime.errors import InputError
+
+    good = json.dumps({"source": "she go home", "candidates": ["She goes home."]}).encode()
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n\n" + good + b"\n")
+    assert [n for n, _ in _numbered_requests(path, 5)] == [1, 3]
+    assert _sources(path, 5) == ["she go home", "she go home"]
+    for bad, said in ((b'{"source": "caf\xe9"}', "line 2: not valid UTF-8"), (b"{bad", "line 2: not valid JSON")):
+        path.write_bytes(good + b"\n" + bad + b"\n")
+        for read in (_numbered_requests, _sources):
+            with pytest.raises(InputError, match=f"{path}: {said}"):
+                read(path, 5)
