@@ -346,7 +346,6 @@ class Search:
     min_new_tokens: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0
-    early_stopping: bool | str = False
     drafts: bool = False
     no_repeat_ngram_size: int = 0
 
@@ -649,8 +648,6 @@ def beam_search(
         just_done = hits & top_beam[None, :]
         # cur_len tokens after the start token, counting the one just chosen
         done_scores = top_scores / np.float32(cur_len**search.length_penalty)
-        full = finished.all(axis=1, keepdims=True) & (search.early_stopping is True)
-        done_scores = done_scores + full.astype(np.float32) * _NEG
         done_scores = done_scores + (~improvable).astype(np.float32) * _NEG
         done_scores = done_scores + (~just_done).astype(np.float32) * _NEG
         merged = _topk(np.concatenate([beam_scores, done_scores], axis=1), beams)
@@ -659,15 +656,12 @@ def beam_search(
         finished = _gather(np.concatenate([finished, just_done], axis=1), merged)
 
         cur_len += 1
-        if search.early_stopping == "never" and search.length_penalty > 0.0:
-            best_length = max_length - 1
-        else:
-            best_length = cur_len - 1
-        best_possible = running_scores[:, :1] / np.float32(best_length**search.length_penalty)
+        # generate's early_stopping=False (lmcor's only): the best a running beam can still reach is its
+        # score at the current length
+        best_possible = running_scores[:, :1] / np.float32((cur_len - 1)**search.length_penalty)
         worst_done = np.where(finished, beam_scores.min(axis=1, keepdims=True), _NEG)
         improvable = improvable & (best_possible > worst_done).any(axis=-1, keepdims=True)
-        still_open = not (finished.all() and search.early_stopping is True)
-        if not (improvable.any() and still_open and not hits.all()):
+        if not (improvable.any() and not hits.all()):
             break
         if stop is not None and stop():  # its callers gave up: the best beam so far
             sequences = running_seq[:, :, :cur_len]
