@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from lmcor.runtime.errors import InputError
 
@@ -67,7 +70,8 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
                    for span in SPANS}
     targets = [i.target for i in items]
     tried = [{"threshold": 0, "span": 0, "fell_back": 0, **score(outputs, targets)}]  # threshold 0: no guard at all
-    for threshold in THRESHOLDS[1:]:
+    for threshold in tqdm(THRESHOLDS[1:], desc="calibrating the fallback", unit=" thresholds", file=sys.stderr,
+                          leave=False):
         for span in SPANS:
             kept = []
             for n, (output, s, guess, vote, item, words) in enumerate(
