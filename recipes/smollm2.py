@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
 from lmcor.runtime.errors import ExportError, InputError
@@ -33,17 +34,21 @@ def gguf_path() -> Path:
 
 
 def convert(cache: Path) -> Path:
-    """The transformers checkpoint folder, converted once into `cache/hf`."""
+    """The transformers checkpoint folder, converted once into `cache/hf` (written beside it and
+    renamed into place: an interrupted conversion is done again, not taken for a whole one)."""
     hf = cache / "hf"
-    if (hf / "config.json").is_file():
+    if hf.is_dir():
         return hf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-    model.save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
+    partial = cache / "hf.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(hf)
     return hf
 
 

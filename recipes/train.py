@@ -2,7 +2,8 @@
 
     python -m lmcor.recipes.train --out build/default-corrector --minutes 170
 
-writes `dev.jsonl`/`test.jsonl`, the tokenizer, checkpoints (resumable with --resume), the
+writes `dev.jsonl`/`test.jsonl`, the tokenizer, checkpoints (the same command continues an
+interrupted run; --restart starts over), the
 Hugging Face folder `hf/`, and the exported bundle `bundle/` with its fallback threshold calibrated
 on dev (`recipes/fallback.py`). Seeds are fixed.
 
@@ -637,8 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/default-corrector"))
     parser.add_argument("--minutes", type=float, default=170.0, help="training time budget")
-    parser.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--restart", action="store_true",
+                        help="train from the start instead of continuing OUT's checkpoint (the default)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--llm-share", type=float, default=0.4, help="share of examples with the real LLM's candidates")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this Hugging Face folder (an earlier run's hf/) instead of from scratch")
@@ -651,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if not args.minutes > 0:
         raise InputError(f"--minutes must be above 0, got {args.minutes}")
+    from .corrector import _check_device
+
+    _check_device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
@@ -658,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     np.random.seed(0)
     lr = args.lr if args.lr is not None else (3e-4 if args.init else Settings.lr)
-    hf_dir = train(args.out, args.minutes, Settings(lr=lr), resume=args.resume, device=args.device,
+    hf_dir = train(args.out, args.minutes, Settings(lr=lr), resume=not args.restart, device=args.device,
                    llm_share=args.llm_share, init=args.init, join=args.join)
     from lmcor.export import export_corrector
 

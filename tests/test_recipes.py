@@ -85,3 +85,45 @@ def test_joined_examples_hold_sentences_in_a_row_within_the_word_limit():
     rng.shuffle(order)
     before = [make_example(s, rng, "shared") for s in order[:20]]
     assert [e for e, _ in zip(data.endless(sentences, seed=1), range(20))] == before
+
+
+def test_the_train_recipe_refuses_a_device_it_cannot_use_before_any_work(tmp_path, capsys):
+    import pytest
+    import torch
+
+    from lmcor.recipes.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    assert "--device cuda: this PyTorch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_smollm2_conversion_is_done_again(tmp_path, monkeypatch):
+    """The checkpoint is written beside its folder and renamed: one cut short (its config.json first,
+    then half a gigabyte of weights) was taken for a whole one by every later run."""
+    import pytest
+    import transformers
+
+    from lmcor.recipes import smollm2
+
+    class Saved:
+        def __init__(self, fail: bool):
+            self.fail = fail
+
+        def save_pretrained(self, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text("{}")
+            if self.fail:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: tmp_path / "model.gguf")  # the package is not needed here
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved(False))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved(True))
+    with pytest.raises(KeyboardInterrupt):
+        smollm2.convert(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "hf").exists()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved(False))
+    assert smollm2.convert(tmp_path / "cache") == tmp_path / "cache" / "hf"
+    assert (tmp_path / "cache" / "hf" / "config.json").is_file() and not (tmp_path / "cache" / "hf.partial").exists()
