@@ -431,9 +431,15 @@ def _gate(gate: Classifier, threshold: float | None, requests: list[Request]) ->
 
 
 def _settle(future: Future, result: Correction | None = None, error: BaseException | None = None) -> None:
-    """Give a future its outcome, unless its caller has cancelled it. Its done-callbacks run here, in
-    the engine's thread: one that raises (even SystemExit) is logged, and the engine goes on."""
+    """Give a future its outcome, unless its caller has cancelled it. One answered before the scheduler
+    took it (a bad request, the gate, a failure) is taken here: cancelled meanwhile, it is marked so
+    that `wait` and `as_completed` count it done. Its done-callbacks run here, in the engine's thread:
+    one that raises (even SystemExit) is logged, and the engine goes on."""
+    if future.done() and not future.cancelled():  # answered already (a batch that failed after some were)
+        return
     try:
+        if not (future.running() or future.set_running_or_notify_cancel()):
+            return
         if error is not None:
             future.set_exception(error)
         else:

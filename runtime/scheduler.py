@@ -89,8 +89,8 @@ class Scheduler:
         """Admit what the batch can take, then one decoder call for every row (a static batch of beam
         search: its whole search). Returns the sequences finished, their `finished` time set."""
         batch = self.batch
-        if self.continuous and any(s.withdrawn for s in batch.rows):  # their callers stopped waiting
-            for s in batch.rows:
+        if any(s.withdrawn and not s.done for s in batch.rows):  # their callers stopped waiting
+            for s in batch.rows:  # a ragged batch lets them go; the merged decoder feeds them padding
                 s.done = s.done or s.withdrawn
             self._retire(retire(batch))
         if not batch.rows:
@@ -172,8 +172,9 @@ class Scheduler:
     def _beams(self) -> list[Sequence]:
         """A static batch of beam search, from its encoder pass to its end."""
         group = self._admitting = [s for s in self._take(self.batch_size) if s.claim()]
-        if not group:
-            return []
+        if not group:  # all cancelled while they waited; the rows withdrawn from the batch are still to answer
+            finished, self._finished = self._finished, []
+            return finished
         search = group[0].search
         started = time.perf_counter()
         hidden, mask = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],

@@ -410,3 +410,57 @@ def test_a_beam_search_whose_requests_are_all_cancelled_ends_early(bundles):
         assert not future.cancel()
         result = future.result(timeout=RESULT_TIMEOUT)
     assert len(result.token_ids) < corrector.manifest.max_output_tokens
+
+
+def test_a_merged_decoder_lets_a_withdrawn_request_go_at_the_next_step(bundles):
+    """BART's merged decoder cannot drop a row: a withdrawn one is fed padding from the next step, and
+    its future holds what it wrote (it decoded to its end)."""
+    corrector = Corrector.load(bundles["bart"])
+    long, forced = _long(corrector)
+    with _engine(corrector) as engine:
+        future = engine.submit(long, forced)
+        _wait_until_decoding(engine, 0)
+        assert not future.cancel()
+        result = future.result(timeout=RESULT_TIMEOUT)
+    assert len(result.token_ids) < corrector.manifest.max_output_tokens // 2  # it ran to its end (forced EOS)
+
+
+def test_a_withdrawn_request_is_answered_when_a_cancelled_beam_search_is_next(bundles):
+    """The rows withdrawn at a step, then a beam search at the head of the queue whose requests were
+    all cancelled: the withdrawn ones are still answered (their futures stayed running for ever)."""
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    futures, calls = {}, []
+
+    def heard(tokens):
+        calls.append(tokens)
+        if len(calls) == 1:
+            futures["beams"] = engine.submit(long, CorrectionOptions(num_beams=2, max_new_tokens=5))
+        elif len(calls) == 3:
+            futures["beams"].cancel()
+            futures["long"].cancel()
+
+    with _engine(corrector) as engine:
+        futures["long"] = engine.submit(long, forced, on_tokens=heard)
+        result = futures["long"].result(timeout=RESULT_TIMEOUT)
+    assert len(result.token_ids) < corrector.manifest.max_output_tokens and futures["beams"].cancelled()
+
+
+def test_a_request_cancelled_before_its_answer_counts_as_done_for_wait(bundles):
+    """A request answered before admission (here a bad one) whose caller cancelled it meanwhile is
+    marked notified: `concurrent.futures.wait` counts it done (it waited for ever)."""
+    from concurrent.futures import wait
+
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    cancelled = {}
+
+    def heard(tokens):
+        if not cancelled:
+            cancelled["bad"] = engine.submit({"source": "the cat"})  # no candidates: refused in the engine's thread
+            cancelled["bad"].cancel()
+
+    with _engine(corrector) as engine:
+        engine.submit(long, forced, on_tokens=heard).result(timeout=RESULT_TIMEOUT)
+        done, _ = wait([cancelled["bad"]], timeout=RESULT_TIMEOUT)
+    assert done == {cancelled["bad"]}
