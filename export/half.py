@@ -16,9 +16,10 @@ only where a half tensor meets an fp32 node, once per tensor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,28 @@ _SAME_TYPE_FUSED = {"Attention", "SkipSimplifiedLayerNormalization", "FastGelu"}
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of the graph's fp32 tensors (inputs, initializers, values), from shape inference; the
     outputs of ONNX Runtime's fused operators typed from their inputs, and inference run again past them."""
+    with _weights_set_aside(model):
+        return _inferred_floats(model)
+
+
+@contextlib.contextmanager
+def _weights_set_aside(model: onnx.ModelProto) -> Iterator[None]:
+    """The values of the model's larger weights out of it meanwhile (their names, types and shapes
+    stay): shape inference serializes the model, which protobuf cannot past 2 GiB."""
+    kept = [(t, t.raw_data) for t in model.graph.initializer if len(t.raw_data) > _SET_ASIDE_BYTES]
+    for tensor, _ in kept:
+        tensor.ClearField("raw_data")
+    try:
+        yield
+    finally:
+        for tensor, data in kept:
+            tensor.raw_data = data
+
+
+_SET_ASIDE_BYTES = 1 << 16  # small ones (shapes, axes) stay: inference reads their values
+
+
+def _inferred_floats(model: onnx.ModelProto) -> set[str]:
     copied = False
     while True:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -238,6 +261,9 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
     if manifest.precision != "fp32" or manifest.decoder_graph != "ragged":
         raise ExportError(f"{source}: only fp32 bundles with lmcor's ragged decoder (T5 family) are converted, not a "
                           f"{manifest.precision} {manifest.decoder_graph} one; export the checkpoint with --precision")
+    if "packed_encoder" in manifest.files:  # as `export --packed-encoder` refuses a half precision
+        raise ExportError(f"{source}: its packed encoder's weights are fp32 and would run on CUDA in place of the "
+                          "converted encoder; convert a bundle exported without --packed-encoder")
     refuse_overlap(source, out_dir, "bundle")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")

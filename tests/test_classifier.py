@@ -166,6 +166,10 @@ def test_bad_items_are_named_and_the_rest_classified(bundle):
 def test_int8_export_records_its_agreement_and_scores_each_text_alike_in_any_batch(checkpoint, tmp_path):
     manifest = export_classifier(checkpoint, tmp_path / "int8", precision="int8")
     assert manifest.precision == "int8" and 0.0 <= manifest.validation["int8_label_agreement"] <= 1.0
+    from lmcor.export.classifier import _FUSIONS
+
+    # `fused` describes the fp32 graph whose log-probabilities were validated (it was overwritten)
+    assert manifest.validation["fused"] is (manifest.architecture in _FUSIONS)
     classifier = Classifier.load(tmp_path / "int8")
     assert classifier.classify("hello").label in manifest.labels
     # A short text beside a long one: per-tensor quantization would let the long one set its scale.

@@ -108,6 +108,29 @@ def test_converter_keeps_non_matmul_arithmetic_fp32():
     np.testing.assert_allclose(got, (x @ w + x) @ w, rtol=2e-2, atol=2e-2)
 
 
+def test_conversion_infers_types_without_serializing_the_weights(monkeypatch):
+    """Shape inference serializes the model it is given: past 2 GiB of weights protobuf cannot, so the
+    converter sets their values aside meanwhile (a 0.5B-parameter LLM failed to convert)."""
+    w = np.ones((512, 512), dtype=np.float32)  # 1 MiB
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/q/MatMul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 512])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    infer = onnx.shape_inference.infer_shapes
+    seen = []
+
+    def inferring(m, *args, **kwargs):
+        seen.append(m.ByteSize())
+        return infer(m, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", inferring)
+    report = convert(model, TensorProto.FLOAT16)
+    assert seen and max(seen) < 64 * 1024 and report.half_nodes == 1
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]).astype(np.float32), w)
+
+
 def test_bfloat16_bits_round_to_nearest_even():
     values = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.0e38], dtype=np.float32)
     # 1 + 2^-8 is a tie: to even (1.0); 1 + 3 * 2^-8 rounds up to 1 + 2^-6
@@ -174,3 +197,27 @@ def test_gpu_check_stages_run_here_and_keep_what_they_measured(tmp_path, monkeyp
     assert merged["encoder"]["packed_triton_fp32"] == {"ms": 1.0}
     assert merged["tokens"]["status"] == "no result" and "time budget" in merged["tokens"]["reason"]
     assert set(gpu_check.failures(merged)) == {"kernels", "tokens", "encoder", "latency"}  # kernels: never ran here
+
+
+def test_validation_fails_on_non_finite_logits(half_bundles, checkpoints, monkeypatch):
+    """NaN is what a half-precision overflow gives: it fails the tolerance (max() and > let it pass,
+    and the manifest recorded a clean difference)."""
+    import numpy as np
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lmcor.export import validate
+    from lmcor.runtime.errors import ExportError
+
+    assert validate.logit_difference(np.array([1.0, -np.inf]), np.array([1.5, -np.inf])) == 0.5
+    assert validate.logit_difference(np.array([1.0, 2.0]), np.array([1.0, np.nan])) == np.inf
+    real = validate._onnx_logits
+
+    def poisoned(corrector, ids, decoder_ids):
+        out = real(corrector, ids, decoder_ids).copy()
+        out[-1] = np.nan
+        return out
+
+    monkeypatch.setattr(validate, "_onnx_logits", poisoned)
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoints["t5v11"]).eval()  # the fp16 bundle's
+    with pytest.raises(ExportError, match="exceeds the fp16 tolerance"):
+        validate.validate_half(model, half_bundles["fp16"], "fp16")

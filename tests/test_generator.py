@@ -732,3 +732,24 @@ def test_a_causal_lms_answers_fit_the_positions_its_bundle_reads(gpt2_checkpoint
         with pytest.raises(ExportError, match=said):
             export_causal_lm(gpt2_checkpoint, tmp_path / "refused", **limits)
         assert not (tmp_path / "refused").exists()
+
+
+def test_export_checks_each_prompt_alone_too(checkpoint, tmp_path, monkeypatch):
+    """The manifest says the tokens were checked alone and batched: a bundle whose prompts decode
+    differently alone is refused."""
+    import dataclasses
+
+    from lmcor.runtime.errors import ExportError
+    from lmcor.runtime.generator import Generator
+
+    real = Generator.generate_batch
+
+    def wrong_alone(self, prompts, **options):
+        out = real(self, prompts, **options)
+        if options.get("batch_size") == 1:
+            out[0] = dataclasses.replace(out[0], token_ids=[*out[0].token_ids, 3])
+        return out
+
+    monkeypatch.setattr(Generator, "generate_batch", wrong_alone)
+    with pytest.raises(ExportError, match="differ from PyTorch on sample 0 alone"):
+        export_causal_lm(checkpoint, tmp_path / "lm", max_output_tokens=16)

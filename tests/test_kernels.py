@@ -186,6 +186,12 @@ def test_corrector_with_the_packed_encoder_gives_the_onnx_tokens(checkpoints, tm
     got = packed.correct_batch(requests, max_new_tokens=12, batch_size=3)
     assert [c.token_ids for c in got] == [c.token_ids for c in onnx]
     assert Corrector.load(bundle).packed is None  # auto: the ONNX encoder without CUDA
+    from lmcor.export.half import convert_bundle
+    from lmcor.runtime.errors import ExportError
+
+    with pytest.raises(ExportError, match="packed encoder's weights are fp32"):  # they would replace the fp16 encoder
+        convert_bundle(bundle, tmp_path / "fp16", "fp16")
+    assert not (tmp_path / "fp16").exists()
 
 
 def test_encoder_states_reach_onnx_runtime_through_dlpack_without_a_copy():

@@ -107,11 +107,12 @@ def _export(args: argparse.Namespace) -> int:
         manifest = export_classifier(args.model_dir, args.out_dir, max_input_tokens=args.max_input_tokens, opset=args.opset,
                                      precision=args.precision, overwrite=args.force, **tolerance)
         v = manifest.validation
-        int8 = (f"; int8 labels agree with fp32 on {v['int8_label_agreement']:.0%}, probabilities within "
-                f"{v['int8_max_abs_prob_diff']:.2g}" if "int8_label_agreement" in v else "")
+        fp32 = (f"fp32 graph (fused {v['fused']}) validated on {v['samples']} samples: max |log-prob diff| "
+                f"{v['max_abs_logprob_diff']:.2g}")
+        checked = (f"int8 graph (quantized unfused): labels agree with the {fp32}, on {v['int8_label_agreement']:.0%}, "
+                   f"probabilities within {v['int8_max_abs_prob_diff']:.2g}" if "int8_label_agreement" in v else fp32)
         say(f"wrote {args.out_dir}: {manifest.architecture} classifier ({', '.join(manifest.labels)}) "
-            f"{manifest.precision}, fused {v['fused']}; validated on {v['samples']} samples: max |log-prob diff| "
-            f"{v['max_abs_logprob_diff']:.2g}{int8}")
+            f"{manifest.precision}; {checked}")
         return 0
     from lmcor.export import export_corrector
 
