@@ -284,8 +284,7 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
     except ImportError as e:
         raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
     out_dir = Path(os.path.abspath(out_dir))  # "." is its own parent: the staging folder goes beside it, not in it
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    with parents_made(out_dir.parent), tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
         with stage(model_dir, "ONNX export"), quiet_exporter():
             main_export(str(model_dir), output=raw, task=task, opset=opset, device="cpu", do_validation=False,
@@ -293,6 +292,23 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
         staged.mkdir()
         yield raw, staged
         replace_folder(out_dir, staged, Path(tmp) / "replaced")
+
+
+@contextlib.contextmanager
+def parents_made(folder: Path) -> Iterator[None]:
+    """`folder` made with its missing parents; those it made are removed again if the body fails: an
+    export that failed leaves no empty folders behind."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for made in missing:
+            try:
+                made.rmdir()
+            except OSError:  # something else was put there meanwhile
+                break
+        raise
 
 
 def replace_folder(out_dir: Path, staged: Path, old: Path) -> None:

@@ -250,7 +250,7 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
     from lmcor.runtime.bundle import load_manifest, write_manifest
     from lmcor.runtime.errors import ExportError
 
-    from .checkpoint import refuse_overlap, replace_folder
+    from .checkpoint import parents_made, refuse_overlap, replace_folder
     from .shared_weights import WEIGHTS_FILE, share_weights
     from .validate import check_half_graphs
 
@@ -269,8 +269,7 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")
     graphs = [manifest.files[role] for role in ("encoder", "decoder", "cross")]
     out_dir = Path(os.path.abspath(out_dir))  # "." is its own parent: the staging folder goes beside it
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    with parents_made(out_dir.parent), tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         staged = Path(tmp) / "bundle"
         staged.mkdir()
         counts = {}

@@ -128,6 +128,9 @@ def test_failure_mid_export_leaves_nothing(t5_checkpoints, tmp_path, monkeypatch
     with pytest.raises(ExportError, match="building the step graph failed: RuntimeError: tracing failed$") as error:
         export_corrector(t5_checkpoints[2, 3], exports / "bundle")
     _assert_one_line_and_nothing_written(error.value, exports)  # the staging folder is gone too
+    with pytest.raises(ExportError):  # the folders it made for the bundle go too
+        export_corrector(t5_checkpoints[2, 3], tmp_path / "new" / "deep" / "bundle")
+    assert not (tmp_path / "new").exists()
     assert any(r.exc_info for r in caplog.records), "the full traceback should be in the debug log"
 
 
