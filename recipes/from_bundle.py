@@ -196,7 +196,7 @@ def check(model, bundle: Path, data: Path, count: int) -> dict:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.from_bundle", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the Hugging Face checkpoint (must not exist, or be empty)")
     parser.add_argument("--bundle", type=Path, help="the fp32 T5 corrector bundle (default: the shipped default corrector)")
     parser.add_argument("--check", type=Path, default=DEFAULT_CHECK, help="JSONL requests the tokens are compared on")

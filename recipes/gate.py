@@ -177,8 +177,8 @@ def _layers(text: str) -> int:
 @command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("build/gate"))
-    parser.add_argument("--steps", type=_steps, default=3000)
+    parser.add_argument("--out", type=Path, default=Path("build/gate"), help="(default: %(default)s)")
+    parser.add_argument("--steps", type=_steps, default=3000, help="training steps (default: %(default)s)")
     parser.add_argument("--layers", type=_layers, default=2,
                         help="transformer layers of the backbone kept (of 6): the gate must cost less than it saves")
     parser.add_argument("--reuse", action="store_true", help="export and measure the checkpoint already in OUT/hf")
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corrector", type=Path, help="the corrector behind the gate (default: the shipped one)")
     parser.add_argument("--tolerance", type=float, default=0.5,
                         help="exact-match points the gate may cost on dev (default: %(default)s)")
-    parser.add_argument("--dev", type=Path, default=SPLITS / "dev.jsonl")
-    parser.add_argument("--test", type=Path, default=SPLITS / "test.jsonl")
+    parser.add_argument("--dev", type=Path, default=SPLITS / "dev.jsonl", help="calibration data (default: the dev split)")
+    parser.add_argument("--test", type=Path, default=SPLITS / "test.jsonl", help="measured on (default: the test split)")
     args = parser.parse_args(argv)
     if not 0 <= args.tolerance < 100:
         raise InputError(f"--tolerance must be exact-match points from 0 to 100, got {args.tolerance}")

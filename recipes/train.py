@@ -636,11 +636,11 @@ def _share(text: str) -> float:
 @command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("build/default-corrector"))
-    parser.add_argument("--minutes", type=float, default=170.0, help="training time budget")
+    parser.add_argument("--out", type=Path, default=Path("build/default-corrector"), help="(default: %(default)s)")
+    parser.add_argument("--minutes", type=float, default=170.0, help="training time budget (default: %(default)s)")
     parser.add_argument("--restart", action="store_true",
                         help="train from the start instead of continuing OUT's checkpoint (the default)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: %(default)s)")
     parser.add_argument("--llm-share", type=float, default=0.4, help="share of examples with the real LLM's candidates")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this Hugging Face folder (an earlier run's hf/) instead of from scratch")

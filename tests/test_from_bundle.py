@@ -43,10 +43,10 @@ def test_what_it_cannot_rebuild_is_refused_by_name(bundles, requests_file, tmp_p
     assert "exists and is not an empty folder" in capsys.readouterr().err
     # A check file that is missing or not UTF-8: one line naming it, nothing written.
     (tmp_path / "latin1.jsonl").write_bytes(b'{"source": "caf\xe9", "candidates": ["a"]}\n')
-    for check, said in (("missing.jsonl", "No such file"), ("latin1.jsonl", "line 1: not valid UTF-8")):
-        assert main([str(tmp_path / "hf"), "--bundle", str(bundles["t5"]), "--check", str(tmp_path / check)]) == 2
+    for name, said in (("missing.jsonl", "No such file"), ("latin1.jsonl", "line 1: not valid UTF-8")):
+        assert main([str(tmp_path / "hf"), "--bundle", str(bundles["t5"]), "--check", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
-        assert f"{tmp_path / check}" in err and said in err and "Traceback" not in err
+        assert f"{tmp_path / name}" in err and said in err and "Traceback" not in err
         assert not (tmp_path / "hf").exists()
 
 

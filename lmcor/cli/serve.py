@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a causal-LM bundle for /v1/generate (repeatable)")
     parser.add_argument("--host", help=f"address to bind (default: {d.host}; another needs an API key or --insecure)")
     parser.add_argument("--port", type=options.non_negative_int, help=f"(default: {d.port}; 0: a free port, printed)")
-    parser.add_argument("--api-key", help=f"bearer token required on every route but /health (default: ${API_KEY_ENV})")
+    parser.add_argument("--api-key", help="bearer token required on every route but /health and the API's description "
+                        f"(/openapi.json, /docs, /redoc) (default: ${API_KEY_ENV})")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="serve a non-loopback host without an API key")
     parser.add_argument("--max-queue", type=options.positive_int,

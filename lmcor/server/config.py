@@ -28,8 +28,8 @@ class ServeConfig:
     name -> bundle. `max_queue` bounds the requests accepted and not yet answered (more: 429),
     `timeout_s` the time one may take (more: 504; a request may ask for less), `max_body_bytes` a
     request body (more: 413), `max_batch` the rows the corrector decodes at once (1: one request at a
-    time). `api_key`, when set, is required as a bearer token on every route but /health; binding a
-    host other than loopback needs one, or `insecure`."""
+    time). `api_key`, when set, is required as a bearer token on every route but /health and the API's
+    description (/openapi.json, /docs, /redoc); binding a host other than loopback needs one, or `insecure`."""
 
     model: str | None = None
     gate: str | None = None
