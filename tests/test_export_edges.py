@@ -82,7 +82,7 @@ def test_int8_export_of_deeper_decoder(t5_checkpoints, tmp_path):
 
 def _assert_one_line_and_nothing_written(error: ExportError, exports) -> None:
     assert "\n" not in str(error)
-    assert not any(exports.iterdir()), "a failed export left files behind"
+    assert not exports.exists() or not any(exports.iterdir()), "a failed export left files behind"
 
 
 def _truncate(path):
@@ -128,9 +128,7 @@ def test_failure_mid_export_leaves_nothing(t5_checkpoints, tmp_path, monkeypatch
     with pytest.raises(ExportError, match="building the step graph failed: RuntimeError: tracing failed$") as error:
         export_corrector(t5_checkpoints[2, 3], exports / "bundle")
     _assert_one_line_and_nothing_written(error.value, exports)  # the staging folder is gone too
-    with pytest.raises(ExportError):  # the folders it made for the bundle go too
-        export_corrector(t5_checkpoints[2, 3], tmp_path / "new" / "deep" / "bundle")
-    assert not (tmp_path / "new").exists()
+    assert not exports.exists()  # and so is the folder it made for the bundle
     assert any(r.exc_info for r in caplog.records), "the full traceback should be in the debug log"
 
 
