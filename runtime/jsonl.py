@@ -34,7 +34,8 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
     if first and text.startswith(_BOM):
         text = text[1:]
     try:
-        value = json.loads(text.rstrip("\r\n"))  # an error at the line's end is said at its column, not the next line's
+        # an error at the line's end is said at its column, not the next line's
+        value = json.loads(text.rstrip("\r\n"), object_pairs_hook=unique_keys)
     except RecursionError:
         raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as e:
@@ -46,6 +47,17 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
     except InputError as e:  # the line's id, where it can be written back, still names its record
         e.ident = value.get("id") if isinstance(value, dict) and _usable(value.get("id")) else None
         raise
+    return value
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are each given once (`json.loads`' `object_pairs_hook`): of two
+    `source` fields, Python keeps the last without a word."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise InputError(f"field {twice!r} appears twice in one object")
     return value
 
 

@@ -160,6 +160,18 @@ def test_resume_refuses_the_output_of_another_input(bundles, tmp_path, capsys):
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
     assert f"answers line 5 with the id 5, but that line of {source} has the id 'mine-4'" in capsys.readouterr().err
     assert out.read_text() == other
+    # refused, it leaves -o as it was (a torn last line too) and a killed run's file it read from, and
+    # names that file (the file's records went into -o, and the file was deleted)
+    out.write_text(other + '{"id": 6, "li')
+    orphan = tmp_path / ".out.jsonl.abcd1234.partial"
+    orphan.write_text("".join(json.dumps({"id": f"b{n}", "line": n, "output": "y", "truncated": False,
+                                          "input_tokens": 3, "output_tokens": 1}) + "\n" for n in range(1, 7)))
+    os.utime(orphan, (time.time() + 5, time.time() + 5))  # newer than -o: a later run's
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+    assert f"--resume: {orphan} (a killed run's, into -o {out}) answers line 6 with the id 'b6'" in capsys.readouterr().err
+    assert out.read_text() == other + '{"id": 6, "li' and orphan.is_file()
+    orphan.unlink()
+    out.write_text(other)
     # the same input's output, cut after its second record, resumes (ids of every kind, or none)
     source.write_text("".join(json.dumps({**r, "id": ident}) + "\n" for r, ident in zip(GOOD[:4], [7, None, "b", 1.5])))
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
@@ -582,3 +594,57 @@ def test_a_signal_while_resume_copies_the_output_leaves_no_temporary_file(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         Output(str(out), str(source), True, FIELDS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_a_field_given_twice_fails_its_line(bundles, tmp_path, capsys):
+    """Python keeps the last of two `source` fields without a word: the line is refused by name."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "source": "she go", "source": "x", "candidates": ["She goes."]}\n'
+                      + json.dumps(GOOD[0]) + "\n")
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-q", *DECODE]) == 1
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[0]["error"] == "field 'source' appears twice in one object" and "output" in records[1]
+
+
+def test_a_result_that_cannot_be_written_keeps_its_lines_id():
+    """Its error record names the line's id, which --resume compares (a null one refused the file)."""
+    from lmcor.cli.lines import Line, answer_chunk
+
+    (answer,) = answer_chunk([Line(3, 10, {"id": "x7", "text": "a"})], lambda value, number: value,
+                             lambda items: [0.5 for _ in items],
+                             lambda number, ident, result: {"id": ident, "line": number, "p": float("nan")})
+    assert json.loads(answer.text)["id"] == "x7" and answer.error
+
+
+def test_a_signal_while_a_batch_waits_for_more_lines_answers_those_taken_at_once(bundles, expected, tmp_path):
+    """A line taken, the batch waiting --max-wait-ms for more: the signal ends the wait (it waited the
+    whole of it, a signal handler's return resuming the queue's wait)."""
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "lmcor.cli", "correct", "--model", str(bundles["t5"]), "-",
+                                "-o", str(out), "--max-wait-ms", "60000", *DECODE],
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        process.stdin.write((json.dumps(GOOD[0]) + "\n").encode())
+        process.stdin.flush()
+        time.sleep(5)  # loaded, the line taken, the batch waiting
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 143
+        assert time.monotonic() - signalled < 10
+    finally:
+        process.kill()
+        process.stdin.close()
+    assert [r["output"] for r in _records(out)] == [expected[GOOD[0]["id"]]]
+
+
+def test_progress_ends_at_the_whole_input_and_rates_only_this_runs_lines():
+    """Blank lines are answered by no record: the bar ends at the input's size all the same (it stopped
+    short); bytes an earlier run answered are shown, not counted in this run's rate (its ETA was short)."""
+    from lmcor.cli.lines import Answer, _Progress
+
+    progress = _Progress(1000, "correcting", quiet=False)
+    progress.done([Answer(9, 100, "", None)], skipped_bytes=800)
+    assert (progress.bar.n, progress.bar.initial) == (900, 800)
+    progress.ended()
+    assert progress.bar.n == 1000
+    progress.bar.close()

@@ -96,6 +96,7 @@ BAD = [
     (b"{not json", 400, "not valid JSON"),
     (b'{"id": ' + b"9" * 5000 + b', "source": "x", "candidates": ["a"]}', 400, "a number with more than 4300 digits"),
     (b'{"source": NaN, "candidates": ["a"]}', 400, "NaN is not JSON"),
+    (b'{"source": "x", "candidates": ["a"], "source": "y"}', 400, "field 'source' appears twice"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested past Python's recursion limit
     # nested less than Python's limit, more than lmcor's records are (writing the id back would recurse)
     (b'{"id": ' + b"[" * 960 + b"]" * 960 + b', "source": "x", "candidates": ["a"]}', 400, "nested deeper than 32"),

@@ -1,8 +1,9 @@
 """The `lmcor` command line: one module per command, each imported only when it runs.
 
 Exit codes: 0 every line answered; 1 some lines got error records (every other line was still
-answered); 2 nothing could run (bad arguments, bundle or input file; one `lmcor: error:` line);
-130/143 stopped by SIGINT/SIGTERM after keeping everything finished (see `lines`).
+answered); 2 an error (one `lmcor: error:` line): bad arguments, bundle or input file before any line,
+or a failure during the run, which keeps the records finished; 130/143 stopped by SIGINT/SIGTERM after
+keeping everything finished (see `lines`); 141 the reader of stdout went away.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def _parser(chosen: str | None) -> tuple[argparse.ArgumentParser, argparse.Argum
     """The command line's parser, and the chosen command's."""
     parser = argparse.ArgumentParser(prog="lmcor", description="Serve small models that improve big ones.",
                                      epilog="exit codes: 0 all answered; 1 some lines failed (error records); "
-                                     "2 nothing could run; 130/143 interrupted (use --resume)")
+                                     "2 an error (records finished are kept: --resume); 130/143 interrupted (use --resume); "
+                                     "141 stdout's reader went away")
     parser.add_argument("--version", action="version", version=f"lmcor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what lmcor does")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -130,7 +130,7 @@ def _check_resumed_id(args: argparse.Namespace, output: Output, echo: str | None
     echoed = echo is not None and "error" not in output.last_record
     for field in ("id", echo) if echoed else ("id",):
         if value.get(field) != output.last_record.get(field):
-            raise NotResumable(f"--resume: -o {args.output} answers line {output.through} with the {field} "
+            raise NotResumable(f"--resume: {output.resumed_from} answers line {output.through} with the {field} "
                              f"{shown(output.last_record.get(field))}, but that line of {args.input} has the {field} "
                              f"{shown(value.get(field))}: it is another input's output (remove it, or run without "
                              "--resume)")
@@ -224,12 +224,10 @@ class _Reader:
         lines: list[Line] = []
         deadline = None
         while len(lines) < size and not self.ended:
-            if deadline is None:
-                if stopping():
-                    break
-                timeout = 0.1  # wake up now and then to notice a signal
-            else:
-                timeout = deadline - time.monotonic()
+            if stopping():  # the lines taken are answered; the wait for more ends
+                break
+            # Woken now and then to notice a signal: its handler returns, and a wait goes on after it.
+            timeout = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -323,6 +321,11 @@ class Output:
                 self._file.close()
                 self._temp.unlink()
                 raise
+
+    @property
+    def resumed_from(self) -> str:
+        """The file whose records --resume continues, as messages name it."""
+        return f"{self._orphan} (a killed run's, into -o {self.path})" if self._orphan else f"-o {self.path}"
 
     def _opened(self, open_it: Callable[[], Any]) -> Any:
         """`open_it()`, an OSError said of `-o` (not of the temporary file beside it)."""
@@ -460,9 +463,16 @@ class _Progress:
         """Count the lines of `answers`, and once the bytes of the lines a resumed run skipped (the ETA
         is for the rest)."""
         if self.by_bytes and skipped_bytes and not self._skipped:
-            self.bar.update(skipped_bytes)
+            # done before this run: shown, but no part of its rate
+            self.bar.initial = self.bar.n = self.bar.last_print_n = skipped_bytes
+            self.bar.refresh()
             self._skipped = True
         self.bar.update(sum(a.size for a in answers) if self.by_bytes else len(answers))
+
+    def ended(self) -> None:
+        """The whole input read: its blank lines, which no answer counts, too."""
+        if self.by_bytes and self.bar.total and self.bar.n < self.bar.total:
+            self.bar.update(self.bar.total - self.bar.n)
 
 
 @dataclass(frozen=True)
@@ -520,7 +530,7 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, field
     temporary file renamed at the end, `--resume`, signals, the exit code."""
     output = Output(args.output, args.input, args.resume, fields)
     failed = output.kept_errors
-    finished = False
+    finished = refused = False
     try:
         size = regular_file_size(args.input)
         if output.records and size is not None:
@@ -532,6 +542,8 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, field
                 for answers, skipped_bytes in answered(output.through, stopping):
                     failed += _write(answers, output)
                     progress.done(answers, skipped_bytes)
+                if not stopping():
+                    progress.ended()
             except KeyboardInterrupt:
                 pass  # a second signal: the batch in flight is dropped
             finally:
@@ -542,13 +554,14 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, field
                 return _interrupted(output, signals.received or signal.SIGINT)
     except KeyboardInterrupt:  # a signal before the handlers were installed, or outside main()'s thread
         return _interrupted(output, signal.SIGINT)
-    except LmcorError as e:
-        if output.records and output.path and not isinstance(e, NotResumable):
+    except Exception as e:  # lmcor's errors, and what it did not foresee (an ONNX Runtime failure)
+        refused = isinstance(e, NotResumable)
+        if output.records and output.path and not refused:
             say(f"lmcor: {output.records} record(s) kept in {output.path} (input lines up to {output.through}); "
                 "after fixing the error below, --resume answers the rest")
         raise
-    finally:
-        output.close(keep=finished or output.records > 0)
+    finally:  # a refused --resume leaves -o, and the killed run's file it read, as they were
+        output.close(keep=not refused and (finished or output.records > 0))
     if failed:
         say(f"lmcor: {failed} line(s) could not be answered; see their error records")
         return EXIT_BAD_LINES
@@ -577,9 +590,9 @@ def answer_chunk(lines: list[Line], convert: Callable, run: Callable, record: Ca
         try:
             text = dump_record(error_record(line.number, ident, result) if isinstance(result, InputError)
                                else record(line.number, ident, result))
-        except InputError as e:
+        except InputError as e:  # the result cannot be written (a number that is not finite): its line's id can
             result = e
-            text = dump_record(error_record(line.number, None, e))
+            text = dump_record(error_record(line.number, ident, e))
         out.append(Answer(line.number, line.size, text, str(result) if isinstance(result, InputError) else None))
     return out
 

@@ -46,7 +46,7 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation
-from lmcor.runtime.jsonl import check_body, json_kind, json_number_error
+from lmcor.runtime.jsonl import check_body, json_kind, json_number_error, unique_keys
 from lmcor.runtime.options import (
     MAX_BEAMS,
     MAX_LENGTH_PENALTY,
@@ -215,8 +215,10 @@ async def _json_body(request: Request, limit: int, seconds: float) -> Any:
     except ClientDisconnect:
         raise Refused(400, "disconnected", "the client closed the connection before its body ended") from None
     try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_no_constant)  # JSON on the wire is UTF-8
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
+        value = json.loads(body.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=unique_keys)
+    except InputError as e:  # a key given twice
+        raise Refused(400, "bad_json", f"the body is not one of lmcor's requests: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON (UTF-8 on the wire), NaN, a number past the digit limit, deep nesting  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
         why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
         raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
     try:
