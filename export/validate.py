@@ -7,6 +7,7 @@ drafted decoding relies on), and greedy tokens identical to `generate`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,9 @@ def validate_corrector(
     if not exact:
         return _Measured(len(usable), worst, None, agreeing / len(usable), max_abs_logit=worst_ref)
     tolerance = atol + rtol * worst_ref
+    if not math.isfinite(worst):  # no rounding explains a logit that is no number
+        raise ExportError("validation failed: the bundle gives logits that are not finite numbers (NaN or infinite) "
+                          "where PyTorch's are")
     if worst > tolerance:
         if not own_rounding:
             raise ExportError(f"validation failed: max |logit diff| {worst:.3g} exceeds the tolerance {tolerance:.3g}")
@@ -157,7 +161,7 @@ def logit_difference(expected: np.ndarray, got: np.ndarray) -> float:
     differs: NaN from an overflow then fails every tolerance (`max` and `>` let it pass every one)."""
     diff = np.abs(expected.astype(np.float64) - got.astype(np.float64))
     diff[expected == got] = 0.0  # equal infinities
-    return float(np.nan_to_num(diff, nan=np.inf).max())
+    return float(np.nan_to_num(diff, nan=np.inf, posinf=np.inf).max())
 
 
 def _own_rounding(model, compared: list) -> tuple[float, float]:

@@ -359,11 +359,15 @@ def _clear(out: Path) -> None:
 
 
 def _check_device(device: str) -> None:
-    if device == "cuda":
-        import torch
+    """A device PyTorch can train on here: refused before any work, not after it."""
+    import torch
 
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: this PyTorch sees no CUDA device (torch.cuda.is_available() is False)")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a PyTorch device (cpu, cuda, cuda:1...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this PyTorch sees no CUDA device (torch.cuda.is_available() is False)")
 
 
 def _check_init(init: Path) -> None:

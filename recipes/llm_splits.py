@@ -106,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     writer = None  # the LLM, loaded and its options checked once, before any file is written
     for name, pairs in (("outside", split_pairs("outside")), ("dev", split_pairs("dev")), ("train", train_pairs(args.train))):
         out = args.cache / name
-        out.mkdir(parents=True, exist_ok=True)
-        read_from = SPLITS / f"{name}.jsonl"
-        if name == "train":  # drawn from the corpus: written out, so that a source the LLM fails on is named by its line
-            read_from = out / "pairs.jsonl"
-            write(read_from, ({"source": p.source, "target": p.target} for p in pairs))
+        # drawn from the corpus, the training pairs are written out: a source the LLM fails on is named by its line
+        read_from = out / "pairs.jsonl" if name == "train" else SPLITS / f"{name}.jsonl"
         job = corrector.Job(pairs=read_from, out=out, llm=args.llm, batch_size=args.batch_size)
         writer = writer or corrector.candidate_writer(job)
+        out.mkdir(parents=True, exist_ok=True)
+        if name == "train":
+            write(read_from, ({"source": p.source, "target": p.target} for p in pairs))
         _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl", corrector._made_by(job))
         write(SPLITS / f"llm-{name}.jsonl", _split(corrector.llm_candidates(job, pairs, writer)))
         log.info("wrote %s", SPLITS / f"llm-{name}.jsonl")

@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=170.0, help="training time budget (default: %(default)s)")
     parser.add_argument("--restart", action="store_true",
                         help="train from the start instead of continuing OUT's checkpoint (the default)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="PyTorch's device: cpu, cuda, cuda:1... (default: %(default)s)")
     parser.add_argument("--llm-share", type=float, default=0.4, help="share of examples with the real LLM's candidates")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this Hugging Face folder (an earlier run's hf/) instead of from scratch")

@@ -61,10 +61,16 @@ class Submitted(Future):
     static batch once all of its requests are withdrawn), and the future then holds what it had written."""
 
     withdrawn = False
+    notified = False  # cancelled, and `wait` and `as_completed` told so
 
     def cancel(self) -> bool:
         self.withdrawn = True
         return super().cancel()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        running = super().set_running_or_notify_cancel()
+        self.notified = not running
+        return running
 
 
 class Engine:
@@ -430,15 +436,19 @@ def _gate(gate: Classifier, threshold: float | None, requests: list[Request]) ->
             else None for r, p in zip(requests, probabilities)]
 
 
-def _settle(future: Future, result: Correction | None = None, error: BaseException | None = None) -> None:
+def _settle(future: Submitted, result: Correction | None = None, error: BaseException | None = None) -> None:
     """Give a future its outcome, unless its caller has cancelled it. One answered before the scheduler
     took it (a bad request, the gate, a failure) is taken here: cancelled meanwhile, it is marked so
     that `wait` and `as_completed` count it done. Its done-callbacks run here, in the engine's thread:
     one that raises (even SystemExit) is logged, and the engine goes on."""
-    if future.done() and not future.cancelled():  # answered already (a batch that failed after some were)
+    if future.cancelled():  # marked once (a second time raises), so that wait() and as_completed() count it
+        if not future.notified:
+            future.set_running_or_notify_cancel()
+        return
+    if future.done():  # answered already (a batch that failed after some were)
         return
     try:
-        if not (future.running() or future.set_running_or_notify_cancel()):
+        if not (future.running() or future.set_running_or_notify_cancel()):  # cancelled just now
             return
         if error is not None:
             future.set_exception(error)

@@ -2,6 +2,7 @@
 decoder calls (a short one never waits for a long one), keep drafts exact, count their own stats,
 and every future is answered: by a result, its own error, or a cancellation."""
 
+import logging
 import sys
 import threading
 import time
@@ -422,7 +423,7 @@ def test_a_merged_decoder_lets_a_withdrawn_request_go_at_the_next_step(bundles):
         _wait_until_decoding(engine, 0)
         assert not future.cancel()
         result = future.result(timeout=RESULT_TIMEOUT)
-    assert len(result.token_ids) < corrector.manifest.max_output_tokens // 2  # it ran to its end (forced EOS)
+    assert len(result.token_ids) < corrector.manifest.max_output_tokens // 2  # not to its end (forced EOS)
 
 
 def test_a_withdrawn_request_is_answered_when_a_cancelled_beam_search_is_next(bundles):
@@ -464,3 +465,32 @@ def test_a_request_cancelled_before_its_answer_counts_as_done_for_wait(bundles):
         engine.submit(long, forced, on_tokens=heard).result(timeout=RESULT_TIMEOUT)
         done, _ = wait([cancelled["bad"]], timeout=RESULT_TIMEOUT)
     assert done == {cancelled["bad"]}
+
+
+def test_a_cancelled_request_answered_twice_is_marked_once(bundles, monkeypatch, caplog):
+    """A cancelled bad request answered in `_prepare`, then again when tokenizing its batch fails:
+    marked notified once (a second time, concurrent.futures logged CRITICAL and raised)."""
+    from lmcor.runtime import engine as engine_module
+
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    real, futures = engine_module.encode_requests, {}
+
+    def failing(*args, **kwargs):
+        if futures:  # the arrivals after the first request
+            raise RuntimeError("the tokenizer failed")
+        return real(*args, **kwargs)
+
+    def heard(tokens):
+        if not futures:
+            futures["bad"] = engine.submit({"source": "the cat"})  # no candidates
+            futures["bad"].cancel()
+            futures["good"] = engine.submit(long, forced)
+
+    monkeypatch.setattr(engine_module, "encode_requests", failing)
+    with caplog.at_level("WARNING"), _engine(corrector) as engine:
+        engine.submit(long, forced, on_tokens=heard).result(timeout=RESULT_TIMEOUT)
+        with pytest.raises(RuntimeError, match="the tokenizer failed"):
+            futures["good"].result(timeout=RESULT_TIMEOUT)
+    assert futures["bad"].cancelled()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -421,9 +421,10 @@ class LmcorReplica:
 def application(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None = None) -> serve.Application:
     """The Serve application of `config`: `replicas` replicas, or autoscaling from `replicas` to
     `max_replicas` (aiming at `config.max_batch` requests in flight per replica). Each replica has
-    `config.threads` ONNX Runtime threads (default: this machine's cores shared out) and as many Ray
+    `config.threads` ONNX Runtime threads (default: the cluster's CPUs shared out) and as many Ray
     CPUs; it takes up to `config.max_queue` requests at once, past which it answers 429 itself, and
-    Serve holds at most as many more waiting for a replica (429 with Retry-After past them)."""
+    each of Serve's proxies (one a node) holds at most as many more waiting for a replica (429 with
+    Retry-After past them)."""
     check_int("replicas", replicas, 1)
     if max_replicas is not None:
         check_int("max_replicas", max_replicas, 1)
@@ -488,8 +489,11 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
     """`config` served by Ray Serve on its host and port (0: a free one) until exit; yields the URL
     once every replica has loaded its models. On exit the replicas answer what they took, then
     stop, and Serve stops too if it was started here (where Serve already runs, its proxies keep
-    their own host and port)."""
+    their own host and port). Left by a KeyboardInterrupt (a second signal), Serve is not drained."""
+    # A cluster of this machine alone: its proxy binds here, where the port can be checked first.
+    here = not (address or os.environ.get("RAY_ADDRESS"))
     with cluster(address):
+        here = here and not ray.util.client.ray.is_connected()
         config = dataclasses.replace(config, threads=config.threads or default_threads(max_replicas or replicas))
         _check_cpus(replicas, config.threads, "replicas")
         try:
@@ -497,7 +501,7 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
             started_here = False
         except ValueError:
             started_here = True
-        if started_here and config.port:
+        if started_here and here and config.port:
             _check_port(config.host, config.port)  # Serve would say only that its proxy failed
         serve.start(http_options={"host": config.host, "port": config.port or _free_port(config.host)})
         try:
@@ -514,6 +518,9 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
                 yield f"http://{host}:{_serve_port(config.port)}"
             finally:
                 serve.delete(APP_NAME)  # waits for the replicas to answer what they took
+        except KeyboardInterrupt:  # stopped at once: Serve's shutdown would wait for its replicas again
+            started_here = False
+            raise
         finally:
             if started_here:
                 serve.shutdown()
