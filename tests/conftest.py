@@ -6,8 +6,11 @@ and BART. Bundles are exported once per session through the real exporter.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU through the interpreter
+# The API fuzz's Hypothesis keeps its files out of the repository's folder.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "lmcor-tests-hypothesis"))
 
 import random
 from pathlib import Path

@@ -11,6 +11,16 @@ LMCOR_FIELDS = {"encoder_ms", "decoder_step_ms", "decoder_calls_per_token", "enc
                 "decode_gflops", "decode_vs_peak", "decode_weight_gbps", "decode_vs_copy_bandwidth"}
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """`bench --threads 1` sets PyTorch's threads for the process: the tests after these keep theirs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["bench", "--shape", "tiny", "--backends", "lmcor,transformers", "--requests", "2", "--rounds", "1",

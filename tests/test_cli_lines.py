@@ -626,7 +626,11 @@ def test_a_signal_while_a_batch_waits_for_more_lines_answers_those_taken_at_once
     try:
         process.stdin.write((json.dumps(GOOD[0]) + "\n").encode())
         process.stdin.flush()
-        time.sleep(5)  # loaded, the line taken, the batch waiting
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.jsonl.*.partial")):  # -o opened: the model loaded, the handlers next
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.5)  # the line taken, the batch waiting
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 143

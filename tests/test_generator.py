@@ -385,7 +385,8 @@ def test_the_default_prompt_rotates_examples_no_variant_shares():
     assert len(shown) > 1 and all(shown) and sum(map(len, shown)) == len(set().union(*shown)) == len(EXAMPLES)
     sources = [f"sentence number {n}" for n in range(60)]
     assert {few_shot.variant(s) for s in sources} == set(range(len(few_shot.heads)))
-    assert all(few_shot.variant(s) == few_shot.variant(s) for s in sources)
+    # the same in every process (resumed candidates rely on it): pinned, not compared with itself
+    assert [few_shot.variant(s) for s in sources[:8]] == [1, 2, 2, 1, 0, 0, 2, 2]
 
 
 def test_candidates_are_the_same_in_any_batch_and_after_resume(bundle, tmp_path, capsys):

@@ -520,6 +520,7 @@ def test_bench_serve_smoke(bundles, tmp_path, capsys):
                  "--clients", "1,4", "--requests", "8", "--threads", "1", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "serve.json").read_text())
+    assert len(report["servers"]) == 2
     for server in report["servers"].values():
         assert server["exit_code"] == 0
         for run in server["clients"].values():
