@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from lmcor.cli import options
 from lmcor.runtime.classifier import gate_input, right_probabilities
 from lmcor.runtime.errors import ExportError, InputError
 
@@ -160,26 +161,13 @@ def _usable(corrector, path: Path) -> list:
     return items
 
 
-def _steps(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _layers(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= BACKBONE_LAYERS:
-        raise argparse.ArgumentTypeError(f"the backbone has {BACKBONE_LAYERS} layers: from 1 to {BACKBONE_LAYERS}, got {value}")
-    return value
-
-
 @command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/gate"), help="(default: %(default)s)")
-    parser.add_argument("--steps", type=_steps, default=3000, help="training steps (default: %(default)s)")
-    parser.add_argument("--layers", type=_layers, default=2,
+    parser.add_argument("--steps", type=options.positive_int, default=3000, help="training steps (default: %(default)s)")
+    parser.add_argument("--layers", type=options.int_range(1, f"from 1 to {BACKBONE_LAYERS} (the backbone's layers)",
+                                                           BACKBONE_LAYERS), default=2,
                         help="transformer layers of the backbone kept (of 6): the gate must cost less than it saves")
     parser.add_argument("--reuse", action="store_true", help="export and measure the checkpoint already in OUT/hf")
     parser.add_argument("--recalibrate", type=Path, metavar="GATE_BUNDLE",

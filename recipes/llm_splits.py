@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from lmcor.cli import options
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.jsonl import dump_record, parse_line
 
@@ -87,19 +88,12 @@ def _seed_cache(cache: Path, split: Path, made_by: str) -> None:
     write(cache, rows)
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 @command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.llm_splits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", type=Path, required=True, help="the causal-LM bundle (recipes.smollm2)")
     parser.add_argument("--cache", type=Path, default=Path("build/llm-splits"), help="candidates kept here (resumable)")
-    parser.add_argument("--train", type=_count, default=4000, help="training sentences (default: %(default)s)")
+    parser.add_argument("--train", type=options.positive_int, default=4000, help="training sentences (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -321,13 +321,21 @@ def worker_error(error: BaseException) -> LmcorError:
         if type(inner).__module__.split(".")[0] == "lmcor" and isinstance(inner, LmcorError):
             return inner
         inner = getattr(inner, "cause", None) or inner.__cause__
-    text = _ANSI.sub("", "\n".join(str(part) for part in (error, getattr(error, "error_msg", "")) if part))
+    kind, message = _said("\n".join(str(part) for part in (error, getattr(error, "error_msg", "")) if part))
+    if kind is not None:
+        return getattr(errors, kind, LmcorError)(message)
+    return LmcorError(f"a Ray worker failed: {type(error).__name__}" + (f": {message}" if message else ""))
+
+
+def _said(text: str) -> tuple[str | None, str]:
+    """What a Ray message's text says: the last lmcor error in it (its kind and message), else (None,
+    its last line), without terminal colours."""
+    text = _ANSI.sub("", text)
     said = _LMCOR_ERROR.findall(text)
     if said:
-        kind, message = said[-1]
-        return getattr(errors, kind, LmcorError)(message)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return LmcorError(f"a Ray worker failed: {type(error).__name__}" + (f": {lines[-1].strip()}" if lines else ""))
+        return said[-1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return None, lines[-1] if lines else ""
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -542,12 +550,7 @@ def _failure(error: RuntimeError) -> str:
         said = [d.message for d in app.deployments.values() if d.message] if app else []
     except Exception:  # noqa: BLE001 - Serve's status is a nicety here
         said = []
-    text = _ANSI.sub("", "\n".join(said) or str(error))
-    lmcor_said = _LMCOR_ERROR.findall(text)
-    if lmcor_said:
-        return lmcor_said[-1][1]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return _said("\n".join(said) or str(error))[1] or type(error).__name__
 
 
 def serve_forever(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None = None,
