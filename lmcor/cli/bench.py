@@ -83,11 +83,12 @@ DEFAULTED_ONLY = {"--prefix-tokens": "--shared-prefix"}
 NOT_READ = {"--shared-prefix": ("--data",), "--serve": ("--rounds",)}
 
 
-def _given(args: argparse.Namespace, flags: tuple[str, ...] | list[str]) -> list[str]:
-    """The `flags` set to other values than their defaults."""
+def _given(args: argparse.Namespace) -> list[str]:
+    """The flags of `PEER_ONLY`, `DEFAULTED_ONLY` and `NOT_READ` set to other values than their defaults."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     defaults = parser.parse_args([])
+    flags = dict.fromkeys([*PEER_ONLY, *DEFAULTED_ONLY, *(f for read in NOT_READ.values() for f in read)])
     return [f for f in flags if getattr(args, f[2:].replace("-", "_")) != getattr(defaults, f[2:].replace("-", "_"))]
 
 
@@ -100,13 +101,16 @@ def _check(args: argparse.Namespace) -> None:
     for flag, (name, mode) in ONLY.items():
         if getattr(args, name) is not None and mode not in modes:
             raise InputError(f"{flag} goes with {mode}")
-    for flag in _given(args, list(DEFAULTED_ONLY)):
-        if DEFAULTED_ONLY[flag] not in modes:
+    given = _given(args)
+    for flag in given:
+        if flag in DEFAULTED_ONLY and DEFAULTED_ONLY[flag] not in modes:
             raise InputError(f"{flag} goes with {DEFAULTED_ONLY[flag]}")
     if modes:
-        for flag in _given(args, PEER_ONLY) + _given(args, NOT_READ.get(modes[0], ())):
-            raise InputError(f"{flag} goes with the peer comparison (no mode flag), not {modes[0]}"
-                             if flag in PEER_ONLY else f"{modes[0]} does not read {flag}")
+        for flag in given:
+            if flag in PEER_ONLY:
+                raise InputError(f"{flag} goes with the peer comparison (no mode flag), not {modes[0]}")
+            if flag in NOT_READ.get(modes[0], ()):
+                raise InputError(f"{modes[0]} does not read {flag}")
     elif args.data and not Path(args.data).is_file():
         raise InputError(f"--data {args.data}: no such file (JSONL correction requests)")
     if args.bundle and not modes:
