@@ -243,7 +243,10 @@ def test_an_api_key_guards_every_route_but_health_and_the_api_description(bundle
     request = make_requests(1, seed=2)[0]
     with running(ServeConfig(model=str(bundles[ARCH]), port=0, api_key=KEY)) as s, \
             httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
-        assert c.get("/health").status_code == 200
+        health = c.get("/health")
+        assert health.status_code == 200 and health.json()["models"] is None  # the bundles' paths are the machine's
+        assert c.get("/health", headers={"Authorization": f"Bearer {KEY}"}).json()["models"]["corrector"] == \
+            str(bundles[ARCH])
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             for method, path in (("POST", "/v1/correct"), ("GET", "/metrics"), ("GET", "/nowhere")):
                 answer = c.request(method, path, json=request, headers=headers)
@@ -272,6 +275,8 @@ def test_a_body_that_stops_arriving_gets_408_and_does_not_hold_the_drain(bundles
             answer = sock.recv(65536).decode()
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
         assert s.state.in_flight == 0
+        with httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:  # a slow client, not a slow server (504's "timeout")
+            assert _metrics(c)[("lmcor_errors_total", (("kind", "body_timeout"),))] == 1
 
 
 def test_a_stopped_engine_fails_requests_at_once_and_health_says_failed(bundles, monkeypatch):
@@ -457,6 +462,20 @@ def test_what_loading_would_refuse_is_refused_before_the_server_listens(capsys, 
     assert says in said.err and "listening" not in said.out
 
 
+def test_a_bundle_or_provider_a_config_file_names_is_said_with_the_file_and_key(tmp_path, capsys):
+    from lmcor.cli import main
+
+    config = tmp_path / "serve.json"
+    for text, says in (('{"providers": ["NopeProvider"]}', f"{config}: providers: 'NopeProvider' is not"),
+                       ('{"classifiers": {"a": "nowhere"}}', f"{config}: classifiers.a: {tmp_path / 'nowhere'}: no such")):
+        config.write_text(text)
+        assert main(["serve", "--port", "0", "--config", str(config)]) == 2
+        assert says in capsys.readouterr().err
+    # a flag's value overrides the file's: the file is not named
+    assert main(["serve", "--port", "0", "--config", str(config), "--classifier", "a=elsewhere"]) == 2
+    assert capsys.readouterr().err.startswith("lmcor: error: classifiers.a: elsewhere: no such")
+
+
 def test_providers_this_machine_lacks_may_serve_on_a_ray_cluster():
     """Where the models load here, a provider this ONNX Runtime build lacks is refused before the
     server listens; for Ray's replicas, whose machines may have it, only its name is checked."""
@@ -529,6 +548,31 @@ def test_bench_serve_smoke(bundles, tmp_path, capsys):
     assert {"single_client_latency_vs_in_process"} <= set(report["ratios"])
     assert (out / "serve.png").stat().st_size > 1000
     assert "same as offline" in capsys.readouterr().out
+
+
+def test_a_model_failure_mid_stream_is_an_error_event_and_the_stream_ends(bundles, monkeypatch):
+    """The headers are sent: each request still gets its one answer, an `error` event (kind
+    "internal"), and `done` ends the stream, which a client can tell from a dropped connection."""
+    from lmcor.runtime import scheduler
+
+    step, calls = scheduler.Scheduler.step, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 3:
+            raise RuntimeError("out of memory today")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler.Scheduler, "step", failing)
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+        streamed = c.post("/v1/correct", json=[{**_slow(bundles[ARCH], n), "stream": True} for n in range(2)])
+        events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+                  for block in streamed.text.strip().split("\n\n")]
+        errors = [data for name, data in events if name == "error"]
+        assert streamed.status_code == 200 and events[-1][0] == "done"
+        assert sorted(e["index"] for e in errors) == [0, 1] and {e["kind"] for e in errors} == {"internal"}
+        assert all("out of memory today" in e["message"] for e in errors)
 
 
 def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from lmcor.runtime.errors import InputError
+from lmcor.runtime.errors import InputError, LmcorError
 
 from . import options
 
@@ -75,6 +75,12 @@ def config(args: argparse.Namespace):
     """The `ServeConfig` of the flags given, over `--config`'s file, over the defaults."""
     from lmcor.server.config import ServeConfig
 
+    given = _given(args)
+    return ServeConfig.read(args.config, **given) if args.config else ServeConfig(**given)
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The settings the flags (and $LMCOR_API_KEY) give, by the config file's keys."""
     if args.api_key is None and os.environ.get(API_KEY_ENV) == "":
         raise InputError(f"{API_KEY_ENV} is set but empty: give a secret, or unset it")
     given = {
@@ -86,8 +92,7 @@ def config(args: argparse.Namespace):
         "classifiers": _by_name("--classifier", args.classifier),
         "generators": _by_name("--generator", args.generator),
     }
-    given = {name: value for name, value in given.items() if value is not None}
-    return ServeConfig.read(args.config, **given) if args.config else ServeConfig(**given)
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +119,12 @@ def _run(args: argparse.Namespace) -> int:
     settings = config(args)
     from lmcor.server.models import Models
 
-    Models.check(settings, here=not args.ray)
+    try:
+        Models.check(settings, here=not args.ray)
+    except LmcorError as e:  # a bundle or provider the config file names (not a flag's) is said to be the file's
+        if args.config and e.key.partition(".")[0] not in _given(args):
+            raise type(e)(f"{args.config}: {e}") from None
+        raise
     runner.log_to_stderr()
     announce = lambda url: print(f"lmcor serve: listening on {url}", flush=True, file=sys.stdout)  # noqa: E731
     if args.ray:

@@ -210,7 +210,7 @@ async def _json_body(request: Request, limit: int, seconds: float) -> Any:
     try:
         body = await asyncio.wait_for(_body(request, limit), seconds)
     except asyncio.TimeoutError:
-        raise Refused(408, "timeout", f"the body did not arrive within {seconds:g} s (--timeout-s)",
+        raise Refused(408, "body_timeout", f"the body did not arrive within {seconds:g} s (--timeout-s)",
                       {"Connection": "close"}) from None
     except ClientDisconnect:
         raise Refused(400, "disconnected", "the client closed the connection before its body ended") from None
@@ -218,7 +218,7 @@ async def _json_body(request: Request, limit: int, seconds: float) -> Any:
         value = json.loads(body.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=unique_keys)
     except InputError as e:  # a key given twice
         raise Refused(400, "bad_json", f"the body is not one of lmcor's requests: {e}") from None
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON (UTF-8 on the wire), NaN, a number past the digit limit, deep nesting  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
         why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
         raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
     try:
@@ -472,6 +472,9 @@ async def _stream(state: ServerState, futures: list[Future], timeouts: list[floa
                     result = task.result()
                 except Refused as e:
                     result = e
+                except Exception as e:  # the models' failure: the headers are sent, so an error event, not a 500
+                    log.error("internal error in a stream", exc_info=e)
+                    result = Refused(500, "internal", f"{type(e).__name__}: {e}", index=index[task])
                 if tokens is not None:
                     if not isinstance(result, Refused):
                         for event in tokens.rest(index[task]):
@@ -785,13 +788,15 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     # One route for GET and HEAD (load balancers probe with HEAD), so that a 405 allows both.
     @app.api_route("/health", methods=["GET", "HEAD"], responses={503: {"description": "loading, draining, or failed to load"}})
-    async def health() -> Response:
-        """Live whenever it answers; ready (200) once its bundles are loaded and until it drains."""
+    async def health(request: Request) -> Response:
+        """Live whenever it answers; ready (200) once its bundles are loaded and until it drains. The
+        bundles' paths are this machine's: with an API key, only a caller that sends it reads them."""
         status = state.status
         models = state.models
+        shown = models is not None and (config.api_key is None or _has_key(request.scope, config.api_key.encode()))
         return _JSON({"status": status, "live": True, "ready": status == "ready",
-                             "models": None if models is None else models.describe()},
-                            status_code=200 if status == "ready" else 503)
+                      "models": models.describe() if shown else None},
+                     status_code=200 if status == "ready" else 503)
 
     @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse,
                    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -874,7 +879,7 @@ class _Guard:
         state = self.state
         if path in PUBLIC:
             return None
-        if self.key is not None and not self._authorized(scope):
+        if self.key is not None and not _has_key(scope, self.key):
             return _error(state, 401, "unauthorized", "this server needs its API key: Authorization: Bearer KEY",
                           {"WWW-Authenticate": "Bearer"})
         if not path.startswith("/v1/"):
@@ -886,9 +891,11 @@ class _Guard:
             return _error(state, 503, "loading", "the server is loading its models", {"Retry-After": "1"})
         return None
 
-    def _authorized(self, scope: dict) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
-        return False
+
+def _has_key(scope: dict, key: bytes) -> bool:
+    """Whether the request sends `key` as its bearer token."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+    return False

@@ -141,17 +141,26 @@ class Models:
         """Read each bundle's manifest, of its kind, and check the providers (available in this ONNX
         Runtime build where the models load `here`; else, as a Ray cluster's machines may have others,
         known names): a wrong path or provider fails before the server listens (its models load
-        after, while /health says "loading")."""
+        after, while /health says "loading"). A failure is an `LmcorError` whose message starts with
+        the setting's key (`classifiers.NAME: ...`), which it also carries as `key`."""
+        checks: list[tuple[str, Callable[[], Any]]] = [
+            ("model", lambda: load_manifest(config.model if config.model is not None else shipped_bundle("default"),
+                                            verify=False, kind="corrector"))]
         if config.providers is not None:
-            (usable_providers if here else known_providers)(config.providers)
-        load_manifest(config.model if config.model is not None else shipped_bundle("default"), verify=False,
-                      kind="corrector")
+            checks.insert(0, ("providers", lambda: (usable_providers if here else known_providers)(config.providers)))
         if config.gate is not None:
-            check_gate_bundle(config.gate or shipped_bundle("gate"))
-        for path in config.classifiers.values():
-            load_manifest(path, verify=False, kind="classifier")
-        for path in config.generators.values():
-            load_manifest(path, verify=False, kind="causal-lm")
+            checks.append(("gate", lambda: check_gate_bundle(config.gate or shipped_bundle("gate"))))
+        checks += [(f"classifiers.{name}", lambda path=path: load_manifest(path, verify=False, kind="classifier"))
+                   for name, path in config.classifiers.items()]
+        checks += [(f"generators.{name}", lambda path=path: load_manifest(path, verify=False, kind="causal-lm"))
+                   for name, path in config.generators.items()]
+        for key, check in checks:
+            try:
+                check()
+            except LmcorError as e:
+                error = type(e)(f"{key}: {e}")
+                error.key = key  # type: ignore[attr-defined]
+                raise error from None
 
     @classmethod
     def load(cls, config: ServeConfig) -> Models:
