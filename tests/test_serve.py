@@ -295,6 +295,34 @@ def test_a_stopped_engine_fails_requests_at_once_and_health_says_failed(bundles,
         assert s.state.status == "failed"
 
 
+def test_a_stopped_engine_lets_the_other_models_answer_what_they_took(bundles, gpt2_bundle, monkeypatch):
+    """The server goes once what is in flight is answered: a generation taken before the engine
+    stopped gets its answer (uvicorn's shutdown cut it after a second)."""
+    from lmcor.runtime import engine as engine_module
+    from lmcor.server import models
+
+    def no_scheduler(*args, **kwargs):
+        raise RuntimeError("no scheduler today")
+
+    generate, started = models._generate, threading.Event()
+
+    def slow_generate(*args):
+        started.set()
+        time.sleep(3)
+        return generate(*args)
+
+    monkeypatch.setattr(engine_module, "Scheduler", no_scheduler)
+    monkeypatch.setattr(models, "_generate", slow_generate)
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, generators={"tiny": str(gpt2_bundle)})) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c, ThreadPoolExecutor(1) as pool:
+        generated = pool.submit(c.post, "/v1/generate", json={"prompt": "The cat", "max_new_tokens": 4})
+        assert started.wait(TIMEOUT)
+        assert c.post("/v1/correct", json=make_requests(1, seed=2)[0]).status_code == 500
+        time.sleep(0.5)  # the server saw its engine stop
+        assert c.post("/v1/generate", json={"prompt": "The cat"}).status_code == 503  # takes nothing new
+        assert generated.result().status_code == 200
+
+
 def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bundles, monkeypatch):
     from lmcor.runtime import scheduler
 

@@ -72,9 +72,11 @@ class _Server(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         state = self.state
+        if state.broken is not None:  # its bundles failed to load, or the corrector's engine stopped: it goes,
+            state.drain()             # once the other models have answered what they took
         if state.draining and self._drain_deadline is None:
             self._drain_deadline = time.monotonic() + state.config.timeout_s + DRAIN_GRACE_S
-        if state.broken is not None or (state.draining and state.in_flight == 0):
+        if state.draining and state.in_flight == 0:
             self.should_exit = True
         elif self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
             log.warning("drain cut short: answers not taken in time", extra={"fields": {"in_flight": state.in_flight}})
