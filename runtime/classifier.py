@@ -21,7 +21,7 @@ from .bundle import Manifest, bundle_path, load_manifest
 from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tokenizer
 from .errors import BundleError, InputError
 from .jsonl import json_kind
-from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text
+from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text, check_words
 from .sessions import check_graphs, open_session, run
 
 log = logging.getLogger("lmcor")
@@ -70,11 +70,7 @@ def as_texts(item: Any) -> tuple[str, str | None, Any]:
         (text, pair), ident = item, None
     else:
         raise InputError(f"expected a text, a (text, pair) pair or an object with 'text', got {json_kind(item)}")
-    if not isinstance(text, str):
-        raise InputError(f"field 'text' must be a non-empty string, got {json_kind(text)}")
-    if not text.strip():
-        raise InputError(f"field 'text' must be a non-empty string, got {'only white space' if text else 'an empty one'}")
-    check_text("field 'text'", text)
+    check_words("field 'text'", text)
     if pair is not None:
         if not isinstance(pair, str):
             raise InputError(f"field 'pair' must be a string, got {json_kind(pair)}")

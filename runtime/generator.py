@@ -22,7 +22,7 @@ from .drafts import Drafts
 from .tokens import check_vocabulary, load_tokenizer
 from .errors import InputError
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_flag, check_int, check_items, check_max_new_tokens,
-                      check_number, check_progress, check_temperature, check_text)
+                      check_number, check_progress, check_temperature, check_text, check_words)
 from .sessions import check_graphs, open_session, run
 from .spacing import cleaned_up
 
@@ -95,7 +95,7 @@ class Generator:
 
     def prefix(self, text: str) -> Prefix:
         """Run a shared prefix once; pass the result as `prefix=` to reuse it."""
-        _check_prompt("text (the prefix)", text)
+        check_words("text (the prefix)", text)
         # Trailing white space goes with each prompt: run apart, "Rules: " + "Fix" would be tokenized
         # "Rules:", " ", "Fix", where the whole text has "Rules:", " Fix".
         shared = text.rstrip() or text
@@ -156,8 +156,10 @@ class Generator:
         check_progress(progress)
         drafts = check_flag("drafts", drafts)
         stops = tuple(check_items("stop", stop, "strings"))
-        for n, text in enumerate(stops):
-            _check_prompt(f"stop[{n}]", text)
+        for n, text in enumerate(stops):  # white space is a stop string ("\n"), nothing is not
+            if not isinstance(text, str) or not text:
+                raise InputError(f"stop[{n}] must be a non-empty string")
+            check_text(f"stop[{n}]", text)
         seeds = _row_seeds(seed, len(prompts))
         out: list[Generation | InputError | None] = [None] * len(prompts)
         encoded: dict[int, list[int]] = {}
@@ -208,7 +210,7 @@ class Generator:
                        fit: bool) -> tuple[list[int], int, Prefix | None]:
         """A prompt's token ids, its limit of new tokens (`limit`, which must fit the model's positions
         after the prompt, or with `fit`, as many as do) and the prefix they follow (`_prompt_ids`)."""
-        _check_prompt("the prompt", prompt)
+        check_words("the prompt", prompt)
         given = prefix
         ids, prefix = self._prompt_ids(prompt, prefix)
         whose = "the prefix and prompt's" if given is not None and prefix is None else "the prompt's"  # run whole
@@ -252,9 +254,11 @@ class Generator:
         longest prefix and prompt and its most new tokens, and that whole width fits the model's
         positions: some graphs size their masks by it (GPT-Neo's). After a prefix, a sliding-window
         model batches prompts of one length only (shortest first): its window counts cache slots, and
-        the padding between a prefix and a shorter prompt would take some of them."""
+        the padding between a prefix and a shorter prompt would take some of them; so does a model
+        whose graph takes no positions (MPT's distances are counted in cache slots, padding included)."""
         positions = self.manifest.max_input_tokens
-        windowed = self.manifest.sliding_window is not None
+        # A graph that takes no positions may count them in cache slots (MPT's ALiBi) as a window does.
+        windowed = self.manifest.sliding_window is not None or "position_ids" not in self._inputs
 
         def after(n: int) -> bool:
             return prefixes[n] is not None
@@ -461,10 +465,6 @@ def _row_seeds(seed: Any, count: int) -> list[int | None]:
     return [check_int(f"seed[{n}]", value, 0) for n, value in enumerate(seeds)]
 
 
-def _check_prompt(where: str, prompt: Any) -> None:
-    if not isinstance(prompt, str) or not prompt:
-        raise InputError(f"{where} must be a non-empty string")
-    check_text(where, prompt)
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rngs: list[np.random.Generator]) -> np.ndarray:

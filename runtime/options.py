@@ -105,6 +105,15 @@ def check_items(name: str, items: Any, what: str) -> list:
     return list(items)
 
 
+def check_words(where: str, text: Any) -> str:
+    """A string with more than white space in it, and Unicode text (`check_text`)."""
+    if not isinstance(text, str) or not text.strip():
+        got = json_kind(text) if not isinstance(text, str) else "only white space" if text else "an empty one"
+        raise InputError(f"{where} must be a non-empty string, got {got}")
+    check_text(where, text)
+    return text
+
+
 def check_text(where: str, text: str) -> None:
     """Refuse a string that is not Unicode text: the tokenizer cannot take a lone surrogate (and
     `encode_batch` would fail for the whole batch)."""

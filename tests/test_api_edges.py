@@ -175,8 +175,11 @@ def test_a_generators_default_length_fits_the_positions_left(generator):
 def test_generator_checks_prompts_and_prefixes(generator):
     _names("prompts", lambda: generator.generate_batch("a b", max_new_tokens=4))
     _names("prompts", lambda: generator.generate_batch(None, max_new_tokens=4))
-    with pytest.raises(InputError, match="item 1: the prompt must be a non-empty string"):
+    with pytest.raises(InputError, match="item 1: the prompt must be a non-empty string, got an empty one"):
         generator.generate_batch(["a", ""], max_new_tokens=4)
+    with pytest.raises(InputError, match="item 1: the prompt must be a non-empty string, got only white space"):
+        generator.generate_batch(["a", " \n"], max_new_tokens=4)  # as `lmcor generate` and the server refuse it
+    assert generator.generate_batch(["a"], max_new_tokens=4, stop=["\n", " "])  # white space stops
     with pytest.raises(InputError, match=r"item 1: the prompt holds a lone surrogate \(U\+D800\)"):
         generator.generate_batch(["a", "b" + SURROGATE], max_new_tokens=4)
     with pytest.raises(InputError, match="item 0: the prompt's .* need .* of the model's 64 positions"):

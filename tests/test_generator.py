@@ -18,6 +18,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MptConfig,
+    MptForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -479,6 +481,8 @@ def test_generate_with_a_prefix_answers_as_the_whole_text(bundle, tmp_path, caps
     generator = Generator.load(bundle)
     whole = generator.generate_batch(["Correct: a b " + p for p in PROMPTS[:3]], max_new_tokens=6)
     assert got == [g.text for g in whole]
+    assert main(["generate", "--model", str(bundle), str(prompts), "--prefix", "", "-q"]) == 2  # not run without it
+    assert "--prefix: text (the prefix) must be a non-empty string, got an empty one" in capsys.readouterr().err
     # The prefix's trailing space goes with the prompt, so the tokens are the whole text's (with a real
     # BPE, "b " + "Correct" and "b" + " Correct" differ; this tiny vocabulary keeps spaces apart anyway).
     tokens = generator.tokenizer.encode
@@ -693,6 +697,30 @@ def test_a_sliding_window_and_several_end_tokens_answer_as_generate(tmp_path):
     prefix = generator.prefix("Rules: be brief.\nExample: foo -> bar\n")
     alone = [generator.generate_batch([p], prefix=prefix, max_new_tokens=12)[0].token_ids for p in PROMPTS]
     assert [a.token_ids for a in generator.generate_batch(PROMPTS, prefix=prefix, max_new_tokens=12)] == alone
+
+
+def test_after_a_prefix_a_model_that_counts_positions_in_cache_slots_answers_as_the_whole_text(tmp_path):
+    """MPT's graph takes no positions: its ALiBi distances count cache slots, and the padding between a
+    prefix and a shorter prompt would lengthen them. Prompts of different lengths share no batch."""
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    model = MptForCausalLM(MptConfig(vocab_size=len(tokenizer), d_model=32, n_heads=4, n_layers=2, max_seq_len=256,
+                                     expansion_ratio=2, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    with torch.no_grad():  # larger weights: the attention, and so the distances, decide the tokens
+        for parameter in model.parameters():
+            parameter.mul_(5)
+    model.save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    export_causal_lm(tmp_path / "ck", tmp_path / "lm", max_output_tokens=16)
+    generator = Generator.load(tmp_path / "lm")
+    head, tails = "Correct the grammar.\nSentence:", [" she go to school every day and night", " a", " x y z x y z"]
+    shared = generator.generate_batch(tails, prefix=generator.prefix(head), max_new_tokens=10, batch_size=3)
+    for tail, ours in zip(tails, shared):
+        ids = torch.tensor([generator.encode(head + tail)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                 pad_token_id=2)[0, ids.shape[1]:].tolist()
+        assert ours.token_ids == (out[: out.index(2)] if 2 in out else out), tail
 
 
 def test_a_batch_stays_within_the_positions_its_graph_masks(tmp_path):

@@ -7,6 +7,7 @@ from typing import Any
 
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generation, Generator, row_seed
+from lmcor.runtime.options import check_words
 
 from . import options
 from .lines import RecordFields, answer_lines
@@ -28,9 +29,7 @@ SERVED = ("max_new_tokens", "temperature", "top_p", "seed", "stop")  # what /v1/
 def text_field(value: dict, name: str) -> str:
     if name not in value:
         raise InputError(f"missing field {name!r}")
-    if not isinstance(value[name], str) or not value[name].strip():
-        raise InputError(f"field {name!r} must be a non-empty string")
-    return value[name]
+    return check_words(f"field {name!r}", value[name])
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
     try:
-        prefix = generator.prefix(args.prefix) if args.prefix else None
+        prefix = generator.prefix(args.prefix) if args.prefix is not None else None
     except InputError as e:
         raise InputError(f"--prefix: {e}") from None
 

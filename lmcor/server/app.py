@@ -60,6 +60,7 @@ from lmcor.runtime.options import (
     check_number,
     check_temperature,
     check_text,
+    check_words,
     shown,
 )
 from lmcor.runtime.request import Correction, CorrectionOptions, as_request
@@ -755,11 +756,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 check_text("field 'id'", item["id"])
             if "prompt" not in item:
                 raise InputError("missing field 'prompt'")
-            prompt = item["prompt"]
-            if not isinstance(prompt, str) or not prompt.strip():  # as `lmcor generate` reads a line's
-                raise InputError(f"field 'prompt' must be a non-empty string, got "
-                                 f"{shown(prompt) if isinstance(prompt, str) else json_kind(prompt)}")
-            check_text("field 'prompt'", prompt)
+            prompt = check_words("field 'prompt'", item["prompt"])
             stop = check_items("stop", item.get("stop", []), "strings")
             for n, text in enumerate(stop):
                 if not isinstance(text, str):
