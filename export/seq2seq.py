@@ -56,11 +56,16 @@ PACKED_ENCODER_FILE = "encoder_packed.safetensors"
 FIRST_STEP_FILE = "decoder_model.onnx"  # optimum's two decoders, merged into DECODER_FILE
 CACHED_STEP_FILE = "decoder_with_past_model.onnx"
 DEFAULT_TEMPLATE = Template()
-# Generation settings whose logits processors lmcor does not apply; a checkpoint that sets them
-# is still exported (and validated on plain search), with a warning.
-_UNSUPPORTED_GENERATION = ("repetition_penalty", "min_length", "min_new_tokens",
-                           "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
-_NEUTRAL = {"repetition_penalty": 1.0}
+# The generation settings lmcor applies (special tokens, forced BOS/EOS, the n-gram ban), says apart
+# (beam search's), or that change no greedy token (lengths, outputs, caching; sampling's while
+# do_sample is off). A checkpoint that sets any other (a repetition penalty, min_length, a sequence
+# bias, do_sample...) is still exported, validated on plain search, with a warning naming it.
+_APPLIED_GENERATION = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
+    "forced_eos_token_id", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping", "max_length",
+    "max_new_tokens", "max_time", "use_cache", "cache_implementation", "return_dict_in_generate", "output_scores",
+    "output_logits", "output_attentions", "output_hidden_states", "transformers_version"})
+_SAMPLING_ONLY = frozenset({"temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff"})
 FP32_ATOL = 1e-3  # fp32 graphs' absolute logit tolerance, unless asked for another
 
 
@@ -90,17 +95,17 @@ def eos_token(model) -> int | None:
 def _special_tokens(model) -> SpecialTokens:
     config, generation = model.config, model.generation_config
     eos = eos_token(model)
-    start = generation.decoder_start_token_id
-    if start is None:
-        start = config.decoder_start_token_id
-    if start is None:  # as `generate` starts then
-        start = generation.bos_token_id if generation.bos_token_id is not None else config.bos_token_id
+    # As `generate` starts: its generation config's start token, else its BOS (not config.json's start,
+    # which a generation_config.json that leaves it out overrides).
+    start = generation.decoder_start_token_id if generation.decoder_start_token_id is not None else generation.bos_token_id
+    if config.decoder_start_token_id not in (None, start):
+        log.warning("config.json's decoder_start_token_id=%d is not the one generate starts from (%r, its generation "
+                    "config's): lmcor starts as generate does", config.decoder_start_token_id, start)
     for name, value in (("eos_token_id", eos), ("pad_token_id", config.pad_token_id), ("decoder_start_token_id", start)):
         if value is None:
             raise ExportError(f"the checkpoint's config has no {name}")
-    for name in _UNSUPPORTED_GENERATION:
-        value = getattr(generation, name, None)
-        if value not in (None, 0, [], _NEUTRAL.get(name)):
+    for name, value in generation.to_diff_dict().items():
+        if not (name.startswith("_") or name in _APPLIED_GENERATION or name in _SAMPLING_ONLY and not generation.do_sample):
             log.warning("generation_config.%s=%r is not applied by lmcor: decoding is plain greedy/beam search", name, value)
     if (generation.num_beams or 1) > 1:
         log.warning("generation_config.num_beams=%d is not lmcor's default: it decodes greedily unless a request "
@@ -178,6 +183,12 @@ def export_corrector(
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSeq2SeqLM", overwrite=overwrite)
     if packed_encoder and model.config.model_type not in ragged.ARCHITECTURES:
         raise ExportError(f"the packed encoder needs a T5-family model, not {model.config.model_type!r}")
+    if packed_encoder:  # said before the export and its validation, not after
+        from lmcor.kernels.encoder import ACTIVATIONS
+
+        if model.config.dense_act_fn not in ACTIVATIONS:
+            raise ExportError(f"the packed encoder has no {model.config.dense_act_fn!r} activation (it has "
+                              f"{', '.join(ACTIVATIONS)}): export without --packed-encoder")
     shape = _decoder_shape(model.config)
     special = _special_tokens(model)
 

@@ -18,7 +18,7 @@ from lmcor.runtime.decode import open_decoder
 from lmcor.runtime.encode import encode
 from lmcor.runtime.errors import ExportError, InputError
 from lmcor.runtime.request import Request
-from lmcor.runtime.tokens import encode_requests
+from lmcor.runtime.tokens import ModelInput, encode_requests
 
 # Varied, ordinary-English requests in LMCor's shape; any checkpoint can be validated on them.
 SAMPLE_REQUESTS = (
@@ -104,8 +104,7 @@ def validate_corrector(
     manifest = corrector.manifest
     max_new_tokens = min(max_new_tokens, manifest.max_output_tokens)  # a bundle's limit may be smaller
     special = manifest.special_tokens
-    inputs = encode_requests(corrector.tokenizer, manifest.template, requests, manifest.max_input_tokens)
-    usable = [(r, x) for r, x in zip(requests, inputs) if not isinstance(x, InputError)]
+    usable = _fitting(corrector, requests)
     if not usable:
         raise ExportError(f"validation failed: no sample request fits {manifest.max_input_tokens} input tokens")
     use_cache = _generate_cache_fits(model.config, manifest.decoder.num_layers)
@@ -202,6 +201,21 @@ def _generate_cache_fits(config, decoder_layers: int) -> bool:
     (T5-efficient), cached `generate` fails, and the reference is computed without a cache (same
     tokens, slower)."""
     return getattr(config.get_text_config(decoder=True), "num_hidden_layers", None) == decoder_layers
+
+
+def _fitting(corrector: Corrector, requests: Sequence[Request]) -> list[tuple[Request, ModelInput]]:
+    """Each sample with its model input, or where it does not fit the model's input (a model of few
+    positions), its source with one candidate, else their first three words: a short model is still
+    validated on every sample, not on the one that fits ("a", whose output may be empty)."""
+    manifest, out = corrector.manifest, []
+    for request in requests:
+        head = [" ".join(text.split()[:3]) for text in (request.source, request.candidates[0])]
+        for form in (request, Request(request.source, request.candidates[:1]), Request(head[0], (head[1],))):
+            (encoded,) = encode_requests(corrector.tokenizer, manifest.template, [form], manifest.max_input_tokens)
+            if not isinstance(encoded, InputError):
+                out.append((form, encoded))
+                break
+    return out
 
 
 def _plain_generation_config(special, max_new_tokens: int, no_repeat_ngram_size: int):

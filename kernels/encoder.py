@@ -19,7 +19,7 @@ from .pack import pack
 from .packed_attention import packed_attention
 from .rmsnorm import add_rmsnorm
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "relu": torch.relu,
     "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
     "gelu": torch.nn.functional.gelu,
@@ -67,8 +67,8 @@ class EncoderWeights:
                 wo=cast(ff.wo.weight.T),
             ))
         first = model.encoder.block[0].layer[0].SelfAttention
-        if config.dense_act_fn not in _ACTIVATIONS:
-            raise ValueError(f"activation {config.dense_act_fn!r} is not supported ({', '.join(_ACTIVATIONS)})")
+        if config.dense_act_fn not in ACTIVATIONS:
+            raise ValueError(f"activation {config.dense_act_fn!r} is not supported ({', '.join(ACTIVATIONS)})")
         return cls(embed=cast(model.encoder.embed_tokens.weight), bias=cast(first.relative_attention_bias.weight),
                    layers=tuple(layers), final_norm=cast(model.encoder.final_layer_norm.weight), heads=config.num_heads,
                    d_kv=config.d_kv, eps=config.layer_norm_epsilon, max_distance=config.relative_attention_max_distance,
@@ -114,7 +114,7 @@ def encode_packed(weights: EncoderWeights, ids: torch.Tensor, segments: torch.Te
     """Padded (batch, width) ids, their segments and lengths -> (hidden (tokens, d_model), cu_seqlens)."""
     hidden, _, packed_segments, cu = pack(ids, segments, lengths, weights.embed)
     max_len = int(lengths.max())
-    act = _ACTIVATIONS[weights.activation]
+    act = ACTIVATIONS[weights.activation]
     tokens, inner = hidden.shape[0], weights.heads * weights.d_kv
     hidden, normed = add_rmsnorm(hidden, torch.zeros_like(hidden), weights.layers[0].norm_attention, weights.eps)
     for i, layer in enumerate(weights.layers):

@@ -13,6 +13,7 @@ from lmcor.export import decoder as ragged
 from lmcor.export import export_corrector
 from lmcor.export.causal_lm import export_causal_lm
 from lmcor.runtime.errors import ExportError
+from lmcor.runtime.template import render
 from test_parity import _reference
 from transformers import (
     T5Config,
@@ -53,6 +54,7 @@ def test_bart_outputs_end_within_the_decoders_positions(tmp_path):
     checkpoint = build_checkpoint("bart", tmp_path / "bart", positions=24)
     manifest = export_corrector(checkpoint, tmp_path / "bundle")
     assert manifest.max_output_tokens == 24
+    assert manifest.validation["samples"] == 6  # shorter forms of the samples that do not fit 24 positions
     corrector = Corrector.load(tmp_path / "bundle")
     for drafts in (True, False):
         forced = corrector.correct_batch([("she go", ["she goes"]), ("a b", ["a b c"])], min_new_tokens=24,
@@ -188,6 +190,22 @@ def test_a_flag_that_does_not_apply_is_refused(tmp_path, capsys, args, says):
     assert len(err) == 1 and says in err[0]
 
 
+def test_an_activation_the_packed_encoder_lacks_is_refused_before_the_export(checkpoints, tmp_path, monkeypatch):
+    """Said at once, as lmcor's own error (a ValueError came after the whole export and validation)."""
+    from lmcor.export import seq2seq
+
+    checkpoint = tmp_path / "tanh"
+    shutil.copytree(checkpoints["t5v11"], checkpoint)  # gated: wi_0, wi_1
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "gated-gelu_pytorch_tanh",
+                                                        "dense_act_fn": "gelu_pytorch_tanh"}))
+    monkeypatch.setattr(seq2seq, "staged_export", None)  # reached only by an export that went on
+    exports = tmp_path / "exports"
+    with pytest.raises(ExportError, match=r"the packed encoder has no 'gelu_pytorch_tanh' activation \(it has relu, "):
+        export_corrector(checkpoint, exports / "bundle", packed_encoder=True)
+    assert not exports.exists()
+
+
 def test_atol_sets_the_half_precision_tolerance(t5_checkpoints, tmp_path):
     manifest = export_corrector(t5_checkpoints[2, 3], tmp_path / "fp16", precision="fp16", atol=7.0)
     assert 7.0 < manifest.validation["tolerance"] < 8.0  # atol + rtol x max |logit| (default atol: 5e-2)
@@ -258,6 +276,44 @@ def test_bart_without_a_decoder_start_starts_from_bos_and_beam_settings_not_appl
     assert manifest.validation["greedy_tokens_identical"]
     said = " ".join(r.getMessage() for r in caplog.records)
     assert all(f"generation_config.{name}=" in said for name in ("num_beams", "length_penalty", "early_stopping"))
+
+
+def test_the_start_token_is_generates_and_generation_settings_not_applied_are_named(tmp_path, caplog):
+    """A generation_config.json without a decoder start overrides config.json's: `generate` starts from
+    its BOS, and so does the bundle; every setting of it that changes greedy tokens and that lmcor does
+    not apply is named, not only those of a fixed list."""
+    from transformers import BartForConditionalGeneration
+
+    checkpoint = build_checkpoint("bart", tmp_path / "bart")
+    model = BartForConditionalGeneration.from_pretrained(checkpoint)
+    torch.manual_seed(3)
+    with torch.no_grad():  # outputs that depend on their first token
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    model.config.decoder_start_token_id = 2
+    model.generation_config.decoder_start_token_id = None
+    model.save_pretrained(checkpoint)
+    saved = json.loads((checkpoint / "generation_config.json").read_text())
+    assert "decoder_start_token_id" not in saved and saved["bos_token_id"] == 0
+    saved.update(sequence_bias=[[[5], 1.0]], exponential_decay_length_penalty=[3, 3.0])
+    (checkpoint / "generation_config.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        manifest = export_corrector(checkpoint, tmp_path / "bundle")
+    assert manifest.special_tokens.decoder_start == 0
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert all(f"generation_config.{name}=" in said for name in ("sequence_bias", "exponential_decay_length_penalty"))
+    assert "config.json's decoder_start_token_id=2 is not the one generate starts from" in said
+    model = BartForConditionalGeneration.from_pretrained(checkpoint).eval()
+    model.generation_config.update(sequence_bias=None, exponential_decay_length_penalty=None)  # those lmcor says it skips
+    corrector = Corrector.load(tmp_path / "bundle")
+    got = corrector.correct_batch(INPUTS, max_new_tokens=12)
+    for request, ours in zip(INPUTS, got):
+        text = render(corrector.manifest.template, request["source"], request["candidates"]).text
+        ids = torch.tensor([corrector.tokenizer.encode(text).ids])
+        with torch.no_grad():  # the checkpoint's own generation config: its start token
+            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12)[0].tolist()
+        reference = tokens[1:][: tokens[1:].index(2)] if 2 in tokens[1:] else tokens[1:]
+        assert tokens[0] == 0 and ours.token_ids == reference
 
 
 def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path, monkeypatch, capsys):
