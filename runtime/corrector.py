@@ -80,7 +80,7 @@ class Corrector:
         manifest = load_manifest(root, verify=verify, kind="corrector")
         tokenizer = load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens,
                                    manifest.decoder.vocab_size)
-        providers = usable_providers(providers) if providers else None
+        providers = usable_providers(providers) if providers is not None else None
         sessions = Sessions(
             encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
             decoder=open_session(root / manifest.files["decoder"], providers=providers, threads=threads),

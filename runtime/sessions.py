@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ log = logging.getLogger("lmcor")
 
 # Warnings of ONNX Runtime's own logger (e.g. about unused initializers) are noise for users.
 _ORT_LOG_ERRORS_ONLY = 3
+_PRINTS = threading.Lock()  # held while a session's start swaps sys.stdout (`open_session`)
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,13 +99,18 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     # denormals is tens of times slower on x86, and they made the encoder's attention 70% of its time.
     # Flushed to zero, they change no result that float32 can tell apart.
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    wanted = usable_providers(providers) if providers else default_providers()
+    wanted = usable_providers(providers) if providers is not None else default_providers()
     # ONNX Runtime's Python layer prints a provider that fails to start (a CUDA build without a
-    # driver) to stdout, where the CLI writes its results: it goes to the log instead.
+    # driver) to stdout, where the CLI writes its results: it goes to the log instead. Only a session
+    # with a provider besides the CPU can print, and sys.stdout is the process's: only such a session
+    # swaps it, one at a time (two threads' swaps, undone out of order, would leave it swapped).
+    printing = any(name != "CPUExecutionProvider" for name in wanted)
     printed = io.StringIO()
     before = pages.mark()
     try:
-        with contextlib.redirect_stdout(printed), core.fp_mode(flush=False):  # the caller's mode, kept
+        with (_PRINTS if printing else contextlib.nullcontext()), \
+                (contextlib.redirect_stdout(printed) if printing else contextlib.nullcontext()), \
+                core.fp_mode(flush=False):  # the caller's mode, kept
             session = ort.InferenceSession(str(path), sess_options=options, providers=with_options(wanted))
     except Exception as e:  # ONNX Runtime raises its own untyped errors for unreadable models
         if _bundle_precision(path) == "bf16":

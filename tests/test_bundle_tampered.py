@@ -307,9 +307,27 @@ def test_unusable_providers_are_one_error_line_and_nothing_on_stdout(bundles, tm
 def test_providers_must_be_a_list_of_names(bundles):
     from lmcor import InputError
 
-    for wrong in ("CPUExecutionProvider", [1]):
+    for wrong in ("CPUExecutionProvider", [1], [], "", 0):  # an empty list is no list of providers either
         with pytest.raises(InputError, match="providers must be a list of names"):
             Corrector.load(bundles["t5"], providers=wrong)
+
+
+def test_loading_on_the_cpu_leaves_the_processs_stdout_alone(bundles, monkeypatch):
+    """sys.stdout is the process's: swapped while one thread loads, another's prints are lost, and two
+    threads' swaps undone out of order leave it swapped for good. Only a provider that can print
+    (one besides the CPU) has its start's output caught."""
+    import sys
+
+    stdout, seen = sys.stdout, []
+    real = sessions.ort.InferenceSession
+
+    def watched(*args, **kwargs):
+        seen.append(sys.stdout)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", watched)
+    Corrector.load(bundles["t5"])
+    assert seen and all(out is stdout for out in seen)
 
 
 def test_a_preference_list_skips_providers_this_build_lacks(bundles, caplog):
