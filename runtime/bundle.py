@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import BundleError, InputError
-from .options import MAX_NO_REPEAT_NGRAM, check_flag
+from .options import MAX_NO_REPEAT_NGRAM, check_flag, shown
 
 MANIFEST_NAME = "lmcor.json"
 FORMAT_VERSION = 3
@@ -473,6 +473,8 @@ def _write(root: Path, manifest: Manifest) -> None:
 def shipped_bundle(name: str) -> Path:
     """A bundle shipped inside the package: "default" (the corrector used when no path is given),
     "default-int8", or "gate" (the gate of `lmcor correct --gate`)."""
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise InputError(f"a shipped bundle's name is one of 'default', 'default-int8', 'gate', got {shown(name)}")
     path = Path(str(importlib.resources.files("lmcor") / "models" / name))
     if not (path / MANIFEST_NAME).is_file():
         raise BundleError(f"no bundle {name!r} is installed with this lmcor; pass the path of an exported bundle")

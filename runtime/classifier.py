@@ -27,7 +27,7 @@ from .sessions import check_graphs, open_session, run
 log = logging.getLogger("lmcor")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # an array field: compared and hashed by identity, as NumPy arrays are not
 class Classification:
     label: str
     probabilities: np.ndarray  # one per label, in the manifest's label order

@@ -114,8 +114,8 @@ class Corrector:
     def __enter__(self) -> "Corrector":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(cancel=kind is not None)  # leaving on an error (Ctrl-C) does not wait for the queue
 
     def correct(self, source: str, candidates: Sequence[str], **options: Any) -> str:
         """Correct one request; options as for `correct_batch`, whose checks the request goes through

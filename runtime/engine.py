@@ -58,7 +58,8 @@ class _Submission:
 class Submitted(Future):
     """An engine request's future. Cancelling it before it is admitted skips it; cancelling it while it
     decodes withdraws it: a greedy row leaves the batch before the next decoder call (a beam search's
-    static batch once all of its requests are withdrawn), and the future then holds what it had written."""
+    static batch once all of its requests are withdrawn), and the future then holds what it had written
+    (`cancel()` returns False, as for any running future): a `Correction` with `withdrawn` set."""
 
     withdrawn = False
     notified = False  # cancelled, and `wait` and `as_completed` told so
@@ -376,7 +377,7 @@ class Engine:
         out = []
         for s, row, text in zip(finished, tokens, self.tokenizer.decode_batch(tokens, skip_special_tokens=True)):
             correction = s.correction(cleaned_up(text) if self.manifest.clean_up_spaces else text, row)
-            if s.below and s.request is not None:
+            if s.below and s.request is not None and not correction.withdrawn:  # a partial text is not the model's
                 correction = guard(correction, s.request.candidates, s.below, source=s.request.source,
                                    seen=s.input.candidates, span=s.span)
             # A candidate returned keeps its own spacing; a tokenizer that writes line breaks, its model's.

@@ -116,6 +116,7 @@ class Correction:
     stats: RequestStats = field(default_factory=RequestStats)
     gated: bool = False  # the gate found the first candidate right: returned as it is, not decoded
     fallback: bool = False  # the fallback changed the model's output (a best guess, the edit vote, edits kept small)
+    withdrawn: bool = False  # cancelled while it decoded: the text written until then, as it is (no fallback)
 
 
 OPTION_FIELDS = frozenset(option.name for option in fields(CorrectionOptions))

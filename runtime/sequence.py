@@ -164,4 +164,5 @@ class Sequence:
         )
         ident: Any = None if self.request is None else self.request.id
         truncated = model_input is not None and model_input.truncated
-        return Correction(text=text, token_ids=token_ids, truncated=truncated, id=ident, stats=stats)
+        return Correction(text=text, token_ids=token_ids, truncated=truncated, id=ident, stats=stats,
+                          withdrawn=self.withdrawn)

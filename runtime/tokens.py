@@ -107,7 +107,8 @@ def encode_requests(
     """Tokenize requests exactly as the checkpoint's own tokenizer would tokenize the rendered text.
 
     An input longer than `max_tokens` has its candidates shortened evenly (each keeps its head);
-    the source is never cut: a source that leaves no room for the candidates is an `InputError`,
+    the source is never cut: a source that leaves no room for the candidates (or, refused before
+    tokenizing, one longer than any input could hold) is an `InputError`,
     returned in that request's place so that the other requests are still served. A candidate is
     first cut to `max_tokens * MAX_CHARS_PER_TOKEN` characters, so that the cost of a request is bounded
     by what the model can read, whatever its length. With `references`, each input also carries
@@ -120,7 +121,8 @@ def encode_requests(
     # Each candidate keeps a token at least, besides the source's: more cannot fit, and are refused
     # before tokenizing, whose cost grows with their number.
     out: list[ModelInput | InputError | None] = [_crowded(len(r.candidates), max_tokens)
-                                                 if len(r.candidates) >= max_tokens else None for r in requests]
+                                                 if len(r.candidates) >= max_tokens else _long(r.source, most, max_tokens)
+                                                 for r in requests]
     served = [n for n, answer in enumerate(out) if answer is None]
     shown = [tuple(cut_to_read(c, most) for c in requests[n].candidates) for n in served]
     rendered = [render(template, requests[n].source, candidates) for n, candidates in zip(served, shown)]
@@ -144,6 +146,15 @@ def encode_requests(
         refs = _references(encoding, rendering.text, [*rendering.spans, rendering.source]) if references else ()
         out[n] = ModelInput(np.asarray(encoding.ids, dtype=np.int64), truncated, refs, candidates)
     return out  # type: ignore[return-value]
+
+
+def _long(source: str, most: int, max_tokens: int) -> InputError | None:
+    """A source of more characters that are not white space than `max_tokens` tokens can hold, refused
+    before tokenizing, whose cost grows with its length (the source is never cut)."""
+    if len(source) <= most or len(written := "".join(source.split())) <= most:
+        return None
+    return InputError(f"the source has {len(written)} characters besides white space, more than the model's "
+                      f"{max_tokens} input tokens can hold (the source is never cut): shorten it")
 
 
 def _crowded(count: int, max_tokens: int) -> InputError:

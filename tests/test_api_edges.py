@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import make_requests
 from lmcor.runtime.bundle import shipped_bundle
+from lmcor.runtime.request import Request
 
 from lmcor import Classifier, Corrector, Generator, InputError
 
@@ -223,3 +224,37 @@ def test_load_checks_the_path_and_verify(bundles, load):
             load(path)
     with pytest.raises(InputError, match="verify must be true or false"):
         load(bundles["t5"], verify="no")
+
+
+def test_a_shipped_bundles_name_is_checked():
+    for name in (None, "", "../models/gate", 3):
+        with pytest.raises(InputError, match="a shipped bundle's name is one of 'default', 'default-int8', 'gate'"):
+            shipped_bundle(name)
+
+
+def test_a_source_longer_than_any_input_is_refused_before_tokenizing(corrector):
+    """Its cost stays bound: the check counts characters, the tokenizer would read them all."""
+    calls = []
+    tokenizer = corrector.tokenizer
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(tokenizer, name)
+
+    from lmcor.runtime.tokens import encode_requests
+
+    long = "x" * (corrector.manifest.max_input_tokens * 64 + 1)
+    (refused,) = encode_requests(Counting(), corrector.manifest.template, [Request(long, ("y",))],
+                                 corrector.manifest.max_input_tokens)
+    assert isinstance(refused, InputError) and "characters besides white space" in str(refused) and not calls
+    spaced = "she go " + " " * len(long) + "home"  # white space does not count: a tokenizer may fold it
+    (read,) = encode_requests(tokenizer, corrector.manifest.template, [Request(spaced, ("y",))],
+                              corrector.manifest.max_input_tokens)
+    assert "characters besides white space" not in str(read)
+
+
+def test_classifications_compare_by_identity(gate):
+    """Their probabilities are an array: `==` (and `in`) may not ask NumPy for one truth value."""
+    a, b = gate.classify_batch(["She goes home.", "She goes home."])
+    assert a == a and a != b and a in [b, a] and len({a, b}) == 2

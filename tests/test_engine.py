@@ -2,6 +2,7 @@
 decoder calls (a short one never waits for a long one), keep drafts exact, count their own stats,
 and every future is answered: by a result, its own error, or a cancellation."""
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -397,7 +398,25 @@ def test_a_request_cancelled_while_it_decodes_leaves_the_batch_at_the_next_step(
         assert future.running() and not future.cancel()  # too late to skip it: it is withdrawn instead
         result = future.result(timeout=RESULT_TIMEOUT)
         later = engine.submit(long, forced).result(timeout=RESULT_TIMEOUT)  # the engine serves on
+        # With a fallback, a partial text is not weighed against the candidates: it is said to be partial.
+        guarded = engine.submit(long, dataclasses.replace(forced, fallback_below=99.0))
+        _wait_until_decoding(engine, engine.stats.decoder_calls)
+        guarded.cancel()
+        partial = guarded.result(timeout=RESULT_TIMEOUT)
     assert len(result.token_ids) < corrector.manifest.max_output_tokens == len(later.token_ids)
+    assert result.withdrawn and not later.withdrawn
+    assert partial.withdrawn and not partial.fallback and len(partial.token_ids) < corrector.manifest.max_output_tokens
+
+
+def test_leaving_a_corrector_on_an_error_cancels_what_waits(bundles):
+    """Ctrl-C inside `with Corrector.load() as c:` reaches the caller without waiting for the queue."""
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    with pytest.raises(KeyboardInterrupt), corrector:
+        futures = [corrector.engine.submit(long, forced) for _ in range(40)]
+        _wait_until_decoding(corrector.engine, 0)
+        raise KeyboardInterrupt
+    assert sum(f.cancelled() for f in futures) > 20
 
 
 def test_a_beam_search_whose_requests_are_all_cancelled_ends_early(bundles):
