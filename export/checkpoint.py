@@ -275,10 +275,17 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+_SAMPLE_TOKENS = 16  # optimum's sample inputs' length (`DEFAULT_DUMMY_SHAPES`)
+
+
 @contextlib.contextmanager
-def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) -> Iterator[tuple[Path, Path]]:
+def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None,
+                  positions: int | None = None) -> Iterator[tuple[Path, Path]]:
     """Run optimum's exporter for `task` into `raw` and yield (raw, staged); when the body finishes,
-    `staged` replaces `out_dir`."""
+    `staged` replaces `out_dir`. A model of few `positions` (`model_positions`) is traced on sample
+    inputs that fit them: optimum's are 16 tokens, with a sample cache 2 longer, and a model of
+    fewer learned positions failed there (an IndexError from its embeddings)."""
+    shapes = {} if positions is None or positions >= _SAMPLE_TOKENS + 2 else {"sequence_length": max(1, positions - 2)}
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as e:
@@ -288,7 +295,7 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None) 
         raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
         with stage(model_dir, "ONNX export"), quiet_exporter():
             main_export(str(model_dir), output=raw, task=task, opset=opset, device="cpu", do_validation=False,
-                        local_files_only=True)
+                        local_files_only=True, **shapes)
         staged.mkdir()
         yield raw, staged
         replace_folder(out_dir, staged, Path(tmp) / "replaced")

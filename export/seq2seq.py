@@ -31,6 +31,7 @@ from .checkpoint import (
     TOKENIZER_FILE,
     input_limit,
     load_checkpoint,
+    model_positions,
     opset_of,
     output_limit,
     quiet_exporter,
@@ -192,7 +193,8 @@ def export_corrector(
     shape = _decoder_shape(model.config)
     special = _special_tokens(model)
 
-    with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset) as (raw, staged):
+    with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset,
+                       model_positions(model.config)) as (raw, staged):
         opset = opset_of(raw / ENCODER_FILE)
         if model.config.model_type in ragged.ARCHITECTURES:
             with stage(model_dir, "building the step graph"), quiet_exporter():

@@ -62,6 +62,9 @@ def test_bart_outputs_end_within_the_decoders_positions(tmp_path):
         assert [len(c.token_ids) for c in forced] == [23, 23]  # the 24th is BART's forced EOS
     with pytest.raises(ExportError, match="--max-output-tokens 25: the model has 24 positions"):
         export_corrector(checkpoint, tmp_path / "refused", max_output_tokens=25)
+    # Fewer positions than optimum's sample inputs take (16 tokens, a sample cache of 18): traced on shorter ones.
+    manifest = export_corrector(build_checkpoint("bart", tmp_path / "bart-16", positions=16), tmp_path / "bundle-16")
+    assert manifest.max_output_tokens == 16 and manifest.validation["greedy_tokens_identical"]
 
 
 @pytest.mark.parametrize("depths", DEPTHS, ids=lambda d: f"encoder{d[0]}-decoder{d[1]}")
