@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .errors import InputError
 from .generator import Generator, Prefix
 from .options import (MAX_BATCH_SIZE, check_int, check_items, check_max_new_tokens, check_number, check_temperature,
-                      check_text, shown)
+                      check_text, check_words)
 
 INSTRUCTION = "Correct the grammar and spelling of each sentence. Change only what is wrong.\n"
 # (wrong, right) pairs about things no ordinary sentence is about, so that an echo never passes for
@@ -159,10 +159,8 @@ class CandidateWriter:
 
 def _refused(n: int, source: object) -> InputError | None:
     """Why source `n` cannot be answered (not text, white space alone, not Unicode), or None."""
-    if not isinstance(source, str) or not source.strip():
-        return InputError(f"sources[{n}] must be a non-empty string, got {shown(source)}")
     try:
-        check_text(f"sources[{n}]", source)
+        check_words(f"sources[{n}]", source)
     except InputError as e:
         return e
     return None

@@ -250,8 +250,8 @@ class Engine:
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(cancel=kind is not None)  # leaving on an error (Ctrl-C) does not wait for the queue
 
     def _serve(self) -> None:
         """The background loop: runs while submissions wait or decode, sleeps otherwise."""

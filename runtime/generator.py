@@ -22,7 +22,7 @@ from .drafts import Drafts
 from .tokens import check_vocabulary, load_tokenizer
 from .errors import InputError
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_flag, check_int, check_items, check_max_new_tokens,
-                      check_number, check_progress, check_temperature, check_text, check_words)
+                      check_number, check_progress, check_string, check_temperature, check_words)
 from .sessions import check_graphs, open_session, run
 from .spacing import cleaned_up
 
@@ -95,7 +95,7 @@ class Generator:
 
     def prefix(self, text: str) -> Prefix:
         """Run a shared prefix once; pass the result as `prefix=` to reuse it."""
-        check_words("text (the prefix)", text)
+        check_string("text (the prefix)", text)
         # Trailing white space goes with each prompt: run apart, "Rules: " + "Fix" would be tokenized
         # "Rules:", " ", "Fix", where the whole text has "Rules:", " Fix".
         shared = text.rstrip() or text
@@ -156,10 +156,8 @@ class Generator:
         check_progress(progress)
         drafts = check_flag("drafts", drafts)
         stops = tuple(check_items("stop", stop, "strings"))
-        for n, text in enumerate(stops):  # white space is a stop string ("\n"), nothing is not
-            if not isinstance(text, str) or not text:
-                raise InputError(f"stop[{n}] must be a non-empty string")
-            check_text(f"stop[{n}]", text)
+        for n, text in enumerate(stops):
+            check_string(f"stop[{n}]", text)
         seeds = _row_seeds(seed, len(prompts))
         out: list[Generation | InputError | None] = [None] * len(prompts)
         encoded: dict[int, list[int]] = {}
@@ -463,8 +461,6 @@ def _row_seeds(seed: Any, count: int) -> list[int | None]:
     if len(seeds) != count:
         raise InputError(f"seed: {len(seeds)} seeds for {count} prompts (give one per prompt, or one integer)")
     return [check_int(f"seed[{n}]", value, 0) for n, value in enumerate(seeds)]
-
-
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rngs: list[np.random.Generator]) -> np.ndarray:

@@ -106,10 +106,16 @@ def check_items(name: str, items: Any, what: str) -> list:
 
 
 def check_words(where: str, text: Any) -> str:
-    """A string with more than white space in it, and Unicode text (`check_text`)."""
-    if not isinstance(text, str) or not text.strip():
-        got = json_kind(text) if not isinstance(text, str) else "only white space" if text else "an empty one"
-        raise InputError(f"{where} must be a non-empty string, got {got}")
+    """A string with more than white space in it (a prompt, a text to classify), and Unicode text."""
+    if isinstance(text, str) and text and not text.strip():
+        raise InputError(f"{where} must be a non-empty string, got only white space")
+    return check_string(where, text)
+
+
+def check_string(where: str, text: Any) -> str:
+    """A non-empty string (white space alone is one: a stop string "\n", a prompt's head) of Unicode text."""
+    if not isinstance(text, str) or not text:
+        raise InputError(f"{where} must be a non-empty string, got {'an empty one' if text == '' else json_kind(text)}")
     check_text(where, text)
     return text
 

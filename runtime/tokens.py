@@ -121,7 +121,7 @@ def encode_requests(
     # Each candidate keeps a token at least, besides the source's: more cannot fit, and are refused
     # before tokenizing, whose cost grows with their number.
     out: list[ModelInput | InputError | None] = [_crowded(len(r.candidates), max_tokens)
-                                                 if len(r.candidates) >= max_tokens else _long(r.source, most, max_tokens)
+                                                 if len(r.candidates) >= max_tokens else _long(tokenizer, r.source, most, max_tokens)
                                                  for r in requests]
     served = [n for n, answer in enumerate(out) if answer is None]
     shown = [tuple(cut_to_read(c, most) for c in requests[n].candidates) for n in served]
@@ -148,13 +148,17 @@ def encode_requests(
     return out  # type: ignore[return-value]
 
 
-def _long(source: str, most: int, max_tokens: int) -> InputError | None:
-    """A source of more characters that are not white space than `max_tokens` tokens can hold, refused
-    before tokenizing, whose cost grows with its length (the source is never cut)."""
+def _long(tokenizer: Tokenizer, source: str, most: int, max_tokens: int) -> InputError | None:
+    """A source of more characters that are not white space than `most` whose head of `most` alone
+    takes more than `max_tokens` tokens, refused before it is tokenized whole, whose cost grows with
+    its length (the source is never cut). (A head that fits is no proof: SentencePiece folds a run of
+    unknown characters into one token.)"""
     if len(source) <= most or len(written := "".join(source.split())) <= most:
         return None
-    return InputError(f"the source has {len(written)} characters besides white space, more than the model's "
-                      f"{max_tokens} input tokens can hold (the source is never cut): shorten it")
+    if len(tokenizer.encode(cut_to_read(source, most), add_special_tokens=False).ids) <= max_tokens:
+        return None
+    return InputError(f"the source has {len(written)} characters besides white space, and its first {most} alone take "
+                      f"more than the model's {max_tokens} input tokens (the source is never cut): shorten it")
 
 
 def _crowded(count: int, max_tokens: int) -> InputError:

@@ -181,6 +181,7 @@ def test_generator_checks_prompts_and_prefixes(generator):
     with pytest.raises(InputError, match="item 1: the prompt must be a non-empty string, got only white space"):
         generator.generate_batch(["a", " \n"], max_new_tokens=4)  # as `lmcor generate` and the server refuse it
     assert generator.generate_batch(["a"], max_new_tokens=4, stop=["\n", " "])  # white space stops
+    assert generator.prefix("\n")  # and heads a prompt (`lmcor candidates --prompt $'\n{source}'`)
     with pytest.raises(InputError, match=r"item 1: the prompt holds a lone surrogate \(U\+D800\)"):
         generator.generate_batch(["a", "b" + SURROGATE], max_new_tokens=4)
     with pytest.raises(InputError, match="item 0: the prompt's .* need .* of the model's 64 positions"):
@@ -234,20 +235,28 @@ def test_a_shipped_bundles_name_is_checked():
 
 def test_a_source_longer_than_any_input_is_refused_before_tokenizing(corrector):
     """Its cost stays bound: the check counts characters, the tokenizer would read them all."""
-    calls = []
-    tokenizer = corrector.tokenizer
+    from lmcor.runtime.tokens import MAX_CHARS_PER_TOKEN, encode_requests
 
-    class Counting:
+    read, tokenizer = [], corrector.tokenizer
+
+    class Counting:  # the lengths of the texts it tokenizes
         def __getattr__(self, name):
-            calls.append(name)
             return getattr(tokenizer, name)
 
-    from lmcor.runtime.tokens import encode_requests
+        def encode(self, text, **options):
+            read.append(len(text))
+            return tokenizer.encode(text, **options)
 
-    long = "x" * (corrector.manifest.max_input_tokens * 64 + 1)
+    most = corrector.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
+    long = "x y " * most
     (refused,) = encode_requests(Counting(), corrector.manifest.template, [Request(long, ("y",))],
                                  corrector.manifest.max_input_tokens)
-    assert isinstance(refused, InputError) and "characters besides white space" in str(refused) and not calls
+    assert isinstance(refused, InputError) and "characters besides white space" in str(refused)
+    assert read and max(read) < 2 * most < len(long)  # its head only
+    shipped = Corrector.load()  # SentencePiece: a run of characters it does not know is one token
+    (folded,) = encode_requests(shipped.tokenizer, shipped.manifest.template, [Request("中" * 40_000, ("y",))],
+                                shipped.manifest.max_input_tokens)
+    assert not isinstance(folded, InputError) and len(folded.ids) < 20
     spaced = "she go " + " " * len(long) + "home"  # white space does not count: a tokenizer may fold it
     (read,) = encode_requests(tokenizer, corrector.manifest.template, [Request(spaced, ("y",))],
                               corrector.manifest.max_input_tokens)

@@ -318,7 +318,10 @@ def test_a_stopped_engine_lets_the_other_models_answer_what_they_took(bundles, g
         generated = pool.submit(c.post, "/v1/generate", json={"prompt": "The cat", "max_new_tokens": 4})
         assert started.wait(TIMEOUT)
         assert c.post("/v1/correct", json=make_requests(1, seed=2)[0]).status_code == 500
-        time.sleep(0.5)  # the server saw its engine stop
+        deadline = time.monotonic() + TIMEOUT
+        while not s.state.draining:  # the server saw its engine stop (at its next tick)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert c.post("/v1/generate", json={"prompt": "The cat"}).status_code == 503  # takes nothing new
         assert generated.result().status_code == 200
 
@@ -499,9 +502,20 @@ def test_a_bundle_or_provider_a_config_file_names_is_said_with_the_file_and_key(
         config.write_text(text)
         assert main(["serve", "--port", "0", "--config", str(config)]) == 2
         assert says in capsys.readouterr().err
-    # a flag's value overrides the file's: the file is not named
+    # a flag's value overrides the file's, and a default is no value of the file's: the file is not named
     assert main(["serve", "--port", "0", "--config", str(config), "--classifier", "a=elsewhere"]) == 2
     assert capsys.readouterr().err.startswith("lmcor: error: classifiers.a: elsewhere: no such")
+    config.write_text('{"max_batch": 4}')
+    from lmcor.runtime.errors import BundleError
+    from lmcor.server import models
+
+    def missing(name):
+        raise BundleError(f"no bundle {name!r} is installed with this lmcor")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "shipped_bundle", missing)
+        assert main(["serve", "--port", "0", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("lmcor: error: model: no bundle 'default' is installed")
 
 
 def test_providers_this_machine_lacks_may_serve_on_a_ray_cluster():

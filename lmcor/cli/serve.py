@@ -4,10 +4,12 @@ drains it. See `lmcor.server` for the routes."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from lmcor.runtime.errors import InputError, LmcorError
 
@@ -122,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         Models.check(settings, here=not args.ray)
     except LmcorError as e:  # a bundle or provider the config file names (not a flag's) is said to be the file's
-        if args.config and e.key.partition(".")[0] not in _given(args):
+        key = e.key.partition(".")[0]
+        if args.config and key not in _given(args) and key in json.loads(Path(args.config).read_text(encoding="utf-8")):
             raise type(e)(f"{args.config}: {e}") from None
         raise
     runner.log_to_stderr()

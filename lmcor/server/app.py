@@ -790,9 +790,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         bundles' paths are this machine's: with an API key, only a caller that sends it reads them."""
         status = state.status
         models = state.models
-        shown = models is not None and (config.api_key is None or _has_key(request.scope, config.api_key.encode()))
+        visible = models is not None and (config.api_key is None or _has_key(request.scope, config.api_key.encode()))
         return _JSON({"status": status, "live": True, "ready": status == "ready",
-                      "models": models.describe() if shown else None},
+                      "models": models.describe() if visible else None},
                      status_code=200 if status == "ready" else 503)
 
     @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse,
