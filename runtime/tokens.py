@@ -107,8 +107,8 @@ def encode_requests(
     """Tokenize requests exactly as the checkpoint's own tokenizer would tokenize the rendered text.
 
     An input longer than `max_tokens` has its candidates shortened evenly (each keeps its head);
-    the source is never cut: a source that leaves no room for the candidates (or, refused before
-    tokenizing, one longer than any input could hold) is an `InputError`,
+    the source is never cut: a source that leaves no room for the candidates (or whose head alone
+    takes more than the input, refused before it is tokenized whole) is an `InputError`,
     returned in that request's place so that the other requests are still served. A candidate is
     first cut to `max_tokens * MAX_CHARS_PER_TOKEN` characters, so that the cost of a request is bounded
     by what the model can read, whatever its length. With `references`, each input also carries
@@ -120,9 +120,9 @@ def encode_requests(
     most = max_tokens * MAX_CHARS_PER_TOKEN
     # Each candidate keeps a token at least, besides the source's: more cannot fit, and are refused
     # before tokenizing, whose cost grows with their number.
-    out: list[ModelInput | InputError | None] = [_crowded(len(r.candidates), max_tokens)
-                                                 if len(r.candidates) >= max_tokens else _long(tokenizer, r.source, most, max_tokens)
-                                                 for r in requests]
+    out: list[ModelInput | InputError | None] = [
+        _crowded(len(r.candidates), max_tokens) if len(r.candidates) >= max_tokens
+        else _long(tokenizer, r.source, most, max_tokens) for r in requests]
     served = [n for n, answer in enumerate(out) if answer is None]
     shown = [tuple(cut_to_read(c, most) for c in requests[n].candidates) for n in served]
     rendered = [render(template, requests[n].source, candidates) for n, candidates in zip(served, shown)]
