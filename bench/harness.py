@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from lmcor.runtime.errors import InputError
+from lmcor.runtime.errors import InputError, LmcorError
 
-from .backends import BACKENDS, Backend, bundle_for
+from .backends import BACKENDS, Backend, Lmcor, bundle_for
 from .workloads import Workload, random_workload, shape_checkpoint, text_workload
 
 log = logging.getLogger("lmcor")
@@ -137,7 +137,10 @@ def load_backends(config: BenchConfig, hf_dir: Path, cache: Path) -> tuple[dict[
         try:
             loaded[name] = make(hf_dir, cache, config.threads, **options)
         except Exception as e:  # a peer that cannot run this model is reported, not fatal
-            skipped[name] = f"failed to load: {str(e).splitlines()[0][:200]}"
+            said = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if make is Lmcor:  # lmcor is what is compared: without it there is no comparison
+                raise LmcorError(f"{name} failed to load: {said}") from e
+            skipped[name] = f"failed to load: {said}"
             continue
         # What loading added (memory freed meanwhile, an earlier backend's garbage, can make it look negative).
         info[name] = {"load_s": time.perf_counter() - start, "rss_mb": max(0.0, _rss_mb() - before)}
@@ -168,7 +171,7 @@ def run(config: BenchConfig) -> dict:
     before = machine_peak(config.threads)  # and again after the timed runs: the best of both
     backends, info, skipped = load_backends(config, hf_dir, cache)
     if not backends:
-        raise RuntimeError(f"no backend could run: {skipped}")
+        raise LmcorError("no backend could run: " + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
     workload = _workload(config, hf_dir, cache, vocab)
     costs = _model_costs(hf_dir)
     for backend in backends.values():  # first calls pay one-time costs (allocators, kernel choice)

@@ -1,10 +1,13 @@
 """`lmcor bench` smoke run: lmcor and one peer on a tiny shape; no timing is asserted."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lmcor.cli import main
+
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "requests.jsonl")
 
 FIELDS = {"load_s", "rss_mb", "latency_ms", "ms_per_output_token", "throughput", "agreement_with_transformers"}
 LMCOR_FIELDS = {"encoder_ms", "decoder_step_ms", "decoder_calls_per_token", "encoder_gflops", "encoder_vs_peak",
@@ -62,6 +65,19 @@ def test_bench_on_real_requests(checkpoints, tmp_path, capsys):
     assert report["backends"]["lmcor"]["agreement_with_transformers"] == 1.0
 
 
+def test_lmcor_failing_to_load_fails_the_comparison(tmp_path, capsys, monkeypatch):
+    """lmcor is what is compared: a table of its peers alone, exit 0, would read as a run that worked."""
+    from lmcor.bench import backends
+
+    def broken(*args, **kwargs):
+        raise ValueError("no bundle today")
+
+    monkeypatch.setattr(backends.Lmcor, "__init__", broken)
+    assert main(["bench", "--shape", "tiny", "--backends", "lmcor,transformers", "--requests", "1", "--rounds", "1",
+                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 2
+    assert "lmcor: error: lmcor failed to load: no bundle today" in capsys.readouterr().err
+
+
 def test_unknown_backend_is_one_line(tmp_path, capsys):
     assert main(["bench", "--backends", "lmcor,teapot", "--cache", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -113,11 +129,12 @@ def test_ray_bench_refuses_a_request_the_default_corrector_cannot_read_by_its_li
         _jsonl(RayBenchConfig(data=data, requests=2), tmp_path, Corrector.load())
 
 
-@pytest.mark.parametrize("args, said", [(["--seconds", "-1"], "--seconds: must be a number of seconds above 0"),
-                                        (["--clients", "1,100000"], "--clients: must be integers from 1 to 1024")])
-def test_serve_load_settings_that_measure_nothing_are_refused(args, said, capsys):
+@pytest.mark.parametrize("args, said", [(["--serve", "--seconds", "-1"], "--seconds: must be a number of seconds above 0"),
+                                        (["--serve", "--clients", "1,100000"], "--clients: must be integers from 1 to 1024"),
+                                        (["--gate", "--gate-threshold", "nan"], "--gate-threshold: must be a finite number")])
+def test_load_settings_that_measure_nothing_are_refused(args, said, capsys):
     try:
-        code = main(["bench", "--serve", *args])
+        code = main(["bench", *args])
     except SystemExit as e:  # argparse's own refusal
         code = e.code
     assert code == 2 and said in capsys.readouterr().err
@@ -138,6 +155,9 @@ def test_serve_load_settings_that_measure_nothing_are_refused(args, said, capsys
     (["--drafts", "--prefix-tokens", "10"], "--prefix-tokens goes with --shared-prefix"),
     (["--shape", "tiny", "--data", "no-such.jsonl"], "--data no-such.jsonl: no such file"),
     (["--serve", "--clients", ""], "--clients: must be integers from 1 to"),
+    (["--data", EXAMPLES], "--data goes with --model"),  # the random shapes read no text
+    (["--model", ".", "--data", EXAMPLES, "--k", "3"], "--k shapes random requests"),
+    (["--model", ".", "--shape", "tiny"], "--shape sizes a random-init model: --model is the model"),
 ])
 def test_flags_that_cannot_apply_are_refused_before_any_work(args, said, capsys):
     assert main(["bench", *args]) == 2

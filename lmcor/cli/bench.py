@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate", nargs="?", const="",
                         help="instead: the corrector (--bundle) alone vs behind this gate (alone: the gate shipped with "
                         "lmcor) over --data lines with targets (--requests, --rounds, --batch-size, --gate-threshold)")
-    parser.add_argument("--gate-threshold", type=float, help="with --gate (default: the gate's calibrated threshold)")
+    parser.add_argument("--gate-threshold", type=options.probability,
+                        help="with --gate (default: the gate's calibrated threshold)")
     parser.add_argument("--candidates", action="store_true",
                         help="instead: LMCor's candidate generation with a causal-LM --bundle vs transformers generate "
                         "on the same model's --model checkpoint, over --data sources (--requests, --rounds, --batch-size)")
@@ -111,8 +112,17 @@ def _check(args: argparse.Namespace) -> None:
                 raise InputError(f"{flag} goes with the peer comparison (no mode flag), not {modes[0]}")
             if flag in NOT_READ.get(modes[0], ()):
                 raise InputError(f"{modes[0]} does not read {flag}")
-    elif args.data and not Path(args.data).is_file():
-        raise InputError(f"--data {args.data}: no such file (JSONL correction requests)")
+    else:
+        if args.data and not Path(args.data).is_file():
+            raise InputError(f"--data {args.data}: no such file (JSONL correction requests)")
+        if args.data and not args.model:  # the random-init shapes' tokenizer reads no text: one token a request
+            raise InputError("--data goes with --model: the checkpoint its requests are for (a random-init --shape "
+                             "has no tokenizer for text)")
+        shaping = [f for f in given if f in ("--source", "--k", "--candidate", "--ragged")]
+        if args.data and shaping:
+            raise InputError(f"{shaping[0]} shapes random requests: --data's lines have their own")
+        if args.model and "--shape" in given:
+            raise InputError("--shape sizes a random-init model: --model is the model")
     if args.bundle and not modes:
         raise InputError("--bundle goes with a mode that runs instead (--drafts, --gate, --host, --serve, "
                          "--shared-prefix, --candidates); the peer comparison exports --model or --shape itself")

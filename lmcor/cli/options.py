@@ -47,6 +47,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = finite_float(text)
     if value < 0:
