@@ -455,9 +455,10 @@ def report(work: Path, out_dir: Path, dry_run: bool) -> dict:
     return results
 
 
-def failures(results: dict) -> list[str]:
-    """The stages, and measurements within them, that failed, were cut short or left no result."""
-    bad = ("failed", "partial", "no result")
+def failures(results: dict, *, skipped: bool = False) -> list[str]:
+    """The stages, and measurements within them, that failed, were cut short or left no result (and,
+    with `skipped`, those skipped: no CUDA, no checkpoint)."""
+    bad = ("failed", "partial", "no result") + (("skipped",) if skipped else ())
     out = [stage for stage, result in results.items() if result.get("status") in bad]
     out += [f"{stage}.{key}" for stage, result in results.items() for key, value in result.items()
             if isinstance(value, dict) and value.get("status") in bad]
@@ -471,15 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report: where gpu_check.json and gpu_check.txt go")
     parser.add_argument("--checkpoint", help="Hugging Face folder of the default corrector (packed encoder, transformers)")
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--strict", action="store_true", help="report: exit 1 where anything failed or was cut short")
+    parser.add_argument("--strict", action="store_true",
+                        help="report: exit 1 where anything failed, was cut short or was skipped (no CUDA)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "report":
         results = report(args.work, args.out or args.work, args.dry_run)
         print((args.out or args.work) / "gpu_check.txt", "written;", len(results), "stages")
-        bad = failures(results)
+        bad = failures(results, skipped=args.strict)  # a GPU check that measured nothing on a GPU did not pass
         if args.strict and bad:
-            print("failed, cut short or without a result:", ", ".join(bad))
+            print("failed, cut short, skipped or without a result:", ", ".join(bad))
             return 1
         return 0
     start = time.perf_counter()

@@ -72,6 +72,7 @@ PY
 esac
 OUT=${OUT:-$PWD/.cache/gpu_check/out}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT  # its bundles too, however the check ends
 CHECKPOINT=.cache/gpu_check/hf
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
@@ -150,5 +151,4 @@ $PY bench/gpu_check.py report --work "$WORK" --out "$OUT" --strict >>"$LOG" 2>&1
 rc=$?
 cat "$OUT/gpu_check.txt"
 tail -n 1 "$LOG"
-rm -rf "$WORK"
 exit $rc

@@ -174,6 +174,8 @@ def test_gpu_check_stages_run_here_and_keep_what_they_measured(tmp_path, monkeyp
     results = {s: json.loads((work / f"{s}.json").read_text()) for s in ("env", "bundles", "tokens", "encoder", "latency")}
     assert results["env"]["status"] == "ok" and results["bundles"]["status"] == "ok"
     assert {r["status"] for s, r in results.items() if s not in ("env", "bundles")} == {"skipped"}
+    # A check that measured nothing on a GPU (no CUDA, or onnxruntime-gpu that did not load) does not pass.
+    assert gpu_check.main(["report", "--work", str(work), "--out", str(tmp_path / "skipped"), "--strict"]) == 1
 
     def measures_then_fails(work, args, out):
         out["first"] = 1
