@@ -94,3 +94,28 @@ def test_the_edit_vote_keeps_the_sources_line_breaks():
     items = [quality.Item(1, text, (text, text), text)]
     report = quality.evaluate(Corrector.load(), items)
     assert report["systems"]["edit vote"]["exact_match"] == 100.0
+
+
+def test_eval_json_to_a_fifo_and_the_scores_kept_when_the_tables_reader_leaves(bundles, tmp_path):
+    """A FIFO is written in place at the end (probed, its reader saw the end of the file at once, and the
+    last write waited for ever); the scores are written before the table, so a closed stdout keeps them."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"source": "a b", "candidates": ["a b"], "target": "a b"}) + "\n")
+    fifo = tmp_path / "scores.fifo"
+    os.mkfifo(fifo)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+    command = [sys.executable, "-m", "lmcor.cli", "eval", "--model", str(bundles["t5"]), str(data), "-q", "--json"]
+    assert subprocess.run([*command, str(fifo)], capture_output=True, timeout=120).returncode == 0
+    reader.join(timeout=60)
+    assert json.loads(read[0])["items"] == 1
+    kept = tmp_path / "kept.json"
+    with open("/dev/full", "w") as full:  # the table cannot be written
+        done = subprocess.run([*command, str(kept)], stdout=full, stderr=subprocess.PIPE, timeout=300)
+    assert done.returncode != 0 and json.loads(kept.read_text())["items"] == 1

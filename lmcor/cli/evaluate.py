@@ -56,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
     report.update(data=str(args.data), model=str(corrector.root), errors=errors)
     if gate is not None:
         report["gate"] = str(gate.root)
-    print(quality.table(report), flush=True)
-    try:
+    try:  # the scores first: a reader of the table that leaves (or a full disk) does not lose them
         report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         raise InputError(f"--json {args.json}: cannot write the scores ({e.strerror or e})") from None
+    print(quality.table(report), flush=True)
     return 1 if errors else 0
 
 
@@ -80,6 +80,8 @@ def _report_path(name: str, data: str | None) -> Path:
     if data is not None and path.exists() and same_file(data, os.stat(path)):
         what = "the data file" if data != "-" else "what standard input reads (the data)"
         raise InputError(f"--json {name} is {what}; write the scores to another file")
+    if path.exists() and not path.is_file():  # a pipe, a FIFO, a device: written in place at the end, not probed
+        return path  # (a probe would end a FIFO's reader, or wait for one before any work)
     existed = path.exists()
     probe = Path(os.path.realpath(path))  # a link to a file not written yet: the file it names
     try:
