@@ -201,11 +201,16 @@ def load_model(model_dir: Path, auto_class: str):
 
 def refuse_overlap(model_dir: Path, out_dir: Path, what: str = "checkpoint") -> None:
     """Replacing `out_dir` must never delete what it is made from (the checkpoint, or a bundle): refuse
-    it as that folder or one holding it (symbolic links resolved)."""
-    model, out = model_dir.resolve(), out_dir.resolve()
+    it as that folder or one holding it (symbolic links resolved); nor the working directory, which
+    the caller's shell would be left in, removed."""
+    model, out, here = model_dir.resolve(), out_dir.resolve(), Path.cwd().resolve()
     if out == model or out in model.parents:
         relation = "is" if out == model else "contains"
         raise ExportError(f"{out_dir}: the output folder {relation} the {what} {model_dir}; choose another folder")
+    if out_dir.exists() and (out == here or out in here.parents):
+        relation = "is" if out == here else "contains"
+        raise ExportError(f"{out_dir}: the output folder {relation} the working directory, which replacing it would "
+                          "remove (the shell would stay in a deleted folder); run from another folder")
 
 
 # The JSON files transformers reads from a checkpoint, where present.
@@ -290,7 +295,7 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None,
         from optimum.exporters.onnx import main_export
     except ImportError as e:
         raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
-    out_dir = Path(os.path.abspath(out_dir))  # "." is its own parent: the staging folder goes beside it, not in it
+    out_dir = Path(os.path.realpath(out_dir))  # a link's target is replaced, not the link; the staging goes beside it
     with parents_made(out_dir.parent), tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         raw, staged = Path(tmp) / "optimum", Path(tmp) / "bundle"
         with stage(model_dir, "ONNX export"), quiet_exporter():

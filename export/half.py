@@ -268,7 +268,7 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")
     graphs = [manifest.files[role] for role in ("encoder", "decoder", "cross")]
-    out_dir = Path(os.path.abspath(out_dir))  # "." is its own parent: the staging folder goes beside it
+    out_dir = Path(os.path.realpath(out_dir))  # a link's target is replaced, not the link; the staging goes beside it
     with parents_made(out_dir.parent), tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         staged = Path(tmp) / "bundle"
         staged.mkdir()

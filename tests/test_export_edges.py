@@ -137,6 +137,24 @@ def test_failure_mid_export_leaves_nothing(t5_checkpoints, tmp_path, monkeypatch
     assert any(r.exc_info for r in caplog.records), "the full traceback should be in the debug log"
 
 
+def test_a_forced_export_replaces_a_links_target_and_never_the_working_directory(t5_checkpoints, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """`prod -> bundles/v3`: the bundle at v3 is replaced (the link was, and v3 kept serving the old one);
+    `lmcor export CK . --force` is refused (the shell was left in a removed folder)."""
+    real = tmp_path / "bundles" / "v3"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("an earlier bundle")
+    link = tmp_path / "prod"
+    link.symlink_to(real)
+    assert main(["export", str(t5_checkpoints[2, 3]), str(link), "--force"]) == 0
+    assert link.is_symlink() and (real / "lmcor.json").is_file() and not (real / "old.txt").exists()
+    capsys.readouterr()
+    monkeypatch.chdir(real)
+    assert main(["export", str(t5_checkpoints[2, 3]), ".", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert ".: the output folder is the working directory" in err and (real / "lmcor.json").is_file()
+
+
 @pytest.mark.parametrize("inside", [False, True], ids=["out-is-checkpoint", "out-contains-checkpoint"])
 @pytest.mark.parametrize("force", [False, True], ids=["", "force"])
 def test_the_output_folder_never_holds_the_checkpoint(t5_checkpoints, tmp_path, capsys, inside, force):
