@@ -33,6 +33,8 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
         raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
     if first and text.startswith(_BOM):
         text = text[1:]
+    elif text.startswith(_BOM):  # (json's own message advises decoding with "utf-8-sig")
+        raise InputError("a byte order mark (BOM) starts this line, not the file's first: files joined together?")
     try:
         # an error at the line's end is said at its column, not the next line's
         value = json.loads(text.rstrip("\r\n"), object_pairs_hook=unique_keys)

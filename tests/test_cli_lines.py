@@ -540,6 +540,30 @@ def test_a_bom_on_a_blank_first_line_is_no_line(bundles, tmp_path, capsys):
     assert [json.loads(x)["line"] for x in capsys.readouterr().out.splitlines()] == [2, 3, 4]
 
 
+def test_a_bom_inside_a_file_is_said_as_files_joined_together(bundles, tmp_path, capsys):
+    one = b"\xef\xbb\xbf" + _good_file(tmp_path).read_bytes()
+    data = tmp_path / "joined.jsonl"
+    data.write_bytes(one + one)
+    assert main(["correct", str(data), "--model", str(bundles["t5"]), *DECODE]) == 1  # the others answered
+    records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    bad = [r for r in records if "error" in r]
+    assert len(records) == 6 and [r["line"] for r in bad] == [4]
+    assert "a byte order mark (BOM) starts this line, not the file's first: files joined together?" in bad[0]["error"]
+
+
+def test_records_piped_through_o_to_a_reader_that_leaves_are_not_said_to_be_resumable(bundles, tmp_path):
+    """`-o /dev/stdout | head -1`: exit 141, and no "--resume answers the rest" (it refuses a pipe)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "many.jsonl"
+    data.write_text(_good_file(tmp_path).read_text() * 100)
+    command = (f"{sys.executable} -m lmcor.cli correct {data} --model {bundles['t5']} -q --max-new-tokens 6 "
+               "--batch-size 1 -o /dev/stdout | head -1 >/dev/null")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert "--resume answers the rest" not in done.stderr and "record(s) kept" not in done.stderr
+
+
 def test_write_errors_and_odd_paths_name_what_failed(bundles, tmp_path, capsys):
     data = _good_file(tmp_path)
     (tmp_path / "loop").symlink_to(tmp_path / "loop")

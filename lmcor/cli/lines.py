@@ -556,7 +556,7 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, field
         return _interrupted(output, signal.SIGINT)
     except Exception as e:  # lmcor's errors, and what it did not foresee (an ONNX Runtime failure)
         refused = isinstance(e, NotResumable)
-        if output.records and output.path and not refused:
+        if output.records and output.target is not None and not refused:  # a regular file: what --resume reads
             say(f"lmcor: {output.records} record(s) kept in {output.path} (input lines up to {output.through}); "
                 "after fixing the error below, --resume answers the rest")
         raise
