@@ -77,8 +77,8 @@ def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], correcto
         log = config.out / f"serve-batch{max_batch}.stderr.jsonl"
         process, url = _start(config, max_batch, log)
         try:
-            _drive(url, bodies[:4], expected, 1, 0.0, min_requests=4)  # warm-up: first-run allocations
-            runs = {str(c): _drive(url, bodies, expected, c, config.seconds) for c in config.clients}
+            _drive(url, bodies[:4], expected, 1, 0.0, min_requests=4, server=process)  # warm-up: first-run allocations
+            runs = {str(c): _drive(url, bodies, expected, c, config.seconds, server=process) for c in config.clients}
         finally:
             code = _stop(process)
         servers[name] = {"max_batch": max_batch, "clients": runs, "exit_code": code, "log": str(log)}
@@ -171,9 +171,10 @@ def _stop(process: subprocess.Popen) -> int:
 
 
 def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients: int, seconds: float, *,
-           min_requests: int = 0) -> dict:
+           min_requests: int = 0, server: subprocess.Popen | None = None) -> dict:
     """`clients` threads, each sending its next request once the last is answered, until `seconds`
-    have gone by (and `min_requests` were sent); answers are compared with `expected` (id -> text)."""
+    have gone by (and `min_requests` were sent), or the `server` process has ended (its clients would
+    spin on refused connections); answers are compared with `expected` (id -> text)."""
     sent = itertools.count()  # next() on it is atomic under the GIL
     latencies: list[float] = []
     errors: Counter[int] = Counter()
@@ -202,6 +203,8 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
                     connection.close()  # reconnects on the next request
                     with lock:
                         counts["lost"] += 1
+                    if server is not None and server.poll() is not None:
+                        return
                     continue
                 took = time.perf_counter() - began
                 with lock:

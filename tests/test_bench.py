@@ -218,3 +218,23 @@ def test_bench_request_files_are_read_as_lmcor_reads_its_input(tmp_path):
         for read in (_numbered_requests, _sources):
             with pytest.raises(InputError, match=f"{path}: {said}"):
                 read(path, 5)
+
+
+def test_serve_clients_stop_once_the_server_has_ended():
+    """A server that died mid-point: each client counts its refused request and stops (they spun on
+    refused connections, counting tens of thousands lost, until the point's time was up)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from lmcor.bench import serve
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    started = time.monotonic()
+    run = serve._drive(f"http://127.0.0.1:{port}", [b"{}"], {}, 2, 30.0, server=ended)
+    assert run["lost"] == 2 and run["answered"] == 0 and time.monotonic() - started < 10
