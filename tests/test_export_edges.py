@@ -354,16 +354,17 @@ def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path
 
 def test_an_export_into_the_current_folder_and_an_output_limit_past_any_answer(t5_checkpoints, tmp_path,
                                                                                monkeypatch, capsys):
-    """"." is its own parent: the bundle is staged beside the folder, not inside it; a limit of a
-    billion output tokens (T5 has no position limit) is refused before anything runs."""
+    """"." is the working directory, which replacing it would remove from under the shell: refused,
+    nothing written; a limit of a billion output tokens (T5 has no position limit) is refused before
+    anything runs."""
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
-    assert main(["export", str(t5_checkpoints[2, 3]), ".", "--max-output-tokens", "1000000000"]) == 2
+    assert main(["export", str(t5_checkpoints[2, 3]), "x", "--max-output-tokens", "1000000000"]) == 2
     assert "--max-output-tokens 1000000000: at most 32768" in capsys.readouterr().err
-    assert main(["export", str(t5_checkpoints[2, 3]), "."]) == 0
-    assert Corrector.load(here).manifest.kind == "corrector"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no staging folder left beside it
+    assert main(["export", str(t5_checkpoints[2, 3]), "."]) == 2
+    assert ".: the output folder is the working directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any(here.iterdir())
 
 
 def _t5(path, tokenizer, **config):
