@@ -73,8 +73,8 @@ def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], correcto
     single = _in_process(corrector, requests, config.seconds)
     config.out.mkdir(parents=True, exist_ok=True)
     servers = {}
-    for name, max_batch in (("server", config.batch_size), ("server, one at a time", 1)):
-        log = config.out / f"serve-batch{max_batch}.stderr.jsonl"
+    for name, max_batch, stem in (("server", config.batch_size, "serve"), ("server, one at a time", 1, "serve-one-at-a-time")):
+        log = config.out / f"{stem}.stderr.jsonl"  # by server, not batch size: --batch-size 1 gives both 1
         process, url = _start(config, max_batch, log)
         try:
             _drive(url, bodies[:4], expected, 1, 0.0, min_requests=4, server=process)  # warm-up: first-run allocations

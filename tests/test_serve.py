@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -578,10 +579,12 @@ def test_bench_serve_smoke(bundles, tmp_path, capsys):
     # t5's outputs stop at 32 tokens: t5v11's longest loop for hundreds, where near-tied logits of the random
     # weights can fall either way between batch shapes (the exactness tests above bound their lengths).
     code = main(["bench", "--serve", "--bundle", str(bundles["t5"]), "--data", str(data), "--seconds", "0.3",
-                 "--clients", "1,4", "--requests", "8", "--threads", "1", "--out", str(out)])
+                 "--clients", "1,4", "--requests", "8", "--threads", "1", "--batch-size", "1", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "serve.json").read_text())
     assert len(report["servers"]) == 2
+    logs = {server["log"] for server in report["servers"].values()}  # each server's own, whatever the batch size
+    assert len(logs) == 2 and all(Path(log).stat().st_size > 0 for log in logs)
     for server in report["servers"].values():
         assert server["exit_code"] == 0
         for run in server["clients"].values():
