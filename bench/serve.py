@@ -73,7 +73,8 @@ def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], correcto
     single = _in_process(corrector, requests, config.seconds)
     config.out.mkdir(parents=True, exist_ok=True)
     servers = {}
-    for name, max_batch, stem in (("server", config.batch_size, "serve"), ("server, one at a time", 1, "serve-one-at-a-time")):
+    for name, max_batch, stem in (("server", config.batch_size, "serve"),
+                                  ("server, one at a time", 1, "serve-one-at-a-time")):
         log = config.out / f"{stem}.stderr.jsonl"  # by server, not batch size: --batch-size 1 gives both 1
         process, url = _start(config, max_batch, log)
         try:
