@@ -28,7 +28,6 @@ from .checkpoint import (
     input_limit,
     input_limit_named,
     load_checkpoint,
-    model_positions,
     opset_of,
     output_limit,
     stage,
@@ -99,8 +98,7 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     pad = pad if pad is not None and 0 <= pad < model.get_input_embeddings().num_embeddings else eos
     bos = config.bos_token_id if config.bos_token_id is not None else eos
     inputs, outputs = _limits(config, tokenizer, max_input_tokens, max_output_tokens)
-    with staged_export(model_dir, out_dir, "text-generation-with-past", opset,
-                       model_positions(model.config)) as (raw, staged):
+    with staged_export(model_dir, out_dir, "text-generation-with-past", opset, model.config) as (raw, staged):
         with stage(model_dir, "constant reshape targets"):
             rewrite_file(raw / MODEL_FILE)
         if precision == "fp32":

@@ -284,12 +284,12 @@ _SAMPLE_TOKENS = 16  # optimum's sample inputs' length (`DEFAULT_DUMMY_SHAPES`)
 
 
 @contextlib.contextmanager
-def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None,
-                  positions: int | None = None) -> Iterator[tuple[Path, Path]]:
+def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None, config) -> Iterator[tuple[Path, Path]]:
     """Run optimum's exporter for `task` into `raw` and yield (raw, staged); when the body finishes,
-    `staged` replaces `out_dir`. A model of few `positions` (`model_positions`) is traced on sample
-    inputs that fit them: optimum's are 16 tokens, with a sample cache 2 longer, and a model of
-    fewer learned positions failed there (an IndexError from its embeddings)."""
+    `staged` replaces `out_dir`. A model (of `config`) of few positions is traced on sample inputs
+    that fit them: optimum's are 16 tokens, with a sample cache 2 longer, and a model of fewer
+    learned positions failed there (an IndexError from its embeddings)."""
+    positions = model_positions(config)
     shapes = {} if positions is None or positions >= _SAMPLE_TOKENS + 2 else {"sequence_length": max(1, positions - 2)}
     try:
         from optimum.exporters.onnx import main_export

@@ -26,7 +26,6 @@ from .checkpoint import (
     input_limit,
     input_limit_named,
     load_checkpoint,
-    model_positions,
     opset_of,
     quiet_exporter,
     stage,
@@ -97,8 +96,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
                           "each text's last token by it: set pad_token_id in config.json (such models often pad "
                           f"with their EOS{eos})")
 
-    with staged_export(model_dir, out_dir, "text-classification", opset,
-                       model_positions(model.config)) as (raw, staged):
+    with staged_export(model_dir, out_dir, "text-classification", opset, model.config) as (raw, staged):
         fused = fuse and config.model_type in _FUSIONS
         if fused:
             with stage(model_dir, "graph optimization"):

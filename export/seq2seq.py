@@ -31,7 +31,6 @@ from .checkpoint import (
     TOKENIZER_FILE,
     input_limit,
     load_checkpoint,
-    model_positions,
     opset_of,
     output_limit,
     quiet_exporter,
@@ -182,9 +181,9 @@ def export_corrector(
     half = precision in ("fp16", "bf16")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, tokenizer = load_checkpoint(model_dir, out_dir, "AutoModelForSeq2SeqLM", overwrite=overwrite)
-    if packed_encoder and model.config.model_type not in ragged.ARCHITECTURES:
-        raise ExportError(f"the packed encoder needs a T5-family model, not {model.config.model_type!r}")
     if packed_encoder:  # said before the export and its validation, not after
+        if model.config.model_type not in ragged.ARCHITECTURES:
+            raise ExportError(f"the packed encoder needs a T5-family model, not {model.config.model_type!r}")
         from lmcor.kernels.encoder import ACTIVATIONS
 
         if model.config.dense_act_fn not in ACTIVATIONS:
@@ -193,8 +192,7 @@ def export_corrector(
     shape = _decoder_shape(model.config)
     special = _special_tokens(model)
 
-    with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset,
-                       model_positions(model.config)) as (raw, staged):
+    with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset, model.config) as (raw, staged):
         opset = opset_of(raw / ENCODER_FILE)
         if model.config.model_type in ragged.ARCHITECTURES:
             with stage(model_dir, "building the step graph"), quiet_exporter():
