@@ -113,14 +113,15 @@ def _check(args: argparse.Namespace) -> None:
             if flag in NOT_READ.get(modes[0], ()):
                 raise InputError(f"{modes[0]} does not read {flag}")
     else:
-        if args.data and not Path(args.data).is_file():
-            raise InputError(f"--data {args.data}: no such file (JSONL correction requests)")
-        if args.data and not args.model:  # the random-init shapes' tokenizer reads no text: one token a request
-            raise InputError("--data goes with --model: the checkpoint its requests are for (a random-init --shape "
-                             "has no tokenizer for text)")
-        shaping = [f for f in given if f in ("--source", "--k", "--candidate", "--ragged")]
-        if args.data and shaping:
-            raise InputError(f"{shaping[0]} shapes random requests: --data's lines have their own")
+        if args.data:
+            if not Path(args.data).is_file():
+                raise InputError(f"--data {args.data}: no such file (JSONL correction requests)")
+            if not args.model:  # the random-init shapes' tokenizer reads no text: one token a request
+                raise InputError("--data goes with --model: the checkpoint its requests are for (a random-init "
+                                 "--shape has no tokenizer for text)")
+            shaping = [f for f in given if f in ("--source", "--k", "--candidate", "--ragged")]
+            if shaping:
+                raise InputError(f"{shaping[0]} shapes random requests: --data's lines have their own")
         if args.model and "--shape" in given:
             raise InputError("--shape sizes a random-init model: --model is the model")
     if args.bundle and not modes:

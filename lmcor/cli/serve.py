@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lmcor.runtime.errors import InputError, LmcorError
+from lmcor.runtime.errors import InputError
 
 from . import options
 
@@ -97,6 +97,15 @@ def _given(args: argparse.Namespace) -> dict:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _setting_named(args: argparse.Namespace, key: str) -> str:
+    """A failing setting's key as its error names it: with the config file where the value is the
+    file's (not a flag's, not a default). Read only on a failure."""
+    top = key.partition(".")[0]
+    if args.config and top not in _given(args) and top in json.loads(Path(args.config).read_text(encoding="utf-8")):
+        return f"{args.config}: {key}"
+    return key
+
+
 def run(args: argparse.Namespace) -> int:
     # Nothing is in flight before the server listens: a SIGTERM then ends it as a drain would, exit 0.
     previous = signal.signal(signal.SIGTERM, _before_listening) \
@@ -121,13 +130,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = config(args)
     from lmcor.server.models import Models
 
-    try:
-        Models.check(settings, here=not args.ray)
-    except LmcorError as e:  # a bundle or provider the config file names (not a flag's) is said to be the file's
-        key = e.key.partition(".")[0]
-        if args.config and key not in _given(args) and key in json.loads(Path(args.config).read_text(encoding="utf-8")):
-            raise type(e)(f"{args.config}: {e}") from None
-        raise
+    Models.check(settings, here=not args.ray, named=lambda key: _setting_named(args, key))
     runner.log_to_stderr()
     announce = lambda url: print(f"lmcor serve: listening on {url}", flush=True, file=sys.stdout)  # noqa: E731
     if args.ray:

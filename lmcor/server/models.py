@@ -137,12 +137,12 @@ class Models:
                          for name, g in generators.items()}
 
     @staticmethod
-    def check(config: ServeConfig, *, here: bool = True) -> None:
+    def check(config: ServeConfig, *, here: bool = True, named: Callable[[str], str] = str) -> None:
         """Read each bundle's manifest, of its kind, and check the providers (available in this ONNX
         Runtime build where the models load `here`; else, as a Ray cluster's machines may have others,
         known names): a wrong path or provider fails before the server listens (its models load
         after, while /health says "loading"). A failure is an `LmcorError` whose message starts with
-        the setting's key (`classifiers.NAME: ...`), which it also carries as `key`."""
+        the setting's key as `named` names it (default: `classifiers.NAME: ...`)."""
         checks: list[tuple[str, Callable[[], Any]]] = [
             ("model", lambda: load_manifest(config.model if config.model is not None else shipped_bundle("default"),
                                             verify=False, kind="corrector"))]
@@ -158,9 +158,7 @@ class Models:
             try:
                 check()
             except LmcorError as e:
-                error = type(e)(f"{key}: {e}")
-                error.key = key  # type: ignore[attr-defined]
-                raise error from None
+                raise type(e)(f"{named(key)}: {e}") from None
 
     @classmethod
     def load(cls, config: ServeConfig) -> Models:
