@@ -42,7 +42,7 @@ from lmcor.cli import STDERR, say
 from lmcor.cli.lines import split_lines
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
 from lmcor.runtime.bundle import Template, sha256_of
-from lmcor.runtime.errors import ExportError, InputError
+from lmcor.runtime.errors import BundleError, ExportError, InputError
 from lmcor.runtime.jsonl import blank, dump_record, parse_line
 
 from . import fallback, noise
@@ -86,21 +86,31 @@ class Job:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer line of the pairs file is reported and skipped
 
 
+SHOWN_BAD_LINES = 10  # said one by one; the rest are counted
+
+
 def read_pairs(path: Path, need_candidates: bool, max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[Pair]:
     """The usable pairs of a JSONL file; each bad line (or one over `max_bytes`) is reported on
     stderr (best effort: a closed one loses nothing else) and skipped."""
     pairs = []
+    bad = 0
     with open(path, "rb") as f:
         for number, (raw, size) in enumerate(split_lines(f.read, max_bytes), start=1):
             if raw is None:
-                say(f"lmcor: {path}: line {number}: {size} bytes, more than --max-line-bytes {max_bytes}: skipped")
+                why = f"{size} bytes, more than --max-line-bytes {max_bytes}: skipped"
+            elif blank(raw, first=number == 1):
                 continue
-            if blank(raw, first=number == 1):
-                continue
-            try:
-                pairs.append(_pair(parse_line(raw, first=number == 1), number, need_candidates))
-            except InputError as e:
-                say(f"lmcor: {path}: line {number}: {e}")
+            else:
+                try:
+                    pairs.append(_pair(parse_line(raw, first=number == 1), number, need_candidates))
+                    continue
+                except InputError as e:
+                    why = str(e)
+            bad += 1
+            if bad <= SHOWN_BAD_LINES:  # a file of bad lines (pairs without candidates, say) is not said line by line
+                say(f"lmcor: {path}: line {number}: {why}")
+    if bad > SHOWN_BAD_LINES:
+        say(f"lmcor: {path}: {bad - SHOWN_BAD_LINES} more bad lines skipped ({bad} in all)")
     if not pairs:
         raise InputError(f"{path}: no usable pairs")
     return pairs
@@ -222,7 +232,10 @@ def _made_by(job: Job) -> str:
 
     llm = {}
     if job.llm is not None:
-        load_manifest(job.llm, kind="causal-lm")  # checked: the files are the ones it lists
+        try:
+            load_manifest(job.llm, kind="causal-lm")  # checked: the files are the ones it lists
+        except (BundleError, InputError) as e:
+            raise type(e)(f"--llm {e}") from None
         manifest = json.loads((job.llm / MANIFEST_NAME).read_text(encoding="utf-8"))
         llm = {key: value for key, value in manifest.items() if key not in ("validation", "exporter")}
     what = {"llm": llm, "prompt": job.prompt, "k": job.k, "temperature": job.temperature,
@@ -284,9 +297,10 @@ RUN_STATE = ("checkpoint.pt", "best.pt", "train_log.jsonl", "tokenizer", "hf", "
 MARK = "train-corrector.json"
 
 
-def _check_out(job: Job, model: dict) -> dict:
+def _check_out(job: Job, model: dict, candidates: str | None) -> dict:
     """Refuse an OUT that this job must not use, before anything is written; the record of the run
-    it resumes (`MARK`), or an empty one. `model`: what the job trains (`_model_said`)."""
+    it resumes (`MARK`), or an empty one. `model`: what the job trains (`_model_said`); `candidates`:
+    what makes its candidates (`_made_by`; None: the pairs file's own)."""
     out = job.out
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: not a folder (a file of that name exists)")
@@ -321,7 +335,21 @@ def _check_out(job: Job, model: dict) -> dict:
     if isinstance(before, dict) and _same_model(before) != _same_model(model) and trained:
         raise InputError(f"{out}: a run of another model ({_model_shown(before)}); restart it (--restart) or train "
                          "into another folder")
+    # A corrector learns its LLM's mistakes: one trained on another LLM's candidates, or on candidates
+    # made otherwise, would go on as if it were this one's (and with its minutes spent, be reported as it).
+    if "candidates" in record and record["candidates"] != candidates and trained:
+        raise InputError(f"{out}: a run trained on {_candidates_changed(record['candidates'], candidates)}; restart it "
+                         "(--restart: the candidates made stay cached) or train into another folder")
     return record
+
+
+def _candidates_changed(before: str | None, now: str | None) -> str:
+    if before is None:
+        return "the pairs file's own candidates, and this one on an LLM's (--llm)"
+    if now is None:
+        return "an LLM's candidates (--llm), and this one on the pairs file's own"
+    return ("an LLM's candidates made otherwise than this run asks (another --llm bundle, or --prompt, -k, "
+            "--temperature or --max-new-tokens changed)")
 
 
 def _model_said(job: Job) -> dict:
@@ -531,22 +559,26 @@ def _write_items(path: Path, pairs: list[Pair]) -> None:
             f.write(dump_record({"id": p.line, "source": p.source, "candidates": list(p.candidates), "target": p.target}))
 
 
-def report(bundle: Path, test: Path) -> dict:
-    """Every baseline and the corrector on `test`, exact match and chrF."""
+def report(bundle: Path, test: Path, quiet: bool = False) -> dict:
+    """Every baseline and the corrector on `test`, exact match and chrF (`quiet`: no progress bar)."""
     from lmcor.bench.quality import consensus, oracle, read_items, score
     from lmcor.runtime.corrector import Corrector
 
     items = read_items(test)[0]
     corrector = Corrector.load(bundle)
-    items, with_fallback = fallback.readable(corrector, items, str(test), "the report")  # every system's scores
+    with tqdm(total=2 * len(items), unit=" outputs", desc="the report", file=STDERR, disable=quiet) as bar:
+        every = len(items)
+        items, with_fallback = fallback.readable(corrector, items, str(test), "the report", progress=bar.update)
+        bar.total = every + len(items)  # those too long for the corrector are not decoded again
+        alone = corrector.correct_batch([(i.source, i.candidates) for i in items], fallback_below=0,
+                                        progress=bar.update)
     targets = [i.target for i in items]
-    requests = [(i.source, i.candidates) for i in items]
     outputs = {
         "source": [i.source for i in items],
         "first candidate": [i.candidates[0] for i in items],
         "consensus candidate": [consensus(i.candidates) for i in items],
         "oracle candidate": [oracle(i.candidates, i.target) for i in items],
-        "corrector alone": [c.text for c in corrector.correct_batch(requests, fallback_below=0)],
+        "corrector alone": [c.text for c in alone],
         "corrector": [c.text for c in with_fallback],
     }
     return {"items": len(items), "fallbacks": sum(c.fallback for c in with_fallback),
@@ -558,6 +590,26 @@ def table(result: dict) -> str:
     rows += [f"{name:<22} {s['exact_match']:>11.2f} {s['chrf']:>7.2f}" for name, s in result["systems"].items()]
     rows.append(f"({result['items']} held-out test lines; {result['fallbacks']} outputs fell back)")
     return "\n".join(rows)
+
+
+def _stamp(path: Path) -> str:
+    """A file as this run left it (only lmcor rewrites a checkpoint, whole)."""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _reported(job: Job) -> dict | None:
+    """The report of a run with nothing left to do: trained for --minutes or more, then exported,
+    calibrated and reported from the checkpoint that is there now; None otherwise."""
+    from lmcor.runtime.bundle import MANIFEST_NAME
+
+    try:
+        result = json.loads((job.out / "report.json").read_text(encoding="utf-8"))
+        trained = result["trained"]
+        done = trained["checkpoint"] == _stamp(job.out / "checkpoint.pt") and job.minutes <= trained["minutes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return result if done and (job.out / "bundle" / MANIFEST_NAME).is_file() else None
 
 
 def run(job: Job) -> dict:
@@ -572,7 +624,8 @@ def run(job: Job) -> dict:
     if job.init is not None:
         _check_init(job.init)
     model_said = _model_said(job)
-    resumed = _check_out(job, model_said)
+    made_by = _made_by(job) if job.llm is not None else None
+    resumed = _check_out(job, model_said, made_by)
     # Every input is checked before OUT is cleared or made.
     pairs = read_pairs(job.pairs, need_candidates=job.llm is None, max_bytes=job.max_line_bytes)
     split(pairs, job.held_out)
@@ -587,10 +640,15 @@ def run(job: Job) -> dict:
         _clear(job.out)
     # The folder is this command's from now on: candidates cut short by a signal are continued.
     job.out.mkdir(parents=True, exist_ok=True)
-    (job.out / MARK).write_text(json.dumps({"held_out": job.held_out, "pairs": pairs_digest, "model": model_said})
-                                + "\n", encoding="utf-8")
+    record = {"held_out": job.held_out, "pairs": pairs_digest, "model": model_said, "candidates": made_by}
+    (job.out / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
     if writer is not None:
         pairs = llm_candidates(job, pairs, writer)
+    done = _reported(job) if resumed.get("pairs") == pairs_digest and resumed.get("candidates", "") == made_by else None
+    if done is not None:
+        log.warning("%s: trained for --minutes %g already, exported and reported: its report follows (more --minutes "
+                    "trains on, --restart starts over)", job.out, done["trained"]["minutes"])
+        return done
     parts = split(pairs, job.held_out)
     _write_items(job.out / "dev.jsonl", parts["dev"])
     _write_items(job.out / "test.jsonl", parts["test"])
@@ -620,9 +678,11 @@ def run(job: Job) -> dict:
         export_corrector(hf, bundle, max_input_tokens=recipe.MAX_INPUT_TOKENS,
                          max_output_tokens=recipe.MAX_TARGET_TOKENS, overwrite=True)
         stage = "fallback calibration"
-        fallback.calibrate_bundle(bundle, job.out / "dev.jsonl")
+        fallback.calibrate_bundle(bundle, job.out / "dev.jsonl", quiet=job.quiet)
         stage = "report"
-        result = report(bundle, job.out / "test.jsonl")
+        result = report(bundle, job.out / "test.jsonl", quiet=job.quiet)
+        # What it describes: a run again with no more minutes to train returns it (`_reported`).
+        result["trained"] = {"minutes": job.minutes, "checkpoint": _stamp(job.out / "checkpoint.pt")}
         (job.out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     except KeyboardInterrupt:  # training is saved: a run again goes straight back to this stage
         log.warning("interrupted during the %s of %s (training is done and saved); run the same command again to "

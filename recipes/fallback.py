@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from lmcor.cli import STDERR
 from lmcor.runtime.errors import InputError
 
 from . import command_line
@@ -34,17 +34,19 @@ THRESHOLDS = (0, *range(50, 100))  # chrF; 0: never fall back
 SPANS = (0, 1, 2, 3, 4, 6)  # words; 0: any edit kept
 
 
-def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, list[dict]]:
+def calibrate(corrector, items, tolerance: float = 0.05, quiet: bool = False) -> tuple[float, int, list[dict]]:
     """The fallback threshold and largest kept edit (0: any) for `corrector` on `items`, with the scores
     of every pair tried. Both are chosen on exact match + chrF: chrF alone would trade exact
-    corrections for character overlap."""
+    corrections for character overlap. `quiet`: no progress bars."""
     from lmcor.bench.quality import score
     from lmcor.runtime.fallback import agreement, best_guess, nearest, voters
     from lmcor.runtime.request import Request
     from lmcor.runtime.tokens import encode_requests
     from lmcor.runtime.vote import edit_vote, input_words, minimal_edits
 
-    items, answers = readable(corrector, items, "dev", "the calibration", fallback_below=0)
+    with tqdm(total=len(items), desc="decoding dev for the fallback", unit=" outputs", file=STDERR, disable=quiet,
+              leave=False) as bar:
+        items, answers = readable(corrector, items, "dev", "the calibration", progress=bar.update, fallback_below=0)
     requests = [Request(i.source, tuple(i.candidates)) for i in items]
     outputs = [a.text for a in answers]
     # What `fallback.guard` weighs, computed once: each threshold then only picks among them. As there,
@@ -70,8 +72,8 @@ def calibrate(corrector, items, tolerance: float = 0.05) -> tuple[float, int, li
                    for span in SPANS}
     targets = [i.target for i in items]
     tried = [{"threshold": 0, "span": 0, "fell_back": 0, **score(outputs, targets)}]  # threshold 0: no guard at all
-    for threshold in tqdm(THRESHOLDS[1:], desc="calibrating the fallback", unit=" thresholds", file=sys.stderr,
-                          leave=False):
+    for threshold in tqdm(THRESHOLDS[1:], desc="calibrating the fallback", unit=" thresholds", file=STDERR,
+                          disable=quiet, leave=False):
         for span in SPANS:
             kept = []
             for n, (output, s, guess, vote, item, words) in enumerate(
@@ -93,9 +95,9 @@ def _objective(scores: dict) -> float:
     return scores["exact_match"] + scores["chrf"]
 
 
-def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.05) -> list[dict]:
+def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.05, quiet: bool = False) -> list[dict]:
     """Calibrate `bundle` on the dev file(s) `dev`, write the threshold and span into its manifest, and
-    return the scores of every pair tried (the chosen one first)."""
+    return the scores of every pair tried (the chosen one first). `quiet`: no progress bars."""
     from lmcor.runtime.bundle import update_manifest
     from lmcor.runtime.corrector import Corrector
 
@@ -106,7 +108,7 @@ def calibrate_bundle(bundle: Path, dev: Path | list[Path], tolerance: float = 0.
     if not items:
         raise InputError(f"{', '.join(map(str, dev if isinstance(dev, list) else [dev]))}: no usable dev line "
                          '({"source", "candidates", "target"}, within the corrector\'s input)')
-    threshold, span, tried = calibrate(corrector, items, tolerance)
+    threshold, span, tried = calibrate(corrector, items, tolerance, quiet)
     update_manifest(bundle, fallback_below=float(threshold), fallback_span=span or None)
     chosen = next(t for t in tried if (t["threshold"], t["span"]) == (threshold, span))
     log.info("%s: fallback below chrF %d, %s (dev: %.2f chrF, %.2f exact match, %d outputs replaced; without: "
@@ -131,7 +133,7 @@ def usable(corrector, path: Path) -> list:
 
 def readable(corrector, items: list, where: str, use: str, **options) -> tuple[list, list]:
     """The labelled `items` the corrector can read, and its corrections of them (`options` as for
-    `correct_batch`); those too long for it are left out of `use`, and said."""
+    `correct_batch`, `progress` included); those too long for it are left out of `use`, and said."""
     answers = corrector.correct_batch([(i.source, i.candidates) for i in items], errors="return", **options)
     taken = [n for n, a in enumerate(answers) if not isinstance(a, InputError)]
     left = [n for n, a in enumerate(answers) if isinstance(a, InputError)]

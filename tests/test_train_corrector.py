@@ -75,6 +75,7 @@ def test_trains_a_corrector_on_the_llms_candidates_and_resumes(llm, pairs, tmp_p
     assert _train(pairs, out, llm) == 0
     table = capsys.readouterr()
     assert "line 41: not valid JSON" in table.err and "line 42: field 'target'" in table.err
+    assert "%|" not in table.err  # -q: no bar of any stage (the fallback's calibration drew one)
     for system in ("source", "first candidate", "consensus candidate", "oracle candidate", "corrector alone", "corrector"):
         assert system in table.out
     report = json.loads((out / "report.json").read_text())
@@ -102,7 +103,9 @@ def test_pairs_with_their_own_candidates_need_no_llm(pairs, tmp_path, capfd):
     assert (out / "bundle" / "lmcor.json").is_file() and not (out / "candidates.jsonl").exists()
     assert capfd.readouterr().out.startswith("system ")  # with -q, stdout holds the report alone (no tokenizer progress)
     assert main(["train-corrector", str(pairs), "--out", str(tmp_path / "none"), "--size", "tiny", "-q"]) == 2
-    assert "field 'candidates' must be a non-empty list" in capfd.readouterr().err
+    said = capfd.readouterr().err.splitlines()  # the first bad lines, then a count: not one line per line of the file
+    assert len([line for line in said if "field 'candidates' must be a non-empty list" in line]) == 10
+    assert f"lmcor: {pairs}: 72 more bad lines skipped (82 in all)" in said
 
 
 def test_cached_candidates_follow_the_pairs_and_the_options(llm, pairs, tmp_path):
@@ -122,18 +125,55 @@ def test_cached_candidates_follow_the_pairs_and_the_options(llm, pairs, tmp_path
     assert records()[: len(first)] == first and [r["source"] for r in records()[len(first):]] == ["a new first line"]
     sources = {json.loads(text)["source"] for text in pairs.read_text().splitlines()
                if text.startswith('{"source"') and "target" in text}
-    assert _train(pairs, out, llm, "-k", "3") == 0
+    # Other candidates need a restart (the corrector learned the others); what was made stays cached.
+    assert _train(pairs, out, llm, "-k", "3", "--restart") == 0
     assert all(len(json.loads(line)["candidates"]) == 3 for line in (out / "test.jsonl").read_text().splitlines())
     before = len(records())
     assert before == len(first) + 1 + len(sources)
-    assert _train(pairs, out, llm) == 0 and len(records()) == before  # k back to 5: all cached
+    assert _train(pairs, out, llm, "--restart") == 0 and len(records()) == before  # k back to 2: all cached
     # The same LLM exported again with other settings (its files unchanged): its candidates are its own.
     again = tmp_path / "llm-again"
     shutil.copytree(llm, again)
     manifest = json.loads((again / "lmcor.json").read_text())
     (again / "lmcor.json").write_text(json.dumps({**manifest, "max_output_tokens": 6}))
-    assert _train(pairs, out, again, "-k", "3") == 0
+    assert _train(pairs, out, again, "-k", "3", "--restart") == 0
     assert len(records()) == before + len(sources)
+
+
+def test_a_run_on_other_candidates_is_refused_and_a_finished_run_is_not_done_again(llm, pairs, tmp_path, monkeypatch,
+                                                                                   capsys, caplog):
+    """A corrector trained on one LLM's candidates does not go on as another's, nor as one trained on
+    other options; a run with nothing left to train returns its report without exporting, calibrating
+    or scoring again, and more --minutes train on."""
+    import lmcor.export
+    from lmcor.recipes import fallback
+
+    out = tmp_path / "run"
+    assert _train(pairs, out, llm) == 0
+    report = json.loads((out / "report.json").read_text())
+    first = capsys.readouterr().out
+    other = tmp_path / "other-llm"
+    shutil.copytree(llm, other)
+    manifest = json.loads((other / "lmcor.json").read_text())
+    (other / "lmcor.json").write_text(json.dumps({**manifest, "max_output_tokens": 6}))
+    assert _train(pairs, out, other) == 2
+    assert "a run trained on an LLM's candidates made otherwise" in capsys.readouterr().err
+    for option in (("-k", "3"), ("--temperature", "0.9")):
+        assert _train(pairs, out, llm, *option) == 2 and "made otherwise" in capsys.readouterr().err, option
+    assert _train_own(_with_candidates(pairs, tmp_path / "own.jsonl"), out) == 2
+    assert "and this one on the pairs file's own" in capsys.readouterr().err
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a finished stage done again")
+
+    monkeypatch.setattr(lmcor.export, "export_corrector", not_again)
+    monkeypatch.setattr(fallback, "calibrate_bundle", not_again)
+    assert _train(pairs, out, llm) == 0
+    assert capsys.readouterr().out == first and json.loads((out / "report.json").read_text()) == report
+    assert "exported and reported" in caplog.text
+    assert _train(pairs, out, llm, "--minutes", "0.04") == 0  # fewer minutes: nothing to train either
+    assert _train(pairs, out, llm, "--minutes", "0.08") == 2  # more: trained on, and exported again
+    assert "a finished stage done again" in capsys.readouterr().err
 
 
 def test_restart_clears_the_run_and_another_model_needs_it(llm, pairs, tmp_path, checkpoints, capsys):
@@ -158,7 +198,7 @@ def test_bad_inputs_are_refused_before_out_is_touched(pairs, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     assert _train_own(tmp_path / "empty.jsonl", tmp_path / "a") == 2
     assert _train(pairs, tmp_path / "b", tmp_path / "no-llm") == 2
-    assert "no such bundle directory" in capsys.readouterr().err
+    assert f"--llm {tmp_path / 'no-llm'}: no such bundle directory" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     (tmp_path / "one.jsonl").write_text(own.read_text().splitlines()[0] + "\n")
     assert _train_own(tmp_path / "one.jsonl", tmp_path / "c") == 2
