@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,6 +52,26 @@ def test_auto_with_no_cluster_running_names_the_flag(tmp_path):
                           "-q"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": ""})
     assert run.returncode == 2 and "Ray address 'auto' (--ray-address or RAY_ADDRESS)" in run.stderr, run.stderr
+
+
+def test_a_cluster_started_here_keeps_stdout_and_sigterm_lmcors():
+    """Ray's driver prints its workers' failures to sys.stdout, where `lmcor correct` writes records
+    and `lmcor serve` its address: while lmcor's own cluster runs, prints go to stderr. `ray.init`
+    puts in a SIGTERM handler of its own (exit 15): lmcor's is back once it returns (exit 143)."""
+    import subprocess
+    import sys
+
+    code = ("import signal, sys\n"
+            "from lmcor.integrations import ray as lmcor_ray\n"
+            "with lmcor_ray.cluster():\n"
+            "    print('printed inside')\n"
+            "    print(signal.getsignal(signal.SIGTERM).__name__, file=sys.__stdout__)\n"
+            "print('printed after')\n")
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as short:  # Ray's socket paths are limited to 107 bytes
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "RAY_TMPDIR": short, "RAY_ADDRESS": ""})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["_terminated", "printed after"] and "printed inside" in run.stderr
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +173,8 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
 
     lmcor_ray.correct_dataset(lines, worker=Tagged, tag="x")  # checked, not run
     assert lmcor_ray.correct_dataset(ray.data.from_items([]), workers=1).take_all() == []
+    # The caller's dataset keeps its own execution options (Ray Data's children share their parent's).
+    assert not lines.context.execution_options.preserve_order and lines.context.enable_progress_bars
 
 
 def test_a_worker_killed_mid_job_is_restarted_without_losing_or_repeating_lines(cluster, jsonl, plain, tmp_path):
@@ -177,6 +200,23 @@ def test_a_worker_killed_mid_job_is_restarted_without_losing_or_repeating_lines(
     assert marker.exists(), "a worker should have died"
     assert [a.number for a in answers] == sorted({a.number for a in answers})  # in order, each line once
     assert "".join(a.text for a in answers).encode() == plain.read_bytes()
+
+
+def test_a_batch_that_kills_every_worker_fails_the_job_after_a_few_restarts(cluster, jsonl, tmp_path):
+    """A worker that dies on the same batch each time (a crash, an out-of-memory kill) is restarted a
+    few times, then the job fails with Ray's error in one line (Ray's default retries for ever)."""
+
+    class DiesOnLine5(lmcor_ray.CorrectLines):
+        def __call__(self, batch):
+            if 5 in batch["line"].to_pylist():
+                os._exit(1)
+            return super().__call__(batch)
+
+    source = lmcor_ray.JsonlLines(jsonl, lines_per_block=4, max_line_bytes=2048)
+    with pytest.raises(lmcor_ray.LmcorError, match="^a Ray worker failed: "):
+        for _ in lmcor_ray.answers(source, lambda: False, worker=DiesOnLine5, workers=1, threads=1, lines_per_batch=4,
+                                   batch_size=1, options=lmcor_ray.CorrectionOptions(max_new_tokens=24)):
+            pass
 
 
 def test_a_worker_that_cannot_start_says_why_in_one_line(cluster, jsonl, tmp_path, capsys):
@@ -215,6 +255,10 @@ def test_bad_flags_fail_in_one_line(tmp_path, capsys):
     assert "--workers needs --ray" in capsys.readouterr().err
     assert main(["correct", "--ray", "-"]) == 2
     assert "not a regular file" in capsys.readouterr().err
+    assert main(["correct", "--ray", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a directory, not a JSONL file" in capsys.readouterr().err
+    assert main(["correct", "--ray", str(EXAMPLES), "--model", ""]) == 2  # not this folder
+    assert "a bundle's path is empty" in capsys.readouterr().err
     assert main(["serve", "--replicas", "2"]) == 2
     assert "--replicas needs --ray" in capsys.readouterr().err
     with socket.socket() as s:  # a port nothing listens on once closed
@@ -222,9 +266,26 @@ def test_bad_flags_fail_in_one_line(tmp_path, capsys):
         port = s.getsockname()[1]
     for address, said in ((f"127.0.0.1:{port}", f"no Ray cluster answers at 127.0.0.1:{port}"),
                           (f"ray://127.0.0.1:{port}", "no Ray cluster answers"),
-                          ("somewhere", "Ray address 'somewhere' is not host:port")):
+                          ("somewhere", "Ray address 'somewhere' .--ray-address. is not host:port"),
+                          ("http://127.0.0.1:8265", "is not host:port")):
         with pytest.raises(InputError, match=said):  # at once: Ray would wait minutes before failing
             lmcor_ray._check_reachable(address)
+    with pytest.raises(InputError, match="somewhere' .RAY_ADDRESS. is not host:port"):
+        lmcor_ray._check_reachable("somewhere", "RAY_ADDRESS")
+    with socket.socket() as web:  # answers, but not as Ray (a dashboard's port): refused at once too
+        web.bind(("127.0.0.1", 0))
+        web.listen()
+
+        def answer_text():
+            connection, _ = web.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(answer_text)
+            with pytest.raises(InputError, match="answers, but not as a Ray cluster does"):
+                lmcor_ray._check_reachable(f"127.0.0.1:{web.getsockname()[1]}")
     with socket.socket() as taken:  # Serve said only that its proxy actor failed, in terminal colours
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -271,6 +332,10 @@ def test_a_second_server_on_the_cluster_is_refused_and_serves_queue_bounded(clus
             codes = sorted(a.status_code for a in pool.map(lambda r: client.post("/v1/correct", json=r), requests))
             assert client.post("/v1/correct", json=requests[0]).status_code == 200  # the first one still serves
     assert set(codes) == {200, 429}, codes  # one taken, one waiting, the others refused (it took all 12)
+
+
+def test_a_clusters_own_address_is_taken(cluster):
+    lmcor_ray._check_reachable(ray.get_runtime_context().gcs_address)  # its GCS speaks gRPC
 
 
 def test_a_worker_larger_than_every_node_is_refused(cluster):

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 from tqdm import tqdm
 
@@ -271,7 +271,8 @@ class Output:
     it that replaces it at the end (through a symbolic link, its target); or, for a device, pipe or
     FIFO at `-o`, that itself, written as the records come (it cannot be replaced)."""
 
-    def __init__(self, path: str | None, input_name: str, resume: bool, fields: RecordFields):
+    def __init__(self, path: str | None, input_name: str, resume: bool, fields: RecordFields,
+                 stdout: TextIO | None = None):
         if path is not None and not path.strip():
             raise InputError("-o is empty; give a file's path (or leave -o out for stdout)")
         if path is not None:
@@ -287,10 +288,11 @@ class Output:
         self._orphan: Path | None = None  # a killed run's temporary file that --resume continued from
         self.target: Path | None = None
         self._file: IO[bytes] | None = None
+        self._stdout = stdout or sys.stdout  # the records' own (Ray's driver prints to sys.stdout: `cluster`)
         if self.path is None:
             if resume:
                 raise InputError("--resume needs -o: the file an interrupted run wrote")
-            if sys.stdout is None:
+            if self._stdout is None:
                 raise InputError("standard output is closed; write to a file with -o")
             return
         try:
@@ -379,13 +381,13 @@ class Output:
     def write(self, text: str) -> None:
         with self._writing():
             if self._file is None:
-                sys.stdout.write(text)
+                self._stdout.write(text)
             else:
                 self._file.write(text.encode("utf-8"))
 
     def flush(self) -> None:
         with self._writing():
-            (self._file or sys.stdout).flush()
+            (self._file or self._stdout).flush()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -396,7 +398,7 @@ class Output:
             raise
         except OSError as e:
             if self._file is None:  # what stdout holds unwritten would fail the interpreter's flush at exit too
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stdout.fileno())
             raise LmcorError(f"{f'-o {self.path}' if self.path else 'standard output'}: cannot write "
                              f"({e.strerror or e})") from None
 
@@ -525,10 +527,10 @@ def answer_lines(
 
 
 def write_answers(args: argparse.Namespace, answered: Answered, verb: str, fields: RecordFields,
-                  echo: str | None = None) -> int:
-    """Write what `answered` gives into `args.output` (or stdout), with `answer_lines`' rules: a
-    temporary file renamed at the end, `--resume`, signals, the exit code."""
-    output = Output(args.output, args.input, args.resume, fields)
+                  echo: str | None = None, stdout: TextIO | None = None) -> int:
+    """Write what `answered` gives into `args.output` (or `stdout`, by default sys.stdout), with
+    `answer_lines`' rules: a temporary file renamed at the end, `--resume`, signals, the exit code."""
+    output = Output(args.output, args.input, args.resume, fields, stdout)
     failed = output.kept_errors
     finished = refused = False
     try:

@@ -132,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
 
     Models.check(settings, here=not args.ray, named=lambda key: _setting_named(args, key))
     runner.log_to_stderr()
-    announce = lambda url: print(f"lmcor serve: listening on {url}", flush=True, file=sys.stdout)  # noqa: E731
+    stdout = sys.stdout  # kept: Ray's driver prints elsewhere while it runs (`ray.cluster`)
+    announce = lambda url: print(f"lmcor serve: listening on {url}", flush=True, file=stdout)  # noqa: E731
     if args.ray:
         try:
             from lmcor.integrations import ray

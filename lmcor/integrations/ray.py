@@ -14,8 +14,7 @@ block with `lmcor correct`'s own code (`lmcor.cli.lines.line_at` and `answer_chu
 line gets the same error record with its line number. The driver takes the blocks in input order
 and writes them with the CLI's rules (`lmcor.cli.lines.write_answers`: a temporary file renamed at
 the end, --resume, signals). A worker that dies is restarted by Ray and its block is run again
-(Ray Data's actors: `max_restarts=-1`, `max_task_retries=-1`): a block's records reach the driver
-once, whole.
+(up to `WORKER_RESTARTS` times): a block's records reach the driver once, whole.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,7 +50,7 @@ from lmcor.cli.lines import (Answer, answer_chunk, check_resumed, line_at, regul
                              write_answers)
 from lmcor.cli.options import DEFAULT_MAX_LINE_BYTES
 from lmcor.runtime import errors
-from lmcor.runtime.bundle import load_manifest, shipped_bundle
+from lmcor.runtime.bundle import bundle_path, load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classifier, check_gate_bundle
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
@@ -66,6 +66,8 @@ log = logging.getLogger("lmcor.server.ray")  # `lmcor serve`'s JSON log lines
 APP_NAME = "lmcor"
 # Lines a read task reads and a worker answers at once: `lmcor correct`'s chunk at its default batch.
 LINES_PER_BLOCK = 128
+# A worker that dies (killed, out of memory) is started again and its batch run again, this often at most.
+WORKER_RESTARTS = 3
 _SCAN_BLOCK = 1 << 20
 _SCHEMA = pa.schema([("line", pa.int64()), ("size", pa.int64()), ("raw", pa.binary()), ("limit", pa.int64())])
 
@@ -93,7 +95,10 @@ def cluster(address: str | None = None) -> Iterator[None]:
         yield
         return
     asked = address or os.environ.get("RAY_ADDRESS")
-    _check_reachable(asked)
+    _check_reachable(asked, "--ray-address" if address else "RAY_ADDRESS")
+    kept = sys.stdout
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
     try:
         try:
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
@@ -102,23 +107,56 @@ def cluster(address: str | None = None) -> Iterator[None]:
             said = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
             raise InputError(f"Ray address {asked!r} (--ray-address or RAY_ADDRESS): {said}; start one (ray start "
                              "--head), or give no address for a local cluster") from None
+        if main:  # `ray.init` put in its own SIGTERM handler, exit(15): lmcor's again, or exit 143 with Ray stopped
+            signal.signal(signal.SIGTERM, before if callable(before) else _terminated)
+        # Ray's driver prints its workers' failures ("(raylet) A worker died...") to sys.stdout, which may
+        # carry records or the server's address: they go to stderr (the records to the stdout kept before).
+        sys.stdout = sys.stderr
         yield
     finally:
+        sys.stdout = kept
         ray.shutdown()  # also after a signal during `ray.init`
+        if main:
+            signal.signal(signal.SIGTERM, before)
 
 
-def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
-    """A cluster's host:port (or ray://host:port) must answer: Ray itself waits minutes for one that
-    does not before it fails."""
+def _terminated(number: int, _frame: object) -> None:
+    raise SystemExit(128 + number)
+
+
+def _check_reachable(address: str | None, named: str = "--ray-address", timeout_s: float = 10.0) -> None:
+    """A cluster's host:port (or ray://host:port) must answer, and as Ray does (gRPC): Ray itself waits
+    minutes for one that does not before it fails. `named`: where the address came from."""
     if not address or address == "auto" or address == "local":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"Ray address {address!r} is not host:port (or ray://host:port, auto)")
+    if not host or not port.isdigit() or "://" in host:
+        raise InputError(f"Ray address {address!r} ({named}) is not host:port (or ray://host:port, auto)")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as connection:
+            grpc = _speaks_http2(connection)
     except OSError as e:
-        raise InputError(f"no Ray cluster answers at {address} ({e.strerror or e})") from None
+        raise InputError(f"no Ray cluster answers at {address} ({named}: {e.strerror or e})") from None
+    if not grpc:
+        raise InputError(f"{address} ({named}) answers, but not as a Ray cluster does: give its GCS address (port "
+                         "6379 unless `ray start --head` was told another; not the dashboard's 8265), or "
+                         "ray://host:10001 for Ray Client")
+
+
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, its client server)
+# answers with a SETTINGS frame of its own; an HTTP/1 server (a dashboard) with text, or not at all.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _speaks_http2(connection: socket.socket) -> bool:
+    connection.sendall(_HTTP2_HELLO)
+    head = b""
+    while len(head) < 9:  # a frame's header: length (3 bytes), type (1), flags, stream
+        more = connection.recv(9 - len(head))
+        if not more:
+            break
+        head += more
+    return len(head) == 9 and head[3] == 0x04
 
 
 def _check_cpus(count: int, cpus: int, what: str) -> None:
@@ -271,8 +309,9 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     """`dataset` (rows {line, size, raw, limit}, as `read_jsonl` gives) corrected by `workers` actors
     of `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs);
     `settings` are `CorrectLines`' (model, options, gate, batch_size, providers).
-    The result keeps the input's order. A worker that dies is restarted and its batch retried: Ray
-    Data's actors have `max_restarts=-1` and `max_task_retries=-1` unless told otherwise.
+    The result keeps the input's order. A worker that dies is restarted and its batch retried, up to
+    `WORKER_RESTARTS` times (a batch that kills every worker it meets fails the job, with Ray's error,
+    instead of retrying for ever).
 
     What the workers would refuse is refused here, before any starts (`InputError`): the rows'
     schema, the counts, and `CorrectLines`' settings (the bundles, the options against them)."""
@@ -290,7 +329,10 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
         check_settings(**{k: v for k, v in settings.items() if k in inspect.signature(check_settings).parameters})
     answered = dataset.map_batches(worker, batch_size=lines_per_batch, batch_format="pyarrow",
                                    compute=ActorPoolStrategy(size=workers),
-                                   fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads or 1)
+                                   fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads or 1,
+                                   max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS)
+    # Its own context: Ray Data's child datasets share their parent's, and the caller's is left as it was.
+    answered = Dataset.copy(answered, _deep_copy=True)
     answered.context.execution_options.preserve_order = True
     answered.context.enable_progress_bars = False  # the CLI shows its own
     return answered
@@ -380,11 +422,14 @@ def answers(source: JsonlLines, stopping: Callable[[], bool], **correcting: Any)
 def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, workers: int,
                   providers: list[str] | None = None, address: str | None = None) -> int:
     """`lmcor correct --ray`: `args`' input file into `args.output`, by `workers` Ray workers."""
+    if args.input != "-" and os.path.isdir(args.input):
+        raise InputError(f"{args.input}: is a directory, not a JSONL file")
     if args.input == "-" or regular_file_size(args.input) is None:
         raise InputError(f"--ray reads a file by byte ranges; {args.input!r} is not a regular file (drop --ray to "
                          "read a pipe)")
-    model = None if args.model is None else str(Path(args.model).resolve())
-    gate = args.gate if not args.gate else str(Path(args.gate).resolve())
+    # Absolute, for workers in other folders (an empty path is refused, not read as this folder).
+    model = None if args.model is None else str(bundle_path(args.model).resolve())
+    gate = args.gate if not args.gate else str(bundle_path(args.gate).resolve())
     # What the workers would refuse, refused before Ray starts: the bundles and the options against them.
     check_settings(model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers)
     for name, level in (("ray", logging.WARNING), ("ray.data", logging.ERROR)):  # the CLI says what it does
@@ -397,10 +442,11 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
         yield from answers(source, stopping, workers=workers, threads=threads, lines_per_batch=args.batch_size * 8,
                            model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers)
 
+    records_to = sys.stdout  # `cluster` sends what else is printed there to stderr
     with cluster(address):  # first: `ray.init` puts in its own SIGTERM handler, `write_answers` then lmcor's
         threads = args.threads or default_threads(workers)
         _check_cpus(workers, threads, "workers")
-        return write_answers(args, answered, "correcting", FIELDS)
+        return write_answers(args, answered, "correcting", FIELDS, stdout=records_to)
 
 
 # Serving: Ray Serve.
