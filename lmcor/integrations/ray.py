@@ -134,7 +134,8 @@ def _check_reachable(address: str | None, named: str = "--ray-address", timeout_
         raise InputError(f"Ray address {address!r} ({named}) is not host:port (or ray://host:port, auto)")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as connection:
-            grpc = _speaks_http2(connection)
+            # A cluster with TLS (RAY_USE_TLS) answers nothing in the clear: its port answering is enough.
+            grpc = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true") or _speaks_http2(connection)
     except OSError as e:
         raise InputError(f"no Ray cluster answers at {address} ({named}: {e.strerror or e})") from None
     if not grpc:
