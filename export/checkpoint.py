@@ -118,8 +118,9 @@ def stage(model_dir: Path, name: str) -> Iterator[None]:
         if _raised_by_lmcor(e):
             raise  # a bug of lmcor's own: its traceback is the report
         log.debug("%s: %s failed", model_dir, name, exc_info=True)
-        lines = str(e).strip().splitlines()
-        raise ExportError(f"{model_dir}: {name} failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")) from e
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        said = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else ""
+        raise ExportError(f"{model_dir}: {name} failed: {type(e).__name__}" + (f": {said}" if said else "")) from e
 
 
 def _raised_by_lmcor(error: BaseException) -> bool:
@@ -155,6 +156,11 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
     model, tokenizer = load_model(model_dir, auto_class)
+    if getattr(tokenizer, "split_special_tokens", False):
+        # tokenizer.json cannot keep it: the bundle would read "[SEP]" written in a text as the token.
+        raise ExportError(f"{model_dir}: its tokenizer splits special tokens' text into ordinary pieces "
+                          "(split_special_tokens), which a bundle's tokenizer.json cannot record; set it to false in "
+                          "tokenizer_config.json where the model allows")
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         log.warning("%s: the tokenizer has %d tokens, the model's embeddings %d: a text holding one of the others "

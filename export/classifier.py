@@ -71,9 +71,9 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         raise ExportError(f"{model_dir}: config.json's id2label names no label for output {unlabelled[0]} of its "
                           f"{config.num_labels} (it has {sorted(config.id2label)}): give every output a label")
     labels = tuple(config.id2label[i] for i in range(config.num_labels))
-    odd = next((label for label in labels if not isinstance(label, str) or not label.strip()), None)
-    if odd is not None or len(set(labels)) < len(labels):
-        what = f"the label {odd!r}, not a name" if odd is not None else "a label twice: " + ", ".join(map(repr, labels))
+    odd = [label for label in labels if not isinstance(label, str) or not label.strip()]
+    if odd or len(set(labels)) < len(labels):
+        what = f"the label {odd[0]!r}, not a name" if odd else "a label twice: " + ", ".join(map(repr, labels))
         raise ExportError(f"{model_dir}: config.json's id2label has {what}; a bundle answers with its labels' "
                           "names, which must be distinct non-empty strings")
     inputs = input_limit(config, tokenizer, max_input_tokens)
@@ -97,6 +97,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
                           f"with their EOS{eos})")
 
     with staged_export(model_dir, out_dir, "text-classification", opset, model.config) as (raw, staged):
+        _check_graph_inputs(model_dir, raw / MODEL_FILE, model, tokenizer)
         fused = fuse and config.model_type in _FUSIONS
         if fused:
             with stage(model_dir, "graph optimization"):
@@ -140,6 +141,26 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
         manifest = dataclasses.replace(manifest, validation=validation)
         write_manifest(staged, manifest)
     return manifest
+
+
+# What a classifier bundle feeds its graph (`runtime.classifier`).
+FED = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _check_graph_inputs(model_dir: Path, graph: Path, model, tokenizer) -> None:
+    """The exported graph reads what the bundle feeds, and what transformers feeds the model."""
+    import onnx
+
+    inputs = {i.name for i in onnx.load(str(graph), load_external_data=False).graph.input}
+    unfed = sorted(inputs - set(FED))
+    if unfed:
+        raise ExportError(f"{model_dir}: a {model.config.model_type} classifier's graph needs {unfed[0]!r}, which a "
+                          f"classifier bundle does not give (it feeds {', '.join(FED)})")
+    takes = inspect.signature(model.forward).parameters
+    if "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in takes and "token_type_ids" not in inputs:
+        raise ExportError(f"{model_dir}: its tokenizer gives token_type_ids, which {model.config.model_type}'s model "
+                          "adds in, but its exported graph does not take them: set model_input_names to "
+                          '["input_ids", "attention_mask"] in tokenizer_config.json, as the model is used without them')
 
 
 def _fuse(source: Path, target: Path, config) -> None:

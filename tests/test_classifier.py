@@ -2,6 +2,7 @@
 batched or not."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -569,6 +570,50 @@ def test_checkpoints_a_bundle_would_read_otherwise_are_refused_by_name(tmp_path)
     assert not any((tmp_path / name).exists() for name in ("b1", "b2", "b3"))
 
 
+def test_checkpoints_whose_graph_or_tokenizer_the_bundle_cannot_follow_are_refused_by_name(tmp_path):
+    """A tokenizer that splits special tokens' text (tokenizer.json cannot record it: the bundle would
+    read "[SEP]" in a text as the token), a graph that needs an input a classifier bundle does not give
+    (LayoutLM's boxes), token types the tokenizer gives and the model adds in but its graph does not take
+    (GPT-2's), and an id2label shorter than the head (said with the size mismatch, not a bare
+    "Error(s) in loading state_dict")."""
+    from lmcor.runtime.errors import ExportError
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LayoutLMConfig, LayoutLMForSequenceClassification
+
+    torch.manual_seed(0)
+    tokenizer, model = _bert()
+    model.save_pretrained(tmp_path / "split")
+    tokenizer.save_pretrained(tmp_path / "split")
+    settings = tmp_path / "split" / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "split_special_tokens": True}))
+    with pytest.raises(ExportError, match="splits special tokens' text .*split_special_tokens"):
+        export_classifier(tmp_path / "split", tmp_path / "b1")
+    layout = LayoutLMForSequenceClassification(LayoutLMConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, max_2d_position_embeddings=64, **LABELS))
+    layout.save_pretrained(tmp_path / "layout")
+    tokenizer.save_pretrained(tmp_path / "layout")
+    with pytest.raises(ExportError, match="a layoutlm classifier's graph needs 'bbox', which a classifier bundle does "
+                                          "not give"):
+        export_classifier(tmp_path / "layout", tmp_path / "b2")
+    fast = _byte_bpe(pairs=False)
+    assert "token_type_ids" in fast.model_input_names
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(fast), n_embd=32, n_layer=1, n_head=4,
+                                                    n_positions=64, pad_token_id=1, **LABELS))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    fast.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ExportError, match="gives token_type_ids, which gpt2's model adds in, but its exported graph"):
+        export_classifier(tmp_path / "gpt2", tmp_path / "b3")
+    shutil.copytree(tmp_path / "split", tmp_path / "short")
+    (tmp_path / "short" / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads(settings.read_text()), "split_special_tokens": False}))
+    config = json.loads((tmp_path / "short" / "config.json").read_text())
+    (tmp_path / "short" / "config.json").write_text(json.dumps({**config, "id2label": {"0": "ok", "1": "fix"},
+                                                                 "label2id": {"ok": 0, "fix": 1}}))
+    with pytest.raises(ExportError, match="Error.s. in loading state_dict for .*: size mismatch"):
+        export_classifier(tmp_path / "short", tmp_path / "b4")
+    assert not any((tmp_path / name).exists() for name in ("b1", "b2", "b3", "b4"))
+
+
 def test_a_text_holding_a_token_past_the_embeddings_fails_alone_by_name(tmp_path):
     torch.manual_seed(0)
     tokenizer, model = _bert()
@@ -615,7 +660,8 @@ def test_labels_that_are_no_names_and_a_limit_below_a_pairs_special_tokens_are_r
     outputs = len(json.loads((checkpoint / "config.json").read_text())["id2label"])
     for id2label, said in (({str(i): "same" for i in range(outputs)}, "has a label twice: 'same', 'same'"),
                            ({str(i): i for i in range(outputs)}, "has the label 0, not a name"),
-                           ({str(i): " " if i else "yes" for i in range(outputs)}, "has the label ' ', not a name")):
+                           ({str(i): " " if i else "yes" for i in range(outputs)}, "has the label ' ', not a name"),
+                           ({str(i): None if i else "yes" for i in range(outputs)}, "has the label None, not a name")):
         odd = tmp_path / "odd"
         shutil.rmtree(odd, ignore_errors=True)
         shutil.copytree(checkpoint, odd)
