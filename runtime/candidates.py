@@ -132,7 +132,7 @@ class CandidateWriter:
         is no text, or white space alone, fails alone)."""
         started = time.perf_counter()
         sources = check_items("sources", sources, "strings")
-        out: list[Candidates | InputError | None] = [_refused(n, source) for n, source in enumerate(sources)]
+        out: list[Candidates | InputError | None] = [_refused(n, source, self.stop) for n, source in enumerate(sources)]
         served = [n for n, answer in enumerate(out) if answer is None]
         # Each prompt after its own variant's prefix (None where a variant's head is empty), all in one batch.
         prompts = [sources[n] + self.few_shot.tail for n in served]
@@ -157,12 +157,19 @@ class CandidateWriter:
         return out  # type: ignore[return-value]
 
 
-def _refused(n: int, source: object) -> InputError | None:
-    """Why source `n` cannot be answered (not text, white space alone, not Unicode), or None."""
+def _refused(n: int, source: object, stop: Sequence[str]) -> InputError | None:
+    """Why source `n` cannot be answered (not text, white space alone, not Unicode, a stop string
+    inside it), or None."""
     try:
         check_words(f"sources[{n}]", source)
     except InputError as e:
         return e
+    # An answer repeats its source, mended: one that holds a stop string (a line break, by default) would
+    # be cut there, and every candidate would be the start of an answer.
+    inside = next((s for s in stop if s and s in source.strip()), None)
+    if inside is not None:
+        return InputError(f"the source holds {inside!r}, where an answer ends (a stop string), so its candidates "
+                          "would be cut short there: give other stop strings (--stop) for such text")
     return None
 
 

@@ -458,6 +458,12 @@ def test_candidates_of_a_source_that_is_no_text_fail_alone(bundle):
     assert got[0] == writer(["she go"])[0] and writer([]) == [] and writer.stats.sources == 3
     with pytest.raises(InputError, match="sources must be a list"):
         writer("abc")
+    # A source holding a stop string: its answers would end there, cut short (a line break, by default).
+    lines = writer(["she go\nto school", "she go\n"])
+    assert isinstance(lines[0], InputError) and "the source holds '\\n', where an answer ends" in str(lines[0])
+    assert type(lines[1]).__name__ == "Candidates"  # a line break that ends it is no line of its own
+    assert type(CandidateWriter(writer.generator, writer.few_shot, k=1, max_new_tokens=4, stop=("###",))(
+        ["she go\nto school"])[0]).__name__ == "Candidates"
 
 
 def test_bench_candidates_against_transformers(bundle, checkpoint, tmp_path, capsys):
