@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lmcor.runtime.bundle import DecoderShape, Manifest, SpecialTokens, write_manifest
-from lmcor.runtime.errors import ExportError
+from lmcor.runtime.errors import ExportError, InputError
 
 from .checkpoint import (
     TOKENIZER_FILE,
@@ -33,6 +33,7 @@ from .checkpoint import (
     stage,
     staged_export,
     versions,
+    warn_unapplied_generation,
 )
 from .half import to_half
 from .reshapes import rewrite_file
@@ -95,8 +96,19 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     eos = ends[0]  # the others (a chat model's end of turn) end answers too: the manifest's end_tokens
     # None, -1 (early LLaMA conversions) or past the embeddings: padding is lmcor's own, and EOS serves.
     pad = config.pad_token_id
-    pad = pad if pad is not None and 0 <= pad < model.get_input_embeddings().num_embeddings else eos
-    bos = config.bos_token_id if config.bos_token_id is not None else eos
+    embeddings = model.get_input_embeddings().num_embeddings
+    pad = pad if pad is not None and 0 <= pad < embeddings else eos
+    # Recorded only (generation starts from the prompt's own tokens): a default past the embeddings
+    # (GPT-2's 50256 in a small vocabulary) takes EOS's place as pad's does.
+    bos = config.bos_token_id
+    bos = bos if bos is not None and 0 <= bos < embeddings else eos
+    if config.model_type == "falcon" and getattr(config, "new_decoder_architecture", False) and \
+            getattr(config, "num_kv_heads", None) not in (None, config.num_attention_heads):
+        raise ExportError(f"{model_dir}: a Falcon of grouped key/value heads ({config.num_kv_heads} for "
+                          f"{config.num_attention_heads} query heads, new_decoder_architecture), whose cache optimum's "
+                          "exporter cannot shape; Falcons of one key/value head, or of as many as query heads, export")
+    warn_unapplied_generation(model.generation_config, frozenset(),
+                              "greedy search, or sampling at a request's temperature and top_p")
     inputs, outputs = _limits(config, tokenizer, max_input_tokens, max_output_tokens)
     with staged_export(model_dir, out_dir, "text-generation-with-past", opset, model.config) as (raw, staged):
         with stage(model_dir, "constant reshape targets"):
@@ -152,8 +164,11 @@ def _validate(model, bundle: Path) -> dict:
     generator = Generator.load(bundle, providers=["CPUExecutionProvider"])
     special = generator.manifest.special_tokens
     prompts, max_new_tokens = _fitting(generator, SAMPLE_PROMPTS)
-    batched = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
-    alone = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, batch_size=1)
+    try:
+        batched = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+        alone = generator.generate_batch(prompts, max_new_tokens=max_new_tokens, batch_size=1)
+    except InputError as e:  # the graph failed on a sample: the export's fault, not a prompt's
+        raise ExportError(f"validation failed: the exported graph cannot run the sample prompts ({e})") from None
     model.generation_config = greedy_config(special, max_new_tokens, generator.manifest.end_tokens)
     ends = {special.eos, *generator.manifest.end_tokens}
     for n, (prompt, ours, single) in enumerate(zip(prompts, batched, alone)):

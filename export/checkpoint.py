@@ -286,6 +286,26 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+# Generation settings every bundle applies (its special tokens) or that change no greedy token
+# (lengths, outputs, caching; sampling's while do_sample is off).
+_GENERATION_KEPT = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "max_length", "max_new_tokens", "max_time", "use_cache",
+    "cache_implementation", "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+    "output_hidden_states", "transformers_version"})
+_SAMPLING_ONLY = frozenset({"temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff"})
+
+
+def warn_unapplied_generation(generation, applied: frozenset[str], decoding: str) -> None:
+    """A warning naming each setting of a checkpoint's generation config that changes `generate`'s
+    tokens and that the bundle does not apply (`applied`: those its kind does; a repetition penalty,
+    min_length, a sequence bias, do_sample...). The checkpoint is still exported, validated on plain
+    search; `decoding` says what the bundle does instead."""
+    for name, value in generation.to_diff_dict().items():
+        if not (name.startswith("_") or name in _GENERATION_KEPT or name in applied
+                or name in _SAMPLING_ONLY and not generation.do_sample):
+            log.warning("generation_config.%s=%r is not applied by lmcor: %s", name, value, decoding)
+
+
 _SAMPLE_TOKENS = 16  # optimum's sample inputs' length (`DEFAULT_DUMMY_SHAPES`)
 
 
@@ -293,10 +313,15 @@ _SAMPLE_TOKENS = 16  # optimum's sample inputs' length (`DEFAULT_DUMMY_SHAPES`)
 def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None, config) -> Iterator[tuple[Path, Path]]:
     """Run optimum's exporter for `task` into `raw` and yield (raw, staged); when the body finishes,
     `staged` replaces `out_dir`. A model (of `config`) of few positions is traced on sample inputs
-    that fit them: optimum's are 16 tokens, with a sample cache 2 longer, and a model of fewer
-    learned positions failed there (an IndexError from its embeddings)."""
+    that fit them: optimum's are 16 tokens (after a sample cache of as many, for a task with a past),
+    and a model of fewer learned positions failed there (an IndexError from its embeddings, a shape
+    mismatch from MPT's ALiBi or GPT-Neo's mask)."""
     positions = model_positions(config)
-    shapes = {} if positions is None or positions >= _SAMPLE_TOKENS + 2 else {"sequence_length": max(1, positions - 2)}
+    shapes = {}
+    if positions is not None and task.endswith("-with-past") and positions < 2 * _SAMPLE_TOKENS + 2:
+        shapes = {"sequence_length": max(1, (positions - 2) // 2)}  # a sample past and a prompt after it
+    elif positions is not None and positions < _SAMPLE_TOKENS + 2:
+        shapes = {"sequence_length": max(1, positions - 2)}
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as e:

@@ -37,6 +37,7 @@ from .checkpoint import (
     stage,
     staged_export,
     versions,
+    warn_unapplied_generation,
 )
 from .fusion import fuse_t5_encoder
 from .half import T5_FP32_MATMULS, to_half
@@ -56,16 +57,10 @@ PACKED_ENCODER_FILE = "encoder_packed.safetensors"
 FIRST_STEP_FILE = "decoder_model.onnx"  # optimum's two decoders, merged into DECODER_FILE
 CACHED_STEP_FILE = "decoder_with_past_model.onnx"
 DEFAULT_TEMPLATE = Template()
-# The generation settings lmcor applies (special tokens, forced BOS/EOS, the n-gram ban), says apart
-# (beam search's), or that change no greedy token (lengths, outputs, caching; sampling's while
-# do_sample is off). A checkpoint that sets any other (a repetition penalty, min_length, a sequence
-# bias, do_sample...) is still exported, validated on plain search, with a warning naming it.
-_APPLIED_GENERATION = frozenset({
-    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id",
-    "forced_eos_token_id", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping", "max_length",
-    "max_new_tokens", "max_time", "use_cache", "cache_implementation", "return_dict_in_generate", "output_scores",
-    "output_logits", "output_attentions", "output_hidden_states", "transformers_version"})
-_SAMPLING_ONLY = frozenset({"temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff"})
+# The generation settings a corrector applies besides every bundle's (`warn_unapplied_generation`):
+# its start, forced BOS/EOS, the n-gram ban, and beam search's, said apart.
+_APPLIED_GENERATION = frozenset({"decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id",
+                                 "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping"})
 FP32_ATOL = 1e-3  # fp32 graphs' absolute logit tolerance, unless asked for another
 
 
@@ -104,9 +99,7 @@ def _special_tokens(model) -> SpecialTokens:
     for name, value in (("eos_token_id", eos), ("pad_token_id", config.pad_token_id), ("decoder_start_token_id", start)):
         if value is None:
             raise ExportError(f"the checkpoint's config has no {name}")
-    for name, value in generation.to_diff_dict().items():
-        if not (name.startswith("_") or name in _APPLIED_GENERATION or name in _SAMPLING_ONLY and not generation.do_sample):
-            log.warning("generation_config.%s=%r is not applied by lmcor: decoding is plain greedy/beam search", name, value)
+    warn_unapplied_generation(generation, _APPLIED_GENERATION, "decoding is plain greedy/beam search")
     if (generation.num_beams or 1) > 1:
         log.warning("generation_config.num_beams=%d is not lmcor's default: it decodes greedily unless a request "
                     "asks for num_beams (--num-beams)", generation.num_beams)

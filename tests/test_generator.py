@@ -10,6 +10,8 @@ from lmcor.runtime.generator import Generator, Prefix, row_seed
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoConfig,
@@ -788,3 +790,39 @@ def test_export_checks_each_prompt_alone_too(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(Generator, "generate_batch", wrong_alone)
     with pytest.raises(ExportError, match="differ from PyTorch on sample 0 alone"):
         export_causal_lm(checkpoint, tmp_path / "lm", max_output_tokens=16)
+
+
+def test_checkpoints_of_few_positions_a_far_bos_and_generation_settings_export_as_said(tmp_path, caplog):
+    """An MPT and a GPT-Neo of 24 positions export (traced on a sample past and prompt that fit them,
+    where 16 + 16 did not) and answer as `generate`; GPT-2's default BOS past a small vocabulary (only
+    recorded) takes EOS's place; a generation setting that changes `generate`'s tokens is named (a
+    repetition penalty); a Falcon of grouped key/value heads is refused by name."""
+    from lmcor.runtime.errors import ExportError
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    tiny = dict(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
+    for name, model in (
+            ("mpt", MptForCausalLM(MptConfig(**tiny, d_model=32, n_heads=4, n_layers=2, max_seq_len=24, expansion_ratio=2))),
+            ("neo", GPTNeoForCausalLM(GPTNeoConfig(**tiny, hidden_size=32, num_layers=2, num_heads=4, window_size=6,
+                                                   attention_types=[[["global", "local"], 1]],
+                                                   max_position_embeddings=24)))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        assert export_causal_lm(tmp_path / name, tmp_path / f"{name}-lm").max_input_tokens == 24  # validated
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                       eos_token_id=2))
+    assert model.config.bos_token_id == 50256 > len(tokenizer)
+    model.generation_config.repetition_penalty = 1.3
+    model.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    caplog.set_level("WARNING", "lmcor")
+    assert export_causal_lm(tmp_path / "gpt2", tmp_path / "gpt2-lm").special_tokens.decoder_start == 2
+    assert "generation_config.repetition_penalty=1.3 is not applied by lmcor" in caplog.text
+    falcon = FalconForCausalLM(FalconConfig(**tiny, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            num_kv_heads=2, new_decoder_architecture=True))
+    falcon.save_pretrained(tmp_path / "falcon")
+    tokenizer.save_pretrained(tmp_path / "falcon")
+    with pytest.raises(ExportError, match="a Falcon of grouped key/value heads .2 for 4 query heads"):
+        export_causal_lm(tmp_path / "falcon", tmp_path / "falcon-lm")
+    assert not (tmp_path / "falcon-lm").exists()
