@@ -97,7 +97,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
                           f"with their EOS{eos})")
 
     with staged_export(model_dir, out_dir, "text-classification", opset, model.config) as (raw, staged):
-        _check_graph_inputs(model_dir, raw / MODEL_FILE, model, tokenizer)
+        dropped = _graph_inputs(model_dir, raw / MODEL_FILE, model, tokenizer)
         fused = fuse and config.model_type in _FUSIONS
         if fused:
             with stage(model_dir, "graph optimization"):
@@ -119,7 +119,10 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
             fp32 = _bundle_probabilities(staged)
         diff = float(np.abs(_log(fp32) - _log(reference)).max())
         if not diff <= atol:  # NaN too: a probability that is no number fails
-            raise ExportError(f"validation failed: max |log-probability diff| {diff:.3g} exceeds {atol:.3g}")
+            raise ExportError(f"validation failed: max |log-probability diff| {diff:.3g} exceeds {atol:.3g}" + (
+                f" (its tokenizer gives token_type_ids, which {config.model_type}'s model adds in, and its exported "
+                'graph takes none: where the model is used without them, set model_input_names to ["input_ids", '
+                '"attention_mask"] in tokenizer_config.json)' if dropped else ""))
         validation = {"samples": len(SAMPLES), "max_abs_logprob_diff": diff, "tolerance": atol, "fused": fused}
         if precision == "int8":
             # From the unfused graph: the fused attention op takes one activation scale for the whole
@@ -147,8 +150,10 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
 FED = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _check_graph_inputs(model_dir: Path, graph: Path, model, tokenizer) -> None:
-    """The exported graph reads what the bundle feeds, and what transformers feeds the model."""
+def _graph_inputs(model_dir: Path, graph: Path, model, tokenizer) -> bool:
+    """Refuse a graph that needs an input the bundle does not feed; returns whether it leaves out the
+    token types the tokenizer gives and the model takes (harmless where they are zeros that add
+    nothing, RoBERTa's; not GPT-2's, whose type embeddings are its token embeddings: validation says)."""
     import onnx
 
     inputs = {i.name for i in onnx.load(str(graph), load_external_data=False).graph.input}
@@ -157,10 +162,7 @@ def _check_graph_inputs(model_dir: Path, graph: Path, model, tokenizer) -> None:
         raise ExportError(f"{model_dir}: a {model.config.model_type} classifier's graph needs {unfed[0]!r}, which a "
                           f"classifier bundle does not give (it feeds {', '.join(FED)})")
     takes = inspect.signature(model.forward).parameters
-    if "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in takes and "token_type_ids" not in inputs:
-        raise ExportError(f"{model_dir}: its tokenizer gives token_type_ids, which {model.config.model_type}'s model "
-                          "adds in, but its exported graph does not take them: set model_input_names to "
-                          '["input_ids", "attention_mask"] in tokenizer_config.json, as the model is used without them')
+    return "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in takes and "token_type_ids" not in inputs
 
 
 def _fuse(source: Path, target: Path, config) -> None:

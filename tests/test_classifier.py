@@ -574,7 +574,7 @@ def test_checkpoints_whose_graph_or_tokenizer_the_bundle_cannot_follow_are_refus
     """A tokenizer that splits special tokens' text (tokenizer.json cannot record it: the bundle would
     read "[SEP]" in a text as the token), a graph that needs an input a classifier bundle does not give
     (LayoutLM's boxes), token types the tokenizer gives and the model adds in but its graph does not take
-    (GPT-2's), and an id2label shorter than the head (said with the size mismatch, not a bare
+    (GPT-2's: validation fails, saying why), and an id2label shorter than the head (said with the size mismatch, not a bare
     "Error(s) in loading state_dict")."""
     from lmcor.runtime.errors import ExportError
     from transformers import GPT2Config, GPT2ForSequenceClassification, LayoutLMConfig, LayoutLMForSequenceClassification
@@ -601,7 +601,8 @@ def test_checkpoints_whose_graph_or_tokenizer_the_bundle_cannot_follow_are_refus
                                                     n_positions=64, pad_token_id=1, **LABELS))
     gpt2.save_pretrained(tmp_path / "gpt2")
     fast.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ExportError, match="gives token_type_ids, which gpt2's model adds in, but its exported graph"):
+    with pytest.raises(ExportError, match="validation failed: .* gives token_type_ids, which gpt2's model adds in, "
+                                          "and its exported graph takes none"):
         export_classifier(tmp_path / "gpt2", tmp_path / "b3")
     shutil.copytree(tmp_path / "split", tmp_path / "short")
     (tmp_path / "short" / "tokenizer_config.json").write_text(json.dumps(
