@@ -106,7 +106,8 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
             getattr(config, "num_kv_heads", None) not in (None, config.num_attention_heads):
         raise ExportError(f"{model_dir}: a Falcon of grouped key/value heads ({config.num_kv_heads} for "
                           f"{config.num_attention_heads} query heads, new_decoder_architecture), whose cache optimum's "
-                          "exporter cannot shape; Falcons of one key/value head, or of as many as query heads, export")
+                          "exporter cannot shape; multi-query Falcons (new_decoder_architecture false), and new ones "
+                          "with as many key/value heads as query heads, export")
     warn_unapplied_generation(model.generation_config, frozenset(),
                               "greedy search, or sampling at a request's temperature and top_p")
     inputs, outputs = _limits(config, tokenizer, max_input_tokens, max_output_tokens)

@@ -119,7 +119,9 @@ def stage(model_dir: Path, name: str) -> Iterator[None]:
             raise  # a bug of lmcor's own: its traceback is the report
         log.debug("%s: %s failed", model_dir, name, exc_info=True)
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        said = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else ""
+        said = lines[0] if lines else ""
+        if said.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for Linear:" and why
+            said += " " + lines[1]
         raise ExportError(f"{model_dir}: {name} failed: {type(e).__name__}" + (f": {said}" if said else "")) from e
 
 
@@ -313,7 +315,7 @@ _SAMPLE_TOKENS = 16  # optimum's sample inputs' length (`DEFAULT_DUMMY_SHAPES`)
 def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None, config) -> Iterator[tuple[Path, Path]]:
     """Run optimum's exporter for `task` into `raw` and yield (raw, staged); when the body finishes,
     `staged` replaces `out_dir`. A model (of `config`) of few positions is traced on sample inputs
-    that fit them: optimum's are 16 tokens (after a sample cache of as many, for a task with a past),
+    that fit them: optimum's are 16 tokens (a causal LM's after a sample cache of as many),
     and a model of fewer learned positions failed there (an IndexError from its embeddings, a shape
     mismatch from MPT's ALiBi or GPT-Neo's mask)."""
     positions = model_positions(config)

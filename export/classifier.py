@@ -152,8 +152,9 @@ FED = ("input_ids", "attention_mask", "token_type_ids")
 
 def _graph_inputs(model_dir: Path, graph: Path, model, tokenizer) -> bool:
     """Refuse a graph that needs an input the bundle does not feed; returns whether it leaves out the
-    token types the tokenizer gives and the model takes (harmless where they are zeros that add
-    nothing, RoBERTa's; not GPT-2's, whose type embeddings are its token embeddings: validation says)."""
+    token types the tokenizer gives and the model takes (harmless where the graph adds the same type-0
+    embedding the zeros give, RoBERTa's; not GPT-2's, whose types index its token embeddings: validation
+    says)."""
     import onnx
 
     inputs = {i.name for i in onnx.load(str(graph), load_external_data=False).graph.input}

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 from .generator import Generator, Prefix
-from .options import (MAX_BATCH_SIZE, check_int, check_items, check_max_new_tokens, check_number, check_temperature,
-                      check_text, check_words)
+from .options import (MAX_BATCH_SIZE, check_int, check_items, check_max_new_tokens, check_number, check_stops,
+                      check_temperature, check_text, check_words)
 
 INSTRUCTION = "Correct the grammar and spelling of each sentence. Change only what is wrong.\n"
 # (wrong, right) pairs about things no ordinary sentence is about, so that an echo never passes for
@@ -117,6 +117,7 @@ class CandidateWriter:
         self.top_p = check_number("top_p", self.top_p, 0, 1, above_low=True)
         self.seed = check_int("seed", self.seed, 0)
         self.batch_size = check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        self.stop = check_stops(self.stop)  # read by each source's check (`_refused`) before a batch runs
         if self.max_new_tokens is not None:
             self.max_new_tokens = check_max_new_tokens(self.max_new_tokens, self.generator.manifest.max_output_tokens)
         positions = self.generator.manifest.max_input_tokens

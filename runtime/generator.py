@@ -22,7 +22,7 @@ from .drafts import Drafts
 from .tokens import check_vocabulary, load_tokenizer
 from .errors import InputError
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_flag, check_int, check_items, check_max_new_tokens,
-                      check_number, check_progress, check_string, check_temperature, check_words)
+                      check_number, check_progress, check_stops, check_string, check_temperature, check_words)
 from .sessions import check_graphs, open_session, run
 from .spacing import cleaned_up
 
@@ -155,9 +155,7 @@ class Generator:
         check_choice("errors", errors, ERRORS)
         check_progress(progress)
         drafts = check_flag("drafts", drafts)
-        stops = tuple(check_items("stop", stop, "strings"))
-        for n, text in enumerate(stops):
-            check_string(f"stop[{n}]", text)
+        stops = check_stops(stop)
         seeds = _row_seeds(seed, len(prompts))
         out: list[Generation | InputError | None] = [None] * len(prompts)
         encoded: dict[int, list[int]] = {}

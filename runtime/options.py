@@ -120,6 +120,14 @@ def check_string(where: str, text: Any) -> str:
     return text
 
 
+def check_stops(stop: Any) -> tuple[str, ...]:
+    """Stop strings: a list of non-empty strings (white space alone is one)."""
+    stops = tuple(check_items("stop", stop, "strings"))
+    for n, text in enumerate(stops):
+        check_string(f"stop[{n}]", text)
+    return stops
+
+
 def check_text(where: str, text: str) -> None:
     """Refuse a string that is not Unicode text: the tokenizer cannot take a lone surrogate (and
     `encode_batch` would fail for the whole batch)."""

@@ -466,6 +466,10 @@ def test_candidates_of_a_source_that_is_no_text_fail_alone(bundle):
     assert type(lines[1]).__name__ == "Candidates"  # a line break that ends it is no line of its own
     assert type(CandidateWriter(writer.generator, writer.few_shot, k=1, max_new_tokens=4, stop=("###",))(
         ["she go\nto school"])[0]).__name__ == "Candidates"
+    for stop, said in (([1], "stop.0. must be a non-empty string"), (None, "stop must be a list"),
+                       ([""], "stop.0. must be")):
+        with pytest.raises(InputError, match=said):  # said when the writer is made, not as a TypeError of a source's
+            CandidateWriter(writer.generator, writer.few_shot, k=1, stop=stop)
 
 
 def test_bench_candidates_against_transformers(bundle, checkpoint, tmp_path, capsys):

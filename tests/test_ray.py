@@ -66,12 +66,15 @@ def test_a_cluster_started_here_keeps_stdout_and_sigterm_lmcors():
             "with lmcor_ray.cluster():\n"
             "    print('printed inside')\n"
             "    print(signal.getsignal(signal.SIGTERM).__name__, file=sys.__stdout__)\n"
-            "print('printed after')\n")
+            "print('printed after')\n"
+            "sys.stdout = None\n"  # closed: it stays closed (records are not written to stderr instead)
+            "with lmcor_ray.cluster():\n"
+            "    print(sys.stdout, file=sys.__stdout__)\n")
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as short:  # Ray's socket paths are limited to 107 bytes
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "RAY_TMPDIR": short, "RAY_ADDRESS": ""})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["_terminated", "printed after"] and "printed inside" in run.stderr
+    assert run.stdout.splitlines() == ["_terminated", "printed after", "None"] and "printed inside" in run.stderr
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ block with `lmcor correct`'s own code (`lmcor.cli.lines.line_at` and `answer_chu
 line gets the same error record with its line number. The driver takes the blocks in input order
 and writes them with the CLI's rules (`lmcor.cli.lines.write_answers`: a temporary file renamed at
 the end, --resume, signals). A worker that dies is restarted by Ray and its block is run again
-(up to `WORKER_RESTARTS` times): a block's records reach the driver once, whole.
+(up to `BLOCK_RETRIES` times): a block's records reach the driver once, whole.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ log = logging.getLogger("lmcor.server.ray")  # `lmcor serve`'s JSON log lines
 APP_NAME = "lmcor"
 # Lines a read task reads and a worker answers at once: `lmcor correct`'s chunk at its default batch.
 LINES_PER_BLOCK = 128
-# A worker that dies (killed, out of memory) is started again and its batch run again, this often at most.
-WORKER_RESTARTS = 3
+# A block whose worker dies (killed, out of memory) runs again on a restarted one, this often at most;
+# workers themselves are restarted for as long as the job runs (Ray Data's default).
+BLOCK_RETRIES = 3
 _SCAN_BLOCK = 1 << 20
 _SCHEMA = pa.schema([("line", pa.int64()), ("size", pa.int64()), ("raw", pa.binary()), ("limit", pa.int64())])
 
@@ -111,7 +112,8 @@ def cluster(address: str | None = None) -> Iterator[None]:
             signal.signal(signal.SIGTERM, before if callable(before) else _terminated)
         # Ray's driver prints its workers' failures ("(raylet) A worker died...") to sys.stdout, which may
         # carry records or the server's address: they go to stderr (the records to the stdout kept before).
-        sys.stdout = sys.stderr
+        if kept is not None and sys.stderr is not None:  # a closed stdout stays closed: -o is asked for
+            sys.stdout = sys.stderr
         yield
     finally:
         sys.stdout = kept
@@ -311,7 +313,7 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     of `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs);
     `settings` are `CorrectLines`' (model, options, gate, batch_size, providers).
     The result keeps the input's order. A worker that dies is restarted and its batch retried, up to
-    `WORKER_RESTARTS` times (a batch that kills every worker it meets fails the job, with Ray's error,
+    `BLOCK_RETRIES` times (a batch that kills every worker it meets fails the job, with Ray's error,
     instead of retrying for ever).
 
     What the workers would refuse is refused here, before any starts (`InputError`): the rows'
@@ -331,7 +333,7 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     answered = dataset.map_batches(worker, batch_size=lines_per_batch, batch_format="pyarrow",
                                    compute=ActorPoolStrategy(size=workers),
                                    fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads or 1,
-                                   max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS)
+                                   max_task_retries=BLOCK_RETRIES)
     # Its own context: Ray Data's child datasets share their parent's, and the caller's is left as it was.
     answered = Dataset.copy(answered, _deep_copy=True)
     answered.context.execution_options.preserve_order = True
