@@ -182,12 +182,11 @@ def candidate_writer(job: Job):
         raise InputError(re.sub(r"^\w+", lambda m: _LLM_FLAGS.get(m.group(0), m.group(0)), str(e))) from None
 
 
-def llm_candidates(job: Job, pairs: list[Pair], writer) -> list[Pair]:
+def llm_candidates(job: Job, pairs: list[Pair], writer, made_by: str) -> list[Pair]:
     """The pairs with `writer`'s candidates (`candidate_writer`), from `OUT/candidates.jsonl`, written
     there first for the sources it lacks (appended every 4 LLM batches, so an interrupted run loses at
-    most those)."""
+    most those). `made_by`: `_made_by(job)`, which checksums the LLM's files: computed once by the caller."""
     path = job.out / "candidates.jsonl"
-    made_by = _made_by(job)
     # A source's candidates depend on it and on what made them alone (each sample's seed is the
     # source's): they are reused wherever the source is, after the pairs file grew or changed, or
     # the options changed and changed back; a source the file holds twice is generated once.
@@ -643,7 +642,7 @@ def run(job: Job) -> dict:
     record = {"held_out": job.held_out, "pairs": pairs_digest, "model": model_said, "candidates": made_by}
     (job.out / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
     if writer is not None:
-        pairs = llm_candidates(job, pairs, writer)
+        pairs = llm_candidates(job, pairs, writer, made_by)
     done = _reported(job) if resumed.get("pairs") == pairs_digest and resumed.get("candidates", "") == made_by else None
     if done is not None:
         log.warning("%s: trained for --minutes %g already, exported and reported: its report follows (more --minutes "

@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if name == "train":
             write(read_from, ({"source": p.source, "target": p.target} for p in pairs))
-        _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl", corrector._made_by(job))
-        write(SPLITS / f"llm-{name}.jsonl", _split(corrector.llm_candidates(job, pairs, writer)))
+        made_by = corrector._made_by(job)
+        _seed_cache(job.out / "candidates.jsonl", SPLITS / f"llm-{name}.jsonl", made_by)
+        write(SPLITS / f"llm-{name}.jsonl", _split(corrector.llm_candidates(job, pairs, writer, made_by)))
         log.info("wrote %s", SPLITS / f"llm-{name}.jsonl")
     return 0
 

@@ -579,10 +579,14 @@ def test_checkpoints_whose_graph_or_tokenizer_the_bundle_cannot_follow_are_refus
     from lmcor.runtime.errors import ExportError
     from transformers import GPT2Config, GPT2ForSequenceClassification, LayoutLMConfig, LayoutLMForSequenceClassification
 
+    def saved(name, model, tokenizer):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
     torch.manual_seed(0)
     tokenizer, model = _bert()
-    model.save_pretrained(tmp_path / "split")
-    tokenizer.save_pretrained(tmp_path / "split")
+    saved("split", model, tokenizer)
     settings = tmp_path / "split" / "tokenizer_config.json"
     settings.write_text(json.dumps({**json.loads(settings.read_text()), "split_special_tokens": True}))
     with pytest.raises(ExportError, match="splits special tokens' text .*split_special_tokens"):
@@ -590,20 +594,16 @@ def test_checkpoints_whose_graph_or_tokenizer_the_bundle_cannot_follow_are_refus
     layout = LayoutLMForSequenceClassification(LayoutLMConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=64, max_2d_position_embeddings=64, **LABELS))
-    layout.save_pretrained(tmp_path / "layout")
-    tokenizer.save_pretrained(tmp_path / "layout")
     with pytest.raises(ExportError, match="a layoutlm classifier's graph needs 'bbox', which a classifier bundle does "
                                           "not give"):
-        export_classifier(tmp_path / "layout", tmp_path / "b2")
+        export_classifier(saved("layout", layout, tokenizer), tmp_path / "b2")
     fast = _byte_bpe(pairs=False)
     assert "token_type_ids" in fast.model_input_names
     gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(fast), n_embd=32, n_layer=1, n_head=4,
                                                     n_positions=64, pad_token_id=1, **LABELS))
-    gpt2.save_pretrained(tmp_path / "gpt2")
-    fast.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ExportError, match="validation failed: .* gives token_type_ids, which gpt2's model adds in, "
                                           "and its exported graph takes none"):
-        export_classifier(tmp_path / "gpt2", tmp_path / "b3")
+        export_classifier(saved("gpt2", gpt2, fast), tmp_path / "b3")
     shutil.copytree(tmp_path / "split", tmp_path / "short")
     (tmp_path / "short" / "tokenizer_config.json").write_text(json.dumps(
         {**json.loads(settings.read_text()), "split_special_tokens": False}))
