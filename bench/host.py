@@ -186,7 +186,7 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
             fed = clock.fed - fed_before  # counted where the decoder is fed arrays (not bound in place)
             padding[name].append(1 - needed / fed if fed else None)
     inputs = [len(x.ids) for x in _inputs(corrector, requests)]
-    outputs_mean = statistics.mean(len(r.token_ids) for r in outputs["core"])
+    outputs_mean = statistics.mean(r.stats.output_tokens for r in outputs["core"])  # decoded, fallback or not
     flops = statistics.mean(flops_per_request(corrector, n, outputs_mean) for n in inputs)
     machine = best_peak(before, machine_peak(config.threads or _threads()))
     bound = machine["gemm_gflops"] * 1e9 / flops

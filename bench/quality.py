@@ -91,9 +91,10 @@ def consensus(candidates: Sequence[str]) -> str:
 
 
 def oracle(candidates: Sequence[str], target: str) -> str:
-    """The candidate with the highest sentence chrF to the target (the first on ties)."""
+    """The candidate with the highest sentence chrF to the target; on ties, one equal to the target (chrF
+    reads no spaces: "home ." scores as "home."), else the first."""
     reference = char_ngrams(target)
-    scores = [chrf(char_ngrams(c), reference) for c in candidates]
+    scores = [(chrf(char_ngrams(c), reference), c == target) for c in candidates]
     return candidates[scores.index(max(scores))]
 
 

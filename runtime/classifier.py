@@ -129,10 +129,14 @@ def right_probabilities(gate: "Classifier", requests: Sequence[tuple[str, Sequen
 
 
 def shared_words(text: str, source: str) -> float:
-    """The share of `source`'s words that `text` holds (case and punctuation aside)."""
+    """The share of `source`'s words that `text` holds (case and punctuation aside). A source without
+    words ("—", an emoji) is held whole by a text without words, and not at all by one that writes
+    some (a refusal, an answer to something else)."""
     theirs = set(_WORD.findall(text.lower()))
     words = _WORD.findall(source.lower())
-    return sum(word in theirs for word in words) / len(words) if words else 1.0
+    if not words:
+        return 0.0 if theirs else 1.0
+    return sum(word in theirs for word in words) / len(words)
 
 
 def passing_threshold(gate: "Classifier", threshold: float | None = None) -> float:

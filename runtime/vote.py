@@ -2,8 +2,9 @@
 
 Each candidate is aligned with the source word by word (`difflib`'s longest matching blocks); each
 difference is an edit (replace source words i..j by some words). An edit made by at least `need`
-candidates is applied, from left to right (at a word, an insertion before it, then of the edits
-from it the one more candidates make), skipping any that overlaps one already applied. Where the
+candidates is applied, from left to right (of the edits that start at a word, an insertion before
+it or a change of words from it, only the one more candidates make), skipping any that overlaps one
+already applied. Where the
 candidates' errors are their own (each sample slips somewhere else), the edits they share are the
 corrections; an edit only one candidate makes (a rewrite, a dropped clause) is left out.
 """
@@ -186,16 +187,18 @@ def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEE
             if tag != "equal":
                 edits[(i1, i2, tuple(theirs[j1:j2]))] += 1
     out: list[str] = []
-    at = 0
-    # Left to right: at a word, an insertion before it first (it overlaps nothing), then of the edits
-    # of words from it, the one more candidates make.
+    at, started = 0, -1
+    # Left to right: at each word, of the edits that start there, the one more candidates make (on a
+    # tie, an insertion before the word first). Two edits from one word are different candidates'
+    # answers to the same place ("an" or "the" before it; an insertion or a change of the word):
+    # applied together they would write both ("an the apple").
     chosen = sorted((e for e, n in edits.items() if n >= need),
-                    key=lambda e: (e[0], e[1] > e[0], -edits[e], e[1], e[2]))
+                    key=lambda e: (e[0], -edits[e], e[1] > e[0], e[1], e[2]))
     for i1, i2, replacement in chosen:
-        if i1 < at:
-            continue  # overlaps an edit already applied
+        if i1 < at or i1 == started:
+            continue  # overlaps an edit already applied, or another answer where one was applied
         out += words[at:i1] + list(replacement)
-        at = i2
+        at, started = i2, i1
     return " ".join(out + words[at:])
 
 

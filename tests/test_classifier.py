@@ -273,13 +273,16 @@ def test_the_gate_recipe_and_bench_pass_what_the_runtime_passes(checkpoint, bund
     corrector = Corrector.load(bundles["t5"])
     items = [Item(0, "it rains today", ("Sure!", "Sure!"), "It rains today."),
              Item(1, "she go home", (" ", "She goes home."), "She goes home."),
-             Item(2, "she go home", ("She goes home.", "She goes home."), "She goes home.")]
+             Item(2, "she go home", ("She goes home.", "She goes home."), "She goes home."),
+             # a source without words: a candidate that writes some holds none of it; one without, all
+             Item(3, "— !!", ("I cannot help with that.", "I cannot help with that."), "— !"),
+             Item(4, "— !!", ("— !", "— !"), "— !")]
     _, tried = calibrate(gate, corrector, items, tolerance=0.5)
-    assert tried[0]["passed"] == 1 / 3
+    assert tried[0]["passed"] == 2 / 5
     report = compare(gate, corrector, items, 0.5, rounds=1)
-    assert report["gate"]["passed"] == 1 / 3
+    assert report["gate"]["passed"] == 2 / 5
     gated = corrector.correct_batch([(i.source, i.candidates) for i in items], gate=gate, max_new_tokens=4)
-    assert [c.gated for c in gated] == [False, False, True]
+    assert [c.gated for c in gated] == [False, False, True, False, True]
 
 
 def test_the_gate_threshold_comes_from_the_bundle_unless_given(checkpoint, bundles, tmp_path):

@@ -474,6 +474,14 @@ def test_bench_host_compares_core_and_references(tmp_path, capsys):
     assert code == 0
     report = json.loads((tmp_path / "host.json").read_text())
     assert report["identical_outputs"] == report["requests"] == 6
+    # the FLOP bound counts every decoded token, of outputs the fallback replaced too
+    from lmcor.bench.drafts import read_requests
+    from lmcor.runtime.corrector import Corrector
+
+    corrector = Corrector.load()
+    requests = read_requests(ROOT / "examples" / "requests.jsonl", 6, fit=(corrector.tokenizer, corrector.manifest))
+    decoded = corrector.correct_batch(requests, fallback_below=0)
+    assert report["mean_output_tokens"] == pytest.approx(sum(len(r.token_ids) for r in decoded) / 6)
     for mode in report["modes"].values():
         assert mode["batch1_host_p50_ms"] > 0 and 0 < mode["vs_flop_bound"] < 1.5
     assert "of bound" in capsys.readouterr().out

@@ -13,6 +13,12 @@ def test_consensus_picks_the_candidate_closest_to_the_others():
     assert quality.consensus(["only"]) == "only"
 
 
+def test_the_oracle_takes_the_candidate_equal_to_the_target_among_those_chrf_ties():
+    """chrF reads no spaces: "home ." and "home." tie on it, and an upper bound takes the exact one."""
+    assert quality.oracle(["She goes home .", "She goes home."], "She goes home.") == "She goes home."
+    assert quality.oracle(["She goes home .", "She go home ."], "She goes home.") == "She goes home ."
+
+
 def test_eval_table_json_and_bad_lines(bundles, tmp_path, capsys):
     rows = [dict(r, target=r["candidates"][0]) for r in make_requests(6, seed=5)]
     lines = [json.dumps(r) for r in rows]

@@ -285,9 +285,26 @@ def test_of_two_edits_from_one_word_the_vote_takes_the_one_more_candidates_make(
     source = "She go to to school every day."
     candidates = ["She goes to school every day."] * 3 + ["She goes to to school every day."] * 2
     assert edit_vote(source, candidates) == "She goes to school every day."
-    # an insertion before a word overlaps no edit of it: both stand, whichever more candidates make
-    for inserting in (2, 3):
-        assert edit_vote("a b c", ["a Y b c"] * inserting + ["a X c"] * (5 - inserting)) == "a Y X c"
+    # an insertion before a word and a change of it are answers to one place: the one more make wins
+    assert edit_vote("a b c", ["a Y b c"] * 2 + ["a X c"] * 3) == "a X c"
+    assert edit_vote("a b c", ["a Y b c"] * 3 + ["a X c"] * 2) == "a Y b c"
+
+
+def test_the_vote_writes_one_answer_where_candidates_give_different_ones():
+    """Candidates that disagree on what goes at one place: the vote takes the answer more of them give,
+    never two of them side by side ("an the apple", "a a dog"), and the fallback does not return such
+    a text in place of the model's."""
+    source = "She bought apple yesterday."
+    candidates = ["She bought an apple yesterday."] * 3 + ["She bought the apple yesterday."] * 2
+    assert edit_vote(source, candidates) == "She bought an apple yesterday."
+    assert edit_vote("I saw cat.", ["I saw a cat."] * 2 + ["I saw a dog."] * 2) == "I saw a cat."
+    assert edit_vote("This the is telephone company.", ["This This is the telephone company."] * 3
+                     + ["This is the telephone company."] * 2) == "This This is the telephone company."
+    right = Correction("I saw a cat in park.", [5])
+    got = guard(right, ["I saw a cat in park."] * 2 + ["I saw the cat in park."] * 3, 50, source="I saw cat in park.")
+    assert got.text in ("I saw a cat in park.", "I saw the cat in park.")
+    # an edit that ends at a word and an insertion before it stand together: different places
+    assert edit_vote("I go school.", ["I went school."] * 2 + ["I go to school."] * 2) == "I went to school."
 
 
 def test_candidates_that_are_no_answer_do_not_undo_the_models_fix():

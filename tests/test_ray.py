@@ -157,6 +157,9 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
             (lines, {"workers": 0}, "workers must be an integer >= 1"),
             (lines, {"lines_per_batch": 0}, "lines_per_batch must be"),
             (lines, {"threads": 0}, "threads must be"),
+            (lines, {"workers": 3}, r"3 workers of 1 CPU\(s\) each need 3 CPUs; the Ray cluster has 2: lower their "
+                                    "number or threads"),  # Ray would wait for a third CPU for ever
+            (lines, {"threads": 4}, "fit on no node"),
             (lines, {"batch_size": 0}, "batch_size must be"),
             (lines, {"options": {"max_new_tokens": 5}}, "options must be a CorrectionOptions"),
             (lines, {"options": lmcor_ray.CorrectionOptions(max_new_tokens=500)}, "max_new_tokens must be"),

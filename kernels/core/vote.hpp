@@ -124,19 +124,19 @@ inline Words edit_vote(const Words& source, const std::vector<Words>& candidates
   std::vector<const Edit*> chosen;
   for (const Edit& e : edits)
     if (e.count >= need) chosen.push_back(&e);
-  // Left to right: at a word, an insertion before it first (it overlaps nothing), then of the edits
-  // of words from it, the one more candidates make.
+  // Left to right: at each word, of the edits that start there, the one more candidates make (on a
+  // tie, an insertion before the word first): they are different candidates' answers to one place.
   std::sort(chosen.begin(), chosen.end(), [](const Edit* x, const Edit* y) {
-    auto key = [](const Edit* e) { return std::make_tuple(e->i1, e->i2 > e->i1, -e->count, e->i2); };
+    auto key = [](const Edit* e) { return std::make_tuple(e->i1, -e->count, e->i2 > e->i1, e->i2); };
     return key(x) < key(y) || (key(x) == key(y) && x->words < y->words);
   });
   Words out;
-  int64_t at = 0;
+  int64_t at = 0, started = -1;
   for (const Edit* e : chosen) {
-    if (e->i1 < at) continue;  // overlaps an edit already applied
+    if (e->i1 < at || e->i1 == started) continue;  // overlaps an edit applied, or another answer there
     out.insert(out.end(), source.begin() + at, source.begin() + e->i1);
     out.insert(out.end(), e->words.begin(), e->words.end());
-    at = e->i2;
+    at = e->i2, started = e->i1;
   }
   out.insert(out.end(), source.begin() + at, source.end());
   return out;

@@ -162,14 +162,14 @@ def _speaks_http2(connection: socket.socket) -> bool:
     return len(head) == 9 and head[3] == 0x04
 
 
-def _check_cpus(count: int, cpus: int, what: str) -> None:
+def _check_cpus(count: int, cpus: int, what: str, threads: str = "--threads") -> None:
     have, largest = _cpus()
     if cpus > largest:  # Ray would wait for such a node for ever
         raise InputError(f"{what} of {cpus} CPU(s) each fit on no node of the Ray cluster (its largest has "
-                         f"{largest:g}): lower --threads, or add a larger node")
+                         f"{largest:g}): lower {threads}, or add a larger node")
     if count * cpus > have:
         raise InputError(f"{count} {what} of {cpus} CPU(s) each need {count * cpus} CPUs; the Ray cluster has "
-                         f"{have:g}: lower their number or --threads, or add nodes")
+                         f"{have:g}: lower their number or {threads}, or add nodes")
 
 
 # Batch jobs: Ray Data.
@@ -317,11 +317,13 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     instead of retrying for ever).
 
     What the workers would refuse is refused here, before any starts (`InputError`): the rows'
-    schema, the counts, and `CorrectLines`' settings (the bundles, the options against them)."""
-    _check_rows(dataset)
+    schema, the counts, workers x threads more CPUs than the cluster has (Ray would wait for them for
+    ever), and `CorrectLines`' settings (the bundles, the options against them)."""
+    _check_rows(dataset)  # (reading its schema starts Ray, if the dataset did not)
     check_int("workers", workers, 1)
     check_threads(threads)
     check_int("lines_per_batch", lines_per_batch, 1)
+    _check_cpus(workers, threads or 1, "workers", "threads")
     if isinstance(worker, type) and issubclass(worker, CorrectLines):  # a subclass may take settings of its own
         taken = inspect.signature(worker).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values()):
