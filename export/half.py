@@ -17,6 +17,7 @@ only where a half tensor meets an fp32 node, once per tensor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,10 @@ _MOVEMENT = {"Reshape", "Transpose", "Concat", "Unsqueeze", "Squeeze", "Identity
 # T5's feed-forward output projection, as the exporters name it (optimum's "/encoder/block.0/layer.1/
 # DenseReluDense/wo/MatMul", lmcor's step graph "/wo_1/MatMul").
 T5_FP32_MATMULS = re.compile(r"/wo(_\d+)?/MatMul(_\d+)?$")
+# A rotary embedding's angles (inv_freq x position ids, "/model/rotary_emb/MatMul"): in fp16 position
+# ids are whole only up to 2048 and in bf16 up to 256, and the angle's error grows with the position
+# (0.8 rad at 1024-2048 in fp16); transformers computes them in fp32 too.
+ROTARY_MATMULS = re.compile(r"rotary", re.IGNORECASE)
 _SUFFIX = "_lmcor_half"
 _EXTERNAL_FROM = 1 << 30  # bytes of weights
 
@@ -74,8 +79,13 @@ def convert(model: onnx.ModelProto, half: int, *, keep: re.Pattern | None = None
         for name in node.input:
             readers.setdefault(name, []).append(node)
 
-    def only_kept(name: str) -> bool:  # a weight's view (T5's unfolded wo.T) that only kept products read
-        return all(r.op_type in _PRODUCTS and r.output[0] in kept_products for r in readers.get(name, []))
+    @functools.cache
+    def only_kept(name: str) -> bool:
+        """Whether only kept products read `name`, directly or through data movement and casts (a weight's
+        view, T5's unfolded wo.T; a rotary embedding's inv_freq, expanded and cast)."""
+        return all((r.op_type in _PRODUCTS and r.output[0] in kept_products)
+                   or (r.op_type in _MOVEMENT | {"Cast"} and all(only_kept(o) for o in r.output))
+                   for r in readers.get(name, []))
 
     halves: dict[str, str] = {}  # fp32 tensor name -> the name of its half-precision version
     chosen: set[int] = set()  # indices of the nodes that run in half precision

@@ -70,6 +70,8 @@ def validate_half(model, bundle: Path, precision: str, *, providers: Sequence[st
     report = validate_corrector(model, bundle, requests=requests, exact=False, providers=providers)
     tolerance = atol + rtol * report.max_abs_logit
     least = HALF_MIN_AGREEMENT[precision]
+    if not math.isfinite(report.max_abs_logit_diff):
+        raise ExportError(half_overflow(precision))
     if report.max_abs_logit_diff > tolerance:
         raise ExportError(f"validation of the {precision} graphs failed: max |logit diff| "
                           f"{report.max_abs_logit_diff:.3g} exceeds the {precision} tolerance {tolerance:.3g} "
@@ -80,6 +82,13 @@ def validate_half(model, bundle: Path, precision: str, *, providers: Sequence[st
     where = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
     return ValidationReport(report.samples, report.max_abs_logit_diff, tolerance, report.greedy_token_agreement,
                             validated_on=where, min_agreement=least)
+
+
+def half_overflow(precision: str) -> str:
+    """What a half graph's logits that are no numbers (where PyTorch fp32's are) mean."""
+    return (f"validation of the {precision} graphs failed: they give logits that are not finite numbers (NaN or "
+            f"infinite) where PyTorch's are: an activation overflows {precision}'s range"
+            + (" (65504); export bf16 (same range as fp32) or fp32" if precision == "fp16" else "; export fp32"))
 
 
 def validate_corrector(

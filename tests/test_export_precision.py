@@ -2,6 +2,7 @@
 refusal of bf16, the CLI, and the GPU check's dry run."""
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ from lmcor.export import export_corrector
 from lmcor.export.half import T5_FP32_MATMULS, bfloat16_bits, convert
 from lmcor.runtime.bundle import MANIFEST_NAME, PRECISIONS, Manifest, load_manifest
 from lmcor.runtime.errors import BundleError
+from lmcor.runtime.sessions import cuda_device_count
 from onnx import TensorProto, helper, numpy_helper
 
 from lmcor import Corrector
@@ -70,6 +72,13 @@ def test_bf16_export_writes_a_valid_graph_and_cpu_refuses_it(half_bundles):
     with pytest.raises(BundleError, match=r"bf16 bundle runs on CUDA only.*--providers CUDAExecutionProvider") as e:
         Corrector.load(half_bundles["bf16"], providers=["CPUExecutionProvider"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="checks the export on a machine without CUDA")
+def test_a_bf16_export_without_cuda_says_its_atol_is_not_applied(checkpoints, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="lmcor"):
+        export_corrector(checkpoints["t5"], tmp_path / "bf16", precision="bf16", atol=0.5)
+    assert "atol 0.5 is not applied: bf16 graphs are validated on CUDA" in caplog.text
 
 
 def test_t5_feed_forward_output_and_residual_stream_stay_fp32(half_bundles):
@@ -222,7 +231,7 @@ def test_validation_fails_on_non_finite_logits(half_bundles, bundles, checkpoint
 
     monkeypatch.setattr(validate, "_onnx_logits", poisoned)
     model = AutoModelForSeq2SeqLM.from_pretrained(checkpoints["t5v11"]).eval()  # the fp16 bundle's
-    with pytest.raises(ExportError, match="exceeds the fp16 tolerance"):
+    with pytest.raises(ExportError, match="not finite numbers .* overflows fp16's range .* export bf16"):
         validate.validate_half(model, half_bundles["fp16"], "fp16")
     # fp32, where large weights' own rounding may widen the tolerance: no rounding explains a NaN
     with pytest.raises(ExportError, match="not finite numbers"):
