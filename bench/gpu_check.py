@@ -405,9 +405,11 @@ def stage_kernels(work: Path, args, out: dict) -> dict:
     """The kernel tests' JUnit file (written by the shell script's pytest run) -> counts and failures."""
     import xml.etree.ElementTree as ET
 
-    path = work / "kernels.xml"
+    path, rc = work / "kernels.xml", work / "kernels.pytest"
     if not path.is_file():
-        return {"status": "no result", "reason": "pytest wrote no report (see gpu_check.log)"}
+        timed_out = rc.is_file() and rc.read_text().strip() in ("124", "137")
+        return {"status": "no result", "reason": "pytest timed out before its report" if timed_out
+                else "pytest wrote no report (see gpu_check.log)"}
     cases = ET.parse(path).getroot().iter("testcase")
     out.update(passed=[], failed=[], skipped=[])
     for case in cases:
@@ -419,7 +421,6 @@ def stage_kernels(work: Path, args, out: dict) -> dict:
         else:
             out["passed"].append(name)
     out["gpu_cases_run"] = sum("gpu" in n for n in out["passed"] + out["failed"])
-    rc = work / "kernels.pytest"
     out["pytest_exit_status"] = int(rc.read_text()) if rc.is_file() else None
     if out["failed"] or out["pytest_exit_status"] not in (0, None):
         out["status"] = "failed"

@@ -126,6 +126,7 @@ class Engine:
                 gate: Classifier | None = None, batch_size: int = 16, errors: Literal["raise", "return"] = "raise",
                 progress: Callable[[int], None] | None = None) -> list[Correction | InputError]:
         """`Corrector.correct_batch`: see there."""
+        queued = time.perf_counter()  # every request's times run from the call, as an online one's from its submission
         options = _options(options)
         search = self.search(options)
         check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
@@ -144,8 +145,9 @@ class Engine:
                 results[n] = e
         if gate is not None and valid:
             passed = _gate(gate, options.gate_threshold, [r for _, r in valid])
+            now = time.perf_counter()
             for (n, request), answer in zip(valid, passed):
-                results[n] = answer
+                results[n] = None if answer is None else _waited(answer, now - queued)
             if progress is not None and any(passed):
                 progress(sum(answer is not None for answer in passed))
             valid = [(n, request) for (n, request), answer in zip(valid, passed) if answer is None]
@@ -159,7 +161,7 @@ class Engine:
                     raise InputError(f"item {n}: {model_input}")
                 results[n] = model_input
             else:
-                sequences.append(self._sequence(search, model_input, options, request=request, index=n))
+                sequences.append(self._sequence(search, model_input, options, request=request, index=n, queued=queued))
         failed = sum(isinstance(r, InputError) for r in results)
         if progress is not None and failed:  # answered too, by their errors: a bar reaches its end
             progress(failed)
@@ -201,7 +203,8 @@ class Engine:
                on_tokens: Callable[[list[int]], None] | None = None) -> Future[Correction]:
         """Correct one request in the engine's background thread, which the first submission starts.
         Thread-safe. Requests join the running batch between decoder calls (at most `batch_size` rows),
-        so a short one never waits for a long one to finish.
+        so a short one never waits for a long one to finish (in greedy search: a beam search at the head
+        of the queue runs as a static batch once the batch drains, and those behind it wait with it).
 
         The future holds the `Correction`, or the `InputError` of a bad request or options, as
         `correct_batch` would raise it; where the models fail on a batch, the error of each request in
@@ -268,8 +271,7 @@ class Engine:
                     cancel = self._cancel
                 if cancel:
                     for future in [*(s.future for s in scheduler.waiting), *(a.future for a in arrivals)]:
-                        if future.cancel():
-                            future.set_running_or_notify_cancel()  # wakes `wait` and `as_completed` too
+                        _withdraw(future)
                     scheduler.waiting.clear()
                     arrivals = []
                 if not arrivals and not scheduler.busy:
@@ -299,7 +301,7 @@ class Engine:
                 arrivals, self._inbox = self._inbox, []
             said = LmcorError(f"the engine stopped on an internal error: {type(e).__name__}: {e}")
             said.__cause__ = e
-            held = [] if scheduler is None else [*scheduler.abandon(), *scheduler.waiting]
+            held = [] if scheduler is None else [*scheduler.held(), *scheduler.waiting]  # (no new batch: it may fail)
             for s in held:
                 _settle(s.future, error=said)
             for submission in arrivals:
@@ -330,10 +332,8 @@ class Engine:
                 continue
             now = time.perf_counter()
             for (submission, _, _), answer in zip(group, answers):
-                if answer is not None:  # its time, as a decoded answer's, runs from its submission
-                    waited = now - submission.queued
-                    _settle(submission.future, dataclasses.replace(
-                        answer, stats=dataclasses.replace(answer.stats, queued_s=waited, latency_s=waited)))
+                if answer is not None:
+                    _settle(submission.future, _waited(answer, now - submission.queued))
                     passed.add(id(submission))
         ready = [entry for entry in ready if id(entry[0]) not in passed]
         sequences = []
@@ -435,6 +435,23 @@ def _gate(gate: Classifier, threshold: float | None, requests: list[Request]) ->
     probabilities = right_probabilities(gate, [(r.source, r.candidates) for r in requests])
     return [Correction(text=r.candidates[0], token_ids=[], id=r.id, gated=True) if p is not None and p >= threshold
             else None for r, p in zip(requests, probabilities)]
+
+
+def _withdraw(future: Submitted) -> None:
+    """Cancel a future not yet admitted (`close(cancel=True)`), marked so that `wait` and `as_completed`
+    count it done. Its done-callbacks run here: one that raises (even SystemExit) is logged, as in
+    `_settle`, and the engine goes on."""
+    try:
+        future.cancel()
+    except BaseException as e:  # Future logs a callback's Exception itself; the rest comes out here
+        log.error("a done-callback of a correction's future raised %s; the engine goes on", type(e).__name__)
+    if future.cancelled() and not future.notified:
+        future.set_running_or_notify_cancel()
+
+
+def _waited(answer: Correction, seconds: float) -> Correction:
+    """A gate's answer with its time: as a decoded answer's, it runs from the request's submission."""
+    return dataclasses.replace(answer, stats=dataclasses.replace(answer.stats, queued_s=seconds, latency_s=seconds))
 
 
 def _settle(future: Submitted, result: Correction | None = None, error: BaseException | None = None) -> None:

@@ -97,7 +97,7 @@ class RequestStats:
 
     input_tokens: int = 0
     output_tokens: int = 0
-    decoder_calls: int = 0  # calls of the decoder that advanced this request
+    decoder_calls: int = 0  # calls of the decoder that advanced this request (a beam search: its static batch's)
     drafted_tokens: int = 0  # draft tokens sent to the decoder for verification
     accepted_tokens: int = 0  # of which the decoder accepted
     queued_s: float = 0.0  # waiting for a place in the decoder's batch
@@ -130,14 +130,18 @@ def as_request(item: Any) -> Request:
     if isinstance(item, Request):
         return item
     if isinstance(item, Mapping):
-        for key in ("source", "candidates"):
-            if key not in item:
-                raise InputError(f"missing field {key!r}")
-        asked = sorted(OPTION_FIELDS & item.keys())
+        try:  # a mapping of the caller's own type may fail to be read: that request fails, not its batch
+            missing = [key for key in ("source", "candidates") if key not in item]
+            asked = sorted(OPTION_FIELDS & item.keys())
+            fields = None if missing or asked else (item["source"], item["candidates"], item.get("id"))
+        except Exception as e:
+            raise InputError(f"the request could not be read ({type(item).__name__}: {type(e).__name__}: {e})") from None
+        if missing:
+            raise InputError(f"missing field {missing[0]!r}")
         if asked:  # it would be ignored: options are the call's
             raise InputError(f"field {asked[0]!r} is an option of the call (correct_batch({asked[0]}=...)), not of "
                              "one request")
-        return Request(item["source"], item["candidates"], item.get("id"))
+        return Request(*fields)
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return Request(*item)
     raise InputError(f"expected an object with 'source' and 'candidates', got {json_kind(item)}")

@@ -112,12 +112,17 @@ class Scheduler:
         finished, self._finished = self._finished, []
         return finished
 
+    def held(self) -> list[Sequence]:
+        """Every sequence the current step holds: running, being admitted, or finished but not yet
+        returned."""
+        return [*self._finished, *self.batch.rows, *(s for s in self._admitting if s not in self.batch.rows)]
+
     def abandon(self) -> list[Sequence]:
-        """Every sequence the current step holds (running, being admitted, or finished but not yet
-        returned), out of the scheduler after a failure of the models; the waiting ones stay."""
-        out = [*self._finished, *self.batch.rows, *(s for s in self._admitting if s not in self.batch.rows)]
-        self._finished, self._admitting = [], []
-        self.batch = Batch(open_decoder(self.sessions, self.manifest), self.manifest.special_tokens)
+        """The sequences the current step holds (`held`), out of the scheduler after a failure of the
+        models, with a new batch to run the waiting ones, which stay."""
+        batch = Batch(open_decoder(self.sessions, self.manifest), self.manifest.special_tokens)  # first: should it
+        out = self.held()  # fail, the step's sequences are still held
+        self._finished, self._admitting, self.batch = [], [], batch
         return out
 
     def _admit(self, batch: Batch) -> None:

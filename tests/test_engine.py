@@ -168,6 +168,13 @@ def test_close_answers_every_future(bundles):
         cancelled[0].result()
 
 
+class _Unreadable(dict):
+    """A caller's mapping that fails to be read."""
+
+    def get(self, key, default=None):
+        raise KeyError(key)
+
+
 def test_a_bad_request_fails_only_its_future(bundles):
     corrector = Corrector.load(bundles["t5"])
     good = make_requests(4, seed=12)
@@ -177,6 +184,7 @@ def test_a_bad_request_fails_only_its_future(bundles):
         3: ({"source": "word " * 2000, "candidates": ["x"]}, None, "the source is never cut"),
         5: (good[0], CorrectionOptions(max_new_tokens=10**6), "max_new_tokens must be an integer from 1 to 256"),
         6: ("not a request", None, "expected an object"),
+        7: (_Unreadable(source="a b", candidates=["a"]), None, r"could not be read \(_Unreadable: KeyError"),
     }
     with _engine(corrector) as engine:
         futures = {n: engine.submit(request, options) for n, (request, options, _) in bad.items()}
@@ -231,6 +239,55 @@ def test_an_engine_whose_loop_stops_fails_every_request_and_says_so(bundles, mon
     assert isinstance(engine.failure, RuntimeError)
     with pytest.raises(LmcorError, match="stopped on an internal error .* no scheduler today"):
         engine.submit(make_requests(1, seed=15)[0])
+
+
+def test_a_failure_past_a_failed_batch_answers_every_request_held(bundles, monkeypatch):
+    """A batch fails, and so does the new batch meant to run the rest (the decoder cannot open): every
+    request taken, running or waiting, is answered with the engine's error; none waits for ever."""
+    from lmcor.runtime import scheduler
+
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(4, seed=16)
+    real = scheduler.open_decoder
+    engine = _engine(corrector, batch_size=2)
+    engine.submit(requests[0], CorrectionOptions(max_new_tokens=4)).result(timeout=RESULT_TIMEOUT)  # its scheduler is up
+    hold = threading.Event()
+    running = engine.submit(requests[1], CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
+                            on_tokens=lambda tokens: hold.wait())
+    time.sleep(0.5)  # decoding, held in its listener
+    behind = [engine.submit(requests[2], CorrectionOptions(num_beams=2, max_new_tokens=4)),  # a new decoder
+              engine.submit(requests[3], CorrectionOptions(max_new_tokens=4))]
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no decoder today")
+
+    monkeypatch.setattr(scheduler, "open_decoder", failing)
+    hold.set()
+    assert running.result(timeout=RESULT_TIMEOUT).token_ids
+    for future in behind:
+        with pytest.raises(LmcorError, match="stopped on an internal error: RuntimeError: no decoder today"):
+            future.result(timeout=RESULT_TIMEOUT)
+    monkeypatch.setattr(scheduler, "open_decoder", real)
+
+
+def test_a_done_callback_that_exits_while_close_cancels_leaves_the_engine_running(bundles, caplog):
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(2, seed=17)
+    engine = _engine(corrector, batch_size=1)
+    hold = threading.Event()
+    running = engine.submit(requests[0], CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
+                            on_tokens=lambda tokens: hold.wait())
+    time.sleep(0.5)  # decoding, held in its listener; the next one waits for its row
+    waiting = engine.submit(requests[1])
+    waiting.add_done_callback(lambda f: sys.exit(1))
+    closer = threading.Thread(target=engine.close, kwargs={"cancel": True})
+    closer.start()
+    time.sleep(0.2)
+    hold.set()
+    closer.join(RESULT_TIMEOUT)
+    assert waiting.cancelled() and not wait([waiting], timeout=0).not_done
+    assert running.result(timeout=RESULT_TIMEOUT).token_ids and engine.failure is None
+    assert "a done-callback of a correction's future raised SystemExit" in caplog.text
 
 
 def test_a_bad_cache_layout_fails_at_load(bundles, monkeypatch):

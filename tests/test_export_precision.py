@@ -208,6 +208,10 @@ def test_gpu_check_stages_run_here_and_keep_what_they_measured(tmp_path, monkeyp
     assert merged["encoder"]["packed_triton_fp32"] == {"ms": 1.0}
     assert merged["tokens"]["status"] == "no result" and "time budget" in merged["tokens"]["reason"]
     assert set(gpu_check.failures(merged)) == {"kernels", "tokens", "encoder", "latency"}  # kernels: never ran here
+    # the kernel tests' pytest killed at its limit, before its report
+    (work / "kernels.pytest").write_text("124\n")
+    assert gpu_check.main(["kernels", "--work", str(work)]) == 0
+    assert json.loads((work / "kernels.json").read_text())["reason"] == "pytest timed out before its report"
 
 
 def test_validation_fails_on_non_finite_logits(half_bundles, bundles, checkpoints, monkeypatch):

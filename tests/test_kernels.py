@@ -186,6 +186,13 @@ def test_corrector_with_the_packed_encoder_gives_the_onnx_tokens(checkpoints, tm
     got = packed.correct_batch(requests, max_new_tokens=12, batch_size=3)
     assert [c.token_ids for c in got] == [c.token_ids for c in onnx]
     assert Corrector.load(bundle).packed is None  # auto: the ONNX encoder without CUDA
+    if not torch.cuda.is_available():  # ONNX Runtime on CUDA, PyTorch without: auto takes the ONNX encoder
+        from lmcor.runtime.corrector import _packed_encoder
+        from lmcor.runtime.errors import BundleError
+
+        assert _packed_encoder(bundle, packed.manifest, "cuda", "auto") is None
+        with pytest.raises(BundleError, match="has no CUDA device"):
+            _packed_encoder(bundle, packed.manifest, "cuda", "packed")
     from lmcor.export.half import convert_bundle
     from lmcor.runtime.errors import ExportError
 
