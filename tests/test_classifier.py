@@ -283,6 +283,8 @@ def test_the_gate_recipe_and_bench_pass_what_the_runtime_passes(checkpoint, bund
     assert report["gate"]["passed"] == 2 / 5
     gated = corrector.correct_batch([(i.source, i.candidates) for i in items], gate=gate, max_new_tokens=4)
     assert [c.gated for c in gated] == [False, False, True, False, True]
+    for c in gated:  # every answer's time runs from the call, a gated one's as a decoded one's
+        assert 0 < c.stats.latency_s and (not c.gated or c.stats.queued_s == c.stats.latency_s)
 
 
 def test_the_gate_threshold_comes_from_the_bundle_unless_given(checkpoint, bundles, tmp_path):
