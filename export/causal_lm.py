@@ -39,10 +39,11 @@ from .checkpoint import (
 from .half import ROTARY_MATMULS, to_half
 from .reshapes import rewrite_file
 
+log = logging.getLogger("lmcor")
+
 MODEL_FILE = "model.onnx"
 SAMPLE_PROMPTS = ("Correct the sentence: she go to school", "def add(a, b):", "The capital of France is", "a")
 # Half precision is judged on more prompts: a near tie may flip one of them.
-log = logging.getLogger("lmcor")
 HALF_PROMPTS = SAMPLE_PROMPTS + ("Translate to French: good morning", "1, 2, 3, 4,", "Once upon a time",
                                  "Q: What is the boiling point of water?\nA:", "import numpy as np\n", "Dear Sir,")
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -55,8 +55,9 @@ class PackedEncoder:
         except ImportError as e:
             raise BundleError(f"the packed encoder needs PyTorch and Triton: pip install 'lmcor[kernels]' ({e})") from None
         if device == "cuda" and not torch.cuda.is_available():  # ONNX Runtime's CUDA, a CPU build of PyTorch
-            raise BundleError(f"the packed encoder runs on CUDA through PyTorch, and this PyTorch ({torch.__version__}) "
-                              "has no CUDA device: install a CUDA build of PyTorch, or use the ONNX encoder")
+            raise BundleError(f"the packed encoder runs on CUDA through PyTorch, and this PyTorch "
+                              f"({torch.__version__}) has no CUDA device: install a CUDA build of PyTorch, or use the "
+                              "ONNX encoder")
         self._torch, self._encode, self._unpack = torch, encode_packed, unpack
         self.device = device
         self.weights = EncoderWeights.load(path, device="cuda" if device == "cuda" else "cpu")

@@ -135,7 +135,8 @@ def as_request(item: Any) -> Request:
             asked = sorted(OPTION_FIELDS & item.keys())
             fields = None if missing or asked else (item["source"], item["candidates"], item.get("id"))
         except Exception as e:
-            raise InputError(f"the request could not be read ({type(item).__name__}: {type(e).__name__}: {e})") from None
+            raise InputError(f"the request could not be read ({type(item).__name__}: {type(e).__name__}: {e})") \
+                from None
         if missing:
             raise InputError(f"missing field {missing[0]!r}")
         if asked:  # it would be ignored: options are the call's

@@ -250,7 +250,7 @@ def test_a_failure_past_a_failed_batch_answers_every_request_held(bundles, monke
     requests = make_requests(4, seed=16)
     real = scheduler.open_decoder
     engine = _engine(corrector, batch_size=2)
-    engine.submit(requests[0], CorrectionOptions(max_new_tokens=4)).result(timeout=RESULT_TIMEOUT)  # its scheduler is up
+    engine.submit(requests[0], CorrectionOptions(max_new_tokens=4)).result(timeout=RESULT_TIMEOUT)  # scheduler up
     hold = threading.Event()
     running = engine.submit(requests[1], CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
                             on_tokens=lambda tokens: hold.wait())
