@@ -558,9 +558,12 @@ def test_records_piped_through_o_to_a_reader_that_leaves_are_not_said_to_be_resu
 
     data = tmp_path / "many.jsonl"
     data.write_text(_good_file(tmp_path).read_text() * 100)
+    first = tmp_path / "first.jsonl"
     command = (f"{sys.executable} -m lmcor.cli correct {data} --model {bundles['t5']} -q --max-new-tokens 6 "
-               "--batch-size 1 -o /dev/stdout | head -1 >/dev/null")
+               f"--batch-size 1 -o /dev/stdout | head -1 >{first}; exit ${{PIPESTATUS[0]}}")  # lmcor's status
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 141, done.stderr
+    assert len(first.read_text().splitlines()) == 1 and "output" in json.loads(first.read_text())
     assert "--resume answers the rest" not in done.stderr and "record(s) kept" not in done.stderr
 
 

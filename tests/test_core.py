@@ -35,6 +35,17 @@ NATIVE = core.built()
 needs_core = pytest.mark.skipif(NATIVE is None, reason="lmcor._core is not built (reinstall lmcor with a C++17 "
                                 "compiler: pip install -e .)")
 
+def test_the_core_is_built_where_a_compiler_is():
+    """The extension is built optionally (lmcor runs its references without one): where a C++ compiler
+    is at hand, a build that failed, or one older than its sources, fails here instead of skipping every
+    comparison of the core with its references."""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler here: lmcor runs its Python references")
+    assert NATIVE is not None, "lmcor._core is not built or is older than its sources: pip install -e ."
+
+
 # chrF: the core does the reference's double arithmetic in the reference's order (no fused
 # multiply-adds), so the scores are the same doubles.
 CHRF_TOLERANCE = 0.0

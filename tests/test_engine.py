@@ -251,10 +251,10 @@ def test_a_failure_past_a_failed_batch_answers_every_request_held(bundles, monke
     real = scheduler.open_decoder
     engine = _engine(corrector, batch_size=2)
     engine.submit(requests[0], CorrectionOptions(max_new_tokens=4)).result(timeout=RESULT_TIMEOUT)  # scheduler up
-    hold = threading.Event()
+    held, hold = threading.Event(), threading.Event()
     running = engine.submit(requests[1], CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
-                            on_tokens=lambda tokens: hold.wait())
-    time.sleep(0.5)  # decoding, held in its listener
+                            on_tokens=lambda tokens: (held.set(), hold.wait()))
+    assert held.wait(RESULT_TIMEOUT)  # decoding, held in its listener: the next ones wait behind it
     behind = [engine.submit(requests[2], CorrectionOptions(num_beams=2, max_new_tokens=4)),  # a new decoder
               engine.submit(requests[3], CorrectionOptions(max_new_tokens=4))]
 
@@ -274,15 +274,17 @@ def test_a_done_callback_that_exits_while_close_cancels_leaves_the_engine_runnin
     corrector = Corrector.load(bundles["t5"])
     requests = make_requests(2, seed=17)
     engine = _engine(corrector, batch_size=1)
-    hold = threading.Event()
+    held, hold = threading.Event(), threading.Event()
     running = engine.submit(requests[0], CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
-                            on_tokens=lambda tokens: hold.wait())
-    time.sleep(0.5)  # decoding, held in its listener; the next one waits for its row
+                            on_tokens=lambda tokens: (held.set(), hold.wait()))
+    assert held.wait(RESULT_TIMEOUT)  # decoding, held in its listener; the next one waits for its row
     waiting = engine.submit(requests[1])
     waiting.add_done_callback(lambda f: sys.exit(1))
     closer = threading.Thread(target=engine.close, kwargs={"cancel": True})
     closer.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while not engine._closed and time.monotonic() < deadline:  # close has asked to cancel the waiting one
+        time.sleep(0.01)
     hold.set()
     closer.join(RESULT_TIMEOUT)
     assert waiting.cancelled() and not wait([waiting], timeout=0).not_done

@@ -22,9 +22,13 @@ from lmcor.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference  # noqa: E4
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device, with TRITON_INTERPRET=0")
+# The CPU cases run the kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1); with it off,
+# Triton compiles for a GPU and cannot take their CPU tensors.
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)")
 # (device, dtype, lengths, heads, head_dim, absolute and relative tolerance)
 CASES = [
-    pytest.param("cpu", torch.float32, [37, 5, 20], 2, 24, 1e-4, id="interpreter-fp32"),
+    pytest.param("cpu", torch.float32, [37, 5, 20], 2, 24, 1e-4, id="interpreter-fp32", marks=interpreted),
     pytest.param("cuda", torch.float16, [200, 17, 96, 130] * 4, 12, 64, 2e-2, id="gpu-fp16", marks=needs_gpu),
     pytest.param("cuda", torch.bfloat16, [200, 17, 96, 130] * 4, 12, 64, 5e-2, id="gpu-bf16", marks=needs_gpu),
 ]
@@ -71,6 +75,7 @@ def test_packed_attention_matches_reference(device, dtype, lengths, heads, head_
     torch.testing.assert_close(got.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol)
 
 
+@interpreted
 def test_kernels_take_inputs_of_any_strides():
     """A dense but transposed input: the outputs are written in row order, not in the input's
     (an output shaped like the input's strides read back scrambled)."""
@@ -88,6 +93,7 @@ def test_kernels_take_inputs_of_any_strides():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@interpreted
 def test_segment_mode_isolates_candidates():
     ids, segments, lengths = _ragged([30], "cpu", seed=4)
     g = torch.Generator().manual_seed(5)
@@ -113,6 +119,7 @@ def test_bucket_function_is_t5s():
         assert torch.equal(relative_buckets(relative, buckets, distance, bidirectional), expected)
 
 
+@interpreted
 def test_reference_attention_is_t5_encoder_self_attention():
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5Attention
@@ -130,7 +137,7 @@ def test_reference_attention_is_t5_encoder_self_attention():
 
 
 @pytest.mark.parametrize("device, dtype, tol", [
-    pytest.param("cpu", torch.float32, 1e-5, id="interpreter-fp32"),
+    pytest.param("cpu", torch.float32, 1e-5, id="interpreter-fp32", marks=interpreted),
     pytest.param("cuda", torch.float16, 1e-2, id="gpu-fp16", marks=needs_gpu),
     pytest.param("cuda", torch.bfloat16, 2e-2, id="gpu-bf16", marks=needs_gpu),
 ])
@@ -151,6 +158,7 @@ def test_add_rmsnorm_matches_reference_and_t5(device, dtype, tol):
     torch.testing.assert_close(ref_normed.float(), t5.float(), atol=tol, rtol=tol)
 
 
+@interpreted
 @pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
 def test_packed_encoder_equals_the_t5_encoder(feed_forward):
     from lmcor.kernels.encoder import EncoderWeights, encode_packed, unpack
@@ -171,6 +179,7 @@ def test_packed_encoder_equals_the_t5_encoder(feed_forward):
         torch.testing.assert_close(got[b, :n], expected[b, :n], atol=1e-4, rtol=1e-4)
 
 
+@interpreted
 def test_corrector_with_the_packed_encoder_gives_the_onnx_tokens(checkpoints, tmp_path):
     from conftest import make_requests
     from lmcor.export import export_corrector

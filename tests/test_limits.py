@@ -1,7 +1,6 @@
 """Limits: outputs never run past the bundle's max_output_tokens, beams and batches are capped, and a
 request costs what the model can read of it, however long it is."""
 
-import time
 import tracemalloc
 
 import pytest
@@ -56,14 +55,12 @@ def test_beams_and_batches_are_capped(corrector, generator):  # noqa: F811
 def test_a_huge_candidate_costs_what_the_model_reads_of_it(corrector):
     request = {"id": 7, "source": "she go to the station every day", "candidates": [HUGE]}
     tracemalloc.start()
-    started = time.perf_counter()
     # fallback_below=100: a random model's output strays, so the fallback compares it with the candidate
     [got] = corrector.correct_batch([request], max_new_tokens=8, fallback_below=100)
-    seconds = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert got.truncated and got.id == 7 and got.stats.input_tokens <= corrector.manifest.max_input_tokens
-    assert seconds < 5 and peak < 32 << 20, (seconds, peak)
+    assert peak < 32 << 20, peak
     assert got.fallback and got.text is HUGE  # span 0: the candidate returned is whole, though the model read its head
     with_span = corrector.correct_batch([request], max_new_tokens=8, fallback_below=100, fallback_span=2)[0]
     assert with_span.text == request["source"]  # with a span: ~60,000 times the source's length is no edit of it

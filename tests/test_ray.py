@@ -14,11 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import make_requests
 
-try:
-    import ray
-    from lmcor.integrations import ray as lmcor_ray
-except ImportError as e:  # the ray extra is not installed
-    pytest.skip(f"needs the ray extra (pip install 'lmcor[ray]'): {e}", allow_module_level=True)
+ray = pytest.importorskip("ray", reason="needs the ray extra (pip install 'lmcor[ray]')")
+from lmcor.integrations import ray as lmcor_ray  # noqa: E402  (a failure of lmcor's own is a failure, not a skip)
 
 import httpx
 
