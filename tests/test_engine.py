@@ -83,14 +83,18 @@ def test_a_short_request_submitted_while_a_long_one_decodes_finishes_first(bundl
     corrector = Corrector.load(bundles["t5v11"])
     long, forced = _long(corrector)
     short = make_requests(1, seed=2)[0]
-    finished = []
+    finished, later = [], {}
+
+    def heard(tokens):  # the short one arrives while the long one decodes, however busy the machine
+        if not later:
+            later["short"] = engine.submit(short, CorrectionOptions(max_new_tokens=4))
+            later["short"].add_done_callback(lambda _: finished.append("short"))
+
     with _engine(corrector) as engine:
-        first = engine.submit(long, forced)
+        first = engine.submit(long, forced, on_tokens=heard)
         first.add_done_callback(lambda _: finished.append("long"))
-        _wait_until_decoding(engine, 0)
-        second = engine.submit(short, CorrectionOptions(max_new_tokens=4))
-        second.add_done_callback(lambda _: finished.append("short"))
-        slow, quick = first.result(timeout=RESULT_TIMEOUT), second.result(timeout=RESULT_TIMEOUT)
+        slow = first.result(timeout=RESULT_TIMEOUT)
+        quick = later["short"].result(timeout=RESULT_TIMEOUT)
         shared = engine.stats.rows - engine.stats.decoder_calls  # calls that ran more than one row
     assert finished == ["short", "long"]
     assert len(slow.token_ids) == corrector.manifest.max_output_tokens
@@ -451,17 +455,24 @@ def test_an_idle_engine_lets_its_thread_go_and_a_corrector_closes(bundles, monke
 def test_a_request_cancelled_while_it_decodes_leaves_the_batch_at_the_next_step(bundles):
     corrector = Corrector.load(bundles["t5v11"])
     long, forced = _long(corrector)
+    futures: dict[str, object] = {}
+    cancelled: dict[str, tuple[bool, bool]] = {}
+
+    def cancelling(name):  # at its first tokens, however busy the machine: running, and withdrawn
+        def heard(tokens):
+            if name not in cancelled:
+                cancelled[name] = (futures[name].running(), futures[name].cancel())
+        return heard
+
     with _engine(corrector) as engine:
-        future = engine.submit(long, forced)
-        _wait_until_decoding(engine, 0)
-        assert future.running() and not future.cancel()  # too late to skip it: it is withdrawn instead
-        result = future.result(timeout=RESULT_TIMEOUT)
+        futures["long"] = engine.submit(long, forced, on_tokens=cancelling("long"))
+        result = futures["long"].result(timeout=RESULT_TIMEOUT)
         later = engine.submit(long, forced).result(timeout=RESULT_TIMEOUT)  # the engine serves on
         # With a fallback, a partial text is not weighed against the candidates: it is said to be partial.
-        guarded = engine.submit(long, dataclasses.replace(forced, fallback_below=99.0))
-        _wait_until_decoding(engine, engine.stats.decoder_calls)
-        guarded.cancel()
-        partial = guarded.result(timeout=RESULT_TIMEOUT)
+        futures["guarded"] = engine.submit(long, dataclasses.replace(forced, fallback_below=99.0),
+                                           on_tokens=cancelling("guarded"))
+        partial = futures["guarded"].result(timeout=RESULT_TIMEOUT)
+    assert cancelled == {"long": (True, False), "guarded": (True, False)}  # too late to skip: withdrawn instead
     assert len(result.token_ids) < corrector.manifest.max_output_tokens == len(later.token_ids)
     assert result.withdrawn and not later.withdrawn
     assert partial.withdrawn and not partial.fallback and len(partial.token_ids) < corrector.manifest.max_output_tokens
@@ -496,11 +507,16 @@ def test_a_merged_decoder_lets_a_withdrawn_request_go_at_the_next_step(bundles):
     its future holds what it wrote (it decoded to its end)."""
     corrector = Corrector.load(bundles["bart"])
     long, forced = _long(corrector)
+    futures, withdrawn = {}, []
+
+    def heard(tokens):  # withdrawn at its first tokens, however busy the machine
+        if not withdrawn:
+            withdrawn.append(futures["long"].cancel())
+
     with _engine(corrector) as engine:
-        future = engine.submit(long, forced)
-        _wait_until_decoding(engine, 0)
-        assert not future.cancel()
-        result = future.result(timeout=RESULT_TIMEOUT)
+        futures["long"] = engine.submit(long, forced, on_tokens=heard)
+        result = futures["long"].result(timeout=RESULT_TIMEOUT)
+    assert withdrawn == [False]  # running: withdrawn, not skipped
     assert len(result.token_ids) < corrector.manifest.max_output_tokens // 2  # not to its end (forced EOS)
 
 
