@@ -157,6 +157,8 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         known = input_words(source, read) if text == correction.text else None
         if span or known is not None:
             text = minimal_edits(source, text, span, known, vote_by)
+        if text != correction.text and text.split() == source.split():  # the fallback's answer edits no word:
+            text = source  # the source, with its own spacing (no-break spaces), as a guess of it would be
     if text == correction.text:
         return correction
     return dataclasses.replace(correction, text=text, token_ids=[], fallback=True)

@@ -34,12 +34,17 @@ def with_source_spacing(source: str, text: str) -> str:
     out, used = theirs[:1], set()
     for j in range(1, len(theirs)):
         # The source's gap after the word the one before copies, else before the word this one copies
-        # (a line break stays beside a corrected word too); each gap once.
+        # (a line break stays beside a corrected word too); where the two copy words apart (the text
+        # deletes the ones between), any gap between them; each gap once.
         before, after = source_word.get(j - 1), source_word.get(j)
-        i = before if before is not None and before < len(gaps) else after - 1 if after else None
-        structural = i is not None and i not in used and not _STRUCTURAL.isdisjoint(gaps[i])
-        used.add(i)
-        out += [gaps[i] if structural else " ", theirs[j]]
+        if before is not None and after is not None and after > before + 1:
+            places = range(before, after)
+        else:
+            places = [before if before is not None and before < len(gaps) else after - 1 if after else None]
+        i = next((g for g in places if g is not None and g < len(gaps) and g not in used
+                  and not _STRUCTURAL.isdisjoint(gaps[g])), None)
+        used.add(i if i is not None else places[0])
+        out += [gaps[i] if i is not None else " ", theirs[j]]
     return "".join(out) if len(out) > 1 else text
 
 

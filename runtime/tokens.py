@@ -221,6 +221,16 @@ def _even_cap(lengths: list[int], budget: int) -> int:
     return cap
 
 
+def _cut(text: str, ends: list[int], cap: int) -> str:
+    """`text` cut to at most its first `cap` tokens (`ends`: where each ends in it). A character that
+    became several tokens (NFKC's "…" -> "...", a byte-level tokenizer's emoji) ends them all at one
+    place: it is kept whole or not at all, never cut through (which would keep all of its tokens)."""
+    if len(ends) <= cap:
+        return text
+    kept = [end for end in ends[:cap] if end < ends[cap]]
+    return text[: kept[-1]] if kept else ""
+
+
 def _truncate(
     tokenizer: Tokenizer,
     template: Template,
@@ -245,7 +255,7 @@ def _truncate(
                 "or send fewer candidates (the source is never cut)"
             )
         cap = _even_cap(lengths, budget)
-        candidates = tuple(c[: e[cap - 1]] if len(e) > cap else c for c, e in zip(candidates, ends))
+        candidates = tuple(_cut(c, e, cap) for c, e in zip(candidates, ends))
         rendered = render(template, source, candidates)
         encoding = tokenizer.encode(rendered.text)
         if len(encoding.ids) <= max_tokens:

@@ -22,15 +22,17 @@ NEED = 2  # candidates that must make an edit: a pair agreeing is rarely chance;
 
 
 def edit_vote(source: str, candidates: Sequence[str], need: int = NEED) -> str:
-    """The source with every edit that at least `need` of the candidates make to it (the compiled
-    core's where built: the words numbered in their sorted order, so that ties break alike)."""
+    """The source with every edit that at least `need` of the candidates make to it, its words joined
+    by single spaces; with none, the source as it is (its own spacing, a no-break space too). The
+    compiled core's where built: the words numbered in their sorted order, so that ties break alike."""
     if core.native is None:
         return _edit_vote_reference(source, candidates, need)
     words, theirs = source.split(), [candidate.split() for candidate in candidates]
     vocabulary = sorted({*words, *(word for t in theirs for word in t)})
     number = {word: n for n, word in enumerate(vocabulary)}
-    voted = core.native.edit_vote([number[w] for w in words], [[number[w] for w in t] for t in theirs], need)
-    return " ".join(vocabulary[n] for n in voted)
+    numbered = [number[w] for w in words]
+    voted = core.native.edit_vote(numbered, [[number[w] for w in t] for t in theirs], need)
+    return source if voted == numbered else " ".join(vocabulary[n] for n in voted)
 
 
 def minimal_edits(source: str, text: str, span: int, known: set[str] | None = None,
@@ -199,7 +201,8 @@ def _edit_vote_reference(source: str, candidates: Sequence[str], need: int = NEE
             continue  # overlaps an edit already applied, or another answer where one was applied
         out += words[at:i1] + list(replacement)
         at, started = i2, i1
-    return " ".join(out + words[at:])
+    voted = out + words[at:]
+    return source if voted == words else " ".join(voted)
 
 
 def input_words(source: str, candidates: Sequence[str]) -> set[str]:

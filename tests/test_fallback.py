@@ -290,6 +290,21 @@ def test_of_two_edits_from_one_word_the_vote_takes_the_one_more_candidates_make(
     assert edit_vote("a b c", ["a Y b c"] * 3 + ["a X c"] * 2) == "a Y b c"
 
 
+def test_a_vote_of_no_edit_is_the_source_with_its_own_spacing(monkeypatch):
+    """A fallback that answers with the source keeps its no-break spaces (and any other spacing)."""
+    from lmcor.runtime import core
+
+    source = "Prix :\u00a0100\u00a0€ par mois."
+    others = ["Le prix est de cent euros.", "Cent euros par mois.", "C'est cher."]  # no edit two make
+    for native in (core.native, None):  # the compiled core's vote (where built) and the reference
+        monkeypatch.setattr(core, "native", native)
+        assert edit_vote(source, others) == source
+        assert edit_vote("a\u00a0b c", ["a B c"] * 2) == "a B c"  # an edit: words joined by single spaces
+    monkeypatch.undo()
+    got = guard(Correction("Le prix.", [5]), others, 50, source=source, span=2)
+    assert got.text == source and got.fallback
+
+
 def test_the_vote_writes_one_answer_where_candidates_give_different_ones():
     """Candidates that disagree on what goes at one place: the vote takes the answer more of them give,
     never two of them side by side ("an the apple", "a a dog"), and the fallback does not return such

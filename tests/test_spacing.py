@@ -21,6 +21,9 @@ from lmcor import Corrector
     ("x\ny", "z", "z"),
     ("a b\u2028c d", "a B c d", "a B\u2028c d"),  # Unicode's line breaks too
     ("a\x85b\u2029c", "a b c", "a\x85b\u2029c"),
+    ("I saw the the\ncat.", "I saw the cat.", "I saw the\ncat."),  # a word deleted beside a line break
+    ("Best regards, John Smith\nCEO", "Best regards, John CEO", "Best regards, John\nCEO"),
+    ("a b\nc\nd e", "a e", "a\ne"),  # several deleted: the first break between them
 ])
 def test_line_breaks_and_tabs_come_back_where_the_output_copies_the_source(source, text, expected):
     assert with_source_spacing(source, text) == expected

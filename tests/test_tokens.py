@@ -52,6 +52,24 @@ def test_references_are_the_prompts_own_tokens_of_each_candidate_and_the_source(
     assert plain.references == () and plain.ids.tolist() == got.ids.tolist()
 
 
+@pytest.mark.parametrize("character", ["…", "½", "™"])
+def test_a_character_of_several_tokens_is_never_cut_through(character):
+    """The shipped tokenizer normalizes "…" to "..." (three tokens at one character): a cut there kept all
+    three, every round alike, and a request that fits was refused."""
+    from lmcor.runtime.bundle import load_manifest, shipped_bundle
+    from lmcor.runtime.tokens import load_tokenizer
+
+    bundle = shipped_bundle("default")
+    manifest = load_manifest(bundle, verify=False)
+    tokenizer = load_tokenizer(bundle / manifest.files["tokenizer"])
+    request = Request("She go home.", ["She goes home" + character * 6, "She goes home."])
+    full = len(tokenizer.encode(render(manifest.template, request.source, request.candidates).text).ids)
+    for limit in range(full - 1, full - 14, -1):
+        [got] = encode_requests(tokenizer, manifest.template, [request], limit)
+        assert not isinstance(got, InputError), (limit, got)
+        assert got.truncated and len(got.ids) <= limit
+
+
 def test_long_candidates_are_shortened_evenly(tokenizer):
     long = "My brother went to the station and the city center every day, quietly. " * 4
     request = Request("She go to school every days.", (long, "She goes to school.", long[::-1], long + long))
