@@ -93,6 +93,8 @@ def build_checkpoint(arch: str, path: Path, positions: int = 512) -> Path:
     from transformers import (
         BartConfig,
         BartForConditionalGeneration,
+        MT5Config,
+        MT5ForConditionalGeneration,
         T5Config,
         T5ForConditionalGeneration,
     )
@@ -108,13 +110,15 @@ def build_checkpoint(arch: str, path: Path, positions: int = 512) -> Path:
         model = BartForConditionalGeneration(config)
         with torch.no_grad():
             model.final_logits_bias[0, config.eos_token_id] = -0.3  # outputs run to the forced EOS
-    else:
-        gated = arch == "t5v11"
-        config = T5Config(vocab_size=vocab, d_model=32, d_kv=12 if gated else 8, d_ff=64, num_layers=2,
-                          num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                          feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
-                          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-        model = T5ForConditionalGeneration(config)
+    else:  # t5, t5v11 (gated, untied) and mt5 (T5 v1.1's shape under its own model type)
+        gated = arch in ("t5v11", "mt5")
+        kind, model_class = (MT5Config, MT5ForConditionalGeneration) if arch == "mt5" else (T5Config,
+                                                                                          T5ForConditionalGeneration)
+        config = kind(vocab_size=vocab, d_model=32, d_kv=12 if gated else 8, d_ff=64, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                      feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        model = model_class(config)
         with torch.no_grad():
             model.lm_head.weight[config.eos_token_id] *= 2.5 if gated else 15.0  # some outputs end early, some run long
     model.eval().save_pretrained(path)

@@ -343,7 +343,8 @@ def test_fuzzed_bad_lines_never_change_a_good_answer(bundles, expected, tmp_path
         if record["line"] in good_at:
             assert record.get("output") == expected[good_at[record["line"]]], record
         else:
-            assert "error" in record or record["output"] is not None
+            assert ("error" in record) != ("output" in record), record  # an answer or its error, never both
+            assert isinstance(record.get("error", record.get("output")), str), record
 
 
 def test_split_lines_matches_splitlines_at_any_read_size():

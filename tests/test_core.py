@@ -113,9 +113,20 @@ def test_nearest_equals_the_reference_on_real_requests():
 
 @needs_core
 def test_nearest_dispatches_to_the_core_and_keeps_its_shortcut(monkeypatch):
-    monkeypatch.setattr(core, "native", NATIVE)
-    assert nearest("a b", ["x", "a b"]) == (1, 100.0)  # exact match, not blank
+    calls = []
+
+    class Counted:  # the core, its `nearest` calls counted
+        def __getattr__(self, name):
+            return getattr(NATIVE, name)
+
+        def nearest(self, *args):
+            calls.append(args)
+            return NATIVE.nearest(*args)
+
+    monkeypatch.setattr(core, "native", Counted())
+    assert nearest("a b", ["x", "a b"]) == (1, 100.0) and not calls  # an exact match: the shortcut
     assert nearest(" ", [" ", "x"]) == _nearest_reference(" ", [" ", "x"])
+    assert nearest("a c", ["x", "a b"]) == _nearest_reference("a c", ["x", "a b"]) and calls  # the core's
     with pytest.raises(ValueError):
         nearest("a", [])
 

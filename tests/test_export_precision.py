@@ -43,7 +43,7 @@ def test_cli_export_refuses_half_precision_classifiers(checkpoints, tmp_path):
     assert main(["export", str(checkpoints["t5"]), str(tmp_path / "c"), "--kind", "classifier", "--precision", "fp16"]) == 2
 
 
-def test_fp16_runs_on_cpu_within_its_recorded_agreement(half_bundles, checkpoints):
+def test_fp16_runs_on_cpu_within_its_recorded_agreement(half_bundles, checkpoints, bundles):
     import torch
     from lmcor.export.validate import validate_corrector
     from lmcor.runtime.request import Request
@@ -57,6 +57,11 @@ def test_fp16_runs_on_cpu_within_its_recorded_agreement(half_bundles, checkpoint
     report = validate_corrector(model, half_bundles["fp16"], requests=requests, max_new_tokens=12, exact=False)
     assert report.greedy_token_agreement >= v["min_greedy_token_agreement"]
     assert report.max_abs_logit_diff <= v["tolerance"]
+    # through the runtime (batched, drafts on), against the fp32 bundle of the same checkpoint
+    half = Corrector.load(half_bundles["fp16"]).correct_batch(requests, max_new_tokens=12, fallback_below=0)
+    full = Corrector.load(bundles["t5v11"]).correct_batch(requests, max_new_tokens=12, fallback_below=0)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(half, full))
+    assert same >= v["min_greedy_token_agreement"] * len(requests) and any(a.token_ids for a in half)
 
 
 def test_bf16_export_writes_a_valid_graph_and_cpu_refuses_it(half_bundles):

@@ -79,3 +79,18 @@ def test_no_repeat_ngram_size_matches_generate(checkpoints, bundles, num_beams, 
     for batch_size in (1, 5):
         got = corrector.correct_batch(INPUTS[:12], batch_size=batch_size, **options)
         assert [c.token_ids for c in got] == expected
+
+
+def test_an_mt5_checkpoint_exports_and_matches_generate(tmp_path):
+    """mT5 (T5 v1.1's layers under its own model type), exported and decoded greedily, batched."""
+    from conftest import build_checkpoint
+    from lmcor.export import export_corrector
+
+    checkpoint = build_checkpoint("mt5", tmp_path / "mt5")
+    export_corrector(checkpoint, tmp_path / "bundle")
+    corrector = Corrector.load(tmp_path / "bundle")
+    assert corrector.manifest.architecture == "mt5"
+    requests = INPUTS[:12]
+    expected = _reference(checkpoint, corrector, requests, max_new_tokens=20, num_beams=1)
+    got = corrector.correct_batch(requests, max_new_tokens=20, batch_size=4)
+    assert [c.token_ids for c in got] == expected
