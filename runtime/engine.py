@@ -380,9 +380,11 @@ class Engine:
             if s.below and s.request is not None and not correction.withdrawn:  # a partial text is not the model's
                 correction = guard(correction, s.request.candidates, s.below, source=s.request.source,
                                    seen=s.input.candidates, span=s.span)
-            # A candidate returned keeps its own spacing; a tokenizer that writes line breaks, its model's.
-            if s.request is not None and (correction.fallback or self._respaced) \
-                    and not (correction.fallback and correction.text in s.request.candidates):
+            # A candidate or the source returned keeps its own spacing; a tokenizer that writes line breaks,
+            # its model's.
+            if s.request is not None and (correction.fallback or self._respaced) and not (
+                    correction.fallback and (correction.text in s.request.candidates
+                                             or correction.text == s.request.source)):
                 spaced = with_source_spacing(s.request.source, correction.text)
                 if spaced != correction.text:
                     correction = dataclasses.replace(correction, text=spaced)

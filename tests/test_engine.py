@@ -457,20 +457,23 @@ def test_a_request_cancelled_while_it_decodes_leaves_the_batch_at_the_next_step(
     long, forced = _long(corrector)
     futures: dict[str, object] = {}
     cancelled: dict[str, tuple[bool, bool]] = {}
+    stored = {"long": threading.Event(), "guarded": threading.Event()}
 
     def cancelling(name):  # at its first tokens, however busy the machine: running, and withdrawn
         def heard(tokens):
-            if name not in cancelled:
+            if name not in cancelled and stored[name].wait(RESULT_TIMEOUT):  # its future is in `futures`
                 cancelled[name] = (futures[name].running(), futures[name].cancel())
         return heard
 
     with _engine(corrector) as engine:
         futures["long"] = engine.submit(long, forced, on_tokens=cancelling("long"))
+        stored["long"].set()
         result = futures["long"].result(timeout=RESULT_TIMEOUT)
         later = engine.submit(long, forced).result(timeout=RESULT_TIMEOUT)  # the engine serves on
         # With a fallback, a partial text is not weighed against the candidates: it is said to be partial.
         futures["guarded"] = engine.submit(long, dataclasses.replace(forced, fallback_below=99.0),
                                            on_tokens=cancelling("guarded"))
+        stored["guarded"].set()
         partial = futures["guarded"].result(timeout=RESULT_TIMEOUT)
     assert cancelled == {"long": (True, False), "guarded": (True, False)}  # too late to skip: withdrawn instead
     assert len(result.token_ids) < corrector.manifest.max_output_tokens == len(later.token_ids)
@@ -507,14 +510,15 @@ def test_a_merged_decoder_lets_a_withdrawn_request_go_at_the_next_step(bundles):
     its future holds what it wrote (it decoded to its end)."""
     corrector = Corrector.load(bundles["bart"])
     long, forced = _long(corrector)
-    futures, withdrawn = {}, []
+    futures, withdrawn, stored = {}, [], threading.Event()
 
     def heard(tokens):  # withdrawn at its first tokens, however busy the machine
-        if not withdrawn:
+        if not withdrawn and stored.wait(RESULT_TIMEOUT):  # its future is in `futures`
             withdrawn.append(futures["long"].cancel())
 
     with _engine(corrector) as engine:
         futures["long"] = engine.submit(long, forced, on_tokens=heard)
+        stored.set()
         result = futures["long"].result(timeout=RESULT_TIMEOUT)
     assert withdrawn == [False]  # running: withdrawn, not skipped
     assert len(result.token_ids) < corrector.manifest.max_output_tokens // 2  # not to its end (forced EOS)

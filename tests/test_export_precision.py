@@ -100,6 +100,30 @@ def test_t5_feed_forward_output_and_residual_stream_stay_fp32(half_bundles):
     assert len(casts) == len(set(casts))
 
 
+def test_a_rotary_embeddings_angles_stay_fp32_through_the_views_of_inv_freq():
+    """inv_freq as a weight, expanded and cast before the angles' product: only that kept product reads
+    it, so no view of it goes to half precision (fp16 keeps 11 bits of 0.001)."""
+    from lmcor.export.half import ROTARY_MATMULS
+
+    inv_freq = numpy_helper.from_array(np.array([[[1.0], [0.1], [0.01], [0.001]]], np.float32), "inv_freq")
+    shape = numpy_helper.from_array(np.array([1, 4, 1], np.int64), "shape")
+    w = numpy_helper.from_array(np.ones((5, 5), np.float32), "w")
+    nodes = [helper.make_node("Expand", ["inv_freq", "shape"], ["expanded"], name="/model/rotary_emb/Expand"),
+             helper.make_node("Cast", ["expanded"], ["cast"], name="/model/rotary_emb/Cast", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["cast", "positions"], ["angles"], name="/model/rotary_emb/MatMul"),
+             helper.make_node("MatMul", ["angles", "w"], ["y"], name="/model/layers.0/q_proj/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("positions", TensorProto.FLOAT, [1, 1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5])], [inv_freq, shape, w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = convert(model, TensorProto.FLOAT16, keep=ROTARY_MATMULS)
+    assert (report.half_nodes, report.kept_fp32) == (1, 1)
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    assert kinds["inv_freq"] == TensorProto.FLOAT and not any("inv_freq" in n and n != "inv_freq" for n in kinds)
+    assert TensorProto.FLOAT16 in kinds.values()  # q_proj's weight
+    onnx.checker.check_model(model)
+
+
 def test_converter_keeps_non_matmul_arithmetic_fp32():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 8)).astype(np.float32)

@@ -303,6 +303,11 @@ def test_a_vote_of_no_edit_is_the_source_with_its_own_spacing(monkeypatch):
     monkeypatch.undo()
     got = guard(Correction("Le prix.", [5]), others, 50, source=source, span=2)
     assert got.text == source and got.fallback
+    # through the engine, a source with a line break too: not respaced
+    corrector = Corrector.load()
+    for text in (source, "Prix :\u00a0100\u00a0€\npar mois."):
+        [answer] = corrector.correct_batch([(text, others)], fallback_below=50, fallback_span=2)
+        assert answer.text == text and answer.fallback
 
 
 def test_the_vote_writes_one_answer_where_candidates_give_different_ones():
