@@ -111,6 +111,7 @@ BAD = [
     (b'{"source": "x", "candidates": []}', 422, "field 'candidates' is an empty list"),
     (b'{"source": "x", "candidates": ["a"], "max_new_tokens": 100000}', 422, "max_new_tokens must be an integer"),
     (b'{"source": "x", "candidates": ["a"], "num_beams": "3"}', 422, "num_beams must be an integer"),
+    (b'{"source": "x", "candidates": ["a"], "max_new_tokens": 1e300}', 422, "got 1e+300"),
     (b'{"source": "x", "candidates": ["a"], "gate_threshold": 2}', 422, "gate_threshold must be a probability"),
     (b'{"source": "x", "candidates": ["a"], "gate_threshold": 0.5}', 422, "this server has no gate"),
     (b'{"source": "x", "candidates": ["a"], "timeout_s": 0}', 422, "timeout_s must be a number of seconds"),

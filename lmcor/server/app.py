@@ -311,8 +311,8 @@ def _fields(item: Any, known: tuple[str, ...], what: str) -> dict:
     for key in item:
         if key not in known:
             raise InputError(f"unknown field {shown(key)} (fields: {', '.join(known)})")
-    whole = {key: int(value) for key, value in item.items()
-             if key in _INTEGERS and isinstance(value, float) and value.is_integer()}
+    whole = {key: int(value) for key, value in item.items()  # (past 2**53 a float is no count: said as sent)
+             if key in _INTEGERS and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53}
     return {**item, **whole} if whole else item
 
 
