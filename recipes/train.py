@@ -392,8 +392,11 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
     else:
         from transformers import T5ForConditionalGeneration
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
-        model = T5ForConditionalGeneration.from_pretrained(init)
+        try:  # a user's folder: whatever fails to read in it is said, not a traceback
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
+            model = T5ForConditionalGeneration.from_pretrained(init)
+        except Exception as e:
+            raise InputError(f"--init {init}: cannot be loaded ({type(e).__name__}: {e})") from None
     synthetic_dev = data.examples(splits["dev"], settings.seed + 1)
     pairs = [data.joined(splits["dev"][n : n + 2])[0] for n in range(0, len(splits["dev"]) - 1, 2)]
     joined_dev = data.examples(pairs[: int(join * len(synthetic_dev))], settings.seed + 2)
@@ -641,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart", action="store_true",
                         help="train from the start instead of continuing OUT's checkpoint (the default)")
     parser.add_argument("--device", default="cpu", help="PyTorch's device: cpu, cuda, cuda:1... (default: %(default)s)")
-    parser.add_argument("--llm-share", type=float, default=0.4, help="share of examples with the real LLM's candidates")
+    parser.add_argument("--llm-share", type=_share, default=0.4, help="share of examples with the real LLM's candidates")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this Hugging Face folder (an earlier run's hf/) instead of from scratch")
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {Settings.lr:g}; 3e-4 with --init)")
@@ -651,11 +654,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
-    if not args.minutes > 0:
-        raise InputError(f"--minutes must be above 0, got {args.minutes}")
-    from .corrector import _check_device
+    if not 0 < args.minutes < math.inf:
+        raise InputError(f"--minutes must be a number of minutes above 0, got {args.minutes}")
+    from .corrector import _check_device, _check_init
 
     _check_device(args.device)
+    if args.init is not None:  # a local T5 folder, checked before the data and tokenizer work
+        _check_init(args.init)
+        kind = json.loads((args.init / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if kind not in ("t5", "mt5"):
+            raise InputError(f"--init {args.init}: a {kind!r} checkpoint; this recipe continues T5 models "
+                             "(`lmcor train-corrector --init` fine-tunes other seq2seq models)")
+    # Calibrated on the dev splits there are (without recipes.llm_splits' files: the synthetic one).
+    calibration = [args.out / "dev.jsonl", *(path for path in [LLM_SPLITS / "llm-dev.jsonl"] if path.is_file())]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
@@ -669,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
 
     export_corrector(hf_dir, args.out / "bundle", max_output_tokens=MAX_TARGET_TOKENS, overwrite=True)
     log.info("exported %s", args.out / "bundle")
-    fallback.calibrate_bundle(args.out / "bundle", [args.out / "dev.jsonl", LLM_SPLITS / "llm-dev.jsonl"])
+    fallback.calibrate_bundle(args.out / "bundle", calibration)
     return 0
 
 

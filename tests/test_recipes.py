@@ -107,6 +107,27 @@ def test_the_train_recipe_refuses_a_device_it_cannot_use_before_any_work(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_the_train_recipe_refuses_bad_arguments_before_any_work(tmp_path, capsys, checkpoints):
+    """--minutes inf (a traceback after the data work), --llm-share past 1, an --init that is no local
+    T5 folder: each one line, and nothing written."""
+    import shutil
+
+    import pytest
+    from lmcor.recipes.train import main
+
+    not_t5 = tmp_path / "bart"
+    shutil.copytree(checkpoints["bart"], not_t5)
+    for args, said in ((["--minutes", "inf"], "--minutes must be a number of minutes above 0, got inf"),
+                       (["--init", str(tmp_path / "nowhere")], "not a Hugging Face checkpoint folder"),
+                       (["--init", str(not_t5)], "a 'bart' checkpoint; this recipe continues T5 models")):
+        assert main(["--out", str(tmp_path / "run"), *args]) == 2, args
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--llm-share", "5"])
+    assert "a share from 0 to 1, got 5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_interrupted_smollm2_conversion_is_done_again(tmp_path, monkeypatch):
     """The checkpoint is written beside its folder and renamed: one cut short (its config.json first,
     then half a gigabyte of weights) was taken for a whole one by every later run."""
