@@ -98,11 +98,15 @@ def train(out: Path, steps: int, layers: int = 2, batch_size: int = 32, lr: floa
     seen = [text for e in data.examples(sentences, seed) for text in (e.source, *e.candidates, e.target)]
     tokenizer = prune_vocabulary(model, AutoTokenizer.from_pretrained(backbone()), seen, out / "vocabulary")
     stream = data.endless(sentences, seed)
+    from tqdm import tqdm
+
+    from lmcor.cli import STDERR
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     started = time.time()
     pool: list[tuple[str, str, int]] = []
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="training the gate", unit="step", file=STDERR):
         while len(pool) < batch_size:
             pool += pairs([next(stream)])
         rng.shuffle(pool)
