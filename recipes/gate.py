@@ -87,7 +87,10 @@ def prune_vocabulary(model, tokenizer, texts: list[str], folder: Path, min_count
 def train(out: Path, steps: int, layers: int = 2, batch_size: int = 32, lr: float = 1e-4, seed: int = 0) -> Path:
     """Fine-tune the backbone's first `layers` layers, with its vocabulary pruned to the training data."""
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmcor.cli import STDERR
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -98,10 +101,6 @@ def train(out: Path, steps: int, layers: int = 2, batch_size: int = 32, lr: floa
     seen = [text for e in data.examples(sentences, seed) for text in (e.source, *e.candidates, e.target)]
     tokenizer = prune_vocabulary(model, AutoTokenizer.from_pretrained(backbone()), seen, out / "vocabulary")
     stream = data.endless(sentences, seed)
-    from tqdm import tqdm
-
-    from lmcor.cli import STDERR
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     started = time.time()
