@@ -139,8 +139,35 @@ def part_of(source: str, held_out: float) -> str:
     return "train" if share >= held_out else "dev" if share < held_out / 2 else "test"
 
 
+def groups(pairs: list[Pair]) -> list[int]:
+    """Each pair's group: the index of the group's first pair in the file. Pairs that share a source or a
+    target (white space and case aside) are in one group, and so, transitively, are their partners: data
+    with several noisy sources per clean target, or several targets per source, has each target and each
+    source in one group."""
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(key: tuple[str, str]) -> tuple[str, str]:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    def keys(pair: Pair) -> tuple[tuple[str, str], tuple[str, str]]:
+        return (("source", " ".join(pair.source.split()).casefold()),
+                ("target", " ".join(pair.target.split()).casefold()))
+
+    for pair in pairs:
+        source, target = keys(pair)
+        parent[root(source)] = root(target)
+    first: dict[tuple[str, str], int] = {}
+    return [first.setdefault(root(keys(pair)[0]), n) for n, pair in enumerate(pairs)]
+
+
 def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
-    """train / dev / test by a hash of the source: the same source is always in the same part."""
+    """train / dev / test by groups (`groups`): each group goes where a hash of its first pair's source
+    puts it, so that no source or target is in two parts. A pair's part holds as the file grows, unless
+    new pairs join its group to an earlier one."""
     if not LEAST_HELD_OUT <= held_out < 1:
         raise InputError(f"held_out must be a share from {LEAST_HELD_OUT:g} to below 1, got {held_out:g}")
     # dev and test each take about held_out/2 of the pairs: 4/held_out pairs give each two on average.
@@ -150,17 +177,17 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
                          f"need at least 3 pairs, and with --held-out {held_out:g} about {enough} so that dev and test "
                          "are not empty")
     parts: dict[str, list[Pair]] = {"train": [], "dev": [], "test": []}
-    for pair in pairs:
-        parts[part_of(pair.source, held_out)].append(pair)
+    firsts = groups(pairs)
+    for pair, first in zip(pairs, firsts):
+        parts[part_of(pairs[first].source, held_out)].append(pair)
     if not parts["train"]:
         raise InputError(f"--held-out {held_out:g} leaves none of the {len(pairs)} pairs to train on; give a smaller one")
     if not parts["dev"] or not parts["test"]:
-        sources = len({pair.source for pair in pairs})
         held = f"{held_out / 2:.0%}" if held_out >= 0.02 else f"{held_out / 2:.2g}"
         raise InputError(f"--held-out {held_out:g} kept no {'dev' if not parts['dev'] else 'test'} pair of the "
-                         f"{len(pairs)}, whose sources are {sources} different texts (dev and test each take about "
-                         f"{held} of them, by a hash of the source: a source's pairs stay together): give about "
-                         f"{enough} different sources or more, or a larger --held-out")
+                         f"{len(pairs)}, which make {len(set(firsts))} groups (pairs that share a source or a target "
+                         f"stay together; dev and test each take about {held} of the groups, by a hash of a source): "
+                         f"give about {enough} different sources and targets or more, or a larger --held-out")
     return parts
 
 

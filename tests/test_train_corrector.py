@@ -285,6 +285,23 @@ def test_cached_candidates_keep_the_good_records(tmp_path):
     assert path.read_text() == text
 
 
+def test_pairs_that_share_a_source_or_a_target_are_held_out_together():
+    """Several noisy sources per clean target (a common way to make correction data), and several
+    targets for one source: no target and no source is in two parts (split by source alone, 305 of a
+    test part's 307 targets were also trained on)."""
+    from lmcor.recipes.corrector import Pair, split
+
+    targets = english_sentences(600, seed=31)
+    pairs = [Pair(0, f"{noise} {target}", target, ()) for target in targets for noise in ("um", "uh", "er")]
+    pairs += [Pair(0, targets[0], "ANOTHER " + targets[0], ()), Pair(0, " " + targets[1].upper(), "x", ())]
+    parts = split(pairs, 0.2)
+    for key in ("source", "target"):
+        seen = [{" ".join(getattr(p, key).split()).casefold() for p in parts[name]}
+                for name in ("train", "dev", "test")]
+        assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2]), key
+    assert parts["dev"] and parts["test"] and sum(map(len, parts.values())) == len(pairs)
+
+
 def test_a_split_written_earlier_seeds_the_cache_as_this_runs(tmp_path):
     """`recipes.llm_splits` starts a fresh machine's cache from the shipped split: its candidates are
     reused (records without what made them were passed over, and every source generated again)."""
@@ -568,7 +585,8 @@ def test_a_run_that_never_trained_leaves_nothing_in_the_way(pairs, tmp_path, cap
 
     own = _with_candidates(pairs, tmp_path / "own.jsonl", 30)
     rows = [json.loads(line) for line in own.read_text().splitlines()]
-    long_rows = [{**r, "source": (r["source"] + " ") * 80} for r in rows]
+    # (targets of their own: a pair that shares its target with a short one is held out with it)
+    long_rows = [{**r, "source": (r["source"] + " ") * 80, "target": r["target"] + " Again."} for r in rows]
     kept = [r for r in long_rows if part_of(r["source"], 0.3) == "test"] + [r for r in rows if part_of(r["source"], 0.3) != "test"]
     assert any(part_of(r["source"], 0.3) == "test" for r in long_rows)
     long = tmp_path / "long-test.jsonl"
@@ -781,4 +799,4 @@ def test_pairs_the_corrector_cannot_write_whole_are_left_out_and_a_thin_split_co
     repeated = tmp_path / "repeated.jsonl"
     repeated.write_text("".join(json.dumps(rows[n % 2]) + "\n" for n in range(60)))
     assert _train_own(repeated, tmp_path / "run-repeated") == 2
-    assert "kept no dev pair of the 60, whose sources are 2 different texts" in capsys.readouterr().err
+    assert "kept no dev pair of the 60, which make 2 groups" in capsys.readouterr().err
