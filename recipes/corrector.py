@@ -424,8 +424,9 @@ def _check_device(device: str) -> None:
         raise InputError(f"--device {device}: this PyTorch sees no CUDA device (torch.cuda.is_available() is False)")
 
 
-def _check_init(init: Path) -> None:
-    """A local Hugging Face checkpoint folder with a tokenizer: never a Hub id, which would be fetched."""
+def _check_init(init: Path) -> str:
+    """A local Hugging Face checkpoint folder with a tokenizer: never a Hub id, which would be fetched.
+    Returns its model type."""
     from lmcor.export.checkpoint import TOKENIZER_FILES
 
     if not (init / "config.json").is_file():
@@ -451,6 +452,7 @@ def _check_init(init: Path) -> None:
     needed = max(MAX_INPUT_TOKENS, MAX_TARGET_TOKENS)
     if kind in ("bart", "mbart") and isinstance(positions, int) and positions < needed:
         raise InputError(f"--init {init}: its {positions} positions hold no training input of up to {needed} tokens")
+    return kind
 
 
 def load_init(init: Path):

@@ -660,8 +660,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _check_device(args.device)
     if args.init is not None:  # a local T5 folder, checked before the data and tokenizer work
-        _check_init(args.init)
-        kind = json.loads((args.init / "config.json").read_text(encoding="utf-8")).get("model_type")
+        kind = _check_init(args.init)
         if kind not in ("t5", "mt5"):
             raise InputError(f"--init {args.init}: a {kind!r} checkpoint; this recipe continues T5 models "
                              "(`lmcor train-corrector --init` fine-tunes other seq2seq models)")

@@ -383,8 +383,7 @@ class Engine:
             # A candidate or the source returned keeps its own spacing; a tokenizer that writes line breaks,
             # its model's.
             if s.request is not None and (correction.fallback or self._respaced) and not (
-                    correction.fallback and (correction.text in s.request.candidates
-                                             or correction.text == s.request.source)):
+                    correction.fallback and correction.text in (s.request.source, *s.request.candidates)):
                 spaced = with_source_spacing(s.request.source, correction.text)
                 if spaced != correction.text:
                     correction = dataclasses.replace(correction, text=spaced)

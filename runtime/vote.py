@@ -4,9 +4,9 @@ Each candidate is aligned with the source word by word (`difflib`'s longest matc
 difference is an edit (replace source words i..j by some words). An edit made by at least `need`
 candidates is applied, from left to right (of the edits that start at a word, an insertion before
 it or a change of words from it, only the one more candidates make), skipping any that overlaps one
-already applied. Where the
-candidates' errors are their own (each sample slips somewhere else), the edits they share are the
-corrections; an edit only one candidate makes (a rewrite, a dropped clause) is left out.
+already applied. Where the candidates' errors are their own (each sample slips somewhere else), the
+edits they share are the corrections; an edit only one candidate makes (a rewrite, a dropped clause)
+is left out.
 """
 
 from __future__ import annotations
