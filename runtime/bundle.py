@@ -141,6 +141,12 @@ class Manifest:
         kind = top.get("kind")
         if kind not in KINDS:
             top.fail("kind", f"unknown bundle kind {_show(kind)} (expected one of {', '.join(KINDS)})")
+        for key, value in data.items():
+            if key not in _DEFAULTS:
+                top.fail(key, "unknown field (misspelled, or written by a newer lmcor: upgrade it)")
+            if key in _READ_BY and kind not in _READ_BY[key] and value != _DEFAULTS[key]:
+                top.fail(key, f"a {kind} bundle has none (only {' and '.join(_READ_BY[key])} bundles do), "
+                         f"got {_show(value)}")
         decodes = kind in ("corrector", "causal-lm")
         decoder = _decoder_shape(top.section("decoder")) if decodes else None
         graph = top.string("decoder_graph", "merged")
@@ -177,6 +183,16 @@ class Manifest:
 
 
 _REQUIRED: Any = object()  # a field without a default
+# Every field a manifest may hold, with its value as written when unset (JSON: a tuple is a list).
+_DEFAULTS = {f.name: None if f.default is dataclasses.MISSING else json.loads(json.dumps(f.default))
+             for f in dataclasses.fields(Manifest)}
+# The fields some kinds of bundle alone read: written by every export, at their defaults elsewhere,
+# where any other value would be read by nothing.
+_DECODING = ("corrector", "causal-lm")
+_READ_BY = {"template": ("corrector",), "special_tokens": _DECODING, "decoder": _DECODING,
+            "max_output_tokens": _DECODING, "clean_up_spaces": _DECODING, "labels": ("classifier",),
+            "pad_token": ("classifier",), "vocab_size": ("classifier",), "token_types": ("classifier",),
+            "end_tokens": ("causal-lm",), "sliding_window": ("causal-lm",)}
 # What each kind of bundle opens (`files` roles); a ragged corrector also its "cross" graph.
 ROLES = {"corrector": ("encoder", "decoder", "tokenizer"), "classifier": ("model", "tokenizer"),
          "causal-lm": ("model", "tokenizer")}
@@ -250,8 +266,9 @@ class _Fields:
         value = self.get(field, None)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:  # an int
+            # of any size is finite (math.isfinite would overflow converting it)
             self.fail(field, f"expected null or a number from {low} to {high}, got {_show(value)}")
         return float(value)
 
@@ -414,7 +431,7 @@ def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = N
         raise BundleError(f"{root}: not an lmcor bundle ({MANIFEST_NAME} is missing; run `lmcor export` first)")
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8; an integer of over 4,300 digits, deep nesting
         raise BundleError(f"{manifest_path}: corrupt manifest ({e})") from None
     manifest = Manifest.from_json(data, str(manifest_path))
     if kind is not None and manifest.kind != kind:
@@ -443,12 +460,43 @@ def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: b
         if name not in manifest.sha256:
             raise BundleError(f"{manifest_path}: sha256: no checksum for the {role} file {name!r} "
                               "(re-export the bundle, or load it with verify=False)")
+    for role, name in manifest.files.items():
+        for weights in _external_files(root / name) if name.endswith(".onnx") else ():
+            if not (root / weights).resolve().is_relative_to(root.resolve()):
+                raise BundleError(f"{root / name}: its weights file {weights!r} leads outside the bundle (copy the "
+                                  "file into the bundle)")
+            if weights not in manifest.sha256 and (root / weights).is_file():
+                raise BundleError(f"{manifest_path}: sha256: no checksum for {weights!r}, which the {role} graph "
+                                  "reads its weights from (re-export the bundle, or load it with verify=False)")
     for name, expected in manifest.sha256.items():
         file = root / name
         if not file.is_file():
             raise BundleError(f"{manifest_path}: sha256: {name!r} is listed in the manifest but missing")
         if sha256_of(file) != expected:
             raise BundleError(f"{file}: checksum mismatch (the file is corrupt or was changed after export)")
+
+
+# Each tensor of an ONNX graph stored outside it names its file in an entry of `external_data`: a
+# StringStringEntryProto of field 1 (key) "location" and field 2 (value) the path. Read from the
+# graph's bytes: onnx is no dependency of the runtime.
+_LOCATION = re.compile(rb"\x0a\x08location\x12")
+
+
+def _external_files(graph: Path) -> set[str]:
+    """The files a graph's tensors are read from besides the graph itself (by their paths as written)."""
+    data, names = graph.read_bytes(), set()
+    for match in _LOCATION.finditer(data):
+        at, length, shift = match.end(), 0, 0
+        while at < len(data) and shift < 35:  # the value's length, a varint
+            length |= (data[at] & 0x7F) << shift
+            at, shift = at + 1, shift + 7
+            if not data[at - 1] & 0x80:
+                break
+        try:
+            names.add(data[at : at + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            continue  # weights' bytes that look like the key, not an entry
+    return names
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

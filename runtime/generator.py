@@ -115,7 +115,12 @@ class Generator:
         return self.manifest.sha256.get(self.manifest.files["model"]) or str(self.root.resolve())
 
     def generate(self, prompt: str, **options: Any) -> str:
-        return self.generate_batch([prompt], **options)[0].text
+        """Continue one prompt; options as for `generate_batch` (a bad prompt raises its `InputError`,
+        whatever `errors` says)."""
+        [answer] = self.generate_batch([prompt], **options)
+        if isinstance(answer, InputError):  # errors="return"
+            raise answer
+        return answer.text
 
     def generate_batch(self, prompts: Iterable[str], *, max_new_tokens: int | None = None, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int | Sequence[int] | None = None,
@@ -168,6 +173,9 @@ class Generator:
                 if errors == "raise":
                     raise InputError(f"item {n}: {e}") from None
                 out[n] = e
+        if progress is not None and len(encoded) < len(prompts):  # so that a bar reaches its end
+            progress(len(prompts) - len(encoded))
+
         def run_rows(rows: list[int]) -> list[tuple[str, list[int]]]:
             return self._generate([encoded[n] for n in rows], [limits[n] for n in rows], sampling,
                                   [seeds[n] for n in rows], [prefixes[n] for n in rows], stops, drafts)

@@ -134,8 +134,10 @@ def dump_record(record: dict[str, Any]) -> str:
         text = json.dumps(record, ensure_ascii=False, allow_nan=False)
     except ValueError:
         raise InputError("a number in the record is out of range (not finite)") from None
-    # Both can only occur inside JSON strings, where an escape means the same character.
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+    # The line breaks JSON leaves unescaped, which some readers of lines split at (Python's
+    # str.splitlines, JavaScript's line terminators): they can only occur inside JSON strings, where
+    # an escape means the same character.
+    return text.replace("\u0085", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
 
 
 def json_number_error(error: ValueError) -> str:

@@ -93,6 +93,7 @@ CORRECTOR_DEFECTS = {
     "sha256-not-hex": (lambda m, p: m["sha256"].update({"tokenizer.json": "abc"}), "sha256.tokenizer.json"),
     "sha256-entry-removed": (lambda m, p: m["sha256"].pop("encoder_model.onnx"), "sha256"),
     "sha256-table-removed": (_drop(None, "sha256"), "sha256"),
+    "sha256-of-external-weights-removed": (lambda m, p: m["sha256"].pop("shared_weights.bin"), "shared_weights.bin"),
     # roles
     "missing-decoder": (_drop("files", "decoder"), "files.decoder"),
     "missing-tokenizer": (_drop("files", "tokenizer"), "files.tokenizer"),
@@ -120,6 +121,10 @@ CORRECTOR_DEFECTS = {
     "fallback-span-float": (_set(None, fallback_span=2.5), "fallback_span"),
     "gate-threshold-2": (_set(None, gate_threshold=2), "gate_threshold"),
     "validation-not-dict": (_set(None, validation=[]), "validation"),
+    "fallback-400-digits": (_set(None, fallback_below=10**400), "fallback_below"),
+    "unknown-field": (_set(None, fallback_bellow=0), "fallback_bellow"),
+    "labels-of-a-classifier": (_set(None, labels=["wrong", "right"]), "labels"),
+    "sliding-window-of-a-causal-lm": (_set(None, sliding_window=4), "sliding_window"),
     # special tokens
     "eos-beyond-vocab": (lambda m, p: m["special_tokens"].update(eos=m["decoder"]["vocab_size"]), "special_tokens.eos"),
     "pad-negative": (_set("special_tokens", pad=-1), "special_tokens.pad"),
@@ -188,7 +193,8 @@ def test_a_symlinked_checksum_entry_is_confined(bundle, tmp_path):
 
 
 def test_external_data_cannot_leave_the_bundle(bundle, tmp_path):
-    """The graphs' external-data locations are not in the manifest: ONNX Runtime refuses '..' there."""
+    """The graphs' external-data locations are not in the manifest: read from the graphs where the
+    files are verified, and refused by ONNX Runtime where not."""
     import onnx
 
     from lmcor.export.shared_weights import WEIGHTS_FILE
@@ -202,7 +208,18 @@ def test_external_data_cannot_leave_the_bundle(bundle, tmp_path):
     onnx.save(model, str(encoder))
     shutil.copy(bundle / WEIGHTS_FILE, tmp_path / WEIGHTS_FILE)
     _reseal(bundle)
+    with pytest.raises(BundleError, match=f"encoder_model.onnx: its weights file '../{WEIGHTS_FILE}' leads outside"):
+        Corrector.load(bundle)
     with pytest.raises(BundleError, match="encoder_model.onnx: ONNX Runtime cannot load this model"):
+        Corrector.load(bundle, verify=False)
+
+
+@pytest.mark.parametrize("text", ['{"format_version": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["5000-digits", "nested-100000-deep"])
+def test_a_manifest_python_cannot_parse_is_corrupt(bundle, text):
+    """An integer past Python's 4,300 digits, nesting past its recursion limit: JSON still, refused alike."""
+    (bundle / MANIFEST_NAME).write_text(text)
+    with pytest.raises(BundleError, match="corrupt manifest"):
         Corrector.load(bundle)
 
 
@@ -245,7 +262,8 @@ CLASSIFIER_DEFECTS = {
     "gate-threshold-2": (_set(None, gate_threshold=2), "gate_threshold"),
     "gate-threshold-inf": (_set(None, gate_threshold=float("inf")), "gate_threshold"),
     "missing-model": (_drop("files", "model"), "files.model"),
-    "kind-corrector": (_set(None, kind="corrector"), "decoder"),  # a corrector's fields are null
+    "kind-corrector": (_set(None, kind="corrector"), "labels"),  # a classifier's field, read by no corrector
+    "template": (_set(None, template={"text": "{source} {candidates}"}), "template"),
 }
 
 

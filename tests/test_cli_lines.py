@@ -80,14 +80,14 @@ def test_every_bad_line_is_its_own_error_and_the_rest_are_answered(bundles, expe
 
 
 def test_output_text_is_strict_json_lines(bundles, tmp_path):
-    request = {"id": "a\u2028b", "source": "line\u2029end", "candidates": ["one\u2028two"]}
+    request = {"id": "a\u2028b\u0085c", "source": "line\u2029end", "candidates": ["one\u2028two"]}
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps(request, ensure_ascii=False) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
     text = out.read_text(encoding="utf-8")
-    assert text.count("\n") == 1 and "\\u2028" in text
-    assert _records(out)[0]["id"] == "a\u2028b"
+    assert len(text.splitlines()) == 1 and "\\u2028" in text  # splitlines: at U+0085, U+2028, U+2029 too
+    assert _records(out)[0]["id"] == "a\u2028b\u0085c"
 
 
 def test_output_equal_to_input_is_refused_and_input_kept(bundles, tmp_path, capsys):
@@ -160,6 +160,10 @@ def test_resume_refuses_the_output_of_another_input(bundles, tmp_path, capsys):
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
     assert f"answers line 5 with the id 5, but that line of {source} has the id 'mine-4'" in capsys.readouterr().err
     assert out.read_text() == other
+    # JSON nested past Python's recursion limit
+    out.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+    assert f"--resume: -o {out} line 1 is not a record of this command's" in capsys.readouterr().err
     # refused, it leaves -o as it was (a torn last line too) and a killed run's file it read from, and
     # names that file (the file's records went into -o, and the file was deleted)
     out.write_text(other + '{"id": 6, "li')

@@ -124,4 +124,6 @@ def test_eval_json_to_a_fifo_and_the_scores_kept_when_the_tables_reader_leaves(b
     kept = tmp_path / "kept.json"
     with open("/dev/full", "w") as full:  # the table cannot be written
         done = subprocess.run([*command, str(kept)], stdout=full, stderr=subprocess.PIPE, timeout=300)
-    assert done.returncode != 0 and json.loads(kept.read_text())["items"] == 1
+    assert done.returncode == 2 and json.loads(kept.read_text())["items"] == 1
+    assert f"standard output: cannot write the table (No space left on device); the scores are in {kept}" \
+        in done.stderr.decode()

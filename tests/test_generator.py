@@ -192,6 +192,17 @@ def test_sampling_is_seeded(bundle):
         generator.generate_batch(["ok", ""])
 
 
+def test_a_refused_prompt_is_counted_and_raised_alone(bundle):
+    generator = Generator.load(bundle)
+    counted = []
+    answers = generator.generate_batch(["the cat", "  ", "we"], max_new_tokens=4, errors="return",
+                                       progress=counted.append)
+    assert [isinstance(a, InputError) for a in answers] == [False, True, False]
+    assert sum(counted) == 3  # a bar reaches its end
+    with pytest.raises(InputError, match="white space"):
+        generator.generate("  ", errors="return")
+
+
 def test_sampling_draws_from_the_tempered_nucleus():
     """temperature and top_p shape the distribution drawn from: a token outside the nucleus is never
     drawn, and the frequencies are the renormalized probabilities (4,000 draws: within 0.03)."""
@@ -263,6 +274,9 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     foreign.write_text('{"source": "she go to school", "candidates": ["a", "b"], "target": "x"}\n')
     assert main([*args[:5], str(foreign), *args[6:], "--resume"]) == 2
     assert "line 1 is not a record of this command's" in capsys.readouterr().err
+    foreign.write_text("[" * 100_000 + "]" * 100_000 + "\n")  # nested past Python's recursion limit
+    assert main([*args[:5], str(foreign), *args[6:], "--resume"]) == 2
+    assert "line 1 is not a record of this command's" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0 and out.read_text() == whole
     # this run's candidates, but the record's source is not its line's: another input's output, kept as it was
     elsewhere = tmp_path / "other.jsonl"
@@ -305,6 +319,8 @@ def test_an_options_message_names_its_flag(bundle, tmp_path, capsys):
 def test_no_input_file_is_one_line(bundle, command, field, capsys):
     assert main([command, "--model", str(bundle), "-q"]) == 2
     assert "no input file given (a JSONL file's path, or - for standard input)" in capsys.readouterr().err
+    assert main([command, "--model", str(bundle), "-q", " "]) == 2
+    assert "lmcor: error: the input file's path is empty" in capsys.readouterr().err
 
 
 def test_bench_shared_prefix(bundle, tmp_path, capsys):

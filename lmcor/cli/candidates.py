@@ -44,8 +44,8 @@ def _check_resumed(output: Path, k: int, stops: tuple[str, ...]) -> dict | None:
         for raw in f:
             try:
                 record = json.loads(raw)
-            except ValueError:
-                continue  # a torn last line, answered again
+            except (ValueError, RecursionError):
+                continue  # a torn last line, answered again (`Output` refuses anything else)
             if not (isinstance(record, dict) and "line" in record and FIELDS.match(record)
                     and isinstance(record.get("candidates"), list)):
                 continue  # an error record; or another command's, which `Output` refuses

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmcor.runtime.corrector import Corrector
-from lmcor.runtime.errors import InputError
+from lmcor.runtime.errors import InputError, LmcorError
 
 from . import STDERR, options, say
 from .lines import open_input, read_lines, refuse_folder_path, same_file
@@ -60,7 +60,13 @@ def run(args: argparse.Namespace) -> int:
         report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         raise InputError(f"--json {args.json}: cannot write the scores ({e.strerror or e})") from None
-    print(quality.table(report), flush=True)
+    try:
+        print(quality.table(report), flush=True)
+    except BrokenPipeError:
+        raise  # a reader that left: the exit status says so
+    except OSError as e:
+        raise LmcorError(f"standard output: cannot write the table ({e.strerror or e}); the scores are in "
+                         f"{report_path}") from None
     return 1 if errors else 0
 
 

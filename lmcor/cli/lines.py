@@ -365,7 +365,7 @@ class Output:
                     break  # torn where the run stopped: answer again from here
                 try:
                     record = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON; JSON nested past Python's recursion limit
                     record = None
                 if (not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through
                         or not self.fields.match(record)):

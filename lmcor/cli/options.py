@@ -189,6 +189,8 @@ def require_input(given: str | None, hint: str = "") -> None:
 
     if given is None:
         raise InputError(f"no input file given (a JSONL file's path, or - for standard input{hint})")
+    if not given.strip():
+        raise InputError(f"the input file's path is empty (a JSONL file's path, or - for standard input{hint})")
 
 
 def load_gate(args: argparse.Namespace, given: str | None):
