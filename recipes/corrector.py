@@ -626,15 +626,33 @@ def _stamp(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _reported(job: Job) -> dict | None:
-    """The report of a run with nothing left to do: trained for --minutes or more, then exported,
-    calibrated and reported from the checkpoint that is there now; None otherwise."""
+def _made_from(job: Job, pairs_digest: str, made_by: str | None) -> dict:
+    """What a training run reads besides its model: the pairs as read, their candidates, the synthetic share."""
+    return {"pairs": pairs_digest, "max_line_bytes": job.max_line_bytes, "candidates": made_by,
+            "synthetic": job.synthetic}
+
+
+def _changed(before: dict, now: dict, pairs: Path) -> str:
+    """How a run's `_made_from` differs from the one its checkpoint was trained from."""
+    said = []
+    if before.get("pairs") != now["pairs"]:
+        said.append(f"another pairs file (or {pairs} before it changed)")
+    for key, flag in (("max_line_bytes", "--max-line-bytes"), ("synthetic", "--synthetic"), ("candidates", "candidates")):
+        if before.get(key) != now[key]:
+            said.append(f"{flag} {before.get(key)!r}" if key != "candidates" else "other candidates")
+    return ", ".join(said)
+
+
+def _reported(job: Job, made_from: dict) -> dict | None:
+    """The report of a run with nothing left to do: trained from `made_from` for --minutes or more,
+    then exported, calibrated and reported from the checkpoint that is there now; None otherwise."""
     from lmcor.runtime.bundle import MANIFEST_NAME
 
     try:
         result = json.loads((job.out / "report.json").read_text(encoding="utf-8"))
         trained = result["trained"]
-        done = trained["checkpoint"] == _stamp(job.out / "checkpoint.pt") and job.minutes <= trained["minutes"]
+        done = (trained["checkpoint"] == _stamp(job.out / "checkpoint.pt") and job.minutes <= trained["minutes"]
+                and trained["made_from"] == made_from)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return result if done and (job.out / "bundle" / MANIFEST_NAME).is_file() else None
@@ -657,22 +675,23 @@ def run(job: Job) -> dict:
     # Every input is checked before OUT is cleared or made.
     pairs = read_pairs(job.pairs, need_candidates=job.llm is None, max_bytes=job.max_line_bytes)
     split(pairs, job.held_out)
-    pairs_digest = sha256_of(job.pairs)
-    if resumed.get("pairs") not in (None, pairs_digest) and (job.out / "checkpoint.pt").is_file():
-        log.warning("%s: trained on another pairs file (or %s before it changed): training goes on from its "
-                    "checkpoint, with its tokenizer, for what is left of --minutes; --restart trains afresh",
-                    job.out, job.pairs)
+    made_from = _made_from(job, sha256_of(job.pairs), made_by)
+    trained_on = resumed.get("trained_on")  # what the checkpoint there was trained from
+    if isinstance(trained_on, dict) and trained_on != made_from and (job.out / "checkpoint.pt").is_file():
+        log.warning("%s: its checkpoint was trained with %s: training goes on from it, with its tokenizer, for "
+                    "what is left of --minutes; --restart trains afresh", job.out,
+                    _changed(trained_on, made_from, job.pairs))
     init = load_init(job.init) if job.init is not None else None
     writer = candidate_writer(job) if job.llm is not None else None
     if not job.resume:
         _clear(job.out)
     # The folder is this command's from now on: candidates cut short by a signal are continued.
     job.out.mkdir(parents=True, exist_ok=True)
-    record = {"held_out": job.held_out, "pairs": pairs_digest, "model": model_said, "candidates": made_by}
+    record = {"held_out": job.held_out, "model": model_said, "candidates": made_by, "trained_on": trained_on}
     (job.out / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
     if writer is not None:
         pairs = llm_candidates(job, pairs, writer, made_by)
-    done = _reported(job) if resumed.get("pairs") == pairs_digest and resumed.get("candidates", "") == made_by else None
+    done = _reported(job, made_from)
     if done is not None:
         log.warning("%s: trained for --minutes %g already, exported and reported: its report follows (more --minutes "
                     "trains on, --restart starts over)", job.out, done["trained"]["minutes"])
@@ -695,6 +714,8 @@ def run(job: Job) -> dict:
                         "training" if name == "train" else "checkpoint choice", "; ".join(left_out[name]))
     settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
     dev = [Example(p.source, list(p.candidates), p.target) for p in fitting["dev"]]  # as the bundle reads them
+    # From here the checkpoint is this run's (a run that failed before would have left it as it was).
+    (job.out / MARK).write_text(json.dumps({**record, "trained_on": made_from}) + "\n", encoding="utf-8")
     hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
                     examples=lambda step: examples(fitting["train"], job.synthetic, settings.seed + step), dev=dev,
                     copy_warmup=warmup, resume=job.resume, device=job.device,
@@ -710,7 +731,8 @@ def run(job: Job) -> dict:
         stage = "report"
         result = report(bundle, job.out / "test.jsonl", quiet=job.quiet)
         # What it describes: a run again with no more minutes to train returns it (`_reported`).
-        result["trained"] = {"minutes": job.minutes, "checkpoint": _stamp(job.out / "checkpoint.pt")}
+        result["trained"] = {"minutes": job.minutes, "checkpoint": _stamp(job.out / "checkpoint.pt"),
+                             "made_from": made_from}
         (job.out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     except KeyboardInterrupt:  # training is saved: a run again goes straight back to this stage
         log.warning("interrupted during the %s of %s (training is done and saved); run the same command again to "

@@ -545,16 +545,19 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     except KeyboardInterrupt:  # the step reached is kept: the same command continues from it
         bar.close()
         state["elapsed"] = time.time() - started
+        if not state["step"]:  # no checkpoint: one is a run that trained (train-corrector keeps its split for it)
+            log.warning("interrupted before the first training step: nothing to save; run the same command to start")
+            raise
         _save(checkpoint, model, optimizer, state)
         log.warning("interrupted at step %d (%.1f of %.1f min): checkpoint saved in %s; run the same command to "
                     "continue", state["step"], state["elapsed"] / 60, minutes, checkpoint)
         raise
     bar.close()
     state["elapsed"] = time.time() - started
-    _save(checkpoint, model, optimizer, state)
-    if state["step"] == 0:  # before any scoring: an untrained model is not worth its minutes
+    if state["step"] == 0:  # before any scoring: an untrained model is not worth its minutes, nor a checkpoint
         raise InputError(f"--minutes {minutes:g} ran out before the first training step: an untrained corrector "
                          "is not exported; give more --minutes")
+    _save(checkpoint, model, optimizer, state)
     try:
         with tqdm(total=len(dev) * (3 + (out / "best.pt").is_file()), unit=" outputs", desc="scoring on dev",
                   file=STDERR, disable=not show_progress) as scoring:

@@ -246,12 +246,17 @@ def test_the_llm_options_and_the_init_are_checked_before_a_restart_clears(llm, p
 
 
 def test_a_run_that_takes_no_step_exports_nothing_and_an_interrupted_export_continues(pairs, tmp_path, monkeypatch,
-                                                                                        caplog):
+                                                                                        caplog, capsys):
     from lmcor.recipes import fallback
 
     own, out = _with_candidates(pairs, tmp_path / "own.jsonl", 30), tmp_path / "run"  # a small dev: fast evaluations
     assert _train_own(own, out, "--minutes", "1e-9") == 2
     assert not (out / "bundle").exists() and not (out / "hf").exists()  # nor scored on dev
+    assert not (out / "checkpoint.pt").exists()  # no run that trained: another split or size is taken
+    capsys.readouterr()
+    assert _train_own(own, out, "--minutes", "1e-9", "--held-out", "0.2", "--size", "small") == 2
+    assert "ran out before the first training step" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
 
     calibrate = fallback.calibrate_bundle
 
@@ -531,7 +536,22 @@ def test_pairs_none_of_which_fits_are_refused_and_another_pairs_file_is_said(pai
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
     assert _train_own(other, out) == 0
-    assert "trained on another pairs file" in caplog.text and "--restart trains afresh" in caplog.text
+    assert "checkpoint was trained with another pairs file" in caplog.text and "--restart trains afresh" in caplog.text
+    report = (out / "report.json").read_text()
+    # a run on pairs none of which fits fails before training: the checkpoint and its report stay the
+    # other file's, and are not returned as this one's when it runs again
+    caplog.clear()
+    for _ in range(2):
+        assert _train_own(long, out) == 2 and "no train pair fits" in capsys.readouterr().err
+    assert "exported and reported" not in caplog.text and (out / "report.json").read_text() == report
+    caplog.clear()
+    assert _train_own(other, out) == 0  # the file it trained on: its report, nothing said of another file
+    assert "exported and reported" in caplog.text and "another pairs file" not in caplog.text
+    # what else it read: another --synthetic share or --max-line-bytes is no finished run
+    for flags, said in ((["--synthetic", "0.5"], "--synthetic 0.0"), (["--max-line-bytes", "100000"], "--max-line-bytes")):
+        caplog.clear()
+        assert _train_own(other, out, *flags) == 0
+        assert "exported and reported" not in caplog.text and said in caplog.text, flags
 
 
 def test_odd_pairs_and_synthetic_noise_that_empties_a_source_still_train(pairs, tmp_path, capsys):
