@@ -199,13 +199,19 @@ class Corrector:
         return self.engine.generate(input_ids, options, batch_size=batch_size)
 
 
+def _unchanged(value: Any, default: Any) -> bool:
+    """Whether a keyword is left at its default (None, a bool or a number): anything else, a NumPy
+    array included, was given."""
+    return value is default or (type(value) is type(default) and value == default)
+
+
 def _merged(options: CorrectionOptions | None, **keywords: Any) -> CorrectionOptions:
     """`options=`, or the options given as keywords; giving both is ambiguous, unless the keywords
     are left at their defaults."""
     if options is None:
         return CorrectionOptions(**keywords)
     check_optional("options", options, CorrectionOptions, "a CorrectionOptions")
-    given = [name for name, value in keywords.items() if value != getattr(DEFAULTS, name)]
+    given = [name for name, value in keywords.items() if not _unchanged(value, getattr(DEFAULTS, name))]
     if given:
         raise InputError(f"{', '.join(given)}: give the options either as keywords or as options=, not both")
     return options

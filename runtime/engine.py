@@ -104,21 +104,8 @@ class Engine:
         return self._tally.read()
 
     def search(self, options: CorrectionOptions) -> Search:
-        """The decoding `options` ask for, checked against this bundle (max_new_tokens at most its
-        max_output_tokens; None options: its defaults; a fallback span needs a fallback)."""
-        limit = check_max_new_tokens(options.max_new_tokens, self.manifest.max_output_tokens)
-        if options.fallback_span and not self._fallback(options)[0]:
-            raise InputError("fallback_span must come with the fallback it is part of, which is off (its threshold 0, "
-                             "or a bundle with no calibrated fallback): give a fallback threshold above 0 too")
-        return Search(max_new_tokens=limit,
-                      min_new_tokens=check_int("min_new_tokens", options.min_new_tokens, 0, limit,
-                                               most_is=" (max_new_tokens)" if options.max_new_tokens is not None
-                                               else " (the bundle's max_output_tokens)"),
-                      num_beams=options.num_beams,
-                      length_penalty=options.length_penalty,
-                      no_repeat_ngram_size=(self.manifest.no_repeat_ngram_size if options.no_repeat_ngram_size is None
-                                            else options.no_repeat_ngram_size),
-                      drafts=options.drafts and options.num_beams == 1 and self.drafts_supported)
+        """The decoding `options` ask for, checked against this bundle (`search_for`)."""
+        return search_for(self.manifest, options, drafts_supported=self.drafts_supported)
 
     # Offline: all requests admitted at once, the scheduler run in the calling thread.
 
@@ -175,7 +162,12 @@ class Engine:
     def generate(self, input_ids: Iterable[Iterable[int]], options: CorrectionOptions | None = None, *,
                  batch_size: int = 16) -> list[Correction]:
         """`Corrector.generate`: see there."""
-        search = self.search(_options(options))
+        options = _options(options)
+        unread = [name for name in ("gate_threshold", "fallback_below", "fallback_span") if getattr(options, name) is not None]
+        if unread:
+            raise InputError(f"{', '.join(unread)}: generate runs no gate and no fallback (correct_batch does); "
+                             "leave them unset")
+        search = self.search(options)
         check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         rows = check_items("input_ids", input_ids, "token id sequences")
         sequences = [self._sequence(search, ModelInput(self._token_ids(n, ids), False), None, index=n)
@@ -357,16 +349,9 @@ class Engine:
                   **where: Any) -> Sequence:
         special = self.manifest.special_tokens
         drafts = Drafts(model_input.references or (model_input.ids,), special.eos) if search.drafts else None
-        below, span = self._fallback(options) if options is not None else (0.0, 0)
+        below, span = fallback_of(self.manifest, options) if options is not None else (0.0, 0)
         return Sequence(search, special.decoder_start, model_input=model_input, drafts=drafts, below=below, span=span,
                         **where)
-
-    def _fallback(self, options: CorrectionOptions) -> tuple[float, int]:
-        """The fallback threshold and largest kept edit: the options', else the bundle's calibrated
-        ones, else none (0)."""
-        below = self.manifest.fallback_below if options.fallback_below is None else options.fallback_below
-        span = self.manifest.fallback_span if options.fallback_span is None else options.fallback_span
-        return below or 0.0, span or 0
 
     def _finish(self, finished: list[Sequence]) -> list[Correction]:
         """Retired sequences -> their corrections: text, own stats, and the fallback where it applies."""
@@ -410,6 +395,33 @@ class Engine:
 
 # How long the background thread waits for work before it ends (the next submission starts it again).
 IDLE_S = 30.0
+
+
+def search_for(manifest: Manifest, options: CorrectionOptions, *, drafts_supported: bool = False) -> Search:
+    """The decoding `options` ask for, checked against a bundle's manifest (max_new_tokens at most its
+    max_output_tokens; None options: its defaults; a fallback span needs a fallback); drafts where its
+    decoder supports them."""
+    limit = check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
+    if options.fallback_span and not fallback_of(manifest, options)[0]:
+        raise InputError("fallback_span must come with the fallback it is part of, which is off (its threshold 0, "
+                         "or a bundle with no calibrated fallback): give a fallback threshold above 0 too")
+    return Search(max_new_tokens=limit,
+                  min_new_tokens=check_int("min_new_tokens", options.min_new_tokens, 0, limit,
+                                           most_is=" (max_new_tokens)" if options.max_new_tokens is not None
+                                           else " (the bundle's max_output_tokens)"),
+                  num_beams=options.num_beams,
+                  length_penalty=options.length_penalty,
+                  no_repeat_ngram_size=(manifest.no_repeat_ngram_size if options.no_repeat_ngram_size is None
+                                        else options.no_repeat_ngram_size),
+                  drafts=options.drafts and options.num_beams == 1 and drafts_supported)
+
+
+def fallback_of(manifest: Manifest, options: CorrectionOptions) -> tuple[float, int]:
+    """The fallback threshold and largest kept edit: the options', else the bundle's calibrated ones,
+    else none (0)."""
+    below = manifest.fallback_below if options.fallback_below is None else options.fallback_below
+    span = manifest.fallback_span if options.fallback_span is None else options.fallback_span
+    return below or 0.0, span or 0
 
 
 def _options(options: CorrectionOptions | None) -> CorrectionOptions:

@@ -460,6 +460,8 @@ def _row_seeds(seed: Any, count: int) -> list[int | None]:
     """One seed per prompt: `seed` and the prompt's index (`row_seed`), or `seed[n]`."""
     if seed is None:
         return [None] * count
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:  # np.array(3): a scalar
+        seed = seed.item()
     if isinstance(seed, (int, float, bool, np.number, np.bool_)):  # one seed for all
         base = check_int("seed", seed, 0)
         return [row_seed(base, n) for n in range(count)]

@@ -98,8 +98,9 @@ def check_progress(progress: Any) -> Callable[[int], None] | None:
 
 def check_items(name: str, items: Any, what: str) -> list:
     """The items of a batch call, as a list. A string or a mapping is iterable but is one item, not
-    many: it is refused rather than read character by character or key by key."""
-    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+    many: it is refused rather than read character by character or key by key. So is a 0-d NumPy
+    array, which is Iterable but cannot be iterated."""
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable) or getattr(items, "ndim", None) == 0:
         raise InputError(f"{name} must be a list (or other iterable) of {what}, got {json_kind(items)}; "
                          "pass one item as a list of one")
     return list(items)

@@ -9,7 +9,7 @@ from conftest import make_requests
 from lmcor.runtime.bundle import shipped_bundle
 from lmcor.runtime.request import Request
 
-from lmcor import Classifier, Corrector, Generator, InputError
+from lmcor import Classifier, CorrectionOptions, Corrector, Generator, InputError
 
 SURROGATE = "\ud800"
 REQUESTS = make_requests(6, seed=21)
@@ -80,9 +80,20 @@ def test_generate_checks_the_token_ids(corrector, input_ids, message):
         corrector.generate(input_ids, **DECODE)
 
 
-@pytest.mark.parametrize("items", ["she go", None, 3, {"source": "a", "candidates": ["b"]}])
+@pytest.mark.parametrize("items", ["she go", None, 3, {"source": "a", "candidates": ["b"]}, np.array(5)])
 def test_items_must_be_a_list_of_requests(corrector, items):
     _names("items", lambda: corrector.correct_batch(items, **DECODE))
+
+
+def test_generate_refuses_what_it_would_not_read_and_options_given_twice(corrector):
+    """generate runs no gate and no fallback; an option given both ways (a NumPy array one of them)
+    is ambiguous."""
+    with pytest.raises(InputError, match="gate_threshold, fallback_below: generate runs no gate and no fallback"):
+        corrector.generate([[5, 6, 1]], options=CorrectionOptions(gate_threshold=0.3, fallback_below=10))
+    _names("input_ids", lambda: corrector.generate(np.array(3)))
+    with pytest.raises(InputError, match="max_new_tokens: give the options either as keywords or as options="):
+        corrector.correct_batch(REQUESTS, options=CorrectionOptions(), max_new_tokens=np.array([1, 2]))
+    assert corrector.correct_batch(REQUESTS, options=CorrectionOptions(**DECODE), num_beams=1)  # a default: not given
 
 
 @pytest.mark.parametrize("candidates, message", [
@@ -191,6 +202,9 @@ def test_generator_checks_prompts_and_prefixes(generator):
         with pytest.raises(InputError, match=r"text \(the prefix\).*" + message):
             generator.prefix(text)
     assert generator.generate("a b", max_new_tokens=4) == generator.generate_batch(["a b"], max_new_tokens=4)[0].text
+    _names("stop", lambda: generator.generate("a b", max_new_tokens=4, stop=np.array("x")))  # 0-d: not iterable
+    sampled = dict(max_new_tokens=4, temperature=1.0)
+    assert generator.generate("a b", seed=np.array(3), **sampled) == generator.generate("a b", seed=3, **sampled)
 
 
 @pytest.mark.parametrize("argument, value", [

@@ -160,6 +160,9 @@ def test_correct_dataset_refuses_what_its_workers_would_before_they_start(cluste
             (lines, {"batch_size": 0}, "batch_size must be"),
             (lines, {"options": {"max_new_tokens": 5}}, "options must be a CorrectionOptions"),
             (lines, {"options": lmcor_ray.CorrectionOptions(max_new_tokens=500)}, "max_new_tokens must be"),
+            (lines, {"options": lmcor_ray.CorrectionOptions(min_new_tokens=500)}, "min_new_tokens must be"),
+            (lines, {"options": lmcor_ray.CorrectionOptions(fallback_span=2, fallback_below=0)},
+             "fallback_span must come with the fallback"),  # as each worker's correct_batch would refuse them
             (lines, {"options": lmcor_ray.CorrectionOptions(gate_threshold=0.5)}, "gate_threshold needs a gate"),
             (lines, {"model": "/nonexistent"}, "/nonexistent"),
             (lines, {"gate": str(unlabelled)}, "the gate must have a 'right' label"),

@@ -54,8 +54,8 @@ from lmcor.runtime.bundle import bundle_path, load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classifier, check_gate_bundle
 from lmcor.runtime.corrector import Corrector
 from lmcor.runtime.errors import InputError, LmcorError
-from lmcor.runtime.engine import check_gate_threshold
-from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_max_new_tokens, check_optional, check_threads
+from lmcor.runtime.engine import check_gate_threshold, search_for
+from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_optional, check_threads
 from lmcor.runtime.request import CorrectionOptions
 from lmcor.runtime.sessions import known_providers
 from lmcor.server.app import create_app
@@ -352,7 +352,7 @@ def check_settings(*, model: str | None = None, options: CorrectionOptions | Non
     if providers is not None:
         known_providers(providers)
     manifest = load_manifest(shipped_bundle("default") if model is None else model, verify=False, kind="corrector")
-    check_max_new_tokens(options.max_new_tokens, manifest.max_output_tokens)
+    search_for(manifest, options)
     check_gate_threshold(gate is not None, options)
     if gate is not None:
         check_gate_bundle(gate or shipped_bundle("gate"))
