@@ -246,10 +246,22 @@ def test_a_worker_that_cannot_start_says_why_in_one_line(cluster, jsonl, tmp_pat
     with pytest.raises(InputError, match="^no, not this batch$"):
         next(lmcor_ray.answers(lmcor_ray.JsonlLines(jsonl), lambda: False, worker=Refuses, threads=1))
 
+    class Breaks(lmcor_ray.CorrectLines):  # not lmcor's: said by the exception at the root of Ray's chain
+        def __call__(self, batch):
+            raise RuntimeError("boom on purpose")
 
-def test_the_line_limit_is_the_readers(cluster, jsonl, plain):
-    """`read_jsonl`'s max_line_bytes is the one a line is refused by, and named in its record."""
+    with pytest.raises(lmcor_ray.LmcorError, match="a Ray worker failed: .*RuntimeError: boom on purpose$"):
+        next(lmcor_ray.answers(lmcor_ray.JsonlLines(jsonl), lambda: False, worker=Breaks, threads=1))
+
+
+def test_the_line_limit_is_the_readers(cluster, jsonl, plain, monkeypatch):
+    """`read_jsonl`'s max_line_bytes is the one a line is refused by, and named in its record; a bundle's
+    path is read from the caller's folder, whatever the workers' is."""
+    from lmcor.runtime.bundle import shipped_bundle
+
+    monkeypatch.chdir(shipped_bundle("default").parent)
     answered = lmcor_ray.correct_dataset(lmcor_ray.read_jsonl(jsonl, max_line_bytes=2048), threads=1, batch_size=1,
+                                         model="default",
                                          options=lmcor_ray.CorrectionOptions(max_new_tokens=24)).take_all()
     long = next(row for row in answered if row["line"] == 31)
     assert "over the limit of 2048" in long["error"]

@@ -307,14 +307,23 @@ class CorrectLines:
                          "error": pa.array([a.error for a in answers], pa.string())})
 
 
+def _absolute(model: Any, gate: Any) -> dict[str, Any]:
+    """The bundles' paths made absolute, for workers that run in other folders (None and "", the
+    shipped ones, as they are; an empty or blank path is refused, not read as this folder)."""
+    return {"model": model if model is None else str(bundle_path(model).resolve()),
+            "gate": gate if gate is None or gate == "" else str(bundle_path(gate).resolve())}
+
+
 def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None = None,
                     lines_per_batch: int = LINES_PER_BLOCK, worker: type = CorrectLines, **settings: Any) -> Dataset:
     """`dataset` (rows {line, size, raw, limit}, as `read_jsonl` gives) corrected by `workers` actors
-    of `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs);
-    `settings` are `CorrectLines`' (model, options, gate, batch_size, providers).
+    of `worker`, each with one bundle and `threads` ONNX Runtime threads (and as many Ray CPUs; None:
+    the cluster's CPUs shared out, `default_threads`); `settings` are `CorrectLines`' (model, options,
+    gate, batch_size, providers), the bundles' paths read from this process's folder.
     The result keeps the input's order. A worker that dies is restarted and its batch retried, up to
     `BLOCK_RETRIES` times (a batch that kills every worker it meets fails the job, with Ray's error,
-    instead of retrying for ever).
+    instead of retrying for ever): iterating the result then raises Ray's error, which `worker_error`
+    turns into the lmcor error the worker raised, or one naming the exception at its root.
 
     What the workers would refuse is refused here, before any starts (`InputError`): the rows'
     schema, the counts, workers x threads more CPUs than the cluster has (Ray would wait for them for
@@ -323,7 +332,9 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     check_int("workers", workers, 1)
     check_threads(threads)
     check_int("lines_per_batch", lines_per_batch, 1)
-    _check_cpus(workers, threads or 1, "workers", "threads")
+    threads = default_threads(workers) if threads is None else threads  # else ONNX Runtime takes every core
+    _check_cpus(workers, threads, "workers", "threads")
+    settings.update({k: v for k, v in _absolute(settings.get("model"), settings.get("gate")).items() if k in settings})
     if isinstance(worker, type) and issubclass(worker, CorrectLines):  # a subclass may take settings of its own
         taken = inspect.signature(worker).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values()):
@@ -334,7 +345,7 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
         check_settings(**{k: v for k, v in settings.items() if k in inspect.signature(check_settings).parameters})
     answered = dataset.map_batches(worker, batch_size=lines_per_batch, batch_format="pyarrow",
                                    compute=ActorPoolStrategy(size=workers),
-                                   fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads or 1,
+                                   fn_constructor_kwargs={**settings, "threads": threads}, num_cpus=threads,
                                    max_task_retries=BLOCK_RETRIES)
     # Its own context: Ray Data's child datasets share their parent's, and the caller's is left as it was.
     answered = Dataset.copy(answered, _deep_copy=True)
@@ -381,12 +392,16 @@ def _said(text: str) -> tuple[str | None, str]:
     said = _LMCOR_ERROR.findall(text)
     if said:
         return said[-1]
+    raised = _RAISED.search(text)  # the first exception a traceback shows: the root of its chain
+    if raised:
+        return None, f"{raised[1].rsplit('.', 1)[-1]}: {raised[2]}"
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return None, lines[-1] if lines else ""
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LMCOR_ERROR = re.compile(r"^lmcor(?:\.\w+)*\.(\w+Error): (.+)$", re.MULTILINE)
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
 
 
 def _check_rows(dataset: Dataset) -> None:
@@ -432,9 +447,7 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
     if args.input == "-" or regular_file_size(args.input) is None:
         raise InputError(f"--ray reads a file by byte ranges; {args.input!r} is not a regular file (drop --ray to "
                          "read a pipe)")
-    # Absolute, for workers in other folders (an empty path is refused, not read as this folder).
-    model = None if args.model is None else str(bundle_path(args.model).resolve())
-    gate = args.gate if not args.gate else str(bundle_path(args.gate).resolve())
+    model, gate = _absolute(args.model, args.gate).values()
     # What the workers would refuse, refused before Ray starts: the bundles and the options against them.
     check_settings(model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers)
     for name, level in (("ray", logging.WARNING), ("ray.data", logging.ERROR)):  # the CLI says what it does
