@@ -128,7 +128,7 @@ def run(config: DraftsConfig) -> dict:
         "data": str(config.data),
         "requests": len(requests),
         "rounds": config.rounds,
-        "batch_size": config.batch_size,
+        "batch_size": min(config.batch_size, len(requests)),  # the largest batch that ran
         "threads": config.threads,
         "modes": modes,
         "identical_outputs": identical,

@@ -48,7 +48,7 @@ def run(config: GateConfig) -> dict:
     report = compare(gate, corrector, items, passing_threshold(gate, config.threshold),
                      rounds=config.rounds, batch_size=config.batch_size)
     return {"bundle": str(corrector.root), "gate_bundle": str(gate.root), "data": str(config.data),
-            "batch_size": config.batch_size, **report}
+            "batch_size": min(config.batch_size, len(items)), **report}  # the largest batch that ran
 
 
 def compare(gate: Classifier, corrector: Corrector, items: Sequence[Item], threshold: float, *, rounds: int = 3,

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -92,7 +93,8 @@ def _timed(fn) -> float:
 
 
 def _model_costs(hf_dir: Path) -> dict:
-    """Linear-layer parameters of the encoder and the decoder (lm_head included), for FLOP counts."""
+    """Linear-layer parameters of the encoder, of the decoder's step (lm_head included) and of its
+    cross-attention keys and values, which every backend computes once a request (not per step)."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -104,13 +106,20 @@ def _model_costs(hf_dir: Path) -> dict:
         return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
     inner = getattr(config, "num_heads", 1) * getattr(config, "d_kv", config.d_model // max(1, getattr(config, "num_heads", 1)))
+    cross_kv = sum(m.weight.numel() for name, m in model.get_decoder().named_modules()
+                   if isinstance(m, torch.nn.Linear) and _CROSS_KV.search(name))
     return {
         "encoder_params": linear(model.get_encoder()),
-        "decoder_params": linear(model.get_decoder()) + model.lm_head.weight.numel(),
+        "decoder_params": linear(model.get_decoder()) - cross_kv + model.lm_head.weight.numel(),
+        "cross_kv_params": cross_kv,
         "attention_inner": inner,
         "encoder_layers": getattr(config, "num_layers", 0),
         "decoder_layers": getattr(config, "num_decoder_layers", None) or getattr(config, "num_layers", 0),
     }
+
+
+# The cross-attention key and value projections of T5 and of BART-like decoders.
+_CROSS_KV = re.compile(r"(EncDecAttention|encoder_attn)\.(k|v|k_proj|v_proj)$")
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -223,7 +232,8 @@ def run(config: BenchConfig) -> dict:
         tokens = sum(map(len, outputs[name])) or 1
         entry["ms_per_output_token"] = float(np.median(latencies[name])) * 1e3 * len(outputs[name]) / tokens
         rps, tps = np.median([t[0] for t in throughput[name]]), np.median([t[1] for t in throughput[name]])
-        entry["throughput"] = {"batch_size": config.batch_size, "requests_per_s": float(rps), "tokens_per_s": float(tps)}
+        entry["throughput"] = {"batch_size": min(config.batch_size, len(workload.inputs)),  # the largest that ran
+                               "requests_per_s": float(rps), "tokens_per_s": float(tps)}
         entry["agreement_with_" + reference] = float(np.mean([a == b for a, b in zip(outputs[name], outputs[reference])]))
         p = phases[name]
         if p["calls"]:
@@ -235,7 +245,8 @@ def run(config: BenchConfig) -> dict:
         "machine": machine,
         "workload": {"name": workload.name, "requests": len(workload.inputs),
                      "mean_input_tokens": float(np.mean([len(x) for x in workload.inputs])),
-                     "new_tokens": cap, "forced": workload.forced, "rounds": config.rounds},
+                     "new_tokens": cap, "fewest_new_tokens": min(workload.new_tokens),  # at batch 1: each its own
+                     "forced": workload.forced, "rounds": config.rounds},
         "model": {"path": str(hf_dir), **costs},
         "reference": reference,
         "backends": report_backends,
@@ -253,7 +264,9 @@ def _physical(p: dict, costs: dict, machine: dict, rounds: int, requests: int, i
     """Achieved FLOP/s of the encoder and the decode loop, and the decode loop's weight bandwidth."""
     inner, enc_layers, dec_layers = costs["attention_inner"], costs["encoder_layers"], costs["decoder_layers"]
     mean_in = p["input_tokens"] / (rounds * requests)
-    enc_flops = rounds * requests * (2 * costs["encoder_params"] * mean_in + 4 * enc_layers * inner * mean_in**2)
+    # lmcor's encoder phase ends once each row's cross-attention keys and values are made
+    enc_flops = rounds * requests * (2 * (costs["encoder_params"] + costs["cross_kv_params"]) * mean_in
+                                     + 4 * enc_layers * inner * mean_in**2)
     mean_out = p["tokens"] / (rounds * requests)
     step_flops = 2 * costs["decoder_params"] + 4 * dec_layers * inner * (mean_in + mean_out / 2)
     weight_bytes = costs["decoder_params"] * (1 if int8 else 4)
@@ -283,7 +296,10 @@ def _progress(total: int, stage: str, unit: str):
 def _sweeps(config: BenchConfig, hf_dir: Path, cache: Path, vocab: int, backends: dict[str, Backend]) -> dict:
     """Batch-1 median latency against the number of candidates K, throughput against batch size."""
     latency_vs_k: dict[str, dict[int, float]] = {name: {} for name in backends}
-    if config.data is None:
+    if config.data is not None:
+        log.warning("--sweeps: latency against K needs random requests (--data's have their own K); only "
+                    "throughput against batch size is swept")
+    else:
         for k in (1, 3, 5, 8):
             workload = _workload(config, hf_dir, cache, vocab, k=k, count=3)
             samples = {name: [] for name in backends}
@@ -325,10 +341,16 @@ def _ratios(backends: dict) -> dict:
     return out
 
 
+def _lengths(workload: dict) -> str:
+    """The output lengths: one, or (`--ragged`) each request's own at batch 1 and the longest in batches."""
+    fewest, most = workload["fewest_new_tokens"], workload["new_tokens"]
+    return str(most) if fewest == most else f"{fewest}-{most} (batch 1; {most} in batches)"
+
+
 def table(report: dict) -> str:
     w = report["workload"]
     head = (f"{w['name']}, {w['requests']} requests x {w['rounds']} rounds, ~{w['mean_input_tokens']:.0f} input tokens, "
-            f"{'forced ' if w['forced'] else 'up to '}{w['new_tokens']} new tokens; "
+            f"{'forced ' if w['forced'] else 'up to '}{_lengths(w)} new tokens; "
             f"{report['machine']['threads']} threads; machine: {report['machine']['gemm_gflops']:.0f} GFLOP/s fp32 GEMM, "
             f"{report['machine']['copy_gbps']:.1f} GB/s copy")
     batch = next(iter(report["backends"].values()))["throughput"]["batch_size"]
@@ -415,7 +437,7 @@ def _plot_title(report: dict) -> str:
     """Workload on the first line; CPU model, cores and threads on the second."""
     w, machine = report["workload"], report["machine"]
     workload = (f"{w['name']}: {w['requests']} requests x {w['rounds']} rounds, ~{w['mean_input_tokens']:.0f} input "
-                f"tokens, {'forced ' if w['forced'] else 'up to '}{w['new_tokens']} new tokens")
+                f"tokens, {'forced ' if w['forced'] else 'up to '}{_lengths(w)} new tokens")
     cpu = machine.get("cpu_model") or machine.get("cpu") or cpu_model()
     cores = machine.get("cores") or os.cpu_count()
     return f"{workload}\n{cpu}, {cores} cores, {machine['threads']} threads per backend"

@@ -210,7 +210,7 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
         "data": str(config.data),
         "requests": len(requests),
         "rounds": config.rounds,
-        "batch_size": config.batch_size,
+        "batch_size": min(config.batch_size, len(requests)),  # the largest batch that ran
         "threads": config.threads,
         "mean_input_tokens": statistics.mean(inputs),
         "mean_output_tokens": outputs_mean,

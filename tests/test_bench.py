@@ -36,6 +36,16 @@ def test_bench_smoke(tmp_path, capsys):
     assert set(report) >= {"machine", "workload", "model", "backends", "skipped", "sweeps", "ratios", "peak_rss_mb"}
     assert report["machine"]["gemm_gflops"] > 0 and report["machine"]["copy_gbps"] > 0
     assert report["workload"]["new_tokens"] == 4 and report["workload"]["forced"] is True
+    # a decoder step reads the weights of lmcor's step graph: the cross-attention keys and values are
+    # made once a request, by its cross graph
+    from lmcor.bench.backends import bundle_for
+    from lmcor.bench.host import linear_params
+    from lmcor.runtime.bundle import load_manifest
+
+    bundle = bundle_for(Path(report["model"]["path"]), tmp_path / "cache")
+    files = load_manifest(bundle).files
+    assert report["model"]["decoder_params"] == linear_params(bundle / files["decoder"])[0]
+    assert report["model"]["cross_kv_params"] == linear_params(bundle / files["cross"])[0] > 0
     for name in ("lmcor", "transformers"):
         entry = report["backends"][name]
         assert FIELDS <= set(entry)
@@ -56,10 +66,12 @@ def test_bench_on_real_requests(checkpoints, tmp_path, capsys):
     data.write_text("\n".join(json.dumps(r) for r in make_requests(3, seed=2)) + "\n")
     out = tmp_path / "out"
     code = main(["bench", "--model", str(checkpoints["t5"]), "--data", str(data), "--backends", "lmcor,transformers",
-                 "--requests", "3", "--rounds", "1", "--natural", "--batch-size", "2",
+                 "--requests", "3", "--rounds", "1", "--natural", "--batch-size", "4",
                  "--out", str(out), "--cache", str(tmp_path / "cache"), "--threads", "1"])
     assert code == 0
+    assert "req/s@3" in capsys.readouterr().out  # the batch that ran, not --batch-size
     report = json.loads((out / "bench.json").read_text())
+    assert report["backends"]["lmcor"]["throughput"]["batch_size"] == 3
     assert report["workload"]["name"] == "text requests.jsonl" and report["workload"]["forced"] is False
     assert report["workload"]["requests"] == 3 and "sweeps" not in report  # opt-in
     assert report["backends"]["lmcor"]["agreement_with_transformers"] == 1.0
@@ -157,6 +169,7 @@ def test_load_settings_that_measure_nothing_are_refused(args, said, capsys):
     (["--serve", "--clients", ""], "--clients: must be integers from 1 to"),
     (["--data", EXAMPLES], "--data goes with --model"),  # the random shapes read no text
     (["--model", ".", "--data", EXAMPLES, "--k", "3"], "--k shapes random requests"),
+    (["--model", ".", "--data", EXAMPLES, "--natural", "--new-tokens", "16"], "--new-tokens with --data --natural"),
     (["--model", ".", "--shape", "tiny"], "--shape sizes a random-init model: --model is the model"),
 ])
 def test_flags_that_cannot_apply_are_refused_before_any_work(args, said, capsys):

@@ -122,6 +122,9 @@ def _check(args: argparse.Namespace) -> None:
             shaping = [f for f in given if f in ("--source", "--k", "--candidate", "--ragged")]
             if shaping:
                 raise InputError(f"{shaping[0]} shapes random requests: --data's lines have their own")
+            if args.natural and "--new-tokens" in given:
+                raise InputError("--new-tokens with --data --natural: each request stops at EOS or at the bundle's "
+                                 "max output tokens; give one or the other")
         if args.model and "--shape" in given:
             raise InputError("--shape sizes a random-init model: --model is the model")
     if args.bundle and not modes:
