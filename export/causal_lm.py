@@ -108,6 +108,10 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
                           f"{config.num_attention_heads} query heads, new_decoder_architecture), whose cache optimum's "
                           "exporter cannot shape; multi-query Falcons (new_decoder_architecture false), and new ones "
                           "with as many key/value heads as query heads, export")
+    if config.model_type == "phi" and getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads):
+        raise ExportError(f"{model_dir}: a Phi of grouped key/value heads ({config.num_key_value_heads} for "
+                          f"{config.num_attention_heads} query heads), whose cache optimum's exporter cannot shape; "
+                          "Phi with as many key/value heads as query heads, and Phi-3, export")
     warn_unapplied_generation(model.generation_config, frozenset(),
                               "greedy search, or sampling at a request's temperature and top_p")
     inputs, outputs = _limits(config, tokenizer, max_input_tokens, max_output_tokens)

@@ -183,6 +183,11 @@ def export_corrector(
             raise ExportError(f"the packed encoder has no {model.config.dense_act_fn!r} activation (it has "
                               f"{', '.join(ACTIVATIONS)}): export without --packed-encoder")
     shape = _decoder_shape(model.config)
+    config = model.config
+    if config.model_type in ("bart", "mbart") and config.decoder_attention_heads != config.encoder_attention_heads:
+        raise ExportError(f"{model_dir}: its decoder has {config.decoder_attention_heads} attention heads and its "
+                          f"encoder {config.encoder_attention_heads}; optimum's exporter shapes the cross-attention "
+                          "cache by the encoder's and cannot trace it (models with as many in both export)")
     special = _special_tokens(model)
 
     with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset, model.config) as (raw, staged):

@@ -572,7 +572,13 @@ def test_checkpoints_a_bundle_would_read_otherwise_are_refused_by_name(tmp_path)
     tokenizer.save_pretrained(tmp_path / "nopad")
     with pytest.raises(ExportError, match="set pad_token_id in config.json .* with their EOS, 2"):
         export_classifier(tmp_path / "nopad", tmp_path / "b3")
-    assert not any((tmp_path / name).exists() for name in ("b1", "b2", "b3"))
+    tokenizer, model = _bert()
+    model.config.type_vocab_size = 1  # one token type: optimum's sample token types go past it
+    type(model)(model.config).save_pretrained(tmp_path / "one-type")
+    tokenizer.save_pretrained(tmp_path / "one-type")
+    with pytest.raises(ExportError, match=r"one token type \(type_vocab_size 1\).*cannot export this model"):
+        export_classifier(tmp_path / "one-type", tmp_path / "b4")
+    assert not any((tmp_path / name).exists() for name in ("b1", "b2", "b3", "b4"))
 
 
 def test_checkpoints_whose_graph_or_tokenizer_the_bundle_cannot_follow_are_refused_by_name(tmp_path):

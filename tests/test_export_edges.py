@@ -238,6 +238,16 @@ def test_a_causal_lm_exported_as_a_corrector_hints_at_its_kind(gpt2_checkpoint, 
         export_corrector(gpt2_checkpoint, tmp_path / "bundle")
 
 
+def test_a_bart_whose_decoder_has_other_heads_than_its_encoder_is_refused_by_name(tmp_path, capsys):
+    """optimum's exporter shapes BART's cross-attention cache by the encoder's heads, and fails to trace
+    one whose decoder has others (PyTorch runs it)."""
+    checkpoint = build_checkpoint("bart", tmp_path / "bart", positions=24)
+    config = checkpoint / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "decoder_attention_heads": 2}))
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 2
+    assert "its decoder has 2 attention heads and its encoder 4; optimum's exporter" in capsys.readouterr().err
+
+
 def test_a_checkpoint_of_another_kind_is_refused_by_its_config(t5_checkpoints, tmp_path, capsys):
     """Before its weights load: a seq2seq type lmcor does not decode, a T5 as a classifier."""
     checkpoint = shutil.copytree(t5_checkpoints[2, 3], tmp_path / "longt5")

@@ -22,6 +22,8 @@ from transformers import (
     MistralForCausalLM,
     MptConfig,
     MptForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -876,3 +878,9 @@ def test_checkpoints_of_few_positions_a_far_bos_and_generation_settings_export_a
     with pytest.raises(ExportError, match="a Falcon of grouped key/value heads .2 for 4 query heads"):
         export_causal_lm(tmp_path / "falcon", tmp_path / "falcon-lm")
     assert not (tmp_path / "falcon-lm").exists()
+    phi = PhiForCausalLM(PhiConfig(**tiny, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2))
+    phi.save_pretrained(tmp_path / "phi")
+    tokenizer.save_pretrained(tmp_path / "phi")
+    with pytest.raises(ExportError, match="a Phi of grouped key/value heads .2 for 4 query heads"):
+        export_causal_lm(tmp_path / "phi", tmp_path / "phi-lm")
