@@ -2,10 +2,12 @@
 
 On one data file, cycled: the server (a subprocess on loopback, its engine decoding up to
 `batch_size` rows) driven by 1, 4, 16 and 64 concurrent clients (threads with persistent
-connections, each sending its next request once answered) for `seconds` each; the same server
+connections, each sending its next request once answered) for `seconds` each; a second server
 deciding one request at a time (`--max-batch 1`); and in this process, the offline
 `Corrector.correct_batch` at `batch_size` (the throughput ceiling) and `Corrector.correct` one request
-at a time (the latency floor). Reported per concurrency: throughput of answered requests, latency
+at a time (the latency floor). Both servers run throughout, idle while another point is measured,
+and every point's time is cut into `ROUNDS` slices taken in turn, so that the ratios compare what
+ran under the same machine conditions. Reported per concurrency: throughput of answered requests, latency
 p50/p90/p99, error answers, lost requests (no answer at all), and whether the server's outputs equal
 the offline ones; the ratios the server is held to; each server's exit code after SIGTERM (0: it
 drained); and a plot of throughput and p99 against concurrency.
@@ -68,50 +70,83 @@ def run(config: ServeBenchConfig) -> dict:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Each point's time runs in this many slices, interleaved with every other point's (their order
+# reversed every other round), so that a machine that slows down or speeds up mid-run moves them alike.
+ROUNDS = 3
+SERVERS = (("server", None, "serve"), ("server, one at a time", 1, "serve-one-at-a-time"))  # None: --batch-size
+
+
 def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], corrector: Corrector) -> dict:
-    offline, expected = _offline(corrector, requests, config)
-    single = _in_process(corrector, requests, config.seconds)
+    corrector.correct_batch(requests[:4], batch_size=config.batch_size)  # warm-up: first-run allocations
+    expected = {n: r.text for n, r in enumerate(corrector.correct_batch(requests, batch_size=config.batch_size))}
     config.out.mkdir(parents=True, exist_ok=True)
-    servers = {}
-    for name, max_batch, stem in (("server", config.batch_size, "serve"),
-                                  ("server, one at a time", 1, "serve-one-at-a-time")):
-        log = config.out / f"{stem}.stderr.jsonl"  # by server, not batch size: --batch-size 1 gives both 1
-        process, url = _start(config, max_batch, log)
-        try:
-            _drive(url, bodies[:4], expected, 1, 0.0, min_requests=4, server=process)  # warm-up: first-run allocations
-            runs = {str(c): _drive(url, bodies, expected, c, config.seconds, server=process) for c in config.clients}
-        finally:
-            code = _stop(process)
-        servers[name] = {"max_batch": max_batch, "clients": runs, "exit_code": code, "log": str(log)}
+    started: dict[str, tuple[subprocess.Popen, str, int, Path]] = {}
+    codes: dict[str, int] = {}
+    try:
+        for name, max_batch, stem in SERVERS:
+            log = config.out / f"{stem}.stderr.jsonl"  # by server, not batch size: --batch-size 1 gives both 1
+            max_batch = max_batch or config.batch_size
+            process, url = _start(config, max_batch, log)
+            started[name] = (process, url, max_batch, log)
+            _drive(url, bodies[:4], expected, 1, 0.0, min_requests=4, server=process)  # warm-up
+        share = config.seconds / ROUNDS
+        points = [(name, clients) for clients in config.clients for name in started] + ["offline", "in-process"]
+        slices: dict = {point: [] for point in points}
+        for round_ in range(ROUNDS):
+            for point in points if round_ % 2 == 0 else points[::-1]:
+                if point == "offline":
+                    slices[point].append(_offline(corrector, requests, config, share))
+                elif point == "in-process":
+                    slices[point].append(_in_process(corrector, requests, share))
+                else:
+                    process, url, _, _ = started[point[0]]
+                    slices[point].append(_drive(url, bodies, expected, point[1], share, server=process))
+    finally:
+        for name, (process, *_) in started.items():
+            codes[name] = _stop(process)
+    servers = {name: {"max_batch": max_batch, "exit_code": codes[name], "log": str(log),
+                      "clients": {str(c): _joined(slices[name, c]) for c in config.clients}}
+               for name, (_, _, max_batch, log) in started.items()}
+    offline = {"batch_size": min(config.batch_size, len(requests)),  # the largest batch that ran
+               "requests_per_s": sum(n for n, _ in slices["offline"]) / sum(t for _, t in slices["offline"])}
+    single = _percentiles([t for part in slices["in-process"] for t in part])
     return {
         "data": str(config.data), "bundle": str(corrector.root), "requests": len(requests),
-        "seconds": config.seconds, "batch_size": config.batch_size, "threads": config.threads,
+        "seconds": config.seconds, "rounds": ROUNDS, "batch_size": config.batch_size, "threads": config.threads,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "offline": offline, "in_process_single": single, "servers": servers,
         "ratios": _ratios(offline, single, servers, config),
     }
 
 
+def _joined(parts: list[dict]) -> dict:
+    """One point's slices (`_drive`'s) as one run: its answers over its time, its latencies pooled."""
+    elapsed = sum(p["elapsed_s"] for p in parts)
+    latencies = [t for p in parts for t in p["latencies"]]
+    errors: Counter[str] = Counter()
+    for p in parts:
+        errors.update(p["errors"])
+    return {"answered": len(latencies), "requests_per_s": len(latencies) / elapsed if elapsed else 0.0,
+            **_percentiles(latencies), "errors": dict(errors), "lost": sum(p["lost"] for p in parts),
+            "identical_outputs": sum(p["identical_outputs"] for p in parts),
+            "client_cpu_share": sum(p["client_cpu_s"] for p in parts) / elapsed if elapsed else 0.0}
+
+
 def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # through every `finally`: a started server is stopped
 
 
-def _offline(corrector: Corrector, requests: list, config: ServeBenchConfig) -> tuple[dict, dict[int, str]]:
-    """`correct_batch` over every request, in passes until `seconds` have gone by."""
-    corrector.correct_batch(requests[:4], batch_size=config.batch_size)  # warm-up
+def _offline(corrector: Corrector, requests: list, config: ServeBenchConfig, seconds: float) -> tuple[int, float]:
+    """`correct_batch` over every request, in passes until `seconds` have gone by: (requests, seconds)."""
     done, started = 0, time.perf_counter()
     while True:
-        results = corrector.correct_batch(requests, batch_size=config.batch_size)
-        done += len(results)
-        if time.perf_counter() - started >= config.seconds:
-            break
-    elapsed = time.perf_counter() - started
-    offline = {"batch_size": min(config.batch_size, len(requests)), "requests_per_s": done / elapsed}  # largest that ran
-    return offline, {n: r.text for n, r in enumerate(results)}
+        done += len(corrector.correct_batch(requests, batch_size=config.batch_size))
+        if time.perf_counter() - started >= seconds:
+            return done, time.perf_counter() - started
 
 
-def _in_process(corrector: Corrector, requests: list, seconds: float) -> dict:
-    """`Corrector.correct` one request at a time, for `seconds`."""
+def _in_process(corrector: Corrector, requests: list, seconds: float) -> list[float]:
+    """`Corrector.correct` one request at a time, for `seconds`: each one's latency."""
     latencies = []
     deadline = time.perf_counter() + seconds
     for r in itertools.cycle(requests):
@@ -119,8 +154,7 @@ def _in_process(corrector: Corrector, requests: list, seconds: float) -> dict:
         corrector.correct(r.source, r.candidates)
         latencies.append(time.perf_counter() - started)
         if time.perf_counter() >= deadline:
-            break
-    return _percentiles(latencies)
+            return latencies
 
 
 def _start(config: ServeBenchConfig, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
@@ -224,10 +258,9 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
-    return {"answered": len(latencies), "requests_per_s": len(latencies) / elapsed, **_percentiles(latencies),
+    return {"latencies": latencies, "elapsed_s": time.perf_counter() - started,
             "errors": {str(k): v for k, v in errors.items()}, "lost": counts["lost"],
-            "identical_outputs": counts["identical"], "client_cpu_share": (time.process_time() - cpu) / elapsed}
+            "identical_outputs": counts["identical"], "client_cpu_s": time.process_time() - cpu}
 
 
 def _percentiles(seconds: list[float]) -> dict:

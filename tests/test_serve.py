@@ -572,6 +572,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
 
 
 def test_bench_serve_smoke(bundles, tmp_path, capsys):
+    from lmcor.bench import serve
     from lmcor.cli import main
 
     data = tmp_path / "requests.jsonl"
@@ -583,7 +584,7 @@ def test_bench_serve_smoke(bundles, tmp_path, capsys):
                  "--clients", "1,4", "--requests", "8", "--threads", "1", "--batch-size", "1", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "serve.json").read_text())
-    assert len(report["servers"]) == 2
+    assert len(report["servers"]) == 2 and report["rounds"] == serve.ROUNDS
     logs = {server["log"] for server in report["servers"].values()}  # each server's own, whatever the batch size
     assert len(logs) == 2 and all(Path(log).stat().st_size > 0 for log in logs)
     for server in report["servers"].values():
