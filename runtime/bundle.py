@@ -478,24 +478,33 @@ def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: b
 
 # Each tensor of an ONNX graph stored outside it names its file in an entry of `external_data`: a
 # StringStringEntryProto of field 1 (key) "location" and field 2 (value) the path. Read from the
-# graph's bytes: onnx is no dependency of the runtime.
+# graph's bytes, a block at a time (onnx is no dependency of the runtime, and a graph may hold GBs).
 _LOCATION = re.compile(rb"\x0a\x08location\x12")
+_OVERLAP = 4096  # bytes a block keeps of the one before it: an entry across the seam is read whole
 
 
 def _external_files(graph: Path) -> set[str]:
     """The files a graph's tensors are read from besides the graph itself (by their paths as written)."""
-    data, names = graph.read_bytes(), set()
-    for match in _LOCATION.finditer(data):
-        at, length, shift = match.end(), 0, 0
-        while at < len(data) and shift < 35:  # the value's length, a varint
-            length |= (data[at] & 0x7F) << shift
-            at, shift = at + 1, shift + 7
-            if not data[at - 1] & 0x80:
-                break
-        try:
-            names.add(data[at : at + length].decode("utf-8"))
-        except UnicodeDecodeError:
-            continue  # weights' bytes that look like the key, not an entry
+    names: set[str] = set()
+    with open(graph, "rb") as f:
+        data = b""
+        while block := f.read(1 << 20):
+            data = data[-_OVERLAP:] + block
+            for match in _LOCATION.finditer(data):
+                at, length, shift = match.end(), 0, 0
+                while at < len(data) and shift < 35:  # the value's length, a varint
+                    length |= (data[at] & 0x7F) << shift
+                    at, shift = at + 1, shift + 7
+                    if not data[at - 1] & 0x80:
+                        break
+                if at + length > len(data):
+                    continue  # past this block's end: read whole in the next one
+                try:
+                    name = data[at : at + length].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue  # weights' bytes that look like the key, not an entry
+                if name and "\x00" not in name:
+                    names.add(name)
     return names
 
 

@@ -223,6 +223,19 @@ def test_a_manifest_python_cannot_parse_is_corrupt(bundle, text):
         Corrector.load(bundle)
 
 
+def test_a_weights_files_name_is_read_across_the_graphs_blocks(tmp_path):
+    """A graph is scanned a MiB at a time: an external-data entry astride two blocks is read whole."""
+    from lmcor.runtime.bundle import _external_files
+
+    entry = b"\x0a\x08location\x12" + bytes([len(b"weights.bin")]) + b"weights.bin"
+    for at in (0, (1 << 20) - 9, (1 << 20) - 1, 1 << 20):
+        graph = tmp_path / "graph.onnx"
+        graph.write_bytes(b"\xff" * at + entry + b"\xff" * 100)
+        assert _external_files(graph) == {"weights.bin"}, at
+    graph.write_bytes(b"\xff" * 100 + entry[:-3])  # cut short: no name
+    assert _external_files(graph) == set()
+
+
 def test_without_checksums_verify_false_still_loads(bundle):
     _edit(bundle, _drop(None, "sha256"))
     assert isinstance(Corrector.load(bundle, verify=False).correct("she go home", ["She goes home."]), str)
