@@ -264,7 +264,8 @@ def _physical(p: dict, costs: dict, machine: dict, rounds: int, requests: int, i
     """Achieved FLOP/s of the encoder and the decode loop, and the decode loop's weight bandwidth."""
     inner, enc_layers, dec_layers = costs["attention_inner"], costs["encoder_layers"], costs["decoder_layers"]
     mean_in = p["input_tokens"] / (rounds * requests)
-    # lmcor's encoder phase ends once each row's cross-attention keys and values are made
+    # lmcor's encoder phase ends once each row's cross-attention keys and values are made (a ragged
+    # bundle's, T5's: the shapes timed here; a merged decoder makes them in its first call)
     enc_flops = rounds * requests * (2 * (costs["encoder_params"] + costs["cross_kv_params"]) * mean_in
                                      + 4 * enc_layers * inner * mean_in**2)
     mean_out = p["tokens"] / (rounds * requests)

@@ -81,7 +81,7 @@ def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], correcto
     expected = {n: r.text for n, r in enumerate(corrector.correct_batch(requests, batch_size=config.batch_size))}
     config.out.mkdir(parents=True, exist_ok=True)
     started: dict[str, tuple[subprocess.Popen, str, int, Path]] = {}
-    codes: dict[str, int] = {}
+    ended: set[str] = set()  # servers that ended before the run did
     try:
         for name, max_batch, stem in SERVERS:
             log = config.out / f"{stem}.stderr.jsonl"  # by server, not batch size: --batch-size 1 gives both 1
@@ -101,11 +101,11 @@ def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], correcto
                 else:
                     process, url, _, _ = started[point[0]]
                     slices[point].append(_drive(url, bodies, expected, point[1], share, server=process))
+        ended = {name for name, (process, *_) in started.items() if process.poll() is not None}
     finally:
-        for name, (process, *_) in started.items():
-            codes[name] = _stop(process)
-    servers = {name: {"max_batch": max_batch, "exit_code": codes[name], "log": str(log),
-                      "clients": {str(c): _joined(slices[name, c]) for c in config.clients}}
+        codes = dict(zip(started, _stop([process for process, *_ in started.values()])))
+    servers = {name: {"max_batch": max_batch, "exit_code": codes[name], "ended_mid_run": name in ended,
+                      "log": str(log), "clients": {str(c): _joined(slices[name, c]) for c in config.clients}}
                for name, (_, _, max_batch, log) in started.items()}
     offline = {"batch_size": min(config.batch_size, len(requests)),  # the largest batch that ran
                "requests_per_s": sum(n for n, _ in slices["offline"]) / sum(t for _, t in slices["offline"])}
@@ -115,7 +115,8 @@ def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], correcto
         "seconds": config.seconds, "rounds": ROUNDS, "batch_size": config.batch_size, "threads": config.threads,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "offline": offline, "in_process_single": single, "servers": servers,
-        "ratios": _ratios(offline, single, servers, config),
+        # a server that ended answered nothing after: its points' rates are of the slices it lived
+        "ratios": {} if ended else _ratios(offline, single, servers, config),
     }
 
 
@@ -170,7 +171,7 @@ def _start(config: ServeBenchConfig, max_batch: int, log: Path) -> tuple[subproc
     try:
         return process, _ready(process, log)
     except BaseException:  # a signal while it starts: the server goes too
-        _stop(process)
+        _stop([process])
         raise
 
 
@@ -194,15 +195,25 @@ def _ready(process: subprocess.Popen, log: Path) -> str:
         time.sleep(0.05)
 
 
-def _stop(process: subprocess.Popen) -> int:
-    """SIGTERM, then its exit code (0: it drained); killed if it does not stop."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+def _stop(processes: list[subprocess.Popen]) -> list[int]:
+    """SIGTERM to each, then each one's exit code (0: it drained); one that does not stop is killed,
+    and so is every one still running when a second signal ends the wait."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
     try:
-        return process.wait(timeout=START_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
+        codes = []
+        for process in processes:
+            try:
+                codes.append(process.wait(timeout=START_TIMEOUT_S))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes.append(process.wait())
+        return codes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
 
 
 def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients: int, seconds: float, *,
@@ -295,7 +306,8 @@ def table(report: dict) -> str:
             rows.append(f"{name:<22} {clients:>7} {r['requests_per_s']:>7.1f} {' '.join(p)} "
                         f"{sum(r['errors'].values()):>6} {r['lost']:>5} {r['identical_outputs']:>7} of {r['answered']:<5} "
                         f"{r['client_cpu_share']:>9.0%}")
-        rows.append(f"{name:<22} exit code after SIGTERM: {server['exit_code']} (0: drained)")
+        rows.append(f"{name:<22} exit code after SIGTERM: {server['exit_code']} (0: drained)"
+                    + (": it ended mid-run, so no ratios are given" if server["ended_mid_run"] else ""))
     o, s = report["offline"], report["in_process_single"]
     rows.append(f"offline correct_batch at {o['batch_size']}: {o['requests_per_s']:.1f} req/s; in-process correct one "
                 f"at a time: p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms")

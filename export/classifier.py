@@ -96,7 +96,7 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
                           "each text's last token by it: set pad_token_id in config.json (such models often pad "
                           f"with their EOS{eos})")
 
-    if getattr(config, "type_vocab_size", None) == 1:
+    if getattr(config, "type_vocab_size", None) == 1 and _traced_with_token_types(config):
         raise ExportError(f"{model_dir}: its embeddings hold one token type (type_vocab_size 1), and optimum's "
                           "exporter traces it with sample token type ids past that one: it cannot export this model")
     with staged_export(model_dir, out_dir, "text-classification", opset, model.config) as (raw, staged):
@@ -151,6 +151,19 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
 
 # What a classifier bundle feeds its graph (`runtime.classifier`).
 FED = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _traced_with_token_types(config) -> bool:
+    """Whether optimum's exporter traces this model type with sample token type ids (BERT's, ELECTRA's;
+    not RoBERTa's, whose configs hold one token type too)."""
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        make = TasksManager.get_exporter_config_constructor("onnx", model_type=config.model_type,
+                                                            task="text-classification", library_name="transformers")
+        return "token_type_ids" in make(config).inputs
+    except Exception:  # a model type optimum does not know: its export says why
+        return False
 
 
 def _graph_inputs(model_dir: Path, graph: Path, model, tokenizer) -> bool:

@@ -281,7 +281,7 @@ def _cached_candidates(path: Path) -> dict[tuple[str, str], tuple[str, ...]]:
     for raw in lines:
         try:
             record = json.loads(raw) if raw.endswith(b"\n") else None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON; nested past Python's recursion limit
             continue
         if not isinstance(record, dict) or not isinstance(record.get("source"), str) or \
                 not isinstance(record.get("made_by"), str):

@@ -13,6 +13,7 @@ import importlib.resources
 import json
 import math
 import os
+import posixpath
 import re
 import string
 from dataclasses import dataclass, field
@@ -192,7 +193,8 @@ _DECODING = ("corrector", "causal-lm")
 _READ_BY = {"template": ("corrector",), "special_tokens": _DECODING, "decoder": _DECODING,
             "max_output_tokens": _DECODING, "clean_up_spaces": _DECODING, "labels": ("classifier",),
             "pad_token": ("classifier",), "vocab_size": ("classifier",), "token_types": ("classifier",),
-            "end_tokens": ("causal-lm",), "sliding_window": ("causal-lm",)}
+            "end_tokens": ("causal-lm",), "sliding_window": ("causal-lm",), "gate_threshold": ("classifier",),
+            "no_repeat_ngram_size": ("corrector",), "fallback_below": ("corrector",), "fallback_span": ("corrector",)}
 # What each kind of bundle opens (`files` roles); a ragged corrector also its "cross" graph.
 ROLES = {"corrector": ("encoder", "decoder", "tokenizer"), "classifier": ("model", "tokenizer"),
          "causal-lm": ("model", "tokenizer")}
@@ -461,9 +463,10 @@ def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: b
             raise BundleError(f"{manifest_path}: sha256: no checksum for the {role} file {name!r} "
                               "(re-export the bundle, or load it with verify=False)")
     for role, name in manifest.files.items():
-        for weights in _external_files(root / name) if name.endswith(".onnx") else ():
+        for location in _external_files(root / name) if name.endswith(".onnx") else ():
+            weights = posixpath.normpath(posixpath.join(posixpath.dirname(name), location))  # beside its graph
             if not (root / weights).resolve().is_relative_to(root.resolve()):
-                raise BundleError(f"{root / name}: its weights file {weights!r} leads outside the bundle (copy the "
+                raise BundleError(f"{root / name}: its weights file {location!r} leads outside the bundle (copy the "
                                   "file into the bundle)")
             if weights not in manifest.sha256 and (root / weights).is_file():
                 raise BundleError(f"{manifest_path}: sha256: no checksum for {weights!r}, which the {role} graph "
@@ -476,10 +479,12 @@ def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: b
             raise BundleError(f"{file}: checksum mismatch (the file is corrupt or was changed after export)")
 
 
-# Each tensor of an ONNX graph stored outside it names its file in an entry of `external_data`: a
-# StringStringEntryProto of field 1 (key) "location" and field 2 (value) the path. Read from the
-# graph's bytes, a block at a time (onnx is no dependency of the runtime, and a graph may hold GBs).
-_LOCATION = re.compile(rb"\x0a\x08location\x12")
+# Each tensor of an ONNX graph stored outside it names its file in an entry of `external_data`
+# (TensorProto field 13: tag 0x6a, then the entry's length, a varint): a StringStringEntryProto of
+# field 1 (key) "location" and field 2 (value) the path. (The model's `metadata_props`, another field,
+# may hold a "location" of its own.) Read from the graph's bytes, a block at a time: onnx is no
+# dependency of the runtime, and a graph may hold GBs.
+_LOCATION = re.compile(rb"\x6a[\x80-\xff]{0,2}[\x00-\x7f]\x0a\x08location\x12")
 _OVERLAP = 4096  # bytes a block keeps of the one before it: an entry across the seam is read whole
 
 

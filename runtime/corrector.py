@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from .bundle import Manifest, bundle_path, load_manifest, shipped_bundle
@@ -200,9 +201,8 @@ class Corrector:
 
 
 def _unchanged(value: Any, default: Any) -> bool:
-    """Whether a keyword is left at its default (None, a bool or a number): anything else, a NumPy
-    array included, was given."""
-    return value is default or (type(value) is type(default) and value == default)
+    """Whether a keyword equals its default (1 or NumPy's 1.0 as 1.0); an array is no default."""
+    return not isinstance(value, np.ndarray) and bool(value == default)
 
 
 def _merged(options: CorrectionOptions | None, **keywords: Any) -> CorrectionOptions:

@@ -93,7 +93,8 @@ def test_generate_refuses_what_it_would_not_read_and_options_given_twice(correct
     _names("input_ids", lambda: corrector.generate(np.array(3)))
     with pytest.raises(InputError, match="max_new_tokens: give the options either as keywords or as options="):
         corrector.correct_batch(REQUESTS, options=CorrectionOptions(), max_new_tokens=np.array([1, 2]))
-    assert corrector.correct_batch(REQUESTS, options=CorrectionOptions(**DECODE), num_beams=1)  # a default: not given
+    for default in ({"num_beams": 1}, {"length_penalty": 1}, {"num_beams": np.int64(1)}, {"drafts": np.bool_(True)}):
+        assert corrector.correct_batch(REQUESTS, options=CorrectionOptions(**DECODE), **default)  # equal: not given
 
 
 @pytest.mark.parametrize("candidates, message", [

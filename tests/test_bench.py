@@ -233,6 +233,36 @@ def test_bench_request_files_are_read_as_lmcor_reads_its_input(tmp_path):
                 read(path, 5)
 
 
+def test_stopping_the_servers_leaves_none_running(monkeypatch):
+    """Each gets SIGTERM at once; one that ignores it is killed; a second signal while waiting (Ctrl-C)
+    still leaves none running."""
+    import subprocess
+    import sys
+
+    from lmcor.bench import serve
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+
+    def started():
+        processes = [subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE) for _ in range(2)]
+        for process in processes:
+            process.stdout.readline()  # its handler is set
+        return processes
+
+    monkeypatch.setattr(serve, "START_TIMEOUT_S", 0.5)
+    processes = started()
+    assert serve._stop(processes) == [-9, -9]
+    processes = started()
+
+    def interrupted(timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(processes[0], "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        serve._stop(processes)
+    assert [subprocess.Popen.wait(p, timeout=10) for p in processes] == [-9, -9]  # (its own wait, not the stub)
+
+
 def test_serve_clients_stop_once_the_server_has_ended():
     """A server that died mid-point: each client counts its refused request and stops (they spun on
     refused connections, counting tens of thousands lost, until the point's time was up)."""

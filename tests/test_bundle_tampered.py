@@ -15,6 +15,7 @@ from lmcor import BundleError, Classifier, Corrector, Generator
 from lmcor.cli import main
 
 Change = Callable[[dict, object], None]  # (manifest, bundle path) -> None, edits in place
+REQUESTS = [("she go home", ["She goes home.", "She go home."]), ("a cat sat", ["A cat sat."])]
 
 
 def _edit(path, change: Change) -> None:
@@ -125,6 +126,7 @@ CORRECTOR_DEFECTS = {
     "unknown-field": (_set(None, fallback_bellow=0), "fallback_bellow"),
     "labels-of-a-classifier": (_set(None, labels=["wrong", "right"]), "labels"),
     "sliding-window-of-a-causal-lm": (_set(None, sliding_window=4), "sliding_window"),
+    "gate-threshold-of-a-classifier": (_set(None, gate_threshold=0.5), "gate_threshold"),
     # special tokens
     "eos-beyond-vocab": (lambda m, p: m["special_tokens"].update(eos=m["decoder"]["vocab_size"]), "special_tokens.eos"),
     "pad-negative": (_set("special_tokens", pad=-1), "special_tokens.pad"),
@@ -227,13 +229,28 @@ def test_a_weights_files_name_is_read_across_the_graphs_blocks(tmp_path):
     """A graph is scanned a MiB at a time: an external-data entry astride two blocks is read whole."""
     from lmcor.runtime.bundle import _external_files
 
-    entry = b"\x0a\x08location\x12" + bytes([len(b"weights.bin")]) + b"weights.bin"
+    key_value = b"\x0a\x08location\x12" + bytes([len(b"weights.bin")]) + b"weights.bin"
+    entry = b"\x6a" + bytes([len(key_value)]) + key_value  # a TensorProto's external_data entry
     for at in (0, (1 << 20) - 9, (1 << 20) - 1, 1 << 20):
         graph = tmp_path / "graph.onnx"
         graph.write_bytes(b"\xff" * at + entry + b"\xff" * 100)
         assert _external_files(graph) == {"weights.bin"}, at
     graph.write_bytes(b"\xff" * 100 + entry[:-3])  # cut short: no name
     assert _external_files(graph) == set()
+    graph.write_bytes(b"\x72" + bytes([len(key_value)]) + key_value)  # the model's metadata_props: no weights
+    assert _external_files(graph) == set()
+
+
+def test_a_graphs_metadata_named_location_is_no_weights_file(bundle):
+    import onnx
+
+    before = Corrector.load(bundle).correct_batch(REQUESTS)
+    encoder = bundle / "encoder_model.onnx"
+    model = onnx.load(str(encoder), load_external_data=False)
+    onnx.helper.set_model_props(model, {"location": "/data/where-it-was-trained"})
+    onnx.save(model, str(encoder))
+    _reseal(bundle)
+    assert [c.token_ids for c in Corrector.load(bundle).correct_batch(REQUESTS)] == [c.token_ids for c in before]
 
 
 def test_without_checksums_verify_false_still_loads(bundle):
@@ -277,6 +294,7 @@ CLASSIFIER_DEFECTS = {
     "missing-model": (_drop("files", "model"), "files.model"),
     "kind-corrector": (_set(None, kind="corrector"), "labels"),  # a classifier's field, read by no corrector
     "template": (_set(None, template={"text": "{source} {candidates}"}), "template"),
+    "fallback-of-a-corrector": (_set(None, fallback_below=50.0), "fallback_below"),
 }
 
 

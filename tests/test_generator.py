@@ -321,7 +321,7 @@ def test_an_options_message_names_its_flag(bundle, tmp_path, capsys):
 def test_no_input_file_is_one_line(bundle, command, field, capsys):
     assert main([command, "--model", str(bundle), "-q"]) == 2
     assert "no input file given (a JSONL file's path, or - for standard input)" in capsys.readouterr().err
-    assert main([command, "--model", str(bundle), "-q", " "]) == 2
+    assert main([command, "--model", str(bundle), "-q", ""]) == 2
     assert "lmcor: error: the input file's path is empty" in capsys.readouterr().err
 
 

@@ -283,7 +283,8 @@ def test_cached_candidates_keep_the_good_records(tmp_path):
     lines = [record("s1"), record("s2"), record("s2", candidates=None), record("s3", candidates=5),
              record("s4", made_by=None), record(5), [1], record("s5"), record("s5", made_by="other", candidates=["b"])]
     path = tmp_path / "candidates.jsonl"
-    text = "".join(json.dumps(line) + "\n" for line in lines) + "not json\n" + json.dumps(record("s6")) + "\n"
+    text = ("".join(json.dumps(line) + "\n" for line in lines) + "not json\n" + "[" * 100_000 + "]" * 100_000 + "\n"
+            + json.dumps(record("s6")) + "\n")
     path.write_text(text + '{"line": 7, "sou')
     assert _cached_candidates(path) == {("s1", "m"): ("a",), ("s5", "m"): ("a",), ("s5", "other"): ("b",),
                                         ("s6", "m"): ("a",)}

@@ -189,7 +189,7 @@ def require_input(given: str | None, hint: str = "") -> None:
 
     if given is None:
         raise InputError(f"no input file given (a JSONL file's path, or - for standard input{hint})")
-    if not given.strip():
+    if not given:  # (" " is a file's name)
         raise InputError(f"the input file's path is empty (a JSONL file's path, or - for standard input{hint})")
 
 

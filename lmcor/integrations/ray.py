@@ -334,8 +334,9 @@ def correct_dataset(dataset: Dataset, *, workers: int = 1, threads: int | None =
     check_int("lines_per_batch", lines_per_batch, 1)
     threads = default_threads(workers) if threads is None else threads  # else ONNX Runtime takes every core
     _check_cpus(workers, threads, "workers", "threads")
-    settings.update({k: v for k, v in _absolute(settings.get("model"), settings.get("gate")).items() if k in settings})
     if isinstance(worker, type) and issubclass(worker, CorrectLines):  # a subclass may take settings of its own
+        settings.update({k: v for k, v in _absolute(settings.get("model"), settings.get("gate")).items()
+                         if k in settings})
         taken = inspect.signature(worker).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values()):
             unknown = sorted(set(settings) - set(taken))
