@@ -633,13 +633,12 @@ def _made_from(job: Job, pairs_digest: str, made_by: str | None) -> dict:
 
 
 def _changed(before: dict, now: dict, pairs: Path) -> str:
-    """How a run's `_made_from` differs from the one its checkpoint was trained from."""
-    said = []
-    if before.get("pairs") != now["pairs"]:
-        said.append(f"another pairs file (or {pairs} before it changed)")
-    for key, flag in (("max_line_bytes", "--max-line-bytes"), ("synthetic", "--synthetic"), ("candidates", "candidates")):
+    """How a run's `_made_from` differs from the one its checkpoint was trained from (other candidates
+    are refused before: `_check_out`)."""
+    said = [f"another pairs file (or {pairs} before it changed)"] if before.get("pairs") != now["pairs"] else []
+    for key, flag in (("max_line_bytes", "--max-line-bytes"), ("synthetic", "--synthetic")):
         if before.get(key) != now[key]:
-            said.append(f"{flag} {before.get(key)!r}" if key != "candidates" else "other candidates")
+            said.append(f"{flag} {before.get(key)!r}")
     return ", ".join(said)
 
 

@@ -462,7 +462,6 @@ def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: b
         if name not in manifest.sha256:
             raise BundleError(f"{manifest_path}: sha256: no checksum for the {role} file {name!r} "
                               "(re-export the bundle, or load it with verify=False)")
-    for role, name in manifest.files.items():
         for location in _external_files(root / name) if name.endswith(".onnx") else ():
             weights = posixpath.normpath(posixpath.join(posixpath.dirname(name), location))  # beside its graph
             if not (root / weights).resolve().is_relative_to(root.resolve()):
