@@ -22,7 +22,7 @@ from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tok
 from .errors import BundleError, InputError
 from .jsonl import json_kind
 from .options import ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_progress, check_text, check_words
-from .sessions import check_graphs, open_session, run
+from .sessions import check_graphs, open_session, raised_by_onnxruntime, run
 
 log = logging.getLogger("lmcor")
 
@@ -295,7 +295,9 @@ class Classifier:
                                       if self.manifest.token_types else np.zeros_like(ids))
         try:
             logits = run(self.session, None, feed)[0].astype(np.float64)
-        except Exception as e:  # ONNX Runtime's own error types, for what it cannot compute on these inputs
+        except Exception as e:
+            if not raised_by_onnxruntime(e):
+                raise  # lmcor's own failure: not the texts'
             if len(batch) > 1:
                 for row in batch:
                     yield from self._probabilities([row], encodings)

@@ -21,9 +21,11 @@ from .bundle import Manifest, bundle_path, load_manifest
 from .drafts import Drafts
 from .tokens import check_vocabulary, load_tokenizer
 from .errors import InputError
+from .jsonl import json_kind
 from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_flag, check_int, check_items, check_max_new_tokens,
-                      check_number, check_progress, check_stops, check_string, check_temperature, check_words)
-from .sessions import check_graphs, open_session, run
+                      check_number, check_progress, check_stops, check_string, check_temperature, check_text,
+                      check_words)
+from .sessions import check_graphs, open_session, raised_by_onnxruntime, run
 from .spacing import cleaned_up
 
 # Every drafted position runs through all the layers, and at batch 16 a 135M model on a CPU is
@@ -78,6 +80,9 @@ class Generator:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, as the checkpoint's tokenizer writes them (its BOS included)."""
+        if not isinstance(text, str):
+            raise InputError(f"text must be a string, got {json_kind(text)}")
+        check_text("text", text)
         return self.tokenizer.encode(text).ids
 
     def next_logits(self, ids: Sequence[int]) -> np.ndarray:
@@ -196,7 +201,7 @@ class Generator:
         try:
             generated = run_rows(rows)
         except Exception as e:
-            if not (type(e).__module__.startswith("onnxruntime") or isinstance(e, ScoresNotFinite)):
+            if not (raised_by_onnxruntime(e) or isinstance(e, ScoresNotFinite)):
                 raise  # lmcor's own failure: not the prompt's
             if len(rows) > 1:
                 for n in rows:

@@ -135,6 +135,12 @@ def run(session: ort.InferenceSession, outputs: Sequence[str] | None, feed: Mapp
         return session.run(outputs, feed)
 
 
+def raised_by_onnxruntime(error: BaseException) -> bool:
+    """Whether `error` is ONNX Runtime's own (what it cannot compute on some inputs), not lmcor's or
+    the machine's (a MemoryError, a bug): only the former is an input's to answer for."""
+    return type(error).__module__.startswith("onnxruntime")
+
+
 def run_bound(session: ort.InferenceSession, binding: ort.IOBinding) -> None:
     """`session.run_with_iobinding`, alike."""
     with core.fp_mode(flush=True):

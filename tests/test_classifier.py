@@ -644,6 +644,28 @@ def test_a_text_holding_a_token_past_the_embeddings_fails_alone_by_name(tmp_path
         classifier.classify_batch(["x", "y", "zzznew"])
 
 
+def test_only_onnx_runtimes_errors_are_the_texts_and_lmcors_own_are_raised(bundle, monkeypatch):
+    """What ONNX Runtime cannot compute fails the texts alone; a failure of lmcor or the machine is no
+    text's (every line an error record, and a gate that failed so was skipped without a word)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from lmcor.runtime import classifier as module
+
+    classifier = Classifier.load(bundle)
+
+    def failing(error):
+        def run(*args):
+            raise error
+        return run
+
+    monkeypatch.setattr(module, "run", failing(Fail("a kernel failed")))
+    got = classifier.classify_batch(["a", "b"], errors="return")
+    assert [str(g) for g in got] == ["the model cannot read this text (a kernel failed)"] * 2
+    monkeypatch.setattr(module, "run", failing(MemoryError()))
+    with pytest.raises(MemoryError):
+        classifier.classify_batch(["a", "b"], errors="return")
+
+
 def test_a_tokenizer_that_returns_no_token_types_has_the_model_read_zeros(tmp_path):
     """transformers feeds no token type ids where the tokenizer's model_input_names lacks them (the model
     reads zeros); the bundle records that and feeds zeros too, not the tokenizer.json's pair types."""

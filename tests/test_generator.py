@@ -181,6 +181,9 @@ def test_next_logits_refuses_what_it_cannot_run(bundle):
         with pytest.raises(InputError, match=said):
             generator.next_logits(ids)
     assert generator.next_logits(generator.encode("a")).shape == (generator.manifest.decoder.vocab_size,)
+    for text, said in ((None, "text must be a string, got null"), ("a\ud800", "text holds a lone surrogate")):
+        with pytest.raises(InputError, match=said):
+            generator.encode(text)
 
 
 def test_sampling_is_seeded(bundle):
