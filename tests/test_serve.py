@@ -354,6 +354,33 @@ def test_while_draining_new_requests_get_503_and_those_in_flight_are_answered(bu
     assert health.status_code == 503 and health.json()["status"] == "draining"
 
 
+def test_a_drain_waits_for_a_large_answer_to_be_read(bundles):
+    """An answer handed whole to the connection (the request done, nothing in flight) but not yet read
+    by its slow client is sent to its end before the server goes (it was cut a second into the drain)."""
+    items = [{"id": f"{n}-" + "x" * 60_000, "source": "she go home", "candidates": ["She goes home."]}
+             for n in range(100)]
+    body = json.dumps(items).encode()  # 6 MB asked, 6 MB answered: more than the kernel's buffers hold
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0, max_body_bytes=2 * len(body), max_queue=200)) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)
+            client.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            received = client.recv(65_536)
+            deadline = time.monotonic() + TIMEOUT
+            while s.state.in_flight:  # answered: the server holds nothing in flight, only unsent bytes
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            s.state.drain()
+            time.sleep(2)  # past uvicorn's graceful shutdown of a second
+            while chunk := client.recv(1 << 20):
+                received += chunk
+    head, _, answer = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    assert len(answer) == length and [r["id"] for r in json.loads(answer)] == [r["id"] for r in items]
+
+
 # Served one at a time, enough slow requests that the server is still draining when the late one comes.
 IN_FLIGHT = 12
 

@@ -77,6 +77,9 @@ class _Server(uvicorn.Server):
         if state.draining and self._drain_deadline is None:
             self._drain_deadline = time.monotonic() + state.config.timeout_s + DRAIN_GRACE_S
         if state.draining and state.in_flight == 0:
+            # Answers handed to their connections may still be on their way to slow clients: uvicorn's
+            # shutdown waits for the connections to close until the drain's deadline, not a second.
+            self.config.timeout_graceful_shutdown = max(1, self._drain_deadline - time.monotonic())
             self.should_exit = True
         elif self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
             log.warning("drain cut short: answers not taken in time", extra={"fields": {"in_flight": state.in_flight}})
@@ -98,8 +101,8 @@ def _server(config: ServeConfig) -> tuple[_Server, socket.socket]:
         sock.close()
         raise LmcorError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     # uvicorn's own logging setup and access log are off: lmcor logs JSON lines (`log_to_stderr`).
-    # timeout_graceful_shutdown: once the drain ends, a connection whose client is not reading is
-    # closed within a second rather than waited for.
+    # timeout_graceful_shutdown: once the drain's deadline has passed, a connection whose client is
+    # not reading is closed within a second rather than waited for (`on_tick` sets it for a drain).
     uv = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_keep_alive=30,
                         timeout_graceful_shutdown=1)
     return _Server(uv, app.state.lmcor), sock
