@@ -502,6 +502,15 @@ def test_config_file_paths_are_relative_to_it_and_flags_override_it(tmp_path):
     path.write_text(json.dumps({"max_qeueu": 4}))
     with pytest.raises(InputError, match="unknown key 'max_qeueu'"):
         ServeConfig.read(path)
+    path.write_text('{"classifiers": {"a": "one", "a": "two"}}')  # Python's json keeps the last without a word
+    with pytest.raises(InputError, match=rf"^{path}: cannot read the config: field 'a' appears twice"):
+        ServeConfig.read(path)
+    path.write_text('{"max_queue": 8.0, "port": 0.0, "threads": 2.0, "model": "~/c"}')  # as request bodies read 8.0
+    config = ServeConfig.read(path)
+    assert (config.max_queue, config.port, config.threads) == (8, 0, 2) and config.model == str(Path.home() / "c")
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match=rf"^{path}: cannot read the config"):
+        ServeConfig.read(path)
 
 
 def test_a_model_name_given_twice_is_refused(capsys):

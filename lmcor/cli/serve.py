@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServeConfig()
     parser.add_argument("--config", help="JSON file of these settings (keys: model, gate, classifiers, generators, "
                         "host, port, api_key, insecure, max_queue, max_batch, timeout_s, max_body_bytes, threads, "
-                        "providers; bundle paths relative to the file); flags given override it")
+                        "providers; bundle paths relative to the file; \"gate\": \"\" is the shipped gate); flags "
+                        "given override it (--classifier/--generator: its whole map)")
     parser.add_argument("--model", help="corrector bundle folder (default: the corrector shipped with lmcor)")
     parser.add_argument("--gate", nargs="?", const="", help="answer a request with its first candidate where this "
                         "classifier bundle (alone: the gate shipped with lmcor) finds it right")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcor.runtime.errors import InputError
+from lmcor.runtime.jsonl import unique_keys
 from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_providers, check_threads, shown
 
 # A correction request is a source and a few candidates: a megabyte is already far past one, and
@@ -19,6 +20,8 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # The bundle folders a config file names are relative to the file, not to where the server starts.
 _PATHS = ("model", "gate")
 _PATH_MAPS = ("classifiers", "generators")
+# A JSON number with no fraction (8.0) is an integer, as JSON Schema reads it (and as request bodies do).
+_INTEGERS = ("port", "max_queue", "max_batch", "max_body_bytes", "threads")
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,9 @@ class ServeConfig:
         """The config in a JSON file (keys: this class's fields), then `overrides` (the flags given)."""
         path = Path(path)
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:  # ValueError: undecodable text, bad JSON, an integer of too many digits
+            values = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+        # ValueError: undecodable text, bad JSON, an integer of too many digits; InputError: a key given twice
+        except (OSError, ValueError, RecursionError, InputError) as e:
             raise InputError(f"{path}: cannot read the config: {e}") from None
         if not isinstance(values, dict):
             raise InputError(f"{path}: the config must be a JSON object")
@@ -96,10 +100,15 @@ class ServeConfig:
         here = path.resolve().parent
         for name in _PATHS:
             if isinstance(values.get(name), str) and values[name]:
-                values[name] = str(here / values[name])
+                values[name] = str(here / Path(values[name]).expanduser())
         for name in _PATH_MAPS:
             if isinstance(values.get(name), dict):
-                values[name] = {k: str(here / v) if isinstance(v, str) and v else v for k, v in values[name].items()}
+                values[name] = {k: str(here / Path(v).expanduser()) if isinstance(v, str) and v else v
+                                for k, v in values[name].items()}
+        for name in _INTEGERS:
+            value = values.get(name)
+            if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+                values[name] = int(value)
         try:
             return cls(**{**values, **overrides})
         except InputError as e:  # a value of the file's (not overridden by a flag) is said to be the file's
