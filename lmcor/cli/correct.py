@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_lines(parser, '{"id"?, "source", "candidates"}')
     options.add_correction(parser)
     parser.add_argument("--stats", action="store_true", help="print decoder calls and drafted/accepted tokens at the end")
-    options.add_ray(parser, "correct a file on Ray Data workers, each with its own bundle and --threads")
+    options.add_ray(parser, "correct a file on Ray Data workers, each with its own bundle and --threads (default "
+                    "there: the cluster's CPUs shared among the workers)")
     parser.add_argument("--workers", type=options.positive_int, help="with --ray: how many (default: 1)")
 
 
