@@ -3,12 +3,15 @@
 Every good line must be answered exactly as it is alone, whatever surrounds it.
 """
 
+import array
+import fcntl
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -648,6 +651,13 @@ def test_a_result_that_cannot_be_written_keeps_its_lines_id():
     assert json.loads(answer.text)["id"] == "x7" and answer.error
 
 
+def _unread(pipe) -> int:
+    """The bytes written into `pipe` that its reader has not read yet (Linux: FIONREAD on either end)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
 def test_a_signal_while_a_batch_waits_for_more_lines_answers_those_taken_at_once(bundles, expected, tmp_path):
     """A line taken, the batch waiting --max-wait-ms for more: the signal ends the wait (it waited the
     whole of it, a signal handler's return resuming the queue's wait)."""
@@ -659,10 +669,10 @@ def test_a_signal_while_a_batch_waits_for_more_lines_answers_those_taken_at_once
         process.stdin.write((json.dumps(GOOD[0]) + "\n").encode())
         process.stdin.flush()
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".out.jsonl.*.partial")):  # -o opened: the model loaded, the handlers next
+        while _unread(process.stdin):  # the line taken (its reader starts once the signal handlers are set)
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.05)
-        time.sleep(1.5)  # the line taken, the batch waiting
+        time.sleep(0.2)  # the batch waiting for more lines
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 143

@@ -257,7 +257,7 @@ def test_a_failure_past_a_failed_batch_answers_every_request_held(bundles, monke
     engine.submit(requests[0], CorrectionOptions(max_new_tokens=4)).result(timeout=RESULT_TIMEOUT)  # scheduler up
     held, hold = threading.Event(), threading.Event()
     running = engine.submit(requests[1], CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
-                            on_tokens=lambda tokens: (held.set(), hold.wait()))
+                            on_tokens=lambda tokens: (held.set(), hold.wait(RESULT_TIMEOUT)))
     assert held.wait(RESULT_TIMEOUT)  # decoding, held in its listener: the next ones wait behind it
     behind = [engine.submit(requests[2], CorrectionOptions(num_beams=2, max_new_tokens=4)),  # a new decoder
               engine.submit(requests[3], CorrectionOptions(max_new_tokens=4))]
@@ -280,7 +280,7 @@ def test_a_done_callback_that_exits_while_close_cancels_leaves_the_engine_runnin
     engine = _engine(corrector, batch_size=1)
     held, hold = threading.Event(), threading.Event()
     running = engine.submit(requests[0], CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
-                            on_tokens=lambda tokens: (held.set(), hold.wait()))
+                            on_tokens=lambda tokens: (held.set(), hold.wait(RESULT_TIMEOUT)))
     assert held.wait(RESULT_TIMEOUT)  # decoding, held in its listener; the next one waits for its row
     waiting = engine.submit(requests[1])
     waiting.add_done_callback(lambda f: sys.exit(1))
@@ -498,7 +498,9 @@ def test_a_beam_search_whose_requests_are_all_cancelled_ends_early(bundles):
     beams = CorrectionOptions(**{**forced.__dict__, "num_beams": 4})
     with _engine(corrector) as engine:
         future = engine.submit(long, beams)
+        deadline = time.monotonic() + RESULT_TIMEOUT
         while not future.running():  # its static batch admitted (a full search here takes ~0.2 s)
+            assert time.monotonic() < deadline and not future.done()
             time.sleep(0.001)
         assert not future.cancel()
         result = future.result(timeout=RESULT_TIMEOUT)

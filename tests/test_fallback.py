@@ -211,9 +211,13 @@ def test_the_span_applies_to_whatever_the_guard_returns(bundles):
     for off in ({"fallback_below": 0}, {}):
         with pytest.raises(InputError, match="fallback_span must come with the fallback"):
             corrector.correct_batch(requests, fallback_span=2, **off)
+    # and one whose candidates agree on a rewrite wider than the span: the guard's best guess, cut to it
+    requests.append({"source": "she go home", "candidates": ["She goes to the home."] * 3})
+    plain.append(corrector.correct_batch(requests[-1:], max_new_tokens=8, fallback_below=0)[0])
     guarded = corrector.correct_batch(requests, max_new_tokens=8, fallback_below=100, fallback_span=1)
-    for c, r in zip(guarded, requests):
-        assert minimal_edits(r["source"], c.text, 1) == c.text
+    for c, p, r in zip(guarded, plain, requests):
+        assert minimal_edits(r["source"], c.text, 1) == c.text and c.fallback == (c.text != p.text)
+    assert guarded[-1].text != "She goes to the home."
     with pytest.raises(InputError, match="fallback_span"):
         corrector.correct_batch(requests, fallback_span=-1)
 

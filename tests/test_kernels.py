@@ -120,7 +120,7 @@ def test_bucket_function_is_t5s():
 
 
 @interpreted
-def test_reference_attention_is_t5_encoder_self_attention():
+def test_the_kernel_and_its_reference_are_t5_encoder_self_attention():
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -131,9 +131,10 @@ def test_reference_attention_is_t5_encoder_self_attention():
         expected = attention(hidden, cache_position=torch.arange(23))[0]
         q, k, v = (layer(hidden)[0].view(23, 4, 8) for layer in (attention.q, attention.k, attention.v))
         cu = torch.tensor([0, 23], dtype=torch.int32)
-        mixed = packed_attention(q, k, v, cu, 23, attention.relative_attention_bias.weight, max_distance=128)
-        got = attention.o(mixed.reshape(1, 23, 32))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        table = attention.relative_attention_bias.weight
+        for mixed in (packed_attention(q, k, v, cu, 23, table, max_distance=128),
+                      packed_attention_reference(q, k, v, cu, table, max_distance=128)):
+            torch.testing.assert_close(attention.o(mixed.reshape(1, 23, 32)), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device, dtype, tol", [
