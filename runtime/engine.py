@@ -65,6 +65,8 @@ class Submitted(Future):
     notified = False  # cancelled, and `wait` and `as_completed` told so
 
     def cancel(self) -> bool:
+        if self.done():  # answered: nothing to withdraw
+            return False
         self.withdrawn = True
         return super().cancel()
 
@@ -226,8 +228,13 @@ class Engine:
                 raise InputError("this engine is closed (Engine.close): it takes no more requests")
             self._inbox.append(_Submission(request, options, gate, future, queued, on_tokens))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
+                try:
+                    thread.start()
+                except BaseException:  # no thread (out of memory, a signal): nothing of this call stays behind
+                    self._inbox.pop()
+                    raise
+                self._thread = thread
             self._cond.notify()
         return future
 

@@ -32,7 +32,7 @@ class EngineStats:
     """How an engine used its models, summed over its batches (each counted once). Subtract two
     readings to get what happened between them."""
 
-    requests: int = 0  # sequences decoded to their end
+    requests: int = 0  # sequences retired: decoded to their end, or withdrawn by their callers
     output_tokens: int = 0  # their tokens, EOS not counted
     encoder_calls: int = 0
     encoder_s: float = 0.0  # encoder passes, cross-attention keys/values included
@@ -91,7 +91,8 @@ class Scheduler:
         batch = self.batch
         if any(s.withdrawn and not s.done for s in batch.rows):  # their callers stopped waiting
             for s in batch.rows:  # a ragged batch lets them go; the merged decoder feeds them padding
-                s.done = s.done or s.withdrawn
+                if s.withdrawn and not s.done:
+                    s.done = s.cut = True
             self._retire(retire(batch))
         if not batch.rows:
             if not self.waiting:
@@ -189,8 +190,9 @@ class Scheduler:
         tokens = beam_search(decoder, hidden, np.repeat(mask, search.num_beams, axis=0), self.manifest.special_tokens,
                              search, stop=lambda: all(s.withdrawn for s in group))
         ended = time.perf_counter()
+        cut = all(s.withdrawn for s in group)  # the search stopped for them; one cancelled alone ran to its end
         for s, row in zip(group, tokens):
-            s.tokens, s.calls = row, decoder.calls
+            s.tokens, s.calls, s.cut = row, decoder.calls, cut
             s.first_token = s.finished = ended
         self.tally.add(decoder_calls=decoder.calls, decoder_s=ended - group[0].encoded, rows=decoder.calls * len(group))
         self._admitting = []

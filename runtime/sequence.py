@@ -75,8 +75,8 @@ class Sequence:
     """
 
     __slots__ = ("search", "below", "span", "input", "request", "index", "future", "listener", "drafts", "ban", "tokens", "last",
-                 "draft", "done", "drafted", "accepted", "calls", "queued", "admitted", "encoded", "first_token",
-                 "finished")
+                 "draft", "done", "cut", "drafted", "accepted", "calls", "queued", "admitted", "encoded",
+                 "first_token", "finished")
 
     def __init__(self, search: Search, start: int, *, model_input: ModelInput | None = None,
                  request: Request | None = None, index: int = 0, future: Future | None = None,
@@ -95,6 +95,7 @@ class Sequence:
         self.last = start  # the token the next decoder call feeds first
         self.draft: list[int] = []  # this step's draft, fed after `last`
         self.done = False
+        self.cut = False  # ended early by its caller's cancel (`withdrawn`), not at its own end
         self.drafted = self.accepted = self.calls = 0
         self.queued = time.perf_counter() if queued is None else queued
         self.admitted = self.encoded = self.first_token = self.finished = 0.0
@@ -165,4 +166,4 @@ class Sequence:
         ident: Any = None if self.request is None else self.request.id
         truncated = model_input is not None and model_input.truncated
         return Correction(text=text, token_ids=token_ids, truncated=truncated, id=ident, stats=stats,
-                          withdrawn=self.withdrawn)
+                          withdrawn=self.cut)

@@ -481,6 +481,45 @@ def test_a_request_cancelled_while_it_decodes_leaves_the_batch_at_the_next_step(
     assert partial.withdrawn and not partial.fallback and len(partial.token_ids) < corrector.manifest.max_output_tokens
 
 
+def test_a_cancel_after_the_last_token_leaves_the_answer_whole(bundles):
+    """Its decoding ended before the cancel came: nothing is withdrawn, and the fallback weighs the
+    whole output as offline (the late cancel marked it withdrawn and skipped the fallback)."""
+    corrector = Corrector.load(bundles["t5v11"])
+    long, _ = _long(corrector)
+    options = CorrectionOptions(max_new_tokens=3, min_new_tokens=3, drafts=False, fallback_below=99.0)
+    (offline,) = corrector.correct_batch([long], options=options)
+    seen, box = [], {}
+
+    def heard(tokens):  # the last of its tokens written: the row is done, its answer not yet made
+        seen.extend(tokens)
+        if len(seen) >= 3:
+            box["cancelled"] = box["future"].cancel()
+
+    with _engine(corrector) as engine:
+        box["future"] = engine.submit(long, options, on_tokens=heard)
+        result = box["future"].result(timeout=RESULT_TIMEOUT)
+    assert box["cancelled"] is False and not result.withdrawn
+    assert (result.text, result.fallback) == (offline.text, offline.fallback) and offline.fallback
+
+
+def test_a_thread_that_cannot_start_leaves_the_engine_usable(bundles, monkeypatch):
+    corrector = Corrector.load(bundles["t5"])
+    request = make_requests(1, seed=2)[0]
+    engine = _engine(corrector)
+    start = threading.Thread.start
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        engine.submit(request)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    answer = engine.submit(request).result(timeout=RESULT_TIMEOUT)  # a thread this time, and one answer
+    engine.close()
+    assert answer.token_ids == corrector.correct_batch([request])[0].token_ids and not engine._inbox
+
+
 def test_leaving_a_corrector_on_an_error_cancels_what_waits(bundles):
     """Ctrl-C inside `with Corrector.load() as c:` reaches the caller without waiting for the queue."""
     corrector = Corrector.load(bundles["t5v11"])
