@@ -700,9 +700,10 @@ def test_causal_lm_fp16_export_runs_on_cpu_within_its_tolerance(checkpoint, bund
     out = tmp_path / "fp16"
     assert main(["export", str(checkpoint), str(out), "--kind", "causal-lm", "--precision", "fp16",
                  "--max-output-tokens", "16"]) == 0
-    assert "causal LM fp16" in capsys.readouterr().err
+    said = capsys.readouterr().err
     manifest = load_manifest(out, kind="causal-lm")
     v = manifest.validation
+    assert "causal LM fp16" in said and f"max |next-token logit diff| {v['max_abs_logit_diff']:.2g} from" in said
     assert manifest.precision == "fp16" and v["validated_on"] == "cpu" and v["half_matmuls"] > 0
     assert v["max_abs_logit_diff"] <= v["tolerance"] and v["greedy_token_agreement"] >= v["min_greedy_token_agreement"]
     graph = onnx.load(str(out / manifest.files["model"])).graph

@@ -95,8 +95,9 @@ def _export(args: argparse.Namespace) -> int:
         elif v["validated_on"].startswith("not run"):
             checked = f"graph checked structurally only ({v['validated_on']}: validate on a GPU machine by exporting there)"
         else:
-            checked = (f"next-token logits within {v['tolerance']:.2g} of PyTorch fp32 and greedy tokens identical on "
-                       f"{v['greedy_token_agreement']:.0%} of {v['samples']} prompts, on {v['validated_on']}")
+            checked = (f"max |next-token logit diff| {v['max_abs_logit_diff']:.2g} from PyTorch fp32 (tolerance "
+                       f"{v['tolerance']:.2g}) and greedy tokens identical on {v['greedy_token_agreement']:.0%} of "
+                       f"{v['samples']} prompts, on {v['validated_on']}")
         say(f"wrote {args.out_dir}: {manifest.architecture} causal LM {manifest.precision}, opset {manifest.opset}; "
             f"{checked}")
         return 0
