@@ -215,6 +215,12 @@ def _inferred_floats(model: onnx.ModelProto) -> set[str]:
 def _half_initializer(tensor: TensorProto, name: str, half: int) -> TensorProto:
     values = numpy_helper.to_array(tensor).astype(np.float32)
     if half == TensorProto.FLOAT16:
+        largest = float(np.abs(values).max(initial=0.0))
+        if largest > float(np.finfo(np.float16).max):  # the weight itself, not an activation, would be infinite
+            from lmcor.runtime.errors import ExportError
+
+            raise ExportError(f"the weight {tensor.name!r} holds {largest:.3g}, past fp16's range (65504): "
+                              "export bf16 (same range as fp32) or fp32")
         return numpy_helper.from_array(values.astype(np.float16), name)
     out = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=values.shape)
     out.raw_data = bfloat16_bits(values).tobytes()

@@ -269,3 +269,23 @@ def test_validation_fails_on_non_finite_logits(half_bundles, bundles, checkpoint
     # fp32, where large weights' own rounding may widen the tolerance: no rounding explains a NaN
     with pytest.raises(ExportError, match="not finite numbers"):
         validate.validate_corrector(model, bundles["t5v11"], own_rounding=True)
+
+
+def test_a_weight_past_fp16s_range_is_named_not_an_activation():
+    """Such a weight would be infinite in the graph: refused by its name before any run (it was numpy's
+    overflow warning, then a refusal that blamed an activation)."""
+    import warnings
+
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    from lmcor.export.half import _half_initializer
+    from lmcor.runtime.errors import ExportError
+
+    big = numpy_helper.from_array(np.array([[1.0, -7e4]], dtype=np.float32), "wi.weight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ExportError, match="the weight 'wi.weight' holds 7e\\+04, past fp16's range"):
+            _half_initializer(big, "wi.weight_half", TensorProto.FLOAT16)
+        kept = _half_initializer(big, "wi.weight_half", TensorProto.BFLOAT16)  # bf16: fp32's range
+    assert kept.data_type == TensorProto.BFLOAT16
