@@ -187,10 +187,11 @@ class Scheduler:
                                     self.manifest.special_tokens.pad, repeat=search.num_beams)
         self._encoded(group, started)
         decoder = open_decoder(self.sessions, self.manifest)
+        stopped: list[bool] = []  # the search stopped for its callers (one cancelled alone runs to its end)
         tokens = beam_search(decoder, hidden, np.repeat(mask, search.num_beams, axis=0), self.manifest.special_tokens,
-                             search, stop=lambda: all(s.withdrawn for s in group))
+                             search, stop=lambda: all(s.withdrawn for s in group) and not stopped.append(True))
         ended = time.perf_counter()
-        cut = all(s.withdrawn for s in group)  # the search stopped for them; one cancelled alone ran to its end
+        cut = bool(stopped)
         for s, row in zip(group, tokens):
             s.tokens, s.calls, s.cut = row, decoder.calls, cut
             s.first_token = s.finished = ended

@@ -672,7 +672,7 @@ def test_a_signal_while_a_batch_waits_for_more_lines_answers_those_taken_at_once
         while _unread(process.stdin):  # the line taken (its reader starts once the signal handlers are set)
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.05)
-        time.sleep(0.2)  # the batch waiting for more lines
+        time.sleep(1)  # the line from the reader's queue into the batch, which waits for more lines
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 143

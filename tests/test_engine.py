@@ -488,15 +488,16 @@ def test_a_cancel_after_the_last_token_leaves_the_answer_whole(bundles):
     long, _ = _long(corrector)
     options = CorrectionOptions(max_new_tokens=3, min_new_tokens=3, drafts=False, fallback_below=99.0)
     (offline,) = corrector.correct_batch([long], options=options)
-    seen, box = [], {}
+    seen, box, stored = [], {}, threading.Event()
 
     def heard(tokens):  # the last of its tokens written: the row is done, its answer not yet made
         seen.extend(tokens)
-        if len(seen) >= 3:
+        if len(seen) >= 3 and stored.wait(RESULT_TIMEOUT):  # its future is in `box`, however busy the machine
             box["cancelled"] = box["future"].cancel()
 
     with _engine(corrector) as engine:
         box["future"] = engine.submit(long, options, on_tokens=heard)
+        stored.set()
         result = box["future"].result(timeout=RESULT_TIMEOUT)
     assert box["cancelled"] is False and not result.withdrawn
     assert (result.text, result.fallback) == (offline.text, offline.fallback) and offline.fallback

@@ -511,6 +511,9 @@ def test_config_file_paths_are_relative_to_it_and_flags_override_it(tmp_path):
     path.write_text('{"max_queue": 8.0, "port": 0.0, "threads": 2.0, "model": "~/c"}')  # as request bodies read 8.0
     config = ServeConfig.read(path)
     assert (config.max_queue, config.port, config.threads) == (8, 0, 2) and config.model == str(Path.home() / "c")
+    path.write_text('{"model": "~nosuchuser_lmcor/c"}')
+    with pytest.raises(InputError, match=rf"^{path}: cannot expand '~nosuchuser_lmcor/c'"):
+        ServeConfig.read(path)
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(InputError, match=rf"^{path}: cannot read the config"):
         ServeConfig.read(path)

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8 (correctors, classifiers): int8 weights (correctors: activations quantized per row); fp16/bf16 "
                         "(correctors, causal LMs): "
                         "half-precision weights and matrix products for GPUs, the rest fp32 (bf16 runs on CUDA only); "
-                        "all three validated within tolerances and reported rather than exact (default: %(default)s)")
+                        "fp16 validated within tolerances, int8's agreement recorded, bf16 validated on a GPU only: none exact "
+                        "(default: %(default)s)")
     parser.add_argument("--packed-encoder", action="store_true",
                         help="correctors: also write the encoder's weights for the Triton packed encoder (T5 family; "
                         "used on CUDA)")

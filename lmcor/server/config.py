@@ -98,13 +98,18 @@ class ServeConfig:
             raise InputError(f"{path}: the config must be a JSON object")
         cls.check_keys(values, str(path))
         here = path.resolve().parent
+
+        def bundle(folder: str) -> str:
+            try:
+                return str(here / Path(folder).expanduser())
+            except RuntimeError as e:  # "~user/..." of no such user, or no home folder
+                raise InputError(f"{path}: cannot expand {folder!r}: {e}") from None
         for name in _PATHS:
             if isinstance(values.get(name), str) and values[name]:
-                values[name] = str(here / Path(values[name]).expanduser())
+                values[name] = bundle(values[name])
         for name in _PATH_MAPS:
             if isinstance(values.get(name), dict):
-                values[name] = {k: str(here / Path(v).expanduser()) if isinstance(v, str) and v else v
-                                for k, v in values[name].items()}
+                values[name] = {k: bundle(v) if isinstance(v, str) and v else v for k, v in values[name].items()}
         for name in _INTEGERS:
             value = values.get(name)
             if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
