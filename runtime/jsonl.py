@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Collection
 from typing import Any
 
 from .errors import InputError
@@ -50,6 +51,15 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
         e.ident = value.get("id") if isinstance(value, dict) and _usable(value.get("id")) else None
         raise
     return value
+
+
+def whole_numbers(values: dict, keys: Collection[str]) -> dict:
+    """`values` with each of `keys` that holds a float with no fraction as that integer: JSON has one
+    number type, and 8.0 is the integer 8 to its schema (and to JavaScript's JSON.stringify, which
+    writes 8). Past 2**53 a float is no count: left as sent, for its check to refuse."""
+    whole = {key: int(value) for key, value in values.items()
+             if key in keys and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53}
+    return {**values, **whole} if whole else values
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict:

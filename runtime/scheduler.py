@@ -187,11 +187,16 @@ class Scheduler:
                                     self.manifest.special_tokens.pad, repeat=search.num_beams)
         self._encoded(group, started)
         decoder = open_decoder(self.sessions, self.manifest)
-        stopped: list[bool] = []  # the search stopped for its callers (one cancelled alone runs to its end)
+        cut = False  # the search stopped for its callers (one cancelled alone runs to its end)
+
+        def stop() -> bool:
+            nonlocal cut
+            cut = all(s.withdrawn for s in group)
+            return cut
+
         tokens = beam_search(decoder, hidden, np.repeat(mask, search.num_beams, axis=0), self.manifest.special_tokens,
-                             search, stop=lambda: all(s.withdrawn for s in group) and not stopped.append(True))
+                             search, stop=stop)
         ended = time.perf_counter()
-        cut = bool(stopped)
         for s, row in zip(group, tokens):
             s.tokens, s.calls, s.cut = row, decoder.calls, cut
             s.first_token = s.finished = ended

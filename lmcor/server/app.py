@@ -46,7 +46,7 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation
-from lmcor.runtime.jsonl import check_body, json_kind, json_number_error, unique_keys
+from lmcor.runtime.jsonl import check_body, json_kind, json_number_error, unique_keys, whole_numbers
 from lmcor.runtime.options import (
     MAX_BEAMS,
     MAX_LENGTH_PENALTY,
@@ -300,8 +300,7 @@ def _records(state: ServerState, outcomes: list, ids: list, record: Callable[[in
     return out
 
 
-# Fields whose values are integers. JSON has one number type: 8.0 is the integer 8 to its schema
-# (and to JavaScript's JSON.stringify, which writes 8), so it is taken as one.
+# Fields whose values are integers (8.0 taken as 8: `whole_numbers`).
 _INTEGERS = frozenset({"max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "fallback_span", "seed"})
 
 
@@ -311,9 +310,7 @@ def _fields(item: Any, known: tuple[str, ...], what: str) -> dict:
     for key in item:
         if key not in known:
             raise InputError(f"unknown field {shown(key)} (fields: {', '.join(known)})")
-    whole = {key: int(value) for key, value in item.items()  # (past 2**53 a float is no count: said as sent)
-             if key in _INTEGERS and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53}
-    return {**item, **whole} if whole else item
+    return whole_numbers(item, _INTEGERS)
 
 
 def _timeout(item: dict, most: float) -> float:

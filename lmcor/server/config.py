@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcor.runtime.errors import InputError
-from lmcor.runtime.jsonl import unique_keys
+from lmcor.runtime.jsonl import unique_keys, whole_numbers
 from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_providers, check_threads, shown
 
 # A correction request is a source and a few candidates: a megabyte is already far past one, and
@@ -20,7 +20,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # The bundle folders a config file names are relative to the file, not to where the server starts.
 _PATHS = ("model", "gate")
 _PATH_MAPS = ("classifiers", "generators")
-# A JSON number with no fraction (8.0) is an integer, as JSON Schema reads it (and as request bodies do).
+# Settings whose values are integers (8.0 taken as 8, as in request bodies: `whole_numbers`).
 _INTEGERS = ("port", "max_queue", "max_batch", "max_body_bytes", "threads")
 
 
@@ -110,10 +110,7 @@ class ServeConfig:
         for name in _PATH_MAPS:
             if isinstance(values.get(name), dict):
                 values[name] = {k: bundle(v) if isinstance(v, str) and v else v for k, v in values[name].items()}
-        for name in _INTEGERS:
-            value = values.get(name)
-            if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
-                values[name] = int(value)
+        values = whole_numbers(values, _INTEGERS)
         try:
             return cls(**{**values, **overrides})
         except InputError as e:  # a value of the file's (not overridden by a flag) is said to be the file's
