@@ -465,7 +465,9 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    model = model.to(device)
+    # fp32 weights whatever the checkpoint was saved in (transformers 5 loads bf16 as bf16): AdamW's
+    # small updates vanish in half-precision weights.
+    model = model.to(device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
     state = {"step": 0, "elapsed": 0.0, "copying": copy_warmup, "ema": {}}
     checkpoint = out / "checkpoint.pt"

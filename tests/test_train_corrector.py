@@ -346,7 +346,9 @@ def test_the_llm_splits_recipe_refuses_no_training_sentences():
 
 
 def test_an_interrupted_training_keeps_its_step(tmp_path):
-    """Ctrl-C during training saves the checkpoint of the step reached; the same command continues."""
+    """Ctrl-C during training saves the checkpoint of the step reached; the same command continues.
+    A model handed over in bf16 (transformers 5 loads a checkpoint in the dtype it was saved in)
+    trains in fp32: AdamW's small updates vanish in bf16 weights."""
     from lmcor.recipes import train as recipe
     from lmcor.recipes.corrector import SIZES
     from lmcor.recipes.noise import Example
@@ -356,7 +358,7 @@ def test_an_interrupted_training_keeps_its_step(tmp_path):
     tokenizer_dir = tmp_path / "tokenizer"
     recipe.train_tokenizer(sentences, settings.vocab_size).save_pretrained(tokenizer_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    model = recipe.build_model(settings, len(tokenizer))
+    model = recipe.build_model(settings, len(tokenizer)).to(torch.bfloat16)
 
     def examples(step):
         for n, s in enumerate(sentences * 100):
@@ -368,6 +370,7 @@ def test_an_interrupted_training_keeps_its_step(tmp_path):
         recipe.fit(tmp_path, 5, settings, model=model, tokenizer=tokenizer, examples=examples, dev=[], copy_warmup=False)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["state"]["step"] > 0
+    assert {value.dtype for value in saved["model"].values()} == {torch.float32}
 
 
 def test_a_torn_best_checkpoint_keeps_the_last_weights_and_more_minutes_warm_up_again(tmp_path, caplog):
