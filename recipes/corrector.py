@@ -165,9 +165,9 @@ def groups(pairs: list[Pair]) -> list[int]:
 
 
 def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
-    """train / dev / test by groups (`groups`): each group goes where a hash of its first pair's source
-    puts it, so that no source or target is in two parts. A pair's part holds as the file grows, unless
-    new pairs join its group to an earlier one."""
+    """train / dev / test by groups (`groups`): each group goes where a hash of the least of its
+    sources puts it, so that no source or target is in two parts, whatever order the file lists them
+    in. A pair's part holds as the file grows, unless new pairs join its group."""
     if not LEAST_HELD_OUT <= held_out < 1:
         raise InputError(f"held_out must be a share from {LEAST_HELD_OUT:g} to below 1, got {held_out:g}")
     # dev and test each take about held_out/2 of the pairs: 4/held_out pairs give each two on average.
@@ -178,8 +178,11 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
                          "are not empty")
     parts: dict[str, list[Pair]] = {"train": [], "dev": [], "test": []}
     firsts = groups(pairs)
+    least: dict[int, str] = {}  # by group: not its first pair's source, which moves as lines are reordered
     for pair, first in zip(pairs, firsts):
-        parts[part_of(pairs[first].source, held_out)].append(pair)
+        least[first] = min(least.get(first, pair.source), pair.source)
+    for pair, first in zip(pairs, firsts):
+        parts[part_of(least[first], held_out)].append(pair)
     if not parts["train"]:
         raise InputError(f"--held-out {held_out:g} leaves none of the {len(pairs)} pairs to train on; give a smaller one")
     if not parts["dev"] or not parts["test"]:
@@ -255,6 +258,7 @@ def _made_by(job: Job) -> str:
     manifest's settings: a bundle exported again from the same checkpoint with other limits or end
     tokens has the same files), the prompt, k, the temperature and the length limit."""
     from lmcor.runtime.bundle import MANIFEST_NAME, load_manifest
+    from lmcor.runtime.candidates import default_few_shot
 
     llm = {}
     if job.llm is not None:
@@ -264,7 +268,9 @@ def _made_by(job: Job) -> str:
             raise type(e)(f"--llm {e}") from None
         manifest = json.loads((job.llm / MANIFEST_NAME).read_text(encoding="utf-8"))
         llm = {key: value for key, value in manifest.items() if key not in ("validation", "exporter")}
-    what = {"llm": llm, "prompt": job.prompt, "k": job.k, "temperature": job.temperature,
+    # The default prompt by its text: another lmcor's default is another prompt.
+    prompt = job.prompt if job.prompt is not None else [*default_few_shot().heads, default_few_shot().tail]
+    what = {"llm": llm, "prompt": prompt, "k": job.k, "temperature": job.temperature,
             "max_new_tokens": job.max_new_tokens}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm", type=Path, required=True, help="the causal-LM bundle (recipes.smollm2)")
     parser.add_argument("--cache", type=Path, default=Path("build/llm-splits"), help="candidates kept here (resumable)")
     parser.add_argument("--train", type=options.positive_int, default=4000, help="training sentences (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=options.batch_size, default=16, help="prompts per batch (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     writer = None  # the LLM, loaded and its options checked once, before any file is written

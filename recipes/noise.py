@@ -349,7 +349,8 @@ REWRITES = (_truncate, _drop_clause, _synonyms, _front_phrase)
 
 
 def _paraphrase(text: str, rng: random.Random) -> str:
-    """`text` changed by one, sometimes two, different `REWRITES` (none fits a very short text)."""
+    """`text` changed by one, sometimes two, different `REWRITES`; unchanged where none fits (about one
+    training sentence in twelve, short ones and some of up to ten words)."""
     out, left = text.split(), list(REWRITES)
     for _ in range(1 + (rng.random() < 0.3)):  # each rewrite at most once: no truncated truncations
         for change in rng.sample(left, len(left)):
@@ -364,7 +365,7 @@ def _paraphrase(text: str, rng: random.Random) -> str:
 def rewriting(words: list[str], errors: list[Edit], rng: random.Random, *, k: int, pool: Sequence[str],
               miss: float = 0.2, new: float = 0.1, rewrite: float = 0.6) -> list[str]:
     """Each candidate fixes most errors, then with probability `rewrite` is paraphrased (at least
-    one sample is): a paraphrase is never the target."""
+    one sample is, where a rewrite fits the sentence: `_paraphrase`)."""
     candidates, rewritten = [], False
     for _ in range(k):
         text = _fix(words, errors, rng, miss, new)

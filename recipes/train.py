@@ -490,11 +490,13 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
         state.update(budget=budget, warm_from=state["step"])
         log.info("--minutes changed: the learning rate warms up again over %d steps", settings.warmup_steps)
     rng = random.Random(settings.seed + state["step"])
+    torch.manual_seed(settings.seed + state["step"])  # the decoder slips' draws (a model from --init skips build_model's)
     batches = _batches(tokenizer, examples(state["step"]), lambda: state["copying"], settings, rng)
     watch = dev[:200]  # scored every eval_minutes: enough to see progress, cheap enough to repeat
     started = time.time() - state["elapsed"]
     last_save, last_eval = time.time(), time.time()
     history = out / "train_log.jsonl"
+    window = {"start": time.perf_counter(), "waited": 0.0, "steps": 0}  # since the last record: is the data or the model slow?
     model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["elapsed"]), round(budget)), unit="s", desc="training",
                file=STDERR, disable=not show_progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
@@ -509,7 +511,10 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                 scale *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * tail))
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * scale
+            waiting = time.perf_counter()
             kind, (ids, mask, labels) = next(batches)
+            window["waited"] += time.perf_counter() - waiting
+            window["steps"] += 1
             noise = 0.0 if state["copying"] else settings.decoder_noise
             decoder_ids = _slipped(model.prepare_decoder_input_ids_from_labels(labels=labels), noise, tokenizer.pad_token_id,
                                    tokenizer.eos_token_id)
@@ -529,8 +534,12 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                 state["copying"] = False
                 log.info("copy warm-up done at step %d (sentence copy loss %.3f)", state["step"], ema["copy"])
             if state["step"] % 50 == 0:
+                seconds = time.perf_counter() - window["start"]
                 _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "loss": round(value, 4),
-                                  "ema": {k: round(v, 3) for k, v in ema.items()}, "lr": settings.lr * scale})
+                                  "ema": {k: round(v, 3) for k, v in ema.items()}, "lr": settings.lr * scale,
+                                  "steps_per_s": round(window["steps"] / seconds, 2),
+                                  "data_share": round(window["waited"] / seconds, 3)})
+                window.update(start=time.perf_counter(), waited=0.0, steps=0)
             if time.time() - last_eval > eval_minutes * 60:
                 scores = evaluate(model, tokenizer, watch)
                 _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "dev": scores})
@@ -540,6 +549,7 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                     _save_whole(out / "best.pt", model.state_dict())  # a signal mid-write leaves the former best
                     state["best_chrf"] = scores["chrf"]
                 last_eval = time.time()
+                window.update(start=time.perf_counter(), waited=0.0, steps=0)  # the scoring is not a step
             if time.time() - last_save > 300:
                 state["elapsed"] = time.time() - started
                 _save(checkpoint, model, optimizer, state)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import BundleError, InputError
-from .options import MAX_NO_REPEAT_NGRAM, check_flag, shown
+from .jsonl import unique_keys
+from .options import MAX_NO_REPEAT_NGRAM, check_flag, check_text, shown
 
 MANIFEST_NAME = "lmcor.json"
 FORMAT_VERSION = 3
@@ -153,6 +154,10 @@ class Manifest:
         graph = top.string("decoder_graph", "merged")
         if graph not in DECODER_GRAPHS:
             top.fail("decoder_graph", f"unknown decoder graph {_show(graph)} (expected one of {', '.join(DECODER_GRAPHS)})")
+        pad_token = top.optional_integer("pad_token", 0) if kind == "classifier" else None
+        vocab_size = top.optional_integer("vocab_size", 1) if kind == "classifier" else None
+        if pad_token is not None and vocab_size is not None and pad_token >= vocab_size:
+            top.fail("pad_token", f"{pad_token} is not a token id (vocab_size is {vocab_size})")
         return cls(
             kind=kind,
             architecture=top.string("architecture", nonempty=True),
@@ -170,8 +175,8 @@ class Manifest:
             no_repeat_ngram_size=top.integer("no_repeat_ngram_size", 0, maximum=MAX_NO_REPEAT_NGRAM, default=0),
             fallback_below=top.number("fallback_below", 0, 100),
             end_tokens=_end_tokens(top, decoder.vocab_size) if kind == "causal-lm" else (),
-            pad_token=top.optional_integer("pad_token", 0) if kind == "classifier" else None,
-            vocab_size=top.optional_integer("vocab_size", 1) if kind == "classifier" else None,
+            pad_token=pad_token,
+            vocab_size=vocab_size,
             token_types=top.boolean("token_types", True) if kind == "classifier" else True,
             clean_up_spaces=top.boolean("clean_up_spaces", False) if decodes else False,
             sliding_window=top.optional_integer("sliding_window", 1) if kind == "causal-lm" else None,
@@ -198,6 +203,8 @@ _READ_BY = {"template": ("corrector",), "special_tokens": _DECODING, "decoder": 
 # What each kind of bundle opens (`files` roles); a ragged corrector also its "cross" graph.
 ROLES = {"corrector": ("encoder", "decoder", "tokenizer"), "classifier": ("model", "tokenizer"),
          "causal-lm": ("model", "tokenizer")}
+# ... and what it may hold besides: a ragged decoder's cross graph, the Triton encoder's weights.
+_OPTIONAL_ROLES = {"corrector": ("cross", "packed_encoder"), "classifier": (), "causal-lm": ()}
 # The placeholders of each template string, and those it must hold; `runtime.template.render` fills them.
 _PLACEHOLDERS = {"text": ("source", "candidates"), "candidate": ("candidate", "i", "n")}
 _NEEDED = {"text": ("source", "candidates"), "candidate": ("candidate",)}
@@ -316,6 +323,14 @@ _TEXTS = ("source", "candidates", "candidate")  # placeholders `render` fills wi
 def template_problem(template: Template) -> tuple[str, str] | None:
     """(field, what is wrong) for a template `render` cannot fill, else None: the one rule for the
     exporter and the loader."""
+    for part in ("text", "candidate", "separator"):
+        value = getattr(template, part)
+        if "\x00" in value:  # render's own markers are NUL-delimited: the text would be taken for one
+            return part, "holds a NUL character (\\x00), which lmcor keeps for its own use"
+        try:
+            check_text("it", value)
+        except InputError as e:
+            return part, str(e).removeprefix("it ")
     for part, allowed in _PLACEHOLDERS.items():
         value = getattr(template, part)
         use = f"use only {', '.join(f'{{{name}}}' for name in allowed)}"
@@ -370,6 +385,10 @@ def _path_problem(name: Any) -> str | None:
     (Symbolic links are followed by `load_manifest`, which has the bundle's folder.)"""
     if not isinstance(name, str) or not name:
         return f"expected a file name, got {_show(name)}"
+    try:
+        check_text("it", name)
+    except InputError as e:
+        return f"{_show(name)} {str(e).removeprefix('it ')}"
     if name.startswith("/") or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in name.split("/")):
         return f"{_show(name)} is not a path inside the bundle (write it relative, without '..', '.', '\\' or '//')"
     return None
@@ -377,7 +396,10 @@ def _path_problem(name: Any) -> str | None:
 
 def _files(top: _Fields, kind: str, graph: str) -> dict[str, str]:
     fields = top.section("files")
+    known = (*ROLES[kind], *_OPTIONAL_ROLES[kind])
     for role, name in fields.data.items():
+        if role not in known:  # a misspelt role ("crosss") would be read by nothing
+            fields.fail(role, f"not a file role of a {kind} (those are {', '.join(known)})")
         problem = _path_problem(name)
         if problem is not None:
             fields.fail(role, problem)
@@ -432,8 +454,9 @@ def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = N
     if not manifest_path.is_file():
         raise BundleError(f"{root}: not an lmcor bundle ({MANIFEST_NAME} is missing; run `lmcor export` first)")
     try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8; an integer of over 4,300 digits, deep nesting
+        data = json.loads(manifest_path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError, InputError) as e:  # not JSON, not UTF-8; an integer of over 4,300
+        # digits, deep nesting; a field given twice (Python would keep the last without a word)
         raise BundleError(f"{manifest_path}: corrupt manifest ({e})") from None
     manifest = Manifest.from_json(data, str(manifest_path))
     if kind is not None and manifest.kind != kind:
@@ -442,7 +465,7 @@ def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = N
     named = [(f"files.{role}", name) for role, name in manifest.files.items()]
     named += [(f"sha256[{_show(name)}]", name) for name in manifest.sha256]
     for where, name in named:
-        if not (root / name).resolve().is_relative_to(inside):
+        if not _resolved(root / name, f"{manifest_path}: {where}").is_relative_to(inside):
             raise BundleError(f"{manifest_path}: {where}: {name!r} leads outside the bundle through a symbolic "
                               "link (copy the file into the bundle)")
     for role, name in manifest.files.items():
@@ -451,6 +474,13 @@ def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = N
     if verify:
         _verify(root, manifest_path, manifest, has_table="sha256" in data)
     return manifest
+
+
+def _resolved(file: Path, where: str) -> Path:
+    try:
+        return file.resolve()
+    except (RuntimeError, OSError) as e:  # a loop of symbolic links (a RuntimeError before Python 3.13)
+        raise BundleError(f"{where}: {file.name!r} cannot be followed ({e})") from None
 
 
 def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: bool) -> None:
@@ -464,7 +494,7 @@ def _verify(root: Path, manifest_path: Path, manifest: Manifest, *, has_table: b
                               "(re-export the bundle, or load it with verify=False)")
         for location in _external_files(root / name) if name.endswith(".onnx") else ():
             weights = posixpath.normpath(posixpath.join(posixpath.dirname(name), location))  # beside its graph
-            if not (root / weights).resolve().is_relative_to(root.resolve()):
+            if not _resolved(root / weights, f"{root / name}: its weights file").is_relative_to(root.resolve()):
                 raise BundleError(f"{root / name}: its weights file {location!r} leads outside the bundle (copy the "
                                   "file into the bundle)")
             if weights not in manifest.sha256 and (root / weights).is_file():

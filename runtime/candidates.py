@@ -136,7 +136,8 @@ class CandidateWriter:
         out: list[Candidates | InputError | None] = [_refused(n, source, self.stop) for n, source in enumerate(sources)]
         served = [n for n, answer in enumerate(out) if answer is None]
         # Each prompt after its own variant's prefix (None where a variant's head is empty), all in one batch.
-        prompts = [sources[n] + self.few_shot.tail for n in served]
+        # (stripped: a line break after a source read from a file would end the few-shot pattern early)
+        prompts = [sources[n].strip() + self.few_shot.tail for n in served]
         options = dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, stop=self.stop,
                        prefix=[self._prefixes[self.few_shot.variant(sources[n])] for n in served],
                        batch_size=self.batch_size, drafts=self.drafts, errors="return")

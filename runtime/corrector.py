@@ -88,7 +88,7 @@ class Corrector:
             cross=(open_session(root / manifest.files["cross"], providers=providers, threads=threads)
                    if "cross" in manifest.files else None),
         )
-        check_graphs(root, manifest, {"decoder": sessions.decoder, "cross": sessions.cross})
+        check_graphs(root, manifest, {"encoder": sessions.encoder, "decoder": sessions.decoder, "cross": sessions.cross})
         if manifest.decoder_graph == "ragged":
             cache_layout(sessions.device)  # LMCOR_CACHES, checked now rather than at the first request
         if manifest.int8_per_tensor:

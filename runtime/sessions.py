@@ -165,6 +165,9 @@ _CACHE = re.compile(r"(?:past|past_key_values|present|cross)\.(\d+)\.")
 _DECODER_INPUTS = {"merged": {"input_ids", "encoder_hidden_states", "encoder_attention_mask"},
                    "ragged": {"input_ids", "lengths", "encoder_attention_mask"}}
 
+# What the encoder and the cross graph of a corrector are fed (`encode.encode`, `cross_states`).
+_ROLE_INPUTS = {"encoder": {"input_ids", "attention_mask"}, "cross": {"encoder_hidden_states"}}
+
 
 def check_graphs(root: Path, manifest: Manifest, sessions: Mapping[str, ort.InferenceSession | None]) -> None:
     """Check the manifest against the inputs and outputs its graphs declare (by `files` role), so that
@@ -175,6 +178,13 @@ def check_graphs(root: Path, manifest: Manifest, sessions: Mapping[str, ort.Infe
         if session is None:
             continue
         graph = manifest.files[role]
+        # Checksums are kept by file name: one file named in another's role passes them.
+        expected = _ROLE_INPUTS.get(role) if manifest.kind == "corrector" else None
+        if expected is not None and (names := {value.name for value in session.get_inputs()}) != expected:
+            raise BundleError(f"{where}: files.{role}: {graph} takes {', '.join(sorted(names))}, not the {role} "
+                              f"graph's {', '.join(sorted(expected))}")
+        if role == "encoder":
+            continue
         logits = session.get_outputs()[0] if role != "cross" else None  # what the runtime reads
         if manifest.kind == "classifier":
             if logits is not None and isinstance(logits.shape[-1], int) and logits.shape[-1] != len(manifest.labels):

@@ -144,6 +144,9 @@ CORRECTOR_DEFECTS = {
     "template-format-spec": (_set("template", text="{source:.2} {candidates}"), "template.text"),
     "template-not-string": (_set("template", separator=1), "template.separator"),
     "template-not-dict": (_set(None, template="source: {source}"), "template"),
+    # NUL is render's own marker: a separator of "\x00s\x00" pasted the source into the input
+    "template-nul": (_set("template", separator="\x00s\x00"), "template.separator"),
+    "template-surrogate": (_set("template", text="\ud800 {source} {candidates}"), "template.text"),
     # decoder shape, checked against the graphs
     "decoder-missing": (_drop(None, "decoder"), "decoder"),
     "num-layers-plus-one": (_add("decoder", "num_layers", 1), "decoder.num_layers"),
@@ -153,6 +156,13 @@ CORRECTOR_DEFECTS = {
     "vocab-size-wrong": (_add("decoder", "vocab_size", 1), "decoder.vocab_size"),
     "num-layers-zero": (_set("decoder", num_layers=0), "decoder.num_layers"),
     "decoder-graph-swapped": (_other_decoder_graph, "decoder_graph"),
+    "files-symlink-loop": (lambda m, p: ((p / "loop").symlink_to("loop"), m["files"].update(tokenizer="loop")),
+                           "files.tokenizer"),
+    "files-unknown-role": (_set("files", crosss="decoder_cross.onnx"), "files.crosss"),
+    "file-name-surrogate": (_set("files", tokenizer="\ud800.json"), "files.tokenizer"),
+    # a graph named in another's role (checksums are kept by file name, so they pass)
+    "encoder-is-the-decoder": (lambda m, p: m["files"].update(encoder=m["files"]["decoder"]), "files.encoder"),
+    "cross-is-the-decoder": (lambda m, p: m["files"].update(cross=m["files"]["decoder"]), "files.cross"),
     # tokenizer
     "empty-vocabulary": (_empty_vocabulary, "vocabulary"),
     "tokenizer-of-another-model": (_bigger_vocabulary, "decoder.vocab_size"),
@@ -174,6 +184,16 @@ def test_tampered_corrector_is_refused(bundle, defect):
         Corrector.load(bundle)
     message = str(error.value)
     assert str(bundle) in message and field in message, message
+
+
+def test_a_field_given_twice_is_refused(bundle):
+    """Of two "kind" fields Python keeps the last without a word: which one lmcor reads is not the
+    writer's to guess."""
+    text = (bundle / MANIFEST_NAME).read_text()
+    (bundle / MANIFEST_NAME).write_text(text.replace("{", '{"kind": "classifier", ', 1))
+    with pytest.raises(BundleError, match="'kind' appears twice") as error:
+        Corrector.load(bundle)
+    assert str(bundle) in str(error.value)
 
 
 @pytest.mark.parametrize("defect", ["absolute-path", "parent-path", "symlink-outside", "etc-passwd"])
@@ -295,6 +315,7 @@ CLASSIFIER_DEFECTS = {
     "kind-corrector": (_set(None, kind="corrector"), "labels"),  # a classifier's field, read by no corrector
     "template": (_set(None, template={"text": "{source} {candidates}"}), "template"),
     "fallback-of-a-corrector": (_set(None, fallback_below=50.0), "fallback_below"),
+    "pad-beyond-vocab": (_set(None, vocab_size=30000, pad_token=30000), "pad_token"),
 }
 
 

@@ -19,6 +19,15 @@ def test_the_oracle_takes_the_candidate_equal_to_the_target_among_those_chrf_tie
     assert quality.oracle(["She goes home .", "She go home ."], "She goes home.") == "She goes home ."
 
 
+def test_exact_match_reads_the_words_not_their_spacing():
+    """A candidate returned as written keeps its trailing space; a decoded output or the edit vote is
+    spaced anew: the same sentence scores the same whichever system wrote it."""
+    target = "She goes home."
+    outputs = ["She goes home. ", "She goes\nhome.", "She goes home .", "she goes home."]
+    assert quality.score(outputs, [target] * 4)["exact_match"] == 50.0
+    assert quality.score([quality.oracle(["She goes home. "], target)], [target])["exact_match"] == 100.0
+
+
 def test_eval_table_json_and_bad_lines(bundles, tmp_path, capsys):
     rows = [dict(r, target=r["candidates"][0]) for r in make_requests(6, seed=5)]
     lines = [json.dumps(r) for r in rows]
@@ -36,6 +45,7 @@ def test_eval_table_json_and_bad_lines(bundles, tmp_path, capsys):
     assert [row.rsplit(None, 2)[0] for row in table[1:]] == list(quality.SYSTEMS)
     report = json.loads(out.read_text())
     assert report["items"] == 6 and [e["line"] for e in report["errors"]] == [3, 5]
+    assert report["options"]["max_new_tokens"] == 8 and report["options"]["fallback_below"] is None  # the bundle's
     first = report["systems"]["first candidate"]
     assert first["exact_match"] == 100.0 and first["chrf"] == 100.0  # the targets are the first candidates
     assert report["systems"]["oracle candidate"]["chrf"] == 100.0

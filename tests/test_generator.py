@@ -273,7 +273,13 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     # a stop string in a kept candidate: another --stop wrote it (this run cuts each answer before one)
     stop = next(c[len(c) // 2] for c in json.loads(first)["candidates"] if c.strip())
     assert main([*args, "--resume", "--stop", stop]) == 2
-    assert f"line 1 holds a candidate with {stop!r} in it" in capsys.readouterr().err
+    assert f"input line 1 holds a candidate with {stop!r} in it" in capsys.readouterr().err
+    assert main([*args, "--resume", "--stop", ""]) == 2  # said as the flag it is, not as a stop every text holds
+    assert "--stop #1 must be a non-empty string" in capsys.readouterr().err
+    # a --stop inside the kept source: this run cannot answer a source the file answers, so the file is not its
+    assert main([*args, "--resume", "--stop", "go to"]) == 2
+    assert "this run cannot answer the source of input line 1" in capsys.readouterr().err
+    assert out.read_text() == first
     # another command's records: said as such, before any candidate is generated
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"source": "she go to school", "candidates": ["a", "b"], "target": "x"}\n')
@@ -509,6 +515,13 @@ def test_candidates_of_a_source_that_is_no_text_fail_alone(bundle):
     lines = writer(["she go\nto school", "she go\n"])
     assert isinstance(lines[0], InputError) and "the source holds '\\n', where an answer ends" in str(lines[0])
     assert type(lines[1]).__name__ == "Candidates"  # a line break that ends it is no line of its own
+    # ... nor part of the prompt: "Fix: she go\n\n=" would break the prompt's pattern
+    assert lines[1].source == "she go\n" and lines[1].texts[0] == writer(["she go"])[0].texts[0]
+    trace = []
+    real = writer.generator.generate_batch
+    writer.generator.generate_batch = lambda prompts, **options: trace.append(prompts) or real(prompts, **options)
+    writer([" she go\n"])
+    assert trace[0] == ["she go\n="]
     assert type(CandidateWriter(writer.generator, writer.few_shot, k=1, max_new_tokens=4, stop=("###",))(
         ["she go\nto school"])[0]).__name__ == "Candidates"
     for stop, said in (([1], "stop.0. must be a non-empty string"), (None, "stop must be a list"),

@@ -59,7 +59,11 @@ def test_a_cluster_started_here_keeps_stdout_and_sigterm_lmcors():
     import sys
 
     code = ("import signal, sys\n"
+            "import ray\n"
             "from lmcor.integrations import ray as lmcor_ray\n"
+            # Ray's printing thread runs until `ray.shutdown` stops it (killed workers are said then)
+            "stop = ray.shutdown\n"
+            "ray.shutdown = lambda: (print('printed at shutdown'), stop())\n"
             "with lmcor_ray.cluster():\n"
             "    print('printed inside')\n"
             "    print(signal.getsignal(signal.SIGTERM).__name__, file=sys.__stdout__)\n"
@@ -71,7 +75,20 @@ def test_a_cluster_started_here_keeps_stdout_and_sigterm_lmcors():
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "RAY_TMPDIR": short, "RAY_ADDRESS": ""})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["_terminated", "printed after", "None"] and "printed inside" in run.stderr
+    assert run.stdout.splitlines() == ["_terminated", "printed after", "None"]
+    assert "printed inside" in run.stderr and "printed at shutdown" in run.stderr
+
+
+def test_served_bundles_are_named_by_absolute_paths(tmp_path, monkeypatch):
+    """Ray's replicas run in the folder the cluster started in: a relative --model, --gate,
+    --classifier or --generator would name another folder there, or none."""
+    monkeypatch.chdir(tmp_path)
+    config = lmcor_ray.absolute_paths(ServeConfig(model="m", gate="g", classifiers={"c": "sub/c"},
+                                                  generators={"x": "x"}))
+    assert (config.model, config.gate) == (str(tmp_path / "m"), str(tmp_path / "g"))
+    assert config.classifiers == {"c": str(tmp_path / "sub/c")} and config.generators == {"x": str(tmp_path / "x")}
+    shipped = lmcor_ray.absolute_paths(ServeConfig(gate=""))  # the shipped corrector and gate stay as they are
+    assert (shipped.model, shipped.gate) == (None, "")
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +367,20 @@ def test_a_second_server_on_the_cluster_is_refused_and_serves_queue_bounded(clus
             codes = sorted(a.status_code for a in pool.map(lambda r: client.post("/v1/correct", json=r), requests))
             assert client.post("/v1/correct", json=requests[0]).status_code == 200  # the first one still serves
     assert set(codes) == {200, 429}, codes  # one taken, one waiting, the others refused (it took all 12)
+
+
+def test_serve_running_on_every_interface_is_not_served_without_a_key(cluster):
+    """Where Serve already runs, its proxies keep their own host (`serve.start` only warns): one that
+    other machines reach needs a key, whatever host was asked for."""
+    from ray import serve
+
+    serve.start(http_options={"host": "0.0.0.0", "port": lmcor_ray._free_port("0.0.0.0")})
+    try:
+        with pytest.raises(InputError, match="host '0.0.0.0' is reachable from other machines"):
+            with lmcor_ray.running(ServeConfig(port=0, threads=1)):
+                pass
+    finally:
+        serve.shutdown()
 
 
 def test_a_clusters_own_address_is_taken(cluster):

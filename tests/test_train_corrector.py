@@ -306,6 +306,9 @@ def test_pairs_that_share_a_source_or_a_target_are_held_out_together():
                 for name in ("train", "dev", "test")]
         assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2]), key
     assert parts["dev"] and parts["test"] and sum(map(len, parts.values())) == len(pairs)
+    # the file's order moves no pair between parts (it moved 134 of 800 where each group went by its first line)
+    parts_again = split(pairs[::-1], 0.2)
+    assert all(set(parts_again[name]) == set(parts[name]) for name in parts)
 
 
 def test_a_split_written_earlier_seeds_the_cache_as_this_runs(tmp_path):
@@ -495,6 +498,8 @@ def test_sigterm_during_training_keeps_the_step_reached(pairs, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert "interrupted at step" in err and (out / "checkpoint.pt").is_file()
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert records and all(r["steps_per_s"] > 0 and 0 <= r["data_share"] < 1 for r in records)  # what bounds the speed
 
 
 def test_an_init_lmcor_cannot_export_or_whose_positions_are_short_is_refused_before_training(pairs, tmp_path,

@@ -11,6 +11,7 @@ from typing import Any
 from lmcor.runtime.candidates import Candidates, CandidateStats, CandidateWriter, FewShot, default_few_shot
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.generator import Generator
+from lmcor.runtime.options import check_stops
 
 from . import options, say
 from .generate import text_field
@@ -55,27 +56,29 @@ def _check_resumed(output: Path, k: int, stops: tuple[str, ...]) -> dict | None:
                                  "it was written by another run (remove it, or run without --resume)")
             stop = next((s for s in stops for c in written if isinstance(c, str) and s in c), None)
             if stop is not None:
-                raise InputError(f"--resume: -o {output} line {record['line']} holds a candidate with {stop!r} in "
-                                 "it, where this run's --stop ends an answer: it was written with another --stop "
-                                 "(give the same, or remove it)")
+                raise InputError(f"--resume: {output}: the answer to input line {record['line']} holds a candidate "
+                                 f"with {stop!r} in it, where this run's --stop ends an answer: it was written with "
+                                 "another --stop (give the same, or remove it)")
             if isinstance(record.get("source"), str):
                 last = record
     return last
 
 
-def _check_same_run(output: str, last: dict, writer: CandidateWriter) -> None:
+def _check_same_run(output: Path, last: dict, writer: CandidateWriter) -> None:
     """The kept records must be this run's, else the file would mix two runs' candidates: its
     candidates for their last source are generated again (a source's depend on it, the model and the
     options alone) and most must be theirs. (Not all: another batch shape may round a near tie the
     other way on some devices; another prompt, temperature or seed changes nearly every sample.)"""
     [again] = writer([last["source"]])
-    if isinstance(again, InputError):
-        return  # that source fails now as it would in the run: nothing to compare
+    if isinstance(again, InputError):  # the file answers it: this run's options are not the ones it was written with
+        raise InputError(f"--resume: {output}: this run cannot answer the source of input line {last.get('line')} "
+                         f"({again}), which the file answers: it was written with another --stop, --prompt or "
+                         "--max-new-tokens (give the same, or remove it)")
     same = sum(a == b for a, b in zip(again.texts, last["candidates"]))
     if 2 * same <= len(last["candidates"]):
-        raise InputError(f"--resume: -o {output} line {last.get('line')} holds other candidates than this run writes "
-                         "for its source: it was written with another model, --prompt, --temperature, --top-p, "
-                         "--seed, --stop or --max-new-tokens (give the same, or remove it)")
+        raise InputError(f"--resume: {output}: the answer to input line {last.get('line')} holds other candidates "
+                         "than this run writes for its source: it was written with another model, --prompt, "
+                         "--temperature, --top-p, --seed, --stop or --max-new-tokens (give the same, or remove it)")
 
 
 # A line's options are the run's: these fields are flags here. (Not `prompt`: a data set's line may
@@ -91,7 +94,8 @@ def _source(value: dict, _number: int) -> str:
 def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
     resumed = resumed_from(args.output) if args.resume and args.output else None
-    stops = tuple(args.stop) if args.stop else ("\n",)
+    # checked before the file is read: of an empty one, every candidate "holds" it
+    stops = check_stops(args.stop) if args.stop else ("\n",)
     last = _check_resumed(resumed, args.k, stops) if resumed is not None and resumed.is_file() else None
     few_shot = FewShot.from_template(args.prompt) if args.prompt is not None else default_few_shot()
     generator = Generator.load(args.model, providers=options.providers(args), threads=args.threads)
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              stop=stops, drafts=not args.no_drafts)
     if last is not None:
-        _check_same_run(args.output, last, writer)
+        _check_same_run(resumed, last, writer)
         writer.stats = CandidateStats()  # the summary counts this run's lines, not the check's source
     code = answer_lines(args, _source, writer, record, "generating", FIELDS, echo="source", batches_per_chunk=1)
     if not args.quiet:

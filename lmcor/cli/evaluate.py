@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -47,13 +48,16 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise InputError(f"{args.data}: no usable lines")
     with tqdm(total=len(items), unit=" requests", file=STDERR, disable=args.quiet, desc="evaluating") as bar:
-        report = quality.evaluate(corrector, items, progress=bar.update, **options.correction_options(args, gate))
+        chosen = options.correction_options(args, gate)
+        report = quality.evaluate(corrector, items, progress=bar.update, **chosen)
     for skipped in report["skipped"]:
         say(f"lmcor: {args.data}: line {skipped['line']}: {skipped['error']} (left out of the scores)")
     if not report["items"]:
         raise InputError(f"{args.data}: the corrector could take none of its {len(items)} usable lines (above: why)")
     errors = sorted(errors + report.pop("skipped"), key=lambda e: e["line"])
-    report.update(data=str(args.data), model=str(corrector.root), errors=errors)
+    # what ran: a "model alone" run (--fallback-below 0) is told apart by more than its fallback count
+    report.update(data=str(args.data), model=str(corrector.root), errors=errors,
+                  options={**dataclasses.asdict(chosen["options"]), "batch_size": chosen["batch_size"]})
     if gate is not None:
         report["gate"] = str(gate.root)
     try:  # the scores first: a reader of the table that leaves (or a full disk) does not lose them

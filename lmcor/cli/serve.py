@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"larger bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
     options.add_runtime(parser)
     options.add_ray(parser, "serve replicas of this server behind Ray Serve's proxy, on --host and --port "
-                    "(--threads: each replica's, default there: the cluster's CPUs shared among the replicas)")
+                    "(--threads: each replica's, default there: the cluster's CPUs shared among --max-replicas, "
+                    "else --replicas)")
     parser.add_argument("--replicas", type=options.positive_int, help="with --ray: replicas, each with its own "
                         "models and --threads (default: 1; and the least with --max-replicas)")
     parser.add_argument("--max-replicas", type=options.positive_int, help="with --ray: autoscale up to this many "

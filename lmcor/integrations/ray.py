@@ -116,10 +116,12 @@ def cluster(address: str | None = None) -> Iterator[None]:
             sys.stdout = sys.stderr
         yield
     finally:
-        sys.stdout = kept
-        ray.shutdown()  # also after a signal during `ray.init`
-        if main:
-            signal.signal(signal.SIGTERM, before)
+        try:
+            ray.shutdown()  # also after a signal during `ray.init`; its printing thread stops here
+        finally:
+            sys.stdout = kept
+            if main:
+                signal.signal(signal.SIGTERM, before)
 
 
 def _terminated(number: int, _frame: object) -> None:
@@ -546,14 +548,16 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _serve_port(asked: int) -> int:
-    """The port Serve's proxies listen on: the one asked for, unless Serve already ran on this cluster."""
-    from ray.serve.context import _get_global_client  # no public way to read it back
+def _serve_address(asked: ServeConfig) -> tuple[str, int]:
+    """The host and port Serve's proxies listen on: those asked for, unless Serve already ran on this
+    cluster, where `serve.start` keeps its own and only logs a warning."""
+    from ray.serve.context import _get_global_client  # no public way to read them back
 
     try:
-        return _get_global_client().http_config.port
-    except Exception:  # Serve's internals moved: trust the port asked for
-        return asked
+        http = _get_global_client().http_config
+        return http.host, http.port
+    except Exception:  # Serve's internals moved: trust what was asked for
+        return asked.host, asked.port
 
 
 @contextlib.contextmanager
@@ -567,7 +571,8 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
     here = not (address or os.environ.get("RAY_ADDRESS"))
     with cluster(address):
         here = here and not ray.util.client.ray.is_connected()
-        config = dataclasses.replace(config, threads=config.threads or default_threads(max_replicas or replicas))
+        config = dataclasses.replace(absolute_paths(config),
+                                     threads=config.threads or default_threads(max_replicas or replicas))
         _check_cpus(replicas, config.threads, "replicas")
         try:
             ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
@@ -577,6 +582,9 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
         if started_here and here and config.port:
             _check_port(config.host, config.port)  # Serve would say only that its proxy failed
         serve.start(http_options={"host": config.host, "port": config.port or _free_port(config.host)})
+        host, port = _serve_address(config)
+        if host != config.host:  # Serve ran before, elsewhere: the key that host needs (ServeConfig's rule)
+            dataclasses.replace(config, host=host)
         try:
             if APP_NAME in serve.status().applications:  # it would be replaced, then deleted under its server
                 raise LmcorError(f"a Serve application named {APP_NAME!r} already runs on this Ray cluster (another "
@@ -585,10 +593,10 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
                 serve.run(application(config, replicas=replicas, max_replicas=max_replicas), name=APP_NAME,
                           route_prefix="/", blocking=False)
             except RuntimeError as e:
+                serve.delete(APP_NAME)  # a failed application stays on a cluster that outlives this run
                 raise LmcorError(f"the Serve application did not start: {_failure(e)}") from None
             try:
-                host = f"[{config.host}]" if ":" in config.host else config.host
-                yield f"http://{host}:{_serve_port(config.port)}"
+                yield f"http://{f'[{host}]' if ':' in host else host}:{port}"
             finally:
                 serve.delete(APP_NAME)  # waits for the replicas to answer what they took
         except KeyboardInterrupt:  # stopped at once: Serve's shutdown would wait for its replicas again
@@ -597,6 +605,16 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
         finally:
             if started_here:
                 serve.shutdown()
+
+
+def absolute_paths(config: ServeConfig) -> ServeConfig:
+    """`config` with its bundles' paths made absolute: replicas run in the folder the cluster was
+    started in, not this one."""
+    def resolved(paths: dict[str, str]) -> dict[str, str]:
+        return {name: str(bundle_path(path).resolve()) for name, path in paths.items()}
+
+    return dataclasses.replace(config, **_absolute(config.model, config.gate), classifiers=resolved(config.classifiers),
+                               generators=resolved(config.generators))
 
 
 def _check_port(host: str, port: int) -> None:
