@@ -255,6 +255,20 @@ def test_candidates_with_a_prompt_too_long_for_the_model_say_so(bundle, tmp_path
     assert len(err) == 1 and "the prompt's part before {source} takes" in err[0] and "write a shorter prompt" in err[0]
 
 
+def test_candidates_resume_checks_the_last_record_whose_samples_differ(tmp_path):
+    """A source whose K answers are all alike (common for a short sentence) comes out alike under
+    another --seed or --temperature: the run is checked on one whose samples tell them apart."""
+    from lmcor.cli.candidates import _check_resumed
+
+    out = tmp_path / "candidates.jsonl"
+    records = [{"id": 0, "line": 1, "source": "she go", "candidates": ["She goes.", "She went."]},
+               {"id": 1, "line": 2, "source": "a b", "candidates": ["A b.", "A b."]}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _check_resumed(out, 2, ("\n",)) == records[0]
+    out.write_text(json.dumps(records[1]) + "\n")
+    assert _check_resumed(out, 2, ("\n",)) == records[1]  # none differ: the last
+
+
 def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text('{"source": "she go to school"}\n{"source": "a b"}\n')
@@ -267,6 +281,9 @@ def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys)
     out.write_text(first)
     assert main([*args[:-2], "-k", "3", "--resume"]) == 2
     assert "holds 2 candidates a source, and -k is 3" in capsys.readouterr().err
+    folder = [*args[:5], str(out) + "/", *args[6:]]  # a folder's path: said as such, not as another run's file
+    assert main([*folder[:-2], "-k", "3", "--resume"]) == 2
+    assert f"-o {out}/: not a directory" in capsys.readouterr().err
     assert main([*args, "--resume", "--seed", "3"]) == 2  # its candidates are not this run's
     assert "holds other candidates than this run writes for its source" in capsys.readouterr().err
     assert out.read_text() == first

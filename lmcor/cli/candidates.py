@@ -15,7 +15,7 @@ from lmcor.runtime.options import check_stops
 
 from . import options, say
 from .generate import text_field
-from .lines import RecordFields, answer_lines, resumed_from
+from .lines import RecordFields, answer_lines, refuse_folder_path, resumed_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +39,9 @@ def record(number: int, ident: Any, result: Candidates) -> dict:
 def _check_resumed(output: Path, k: int, stops: tuple[str, ...]) -> dict | None:
     """An `-o` to resume must hold K candidates a source, none holding a stop string (this run cuts
     each answer before its first): one written with another -k or --stop is another run's. Returns
-    its last record with candidates (None: none)."""
-    last = None
+    the record to generate again (`_check_same_run`): its last with candidates that differ, else its
+    last (None: none). Samples all alike would come out alike under another seed or temperature."""
+    last = telling = None
     with open(output, "rb") as f:
         for raw in f:
             try:
@@ -61,7 +62,9 @@ def _check_resumed(output: Path, k: int, stops: tuple[str, ...]) -> dict | None:
                                  "another --stop (give the same, or remove it)")
             if isinstance(record.get("source"), str):
                 last = record
-    return last
+                if len({c for c in written if isinstance(c, str)}) > 1:
+                    telling = record
+    return telling or last
 
 
 def _check_same_run(output: Path, last: dict, writer: CandidateWriter) -> None:
@@ -93,6 +96,8 @@ def _source(value: dict, _number: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     options.require_input(args.input)
+    if args.output:  # said first: the checks of --resume below read it as a file
+        refuse_folder_path("-o", args.output)
     resumed = resumed_from(args.output) if args.resume and args.output else None
     # checked before the file is read: of an empty one, every candidate "holds" it
     stops = check_stops(args.stop) if args.stop else ("\n",)
