@@ -89,7 +89,7 @@ def _serving(config: RayBenchConfig, bodies: list[bytes], expected: dict[int, st
     try:
         runs["lmcor serve"] = serve_bench._drive(url, bodies, expected, config.clients, config.seconds)
     finally:
-        serve_bench._stop(process)
+        serve_bench._stop([process])
     for k in SIZES:
         with lmcor_ray.running(ServeConfig(port=0, max_batch=config.batch_size, timeout_s=300), replicas=k) as url:
             runs[f"Ray Serve, {k} replica{'s' * (k > 1)}"] = serve_bench._drive(url, bodies, expected, config.clients,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import onnx
 
+from lmcor.runtime.bundle import MANIFEST_NAME
 from lmcor.runtime.errors import BundleError, ExportError, LmcorError
 
 log = logging.getLogger("lmcor")
@@ -155,8 +156,7 @@ def load_checkpoint(model_dir: Path, out_dir: Path, auto_class: str, *, overwrit
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
     refuse_overlap(model_dir, out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
+    check_replaceable(out_dir, overwrite)
     model, tokenizer = load_model(model_dir, auto_class)
     if getattr(tokenizer, "split_special_tokens", False):
         # tokenizer.json cannot keep it: the bundle would read "[SEP]" written in a text as the token.
@@ -312,7 +312,8 @@ _SAMPLE_TOKENS = 16  # optimum's sample inputs' length (`DEFAULT_DUMMY_SHAPES`)
 
 
 @contextlib.contextmanager
-def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None, config) -> Iterator[tuple[Path, Path]]:
+def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None, config, *,
+                  overwrite: bool) -> Iterator[tuple[Path, Path]]:
     """Run optimum's exporter for `task` into `raw` and yield (raw, staged); when the body finishes,
     `staged` replaces `out_dir`. A model (of `config`) of few positions is traced on sample inputs
     that fit them: optimum's are 16 tokens (a causal LM's after a sample cache of as many),
@@ -336,7 +337,7 @@ def staged_export(model_dir: Path, out_dir: Path, task: str, opset: int | None, 
                         local_files_only=True, **shapes)
         staged.mkdir()
         yield raw, staged
-        replace_folder(out_dir, staged, Path(tmp) / "replaced")
+        replace_folder(out_dir, staged, Path(tmp) / "replaced", overwrite=overwrite)
 
 
 @contextlib.contextmanager
@@ -356,9 +357,23 @@ def parents_made(folder: Path) -> Iterator[None]:
         raise
 
 
-def replace_folder(out_dir: Path, staged: Path, old: Path) -> None:
+def check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """`out_dir` may become the bundle: absent or empty, or with `overwrite` a bundle (its lmcor.json
+    there): --force replaces an earlier export, never a folder of other files."""
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --force to replace it)")
+    if not (out_dir / MANIFEST_NAME).is_file():
+        raise ExportError(f"{out_dir}: holds files but no {MANIFEST_NAME}: not a bundle, which alone overwrite=True / "
+                          "--force replaces (remove the folder yourself, or export elsewhere)")
+
+
+def replace_folder(out_dir: Path, staged: Path, old: Path, *, overwrite: bool) -> None:
     """Put `staged` at `out_dir` by two renames within one folder; an interruption between them puts
-    the old `out_dir` back (`old` lies in the staging folder, deleted after)."""
+    the old `out_dir` back (`old` lies in the staging folder, deleted after). Checked again here: the
+    folder may have filled while the export ran."""
+    check_replaceable(out_dir, overwrite)
     if out_dir.exists():
         out_dir.rename(old)
     try:

@@ -266,7 +266,7 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
     from lmcor.runtime.bundle import load_manifest, write_manifest
     from lmcor.runtime.errors import ExportError
 
-    from .checkpoint import parents_made, refuse_overlap, replace_folder
+    from .checkpoint import check_replaceable, parents_made, refuse_overlap, replace_folder
     from .shared_weights import WEIGHTS_FILE, share_weights
     from .validate import check_half_graphs
 
@@ -281,8 +281,7 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
         raise ExportError(f"{source}: its packed encoder's weights are fp32 and would run on CUDA in place of the "
                           "converted encoder; convert a bundle exported without --packed-encoder")
     refuse_overlap(source, out_dir, "bundle")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")
+    check_replaceable(out_dir, overwrite)
     graphs = [manifest.files[role] for role in ("encoder", "decoder", "cross")]
     out_dir = Path(os.path.realpath(out_dir))  # a link's target is replaced, not the link; the staging goes beside it
     with parents_made(out_dir.parent), tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
@@ -307,5 +306,5 @@ def convert_bundle(source: str | Path, out_dir: str | Path, precision: str, *, o
                       "fp32_matmuls": sum(r.kept_fp32 for r in counts.values())}
         converted = dataclasses.replace(converted, validation=validation)
         write_manifest(staged, converted)
-        replace_folder(out_dir, staged, Path(tmp) / "replaced")
+        replace_folder(out_dir, staged, Path(tmp) / "replaced", overwrite=overwrite)
     return converted

@@ -141,6 +141,23 @@ def test_ray_bench_refuses_a_request_the_default_corrector_cannot_read_by_its_li
         _jsonl(RayBenchConfig(data=data, requests=2), tmp_path, Corrector.load())
 
 
+def test_ray_bench_stops_the_lmcor_server_it_started(tmp_path, monkeypatch):
+    """The plain server of `python -m lmcor.bench.ray` is stopped after its load point (its stop
+    failed on one process where it takes a list, and left the server running)."""
+    from lmcor.bench import ray as ray_bench
+    from lmcor.bench import serve as serve_bench
+    from lmcor.runtime.corrector import Corrector
+
+    started = []
+    start = serve_bench._start
+    monkeypatch.setattr(serve_bench, "_start", lambda *a: started.append(start(*a)) or started[-1])
+    monkeypatch.setattr(ray_bench, "SIZES", ())  # the Ray Serve points: test_ray.py's
+    config = ray_bench.RayBenchConfig(requests=8, seconds=1.0, clients=2, batch_size=4)
+    _, bodies = ray_bench._jsonl(config, tmp_path, Corrector.load())
+    runs = ray_bench._serving(config, bodies, {}, tmp_path)
+    assert list(runs) == ["lmcor serve"] and started[0][0].poll() == 0  # drained and exited
+
+
 @pytest.mark.parametrize("args, said", [(["--serve", "--seconds", "-1"], "--seconds: must be a number of seconds above 0"),
                                         (["--serve", "--clients", "1,100000"], "--clients: must be integers from 1 to 1024"),
                                         (["--gate", "--gate-threshold", "nan"], "--gate-threshold: must be a finite number")])
@@ -160,6 +177,9 @@ def test_load_settings_that_measure_nothing_are_refused(args, said, capsys):
     (["--drafts", "--model", "somewhere"], "--model goes with the peer comparison or --candidates"),
     (["--model", "no-such-folder"], "--model no-such-folder: no such folder (a Hugging Face checkpoint folder: nothing is downloaded)"),
     (["--backends", ""], "--backends is empty"),
+    (["--model", ""], "--model is empty: give a path"),  # was the random flan-t5-small, without a word
+    (["--host", "--data", " "], "--data is empty: give a path"),
+    (["--drafts", "--bundle", ""], "--bundle is empty: give a path"),
     (["--drafts", "--sweeps"], "--sweeps goes with the peer comparison (no mode flag), not --drafts"),
     (["--host", "--k", "9"], "--k goes with the peer comparison (no mode flag), not --host"),
     (["--shared-prefix", "--data", "x.jsonl"], "--shared-prefix does not read --data"),

@@ -4,7 +4,9 @@ corrupt files, folders that overlap, flags that do not apply, an interrupt."""
 
 import json
 import logging
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -143,7 +145,8 @@ def test_a_forced_export_replaces_a_links_target_and_never_the_working_directory
     `lmcor export CK . --force` is refused (the shell was left in a removed folder)."""
     real = tmp_path / "bundles" / "v3"
     real.mkdir(parents=True)
-    (real / "old.txt").write_text("an earlier bundle")
+    (real / "lmcor.json").write_text("{}")  # an earlier bundle's
+    (real / "old.txt").write_text("a file of that bundle")
     link = tmp_path / "prod"
     link.symlink_to(real)
     assert main(["export", str(t5_checkpoints[2, 3]), str(link), "--force"]) == 0
@@ -153,6 +156,29 @@ def test_a_forced_export_replaces_a_links_target_and_never_the_working_directory
     assert main(["export", str(t5_checkpoints[2, 3]), ".", "--force"]) == 2
     err = capsys.readouterr().err
     assert ".: the output folder is the working directory" in err and (real / "lmcor.json").is_file()
+
+
+def test_force_replaces_a_bundle_and_never_a_folder_of_other_files(t5_checkpoints, tmp_path, capsys):
+    """`--force` into a folder of someone's files (a slip of the path) deleted them all; it replaces
+    an earlier bundle only. A folder that fills while the export runs is not replaced either."""
+    from lmcor.export.checkpoint import replace_folder
+    from lmcor.runtime.errors import ExportError
+
+    out = tmp_path / "documents"
+    (out / "photos").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(t5_checkpoints[2, 3]), str(out), "--force"]) == 2
+    assert "holds files but no lmcor.json: not a bundle" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "photos").is_dir()
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "lmcor.json").write_text("{}")
+    late = tmp_path / "late"  # absent when the export began, written to since
+    late.mkdir()
+    (late / "important.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        replace_folder(late, staged, tmp_path / "old", overwrite=False)
+    assert (late / "important.txt").is_file() and (staged / "lmcor.json").is_file()
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["out-is-checkpoint", "out-contains-checkpoint"])
@@ -347,19 +373,22 @@ def test_the_start_token_is_generates_and_generation_settings_not_applied_are_na
         assert tokens[0] == 0 and ours.token_ids == reference
 
 
-def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path, monkeypatch, capsys, signum, code):
+    """Ctrl-C or SIGTERM (a `timeout`, a container stopped) mid-export: the earlier bundle stays and
+    no staging folder is left (SIGTERM left one, a hidden copy of every graph)."""
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(ragged, "export_step_decoder", interrupted)
     out = tmp_path / "exports" / "bundle"
     out.mkdir(parents=True)
-    (out / "old.txt").write_text("an earlier bundle")
-    assert main(["export", str(t5_checkpoints[2, 3]), str(out), "--force"]) == 130
+    (out / "lmcor.json").write_text("{}")  # an earlier bundle's
+    assert main(["export", str(t5_checkpoints[2, 3]), str(out), "--force"]) == code
     said = f"lmcor: export interrupted; {out} was not written (left as it was)"
     assert capsys.readouterr().err.strip().splitlines() == [said]
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["bundle"]  # no staging folder left
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert [p.name for p in out.iterdir()] == ["lmcor.json"]
 
 
 def test_an_export_into_the_current_folder_and_an_output_limit_past_any_answer(t5_checkpoints, tmp_path,

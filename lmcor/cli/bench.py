@@ -96,6 +96,9 @@ def _given(args: argparse.Namespace) -> list[str]:
 def _check(args: argparse.Namespace) -> None:
     """One mode at a time, flags only where they are read, and --out and --model usable: said before
     any work, not after it."""
+    for flag in ("--model", "--data", "--bundle", "--out", "--cache"):  # "" is no path (an unset variable), not a default
+        if getattr(args, flag[2:]) is not None and not getattr(args, flag[2:]).strip():
+            raise InputError(f"{flag} is empty: give a path, or leave the flag out for the default")
     modes = [flag for flag, name in MODES.items() if getattr(args, name) not in (None, False)]
     if len(modes) > 1:
         raise InputError(f"{modes[0]} and {modes[1]} are separate runs: give one")

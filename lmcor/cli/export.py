@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from lmcor.runtime.bundle import MANIFEST_NAME, Template
 from lmcor.runtime.errors import InputError
 
 from . import options, say
+from .lines import EXIT_SIGNAL
+from .signals import sigterm_as_interrupt
 
 # The exporters need opset 14's operators: Trilu (T5's, BART's and Llama's causal masks) and the
 # attention of scaled_dot_product_attention; older opsets cannot hold them.
@@ -49,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--packed-encoder", action="store_true",
                         help="correctors: also write the encoder's weights for the Triton packed encoder (T5 family; "
                         "used on CUDA)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (never MODEL_DIR or a folder holding it)")
+    parser.add_argument("--force", action="store_true", help="replace the bundle at OUT_DIR (a folder holding an lmcor.json; never MODEL_DIR "
+                        "or a folder holding it)")
 
 
 # Flags only some kinds read (flag -> (argument, kinds)): given to another kind, they are refused
@@ -66,15 +70,18 @@ def run(args: argparse.Namespace) -> int:
                          f"got {args.opset}")
     _refuse_unused(args)
     started = time.time()
-    try:
-        return _export(args)
-    except KeyboardInterrupt:
-        # The bundle is staged beside OUT_DIR and put in place last: unless that finished, OUT_DIR is as it was.
-        manifest = Path(args.out_dir) / MANIFEST_NAME
-        done = manifest.is_file() and manifest.stat().st_mtime >= started
-        say(f"lmcor: export interrupted; {args.out_dir} " + ("holds the finished bundle" if done else
-            "was not written (left as it was)"))
-        raise
+    with sigterm_as_interrupt() as terminated:  # its staging folder is removed as on Ctrl-C
+        try:
+            return _export(args)
+        except KeyboardInterrupt:
+            # The bundle is staged beside OUT_DIR and put in place last: unless that finished, OUT_DIR is as it was.
+            manifest = Path(args.out_dir) / MANIFEST_NAME
+            done = manifest.is_file() and manifest.stat().st_mtime >= started
+            say(f"lmcor: export interrupted; {args.out_dir} " + ("holds the finished bundle" if done else
+                "was not written (left as it was)"))
+            if terminated:
+                return EXIT_SIGNAL[signal.SIGTERM]
+            raise
 
 
 def _refuse_unused(args: argparse.Namespace) -> None:

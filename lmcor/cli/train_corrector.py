@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import options
 from .lines import EXIT_SIGNAL
+from .signals import sigterm_as_interrupt
 
 MOST_MINUTES = 525_600
 
@@ -73,20 +74,12 @@ def run(args: argparse.Namespace) -> int:
                         minutes=args.minutes, device=args.device, resume=not args.restart,
                         max_new_tokens=args.max_new_tokens, quiet=args.quiet, max_line_bytes=args.max_line_bytes,
                         **{name: value for name, value in given_llm.items() if value is not None})
-    terminated: list[int] = []
-
-    def interrupt(signum: int, frame: object) -> None:
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: training keeps the step it reached
-    try:
-        result = corrector.run(job)
-    except KeyboardInterrupt:
-        if terminated:
-            return EXIT_SIGNAL[signal.SIGTERM]
-        raise  # Ctrl-C: 130, as every command
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_as_interrupt() as terminated:  # as Ctrl-C: training keeps the step it reached
+        try:
+            result = corrector.run(job)
+        except KeyboardInterrupt:
+            if terminated:
+                return EXIT_SIGNAL[signal.SIGTERM]
+            raise  # Ctrl-C: 130, as every command
     print(corrector.table(result))
     return 0
