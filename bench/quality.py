@@ -99,9 +99,10 @@ def oracle(candidates: Sequence[str], target: str) -> str:
 
 
 def same_words(output: str, target: str) -> bool:
-    """Exact match: the same words and punctuation, however they are spaced. A decoded output and the
-    edit vote are spaced anew, while a candidate or the source returned keeps a trailing space or
-    line break of its own: raw equality would score the same sentence differently by its system."""
+    """Exact match: the same words and punctuation, whatever white space separates them ("home ." is
+    still not "home."). A decoded output and the edit vote are spaced anew, while a candidate or the
+    source returned keeps a trailing space or line break of its own: raw equality would score the
+    same sentence differently by its system."""
     return output.split() == target.split()
 
 

@@ -359,7 +359,9 @@ def parents_made(folder: Path) -> Iterator[None]:
 
 def check_replaceable(out_dir: Path, overwrite: bool) -> None:
     """`out_dir` may become the bundle: absent or empty, or with `overwrite` a bundle (its lmcor.json
-    there): --force replaces an earlier export, never a folder of other files."""
+    there): --force replaces an earlier export, never a folder of other files, nor a file."""
+    if out_dir.exists() and not out_dir.is_dir():  # a rename would put it in the staging folder, then delete it
+        raise ExportError(f"{out_dir}: a file, not a folder (give a folder's path for the bundle)")
     if not (out_dir.is_dir() and any(out_dir.iterdir())):
         return
     if not overwrite:

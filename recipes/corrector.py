@@ -327,6 +327,7 @@ RUN_STATE = ("checkpoint.pt", "best.pt", "train_log.jsonl", "tokenizer", "hf", "
 # train-corrector folder (`python -m lmcor.recipes.train` writes some of the same names), which
 # --restart may clear, and a resumed run must keep that split or test on pairs it trained on.
 MARK = "train-corrector.json"
+SPLIT_RULE = "least-source"  # how `split` places a group: a run split by another rule would test on trained pairs
 
 
 def _check_out(job: Job, model: dict, candidates: str | None) -> dict:
@@ -361,6 +362,9 @@ def _check_out(job: Job, model: dict, candidates: str | None) -> dict:
         raise InputError(f"{out}: a run split with --held-out {held_out:g}, and another split would test on pairs "
                          f"it trained on; give --held-out {held_out:g}, restart it (--restart) or train into "
                          "another folder")
+    if record.get("split") != SPLIT_RULE and trained:  # an earlier lmcor's: each group by its first line
+        raise InputError(f"{out}: a run split by an earlier lmcor's rule, and this one's split would test on pairs "
+                         "it trained on; restart it (--restart) or train into another folder")
     before = record.get("model")
     # Another --init of the same shape would load the old weights without complaint, to be read with
     # its own tokenizer.
@@ -692,7 +696,8 @@ def run(job: Job) -> dict:
         _clear(job.out)
     # The folder is this command's from now on: candidates cut short by a signal are continued.
     job.out.mkdir(parents=True, exist_ok=True)
-    record = {"held_out": job.held_out, "model": model_said, "candidates": made_by, "trained_on": trained_on}
+    record = {"held_out": job.held_out, "split": SPLIT_RULE, "model": model_said, "candidates": made_by,
+              "trained_on": trained_on}
     (job.out / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
     if writer is not None:
         pairs = llm_candidates(job, pairs, writer, made_by)

@@ -179,6 +179,12 @@ def test_force_replaces_a_bundle_and_never_a_folder_of_other_files(t5_checkpoint
     with pytest.raises(ExportError, match="exists and is not empty"):
         replace_folder(late, staged, tmp_path / "old", overwrite=False)
     assert (late / "important.txt").is_file() and (staged / "lmcor.json").is_file()
+    notes = tmp_path / "notes.txt"  # a file where the bundle would go: not renamed away into the staging folder
+    notes.write_text("mine")
+    for force in (False, True):
+        with pytest.raises(ExportError, match="a file, not a folder"):
+            replace_folder(notes, staged, tmp_path / "old", overwrite=force)
+    assert notes.read_text() == "mine"
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["out-is-checkpoint", "out-contains-checkpoint"])

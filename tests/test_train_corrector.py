@@ -311,6 +311,23 @@ def test_pairs_that_share_a_source_or_a_target_are_held_out_together():
     assert all(set(parts_again[name]) == set(parts[name]) for name in parts)
 
 
+def test_a_run_split_by_an_earlier_rule_is_not_resumed(tmp_path):
+    """Groups once went by their first line: continuing such a checkpoint under today's split would
+    test on pairs it trained on."""
+    from lmcor.recipes.corrector import MARK, SPLIT_RULE, Job, _check_out
+    from lmcor.runtime.errors import InputError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    record = {"held_out": 0.1, "model": {}, "candidates": None}
+    (out / MARK).write_text(json.dumps(record) + "\n")
+    (out / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="split by an earlier lmcor's rule"):
+        _check_out(Job(pairs=tmp_path / "pairs.jsonl", out=out), {}, None)
+    (out / MARK).write_text(json.dumps({**record, "split": SPLIT_RULE}) + "\n")
+    assert _check_out(Job(pairs=tmp_path / "pairs.jsonl", out=out), {}, None)["split"] == SPLIT_RULE
+
+
 def test_a_split_written_earlier_seeds_the_cache_as_this_runs(tmp_path):
     """`recipes.llm_splits` starts a fresh machine's cache from the shipped split: its candidates are
     reused (records without what made them were passed over, and every source generated again)."""

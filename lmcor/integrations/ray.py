@@ -555,7 +555,7 @@ def _serve_address(asked: ServeConfig) -> tuple[str, int]:
 
     try:
         http = _get_global_client().http_config
-        return http.host, http.port
+        return http.host or asked.host, http.port
     except Exception:  # Serve's internals moved: trust what was asked for
         return asked.host, asked.port
 
@@ -583,8 +583,10 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
             _check_port(config.host, config.port)  # Serve would say only that its proxy failed
         serve.start(http_options={"host": config.host, "port": config.port or _free_port(config.host)})
         host, port = _serve_address(config)
-        if host != config.host:  # Serve ran before, elsewhere: the key that host needs (ServeConfig's rule)
-            dataclasses.replace(config, host=host)
+        if host != config.host:  # Serve ran before, elsewhere: that host needs what --host would
+            ServeConfig.check_reach(host, config.api_key, config.insecure)
+        if host in ("0.0.0.0", "::"):  # every interface: reached here as asked
+            host = config.host
         try:
             if APP_NAME in serve.status().applications:  # it would be replaced, then deleted under its server
                 raise LmcorError(f"a Serve application named {APP_NAME!r} already runs on this Ray cluster (another "
@@ -593,7 +595,8 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
                 serve.run(application(config, replicas=replicas, max_replicas=max_replicas), name=APP_NAME,
                           route_prefix="/", blocking=False)
             except RuntimeError as e:
-                serve.delete(APP_NAME)  # a failed application stays on a cluster that outlives this run
+                with contextlib.suppress(Exception):  # the failure is what to say, not a failed cleanup's
+                    serve.delete(APP_NAME)  # a failed application stays on a cluster that outlives this run
                 raise LmcorError(f"the Serve application did not start: {_failure(e)}") from None
             try:
                 yield f"http://{f'[{host}]' if ':' in host else host}:{port}"

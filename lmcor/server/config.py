@@ -72,10 +72,15 @@ class ServeConfig:
             raise InputError("api_key is empty: give a secret, or no key")
         if self.api_key is not None and self.api_key != self.api_key.strip():
             raise InputError("api_key has white space at an end, which HTTP clients do not send: remove it")
-        if not (self.api_key or self.insecure or _loopback(self.host)):
-            raise InputError(f"host {self.host!r} is reachable from other machines: give an API key (--api-key or "
-                             "LMCOR_API_KEY), or --insecure to serve it without one")
+        self.check_reach(self.host, self.api_key, self.insecure)
         object.__setattr__(self, "providers", check_providers(self.providers))
+
+    @staticmethod
+    def check_reach(host: str, api_key: str | None, insecure: bool) -> None:
+        """A host other machines reach needs a key, or --insecure said out loud."""
+        if not (api_key or insecure or _loopback(host)):
+            raise InputError(f"host {host!r} is reachable from other machines: give an API key (--api-key or "
+                             "LMCOR_API_KEY), or --insecure to serve it without one")
 
     @classmethod
     def check_keys(cls, values: dict, where: str, *, also: tuple[str, ...] = ()) -> None:
