@@ -115,7 +115,8 @@ def export_causal_lm(model_dir: str | Path, out_dir: str | Path, *, max_input_to
     warn_unapplied_generation(model.generation_config, frozenset(),
                               "greedy search, or sampling at a request's temperature and top_p")
     inputs, outputs = _limits(config, tokenizer, max_input_tokens, max_output_tokens)
-    with staged_export(model_dir, out_dir, "text-generation-with-past", opset, model.config, overwrite=overwrite) as (raw, staged):
+    with staged_export(model_dir, out_dir, "text-generation-with-past", opset, model.config,
+                       overwrite=overwrite) as (raw, staged):
         with stage(model_dir, "constant reshape targets"):
             rewrite_file(raw / MODEL_FILE)
         if precision == "fp32":

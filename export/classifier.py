@@ -99,7 +99,8 @@ def export_classifier(model_dir: str | Path, out_dir: str | Path, *, max_input_t
     if getattr(config, "type_vocab_size", None) == 1 and _traced_with_token_types(config):
         raise ExportError(f"{model_dir}: its embeddings hold one token type (type_vocab_size 1), and optimum's "
                           "exporter traces it with sample token type ids past that one: it cannot export this model")
-    with staged_export(model_dir, out_dir, "text-classification", opset, model.config, overwrite=overwrite) as (raw, staged):
+    with staged_export(model_dir, out_dir, "text-classification", opset, model.config,
+                       overwrite=overwrite) as (raw, staged):
         dropped = _graph_inputs(model_dir, raw / MODEL_FILE, model, tokenizer)
         fused = fuse and config.model_type in _FUSIONS
         if fused:

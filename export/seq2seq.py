@@ -190,7 +190,8 @@ def export_corrector(
                           "cache by the encoder's and cannot trace it (models with as many in both export)")
     special = _special_tokens(model)
 
-    with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset, model.config, overwrite=overwrite) as (raw, staged):
+    with staged_export(model_dir, out_dir, "text2text-generation-with-past", opset, model.config,
+                       overwrite=overwrite) as (raw, staged):
         opset = opset_of(raw / ENCODER_FILE)
         if model.config.model_type in ragged.ARCHITECTURES:
             with stage(model_dir, "building the step graph"), quiet_exporter():

@@ -269,7 +269,8 @@ def _made_by(job: Job) -> str:
         manifest = json.loads((job.llm / MANIFEST_NAME).read_text(encoding="utf-8"))
         llm = {key: value for key, value in manifest.items() if key not in ("validation", "exporter")}
     # The default prompt by its text: another lmcor's default is another prompt.
-    prompt = job.prompt if job.prompt is not None else [*default_few_shot().heads, default_few_shot().tail]
+    default = default_few_shot()
+    prompt = job.prompt if job.prompt is not None else [*default.heads, default.tail]
     what = {"llm": llm, "prompt": prompt, "k": job.k, "temperature": job.temperature,
             "max_new_tokens": job.max_new_tokens}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]

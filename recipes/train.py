@@ -496,7 +496,8 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
     started = time.time() - state["elapsed"]
     last_save, last_eval = time.time(), time.time()
     history = out / "train_log.jsonl"
-    window = {"start": time.perf_counter(), "waited": 0.0, "steps": 0}  # since the last record: is the data or the model slow?
+    # Since the last record: when it began, the seconds spent waiting for data, the steps taken.
+    since, waited, steps = time.perf_counter(), 0.0, 0
     model.train()
     bar = tqdm(total=round(budget), initial=min(round(state["elapsed"]), round(budget)), unit="s", desc="training",
                file=STDERR, disable=not show_progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s "
@@ -513,8 +514,8 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                 group["lr"] = settings.lr * scale
             waiting = time.perf_counter()
             kind, (ids, mask, labels) = next(batches)
-            window["waited"] += time.perf_counter() - waiting
-            window["steps"] += 1
+            waited += time.perf_counter() - waiting
+            steps += 1
             noise = 0.0 if state["copying"] else settings.decoder_noise
             decoder_ids = _slipped(model.prepare_decoder_input_ids_from_labels(labels=labels), noise, tokenizer.pad_token_id,
                                    tokenizer.eos_token_id)
@@ -534,12 +535,11 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                 state["copying"] = False
                 log.info("copy warm-up done at step %d (sentence copy loss %.3f)", state["step"], ema["copy"])
             if state["step"] % 50 == 0:
-                seconds = time.perf_counter() - window["start"]
+                seconds = time.perf_counter() - since
                 _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "loss": round(value, 4),
                                   "ema": {k: round(v, 3) for k, v in ema.items()}, "lr": settings.lr * scale,
-                                  "steps_per_s": round(window["steps"] / seconds, 2),
-                                  "data_share": round(window["waited"] / seconds, 3)})
-                window.update(start=time.perf_counter(), waited=0.0, steps=0)
+                                  "steps_per_s": round(steps / seconds, 2), "data_share": round(waited / seconds, 3)})
+                since, waited, steps = time.perf_counter(), 0.0, 0
             if time.time() - last_eval > eval_minutes * 60:
                 scores = evaluate(model, tokenizer, watch)
                 _append(history, {"step": state["step"], "minutes": round(elapsed / 60, 2), "dev": scores})
@@ -549,7 +549,7 @@ def fit(out: Path, minutes: float, settings: Settings, *, model, tokenizer, exam
                     _save_whole(out / "best.pt", model.state_dict())  # a signal mid-write leaves the former best
                     state["best_chrf"] = scores["chrf"]
                 last_eval = time.time()
-                window.update(start=time.perf_counter(), waited=0.0, steps=0)  # the scoring is not a step
+                since, waited, steps = time.perf_counter(), 0.0, 0  # the scoring is not a step
             if time.time() - last_save > 300:
                 state["elapsed"] = time.time() - started
                 _save(checkpoint, model, optimizer, state)

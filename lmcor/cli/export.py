@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--packed-encoder", action="store_true",
                         help="correctors: also write the encoder's weights for the Triton packed encoder (T5 family; "
                         "used on CUDA)")
-    parser.add_argument("--force", action="store_true", help="replace the bundle at OUT_DIR (a folder holding an lmcor.json; never MODEL_DIR "
-                        "or a folder holding it)")
+    parser.add_argument("--force", action="store_true", help="replace the bundle at OUT_DIR (a folder holding an "
+                        "lmcor.json; never MODEL_DIR or a folder holding it)")
 
 
 # Flags only some kinds read (flag -> (argument, kinds)): given to another kind, they are refused
