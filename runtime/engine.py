@@ -198,7 +198,8 @@ class Engine:
         """Correct one request in the engine's background thread, which the first submission starts.
         Thread-safe. Requests join the running batch between decoder calls (at most `batch_size` rows),
         so a short one never waits for a long one to finish (in greedy search: a beam search at the head
-        of the queue runs as a static batch once the batch drains, and those behind it wait with it).
+        of the queue runs as a static batch once the batch drains, and those behind it wait with it);
+        beside a row that needs many calls, at most every few calls (`scheduler.HOLD_CALLS`).
 
         The future holds the `Correction`, or the `InputError` of a bad request or options, as
         `correct_batch` would raise it; where the models fail on a batch, the error of each request in

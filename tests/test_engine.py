@@ -104,6 +104,42 @@ def test_a_short_request_submitted_while_a_long_one_decodes_finishes_first(bundl
     assert quick.token_ids == corrector.correct_batch([short], max_new_tokens=4)[0].token_ids
 
 
+def test_beside_a_long_row_arrivals_join_every_few_calls_not_every_call(bundles):
+    """Each admission stalls the running rows for its encoder pass and prefill: beside a row that has run
+    LONG_ROW_CALLS calls, a request that arrives just after another joined waits HOLD_CALLS calls (a few ms
+    each), where it would otherwise join at the next call; one that arrives after a quiet spell joins at
+    once."""
+    from lmcor.runtime.scheduler import HOLD_CALLS, LONG_ROW_CALLS
+
+    corrector = Corrector.load(bundles["t5v11"])
+    long, forced = _long(corrector)
+    assert corrector.manifest.max_output_tokens > 2 * HOLD_CALLS + 10, "the long request must outlast the test"
+    calls = {"long": 0}
+    joined: dict[str, int] = {}  # the long row's calls when each short one wrote its first tokens
+    later: dict = {}
+    short = make_requests(2, seed=5)
+    options = CorrectionOptions(max_new_tokens=2, min_new_tokens=2, drafts=False, no_repeat_ngram_size=0)
+
+    def heard(name):
+        def listener(tokens):
+            joined.setdefault(name, calls["long"])
+            if name == "first" and "second" not in later:  # arrives right after the first joined
+                later["second"] = engine.submit(short[1], options, on_tokens=heard("second"))
+        return listener
+
+    def long_heard(tokens):
+        calls["long"] += 1
+        if calls["long"] == LONG_ROW_CALLS + HOLD_CALLS and not later:  # after a quiet spell
+            later["first"] = engine.submit(short[0], options, on_tokens=heard("first"))
+
+    with _engine(corrector) as engine:
+        engine.submit(long, forced, on_tokens=long_heard).result(timeout=RESULT_TIMEOUT)
+        later["first"].result(timeout=RESULT_TIMEOUT)
+        later["second"].result(timeout=RESULT_TIMEOUT)
+    assert joined["first"] == LONG_ROW_CALLS + HOLD_CALLS + 1  # at the call after it arrived
+    assert joined["second"] - joined["first"] == HOLD_CALLS
+
+
 def test_rows_admitted_mid_flight_keep_drafts_exact():
     corrector = Corrector.load()
     requests = read_requests(SPLIT, 24)
