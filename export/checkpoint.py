@@ -123,7 +123,12 @@ def stage(model_dir: Path, name: str) -> Iterator[None]:
         said = lines[0] if lines else ""
         if said.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for Linear:" and why
             said += " " + lines[1]
+        if len(said) > _SAID_MOST:  # a library's line can list hundreds of names
+            said = said[:_SAID_MOST] + " ..."
         raise ExportError(f"{model_dir}: {name} failed: {type(e).__name__}" + (f": {said}" if said else "")) from e
+
+
+_SAID_MOST = 400  # characters of a library's error line an ExportError quotes
 
 
 def _raised_by_lmcor(error: BaseException) -> bool:
@@ -241,6 +246,12 @@ def _check_files(model_dir: Path) -> None:
             raise ExportError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(value, dict):
             raise ExportError(f"{path}: not a JSON object")
+        # transformers would guess the type from the folder's name (a folder renamed, another model)
+        # or fail listing every type it knows
+        kind = value.get("model_type") if name == "config.json" else "-"
+        if not (isinstance(kind, str) and kind):
+            raise ExportError(f'{path}: no "model_type" (save_pretrained writes one): add the model\'s type '
+                              f"(a corrector's is one of {', '.join(SEQ2SEQ_TYPES)})")
     if (model_dir / TOKENIZER_FILE).is_file():
         try:
             Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))

@@ -102,7 +102,10 @@ def _truncate(path):
     ("tokenizer.json", lambda p: p.write_text("garbage{"), "cannot be read ("),
     ("config.json", lambda p: p.write_text("[1, 2]"), "not a JSON object"),
     ("generation_config.json", lambda p: p.write_text("{"), "not valid JSON ("),
-], ids=["truncated-weights", "garbage-weights", "garbage-tokenizer", "config-list", "generation-config-json"])
+    ("config.json", lambda p: p.write_text(p.read_text().replace('"model_type": "t5"', '"model_kind": "t5"')),
+     'no "model_type" (save_pretrained writes one): add the model\'s type (a corrector\'s is one of t5, mt5, '),
+], ids=["truncated-weights", "garbage-weights", "garbage-tokenizer", "config-list", "generation-config-json",
+        "no-model-type"])
 def test_a_corrupt_file_is_named(t5_checkpoints, tmp_path, name, corrupt, says):
     checkpoint = shutil.copytree(t5_checkpoints[2, 3], tmp_path / "corrupt")
     corrupt(checkpoint / name)
@@ -123,6 +126,17 @@ def test_unknown_architecture_fails_in_one_line(t5_checkpoints, tmp_path):
     with pytest.raises(ExportError, match=f"^{checkpoint}: loading the checkpoint failed: ") as error:
         export_corrector(checkpoint, exports / "bundle")
     _assert_one_line_and_nothing_written(error.value, exports)
+
+
+def test_a_librarys_long_error_line_is_cut(tmp_path):
+    from lmcor.export.checkpoint import stage
+
+    with pytest.raises(ExportError) as error:
+        with stage(tmp_path, "loading the checkpoint"):
+            raise ValueError("should be one of: " + ", ".join(f"type{n}" for n in range(500)))
+    said = str(error.value)
+    assert said.startswith(f"{tmp_path}: loading the checkpoint failed: ValueError: should be one of: type0, ")
+    assert said.endswith(" ...") and len(said) < len(str(tmp_path)) + 500
 
 
 def test_failure_mid_export_leaves_nothing(t5_checkpoints, tmp_path, monkeypatch, caplog):
