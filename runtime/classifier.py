@@ -197,15 +197,15 @@ class Classifier:
                 good.append((n, *as_texts(item)))
             except InputError as e:
                 failed(n, e)
-        encodings = [self._read(text, pair) for _, text, pair, _ in good]
-        readable = []  # rows whose tokens all have embeddings: each other text fails alone, by name
-        for i, encoding in enumerate(encodings):
+        encodings: dict[int, Reading] = {}  # rows the model can read: each other text fails alone, by name
+        for i, (n, text, pair, _) in enumerate(good):
             try:
-                check_vocabulary(self.tokenizer, encoding.ids, self.manifest.vocab_size)
+                encodings[i] = self._read(text, pair)
+                check_vocabulary(self.tokenizer, encodings[i].ids, self.manifest.vocab_size)
             except InputError as e:
-                failed(good[i][0], e)
-                continue
-            readable.append(i)
+                encodings.pop(i, None)
+                failed(n, e)
+        readable = list(encodings)
         if progress is not None and len(readable) < len(items):  # those that failed are done too
             progress(len(items) - len(readable))
         lengths = [len(encodings[i].ids) for i in readable]
@@ -235,19 +235,30 @@ class Classifier:
         before the word it split, and be fewer than the cut text holds. Of a pair, truncation gives the
         longer text the odd token: a cut text must stay the longer one, and where both are cut, which
         is longer is not known without them, so such a pair is read whole (its cost linear in the
-        input, whose own limit, a line's or a body's bytes, bounds it)."""
+        input, whose own limit, a line's or a body's bytes, bounds it). A text (or pair) of which the
+        tokenizer keeps no token (control characters, zero-width spaces) is refused: the model would
+        read nothing of it, as of an empty one."""
+        reading, kept = self._reading(text, pair)
+        for field, count in zip(("text", "pair"), kept[: 1 + (pair is not None)]):
+            if not count:
+                raise InputError(f"field {field!r} holds no token the model reads: its tokenizer drops every "
+                                 "character of it")
+        return reading
+
+    def _reading(self, text: str, pair: str | None) -> tuple[Reading, tuple[int, int]]:
+        """`_read`'s reading, and how many tokens of each text it keeps."""
         paired = pair is not None
         most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
         shown = (cut_to_read(text, most), None if pair is None else cut_to_read(pair, most))
         if shown == (text, pair):
-            return self._truncated(self.tokenizer.encode(text, pair), paired)[0]
+            return self._truncated(self.tokenizer.encode(text, pair), paired)
         uncut = self.tokenizer.encode(*shown)
         reading, kept = self._truncated(uncut, paired)
         if paired:
             counts = [sum(s == sequence for s in uncut.sequence_ids) for sequence in (0, 1)]
             cut = [part != whole for part, whole in zip(shown, (text, pair))]
             if all(cut) or counts[cut.index(True)] <= counts[cut.index(False)]:
-                return self._truncated(self.tokenizer.encode(text, pair), paired)[0]
+                return self._truncated(self.tokenizer.encode(text, pair), paired)
         for sequence, (part, whole) in enumerate(zip(shown, (text, pair))):
             if part == whole:
                 continue
@@ -258,8 +269,8 @@ class Classifier:
             # punctuation, each CJK character): the word the cut may have split.
             split = next((start for word, start, _ in own if word == own[-1][0]), 0) if own else 0
             if kept[sequence] >= len(ends) or (kept[sequence] and ends[kept[sequence] - 1] > split):
-                return self._truncated(self.tokenizer.encode(text, pair), paired)[0]
-        return reading
+                return self._truncated(self.tokenizer.encode(text, pair), paired)
+        return reading, kept
 
     def _truncated(self, whole: Encoding, paired: bool) -> tuple[Reading, tuple[int, int]]:
         """The tokens of an encoding (its special tokens included) that the model's positions hold, as

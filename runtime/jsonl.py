@@ -38,19 +38,34 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
         raise InputError("a byte order mark (BOM) starts this line, not the file's first: files joined together?")
     try:
         # an error at the line's end is said at its column, not the next line's
-        value = json.loads(text.rstrip("\r\n"), object_pairs_hook=unique_keys)
+        value = json.loads(text.rstrip("\r\n"), object_pairs_hook=marked_keys)
     except RecursionError:
         raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as e:
         raise InputError(f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     except ValueError as e:  # an integer over Python's digit limit (its message advises Python code)
         raise InputError(f"not usable JSON ({json_number_error(e)})") from None
-    try:
-        _check(value)
-    except InputError as e:  # the line's id, where it can be written back, still names its record
-        e.ident = value.get("id") if isinstance(value, dict) and _usable(value.get("id")) else None
-        raise
+    check_value(value)
     return value
+
+
+def check_value(value: Any, whole: str = "the line") -> None:
+    """Refuse what cannot be text or cannot be written back as strict JSON, or an object that gave a
+    key twice (`marked_keys`), by the field (`whole`: what the value is called); the error keeps the
+    value's id where it can be written back (`record_id`)."""
+    try:
+        _check(value, whole)
+    except InputError as e:
+        e.ident = record_id(value)
+        raise
+
+
+def record_id(value: Any) -> Any:
+    """An object's `id`, where it can be written back as it came (else None)."""
+    if not isinstance(value, dict) or (isinstance(value, Repeated) and value.twice == "id"):
+        return None
+    ident = value.get("id")
+    return ident if _usable(ident) else None
 
 
 def whole_numbers(values: dict, keys: Collection[str]) -> dict:
@@ -65,12 +80,28 @@ def whole_numbers(values: dict, keys: Collection[str]) -> dict:
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     """A JSON object whose keys are each given once (`json.loads`' `object_pairs_hook`): of two
     `source` fields, Python keeps the last without a word."""
-    value = dict(pairs)
-    if len(value) < len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise InputError(f"field {twice!r} appears twice in one object")
+    value = marked_keys(pairs)
+    if isinstance(value, Repeated):
+        raise InputError(f"field {value.twice!r} appears twice in one object")
     return value
+
+
+class Repeated(dict):
+    """A JSON object that gave a key twice (`twice`, the first such), kept to be refused by `check_value`
+    as the field of its record: one request of a list, one line, fails alone, its id still known."""
+
+    twice = ""
+
+
+def marked_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """`json.loads`' `object_pairs_hook` for records: an object whose keys repeat is a `Repeated`."""
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    seen: set[str] = set()
+    marked = Repeated(value)
+    marked.twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return marked
 
 
 def _usable(value: Any) -> bool:
@@ -91,51 +122,49 @@ def json_kind(value: Any) -> str:
 
 
 def check_body(value: Any) -> None:
-    """Refuse a value nested deeper than lmcor's records are (writing it back would recurse as deep),
-    or holding a number out of range (1e400 reads as infinity, which strict JSON cannot write back).
-    Text is left to each item's own checks, so that one bad item fails alone."""
+    """Refuse a value nested deeper than lmcor's records are (writing it back would recurse as deep).
+    The rest is each item's own check (`check_value`), so that one bad item fails alone."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels")
-        if isinstance(item, float) and not math.isfinite(item):
-            raise InputError("it holds a number out of range (not finite)")
         if isinstance(item, dict):
             stack.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
 
 
-def _check(value: Any) -> None:
-    """Refuse what cannot be text or cannot be written back as strict JSON."""
+def _check(value: Any, whole: str = "the line") -> None:
+    """Refuse what cannot be text or cannot be written back as strict JSON (`whole`: what the value is
+    called, where no field of it is to blame)."""
     stack = [(value, "", 1)]
     while stack:
         item, where, depth = stack.pop()
+        name = f"field {where!r}" if where else whole
         if depth > MAX_DEPTH:
             raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels")
         if isinstance(item, str):
-            _check_text(item, where)
+            _check_text(item, name)
         elif isinstance(item, float) and not math.isfinite(item):
-            raise InputError(f"{_name(where)} is a number out of range (not finite)")
+            raise InputError(f"{name} is NaN, Infinity or a number out of range, which strict JSON cannot hold")
         elif isinstance(item, dict):
+            if isinstance(item, Repeated):
+                twice = f"{where}.{item.twice}" if where else item.twice
+                raise InputError(f"field {twice!r} appears twice in one object")
             for key, child in item.items():
-                _check_text(key, where)
+                _check_text(key, f"a key of {name}")
                 stack.append((child, f"{where}.{key}" if where else key, depth + 1))
         elif isinstance(item, list):
             stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
-def _check_text(text: str, where: str) -> None:
+def _check_text(text: str, name: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InputError(f"{_name(where)} holds a lone surrogate (U+{ord(text[e.start]):04X}), "
+        raise InputError(f"{name} holds a lone surrogate (U+{ord(text[e.start]):04X}), "
                          "which is not Unicode text") from None
-
-
-def _name(where: str) -> str:
-    return f"field {where!r}" if where else "the line"
 
 
 def dump_record(record: dict[str, Any]) -> str:

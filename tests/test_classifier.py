@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from lmcor.export.classifier import export_classifier
+from lmcor.runtime.bundle import shipped_bundle
 from lmcor.runtime.classifier import Classifier
 from lmcor.runtime.tokens import MAX_CHARS_PER_TOKEN, cut_to_read
 from lmcor.runtime.errors import InputError
@@ -418,6 +419,18 @@ def test_cli_a_bare_gate_before_the_input_is_a_clear_error(tmp_path, capsys):
     assert main(["eval"]) == 2 and "no input file given" in capsys.readouterr().err
 
 
+def test_a_text_the_tokenizer_drops_whole_is_refused_not_classified_as_nothing():
+    """BERT's tokenizer deletes control characters and zero-width spaces: such a text (or pair) would
+    be read as an empty one, and get a confident label for nothing."""
+    gate = Classifier.load(shipped_bundle("gate"))
+    got = gate.classify_batch(["\u0000", "She goes home.", ("She goes home.", "\u200b\u0007"), ("\ufeff", "x")],
+                              errors="return")
+    dropped = "holds no token the model reads: its tokenizer drops every character of it"
+    assert [str(e) for e in got[::2]] + [str(got[3])] == [f"field 'text' {dropped}", f"field 'pair' {dropped}",
+                                                          f"field 'text' {dropped}"]
+    assert got[1].label in gate.labels
+
+
 def test_validation_cuts_the_reference_as_the_bundle_cuts_and_an_empty_pair_is_none(checkpoint, bundle, tmp_path):
     """Below the tokenizer's own limit (or where it has none), `--max-input-tokens` cuts PyTorch's
     reference too; an empty pair is no pair, as transformers' tokenizers take it."""
@@ -486,7 +499,6 @@ def test_a_text_whose_characters_are_few_tokens_is_read_as_pytorch_reads_it(chec
 def test_a_gate_does_not_pass_what_it_read_in_part():
     """The agreement count ends the gate's input, so truncation cuts it first (and the candidate's own
     end): a request the gate cannot read whole goes to the corrector."""
-    from lmcor.runtime.bundle import shipped_bundle
     from lmcor.runtime.classifier import gate_input, right_probabilities
 
     gate = Classifier.load(shipped_bundle("gate"))

@@ -96,8 +96,8 @@ def test_a_list_is_answered_in_order_and_streams_tokens_and_results(client, bund
 BAD = [
     (b"{not json", 400, "not valid JSON"),
     (b'{"id": ' + b"9" * 5000 + b', "source": "x", "candidates": ["a"]}', 400, "a number with more than 4300 digits"),
-    (b'{"source": NaN, "candidates": ["a"]}', 400, "NaN is not JSON"),
-    (b'{"source": "x", "candidates": ["a"], "source": "y"}', 400, "field 'source' appears twice"),
+    (b'{"source": NaN, "candidates": ["a"]}', 422, "field 'source' is NaN, Infinity or a number out of range"),
+    (b'{"source": "x", "candidates": ["a"], "source": "y"}', 422, "field 'source' appears twice"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested past Python's recursion limit
     # nested less than Python's limit, more than lmcor's records are (writing the id back would recurse)
     (b'{"id": ' + b"[" * 960 + b"]" * 960 + b', "source": "x", "candidates": ["a"]}', 400, "nested deeper than 32"),
@@ -129,6 +129,26 @@ def test_a_bad_request_gets_its_status_and_a_message_naming_the_cause(server, bo
     assert says in answer.json()["error"]["message"]
     if status == 413:  # the rest of a refused body is not read: the connection goes with it
         assert answer.headers["connection"] == "close"
+
+
+def test_a_field_given_twice_or_out_of_range_fails_its_item_alone(client, bundles):
+    good = make_requests(2, seed=9)
+    body = b"".join([b"[", json.dumps(good[0]).encode(),
+                     b', {"id": "twice", "source": "x", "candidates": ["a"], "source": "y"}',
+                     b', {"id": 1e400, "source": "x", "candidates": ["a"]}',
+                     b', {"id": 7, "source": "x", "candidates": ["a", {"n": 1e400}]}',
+                     b', {"id": 8, "\\ud800": 1, "source": "x", "candidates": ["a"]}, ', json.dumps(good[1]).encode(), b"]"])
+    answer = client.post("/v1/correct", content=body)
+    assert answer.status_code == 200
+    records = answer.json()
+    assert [r["id"] for r in records] == [good[0]["id"], "twice", None, 7, 8, good[1]["id"]]
+    assert [r.get("error", {}).get("message") for r in records[1:5]] == [
+        "item 1: field 'source' appears twice in one object",
+        "item 2: field 'id' is NaN, Infinity or a number out of range, which strict JSON cannot hold",
+        "item 3: field 'candidates[1].n' is NaN, Infinity or a number out of range, which strict JSON cannot hold",
+        "item 4: a key of the request holds a lone surrogate (U+D800), which is not Unicode text"]
+    expected = Corrector.load(bundles[ARCH]).correct_batch(good)
+    assert [records[n]["output"] for n in (0, 5)] == [c.text for c in expected]
 
 
 def test_a_list_answers_its_bad_items_in_their_places_and_the_others(client, bundles):
@@ -720,7 +740,7 @@ def test_http_edges_get_json_errors(client):
     for path in ("/health", "/metrics"):  # a 405 allows both methods the path answers
         assert set(client.put(path).headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
     huge = client.post("/v1/correct", content=b'{"id": 1e400, "source": "a", "candidates": ["b"]}')
-    assert huge.status_code == 400 and "number out of range" in huge.json()["error"]["message"]
+    assert huge.status_code == 422 and huge.json()["error"]["message"].startswith("field 'id' is NaN, Infinity or a number out of range")
     for path in ("/v1/correct/", "/health/"):  # no redirect built from the client's Host header
         answer = client.post(path, json={}, headers={"Host": "elsewhere.example"})
         assert answer.status_code == 404 and answer.json()["error"]["kind"] == "not_found"

@@ -46,7 +46,8 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle
 from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation
-from lmcor.runtime.jsonl import check_body, json_kind, json_number_error, unique_keys, whole_numbers
+from lmcor.runtime.jsonl import (check_body, check_value, json_kind, json_number_error, marked_keys, record_id,
+                                 whole_numbers)
 from lmcor.runtime.options import (
     MAX_BEAMS,
     MAX_LENGTH_PENALTY,
@@ -215,10 +216,8 @@ async def _json_body(request: Request, limit: int, seconds: float) -> Any:
                       {"Connection": "close"}) from None
     except ClientDisconnect:
         raise Refused(400, "disconnected", "the client closed the connection before its body ended") from None
-    try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=unique_keys)
-    except InputError as e:  # a key given twice
-        raise Refused(400, "bad_json", f"the body is not one of lmcor's requests: {e}") from None
+    try:  # a key given twice, NaN or a number out of range fails its own request (`_each`)
+        value = json.loads(body.decode("utf-8"), object_pairs_hook=marked_keys)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
         why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
         raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
@@ -240,10 +239,6 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _each(body: Any, parse: Callable[[Any], Any], most: int) -> tuple[list, list, bool]:
     """The parsed items of a body (one object or a list of them), their ids, and whether it was a
     list. A single object that does not parse is refused (422); in a list, such an item is its
@@ -260,12 +255,13 @@ def _each(body: Any, parse: Callable[[Any], Any], most: int) -> tuple[list, list
     parsed = []
     for item in items:
         try:
+            check_value(item, "the request")  # a lone surrogate, NaN, a field given twice: named
             parsed.append(parse(item))
         except InputError as e:
             if not many:
                 raise Refused(422, "invalid", str(e)) from None
             parsed.append(e)
-    return parsed, [item.get("id") if isinstance(item, dict) else None for item in items], many
+    return parsed, [record_id(item) for item in items], many
 
 
 def _submitted(state: ServerState, endpoint: str, parsed: list, call: Callable[[int, Any], Future]) -> list[Future]:
