@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from lmcor.runtime.bundle import MANIFEST_NAME
+from lmcor.runtime.bundle import MANIFEST_NAME, not_utf8
 from lmcor.runtime.errors import BundleError, ExportError, LmcorError
 
 log = logging.getLogger("lmcor")
@@ -186,6 +186,8 @@ def load_model(model_dir: Path, auto_class: str):
         raise ExportError(f"exporting needs the export extra: pip install 'lmcor[export]' ({e})") from None
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: not a Hugging Face checkpoint folder (no config.json)")
+    if (why := not_utf8(model_dir)) is not None:
+        raise ExportError(f"{model_dir}: {why}")
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise ExportError(f"{model_dir}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
                           "tokenizer with the model (tokenizer.save_pretrained)")
@@ -371,6 +373,8 @@ def parents_made(folder: Path) -> Iterator[None]:
 def check_replaceable(out_dir: Path, overwrite: bool) -> None:
     """`out_dir` may become the bundle: absent or empty, or with `overwrite` a bundle (its lmcor.json
     there): --force replaces an earlier export, never a folder of other files, nor a file."""
+    if (why := not_utf8(out_dir)) is not None:  # found once the bundle is written and read back
+        raise ExportError(f"{out_dir}: {why}")
     if out_dir.exists() and not out_dir.is_dir():  # a rename would put it in the staging folder, then delete it
         raise ExportError(f"{out_dir}: a file, not a folder (give a folder's path for the bundle)")
     if not (out_dir.is_dir() and any(out_dir.iterdir())):

@@ -576,20 +576,21 @@ def _progress_off_stdout(quiet: bool) -> Iterator[None]:
         yield
 
 
-def _fitting(tokenizer, pairs: list[Pair]) -> tuple[list[Pair], list[str]]:
-    """The pairs the corrector reads and writes whole (`recipes.train._encoded`), tokenized once here
-    so that training does not tokenize the others again in every batch; and why the others are left
-    out, counted."""
-    from .train import MAX_INPUT_TOKENS, MAX_TARGET_TOKENS, _encoded
+def _fitting(tokenizer, pairs: list[Pair], path: Path) -> tuple[list[Pair], list[str]]:
+    """The pairs the corrector reads and writes whole (as `recipes.train._encoded` takes them), and why
+    the others are left out, counted: the runtime's refusal of the first (a source alone longer than
+    the input, too many candidates to fit it beside the source), or a target too long to write."""
+    from .train import MAX_TARGET_TOKENS, _read
 
-    encoded = _encoded(tokenizer, [Example(p.source, list(p.candidates), p.target) for p in pairs], copy=False)
+    read = _read(tokenizer, [Example(p.source, list(p.candidates), p.target) for p in pairs])
     targets = tokenizer(text_target=[p.target for p in pairs], truncation=False, verbose=False)["input_ids"]
-    long_targets = sum(e is None and len(t) > MAX_TARGET_TOKENS for e, t in zip(encoded, targets))
-    long_sources = sum(e is None for e in encoded) - long_targets
-    why = ([f"{long_sources} whose sources alone are longer than the corrector's {MAX_INPUT_TOKENS} input tokens"]
-           if long_sources else [])
+    unread = [(p, x) for p, x in zip(pairs, read) if isinstance(x, InputError)]
+    long_targets = sum(not isinstance(x, InputError) and len(t) > MAX_TARGET_TOKENS for x, t in zip(read, targets))
+    why = ([f"{len(unread)} the corrector cannot read (the first, {path}: line {unread[0][0].line}: {unread[0][1]})"]
+           if unread else [])
     why += [f"{long_targets} whose targets are longer than the {MAX_TARGET_TOKENS} tokens it writes"] if long_targets else []
-    return [p for p, e in zip(pairs, encoded) if e is not None], why
+    kept = [p for p, x, t in zip(pairs, read, targets) if not isinstance(x, InputError) and len(t) <= MAX_TARGET_TOKENS]
+    return kept, why
 
 
 def _write_items(path: Path, pairs: list[Pair]) -> None:
@@ -714,7 +715,7 @@ def run(job: Job) -> dict:
     model, tokenizer, warmup = _model(job, parts["train"], init)
     fitting, left_out = {}, {}
     for name in ("train", "dev", "test"):
-        fitting[name], left_out[name] = _fitting(tokenizer, parts[name])
+        fitting[name], left_out[name] = _fitting(tokenizer, parts[name], job.pairs)
         if not fitting[name]:  # said now, not after the training budget
             raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens and "
                              f"{recipe.MAX_TARGET_TOKENS} output tokens ({'; '.join(left_out[name])}): shorten them, "

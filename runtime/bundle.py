@@ -435,7 +435,22 @@ def bundle_path(path: Any) -> Path:
         raise InputError(f"a bundle is a folder's path (str or Path), got {type(path).__name__}")
     if not os.fspath(path).strip():
         raise InputError("a bundle's path is empty; give its folder")
+    if (why := not_utf8(path)) is not None:
+        raise InputError(f"{os.fspath(path)}: {why}")
     return Path(path)
+
+
+def not_utf8(path: str | os.PathLike) -> str | None:
+    """Why ONNX Runtime and tokenizers, which take paths as UTF-8 text, cannot open `path`: a name
+    holding bytes that are not UTF-8 (which Python keeps as lone surrogates); else None."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        return f"the path is not UTF-8 ({byte}), which ONNX Runtime and tokenizers cannot open: rename it"
+    return None
 
 
 def load_manifest(path: str | Path, *, verify: bool = True, kind: str | None = None) -> Manifest:

@@ -2,6 +2,7 @@
 request that is not Unicode text fails alone, in its place."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -240,6 +241,15 @@ def test_load_checks_the_path_and_verify(bundles, load):
             load(path)
     with pytest.raises(InputError, match="verify must be true or false"):
         load(bundles["t5"], verify="no")
+
+
+def test_a_bundle_whose_path_is_not_utf8_is_refused_by_name(bundles, tmp_path):
+    """ONNX Runtime takes paths as UTF-8 text: one holding other bytes failed with its pybind11 types."""
+    import shutil
+
+    copy = shutil.copytree(bundles["t5"], tmp_path / "bundle\udcff")
+    with pytest.raises(InputError, match=re.escape(f"{copy}: the path is not UTF-8 (byte 0xff), which ONNX Runtime")):
+        Corrector.load(copy)
 
 
 def test_a_shipped_bundles_name_is_checked():

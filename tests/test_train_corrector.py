@@ -2,6 +2,7 @@
 resumed, training, export, calibration and the report, in seconds."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -622,6 +623,12 @@ def test_options_out_of_range_or_empty_are_refused_by_name(pairs, tmp_path, chec
     assert main(["train-corrector", str(own), "--out", "", "-q"]) == 2
     assert "--out is empty" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # a name of bytes that are not UTF-8 (a surrogate to Python): tokenizers cannot save there
+    not_utf8 = tmp_path / "run\udcff"
+    assert _train_own(own, not_utf8) == 2
+    shown = str(not_utf8).encode("utf-8", "backslashreplace").decode()  # said, not lost (capsys' stderr is strict)
+    assert f"--out {shown}: the path is not UTF-8 (byte 0xff)" in capsys.readouterr().err
+    assert not not_utf8.exists()
 
 
 def test_a_run_that_never_trained_leaves_nothing_in_the_way(pairs, tmp_path, capsys):
@@ -837,10 +844,15 @@ def test_pairs_the_corrector_cannot_write_whole_are_left_out_and_a_thin_split_co
     assert [e is None for e in _encoded(tokenizer, items, copy=False)] == [True, False]
     rows = [json.loads(line) for line in _with_candidates(pairs, tmp_path / "own.jsonl", 40).read_text().splitlines()]
     rows = [{**r, "target": (r["target"] + " ") * 12} if n % 4 == 0 else r for n, r in enumerate(rows)]
+    crowded = [{**r, "candidates": [r["target"]] * 200} if n % 4 == 1 else r for n, r in enumerate(rows)]
     some_long = tmp_path / "some-long.jsonl"
-    some_long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    some_long.write_text("".join(json.dumps(r) + "\n" for r in crowded))
     assert _train_own(some_long, tmp_path / "run", "--size", "tiny") == 0
     assert "train pairs left out of training:" in caplog.text and "whose targets are longer than the 96 tokens" in caplog.text
+    # too many candidates to fit beside the source: said so, and where (not blamed on a long source)
+    assert re.search(rf"the corrector cannot read \(the first, {re.escape(str(some_long))}: line \d+: the source and "
+                     r"template \(with the separators of 200 candidates\)", caplog.text)
+    assert "sources alone" not in caplog.text
 
     repeated = tmp_path / "repeated.jsonl"
     repeated.write_text("".join(json.dumps(rows[n % 2]) + "\n" for n in range(60)))

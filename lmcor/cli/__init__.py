@@ -30,7 +30,11 @@ class Stderr:
         stream = sys.stderr
         if stream is not None:
             try:
-                stream.write(text)
+                try:
+                    stream.write(text)
+                except UnicodeEncodeError:  # a strict stream, and a path's bytes that are not UTF-8 in the text
+                    encoding = getattr(stream, "encoding", None) or "utf-8"
+                    stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
                 stream.flush()
             except (OSError, ValueError):
                 sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - held for the process
