@@ -253,7 +253,8 @@ def _check_files(model_dir: Path) -> None:
         kind = value.get("model_type") if name == "config.json" else "-"
         if not (isinstance(kind, str) and kind):
             raise ExportError(f'{path}: no "model_type" (save_pretrained writes one): add the model\'s type '
-                              f"(a corrector's is one of {', '.join(SEQ2SEQ_TYPES)})")
+                              f"(a corrector's is one of {', '.join(SEQ2SEQ_TYPES)}; a classifier's or causal "
+                              "LM's as transformers names it, e.g. bert, gpt2)")
     if (model_dir / TOKENIZER_FILE).is_file():
         try:
             Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))

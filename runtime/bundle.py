@@ -443,7 +443,7 @@ def bundle_path(path: Any) -> Path:
 def not_utf8(path: str | os.PathLike) -> str | None:
     """Why ONNX Runtime and tokenizers, which take paths as UTF-8 text, cannot open `path`: a name
     holding bytes that are not UTF-8 (which Python keeps as lone surrogates); else None."""
-    text = os.fspath(path)
+    text = os.fsdecode(path)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

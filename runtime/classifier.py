@@ -238,22 +238,23 @@ class Classifier:
         input, whose own limit, a line's or a body's bytes, bounds it). A text (or pair) of which the
         tokenizer keeps no token (control characters, zero-width spaces) is refused: the model would
         read nothing of it, as of an empty one."""
-        reading, kept = self._reading(text, pair)
-        for field, count in zip(("text", "pair"), kept[: 1 + (pair is not None)]):
+        reading, _, tokens = self._reading(text, pair)
+        for field, count in zip(("text", "pair"), tokens[: 1 + (pair is not None)]):
             if not count:
                 raise InputError(f"field {field!r} holds no token the model reads: its tokenizer drops every "
                                  "character of it")
         return reading
 
-    def _reading(self, text: str, pair: str | None) -> tuple[Reading, tuple[int, int]]:
-        """`_read`'s reading, and how many tokens of each text it keeps."""
+    def _reading(self, text: str, pair: str | None) -> tuple[Reading, tuple[int, int], tuple[int, int]]:
+        """`_read`'s reading, how many tokens of each text it keeps, and how many each text has (as read:
+        whole, or cut where the cut decides nothing)."""
         paired = pair is not None
         most = self.manifest.max_input_tokens * MAX_CHARS_PER_TOKEN
         shown = (cut_to_read(text, most), None if pair is None else cut_to_read(pair, most))
         if shown == (text, pair):
             return self._truncated(self.tokenizer.encode(text, pair), paired)
         uncut = self.tokenizer.encode(*shown)
-        reading, kept = self._truncated(uncut, paired)
+        reading, kept, tokens = self._truncated(uncut, paired)
         if paired:
             counts = [sum(s == sequence for s in uncut.sequence_ids) for sequence in (0, 1)]
             cut = [part != whole for part, whole in zip(shown, (text, pair))]
@@ -270,20 +271,20 @@ class Classifier:
             split = next((start for word, start, _ in own if word == own[-1][0]), 0) if own else 0
             if kept[sequence] >= len(ends) or (kept[sequence] and ends[kept[sequence] - 1] > split):
                 return self._truncated(self.tokenizer.encode(text, pair), paired)
-        return reading, kept
+        return reading, kept, tokens
 
-    def _truncated(self, whole: Encoding, paired: bool) -> tuple[Reading, tuple[int, int]]:
+    def _truncated(self, whole: Encoding, paired: bool) -> tuple[Reading, tuple[int, int], tuple[int, int]]:
         """The tokens of an encoding (its special tokens included) that the model's positions hold, as
         the tokenizer's longest-first truncation keeps them, and how many of each text's. Computed
         here: the tokenizer's own truncation of a pair keeps every combination of both texts' cut-off
         pieces, its time and memory growing with the product of their lengths (gigabytes for two
-        texts of 40 KB)."""
+        texts of 40 KB). Also how many tokens each text has."""
         sequence = whole.sequence_ids
         counts = (sequence.count(0), sequence.count(1))
         room = max(self.manifest.max_input_tokens - (len(sequence) - sum(counts)), 0)  # past the special tokens
         kept = longest_first(*counts, room) if paired else (min(counts[0], room), 0)
         if kept == counts:
-            return Reading(whole.ids, whole.type_ids, False), kept
+            return Reading(whole.ids, whole.type_ids, False), kept, counts
         left = list(kept)
         ids, types = [], []
         for token, kind, s in zip(whole.ids, whole.type_ids, sequence):
@@ -293,7 +294,7 @@ class Classifier:
                 left[s] -= 1
             ids.append(token)
             types.append(kind)
-        return Reading(ids, types, True), kept
+        return Reading(ids, types, True), kept, counts
 
     def _probabilities(self, batch: list[int], encodings: list) -> Iterator[tuple[list[int], np.ndarray | InputError]]:
         """(rows, their probabilities) of `batch`; where the model fails on it, each row alone, and a row

@@ -62,7 +62,7 @@ def check_value(value: Any, whole: str = "the line") -> None:
 
 def record_id(value: Any) -> Any:
     """An object's `id`, where it can be written back as it came (else None)."""
-    if not isinstance(value, dict) or (isinstance(value, Repeated) and value.twice == "id"):
+    if not isinstance(value, dict) or (isinstance(value, Repeated) and "id" in value.repeated):
         return None
     ident = value.get("id")
     return ident if _usable(ident) else None
@@ -87,10 +87,12 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 class Repeated(dict):
-    """A JSON object that gave a key twice (`twice`, the first such), kept to be refused by `check_value`
-    as the field of its record: one request of a list, one line, fails alone, its id still known."""
+    """A JSON object that gave keys twice (`repeated`; `twice`, the first), kept to be refused by
+    `check_value` as the field of its record: one request of a list, one line, fails alone, its id
+    still known where it was given once."""
 
     twice = ""
+    repeated: frozenset[str] = frozenset()
 
 
 def marked_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -99,8 +101,9 @@ def marked_keys(pairs: list[tuple[str, Any]]) -> dict:
     if len(value) == len(pairs):
         return value
     seen: set[str] = set()
+    again = [key for key, _ in pairs if key in seen or seen.add(key)]
     marked = Repeated(value)
-    marked.twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+    marked.twice, marked.repeated = again[0], frozenset(again)
     return marked
 
 

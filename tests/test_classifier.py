@@ -1,6 +1,7 @@
 """Classifier bundles (BERT and RoBERTa families): probabilities equal PyTorch's, for single texts and pairs,
 batched or not."""
 
+import dataclasses
 import json
 import shutil
 
@@ -429,6 +430,9 @@ def test_a_text_the_tokenizer_drops_whole_is_refused_not_classified_as_nothing()
     assert [str(e) for e in got[::2]] + [str(got[3])] == [f"field 'text' {dropped}", f"field 'pair' {dropped}",
                                                           f"field 'text' {dropped}"]
     assert got[1].label in gate.labels
+    # a text cut to nothing by the model's positions (a bundle made by hand) is no text the tokenizer dropped
+    gate.manifest = dataclasses.replace(gate.manifest, max_input_tokens=2)
+    assert gate.classify("She goes home.").truncated
 
 
 def test_validation_cuts_the_reference_as_the_bundle_cuts_and_an_empty_pair_is_none(checkpoint, bundle, tmp_path):

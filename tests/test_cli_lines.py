@@ -635,11 +635,13 @@ def test_a_field_given_twice_fails_its_line(bundles, tmp_path, capsys):
     """Python keeps the last of two `source` fields without a word: the line is refused by name."""
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "source": "she go", "source": "x", "candidates": ["She goes."]}\n'
-                      + json.dumps(GOOD[0]) + "\n")
+                      + json.dumps(GOOD[0]) + "\n"
+                      + '{"source": "a", "source": "b", "id": 1, "id": 2, "candidates": ["A."]}\n')
     assert main(["correct", "--model", str(bundles["t5"]), str(source), "-q", *DECODE]) == 1
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert records[0]["error"] == "field 'source' appears twice in one object" and "output" in records[1]
     assert records[0]["id"] == 1  # its id is not in doubt
+    assert records[2]["id"] is None and records[2]["error"] == "field 'source' appears twice in one object"
 
 
 def test_a_result_that_cannot_be_written_keeps_its_lines_id():

@@ -149,6 +149,11 @@ def test_a_field_given_twice_or_out_of_range_fails_its_item_alone(client, bundle
         "item 4: a key of the request holds a lone surrogate (U+D800), which is not Unicode text"]
     expected = Corrector.load(bundles[ARCH]).correct_batch(good)
     assert [records[n]["output"] for n in (0, 5)] == [c.text for c in expected]
+    # an item that gave `stream` twice fails alone: it does not choose how the list is answered
+    mixed = b"".join([b"[", json.dumps(good[0]).encode(), b', {"stream": false, "stream": true, "source": "x"}]'])
+    answer = client.post("/v1/correct", content=mixed)
+    assert answer.status_code == 200 and answer.json()[1]["error"]["message"] == (
+        "item 1: field 'stream' appears twice in one object")
 
 
 def test_a_list_answers_its_bad_items_in_their_places_and_the_others(client, bundles):

@@ -36,7 +36,7 @@ class Stderr:
                     encoding = getattr(stream, "encoding", None) or "utf-8"
                     stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
                 stream.flush()
-            except (OSError, ValueError):
+            except (OSError, ValueError, LookupError):  # (LookupError: a stream naming no codec)
                 sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - held for the process
         return len(text)
 

@@ -686,9 +686,11 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         body = await _json_body(request, config.max_body_bytes, config.timeout_s)
         parsed, ids, many = _each(body, parse, config.max_queue)
-        # What every item asks for, those that did not parse too (their errors go the same way).
+        # What every item asks for, those that did not parse too (their errors go the same way), but
+        # not one that gave `stream` twice.
         streams = {item.get("stream", False) for item in (body if many else [body])
-                   if isinstance(item, dict) and isinstance(item.get("stream", False), bool)} or {False}
+                   if isinstance(item, dict) and isinstance(item.get("stream", False), bool)
+                   and "stream" not in getattr(item, "repeated", ())} or {False}
         if len(streams) > 1:
             raise Refused(422, "invalid", "field 'stream' must be the same in every item of a list")
         streamed = streams == {True}
