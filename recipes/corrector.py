@@ -188,7 +188,7 @@ def split(pairs: list[Pair], held_out: float) -> dict[str, list[Pair]]:
     if not parts["dev"] or not parts["test"]:
         held = f"{held_out / 2:.0%}" if held_out >= 0.02 else f"{held_out / 2:.2g}"
         raise InputError(f"--held-out {held_out:g} kept no {'dev' if not parts['dev'] else 'test'} pair of the "
-                         f"{len(pairs)}, which make {len(set(firsts))} groups (pairs that share a source or a target "
+                         f"{len(pairs)}, which make {_counted(len(set(firsts)), 'group')} (pairs that share a source or a target "
                          f"stay together; dev and test each take about {held} of the groups, by a hash of a source): "
                          f"give about {enough} different sources and targets or more, or a larger --held-out")
     return parts
@@ -593,6 +593,10 @@ def _fitting(tokenizer, pairs: list[Pair], path: Path) -> tuple[list[Pair], list
     return kept, why
 
 
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _write_items(path: Path, pairs: list[Pair]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for p in pairs:
@@ -628,7 +632,7 @@ def report(bundle: Path, test: Path, quiet: bool = False) -> dict:
 def table(result: dict) -> str:
     rows = [f"{'system':<22} {'exact match':>11} {'chrF':>7}"]
     rows += [f"{name:<22} {s['exact_match']:>11.2f} {s['chrf']:>7.2f}" for name, s in result["systems"].items()]
-    rows.append(f"({result['items']} held-out test lines; {result['fallbacks']} outputs fell back)")
+    rows.append(f"({_counted(result['items'], 'held-out test line')}; {_counted(result['fallbacks'], 'output')} fell back)")
     return "\n".join(rows)
 
 

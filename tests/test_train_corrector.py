@@ -858,3 +858,6 @@ def test_pairs_the_corrector_cannot_write_whole_are_left_out_and_a_thin_split_co
     repeated.write_text("".join(json.dumps(rows[n % 2]) + "\n" for n in range(60)))
     assert _train_own(repeated, tmp_path / "run-repeated") == 2
     assert "kept no dev pair of the 60, which make 2 groups" in capsys.readouterr().err
+    repeated.write_text((json.dumps(rows[0]) + "\n") * 60)
+    assert _train_own(repeated, tmp_path / "run-one") == 2
+    assert "kept no dev pair of the 60, which make 1 group (" in capsys.readouterr().err
