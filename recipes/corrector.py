@@ -584,12 +584,17 @@ def _fitting(tokenizer, pairs: list[Pair], path: Path) -> tuple[list[Pair], list
 
     read = _read(tokenizer, [Example(p.source, list(p.candidates), p.target) for p in pairs])
     targets = tokenizer(text_target=[p.target for p in pairs], truncation=False, verbose=False)["input_ids"]
-    unread = [(p, x) for p, x in zip(pairs, read) if isinstance(x, InputError)]
-    long_targets = sum(not isinstance(x, InputError) and len(t) > MAX_TARGET_TOKENS for x, t in zip(read, targets))
+    kept, unread, long_targets = [], [], 0
+    for p, x, t in zip(pairs, read, targets):
+        if isinstance(x, InputError):
+            unread.append((p, x))
+        elif len(t) > MAX_TARGET_TOKENS:
+            long_targets += 1
+        else:
+            kept.append(p)
     why = ([f"{len(unread)} the corrector cannot read (the first, {path}: line {unread[0][0].line}: {unread[0][1]})"]
            if unread else [])
     why += [f"{long_targets} whose targets are longer than the {MAX_TARGET_TOKENS} tokens it writes"] if long_targets else []
-    kept = [p for p, x, t in zip(pairs, read, targets) if not isinstance(x, InputError) and len(t) <= MAX_TARGET_TOKENS]
     return kept, why
 
 

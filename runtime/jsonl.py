@@ -82,17 +82,16 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     `source` fields, Python keeps the last without a word."""
     value = marked_keys(pairs)
     if isinstance(value, Repeated):
-        raise InputError(f"field {value.twice!r} appears twice in one object")
+        raise InputError(f"field {value.repeated[0]!r} appears twice in one object")
     return value
 
 
 class Repeated(dict):
-    """A JSON object that gave keys twice (`repeated`; `twice`, the first), kept to be refused by
-    `check_value` as the field of its record: one request of a list, one line, fails alone, its id
+    """A JSON object that gave keys twice (`repeated`, in the order they came again), kept to be refused
+    by `check_value` as the field of its record: one request of a list, one line, fails alone, its id
     still known where it was given once."""
 
-    twice = ""
-    repeated: frozenset[str] = frozenset()
+    repeated: tuple[str, ...] = ()
 
 
 def marked_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -101,9 +100,8 @@ def marked_keys(pairs: list[tuple[str, Any]]) -> dict:
     if len(value) == len(pairs):
         return value
     seen: set[str] = set()
-    again = [key for key, _ in pairs if key in seen or seen.add(key)]
     marked = Repeated(value)
-    marked.twice, marked.repeated = again[0], frozenset(again)
+    marked.repeated = tuple(key for key, _ in pairs if key in seen or seen.add(key))
     return marked
 
 
@@ -153,7 +151,7 @@ def _check(value: Any, whole: str = "the line") -> None:
             raise InputError(f"{name} is NaN, Infinity or a number out of range, which strict JSON cannot hold")
         elif isinstance(item, dict):
             if isinstance(item, Repeated):
-                twice = f"{where}.{item.twice}" if where else item.twice
+                twice = f"{where}.{item.repeated[0]}" if where else item.repeated[0]
                 raise InputError(f"field {twice!r} appears twice in one object")
             for key, child in item.items():
                 _check_text(key, f"a key of {name}")

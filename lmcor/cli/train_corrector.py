@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--out", args.out), ("--llm", args.llm), ("--init", args.init)):
         if value is not None and not value.strip():
             raise InputError(f"{flag} is empty: give a folder")
-        if value is not None and (why := not_utf8(value)) is not None:  # before --out is written
-            raise InputError(f"{flag} {value}: {why}")
+    if (why := not_utf8(args.out)) is not None:  # (--llm and --init: refused where bundles and checkpoints are read)
+        raise InputError(f"--out {args.out}: {why}")  # before it is written, not when its tokenizer is saved
     if args.init is not None and args.size is not None:
         raise InputError("--size is for a model trained from scratch: --init's checkpoint has its own shape")
     given = [flag for flag, value in (("-k", args.k), ("--temperature", args.temperature), ("--prompt", args.prompt),
