@@ -323,7 +323,8 @@ def _to_half(raw: Path, staged: Path, graph: str, precision: str, *, t5: bool, l
 
 def _validate_half(model, model_dir: Path, staged: Path, graphs: list[str], precision: str, fp32,
                    atol: float | None) -> dict:
-    """fp16: against PyTorch on the CPU; bf16: on CUDA when this machine has it, else structurally."""
+    """fp16: against PyTorch on the CPU; bf16: on CUDA when this machine has it, else structurally. The
+    fp32 graphs' own validation, which came first, is kept beside it (`fp32_graphs`)."""
     from lmcor.runtime.sessions import default_providers
 
     cuda = "CUDAExecutionProvider" in default_providers()
@@ -334,7 +335,7 @@ def _validate_half(model, model_dir: Path, staged: Path, graphs: list[str], prec
     providers = ["CUDAExecutionProvider"] if precision == "bf16" else ["CPUExecutionProvider"]
     with stage(model_dir, f"validation of the {precision} graphs"):
         report = validate_half(model, staged, precision, providers=providers, atol=atol)
-    return report.as_dict()
+    return {**report.as_dict(), "fp32_graphs": fp32.as_dict()}
 
 
 def _check_template(template: Template) -> None:

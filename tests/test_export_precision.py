@@ -36,6 +36,8 @@ def half_bundles(checkpoints, tmp_path_factory) -> dict[str, Path]:
 def test_cli_export_fp16_end_to_end(half_bundles):
     manifest = json.loads((half_bundles["fp16"] / MANIFEST_NAME).read_text())
     assert manifest["precision"] == "fp16" and manifest["validation"]["validated_on"] == "cpu"
+    # the fp32 graphs it was converted from were validated exactly first: recorded too, as for bf16
+    assert manifest["validation"]["fp32_graphs"]["greedy_token_agreement"] == 1.0
     assert Corrector.load(half_bundles["fp16"]).correct("she go to school", ["She goes to school."], max_new_tokens=8) is not None
 
 
@@ -68,6 +70,7 @@ def test_bf16_export_writes_a_valid_graph_and_cpu_refuses_it(half_bundles):
     manifest = load_manifest(half_bundles["bf16"])
     assert manifest.precision == "bf16"
     assert manifest.validation["validated_on"] in ("not run: no CUDA", "cuda")
+    assert manifest.validation["fp32_graphs"]["greedy_token_agreement"] == 1.0
     for role in ("encoder", "decoder", "cross"):
         path = half_bundles["bf16"] / manifest.files[role]
         onnx.checker.check_model(str(path))
