@@ -28,14 +28,7 @@ def blank(raw: bytes, *, first: bool = False) -> bool:
 
 def parse_line(raw: bytes, *, first: bool = False) -> Any:
     """The JSON value of one input line (`first`: the input's first line, which may carry a BOM)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
-    if first and text.startswith(_BOM):
-        text = text[1:]
-    elif text.startswith(_BOM):  # (json's own message advises decoding with "utf-8-sig")
-        raise InputError("a byte order mark (BOM) starts this line, not the file's first: files joined together?")
+    text = utf8_text(raw, first=first)
     try:
         # an error at the line's end is said at its column, not the next line's
         value = json.loads(text.rstrip("\r\n"), object_pairs_hook=marked_keys)
@@ -47,6 +40,20 @@ def parse_line(raw: bytes, *, first: bool = False) -> Any:
         raise InputError(f"not usable JSON ({json_number_error(e)})") from None
     check_value(value)
     return value
+
+
+def utf8_text(raw: bytes, *, first: bool) -> str:
+    """`raw` decoded, a byte order mark left out where it may start the text (`first`: a file's first
+    line, an HTTP body); refused with the offending byte's place."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})") from None
+    if first and text.startswith(_BOM):
+        return text[1:]
+    if text.startswith(_BOM):  # (json's own message advises decoding with "utf-8-sig")
+        raise InputError("a byte order mark (BOM) starts this line, not the file's first: files joined together?")
+    return text
 
 
 def check_value(value: Any, whole: str = "the line") -> None:

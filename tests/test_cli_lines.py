@@ -439,6 +439,42 @@ def test_resume_continues_from_what_a_killed_run_left(bundles, tmp_path, capsys)
     assert resumed_from(out) == out
 
 
+def test_resume_answers_again_a_line_whose_error_record_ends_the_output(bundles, tmp_path):
+    """A producer stopped mid-line (`producer | lmcor correct -` and Ctrl-C) leaves a torn line whose error
+    record ends -o: --resume answers that line again, from a file or a pipe, instead of refusing the
+    output as another input's or keeping the error for a line that is whole now."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:3]))
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
+    whole = out.read_text()
+    torn = whole.splitlines(keepends=True)[0] + json.dumps(
+        {"id": None, "line": 2, "error": "not valid JSON (Unterminated string starting at: line 1 column 9)"}) + "\n"
+    out.write_text(torn)
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 0
+    assert out.read_text() == whole
+    out.write_text(torn)
+    done = _lmcor("correct", "--model", str(bundles["t5"]), "-", "-o", str(out), "--resume", *DECODE,
+                  input=source.read_bytes())
+    assert done.returncode == 0, done.stderr.decode()
+    assert out.read_text() == whole
+
+
+def test_a_line_that_comes_while_a_signal_is_handled_is_left_to_resume(tmp_path):
+    from lmcor.cli.lines import _Reader
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:2]))
+    reader = _Reader(str(source), 1 << 20, 0, capacity=8)
+    checks = iter([False])  # the signal is handled while the first line is awaited
+    assert reader.chunk(8, 1.0, lambda: next(checks, True)) == []
+
+
+def test_an_empty_input_path_is_refused_by_name(capsys):
+    assert main(["correct", "", *DECODE]) == 2
+    assert "lmcor: error: the input file's path is empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, said", [
     (["-o", ""], "-o is empty"),
     (["--providers", ","], "--providers must be comma-separated"),

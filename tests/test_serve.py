@@ -102,6 +102,7 @@ BAD = [
     # nested less than Python's limit, more than lmcor's records are (writing the id back would recurse)
     (b'{"id": ' + b"[" * 960 + b"]" * 960 + b', "source": "x", "candidates": ["a"]}', 400, "nested deeper than 32"),
     ('{"source": "x", "candidates": ["a"]}'.encode("utf-16-le"), 400, "not valid JSON"),  # JSON on the wire is UTF-8
+    (b'{"source": "caf\xe9", "candidates": ["a"]}', 400, "the body is not valid UTF-8 (byte 0xe9 at byte 16)"),
     (b" " * (ServeConfig().max_body_bytes + 1), 413, "over the limit"),
     (iter([b" " * 65536] * 17), 413, "over the limit"),  # chunked: no Content-Length to refuse it by
     (b"[]", 422, "empty list"),
@@ -129,6 +130,13 @@ def test_a_bad_request_gets_its_status_and_a_message_naming_the_cause(server, bo
     assert says in answer.json()["error"]["message"]
     if status == 413:  # the rest of a refused body is not read: the connection goes with it
         assert answer.headers["connection"] == "close"
+
+
+def test_a_body_may_start_with_a_byte_order_mark(client):
+    """As a JSONL file's first line may (RFC 8259 lets a parser ignore one)."""
+    body = json.dumps(make_requests(1, seed=4)[0]).encode()
+    plain, marked = (client.post("/v1/correct", content=b) for b in (body, b"\xef\xbb\xbf" + body))
+    assert plain.status_code == marked.status_code == 200 and marked.json() == plain.json()
 
 
 def test_a_field_given_twice_or_out_of_range_fails_its_item_alone(client, bundles):

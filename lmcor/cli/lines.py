@@ -237,6 +237,8 @@ class _Reader:
             if item is self._END:
                 self.ended = True
                 break
+            if stopping():  # a line that came while a signal was handled is not taken: --resume answers it
+                break
             lines.append(item)
             if deadline is None:
                 deadline = time.monotonic() + wait_s
@@ -284,6 +286,7 @@ class Output:
         self.records = 0  # written by this run and kept from an earlier one
         self.through = 0  # the last input line answered
         self.last_record: dict = {}  # its record
+        self._before_last: tuple[int, int, dict] | None = None  # (offset, through, last_record) before it was kept
         self._temp: Path | None = None  # replaces `target` at the end
         self._orphan: Path | None = None  # a killed run's temporary file that --resume continued from
         self.target: Path | None = None
@@ -353,8 +356,8 @@ class Output:
 
     def _keep_finished(self) -> None:
         """Copy the complete records of an interrupted `-o` (`_resumed`) and note the last line they
-        answer. A torn last line is left out (answered again); a file that holds anything else is
-        refused, not replaced."""
+        answer. A torn last line is left out (answered again), and so is a last error record
+        (`_forget_last`); a file that holds anything else is refused, not replaced."""
         assert self.path is not None and self._file is not None
         source = self._resumed()
         if not source.exists():
@@ -373,10 +376,24 @@ class Output:
                     raise InputError(f"--resume: {named} line {number} is not a record of this command's (one per "
                                      "input line, in order); it was not written by an interrupted run of it: give "
                                      "another -o, or remove the file")
+                self._before_last = (self._file.tell(), self.through, self.last_record)
                 self._file.write(raw)
                 self.records += 1
                 self.kept_errors += "error" in record
                 self.through, self.last_record = record["line"], record
+        if "error" in self.last_record:
+            self._forget_last()
+
+    def _forget_last(self) -> None:
+        """Leave out the last record kept, an error record: its line is answered again. An interrupted
+        producer can leave a torn line behind (`producer | lmcor correct -` stopped by Ctrl-C), whose
+        error record would otherwise stand for the whole line the input holds now."""
+        assert self._file is not None and self._before_last is not None
+        offset, self.through, self.last_record = self._before_last
+        self._file.seek(offset)
+        self._file.truncate()
+        self.records -= 1
+        self.kept_errors -= 1
 
     def write(self, text: str) -> None:
         with self._writing():

@@ -198,9 +198,8 @@ def load_gate(args: argparse.Namespace, given: str | None):
     written before it takes the input file as its bundle, which deserves a clear error."""
     from lmcor.runtime.errors import InputError
 
-    if given is None:
-        hint = f"; --gate took {args.gate!r} as its bundle: put --gate after the input file" if args.gate else ""
-        require_input(None, hint)
+    hint = f"; --gate took {args.gate!r} as its bundle: put --gate after the input file" if given is None and args.gate else ""
+    require_input(given, hint)
     if args.gate is None:
         if args.gate_threshold is not None:
             raise InputError("--gate-threshold needs --gate: without a gate nothing reads the threshold")

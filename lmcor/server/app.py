@@ -47,7 +47,7 @@ from lmcor.runtime.classifier import Classification, as_texts
 from lmcor.runtime.errors import InputError, LmcorError
 from lmcor.runtime.generator import Generation
 from lmcor.runtime.jsonl import (check_body, check_value, json_kind, json_number_error, marked_keys, record_id,
-                                 whole_numbers)
+                                 utf8_text, whole_numbers)
 from lmcor.runtime.options import (
     MAX_BEAMS,
     MAX_LENGTH_PENALTY,
@@ -216,9 +216,13 @@ async def _json_body(request: Request, limit: int, seconds: float) -> Any:
                       {"Connection": "close"}) from None
     except ClientDisconnect:
         raise Refused(400, "disconnected", "the client closed the connection before its body ended") from None
+    try:  # a BOM may start it (RFC 8259: a parser may ignore one), as it may start a JSONL file
+        text = utf8_text(body, first=True)
+    except InputError as e:
+        raise Refused(400, "bad_json", f"the body is {e}") from None
     try:  # a key given twice, NaN or a number out of range fails its own request (`_each`)
-        value = json.loads(body.decode("utf-8"), object_pairs_hook=marked_keys)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, NaN, a number past the digit limit, deep nesting
+        value = json.loads(text, object_pairs_hook=marked_keys)
+    except (ValueError, RecursionError) as e:  # bad JSON, NaN, a number past the digit limit, deep nesting
         why = json_number_error(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else e
         raise Refused(400, "bad_json", f"the body is not valid JSON: {why}") from None
     try:
