@@ -153,7 +153,7 @@ def _check(value: Any, whole: str = "the line") -> None:
         if depth > MAX_DEPTH:
             raise InputError(f"JSON nested deeper than {MAX_DEPTH} levels")
         if isinstance(item, str):
-            _check_text(item, name)
+            check_text(name, item)
         elif isinstance(item, float) and not math.isfinite(item):
             raise InputError(f"{name} is NaN, Infinity or a number out of range, which strict JSON cannot hold")
         elif isinstance(item, dict):
@@ -161,17 +161,19 @@ def _check(value: Any, whole: str = "the line") -> None:
                 twice = f"{where}.{item.repeated[0]}" if where else item.repeated[0]
                 raise InputError(f"field {twice!r} appears twice in one object")
             for key, child in item.items():
-                _check_text(key, f"a key of {name}")
+                check_text(f"a key of {name}", key)
                 stack.append((child, f"{where}.{key}" if where else key, depth + 1))
         elif isinstance(item, list):
             stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
-def _check_text(text: str, name: str) -> None:
+def check_text(where: str, text: str) -> None:
+    """Refuse a string that is not Unicode text: the tokenizer cannot take a lone surrogate (and
+    `encode_batch` would fail for the whole batch), nor can a record hold one."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InputError(f"{name} holds a lone surrogate (U+{ord(text[e.start]):04X}), "
+        raise InputError(f"{where} holds a lone surrogate (U+{ord(text[e.start]):04X}), "
                          "which is not Unicode text") from None
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .errors import InputError
-from .jsonl import json_kind
+from .jsonl import check_text, json_kind
 
 # Beam search past 16 beams is rare even for large models, and each beam multiplies the decoder's
 # batch and its cache.
@@ -127,16 +127,6 @@ def check_stops(stop: Any) -> tuple[str, ...]:
     for n, text in enumerate(stops):
         check_string(f"stop[{n}]", text)
     return stops
-
-
-def check_text(where: str, text: str) -> None:
-    """Refuse a string that is not Unicode text: the tokenizer cannot take a lone surrogate (and
-    `encode_batch` would fail for the whole batch)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{where} holds a lone surrogate (U+{ord(text[e.start]):04X}), "
-                         "which is not valid Unicode text") from None
 
 
 def check_threads(threads: Any) -> int | None:

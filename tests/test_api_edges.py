@@ -134,9 +134,9 @@ def test_a_request_that_is_not_unicode_fails_alone(corrector, many):
            4: {"id": "a" + SURROGATE, "source": "she go", "candidates": ["She goes."]}}
     got = corrector.correct_batch(_with_bad(good, bad), errors="return", **DECODE)
     assert [str(got[n]) for n in bad] == [
-        "field 'source' holds a lone surrogate (U+D800), which is not valid Unicode text",
-        "candidates[1] holds a lone surrogate (U+D800), which is not valid Unicode text",
-        "field 'id' holds a lone surrogate (U+D800), which is not valid Unicode text"]
+        "field 'source' holds a lone surrogate (U+D800), which is not Unicode text",
+        "candidates[1] holds a lone surrogate (U+D800), which is not Unicode text",
+        "field 'id' holds a lone surrogate (U+D800), which is not Unicode text"]
     answered = [c for c in got if not isinstance(c, InputError)]
     assert [c.token_ids for c in answered] == [c.token_ids for c in corrector.correct_batch(good, **DECODE)]
     assert [c.id for c in answered] == [r["id"] for r in good]

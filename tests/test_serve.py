@@ -132,6 +132,17 @@ def test_a_bad_request_gets_its_status_and_a_message_naming_the_cause(server, bo
         assert answer.headers["connection"] == "close"
 
 
+def test_a_lone_streamed_request_refused_as_it_is_admitted_gets_its_status(client):
+    """Too long for the model (found when the engine tokenizes it): 422, as unstreamed, not a 200 with an
+    error event; the stream starts with its first tokens."""
+    for body in ({"source": "word " * 2000, "candidates": ["a"]}, {"source": "she go", "candidates": ["a"] * 600}):
+        answer = client.post("/v1/correct", json={**body, "stream": True})
+        assert answer.status_code == 422 and answer.json()["error"]["kind"] == "invalid"
+        assert "input tokens" in answer.json()["error"]["message"]
+    answer = client.post("/v1/correct", json={**make_requests(1, seed=4)[0], "stream": True})
+    assert answer.status_code == 200 and answer.text.startswith("event: token")
+
+
 def test_a_body_may_start_with_a_byte_order_mark(client):
     """As a JSONL file's first line may (RFC 8259 lets a parser ignore one)."""
     body = json.dumps(make_requests(1, seed=4)[0]).encode()

@@ -407,9 +407,14 @@ class _Tokens:
         self.ids: list[list[int]] = [[] for _ in range(count)]
         self.shown = [""] * count
         self.answered: set[int] = set()  # a request answered (a deadline passed mid-decode) gets no more tokens
+        self.started = asyncio.Event()  # the first tokens came
 
     def listener(self, index: int) -> Callable[[list[int]], None]:
-        return lambda tokens: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, tokens))
+        return lambda tokens: self.loop.call_soon_threadsafe(self._arrived, index, tokens)
+
+    def _arrived(self, index: int, tokens: list[int]) -> None:
+        self.queue.put_nowait((index, tokens))
+        self.started.set()
 
     def events(self, first: list[tuple[int, list[int]]]) -> list[str]:
         """The events of `first` (taken from the queue already) and of everything queued after it."""
@@ -441,6 +446,28 @@ class _Tokens:
             return []
         self.shown[index] = text
         return [_event("token", {"index": index, "text": text[len(shown) :]})]
+
+
+async def _started(future: Future, tokens: _Tokens, timeout: float, arrived: float,
+                   receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns once a lone streamed request has its first tokens or its answer, so that a refusal found
+    only as it is admitted (an input too long for the model), its deadline or its client leaving gets
+    its own status (422, 504, 499), as an unstreamed request's does, not a 200 and an error event."""
+    loop = asyncio.get_running_loop()
+    answered = asyncio.Event()
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(answered.set))
+    waits = [asyncio.ensure_future(event.wait()) for event in (answered, tokens.started)]
+    left = asyncio.ensure_future(_client_left(receive))
+    try:
+        done, _ = await asyncio.wait([*waits, left], timeout=max(0.0, arrived + timeout - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _cancel([*waits, left])
+    if left in done and left.exception() is None and not future.done():
+        future.cancel()  # it leaves the engine's batch, as a stream's does when its client leaves
+        raise Refused(499, "client_left", "the client closed the connection before its answer")
+    if not done or (future.done() and not future.cancelled() and future.exception() is not None):
+        await _answer(future, timeout, 0, False, arrived)  # raises its refusal (or the models' failure)
 
 
 async def _stream(state: ServerState, futures: list[Future], timeouts: list[float], many: bool, arrived: float,
@@ -709,6 +736,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             return correction_record(result)
 
         if streamed:
+            if not many:
+                await _started(futures[0], tokens, timeouts[0], arrived, request.receive)
             return StreamingResponse(_stream(state, futures, timeouts, many, arrived, record, tokens),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
