@@ -307,6 +307,18 @@ def test_drafts_equal_the_reference_on_random_sequences():
 
 
 @needs_core
+def test_a_draft_size_set_past_its_bound_grows_back_to_it_as_the_reference():
+    for size in (2**63 - 1, 2**40, 40):
+        sizes = []
+        for compiled in (True, False):
+            drafts = Drafts([np.array([2, 3])], 1, compiled=compiled)
+            drafts.size = size
+            drafts.update(3, 3)
+            sizes.append(drafts.size)
+        assert sizes[0] == sizes[1] == 32
+
+
+@needs_core
 def test_drafts_equal_the_reference_on_the_default_corrector_inputs(corrector):
     rng = np.random.default_rng(4)
     requests = _real_requests(150)
@@ -343,6 +355,13 @@ def test_cache_writes_equal_the_reference():
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="room"):
         NATIVE.write_rows(caches, presents, np.full(rows, room, dtype=np.int64), first)
+    # presents are only read: one that is a strided view, or float64, is written as the reference writes it
+    wide = [rng.standard_normal((rows, heads, new, 2 * dim)) for _ in range(4)]
+    expected = [c.copy() for c in caches]
+    _write_rows(expected, [w[..., ::2] for w in wide], lengths, first)
+    NATIVE.write_rows(caches, [w[..., ::2] for w in wide], lengths, first)
+    for a, b in zip(caches, expected):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_core

@@ -168,6 +168,7 @@ void write_rows(py::sequence caches, py::sequence presents, Int64Array lengths, 
   if (py::len(presents) != layers) throw py::value_error("write_rows: one present per cache");
   std::vector<float*> to(layers);
   std::vector<const float*> from(layers);
+  std::vector<py::array_t<float, py::array::c_style | py::array::forcecast>> read(layers);  // copies live to the end
   int64_t rows = lengths.shape(0), heads = 0, room = 0, dim = 0, fresh = 0;
   if (first < 0) throw py::value_error("write_rows: first must be a row of the caches (0 or more)");
   for (size_t i = 0; i < layers; ++i) {
@@ -175,10 +176,10 @@ void write_rows(py::sequence caches, py::sequence presents, Int64Array lengths, 
     if (!py::isinstance<FloatArray>(caches[i]))
       throw py::value_error("write_rows: caches must be C-contiguous float32 arrays");
     auto cache = py::reinterpret_borrow<FloatArray>(caches[i]);
-    auto present = py::array_t<float>::ensure(presents[i]);
-    if (!present || !(present.flags() & py::array::c_style) || !cache.writeable() || cache.ndim() != 4 ||
-        present.ndim() != 4)
-      throw py::value_error("write_rows: caches and presents must be C-contiguous 4-d float32 arrays");
+    // The presents are only read: any float array is taken, as a C-contiguous float32 copy where it is not one.
+    auto& present = read[i] = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(presents[i]);
+    if (!present || !cache.writeable() || cache.ndim() != 4 || present.ndim() != 4)
+      throw py::value_error("write_rows: caches and presents must be 4-d float32 arrays, the caches C-contiguous");
     if (i == 0) {
       heads = cache.shape(1), room = cache.shape(2), dim = cache.shape(3), fresh = present.shape(2);
     }

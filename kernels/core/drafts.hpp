@@ -73,7 +73,7 @@ class Drafts {
   // nothing is.
   void update(int64_t drafted, int64_t accepted) {
     if (drafted == 0) return;
-    if (accepted == drafted) size = std::min(kMaxDraft, size + 4);
+    if (accepted == drafted) size = std::min(kMaxDraft, std::min(kMaxDraft, size) + 4);  // a size set past it: no overflow
     else if (accepted) size = accepted + 2;
     else size = std::max<int64_t>(1, size / 2);
   }
