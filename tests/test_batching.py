@@ -30,3 +30,37 @@ def test_a_group_passes_over_an_odd_length_and_takes_those_after_it():
 def test_pad_batch():
     ids, mask = pad_batch([np.array([5, 6, 7]), np.array([8])], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_the_encoder_takes_a_ragged_batch_in_sub_batches_of_little_padding(bundles, monkeypatch):
+    """On the CPU: the same states where rows are real (zeros past them), from several encoder passes,
+    and the same outputs."""
+    from conftest import make_requests
+    from lmcor import Corrector
+    from lmcor.runtime import encode as encoding
+
+    corrector = Corrector.load(bundles["t5"])
+    rng = np.random.default_rng(7)
+    inputs = [rng.integers(5, 100, size=n).astype(np.int64) for n in (40, 10, 38, 10, 39, 3)]
+    pad = corrector.manifest.special_tokens.pad
+    whole = encoding.encode(corrector.sessions, *pad_batch(inputs, pad)).numpy()
+    passes = []
+    run = encoding.encode
+    monkeypatch.setattr(encoding, "encode", lambda sessions, ids, mask, **kw: passes.append(ids.shape) or run(
+        sessions, ids, mask, **kw))
+    hidden, mask = encoding.encode_batch(corrector.sessions, None, inputs, pad)
+    assert sorted(passes) == [(1, 3), (2, 10), (3, 40)]
+    split = hidden.numpy()
+    assert split.shape == whole.shape and mask.tolist() == pad_batch(inputs, pad)[1].tolist()
+    for row, ids in enumerate(inputs):
+        np.testing.assert_allclose(split[row, : len(ids)], whole[row, : len(ids)], rtol=1e-5, atol=1e-6)
+        if len(ids) <= 10:  # past their sub-batch's width
+            assert not split[row, 10:].any()
+    monkeypatch.undo()
+    requests = make_requests(24, seed=8)
+    for n, r in enumerate(requests):  # lengths far apart
+        r["candidates"] = r["candidates"][: 1 + n % 5]
+    split = corrector.correct_batch(requests, batch_size=16, max_new_tokens=8)
+    monkeypatch.setattr(encoding, "SUB_BATCH_PADDING", 1.0)
+    assert [c.token_ids for c in corrector.correct_batch(requests, batch_size=16, max_new_tokens=8)] == [
+        c.token_ids for c in split]
