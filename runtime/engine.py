@@ -204,7 +204,9 @@ class Engine:
         The future holds the `Correction`, or the `InputError` of a bad request or options, as
         `correct_batch` would raise it; where the models fail on a batch, the error of each request in
         it. Cancelling the future before its request is admitted skips the request; while it decodes,
-        withdraws it (`Submitted`): it leaves the batch at the next step, holding what it wrote.
+        withdraws it (`Submitted`): it leaves the batch at the next step, holding what it wrote. A
+        submission to a closed engine raises `InputError` in the calling thread (one that stopped on
+        an internal error: `LmcorError`), and gets no future.
 
         `on_tokens`, if given, is called in the engine's thread with each decoder call's new token ids
         (greedy decoding; EOS left out) as they are written; it must be quick and must not raise. The
@@ -229,13 +231,15 @@ class Engine:
                 raise InputError("this engine is closed (Engine.close): it takes no more requests")
             self._inbox.append(_Submission(request, options, gate, future, queued, on_tokens))
             if self._thread is None:
-                thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
+                # Registered first: a thread that a signal interrupting start() leaves running is not the
+                # engine's, and leaves at once (`_serve`) instead of serving beside the next one.
+                self._thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
                 try:
-                    thread.start()
+                    self._thread.start()
                 except BaseException:  # no thread (out of memory, a signal): nothing of this call stays behind
                     self._inbox.pop()
+                    self._thread = None
                     raise
-                self._thread = thread
             self._cond.notify()
         return future
 
@@ -263,6 +267,8 @@ class Engine:
             scheduler = Scheduler(self.sessions, self.manifest, self.packed, self.batch_size, self._tally)
             while True:
                 with self._cond:
+                    if self._thread is not threading.current_thread():
+                        return  # started by a submission that a signal interrupted: it took nothing
                     while not (self._inbox or scheduler.busy or self._closed):
                         if not self._cond.wait(timeout=IDLE_S) and not self._inbox:
                             self._thread = None  # idle: the next submission starts another; till then

@@ -129,20 +129,25 @@ def as_request(item: Any) -> Request:
     """
     if isinstance(item, Request):
         return item
+    try:
+        return _read_request(item)
+    except InputError:
+        raise
+    except Exception as e:  # an object of the caller's own type (a mapping, a list, a string) may fail to be
+        # read: that request fails, not the batch it came with
+        raise InputError(f"the request could not be read ({type(item).__name__}: {type(e).__name__}: {e})") from None
+
+
+def _read_request(item: Any) -> Request:
     if isinstance(item, Mapping):
-        try:  # a mapping of the caller's own type may fail to be read: that request fails, not its batch
-            missing = [key for key in ("source", "candidates") if key not in item]
-            asked = sorted(OPTION_FIELDS & item.keys())
-            fields = None if missing or asked else (item["source"], item["candidates"], item.get("id"))
-        except Exception as e:
-            raise InputError(f"the request could not be read ({type(item).__name__}: {type(e).__name__}: {e})") \
-                from None
+        missing = [key for key in ("source", "candidates") if key not in item]
         if missing:
             raise InputError(f"missing field {missing[0]!r}")
+        asked = sorted(OPTION_FIELDS & item.keys())
         if asked:  # it would be ignored: options are the call's
             raise InputError(f"field {asked[0]!r} is an option of the call (correct_batch({asked[0]}=...)), not of "
                              "one request")
-        return Request(*fields)
+        return Request(item["source"], item["candidates"], item.get("id"))
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return Request(*item)
     raise InputError(f"expected an object with 'source' and 'candidates', got {json_kind(item)}")

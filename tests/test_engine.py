@@ -215,6 +215,18 @@ class _Unreadable(dict):
         raise KeyError(key)
 
 
+class _UnreadableList(list):
+    """A caller's list that fails to be read."""
+
+    def __iter__(self):
+        raise RuntimeError("boom")
+
+
+class _UnreadableStr(str):
+    def strip(self, *chars):
+        raise ValueError("no strip")
+
+
 def test_a_bad_request_fails_only_its_future(bundles):
     corrector = Corrector.load(bundles["t5"])
     good = make_requests(4, seed=12)
@@ -225,15 +237,58 @@ def test_a_bad_request_fails_only_its_future(bundles):
         5: (good[0], CorrectionOptions(max_new_tokens=10**6), "max_new_tokens must be an integer from 1 to 256"),
         6: ("not a request", None, "expected an object"),
         7: (_Unreadable(source="a b", candidates=["a"]), None, r"could not be read \(_Unreadable: KeyError"),
+        8: (("she go", _UnreadableList(["x"])), None, r"could not be read \(tuple: RuntimeError: boom"),
+        9: ([_UnreadableStr("she go"), ["x"]], None, r"could not be read \(list: ValueError: no strip"),
     }
     with _engine(corrector) as engine:
-        futures = {n: engine.submit(request, options) for n, (request, options, _) in bad.items()}
-        answers = [engine.submit(r, CorrectionOptions(max_new_tokens=8)) for r in good]
+        with engine._cond:  # all in one arrival: each bad one fails alone
+            futures = {n: engine.submit(request, options) for n, (request, options, _) in bad.items()}
+            answers = [engine.submit(r, CorrectionOptions(max_new_tokens=8)) for r in good]
         for n, (_, _, message) in bad.items():
             with pytest.raises(InputError, match=message):
                 futures[n].result(timeout=RESULT_TIMEOUT)
         got = [f.result(timeout=RESULT_TIMEOUT) for f in answers]
     assert [c.token_ids for c in got] == [c.token_ids for c in corrector.correct_batch(good, max_new_tokens=8)]
+
+
+def test_a_signal_as_the_engine_thread_starts_leaves_one_engine_that_answers_all(bundles, monkeypatch):
+    """Ctrl-C in `submit` after the thread began: that call is undone, and the thread it started takes
+    nothing, so the next submission's thread is the one engine and `close` waits for all it took."""
+    import types
+
+    from lmcor.runtime import engine as engines
+
+    class Interrupted(threading.Thread):
+        armed, made = True, []
+
+        def start(self):
+            Interrupted.made.append(self)
+            super().start()
+            if Interrupted.armed:
+                Interrupted.armed = False
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(engines, "threading", types.SimpleNamespace(
+        Thread=Interrupted, Condition=threading.Condition, current_thread=threading.current_thread))
+    corrector = Corrector.load(bundles["t5"])
+    requests = make_requests(12, seed=15)
+    engine = _engine(corrector, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        engine.submit(requests[0])
+    futures = [engine.submit(r, CorrectionOptions(max_new_tokens=8)) for r in requests]
+
+    def engines_alive() -> int:  # this engine's (other tests' engines may still idle)
+        return sum(t.is_alive() for t in Interrupted.made)
+
+    deadline = time.monotonic() + 5
+    while engines_alive() > 1 and time.monotonic() < deadline:  # the interrupted call's thread leaves at once
+        time.sleep(0.01)
+    assert engines_alive() == 1
+    engine.close()
+    assert all(f.done() for f in futures)
+    assert engines_alive() == 0
+    assert [f.result().token_ids for f in futures] == [
+        c.token_ids for c in corrector.correct_batch(requests, max_new_tokens=8)]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_engine_serves_on(bundles, monkeypatch):
