@@ -39,7 +39,12 @@ ERRORS = ("raise", "return")
 T = TypeVar("T")
 
 def shown(value: Any) -> str:
-    """`repr`, bounded: a message must not quote (or first build) a megabyte of user text."""
+    """`repr`, bounded: a message must not quote (or first build) a megabyte of user text. Null and the
+    booleans in JSON's spelling, which requests, lines and config files write them in."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
     try:
         return reprlib.repr(value)
     except ValueError:  # an integer of more digits than Python writes out

@@ -305,6 +305,13 @@ def test_an_api_key_guards_every_route_but_health_and_the_api_description(bundle
         assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
         assert document["paths"]["/v1/correct"]["post"]["security"] == [{"bearer": []}]
         assert document["paths"]["/health"]["get"]["security"] == []
+        # every answer the server gives is in the document: 401 where the key is needed, /health's body
+        assert "401" in document["paths"]["/metrics"]["get"]["responses"]
+        assert "500" in document["paths"]["/v1/correct"]["post"]["responses"]
+        health = document["paths"]["/health"]["get"]["responses"]
+        for status in ("200", "503"):
+            schema = health[status]["content"]["application/json"]["schema"]
+            assert set(schema["required"]) == set(c.get("/health").json()) == {"status", "live", "ready", "models"}
     with pytest.raises(InputError, match="API key"):
         ServeConfig(host="0.0.0.0")
     with pytest.raises(InputError, match="white space at an end"):

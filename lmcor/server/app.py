@@ -658,7 +658,13 @@ ERRORS = {status: {"description": text, "content": {"application/json": {"schema
     (413, "the body is too large, or holds more requests than the queue"),
     (415, "the body is compressed (Content-Encoding)"),
     (422, "a bad field: the message names it"), (429, "the queue is full: retry after Retry-After seconds"),
+    (500, "the models failed on its batch, or the engine stopped (kind internal)"),
     (503, "loading, or draining before it stops"), (504, "no answer within the deadline"))}
+_HEALTH = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["status", "live", "ready", "models"], "properties": {
+        "status": {"type": "string", "enum": ["loading", "ready", "draining", "failed"]},
+        "live": {"type": "boolean"}, "ready": {"type": "boolean"},
+        "models": {"type": ["object", "null"], "description": "the bundles served (null without the API key)"}}}}}}
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -812,7 +818,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         return _JSON(_records(state, outcomes, ids, record) if many else record(0, outcomes[0]))
 
     # One route for GET and HEAD (load balancers probe with HEAD), so that a 405 allows both.
-    @app.api_route("/health", methods=["GET", "HEAD"], responses={503: {"description": "loading, draining, or failed to load"}})
+    @app.api_route("/health", methods=["GET", "HEAD"],
+                   responses={200: {"description": "ready", **_HEALTH},
+                              503: {"description": "loading, draining, or failed to load", **_HEALTH}})
     async def health(request: Request) -> Response:
         """Live whenever it answers; ready (200) once its bundles are loaded and until it drains. The
         bundles' paths are this machine's: with an API key, only a caller that sends it reads them."""
@@ -846,6 +854,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 for path, item in schema["paths"].items():
                     for op in item.values():
                         op["security"] = [] if path in PUBLIC else [{"bearer": []}]
+                        if path not in PUBLIC:
+                            op["responses"].setdefault("401", ERRORS[401])
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
