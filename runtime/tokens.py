@@ -106,7 +106,9 @@ def encode_requests(
 ) -> list[ModelInput | InputError]:
     """Tokenize requests exactly as the checkpoint's own tokenizer would tokenize the rendered text.
 
-    An input longer than `max_tokens` has its candidates shortened evenly (each keeps its head);
+    An input longer than `max_tokens` has its candidates shortened evenly (each keeps its head, but
+    for one whose first character alone takes more tokens than its share, a byte-level tokenizer's CJK
+    character or emoji: that one keeps nothing);
     the source is never cut: a source that leaves no room for the candidates (or whose head alone
     takes more than the input, refused before it is tokenized whole) is an `InputError`,
     returned in that request's place so that the other requests are still served. A candidate is
@@ -250,9 +252,10 @@ def _truncate(
         budget = max_tokens - fixed
         if budget < len(candidates):
             raise InputError(
-                f"the source and template (with the separators of {len(candidates)} candidates) take {fixed} of the "
-                f"model's {max_tokens} input tokens, leaving less than a token for each candidate; shorten the source "
-                "or send fewer candidates (the source is never cut)"
+                f"the source and template (with the separators of {len(candidates)} "
+                f"candidate{'s' if len(candidates) != 1 else ''}) take {fixed} of the model's {max_tokens} input "
+                f"tokens, leaving less than a token for {'each candidate' if len(candidates) != 1 else 'the candidate'}; "
+                "shorten the source or send fewer candidates (the source is never cut)"
             )
         cap = _even_cap(lengths, budget)
         candidates = tuple(_cut(c, e, cap) for c, e in zip(candidates, ends))

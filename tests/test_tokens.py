@@ -97,6 +97,8 @@ def test_source_too_long_is_an_error_not_a_cut(tokenizer):
     request = Request("word " * 200, ("a", "b"))
     [got] = encode_requests(tokenizer, Template(), [request], 64)
     assert isinstance(got, InputError) and "never cut" in str(got)
+    [got] = encode_requests(tokenizer, Template(), [Request("word " * 200, ("a",))], 64)
+    assert "the separators of 1 candidate)" in str(got) and "less than a token for the candidate" in str(got)
 
 
 def test_too_many_candidates_is_said_so(tokenizer):
