@@ -14,7 +14,8 @@
 # which the CPU does after: `python -m lmcor.recipes.train --init DIR ...` or export and calibrate DIR.
 # Its weights come back in 15 MiB parts (a file from $OUT may hold 16 MiB) with train_log.jsonl, whose
 # steps_per_s and data_share say whether the data or the model bounded the run.
-set -u
+set -u -o pipefail
+here=$PWD  # --unpack's paths are the caller's
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CACHE=.cache/gpu_train
@@ -27,6 +28,8 @@ case "${1:-}" in
     ;;
   --unpack)
     out=${2:?usage: bash recipes/gpu_train.sh --unpack OUT DIR} dir=${3:?usage: bash recipes/gpu_train.sh --unpack OUT DIR}
+    case $out in /*) ;; *) out=$here/$out ;; esac
+    case $dir in /*) ;; *) dir=$here/$dir ;; esac
     mkdir -p "$dir" && tar xf "$out/train.tar" -C "$dir" && cat $(ls "$out"/weights.part* | sort -V) > "$dir/model.safetensors" \
       && cp "$CHECKPOINT"/tokenizer* "$CHECKPOINT"/special_tokens_map.json "$dir"/ || exit 1
     echo "unpacked $dir (train_log.jsonl, state.json: the run's steps and losses)"
@@ -47,10 +50,17 @@ site=$(mktemp -d) && mkdir "$site/lmcor"
 for f in lmcor/*; do ln -s "$PWD/$f" "$site/lmcor/"; done
 for d in runtime export kernels bench recipes; do ln -s "$PWD/$d" "$site/lmcor/$d"; done
 run=$(mktemp -d)
-# -P: this tree's own lmcor/ folder first on sys.path would hide the links
+# -P: this tree's own lmcor/ folder first on sys.path would hide the links. The SIGINT at TRAIN_S ends the
+# training (its exit status says so); what says it trained is its checkpoint. Its whole output goes to
+# $OUT/train-output.log (the last 4 MiB: progress bars), its lines without progress to train.log.
 PYTHONPATH=$site timeout -s INT -k 30 "${TRAIN_S:-330}" $PY -P -m lmcor.recipes.train --init "$CHECKPOINT" --out "$run" \
-  --minutes "${MINUTES:-5}" --device "${DEVICE:-cuda}" ${TRAIN_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v -e '^\s*$' -e '^ ' | tail -n 40 >> "$LOG"
-PYTHONPATH=$site $PY -P - "$run" "$CHECKPOINT" "$OUT" >> "$LOG" 2>&1 <<'PY'
+  --minutes "${MINUTES:-5}" --device "${DEVICE:-cuda}" ${TRAIN_ARGS:-} > "$run/output" 2>&1
+echo "training exit status: $?" >> "$LOG"
+tail -c 4M "$run/output" > "$OUT/train-output.log"
+tr '\r' '\n' < "$run/output" | grep -v -e '^\s*$' -e '%|' | tail -n 60 >> "$LOG"
+[ -f "$run/checkpoint.pt" ] || { echo "FAILED: no checkpoint written (see train-output.log)" | tee -a "$LOG"; exit 1; }
+PYTHONPATH=$site $PY -P - "$run" "$CHECKPOINT" "$OUT" >> "$LOG" 2>&1 <<'PY' \
+  || { echo "FAILED: the weights could not be packed (see train.log)" | tee -a "$LOG"; exit 1; }
 import json, sys, tarfile, torch
 from pathlib import Path
 from transformers import T5ForConditionalGeneration

@@ -246,6 +246,24 @@ def test_gpu_check_stages_run_here_and_keep_what_they_measured(tmp_path, monkeyp
     assert json.loads((work / "kernels.json").read_text())["reason"] == "pytest timed out before its report"
 
 
+def test_gpu_check_fails_where_a_correctness_target_is_missed():
+    """CUDA fp32 tokens not identical to the CPU's, or packed fp32 states off transformers': the strict
+    report fails, naming them, and every target's line says met or MISSED."""
+    from lmcor.bench import gpu_check
+
+    results = {"tokens": {"status": "ok", "cuda_fp32": {"met": False, "must": True, "target": "identical on 100%"},
+                          "cuda_fp16": {"identical_to_cpu_fp32": 0.9}},
+               "encoder": {"status": "ok", "packed_triton_fp32": {"equal": True, "equal_within": 1e-4,
+                                                                  "met": False, "target": ">= 2.0x"}}}
+    assert gpu_check.failures(results) == ["tokens.cuda_fp32"]  # a speed target missed is no failure
+    assert gpu_check.targets(results) == ["tokens.cuda_fp32: MISSED (identical on 100%)",
+                                          "encoder.packed_triton_fp32: MISSED (>= 2.0x)",
+                                          "encoder.packed_triton_fp32: equal to transformers' (within 0.0001)"]
+    results["tokens"]["cuda_fp32"]["met"] = True
+    results["encoder"]["packed_triton_fp32"]["equal"] = False
+    assert gpu_check.failures(results) == ["encoder.packed_triton_fp32"]
+
+
 def test_validation_fails_on_non_finite_logits(half_bundles, bundles, checkpoints, monkeypatch):
     """NaN is what a half-precision overflow gives: it fails the tolerance (max() and > let it pass,
     and the manifest recorded a clean difference)."""

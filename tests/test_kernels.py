@@ -165,11 +165,13 @@ def test_packed_encoder_equals_the_t5_encoder(feed_forward):
     from lmcor.kernels.encoder import EncoderWeights, encode_packed, unpack
     from transformers import T5Config, T5EncoderModel
 
+    # max_distance 16: the inputs' distances go past it, into the buckets that saturate; a request of one token
     config = T5Config(vocab_size=300, d_model=32, d_kv=12, num_heads=4, d_ff=48, num_layers=2,
-                      feed_forward_proj=feed_forward, dropout_rate=0.0)
+                      feed_forward_proj=feed_forward, dropout_rate=0.0, relative_attention_num_buckets=8,
+                      relative_attention_max_distance=16)
     torch.manual_seed(0)
     model = T5EncoderModel(config).eval()
-    lengths = [29, 6, 17]
+    lengths = [29, 6, 1, 17]
     ids, segments, lengths_t = _ragged(lengths, "cpu", seed=6)
     mask = (torch.arange(ids.shape[1])[None, :] < lengths_t[:, None]).long()
     with torch.no_grad():
