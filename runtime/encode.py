@@ -28,23 +28,23 @@ SUB_BATCH_PADDING = 0.05
 
 
 def encode_batch(sessions: Sessions, packed: PackedEncoder | None, inputs: Sequence[np.ndarray], pad_id: int, *,
-                 repeat: int = 1) -> tuple[ort.OrtValue, np.ndarray]:
-    """The encoder states of token id sequences, right-padded into one batch, and its attention mask;
-    the packed encoder's where there is one. Where rows were encoded in sub-batches (`SUB_BATCH_PADDING`),
+                 repeat: int = 1) -> tuple[ort.OrtValue, np.ndarray, int]:
+    """The encoder states of token id sequences, right-padded into one batch, its attention mask, and
+    the encoder passes it took; the packed encoder's where there is one. Where rows were encoded in sub-batches (`SUB_BATCH_PADDING`),
     the states past a sub-batch's longest row are zeros: padding, masked by every attention that reads it."""
     ids, mask = pad_batch(inputs, pad_id)
     if packed is not None:
-        return packed(ids, mask, repeat=repeat), mask
+        return packed(ids, mask, repeat=repeat), mask, 1
     parts = plan_batches([len(x) for x in inputs], len(inputs), SUB_BATCH_PADDING) if sessions.device == "cpu" else []
     if len(parts) <= 1:
-        return encode(sessions, ids, mask, repeat=repeat), mask
+        return encode(sessions, ids, mask, repeat=repeat), mask, 1
     hidden = None
     for rows in parts:
         states = encode(sessions, *pad_batch([inputs[r] for r in rows], pad_id)).numpy()
         if hidden is None:
             hidden = np.zeros((len(inputs), ids.shape[1], states.shape[2]), dtype=states.dtype)
         hidden[rows, : states.shape[1]] = states
-    return _repeat(ort.OrtValue.ortvalue_from_numpy(hidden), repeat, sessions.device), mask
+    return _repeat(ort.OrtValue.ortvalue_from_numpy(hidden), repeat, sessions.device), mask, len(parts)
 
 
 def encode(sessions: Sessions, input_ids: np.ndarray, attention_mask: np.ndarray, *, repeat: int = 1) -> ort.OrtValue:

@@ -262,13 +262,14 @@ class Engine:
 
     def _serve(self) -> None:
         """The background loop: runs while submissions wait or decode, sleeps otherwise."""
+        with self._cond:
+            if self._thread is not threading.current_thread():
+                return  # started by a submission that a signal interrupted: it takes nothing
         scheduler: Scheduler | None = None
         try:
             scheduler = Scheduler(self.sessions, self.manifest, self.packed, self.batch_size, self._tally)
             while True:
                 with self._cond:
-                    if self._thread is not threading.current_thread():
-                        return  # started by a submission that a signal interrupted: it took nothing
                     while not (self._inbox or scheduler.busy or self._closed):
                         if not self._cond.wait(timeout=IDLE_S) and not self._inbox:
                             self._thread = None  # idle: the next submission starts another; till then

@@ -131,7 +131,7 @@ def as_request(item: Any) -> Request:
         return item
     try:
         return _read_request(item)
-    except InputError:
+    except (InputError, MemoryError):
         raise
     except Exception as e:  # an object of the caller's own type (a mapping, a list, a string) may fail to be
         # read: that request fails, not the batch it came with

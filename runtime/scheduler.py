@@ -42,7 +42,7 @@ class EngineStats:
 
     requests: int = 0  # sequences retired: decoded to their end, or withdrawn by their callers
     output_tokens: int = 0  # their tokens, EOS not counted
-    encoder_calls: int = 0
+    encoder_calls: int = 0  # encoder passes (a ragged group's sub-batches each count)
     encoder_s: float = 0.0  # encoder passes, cross-attention keys/values included
     decoder_calls: int = 0
     decoder_s: float = 0.0  # decode steps, the Python around each call included
@@ -161,10 +161,10 @@ class Scheduler:
             if group:
                 self._since_admission = 0
                 started = time.perf_counter()
-                hidden, mask = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
+                hidden, mask, passes = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
                                             self.manifest.special_tokens.pad)
                 batch.join(group, hidden, mask)
-                self._encoded(group, started)
+                self._encoded(group, started, passes)
                 if self.continuous and any(s.drafts is not None for s in group):
                     started = time.perf_counter()
                     done = prefill(batch, len(group))
@@ -198,9 +198,9 @@ class Scheduler:
             return finished
         search = group[0].search
         started = time.perf_counter()
-        hidden, mask = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
+        hidden, mask, passes = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
                                     self.manifest.special_tokens.pad, repeat=search.num_beams)
-        self._encoded(group, started)
+        self._encoded(group, started, passes)
         decoder = open_decoder(self.sessions, self.manifest)
         cut = False  # the search stopped for its callers (one cancelled alone runs to its end)
 
@@ -221,11 +221,11 @@ class Scheduler:
         finished, self._finished = self._finished, []
         return finished
 
-    def _encoded(self, group: list[Sequence], started: float) -> None:
+    def _encoded(self, group: list[Sequence], started: float, passes: int) -> None:
         encoded = time.perf_counter()
         for s in group:
             s.admitted, s.encoded = started, encoded
-        self.tally.add(encoder_calls=1, encoder_s=encoded - started)
+        self.tally.add(encoder_calls=passes, encoder_s=encoded - started)
 
     def _retire(self, finished: list[Sequence]) -> None:
         """Count finished sequences, and keep them until the step returns them."""

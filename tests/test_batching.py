@@ -48,8 +48,8 @@ def test_the_encoder_takes_a_ragged_batch_in_sub_batches_of_little_padding(bundl
     run = encoding.encode
     monkeypatch.setattr(encoding, "encode", lambda sessions, ids, mask, **kw: passes.append(ids.shape) or run(
         sessions, ids, mask, **kw))
-    hidden, mask = encoding.encode_batch(corrector.sessions, None, inputs, pad)
-    assert sorted(passes) == [(1, 3), (2, 10), (3, 40)]
+    hidden, mask, count = encoding.encode_batch(corrector.sessions, None, inputs, pad)
+    assert sorted(passes) == [(1, 3), (2, 10), (3, 40)] and count == 3
     split = hidden.numpy()
     assert split.shape == whole.shape and mask.tolist() == pad_batch(inputs, pad)[1].tolist()
     for row, ids in enumerate(inputs):

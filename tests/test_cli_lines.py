@@ -466,6 +466,9 @@ def test_a_line_that_comes_while_a_signal_is_handled_is_left_to_resume(tmp_path)
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:2]))
     reader = _Reader(str(source), 1 << 20, 0, capacity=8)
+    deadline = time.monotonic() + 10
+    while reader._queue.qsize() < 2 and time.monotonic() < deadline:  # both lines read: one is there to take
+        time.sleep(0.01)
     checks = iter([False])  # the signal is handled while the first line is awaited
     assert reader.chunk(8, 1.0, lambda: next(checks, True)) == []
 

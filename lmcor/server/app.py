@@ -463,9 +463,11 @@ async def _started(future: Future, tokens: _Tokens, timeout: float, arrived: flo
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
         await _cancel([*waits, left])
-    if left in done and left.exception() is None and not future.done():
-        future.cancel()  # it leaves the engine's batch, as a stream's does when its client leaves
-        raise Refused(499, "client_left", "the client closed the connection before its answer")
+    if left in done:
+        if left.exception() is None:  # (an answer finished in the same turn is not sent either, as in `_all`)
+            future.cancel()  # it leaves the engine's batch, as a stream's does when its client leaves
+            raise Refused(499, "client_left", "the client closed the connection before its answer")
+        log.warning("cannot watch the connection (%s); answering without", left.exception())
     if not done or (future.done() and not future.cancelled() and future.exception() is not None):
         await _answer(future, timeout, 0, False, arrived)  # raises its refusal (or the models' failure)
 
