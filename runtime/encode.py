@@ -30,8 +30,9 @@ SUB_BATCH_PADDING = 0.05
 def encode_batch(sessions: Sessions, packed: PackedEncoder | None, inputs: Sequence[np.ndarray], pad_id: int, *,
                  repeat: int = 1) -> tuple[ort.OrtValue, np.ndarray, int]:
     """The encoder states of token id sequences, right-padded into one batch, its attention mask, and
-    the encoder passes it took; the packed encoder's where there is one. Where rows were encoded in sub-batches (`SUB_BATCH_PADDING`),
-    the states past a sub-batch's longest row are zeros: padding, masked by every attention that reads it."""
+    the encoder passes it took; the packed encoder's where there is one. Where rows were encoded in
+    sub-batches (`SUB_BATCH_PADDING`), the states past a sub-batch's longest row are zeros: padding,
+    masked by every attention that reads it."""
     ids, mask = pad_batch(inputs, pad_id)
     if packed is not None:
         return packed(ids, mask, repeat=repeat), mask, 1
