@@ -162,7 +162,7 @@ class Scheduler:
                 self._since_admission = 0
                 started = time.perf_counter()
                 hidden, mask, passes = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
-                                            self.manifest.special_tokens.pad)
+                                                    self.manifest.special_tokens.pad)
                 batch.join(group, hidden, mask)
                 self._encoded(group, started, passes)
                 if self.continuous and any(s.drafts is not None for s in group):
@@ -199,7 +199,7 @@ class Scheduler:
         search = group[0].search
         started = time.perf_counter()
         hidden, mask, passes = encode_batch(self.sessions, self.packed, [s.input.ids for s in group],
-                                    self.manifest.special_tokens.pad, repeat=search.num_beams)
+                                            self.manifest.special_tokens.pad, repeat=search.num_beams)
         self._encoded(group, started, passes)
         decoder = open_decoder(self.sessions, self.manifest)
         cut = False  # the search stopped for its callers (one cancelled alone runs to its end)

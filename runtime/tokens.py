@@ -251,11 +251,12 @@ def _truncate(
         fixed = len(encoding.ids) - sum(lengths)
         budget = max_tokens - fixed
         if budget < len(candidates):
+            one = len(candidates) == 1
             raise InputError(
-                f"the source and template (with the separators of {len(candidates)} "
-                f"candidate{'s' if len(candidates) != 1 else ''}) take {fixed} of the model's {max_tokens} input "
-                f"tokens, leaving less than a token for {'each candidate' if len(candidates) != 1 else 'the candidate'}; "
-                "shorten the source or send fewer candidates (the source is never cut)"
+                f"the source and template (with the separators of {len(candidates)} candidate{'' if one else 's'}) "
+                f"take {fixed} of the model's {max_tokens} input tokens, leaving less than a token for "
+                f"{'the' if one else 'each'} candidate; shorten the source or send fewer candidates (the source "
+                "is never cut)"
             )
         cap = _even_cap(lengths, budget)
         candidates = tuple(_cut(c, e, cap) for c, e in zip(candidates, ends))
