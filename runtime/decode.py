@@ -180,7 +180,8 @@ class RaggedDecoder:
             self.rows = added
             return
         if n + added > self._mask.shape[0] or source > self._mask.shape[1]:
-            slots = max(n + added, 2 * self._mask.shape[0] if n + added > self._mask.shape[0] else 0)
+            slots = self._mask.shape[0]  # kept where only the source width grows
+            slots = max(n + added, 2 * slots) if n + added > slots else slots
             width = max(source, self._mask.shape[1])
             self._mask = _regrown(self._mask[:n], (slots, width))
             self._keys_values = [_regrown(kv[:n], (slots, kv.shape[1], width, kv.shape[3])) for kv in self._keys_values]

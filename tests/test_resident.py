@@ -1,7 +1,7 @@
 """The ragged decoder with its caches on the device (`runtime/resident.py`), run on the CPU with
 `LMCOR_CACHES=device`: the same tokens, decoder calls and accepted drafts as the host layout (which
 test_parity proves equal to `generate`), offline, one at a time, in beam search and online; and its
-indexed cache write equal to the host reference."""
+indexed cache write equal to the host reference; and the spare room of the ragged decoder's buffers."""
 
 import json
 from pathlib import Path
@@ -102,3 +102,25 @@ def test_cuda_without_a_cuda_pytorch_keeps_the_caches_in_host_memory(torch_is, m
     with caplog.at_level(logging.WARNING, logger="lmcor"):
         assert cache_layout("cuda") == cache_layout("cuda") == "host"
     assert sum("needs PyTorch built with CUDA" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_longer_source_joining_keeps_the_spare_rows():
+    """Rows join into spare slots; a source wider than the batch's re-allocates the buffers at the
+    new width, with as many slots as before (the next row to join must not re-allocate them again)."""
+    corrector = Corrector.load(None)
+    decoder = open_decoder(corrector.sessions, corrector.manifest)
+    shape = corrector.manifest.decoder
+
+    def join(rows: int, source: int) -> None:
+        cross = [np.ones((rows, shape.num_heads, source, shape.head_dim), dtype=np.float32) for _ in decoder._cross]
+        decoder.join(cross, np.ones((rows, source), dtype=np.int64))
+
+    join(3, 10)
+    join(1, 10)  # past the first rows' exact buffers: twice the slots
+    assert decoder._mask.shape == (6, 10)
+    join(1, 20)  # wider: the same slots
+    assert decoder._mask.shape == (6, 20) and decoder.rows == 5
+    buffers = list(decoder._keys_values)
+    join(1, 15)  # fits
+    assert all(a is b for a, b in zip(decoder._keys_values, buffers)) and decoder.rows == 6
+    assert decoder._mask[:, :20].sum(axis=1).tolist() == [10, 10, 10, 10, 20, 15]
