@@ -253,11 +253,11 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
                         return
                     continue
                 took = time.perf_counter() - began
+                same = response.status == 200 and _answers(payload, expected)
                 with lock:
                     if response.status == 200:
                         latencies.append(took)
-                        answer = json.loads(payload)
-                        counts["identical"] += answer["output"] == expected[answer["id"]]
+                        counts["identical"] += same
                     else:
                         errors[response.status] += 1
         finally:
@@ -272,6 +272,16 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
     return {"latencies": latencies, "elapsed_s": time.perf_counter() - started,
             "errors": {str(k): v for k, v in errors.items()}, "lost": counts["lost"],
             "identical_outputs": counts["identical"], "client_cpu_s": time.process_time() - cpu}
+
+
+def _answers(payload: bytes, expected: dict[int, str]) -> bool:
+    """Whether a 200's body is the expected output of the request it names. Any other body (not JSON,
+    another request's id, no output) is an answer that differs: its client goes on driving."""
+    try:
+        answer = json.loads(payload)
+        return answer["id"] in expected and answer["output"] == expected[answer["id"]]
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _percentiles(seconds: list[float]) -> dict:
