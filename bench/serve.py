@@ -222,6 +222,7 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
     have gone by (and `min_requests` were sent), or the `server` process has ended (its clients would
     spin on refused connections); answers are compared with `expected` (id -> text)."""
     sent = itertools.count()  # next() on it is atomic under the GIL
+    ids = [_asked(body) for body in bodies]
     latencies: list[float] = []
     errors: Counter[int] = Counter()
     counts = {"lost": 0, "identical": 0}
@@ -239,7 +240,7 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
                 n = next(sent)
                 if time.perf_counter() >= stop_at and n >= min_requests:
                     return
-                body = bodies[n % len(bodies)]
+                body, asked = bodies[n % len(bodies)], ids[n % len(bodies)]
                 began = time.perf_counter()
                 try:
                     connection.request("POST", "/v1/correct", body=body, headers={"Content-Type": "application/json"})
@@ -253,7 +254,7 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
                         return
                     continue
                 took = time.perf_counter() - began
-                same = response.status == 200 and _answers(payload, expected)
+                same = response.status == 200 and _answers(payload, asked, expected)
                 with lock:
                     if response.status == 200:
                         latencies.append(took)
@@ -274,13 +275,24 @@ def _drive(url: str, bodies: Sequence[bytes], expected: dict[int, str], clients:
             "identical_outputs": counts["identical"], "client_cpu_s": time.process_time() - cpu}
 
 
-def _answers(payload: bytes, expected: dict[int, str]) -> bool:
-    """Whether a 200's body is the expected output of the request it names. Any other body (not JSON,
-    another request's id, no output) is an answer that differs: its client goes on driving."""
+def _asked(body: bytes) -> object:
+    """The id a request body sends (None: none, or not a JSON object)."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return request.get("id") if isinstance(request, dict) else None
+
+
+def _answers(payload: bytes, asked: object, expected: dict) -> bool:
+    """Whether a 200's body answers the request with id `asked` with its expected output. Any other
+    body (not JSON, another id, no output, an id with no expected output) is an answer that differs:
+    its client goes on driving."""
     try:
         answer = json.loads(payload)
-        return answer["id"] in expected and answer["output"] == expected[answer["id"]]
-    except (ValueError, KeyError, TypeError):
+        return (type(answer["id"]) is type(asked) and answer["id"] == asked and asked in expected
+                and answer["output"] == expected[asked])
+    except (ValueError, KeyError, TypeError, RecursionError):  # TypeError: not an object, an unhashable id
         return False
 
 

@@ -1,6 +1,7 @@
 """`lmcor bench` smoke run: lmcor and one peer on a tiny shape; no timing is asserted."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def test_ray_bench_stops_the_lmcor_server_it_started(tmp_path, monkeypatch):
     runs = ray_bench._serving(config, bodies, {}, tmp_path)
     assert list(runs) == ["lmcor serve"] and started[0][0].poll() == 0  # drained and exited
     load = runs["lmcor serve"]
-    assert len(load["latencies"]) > config.clients and load["identical_outputs"] == 0 and load["lost"] == 0
+    assert load["latencies"] and load["identical_outputs"] == 0 and load["lost"] == 0
 
 
 @pytest.mark.parametrize("args, said", [(["--serve", "--seconds", "-1"], "--seconds: must be a number of seconds above 0"),
@@ -285,6 +286,46 @@ def test_stopping_the_servers_leaves_none_running(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         serve._stop(processes)
     assert [subprocess.Popen.wait(p, timeout=10) for p in processes] == [-9, -9]  # (its own wait, not the stub)
+
+
+def test_serve_clients_count_answers_that_are_not_the_expected_output_and_go_on():
+    """A 200 whose body is not the expected output of the request sent (not JSON, a list, another
+    request's id or an id of another type, an unhashable id, no output) differs; its client goes on
+    (it died on the first such answer). The stub server answers in turn from `replies`."""
+    import http.server
+    import itertools
+
+    from lmcor.bench import serve
+
+    replies = [b"not json", b"[1]", b'{"id": 1, "output": "right"}', b'{"id": 0.0, "output": "right"}',
+               b'{"id": [0], "output": "right"}', b'{"id": 0}', b'{"id": 0, "output": "wrong"}',
+               b'{"id": 0, "output": "right"}', b"[" * 100_000]
+    turn = itertools.count()
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = replies[next(turn) % len(replies)]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run = serve._drive(f"http://127.0.0.1:{server.server_port}", [b'{"id": 0}'], {0: "right", 1: "right"}, 2,
+                           0.0, min_requests=4 * len(replies))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(run["latencies"]) == 4 * len(replies) and run["lost"] == 0 and not run["errors"]
+    assert run["identical_outputs"] == 4  # the one right answer, each time round
 
 
 def test_serve_clients_stop_once_the_server_has_ended():

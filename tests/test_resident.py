@@ -124,3 +124,6 @@ def test_a_longer_source_joining_keeps_the_spare_rows():
     join(1, 15)  # fits
     assert all(a is b for a, b in zip(decoder._keys_values, buffers)) and decoder.rows == 6
     assert decoder._mask[:, :20].sum(axis=1).tolist() == [10, 10, 10, 10, 20, 15]
+    join(2, 30)  # more rows and wider at once: twice the slots, the new width
+    assert decoder._mask.shape == (12, 30) and decoder.rows == 8
+    assert decoder._mask[:8].sum(axis=1).tolist() == [10, 10, 10, 10, 20, 15, 30, 30]
