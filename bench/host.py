@@ -8,10 +8,10 @@ encoder, the cross-attention keys/values, the decoder steps); what a request spe
 its host time: parsing, tokenizing, drafting, the logits processors and acceptance, cache
 bookkeeping, detokenizing, the fallback. Reported per mode: batch-1 host time per request (median
 and mean wall time, the calling thread's CPU time, which a busy machine does not inflate, and the
-decode loop's share), batch throughput and its ratio to the FLOP bound (the
-request's linear-layer and attention FLOPs at the machine's fp32 GEMM peak), where each request's
-batch time goes (encoder, cross, decoder, host), and the decoder's padding (fed draft slots no row
-needed). Outputs must be identical between the modes.
+shares of the decode loop, of tokenizing and of finishing: detokenizing and the fallback), batch
+throughput and its ratio to the FLOP bound (the request's linear-layer and attention FLOPs at the
+machine's fp32 GEMM peak), where each request's batch time goes (encoder, cross, decoder, host), and
+the decoder's padding (fed draft slots no row needed). Outputs must be identical between the modes.
 """
 
 from __future__ import annotations
@@ -154,6 +154,8 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
     host = {name: [] for name in MODES}
     host_cpu = {name: [] for name in MODES}
     loop = {name: [] for name in MODES}
+    tokens = {name: [] for name in MODES}  # batch 1: the engine's own stages outside the decode loop
+    finish = {name: [] for name in MODES}
     outputs: dict[str, list] = {name: [] for name in MODES}
     for n, request in enumerate(requests):
         for name in (list(MODES) if n % 2 == 0 else list(MODES)[::-1]):
@@ -166,6 +168,8 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
             used = corrector.engine.stats - stats_before
             host[name].append(elapsed - (clock.total - sum(ort_before.values())))
             loop[name].append(used.decoder_s - (clock.seconds["decoder"] - ort_before["decoder"]))
+            tokens[name].append(used.tokenize_s)
+            finish[name].append(used.finish_s)
             outputs[name].append(result)
     throughput = {name: [] for name in MODES}
     split = {name: [] for name in MODES}
@@ -198,6 +202,8 @@ def _measure(corrector: Corrector, requests: list, config: HostConfig, clock: Or
             "batch1_host_mean_ms": 1e3 * statistics.mean(host[name]),
             "batch1_host_cpu_p50_ms": 1e3 * statistics.median(host_cpu[name]),
             "batch1_decode_loop_host_p50_ms": 1e3 * statistics.median(loop[name]),
+            "batch1_tokenize_p50_ms": 1e3 * statistics.median(tokens[name]),
+            "batch1_finish_p50_ms": 1e3 * statistics.median(finish[name]),
             "throughput_rps": rps,
             "vs_flop_bound": rps / bound,
             "batch_ms_per_request": {k: statistics.median(s[k] for s in split[name]) for k in split[name][0]},
@@ -243,14 +249,16 @@ def table(report: dict) -> str:
     head = (f"{report['requests']} requests, ~{report['mean_input_tokens']:.0f} input and "
             f"~{report['mean_output_tokens']:.0f} output tokens; machine {report['machine']['gemm_gflops']:.0f} GFLOP/s "
             f"fp32 GEMM; FLOP bound {bound['gflop_per_request']:.2f} GFLOP/request = {bound['requests_per_s']:.0f} req/s")
-    columns = (f"{'':<13} {'b1 host p50':>11} {'mean':>7} {'cpu p50':>8} {'loop p50':>9} {f'req/s @{b}':>10} "
+    columns = (f"{'':<13} {'b1 host p50':>11} {'mean':>7} {'cpu p50':>8} {'loop p50':>9} {'tokens':>7} {'finish':>7} "
+               f"{f'req/s @{b}':>10} "
                f"{'of bound':>9} {'enc':>6} {'cross':>6} {'dec':>6} {'host':>6} {'pad':>5}  (ms/request at batch {b})")
     rows = [head, columns]
     for name, m in report["modes"].items():
         t = m["batch_ms_per_request"]
         pad = "-" if m["decoder_padding"] is None else f"{m['decoder_padding']:.0%}"
         rows.append(f"{name:<13} {m['batch1_host_p50_ms']:>8.3f} ms {m['batch1_host_mean_ms']:>7.3f} {m['batch1_host_cpu_p50_ms']:>8.3f} "
-                    f"{m['batch1_decode_loop_host_p50_ms']:>9.3f} {m['throughput_rps']:>10.1f} {m['vs_flop_bound']:>8.0%} "
+                    f"{m['batch1_decode_loop_host_p50_ms']:>9.3f} {m['batch1_tokenize_p50_ms']:>7.3f} "
+                    f"{m['batch1_finish_p50_ms']:>7.3f} {m['throughput_rps']:>10.1f} {m['vs_flop_bound']:>8.0%} "
                     f"{t['encoder']:>6.2f} {t['cross']:>6.2f} {t['decoder']:>6.2f} {t['host']:>6.2f} "
                     f"{pad:>5}")
     r = report["ratios"]

@@ -140,9 +140,7 @@ class Engine:
             if progress is not None and any(passed):
                 progress(sum(answer is not None for answer in passed))
             valid = [(n, request) for (n, request), answer in zip(valid, passed) if answer is None]
-        inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r in valid],
-                                 self.manifest.max_input_tokens, references=search.drafts,
-                                 vocab_size=self.manifest.decoder.vocab_size)
+        inputs = self._inputs([r for _, r in valid], drafts=search.drafts)
         sequences = []
         for (n, request), model_input in zip(valid, inputs):
             if isinstance(model_input, InputError):
@@ -346,9 +344,7 @@ class Engine:
         sequences = []
         for drafts in (False, True):
             subset = [entry for entry in ready if entry[2].drafts == drafts]
-            inputs = encode_requests(self.tokenizer, self.manifest.template, [r for _, r, _ in subset],
-                                     self.manifest.max_input_tokens, references=drafts,
-                                     vocab_size=self.manifest.decoder.vocab_size)
+            inputs = self._inputs([r for _, r, _ in subset], drafts=drafts)
             for (submission, request, search), model_input in zip(subset, inputs):
                 if isinstance(model_input, InputError):
                     _settle(submission.future, error=model_input)
@@ -360,6 +356,14 @@ class Engine:
 
     # Stages shared by both modes.
 
+    def _inputs(self, requests: list[Request], *, drafts: bool) -> list[ModelInput | InputError]:
+        """Requests -> model inputs (`tokens.encode_requests`), the time counted (`EngineStats.tokenize_s`)."""
+        started = time.perf_counter()
+        inputs = encode_requests(self.tokenizer, self.manifest.template, requests, self.manifest.max_input_tokens,
+                                 references=drafts, vocab_size=self.manifest.decoder.vocab_size)
+        self._tally.add(tokenize_s=time.perf_counter() - started)
+        return inputs
+
     def _sequence(self, search: Search, model_input: ModelInput, options: CorrectionOptions | None,
                   **where: Any) -> Sequence:
         special = self.manifest.special_tokens
@@ -369,9 +373,11 @@ class Engine:
                         **where)
 
     def _finish(self, finished: list[Sequence]) -> list[Correction]:
-        """Retired sequences -> their corrections: text, own stats, and the fallback where it applies."""
+        """Retired sequences -> their corrections: text, own stats, and the fallback where it applies (the
+        time counted: `EngineStats.finish_s`)."""
         if not finished:
             return []
+        started = time.perf_counter()
         eos = self.manifest.special_tokens.eos
         tokens = [s.output(eos) for s in finished]
         out = []
@@ -388,6 +394,7 @@ class Engine:
                 if spaced != correction.text:
                     correction = dataclasses.replace(correction, text=spaced)
             out.append(correction)
+        self._tally.add(finish_s=time.perf_counter() - started)
         return out
 
     def _token_ids(self, n: int, ids: Any) -> np.ndarray:

@@ -49,6 +49,8 @@ class EngineStats:
     rows: int = 0  # rows advanced, summed over decoder calls: rows / decoder_calls is the mean batch
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    tokenize_s: float = 0.0  # requests -> model inputs: the template, the tokenizer, truncation, draft spans
+    finish_s: float = 0.0  # tokens -> corrections: detokenizing, the fallback
 
     def __sub__(self, other: EngineStats) -> EngineStats:
         return EngineStats(*(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)))

@@ -525,4 +525,7 @@ def test_bench_host_compares_core_and_references(tmp_path, capsys):
     assert report["mean_output_tokens"] == pytest.approx(sum(len(r.token_ids) for r in decoded) / 6)
     for mode in report["modes"].values():
         assert mode["batch1_host_p50_ms"] > 0 and 0 < mode["vs_flop_bound"] < 1.5
+        # stages of a request's host time, each counted inside it
+        assert 0 < mode["batch1_tokenize_p50_ms"] < mode["batch1_host_p50_ms"]
+        assert 0 < mode["batch1_finish_p50_ms"] < mode["batch1_host_p50_ms"]
     assert "of bound" in capsys.readouterr().out

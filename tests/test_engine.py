@@ -174,10 +174,19 @@ def test_per_request_stats_add_up_to_the_engines(bundles, options):
     assert used.accepted_tokens == sum(c.stats.accepted_tokens for c in got)
     assert used.rows == sum(c.stats.decoder_calls for c in got)  # each call counts once per row it advanced
     assert used.decoder_calls < used.rows and used.encoder_calls < len(got)  # rows shared calls and passes
+    assert 0 < used.tokenize_s and 0 < used.finish_s  # the engine's own stages around the models
     for c in got:
         s = c.stats
         assert s.latency_s == pytest.approx(s.queued_s + s.encoder_s + s.decoder_s)
         assert 0 < s.encoder_s and s.first_token_s <= s.latency_s
+
+
+def test_online_requests_count_their_tokenizing_and_finishing(bundles):
+    corrector = Corrector.load(bundles["t5v11"])
+    before = corrector.engine.stats
+    [corrector.engine.submit(r, CorrectionOptions(max_new_tokens=8)).result() for r in _varied(3, seed=2)]
+    used = corrector.engine.stats - before
+    assert used.requests == 3 and 0 < used.tokenize_s and 0 < used.finish_s
 
 
 def test_close_answers_every_future(bundles):
