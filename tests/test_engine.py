@@ -182,10 +182,10 @@ def test_per_request_stats_add_up_to_the_engines(bundles, options):
 
 
 def test_online_requests_count_their_tokenizing_and_finishing(bundles):
-    corrector = Corrector.load(bundles["t5v11"])
-    before = corrector.engine.stats
-    [corrector.engine.submit(r, CorrectionOptions(max_new_tokens=8)).result() for r in _varied(3, seed=2)]
-    used = corrector.engine.stats - before
+    with Corrector.load(bundles["t5v11"]) as corrector:  # closed: no engine thread outlives the test
+        before = corrector.engine.stats
+        [corrector.engine.submit(r, CorrectionOptions(max_new_tokens=8)).result() for r in _varied(3, seed=2)]
+        used = corrector.engine.stats - before
     assert used.requests == 3 and 0 < used.tokenize_s and 0 < used.finish_s
 
 
