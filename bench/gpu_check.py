@@ -471,27 +471,28 @@ def failures(results: dict, *, skipped: bool = False) -> list[str]:
     (no CUDA, no checkpoint). A speed target missed is a result, not a failure."""
     bad = ("failed", "partial", "no result") + (("skipped",) if skipped else ())
     out = [stage for stage, result in results.items() if result.get("status") in bad]
-    for stage, result in results.items():
-        for key, value in result.items():
-            if isinstance(value, dict) and (value.get("status") in bad or value.get("equal") is False
-                                            or (value.get("must") and value.get("met") is False)):
-                out.append(f"{stage}.{key}")
+    out += [f"{stage}.{key}" for stage, key, value in _measurements(results)
+            if value.get("status") in bad or value.get("equal") is False
+            or (value.get("must") and value.get("met") is False)]
     return out
 
 
 def targets(results: dict) -> list[str]:
     """One line per measurement held to a target: met or missed."""
     out = []
-    for stage, result in results.items():
-        for key, value in result.items():
-            if not isinstance(value, dict):
-                continue
-            if "met" in value:
-                out.append(f"{stage}.{key}: {'met' if value['met'] else 'MISSED'} ({value.get('target')})")
-            if "equal" in value:
-                out.append(f"{stage}.{key}: {'equal' if value['equal'] else 'NOT EQUAL'} to transformers' "
-                           f"(within {value.get('equal_within')})")
+    for stage, key, value in _measurements(results):
+        if "met" in value:
+            out.append(f"{stage}.{key}: {'met' if value['met'] else 'MISSED'} ({value.get('target')})")
+        if "equal" in value:
+            out.append(f"{stage}.{key}: {'equal' if value['equal'] else 'NOT EQUAL'} to transformers' "
+                       f"(within {value.get('equal_within')})")
     return out
+
+
+def _measurements(results: dict) -> list[tuple[str, str, dict]]:
+    """(stage, name, measurement) of every measurement the stages' results hold."""
+    return [(stage, key, value) for stage, result in results.items() for key, value in result.items()
+            if isinstance(value, dict)]
 
 
 def main(argv: list[str] | None = None) -> int:
