@@ -201,8 +201,9 @@ class Engine:
 
         The future holds the `Correction`, or the `InputError` of a bad request or options, as
         `correct_batch` would raise it; where the models fail on a batch, the error of each request in
-        it. Cancelling the future before its request is admitted skips the request; while it decodes,
-        withdraws it (`Submitted`): it leaves the batch at the next step, holding what it wrote. A
+        it (but those it had finished in that step, which are answered). Cancelling the future before
+        its request is admitted skips the request; while it decodes, withdraws it (`Submitted`): it
+        leaves the batch at the next step, holding what it wrote. A
         submission to a closed engine raises `InputError` in the calling thread (one that stopped on
         an internal error: `LmcorError`), and gets no future.
 
@@ -290,9 +291,9 @@ class Engine:
                 try:
                     finished = scheduler.step()
                 except Exception as e:  # the models failed on this batch: its requests fail, the waiting ones run
-                    for s in scheduler.abandon():
+                    finished, failed = scheduler.abandon()  # those it had finished are answered
+                    for s in failed:
                         _settle(s.future, error=e)
-                    continue
                 try:
                     for s, correction in zip(finished, self._finish(finished)):
                         _settle(s.future, correction)

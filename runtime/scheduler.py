@@ -130,13 +130,15 @@ class Scheduler:
         returned."""
         return [*self._finished, *self.batch.rows, *(s for s in self._admitting if s not in self.batch.rows)]
 
-    def abandon(self) -> list[Sequence]:
-        """The sequences the current step holds (`held`), out of the scheduler after a failure of the
-        models, with a new batch to run the waiting ones, which stay."""
+    def abandon(self) -> tuple[list[Sequence], list[Sequence]]:
+        """After a failure of the models: the sequences the current step had finished (their tokens
+        whole) and the others it holds (`held`), both out of the scheduler, with a new batch to run the
+        waiting ones, which stay."""
         batch = Batch(open_decoder(self.sessions, self.manifest), self.manifest.special_tokens)  # first: should it
-        out = self.held()  # fail, the step's sequences are still held
+        finished = self._finished  # fail, the step's sequences are still held
+        failed = [s for s in self.held() if s not in finished]
         self._finished, self._admitting, self.batch = [], [], batch
-        return out
+        return finished, failed
 
     def _admit(self, batch: Batch) -> None:
         """Encode and join groups of waiting greedy sequences while the batch has room; a beam search

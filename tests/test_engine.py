@@ -324,6 +324,43 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_serves_on(bundles, mo
             c.token_ids for c in corrector.correct_batch(requests, max_new_tokens=8)]
 
 
+def test_rows_finished_before_a_failure_in_the_same_step_are_answered(bundles, monkeypatch):
+    """Two groups join in one step; the first finishes in its prefill, the second's prefill fails: the
+    first keeps its correction (its tokens were whole), only the rest of the step fails."""
+    from lmcor.runtime import scheduler
+
+    corrector = Corrector.load(bundles["t5"])
+    long = make_requests(1, seed=18)[0]
+    long["candidates"] = [" ".join([c] * 4) for c in long["candidates"]]
+    short = {"source": "she go home", "candidates": ["She goes home."]}  # too short to share its group
+    calls = {"n": 0}
+    real = scheduler.prefill
+
+    def second_fails(batch, count):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("the second prefill failed")
+        return real(batch, count)
+
+    one = CorrectionOptions(max_new_tokens=1, fallback_below=0)  # done in its first call
+    expected = corrector.correct_batch([long], options=one)[0].token_ids
+    with _engine(corrector, batch_size=4) as engine:
+        held, hold = threading.Event(), threading.Event()
+        running = engine.submit(make_requests(1, seed=19)[0],
+                                CorrectionOptions(max_new_tokens=8, min_new_tokens=4, drafts=False),
+                                on_tokens=lambda tokens: (held.set(), hold.wait(RESULT_TIMEOUT)))
+        assert held.wait(RESULT_TIMEOUT)  # the engine's thread is held: both arrive in one step
+        monkeypatch.setattr(scheduler, "prefill", second_fails)
+        futures = [engine.submit(long, one), engine.submit(short, one)]  # longest first: its group's prefill
+        hold.set()
+        with pytest.raises(RuntimeError, match="the second prefill failed"):
+            futures[1].result(timeout=RESULT_TIMEOUT)
+        assert futures[0].result(timeout=RESULT_TIMEOUT).token_ids == expected
+        with pytest.raises(RuntimeError, match="the second prefill failed"):  # the batch it joined fails
+            running.result(timeout=RESULT_TIMEOUT)
+    assert calls["n"] == 2
+
+
 def test_an_engine_whose_loop_stops_fails_every_request_and_says_so(bundles, monkeypatch):
     """A failure of the loop itself (here: its scheduler cannot start) answers the requests taken with
     the error at once, and refuses later ones, naming it: no request waits out its deadline."""
