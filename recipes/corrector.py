@@ -23,6 +23,7 @@ again continues where it stopped:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -423,6 +424,23 @@ def _clear(out: Path) -> None:
             target.unlink(missing_ok=True)
 
 
+@contextmanager
+def _only_run(out: Path) -> Iterator[None]:
+    """OUT, made and held by this run: a second run into the same folder would clear, train over and
+    export over this one's files. The lock goes with the process, however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    held = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"--out {out}: another train-corrector run is using this folder; wait for it to end, "
+                             "or train into another folder") from None
+        yield
+    finally:
+        os.close(held)
+
+
 def _check_device(device: str) -> None:
     """A device PyTorch can train on here: refused before any work, not after it."""
     import torch
@@ -703,60 +721,61 @@ def run(job: Job) -> dict:
                     _changed(trained_on, made_from, job.pairs))
     init = load_init(job.init) if job.init is not None else None
     writer = candidate_writer(job) if job.llm is not None else None
-    if not job.resume:
-        _clear(job.out)
-    # The folder is this command's from now on: candidates cut short by a signal are continued.
-    job.out.mkdir(parents=True, exist_ok=True)
-    record = {"held_out": job.held_out, "split": SPLIT_RULE, "model": model_said, "candidates": made_by,
-              "trained_on": trained_on}
-    (job.out / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
-    if writer is not None:
-        pairs = llm_candidates(job, pairs, writer, made_by)
-    done = _reported(job, made_from)
-    if done is not None:
-        log.warning("%s: trained for --minutes %g already, exported and reported: its report follows (more --minutes "
-                    "trains on, --restart starts over)", job.out, done["trained"]["minutes"])
-        return done
-    parts = split(pairs, job.held_out)
-    _write_items(job.out / "dev.jsonl", parts["dev"])
-    _write_items(job.out / "test.jsonl", parts["test"])
-    log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
-    model, tokenizer, warmup = _model(job, parts["train"], init)
-    fitting, left_out = {}, {}
-    for name in ("train", "dev", "test"):
-        fitting[name], left_out[name] = _fitting(tokenizer, parts[name], job.pairs)
-        if not fitting[name]:  # said now, not after the training budget
-            raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens and "
-                             f"{recipe.MAX_TARGET_TOKENS} output tokens ({'; '.join(left_out[name])}): shorten them, "
-                             "or split them into sentences")
-    for name in ("train", "dev"):
-        if left_out[name]:
-            log.warning("%d %s pairs left out of %s: %s", len(parts[name]) - len(fitting[name]), name,
-                        "training" if name == "train" else "checkpoint choice", "; ".join(left_out[name]))
-    settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
-    dev = [Example(p.source, list(p.candidates), p.target) for p in fitting["dev"]]  # as the bundle reads them
-    # From here the checkpoint is this run's (a run that failed before would have left it as it was).
-    (job.out / MARK).write_text(json.dumps({**record, "trained_on": made_from}) + "\n", encoding="utf-8")
-    hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
-                    examples=lambda step: examples(fitting["train"], job.synthetic, settings.seed + step), dev=dev,
-                    copy_warmup=warmup, resume=job.resume, device=job.device,
-                    eval_minutes=max(1.0, job.minutes / 10), show_progress=not job.quiet)
-    bundle = job.out / "bundle"
-    stage = "export"
-    (job.out / "report.json").unlink(missing_ok=True)  # an earlier run's: it does not describe what is made now
-    try:
-        export_corrector(hf, bundle, max_input_tokens=recipe.MAX_INPUT_TOKENS,
-                         max_output_tokens=recipe.MAX_TARGET_TOKENS, overwrite=True)
-        stage = "fallback calibration"
-        fallback.calibrate_bundle(bundle, job.out / "dev.jsonl", quiet=job.quiet)
-        stage = "report"
-        result = report(bundle, job.out / "test.jsonl", quiet=job.quiet)
-        # What it describes: a run again with no more minutes to train returns it (`_reported`).
-        result["trained"] = {"minutes": job.minutes, "checkpoint": _stamp(job.out / "checkpoint.pt"),
-                             "made_from": made_from}
-        (job.out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    except KeyboardInterrupt:  # training is saved: a run again goes straight back to this stage
-        log.warning("interrupted during the %s of %s (training is done and saved); run the same command again to "
-                    "continue", stage, bundle)
-        raise
-    return result
+    # The folder is this command's from now on (no other run's): candidates cut short by a signal are
+    # continued.
+    with _only_run(job.out):
+        if not job.resume:
+            _clear(job.out)
+        record = {"held_out": job.held_out, "split": SPLIT_RULE, "model": model_said, "candidates": made_by,
+                  "trained_on": trained_on}
+        (job.out / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
+        if writer is not None:
+            pairs = llm_candidates(job, pairs, writer, made_by)
+        done = _reported(job, made_from)
+        if done is not None:
+            log.warning("%s: trained for --minutes %g already, exported and reported: its report follows (more "
+                        "--minutes trains on, --restart starts over)", job.out, done["trained"]["minutes"])
+            return done
+        parts = split(pairs, job.held_out)
+        _write_items(job.out / "dev.jsonl", parts["dev"])
+        _write_items(job.out / "test.jsonl", parts["test"])
+        log.info("pairs: %d train, %d dev, %d test", *(len(parts[n]) for n in ("train", "dev", "test")))
+        model, tokenizer, warmup = _model(job, parts["train"], init)
+        fitting, left_out = {}, {}
+        for name in ("train", "dev", "test"):
+            fitting[name], left_out[name] = _fitting(tokenizer, parts[name], job.pairs)
+            if not fitting[name]:  # said now, not after the training budget
+                raise InputError(f"no {name} pair fits the corrector's {recipe.MAX_INPUT_TOKENS} input tokens and "
+                                 f"{recipe.MAX_TARGET_TOKENS} output tokens ({'; '.join(left_out[name])}): shorten "
+                                 "them, or split them into sentences")
+        for name in ("train", "dev"):
+            if left_out[name]:
+                log.warning("%d %s pairs left out of %s: %s", len(parts[name]) - len(fitting[name]), name,
+                            "training" if name == "train" else "checkpoint choice", "; ".join(left_out[name]))
+        settings = recipe.Settings(**SIZES[job.size]) if job.init is None else recipe.Settings(lr=1e-4, warmup_steps=50)
+        dev = [Example(p.source, list(p.candidates), p.target) for p in fitting["dev"]]  # as the bundle reads them
+        # From here the checkpoint is this run's (a run that failed before would have left it as it was).
+        (job.out / MARK).write_text(json.dumps({**record, "trained_on": made_from}) + "\n", encoding="utf-8")
+        hf = recipe.fit(job.out, job.minutes, settings, model=model, tokenizer=tokenizer,
+                        examples=lambda step: examples(fitting["train"], job.synthetic, settings.seed + step), dev=dev,
+                        copy_warmup=warmup, resume=job.resume, device=job.device,
+                        eval_minutes=max(1.0, job.minutes / 10), show_progress=not job.quiet)
+        bundle = job.out / "bundle"
+        stage = "export"
+        (job.out / "report.json").unlink(missing_ok=True)  # an earlier run's: it does not describe what is made now
+        try:
+            export_corrector(hf, bundle, max_input_tokens=recipe.MAX_INPUT_TOKENS,
+                             max_output_tokens=recipe.MAX_TARGET_TOKENS, overwrite=True)
+            stage = "fallback calibration"
+            fallback.calibrate_bundle(bundle, job.out / "dev.jsonl", quiet=job.quiet)
+            stage = "report"
+            result = report(bundle, job.out / "test.jsonl", quiet=job.quiet)
+            # What it describes: a run again with no more minutes to train returns it (`_reported`).
+            result["trained"] = {"minutes": job.minutes, "checkpoint": _stamp(job.out / "checkpoint.pt"),
+                                 "made_from": made_from}
+            (job.out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        except KeyboardInterrupt:  # training is saved: a run again goes straight back to this stage
+            log.warning("interrupted during the %s of %s (training is done and saved); run the same command again to "
+                        "continue", stage, bundle)
+            raise
+        return result

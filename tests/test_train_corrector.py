@@ -861,3 +861,25 @@ def test_pairs_the_corrector_cannot_write_whole_are_left_out_and_a_thin_split_co
     repeated.write_text((json.dumps(rows[0]) + "\n") * 60)
     assert _train_own(repeated, tmp_path / "run-one") == 2
     assert "kept no dev pair of the 60, which make 1 group (" in capsys.readouterr().err
+
+
+def test_a_folder_another_run_is_using_is_refused_and_left_as_it_is(pairs, tmp_path, capsys):
+    """Two runs into one --out would clear, train over and export over each other's files: the second
+    is refused while the first holds the folder, and runs once it has let go."""
+    import fcntl
+    import os
+
+    own = _with_candidates(pairs, tmp_path / "with.jsonl")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train-corrector.json").write_text('{"held_out": 0.3}\n')  # the first run's record and checkpoint
+    (out / "checkpoint.pt").write_text("the first run's\n")
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train-corrector holds it
+        assert _train_own(own, out, "--restart") == 2
+        assert f"--out {out}: another train-corrector run is using this folder" in capsys.readouterr().err
+        assert (out / "checkpoint.pt").read_text() == "the first run's\n"
+    finally:
+        os.close(held)
+    assert _train_own(own, out, "--restart") == 0
