@@ -736,3 +736,79 @@ def test_progress_ends_at_the_whole_input_and_rates_only_this_runs_lines():
     progress.ended()
     assert progress.bar.n == 1000
     progress.bar.close()
+
+
+def test_resume_refuses_an_output_that_misses_lines_it_answers_past(bundles, tmp_path, capsys):
+    """An -o that skips input lines (records removed by hand: `grep -v error` to retry the failed lines)
+    is no interrupted run's: --resume would never answer the lines it lacks. Refused, from a file
+    before any work and from a pipe once it is read, and -o is left as it was."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(GOOD[0]) + "\n\n" + json.dumps({"source": "x", "candidates": "abc"}) + "\n"
+                      + "".join(json.dumps(r) + "\n" for r in GOOD[1:4]))
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 1
+    whole = out.read_text().splitlines(keepends=True)
+    assert [r["line"] for r in _records(out)] == [1, 3, 4, 5, 6]  # line 2 is blank: no record
+    capsys.readouterr()
+    for kept, missing in (([whole[0], *whole[2:4]], 3), (whole[3:4], 1)):
+        out.write_text("".join(kept))
+        assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+        said = capsys.readouterr().err
+        assert f"--resume: -o {out} holds no record of input line {missing}, which {source} has" in said, said
+        assert "record(s) kept" not in said and out.read_text() == "".join(kept)
+        done = _lmcor("correct", "--model", str(bundles["t5"]), "-", "-o", str(out), "--resume", *DECODE,
+                      input=source.read_bytes())
+        assert done.returncode == 2 and f"holds no record of input line {missing}" in done.stderr.decode()
+        assert out.read_text() == "".join(kept)
+    # A record whose line is not a number of lines (true is no 1) is no record of this command's.
+    out.write_text(whole[0].replace('"line": 1', '"line": true'))
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+    assert f"--resume: -o {out} line 1 is not a record of this command's" in capsys.readouterr().err
+
+
+def test_resume_compares_ids_as_json_values(bundles, tmp_path, capsys):
+    """The last record's id must be its line's as JSON writes it: true is not 1, nor is 1.0."""
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": 1, "line": 1, "output": "x", "truncated": False, "input_tokens": 3,
+                               "output_tokens": 1}) + "\n")
+    source = tmp_path / "in.jsonl"
+    for other in (True, 1.0):
+        source.write_text(json.dumps({**GOOD[0], "id": other}) + "\n" + json.dumps(GOOD[1]) + "\n")
+        assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+        assert f"answers line 1 with the id 1, but that line of {source} has the id {json.dumps(other)}" in \
+            capsys.readouterr().err
+
+
+def _limited(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """lmcor in a process that cannot write past `limit` bytes into any file (as a full disk refuses)."""
+    import resource
+
+    def limit_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "lmcor.cli", *args], capture_output=True, timeout=300,
+                          preexec_fn=limit_files)
+
+
+def test_a_write_that_fails_keeps_only_whole_records_and_counts_them(bundles, tmp_path):
+    """-o on a disk that fills: the records kept are those written whole (a chunk that failed is left
+    out, never torn), the count said is theirs, --resume answers the rest, and a run that wrote
+    nothing leaves an earlier -o as it was."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in (GOOD + GOOD)[:10]))
+    out = tmp_path / "out.jsonl"
+    run = ["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--batch-size", "1", *DECODE]
+    assert main(run) == 0
+    whole = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text('{"old": 1}\n')
+    done = _limited(20, *run)
+    assert done.returncode == 2, done.stderr.decode()
+    assert "cannot write" in done.stderr.decode() and "record(s) kept" not in done.stderr.decode()
+    assert out.read_text() == '{"old": 1}\n'
+    first_chunk = len("".join(whole[:8]).encode())  # 8 batches of 1 line make a chunk
+    done = _limited(first_chunk + 40, *run)
+    assert done.returncode == 2, done.stderr.decode()
+    assert f"8 record(s) kept in {out} (input lines up to 8)" in done.stderr.decode()
+    assert out.read_text(encoding="utf-8") == "".join(whole[:8])
+    assert main([*run, "--resume"]) == 0 and out.read_text(encoding="utf-8") == "".join(whole)

@@ -244,6 +244,12 @@ def test_candidates_pipe_into_correct(bundle, bundles, tmp_path, capsys):
     good.write_text("\n".join(json.dumps(r) for r in records if "candidates" in r) + "\n")
     assert main(["correct", "--model", str(bundles["t5"]), str(good), "-q", "--max-new-tokens", "4"]) == 0
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [1, 3]
+    # Piped whole, the error record's line fails with its own reason, not as a request without a source.
+    assert main(["correct", "--model", str(bundles["t5"]), str(out), "-q", "--max-new-tokens", "4"]) == 1
+    answered = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert answered[1] == {"id": None, "line": 2, "error": "the line is an error record of an earlier step: "
+                                                           + records[1]["error"]}
+    assert "output" in answered[0] and "output" in answered[2]
 
 
 def test_candidates_with_a_prompt_too_long_for_the_model_say_so(bundle, tmp_path, capsys):

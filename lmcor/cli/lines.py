@@ -5,9 +5,10 @@
   line arrived, so a caller feeding one line at a time gets each answer at once.
 - Every line is its own failure domain: a line that cannot be read or used gets an error record
   naming its number (`runtime.jsonl`), and every other line is still answered, in order.
-- Output is never lost: records go to a temporary file beside `-o`, flushed after every batch
-  and renamed over `-o` at the end. On SIGINT/SIGTERM the batch in flight is finished (a second
-  signal drops it), everything finished is kept in `-o`, and `--resume` answers the rest.
+- Output is never lost: records go to a temporary file beside `-o`, written after every chunk of
+  lines (whole, or cut back where a write fails) and renamed over `-o` at the end. On SIGINT/SIGTERM
+  the chunk in flight is finished (a second signal drops it), everything finished is kept in `-o`,
+  and `--resume` answers the rest.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -88,13 +89,14 @@ def split_lines(read: Callable[[int], bytes], max_bytes: int) -> Iterator[tuple[
 
 
 def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0,
-               skipped: Callable[[int], None] | None = None) -> Iterator[Line]:
+               skipped: Callable[[int, int, bool], None] | None = None) -> Iterator[Line]:
     """The non-blank lines after line `after` of what `read` gives, each parsed or with its error
-    (`skipped` is told the size of each line up to `after`)."""
+    (`skipped` is told the number and size of each line up to `after`, and whether it is answered:
+    not blank)."""
     for number, (raw, size) in enumerate(split_lines(read, max_bytes), start=1):
         if number <= after:
             if skipped is not None:
-                skipped(size)
+                skipped(number, size, gets_record(number, raw))
             continue
         if (line := line_at(number, raw, size, max_bytes)) is not None:
             yield line
@@ -104,24 +106,50 @@ class NotResumable(LmcorError):
     """The -o to --resume is another input's output."""
 
 
-def check_resumed(args: argparse.Namespace, after: int, lines: int) -> None:
-    """`--resume` continues an -o that answers the input up to line `after`: the input, of `lines`
-    lines, must reach it."""
+def gets_record(number: int, raw: bytes | None) -> bool:
+    """Whether line `number` of `split_lines` gets a record: it is not blank (`line_at`)."""
+    return raw is None or not blank(raw, first=number == 1)
+
+
+def check_resumed(args: argparse.Namespace, kept: Sequence[int], lines: int,
+                  answerable: Sequence[int] | None = None) -> None:
+    """`--resume` continues an -o whose records answer the input lines `kept` (ascending): the input, of
+    `lines` lines, must reach the last, and where its lines up to it that get a record are known
+    (`answerable`), they must be those: an -o that lacks some (records removed by hand) would leave
+    them unanswered."""
+    after = kept[-1] if kept else 0
     if lines < after:
         raise NotResumable(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
                          f"{lines}: it is another input's output (remove it, or run without --resume)")
+    if answerable is not None and list(answerable) != list(kept):
+        recorded = set(kept)
+        missing = next((n for n in answerable if n not in recorded), None)
+        if missing is not None:
+            raise NotResumable(f"--resume: -o {args.output} holds no record of input line {missing}, which "
+                             f"{args.input} has, but answers lines after it: it was not written by an "
+                             "interrupted run of this input (remove it, or run without --resume)")
+        lines_read = set(answerable)
+        extra = next(n for n in kept if n not in lines_read)
+        raise NotResumable(f"--resume: -o {args.output} answers input line {extra}, which is blank in {args.input}: "
+                         "it is another input's output (remove it, or run without --resume)")
 
 
-def _check_resumed_id(args: argparse.Namespace, output: Output, echo: str | None) -> None:
-    """`--resume` continues an -o whose last record answers line `output.through`: that line of the
-    input (a regular file, read again up to it) must hold the record's id, and the record's `echo`
-    field (a field it copies from its line; an error record has none) that line's."""
+def _check_resumed_file(args: argparse.Namespace, output: Output, echo: str | None) -> None:
+    """`--resume` continues an -o whose records answer the input lines `output.kept_lines`, the last
+    `output.through`: the input (a regular file, read again up to it) must have a record's line for
+    each (`check_resumed`), and that last line must hold the record's id (as JSON: true is not 1),
+    and the record's `echo` field (a field it copies from its line; an error record has none) that
+    line's."""
+    answerable = []
     with open(args.input, "rb") as f:
         for number, (raw, _) in enumerate(split_lines(f.read, args.max_line_bytes), start=1):
+            if gets_record(number, raw):
+                answerable.append(number)
             if number == output.through:
                 break
         else:
             return  # fewer lines: `check_resumed` says so
+    check_resumed(args, output.kept_lines, number, answerable)
     try:
         value = parse_line(raw, first=number == 1) if raw is not None else None
     except InputError:
@@ -129,11 +157,16 @@ def _check_resumed_id(args: argparse.Namespace, output: Output, echo: str | None
     value = value if isinstance(value, dict) else {}
     echoed = echo is not None and "error" not in output.last_record
     for field in ("id", echo) if echoed else ("id",):
-        if value.get(field) != output.last_record.get(field):
+        if not _same_json(value.get(field), output.last_record.get(field)):
             raise NotResumable(f"--resume: {output.resumed_from} answers line {output.through} with the {field} "
                              f"{shown(output.last_record.get(field))}, but that line of {args.input} has the {field} "
                              f"{shown(value.get(field))}: it is another input's output (remove it, or run without "
                              "--resume)")
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same as JSON writes them (Python has True == 1 == 1.0)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def line_at(number: int, raw: bytes | None, size: int, max_bytes: int) -> Line | None:
@@ -142,7 +175,7 @@ def line_at(number: int, raw: bytes | None, size: int, max_bytes: int) -> Line |
     if raw is None:
         return Line(number, size, InputError(f"the line has {size} bytes, over the limit of {max_bytes} "
                                              "(--max-line-bytes)"))
-    if blank(raw, first=number == 1):
+    if not gets_record(number, raw):
         return None
     try:
         return Line(number, size, parse_line(raw, first=number == 1))
@@ -200,6 +233,7 @@ class _Reader:
         self.failure: OSError | None = None
         self.ended = False
         self.skipped_bytes = self.skipped_lines = 0  # the lines an earlier run answered (--resume)
+        self.skipped_answered: list[int] = []  # those of them that get a record
         fd, owned = open_input(name)
         threading.Thread(target=self._read, args=(fd, owned, max_bytes, after), daemon=True).start()
 
@@ -214,9 +248,11 @@ class _Reader:
                 os.close(fd)
             self._queue.put(self._END)
 
-    def _skip(self, size: int) -> None:
+    def _skip(self, number: int, size: int, recorded: bool) -> None:
         self.skipped_bytes += size
         self.skipped_lines += 1
+        if recorded:
+            self.skipped_answered.append(number)
 
     def chunk(self, size: int, wait_s: float, stopping: Callable[[], bool]) -> list[Line]:
         """Up to `size` lines: waits for the first, then at most `wait_s` more for the rest; the lines
@@ -285,6 +321,7 @@ class Output:
         self.kept_errors = 0  # error records kept by --resume: lines that failed in an earlier run
         self.records = 0  # written by this run and kept from an earlier one
         self.through = 0  # the last input line answered
+        self.kept_lines: list[int] = []  # the input lines the records kept by --resume answer
         self.last_record: dict = {}  # its record
         self._before_last: tuple[int, int, dict] | None = None  # (offset, through, last_record) before it was kept
         self._temp: Path | None = None  # replaces `target` at the end
@@ -318,7 +355,7 @@ class Output:
         target = self.target = Path(os.path.realpath(self.path))  # a link stays a link: its target gets the records
         fd, temp = self._opened(lambda: tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
         self._temp = Path(temp)
-        self._file = os.fdopen(fd, "wb")
+        self._file = os.fdopen(fd, "wb", buffering=0)  # each chunk of records written whole, or cut back (`put`)
         if resume:
             try:
                 self._keep_finished()
@@ -362,6 +399,7 @@ class Output:
         source = self._resumed()
         if not source.exists():
             return
+        pending, written = bytearray(), 0  # copied in blocks: the file is unbuffered
         with open(source, "rb") as f:
             for number, raw in enumerate(f, 1):
                 if not raw.endswith(b"\n"):
@@ -370,17 +408,22 @@ class Output:
                     record = json.loads(raw)
                 except (ValueError, RecursionError):  # not JSON; JSON nested past Python's recursion limit
                     record = None
-                if (not isinstance(record, dict) or not isinstance(record.get("line"), int) or record["line"] <= self.through
+                if (not isinstance(record, dict) or type(record.get("line")) is not int or record["line"] <= self.through
                         or not self.fields.match(record)):
                     named = f"-o {source}" if source == self.path else str(source)
                     raise InputError(f"--resume: {named} line {number} is not a record of this command's (one per "
                                      "input line, in order); it was not written by an interrupted run of it: give "
                                      "another -o, or remove the file")
-                self._before_last = (self._file.tell(), self.through, self.last_record)
-                self._file.write(raw)
+                self._before_last = (written + len(pending), self.through, self.last_record)
+                pending += raw
+                if len(pending) >= _BLOCK:
+                    self._put(pending)
+                    written, pending = written + len(pending), bytearray()
                 self.records += 1
                 self.kept_errors += "error" in record
                 self.through, self.last_record = record["line"], record
+                self.kept_lines.append(record["line"])
+        self._put(pending)
         if "error" in self.last_record:
             self._forget_last()
 
@@ -394,17 +437,34 @@ class Output:
         self._file.truncate()
         self.records -= 1
         self.kept_errors -= 1
+        self.kept_lines.pop()
 
-    def write(self, text: str) -> None:
+    def put(self, texts: list[str], through: int) -> None:
+        """Write records (each a line of text) that answer the input up to line `through`, and count
+        them. Into a file they go whole or not at all: where a write fails (a full disk), the file is
+        cut back to the records before them, and those alone are counted as kept."""
+        data = "".join(texts)
         with self._writing():
             if self._file is None:
-                self._stdout.write(text)
+                self._stdout.write(data)
+                self._stdout.flush()
+            elif self._temp is None:  # a device, pipe or FIFO: as it takes them
+                self._put(data.encode("utf-8"))
             else:
-                self._file.write(text.encode("utf-8"))
+                before = self._file.tell()
+                try:
+                    self._put(data.encode("utf-8"))
+                except OSError:
+                    self._file.truncate(before)  # frees space, never needs it
+                    self._file.seek(before)
+                    raise
+        self.records += len(texts)
+        self.through = through
 
-    def flush(self) -> None:
-        with self._writing():
-            (self._file or self._stdout).flush()
+    def _put(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:  # an unbuffered write may take part of it
+            view = view[self._file.write(view):]
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -422,12 +482,10 @@ class Output:
     def close(self, *, keep: bool) -> None:
         """Put the records in place (`keep`), or leave any earlier `-o` as it was."""
         if self._file is None:
-            self.flush()
+            with self._writing():
+                self._stdout.flush()
             return
-        try:
-            self._file.close()
-        except OSError:  # its last write failed (said already): a torn last record is answered again by --resume
-            pass
+        self._file.close()  # unbuffered: nothing left to write
         if self._temp is None or self.target is None:  # written in place: nothing to put there
             return
         if keep:
@@ -446,7 +504,7 @@ class Output:
 
 
 class _Signals:
-    """SIGINT/SIGTERM: the first asks to stop after the batch in flight, a second drops it."""
+    """SIGINT/SIGTERM: the first asks to stop once the lines in flight are answered, a second drops them."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -466,7 +524,7 @@ class _Signals:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = number
-        say("lmcor: stopping after the batch in flight (signal again to drop it)")
+        say("lmcor: stopping once the lines in flight are answered (signal again to drop them)")
 
 
 class _Progress:
@@ -504,10 +562,11 @@ class Answer:
     error: str | None  # why the line got an error record; None when it was answered
 
 
-# answered(after, stopping): the answers to the lines after line `after`, a chunk at a time, in input
-# order, and the bytes of the lines up to `after` (for the progress bar); it stops early once
-# `stopping()` says so, and raises `LmcorError` when the input cannot be read.
-Answered = Callable[[int, Callable[[], bool]], Iterator[tuple[list[Answer], int]]]
+# answered(kept, stopping): the answers to the lines after the last of `kept` (the input lines that
+# --resume's records answer, ascending; none: all lines), a chunk at a time, in input order, and the
+# bytes of the lines up to it (for the progress bar); it stops early once `stopping()` says so, and
+# raises `LmcorError` when the input cannot be read.
+Answered = Callable[[Sequence[int], Callable[[], bool]], Iterator[tuple[list[Answer], int]]]
 
 
 def answer_lines(
@@ -527,18 +586,19 @@ def answer_lines(
     record of (line number, id, result), with `fields`, which may copy its line's field `echo` (both
     checked by --resume).
     `run` gets up to `batches_per_chunk` batches of lines at a time (more lines to group by length);
-    a command whose batches take long takes 1, so that a signal stops it after the batch in flight.
+    a command whose batches take long takes 1, so that a signal stops it after the batch in flight (the
+    chunk's records are written together: the chunk is what a signal waits for).
     Returns 0, or 1 when some lines failed; 130/143 after a signal. An error that stops the run keeps the records written so far, as a signal does.
     """
 
-    def answered(after: int, stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
-        reader = _Reader(args.input, args.max_line_bytes, after, capacity=args.batch_size * 16)
+    def answered(kept: Sequence[int], stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
+        reader = _Reader(args.input, args.max_line_bytes, kept[-1] if kept else 0, capacity=args.batch_size * 16)
         while lines := reader.chunk(args.batch_size * batches_per_chunk, args.max_wait_ms / 1000, stopping):
             yield answer_chunk(lines, convert, run, record), reader.skipped_bytes
         if reader.failure is not None:
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
         if not stopping():  # a signal stops the reader anywhere, even before the lines already answered
-            check_resumed(args, after, reader.skipped_lines)
+            check_resumed(args, kept, reader.skipped_lines, reader.skipped_answered)
 
     return write_answers(args, answered, verb, fields, echo)
 
@@ -553,18 +613,18 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, field
     try:
         size = regular_file_size(args.input)
         if output.records and size is not None:
-            _check_resumed_id(args, output, echo)
+            _check_resumed_file(args, output, echo)
         with _Signals() as signals:
             progress = _Progress(size, verb, args.quiet)
             stopping = lambda: signals.received is not None  # noqa: E731
             try:
-                for answers, skipped_bytes in answered(output.through, stopping):
+                for answers, skipped_bytes in answered(output.kept_lines, stopping):
                     failed += _write(answers, output)
                     progress.done(answers, skipped_bytes)
                 if not stopping():
                     progress.ended()
             except KeyboardInterrupt:
-                pass  # a second signal: the batch in flight is dropped
+                pass  # a second signal: the lines in flight are dropped
             finally:
                 progress.bar.close()
             # The answers end early only when asked to stop (else the input ended, or an error was raised).
@@ -595,6 +655,8 @@ def answer_chunk(lines: list[Line], convert: Callable, run: Callable, record: Ca
         ident = value.get("id") if isinstance(value, dict) else getattr(value, "ident", None)
         if not isinstance(value, (dict, InputError)):
             value = InputError(f"expected a JSON object, got {json_kind(value)}")
+        elif isinstance(value, dict) and _error_record(value):  # piped from lmcor: its reason goes on
+            value = InputError(f"the line is an error record of an earlier step: {value['error']}")
         if isinstance(value, dict):
             try:
                 value = convert(value, line.number)
@@ -616,15 +678,18 @@ def answer_chunk(lines: list[Line], convert: Callable, run: Callable, record: Ca
     return out
 
 
+def _error_record(value: dict) -> bool:
+    """Whether a line is an lmcor command's error record (`error_record`), not a request."""
+    return isinstance(value.get("error"), str) and set(value) <= {"id", "line", "error"}
+
+
 def _write(answers: list[Answer], output: Output) -> int:
     """Write one chunk's records; the number of failed lines."""
     for answer in answers:
         if answer.error is not None:
             say(f"lmcor: {output.input_name}: line {answer.number}: {answer.error}")
-        output.write(answer.text)
-        output.records += 1
-        output.through = answer.number
-    output.flush()
+    if answers:
+        output.put([answer.text for answer in answers], answers[-1].number)
     return sum(answer.error is not None for answer in answers)
 
 

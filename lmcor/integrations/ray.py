@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -456,10 +456,10 @@ def correct_lines(args: argparse.Namespace, options: CorrectionOptions, *, worke
     for name, level in (("ray", logging.WARNING), ("ray.data", logging.ERROR)):  # the CLI says what it does
         logging.getLogger(name).setLevel(level)
 
-    def answered(after: int, stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
-        source = JsonlLines(args.input, after=after, lines_per_block=args.batch_size * 8,
+    def answered(kept: Sequence[int], stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
+        source = JsonlLines(args.input, after=kept[-1] if kept else 0, lines_per_block=args.batch_size * 8,
                             max_line_bytes=args.max_line_bytes)
-        check_resumed(args, after, source.lines)
+        check_resumed(args, kept, source.lines)  # its lines up to there: checked by write_answers
         yield from answers(source, stopping, workers=workers, threads=threads, lines_per_batch=args.batch_size * 8,
                            model=model, options=options, gate=gate, batch_size=args.batch_size, providers=providers)
 
