@@ -323,7 +323,7 @@ def test_a_body_that_stops_arriving_gets_408_and_does_not_hold_the_drain(bundles
     with running(ServeConfig(model=str(bundles[ARCH]), port=0, timeout_s=1)) as s:
         host, port = s.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
-            sock.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n{\"source\": ")
             answer = sock.recv(65536).decode()
         assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
@@ -418,7 +418,7 @@ def test_a_drain_waits_for_a_large_answer_to_be_read(bundles):
         host, port = s.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=TIMEOUT) as client:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)
-            client.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            client.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
             received = client.recv(65_536)
             deadline = time.monotonic() + TIMEOUT
@@ -630,11 +630,12 @@ def test_providers_this_machine_lacks_may_serve_on_a_ray_cluster():
         Models.check(ServeConfig(providers=("NopeProvider",)), here=False)
 
 
-def test_a_sigterm_before_the_server_listens_ends_it_with_0(bundles):
-    """Nothing is in flight yet: it ends as a drain does, not killed (143)."""
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_before_the_server_listens_ends_it_with_0(bundles, signum):
+    """Nothing is in flight yet: it ends as a drain does, not killed (143) or interrupted (130)."""
     command = [sys.executable, "-c", "import os, signal, sys\n"
                "import lmcor.server.models as m\n"
-               "m.Models.check = staticmethod(lambda *_, **__: os.kill(os.getpid(), signal.SIGTERM))  # as it starts\n"
+               f"m.Models.check = staticmethod(lambda *_, **__: os.kill(os.getpid(), signal.{signum}))  # as it starts\n"
                "from lmcor.cli import main\nsys.exit(main(['serve', '--port', '0']))"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0 and "listening" not in done.stdout, done.stderr
@@ -773,12 +774,28 @@ def test_http_edges_get_json_errors(client):
     huge = client.post("/v1/correct", content=b'{"id": 1e400, "source": "a", "candidates": ["b"]}')
     assert huge.status_code == 422 and huge.json()["error"]["message"].startswith("field 'id' is NaN, Infinity or a number out of range")
     for path in ("/v1/correct/", "/health/"):  # no redirect built from the client's Host header
-        answer = client.post(path, json={}, headers={"Host": "elsewhere.example"})
+        answer = client.post(path, json={}, headers={"Host": "localhost:1"})
         assert answer.status_code == 404 and answer.json()["error"]["kind"] == "not_found"
     squeezed = client.post("/v1/correct", content=b"\x1f\x8b\x08\x00", headers={"Content-Encoding": "gzip"})
     assert squeezed.status_code == 415 and "Content-Encoding 'gzip'" in squeezed.json()["error"]["message"]
+    twice = client.post("/v1/correct", content=b"\x1f\x8b\x08\x00",  # the codings of every such header count
+                        headers=[("Content-Encoding", "identity"), ("Content-Encoding", "gzip")])
+    assert twice.status_code == 415 and "Content-Encoding 'identity, gzip'" in twice.json()["error"]["message"]
     lone = client.post("/v1/generate", content=b'{"id": "\\ud800", "prompt": "a", "max_new_tokens": 1}')
     assert lone.status_code == 422 and "lone surrogate" in lone.json()["error"]["message"]
+
+
+def test_a_server_on_loopback_answers_requests_for_loopback_hosts_alone(client):
+    """A web page's request reaches a loopback server through DNS rebinding (a name of the page's that
+    resolves to 127.0.0.1) with the page's host in its Host header: refused, so the page cannot read
+    the answers; what this machine's own clients send is answered."""
+    port = client.base_url.port
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io", "[::2]:1", ""):
+        for refused in (client.get("/health", headers={"Host": host}),
+                        client.post("/v1/correct", json={"source": "she go", "candidates": ["She goes."], **DECODE}, headers={"Host": host})):
+            assert refused.status_code == 400 and refused.json()["error"]["kind"] == "bad_host", host
+    for host in (f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", f"[::1]:{port}", "127.3.2.1"):
+        assert client.post("/v1/correct", json={"source": "she go", "candidates": ["She goes."], **DECODE}, headers={"Host": host}).status_code == 200, host
 
 
 def test_an_empty_api_key_in_the_environment_is_refused(monkeypatch, capsys):
@@ -851,7 +868,7 @@ def test_a_client_that_leaves_has_its_requests_withdrawn_and_a_flood_of_bad_item
         body = json.dumps([{**slow, "id": n} for n in range(4)]).encode()
         host, port = s.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as raw:
-            raw.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            raw.sendall(b"POST /v1/correct HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             deadline = time.monotonic() + 10
             while not _metrics(c)[("lmcor_queue_depth", (("endpoint", "correct"),))]:

@@ -110,14 +110,15 @@ def _setting_named(args: argparse.Namespace, key: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Nothing is in flight before the server listens: a SIGTERM then ends it as a drain would, exit 0.
-    previous = signal.signal(signal.SIGTERM, _before_listening) \
-        if threading.current_thread() is threading.main_thread() else None
+    # Nothing is in flight before the server listens: a SIGTERM or SIGINT then ends it as a drain would,
+    # exit 0.
+    previous = {number: signal.signal(number, _before_listening) for number in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         return _run(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _before_listening(_signum: int, _frame: object) -> None:

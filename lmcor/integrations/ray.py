@@ -583,10 +583,12 @@ def running(config: ServeConfig, *, replicas: int = 1, max_replicas: int | None 
             _check_port(config.host, config.port)  # Serve would say only that its proxy failed
         serve.start(http_options={"host": config.host, "port": config.port or _free_port(config.host)})
         host, port = _serve_address(config)
-        if host != config.host:  # Serve ran before, elsewhere: that host needs what --host would
+        asked = config.host
+        if host != asked:  # Serve ran before, elsewhere: that host needs what --host would
             ServeConfig.check_reach(host, config.api_key, config.insecure)
+            config = dataclasses.replace(config, host=host)  # and the replicas answer requests for it
         if host in ("0.0.0.0", "::"):  # every interface: reached here as asked
-            host = config.host
+            host = asked
         try:
             if APP_NAME in serve.status().applications:  # it would be replaced, then deleted under its server
                 raise LmcorError(f"a Serve application named {APP_NAME!r} already runs on this Ray cluster (another "

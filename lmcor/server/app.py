@@ -67,7 +67,7 @@ from lmcor.runtime.options import (
 from lmcor.runtime.request import Correction, CorrectionOptions, as_request
 from lmcor.runtime.spacing import cleaned_up
 
-from .config import ServeConfig
+from .config import ServeConfig, loopback
 from .metrics import ENDPOINTS, Metrics
 from .models import Batcher, Models, Prompt
 
@@ -199,8 +199,8 @@ class ServerState:
 async def _json_body(request: Request, limit: int, seconds: float) -> Any:
     """The body's JSON value, read within `seconds` (a client that stops sending would otherwise hold
     its request, and a drain, open for as long as it keeps the connection)."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+    encoding = ", ".join(value.strip() for value in request.headers.getlist("content-encoding")).lower()
+    if any(coding.strip() not in ("", "identity") for coding in encoding.split(",")):  # of every such header
         raise Refused(415, "unsupported_encoding", f"the body is sent with Content-Encoding {encoding!r}; "
                       "send it uncompressed")
     declared = request.headers.get("content-length", "")
@@ -655,7 +655,7 @@ def _most_tokens(path: Any) -> int | None:
 
 ERRORS = {status: {"description": text, "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": _ERROR}}}}} for status, text in (
-    (400, "the body is not JSON"), (401, "no or wrong API key"), (404, "no such route, or no such model on this server"),
+    (400, "the body is not JSON, or (on loopback) the request is for another host"), (401, "no or wrong API key"), (404, "no such route, or no such model on this server"),
     (405, "the route takes another method"), (408, "the body did not arrive within the deadline"),
     (413, "the body is too large, or holds more requests than the queue"),
     (415, "the body is compressed (Content-Encoding)"),
@@ -885,6 +885,9 @@ class _Guard:
         self.app, self.state = app, state
         key = state.config.api_key
         self.key = None if key is None else key.encode()
+        # On loopback, a request for another host is a web page's, reaching the server through DNS
+        # rebinding (a name of the page's that resolves to 127.0.0.1): it would read the answers.
+        self.local_only = loopback(state.config.host)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -914,6 +917,9 @@ class _Guard:
 
     def _refusal(self, path: str, scope: dict) -> Response | None:
         state = self.state
+        if self.local_only and (host := _host(scope)) is not None and not loopback(host):
+            return _error(state, 400, "bad_host", f"the request is for the host {host[:100]!r}, but this server "
+                          "listens on loopback and answers requests for localhost, 127.0.0.1 or ::1 alone")
         if path in PUBLIC:
             return None
         if self.key is not None and not _has_key(scope, self.key):
@@ -927,6 +933,18 @@ class _Guard:
         if state.models is None:
             return _error(state, 503, "loading", "the server is loading its models", {"Retry-After": "1"})
         return None
+
+
+def _host(scope: dict) -> str | None:
+    """The host name a request's Host header names (no port; an IPv6 address without its brackets), or
+    None without one."""
+    for name, value in scope["headers"]:
+        if name == b"host":
+            text = value.decode("latin-1").strip().lower()
+            if text.startswith("["):
+                return text[1:].partition("]")[0]
+            return text.rpartition(":")[0] if text.rpartition(":")[2].isdigit() else text
+    return None
 
 
 def _has_key(scope: dict, key: bytes) -> bool:

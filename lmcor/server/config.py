@@ -78,7 +78,7 @@ class ServeConfig:
     @staticmethod
     def check_reach(host: str, api_key: str | None, insecure: bool) -> None:
         """A host other machines reach needs a key, or --insecure said out loud."""
-        if not (api_key or insecure or _loopback(host)):
+        if not (api_key or insecure or loopback(host)):
             raise InputError(f"host {host!r} is reachable from other machines: give an API key (--api-key or "
                              "LMCOR_API_KEY), or --insecure to serve it without one")
 
@@ -132,7 +132,8 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's own, reached by no other."""
     if host == "localhost":
         return True
     try:
