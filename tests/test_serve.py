@@ -3,6 +3,7 @@ gives; every error path answers its status (never a 5xx from user input, fuzzed 
 a full queue, a deadline, a missing key and a drain each answer as documented; SIGTERM finishes
 what is in flight and exits 0; /metrics parses and counts."""
 
+import argparse
 import asyncio
 import json
 import os
@@ -792,10 +793,34 @@ def test_a_server_on_loopback_answers_requests_for_loopback_hosts_alone(client):
     port = client.base_url.port
     for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io", "[::2]:1", ""):
         for refused in (client.get("/health", headers={"Host": host}),
-                        client.post("/v1/correct", json={"source": "she go", "candidates": ["She goes."], **DECODE}, headers={"Host": host})):
+                        client.post("/v1/correct", json={"source": "she go", "candidates": ["She goes."], **DECODE},
+                                    headers={"Host": host})):
             assert refused.status_code == 400 and refused.json()["error"]["kind"] == "bad_host", host
     for host in (f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", f"[::1]:{port}", "127.3.2.1"):
-        assert client.post("/v1/correct", json={"source": "she go", "candidates": ["She goes."], **DECODE}, headers={"Host": host}).status_code == 200, host
+        answer = client.post("/v1/correct", json={"source": "she go", "candidates": ["She goes."], **DECODE},
+                             headers={"Host": host})
+        assert answer.status_code == 200, host
+
+
+def test_allowed_hosts_are_answered_on_loopback():
+    """A proxy in front of a loopback server may keep its clients' Host: its name is allowed by
+    --allow-host (or allowed_hosts), any with "*"."""
+    from lmcor.cli.serve import add_arguments, config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config(parser.parse_args(["--allow-host", "Api.Example", "--allow-host", "*"])).allowed_hosts == \
+        ("api.example", "*")
+    for bad in (["a b"], [""], "api.example", [3]):
+        with pytest.raises(InputError, match="allowed_hosts must be a list of host names"):
+            ServeConfig(allowed_hosts=bad)
+    with running(ServeConfig(port=0, allowed_hosts=("api.example",), max_batch=1)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+        assert c.get("/health", headers={"Host": "API.example:443"}).status_code == 200
+        assert c.get("/health", headers={"Host": "other.example"}).json()["error"]["kind"] == "bad_host"
+    with running(ServeConfig(port=0, allowed_hosts=("*",), max_batch=1)) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+        assert c.get("/health", headers={"Host": "other.example"}).status_code == 200
 
 
 def test_an_empty_api_key_in_the_environment_is_refused(monkeypatch, capsys):

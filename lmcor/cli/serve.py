@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = ServeConfig()
     parser.add_argument("--config", help="JSON file of these settings (keys: model, gate, classifiers, generators, "
-                        "host, port, api_key, insecure, max_queue, max_batch, timeout_s, max_body_bytes, threads, "
+                        "host, port, api_key, insecure, allowed_hosts, max_queue, max_batch, timeout_s, max_body_bytes, threads, "
                         "providers; bundle paths relative to the file; \"gate\": \"\" is the shipped gate); flags "
                         "given override it (--classifier/--generator: its whole map)")
     parser.add_argument("--model", help="corrector bundle folder (default: the corrector shipped with lmcor)")
@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(/openapi.json, /docs, /redoc) (default: ${API_KEY_ENV})")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="serve a non-loopback host without an API key")
+    parser.add_argument("--allow-host", action="append", metavar="NAME",
+                        help="on loopback, also answer requests for this host name (a proxy's in front; *: any; "
+                        "repeatable); others get 400, as a web page's reaching it through DNS rebinding")
     parser.add_argument("--max-queue", type=options.positive_int,
                         help=f"requests accepted and not yet answered; more get 429 (default: {d.max_queue})")
     parser.add_argument("--max-batch", type=options.positive_int,
@@ -91,7 +94,7 @@ def _given(args: argparse.Namespace) -> dict:
     given = {
         "model": args.model, "gate": args.gate, "host": args.host, "port": args.port,
         "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None,
-        "insecure": args.insecure,
+        "insecure": args.insecure, "allowed_hosts": tuple(args.allow_host) if args.allow_host else None,
         "max_queue": args.max_queue, "max_batch": args.max_batch, "timeout_s": args.timeout_s,
         "max_body_bytes": args.max_body_bytes, "threads": args.threads, "providers": options.providers(args),
         "classifiers": _by_name("--classifier", args.classifier),

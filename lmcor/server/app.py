@@ -886,8 +886,11 @@ class _Guard:
         key = state.config.api_key
         self.key = None if key is None else key.encode()
         # On loopback, a request for another host is a web page's, reaching the server through DNS
-        # rebinding (a name of the page's that resolves to 127.0.0.1): it would read the answers.
-        self.local_only = loopback(state.config.host)
+        # rebinding (a name of the page's that resolves to 127.0.0.1), which would read the answers; or
+        # a proxy's in front of it, named in allowed_hosts.
+        allowed = state.config.allowed_hosts
+        self.local_only = loopback(state.config.host) and "*" not in allowed
+        self.allowed = frozenset(allowed)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -917,9 +920,10 @@ class _Guard:
 
     def _refusal(self, path: str, scope: dict) -> Response | None:
         state = self.state
-        if self.local_only and (host := _host(scope)) is not None and not loopback(host):
+        if self.local_only and (host := _host(scope)) is not None and not (loopback(host) or host in self.allowed):
             return _error(state, 400, "bad_host", f"the request is for the host {host[:100]!r}, but this server "
-                          "listens on loopback and answers requests for localhost, 127.0.0.1 or ::1 alone")
+                          "listens on loopback and answers requests for localhost and loopback addresses (and "
+                          "--allow-host names: a proxy's in front of it)")
         if path in PUBLIC:
             return None
         if self.key is not None and not _has_key(scope, self.key):

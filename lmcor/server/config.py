@@ -32,7 +32,9 @@ class ServeConfig:
     `timeout_s` the time one may take (more: 504; a request may ask for less), `max_body_bytes` a
     request body (more: 413), `max_batch` the rows the corrector decodes at once (1: one request at a
     time). `api_key`, when set, is required as a bearer token on every route but /health and the API's
-    description (/openapi.json, /docs, /redoc); binding a host other than loopback needs one, or `insecure`."""
+    description (/openapi.json, /docs, /redoc); binding a host other than loopback needs one, or `insecure`.
+    A server on loopback answers requests for localhost and loopback addresses (their Host header),
+    and for the names in `allowed_hosts` ("*": any), such as a proxy's in front of it."""
 
     model: str | None = None
     gate: str | None = None
@@ -48,6 +50,7 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     threads: int | None = None
     providers: tuple[str, ...] | None = None
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("model", "gate", "host", "api_key"):
@@ -74,6 +77,11 @@ class ServeConfig:
             raise InputError("api_key has white space at an end, which HTTP clients do not send: remove it")
         self.check_reach(self.host, self.api_key, self.insecure)
         object.__setattr__(self, "providers", check_providers(self.providers))
+        hosts = self.allowed_hosts
+        if not isinstance(hosts, (list, tuple)) or not all(isinstance(h, str) and h and h == "".join(h.split())
+                                                           for h in hosts):
+            raise InputError(f"allowed_hosts must be a list of host names (\"*\": any), got {shown(hosts)}")
+        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in hosts))
 
     @staticmethod
     def check_reach(host: str, api_key: str | None, insecure: bool) -> None:
