@@ -122,8 +122,8 @@ class Corrector:
         """Correct one request; options as for `correct_batch`, whose checks the request goes through
         (a bad one raises its `InputError`)."""
         [result] = self.correct_batch([(source, candidates)], **options)
-        if isinstance(result, InputError):  # errors="return"
-            raise result
+        if isinstance(result, InputError):  # errors="return": raised as errors="raise" would
+            raise InputError(f"item 0: {result}")
         return result.text
 
     def correct_batch(
@@ -201,8 +201,14 @@ class Corrector:
 
 
 def _unchanged(value: Any, default: Any) -> bool:
-    """Whether a keyword equals its default (1 or NumPy's 1.0 as 1.0); an array is no default."""
-    return not isinstance(value, np.ndarray) and bool(value == default)
+    """Whether a keyword equals its default (1 or NumPy's 1.0 as 1.0); an array, or a value whose
+    comparison raises or gives no truth value (a tensor, pandas' NA), is no default."""
+    if isinstance(value, np.ndarray):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:
+        return False
 
 
 def _merged(options: CorrectionOptions | None, **keywords: Any) -> CorrectionOptions:

@@ -190,6 +190,14 @@ class Engine:
 
     # Online: one background thread answers submissions through futures.
 
+    def _check_open(self) -> None:
+        """Refuse a submission to an engine closed, or stopped on an internal error (with `_cond` held)."""
+        if self.failure is not None:
+            raise LmcorError(f"this engine stopped on an internal error and takes no more requests: "
+                             f"{type(self.failure).__name__}: {self.failure}")
+        if self._closed:
+            raise InputError("this engine is closed (Engine.close): it takes no more requests")
+
     def submit(self, request: Request | dict | tuple, options: CorrectionOptions | None = None, *,
                gate: Classifier | None = None,
                on_tokens: Callable[[list[int]], None] | None = None) -> Future[Correction]:
@@ -214,6 +222,8 @@ class Engine:
         """
         future: Future[Correction] = Submitted()
         queued = time.perf_counter()
+        with self._cond:  # refused before its options are read: a closed engine gives no future
+            self._check_open()
         try:
             options = _options(options)
             _check_gate(gate, options)
@@ -223,11 +233,7 @@ class Engine:
             future.set_exception(e)
             return future
         with self._cond:
-            if self.failure is not None:
-                raise LmcorError(f"this engine stopped on an internal error and takes no more requests: "
-                                 f"{type(self.failure).__name__}: {self.failure}")
-            if self._closed:
-                raise InputError("this engine is closed (Engine.close): it takes no more requests")
+            self._check_open()  # again: it may have closed meanwhile
             self._inbox.append(_Submission(request, options, gate, future, queued, on_tokens))
             if self._thread is None:
                 # Registered first: a thread that a signal interrupting start() leaves running is not the

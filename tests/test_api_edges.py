@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_requests
 from lmcor.runtime.bundle import shipped_bundle
 from lmcor.runtime.request import Request
@@ -94,6 +95,17 @@ def test_generate_refuses_what_it_would_not_read_and_options_given_twice(correct
     _names("input_ids", lambda: corrector.generate(np.array(3)))
     with pytest.raises(InputError, match="max_new_tokens: give the options either as keywords or as options="):
         corrector.correct_batch(REQUESTS, options=CorrectionOptions(), max_new_tokens=np.array([1, 2]))
+
+    class NoTruth:  # a tensor's or pandas.NA's comparison: no truth value
+        def __eq__(self, other):
+            return self
+
+        def __bool__(self):
+            raise TypeError("no truth value")
+
+    for odd in (NoTruth(), torch.tensor([1.0, 2.0])):
+        with pytest.raises(InputError, match="length_penalty: give the options either as keywords or as options="):
+            corrector.correct_batch(REQUESTS, options=CorrectionOptions(), length_penalty=odd)
     for default in ({"num_beams": 1}, {"length_penalty": 1}, {"num_beams": np.int64(1)}, {"drafts": np.bool_(True)}):
         assert corrector.correct_batch(REQUESTS, options=CorrectionOptions(**DECODE), **default)  # equal: not given
 
@@ -105,9 +117,9 @@ def test_generate_refuses_what_it_would_not_read_and_options_given_twice(correct
     (["ok", None], r"candidates\[1\] must be a string"),
 ])
 def test_correct_checks_its_request_as_correct_batch_does(corrector, candidates, message):
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError, match=f"^item 0: .*{message}"):
         corrector.correct("she go", candidates, **DECODE)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError, match=f"^item 0: .*{message}"):  # the same, whatever errors says
         corrector.correct("she go", candidates, errors="return", **DECODE)
     with pytest.raises(InputError, match="field 'source'"):
         corrector.correct(None, ["She goes."], **DECODE)

@@ -586,8 +586,9 @@ def test_an_idle_engine_lets_its_thread_go_and_a_corrector_closes(bundles, monke
         assert corrector.engine._thread is None
         assert not any(t.name == "lmcor-engine" and t.is_alive() for t in set(threading.enumerate()) - others)
         assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want
-    with pytest.raises(InputError, match="this engine is closed"):
-        corrector.engine.submit(request)
+    for options, gate in ((None, None), ({"num_beams": 2}, None), (None, 3)):  # refused before its options are read
+        with pytest.raises(InputError, match="this engine is closed"):
+            corrector.engine.submit(request, options, gate=gate)
 
 
 def test_a_request_cancelled_while_it_decodes_leaves_the_batch_at_the_next_step(bundles):
