@@ -115,9 +115,9 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
 
     - the best guess among `source` and the candidates (`best_guess`), when the output is less
       similar than `below` to its nearest candidate: it strayed;
-    - the candidates' voted edits to the source (`vote.edit_vote`), when the candidates support
-      them more than the text chosen so far (`agreement`): where the LLM's answers agree on an edit,
-      a small model that missed it is outvoted;
+    - the candidates' voted edits to the source (`vote.edit_vote`), when there is one and the
+      candidates support them more than the text chosen so far (`agreement`): where the LLM's
+      answers agree on an edit, a small model that missed it is outvoted;
     - the text chosen so far kept to its edits of at most `span` words (`vote.minimal_edits`; 0: any
       size), the vote too before it is weighed: a weak LLM's candidates rewrite and drop clauses,
       and a corrector that follows them, or loses its place, moves away from a source it should
@@ -147,7 +147,9 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         # refusal), their vote replaces the whole sentence, which would win here and be undone below.
         voted = edit_vote(source, vote_by)
         voted = minimal_edits(source, voted, span, candidates=vote_by) if span else voted
-        if voted != text:
+        # A vote of no edit is the source, not the candidates' answer (one candidate's never holds an
+        # edit): it would undo the output's corrections where the candidates resemble the source more.
+        if voted != text and voted.split() != source.split():
             for_vote, for_text = _support([voted, text], vote_by)
             if for_vote > for_text:
                 text = voted

@@ -255,6 +255,18 @@ def test_the_candidates_outvote_an_output_that_missed_their_edits():
     assert guard(missed, candidates, 50, source=source, seen=[c[:20] for c in candidates]).text == voted.text
 
 
+def test_a_vote_of_no_edit_does_not_undo_the_outputs_corrections():
+    """Where no edit reaches the vote (one candidate's edits never do), the vote is the source, which
+    a candidate resembles more than a cut output: it must not replace the output's corrections."""
+    source = "She go to school every days. He go home late."
+    candidate = "She goes to school every day. He goes home late."
+    cut = Correction("She goes to school every day.", [5])  # the model stopped after the first sentence
+    kept = guard(cut, [candidate], 50, source=source, span=2)
+    # its fix kept; the edit that ends where it stopped ("days. He go home late." -> "day.") left out
+    assert kept.text == "She goes to school every days. He go home late."
+    assert guard(Correction(candidate, [5]), [candidate], 50, source=source, span=2).text == candidate
+
+
 def test_a_long_request_the_model_read_cut_is_voted_on_whole_candidates():
     """Many sentences, each with an error every candidate fixes: the model read the candidates cut and
     fixed the first error; the vote, which reads them whole, fixes them all. A candidate far longer
