@@ -104,8 +104,8 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
 def _split_light(edits: list, words: list[str], theirs: list[str]) -> list[tuple[tuple, bool]]:
     """The edits, with the first word's capital and the last word's end punctuation ("she" -> "She",
     "home" -> "home.") apart and light: a sentence's frame, a writer's fix whatever the words next to
-    it, and in no edit's span. (A case changed inside the sentence stays part of its edit: a weak LLM
-    respells names.) (edit, light) pairs, in order."""
+    it, and in no edit's span. (A case changed inside the sentence, the last word's too, stays part of
+    its edit, which `_recased` then refuses: a weak LLM respells names.) (edit, light) pairs, in order."""
     out: list[tuple[tuple, bool]] = []
     for op in edits:
         tag, i1, i2, j1, j2 = op
@@ -115,7 +115,8 @@ def _split_light(edits: list, words: list[str], theirs: list[str]) -> list[tuple
         run = None  # the open run of other changed words: (i, j) where it starts
         for k in range(i2 - i1):
             at = i1 + k
-            if at in (0, len(words) - 1) and _letters(words[at]) == _letters(theirs[j1 + k]):
+            if (_letters(words[at]) == _letters(theirs[j1 + k]) if at == 0  # its capital
+                    else at == len(words) - 1 and _bare(words[at]) == _bare(theirs[j1 + k])):  # its end mark
                 if run is not None:
                     out.append((("replace", run[0], i1 + k, run[1], j1 + k), False))
                     run = None
@@ -128,7 +129,11 @@ def _split_light(edits: list, words: list[str], theirs: list[str]) -> list[tuple
 
 
 def _letters(word: str) -> str:
-    return _PUNCTUATION.sub("", word).lower()
+    return _bare(word).lower()
+
+
+def _bare(word: str) -> str:
+    return _PUNCTUATION.sub("", word)
 
 
 _PUNCTUATION = re.compile(r"^\W+|\W+$")
@@ -138,6 +143,8 @@ def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counte
     """Whether replacing words[i1:i2] by `new` fixes a writer's error rather than rewrites: apart from
     moved words and a doubled word dropped, it drops only short words, writes only short words,
     swaps short words or respells."""
+    if _recased(words, i1, i2, new):
+        return False
     doubled = {i for i in range(i1, i2) if any(0 <= j < len(words) and not i1 <= j < i2
                                                and _letters(words[j]) == _letters(words[i]) for j in (i - 1, i + 1))}
     old = [_letters(words[i]) for i in range(i1, i2) if i not in doubled and _letters(words[i]) not in moved]
@@ -150,6 +157,22 @@ def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counte
     if all(len(w) <= WRITE_LETTERS for w in old + written):
         return True
     return _ratio(" ".join(old), " ".join(written)) >= RESPELLED
+
+
+def _recased(words: list[str], i1: int, i2: int, new: list[str]) -> bool:
+    """Whether replacing words[i1:i2] by `new` changes only the case of words inside a sentence: not a
+    writer's fix but a weak LLM's respelling ("SocketIO" -> "socketio", "instance" -> "Instance"); a
+    sentence's first word (after an end mark) and the pronoun "I" are fixes a writer needs."""
+    if i2 - i1 != len(new) or i1 == 0:
+        return False
+    for at, written in zip(range(i1, i2), new):
+        old = words[at]
+        if old == written:
+            continue
+        if old.lower() != written.lower() or old.lower() in ("i", "i'm", "i'll", "i've", "i'd") \
+                or words[at - 1].endswith((".", "!", "?")):
+            return False
+    return True
 
 
 def _agreed_drop(words: list[str], i1: int, i2: int, drop: bool, candidates: Sequence[str]) -> bool:

@@ -161,7 +161,20 @@ def test_minimal_edits_keep_small_edits_and_the_source_elsewhere():
     assert minimal_edits("a b c", "x y z w", 3) == "a b c" and minimal_edits("a b c", "x y z w", 4) == "x y z w"
     assert minimal_edits("", "a b", 2) == "a b" and minimal_edits("a b", "", 2) == ""
     # nothing left out: the text as it is, its spacing and line breaks too (not a change of the fallback's)
-    assert minimal_edits("a b c", "a  b\nc", 2) == "a  b\nc" and minimal_edits("a b", "a\tB", 1) == "a\tB"
+    assert minimal_edits("a b c", "a  b\nc", 2) == "a  b\nc" and minimal_edits("a b", "a\tb.", 1) == "a\tb."
+
+
+def test_a_case_changed_inside_a_sentence_is_no_writers_fix():
+    """A weak LLM respells names ("SocketIO" -> "socketio") and capitalizes common words; a writer's
+    case errors are a sentence's first word and the pronoun I."""
+    for source, text in [("Create new Popen insance.", "Create new Popen Insance."),
+                         ("the first satellite to orbit the earth.", "the first satellite to orbit the Earth."),
+                         ("Perform a Turtle-data update.", "Perform a turtle-data update.")]:
+        assert minimal_edits(source, text, 2) == source, text
+    assert minimal_edits("True if the SocketIO is open on seeking.", "True if the socketio is open for seeking.", 2) \
+        == "True if the SocketIO is open for seeking."  # the fix beside it stays
+    assert minimal_edits("she went home. he slept", "She went home. He slept.", 2) == "She went home. He slept."
+    assert minimal_edits("yesterday i went home", "Yesterday I went home.", 2) == "Yesterday I went home."
 
 
 def test_minimal_edits_keep_a_writers_fixes_and_leave_rewrites_out():
