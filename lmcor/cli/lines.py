@@ -91,8 +91,8 @@ def split_lines(read: Callable[[int], bytes], max_bytes: int) -> Iterator[tuple[
 def read_lines(read: Callable[[int], bytes], max_bytes: int, *, after: int = 0,
                skipped: Callable[[int, int, bool], None] | None = None) -> Iterator[Line]:
     """The non-blank lines after line `after` of what `read` gives, each parsed or with its error
-    (`skipped` is told the number and size of each line up to `after`, and whether it is answered:
-    not blank)."""
+    (`skipped` is told the number and size of each line up to `after`, and whether it gets a record:
+    `gets_record`)."""
     for number, (raw, size) in enumerate(split_lines(read, max_bytes), start=1):
         if number <= after:
             if skipped is not None:
@@ -112,24 +112,24 @@ def gets_record(number: int, raw: bytes | None) -> bool:
 
 
 def check_resumed(args: argparse.Namespace, kept: Sequence[int], lines: int,
-                  answerable: Sequence[int] | None = None) -> None:
+                  recorded: Sequence[int] | None = None) -> None:
     """`--resume` continues an -o whose records answer the input lines `kept` (ascending): the input, of
     `lines` lines, must reach the last, and where its lines up to it that get a record are known
-    (`answerable`), they must be those: an -o that lacks some (records removed by hand) would leave
+    (`recorded`), they must be those: an -o that lacks some (records removed by hand) would leave
     them unanswered."""
     after = kept[-1] if kept else 0
     if lines < after:
         raise NotResumable(f"--resume: -o {args.output} answers input lines up to {after}, but {args.input} has "
                          f"{lines}: it is another input's output (remove it, or run without --resume)")
-    if answerable is not None and list(answerable) != list(kept):
-        recorded = set(kept)
-        missing = next((n for n in answerable if n not in recorded), None)
+    if recorded is not None and list(recorded) != list(kept):
+        kept_lines = set(kept)
+        missing = next((n for n in recorded if n not in kept_lines), None)
         if missing is not None:
             raise NotResumable(f"--resume: -o {args.output} holds no record of input line {missing}, which "
                              f"{args.input} has, but answers lines after it: it was not written by an "
                              "interrupted run of this input (remove it, or run without --resume)")
-        lines_read = set(answerable)
-        extra = next(n for n in kept if n not in lines_read)
+        recorded_lines = set(recorded)
+        extra = next(n for n in kept if n not in recorded_lines)
         raise NotResumable(f"--resume: -o {args.output} answers input line {extra}, which is blank in {args.input}: "
                          "it is another input's output (remove it, or run without --resume)")
 
@@ -140,16 +140,16 @@ def _check_resumed_file(args: argparse.Namespace, output: Output, echo: str | No
     each (`check_resumed`), and that last line must hold the record's id (as JSON: true is not 1),
     and the record's `echo` field (a field it copies from its line; an error record has none) that
     line's."""
-    answerable = []
+    recorded = []
     with open(args.input, "rb") as f:
         for number, (raw, _) in enumerate(split_lines(f.read, args.max_line_bytes), start=1):
             if gets_record(number, raw):
-                answerable.append(number)
+                recorded.append(number)
             if number == output.through:
                 break
         else:
             return  # fewer lines: `check_resumed` says so
-    check_resumed(args, output.kept_lines, number, answerable)
+    check_resumed(args, output.kept_lines, number, recorded)
     try:
         value = parse_line(raw, first=number == 1) if raw is not None else None
     except InputError:
@@ -233,7 +233,7 @@ class _Reader:
         self.failure: OSError | None = None
         self.ended = False
         self.skipped_bytes = self.skipped_lines = 0  # the lines an earlier run answered (--resume)
-        self.skipped_answered: list[int] = []  # those of them that get a record
+        self.skipped_recorded: list[int] = []  # those of them that get a record
         fd, owned = open_input(name)
         threading.Thread(target=self._read, args=(fd, owned, max_bytes, after), daemon=True).start()
 
@@ -252,7 +252,7 @@ class _Reader:
         self.skipped_bytes += size
         self.skipped_lines += 1
         if recorded:
-            self.skipped_answered.append(number)
+            self.skipped_recorded.append(number)
 
     def chunk(self, size: int, wait_s: float, stopping: Callable[[], bool]) -> list[Line]:
         """Up to `size` lines: waits for the first, then at most `wait_s` more for the rest; the lines
@@ -598,7 +598,7 @@ def answer_lines(
         if reader.failure is not None:
             raise LmcorError(f"{args.input}: reading failed ({reader.failure.strerror or reader.failure})")
         if not stopping():  # a signal stops the reader anywhere, even before the lines already answered
-            check_resumed(args, kept, reader.skipped_lines, reader.skipped_answered)
+            check_resumed(args, kept, reader.skipped_lines, reader.skipped_recorded)
 
     return write_answers(args, answered, verb, fields, echo)
 

@@ -947,7 +947,8 @@ def _host(scope: dict) -> str | None:
             text = value.decode("latin-1").strip().lower()
             if text.startswith("["):
                 return text[1:].partition("]")[0]
-            return text.rpartition(":")[0] if text.rpartition(":")[2].isdigit() else text
+            name, colon, port = text.rpartition(":")
+            return name if colon and port.isdigit() else text
     return None
 
 
