@@ -83,8 +83,11 @@ def build_outside(out_dir: Path, count: int = 500, seed: int = 3, model: str = "
 
 
 def build(out_dir: Path, seed: int = 0) -> dict[str, list[str]]:
-    """Write dev.jsonl and test.jsonl (seeded, fixed) and return every split's sentences."""
+    """Write dev.jsonl and test.jsonl (seeded, fixed), and dev-independent.jsonl (the dev sentences with
+    the same source errors, their candidates' errors independent: the fallback is calibrated on both
+    kinds), and return every split's sentences."""
     splits = split_sentences()
     for offset, name in enumerate(("dev", "test"), start=1):
         write_jsonl(out_dir / f"{name}.jsonl", examples(splits[name], seed + offset))
+    write_jsonl(out_dir / "dev-independent.jsonl", examples(splits["dev"], seed + 1, "independent"))
     return splits

@@ -1,12 +1,13 @@
 """Calibrate a corrector bundle's fallback on the dev split and write it into the bundle.
 
-    python -m lmcor.recipes.fallback BUNDLE [--dev recipes/splits/dev.jsonl --dev recipes/splits/llm-dev.jsonl]
+    python -m lmcor.recipes.fallback BUNDLE [--dev recipes/splits/dev.jsonl --dev ...]
 
 The corrector runs once over the dev requests without a fallback; then each threshold and span is
 scored as `Corrector.correct_batch(fallback_below=..., fallback_span=...)` would apply them
 (`runtime.fallback.guard`: an output whose chrF to its nearest candidate is below the threshold is
 replaced by the best guess among the source and the candidates, the candidates' voted edits (kept to
-`span` words) replace a text they support more, and the text keeps only its edits to the source of
+`span` words) replace a text they support more or whose edits they make and add words respelled or
+dropped to (`fallback.outvotes`), and the text keeps only its edits to the source of
 at most `span` words that fix a writer's error and write words of the source or the candidates).
 The pair kept scores within `--tolerance` of the best on exact match + chrF, with the lowest
 threshold and then the largest span: as good as any, and changing the fewest outputs. The bundle's
@@ -39,7 +40,7 @@ def calibrate(corrector, items, tolerance: float = 0.05, quiet: bool = False) ->
     of every pair tried. Both are chosen on exact match + chrF: chrF alone would trade exact
     corrections for character overlap. `quiet`: no progress bars."""
     from lmcor.bench.quality import score
-    from lmcor.runtime.fallback import agreement, best_guess, nearest, voters
+    from lmcor.runtime.fallback import agreement, best_guess, nearest, outvotes, voters
     from lmcor.runtime.request import Request
     from lmcor.runtime.tokens import encode_requests
     from lmcor.runtime.vote import edit_vote, input_words, minimal_edits
@@ -79,7 +80,7 @@ def calibrate(corrector, items, tolerance: float = 0.05, quiet: bool = False) ->
             for n, (output, s, guess, vote, item, words) in enumerate(
                     zip(outputs, similarity, guesses, small_votes[span], items, known)):
                 text = output if s >= threshold else guess
-                if vote != text and supported(vote, n) > supported(text, n):
+                if outvotes(item.source, text, vote, lambda t: supported(t, n)):
                     text = vote
                 kept.append(minimal_edits(item.source, text, span, words if text == output else None, vote_by[n]))
             replaced = sum(k != o for k, o in zip(kept, outputs))
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcor.recipes.fallback", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="corrector bundle folder (its manifest is rewritten)")
     parser.add_argument("--dev", type=Path, action="append", help="dev data (repeatable; default: "
-                        "recipes/splits/dev.jsonl and llm-dev.jsonl, synthetic and SmolLM2 candidates)")
+                        "recipes/splits/dev.jsonl, dev-independent.jsonl and llm-dev.jsonl: synthetic candidates "
+                        "with shared and with independent errors, and SmolLM2's)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="dev points (exact match + chrF) below the best "
                         "that still count as the best (default: %(default)s)")
     parser.add_argument("--report", type=Path, help="write every threshold's and span's dev scores to this JSON file")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report and (args.report.is_dir() or not args.report.parent.is_dir()):
         raise InputError(f"--report {args.report}: not a file that can be written (a folder, or its folder is missing)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    tried = calibrate_bundle(args.bundle, args.dev or [SPLITS / "dev.jsonl", SPLITS / "llm-dev.jsonl"], args.tolerance)
+    tried = calibrate_bundle(args.bundle, args.dev or [SPLITS / f"{name}.jsonl" for name in ("dev", "dev-independent", "llm-dev")], args.tolerance)
     if args.report:
         args.report.write_text(json.dumps(tried, indent=2) + "\n", encoding="utf-8")
     return 0

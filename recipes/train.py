@@ -680,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--init {args.init}: a {kind!r} checkpoint; this recipe continues T5 models "
                              "(`lmcor train-corrector --init` fine-tunes other seq2seq models)")
     # Calibrated on the dev splits there are (without recipes.llm_splits' files: the synthetic one).
-    calibration = [args.out / "dev.jsonl", *(path for path in [LLM_SPLITS / "llm-dev.jsonl"] if path.is_file())]
+    calibration = [args.out / "dev.jsonl", args.out / "dev-independent.jsonl",
+                   *(path for path in [LLM_SPLITS / "llm-dev.jsonl"] if path.is_file())]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import core
 from .request import Correction
-from .vote import edit_vote, input_words, longest_edit, minimal_edits
+from .vote import adds_fixes, edit_vote, input_words, longest_edit, minimal_edits
 
 CHAR_ORDER = 6
 BETA = 2.0
@@ -108,6 +108,17 @@ def voters(source: str, candidates: Sequence[str], read: Sequence[str]) -> Seque
     return [candidate for candidate in candidates if len(candidate) <= most]
 
 
+def outvotes(source: str, text: str, voted: str, support: Callable[[str], float]) -> bool:
+    """Whether the candidates' vote (`voted`, kept to small edits where the text will be) replaces
+    `text`: it makes every edit the text makes and adds only words respelled or dropped (`vote.adds_fixes`),
+    or the candidates support it more (`support`: a text's `agreement` with them). A vote of no edit
+    is the source, not the candidates' answer (one candidate's never holds an edit): it would undo
+    the text's corrections where the candidates resemble the source more."""
+    if voted == text or voted.split() == source.split():
+        return False
+    return adds_fixes(source, text, voted) or support(voted) > support(text)
+
+
 def guard(correction: Correction, candidates: Sequence[str], below: float, *, source: str | None = None,
           seen: Sequence[str] | None = None, span: int = 0) -> Correction:
     """`correction`, checked against the candidates when `below` > 0 (chrF, 0-100; 0: the model's
@@ -116,7 +127,8 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
     - the best guess among `source` and the candidates (`best_guess`), when the output is less
       similar than `below` to its nearest candidate: it strayed;
     - the candidates' voted edits to the source (`vote.edit_vote`), when there is one and the
-      candidates support them more than the text chosen so far (`agreement`): where the LLM's
+      candidates support them more than the text chosen so far (`agreement`), or it makes every
+      edit the text makes and adds only words respelled or dropped (`vote.adds_fixes`): where the LLM's
       answers agree on an edit, a small model that missed it is outvoted;
     - the text chosen so far kept to its edits of at most `span` words (`vote.minimal_edits`; 0: any
       size), the vote too before it is weighed: a weak LLM's candidates rewrite and drop clauses,
@@ -147,12 +159,8 @@ def guard(correction: Correction, candidates: Sequence[str], below: float, *, so
         # refusal), their vote replaces the whole sentence, which would win here and be undone below.
         voted = edit_vote(source, vote_by)
         voted = minimal_edits(source, voted, span, candidates=vote_by) if span else voted
-        # A vote of no edit is the source, not the candidates' answer (one candidate's never holds an
-        # edit): it would undo the output's corrections where the candidates resemble the source more.
-        if voted != text and voted.split() != source.split():
-            for_vote, for_text = _support([voted, text], vote_by)
-            if for_vote > for_text:
-                text = voted
+        if outvotes(source, text, voted, lambda t: agreement(t, vote_by)):
+            text = voted
     if source is not None:
         # Words its inputs hold bound the model's own output, as it read them; a guess or a vote is
         # made of the candidates' words already (and a huge candidate is not read again).

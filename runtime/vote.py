@@ -65,6 +65,29 @@ DROP_LETTERS = 3
 WRITE_LETTERS = 5
 RESPELLED = 0.5  # difflib's similarity ratio of the old and new letters
 AGREED_DROP_LETTERS = 4  # an auxiliary ("have", "will") is dropped where most candidates drop it
+AGREED_RESPELLED = 0.7  # a word the vote adds to an output's edits is a respelling of the source's at this ratio
+
+
+def adds_fixes(source: str, text: str, voted: str) -> bool:
+    """Whether `voted` makes every edit `text` makes to the source, and more, each of those one word
+    respelled (`AGREED_RESPELLED`) or dropped: slips the candidates agree on that the text missed,
+    writing no word of their own. Where candidates slip independently, two of them making the same
+    such fix is rarely chance; the words a weak LLM's samples write, replace or drop alike (a clause)
+    are more often a shared rewrite (chosen on the dev splits, synthetic and SmolLM2's)."""
+    words = source.split()
+
+    def edits(other: str) -> set[tuple[int, int, tuple[str, ...]]]:
+        theirs = other.split()
+        return {(i1, i2, tuple(theirs[j1:j2])) for tag, i1, i2, j1, j2 in _opcodes(words, theirs) if tag != "equal"}
+
+    own, agreed = edits(text), edits(voted)
+    return own < agreed and all(i2 - i1 == 1 and (not new or (len(new) == 1 and _respelled(words[i1], new[0])))
+                                for i1, i2, new in agreed - own)
+
+
+def _respelled(old: str, new: str) -> bool:
+    old, new = _letters(old), _letters(new)
+    return old != new and _ratio(old, new) >= AGREED_RESPELLED
 
 
 def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candidates: Sequence[str]) -> str:

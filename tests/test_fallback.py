@@ -14,7 +14,7 @@ from lmcor.runtime.bundle import load_manifest, shipped_bundle, write_manifest
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.fallback import best_guess, char_ngrams, chrf, guard, nearest
 from lmcor.runtime.request import Correction
-from lmcor.runtime.vote import edit_vote, minimal_edits
+from lmcor.runtime.vote import adds_fixes, edit_vote, minimal_edits
 
 from lmcor import Corrector
 from lmcor.cli import main
@@ -266,6 +266,35 @@ def test_the_candidates_outvote_an_output_that_missed_their_edits():
     assert guard(missed, candidates, 0, source=source) is missed  # 0: the model's output as it is
     # A truncated request (the model read cut candidates) is voted on the whole candidates.
     assert guard(missed, candidates, 50, source=source, seen=[c[:20] for c in candidates]).text == voted.text
+
+
+def test_the_vote_adds_the_respelled_and_dropped_words_two_candidates_agree_on():
+    """Candidates that slip independently: two fix a misspelling or drop a stray word that the output
+    (and most candidates) kept. The vote makes every edit the output makes and those: it is taken,
+    though the candidates that missed the fix resemble the output more. Words the vote writes or
+    replaces otherwise ("mopping" -> "mop": a weak LLM's samples rewrite alike) are weighed as before."""
+    source = "The book had a leatther binding."
+    candidates = ["The book had a leather binding.", "The book had a leatther binding.", "The book had a leatther binding.",
+                  "An book had a leatther binding.", "The book had a leather binding."]
+    got = guard(Correction(source, [5]), candidates, 50, source=source, span=2)
+    assert got.text == "The book had a leather binding." and got.fallback
+    source = "I kept the myself up all nihgt studying."
+    candidates = ["I kept the myself up all night studying.", "I kept myself up all night studying.",
+                  "I kept myself up all night the studying.", "I kept the myself up all night studying.",
+                  "I kept myself up all night studying."]
+    output = Correction("I kept the myself up all night studying.", [5])
+    assert guard(output, candidates, 50, source=source, span=2).text == "I kept myself up all night studying."
+    assert adds_fixes(source, output.text, "I kept myself up all night studying.")
+    # A clause two samples drop alike is a rewrite, not a slip: each added fix is one word.
+    assert not adds_fixes("He left early, tired of the noise.", "He left early, tired of the noise.", "He left early.")
+    # An edit of the output's own that the vote lacks: not the output with more fixes.
+    assert not adds_fixes(source, "I kept the myself up all night studying hard.", "I kept myself up all night studying.")
+    source = "He a gave it a good mopping."
+    candidates = ["He gave it a good mopping.", "He gave it a good mop.", "He gave a good mopping to the beekeeper.",
+                  "He gave it a good mopping.", "He gave it a good mop."]
+    assert not adds_fixes(source, "He gave it a good mopping.", "He gave it a good mop.")
+    assert guard(Correction("He gave it a good mopping.", [5]), candidates, 50, source=source, span=2).text \
+        == "He gave it a good mopping."
 
 
 def test_a_vote_of_no_edit_does_not_undo_the_outputs_corrections():
