@@ -61,6 +61,18 @@ def fortune_sentences(root: Path = FORTUNES, names: Iterable[str] = FORTUNE_FILE
                 yield sentence.strip()
 
 
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def license_sentences(root: Path = LICENSES) -> Iterator[str]:
+    """Sentences of the license texts Debian installs (GPL, Apache, MPL...): legal English, long
+    sentences, from outside the training corpora and the docstrings."""
+    for path in sorted(root.iterdir()):
+        if path.is_file() and not path.is_symlink():  # GPL -> GPL-3: each text once
+            text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+            yield from (sentence.strip() for sentence in _SENTENCE_END.split(text))
+
+
 def docstring_sentences(root: Path) -> Iterator[str]:
     """Sentences of the docstrings of the Python standard library under `root`: technical English
     from outside the training corpora, for checking how the model transfers."""

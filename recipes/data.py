@@ -66,18 +66,23 @@ def write_jsonl(path: Path, items: list[Example]) -> None:
                                ensure_ascii=False) + "\n")
 
 
-def build_outside(out_dir: Path, count: int = 500, seed: int = 3, model: str = "shared") -> Path:
+def build_outside(out_dir: Path, count: int = 500, seed: int = 3, model: str = "shared",
+                  source: str = "docstrings") -> Path:
     """`outside.jsonl` (`outside-{model}.jsonl` for another candidate model): correction examples
-    from sentences the model never saw in any form."""
+    from sentences the model never saw in any form, the Python standard library's docstrings; with
+    `source="licenses"`, `outside-licenses[-{model}].jsonl` from Debian's license texts."""
     import sysconfig
 
+    sentences = (corpus.docstring_sentences(Path(sysconfig.get_paths()["stdlib"])) if source == "docstrings"
+                 else corpus.license_sentences())
     known = set(corpus.sentences())
     found: dict[str, None] = {}
-    for sentence in corpus.docstring_sentences(Path(sysconfig.get_paths()["stdlib"])):
+    for sentence in sentences:
         if corpus.usable(sentence) and sentence not in known:
             found.setdefault(sentence, None)
     chosen = random.Random(seed).sample(sorted(found), min(count, len(found)))
-    path = out_dir / ("outside.jsonl" if model == "shared" else f"outside-{model}.jsonl")
+    stem = "outside" if source == "docstrings" else f"outside-{source}"
+    path = out_dir / (f"{stem}.jsonl" if model == "shared" else f"{stem}-{model}.jsonl")
     write_jsonl(path, examples(chosen, seed, model))
     return path
 

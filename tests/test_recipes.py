@@ -23,6 +23,13 @@ def test_fortunes_are_split_into_usable_sentences(tmp_path):
     assert found == ["A clash of doctrine is not a disaster -- it is an opportunity."]
 
 
+def test_license_texts_are_split_into_sentences_each_text_once(tmp_path):
+    (tmp_path / "GPL-3").write_text("You may copy it.\n  You may not\nsublicense it.  END OF TERMS\n")
+    (tmp_path / "GPL").symlink_to(tmp_path / "GPL-3")  # Debian's alias of the latest version
+    found = [s for s in corpus.license_sentences(tmp_path) if corpus.usable(s)]
+    assert found == ["You may copy it.", "You may not sublicense it."]
+
+
 def test_split_is_a_pure_function_of_the_sentence():
     """The same in every process (the shipped splits were written by another): a salted hash would not be."""
     import json
