@@ -67,6 +67,13 @@ def calibrate(corrector, items, tolerance: float = 0.05, quiet: bool = False) ->
             support[text, n] = agreement(text, vote_by[n])
         return support[text, n]
 
+    decided, small = {}, {}
+
+    def outvoted(text: str, vote: str, n: int) -> bool:
+        if (text, vote, n) not in decided:  # each item's few texts and votes recur at every threshold
+            decided[text, vote, n] = outvotes(items[n].source, text, vote, lambda t: supported(t, n))
+        return decided[text, vote, n]
+
     known = [input_words(item.source, read) for item, read in zip(items, seen)]
     small_votes = {span: [minimal_edits(item.source, v, span, candidates=by) if span else v
                           for v, item, by in zip(votes, items, vote_by)]
@@ -80,9 +87,12 @@ def calibrate(corrector, items, tolerance: float = 0.05, quiet: bool = False) ->
             for n, (output, s, guess, vote, item, words) in enumerate(
                     zip(outputs, similarity, guesses, small_votes[span], items, known)):
                 text = output if s >= threshold else guess
-                if outvotes(item.source, text, vote, lambda t: supported(t, n)):
+                if outvoted(text, vote, n):
                     text = vote
-                kept.append(minimal_edits(item.source, text, span, words if text == output else None, vote_by[n]))
+                if (text, span, n) not in small:  # as the texts and votes recur, so do their small edits
+                    small[text, span, n] = minimal_edits(item.source, text, span, words if text == output else None,
+                                                         vote_by[n])
+                kept.append(small[text, span, n])
             replaced = sum(k != o for k, o in zip(kept, outputs))
             tried.append({"threshold": threshold, "span": span, "fell_back": replaced, **score(kept, targets)})
     best = max(_objective(t) for t in tried)
