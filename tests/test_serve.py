@@ -361,11 +361,13 @@ def test_a_stopped_engine_lets_the_other_models_answer_what_they_took(bundles, g
     def no_scheduler(*args, **kwargs):
         raise RuntimeError("no scheduler today")
 
-    generate, started = models._generate, threading.Event()
+    # The generation waits until the test lets it go, so that it is still in flight when the new one
+    # comes, however slowly this machine runs the calls before (a fixed sleep ran out on a busy one).
+    generate, started, release = models._generate, threading.Event(), threading.Event()
 
     def slow_generate(*args):
         started.set()
-        time.sleep(3)
+        release.wait(TIMEOUT)
         return generate(*args)
 
     monkeypatch.setattr(engine_module, "Scheduler", no_scheduler)
@@ -373,13 +375,17 @@ def test_a_stopped_engine_lets_the_other_models_answer_what_they_took(bundles, g
     with running(ServeConfig(model=str(bundles[ARCH]), port=0, generators={"tiny": str(gpt2_bundle)})) as s, \
             httpx.Client(base_url=s.url, timeout=TIMEOUT) as c, ThreadPoolExecutor(1) as pool:
         generated = pool.submit(c.post, "/v1/generate", json={"prompt": "The cat", "max_new_tokens": 4})
-        assert started.wait(TIMEOUT)
-        assert c.post("/v1/correct", json=make_requests(1, seed=2)[0]).status_code == 500
-        deadline = time.monotonic() + TIMEOUT
-        while not s.state.draining:  # the server saw its engine stop (at its next tick)
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert c.post("/v1/generate", json={"prompt": "The cat"}).status_code == 503  # takes nothing new
+        try:
+            assert started.wait(TIMEOUT)
+            assert c.post("/v1/correct", json=make_requests(1, seed=2)[0]).status_code == 500
+            deadline = time.monotonic() + TIMEOUT
+            while not s.state.draining:  # the server saw its engine stop (at its next tick)
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused = c.post("/v1/generate", json={"prompt": "The cat"})  # takes nothing new
+        finally:
+            release.set()
+        assert refused.status_code == 503
         assert generated.result().status_code == 200
 
 
