@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from lmcor.runtime.bundle import MANIFEST_NAME, not_utf8
+from lmcor.runtime.bundle import MANIFEST_NAME, MAX_INPUT_TOKENS, MAX_OUTPUT_TOKENS, not_utf8
 from lmcor.runtime.errors import BundleError, ExportError, LmcorError
 
 log = logging.getLogger("lmcor")
@@ -409,11 +409,13 @@ def input_limit(config, tokenizer, asked: int | None) -> int:
     if asked is not None:
         if positions is not None and asked > positions:
             raise ExportError(f"--max-input-tokens {asked}: {_positions_said(config, positions)}")
+        if asked > MAX_INPUT_TOKENS:
+            raise ExportError(f"--max-input-tokens {asked}: at most {MAX_INPUT_TOKENS}")
         return asked
     declared = getattr(tokenizer, "model_max_length", None)
     if declared and declared < 1_000_000:
         return int(min(declared, positions or declared))
-    return positions or 512
+    return min(positions or 512, MAX_INPUT_TOKENS)
 
 
 def input_limit_named(asked: int | None, inputs: int) -> str:
@@ -424,10 +426,9 @@ def input_limit_named(asked: int | None, inputs: int) -> str:
             "set --max-input-tokens)")
 
 
+# A model without a position limit (T5) would take any number of output tokens; an answer is never
+# MAX_OUTPUT_TOKENS long, and the bundle's limit is every request's default.
 DEFAULT_OUTPUT_TOKENS = 256
-# A model without a position limit (T5) would take any number; an answer is never that long, and the
-# bundle's limit is every request's default.
-MAX_OUTPUT_TOKENS = 32768
 
 
 def output_limit(config, asked: int | None, *, after_prompt: bool = False) -> int:

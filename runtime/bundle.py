@@ -25,6 +25,10 @@ from .jsonl import unique_keys
 from .options import MAX_NO_REPEAT_NGRAM, check_flag, check_text, shown
 
 MANIFEST_NAME = "lmcor.json"
+# Bounds of a bundle's token limits, beyond any model's: a larger value is a damaged manifest, which
+# would fail later (an output limit past int64 in a batch's arrays).
+MAX_INPUT_TOKENS = 1 << 22
+MAX_OUTPUT_TOKENS = 32768
 FORMAT_VERSION = 3
 # Version 1 bundles predate `decoder_graph` and always hold "merged". Before version 3, int8
 # bundles quantized each MatMul's input with one scale per tensor, so a row's output depended on
@@ -164,8 +168,8 @@ class Manifest:
             template=_template(top.section("template")) if kind == "corrector" else None,
             special_tokens=_special_tokens(top.section("special_tokens"), decoder.vocab_size) if decoder else None,
             decoder=decoder,
-            max_input_tokens=top.integer("max_input_tokens", 1),
-            max_output_tokens=top.integer("max_output_tokens", 1) if decodes else 0,
+            max_input_tokens=top.integer("max_input_tokens", 1, maximum=MAX_INPUT_TOKENS),
+            max_output_tokens=top.integer("max_output_tokens", 1, maximum=MAX_OUTPUT_TOKENS) if decodes else 0,
             labels=_labels(top) if kind == "classifier" else (),
             gate_threshold=top.number("gate_threshold", 0, 1),
             precision=_precision(top),

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from .batching import pad_batch, plan_batches
-from .bundle import Manifest, bundle_path, load_manifest
+from .bundle import MANIFEST_NAME, Manifest, bundle_path, load_manifest
 from .tokens import MAX_CHARS_PER_TOKEN, check_vocabulary, cut_to_read, load_tokenizer
 from .errors import BundleError, InputError
 from .jsonl import json_kind
@@ -167,7 +167,13 @@ class Classifier:
             log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so a text's "
                         "probabilities depend on the rest of its batch; re-export it with this lmcor "
                         "(`lmcor export --kind classifier --precision int8`)", root, manifest.format_version)
-        return cls(root, manifest, load_tokenizer(root / manifest.files["tokenizer"]), session)
+        tokenizer = load_tokenizer(root / manifest.files["tokenizer"])
+        post = tokenizer.post_processor
+        least = (post.num_special_tokens_to_add(True) if post is not None else 0) + 2
+        if manifest.max_input_tokens < least:  # as export refuses it: the tokenizer would cut nothing
+            raise BundleError(f"{root / MANIFEST_NAME}: max_input_tokens: {manifest.max_input_tokens}: a text pair "
+                              f"needs {least} tokens (its special tokens and one of each text)")
+        return cls(root, manifest, tokenizer, session)
 
     @property
     def labels(self) -> tuple[str, ...]:

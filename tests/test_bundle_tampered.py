@@ -108,6 +108,8 @@ CORRECTOR_DEFECTS = {
     "max-input-string": (_set(None, max_input_tokens="x"), "max_input_tokens"),
     "max-input-bool": (_set(None, max_input_tokens=True), "max_input_tokens"),
     "max-output-zero": (_set(None, max_output_tokens=0), "max_output_tokens"),
+    "max-output-huge": (_set(None, max_output_tokens=2**63), "max_output_tokens"),  # past int64 in a batch's limits
+    "max-input-huge": (_set(None, max_input_tokens=2**70), "max_input_tokens"),
     "opset-zero": (_set(None, opset=0), "opset"),
     "opset-float": (_set(None, opset=18.0), "opset"),
     "architecture-empty": (_set(None, architecture=""), "architecture"),
@@ -316,6 +318,7 @@ CLASSIFIER_DEFECTS = {
     "template": (_set(None, template={"text": "{source} {candidates}"}), "template"),
     "fallback-of-a-corrector": (_set(None, fallback_below=50.0), "fallback_below"),
     "pad-beyond-vocab": (_set(None, vocab_size=30000, pad_token=30000), "pad_token"),
+    "max-input-below-a-pair": (_set(None, max_input_tokens=4), "max_input_tokens: 4: a text pair needs 5 tokens"),
 }
 
 

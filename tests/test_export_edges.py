@@ -414,13 +414,15 @@ def test_an_interrupted_export_says_nothing_was_written(t5_checkpoints, tmp_path
 def test_an_export_into_the_current_folder_and_an_output_limit_past_any_answer(t5_checkpoints, tmp_path,
                                                                                monkeypatch, capsys):
     """"." is the working directory, which replacing it would remove from under the shell: refused,
-    nothing written; a limit of a billion output tokens (T5 has no position limit) is refused before
-    anything runs."""
+    nothing written; a limit of a billion output or input tokens (T5 has no position limit) is refused
+    before anything runs."""
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
     assert main(["export", str(t5_checkpoints[2, 3]), "x", "--max-output-tokens", "1000000000"]) == 2
     assert "--max-output-tokens 1000000000: at most 32768" in capsys.readouterr().err
+    assert main(["export", str(t5_checkpoints[2, 3]), "x", "--max-input-tokens", "1000000000"]) == 2
+    assert "--max-input-tokens 1000000000: at most 4194304" in capsys.readouterr().err  # (a bundle's bound)
     assert main(["export", str(t5_checkpoints[2, 3]), "."]) == 2
     assert ".: the output folder is the working directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any(here.iterdir())
