@@ -24,7 +24,8 @@ class Request:
         if not isinstance(self.source, str):
             raise InputError(f"field 'source' must be a string, got {json_kind(self.source)}")
         if not self.source.strip():
-            raise InputError("field 'source' is empty")
+            raise InputError("field 'source' is empty" if self.source == "" else
+                             "field 'source' is only white space: nothing to correct")
         check_text("field 'source'", self.source)
         if isinstance(self.candidates, str) or not isinstance(self.candidates, (list, tuple)):
             raise InputError(f"field 'candidates' must be a list of strings, got {json_kind(self.candidates)}")

@@ -109,7 +109,8 @@ BAD = [
     (b"[]", 422, "empty list"),
     (b'"just a string"', 422, "got a string"),
     (b'{"candidates": ["a"]}', 422, "missing field 'source'"),
-    (b'{"source": " ", "candidates": ["a"]}', 422, "field 'source' is empty"),
+    (b'{"source": "", "candidates": ["a"]}', 422, "field 'source' is empty"),
+    (b'{"source": "\\u2029 \\r", "candidates": ["a"]}', 422, "field 'source' is only white space: nothing to correct"),
     (b'{"source": "x", "candidates": []}', 422, "field 'candidates' is an empty list"),
     (b'{"source": "x", "candidates": ["a"], "max_new_tokens": 100000}', 422, "max_new_tokens must be an integer"),
     (b'{"source": "x", "candidates": ["a"], "num_beams": "3"}', 422, "num_beams must be an integer"),
@@ -334,6 +335,41 @@ def test_a_body_that_stops_arriving_gets_408_and_does_not_hold_the_drain(bundles
             time.sleep(0.01)
         with httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:  # a slow client, not a slow server (504's "timeout")
             assert _metrics(c)[("lmcor_errors_total", (("kind", "body_timeout"),))] == 1
+
+
+def test_an_internal_error_answers_500_and_keeps_the_connection(bundles, monkeypatch, caplog):
+    """The models failing on a batch is its requests' 500 (kind internal) and one log line with the
+    traceback; the connection stays open for the client's next request (an error raised past the app
+    made uvicorn close it, and a client that sent its next request on it got a reset)."""
+    import http.client
+
+    from lmcor.runtime import scheduler
+
+    real, failed = scheduler.encode_batch, []
+
+    def failing_once(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("the encoder failed today")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "encode_batch", failing_once)
+    body = json.dumps(make_requests(1, seed=2)[0])
+    with running(ServeConfig(model=str(bundles[ARCH]), port=0)) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        try:
+            answers = []
+            for _ in range(2):
+                connection.request("POST", "/v1/correct", body=body, headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                answers.append((response.status, json.loads(response.read())))
+        finally:
+            connection.close()
+    assert answers[0] == (500, {"error": {"kind": "internal", "message": "RuntimeError: the encoder failed today"}})
+    assert answers[1][0] == 200 and answers[1][1]["output"]
+    logged = [r for r in caplog.records if r.exc_info and "the encoder failed today" in str(r.exc_info[1])]
+    assert [r.name for r in logged] == ["lmcor.server"]
 
 
 def test_a_stopped_engine_fails_requests_at_once_and_health_says_failed(bundles, monkeypatch):

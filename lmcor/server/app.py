@@ -698,7 +698,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return _error(state, e.status_code, kind, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def internal(_: Request, e: Exception) -> Response:  # uvicorn logs its traceback
+    async def internal(_: Request, e: Exception) -> Response:  # outside `_Guard` alone; uvicorn logs it
         return _error(state, 500, "internal", f"{type(e).__name__}: {e}")
 
     bodies = _bodies(config)
@@ -899,7 +899,7 @@ class _Guard:
         state, path = self.state, scope["path"]
         route = path if path in ROUTES else "other"
         started = time.perf_counter()
-        status = 500  # unless a response starts
+        status = None  # until a response starts
 
         async def sent(message: dict) -> None:
             nonlocal status
@@ -910,7 +910,15 @@ class _Guard:
         state.in_flight += 1
         try:
             await (self._refusal(path, scope) or self.app)(scope, receive, sent)
+        except Exception as e:
+            if status is not None:  # a stream cut short: only a closed connection can tell its client
+                raise
+            # Answered here, not raised on to Starlette's last handler, which re-raises it: uvicorn
+            # then closes the connection, and a client's next request on it is reset.
+            log.error("internal error", exc_info=e, extra={"fields": {"method": scope["method"], "path": path[:200]}})
+            await _error(state, 500, "internal", f"{type(e).__name__}: {e}")(scope, receive, sent)
         finally:
+            status = 500 if status is None else status
             state.in_flight -= 1
             seconds = time.perf_counter() - started
             state.metrics.http.labels(route, str(status)).inc()
