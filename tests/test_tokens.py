@@ -168,7 +168,7 @@ def test_the_tokens_of_each_span_are_a_plain_scans(tokenizer):
     "item, message",
     [
         ({"candidates": ["a"]}, "missing field 'source'"),
-        ({"source": "  ", "candidates": ["a"]}, "'source' is empty"),
+        ({"source": "  ", "candidates": ["a"]}, "'source' is only white space"),
         ({"source": "a", "candidates": []}, "empty list"),
         ({"source": "a", "candidates": "b"}, "must be a list of strings"),
         ({"source": "a", "candidates": ["b", 3]}, r"candidates\[1\] must be a string"),
