@@ -842,6 +842,15 @@ def test_a_server_on_loopback_answers_requests_for_loopback_hosts_alone(client):
         answer = client.post("/v1/correct", json={"source": "she go", "candidates": ["She goes."], **DECODE},
                              headers={"Host": host})
         assert answer.status_code == 200, host
+    # Two Host headers: a proxy may read the other one (it was answered, for the first)
+    with socket.create_connection((client.base_url.host, port), timeout=TIMEOUT) as raw:
+        raw.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["message"] == \
+        "the request has 2 Host headers; one at most"
 
 
 def test_allowed_hosts_are_answered_on_loopback():

@@ -928,7 +928,10 @@ class _Guard:
 
     def _refusal(self, path: str, scope: dict) -> Response | None:
         state = self.state
-        if self.local_only and (host := _host(scope)) is not None and not (loopback(host) or host in self.allowed):
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        if len(hosts) > 1:  # which one a proxy or this server would read is not agreed: refused (RFC 9112)
+            return _error(state, 400, "bad_host", f"the request has {len(hosts)} Host headers; one at most")
+        if self.local_only and hosts and not (loopback(host := _host_name(hosts[0])) or host in self.allowed):
             return _error(state, 400, "bad_host", f"the request is for the host {host[:100]!r}, but this server "
                           "listens on loopback and answers requests for localhost and loopback addresses (and "
                           "--allow-host names: a proxy's in front of it)")
@@ -947,17 +950,13 @@ class _Guard:
         return None
 
 
-def _host(scope: dict) -> str | None:
-    """The host name a request's Host header names (no port; an IPv6 address without its brackets), or
-    None without one."""
-    for name, value in scope["headers"]:
-        if name == b"host":
-            text = value.decode("latin-1").strip().lower()
-            if text.startswith("["):
-                return text[1:].partition("]")[0]
-            name, colon, port = text.rpartition(":")
-            return name if colon and port.isdigit() else text
-    return None
+def _host_name(value: bytes) -> str:
+    """The host name a Host header's value names (no port; an IPv6 address without its brackets)."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    name, colon, port = text.rpartition(":")
+    return name if colon and port.isdigit() else text
 
 
 def _has_key(scope: dict, key: bytes) -> bool:
