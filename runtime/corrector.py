@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .bundle import Manifest, bundle_path, load_manifest, shipped_bundle
@@ -17,7 +18,7 @@ from .encode import PackedEncoder
 from .decode import cache_layout
 from .engine import DEFAULTS, Engine
 from .errors import BundleError, InputError
-from .options import check_optional
+from .options import MAX_BATCHES, check_int, check_optional
 from .request import Correction, CorrectionOptions, Request
 from .sessions import Sessions, check_graphs, open_session, usable_providers
 from .tokens import load_tokenizer
@@ -43,6 +44,14 @@ def _packed_encoder(root: Path, manifest: Manifest, device: str, choice: str) ->
         raise
 
 
+def _open_sessions(root: Path, manifest: Manifest, providers: list[str] | None, threads: int | None) -> Sessions:
+    def opened(role: str) -> ort.InferenceSession:
+        return open_session(root / manifest.files[role], providers=providers, threads=threads)
+
+    return Sessions(encoder=opened("encoder"), decoder=opened("decoder"),
+                    cross=opened("cross") if "cross" in manifest.files else None)
+
+
 class Corrector:
     """A seq2seq corrector: reads a source and K candidates, writes one corrected output.
 
@@ -50,13 +59,13 @@ class Corrector:
     """
 
     def __init__(self, root: Path, manifest: Manifest, tokenizer: Tokenizer, sessions: Sessions,
-                 packed: PackedEncoder | None = None):
+                 packed: PackedEncoder | None = None, *, batches: int = 1, narrow: Sessions | None = None):
         self.root = root
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.sessions = sessions
         self.packed = packed
-        self.engine = Engine(sessions, manifest, tokenizer, packed)
+        self.engine = Engine(sessions, manifest, tokenizer, packed, batches=batches, narrow=narrow)
 
     @classmethod
     def load(
@@ -67,6 +76,7 @@ class Corrector:
         threads: int | None = None,
         verify: bool = True,
         encoder: Literal["auto", "onnx", "packed"] = "auto",
+        batches: int = 1,
     ) -> "Corrector":
         """Load a bundle written by `lmcor export` (the shipped default corrector when `path` is None).
 
@@ -76,26 +86,32 @@ class Corrector:
         `encoder`: "auto" runs the Triton packed encoder when the bundle holds its weights, the
         decoder runs on CUDA and PyTorch with Triton are installed, else the ONNX encoder; "onnx"
         and "packed" choose (on CPU, "packed" needs Triton's interpreter, TRITON_INTERPRET=1).
+        `batches`: the online engine's (`engine.submit`) batches decoded side by side, each by its own
+        thread. On the CPU, while several have work each runs on its share of the threads, through a
+        second set of sessions (the weights held twice); never more batches than threads.
         """
         root = bundle_path(path) if path is not None else shipped_bundle("default")
         manifest = load_manifest(root, verify=verify, kind="corrector")
         tokenizer = load_tokenizer(root / manifest.files["tokenizer"], manifest.special_tokens,
                                    manifest.decoder.vocab_size)
+        check_int("batches", batches, 1, MAX_BATCHES)
         providers = usable_providers(providers) if providers is not None else None
-        sessions = Sessions(
-            encoder=open_session(root / manifest.files["encoder"], providers=providers, threads=threads),
-            decoder=open_session(root / manifest.files["decoder"], providers=providers, threads=threads),
-            cross=(open_session(root / manifest.files["cross"], providers=providers, threads=threads)
-                   if "cross" in manifest.files else None),
-        )
+        sessions = _open_sessions(root, manifest, providers, threads)
         check_graphs(root, manifest, {"encoder": sessions.encoder, "decoder": sessions.decoder, "cross": sessions.cross})
+        narrow = None
+        if sessions.device == "cpu":  # on a GPU the batches share its sessions
+            total = threads or os.cpu_count() or 1  # ONNX Runtime's default: a thread per core
+            batches = min(batches, total)
+            if batches > 1:
+                narrow = _open_sessions(root, manifest, providers, total // batches)
         if manifest.decoder_graph == "ragged":
             cache_layout(sessions.device)  # LMCOR_CACHES, checked now rather than at the first request
         if manifest.int8_per_tensor:
             log.warning("%s: an int8 bundle of format %d quantizes activations per tensor, so its outputs depend on "
                         "the rest of their batch and drafted decoding is off; re-export it with this lmcor "
                         "(`lmcor export --precision int8`)", root, manifest.format_version)
-        return cls(root, manifest, tokenizer, sessions, _packed_encoder(root, manifest, sessions.device, encoder))
+        return cls(root, manifest, tokenizer, sessions, _packed_encoder(root, manifest, sessions.device, encoder),
+                   batches=batches, narrow=narrow)
 
     @property
     def drafts_supported(self) -> bool:

@@ -165,6 +165,11 @@ class RaggedDecoder:
         """The source length every row's cross-attention spans (the batch's longest)."""
         return self._mask.shape[1]
 
+    def use(self, sessions: Sessions) -> None:
+        """Run the next calls on `sessions`: the same graphs with another thread count (the rows'
+        buffers are the decoder's own, not the session's)."""
+        self.session, self.cross_session = sessions.decoder, sessions.cross
+
     def cross_states(self, hidden: ort.OrtValue) -> list[np.ndarray]:
         """Every layer's cross-attention keys and values of encoder states."""
         return run(self.cross_session, self._cross, {"encoder_hidden_states": hidden.numpy()})

@@ -5,9 +5,9 @@ its first candidate right, which is then its answer), tokenized (`tokens.encode_
 by a `scheduler.Scheduler` (encode, propose, verify, accept, retire: rows join and leave the
 decoder's batch between calls), turned into text, and guarded (`fallback.guard`). Offline calls
 (`correct`, `generate`) admit all their requests at once, longest first, and run the scheduler in
-the calling thread. Online requests (`submit`) go to one background thread, which runs while
-requests wait or run and answers each through its future. A request's new tokens become known in
-`Sequence.take`, one decoder call at a time.
+the calling thread. Online requests (`submit`) go to background threads, a worker for each batch
+decoded side by side, which run while requests wait or run and answer each through its future. A
+request's new tokens become known in `Sequence.take`, one decoder call at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .drafts import Drafts
 from .encode import PackedEncoder
 from .errors import BundleError, InputError, LmcorError
 from .fallback import guard
-from .options import (ERRORS, MAX_BATCH_SIZE, check_choice, check_int, check_items, check_max_new_tokens,
+from .options import (ERRORS, MAX_BATCH_SIZE, MAX_BATCHES, check_choice, check_int, check_items, check_max_new_tokens,
                       check_optional, check_progress, shown)
 from .request import Correction, CorrectionOptions, Request, as_request
 from .scheduler import EngineStats, Scheduler, Tally
@@ -79,17 +79,26 @@ class Submitted(Future):
 class Engine:
     """A corrector bundle's sessions and the schedulers that drive them.
 
-    `batch_size` bounds the rows decoding at once for online requests (offline calls give their own).
+    `batch_size` bounds the rows decoding at once for online requests, in all of the engine's
+    `batches` (offline calls give their own). Each batch is decoded by its own worker thread; while
+    more than one has work, each runs on `narrow` (the same graphs with fewer threads, so that
+    together they keep the cores busy: one worker's Python runs while another's models do), and
+    on `sessions` while it works alone.
     """
 
     def __init__(self, sessions: Sessions, manifest: Manifest, tokenizer: Tokenizer,
-                 packed: PackedEncoder | None = None, *, batch_size: int = 16):
+                 packed: PackedEncoder | None = None, *, batch_size: int = 16, batches: int = 1,
+                 narrow: Sessions | None = None):
         self.sessions, self.manifest, self.tokenizer, self.packed = sessions, manifest, tokenizer, packed
         self.batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        self.batches = check_int("batches", batches, 1, MAX_BATCHES)
+        self.narrow = narrow
         self._tally = Tally()
         self._cond = threading.Condition()
         self._inbox: list[_Submission] = []
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []  # the running workers
+        self._load: dict[threading.Thread, int] = {}  # per worker: the sequences it holds
+        self._crowded = -CROWDED_S  # when more than one worker last had work
         self._closed = self._cancel = False
         self.failure: BaseException | None = None  # what stopped the background thread, if anything did
         self._respaced = folds_white_space(tokenizer)  # the model's own outputs get the source's line breaks
@@ -201,8 +210,9 @@ class Engine:
     def submit(self, request: Request | dict | tuple, options: CorrectionOptions | None = None, *,
                gate: Classifier | None = None,
                on_tokens: Callable[[list[int]], None] | None = None) -> Future[Correction]:
-        """Correct one request in the engine's background thread, which the first submission starts.
-        Thread-safe. Requests join the running batch between decoder calls (at most `batch_size` rows),
+        """Correct one request in the engine's background threads (its workers), which the first
+        submission starts. Thread-safe. Requests join a running batch between decoder calls (at most
+        `batch_size` rows in all of its batches),
         so a short one never waits for a long one to finish (in greedy search: a beam search at the head
         of the queue runs as a static batch once the batch drains, and those behind it wait with it);
         beside a row that needs many calls, at most every few calls (`scheduler.HOLD_CALLS`).
@@ -215,7 +225,7 @@ class Engine:
         submission to a closed engine raises `InputError` in the calling thread (one that stopped on
         an internal error: `LmcorError`), and gets no future.
 
-        `on_tokens`, if given, is called in the engine's thread with each decoder call's new token ids
+        `on_tokens`, if given, is called in a worker's thread with each decoder call's new token ids
         (greedy decoding; EOS left out) as they are written; it must be quick and must not raise. The
         future's done-callbacks run in that thread too: keep them quick.
         The result's text may still differ from those tokens: the fallback can replace it.
@@ -235,15 +245,16 @@ class Engine:
         with self._cond:
             self._check_open()  # again: it may have closed meanwhile
             self._inbox.append(_Submission(request, options, gate, future, queued, on_tokens))
-            if self._thread is None:
+            while len(self._threads) < self.batches:  # the first submission, or after workers went idle
                 # Registered first: a thread that a signal interrupting start() leaves running is not the
                 # engine's, and leaves at once (`_serve`) instead of serving beside the next one.
-                self._thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
+                thread = threading.Thread(target=self._serve, name="lmcor-engine", daemon=True)
+                self._threads.append(thread)
                 try:
-                    self._thread.start()
+                    thread.start()
                 except BaseException:  # no thread (out of memory, a signal): nothing of this call stays behind
-                    self._inbox.pop()
-                    self._thread = None
+                    self._inbox.pop()  # (the workers started wait for this lock: none has taken it)
+                    self._threads.remove(thread)
                     raise
             self._cond.notify()
         return future
@@ -254,10 +265,11 @@ class Engine:
         with self._cond:
             self._closed = True
             self._cancel = self._cancel or cancel
-            thread = self._thread
-            self._cond.notify()
-        if thread is not None and thread is not threading.current_thread():  # not from a callback of its own
-            thread.join()
+            threads = list(self._threads)
+            self._cond.notify_all()
+        for thread in threads:
+            if thread is not threading.current_thread():  # not from a callback of its own
+                thread.join()
 
     def __enter__(self) -> Engine:
         return self
@@ -266,28 +278,43 @@ class Engine:
         self.close(cancel=kind is not None)  # leaving on an error (Ctrl-C) does not wait for the queue
 
     def _serve(self) -> None:
-        """The background loop: runs while submissions wait or decode, sleeps otherwise."""
+        """A worker's loop: runs while submissions wait or decode, sleeps otherwise."""
+        me = threading.current_thread()
         with self._cond:
-            if self._thread is not threading.current_thread():
+            if me not in self._threads:
                 return  # started by a submission that a signal interrupted: it takes nothing
         scheduler: Scheduler | None = None
         try:
             scheduler = Scheduler(self.sessions, self.manifest, self.packed, self.batch_size, self._tally)
             while True:
                 with self._cond:
-                    while not (self._inbox or scheduler.busy or self._closed):
+                    self._load[me] = scheduler.load
+                    while not ((self._inbox and self._room(scheduler.load)) or scheduler.busy or self._closed):
                         if not self._cond.wait(timeout=IDLE_S) and not self._inbox:
-                            self._thread = None  # idle: the next submission starts another; till then
-                            return  # nothing holds this engine (a Corrector dropped is freed)
-                    arrivals, self._inbox = self._inbox, []
+                            self._threads.remove(me)  # idle: the next submission starts another; till then
+                            del self._load[me]  # nothing holds this engine (a Corrector dropped is freed)
+                            return
                     cancel = self._cancel
+                    taken = len(self._inbox) if cancel else self._room(scheduler.load)
+                    arrivals, self._inbox = self._inbox[:taken], self._inbox[taken:]
+                    self._load[me] = scheduler.load + len(arrivals)
+                    if self._inbox:
+                        self._cond.notify()
+                    now = time.perf_counter()
+                    if sum(load > 0 for load in self._load.values()) > 1:
+                        self._crowded = now
+                    narrow = now - self._crowded < CROWDED_S
+                if self.narrow is not None:
+                    scheduler.use(self.narrow if narrow else self.sessions)
                 if cancel:
                     for future in [*(s.future for s in scheduler.waiting), *(a.future for a in arrivals)]:
                         _withdraw(future)
                     scheduler.waiting.clear()
                     arrivals = []
                 if not arrivals and not scheduler.busy:
-                    return  # closed, and every submission answered
+                    # Closed, and every submission answered, or those left wait for room that only the
+                    # other workers' batches can free.
+                    return
                 if arrivals:
                     try:
                         scheduler.add(self._prepare(arrivals))
@@ -311,6 +338,8 @@ class Engine:
                 self._closed = True
                 self.failure = e
                 arrivals, self._inbox = self._inbox, []
+                self._load.pop(me, None)
+                self._cond.notify_all()  # the other workers finish their batches and leave
             said = LmcorError(f"the engine stopped on an internal error: {type(e).__name__}: {e}")
             said.__cause__ = e
             held = [] if scheduler is None else [*scheduler.held(), *scheduler.waiting]  # (no new batch: it may fail)
@@ -319,6 +348,13 @@ class Engine:
             for submission in arrivals:
                 _settle(submission.future, error=said)
             log.error("the engine stopped on an internal error; it takes no more requests", exc_info=e)
+
+    def _room(self, held: int) -> int:
+        """Submissions a worker holding `held` sequences may take now (with `_cond` held): what the
+        batches have room for, and at most its share of it, so that the workers split a queue; the
+        rest wait for whichever worker is free first."""
+        share = -(-self.batch_size // self.batches)
+        return max(min(self.batch_size - sum(self._load.values()), share - held), 0)
 
     def _prepare(self, arrivals: list[_Submission]) -> list[Sequence]:
         """Submissions -> sequences to decode, in arrival order; a bad request or options, or a gate
@@ -422,7 +458,11 @@ class Engine:
         return row.astype(np.int64)
 
 
-# How long the background thread waits for work before it ends (the next submission starts it again).
+# Workers run on the narrow sessions for this long after more than one had work: a batch often
+# empties for a moment under load, and its worker's next step on every thread would contend with the
+# others'.
+CROWDED_S = 0.1
+# How long a worker waits for work before it ends (the next submission starts it again).
 IDLE_S = 30.0
 
 

@@ -25,6 +25,8 @@ MAX_BEAMS = 16
 MAX_BATCH_SIZE = 1024
 # ONNX Runtime's intra-op threads; more than this is a mistake, not a machine.
 MAX_THREADS = 1024
+# An engine's batches, each decoded by its own thread (`Engine`): past a few they only contend for the cores.
+MAX_BATCHES = 64
 # Beam search divides scores by length ** length_penalty: past +-10 that power overflows float32
 # for long outputs.
 MAX_LENGTH_PENALTY = 10.0

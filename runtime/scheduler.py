@@ -93,6 +93,19 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.waiting or self.batch.rows)
 
+    @property
+    def load(self) -> int:
+        """The sequences this scheduler holds: decoding, and waiting to."""
+        return len(self.waiting) + len(self.batch.rows)
+
+    def use(self, sessions: Sessions) -> None:
+        """Run the next steps on `sessions`: the same graphs with another thread count (`Engine`'s
+        batches). A ragged batch's rows go on with them; a merged decoder's batch keeps the sessions
+        its bound buffers belong to, and the next batch opens on these."""
+        self.sessions = sessions
+        if self.continuous:
+            self.batch.decoder.use(sessions)
+
     def add(self, sequences: Iterable[Sequence]) -> None:
         self.waiting.extend(sequences)
 

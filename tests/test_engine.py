@@ -66,6 +66,79 @@ def test_online_submissions_from_threads_match_offline(bundles, arch):
         assert len({len(c.token_ids) for c in online}) > 3, "the fixture should give outputs of many lengths"
 
 
+@pytest.mark.parametrize("arch", ["t5v11", "bart"])
+def test_two_workers_split_the_queue_and_answer_as_offline(bundles, arch, monkeypatch):
+    """Each worker takes at most its share of `batch_size`, so a queue longer than that is decoded by
+    both; while both have work each runs on the narrow sessions (a thread each), and the outputs are
+    the offline ones."""
+    from lmcor.runtime import scheduler as scheduler_module
+
+    used: list[object] = []
+    real_use = scheduler_module.Scheduler.use
+    monkeypatch.setattr(scheduler_module.Scheduler, "use", lambda self, sessions: (used.append(sessions),
+                                                                                   real_use(self, sessions)))
+    corrector = Corrector.load(bundles[arch], threads=2, batches=2)
+    engine = corrector.engine
+    assert engine.batches == 2 and engine.narrow is not None
+    assert engine.narrow.decoder.get_session_options().intra_op_num_threads == 1
+    assert engine.sessions.decoder.get_session_options().intra_op_num_threads == 2
+    requests = _varied(24, seed=41)
+    options = CorrectionOptions(max_new_tokens=24)
+    offline = corrector.correct_batch(requests, options=options, batch_size=4)
+    workers: set[int] = set()
+    with corrector:
+        futures = [engine.submit(r, options, on_tokens=lambda _: workers.add(threading.get_ident()))
+                   for r in requests]
+        online = [f.result(timeout=RESULT_TIMEOUT) for f in futures]
+    assert [c.token_ids for c in online] == [c.token_ids for c in offline]
+    assert len(workers) == 2
+    assert engine.narrow in used
+
+
+def test_max_batch_bounds_the_requests_of_all_workers_and_a_lone_worker_runs_on_every_thread(bundles, monkeypatch):
+    from lmcor.runtime import scheduler as scheduler_module
+
+    used: list[object] = []
+    real_use = scheduler_module.Scheduler.use
+    monkeypatch.setattr(scheduler_module.Scheduler, "use", lambda self, sessions: (used.append(sessions),
+                                                                                   real_use(self, sessions)))
+    corrector = Corrector.load(bundles["t5"], threads=2, batches=2)
+    engine = Engine(corrector.sessions, corrector.manifest, corrector.tokenizer, batch_size=1, batches=2,
+                    narrow=corrector.engine.narrow)
+    requests = make_requests(12, seed=42)
+    running: set[int] = set()
+    overlaps = []
+
+    def started(n: int) -> None:
+        if n not in running:
+            overlaps.append(set(running))
+            running.add(n)
+
+    with engine:
+        futures = []
+        for n, r in enumerate(requests):
+            futures.append(engine.submit(r, CorrectionOptions(max_new_tokens=8), on_tokens=lambda _, n=n: started(n)))
+            futures[-1].add_done_callback(lambda _, n=n: running.discard(n))
+        answers = [f.result(timeout=RESULT_TIMEOUT) for f in futures]
+    assert overlaps and not any(overlaps), "one request at a time, whichever worker decodes it"
+    assert [a.token_ids for a in answers] == [c.token_ids for c in corrector.correct_batch(requests, max_new_tokens=8)]
+    assert used and set(map(id, used)) == {id(corrector.sessions)}, "alone, a worker runs on every thread"
+
+
+@pytest.mark.parametrize("threads, workers, narrow", [(2, 4, 1), (1, 2, None), (4, 2, 2), (3, 2, 1)])
+def test_workers_are_never_more_than_threads(bundles, threads, workers, narrow):
+    engine = Corrector.load(bundles["t5"], threads=threads, batches=workers).engine
+    assert engine.batches == min(threads, workers)
+    got = engine.narrow.decoder.get_session_options().intra_op_num_threads if engine.narrow else None
+    assert got == narrow
+
+
+@pytest.mark.parametrize("batches", [0, 65, 1.5, "2", True])
+def test_load_checks_batches(bundles, batches):
+    with pytest.raises(InputError, match="^batches must be an integer from 1 to 64"):
+        Corrector.load(bundles["t5"], batches=batches)
+
+
 def test_beam_search_runs_online_as_static_batches(bundles):
     corrector = Corrector.load(bundles["t5"])
     requests = make_requests(10, seed=8)
@@ -376,7 +449,8 @@ def test_an_engine_whose_loop_stops_fails_every_request_and_says_so(bundles, mon
     taken = engine.submit(make_requests(1, seed=15)[0], CorrectionOptions(max_new_tokens=8))
     with pytest.raises(LmcorError, match="stopped on an internal error: RuntimeError: no scheduler today"):
         taken.result(timeout=RESULT_TIMEOUT)
-    engine._thread.join(timeout=RESULT_TIMEOUT)
+    for thread in engine._threads:
+        thread.join(timeout=RESULT_TIMEOUT)
     assert isinstance(engine.failure, RuntimeError)
     with pytest.raises(LmcorError, match="stopped on an internal error .* no scheduler today"):
         engine.submit(make_requests(1, seed=15)[0])
@@ -581,9 +655,9 @@ def test_an_idle_engine_lets_its_thread_go_and_a_corrector_closes(bundles, monke
     with Corrector.load(bundles["t5"]) as corrector:
         want = corrector.correct_batch([request], max_new_tokens=8)[0].text
         assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want
-        thread = corrector.engine._thread
+        [thread] = corrector.engine._threads
         thread.join(timeout=RESULT_TIMEOUT)
-        assert corrector.engine._thread is None
+        assert corrector.engine._threads == []
         assert not any(t.name == "lmcor-engine" and t.is_alive() for t in set(threading.enumerate()) - others)
         assert corrector.engine.submit(request, CorrectionOptions(max_new_tokens=8)).result(RESULT_TIMEOUT).text == want
     for options, gate in ((None, None), ({"num_beams": 2}, None), (None, 3)):  # refused before its options are read

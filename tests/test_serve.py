@@ -602,15 +602,29 @@ def test_config_file_paths_are_relative_to_it_and_flags_override_it(tmp_path):
     path.write_text('{"classifiers": {"a": "one", "a": "two"}}')  # Python's json keeps the last without a word
     with pytest.raises(InputError, match=rf"^{path}: cannot read the config: field 'a' appears twice"):
         ServeConfig.read(path)
-    path.write_text('{"max_queue": 8.0, "port": 0.0, "threads": 2.0, "model": "~/c"}')  # as request bodies read 8.0
+    path.write_text('{"max_queue": 8.0, "port": 0.0, "threads": 2.0, "batches": 3.0, "model": "~/c"}')  # as bodies read 8.0
     config = ServeConfig.read(path)
-    assert (config.max_queue, config.port, config.threads) == (8, 0, 2) and config.model == str(Path.home() / "c")
+    assert (config.max_queue, config.port, config.threads, config.batches) == (8, 0, 2, 3)
+    assert config.model == str(Path.home() / "c")
     path.write_text('{"model": "~nosuchuser_lmcor/c"}')
     with pytest.raises(InputError, match=rf"^{path}: cannot expand '~nosuchuser_lmcor/c'"):
         ServeConfig.read(path)
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(InputError, match=rf"^{path}: cannot read the config"):
         ServeConfig.read(path)
+
+
+def test_serve_flags_give_the_config_and_override_its_file(tmp_path):
+    from lmcor.cli import _parser
+    from lmcor.cli import serve as serve_cli
+
+    path = tmp_path / "serve.json"
+    path.write_text('{"batches": 1, "max_batch": 4, "port": 0}')
+    parser, _ = _parser("serve")
+    config = serve_cli.config(parser.parse_args(["serve", "--config", str(path), "--batches", "3"]))
+    assert (config.batches, config.max_batch, config.port) == (3, 4, 0)
+    assert serve_cli.config(parser.parse_args(["serve", "--config", str(path)])).batches == 1
+    assert ServeConfig().batches == 2
 
 
 def test_a_model_name_given_twice_is_refused(capsys):
@@ -769,6 +783,8 @@ def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
     assert ServeConfig.read(config, port=0).port == 0  # the flag's value replaces the file's
     with pytest.raises(InputError, match=r"^max_batch must be an integer"):
         ServeConfig.read(config, port=0, max_batch=0)  # a flag's: no file to name
+    with pytest.raises(InputError, match=r"^batches must be an integer from 1 to 64, got 0"):
+        ServeConfig.read(config, port=0, batches=0)
     config.write_text('{"timeout_s": 1' + "0" * 400 + "}")  # an integer past float's range
     with pytest.raises(InputError, match=rf"^{config}: timeout_s must be a number of seconds above 0"):
         ServeConfig.read(config)

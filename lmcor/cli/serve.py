@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = ServeConfig()
     parser.add_argument("--config", help="JSON file of these settings (keys: model, gate, classifiers, generators, "
-                        "host, port, api_key, insecure, allowed_hosts, max_queue, max_batch, timeout_s, max_body_bytes, threads, "
-                        "providers; bundle paths relative to the file; \"gate\": \"\" is the shipped gate); flags "
+                        "host, port, api_key, insecure, allowed_hosts, max_queue, max_batch, batches, timeout_s, max_body_bytes, "
+                        "threads, providers; bundle paths relative to the file; \"gate\": \"\" is the shipped gate); flags "
                         "given override it (--classifier/--generator: its whole map)")
     parser.add_argument("--model", help="corrector bundle folder (default: the corrector shipped with lmcor)")
     parser.add_argument("--gate", nargs="?", const="", help="answer a request with its first candidate where this "
@@ -52,7 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=options.positive_int,
                         help=f"requests accepted and not yet answered; more get 429 (default: {d.max_queue})")
     parser.add_argument("--max-batch", type=options.positive_int,
-                        help=f"rows the corrector decodes at once; 1: one request at a time (default: {d.max_batch})")
+                        help=f"rows the corrector decodes at once, in all its batches; 1: one request at a time "
+                        f"(default: {d.max_batch})")
+    parser.add_argument("--batches", type=options.positive_int,
+                        help="batches the corrector decodes side by side, each by its own thread: one runs its "
+                        "Python while another's models run; on the CPU at most one per thread, and while several "
+                        f"have work each runs on its share of the threads (the weights held twice) (default: {d.batches})")
     parser.add_argument("--timeout-s", type=options.finite_float,
                         help=f"deadline of a request, which may ask for less; past it, 504 (default: {d.timeout_s:g})")
     parser.add_argument("--max-body-bytes", type=options.positive_int,
@@ -95,7 +100,7 @@ def _given(args: argparse.Namespace) -> dict:
         "model": args.model, "gate": args.gate, "host": args.host, "port": args.port,
         "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None,
         "insecure": args.insecure, "allowed_hosts": tuple(args.allow_host) if args.allow_host else None,
-        "max_queue": args.max_queue, "max_batch": args.max_batch, "timeout_s": args.timeout_s,
+        "max_queue": args.max_queue, "max_batch": args.max_batch, "batches": args.batches, "timeout_s": args.timeout_s,
         "max_body_bytes": args.max_body_bytes, "threads": args.threads, "providers": options.providers(args),
         "classifiers": _by_name("--classifier", args.classifier),
         "generators": _by_name("--generator", args.generator),

@@ -12,7 +12,7 @@ from typing import Any
 
 from lmcor.runtime.errors import InputError
 from lmcor.runtime.jsonl import unique_keys, whole_numbers
-from lmcor.runtime.options import MAX_BATCH_SIZE, check_flag, check_int, check_providers, check_threads, shown
+from lmcor.runtime.options import MAX_BATCH_SIZE, MAX_BATCHES, check_flag, check_int, check_providers, check_threads, shown
 
 # A correction request is a source and a few candidates: a megabyte is already far past one, and
 # bounds what one client can make the server read and parse.
@@ -21,7 +21,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 _PATHS = ("model", "gate")
 _PATH_MAPS = ("classifiers", "generators")
 # Settings whose values are integers (8.0 taken as 8, as in request bodies: `whole_numbers`).
-_INTEGERS = ("port", "max_queue", "max_batch", "max_body_bytes", "threads")
+_INTEGERS = ("port", "max_queue", "max_batch", "batches", "max_body_bytes", "threads")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class ServeConfig:
     name -> bundle. `max_queue` bounds the requests accepted and not yet answered (more: 429),
     `timeout_s` the time one may take (more: 504; a request may ask for less), `max_body_bytes` a
     request body (more: 413), `max_batch` the rows the corrector decodes at once (1: one request at a
-    time). `api_key`, when set, is required as a bearer token on every route but /health and the API's
+    time), in all of its `batches`: decoded side by side, each by its own thread, so that one runs its
+    Python while another's models run (`Corrector.load`). `api_key`, when set, is required as a bearer token on every route but /health and the API's
     description (/openapi.json, /docs, /redoc); binding a host other than loopback needs one, or `insecure`.
     A server on loopback answers requests for localhost and loopback addresses (their Host header),
     and for the names in `allowed_hosts` ("*": any), such as a proxy's in front of it."""
@@ -46,6 +47,7 @@ class ServeConfig:
     insecure: bool = False
     max_queue: int = 256
     max_batch: int = 16
+    batches: int = 2
     timeout_s: float = 60.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     threads: int | None = None
@@ -65,6 +67,7 @@ class ServeConfig:
         check_int("port", self.port, 0, 65535)
         check_int("max_queue", self.max_queue, 1)
         check_int("max_batch", self.max_batch, 1, MAX_BATCH_SIZE)
+        check_int("batches", self.batches, 1, MAX_BATCHES)
         check_int("max_body_bytes", self.max_body_bytes, 1)
         check_threads(self.threads)
         check_flag("insecure", self.insecure)

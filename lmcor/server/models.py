@@ -163,10 +163,10 @@ class Models:
     @classmethod
     def load(cls, config: ServeConfig) -> Models:
         where: dict[str, Any] = {"providers": config.providers, "threads": config.threads}
-        corrector = Corrector.load(config.model, **where)
-        # The corrector's own engine decodes 16 rows; the server's decodes `max_batch`.
+        corrector = Corrector.load(config.model, batches=config.batches, **where)
+        # The corrector's own engine decodes 16 rows; the server's decodes `max_batch`, in its batches.
         engine = Engine(corrector.sessions, corrector.manifest, corrector.tokenizer, corrector.packed,
-                        batch_size=config.max_batch)
+                        batch_size=config.max_batch, batches=corrector.engine.batches, narrow=corrector.engine.narrow)
         gate = None if config.gate is None else Classifier.load(config.gate or shipped_bundle("gate"), **where)
         return cls(corrector, engine, gate,
                    {name: Classifier.load(path, **where) for name, path in config.classifiers.items()},
