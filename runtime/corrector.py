@@ -20,7 +20,7 @@ from .engine import DEFAULTS, Engine
 from .errors import BundleError, InputError
 from .options import MAX_BATCHES, check_int, check_optional
 from .request import Correction, CorrectionOptions, Request
-from .sessions import Sessions, check_graphs, open_session, usable_providers
+from .sessions import Sessions, check_graphs, default_threads, open_session, usable_providers
 from .tokens import load_tokenizer
 
 log = logging.getLogger("lmcor")
@@ -88,7 +88,8 @@ class Corrector:
         and "packed" choose (on CPU, "packed" needs Triton's interpreter, TRITON_INTERPRET=1).
         `batches`: the online engine's (`engine.submit`) batches decoded side by side, each by its own
         thread. On the CPU, while several have work each runs on its share of the threads, through a
-        second set of sessions (the weights held twice); never more batches than threads.
+        second set of sessions (the weights held twice); never more batches than threads. On a GPU,
+        one (more were not measured there).
         """
         root = bundle_path(path) if path is not None else shipped_bundle("default")
         manifest = load_manifest(root, verify=verify, kind="corrector")
@@ -99,11 +100,13 @@ class Corrector:
         sessions = _open_sessions(root, manifest, providers, threads)
         check_graphs(root, manifest, {"encoder": sessions.encoder, "decoder": sessions.decoder, "cross": sessions.cross})
         narrow = None
-        if sessions.device == "cpu":  # on a GPU the batches share its sessions
-            total = threads or os.cpu_count() or 1  # ONNX Runtime's default: a thread per core
+        if sessions.device == "cpu":
+            total = threads or default_threads()
             batches = min(batches, total)
             if batches > 1:
                 narrow = _open_sessions(root, manifest, providers, total // batches)
+        else:
+            batches = 1
         if manifest.decoder_graph == "ragged":
             cache_layout(sessions.device)  # LMCOR_CACHES, checked now rather than at the first request
         if manifest.int8_per_tensor:

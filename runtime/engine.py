@@ -267,9 +267,10 @@ class Engine:
             self._cancel = self._cancel or cancel
             threads = list(self._threads)
             self._cond.notify_all()
+        if threading.current_thread() in threads:  # from a callback in a worker: it cannot wait for itself,
+            return  # nor for another worker, which may be waiting for it the same way
         for thread in threads:
-            if thread is not threading.current_thread():  # not from a callback of its own
-                thread.join()
+            thread.join()
 
     def __enter__(self) -> Engine:
         return self
@@ -295,7 +296,7 @@ class Engine:
                             del self._load[me]  # nothing holds this engine (a Corrector dropped is freed)
                             return
                     cancel = self._cancel
-                    taken = len(self._inbox) if cancel else self._room(scheduler.load)
+                    taken = len(self._inbox) if cancel else self._room(scheduler.load) if scheduler.taking else 0
                     arrivals, self._inbox = self._inbox[:taken], self._inbox[taken:]
                     self._load[me] = scheduler.load + len(arrivals)
                     if self._inbox:

@@ -98,13 +98,23 @@ class Scheduler:
         """The sequences this scheduler holds: decoding, and waiting to."""
         return len(self.waiting) + len(self.batch.rows)
 
+    @property
+    def taking(self) -> bool:
+        """Whether sequences added now can join at the next step: not while a merged decoder's static
+        batch runs (they would wait for its end here while another `Engine` worker may be free)."""
+        return self.continuous or not self.batch.rows
+
     def use(self, sessions: Sessions) -> None:
         """Run the next steps on `sessions`: the same graphs with another thread count (`Engine`'s
-        batches). A ragged batch's rows go on with them; a merged decoder's batch keeps the sessions
-        its bound buffers belong to, and the next batch opens on these."""
+        batches). A ragged batch's rows go on with them; a merged decoder's running batch keeps the
+        sessions its bound buffers belong to (an empty one opens anew), and so does a beam search."""
+        if sessions is self.sessions:
+            return
         self.sessions = sessions
         if self.continuous:
             self.batch.decoder.use(sessions)
+        elif not self.batch.rows:
+            self.batch = Batch(open_decoder(sessions, self.manifest), self.manifest.special_tokens)
 
     def add(self, sequences: Iterable[Sequence]) -> None:
         self.waiting.extend(sequences)

@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -127,6 +128,24 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None, threads:
     if session.get_providers()[0] == "CPUExecutionProvider":  # on a GPU the weights live on the device
         pages.back_added(before, path.name)
     return session
+
+
+def default_threads() -> int:
+    """ONNX Runtime's default intra-op threads: one per physical core this process may run on (its
+    CPU affinity, a core's hyper-threads counted once)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # no affinity on this OS
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology.joinpath("physical_package_id").read_text().strip(),
+                       topology.joinpath("core_id").read_text().strip()))
+        except OSError:  # no topology (a container may hide it): each CPU a core
+            cores.add(("cpu", str(cpu)))
+    return max(len(cores), 1)
 
 
 def run(session: ort.InferenceSession, outputs: Sequence[str] | None, feed: Mapping) -> list:

@@ -125,10 +125,40 @@ def test_max_batch_bounds_the_requests_of_all_workers_and_a_lone_worker_runs_on_
     assert used and set(map(id, used)) == {id(corrector.sessions)}, "alone, a worker runs on every thread"
 
 
-@pytest.mark.parametrize("threads, workers, narrow", [(2, 4, 1), (1, 2, None), (4, 2, 2), (3, 2, 1)])
-def test_workers_are_never_more_than_threads(bundles, threads, workers, narrow):
-    engine = Corrector.load(bundles["t5"], threads=threads, batches=workers).engine
-    assert engine.batches == min(threads, workers)
+def test_callbacks_in_two_workers_may_both_close_the_engine(bundles):
+    """A done-callback runs in its worker: one that closes the engine returns at once instead of
+    waiting for the other workers, which may be waiting for it the same way."""
+    corrector = Corrector.load(bundles["t5v11"], threads=2, batches=2)
+    long, forced = _long(corrector)
+    engine = Engine(corrector.sessions, corrector.manifest, corrector.tokenizer, batch_size=2, batches=2,
+                    narrow=corrector.engine.narrow)  # a share of one request each: one goes to each worker
+    workers: set[int] = set()
+    futures = [engine.submit({**long, "id": n}, forced, on_tokens=lambda _: workers.add(threading.get_ident()))
+               for n in range(2)]
+    for future in futures:
+        future.add_done_callback(lambda _: engine.close())
+    assert all(f.result(timeout=RESULT_TIMEOUT).text for f in futures)
+    closing = threading.Thread(target=engine.close)
+    closing.start()
+    closing.join(timeout=RESULT_TIMEOUT)
+    assert not closing.is_alive(), "the workers wait for each other"
+    assert len(workers) == 2
+
+
+def test_default_threads_are_the_physical_cores_this_process_may_use(monkeypatch):
+    import os
+
+    from lmcor.runtime.sessions import default_threads
+
+    assert 1 <= default_threads() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_threads() == 1
+
+
+@pytest.mark.parametrize("threads, batches, narrow", [(2, 4, 1), (1, 2, None), (4, 2, 2), (3, 2, 1)])
+def test_batches_are_never_more_than_threads(bundles, threads, batches, narrow):
+    engine = Corrector.load(bundles["t5"], threads=threads, batches=batches).engine
+    assert engine.batches == min(threads, batches)
     got = engine.narrow.decoder.get_session_options().intra_op_num_threads if engine.narrow else None
     assert got == narrow
 

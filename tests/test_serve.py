@@ -627,6 +627,15 @@ def test_serve_flags_give_the_config_and_override_its_file(tmp_path):
     assert ServeConfig().batches == 2
 
 
+def test_a_server_of_one_request_at_a_time_opens_no_second_batch(bundles):
+    from lmcor.server.models import Models
+
+    one = Models.load(ServeConfig(model=str(bundles[ARCH]), threads=2, max_batch=1))
+    two = Models.load(ServeConfig(model=str(bundles[ARCH]), threads=2))
+    assert (one.engine.batches, one.engine.narrow) == (1, None)
+    assert two.engine.batches == 2 and two.engine.narrow is not None
+
+
 def test_a_model_name_given_twice_is_refused(capsys):
     from lmcor.cli import main
 

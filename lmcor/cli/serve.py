@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=options.positive_int,
                         help="batches the corrector decodes side by side, each by its own thread: one runs its "
                         "Python while another's models run; on the CPU at most one per thread, and while several "
-                        f"have work each runs on its share of the threads (the weights held twice) (default: {d.batches})")
+                        "have work each runs on its share of the threads (the weights held twice); on a GPU, one "
+                        f"(default: {d.batches})")
     parser.add_argument("--timeout-s", type=options.finite_float,
                         help=f"deadline of a request, which may ask for less; past it, 504 (default: {d.timeout_s:g})")
     parser.add_argument("--max-body-bytes", type=options.positive_int,

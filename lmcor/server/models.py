@@ -163,7 +163,8 @@ class Models:
     @classmethod
     def load(cls, config: ServeConfig) -> Models:
         where: dict[str, Any] = {"providers": config.providers, "threads": config.threads}
-        corrector = Corrector.load(config.model, batches=config.batches, **where)
+        # One request at a time needs no second batch, nor its sessions.
+        corrector = Corrector.load(config.model, batches=min(config.batches, config.max_batch), **where)
         # The corrector's own engine decodes 16 rows; the server's decodes `max_batch`, in its batches.
         engine = Engine(corrector.sessions, corrector.manifest, corrector.tokenizer, corrector.packed,
                         batch_size=config.max_batch, batches=corrector.engine.batches, narrow=corrector.engine.narrow)
