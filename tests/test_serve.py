@@ -518,6 +518,7 @@ def test_sigterm_answers_every_request_in_flight_and_exits_0(bundles, tmp_path):
     assert code == 0
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert {"listening", "ready", "draining", "stopped"} <= {entry["message"] for entry in logged}
+    assert [entry["batches"] for entry in logged if entry["message"] == "ready"] == [1]  # --max-batch 1
 
 
 def test_a_signal_as_it_starts_drains_it_and_a_second_stops_it_at_once(bundles, tmp_path):

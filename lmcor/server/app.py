@@ -145,7 +145,8 @@ class ServerState:
             log.error("loading failed", extra={"fields": {"error": str(e)}})
             return
         self.models = models
-        log.info("ready", extra={"fields": {"load_s": round(time.perf_counter() - started, 3), **models.describe()}})
+        log.info("ready", extra={"fields": {"load_s": round(time.perf_counter() - started, 3), **models.describe(),
+                                            "batches": models.engine.batches}})
 
     def drain(self) -> None:
         """Refuse new requests (503); the server stops once those in flight are answered."""
