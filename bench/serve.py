@@ -104,7 +104,8 @@ def _run(config: ServeBenchConfig, requests: list, bodies: list[bytes], correcto
         ended = {name for name, (process, *_) in started.items() if process.poll() is not None}
     finally:
         codes = dict(zip(started, _stop([process for process, *_ in started.values()])))
-    servers = {name: {"max_batch": max_batch, "exit_code": codes[name], "ended_mid_run": name in ended,
+    servers = {name: {"max_batch": max_batch, "batches": _batches(log), "exit_code": codes[name],
+                      "ended_mid_run": name in ended,
                       "log": str(log), "clients": {str(c): _joined(slices[name, c]) for c in config.clients}}
                for name, (_, _, max_batch, log) in started.items()}
     offline = {"batch_size": min(config.batch_size, len(requests)),  # the largest batch that ran
@@ -131,6 +132,18 @@ def _joined(parts: list[dict]) -> dict:
             **_percentiles(latencies), "errors": dict(errors), "lost": sum(p["lost"] for p in parts),
             "identical_outputs": sum(p["identical_outputs"] for p in parts),
             "client_cpu_share": sum(p["client_cpu_s"] for p in parts) / elapsed if elapsed else 0.0}
+
+
+def _batches(log: Path) -> int | None:
+    """The batches a server decoded side by side, as its `ready` log line gives them (None: no such line)."""
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("message") == "ready":
+            return entry.get("batches")
+    return None
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -328,7 +341,8 @@ def table(report: dict) -> str:
             rows.append(f"{name:<22} {clients:>7} {r['requests_per_s']:>7.1f} {' '.join(p)} "
                         f"{sum(r['errors'].values()):>6} {r['lost']:>5} {r['identical_outputs']:>7} of {r['answered']:<5} "
                         f"{r['client_cpu_share']:>9.0%}")
-        rows.append(f"{name:<22} exit code after SIGTERM: {server['exit_code']} (0: drained)"
+        rows.append(f"{name:<22} {server['batches']} batch(es) of at most {server['max_batch']} rows in all; "
+                    f"exit code after SIGTERM: {server['exit_code']} (0: drained)"
                     + (": it ended mid-run, so no ratios are given" if server["ended_mid_run"] else ""))
     o, s = report["offline"], report["in_process_single"]
     rows.append(f"offline correct_batch at {o['batch_size']}: {o['requests_per_s']:.1f} req/s; in-process correct one "
@@ -355,7 +369,8 @@ def plot(report: dict, out: Path) -> Path:
     for (name, server), colour in zip(report["servers"].items(), ("tab:blue", "tab:orange", "tab:green")):
         points = server["clients"]
         xs = [int(c) for c in points]
-        left.plot(xs, [points[c]["requests_per_s"] for c in points], marker="o", color=colour, label=name)
+        left.plot(xs, [points[c]["requests_per_s"] for c in points], marker="o", color=colour,
+                  label=f"{name} ({server['batches']} batch(es), {server['max_batch']} rows at most)")
         p50 = np.array([points[c]["p50_ms"] or np.nan for c in points], dtype=float)
         p90 = np.array([points[c].get("p90_ms") or np.nan for c in points], dtype=float)
         p99 = np.array([points[c]["p99_ms"] or np.nan for c in points], dtype=float)

@@ -752,12 +752,14 @@ def test_bench_serve_smoke(bundles, tmp_path, capsys):
     assert len(logs) == 2 and all(Path(log).stat().st_size > 0 for log in logs)
     for server in report["servers"].values():
         assert server["exit_code"] == 0 and not server["ended_mid_run"]
+        assert server["batches"] == 1  # one thread: one batch (its `ready` log line says so)
         for run in server["clients"].values():
             assert run["answered"] > 0 and run["lost"] == 0 and not run["errors"]
             assert run["identical_outputs"] == run["answered"]
     assert {"single_client_latency_vs_in_process"} <= set(report["ratios"])
     assert (out / "serve.png").stat().st_size > 1000
-    assert "same as offline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "same as offline" in printed and "1 batch(es) of at most 1 rows in all" in printed
 
 
 def test_a_model_failure_mid_stream_is_an_error_event_and_the_stream_ends(bundles, monkeypatch):
