@@ -83,7 +83,8 @@ class Engine:
     `batches` (offline calls give their own). Each batch is decoded by its own worker thread; while
     more than one has work, each runs on `narrow` (the same graphs with fewer threads, so that
     together they keep the cores busy: one worker's Python runs while another's models do), and
-    on `sessions` while it works alone.
+    on `sessions` while it works alone; without `narrow` (a GPU's), every batch runs on `sessions`.
+    `Corrector.load(batches=)` opens both.
     """
 
     def __init__(self, sessions: Sessions, manifest: Manifest, tokenizer: Tokenizer,
