@@ -394,7 +394,7 @@ def test_a_worker_larger_than_every_node_is_refused(cluster):
 
 
 def test_serve_run_builder_reads_its_arguments_as_text():
-    app = lmcor_ray.build({"replicas": "1", "max_replicas": "2", "max_batch": "8", "threads": "1"})
+    app = lmcor_ray.build({"replicas": "1", "max_replicas": "2", "max_batch": "8", "batches": "2", "threads": "1"})
     assert type(app).__name__ == "Application"
     with pytest.raises(lmcor_ray.InputError, match="below --replicas"):
         lmcor_ray.build({"replicas": "2", "max_replicas": "1"})

@@ -524,7 +524,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     args = dict(args)
     ServeConfig.check_keys(args, "serve run's args", also=("replicas", "max_replicas"))
     integer, number, flag = (int, "an integer"), (float, "a number"), (_flag, "true or false")
-    kinds = {"port": integer, "max_queue": integer, "max_batch": integer, "max_body_bytes": integer,
+    kinds = {"port": integer, "max_queue": integer, "max_batch": integer, "batches": integer, "max_body_bytes": integer,
              "threads": integer, "replicas": integer, "max_replicas": integer, "timeout_s": number, "insecure": flag}
     for name, (kind, what) in kinds.items():
         if isinstance(args.get(name), str):
