@@ -346,3 +346,25 @@ def test_serve_clients_stop_once_the_server_has_ended():
     started = time.monotonic()
     run = serve._drive(f"http://127.0.0.1:{port}", [b"{}"], {}, 2, 30.0, server=ended)
     assert run["lost"] == 2 and not run["latencies"] and time.monotonic() - started < 10
+
+
+def test_the_serve_table_says_when_a_target_over_one_at_a_time_is_above_offline_itself():
+    from lmcor.bench import serve
+
+    def point(rps: float) -> dict:
+        return {"answered": 10, "requests_per_s": rps, "p50_ms": 10.0, "p90_ms": 12.0, "p99_ms": 20.0, "errors": {},
+                "lost": 0, "identical_outputs": 10, "client_cpu_share": 0.05}
+
+    def report(offline: float) -> dict:
+        servers = {name: {"max_batch": batch, "batches": 1, "exit_code": 0, "ended_mid_run": False,
+                          "clients": {"16": point(rps)}}
+                   for name, batch, rps in (("server", 16, 200.0), ("server, one at a time", 1, 150.0))}
+        return {"data": "x.jsonl", "requests": 8, "seconds": 1.0, "threads": None,
+                "machine": {"cpu": "cpu", "cores": 2}, "servers": servers,
+                "offline": {"batch_size": 16, "requests_per_s": offline},
+                "in_process_single": {"p50_ms": 5.0, "p99_ms": 9.0},
+                "ratios": {"throughput_vs_one_at_a_time": 200.0 / 150.0}}
+
+    said = "2x the one-at-a-time server (300.0 req/s) is above offline correct_batch itself (250.0) on this machine"
+    assert said in serve.table(report(250.0))
+    assert "is above offline" not in serve.table(report(320.0))
