@@ -59,7 +59,7 @@ from lmcor.runtime.options import MAX_BATCH_SIZE, check_int, check_optional, che
 from lmcor.runtime.request import CorrectionOptions
 from lmcor.runtime.sessions import known_providers
 from lmcor.server.app import create_app
-from lmcor.server.config import ServeConfig
+from lmcor.server.config import INTEGERS, ServeConfig
 
 log = logging.getLogger("lmcor.server.ray")  # `lmcor serve`'s JSON log lines
 
@@ -524,8 +524,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     args = dict(args)
     ServeConfig.check_keys(args, "serve run's args", also=("replicas", "max_replicas"))
     integer, number, flag = (int, "an integer"), (float, "a number"), (_flag, "true or false")
-    kinds = {"port": integer, "max_queue": integer, "max_batch": integer, "batches": integer, "max_body_bytes": integer,
-             "threads": integer, "replicas": integer, "max_replicas": integer, "timeout_s": number, "insecure": flag}
+    kinds = {**{name: integer for name in (*INTEGERS, "replicas", "max_replicas")}, "timeout_s": number, "insecure": flag}
     for name, (kind, what) in kinds.items():
         if isinstance(args.get(name), str):
             try:

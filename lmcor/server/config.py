@@ -20,8 +20,9 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # The bundle folders a config file names are relative to the file, not to where the server starts.
 _PATHS = ("model", "gate")
 _PATH_MAPS = ("classifiers", "generators")
-# Settings whose values are integers (8.0 taken as 8, as in request bodies: `whole_numbers`).
-_INTEGERS = ("port", "max_queue", "max_batch", "batches", "max_body_bytes", "threads")
+# Settings whose values are integers (in a config file 8.0 taken as 8, as in request bodies:
+# `whole_numbers`; in `serve run`'s args, text read as one).
+INTEGERS = ("port", "max_queue", "max_batch", "batches", "max_body_bytes", "threads")
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class ServeConfig:
     `timeout_s` the time one may take (more: 504; a request may ask for less), `max_body_bytes` a
     request body (more: 413), `max_batch` the rows the corrector decodes at once (1: one request at a
     time), in all of its `batches`: decoded side by side, each by its own thread, so that one runs its
-    Python while another's models run (`Corrector.load`). `api_key`, when set, is required as a bearer token on every route but /health and the API's
-    description (/openapi.json, /docs, /redoc); binding a host other than loopback needs one, or `insecure`.
+    Python while another's models run (`Corrector.load`). `api_key`, when set, is required as a bearer
+    token on every route but /health and the API's description (/openapi.json, /docs, /redoc);
+    binding a host other than loopback needs one, or `insecure`.
     A server on loopback answers requests for localhost and loopback addresses (their Host header),
     and for the names in `allowed_hosts` ("*": any), such as a proxy's in front of it."""
 
@@ -126,7 +128,7 @@ class ServeConfig:
         for name in _PATH_MAPS:
             if isinstance(values.get(name), dict):
                 values[name] = {k: bundle(v) if isinstance(v, str) and v else v for k, v in values[name].items()}
-        values = whole_numbers(values, _INTEGERS)
+        values = whole_numbers(values, INTEGERS)
         try:
             return cls(**{**values, **overrides})
         except InputError as e:  # a value of the file's (not overridden by a flag) is said to be the file's
