@@ -194,6 +194,25 @@ def test_cli_export_and_classify_round_trip(checkpoint, tmp_path, capsys):
     assert "1 line(s) could not be answered" in capsys.readouterr().err
 
 
+def test_classify_resume_continues_its_own_records_at_another_batch_size(bundle, tmp_path, capsys):
+    """--resume answers the last line again, alone: the probabilities a batch gave it agree (to the
+    check's tolerance), and another model's do not."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("hello", "a b c d e f", "x", "some more words")))
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    assert main(["classify", "--model", str(bundle), str(source), "-o", str(whole), "-q", "--batch-size", "4"]) == 0
+    out.write_text("".join(whole.read_text().splitlines(keepends=True)[:2]))
+    assert main(["classify", "--model", str(bundle), str(source), "-o", str(out), "-q", "--resume", "--batch-size", "1"]) == 0
+    assert [json.loads(line)["label"] for line in out.read_text().splitlines()] == \
+        [json.loads(line)["label"] for line in whole.read_text().splitlines()]
+    first = json.loads(whole.read_text().splitlines()[0])
+    first["probabilities"] = first["probabilities"][::-1] if first["probabilities"][0] != first["probabilities"][-1] \
+        else [p + 0.1 for p in first["probabilities"]]
+    out.write_text(json.dumps(first) + "\n")  # as another model would answer it
+    assert main(["classify", "--model", str(bundle), str(source), "-o", str(out), "-q", "--resume"]) == 2
+    assert "answers line 1 with the probabilities" in capsys.readouterr().err
+
+
 def _gate(checkpoint, path, right_logit: float) -> Classifier:
     """A gate whose probability of "right" is sigmoid(right_logit) for every input."""
     # Positions for the whole of the tests' requests (a gate passes no candidate it reads only in part);

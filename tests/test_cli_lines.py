@@ -779,6 +779,49 @@ def test_resume_compares_ids_as_json_values(bundles, tmp_path, capsys):
             capsys.readouterr().err
 
 
+def test_resume_refuses_the_output_of_another_model_or_options(bundles, tmp_path, capsys):
+    """--resume answers the file's last line again: a record written by another model or with other
+    options is refused (the file would mix two runs' answers) and the file left as it was; this run's
+    own is continued, and --stats counts this run's lines alone."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:4]))
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:2]))
+    out = tmp_path / "out.jsonl"
+    bart = Corrector.load(bundles["bart"])
+    expected = [r.text for r in bart.correct_batch(GOOD[:4], max_new_tokens=6)]
+    other = Corrector.load(bundles["t5"]).correct_batch([GOOD[1]], max_new_tokens=6)[0].text
+    shorter = bart.correct_batch([GOOD[1]], max_new_tokens=3)[0].text
+    assert expected[1] not in (other, shorter)  # what the refusals below stand on
+    assert main(["correct", "--model", str(bundles["bart"]), str(half), "-o", str(out), *DECODE]) == 0
+    written = out.read_text()
+    for flags in (["--model", str(bundles["t5"]), *DECODE], ["--model", str(bundles["bart"]), "-q", "--max-new-tokens", "3"]):
+        assert main(["correct", str(source), "-o", str(out), "--resume", *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume: -o {out} answers line 2 with the output" in err and \
+            "where this run writes" in err and "it was written with another model or other options" in err
+        assert out.read_text() == written
+    # a record edited by hand is no run's
+    out.write_text(written.replace(json.dumps(expected[1]), json.dumps("edited")))
+    assert main(["correct", "--model", str(bundles["bart"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+    assert "answers line 2 with the output 'edited', where this run writes" in capsys.readouterr().err
+    out.write_text(written)
+    assert main(["correct", "--model", str(bundles["bart"]), str(source), "-o", str(out), "--resume", "--stats",
+                 *DECODE]) == 0
+    assert [r["output"] for r in _records(out)] == expected
+    assert "lmcor: 2 requests corrected" in capsys.readouterr().err
+
+
+def test_resume_compares_numbers_within_a_tolerance():
+    """Another batch shape moves the last digits of a probability: those agree; integers, types and
+    larger differences do not."""
+    from lmcor.cli.lines import _close
+
+    assert _close([0.25, 0.75], [0.25 * (1 + 1e-7), 0.75 - 1e-9]) and _close(0.0, 1e-9) and _close({"p": 1.0}, {"p": 1})
+    assert not _close([0.25, 0.75], [0.26, 0.74]) and not _close([0.5], [0.5, 0.5]) and not _close(0.5, "0.5")
+    assert not _close(3, 4) and not _close(True, 1) and not _close(None, 0.0) and not _close({"p": 1.0}, {"q": 1.0})
+
+
 def _limited(limit: int, *args: str) -> subprocess.CompletedProcess:
     """lmcor in a process that cannot write past `limit` bytes into any file (as a full disk refuses)."""
     import resource

@@ -275,6 +275,22 @@ def test_candidates_resume_checks_the_last_record_whose_samples_differ(tmp_path)
     assert _check_resumed(out, 2, ("\n",)) == records[1]  # none differ: the last
 
 
+def test_generate_resume_continues_its_own_samples_and_refuses_another_seed(bundle, tmp_path, capsys):
+    """A line samples with its own seed, whichever lines share its batch: --resume (its check answers the
+    last line again, alone) continues a sampled run, and refuses one sampled with another --seed."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(bundle), str(prompts), "--max-new-tokens", "6", "--temperature", "1.0", "-q"]
+    assert main([*args, "-o", str(whole)]) == 0
+    out.write_text("".join(whole.read_text().splitlines(keepends=True)[:3]))
+    assert main([*args, "-o", str(out), "--resume", "--batch-size", "2"]) == 0
+    assert out.read_text() == whole.read_text()
+    out.write_text("".join(whole.read_text().splitlines(keepends=True)[:3]))
+    assert main([*args, "-o", str(out), "--resume", "--seed", "5"]) == 2
+    assert "it was written with another model or other options" in capsys.readouterr().err
+
+
 def test_candidates_resume_refuses_another_runs_output(bundle, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text('{"source": "she go to school"}\n{"source": "a b"}\n')

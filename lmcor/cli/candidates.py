@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if last is not None:
         _check_same_run(resumed, last, writer)
         writer.stats = CandidateStats()  # the summary counts this run's lines, not the check's source
-    code = answer_lines(args, _source, writer, record, "generating", FIELDS, echo="source", batches_per_chunk=1)
+    code = answer_lines(args, _source, writer, record, "generating", FIELDS, echo="source", batches_per_chunk=1,
+                        check_again=False)  # `_check_same_run` above: on the record that tells runs apart
     if not args.quiet:
         say(f"lmcor: {writer.stats.summary()}")
     return code

@@ -82,16 +82,20 @@ def run(args: argparse.Namespace) -> int:
     gate = options.load_gate(args, args.input)
     corrector = Corrector.load(args.model, providers=options.providers(args), threads=args.threads)
     decode = options.correction_options(args, gate)
-    totals = _Totals()
+    totals, before = _Totals(), corrector.engine.stats
 
     def answer(requests: list) -> list:
         results = corrector.correct_batch(requests, errors="return", **decode)
         totals.add(results)
         return results
 
-    code = answer_lines(args, line_request, answer, record, "correcting", FIELDS)
+    def recount() -> None:  # --resume answered a line again to check the file: not this run's
+        nonlocal totals, before
+        totals, before = _Totals(), corrector.engine.stats
+
+    code = answer_lines(args, line_request, answer, record, "correcting", FIELDS, recount=recount)
     if args.stats:
-        say(totals.summary(corrector.engine.stats))
+        say(totals.summary(corrector.engine.stats - before))
     return code
 
 

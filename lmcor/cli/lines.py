@@ -134,15 +134,17 @@ def check_resumed(args: argparse.Namespace, kept: Sequence[int], lines: int,
                          "it is another input's output (remove it, or run without --resume)")
 
 
-def _check_resumed_file(args: argparse.Namespace, output: Output, echo: str | None) -> None:
+def _check_resumed_file(args: argparse.Namespace, output: Output, echo: str | None,
+                        again: Callable[[Line], dict] | None) -> None:
     """`--resume` continues an -o whose records answer the input lines `output.kept_lines`, the last
     `output.through`: the input (a regular file, read again up to it) must have a record's line for
     each (`check_resumed`), and that last line must hold the record's id (as JSON: true is not 1),
     and the record's `echo` field (a field it copies from its line; an error record has none) that
-    line's."""
+    line's. With `again` (the line's record as this run writes it), its answer must be the record's
+    (`_check_last_answer`)."""
     recorded = []
     with open(args.input, "rb") as f:
-        for number, (raw, _) in enumerate(split_lines(f.read, args.max_line_bytes), start=1):
+        for number, (raw, size) in enumerate(split_lines(f.read, args.max_line_bytes), start=1):
             if gets_record(number, raw):
                 recorded.append(number)
             if number == output.through:
@@ -162,6 +164,40 @@ def _check_resumed_file(args: argparse.Namespace, output: Output, echo: str | No
                              f"{shown(output.last_record.get(field))}, but that line of {args.input} has the {field} "
                              f"{shown(value.get(field))}: it is another input's output (remove it, or run without "
                              "--resume)")
+    if again is not None and "error" not in output.last_record:
+        _check_last_answer(output, again(line_at(number, raw, size, args.max_line_bytes)))
+
+
+def _check_last_answer(output: Output, again: dict) -> None:
+    """The last record kept must be this run's answer to its line (`again`), else -o would mix two runs'
+    answers: one written with another model or other options. Numbers agree to `_close`'s
+    tolerance: another batch shape moves the last digits of a probability."""
+    kept = output.last_record
+    where = f"--resume: {output.resumed_from} answers line {output.through}"
+    if "error" in again:
+        raise NotResumable(f"{where}, which this run cannot ({again['error']}): it was written with another model "
+                           "or other options (give the same, or remove it)")
+    fields = [*again, *(f for f in kept if f not in again)]  # the record's order: its answer first
+    field = next((f for f in fields if f not in ("id", "line") and not _close(kept.get(f), again.get(f))), None)
+    if field is not None:
+        raise NotResumable(f"{where} with {_said(kept, field)}, where this run writes {_said(again, field)}: it was "
+                           "written with another model or other options (give the same, or remove it)")
+
+
+def _said(record: dict, field: str) -> str:
+    return f"the {field} {shown(record[field])}" if field in record else f"no {field}"
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same, numbers that are not integers within a relative 1e-4."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (type(a) in (int, float) and type(b) in (int, float)
+                and abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-3))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_close, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    return _same_json(a, b)
 
 
 def _same_json(a: Any, b: Any) -> bool:
@@ -578,6 +614,9 @@ def answer_lines(
     fields: RecordFields,
     echo: str | None = None,
     batches_per_chunk: int = 8,
+    *,
+    check_again: bool = True,
+    recount: Callable[[], None] | None = None,
 ) -> int:
     """Answer every line of `args.input` into `args.output`.
 
@@ -589,7 +628,16 @@ def answer_lines(
     a command whose batches take long takes 1, so that a signal stops it after the batch in flight (the
     chunk's records are written together: the chunk is what a signal waits for).
     Returns 0, or 1 when some lines failed; 130/143 after a signal. An error that stops the run keeps the records written so far, as a signal does.
+    `--resume` answers the last line of a regular file's -o again (`check_again`; a command with a check of
+    its own turns it off) and refuses the file when the record differs; `recount` then restarts the
+    command's counters, that line not being this run's.
     """
+
+    def again(line: Line) -> dict:
+        [answer] = answer_chunk([line], convert, run, record)
+        if recount is not None:
+            recount()
+        return json.loads(answer.text)
 
     def answered(kept: Sequence[int], stopping: Callable[[], bool]) -> Iterator[tuple[list[Answer], int]]:
         reader = _Reader(args.input, args.max_line_bytes, kept[-1] if kept else 0, capacity=args.batch_size * 16)
@@ -600,20 +648,22 @@ def answer_lines(
         if not stopping():  # a signal stops the reader anywhere, even before the lines already answered
             check_resumed(args, kept, reader.skipped_lines, reader.skipped_recorded)
 
-    return write_answers(args, answered, verb, fields, echo)
+    return write_answers(args, answered, verb, fields, echo, again=again if check_again else None)
 
 
 def write_answers(args: argparse.Namespace, answered: Answered, verb: str, fields: RecordFields,
-                  echo: str | None = None, stdout: TextIO | None = None) -> int:
+                  echo: str | None = None, stdout: TextIO | None = None,
+                  again: Callable[[Line], dict] | None = None) -> int:
     """Write what `answered` gives into `args.output` (or `stdout`, by default sys.stdout), with
-    `answer_lines`' rules: a temporary file renamed at the end, `--resume`, signals, the exit code."""
+    `answer_lines`' rules: a temporary file renamed at the end, `--resume` (`again`: a line's record
+    as this run writes it, to check that the file's last is this run's), signals, the exit code."""
     output = Output(args.output, args.input, args.resume, fields, stdout)
     failed = output.kept_errors
     finished = refused = False
     try:
         size = regular_file_size(args.input)
         if output.records and size is not None:
-            _check_resumed_file(args, output, echo)
+            _check_resumed_file(args, output, echo, again)
         with _Signals() as signals:
             progress = _Progress(size, verb, args.quiet)
             stopping = lambda: signals.received is not None  # noqa: E731
