@@ -38,7 +38,7 @@ from .scheduler import EngineStats, Scheduler, Tally
 from .sequence import Sequence
 from .sessions import Sessions
 from .spacing import cleaned_up, folds_white_space, with_source_spacing
-from .tokens import ModelInput, encode_requests
+from .tokens import ModelInput, encode_requests, unreadable
 
 log = logging.getLogger("lmcor")
 
@@ -143,6 +143,12 @@ class Engine:
                     raise InputError(f"item {n}: {e}") from None
                 results[n] = e
         if gate is not None and valid:
+            for n, request in valid:
+                if (refused := self._unreadable(request)) is not None:
+                    if errors == "raise":
+                        raise InputError(f"item {n}: {refused}")
+                    results[n] = refused
+            valid = [(n, request) for n, request in valid if results[n] is None]
             passed = _gate(gate, options.gate_threshold, [r for _, r in valid])
             now = time.perf_counter()
             for (n, request), answer in zip(valid, passed):
@@ -368,10 +374,15 @@ class Engine:
             except InputError as e:
                 _settle(submission.future, error=e)
         gated: dict[tuple[Classifier, float | None], list[tuple[_Submission, Request, Search]]] = {}
+        passed: set[int] = set()  # answered here: by their gate, or with its failure or their refusal
         for entry in ready:
-            if entry[0].gate is not None:
+            if entry[0].gate is None:
+                continue
+            if (refused := self._unreadable(entry[1])) is not None:
+                _settle(entry[0].future, error=refused)
+                passed.add(id(entry[0]))
+            else:
                 gated.setdefault((entry[0].gate, entry[0].options.gate_threshold), []).append(entry)
-        passed: set[int] = set()  # answered here: by their gate, or with its failure
         for (gate, threshold), group in gated.items():
             try:
                 answers = _gate(gate, threshold, [r for _, r, _ in group])
@@ -400,6 +411,11 @@ class Engine:
         return sorted(sequences, key=lambda s: s.queued)
 
     # Stages shared by both modes.
+
+    def _unreadable(self, request: Request) -> InputError | None:
+        """Why the corrector could not read a request (`tokens.unreadable`): checked before a gate,
+        which would answer it, so that whether a request is refused is not the gate's verdict."""
+        return unreadable(self.tokenizer, request, self.manifest.max_input_tokens)
 
     def _inputs(self, requests: list[Request], *, drafts: bool) -> list[ModelInput | InputError]:
         """Requests -> model inputs (`tokens.encode_requests`), the time counted (`EngineStats.tokenize_s`)."""

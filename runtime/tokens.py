@@ -120,11 +120,7 @@ def encode_requests(
     `vocab_size`, a request holding a token id past it is an `InputError` (`check_vocabulary`).
     """
     most = max_tokens * MAX_CHARS_PER_TOKEN
-    # Each candidate keeps a token at least, besides the source's: more cannot fit, and are refused
-    # before tokenizing, whose cost grows with their number.
-    out: list[ModelInput | InputError | None] = [
-        _crowded(len(r.candidates), max_tokens) if len(r.candidates) >= max_tokens
-        else _long(tokenizer, r.source, most, max_tokens) for r in requests]
+    out: list[ModelInput | InputError | None] = [unreadable(tokenizer, r, max_tokens) for r in requests]
     served = [n for n, answer in enumerate(out) if answer is None]
     shown = [tuple(cut_to_read(c, most) for c in requests[n].candidates) for n in served]
     rendered = [render(template, requests[n].source, candidates) for n, candidates in zip(served, shown)]
@@ -148,6 +144,15 @@ def encode_requests(
         refs = _references(encoding, rendering.text, [*rendering.spans, rendering.source]) if references else ()
         out[n] = ModelInput(np.asarray(encoding.ids, dtype=np.int64), truncated, refs, candidates)
     return out  # type: ignore[return-value]
+
+
+def unreadable(tokenizer: Tokenizer, request: Request, max_tokens: int) -> InputError | None:
+    """Why a model of `max_tokens` input tokens cannot read `request`, found before it is tokenized,
+    whose cost grows with its candidates' number and its source's length: more candidates than
+    tokens (each keeps one at least, besides the source's), or a source too long (`_long`)."""
+    if len(request.candidates) >= max_tokens:
+        return _crowded(len(request.candidates), max_tokens)
+    return _long(tokenizer, request.source, max_tokens * MAX_CHARS_PER_TOKEN, max_tokens)
 
 
 def _long(tokenizer: Tokenizer, source: str, most: int, max_tokens: int) -> InputError | None:

@@ -255,6 +255,31 @@ def test_a_gate_skips_the_corrector_for_right_candidates(checkpoint, bundles, tm
         assert not any(c.gated for c in got) and [c.text for c in got] == [c.text for c in plain]
 
 
+def test_a_request_the_corrector_cannot_read_is_refused_whatever_the_gate(checkpoint, bundles, tmp_path):
+    """More candidates than the corrector's input tokens (the gate reads the first and how many agree),
+    or a source too long for it, is refused behind a gate that passes every request as without one (in
+    every path): whether a request is refused is not the gate's verdict. The others are gated as ever."""
+    from lmcor import Corrector, InputError
+
+    gate = _gate(checkpoint, tmp_path, 20.0)  # "right" for every text it reads
+    corrector = Corrector.load(bundles["t5"])
+    most = corrector.manifest.max_input_tokens
+    requests = _edited(3, seed=2)
+    requests[1] = {**requests[1], "candidates": requests[1]["candidates"][:1] * most}  # the gate reads them
+    requests.append({**requests[0], "source": "word " * (4 * most * 10)})  # nor it this: cut, it passes none
+    plain = corrector.correct_batch(requests, max_new_tokens=4, errors="return")
+    got = corrector.correct_batch(requests, gate=gate, max_new_tokens=4, errors="return")
+    futures = [corrector.engine.submit(r, gate=gate) for r in requests]
+    online = [f.exception(timeout=120) or f.result() for f in futures]
+    for answers in (got, online):
+        assert [type(a) for a in answers] == [type(a) for a in plain]
+        assert [str(a) for a in answers if isinstance(a, InputError)] == [str(a) for a in plain if isinstance(a, InputError)]
+        assert [a.gated for a in answers if not isinstance(a, InputError)] == [True, True]
+    assert "candidates cannot fit" in str(got[1]) and "the source is never cut" in str(got[3])
+    with pytest.raises(InputError, match="item 1: .* candidates cannot fit"):
+        corrector.correct_batch(requests, gate=gate, max_new_tokens=4)
+
+
 def test_a_text_the_gate_cannot_read_is_corrected_and_fails_no_other(checkpoint, bundles, tmp_path):
     """A first candidate holding a token the gate's embeddings lack (its export warns) is not gated: the
     corrector answers it, and the requests gated with it are gated as ever, in every path (the
