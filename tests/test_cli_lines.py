@@ -812,6 +812,23 @@ def test_resume_refuses_the_output_of_another_model_or_options(bundles, tmp_path
     assert "lmcor: 2 requests corrected" in capsys.readouterr().err
 
 
+def test_the_records_are_on_the_disk_before_they_replace_the_output(bundles, tmp_path, monkeypatch):
+    """A crash (power lost) just after -o is replaced must not leave an empty -o: the temporary file
+    is synced before the rename, and the folder after it."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:2]))
+    out = tmp_path / "out.jsonl"
+    out.write_text("an earlier run's\n")
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), replace(a, b)))
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
+    [(_, temp)] = [e for e in events if e[0] == "replace"]
+    assert events == [("fsync", temp), ("replace", temp), ("fsync", str(tmp_path))]
+    assert len(_records(out)) == 2
+
+
 def test_resume_compares_numbers_within_a_tolerance():
     """Another batch shape moves the last digits of a probability: those agree; integers, types and
     larger differences do not."""

@@ -521,7 +521,12 @@ class Output:
             with self._writing():
                 self._stdout.flush()
             return
-        self._file.close()  # unbuffered: nothing left to write
+        try:
+            if keep and self._temp is not None:  # on the disk before it replaces -o: a crash then leaves one or the other whole
+                with self._writing():
+                    os.fsync(self._file.fileno())
+        finally:
+            self._file.close()  # unbuffered: nothing left to write
         if self._temp is None or self.target is None:  # written in place: nothing to put there
             return
         if keep:
@@ -533,10 +538,25 @@ class Output:
                 mode = 0o666 & ~umask
             os.chmod(self._temp, mode)
             os.replace(self._temp, self.target)
+            _sync_folder(self.target.parent)
             if self._orphan is not None:  # its records are in -o now
                 self._orphan.unlink(missing_ok=True)
         else:
             self._temp.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Put a rename into `folder` on the disk (best effort: some file systems cannot sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _Signals:
