@@ -73,12 +73,13 @@ def license_sentences(root: Path = LICENSES) -> Iterator[str]:
             yield from (sentence.strip() for sentence in _SENTENCE_END.split(text))
 
 
-def docstring_sentences(root: Path) -> Iterator[str]:
-    """Sentences of the docstrings of the Python standard library under `root`: technical English
-    from outside the training corpora, for checking how the model transfers."""
+def docstring_sentences(root: Path, recursive: bool = False) -> Iterator[str]:
+    """Sentences of the docstrings of the Python modules under `root` (its subfolders' too with
+    `recursive`): for the standard library's, technical English from outside the training corpora,
+    for checking how the model transfers."""
     import ast
 
-    for path in sorted(root.glob("*.py")):
+    for path in sorted(root.rglob("*.py") if recursive else root.glob("*.py")):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError):
@@ -89,6 +90,24 @@ def docstring_sentences(root: Path) -> Iterator[str]:
                 if doc:
                     for paragraph in doc.split("\n\n"):
                         yield from (s.strip() for s in _SENTENCE_END.split(" ".join(paragraph.split())))
+
+
+# Installed with lmcor's extras: their docstrings are technical English of another hand than the
+# standard library's, for a third set outside the corpora.
+PACKAGES = ("transformers", "torch", "numpy", "starlette", "pydantic", "tokenizers", "tqdm")
+
+
+def package_sentences(names: Iterable[str] = PACKAGES) -> Iterator[str]:
+    """Sentences of the docstrings of the installed packages `names` (a missing one is an error)."""
+    import importlib.util
+
+    from lmcor.runtime.errors import LmcorError
+
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise LmcorError(f"the package {name} is not installed: pip install -e '.[test,serve]'")
+        yield from docstring_sentences(Path(spec.origin).parent, recursive=True)
 
 
 def usable(sentence: str) -> bool:

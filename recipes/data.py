@@ -70,12 +70,15 @@ def build_outside(out_dir: Path, count: int = 500, seed: int = 3, model: str = "
                   source: str = "docstrings") -> Path:
     """`outside.jsonl` (`outside-{model}.jsonl` for another candidate model): correction examples
     from sentences the model never saw in any form, the Python standard library's docstrings; with
-    `source="licenses"`, `outside-licenses[-{model}].jsonl` from Debian's license texts."""
+    `source="licenses"`, `outside-licenses[-{model}].jsonl` from Debian's license texts, and with
+    `source="packages"`, `outside-packages[-{model}].jsonl` from the docstrings of installed packages
+    (`corpus.PACKAGES`: which sentences depends on their versions), none of the standard library's."""
     import sysconfig
 
-    sentences = (corpus.docstring_sentences(Path(sysconfig.get_paths()["stdlib"])) if source == "docstrings"
-                 else corpus.license_sentences())
-    known = set(corpus.sentences())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sentences = {"docstrings": lambda: corpus.docstring_sentences(stdlib), "licenses": corpus.license_sentences,
+                 "packages": corpus.package_sentences}[source]()
+    known = set(corpus.sentences()) | (set(corpus.docstring_sentences(stdlib)) if source == "packages" else set())
     found: dict[str, None] = {}
     for sentence in sentences:
         if corpus.usable(sentence) and sentence not in known:

@@ -4,9 +4,9 @@ path, `lmcor candidates`' prompt and sampling) for training, dev and outside sou
     python -m lmcor.recipes.llm_splits --llm ~/.cache/lmcor/smollm2/bundle --cache build/llm-splits
 
 writes `llm-train.jsonl` (the first `--train` corpus training sentences in a fixed shuffled order,
-with sources from the noise model), `llm-dev.jsonl`, `llm-outside.jsonl` and
-`llm-outside-licenses.jsonl` (the sources of `dev.jsonl`, `outside.jsonl` and
-`outside-licenses.jsonl`) into `recipes/splits/`, each line `{"id", "source", "candidates",
+with sources from the noise model), `llm-dev.jsonl`, `llm-outside.jsonl`,
+`llm-outside-licenses.jsonl` and `llm-outside-packages.jsonl` (the sources of `dev.jsonl`,
+`outside.jsonl`, `outside-licenses.jsonl` and `outside-packages.jsonl`) into `recipes/splits/`, each line `{"id", "source", "candidates",
 "target"}`. Candidates are generated into `--cache` first and resumed from there; a sample's seed
 depends only on its source, so an interrupted run resumes with the candidates it would have written.
 """
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     writer = None  # the LLM, loaded and its options checked once, before any file is written
     for name, pairs in (("outside", split_pairs("outside")), ("outside-licenses", split_pairs("outside-licenses")),
-                        ("dev", split_pairs("dev")), ("train", train_pairs(args.train))):
+                        ("outside-packages", split_pairs("outside-packages")), ("dev", split_pairs("dev")),
+                        ("train", train_pairs(args.train))):
         out = args.cache / name
         # drawn from the corpus, the training pairs are written out: a source the LLM fails on is named by its line
         read_from = out / "pairs.jsonl" if name == "train" else SPLITS / f"{name}.jsonl"

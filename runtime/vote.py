@@ -98,9 +98,12 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
     heavy = [op for op, light in edits if not light]
     moved = (Counter(_letters(w) for _, i1, i2, _, _ in heavy for w in words[i1:i2])
              & Counter(_letters(w) for _, _, _, j1, j2 in heavy for w in theirs[j1:j2])) if span else Counter()
+    carried = (Counter(w for _, i1, i2, _, _ in heavy for w in words[i1:i2])  # moved with their marks
+               & Counter(w for _, _, _, j1, j2 in heavy for w in theirs[j1:j2])) if span else Counter()
     keep = [((not span or light
               or (max(i2 - i1, j2 - j1) <= span and (_plausible(words, i1, i2, theirs[j1:j2], moved)
                                                      or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
+             and (not span or _keeps_marks(words, i1, i2, theirs[j1:j2], carried))
              and (known is None or all(word in known for word in theirs[j1:j2])))
             for (_, i1, i2, j1, j2), light in edits]
     # A move is kept whole or not at all: its drop alone loses words, its write alone doubles them.
@@ -122,6 +125,25 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
         out += words[at:i1] + (theirs[j1:j2] if kept else words[i1:i2])
         at = i2
     return text if all(keep) else " ".join(out + words[at:])  # nothing left out: the text, its spacing too
+
+
+# A writer's slips leave brackets, quotes, colons and dashes alone; a weak LLM drops them with what
+# they hold ("(K)", "tup :"). Commas and end marks are a writer's to fix.
+_FREE_MARKS = frozenset(",.!?")
+
+
+def _marks(words: list[str]) -> Counter:
+    return Counter(c for w in words for n, c in enumerate(w) if not c.isalnum() and c not in _FREE_MARKS
+                   and not (c == "'" and 0 < n < len(w) - 1 and w[n - 1].isalpha() and w[n + 1].isalpha()))
+
+
+def _keeps_marks(words: list[str], i1: int, i2: int, new: list[str], carried: Counter) -> bool:
+    """Whether replacing words[i1:i2] by `new` keeps every mark they hold (but commas, end marks and a
+    word's inner apostrophe: a contraction's, which a fix may change), apart from words moved as they
+    are (`carried`) and a doubled word dropped, whose marks stay in the text."""
+    doubled = _doubled(words, i1, i2)
+    old = [words[i] for i in range(i1, i2) if i not in doubled and words[i] not in carried]
+    return not _marks(old) - _marks([w for w in new if w not in carried])
 
 
 def _split_light(edits: list, words: list[str], theirs: list[str]) -> list[tuple[tuple, bool]]:
@@ -168,8 +190,7 @@ def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counte
     swaps short words or respells."""
     if _recased(words, i1, i2, new):
         return False
-    doubled = {i for i in range(i1, i2) if any(0 <= j < len(words) and not i1 <= j < i2
-                                               and _letters(words[j]) == _letters(words[i]) for j in (i - 1, i + 1))}
+    doubled = _doubled(words, i1, i2)
     old = [_letters(words[i]) for i in range(i1, i2) if i not in doubled and _letters(words[i]) not in moved]
     written = [_letters(w) for w in new if _letters(w) not in moved]
     if not written:
@@ -180,6 +201,12 @@ def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counte
     if all(len(w) <= WRITE_LETTERS for w in old + written):
         return True
     return _ratio(" ".join(old), " ".join(written)) >= RESPELLED
+
+
+def _doubled(words: list[str], i1: int, i2: int) -> set[int]:
+    """The indices in i1..i2 of words that stand next to the same word outside that span."""
+    return {i for i in range(i1, i2) if any(0 <= j < len(words) and not i1 <= j < i2
+                                            and _letters(words[j]) == _letters(words[i]) for j in (i - 1, i + 1))}
 
 
 def _recased(words: list[str], i1: int, i2: int, new: list[str]) -> bool:

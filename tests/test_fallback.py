@@ -213,6 +213,31 @@ def test_minimal_edits_keep_a_writers_fixes_and_leave_rewrites_out():
     assert minimal_edits("A liberty B C D", "A B C liberty and tolerance forever D", 2) == "A liberty B C D"
 
 
+def test_a_writers_fix_leaves_brackets_quotes_colons_and_dashes_in_place():
+    """A weak LLM drops marks with what they hold ("(K)", "tup :", quotes); a writer's slip never
+    touches them. Commas, end marks, a contraction's apostrophe, a doubled word dropped and words
+    moved as they are stay fixes."""
+    for source, text in [
+        ("Lst the dim (K) must be divisible by 32.", "Last dim must be divisible by 32."),
+        ("parameters ---------- tup : sequence of arrays.", "parameters : sequence of arrays."),
+        ("Check that 'not implemented' operations prduce a failure.",
+         "Check that not implemented operations produce a failure."),
+        ("Each a domain must (successfully) convert.", "Each domain must successfully convert."),
+        ("Args: tree: a pytree", "Args: a pytree."),
+    ]:
+        kept = minimal_edits(source, text, 2)
+        assert all(mark in kept for mark in "():'-" if mark in source), (source, kept)
+    assert minimal_edits("Lst the dim (K) must be divisible by 32.", "Last dim (K) must be divisible by 32.", 2) == \
+        "Last dim (K) must be divisible by 32."  # its other fixes stay
+    for source, text in [
+        ("She was drop-dead drop-dead gorgeous.", "She was drop-dead gorgeous."),  # a doubled word
+        ("the same character probable (the delimiter).", "the same character (the probable delimiter)."),  # a move
+        ("This is a dictionary of pairs. str-str", "This is a dictionary of str-str pairs."),
+        ("He dont know, why", "He doesn't know why."),  # a contraction respelled, a comma dropped
+    ]:
+        assert minimal_edits(source, text, 2) == text, (source, text)
+
+
 def test_the_span_applies_to_whatever_the_guard_returns(bundles):
     """Through `correct_batch`: every returned text is within the span of its source (and marked as
     a fallback where that changed it); a fallback of 0 leaves the model's output, and a span without

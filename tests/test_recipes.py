@@ -1,5 +1,6 @@
 """The default corrector's data: corpus parsing, deterministic splits (the noise model: test_noise.py)."""
 
+import pytest
 from lmcor.recipes import corpus
 from test_noise import SENTENCES
 
@@ -28,6 +29,20 @@ def test_license_texts_are_split_into_sentences_each_text_once(tmp_path):
     (tmp_path / "GPL").symlink_to(tmp_path / "GPL-3")  # Debian's alias of the latest version
     found = [s for s in corpus.license_sentences(tmp_path) if corpus.usable(s)]
     assert found == ["You may copy it.", "You may not sublicense it."]
+
+
+def test_package_docstrings_are_read_in_every_subfolder_and_a_missing_package_is_named(tmp_path):
+    from lmcor.runtime.errors import LmcorError
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "top.py").write_text('"""Top level sentence here."""\n')
+    (tmp_path / "sub" / "inner.py").write_text('def f():\n    """Return the inner value.  Another one follows."""\n')
+    assert list(corpus.docstring_sentences(tmp_path)) == ["Top level sentence here."]
+    assert list(corpus.docstring_sentences(tmp_path, recursive=True)) == [
+        "Return the inner value.", "Another one follows.", "Top level sentence here."]
+    assert next(corpus.package_sentences(["tqdm"]))  # an installed package's
+    with pytest.raises(LmcorError, match="the package no_such_package_here is not installed"):
+        next(corpus.package_sentences(["no_such_package_here"]))
 
 
 def test_split_is_a_pure_function_of_the_sentence():
