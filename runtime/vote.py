@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from . import core
+from .inflection import slip
 
 NEED = 2  # candidates that must make an edit: a pair agreeing is rarely chance; one is a guess
 
@@ -63,7 +64,7 @@ def longest_edit(source: str) -> int:
 # candidates); on text outside them, they keep every fix the corrector made and leave rewrites out.
 DROP_LETTERS = 3
 WRITE_LETTERS = 5
-RESPELLED = 0.5  # difflib's similarity ratio of the old and new letters
+RESPELLED = 0.5  # difflib's similarity ratio of the old and new letters, where an edit replaces several words
 AGREED_DROP_LETTERS = 4  # an auxiliary ("have", "will") is dropped where most candidates drop it
 AGREED_RESPELLED = 0.7  # a word the vote adds to an output's edits is a respelling of the source's at this ratio
 
@@ -200,6 +201,8 @@ def _plausible(words: list[str], i1: int, i2: int, new: list[str], moved: Counte
         return all(len(w) <= WRITE_LETTERS and w not in neighbours for w in written)
     if all(len(w) <= WRITE_LETTERS for w in old + written):
         return True
+    if len(old) == len(written) == 1:  # a word respelled: by a writer's slip, not into another word
+        return slip(old[0], written[0])
     return _ratio(" ".join(old), " ".join(written)) >= RESPELLED
 
 

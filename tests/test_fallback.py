@@ -233,9 +233,26 @@ def test_a_writers_fix_leaves_brackets_quotes_colons_and_dashes_in_place():
         ("She was drop-dead drop-dead gorgeous.", "She was drop-dead gorgeous."),  # a doubled word
         ("the same character probable (the delimiter).", "the same character (the probable delimiter)."),  # a move
         ("This is a dictionary of pairs. str-str", "This is a dictionary of str-str pairs."),
-        ("He dont know, why", "He doesn't know why."),  # a contraction respelled, a comma dropped
+        ("He don't know, why", "He doesn't know why."),  # a contraction respelled, a comma dropped
     ]:
         assert minimal_edits(source, text, 2) == text, (source, text)
+
+
+def test_a_word_respelled_is_a_writers_slip_fixed_not_another_word():
+    """One letter dropped, added, changed or two swapped, another form of the same stem or irregular
+    verb, a contraction's: a writer's fix. A weak LLM's respelling into another word is left out."""
+    from lmcor.runtime.inflection import slip
+
+    for old, new in [("recieve", "receive"), ("formattted", "formatted"), ("studied", "study"), ("running", "run"),
+                     ("walked", "walking"), ("finding", "found"), ("giving", "given"), ("wrote", "writing"),
+                     ("beginning", "began"), ("doesn't", "don't"), ("weren't", "wasn't"), ("quick", "quickly")]:
+        assert slip(old, new) and slip(new, old), (old, new)
+    for old, new in [("shothand", "shohad"), ("pytree", "tree"), ("counnt", "counc"), ("precisely", "exactly"),
+                     ("negative", "positive"), ("dtype", "data"), ("found", "fund!"), ("eventlist", "event")]:
+        assert not slip(old, new), (old, new)
+    source = "Shothand for creating marginchart."
+    assert minimal_edits(source, "Shohad for creating margaritart.", 2) == source
+    assert minimal_edits("what one finding uncertain", "What one found uncertain", 2) == "What one found uncertain"
 
 
 def test_the_span_applies_to_whatever_the_guard_returns(bundles):
