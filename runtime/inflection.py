@@ -1,14 +1,17 @@
 """Whether one word is another respelled by a writer's slip: a letter dropped, added, changed or
-two swapped, or the same English word in another form (a regular suffix, an irregular verb's
-forms). A weak LLM's respellings are other words ("Shothand" -> "Shohad", "pytree" -> "tree").
+two swapped (two in a long word), or the same English word in another form (a regular suffix, an
+irregular verb's or noun's forms, an apostrophe). A weak LLM's respellings are other words
+("Shothand" -> "Shohad", "pytree" -> "tree").
 """
 
 from __future__ import annotations
 
 # Regular endings a writer confuses: number, tense, aspect, comparison, adverb.
 SUFFIXES = ("", "s", "es", "ed", "d", "ing", "er", "est", "ly")
+LONG = 8  # letters from which a word may hold two slips ("tommorow", "dissapointed")
 
-# Common English irregular verbs: base, past, past participle (and other forms where they differ).
+# Common English irregular verbs (base, past, past participle, and other forms where they differ)
+# and nouns (singular, plural).
 _IRREGULAR = """
 arise arose arisen; awake awoke awoken; be is am are was were been being; bear bore born borne;
 beat beaten; become became; begin began begun; bend bent; bet; bind bound; bite bit bitten;
@@ -28,33 +31,53 @@ sleep slept; slide slid; speak spoke spoken; speed sped; spend spent; spin spun;
 spring sprang sprung; stand stood; steal stole stolen; stick stuck; sting stung; stink stank
 stunk; strike struck; swear swore sworn; sweep swept; swim swam swum; swing swung; take took taken;
 teach taught; tear tore torn; tell told; think thought; throw threw thrown; understand understood;
-wake woke woken; wear wore worn; weave wove woven; weep wept; win won; wind wound; write wrote written
+wake woke woken; wear wore worn; weave wove woven; weep wept; win won; wind wound; write wrote written;
+child children; tooth teeth; foot feet; man men; woman women; person people; mouse mice; goose geese;
+life lives; wife wives; knife knives; leaf leaves; half halves; wolf wolves; shelf shelves
 """
-_VERB: dict[str, int] = {form: n for n, forms in enumerate(_IRREGULAR.split(";")) for form in forms.split()}
+_WORD: dict[str, int] = {form: n for n, forms in enumerate(_IRREGULAR.split(";")) for form in forms.split()}
 
 
 def slip(old: str, new: str) -> bool:
     """Whether `new` (lower-case letters, as `old`) is `old` with a writer's slip fixed: one letter
-    dropped, added, changed or two neighbours swapped; another regular form of the same stem
-    (`SUFFIXES`, a stem respelled by one letter: "studied" -> "study", "running" -> "run"); another
-    form of one irregular verb ("finding" -> "found"); or a contraction's ("doesn't" -> "don't")."""
+    dropped, added, changed or two neighbours swapped (two such in words of `LONG` letters); another
+    regular form of the same stem (`SUFFIXES`, the stem respelled so: "studied" -> "study", "running"
+    -> "run"); another form of one irregular verb or noun ("finding" -> "found", "childs" ->
+    "children"); or the same with an apostrophe dropped, added or moved ("your" -> "you're",
+    "doesn't" -> "don't")."""
+    old, new = old.replace("’", "'"), new.replace("’", "'")
     if old == new:
         return True
-    if old.endswith("n't") and new.endswith("n't"):
-        return slip(old[:-3], new[:-3]) or max(len(old), len(new)) <= 8
-    return _one_letter(old, new) or _same_stem(old, new) or _same_verb(old, new)
+    if "'" in old or "'" in new:
+        bare_old, bare_new = old.replace("'", ""), new.replace("'", "")
+        if old.endswith("n't") and new.endswith("n't") and max(len(old), len(new)) <= 8:
+            return True
+        return bare_old == bare_new or _slipped(bare_old, bare_new)
+    return _slipped(old, new)
 
 
-def _one_letter(a: str, b: str) -> bool:
-    """Damerau-Levenshtein distance at most 1."""
-    if abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        diff = [i for i in range(len(a)) if a[i] != b[i]]
-        return len(diff) <= 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
-                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+def _slipped(a: str, b: str) -> bool:
+    most = 2 if min(len(a), len(b)) >= LONG else 1
+    return (distance(a, b, most) <= most or _same_stem(a, b) or _same_stem(b, a)
+            or _WORD.get(_base(a), -1) == _WORD.get(_base(b), -2))
+
+
+def distance(a: str, b: str, most: int) -> int:
+    """The optimal-string-alignment distance of `a` and `b` (letters dropped, added, changed, two
+    neighbours swapped), or `most + 1` once it is certain to exceed `most`."""
+    if abs(len(a) - len(b)) > most:
+        return most + 1
+    before, row = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (a[i - 1] != b[j - 1]))
+            if before is not None and i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                current[j] = min(current[j], before[j - 2] + 1)
+        if min(current) > most:
+            return most + 1
+        before, row = row, current
+    return row[-1]
 
 
 def _same_stem(a: str, b: str) -> bool:
@@ -65,24 +88,20 @@ def _same_stem(a: str, b: str) -> bool:
         for end_b in SUFFIXES:
             if b.endswith(end_b):
                 stem_b = b[: len(b) - len(end_b)]
-                if len(stem_a) > 2 and (stem_a == stem_b or _one_letter(stem_a, stem_b)):
+                if len(stem_a) > 2 and (stem_a == stem_b or distance(stem_a, stem_b, 1) <= 1):
                     return True
     return False
 
 
-def _same_verb(a: str, b: str) -> bool:
-    verb = _VERB.get(_base(a))
-    return verb is not None and verb == _VERB.get(_base(b))
-
-
 def _base(word: str) -> str:
-    """An irregular verb's form as listed: its -s and -ing forms are regular ("begins", "beginning")."""
-    if word in _VERB:
+    """An irregular word's listed form: its regular-looking forms ("begins", "beginning", "teached",
+    "childs") are a writer's too."""
+    if word in _WORD:
         return word
-    for end in ("ing", "s", "es"):
+    for end in ("ing", "es", "s", "ed", "d"):
         stem = word[: len(word) - len(end)]
         if word.endswith(end) and stem:
             for guess in (stem, stem + "e", stem[:-1]):  # "making", "running"
-                if guess in _VERB:
+                if guess in _WORD:
                     return guess
     return word

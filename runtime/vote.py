@@ -128,19 +128,19 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
     return text if all(keep) else " ".join(out + words[at:])  # nothing left out: the text, its spacing too
 
 
-# A writer's slips leave brackets, quotes, colons, dashes and digits alone; a weak LLM drops them with
-# what they hold ("(K)", "tup :") and changes numbers. Commas and end marks are a writer's to fix.
-_FREE_MARKS = frozenset(",.!?")
+# A writer's slips leave brackets, double quotes, colons, dashes and digits alone; a weak LLM drops
+# them with what they hold ("(K)", "tup :") and changes numbers. Commas, semicolons, end marks and
+# apostrophes ("childrens'" -> "children's", "it’s" -> "its") are a writer's to fix.
+_FREE_MARKS = frozenset(",;.!?'’")
 
 
 def _marks(words: list[str]) -> Counter:
-    return Counter(c for w in words for n, c in enumerate(w) if not c.isalpha() and c not in _FREE_MARKS
-                   and not (c == "'" and 0 < n < len(w) - 1 and w[n - 1].isalpha() and w[n + 1].isalpha()))
+    return Counter(c for w in words for c in w if not c.isalpha() and c not in _FREE_MARKS)
 
 
 def _keeps_marks(words: list[str], i1: int, i2: int, new: list[str], carried: Counter) -> bool:
-    """Whether replacing words[i1:i2] by `new` keeps every mark and digit they hold (but commas, end
-    marks and a word's inner apostrophe: a contraction's, which a fix may change), apart from words moved as they
+    """Whether replacing words[i1:i2] by `new` keeps every mark and digit they hold (but `_FREE_MARKS`),
+    apart from words moved as they
     are (`carried`) and a doubled word dropped, whose marks stay in the text."""
     doubled = _doubled(words, i1, i2)
     old = [words[i] for i in range(i1, i2) if i not in doubled and words[i] not in carried]

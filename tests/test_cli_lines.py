@@ -829,6 +829,41 @@ def test_the_records_are_on_the_disk_before_they_replace_the_output(bundles, tmp
     assert len(_records(out)) == 2
 
 
+def test_a_sync_that_fails_costs_no_record_and_leaves_no_temporary_file(bundles, tmp_path, monkeypatch):
+    """Some file systems cannot sync: the records still replace -o, and nothing is left beside it."""
+    import errno
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(GOOD[0]) + "\n")
+    out = tmp_path / "out.jsonl"
+
+    def refuse(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), *DECODE]) == 0
+    assert len(_records(out)) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_a_failure_while_resume_checks_the_last_line_leaves_the_output_as_it_was(bundles, tmp_path, monkeypatch,
+                                                                                  capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:3]))
+    out = tmp_path / "out.jsonl"
+    written = "".join(json.dumps({"id": r["id"], "line": n, "output": "x", "truncated": False, "input_tokens": 3,
+                                  "output_tokens": 1}) + "\n" for n, r in enumerate(GOOD[:1], start=1))
+    out.write_text(written + json.dumps({"id": GOOD[1]["id"], "line": 2, "error": "an earlier failure"}) + "\n")
+    before = out.read_text()
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(Corrector, "correct_batch", fail)
+    assert main(["correct", "--model", str(bundles["t5"]), str(source), "-o", str(out), "--resume", *DECODE]) == 2
+    assert "the model failed" in capsys.readouterr().err
+    assert out.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
 def test_resume_compares_numbers_within_a_tolerance():
     """Another batch shape moves the last digits of a probability: those agree; integers, types and
     larger differences do not."""

@@ -215,19 +215,19 @@ def test_minimal_edits_keep_a_writers_fixes_and_leave_rewrites_out():
 
 def test_a_writers_fix_leaves_brackets_quotes_colons_and_dashes_in_place():
     """A weak LLM drops marks with what they hold ("(K)", "tup :", quotes); a writer's slip never
-    touches them. Commas, end marks, a contraction's apostrophe, a doubled word dropped and words
-    moved as they are stay fixes."""
+    touches them. Commas, semicolons, end marks, apostrophes, a doubled word dropped and words moved
+    as they are stay fixes."""
     for source, text in [
         ("Lst the dim (K) must be divisible by 32.", "Last dim must be divisible by 32."),
         ("parameters ---------- tup : sequence of arrays.", "parameters : sequence of arrays."),
-        ("Check that 'not implemented' operations prduce a failure.",
+        ('Check that "not implemented" operations prduce a failure.',
          "Check that not implemented operations produce a failure."),
         ("Each a domain must (successfully) convert.", "Each domain must successfully convert."),
         ("Args: tree: a pytree", "Args: a pytree."),
         ("Three families of strategies: 1.", "Three families of strategies: 2."),  # a number is no slip
     ]:
         kept = minimal_edits(source, text, 2)
-        assert all(mark in kept for mark in "():'-1" if mark in source), (source, kept)
+        assert all(mark in kept for mark in '():"-1' if mark in source), (source, kept)
     assert minimal_edits("Lst the dim (K) must be divisible by 32.", "Last dim (K) must be divisible by 32.", 2) == \
         "Last dim (K) must be divisible by 32."  # its other fixes stay
     for source, text in [
@@ -235,6 +235,9 @@ def test_a_writers_fix_leaves_brackets_quotes_colons_and_dashes_in_place():
         ("the same character probable (the delimiter).", "the same character (the probable delimiter)."),  # a move
         ("This is a dictionary of pairs. str-str", "This is a dictionary of str-str pairs."),
         ("He don't know, why", "He doesn't know why."),  # a contraction respelled, a comma dropped
+        ("The childrens' toys are here.", "The children's toys are here."),  # apostrophes are a writer's
+        ("It’s tail is long.", "Its tail is long."), ("John 's car", "John's car"),
+        ("However; I like it.", "However, I like it."),  # and semicolons
     ]:
         assert minimal_edits(source, text, 2) == text, (source, text)
 
@@ -246,7 +249,9 @@ def test_a_word_respelled_is_a_writers_slip_fixed_not_another_word():
 
     for old, new in [("recieve", "receive"), ("formattted", "formatted"), ("studied", "study"), ("running", "run"),
                      ("walked", "walking"), ("finding", "found"), ("giving", "given"), ("wrote", "writing"),
-                     ("beginning", "began"), ("doesn't", "don't"), ("weren't", "wasn't"), ("quick", "quickly")]:
+                     ("beginning", "began"), ("doesn't", "don't"), ("weren't", "wasn't"), ("quick", "quickly"),
+                     ("your", "you're"), ("there", "they're"), ("don’t", "doesn’t"), ("tommorow", "tomorrow"),
+                     ("dissapointed", "disappointed"), ("childs", "children"), ("teached", "taught")]:
         assert slip(old, new) and slip(new, old), (old, new)
     for old, new in [("shothand", "shohad"), ("pytree", "tree"), ("counnt", "counc"), ("precisely", "exactly"),
                      ("negative", "positive"), ("dtype", "data"), ("found", "fund!"), ("eventlist", "event")]:

@@ -176,12 +176,13 @@ def _check_last_answer(output: Output, again: dict) -> None:
     where = f"--resume: {output.resumed_from} answers line {output.through}"
     if "error" in again:
         raise NotResumable(f"{where}, which this run cannot ({again['error']}): it was written with another model "
-                           "or other options (give the same, or remove it)")
+                           "or other options, or the line changed since (give the same, or remove it)")
     fields = [*again, *(f for f in kept if f not in again)]  # the record's order: its answer first
     field = next((f for f in fields if f not in ("id", "line") and not _close(kept.get(f), again.get(f))), None)
     if field is not None:
         raise NotResumable(f"{where} with {_said(kept, field)}, where this run writes {_said(again, field)}: it was "
-                           "written with another model or other options (give the same, or remove it)")
+                           "written with another model or other options, or the line changed since (give the same, "
+                           "or remove it)")
 
 
 def _said(record: dict, field: str) -> str:
@@ -523,8 +524,9 @@ class Output:
             return
         try:
             if keep and self._temp is not None:  # on the disk before it replaces -o: a crash then leaves one or the other whole
-                with self._writing():
-                    os.fsync(self._file.fileno())
+                os.fsync(self._file.fileno())
+        except OSError:
+            pass  # best effort, as the folder's (`_sync_folder`): some file systems cannot sync
         finally:
             self._file.close()  # unbuffered: nothing left to write
         if self._temp is None or self.target is None:  # written in place: nothing to put there
@@ -679,11 +681,13 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, field
     as this run writes it, to check that the file's last is this run's), signals, the exit code."""
     output = Output(args.output, args.input, args.resume, fields, stdout)
     failed = output.kept_errors
-    finished = refused = False
+    finished = refused = checking = False
     try:
         size = regular_file_size(args.input)
         if output.records and size is not None:
+            checking = True  # whatever stops the check (a refusal, the model failing) leaves -o as it was
             _check_resumed_file(args, output, echo, again)
+            checking = False
         with _Signals() as signals:
             progress = _Progress(size, verb, args.quiet)
             stopping = lambda: signals.received is not None  # noqa: E731
@@ -702,9 +706,10 @@ def write_answers(args: argparse.Namespace, answered: Answered, verb: str, field
             if not finished:
                 return _interrupted(output, signals.received or signal.SIGINT)
     except KeyboardInterrupt:  # a signal before the handlers were installed, or outside main()'s thread
+        refused = checking
         return _interrupted(output, signal.SIGINT)
     except Exception as e:  # lmcor's errors, and what it did not foresee (an ONNX Runtime failure)
-        refused = isinstance(e, NotResumable)
+        refused = isinstance(e, NotResumable) or checking
         if output.records and output.target is not None and not refused:  # a regular file: what --resume reads
             say(f"lmcor: {output.records} record(s) kept in {output.path} (input lines up to {output.through}); "
                 "after fixing the error below, --resume answers the rest")
