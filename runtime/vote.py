@@ -64,7 +64,7 @@ def longest_edit(source: str) -> int:
 # candidates); on text outside them, they keep every fix the corrector made and leave rewrites out.
 DROP_LETTERS = 3
 WRITE_LETTERS = 5
-RESPELLED = 0.5  # difflib's similarity ratio of the old and new letters, where an edit replaces several words
+RESPELLED = 0.5  # difflib's similarity ratio of the old and new letters, where an edit changes the number of words
 AGREED_DROP_LETTERS = 4  # an auxiliary ("have", "will") is dropped where most candidates drop it
 AGREED_RESPELLED = 0.7  # a word the vote adds to an output's edits is a respelling of the source's at this ratio
 
@@ -96,11 +96,9 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
     ops = [op for op in _opcodes(words, theirs) if op[0] != "equal"]
     edits = _split_light(ops, words, theirs) if span else [(op, False) for op in ops]
     # Words an edit drops and another writes were moved (word order), not lost (read with a span only).
-    heavy = [op for op, light in edits if not light]
-    moved = (Counter(_letters(w) for _, i1, i2, _, _ in heavy for w in words[i1:i2])
-             & Counter(_letters(w) for _, _, _, j1, j2 in heavy for w in theirs[j1:j2])) if span else Counter()
-    carried = (Counter(w for _, i1, i2, _, _ in heavy for w in words[i1:i2])  # moved with their marks
-               & Counter(w for _, _, _, j1, j2 in heavy for w in theirs[j1:j2])) if span else Counter()
+    heavy = [op for op, light in edits if not light] if span else []
+    moved = _moved(heavy, words, theirs, _letters)
+    carried = _moved(heavy, words, theirs, str)  # moved with their marks
     keep = [((not span or light
               or (max(i2 - i1, j2 - j1) <= span and (_plausible(words, i1, i2, theirs[j1:j2], moved)
                                                      or _agreed_drop(words, i1, i2, j1 == j2, candidates))))
@@ -128,6 +126,12 @@ def _kept_edits(source: str, text: str, span: int, known: set[str] | None, candi
     return text if all(keep) else " ".join(out + words[at:])  # nothing left out: the text, its spacing too
 
 
+def _moved(heavy: list, words: list[str], theirs: list[str], key) -> Counter:
+    """The words (as `key` reads them) that the `heavy` edits both drop and write: moved, not lost."""
+    return (Counter(key(w) for _, i1, i2, _, _ in heavy for w in words[i1:i2])
+            & Counter(key(w) for _, _, _, j1, j2 in heavy for w in theirs[j1:j2]))
+
+
 # A writer's slips leave brackets, double quotes, colons, dashes and digits alone; a weak LLM drops
 # them with what they hold ("(K)", "tup :") and changes numbers. Commas, semicolons, end marks and
 # apostrophes ("childrens'" -> "children's", "it’s" -> "its") are a writer's to fix.
@@ -140,8 +144,8 @@ def _marks(words: list[str]) -> Counter:
 
 def _keeps_marks(words: list[str], i1: int, i2: int, new: list[str], carried: Counter) -> bool:
     """Whether replacing words[i1:i2] by `new` keeps every mark and digit they hold (but `_FREE_MARKS`),
-    apart from words moved as they
-    are (`carried`) and a doubled word dropped, whose marks stay in the text."""
+    apart from words moved as they are (`carried`) and a doubled word dropped, whose marks stay in
+    the text."""
     doubled = _doubled(words, i1, i2)
     old = [words[i] for i in range(i1, i2) if i not in doubled and words[i] not in carried]
     return not _marks(old) - _marks([w for w in new if w not in carried])
