@@ -29,21 +29,56 @@ JOINED_WORDS = 50
 
 
 def endless(sentences: list[str], seed: int, model="shared", pool: list[str] | None = None,
-            join: float = 0.0) -> Iterator[Example]:
+            join: float = 0.0, related: float = 0.0) -> Iterator[Example]:
     """Training examples: the sentences in a new order each epoch, with fresh noise every time
     (`model`: a candidate model of `noise`, or a mixture of them). A `join` share of the examples
     are two or three sentences in a row (up to `JOINED_WORDS` words): the corpora's sentences are
-    short, and a model that never copied a long input skips ahead in one."""
+    short, and a model that never copied a long input skips ahead in one. A `related` share of
+    those is a sentence and another that shares a word's stem with it (`related_pairs`)."""
     rng = random.Random(seed)
     order = list(sentences)
+    stems = stem_index(sentences) if related else {}
     while True:
         rng.shuffle(order)
         n = 0
         while n < len(order):
             size = rng.choice((2, 3)) if join and rng.random() < join else 1
-            text, used = joined(order[n : n + size])
+            partner = related_to(order[n], stems, rng) if size > 1 and related and rng.random() < related else None
+            if partner is None:
+                text, used = joined(order[n : n + size])
+            else:  # the partner is drawn, not consumed: each sentence still comes once an epoch
+                text, used = joined([order[n], partner])[0], 1
             yield make_example(text, rng, model, pool=pool)
             n += used
+
+
+# Words of this many letters and more are indexed by their first STEM letters (`stem_index`).
+STEM = 5
+
+
+def _stems(sentence: str) -> set[str]:
+    words = ("".join(c for c in w if c.isalpha()).lower() for w in sentence.split())
+    return {w[:STEM] for w in words if len(w) > STEM}
+
+
+def stem_index(sentences: list[str]) -> dict[str, list[str]]:
+    """Each stem (the first letters of a longer word) -> the sentences holding it, where two or more do."""
+    index: dict[str, list[str]] = {}
+    for sentence in dict.fromkeys(sentences):
+        for stem in _stems(sentence):
+            index.setdefault(stem, []).append(sentence)
+    return {stem: found for stem, found in index.items() if len(found) > 1}
+
+
+def related_to(sentence: str, stems: dict[str, list[str]], rng: random.Random) -> str | None:
+    """Another sentence sharing a stem with `sentence` ("connected" / "connection"), or None. Joined,
+    the same pieces recur with other pieces after them, as a technical text's names do ("module" /
+    "sys.modules"): a copy that follows the last two pieces alone jumps from one to the other."""
+    shared = sorted(stem for stem in _stems(sentence) if stem in stems)
+    if not shared:
+        return None
+    others = [s for s in stems[rng.choice(shared)] if s != sentence]
+    return rng.choice(others) if others else None
 
 
 def joined(sentences: list[str]) -> tuple[str, int]:
@@ -90,12 +125,24 @@ def build_outside(out_dir: Path, count: int = 500, seed: int = 3, model: str = "
     return path
 
 
+def in_rows(sentences: list[str], size: int = 3) -> list[str]:
+    """The sentences `size` at a time in their order, each text within `JOINED_WORDS` words (`joined`)."""
+    texts, n = [], 0
+    while n < len(sentences):
+        text, used = joined(sentences[n : n + size])
+        texts.append(text)
+        n += used
+    return texts
+
+
 def build(out_dir: Path, seed: int = 0) -> dict[str, list[str]]:
-    """Write dev.jsonl and test.jsonl (seeded, fixed), and dev-independent.jsonl (the dev sentences with
+    """Write dev.jsonl and test.jsonl (seeded, fixed), dev-independent.jsonl (the dev sentences with
     the same source errors, their candidates' errors independent: the fallback is calibrated on both
-    kinds), and return every split's sentences."""
+    kinds) and test-joined.jsonl (the test sentences three in a row: long inputs of several
+    sentences), and return every split's sentences."""
     splits = split_sentences()
     for offset, name in enumerate(("dev", "test"), start=1):
         write_jsonl(out_dir / f"{name}.jsonl", examples(splits[name], seed + offset))
     write_jsonl(out_dir / "dev-independent.jsonl", examples(splits["dev"], seed + 1, "independent"))
+    write_jsonl(out_dir / "test-joined.jsonl", examples(in_rows(splits["test"]), seed + 4))
     return splits

@@ -367,13 +367,14 @@ def _read(tokenizer, items: list[Example]) -> list:
 
 def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bool = False,
           eval_minutes: float = 10.0, device: str = "cpu", llm_share: float = 0.4, init: Path | None = None,
-          join: float = 0.0) -> Path:
+          join: float = 0.0, related: float = 0.0) -> Path:
     """The default corrector: corpus sentences with synthetic candidates, mixed with a real LLM's.
 
     From scratch (tokenizer, copy initialization, copy warm-up), or continued from `init`, a
     Hugging Face folder written by an earlier run (its tokenizer is kept). A `join` share of the
-    synthetic examples are sentences in a row (`data.endless`); the dev examples then hold as many
-    pairs of dev sentences, so that model selection sees long inputs too."""
+    synthetic examples are sentences in a row, a `related` share of those a sentence and another
+    sharing a word's stem (`data.endless`); the dev examples then hold as many pairs of dev
+    sentences, so that model selection sees long inputs too."""
     out.mkdir(parents=True, exist_ok=True)
     splits = data.build(out, seed=settings.seed)
     llm = {name: _llm_examples(name) for name in ("train", "dev")}
@@ -402,7 +403,8 @@ def train(out: Path, minutes: float, settings: Settings = Settings(), resume: bo
     joined_dev = data.examples(pairs[: int(join * len(synthetic_dev))], settings.seed + 2)
     dev = _interleaved(synthetic_dev, llm["dev"], joined_dev)
     return fit(out, minutes, settings, model=model, tokenizer=tokenizer,
-               examples=lambda step: _mixture(splits["train"], llm["train"], llm_share, settings.seed + step, join),
+               examples=lambda step: _mixture(splits["train"], llm["train"], llm_share, settings.seed + step, join,
+                                                  related),
                dev=dev, copy_warmup=init is None, resume=resume, eval_minutes=eval_minutes, device=device)
 
 
@@ -424,12 +426,15 @@ def _llm_examples(name: str) -> list[Example]:
     return [Example(r["source"], r["candidates"], r["target"]) for r in rows]
 
 
-def _mixture(sentences: list[str], llm: list[Example], llm_share: float, seed: int, join: float = 0.0):
+def _mixture(sentences: list[str], llm: list[Example], llm_share: float, seed: int, join: float = 0.0,
+             related: float = 0.0):
     """Endless examples: a `llm_share` of the LLM's (cycled), the rest synthetic over `sentences`
-    with a candidate model drawn per example (a `join` share of them sentences in a row)."""
+    with a candidate model drawn per example (a `join` share of them sentences in a row, `related`
+    as `data.endless` says)."""
     rng = random.Random(seed)
     own = iter(())
-    synthetic = data.endless(sentences, seed, model=noise.mixture(), pool=sentences, join=join)
+    synthetic = data.endless(sentences, seed, model=noise.mixture(), pool=sentences, join=join,
+                              related=related)
     order = list(llm)
     while True:
         if order and rng.random() < llm_share:
@@ -666,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
     parser.add_argument("--join", type=_share, default=0.0,
                         help="share of synthetic examples made of two or three sentences in a row (long inputs)")
+    parser.add_argument("--related", type=_share, default=0.0,
+                        help="share of those joined examples that pair a sentence with another sharing a word's "
+                             "stem (the same pieces recur, followed by others)")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
@@ -690,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(0)
     lr = args.lr if args.lr is not None else (3e-4 if args.init else Settings.lr)
     hf_dir = train(args.out, args.minutes, Settings(lr=lr), resume=not args.restart, device=args.device,
-                   llm_share=args.llm_share, init=args.init, join=args.join)
+                   llm_share=args.llm_share, init=args.init, join=args.join,
+                   related=args.related)
     from lmcor.export import export_corrector
 
     export_corrector(hf_dir, args.out / "bundle", max_output_tokens=MAX_TARGET_TOKENS, overwrite=True)

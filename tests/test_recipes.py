@@ -109,11 +109,35 @@ def test_joined_examples_hold_sentences_in_a_row_within_the_word_limit():
     assert sorted(seen) == sorted(sentences)
     assert data.joined(["a b", "c d e", "f"]) == ("a b c d e f", 3)
     assert data.joined(["w " * 30, "x " * 30]) == ("w " * 30, 1)
+    # the fixed long-input split: the sentences three at a time in their order, each once
+    assert data.in_rows(["a.", "b.", "c.", "d.", "w " * 30, "x " * 30]) == ["a. b. c.", "d. " + "w " * 30, "x " * 30]
     # without joining, the stream is the one the recipe drew before joining existed
     rng, order = random.Random(1), list(sentences)
     rng.shuffle(order)
     before = [make_example(s, rng, "shared") for s in order[:20]]
     assert [e for e, _ in zip(data.endless(sentences, seed=1), range(20))] == before
+
+
+def test_related_examples_pair_a_sentence_with_another_sharing_a_stem():
+    import random
+
+    from lmcor.recipes import data
+
+    sentences = ["The module is loaded.", "Modules are cached here.", "A cat sat.", "Another cat slept.",
+                 "Nothing shared by this one."]
+    stems = data.stem_index(sentences)
+    # words of more than five letters, by their first five; a stem of one sentence alone is left out
+    assert stems == {"modul": ["The module is loaded.", "Modules are cached here."]}
+    rng = random.Random(0)
+    assert data.related_to("The module is loaded.", stems, rng) == "Modules are cached here."
+    assert data.related_to("Nothing shared by this one.", stems, rng) is None
+    drawn = [e.target for e, _ in zip(data.endless(sentences, seed=2, join=1.0, related=1.0), range(50))]
+    assert "The module is loaded. Modules are cached here." in drawn
+    assert "Modules are cached here. The module is loaded." in drawn
+    # a sentence with a partner is joined to it alone; the others still join the sentences after them
+    assert all(t in ("The module is loaded. Modules are cached here.", "Modules are cached here. The module is loaded.")
+               for t in drawn if t.startswith(("The module", "Modules")))
+    assert any(t.startswith(("A cat", "Another cat", "Nothing")) and t.count(".") > 1 for t in drawn)
 
 
 def test_the_train_recipe_refuses_a_device_it_cannot_use_before_any_work(tmp_path, capsys):
