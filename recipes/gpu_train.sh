@@ -14,8 +14,9 @@
 # which the CPU does after: `python -m lmcor.recipes.train --init DIR ...` or export and calibrate DIR.
 # Its weights come back in 15 MiB parts (a file from $OUT may hold 16 MiB) with train_log.jsonl, whose
 # steps_per_s and data_share say whether the data or the model bounded the run. TRAIN_ARGS are more
-# options of `recipes.train` (default: --join 0.35, long inputs: the model alone loses its place on them,
-# and a CPU run with it gained on every synthetic set; TRAIN_ARGS= for none).
+# options of `recipes.train` (default: --join 0.5 --related 0.5, long inputs and recurring pieces: the model
+# alone loses its place on them, and the shipped model's CPU run with them gained on every set; TRAIN_ARGS=
+# for none).
 set -u -o pipefail
 here=$PWD  # --unpack's paths are the caller's
 cd "$(dirname "$0")/.."
@@ -56,7 +57,7 @@ run=$(mktemp -d)
 # training (its exit status says so); what says it trained is its checkpoint. Its whole output goes to
 # $OUT/train-output.log (the last 4 MiB: progress bars), its lines without progress to train.log.
 PYTHONPATH=$site timeout -s INT -k 30 "${TRAIN_S:-330}" $PY -P -m lmcor.recipes.train --init "$CHECKPOINT" --out "$run" \
-  --minutes "${MINUTES:-5}" --device "${DEVICE:-cuda}" ${TRAIN_ARGS---join 0.35} > "$run/output" 2>&1
+  --minutes "${MINUTES:-5}" --device "${DEVICE:-cuda}" ${TRAIN_ARGS---join 0.5 --related 0.5} > "$run/output" 2>&1
 echo "training exit status: $?" >> "$LOG"
 tail -c 4M "$run/output" > "$OUT/train-output.log"
 tr '\r' '\n' < "$run/output" | grep -v -e '^\s*$' -e '%|' | tail -n 60 >> "$LOG"

@@ -89,14 +89,14 @@ def test_the_shipped_gate_is_small_and_passes_mostly_right_candidates():
     items = read_items(SPLITS / "test.jsonl")[0][:300]
     passed = [i for i, p in zip(items, right_probabilities(gate, [(i.source, i.candidates) for i in items]))
               if p is not None and p >= threshold]
-    # Measured at the calibrated threshold 0.7 (first 300 test requests): 43% passed, 88% of them right.
-    assert len(passed) >= 0.38 * len(items)
-    assert sum(i.candidates[0] == i.target for i in passed) >= 0.8 * len(passed)
+    # Measured at the calibrated threshold 0.8 (first 300 test requests): 29% passed, 91% of them right.
+    assert len(passed) >= 0.25 * len(items)
+    assert sum(i.candidates[0] == i.target for i in passed) >= 0.85 * len(passed)
 
 
 def test_cli_correct_behind_the_shipped_gate(tmp_path):
     out = tmp_path / "out.jsonl"
-    # The examples' first candidates get P(right) 0.12-0.66, under the calibrated 0.7: ask for 0.5.
+    # The examples' first candidates get P(right) 0.12-0.66, under the calibrated 0.8: ask for 0.5.
     run = subprocess.run([sys.executable, "-m", "lmcor.cli", "correct", str(EXAMPLES), "--gate", "--gate-threshold",
                           "0.5", "-o", str(out), "--stats", "-q"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
