@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -697,14 +698,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     np.random.seed(0)
     lr = args.lr if args.lr is not None else (3e-4 if args.init else Settings.lr)
-    hf_dir = train(args.out, args.minutes, Settings(lr=lr), resume=not args.restart, device=args.device,
-                   llm_share=args.llm_share, init=args.init, join=args.join,
-                   related=args.related)
-    from lmcor.export import export_corrector
+    from lmcor.cli.lines import EXIT_SIGNAL
+    from lmcor.cli.signals import sigterm_as_interrupt
 
-    export_corrector(hf_dir, args.out / "bundle", max_output_tokens=MAX_TARGET_TOKENS, overwrite=True)
-    log.info("exported %s", args.out / "bundle")
-    fallback.calibrate_bundle(args.out / "bundle", calibration)
+    with sigterm_as_interrupt() as terminated:  # as Ctrl-C: the training keeps the step it reached
+        try:
+            hf_dir = train(args.out, args.minutes, Settings(lr=lr), resume=not args.restart, device=args.device,
+                           llm_share=args.llm_share, init=args.init, join=args.join, related=args.related)
+            from lmcor.export import export_corrector
+
+            export_corrector(hf_dir, args.out / "bundle", max_output_tokens=MAX_TARGET_TOKENS, overwrite=True)
+            log.info("exported %s", args.out / "bundle")
+            fallback.calibrate_bundle(args.out / "bundle", calibration)
+        except KeyboardInterrupt:
+            if terminated:
+                return EXIT_SIGNAL[signal.SIGTERM]
+            raise  # Ctrl-C: 130, as every command
     return 0
 
 

@@ -153,6 +153,31 @@ def test_the_train_recipe_refuses_a_device_it_cannot_use_before_any_work(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_the_train_recipe_takes_sigterm_as_ctrl_c(tmp_path, monkeypatch):
+    """SIGTERM stops the recipe as Ctrl-C does (`fit` saves the step reached on KeyboardInterrupt),
+    exit status 143; before, it was killed with up to 5 minutes of training unsaved."""
+    import os
+    import signal
+    import time
+
+    from lmcor.recipes import train
+
+    reached = []
+
+    def training(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            reached.append("saved")
+            raise
+
+    monkeypatch.setattr(train, "train", training)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert train.main(["--out", str(tmp_path / "run"), "--minutes", "1"]) == 143
+    assert reached == ["saved"] and signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_the_train_recipe_refuses_bad_arguments_before_any_work(tmp_path, capsys, checkpoints):
     """--minutes inf (a traceback after the data work), --llm-share past 1, an --init that is no local
     T5 folder: each one line, and nothing written."""
