@@ -34,7 +34,7 @@ def endless(sentences: list[str], seed: int, model="shared", pool: list[str] | N
     (`model`: a candidate model of `noise`, or a mixture of them). A `join` share of the examples
     are two or three sentences in a row (up to `JOINED_WORDS` words): the corpora's sentences are
     short, and a model that never copied a long input skips ahead in one. A `related` share of
-    those is a sentence and another that shares a word's stem with it (`related_pairs`)."""
+    those is a sentence and another that shares a word's stem with it (`related_to`)."""
     rng = random.Random(seed)
     order = list(sentences)
     stems = stem_index(sentences) if related else {}
